@@ -1,0 +1,38 @@
+"""cuparing: exact ring attention across GPUs, with a NumPy mirror of the same ring on the CPU.
+
+Public API (shapes ``[B, S, H, D]``, LSE ``[B, H, S]``)::
+
+    out = cuparing.attention(q, k, v, causal=False, scale=None, window=None)
+    out, lse = cuparing.ring_attention(q_l, k_l, v_l, ring, causal=True, layout="zigzag",
+                                       return_lse=True)
+    dq, dk, dv = cuparing.ring_attention_backward(dout, q_l, k_l, v_l, out, lse, ring, ...)
+    q_l = cuparing.shard(q, rank, world_size, layout="zigzag")
+    full = cuparing.unshard(shards, layout="zigzag")
+    results = cuparing.simulate(4, fn)      # fn(ring) on 4 in-process CPU ranks
+    ring = cuparing.Ring.from_env()         # one process per GPU, NCCL
+"""
+
+from .api import attention, ring_attention, ring_attention_backward
+from .comm.base import Ring, RingError, RingTimeoutError
+from .comm.local import simulate
+from .layouts import LAYOUTS, global_positions, shard, unshard
+from .reference import reference_attention, reference_attention_backward
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LAYOUTS",
+    "Ring",
+    "RingError",
+    "RingTimeoutError",
+    "attention",
+    "global_positions",
+    "reference_attention",
+    "reference_attention_backward",
+    "ring_attention",
+    "ring_attention_backward",
+    "shard",
+    "simulate",
+    "unshard",
+    "__version__",
+]

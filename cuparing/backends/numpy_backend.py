@@ -1,0 +1,72 @@
+"""The CPU backend: block attention and merges in NumPy, the oracle every other backend must match.
+
+float64 inputs accumulate in float64; float32, float16 and bfloat16 (``ml_dtypes``) accumulate in
+float32. This class is written over an array namespace ``xp`` so the GPU backend can reuse the
+parts it does not replace with kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import array_ops
+
+
+@dataclass
+class ForwardState:
+    """Running forward result of one rank: float32 (or float64) output and LSE."""
+
+    out: Any  # [B, Sq, H, D]
+    lse: Any  # [B, H, Sq]
+    dtype: Any  # the caller's dtype, for the final cast
+
+
+class NumpyBackend:
+    """Block attention on NumPy arrays (or any NumPy-like namespace passed as ``xp``)."""
+
+    name = "numpy"
+
+    def __init__(self, xp=np):
+        self.xp = xp
+
+    def positions(self, host_positions: np.ndarray):
+        """Global positions in the form this backend's block functions take."""
+        return host_positions
+
+    def forward_state(self, q, blocks: int) -> ForwardState:
+        """An empty running result for queries ``q`` (``blocks`` non-empty blocks will follow)."""
+        xp = self.xp
+        acc_t = array_ops.accum_dtype(xp, q.dtype)
+        b, s, h, d = q.shape
+        return ForwardState(
+            out=xp.zeros((b, s, h, d), dtype=acc_t),
+            lse=xp.full((b, h, s), -xp.inf, dtype=acc_t),
+            dtype=q.dtype,
+        )
+
+    def forward_block(self, state, q, k, v, q_pos, k_pos, kind, mask, scale):
+        """Compute one block and fold it into ``state`` in float32 (float64)."""
+        out, lse = array_ops.block_forward(self.xp, q, k, v, q_pos, k_pos, kind, mask, scale)
+        array_ops.merge_into(self.xp, state.out, state.lse, out, lse)
+
+    def forward_finish(self, state):
+        """(out in the caller's dtype, lse in float32 or float64)."""
+        return self.cast(state.out, state.dtype), state.lse
+
+    def backward_delta(self, dout, out):
+        return array_ops.backward_delta(self.xp, dout, out)
+
+    def zeros_accum(self, shape, dtype):
+        """A zeroed gradient accumulator (float32, float64 for float64)."""
+        return self.xp.zeros(shape, dtype=array_ops.accum_dtype(self.xp, dtype))
+
+    def backward_block(self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale):
+        array_ops.block_backward(
+            self.xp, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale
+        )
+
+    def cast(self, x, dtype):
+        return x.astype(dtype, copy=False)

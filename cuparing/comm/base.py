@@ -1,0 +1,92 @@
+"""The communicator protocol the ring schedule talks to.
+
+A :class:`Ring` knows its ``rank`` and ``size`` and can do one thing: a grouped exchange in which
+every rank sends a list of arrays to ``rank + shift`` and receives arrays of the same shapes and
+dtypes from ``rank - shift`` (mod ``size``). The schedule calls :meth:`Ring.exchange` in the same
+order on every rank; an implementation may run it asynchronously (the NCCL ring does, on its own
+stream) and must hand back received buffers through :meth:`PendingExchange.wait`.
+
+Buffer ownership: arrays returned by ``wait()`` belong to the ring. They stay valid, and may be
+read or updated in place by the caller, until the *second* following exchange on the same
+``tag`` (double buffering). Arrays passed to ``exchange`` must not be modified until its ``wait()``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any
+
+
+class RingError(RuntimeError):
+    """A ring operation failed: a peer died, timed out, or the communicator was aborted."""
+
+
+class RingTimeoutError(RingError):
+    """An exchange did not complete within the ring's timeout."""
+
+
+class PendingExchange(abc.ABC):
+    """Handle of an exchange in flight."""
+
+    @abc.abstractmethod
+    def wait(self) -> list[Any]:
+        """Arrays received from ``rank - shift``, in the order they were sent.
+
+        Raises:
+            RingTimeoutError: the peer did not deliver within the ring's timeout.
+            RingError: the ring was aborted (another rank failed).
+        """
+
+
+class Ring(abc.ABC):
+    """A group of ``size`` ranks joined in a ring; this object is one of them.
+
+    Build one with :meth:`Ring.from_env` (one process per GPU, NCCL) or let :func:`cuparing.simulate`
+    hand simulated CPU ranks to your function.
+    """
+
+    rank: int
+    size: int
+    #: seconds an exchange may take before the ring is aborted and an error raised
+    timeout: float
+
+    @abc.abstractmethod
+    def exchange(self, arrays: Sequence[Any], shift: int = 1, tag: str = "kv") -> PendingExchange:
+        """Send ``arrays`` to rank ``(rank + shift) % size``; receive the same from ``rank - shift``.
+
+        Args:
+            arrays: arrays of this ring's backend; receivers get the same shapes and dtypes.
+            shift: ring distance, ``1`` for the ordinary ring step.
+            tag: names the double-buffer channel the received arrays live in (see module doc).
+        """
+
+    def synchronize(self) -> None:
+        """Block until every exchange issued by this rank has completed (or raise on timeout)."""
+
+    def close(self) -> None:
+        """Release communicator resources. Idempotent."""
+
+    def __enter__(self) -> Ring:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @classmethod
+    def from_env(cls, timeout: float = 300.0, **kwargs: Any) -> Ring:
+        """Join the ring described by the launcher's environment (torchrun, mpirun, srun, ours).
+
+        Reads rank, world size and local rank, binds GPU ``local_rank`` and creates an NCCL
+        communicator; with world size 1 no NCCL is needed. Extra keyword arguments go to
+        :func:`cuparing.comm.nccl.NcclRing.from_env`.
+
+        Raises:
+            RuntimeError: CuPy or NCCL unavailable, or the rendezvous failed or timed out.
+        """
+        from .nccl import NcclRing
+
+        return NcclRing.from_env(timeout=timeout, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rank={self.rank}, size={self.size})"

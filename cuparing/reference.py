@@ -1,0 +1,84 @@
+"""Dense softmax attention in float64 on the whole sequence: the reference every test checks against.
+
+Written independently of the blockwise code: one full ``S x S`` score matrix, one softmax, and the
+textbook gradient. For testing and small problems only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .masks import MaskSpec
+
+
+def _positions(sq: int, sk: int):
+    # queries are aligned to the end of the keys (query i sits at position i + sk - sq)
+    return np.arange(sq) + (sk - sq), np.arange(sk)
+
+
+def _dense_probs(q, k, causal, scale, window, q_positions, k_positions):
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    _, sq, h, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    default_q, default_k = _positions(sq, sk)
+    q_pos = default_q if q_positions is None else np.asarray(q_positions)
+    k_pos = default_k if k_positions is None else np.asarray(k_positions)
+    left, right = (None, None) if window is None else window
+    visible = MaskSpec(causal, left, right).visible(q_pos, k_pos)  # [Sq, Sk]
+    k_full = np.repeat(k, h // hkv, axis=2)  # [B, Sk, H, D]
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k_full) * scale
+    scores = np.where(visible, scores, -np.inf)
+    row_max = scores.max(axis=-1, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+    weights = np.where(visible, np.exp(scores - row_max), 0.0)
+    total = weights.sum(axis=-1, keepdims=True)
+    probs = np.where(total > 0, weights / np.where(total > 0, total, 1.0), 0.0)
+    with np.errstate(divide="ignore"):
+        lse = np.where(total[..., 0] > 0, row_max[..., 0] + np.log(total[..., 0]), -np.inf)
+    return probs, lse, scale
+
+
+def reference_attention(
+    q, k, v, causal=False, scale=None, window=None, return_lse=False,
+    q_positions=None, k_positions=None,
+):  # fmt: skip
+    """Dense attention in float64 (NumPy arrays or anything ``np.asarray`` accepts).
+
+    Same contract as :func:`cuparing.attention`; ``q_positions`` / ``k_positions`` override the
+    global positions (default: queries aligned to the end of the keys).
+
+    Returns:
+        out [B, Sq, H, D] float64, and lse [B, H, Sq] float64 if ``return_lse``.
+    """
+    probs, lse, _ = _dense_probs(q, k, causal, scale, window, q_positions, k_positions)
+    v = np.asarray(v, dtype=np.float64)
+    v_full = np.repeat(v, probs.shape[1] // v.shape[2], axis=2)
+    out = np.einsum("bhqk,bkhd->bqhd", probs, v_full)
+    return (out, lse) if return_lse else out
+
+
+def reference_attention_backward(
+    dout, q, k, v, causal=False, scale=None, window=None, q_positions=None, k_positions=None
+):
+    """Gradients of dense attention in float64: ``(dq, dk, dv)`` with the shapes of q, k, v."""
+    probs, _, scale = _dense_probs(q, k, causal, scale, window, q_positions, k_positions)
+    q, k, v, dout = (np.asarray(x, dtype=np.float64) for x in (q, k, v, dout))
+    h, hkv = q.shape[2], k.shape[2]
+    group = h // hkv
+    k_full = np.repeat(k, group, axis=2)
+    v_full = np.repeat(v, group, axis=2)
+    dv_full = np.einsum("bhqk,bqhd->bkhd", probs, dout)
+    dprobs = np.einsum("bqhd,bkhd->bhqk", dout, v_full)
+    dscores = probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True))
+    dq = np.einsum("bhqk,bkhd->bqhd", dscores, k_full) * scale
+    dk_full = np.einsum("bhqk,bqhd->bkhd", dscores, q) * scale
+
+    def fold(x):  # sum the query heads of each group back onto their key head
+        b, s, _, d = x.shape
+        return x.reshape(b, s, hkv, group, d).sum(axis=3)
+
+    return dq, fold(dk_full), fold(dv_full)

@@ -1,0 +1,146 @@
+"""The ring loop, shared by every backend and communicator.
+
+At step ``t`` rank ``r`` holds the K/V shard of rank ``(r - t) mod C``. A :class:`RingPlan` decides,
+from the layout's global positions and the mask, which of those blocks are empty (skipped: no
+compute), partial (masked) or full (mask-free), and how many steps the ring needs at all: a
+sliding window can make the last steps empty on every rank, and then they are neither computed
+nor transferred.
+
+Forward: K/V travel one hop per step; each rank folds every block's (out, lse) into a running
+float32 result. Backward: dK/dV accumulators travel with K/V, collect every rank's contribution,
+and are sent home after the last step; dQ accumulates locally.
+
+This module never imports NumPy's or CuPy's array functions directly: the ``backend`` does all
+array work, the ``ring`` all communication.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .layouts import global_positions
+from .masks import BlockKind, MaskSpec
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    """Which block runs at which step, for one rank of one ring.
+
+    Attributes:
+        rank, world_size: this rank and the ring size ``C``.
+        layout: how the global sequence is sharded.
+        mask: the causal / window spec.
+        positions: global positions held by each rank (NumPy int64, ascending), indexed by rank.
+        kinds: ``kinds[t]`` classifies this rank's block at step ``t``.
+        last_step: the last step at which any rank has a non-empty block; the ring stops there.
+    """
+
+    rank: int
+    world_size: int
+    layout: str
+    mask: MaskSpec
+    positions: tuple
+    kinds: tuple
+    last_step: int
+
+    def source(self, step: int) -> int:
+        """The rank whose K/V shard this rank holds at ``step``."""
+        return (self.rank - step) % self.world_size
+
+    @property
+    def blocks(self) -> int:
+        """How many non-empty blocks this rank computes."""
+        return sum(kind != BlockKind.EMPTY for kind in self.kinds[: self.last_step + 1])
+
+
+@lru_cache(maxsize=256)
+def _kind_table(layout: str, world_size: int, local_len: int, mask: MaskSpec):
+    positions = tuple(global_positions(layout, r, world_size, local_len) for r in range(world_size))
+    table = np.empty((world_size, world_size), dtype=np.int8)  # [rank, step]
+    for rank in range(world_size):
+        q = positions[rank]
+        for step in range(world_size):
+            k = positions[(rank - step) % world_size]
+            table[rank, step] = mask.classify(int(q[0]), int(q[-1]), int(k[0]), int(k[-1]))
+    busy = np.nonzero((table != BlockKind.EMPTY).any(axis=0))[0]
+    last_step = int(busy[-1]) if len(busy) else 0
+    return positions, table, last_step
+
+
+def plan_ring(layout: str, rank: int, world_size: int, local_len: int, mask: MaskSpec) -> RingPlan:
+    """Build (and cache) the plan for ``rank`` of a ``world_size`` ring with ``local_len`` tokens."""
+    positions, table, last_step = _kind_table(layout, world_size, local_len, mask)
+    kinds = tuple(BlockKind(int(x)) for x in table[rank])
+    return RingPlan(rank, world_size, layout, mask, positions, kinds, last_step)
+
+
+def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float):
+    """Run the forward ring for this rank.
+
+    Args:
+        backend: array backend (see ``cuparing.backends``).
+        ring: the communicator (``None`` only when ``plan.world_size == 1``).
+        q: [B, Sq, H, D] this rank's queries; k, v: [B, Sk, Hkv, D] this rank's keys/values.
+
+    Returns:
+        (out, lse): out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] float32 (float64 for float64).
+    """
+    positions = [backend.positions(p) for p in plan.positions]
+    q_pos = positions[plan.rank]
+    state = backend.forward_state(q, plan.blocks)
+    kv = [k, v]
+    for step in range(plan.last_step + 1):
+        pending = ring.exchange(kv, 1, "kv") if step < plan.last_step else None
+        kind = plan.kinds[step]
+        if kind != BlockKind.EMPTY:
+            k_pos = positions[plan.source(step)]
+            backend.forward_block(state, q, kv[0], kv[1], q_pos, k_pos, kind, plan.mask, scale)
+        if pending is not None:
+            kv = pending.wait()
+    return backend.forward_finish(state)
+
+
+def ring_backward(backend, ring, dout, q, k, v, out, lse, plan: RingPlan, scale: float):
+    """Run the backward ring for this rank.
+
+    Args:
+        dout, out: [B, Sq, H, D] gradient of and output of this rank's queries.
+        lse: [B, H, Sq] the final (merged) log-sum-exp from the forward ring.
+        q, k, v: as in :func:`ring_forward`.
+
+    Returns:
+        (dq, dk, dv) in the dtypes of q, k, v; dk and dv are gradients of *this rank's* K/V
+        shard, summed over every rank's queries.
+    """
+    positions = [backend.positions(p) for p in plan.positions]
+    q_pos = positions[plan.rank]
+    delta = backend.backward_delta(dout, out)
+    dq = backend.zeros_accum(q.shape, q.dtype)
+    dkv = [backend.zeros_accum(k.shape, k.dtype), backend.zeros_accum(v.shape, v.dtype)]
+    kv = [k, v]
+    for step in range(plan.last_step + 1):
+        more = step < plan.last_step
+        pending_kv = ring.exchange(kv, 1, "kv") if more else None
+        kind = plan.kinds[step]
+        if kind != BlockKind.EMPTY:
+            k_pos = positions[plan.source(step)]
+            backend.backward_block(
+                dq, dkv[0], dkv[1], dout, q, kv[0], kv[1], lse, delta,
+                q_pos, k_pos, kind, plan.mask, scale,
+            )  # fmt: skip
+        if more:
+            pending_dkv = ring.exchange(dkv, 1, "dkv")
+            kv = pending_kv.wait()
+            dkv = pending_dkv.wait()
+    # dK/dV now held here belong to rank (rank - last_step): one more exchange takes them home
+    home_shift = (-plan.last_step) % plan.world_size
+    if home_shift:
+        dkv = ring.exchange(dkv, home_shift, "dkv_home").wait()
+    return (
+        backend.cast(dq, q.dtype),
+        backend.cast(dkv[0], k.dtype),
+        backend.cast(dkv[1], v.dtype),
+    )
