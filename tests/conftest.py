@@ -1,0 +1,39 @@
+"""Shared test configuration: Hypothesis profiles and the GPU marker."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    max_examples=60,
+    deadline=None,
+    derandomize=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "heavy",
+    max_examples=600,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "heavy"))
+
+
+def gpu_count() -> int:
+    """Number of CUDA GPUs CuPy can see (0 without CuPy or a driver)."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 - any failure means no usable GPU
+        return 0
+
+
+def requires_gpu(n: int = 1):
+    """Mark a test as needing ``n`` CUDA GPUs; it is skipped when fewer are present."""
+    found = gpu_count()
+    return pytest.mark.skipif(found < n, reason=f"needs {n} GPU(s), found {found}")
