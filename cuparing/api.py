@@ -68,7 +68,9 @@ def attention(
         q_pos = np.arange(sq, dtype=np.int64) + (sk - sq)
         k_pos = np.arange(sk, dtype=np.int64)
         kind = (
-            mask.classify(int(q_pos[0]), int(q_pos[-1]), 0, sk - 1) if sq and sk else BlockKind.EMPTY
+            mask.classify(int(q_pos[0]), int(q_pos[-1]), 0, sk - 1)
+            if sq and sk
+            else BlockKind.EMPTY
         )
         state = backend.forward_state(qb, 0 if kind == BlockKind.EMPTY else 1)
         if kind != BlockKind.EMPTY:

@@ -125,7 +125,9 @@ def unshard(shards: Sequence, layout: str = "contiguous", axis: int = 1):
     )
     inverse = np.argsort(order)
     xp = _namespace(shards[0])
-    stacked = xp.concatenate(list(shards), axis=axis) if xp is not None else _torch_cat(shards, axis)
+    stacked = (
+        xp.concatenate(list(shards), axis=axis) if xp is not None else _torch_cat(shards, axis)
+    )
     return _take(stacked, inverse, axis)
 
 

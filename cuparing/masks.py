@@ -70,7 +70,7 @@ class MaskSpec:
         return (delta >= -self.left_bound) & (delta <= self.right_bound)
 
     def classify(self, q_min: int, q_max: int, k_min: int, k_max: int) -> BlockKind:
-        """Classify a block whose query positions span ``[q_min, q_max]`` and keys ``[k_min, k_max]``."""
+        """Classify a block: query positions in ``[q_min, q_max]``, keys in ``[k_min, k_max]``."""
         lo, hi = -self.left_bound, self.right_bound  # allowed range of j - i
         if k_min - q_max > hi or k_max - q_min < lo:
             return BlockKind.EMPTY

@@ -1,4 +1,4 @@
-"""Dense softmax attention in float64 on the whole sequence: the reference every test checks against.
+"""Dense softmax attention in float64 on the whole sequence: the reference all tests check against.
 
 Written independently of the blockwise code: one full ``S x S`` score matrix, one softmax, and the
 textbook gradient. For testing and small problems only.

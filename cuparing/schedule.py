@@ -71,7 +71,7 @@ def _kind_table(layout: str, world_size: int, local_len: int, mask: MaskSpec):
 
 
 def plan_ring(layout: str, rank: int, world_size: int, local_len: int, mask: MaskSpec) -> RingPlan:
-    """Build (and cache) the plan for ``rank`` of a ``world_size`` ring with ``local_len`` tokens."""
+    """The (cached) plan for ``rank`` of a ``world_size`` ring holding ``local_len`` tokens each."""
     positions, table, last_step = _kind_table(layout, world_size, local_len, mask)
     kinds = tuple(BlockKind(int(x)) for x in table[rank])
     return RingPlan(rank, world_size, layout, mask, positions, kinds, last_step)

@@ -54,7 +54,7 @@ def check_arrays(names: tuple[str, ...], arrays: tuple[Any, ...]) -> Origin:
     last axis. Returns their common :class:`Origin`."""
     origins = [origin_of(x) for x in arrays]
     first = origins[0]
-    for name, origin in zip(names[1:], origins[1:]):
+    for name, origin in zip(names[1:], origins[1:], strict=True):
         if origin != first:
             raise TypeError(
                 f"{name} lives on {origin.framework}/{'gpu' if origin.gpu else 'cpu'}"
@@ -65,14 +65,14 @@ def check_arrays(names: tuple[str, ...], arrays: tuple[Any, ...]) -> Origin:
             )
     dtypes = [dtype_name(x) for x in arrays]
     allowed = GPU_DTYPES if first.gpu else FLOAT_DTYPES
-    for name, dtype in zip(names, dtypes):
+    for name, dtype in zip(names, dtypes, strict=True):
         if dtype not in allowed:
             where = "on the GPU" if first.gpu else "on the CPU"
             raise TypeError(f"{name} must have a dtype in {allowed} {where}, got {dtype}")
     if len(set(dtypes)) != 1:
-        listing = ", ".join(f"{n}={d}" for n, d in zip(names, dtypes))
+        listing = ", ".join(f"{n}={d}" for n, d in zip(names, dtypes, strict=True))
         raise TypeError(f"all inputs must share one dtype, got {listing}")
-    for name, x in zip(names, arrays):
+    for name, x in zip(names, arrays, strict=True):
         _check_4d(name, x)
         _check_last_axis_contiguous(name, x)
     return first
@@ -82,7 +82,9 @@ def check_qkv(q: Any, k: Any, v: Any, same_length: bool) -> None:
     """Shapes of q [B, Sq, H, D] and k, v [B, Sk, Hkv, D] agree (Sq == Sk if ``same_length``)."""
     bq, sq, h, d = q.shape
     if tuple(k.shape) != tuple(v.shape):
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} v {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape, got k {tuple(k.shape)} v {tuple(v.shape)}"
+        )
     bk, sk, hkv, dk = k.shape
     if bk != bq:
         raise ValueError(f"batch size differs: q has B={bq}, k and v have B={bk}")
@@ -91,7 +93,9 @@ def check_qkv(q: Any, k: Any, v: Any, same_length: bool) -> None:
     if sq < 1 or sk < 1:
         raise ValueError(f"sequence length must be >= 1, got q S={sq}, k and v S={sk}")
     if d < 1 or h < 1 or hkv < 1:
-        raise ValueError(f"heads and head dim must be >= 1, got q {tuple(q.shape)} k {tuple(k.shape)}")
+        raise ValueError(
+            f"heads and head dim must be >= 1, got q {tuple(q.shape)} k {tuple(k.shape)}"
+        )
     if h % hkv:
         raise ValueError(
             f"query heads H={h} must be a multiple of key/value heads Hkv={hkv} (GQA/MQA)"

@@ -63,7 +63,9 @@ class NumpyBackend:
         """A zeroed gradient accumulator (float32, float64 for float64)."""
         return self.xp.zeros(shape, dtype=array_ops.accum_dtype(self.xp, dtype))
 
-    def backward_block(self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale):
+    def backward_block(
+        self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale
+    ):
         array_ops.block_backward(
             self.xp, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale
         )

@@ -42,8 +42,8 @@ class PendingExchange(abc.ABC):
 class Ring(abc.ABC):
     """A group of ``size`` ranks joined in a ring; this object is one of them.
 
-    Build one with :meth:`Ring.from_env` (one process per GPU, NCCL) or let :func:`cuparing.simulate`
-    hand simulated CPU ranks to your function.
+    Build one with :meth:`Ring.from_env` (one process per GPU, NCCL), or let
+    :func:`cuparing.simulate` hand simulated CPU ranks to your function.
     """
 
     rank: int
@@ -53,7 +53,7 @@ class Ring(abc.ABC):
 
     @abc.abstractmethod
     def exchange(self, arrays: Sequence[Any], shift: int = 1, tag: str = "kv") -> PendingExchange:
-        """Send ``arrays`` to rank ``(rank + shift) % size``; receive the same from ``rank - shift``.
+        """Send ``arrays`` to rank ``rank + shift``, receive the same from ``rank - shift``.
 
         Args:
             arrays: arrays of this ring's backend; receivers get the same shapes and dtypes.
