@@ -1,0 +1,133 @@
+"""Single-device attention, the merge, and the numerics contract on the CPU backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from numerics import check_forward
+from strategies import HEAD_DIMS, np_dtype
+
+import cuparing as cr
+from cuparing.backends import array_ops
+
+
+@given(
+    sq=st.integers(1, 40),
+    sk=st.integers(1, 40),
+    hkv=st.integers(1, 3),
+    group=st.integers(1, 3),
+    d=HEAD_DIMS,
+    causal=st.booleans(),
+    dtype=st.sampled_from(["float64", "float32", "float16", "bfloat16"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_attention_matches_dense(sq, sk, hkv, group, d, causal, dtype, seed):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((2, sq, hkv * group, d)).astype(np_dtype(dtype))
+    k, v = (rng.standard_normal((2, sk, hkv, d)).astype(np_dtype(dtype)) for _ in range(2))
+    out, lse = cr.attention(q, k, v, causal=causal, return_lse=True)
+    assert out.dtype == q.dtype
+    assert lse.dtype == (np.float64 if dtype == "float64" else np.float32)
+    check_forward(out, lse, q, k, v, causal=causal)
+
+
+def test_causal_aligns_queries_to_the_end_of_the_keys():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 1, 1, 4))
+    k, v = rng.standard_normal((2, 1, 5, 1, 4))
+    # one query after five keys sees all of them, so causal == full
+    np.testing.assert_allclose(cr.attention(q, k, v, causal=True), cr.attention(q, k, v))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_huge_logits_stay_finite(dtype):
+    rng = np.random.default_rng(1)
+    q = (rng.standard_normal((1, 64, 2, 16)) * 30).astype(np_dtype(dtype))
+    k = (rng.standard_normal((1, 64, 2, 16)) * 30).astype(np_dtype(dtype))
+    v = rng.standard_normal((1, 64, 2, 16)).astype(np_dtype(dtype))
+    scale = 2.0  # |q.k| * scale reaches ~1e4
+    logits = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), k.astype(np.float64)) * scale
+    assert np.abs(logits).max() > 5e3
+
+    def ring_fn(ring):
+        local = [cr.shard(x, ring.rank, ring.size, layout="zigzag") for x in (q, k, v)]
+        return cr.ring_attention(*local, ring, causal=True, scale=scale, layout="zigzag",
+                                 return_lse=True)  # fmt: skip
+
+    results = cr.simulate(4, ring_fn)
+    out = cr.unshard([r[0] for r in results], layout="zigzag")
+    lse = cr.unshard([r[1] for r in results], layout="zigzag", axis=2)
+    assert np.isfinite(out.astype(np.float64)).all() and np.isfinite(lse).all()
+    check_forward(out, lse, q, k, v, causal=True, scale=scale)
+
+
+def test_rows_without_keys_give_zero_output_and_minus_inf_lse():
+    rng = np.random.default_rng(2)
+    q, k, v = rng.standard_normal((3, 1, 32, 2, 8))
+    dout = rng.standard_normal(q.shape)
+    window = (4, -1)  # strictly earlier tokens only: token 0 sees nothing
+
+    def ring_fn(ring):
+        ql, kl, vl, dl = (cr.shard(x, ring.rank, ring.size, layout="striped")
+                          for x in (q, k, v, dout))  # fmt: skip
+        out, lse = cr.ring_attention(ql, kl, vl, ring, window=window, layout="striped",
+                                     return_lse=True)  # fmt: skip
+        grads = cr.ring_attention_backward(dl, ql, kl, vl, out, lse, ring, window=window,
+                                           layout="striped")  # fmt: skip
+        return out, lse, grads
+
+    results = cr.simulate(4, ring_fn)
+    out = cr.unshard([r[0] for r in results], layout="striped")
+    lse = cr.unshard([r[1] for r in results], layout="striped", axis=2)
+    dq = cr.unshard([r[2][0] for r in results], layout="striped")
+    assert np.isneginf(lse[:, :, 0]).all() and np.isfinite(lse[:, :, 1:]).all()
+    assert (out[:, 0] == 0).all() and (dq[:, 0] == 0).all()
+    assert not np.isnan(out).any() and not np.isnan(dq).any()
+    check_forward(out, lse, q, k, v, window=window)
+
+
+def test_merge_with_an_empty_block_changes_nothing():
+    rng = np.random.default_rng(3)
+    out = rng.standard_normal((1, 5, 2, 4)).astype(np.float32)
+    lse = rng.standard_normal((1, 2, 5)).astype(np.float32)
+    lse[0, 1, 2] = -np.inf
+    out[0, 2, 1] = 0
+    acc_out, acc_lse = out.copy(), lse.copy()
+    empty_out = np.full_like(out, 0)
+    empty_lse = np.full_like(lse, -np.inf)
+    array_ops.merge_into(np, acc_out, acc_lse, empty_out, empty_lse)
+    np.testing.assert_array_equal(acc_lse, lse)
+    np.testing.assert_allclose(acc_out, out, rtol=1e-7)
+    assert not np.isnan(acc_out).any()
+
+
+def test_merge_is_float32_even_for_bfloat16_inputs():
+    import ml_dtypes
+
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((1, 64, 1, 8)).astype(ml_dtypes.bfloat16) for _ in range(3))
+    backend = cr.backends.backend_for("numpy")
+    state = backend.forward_state(q, blocks=2)
+    assert state.out.dtype == np.float32 and state.lse.dtype == np.float32
+
+
+def test_torch_cpu_round_trip_returns_torch():
+    torch = pytest.importorskip("torch")
+    q = torch.randn(1, 16, 2, 8, dtype=torch.bfloat16)
+    out, lse = cr.attention(q, q, q, causal=True, return_lse=True)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16
+    assert lse.dtype == torch.float32
+    import ml_dtypes
+
+    q_np = q.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    check_forward(out, lse, q_np, q_np, q_np, causal=True)
+
+
+def test_bhsd_transposed_view_is_accepted():
+    rng = np.random.default_rng(5)
+    q_bhsd = rng.standard_normal((2, 3, 17, 8))
+    q = q_bhsd.transpose(0, 2, 1, 3)  # [B, S, H, D] view, last axis still contiguous
+    out = cr.attention(q, q, q)
+    check_forward(out, None, q, q, q)

