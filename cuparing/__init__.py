@@ -17,6 +17,7 @@ from .comm.base import Ring, RingError, RingTimeoutError
 from .comm.local import simulate
 from .layouts import LAYOUTS, global_positions, shard, unshard
 from .reference import reference_attention, reference_attention_backward
+from .torch_autograd import ring_attention_torch
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "reference_attention_backward",
     "ring_attention",
     "ring_attention_backward",
+    "ring_attention_torch",
     "shard",
     "simulate",
     "unshard",

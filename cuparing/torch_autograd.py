@@ -1,0 +1,65 @@
+"""PyTorch autograd for ring attention: ``out = ring_attention_torch(q, k, v, ring, ...)``.
+
+The forward pass runs :func:`cuparing.ring_attention` and keeps (out, lse); the backward pass runs
+:func:`cuparing.ring_attention_backward`. Works for CPU tensors (NumPy backend) and CUDA tensors
+(our kernels), inside any PyTorch training loop. PyTorch is imported only when this is called.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .api import Window, ring_attention, ring_attention_backward
+from .comm.base import Ring
+
+_FUNCTION = None
+
+
+def _function():
+    global _FUNCTION
+    if _FUNCTION is None:
+        import torch
+
+        class RingAttention(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, q, k, v, ring, options):
+                out, lse = ring_attention(q, k, v, ring, return_lse=True, **options)
+                ctx.save_for_backward(q, k, v, out, lse)
+                ctx.ring, ctx.options = ring, options
+                return out
+
+            @staticmethod
+            def backward(ctx, dout):
+                q, k, v, out, lse = ctx.saved_tensors
+                dq, dk, dv = ring_attention_backward(
+                    dout.contiguous(), q, k, v, out, lse, ctx.ring, **ctx.options
+                )
+                return dq, dk, dv, None, None
+
+        _FUNCTION = RingAttention
+    return _FUNCTION
+
+
+def ring_attention_torch(
+    q: Any,
+    k: Any,
+    v: Any,
+    ring: Ring,
+    causal: bool = False,
+    scale: float | None = None,
+    window: Window = None,
+    layout: str = "contiguous",
+):
+    """Differentiable :func:`cuparing.ring_attention` for PyTorch tensors.
+
+    Args:
+        q: [B, S/C, H, D] this rank's query shard (``requires_grad`` as needed).
+        k, v: [B, S/C, Hkv, D] this rank's key/value shards.
+        ring, causal, scale, window, layout: as in :func:`cuparing.ring_attention`.
+
+    Returns:
+        out [B, S/C, H, D], a tensor whose ``.backward()`` runs the backward ring; gradients of
+        k and v are for this rank's shard, summed over every rank's queries.
+    """
+    options = {"causal": causal, "scale": scale, "window": window, "layout": layout}
+    return _function().apply(q, k, v, ring, options)
