@@ -97,10 +97,13 @@ def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float):
         kind = plan.kinds[step]
         if kind != BlockKind.EMPTY:
             k_pos = positions[plan.source(step)]
-            backend.forward_block(state, q, kv[0], kv[1], q_pos, k_pos, kind, plan.mask, scale)
+            with ring.trace_compute(f"fwd step {step}"):
+                backend.forward_block(state, q, kv[0], kv[1], q_pos, k_pos, kind, plan.mask, scale)
         if pending is not None:
             kv = pending.wait()
-    return backend.forward_finish(state)
+    result = backend.forward_finish(state)
+    ring.check()
+    return result
 
 
 def ring_backward(backend, ring, dout, q, k, v, out, lse, plan: RingPlan, scale: float):
@@ -127,10 +130,11 @@ def ring_backward(backend, ring, dout, q, k, v, out, lse, plan: RingPlan, scale:
         kind = plan.kinds[step]
         if kind != BlockKind.EMPTY:
             k_pos = positions[plan.source(step)]
-            backend.backward_block(
-                dq, dkv[0], dkv[1], dout, q, kv[0], kv[1], lse, delta,
-                q_pos, k_pos, kind, plan.mask, scale,
-            )  # fmt: skip
+            with ring.trace_compute(f"bwd step {step}"):
+                backend.backward_block(
+                    dq, dkv[0], dkv[1], dout, q, kv[0], kv[1], lse, delta,
+                    q_pos, k_pos, kind, plan.mask, scale,
+                )  # fmt: skip
         if more:
             pending_dkv = ring.exchange(dkv, 1, "dkv")
             kv = pending_kv.wait()
@@ -139,8 +143,17 @@ def ring_backward(backend, ring, dout, q, k, v, out, lse, plan: RingPlan, scale:
     home_shift = (-plan.last_step) % plan.world_size
     if home_shift:
         dkv = ring.exchange(dkv, home_shift, "dkv_home").wait()
-    return (
+    from_ring = plan.last_step > 0 or home_shift > 0
+    grads = (
         backend.cast(dq, q.dtype),
-        backend.cast(dkv[0], k.dtype),
-        backend.cast(dkv[1], v.dtype),
+        _owned(backend, dkv[0], k.dtype, from_ring),
+        _owned(backend, dkv[1], v.dtype, from_ring),
     )
+    ring.check()
+    return grads
+
+
+def _owned(backend, x, dtype, from_ring: bool):
+    """``x`` cast to ``dtype`` in an array the caller owns: ring receive buffers get reused."""
+    y = backend.cast(x, dtype)
+    return y.copy() if from_ring and y is x else y

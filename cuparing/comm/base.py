@@ -14,6 +14,7 @@ read or updated in place by the caller, until the *second* following exchange on
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,6 +64,16 @@ class Ring(abc.ABC):
 
     def synchronize(self) -> None:
         """Block until every exchange issued by this rank has completed (or raise on timeout)."""
+
+    def check(self) -> None:
+        """Raise a pending ring error (e.g. a watchdog timeout) without blocking."""
+
+    def trace_compute(self, label: str) -> contextlib.AbstractContextManager:
+        """Context manager marking the work queued inside it as compute on this rank's timeline.
+
+        A no-op unless the ring records a trace (``NcclRing(trace=True)`` or ``CUPARING_TRACE``).
+        """
+        return contextlib.nullcontext()
 
     def close(self) -> None:
         """Release communicator resources. Idempotent."""

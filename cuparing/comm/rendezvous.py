@@ -1,0 +1,504 @@
+"""Who am I in the job, and how the ranks agree on an NCCL unique id.
+
+:class:`RankInfo` reads rank, world size and local rank from the launcher's environment
+(torchrun, Open MPI, MPICH/Hydra, Slurm, or :mod:`cuparing.launch`). :func:`exchange_unique_id`
+hands rank 0's 128-byte NCCL id to every other rank, by one of three routes:
+
+- TCP (default): rank 0 serves the id at ``master_addr:master_port`` until every other rank has
+  fetched it; the others connect with retry and backoff.
+- a file (``init_file=path``) on a file system every rank sees: rank 0 writes it atomically, the
+  others poll for it and acknowledge; rank 0 removes it once everyone has read it.
+- torchrun's agent store: under torchrun (``TORCHELASTIC_USE_AGENT_STORE=True``) the launcher
+  process itself listens on ``MASTER_PORT``, so we cannot bind it; the id goes through that
+  store instead (torch is importable there by definition).
+
+Every message carries a magic, a protocol version and a digest of the run token
+(``CUPARING_RUN_TOKEN``, else derived from ``MASTER_PORT`` and the world size), so a stray
+connection, or a rank of another job that reuses the port, is refused instead of being handed
+the wrong communicator. This module needs neither CuPy nor a GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import struct
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+UNIQUE_ID_BYTES = 128
+MAGIC = b"CPRG"
+VERSION = 1
+# client -> server: magic, version, rank, world size, sha256(run token)
+_HELLO = struct.Struct("!4sHII32s")
+# server -> client: magic, version, status, then UNIQUE_ID_BYTES (ok) or a UTF-8 reason (refused)
+_REPLY = struct.Struct("!4sHB")
+_OK, _REFUSED = 0, 1
+# ports derived from a job id stay below Linux's default ephemeral range (32768-60999), where the
+# kernel hands out client ports that could already hold the one we derive
+_DERIVED_PORT_BASE, _DERIVED_PORT_SPAN = 15000, 17000
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """This process's place in the job.
+
+    Attributes:
+        rank: global rank, ``0 <= rank < world_size``.
+        world_size: number of processes (one per GPU).
+        local_rank: rank among the processes of this host; selects the GPU.
+        master_addr: host of rank 0 (``None`` when the launcher gives none: then only
+            ``init_file`` rendezvous works, unless ``world_size == 1``).
+        master_port: port rank 0 serves the unique id on (``None`` likewise).
+        run_token: shared by the ranks of one run; refuses peers of another run.
+        launcher: which environment family was read (``"torchrun"``, ``"openmpi"``,
+            ``"mpich"``, ``"slurm"`` or ``"none"``).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str | None = None
+    master_port: int | None = None
+    run_token: str = ""
+    launcher: str = "none"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RankInfo:
+        """Read the launcher's variables (``os.environ`` by default).
+
+        Families are tried in this order, the first whose rank variable is set wins:
+        torchrun (``RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT``), Open MPI
+        (``OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK``), MPICH/Hydra (``PMI_RANK PMI_SIZE
+        MPI_LOCALRANKID``), Slurm (``SLURM_PROCID SLURM_NTASKS SLURM_LOCALID``). None set: a world
+        of 1. ``MASTER_ADDR``/``MASTER_PORT`` override the address for every family; Slurm
+        otherwise uses the first host of ``SLURM_JOB_NODELIST`` and a port derived from
+        ``SLURM_JOB_ID``; MPI families derive a port from their job id and use 127.0.0.1 when
+        all ranks share one host.
+
+        Raises:
+            ValueError: a variable is not an integer, is out of range, or the family is incomplete
+                (the message names the variable and its value).
+        """
+        env = os.environ if env is None else env
+        for reader in (_torchrun, _openmpi, _mpich, _slurm):
+            info = reader(env)
+            if info is not None:
+                return info
+        return cls(0, 1, 0, None, None, _run_token(env, None, 1), "none")
+
+
+def _int(env: Mapping[str, str], name: str, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None:
+        raise ValueError(f"{name} is not set but the launcher's other variables are")
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {name}={raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {name}={value}")
+    return value
+
+
+def _optional_int(env: Mapping[str, str], name: str, minimum: int = 0) -> int | None:
+    return _int(env, name, minimum) if env.get(name) is not None else None
+
+
+def _port(env: Mapping[str, str], name: str = "MASTER_PORT") -> int | None:
+    port = _optional_int(env, name, 1)
+    if port is not None and port > 65535:
+        raise ValueError(f"{name} must be a TCP port in [1, 65535], got {name}={port}")
+    return port
+
+
+def _derived_port(seed: str) -> int:
+    return _DERIVED_PORT_BASE + zlib.crc32(seed.encode()) % _DERIVED_PORT_SPAN
+
+
+def _run_token(env: Mapping[str, str], port: int | None, world_size: int) -> str:
+    token = env.get("CUPARING_RUN_TOKEN")
+    return token if token else f"port={port}/world={world_size}"
+
+
+def _finish(
+    env, launcher, rank, world, local_rank, names, addr, port, default_addr=None
+) -> RankInfo:
+    rank_name, world_name, local_name = names
+    if world < 1:
+        raise ValueError(f"{world_name} must be >= 1, got {world_name}={world}")
+    if rank >= world:
+        raise ValueError(f"{rank_name}={rank} must be < {world_name}={world}")
+    if local_rank >= world:
+        raise ValueError(f"{local_name}={local_rank} must be < {world_name}={world}")
+    addr = env.get("MASTER_ADDR") or addr or default_addr
+    port = _port(env) or port
+    return RankInfo(rank, world, local_rank, addr, port, _run_token(env, port, world), launcher)
+
+
+def _torchrun(env):
+    if env.get("RANK") is None:
+        return None
+    rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE", 1)
+    local = _int(env, "LOCAL_RANK") if world > 1 or env.get("LOCAL_RANK") else 0
+    return _finish(env, "torchrun", rank, world, local, ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+                   None, None)  # fmt: skip
+
+
+def _single_host_addr(env, local_size_name: str, world: int) -> str | None:
+    local_size = _optional_int(env, local_size_name, 1)
+    return "127.0.0.1" if local_size == world else None
+
+
+def _openmpi(env):
+    if env.get("OMPI_COMM_WORLD_RANK") is None:
+        return None
+    names = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")
+    rank, world, local = _int(env, names[0]), _int(env, names[1], 1), _int(env, names[2])
+    job = env.get("OMPI_MCA_ess_base_jobid") or env.get("PMIX_NAMESPACE") or env.get("PMIX_ID")
+    port = _derived_port(f"ompi/{job}") if job else None
+    addr = _single_host_addr(env, "OMPI_COMM_WORLD_LOCAL_SIZE", world)
+    return _finish(env, "openmpi", rank, world, local, names, addr, port)
+
+
+def _mpich(env):
+    if env.get("PMI_RANK") is None:
+        return None
+    names = ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID")
+    rank, world, local = _int(env, names[0]), _int(env, names[1], 1), _int(env, names[2])
+    job = env.get("PMI_KVSNAME") or env.get("PMI_JOBID")
+    port = _derived_port(f"pmi/{job}") if job else None
+    addr = _single_host_addr(env, "MPI_LOCALNRANKS", world)
+    return _finish(env, "mpich", rank, world, local, names, addr, port)
+
+
+def _slurm(env):
+    if env.get("SLURM_PROCID") is None:
+        return None
+    names = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+    rank, world, local = _int(env, names[0]), _int(env, names[1], 1), _int(env, names[2])
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    addr = first_host(nodelist) if nodelist and not env.get("MASTER_ADDR") else None
+    job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    # two job steps of one allocation may run side by side: keep their ports apart
+    port = _derived_port(f"slurm/{job}/{env.get('SLURM_STEP_ID', '')}") if job else None
+    return _finish(env, "slurm", rank, world, local, names, addr, port)
+
+
+_HOSTLIST_ITEM = re.compile(r"^([^\[\],]*)\[([0-9,\-]+)\]([^\[\],]*)$")
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm host list: ``"gpu[07-09,12],cpu1"`` -> ``"gpu07"``.
+
+    Handles plain names and one bracket group per item (zero padding kept).
+
+    Raises:
+        ValueError: a list this parser cannot read; set ``MASTER_ADDR`` instead.
+    """
+    text = nodelist.strip()
+    depth, end = 0, len(text)
+    for i, ch in enumerate(text):
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            end = i
+            break
+    item = text[:end]
+    if item and "[" not in item and "]" not in item:
+        return item
+    match = _HOSTLIST_ITEM.match(item)
+    if not match:
+        raise ValueError(
+            f"cannot read the first host of SLURM_JOB_NODELIST={nodelist!r}; set MASTER_ADDR"
+        )
+    prefix, ranges, suffix = match.groups()
+    first = ranges.split(",")[0].split("-")[0]
+    if not first.isdigit():
+        raise ValueError(
+            f"cannot read the first host of SLURM_JOB_NODELIST={nodelist!r}; set MASTER_ADDR"
+        )
+    return f"{prefix}{first}{suffix}"
+
+
+# ---------------------------------------------------------------------------------------------
+# unique-id exchange
+
+
+def exchange_unique_id(
+    info: RankInfo,
+    make_id: Callable[[], bytes],
+    timeout: float = 300.0,
+    init_file: str | os.PathLike | None = None,
+) -> bytes:
+    """Give rank 0's unique id to every rank; returns the same 128 bytes on all of them.
+
+    Args:
+        info: this rank's :class:`RankInfo`.
+        make_id: called on rank 0 only; returns the id (128 bytes, or a tuple of 128 ints as
+            older CuPy's ``nccl.get_unique_id()`` does).
+        timeout: seconds the whole exchange may take on this rank.
+        init_file: use this file (on a file system all ranks share) instead of TCP.
+
+    Returns:
+        The id as 128 bytes.
+
+    Raises:
+        RuntimeError: timeout (the message names the ranks waited for and the address or file),
+            a peer of another run (token mismatch), or the port is taken.
+        ValueError: no address to meet at (``MASTER_ADDR``/``MASTER_PORT`` unset, no init_file).
+    """
+    if info.world_size == 1:
+        return id_bytes(make_id())
+    if init_file is not None:
+        return _file_exchange(info, make_id, timeout, os.fspath(init_file))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and info.launcher == "torchrun":
+        return _store_exchange(info, make_id, timeout)
+    if info.master_addr is None or info.master_port is None:
+        raise ValueError(
+            f"rank {info.rank}: no rendezvous address (launcher {info.launcher!r} gave "
+            f"MASTER_ADDR={info.master_addr!r}, MASTER_PORT={info.master_port!r}); set both, "
+            "or pass init_file= a path every rank can read"
+        )
+    if info.rank == 0:
+        unique_id = id_bytes(make_id())
+        _serve(info, unique_id, timeout)
+        return unique_id
+    return _fetch(info, timeout)
+
+
+def id_bytes(raw) -> bytes:
+    """A unique id as 128 bytes (accepts bytes or a tuple of ints, signed or not)."""
+    data = bytes(raw) if isinstance(raw, (bytes, bytearray)) else bytes(x & 0xFF for x in raw)
+    if len(data) != UNIQUE_ID_BYTES:
+        raise RuntimeError(f"an NCCL unique id has {UNIQUE_ID_BYTES} bytes, got {len(data)}")
+    return data
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = conn.recv(n - got)
+        if not chunk:
+            raise ConnectionError(f"peer closed the connection after {got} of {n} bytes")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _listen(info: RankInfo) -> socket.socket:
+    addr = info.master_addr
+    try:
+        loopback = socket.gethostbyname(addr).startswith("127.")
+    except OSError:
+        loopback = False
+    # serve on every interface unless the job is confined to this host: other hosts reach rank 0
+    # by whatever name MASTER_ADDR resolves to there
+    host = addr if loopback else ""
+    try:
+        return socket.create_server((host, info.master_port), backlog=max(16, info.world_size))
+    except OSError as exc:
+        raise RuntimeError(
+            f"rank 0: cannot listen on {host or '*'}:{info.master_port} for the NCCL unique-id "
+            f"rendezvous ({exc}); another job may hold the port: pick another MASTER_PORT"
+        ) from exc
+
+
+def _serve(info: RankInfo, unique_id: bytes, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    waiting = set(range(1, info.world_size))
+    expected = _digest(info.run_token)
+    where = f"{info.master_addr}:{info.master_port}"
+    with _listen(info) as server:
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(
+                    f"rank 0: rank(s) {sorted(waiting)} of {info.world_size} did not fetch the "
+                    f"NCCL unique id from {where} within {timeout:g} s; are they running, and do "
+                    "they see the same MASTER_ADDR/MASTER_PORT?"
+                )
+            server.settimeout(min(left, 1.0))
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                served = _answer(conn, info, unique_id, expected, min(5.0, max(left, 0.1)))
+            if served is not None:
+                waiting.discard(served)
+
+
+def _answer(conn, info, unique_id, expected_digest, io_timeout) -> int | None:
+    """Reply to one client: the id if its hello matches this run, else a refusal."""
+    conn.settimeout(io_timeout)
+    try:
+        magic, version, rank, world, digest = _HELLO.unpack(_recv_exact(conn, _HELLO.size))
+    except (OSError, ConnectionError, struct.error):
+        return None  # a stray connection (port scan, health check): ignore it
+    reason = None
+    if magic != MAGIC:
+        return None
+    if version != VERSION:
+        reason = f"protocol version {version}, server speaks {VERSION}"
+    elif digest != expected_digest:
+        reason = "run token differs (a rank of another run, or CUPARING_RUN_TOKEN differs)"
+    elif world != info.world_size:
+        reason = f"world size {world}, server has {info.world_size}"
+    elif not 0 < rank < info.world_size:
+        reason = f"rank {rank} is not in [1, {info.world_size})"
+    try:
+        if reason is not None:
+            conn.sendall(_REPLY.pack(MAGIC, VERSION, _REFUSED) + reason.encode())
+            return None
+        conn.sendall(_REPLY.pack(MAGIC, VERSION, _OK) + unique_id)
+        # let the client close first, so TIME_WAIT lands on its port, not on MASTER_PORT (which a
+        # torch.distributed store may want to bind right after us)
+        conn.recv(1)
+    except OSError:
+        return None
+    return rank
+
+
+def _fetch(info: RankInfo, timeout: float) -> bytes:
+    deadline = time.monotonic() + timeout
+    where = (info.master_addr, info.master_port)
+    hello = _HELLO.pack(MAGIC, VERSION, info.rank, info.world_size, _digest(info.run_token))
+    delay, last_error = 0.05, "no attempt made"
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(
+                f"rank {info.rank}: could not fetch the NCCL unique id from rank 0 at "
+                f"{where[0]}:{where[1]} within {timeout:g} s (last error: {last_error}); is rank 0 "
+                "running, and do all ranks see the same MASTER_ADDR/MASTER_PORT?"
+            )
+        try:
+            with socket.create_connection(where, timeout=min(left, 5.0)) as conn:
+                conn.sendall(hello)
+                magic, version, status = _REPLY.unpack(_recv_exact(conn, _REPLY.size))
+                if magic != MAGIC:
+                    raise ConnectionError(f"not a cuparing rendezvous server (magic {magic!r})")
+                if status == _OK:
+                    return _recv_exact(conn, UNIQUE_ID_BYTES)
+                reason = b""
+                while chunk := conn.recv(4096):
+                    reason += chunk
+                raise RuntimeError(
+                    f"rank {info.rank}: the rendezvous server at {where[0]}:{where[1]} refused "
+                    f"this rank: {reason.decode(errors='replace')}"
+                )
+        except (OSError, ConnectionError, struct.error) as exc:
+            last_error = f"{type(exc).__name__}: {exc}"
+        time.sleep(min(delay, max(deadline - time.monotonic(), 0)))
+        delay = min(delay * 1.5, 1.0)
+
+
+# --- file route ---
+
+
+def _file_record(info: RankInfo, unique_id: bytes) -> bytes:
+    return _REPLY.pack(MAGIC, VERSION, _OK) + _digest(info.run_token) + unique_id
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # readers see the old file or the whole new one, never a torn write
+
+
+def _ack_path(path: str, rank: int) -> str:
+    return f"{path}.ack{rank}"
+
+
+def _file_exchange(info, make_id, timeout, path) -> bytes:
+    deadline = time.monotonic() + timeout
+    if info.rank == 0:
+        unique_id = id_bytes(make_id())
+        for rank in range(1, info.world_size):  # acknowledgements of an earlier run
+            _remove(_ack_path(path, rank))
+        _write_atomic(path, _file_record(info, unique_id))
+        waiting = set(range(1, info.world_size))
+        while waiting:
+            waiting = {r for r in waiting if not os.path.exists(_ack_path(path, r))}
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"rank 0: rank(s) {sorted(waiting)} of {info.world_size} did not read the "
+                    f"NCCL unique id from {path!r} within {timeout:g} s; do they see this file?"
+                )
+            time.sleep(0.02)
+        # everyone has it: remove it, so a later run with the same path never reads a stale id
+        for p in [path] + [_ack_path(path, r) for r in range(1, info.world_size)]:
+            _remove(p)
+        return unique_id
+    expected = _digest(info.run_token)
+    header = _REPLY.size + len(expected)
+    while True:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            data = b""
+        # a file of another run (token differs) may still be there: wait for rank 0 to replace it
+        if len(data) == header + UNIQUE_ID_BYTES and data[_REPLY.size : header] == expected:
+            if data[:4] == MAGIC:
+                _write_atomic(_ack_path(path, info.rank), b"")
+                return data[header:]
+        if time.monotonic() > deadline:
+            found = "no such file" if not data else "a file of another run or version"
+            raise RuntimeError(
+                f"rank {info.rank}: rank 0 did not publish the NCCL unique id in {path!r} within "
+                f"{timeout:g} s ({found}); is rank 0 running with the same init_file?"
+            )
+        time.sleep(0.02)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+# --- torchrun agent store route ---
+
+_store_calls = 0
+
+
+def _store_exchange(info: RankInfo, make_id, timeout: float) -> bytes:
+    import datetime
+
+    from torch.distributed import TCPStore
+
+    global _store_calls
+    _store_calls += 1  # every rank builds its rings in the same order, so the keys line up
+    key = f"cuparing/{hashlib.sha256(info.run_token.encode()).hexdigest()[:16]}/uid{_store_calls}"
+    where = f"{info.master_addr}:{info.master_port}"
+    try:
+        store = TCPStore(
+            info.master_addr, info.master_port, info.world_size, False,
+            timeout=datetime.timedelta(seconds=timeout),
+        )  # fmt: skip
+        if info.rank == 0:
+            unique_id = id_bytes(make_id())
+            store.set(key, unique_id)
+            return unique_id
+        return id_bytes(store.get(key))
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"rank {info.rank}: NCCL unique-id exchange through torchrun's store at {where} "
+            f"failed within {timeout:g} s: {exc}"
+        ) from exc

@@ -1,0 +1,72 @@
+"""Multi-GPU checks: the NCCL ring against the float64 reference, and a rank killed mid-ring.
+
+Each test starts ``tests/multigpu/ring_worker.py`` on N GPUs through ``python -m cuparing.launch``
+and asserts on the exit code and the ranks' output lines. Skipped with fewer than 2 GPUs.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import gpu_count, requires_gpu
+
+WORKER = Path(__file__).parent / "multigpu" / "ring_worker.py"
+RING_TIMEOUT = 20.0  # killed mode's Ring.from_env(timeout=...)
+WORLDS = [pytest.param(n, id=f"C={n}") for n in (2, 4)]
+
+
+def _launch(world: int, mode: str, job_timeout: float, *options: str):
+    command = [sys.executable, "-m", "cuparing.launch", "--nproc-per-node", str(world),
+               "--timeout", str(job_timeout), *options, str(WORKER), mode]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=job_timeout + 60)
+
+
+def _tail(proc, lines: int = 60) -> str:
+    return "\n".join((proc.stdout + proc.stderr).splitlines()[-lines:])
+
+
+def _need(world: int) -> None:
+    if gpu_count() < world:
+        pytest.skip(f"needs {world} GPUs, found {gpu_count()}")
+
+
+@requires_gpu(2)
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", WORLDS)
+def test_ring_matches_dense_reference(world):
+    _need(world)
+    proc = _launch(world, "check", 1200)
+    assert proc.returncode == 0, _tail(proc)
+    assert not re.search(r"^\[rank \d+\] FAIL", proc.stdout, re.M), _tail(proc)
+    for rank in range(world):
+        assert re.search(rf"^\[rank {rank}\] WORKER OK", proc.stdout, re.M), _tail(proc)
+    assert re.search(r"PASS .* ring err .* vs C=1 err", proc.stdout)  # the C=1 comparison ran
+
+
+@requires_gpu(2)
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", WORLDS)
+def test_killed_rank_is_diagnosed_not_hung(world):
+    _need(world)
+    start = time.monotonic()
+    # --grace: the survivors get time to find the failure themselves before the launcher stops them
+    proc = _launch(world, "killed", 300, "--grace", str(4 * RING_TIMEOUT))
+    elapsed = time.monotonic() - start
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, _tail(proc)
+    died = re.search(r"^\[rank 1\] DYING at ([0-9.]+)", proc.stdout, re.M)
+    assert died, _tail(proc)
+    for rank in (r for r in range(world) if r != 1):
+        # the watchdog's immediate stderr line, or the exception the rank caught
+        hit = re.search(rf"^\[rank {rank}\] .*(RingTimeoutError|RingError)", text, re.M)
+        assert hit, f"rank {rank} never reported the failure\n{_tail(proc)}"
+        caught = re.search(rf"^\[rank {rank}\] CAUGHT \w+ at ([0-9.]+)", proc.stdout, re.M)
+        if caught:
+            delay = float(caught.group(1)) - float(died.group(1))
+            assert delay < RING_TIMEOUT + 10, f"rank {rank} took {delay:.1f} s to report"
+    assert elapsed < 4 * RING_TIMEOUT + 120, f"the job took {elapsed:.0f} s: something hung"

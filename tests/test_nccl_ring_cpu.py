@@ -1,0 +1,319 @@
+"""NcclRing's host-side logic on the CPU, against a fake CuPy/NCCL that moves NumPy bytes.
+
+The fake streams keep a list of queued NCCL receives; an event is "done" when every receive queued
+before it has been matched by the peer's send. That is enough to check peers, byte transport of
+any dtype, double buffering, the event ordering the ring promises, and the watchdog.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import time
+from types import SimpleNamespace
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import cuparing as cr
+from cuparing.comm import nccl as nccl_mod
+from cuparing.comm.rendezvous import RankInfo
+
+
+class FakeArray(np.ndarray):
+    @property
+    def data(self):
+        return SimpleNamespace(ptr=self.ctypes.data)
+
+    @property
+    def device(self):
+        return SimpleNamespace(id=0)
+
+
+def _dev(x):
+    return np.asarray(x).view(FakeArray)
+
+
+_streams: dict[int, FakeStream] = {}
+
+
+class FakeStream:
+    def __init__(self, non_blocking=False):
+        self.ops, self.waited = [], []
+        self.ptr = id(self)
+        _streams[self.ptr] = self
+
+    def wait_event(self, event):
+        self.waited.append(event)
+
+    def synchronize(self):
+        pass
+
+
+class FakeEvent:
+    def __init__(self, disable_timing=False):
+        self.ops, self.stream, self.t = None, None, None
+
+    def record(self, stream):
+        self.ops, self.stream, self.t = list(stream.ops), stream, time.perf_counter()
+
+    @property
+    def done(self):
+        return all(op.done for op in self.ops)
+
+
+class FakeDevice:
+    def __init__(self, index=0):
+        self.id = index
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def use(self):
+        pass
+
+
+class Hub:
+    """Matches sends and receives of fake communicators, in order per (source, dest)."""
+
+    def __init__(self):
+        self.sends, self.recvs = {}, {}
+
+    def post(self, table, key, item):
+        table.setdefault(key, []).append(item)
+        sends, recvs = self.sends.get(key, []), self.recvs.get(key, [])
+        while sends and recvs:
+            (src_ptr, n), op = sends.pop(0), recvs.pop(0)
+            assert n == op.nbytes, "sender and receiver disagree on the size"
+            ctypes.memmove(op.ptr, src_ptr, n)
+            op.done = True
+
+
+class FakeComm:
+    def __init__(self, hub, rank):
+        self.hub, self.rank = hub, rank
+        self.aborted = self.destroyed = False
+        self.calls = []
+
+    def send(self, ptr, nbytes, dtype, peer, stream):
+        self.calls.append(("send", peer, nbytes))
+        self.hub.post(self.hub.sends, (self.rank, peer), (ptr, nbytes))
+
+    def recv(self, ptr, nbytes, dtype, peer, stream):
+        self.calls.append(("recv", peer, nbytes))
+        op = SimpleNamespace(ptr=ptr, nbytes=nbytes, done=False)
+        _streams[stream].ops.append(op)
+        self.hub.post(self.hub.recvs, (peer, self.rank), op)
+
+    def abort(self):
+        self.aborted = True
+
+    def destroy(self):
+        self.destroyed = True
+
+
+def _fake_modules():
+    caller = FakeStream()
+    cuda = SimpleNamespace(
+        Device=FakeDevice, Stream=FakeStream, Event=FakeEvent,
+        get_current_stream=lambda: caller,
+        get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3,
+        runtime=SimpleNamespace(getDeviceCount=lambda: 8),
+    )  # fmt: skip
+    cupy = SimpleNamespace(
+        ndarray=FakeArray, cuda=cuda, int32=np.int32,
+        empty=lambda shape, dtype: np.empty(shape, dtype).view(FakeArray),
+        zeros=lambda shape, dtype: np.zeros(shape, dtype).view(FakeArray),
+        ascontiguousarray=lambda a: np.ascontiguousarray(a).view(FakeArray),
+    )  # fmt: skip
+    nccl = SimpleNamespace(
+        available=True, NCCL_UINT8=1, NCCL_INT32=2, NCCL_SUM=0, NcclError=RuntimeError,
+        groupStart=lambda: None, groupEnd=lambda: None,
+    )  # fmt: skip
+    return cupy, nccl, caller
+
+
+@pytest.fixture
+def rings(monkeypatch):
+    cupy, nccl, caller = _fake_modules()
+    monkeypatch.setattr(nccl_mod, "_import_cupy", lambda: cupy)
+    monkeypatch.setattr(nccl_mod, "_import_nccl", lambda: nccl)
+    monkeypatch.delenv("CUPARING_TRACE", raising=False)
+    hub = Hub()
+    made = []
+
+    def make(size=2, timeout=30.0, trace=False):
+        out = [nccl_mod.NcclRing(r, size, FakeComm(hub, r), 0, timeout, trace) for r in range(size)]
+        made.extend(out)
+        return out
+
+    make.caller = caller
+    yield make
+    for ring in made:
+        ring._stop.set()
+
+
+def test_exchange_moves_any_dtype_to_the_next_rank(rings):
+    ring0, ring1, ring2 = rings(3)
+    sent = {}
+    pendings = []
+    for ring in (ring0, ring1, ring2):
+        r = ring.rank
+        base = np.arange(24, dtype=np.float32).reshape(2, 3, 4) + 100 * r
+        arrays = [
+            _dev(base.astype(ml_dtypes.bfloat16)),
+            _dev(base[:, :, ::2]),  # not contiguous: the ring copies it first
+            _dev(np.full((5,), r, dtype=np.int64)),
+        ]
+        sent[r] = [np.array(a) for a in arrays]
+        pendings.append(ring.exchange(arrays, 1, "kv"))
+    for ring, pending in zip((ring0, ring1, ring2), pendings, strict=True):
+        got = pending.wait()
+        want = sent[(ring.rank - 1) % 3]
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_array_equal(np.asarray(g).view(np.uint8), w.view(np.uint8))
+    assert ring1._comm.calls[0] == ("send", 2, 24 * 2) and ring1._comm.calls[1][:2] == ("recv", 0)
+    ring0.synchronize()
+
+
+def test_receive_buffers_alternate_and_are_reused(rings):
+    ring0, ring1 = rings(2)
+    seen = []
+    for step in range(4):
+        pend = [ring.exchange([_dev(np.full(4, step * 10 + ring.rank, np.float32))], 1, "kv")
+                for ring in (ring0, ring1)]  # fmt: skip
+        got0 = pend[0].wait()[0]
+        assert got0[0] == step * 10 + 1
+        seen.append(got0.ctypes.data)
+        pend[1].wait()
+    assert seen[0] == seen[2] and seen[1] == seen[3] and seen[0] != seen[1]
+    # another tag has its own pair
+    pend = [ring.exchange([_dev(np.zeros(4, np.float32))], 1, "dkv") for ring in (ring0, ring1)]
+    assert pend[0].wait()[0].ctypes.data not in seen
+
+
+def test_event_ordering_between_caller_and_comm_streams(rings):
+    ring0, ring1 = rings(2)
+    caller = rings.caller
+    p0 = ring0.exchange([_dev(np.ones(3, np.float32))])
+    ready = ring0.stream.waited[-1]
+    assert ready.stream is caller  # the comm stream waits on the caller's work before sending
+    ring1.exchange([_dev(np.ones(3, np.float32))])
+    p0.wait()
+    received = caller.waited[-1]
+    assert received.stream is ring0.stream and received.done  # caller waits on 'received'
+
+
+def test_shift_zero_or_world_of_one_moves_nothing(rings):
+    (solo,) = rings(1)
+    x = _dev(np.ones(2, np.float32))
+    assert solo.exchange([x]).wait()[0] is x
+    ring0, _ = rings(2)
+    assert ring0.exchange([x], shift=2).wait()[0] is x
+
+
+def test_rejects_non_cupy_arrays(rings):
+    ring0, _ = rings(2)
+    with pytest.raises(TypeError, match=r"arrays\[0\] must be a CuPy array"):
+        ring0.exchange([np.ones(3)])
+
+
+def test_dead_peer_times_out_aborts_and_raises(rings, capfd):
+    ring0, ring1 = rings(2, timeout=0.2)
+    pending = ring0.exchange([_dev(np.ones(3, np.float32))], 1, "kv")
+    pending.wait()  # does not block the host, even though nothing arrived
+    deadline = time.monotonic() + 10
+    while ring0._error is None:
+        assert time.monotonic() < deadline, "the watchdog never fired"
+        time.sleep(0.02)
+    assert ring0._comm.aborted
+    pattern = r"rank 0: exchange 'kv' #0 \(shift 1: rank 0 sends to rank 1, receives from rank 1\)"
+    for call in (pending.wait, ring0.synchronize, lambda: ring0.exchange([])):
+        with pytest.raises(cr.RingTimeoutError, match=pattern):
+            call()
+    assert "RingTimeoutError" in capfd.readouterr().err  # said at once, not only when raised
+    ring1.close()
+    comm = ring0._comm
+    ring0.close()
+    assert not comm.destroyed  # after a failure the communicator was aborted, not destroyed
+
+
+def test_synchronize_times_out_instead_of_hanging(rings):
+    ring0, _ = rings(2, timeout=0.3)
+    ring0.exchange([_dev(np.ones(3, np.float32))], 1, "dkv")
+    start = time.monotonic()
+    with pytest.raises(cr.RingTimeoutError, match="'dkv' #0"):
+        ring0.synchronize()
+    assert time.monotonic() - start < 5
+
+
+def test_slow_queue_is_not_a_hang(rings):
+    ring0, ring1 = rings(2, timeout=0.5)
+    p = [ring0.exchange([_dev(np.ones(2, np.float32))]) for _ in range(4)]
+    for _ in range(4):  # each step takes 0.2 s < timeout; the whole queue 0.8 s > timeout
+        time.sleep(0.2)
+        ring1.exchange([_dev(np.ones(2, np.float32))])
+    for pending in p:
+        pending.wait()
+    ring0.synchronize()
+    assert ring0._error is None
+
+
+def test_close_destroys_and_refuses_more_work(rings):
+    ring0, ring1 = rings(2)
+    comm = ring0._comm
+    ring0.close()
+    ring0.close()
+    assert comm.destroyed and not comm.aborted
+    with pytest.raises(cr.RingError, match="closed ring"):
+        ring0.exchange([_dev(np.ones(1, np.float32))])
+
+
+def test_trace_records_comm_and_compute_windows(rings, tmp_path):
+    ring0, ring1 = rings(2, trace=True)
+    for _ in range(2):
+        p = [ring.exchange([_dev(np.ones(8, np.float32))]) for ring in (ring0, ring1)]
+        with ring0.trace_compute("block"):
+            time.sleep(0.002)
+        for pending in p:
+            pending.wait()
+    tracks = sorted({i.track for i in ring0.trace_intervals()})
+    assert tracks == ["comm", "compute"]
+    names = [i.name for i in ring0.trace_intervals()]
+    assert "kv#0" in names and "compute during kv#1" in names and "block" in names
+    assert 0.0 <= ring0.hidden_transfer_fraction() <= 1.0
+    path = ring0.write_trace(str(tmp_path / "r{rank}.json"))
+    assert path.endswith("r0.json")
+    ring0.stop_trace()
+    assert ring0.trace_intervals()  # still readable after stopping
+
+
+def test_communicator_accepts_old_tuple_ids():
+    made = {}
+
+    class OldComm:
+        def __init__(self, world, uid, rank):
+            if not isinstance(uid, tuple):
+                raise TypeError("Argument 'commId' has incorrect type")
+            made["uid"] = uid
+
+    nccl = SimpleNamespace(NcclCommunicator=OldComm, NcclError=RuntimeError)
+    info = RankInfo(1, 2, 1)
+    nccl_mod._communicator(nccl, info, bytes([0, 127, 128, 255] * 32), timeout=5)
+    assert made["uid"][:4] == (0, 127, -128, -1)
+
+
+def test_from_env_without_cupy_is_a_clear_error(monkeypatch):
+    try:
+        import cupy  # noqa: F401
+
+        pytest.skip("CuPy is installed")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match=re.escape("needs CuPy")):
+        cr.Ring.from_env()

@@ -1,0 +1,297 @@
+"""Rank discovery from every launcher's variables, and the NCCL unique-id exchange (no GPU)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from cuparing.comm.rendezvous import (
+    UNIQUE_ID_BYTES,
+    RankInfo,
+    exchange_unique_id,
+    first_host,
+    id_bytes,
+)
+from cuparing.launch import free_port
+
+# --- environment parsing ---
+
+
+def test_no_launcher_is_a_world_of_one():
+    info = RankInfo.from_env({})
+    assert (info.rank, info.world_size, info.local_rank, info.launcher) == (0, 1, 0, "none")
+
+
+def test_torchrun():
+    env = dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", MASTER_ADDR="node7", MASTER_PORT="29500")
+    info = RankInfo.from_env(env)
+    assert (info.rank, info.world_size, info.local_rank) == (3, 8, 1)
+    assert (info.master_addr, info.master_port, info.launcher) == ("node7", 29500, "torchrun")
+    assert info.run_token == "port=29500/world=8"
+
+
+def test_run_token_from_env_wins():
+    env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_PORT="1234",
+               CUPARING_RUN_TOKEN="abc")  # fmt: skip
+    assert RankInfo.from_env(env).run_token == "abc"
+
+
+def test_openmpi_single_host_gets_loopback_and_derived_port():
+    env = dict(OMPI_COMM_WORLD_RANK="2", OMPI_COMM_WORLD_SIZE="4", OMPI_COMM_WORLD_LOCAL_RANK="2",
+               OMPI_COMM_WORLD_LOCAL_SIZE="4", OMPI_MCA_ess_base_jobid="777")  # fmt: skip
+    info = RankInfo.from_env(env)
+    assert (info.rank, info.world_size, info.local_rank, info.launcher) == (2, 4, 2, "openmpi")
+    assert info.master_addr == "127.0.0.1"
+    assert 15000 <= info.master_port < 32000
+    assert RankInfo.from_env(env).master_port == info.master_port  # every rank derives the same
+
+
+def test_openmpi_multi_host_needs_master_addr():
+    env = dict(OMPI_COMM_WORLD_RANK="5", OMPI_COMM_WORLD_SIZE="16", OMPI_COMM_WORLD_LOCAL_RANK="5",
+               OMPI_COMM_WORLD_LOCAL_SIZE="8")  # fmt: skip
+    assert RankInfo.from_env(env).master_addr is None
+    env.update(MASTER_ADDR="head", MASTER_PORT="4000")
+    info = RankInfo.from_env(env)
+    assert (info.master_addr, info.master_port) == ("head", 4000)
+
+
+def test_mpich_hydra():
+    env = dict(PMI_RANK="1", PMI_SIZE="2", MPI_LOCALRANKID="1", MPI_LOCALNRANKS="2",
+               PMI_KVSNAME="kvs_42_0")  # fmt: skip
+    info = RankInfo.from_env(env)
+    assert (info.rank, info.world_size, info.local_rank, info.launcher) == (1, 2, 1, "mpich")
+    assert info.master_addr == "127.0.0.1" and info.master_port is not None
+
+
+def test_slurm_nodelist_and_job_port():
+    env = dict(SLURM_PROCID="9", SLURM_NTASKS="16", SLURM_LOCALID="1",
+               SLURM_JOB_NODELIST="gpu[007-008,010],login1", SLURM_JOB_ID="123456")  # fmt: skip
+    info = RankInfo.from_env(env)
+    assert (info.rank, info.world_size, info.local_rank, info.launcher) == (9, 16, 1, "slurm")
+    assert info.master_addr == "gpu007"
+    other_step = RankInfo.from_env({**env, "SLURM_STEP_ID": "1"})
+    assert info.master_port != other_step.master_port  # concurrent steps do not collide
+    explicit = RankInfo.from_env({**env, "MASTER_ADDR": "h", "MASTER_PORT": "555"})
+    assert (explicit.master_addr, explicit.master_port) == ("h", 555)
+
+
+def test_launcher_precedence_torchrun_over_slurm_over_nothing():
+    env = dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", SLURM_PROCID="0", SLURM_NTASKS="1",
+               SLURM_LOCALID="0", OMPI_COMM_WORLD_RANK="0", OMPI_COMM_WORLD_SIZE="1",
+               OMPI_COMM_WORLD_LOCAL_RANK="0")  # fmt: skip
+    assert RankInfo.from_env(env).launcher == "torchrun"
+    del env["RANK"]
+    assert RankInfo.from_env(env).launcher == "openmpi"
+    for key in [k for k in env if k.startswith("OMPI")]:
+        del env[key]
+    assert RankInfo.from_env(env).launcher == "slurm"
+
+
+@pytest.mark.parametrize(
+    "env, names",
+    [
+        (dict(RANK="x", WORLD_SIZE="2", LOCAL_RANK="0"), "RANK must be an integer"),
+        (dict(RANK="2", WORLD_SIZE="2", LOCAL_RANK="0"), "RANK=2 must be < WORLD_SIZE=2"),
+        (dict(RANK="0", WORLD_SIZE="0", LOCAL_RANK="0"), "WORLD_SIZE must be >= 1"),
+        (dict(RANK="0", LOCAL_RANK="0"), "WORLD_SIZE is not set"),
+        (dict(RANK="1", WORLD_SIZE="2"), "LOCAL_RANK is not set"),
+        (dict(RANK="-1", WORLD_SIZE="2", LOCAL_RANK="0"), "RANK must be >= 0"),
+        (dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_PORT="70000"), "MASTER_PORT"),
+        (dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_PORT="http"), "MASTER_PORT"),
+        (dict(OMPI_COMM_WORLD_RANK="4", OMPI_COMM_WORLD_SIZE="4", OMPI_COMM_WORLD_LOCAL_RANK="0"),
+         "OMPI_COMM_WORLD_RANK=4 must be < OMPI_COMM_WORLD_SIZE=4"),
+        (dict(PMI_RANK="0", PMI_SIZE="2.5", MPI_LOCALRANKID="0"), "PMI_SIZE must be an integer"),
+        (dict(SLURM_PROCID="0", SLURM_NTASKS="2"), "SLURM_LOCALID is not set"),
+        (dict(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_LOCALID="0",
+              SLURM_JOB_NODELIST="a[1-2]b[3-4]"), "SLURM_JOB_NODELIST"),
+    ],
+)  # fmt: skip
+def test_inconsistent_env_names_the_variable(env, names):
+    with pytest.raises(ValueError, match=names.replace("[", r"\[").replace(".", r"\.")):
+        RankInfo.from_env(env)
+
+
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [
+        ("node1", "node1"),
+        ("node1,node2", "node1"),
+        ("gpu[07-09,12]", "gpu07"),
+        ("gpu[3,1],cpu[1-2]", "gpu3"),
+        ("rack1-n[0010-0020].cluster", "rack1-n0010.cluster"),
+    ],
+)
+def test_first_host(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+# --- unique-id exchange ---
+
+
+def _info(rank, world, port, token="t", addr="127.0.0.1"):
+    return RankInfo(rank, world, rank, addr, port, token, "torchrun")
+
+
+def _run_ranks(world, target):
+    """Run ``target(rank)`` on ``world`` threads; returns (results, errors) by rank."""
+    results, errors = {}, {}
+
+    def run(rank):
+        try:
+            results[rank] = target(rank)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            errors[rank] = exc
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results, errors
+
+
+def test_world_of_one_needs_no_network():
+    uid = os.urandom(UNIQUE_ID_BYTES)
+    assert exchange_unique_id(RankInfo(0, 1, 0), lambda: uid) == uid
+
+
+def test_id_bytes_accepts_cupy_tuple_form():
+    raw = bytes(range(128))
+    signed = tuple(b - 256 if b > 127 else b for b in raw)
+    assert id_bytes(signed) == raw and id_bytes(raw) == raw
+    with pytest.raises(RuntimeError, match="128 bytes"):
+        id_bytes(b"short")
+
+
+@pytest.mark.parametrize("delay_rank0", [0.0, 0.4])
+def test_tcp_exchange_four_ranks(delay_rank0):
+    port, uid = free_port(), os.urandom(UNIQUE_ID_BYTES)
+    calls = []
+
+    def rank_fn(rank):
+        if rank == 0:
+            time.sleep(delay_rank0)  # clients must retry until rank 0 listens
+        return exchange_unique_id(_info(rank, 4, port), lambda: calls.append(1) or uid, timeout=20)
+
+    results, errors = _run_ranks(4, rank_fn)
+    assert not errors, errors
+    assert [results[r] for r in range(4)] == [uid] * 4
+    assert calls == [1]  # only rank 0 made the id
+
+
+def test_stray_connection_is_ignored():
+    port, uid = free_port(), os.urandom(UNIQUE_ID_BYTES)
+    server = threading.Thread(
+        target=lambda: exchange_unique_id(_info(0, 2, port), lambda: uid, timeout=20)
+    )
+    server.start()
+    deadline = time.monotonic() + 10
+    while True:  # a port scanner: connect, send junk, go away
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"GET / HTTP/1.0\r\n\r\n" + b"x" * 64)
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert exchange_unique_id(_info(1, 2, port), lambda: b"", timeout=20) == uid
+    server.join(20)
+    assert not server.is_alive()
+
+
+def test_wrong_token_is_refused():
+    port, uid = free_port(), os.urandom(UNIQUE_ID_BYTES)
+
+    def rank_fn(rank):
+        token = "run-A" if rank == 0 else "run-B"
+        return exchange_unique_id(_info(rank, 2, port, token), lambda: uid, timeout=2)
+
+    results, errors = _run_ranks(2, rank_fn)
+    assert not results
+    assert "refused" in str(errors[1]) and "run token" in str(errors[1])
+    # rank 0 never handed out the id, and says whom it waited for, and where
+    assert "rank(s) [1]" in str(errors[0]) and f"127.0.0.1:{port}" in str(errors[0])
+
+
+def test_world_size_mismatch_is_refused():
+    port, uid = free_port(), os.urandom(UNIQUE_ID_BYTES)
+
+    def rank_fn(rank):
+        world = 2 if rank == 0 else 3
+        info = RankInfo(rank, world, rank, "127.0.0.1", port, "same", "torchrun")
+        return exchange_unique_id(info, lambda: uid, timeout=2)
+
+    _, errors = _run_ranks(2, rank_fn)
+    assert "world size 3" in str(errors[1])
+
+
+def test_client_times_out_when_rank0_never_comes():
+    port = free_port()
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as excinfo:
+        exchange_unique_id(_info(2, 4, port), lambda: b"", timeout=0.6)
+    elapsed = time.monotonic() - start
+    assert 0.5 < elapsed < 5
+    message = str(excinfo.value)
+    assert "rank 2" in message and "rank 0" in message and f"127.0.0.1:{port}" in message
+
+
+def test_server_times_out_naming_missing_ranks():
+    port = free_port()
+    with pytest.raises(RuntimeError, match=r"rank\(s\) \[1, 2, 3\] of 4"):
+        exchange_unique_id(_info(0, 4, port), lambda: os.urandom(128), timeout=0.5)
+
+
+def test_port_in_use_is_a_clear_error():
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"cannot listen on 127.0.0.1:{port}"):
+            exchange_unique_id(_info(0, 2, port), lambda: os.urandom(128), timeout=1)
+
+
+def test_missing_address_without_init_file():
+    info = RankInfo(1, 2, 1, None, None, "t", "openmpi")
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        exchange_unique_id(info, lambda: b"", timeout=1)
+
+
+def test_file_exchange_four_ranks(tmp_path):
+    path = tmp_path / "uid"
+    uid = os.urandom(UNIQUE_ID_BYTES)
+    path.write_bytes(b"stale file of an earlier run, any content")
+
+    def rank_fn(rank):
+        info = RankInfo(rank, 4, rank, None, None, "run-1", "slurm")
+        if rank == 0:
+            time.sleep(0.3)  # readers start first and must not take the stale file
+        return exchange_unique_id(info, lambda: uid, timeout=20, init_file=path)
+
+    results, errors = _run_ranks(4, rank_fn)
+    assert not errors, errors
+    assert [results[r] for r in range(4)] == [uid] * 4
+    assert list(tmp_path.iterdir()) == []  # rank 0 cleans up once everyone has read it
+
+
+def test_file_exchange_ignores_file_of_another_run(tmp_path):
+    path = tmp_path / "uid"
+
+    def writer():
+        exchange_unique_id(RankInfo(0, 2, 0, run_token="old"), lambda: os.urandom(128),
+                           timeout=0.5, init_file=path)  # fmt: skip
+
+    thread = threading.Thread(target=lambda: pytest.raises(RuntimeError, writer))
+    thread.start()
+    with pytest.raises(RuntimeError, match="rank 1: rank 0 did not publish"):
+        exchange_unique_id(RankInfo(1, 2, 1, run_token="new"), lambda: b"", timeout=0.8,
+                           init_file=path)  # fmt: skip
+    thread.join()
+
+
+def test_file_exchange_rank0_timeout_names_missing_ranks(tmp_path):
+    with pytest.raises(RuntimeError, match=r"rank\(s\) \[1, 2\] of 3 did not read"):
+        exchange_unique_id(RankInfo(0, 3, 0, run_token="x"), lambda: os.urandom(128),
+                           timeout=0.3, init_file=tmp_path / "uid")  # fmt: skip

@@ -1,0 +1,274 @@
+"""Ring attention throughput per GPU, ring efficiency, hidden transfer, and PyTorch's own ring.
+
+    python -m cuparing.launch --nproc-per-node N tools/bench_ring.py [--quick] [--json PATH]
+
+Definitions (S = global sequence length, C = ranks, B = batch):
+
+- FLOPs per rank: forward ``4 * B * H * S^2 * D / C``, halved for causal; backward 2.5x that.
+- ring time: median over repeats (after warm-up, ranks aligned by a barrier) of one
+  ``ring_attention`` (forward) or ``ring_attention_backward`` call, timed with CUDA events on the
+  calling stream; the table takes the slowest rank, which is when the step is done.
+- no-comm time: the same call on a :class:`NoCommRing`, which has this rank's rank and size but
+  hands K/V straight back: exactly this rank's non-empty blocks (same plan, kernels and merges)
+  run back to back on one GPU, with no communication. Slowest rank again.
+- ring efficiency = no-comm time / ring time (1.0 = transfers fully hidden and free).
+- hidden transfer: fraction of the traced transfer time (comm-stream events around each NCCL
+  group) that overlapped compute windows on the calling stream, from one extra traced forward.
+- torch CP: ``torch.distributed.tensor.experimental.context_parallel`` with SDPA on the same
+  global shapes and card, in the same process (forward only); skipped with the reason if absent.
+
+Rank 0 prints the table; ``--json PATH`` writes the rows and the run's metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import ml_dtypes
+
+import cuparing as cr
+from cuparing.comm.base import Ring
+from cuparing.comm.local import _Ready
+
+SHAPES = [(32, 8, 128), (32, 32, 128)]  # (H, Hkv, D)
+TOKENS_PER_GPU = [8192, 32768]
+MASKS = [("full", "contiguous", False), ("causal", "zigzag", True), ("causal", "striped", True)]
+
+
+class NoCommRing(Ring):
+    """Rank ``rank`` of a ring of ``size`` whose exchanges move nothing (for the no-comm time)."""
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size, self.timeout = rank, size, float("inf")
+
+    def exchange(self, arrays, shift=1, tag="kv"):
+        return _Ready(list(arrays))
+
+
+def flops(batch, heads, seqlen, headdim, world, causal) -> float:
+    total = 4.0 * batch * heads * seqlen * seqlen * headdim / world
+    return total / 2 if causal else total
+
+
+def time_ms(fn, ring, repeats: int, warmup: int) -> float:
+    """Median milliseconds of ``fn()`` on the current stream, ranks aligned before each run."""
+    import cupy
+
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        ring.barrier()
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(cupy.cuda.get_elapsed_time(start, end))
+    ring.synchronize()
+    return statistics.median(samples)
+
+
+def gather(ring, values: list[float]) -> list[list[float]]:
+    """Every rank's ``values`` on every rank (C-1 ring exchanges at growing distance)."""
+    import cupy
+
+    mine = cupy.asarray(values, dtype=cupy.float64)
+    rows = [None] * ring.size
+    rows[ring.rank] = values
+    for shift in range(1, ring.size):
+        got = ring.exchange([mine], shift, tag=f"bench-gather-{shift}").wait()[0]
+        rows[(ring.rank - shift) % ring.size] = cupy.asnumpy(got).tolist()
+    return rows
+
+
+def bench_ours(ring, cfg, repeats, warmup):
+    import cupy
+
+    heads, heads_kv, headdim, tokens, layout, causal = cfg
+    shape_q, shape_kv = (1, tokens, heads, headdim), (1, tokens, heads_kv, headdim)
+
+    def rand(shape):
+        return cupy.random.standard_normal(shape, dtype=cupy.float32).astype(ml_dtypes.bfloat16)
+
+    q, k, v, dout = rand(shape_q), rand(shape_kv), rand(shape_kv), rand(shape_q)
+    nocomm = NoCommRing(ring.rank, ring.size)
+    out, lse = cr.ring_attention(q, k, v, ring, causal=causal, layout=layout, return_lse=True)
+
+    def fwd(r):
+        return lambda: cr.ring_attention(q, k, v, r, causal=causal, layout=layout)
+
+    def bwd(r):
+        return lambda: cr.ring_attention_backward(dout, q, k, v, out, lse, r, causal=causal,
+                                                  layout=layout)  # fmt: skip
+
+    result = {
+        "fwd_ms": time_ms(fwd(ring), ring, repeats, warmup),
+        "fwd_nocomm_ms": time_ms(fwd(nocomm), ring, repeats, warmup),
+        "bwd_ms": time_ms(bwd(ring), ring, repeats, warmup),
+        "bwd_nocomm_ms": time_ms(bwd(nocomm), ring, repeats, warmup),
+    }
+    hidden = float("nan")
+    if ring.size > 1:
+        ring.barrier()
+        ring.start_trace()
+        fwd(ring)()
+        hidden = ring.hidden_transfer_fraction()
+        ring.stop_trace()
+    result["hidden"] = hidden
+    return result
+
+
+def bench_torch_cp(ring, local_rank, cfg, repeats, warmup):
+    """PyTorch's context-parallel ring on the same global shapes: forward ms, or the reason."""
+    try:
+        import torch
+        import torch.distributed as dist
+        import torch.nn.functional as F
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.experimental import context_parallel
+    except Exception as exc:  # noqa: BLE001 - any import failure: report and go on
+        return None, f"torch context_parallel unavailable: {type(exc).__name__}: {exc}"
+    heads, heads_kv, headdim, tokens, _, causal = cfg
+    try:
+        if not dist.is_initialized():
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        try:  # ring-style rotation, as ours (recent torch defaults to all-gather)
+            from torch.distributed.tensor.experimental._attention import set_rotate_method
+
+            set_rotate_method("alltoall")
+        except Exception:  # noqa: BLE001 - older torch: its only method is the ring
+            pass
+        mesh = init_device_mesh("cuda", (ring.size,))
+        seqlen = tokens * ring.size
+        gen = torch.Generator(device="cuda").manual_seed(0)
+
+        def rand(h):
+            return torch.randn(1, h, seqlen, headdim, device="cuda", dtype=torch.bfloat16,
+                               generator=gen)  # fmt: skip
+
+        q, k, v = rand(heads), rand(heads_kv), rand(heads_kv)
+        gqa = {"enable_gqa": True} if heads != heads_kv else {}
+        with context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2]):
+            for _ in range(warmup):
+                F.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
+            samples = []
+            for _ in range(repeats):
+                dist.barrier()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                F.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end))
+        del q, k, v
+        torch.cuda.empty_cache()
+        return statistics.median(samples), None
+    except Exception as exc:  # noqa: BLE001 - report why the peer could not run
+        return None, f"torch context_parallel failed: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def configs(quick: bool):
+    shapes = SHAPES[:1] if quick else SHAPES
+    tokens = TOKENS_PER_GPU[:1] if quick else TOKENS_PER_GPU
+    for heads, heads_kv, headdim in shapes:
+        for t in tokens:
+            for mode, layout, causal in MASKS:
+                yield mode, (heads, heads_kv, headdim, t, layout, causal)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one shape, 8k tokens per GPU")
+    parser.add_argument("--json", metavar="PATH", help="write rows and metadata (rank 0)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--no-torch", action="store_true", help="skip PyTorch's ring")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 10)
+    warmup = 1 if args.quick else 3
+
+    import cupy
+
+    ring = cr.Ring.from_env(timeout=600)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    card = cupy.cuda.runtime.getDeviceProperties(ring.device.id)["name"]
+    card = card.decode() if isinstance(card, bytes) else str(card)
+    rows = []
+    for mode, cfg in configs(args.quick):
+        heads, heads_kv, headdim, tokens, layout, causal = cfg
+        ours = bench_ours(ring, cfg, repeats, warmup)
+        torch_ms, why = (None, "skipped (--no-torch)")
+        if not args.no_torch:
+            torch_ms, why = bench_torch_cp(ring, local_rank, cfg, repeats, warmup)
+        keys = ["fwd_ms", "fwd_nocomm_ms", "bwd_ms", "bwd_nocomm_ms", "hidden"]
+        values = [ours[k] for k in keys] + [torch_ms if torch_ms is not None else float("nan")]
+        per_rank = gather(ring, values)
+        slowest = [max(r[i] for r in per_rank) for i in range(len(values))]
+        fwd_ms, fwd_nc, bwd_ms, bwd_nc, _, torch_slow = slowest
+        hidden = statistics.fmean(r[4] for r in per_rank)
+        seqlen = tokens * ring.size
+        fwd_flops = flops(1, heads, seqlen, headdim, ring.size, causal)
+        rows.append({
+            "mask": mode, "layout": layout, "H": heads, "Hkv": heads_kv, "D": headdim,
+            "tokens_per_gpu": tokens, "S": seqlen, "C": ring.size,
+            "fwd_ms": fwd_ms, "fwd_tflops_per_gpu": fwd_flops / fwd_ms / 1e9,
+            "fwd_efficiency": fwd_nc / fwd_ms,
+            "bwd_ms": bwd_ms, "bwd_tflops_per_gpu": 2.5 * fwd_flops / bwd_ms / 1e9,
+            "bwd_efficiency": bwd_nc / bwd_ms, "hidden_transfer": hidden,
+            "torch_cp_fwd_ms": torch_slow,
+            "torch_cp_fwd_tflops_per_gpu": fwd_flops / torch_slow / 1e9,
+            "torch_cp_note": why,
+        })  # fmt: skip
+    ring.close()
+    if ring.rank == 0:
+        meta = {"card": card, "C": ring.size, "commit": _commit(), "dtype": "bfloat16", "B": 1,
+                "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "command": " ".join(sys.argv), "repeats": repeats}  # fmt: skip
+        print_table(meta, rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return 0
+
+
+def print_table(meta, rows) -> None:
+    print(f"{meta['card']} x {meta['C']}, bf16, B=1, commit {meta['commit']}, {meta['date']}")
+    print("TFLOP/s per GPU (FLOPs 4*B*H*S^2*D/C, /2 causal; bwd 2.5x); eff = no-comm / ring time")
+    header = (f"{'mask':<7}{'layout':<11}{'H/Hkv':>6}{'D':>5}{'tok/GPU':>8}  "
+              f"{'fwd ms':>8}{'TF/s':>7}{'eff':>6}  {'bwd ms':>8}{'TF/s':>7}{'eff':>6}"
+              f"{'hidden':>8}  {'torchCP ms':>10}{'TF/s':>7}{'ours/CP':>8}")  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    notes = set()
+    for r in rows:
+        ratio = r["torch_cp_fwd_ms"] / r["fwd_ms"]
+        print(f"{r['mask']:<7}{r['layout']:<11}{r['H']:>3}/{r['Hkv']:<2}{r['D']:>5}"
+              f"{r['tokens_per_gpu']:>8}  {r['fwd_ms']:>8.2f}{r['fwd_tflops_per_gpu']:>7.0f}"
+              f"{r['fwd_efficiency']:>6.2f}  {r['bwd_ms']:>8.2f}{r['bwd_tflops_per_gpu']:>7.0f}"
+              f"{r['bwd_efficiency']:>6.2f}{r['hidden_transfer']:>8.2f}  "
+              f"{r['torch_cp_fwd_ms']:>10.2f}{r['torch_cp_fwd_tflops_per_gpu']:>7.0f}"
+              f"{ratio:>8.2f}")  # fmt: skip
+        if r["torch_cp_note"]:
+            notes.add(r["torch_cp_note"])
+    for note in sorted(notes):
+        print(f"note: {note}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
