@@ -1,0 +1,311 @@
+"""The GPU backend: our mma.sync attention kernels for fp16/bf16, CuPy/cuBLAS for the rest.
+
+Forward, float16 / bfloat16: one launch of ``cuparing_fwd<D, bf16>`` (cuparing/kernels) per block.
+With a single block (``cuparing.attention``) the kernel writes the output in the input dtype and
+the float32 LSE directly. In a ring, the first block writes a float32 accumulator
+(``out [B, Sq, H, D]``, ``lse [B, H, Sq]``) and every later block merges itself into it inside the
+kernel's epilogue (``lse = max + log(exp(a - max) + exp(b - max))``, float32), so no bf16 partial
+is ever rounded and the error does not grow with the ring size; ``forward_finish`` casts once.
+
+Forward, float32: the generic blockwise code (``array_ops``) on CuPy arrays, i.e. cuBLAS fp32 GEMMs
+on CUDA cores (tensor cores are only used for 16-bit inputs). Head dims that the kernel cannot
+take (not a multiple of 8, or > 256) also take this path, through float32.
+
+Backward (all dtypes): ``array_ops`` on CuPy (cuBLAS), after upcasting fp16/bf16 inputs to float32
+with our own cast kernels (bf16 travels as uint16 bits; CuPy's astype is not relied on for
+``ml_dtypes.bfloat16``); gradients accumulate in float32 and are cast back the same way.
+
+Everything runs on CuPy's current stream; ``cuparing.api`` makes the caller's stream current.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..kernels import loader
+from ..masks import BlockKind, MaskSpec
+from . import array_ops
+from .numpy_backend import NumpyBackend
+
+_KERNEL_DTYPES = ("float16", "bfloat16")
+_LOG2E = 1.4426950408889634
+_POSITION_LIMIT = 1 << 30  # masks.UNBOUNDED: positions must stay below it (int32 math in kernels)
+
+
+def _dtype_name(dtype) -> str:
+    return np.dtype(dtype).name
+
+
+@dataclass
+class DevicePositions:
+    """Global positions of one shard: the NumPy host array and a cached device int32 copy.
+
+    Attributes:
+        host: NumPy int64 [S], ascending (what the schedule and the float32 path use).
+    """
+
+    host: np.ndarray
+    _device: Any = None
+
+    @property
+    def device(self):
+        """CuPy int32 [S] on the current device (copied once, on first use)."""
+        if self._device is None:
+            import cupy
+
+            self._device = cupy.asarray(self.host.astype(np.int32))
+        return self._device
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+
+@dataclass
+class CupyForwardState:
+    """Running forward result of one rank on the GPU.
+
+    Attributes:
+        out: DIRECT mode: [B, Sq, H, D] in the input dtype; else float32 [B, Sq, H, D] contiguous.
+        lse: float32 [B, H, Sq] contiguous.
+        shape: [B, Sq, H, D] of the queries.
+        dtype: the caller's dtype. blocks: blocks announced; done: blocks computed so far.
+        generic: the float32 fallback state (``ForwardState`` of the array_ops path) or None.
+    """
+
+    out: Any
+    lse: Any
+    shape: tuple
+    dtype: Any
+    blocks: int
+    done: int = 0
+    direct: bool = False
+    generic: Any = None
+
+
+class CupyBackend:
+    """Block attention on CuPy arrays; the protocol of ``cuparing.backends`` (see NumpyBackend)."""
+
+    name = "cupy"
+
+    def __init__(self):
+        import cupy
+
+        self.xp = cupy
+        self._generic = NumpyBackend(xp=cupy)
+
+    # ---- positions
+    def positions(self, host_positions: np.ndarray) -> DevicePositions:
+        """Wrap NumPy positions; the device copy is made lazily and kept with the object."""
+        host = np.asarray(host_positions)
+        if len(host) and (host.min() < -_POSITION_LIMIT or host.max() >= _POSITION_LIMIT):
+            raise ValueError(
+                f"global positions must lie in [-2^30, 2^30) for the CUDA kernel, got "
+                f"[{host.min()}, {host.max()}]"
+            )
+        return DevicePositions(host)
+
+    # ---- forward
+    def _kernel_ok(self, q) -> bool:
+        d = q.shape[-1]
+        return _dtype_name(q.dtype) in _KERNEL_DTYPES and d % 8 == 0 and d <= loader.MAX_HEAD_DIM
+
+    def forward_state(self, q, blocks: int) -> CupyForwardState:
+        """Accumulators for queries q [B, Sq, H, D] that ``blocks`` non-empty blocks will fill."""
+        cp = self.xp
+        b, s, h, d = q.shape
+        if not self._kernel_ok(q):
+            # float32 (or a head dim the kernel cannot take): generic path in float32
+            state = self._generic.forward_state(_ShapeOnly(tuple(q.shape)), blocks)
+            return CupyForwardState(None, None, q.shape, q.dtype, blocks, generic=state)
+        if blocks == 1:
+            out = _empty(cp, (b, s, h, d), q.dtype)
+            lse = cp.empty((b, h, s), dtype=cp.float32)
+            return CupyForwardState(out, lse, q.shape, q.dtype, blocks, direct=True)
+        if blocks == 0:
+            return CupyForwardState(None, None, q.shape, q.dtype, blocks)
+        out = cp.empty((b, s, h, d), dtype=cp.float32)
+        lse = cp.empty((b, h, s), dtype=cp.float32)
+        return CupyForwardState(out, lse, q.shape, q.dtype, blocks)
+
+    def forward_block(self, state: CupyForwardState, q, k, v, q_pos, k_pos, kind, mask, scale):
+        """Compute one block and fold it into ``state`` (one kernel launch for fp16/bf16)."""
+        if state.generic is not None:
+            q32, k32, v32 = (self._to_f32(x) for x in (q, k, v))
+            out, lse = array_ops.block_forward(
+                self.xp, q32, k32, v32, _host(q_pos), _host(k_pos), kind, mask, scale
+            )
+            array_ops.merge_into(self.xp, state.generic.out, state.generic.lse, out, lse)
+            state.done += 1
+            return
+        if state.done >= state.blocks:
+            raise RuntimeError(
+                f"forward_block called {state.done + 1} times but forward_state announced "
+                f"{state.blocks} block(s)"
+            )
+        if state.direct:
+            mode = loader.OUT_DIRECT
+        else:
+            mode = loader.OUT_ACC_WRITE if state.done == 0 else loader.OUT_ACC_MERGE
+        self._launch_forward(state.out, state.lse, q, k, v, q_pos, k_pos, kind, mask, scale, mode)
+        state.done += 1
+
+    def forward_finish(self, state: CupyForwardState):
+        """(out [B, Sq, H, D] in the caller's dtype, lse float32 [B, H, Sq])."""
+        cp = self.xp
+        if state.generic is not None:
+            return self.cast(state.generic.out, state.dtype), state.generic.lse
+        if state.direct and state.done == 1:
+            return state.out, state.lse
+        if state.done == 0:  # nothing visible anywhere: out 0, lse -inf
+            b, s, h, _ = state.shape
+            out = _zeros(cp, state.shape, state.dtype)
+            return out, cp.full((b, h, s), -cp.inf, dtype=cp.float32)
+        if state.done != state.blocks:
+            raise RuntimeError(
+                f"forward_finish after {state.done} of {state.blocks} announced block(s)"
+            )
+        return self.cast(state.out, state.dtype), state.lse
+
+    def _launch_forward(self, out, lse, q, k, v, q_pos, k_pos, kind, mask: MaskSpec, scale, mode):
+        cp = self.xp
+        batch, seqlen_q, nheads, headdim = q.shape
+        seqlen_k, nheads_kv = k.shape[1], k.shape[2]
+        dtype = _dtype_name(q.dtype)
+        padded = loader.padded_head_dim(headdim)
+        kernel, cfg, smem = loader.get_fwd_kernel(padded, dtype)
+        q, k, v = (_kernel_operand(cp, x) for x in (q, k, v))
+        qs, ks, vs = (_element_strides(x) for x in (q, k, v))
+        os_ = _element_strides(out) if mode == loader.OUT_DIRECT else (0, 0, 0)
+        q_pos = q_pos if isinstance(q_pos, DevicePositions) else self.positions(q_pos)
+        k_pos = k_pos if isinstance(k_pos, DevicePositions) else self.positions(k_pos)
+        params = loader.pack_params(
+            q=q.data.ptr, k=k.data.ptr, v=v.data.ptr, out=out.data.ptr, lse=lse.data.ptr,
+            q_pos=q_pos.device.data.ptr, k_pos=k_pos.device.data.ptr,
+            q_batch_stride=qs[0], q_row_stride=qs[1], q_head_stride=qs[2],
+            k_batch_stride=ks[0], k_row_stride=ks[1], k_head_stride=ks[2],
+            v_batch_stride=vs[0], v_row_stride=vs[1], v_head_stride=vs[2],
+            o_batch_stride=os_[0], o_row_stride=os_[1], o_head_stride=os_[2],
+            batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=nheads,
+            nheads_kv=nheads_kv, headdim=headdim,
+            lo=-mask.left_bound, hi=mask.right_bound, out_mode=mode,
+            block_full=int(kind == BlockKind.FULL),
+            scale_log2=np.float32(scale * _LOG2E),
+        )  # fmt: skip
+        grid = (nheads, batch, math.ceil(seqlen_q / cfg.block_m))
+        kernel(grid, (cfg.threads,), (params,), shared_mem=smem)
+
+    # ---- backward (cuBLAS through array_ops, float32)
+    def backward_delta(self, dout, out):
+        """D = rowsum(dO * O), float32 [B, H, Sq]."""
+        return array_ops.backward_delta(self.xp, self._to_f32(dout), self._to_f32(out))
+
+    def zeros_accum(self, shape, dtype):
+        """A zeroed float32 gradient accumulator."""
+        return self.xp.zeros(shape, dtype=self.xp.float32)
+
+    def backward_block(
+        self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale
+    ):
+        """Add one block's gradients into the float32 dq, dk, dv (in place)."""
+        array_ops.block_backward(
+            self.xp, dq, dk, dv, self._to_f32(dout), self._to_f32(q), self._to_f32(k),
+            self._to_f32(v), lse, delta, _host(q_pos), _host(k_pos), kind, mask, scale,
+        )  # fmt: skip
+
+    # ---- dtype conversion
+    def cast(self, x, dtype):
+        """``x`` (float32) as ``dtype``; fp16/bf16 through our cast kernel (contiguous result)."""
+        cp = self.xp
+        name = _dtype_name(dtype)
+        if name == _dtype_name(x.dtype):
+            return x
+        if name in _KERNEL_DTYPES:
+            x = cp.ascontiguousarray(x, dtype=cp.float32)
+            bits = cp.empty(x.shape, dtype=cp.uint16)
+            to_half, _ = loader.get_cast_kernels(name)
+            _elementwise(to_half, x, bits)
+            return bits.view(dtype)
+        return x.astype(dtype)
+
+    def _to_f32(self, x):
+        """fp16/bf16 (any strides, last axis contiguous) -> contiguous float32 copy."""
+        cp = self.xp
+        name = _dtype_name(x.dtype)
+        if name not in _KERNEL_DTYPES:
+            return x.astype(cp.float32, copy=False)
+        bits = cp.ascontiguousarray(x.view(cp.uint16))
+        out = cp.empty(x.shape, dtype=cp.float32)
+        _, to_f32 = loader.get_cast_kernels(name)
+        _elementwise(to_f32, bits, out)
+        return out
+
+
+def _elementwise(kernel, src, dst) -> None:
+    n = src.size
+    if n == 0:
+        return
+    threads = 256
+    blocks = min(math.ceil(n / threads), 65536)
+    kernel((blocks,), (threads,), (src, dst, np.int64(n)))
+
+
+def _host(positions) -> np.ndarray:
+    return positions.host if isinstance(positions, DevicePositions) else np.asarray(positions)
+
+
+def _element_strides(x) -> tuple[int, int, int]:
+    """(batch, seq, head) strides in elements of a 4-D array with a contiguous last axis."""
+    item = x.dtype.itemsize
+    return tuple(int(s) // item for s in x.strides[:3])
+
+
+def _kernel_operand(cp, x):
+    """``x`` if the kernel can read it in place: 16-byte aligned base, strides multiples of 8
+    elements (cp.async copies 16 bytes); otherwise a contiguous copy (through uint16 bits)."""
+    strides = _element_strides(x)
+    aligned = x.data.ptr % 16 == 0 and all(
+        s % 8 == 0 or n == 1 for s, n in zip(strides, x.shape[:3], strict=True)
+    )
+    if aligned and (x.shape[-1] <= 1 or x.strides[-1] == x.dtype.itemsize):
+        return x
+    return cp.ascontiguousarray(x.view(cp.uint16)).view(x.dtype)
+
+
+def _empty(cp, shape, dtype):
+    """Uninitialised array of a 16-bit float dtype (bf16 via uint16 storage if needed)."""
+    try:
+        return cp.empty(shape, dtype=dtype)
+    except (TypeError, ValueError):
+        return cp.empty(shape, dtype=cp.uint16).view(dtype)
+
+
+def _zeros(cp, shape, dtype):
+    out = _empty(cp, shape, dtype)
+    out.view(cp.uint16 if np.dtype(dtype).itemsize == 2 else out.dtype)[...] = 0
+    return out
+
+
+class _ShapeOnly:
+    """Stand-in carrying shape and float32 dtype for the generic forward state."""
+
+    def __init__(self, shape):
+        self.shape = shape
+        self.dtype = np.dtype(np.float32)
+
+
+_BACKEND: CupyBackend | None = None
+_BACKEND_LOCK = threading.Lock()
+
+
+def get_cupy_backend() -> CupyBackend:
+    """The process-wide :class:`CupyBackend` (created on first use; imports CuPy)."""
+    global _BACKEND
+    with _BACKEND_LOCK:
+        if _BACKEND is None:
+            _BACKEND = CupyBackend()
+        return _BACKEND

@@ -1,0 +1,254 @@
+"""Compile and cache cuparing's CUDA kernels with CuPy's RawModule (NVRTC) at run time.
+
+The sources in this folder are header-free CUDA C++ (inline PTX, fp16/bf16 as 16-bit patterns), so
+NVRTC needs nothing but libnvrtc. :func:`kernel_source` inlines our own ``#include "x.cuh"`` lines
+into one string, because CuPy's on-disk kernel cache hashes the source text: an edited header must
+change the hash. The per-head-dim tile table :data:`FWD_CONFIGS` is the single source of truth for
+both sides: it is emitted as the ``CUPARING_FWD_CONFIGS`` X-macro that ``traits.cuh`` expands, with
+the shared-memory size computed here and re-checked there by ``static_assert``.
+
+This module imports CuPy only inside the functions that launch or fetch kernels; the table, the
+source builder and the params layout are pure Python (the compile check and CPU tests use them).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+KERNEL_DIR = Path(__file__).resolve().parent
+ENTRY_FILE = "attention.cu"
+
+# Options for every compile. C++17 for `if constexpr`; nothing else is needed (no include paths).
+BASE_OPTIONS = ("-std=c++17",)
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    """Tile configuration of the forward kernel for one (padded) head dim.
+
+    Attributes:
+        block_m: query rows per CTA; block_n: keys per pipeline stage.
+        warps: warps per CTA (they split the query rows, 16 * m-fragments each).
+        stages: K/V tiles in flight (cp.async pipeline depth).
+        q_in_regs: keep Q's A fragments in registers (else re-read from shared memory each tile).
+        min_blocks: ``__launch_bounds__`` minimum CTAs per SM (caps registers at 64K/(threads*min)).
+    """
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    q_in_regs: bool
+    min_blocks: int
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+
+# Chosen so no instantiation spills (tools/compile_check.py proves it for sm_80 and sm_90a) and
+# all fit the 163 KB per-CTA shared memory of sm_80 as well as sm_90's 227 KB.
+# d <= 128: 4 warps x 32 rows (2 m16 fragments) so every K/V ldmatrix feeds 4 MMAs;
+# d >= 160: 8 warps x 16 rows, since 2 fragments of a wide O accumulator would not fit registers.
+FWD_CONFIGS: dict[int, FwdConfig] = {
+    32: FwdConfig(block_m=128, block_n=128, warps=4, stages=2, q_in_regs=True, min_blocks=2),
+    64: FwdConfig(block_m=128, block_n=64, warps=4, stages=3, q_in_regs=True, min_blocks=2),
+    96: FwdConfig(block_m=128, block_n=64, warps=4, stages=2, q_in_regs=False, min_blocks=2),
+    128: FwdConfig(block_m=128, block_n=32, warps=4, stages=3, q_in_regs=False, min_blocks=2),
+    160: FwdConfig(block_m=128, block_n=64, warps=8, stages=2, q_in_regs=True, min_blocks=1),
+    192: FwdConfig(block_m=128, block_n=64, warps=8, stages=2, q_in_regs=True, min_blocks=1),
+    224: FwdConfig(block_m=128, block_n=32, warps=8, stages=2, q_in_regs=False, min_blocks=1),
+    256: FwdConfig(block_m=128, block_n=32, warps=8, stages=2, q_in_regs=False, min_blocks=1),
+}
+HEAD_DIMS = tuple(sorted(FWD_CONFIGS))
+MAX_HEAD_DIM = HEAD_DIMS[-1]
+DTYPES = ("float16", "bfloat16")
+
+# Output modes of the forward kernel (params.cuh OutMode).
+OUT_DIRECT = 0
+OUT_ACC_WRITE = 1
+OUT_ACC_MERGE = 2
+
+
+def padded_head_dim(headdim: int) -> int:
+    """The instantiation that runs an actual head dim ``headdim`` (a multiple of 8, <= 256)."""
+    if headdim % 8 or not 8 <= headdim <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"the CUDA kernel needs a head dim that is a multiple of 8 in [8, {MAX_HEAD_DIM}], "
+            f"got D={headdim}"
+        )
+    return next(d for d in HEAD_DIMS if d >= headdim)
+
+
+def smem_bytes(head_dim: int) -> int:
+    """Dynamic shared memory of ``cuparing_fwd<head_dim, *>`` (mirrors FwdTraitsBase)."""
+    cfg = FWD_CONFIGS[head_dim]
+    chunks = head_dim // 8
+    smem_chunks = chunks if chunks == 4 else -(-chunks // 8) * 8
+    row_bytes = smem_chunks * 16
+    return cfg.block_m * row_bytes + cfg.stages * 2 * cfg.block_n * row_bytes
+
+
+def fwd_name(head_dim: int, dtype: str) -> str:
+    """Name expression of the forward kernel for a padded head dim and 'float16'/'bfloat16'."""
+    if head_dim not in FWD_CONFIGS or dtype not in DTYPES:
+        raise ValueError(f"no forward kernel for {head_dim=} {dtype=}")
+    return f"cuparing_fwd<{head_dim}, {'true' if dtype == 'bfloat16' else 'false'}>"
+
+
+def cast_names(dtype: str) -> tuple[str, str]:
+    """Name expressions of (fp32 -> dtype, dtype -> fp32) for 'float16'/'bfloat16'."""
+    flag = "true" if dtype == "bfloat16" else "false"
+    return f"cuparing_cast_from_f32<{flag}>", f"cuparing_cast_to_f32<{flag}>"
+
+
+def all_fwd_names() -> list[str]:
+    """Every forward instantiation: the compile check builds all of them."""
+    return [fwd_name(d, dt) for d in HEAD_DIMS for dt in DTYPES]
+
+
+def configs_macro() -> str:
+    """The ``CUPARING_FWD_CONFIGS`` X-macro that traits.cuh expands into FwdTraits<D>."""
+    rows = " ".join(
+        f"X({d}, {c.block_m}, {c.block_n}, {c.warps}, {c.stages}, {int(c.q_in_regs)}, "
+        f"{c.min_blocks}, {smem_bytes(d)})"
+        for d, c in sorted(FWD_CONFIGS.items())
+    )
+    return f"#define CUPARING_FWD_CONFIGS(X) {rows}\n"
+
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+def _inline(name: str, seen: set[str]) -> list[str]:
+    """Text of ``name`` with our quoted includes inlined once each (``#pragma once`` dropped)."""
+    if name in seen:
+        return []
+    seen.add(name)
+    out = [f"// ---- {name}"]
+    for line in (KERNEL_DIR / name).read_text().splitlines():
+        match = _INCLUDE.match(line)
+        if match:
+            out.extend(_inline(match.group(1), seen))
+        elif line.strip() != "#pragma once":
+            out.append(line)
+    return out
+
+
+def kernel_source() -> str:
+    """The complete, self-contained translation unit: table macro + inlined attention.cu."""
+    return configs_macro() + "\n".join(_inline(ENTRY_FILE, set())) + "\n"
+
+
+# ---- launch parameters (params.cuh FwdParams), C layout via align=True
+PARAMS_FIELDS = (
+    [(name, np.uint64) for name in ("q", "k", "v", "out", "lse", "q_pos", "k_pos")]
+    + [
+        (f"{t}_{s}_stride", np.int64)
+        for t in ("q", "k", "v", "o")
+        for s in ("batch", "row", "head")
+    ]
+    + [
+        (name, np.int32)
+        for name in (
+            "batch",
+            "seqlen_q",
+            "seqlen_k",
+            "nheads",
+            "nheads_kv",
+            "headdim",
+            "lo",
+            "hi",
+            "out_mode",
+            "block_full",
+        )
+    ]  # fmt: skip
+    + [("scale_log2", np.float32)]
+)
+PARAMS_DTYPE = np.dtype(PARAMS_FIELDS, align=True)
+# Pinned by static_asserts in params.cuh; tests/test_kernel_compile.py checks both sides.
+PARAMS_OFFSETS = {
+    "q_pos": 40, "q_batch_stride": 56, "o_head_stride": 144, "batch": 152, "lo": 176,
+    "block_full": 188, "scale_log2": 192,
+}  # fmt: skip
+PARAMS_SIZE = 200
+
+
+def pack_params(**values) -> np.ndarray:
+    """A one-element structured array holding ``FwdParams`` (CuPy passes it by value)."""
+    missing = set(PARAMS_DTYPE.names) - set(values)
+    extra = set(values) - set(PARAMS_DTYPE.names)
+    if missing or extra:
+        raise TypeError(f"FwdParams fields: missing {sorted(missing)}, unknown {sorted(extra)}")
+    params = np.zeros(1, dtype=PARAMS_DTYPE)
+    for name, value in values.items():
+        params[name] = value
+    return params
+
+
+# ---- CuPy modules, compiled lazily and cached
+_LOCK = threading.Lock()
+_MODULES: dict[tuple, object] = {}
+_SMEM_SET: set[tuple] = set()
+
+
+def device_arch() -> str:
+    """Compute capability of CuPy's current device as 'sm_XY'."""
+    import cupy
+
+    return f"sm_{cupy.cuda.Device().compute_capability}"
+
+
+def get_module(names: tuple[str, ...], options: tuple[str, ...] = BASE_OPTIONS):
+    """The RawModule holding ``names`` for the current device, cached per (arch, options, names).
+
+    One module per group of instantiations keeps the first call cheap: NVRTC compiles only the
+    kernels asked for (CuPy also caches the binary on disk across processes).
+    """
+    import cupy
+
+    key = (device_arch(), tuple(options), tuple(names))
+    with _LOCK:
+        module = _MODULES.get(key)
+        if module is None:
+            module = cupy.RawModule(
+                code=kernel_source(), options=tuple(options), name_expressions=list(names)
+            )
+            _MODULES[key] = module
+    return module
+
+
+def get_fwd_kernel(head_dim: int, dtype: str):
+    """(kernel, config, shared memory bytes) for padded ``head_dim`` and 'float16'/'bfloat16'.
+
+    Raises:
+        RuntimeError: the device cannot give a CTA that much shared memory.
+    """
+    import cupy
+
+    name = fwd_name(head_dim, dtype)
+    kernel = get_module((name,)).get_function(name)
+    smem = smem_bytes(head_dim)
+    key = (device_arch(), cupy.cuda.Device().id, name)
+    if key not in _SMEM_SET:
+        try:
+            kernel.max_dynamic_shared_size_bytes = smem
+        except cupy.cuda.driver.CUDADriverError as exc:
+            raise RuntimeError(
+                f"{name} needs {smem} bytes of shared memory per block, more than device "
+                f"{cupy.cuda.Device().id} ({device_arch()}) allows: {exc}"
+            ) from exc
+        _SMEM_SET.add(key)
+    return kernel, FWD_CONFIGS[head_dim], smem
+
+
+def get_cast_kernels(dtype: str):
+    """(fp32 -> dtype kernel, dtype -> fp32 kernel) for 'float16'/'bfloat16'."""
+    names = cast_names(dtype)
+    module = get_module(names)
+    return module.get_function(names[0]), module.get_function(names[1])

@@ -1,0 +1,72 @@
+// Visibility by global position: key j is visible to query i iff lo <= k_pos[j] - q_pos[i] <= hi
+// (cuparing/masks.py: lo = -left_bound, hi = right_bound with causality folded in).
+//
+// Positions are sorted ascending, so a tile's extreme positions are its first and last entries,
+// and the keys some query of a tile can see form one contiguous index range: found with a
+// 32-way warp search, the CTA only walks those key tiles (EMPTY tiles are never loaded).
+#pragma once
+#include "ptx.cuh"
+
+namespace cuparing {
+
+enum TileKind : int { kTileEmpty = 0, kTilePartial = 1, kTileFull = 2 };  // == masks.BlockKind
+
+// Classify queries spanning positions [q_min, q_max] against keys spanning [k_min, k_max].
+// Conservative like MaskSpec.classify: FULL / EMPTY only when true for every pair.
+__device__ __forceinline__ int classify_tile(int q_min, int q_max, int k_min, int k_max, int lo,
+                                             int hi) {
+  // |positions| < 2^30 and |lo|, |hi| <= 2^30, so differences and comparisons fit in int32.
+  if (k_min - q_max > hi || k_max - q_min < lo) return kTileEmpty;
+  if (k_max - q_min <= hi && k_min - q_max >= lo) return kTileFull;
+  return kTilePartial;
+}
+
+// First index i in [0, n) with pos[i] >= value (n if none), for a sorted int array.
+// All 32 lanes probe 32 evenly spaced indices per round, so n = 32k takes 3 dependent loads
+// instead of 15. Every lane returns the same answer; call with the whole warp converged.
+__device__ __forceinline__ int lower_bound_warp(const int* __restrict__ pos, int n, i64 value,
+                                                int lane) {
+  int lo = 0, hi = n;  // the answer lies in [lo, hi]
+  while (lo < hi) {
+    const int step = (hi - lo + 31) >> 5;
+    const int probe = lo + (lane + 1) * step - 1;
+    // true exactly for probes before the answer: monotone over lanes
+    const bool before = probe < hi && static_cast<i64>(__ldg(pos + probe)) < value;
+    const int count = __popc(__ballot_sync(0xffffffffu, before));
+    const int new_lo = lo + count * step;
+    hi = min(hi, lo + (count + 1) * step - 1);
+    lo = new_lo;
+  }
+  return lo;
+}
+
+// Set S to -inf where the key is hidden or past the end (column >= seqlen_k).
+// acc_s holds this warp's (16 * kMFrags, kBlockN) scores in the m16n8 accumulator layout: lane
+// (g = lane/4, t = lane%4) has rows g and g+8 of each fragment, columns 8j + 2t + {0, 1}.
+template <class Tr>
+__device__ __forceinline__ void apply_mask(float (&acc_s)[Tr::kMFrags][Tr::kNTiles][4],
+                                           const int (&q_pos_row)[Tr::kMFrags][2],
+                                           const int* __restrict__ k_pos, int n0, int seqlen_k,
+                                           int lo, int hi, int lane) {
+  const int t = lane & 3;
+#pragma unroll
+  for (int j = 0; j < Tr::kNTiles; ++j) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int col = n0 + 8 * j + 2 * t + e;
+      const bool in_range = col < seqlen_k;
+      const int kp = in_range ? __ldg(k_pos + col) : 0;
+#pragma unroll
+      for (int mf = 0; mf < Tr::kMFrags; ++mf) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int delta = kp - q_pos_row[mf][r];
+          const bool visible = in_range && delta >= lo && delta <= hi;
+          if (!visible) acc_s[mf][j][2 * r + e] = neg_inf();
+        }
+      }
+    }
+  }
+}
+
+}  // namespace cuparing

@@ -1,0 +1,50 @@
+// Plain-old-data launch parameters of the forward kernel, passed by value.
+//
+// The host side (loader.py, PARAMS_DTYPE) builds the same layout as a NumPy structured dtype with
+// C alignment; the static_asserts below pin every offset so the two can never drift apart
+// silently (a mismatch is a compile error, checked on CI by tests/test_kernel_compile.py).
+#pragma once
+
+namespace cuparing {
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+typedef unsigned long long u64;
+
+// How the epilogue writes a block's (out, lse).
+enum OutMode : int {
+  kOutDirect = 0,    // out in the input dtype with its own strides; lse float32 [B, H, Sq]
+  kOutAccWrite = 1,  // out float32 [B, Sq, H, D] contiguous and lse overwritten (first block)
+  kOutAccMerge = 2,  // read the running float32 (out, lse), merge this block in, write back
+};
+
+struct FwdParams {
+  const u16* q;     // [B, Sq, H, D]   fp16/bf16 bits, element strides below, last axis contiguous
+  const u16* k;     // [B, Sk, Hkv, D]
+  const u16* v;     // [B, Sk, Hkv, D]
+  void* out;        // kOutDirect: u16 [B, Sq, H, D] strided; else float [B, Sq, H, D] contiguous
+  float* lse;       // [B, H, Sq] contiguous, natural log
+  const int* q_pos;  // [Sq] global positions, ascending
+  const int* k_pos;  // [Sk] global positions, ascending
+  i64 q_batch_stride, q_row_stride, q_head_stride;  // in elements
+  i64 k_batch_stride, k_row_stride, k_head_stride;
+  i64 v_batch_stride, v_row_stride, v_head_stride;
+  i64 o_batch_stride, o_row_stride, o_head_stride;  // kOutDirect only
+  int batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim;  // headdim: the actual D
+  int lo, hi;        // key j visible to query i iff lo <= k_pos[j] - q_pos[i] <= hi
+  int out_mode;      // OutMode
+  int block_full;    // 1: the host proved every pair visible (only the Sk tail needs masking)
+  float scale_log2;  // softmax scale * log2(e)
+};
+
+static_assert(sizeof(FwdParams) == 200, "FwdParams layout changed: update loader.PARAMS_FIELDS");
+static_assert(__builtin_offsetof(FwdParams, q_pos) == 40, "FwdParams.q_pos offset");
+static_assert(__builtin_offsetof(FwdParams, q_batch_stride) == 56, "FwdParams.q strides offset");
+static_assert(__builtin_offsetof(FwdParams, o_head_stride) == 144, "FwdParams.o strides offset");
+static_assert(__builtin_offsetof(FwdParams, batch) == 152, "FwdParams.batch offset");
+static_assert(__builtin_offsetof(FwdParams, lo) == 176, "FwdParams.lo offset");
+static_assert(__builtin_offsetof(FwdParams, block_full) == 188, "FwdParams.block_full offset");
+static_assert(__builtin_offsetof(FwdParams, scale_log2) == 192, "FwdParams.scale_log2 offset");
+
+}  // namespace cuparing

@@ -1,0 +1,90 @@
+// Online softmax in the log2 domain (FlashAttention-2 style), per thread-owned row halves.
+//
+// Scores are kept raw; scale * log2(e) is folded into one FMA before ex2, so
+// p = 2^(s * scale_log2 - m) with m the running row max in scaled units. A row that has seen
+// only masked (-inf) scores keeps m = -inf; it is shifted by 0 instead, so every exponent is
+// ex2(-inf) = 0 and nothing becomes NaN. Row sums stay per-thread partials until the epilogue
+// (reduce_row_sums): only the max needs the quad reduction inside the loop.
+#pragma once
+#include "ptx.cuh"
+
+namespace cuparing {
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Fold one tile of scores into the running (row_max, row_sum, acc_o) and overwrite the scores
+// with unnormalised probabilities p (still float; converted to 16-bit as the P.V A operand).
+template <class Tr>
+__device__ __forceinline__ void online_softmax(float (&acc_s)[Tr::kMFrags][Tr::kNTiles][4],
+                                               float (&row_max)[Tr::kMFrags][2],
+                                               float (&row_sum)[Tr::kMFrags][2],
+                                               float (&acc_o)[Tr::kMFrags][Tr::kDTiles][4],
+                                               float scale_log2) {
+  float corrections[Tr::kMFrags][2];
+#pragma unroll
+  for (int mf = 0; mf < Tr::kMFrags; ++mf) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile_max = neg_inf();
+#pragma unroll
+      for (int j = 0; j < Tr::kNTiles; ++j) {
+        tile_max = fmaxf(tile_max, fmaxf(acc_s[mf][j][2 * r], acc_s[mf][j][2 * r + 1]));
+      }
+      tile_max = quad_max(tile_max);
+      // scale_log2 > 0, so max commutes with the scaling; -inf * scale stays -inf
+      const float new_max = fmaxf(row_max[mf][r], tile_max * scale_log2);
+      const float shift = new_max == neg_inf() ? 0.f : new_max;
+      const float correction = exp2_approx(row_max[mf][r] - shift);  // 0 while nothing seen
+      row_max[mf][r] = new_max;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < Tr::kNTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float p = exp2_approx(fmaf(acc_s[mf][j][2 * r + e], scale_log2, -shift));
+          acc_s[mf][j][2 * r + e] = p;
+          sum += p;
+        }
+      }
+      row_sum[mf][r] = row_sum[mf][r] * correction + sum;
+      corrections[mf][r] = correction;
+    }
+  }
+  // Once the running max has settled (most tiles after the first few), every correction is
+  // exactly 1: a warp vote skips the kHeadDim/2 multiplies per row that rescaling O costs.
+  bool any_change = false;
+#pragma unroll
+  for (int mf = 0; mf < Tr::kMFrags; ++mf) {
+    any_change |= corrections[mf][0] != 1.f || corrections[mf][1] != 1.f;
+  }
+  if (__any_sync(0xffffffffu, any_change)) {
+#pragma unroll
+    for (int mf = 0; mf < Tr::kMFrags; ++mf) {
+#pragma unroll
+      for (int j = 0; j < Tr::kDTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_o[mf][j][e] *= corrections[mf][e >> 1];
+      }
+    }
+  }
+}
+
+// Quad-reduce the per-thread partial row sums (once, after the last tile).
+template <class Tr>
+__device__ __forceinline__ void reduce_row_sums(float (&row_sum)[Tr::kMFrags][2]) {
+#pragma unroll
+  for (int mf = 0; mf < Tr::kMFrags; ++mf) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_sum[mf][r] = quad_sum(row_sum[mf][r]);
+  }
+}
+
+}  // namespace cuparing

@@ -1,0 +1,274 @@
+"""GPU forward (our mma.sync kernel) and backward (cuBLAS) against the float64 dense reference.
+
+Tolerance (one table, ``_check_out``): for fp16/bf16 inputs the kernel's relative Frobenius error
+against ``reference_attention`` (float64, computed from the already-rounded inputs) must be at
+most ``2 * e_round + u``, where ``e_round`` is the relative error of that reference merely rounded
+to the input dtype (the best any kernel returning that dtype can do) and ``u`` the dtype's unit
+roundoff (bf16 2^-8, fp16 2^-11): P is rounded to the input dtype before P.V, which perturbs each
+output by a relative ~u on top of the final rounding. float32 inputs run the generic cuBLAS path:
+1e-5 relative. LSE: 1e-3 relative-or-absolute (fp32 accumulation and ex2.approx); -inf exactly
+where the reference has -inf.
+
+Every test here needs a CUDA GPU and CuPy (``requires_gpu(1)``); on the CPU they are skipped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import numpy as np
+import pytest
+from conftest import requires_gpu
+
+import cuparing as cr
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24}
+MASKS = {"none": (False, None), "causal": (True, None), "window": (False, (13, 7)),
+         "causal_window": (True, (29, 0))}  # fmt: skip
+
+
+def _np_dtype(name):
+    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
+def _random(rng, shape, dtype):
+    """Host array of ``dtype`` from standard normal data (never zeros)."""
+    return rng.standard_normal(shape).astype(np.float32).astype(_np_dtype(dtype))
+
+
+def _to_gpu(x):
+    """Host fp16/bf16/fp32 array -> CuPy array of the same dtype (bf16 via uint16 bits)."""
+    import cupy
+
+    if x.dtype == ml_dtypes.bfloat16:
+        return cupy.asarray(x.view(np.uint16)).view(x.dtype)
+    return cupy.asarray(x)
+
+
+def _to_host(x):
+    import cupy
+
+    if str(x.dtype) == "bfloat16":
+        return cupy.asnumpy(x.view(cupy.uint16)).view(ml_dtypes.bfloat16)
+    return cupy.asnumpy(x)
+
+
+def _poison_pool():
+    """Fill recently freed pool memory with NaN bits so unwritten outputs cannot pass."""
+    import cupy
+
+    junk = [cupy.full(n, 0xFFFF, dtype=cupy.uint16) for n in (1 << 12, 1 << 16, 1 << 20, 1 << 23)]
+    del junk
+
+
+def _rel(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _check_out(out, ref, dtype):
+    out = np.asarray(out, dtype=np.float64)
+    assert np.isfinite(out).all(), "NaN/inf in the output"
+    err = _rel(out, ref)
+    if dtype == "float32":
+        assert err <= 1e-5, f"float32 rel err {err:.3g}"
+        return
+    rounded = ref.astype(np.float32).astype(_np_dtype(dtype))
+    bound = 2 * _rel(rounded, ref) + UNIT_ROUNDOFF[dtype]
+    assert err <= bound, f"{dtype} rel err {err:.3g} > bound {bound:.3g}"
+
+
+def _check_lse(lse, ref_lse):
+    lse = np.asarray(lse, dtype=np.float64)
+    assert not np.isnan(lse).any() and not np.isposinf(lse).any()
+    empty = np.isneginf(ref_lse)
+    np.testing.assert_array_equal(np.isneginf(lse), empty)
+    np.testing.assert_allclose(lse[~empty], ref_lse[~empty], rtol=1e-3, atol=1e-3)
+
+
+SHAPES = [  # (B, Sq, Sk, H, Hkv)
+    (2, 59, 97, 4, 2),
+    (1, 97, 59, 6, 3),
+    (1, 1025, 1025, 2, 1),
+    (3, 128, 200, 4, 4),
+]
+HEADDIMS = [32, 64, 96, 128, 256, 40, 136, 200]
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("mask", list(MASKS))
+def test_attention_matches_reference(dtype, headdim, mask):
+    causal, window = MASKS[mask]
+    seed = zlib.crc32(f"{dtype}/{headdim}/{mask}".encode())
+    rng = np.random.default_rng(seed)
+    b, sq, sk, h, hkv = SHAPES[seed % len(SHAPES)]
+    q = _random(rng, (b, sq, h, headdim), dtype)
+    k = _random(rng, (b, sk, hkv, headdim), dtype)
+    v = _random(rng, (b, sk, hkv, headdim), dtype)
+    _poison_pool()
+    out, lse = cr.attention(*map(_to_gpu, (q, k, v)), causal=causal, window=window,
+                            return_lse=True)  # fmt: skip
+    assert str(out.dtype) == dtype and str(lse.dtype) == "float32"
+    ref, ref_lse = cr.reference_attention(q, k, v, causal=causal, window=window, return_lse=True)
+    _check_out(_to_host(out), ref, dtype)
+    _check_lse(_to_host(lse), ref_lse)
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_transposed_view_and_gqa(dtype):
+    import cupy
+
+    rng = np.random.default_rng(7)
+    b, s, h, hkv, d = 2, 257, 8, 2, 128
+    # [B, H, S, D] storage, passed as a [B, S, H, D] view (no copy)
+    qh = _to_gpu(_random(rng, (b, h, s, d), dtype))
+    kh = _to_gpu(_random(rng, (b, hkv, s, d), dtype))
+    vh = _to_gpu(_random(rng, (b, hkv, s, d), dtype))
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (qh, kh, vh))
+    assert not q.flags.c_contiguous
+    out, lse = cr.attention(q, k, v, causal=True, return_lse=True)
+    ref, ref_lse = cr.reference_attention(*map(_to_host, (q, k, v)), causal=True,
+                                          return_lse=True)  # fmt: skip
+    _check_out(_to_host(out), ref, dtype)
+    _check_lse(_to_host(lse), ref_lse)
+    cupy.cuda.Device().synchronize()
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_fully_masked_rows(dtype):
+    rng = np.random.default_rng(3)
+    q, k, v = (_random(rng, (1, 97, 2, 64), dtype) for _ in range(3))
+    _poison_pool()
+    out, lse = cr.attention(*map(_to_gpu, (q, k, v)), window=(5, -1), return_lse=True)
+    out, lse = _to_host(out).astype(np.float64), _to_host(lse)
+    assert np.all(out[:, 0] == 0) and np.all(np.isneginf(lse[:, :, 0]))
+    ref, ref_lse = cr.reference_attention(q, k, v, window=(5, -1), return_lse=True)
+    _check_out(out, ref, dtype)
+    _check_lse(lse, ref_lse)
+
+
+RING_CASES = list(
+    itertools.product(
+        ["contiguous", "zigzag", "striped"], [1, 2, 3, 4], ["causal", "window", "none"]
+    )
+)
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("layout,world,mask", RING_CASES)
+def test_ring_on_one_gpu_matches_reference(layout, world, mask):
+    """Every layout's positions through the CuPy backend: first block writes the float32
+    accumulator, later ones merge in the kernel epilogue (MERGE mode)."""
+    causal, window = MASKS[mask]
+    dtype = "bfloat16"
+    rng = np.random.default_rng(world * 100 + len(layout))
+    s = 2 * world * 53  # awkward, split by every layout
+    q, k, v = (_random(rng, (2, s, 4, 96), dtype) for _ in range(3))
+    k, v = k[:, :, :2], v[:, :, :2]  # GQA 4:2
+
+    def rank_fn(ring):
+        # shard on the host (ml_dtypes indexing), then upload this rank's shard
+        shards = [_to_gpu(cr.shard(x, ring.rank, ring.size, layout=layout)) for x in (q, k, v)]
+        return cr.ring_attention(*shards, ring, causal=causal, window=window, layout=layout,
+                                 return_lse=True)  # fmt: skip
+
+    results = cr.simulate(world, rank_fn)
+    out = cr.unshard([_to_host(o) for o, _ in results], layout=layout)
+    lse = cr.unshard([_to_host(x) for _, x in results], layout=layout, axis=2)
+    ref, ref_lse = cr.reference_attention(q, k, v, causal=causal, window=window, return_lse=True)
+    _check_out(out, ref, dtype)
+    _check_lse(lse, ref_lse)
+
+
+@requires_gpu(1)
+def test_merge_error_does_not_grow_with_ring_size():
+    rng = np.random.default_rng(11)
+    q, k, v = (_random(rng, (1, 8 * 64, 2, 64), "bfloat16") for _ in range(3))
+    ref = cr.reference_attention(q, k, v)
+    errors = []
+    for world in (1, 8):
+
+        def rank_fn(ring):
+            shards = [_to_gpu(cr.shard(x, ring.rank, ring.size)) for x in (q, k, v)]
+            return cr.ring_attention(*shards, ring)
+
+        out = cr.unshard([_to_host(o) for o in cr.simulate(world, rank_fn)])
+        errors.append(_rel(out, ref))
+        _check_out(out, ref, "bfloat16")
+    assert errors[1] <= 1.5 * errors[0] + 1e-4, errors
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_ring_backward_matches_reference(dtype):
+    rng = np.random.default_rng(5)
+    q, k, v, dout = (_random(rng, (1, 4 * 24, 2, 32), dtype) for _ in range(4))
+    host = dict(zip("qkvd", (q, k, v, dout), strict=True))
+
+    def rank_fn(ring):
+        sh = {
+            n: _to_gpu(cr.shard(x, ring.rank, ring.size, layout="zigzag")) for n, x in host.items()
+        }
+        out, lse = cr.ring_attention(sh["q"], sh["k"], sh["v"], ring, causal=True,
+                                     layout="zigzag", return_lse=True)  # fmt: skip
+        return cr.ring_attention_backward(sh["d"], sh["q"], sh["k"], sh["v"], out, lse, ring,
+                                          causal=True, layout="zigzag")  # fmt: skip
+
+    results = cr.simulate(2, rank_fn)
+    refs = cr.reference_attention_backward(dout, q, k, v, causal=True)
+    for i, ref in enumerate(refs):
+        got = cr.unshard([_to_host(r[i]) for r in results], layout="zigzag")
+        assert str(got.dtype) == dtype
+        tol = 1e-5 if dtype == "float32" else 2 * _rel(ref.astype(_np_dtype(dtype)), ref) + 2**-8
+        assert _rel(got, ref) <= tol, (i, _rel(got, ref), tol)
+
+
+@requires_gpu(1)
+def test_torch_round_trip():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 130, 4, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))  # fmt: skip
+    out, lse = cr.attention(q, k, v, causal=True, return_lse=True)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16 and out.is_cuda
+    assert lse.dtype == torch.float32 and lse.shape == (2, 4, 130)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(x.transpose(1, 2).double() for x in (q, k, v)), is_causal=True
+    ).transpose(1, 2)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    rounded = ((ref.to(torch.bfloat16).double() - ref).norm() / ref.norm()).item()
+    assert err <= 2 * rounded + 2**-8
+
+
+@requires_gpu(1)
+def test_jax_round_trip():
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("JAX without a GPU")
+    rng = np.random.default_rng(2)
+    host = [_random(rng, (1, 97, 2, 64), "bfloat16") for _ in range(3)]
+    q, k, v = (jnp.asarray(x) for x in host)
+    out = cr.attention(q, k, v, causal=True)
+    assert type(out).__module__.split(".")[0] in ("jax", "jaxlib") and out.dtype == jnp.bfloat16
+    _check_out(np.asarray(out), cr.reference_attention(*host, causal=True), "bfloat16")
+
+
+@requires_gpu(1)
+def test_kernel_resources_on_device():
+    from cuparing.kernels import loader
+
+    for d in loader.HEAD_DIMS:
+        kernel, cfg, smem = loader.get_fwd_kernel(d, "bfloat16")
+        assert kernel.num_regs <= 255 and kernel.local_size_bytes == 0, (d, kernel.num_regs)
+        assert kernel.max_dynamic_shared_size_bytes >= smem

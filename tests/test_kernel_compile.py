@@ -1,0 +1,83 @@
+"""The CUDA kernels compile for sm_80 and sm_90a without spills; no GPU needed.
+
+NVRTC comes from the ``nvidia-cuda-nvrtc`` wheel (``pip install nvidia-cuda-nvrtc``); without it
+the compile test is skipped, the pure-Python checks of the loader still run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cuparing.kernels import loader
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def _compile_check():
+    spec = importlib.util.spec_from_file_location("compile_check", TOOLS / "compile_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("compile_check", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_params_layout_matches_params_cuh():
+    # the same numbers are static_asserted in params.cuh, so both sides agree or nothing compiles
+    assert loader.PARAMS_DTYPE.itemsize == loader.PARAMS_SIZE
+    for name, offset in loader.PARAMS_OFFSETS.items():
+        assert loader.PARAMS_DTYPE.fields[name][1] == offset, name
+    packed = loader.pack_params(**{n: 0 for n in loader.PARAMS_DTYPE.names})
+    assert packed.shape == (1,) and packed.dtype == loader.PARAMS_DTYPE
+    with pytest.raises(TypeError):
+        loader.pack_params(q=0)
+
+
+def test_padded_head_dim():
+    assert [loader.padded_head_dim(d) for d in (8, 32, 40, 64, 72, 96, 128, 136, 256)] == [
+        32, 32, 64, 64, 96, 96, 128, 160, 256,
+    ]  # fmt: skip
+    for bad in (0, 4, 12, 264):
+        with pytest.raises(ValueError):
+            loader.padded_head_dim(bad)
+
+
+def test_source_is_self_contained():
+    source = loader.kernel_source()
+    assert '#include "' not in source  # our headers are inlined (CuPy's cache hashes the text)
+    assert "#include <" not in source  # header-free: NVRTC needs nothing but libnvrtc
+    assert "CUPARING_FWD_CONFIGS" in source
+    for d in loader.HEAD_DIMS:
+        assert loader.smem_bytes(d) <= 163 * 1024, d  # fits an A100 CTA as well as an H100 one
+        cfg = loader.FWD_CONFIGS[d]
+        assert cfg.block_m % (16 * cfg.warps) == 0
+
+
+def test_every_kernel_compiles_without_spills():
+    check = _compile_check()
+    nvrtc = check.get_nvrtc()
+    if nvrtc is None:
+        pytest.skip("NVRTC not importable: pip install nvidia-cuda-nvrtc")
+    reports = check.check_all(nvrtc=nvrtc)
+    print("\n" + check.format_table(reports))
+    expected = 2 * (len(loader.HEAD_DIMS) * len(loader.DTYPES) + 2 * len(loader.DTYPES))
+    assert len(reports) == expected
+    bad = [r for r in reports if not r.ok]
+    assert not bad, "local memory (spills/stack) in hot kernels:\n" + check.format_table(bad)
+    assert all(0 < r.regs <= 255 for r in reports)
+
+
+def test_ptxas_log_parser():
+    log = (
+        "ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90a'\n"
+        "ptxas info    : Function properties for _Z3fooPf\n"
+        "ptxas         .     8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+        "ptxas info    : Used 96 registers, used 1 barriers, 1024 bytes smem\n"
+    )
+    info = _compile_check().parse_ptxas(log)["_Z3fooPf"]
+    assert info == {"stack": 8, "spill_stores": 4, "spill_loads": 12, "regs": 96, "smem": 1024}
+    assert np.int32(info["regs"]) == 96

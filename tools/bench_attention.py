@@ -1,0 +1,117 @@
+"""Forward attention throughput: cuparing's kernel vs PyTorch SDPA (flash and cuDNN) on one GPU.
+
+All runs share the process, the card and the inputs (bf16, [B, S, H, D], B=1, H=32). Time is
+measured with CUDA events after warm-up, median of repeats. FLOPs = 4 * B * H * S^2 * D, halved
+for causal. Prints TFLOP/s per implementation and our ratio to each peer, plus the kernel's
+registers and local memory (spills) as the driver reports them.
+
+Usage:
+    python tools/bench_attention.py [--quick] [--json PATH] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+FULL_SHAPES = [(128, s, c) for s in (4096, 8192, 16384, 32768) for c in (False, True)] + [
+    (64, 16384, False), (64, 16384, True), (256, 16384, False), (256, 16384, True),
+]  # fmt: skip
+QUICK_SHAPES = [(128, 8192, False), (128, 8192, True), (64, 16384, False), (256, 16384, True)]
+
+
+def time_ms(fn, repeats: int, warmup: int = 3) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="four shapes only")
+    parser.add_argument("--json", help="write results as JSON to this path")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=32)
+    args = parser.parse_args(argv)
+
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import cuparing as cr
+    from cuparing.kernels import loader
+
+    card = torch.cuda.get_device_name()
+    print(f"card: {card}; torch {torch.__version__}; bf16, B={args.batch}, H={args.heads}")
+    rows = []
+    peers = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    header = f"{'D':>4} {'S':>6} {'causal':>6} {'ours':>7} " + " ".join(
+        f"{n:>7} {'ratio':>6}" for n in peers
+    )
+    print(header + f" {'regs':>5} {'local':>5}")
+    for d, s, causal in QUICK_SHAPES if args.quick else FULL_SHAPES:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (
+            torch.randn(args.batch, s, args.heads, d, device="cuda", dtype=torch.bfloat16,
+                        generator=gen)
+            for _ in range(3)
+        )  # fmt: skip
+        flops = 4 * args.batch * args.heads * s * s * d / (2 if causal else 1)
+        result = {"card": card, "D": d, "S": s, "causal": causal}
+        ms = time_ms(functools.partial(cr.attention, q, k, v, causal=causal), args.repeats)
+        result["ours_tflops"] = flops / ms / 1e9
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # SDPA wants [B, H, S, D]
+        for name, backend in peers.items():
+            try:
+                with sdpa_kernel([backend]):
+                    sdpa = torch.nn.functional.scaled_dot_product_attention
+                    peer_ms = time_ms(
+                        functools.partial(sdpa, qt, kt, vt, is_causal=causal), args.repeats
+                    )
+                result[f"{name}_tflops"] = flops / peer_ms / 1e9
+            except RuntimeError as exc:  # backend not available for this shape/card
+                result[f"{name}_tflops"] = None
+                result[f"{name}_error"] = str(exc).splitlines()[0]
+        kernel, _, _ = loader.get_fwd_kernel(loader.padded_head_dim(d), "bfloat16")
+        result["regs"], result["local_bytes"] = kernel.num_regs, kernel.local_size_bytes
+        rows.append(result)
+        cells = []
+        for name in peers:
+            peer = result[f"{name}_tflops"]
+            cells.append(
+                f"{peer:7.1f} {result['ours_tflops'] / peer:6.2f}"
+                if peer
+                else f"{'n/a':>7} {'':>6}"
+            )
+        print(
+            f"{d:>4} {s:>6} {str(causal):>6} {result['ours_tflops']:7.1f} "
+            + " ".join(cells)
+            + f" {result['regs']:>5} {result['local_bytes']:>5}"
+        )
+        del q, k, v, qt, kt, vt
+        torch.cuda.empty_cache()
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One device session: install, compile check, GPU tests, benchmarks. Logs go to $OUT (or ./out).
+# Usage: bash tools/gpu_checks.sh [single|multi|bench|all] [pytest -k expression]
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+out="${OUT:-out}"
+mkdir -p "$out"
+what="${1:-single}"
+filter="${2:-}"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
+pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning | tail -2
+python -m cuparing
+run() { echo "== $*"; "$@"; echo "== rc=$?"; }
+if [[ $what == single || $what == all ]]; then
+  run python tools/compile_check.py 2>&1 | tail -14
+  run timeout 420 python -m pytest -q -rf --maxfail=8 tests/test_gpu_attention.py \
+    ${filter:+-k "$filter"} 2>&1 | tee "$out/gpu_tests.log" | tail -40
+fi
+if [[ $what == multi || $what == all ]]; then
+  run timeout 420 python -m pytest -q -rf --maxfail=4 tests/test_multigpu.py \
+    ${filter:+-k "$filter"} 2>&1 | tee "$out/multigpu_tests.log" | tail -40
+fi
+if [[ $what == bench || $what == all ]]; then
+  run timeout 300 python tools/bench_attention.py --quick --json "$out/bench_attention.json" \
+    2>&1 | tee "$out/bench_attention.log"
+fi
