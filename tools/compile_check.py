@@ -61,6 +61,10 @@ class CtypesNvrtc:
 
     def __init__(self, path: str):
         self.path = path
+        # libnvrtc dlopens its builtins by bare name; some wheels carry no rpath to find them
+        # beside it, so load them first, globally
+        for builtins in glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so.*")):
+            ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
         self.lib = ctypes.CDLL(path)
         self.lib.nvrtcGetErrorString.restype = ctypes.c_char_p
 
