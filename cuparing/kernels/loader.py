@@ -13,6 +13,7 @@ source builder and the params layout are pure Python (the compile check and CPU 
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -65,6 +66,20 @@ FWD_CONFIGS: dict[int, FwdConfig] = {
     224: FwdConfig(block_m=128, block_n=32, warps=8, stages=2, q_in_regs=False, min_blocks=1),
     256: FwdConfig(block_m=128, block_n=32, warps=8, stages=2, q_in_regs=False, min_blocks=1),
 }
+
+
+def _tile_overrides(spec: str) -> dict[int, FwdConfig]:
+    """Parse ``CUPARING_FWD_TILES`` ("128:128,64,4,2,0,1;64:...", fields as in FwdConfig), the
+    tuning knob tools/tune_forward.py uses to time tile shapes without editing this table."""
+    table = {}
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        head_dim, fields = item.split(":")
+        m, n, warps, stages, q_regs, min_blocks = (int(x) for x in fields.split(","))
+        table[int(head_dim)] = FwdConfig(m, n, warps, stages, bool(q_regs), min_blocks)
+    return table
+
+
+FWD_CONFIGS.update(_tile_overrides(os.environ.get("CUPARING_FWD_TILES", "")))
 HEAD_DIMS = tuple(sorted(FWD_CONFIGS))
 MAX_HEAD_DIM = HEAD_DIMS[-1]
 DTYPES = ("float16", "bfloat16")
