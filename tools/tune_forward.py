@@ -16,6 +16,10 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, ROOT)
 
 
 def child(head_dim: int, seqlens: list[int], repeats: int) -> None:
@@ -65,7 +69,7 @@ def main() -> int:
         return 0
     print(f"head dim {args.head_dim}, bf16, B=1, H=32; TFLOP/s (full / causal)")
     for variant in args.variant or [""]:
-        env = dict(os.environ)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
         if variant:
             env["CUPARING_FWD_TILES"] = f"{args.head_dim}:{variant}"
         cmd = [sys.executable, __file__, "--child", "--head-dim", str(args.head_dim),
