@@ -226,18 +226,19 @@ def check_all(archs=ARCHS, jobs: int | None = None, nvrtc=None) -> list[KernelRe
     nvrtc = nvrtc or get_nvrtc()
     if nvrtc is None:
         raise NvrtcError("no NVRTC found: pip install nvidia-cuda-nvrtc")
-    source = loader.kernel_source()
     work = []
     for arch in archs:
+        source = loader.kernel_source(arch)
         for d in loader.HEAD_DIMS:
             for dtype in loader.DTYPES:
-                work.append((loader.fwd_name(d, dtype), arch, True, loader.smem_bytes(d)))
+                smem = loader.smem_bytes(d, arch)
+                work.append((source, loader.fwd_name(d, dtype), arch, True, smem))
         for dtype in loader.DTYPES:
             for name in loader.cast_names(dtype):
-                work.append((name, arch, False, 0))
+                work.append((source, name, arch, False, 0))
     jobs = jobs or max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(jobs) as pool:  # ctypes releases the GIL while NVRTC runs
-        futures = [pool.submit(compile_one, nvrtc, source, *item) for item in work]
+        futures = [pool.submit(compile_one, nvrtc, *item) for item in work]
         return [f.result() for f in futures]
 
 

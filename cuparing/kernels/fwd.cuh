@@ -141,7 +141,7 @@ __device__ __forceinline__ void fwd_block(const FwdParams& p) {
       cp_async_commit();
     }
 
-    // One per-lane ldmatrix mapping serves Q, K and V: lane l addresses row (l & 15) of a 16-row
+    // One per-lane ldmatrix mapping serves Q and V (K has its own, below): lane l addresses row (l & 15) of a 16-row
     // slab at chunk 2*step + (l >> 4), so the four 8x8 matrices are
     //   (rows 0-7, c0), (rows 8-15, c0), (rows 0-7, c1), (rows 8-15, c1).
     // For Q (A operand, rows = queries) that is a0..a3 as mma wants them; for K (rows = keys, non-
@@ -157,6 +157,19 @@ __device__ __forceinline__ void fwd_block(const FwdParams& p) {
       const int x = (lane >> 4) ^ Tr::swizzle_key(row);
 #pragma unroll
       for (int i = 0; i < 4; ++i) lane_off[i] = row * Tr::kRowBytes + (((2 * i) ^ x) << 4);
+    }
+    // K gets its own mapping so ldmatrix returns each n8 tile's (b0, b1) in adjacent registers,
+    // the pair mma.sync takes: lane l reads key row (l & 7) + 8 * (l >> 4), chunk 2*step +
+    // ((l >> 3) & 1), i.e. matrices (keys 0-7, c0), (keys 0-7, c1), (keys 8-15, c0), (keys
+    // 8-15, c1). With the Q mapping the pairs were (r0, r2) and (r1, r3), and ptxas spent two
+    // register moves per K fragment (measured in SASS: ~64 MOVs per tile at d=128) to pair them.
+    // Same row % 8, hence the same swizzle key, as the Q mapping.
+    u32 k_lane_off[4];
+    {
+      const int row = (lane & 7) | ((lane >> 4) << 3);
+      const int x = ((lane >> 3) & 1) ^ Tr::swizzle_key(row);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) k_lane_off[i] = row * Tr::kRowBytes + (((2 * i) ^ x) << 4);
     }
     const u32 q_warp = s_q + warp * Tr::kRowsPerWarp * Tr::kRowBytes;
     // byte offset of chunk pair `step` (16 columns) relative to q_off/k_off/v_off[step % 4]
@@ -228,11 +241,11 @@ __device__ __forceinline__ void fwd_block(const FwdParams& p) {
 #pragma unroll
         for (int nn = 0; nn < Tr::kNTiles / 2; ++nn) {
           u32 bk[4];
-          ldmatrix_x4(bk, s_k + lane_off[kk & 3] + nn * 16 * Tr::kRowBytes + CUPARING_STEP_OFF(kk));
+          ldmatrix_x4(bk, s_k + k_lane_off[kk & 3] + nn * 16 * Tr::kRowBytes + CUPARING_STEP_OFF(kk));
 #pragma unroll
           for (int mf = 0; mf < Tr::kMFrags; ++mf) {
-            mma_16816<kBf16>(acc_s[mf][2 * nn], a[mf], bk[0], bk[2]);
-            mma_16816<kBf16>(acc_s[mf][2 * nn + 1], a[mf], bk[1], bk[3]);
+            mma_16816<kBf16>(acc_s[mf][2 * nn], a[mf], bk[0], bk[1]);
+            mma_16816<kBf16>(acc_s[mf][2 * nn + 1], a[mf], bk[2], bk[3]);
           }
         }
       }

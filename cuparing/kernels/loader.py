@@ -79,7 +79,29 @@ def _tile_overrides(spec: str) -> dict[int, FwdConfig]:
     return table
 
 
-FWD_CONFIGS.update(_tile_overrides(os.environ.get("CUPARING_FWD_TILES", "")))
+# Hopper (sm_90) has 227 KB of shared memory per CTA, so the wider key tiles that sm_80's 163 KB
+# rules out fit; on an H200, with the paired K fragments, 128x64 beat 128x32 by 12% (d=128,
+# S=8k) and 128x32x3 stages (tools/tune_forward.py, PERF.md).
+HOPPER_TILES: dict[int, FwdConfig] = {
+    64: FwdConfig(block_m=128, block_n=64, warps=4, stages=2, q_in_regs=True, min_blocks=2),
+    96: FwdConfig(block_m=128, block_n=64, warps=4, stages=2, q_in_regs=False, min_blocks=1),
+    128: FwdConfig(block_m=128, block_n=64, warps=4, stages=2, q_in_regs=False, min_blocks=1),
+    224: FwdConfig(block_m=128, block_n=64, warps=8, stages=2, q_in_regs=False, min_blocks=1),
+    256: FwdConfig(block_m=128, block_n=64, warps=8, stages=2, q_in_regs=False, min_blocks=1),
+}
+_ENV_TILES = _tile_overrides(os.environ.get("CUPARING_FWD_TILES", ""))
+
+
+def fwd_configs(arch: str = "sm_80") -> dict[int, FwdConfig]:
+    """The tile table for ``arch`` ('sm_80', 'sm_90a', ...): the base table, Hopper's rows on
+    sm_9x, then any ``CUPARING_FWD_TILES`` rows."""
+    table = dict(FWD_CONFIGS)
+    if arch.startswith("sm_9"):
+        table.update(HOPPER_TILES)
+    table.update(_ENV_TILES)
+    return table
+
+
 HEAD_DIMS = tuple(sorted(FWD_CONFIGS))
 MAX_HEAD_DIM = HEAD_DIMS[-1]
 DTYPES = ("float16", "bfloat16")
@@ -100,9 +122,9 @@ def padded_head_dim(headdim: int) -> int:
     return next(d for d in HEAD_DIMS if d >= headdim)
 
 
-def smem_bytes(head_dim: int) -> int:
-    """Dynamic shared memory of ``cuparing_fwd<head_dim, *>`` (mirrors FwdTraitsBase)."""
-    cfg = FWD_CONFIGS[head_dim]
+def smem_bytes(head_dim: int, arch: str = "sm_80") -> int:
+    """Dynamic shared memory of ``cuparing_fwd<head_dim, *>`` on ``arch`` (as FwdTraitsBase)."""
+    cfg = fwd_configs(arch)[head_dim]
     chunks = head_dim // 8
     smem_chunks = chunks if chunks == 4 else -(-chunks // 8) * 8
     row_bytes = smem_chunks * 16
@@ -127,12 +149,12 @@ def all_fwd_names() -> list[str]:
     return [fwd_name(d, dt) for d in HEAD_DIMS for dt in DTYPES]
 
 
-def configs_macro() -> str:
+def configs_macro(arch: str = "sm_80") -> str:
     """The ``CUPARING_FWD_CONFIGS`` X-macro that traits.cuh expands into FwdTraits<D>."""
     rows = " ".join(
         f"X({d}, {c.block_m}, {c.block_n}, {c.warps}, {c.stages}, {int(c.q_in_regs)}, "
-        f"{c.min_blocks}, {smem_bytes(d)})"
-        for d, c in sorted(FWD_CONFIGS.items())
+        f"{c.min_blocks}, {smem_bytes(d, arch)})"
+        for d, c in sorted(fwd_configs(arch).items())
     )
     return f"#define CUPARING_FWD_CONFIGS(X) {rows}\n"
 
@@ -155,9 +177,9 @@ def _inline(name: str, seen: set[str]) -> list[str]:
     return out
 
 
-def kernel_source() -> str:
-    """The complete, self-contained translation unit: table macro + inlined attention.cu."""
-    return configs_macro() + "\n".join(_inline(ENTRY_FILE, set())) + "\n"
+def kernel_source(arch: str = "sm_80") -> str:
+    """The complete, self-contained translation unit for ``arch``: table macro + attention.cu."""
+    return configs_macro(arch) + "\n".join(_inline(ENTRY_FILE, set())) + "\n"
 
 
 # ---- launch parameters (params.cuh FwdParams), C layout via align=True
@@ -232,7 +254,7 @@ def get_module(names: tuple[str, ...], options: tuple[str, ...] = BASE_OPTIONS):
         module = _MODULES.get(key)
         if module is None:
             module = cupy.RawModule(
-                code=kernel_source(), options=tuple(options), name_expressions=list(names)
+                code=kernel_source(key[0]), options=tuple(options), name_expressions=list(names)
             )
             _MODULES[key] = module
     return module
@@ -248,7 +270,8 @@ def get_fwd_kernel(head_dim: int, dtype: str):
 
     name = fwd_name(head_dim, dtype)
     kernel = get_module((name,)).get_function(name)
-    smem = smem_bytes(head_dim)
+    arch = device_arch()
+    smem = smem_bytes(head_dim, arch)
     key = (device_arch(), cupy.cuda.Device().id, name)
     if key not in _SMEM_SET:
         try:
@@ -259,7 +282,7 @@ def get_fwd_kernel(head_dim: int, dtype: str):
                 f"{cupy.cuda.Device().id} ({device_arch()}) allows: {exc}"
             ) from exc
         _SMEM_SET.add(key)
-    return kernel, FWD_CONFIGS[head_dim], smem
+    return kernel, fwd_configs(arch)[head_dim], smem
 
 
 def get_cast_kernels(dtype: str):
