@@ -146,6 +146,12 @@ def bench_torch_cp(ring, local_rank, cfg, repeats, warmup):
             set_rotate_method("alltoall")
         except Exception:  # noqa: BLE001 - older torch: its only method is the ring
             pass
+        try:  # its load balancing (a zigzag layout) exists for causal masks only
+            from torch.distributed.tensor.experimental._attention import _cp_options
+
+            _cp_options.enable_load_balance = bool(causal)
+        except Exception:  # noqa: BLE001 - older torch: no such option
+            pass
         mesh = init_device_mesh("cuda", (ring.size,))
         seqlen = tokens * ring.size
         gen = torch.Generator(device="cuda").manual_seed(0)
