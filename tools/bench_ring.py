@@ -192,6 +192,9 @@ def configs(quick: bool):
 
 
 def _commit() -> str:
+    """The checkout's commit; ``CUPARING_COMMIT`` names it where the tree travels without .git."""
+    if os.environ.get("CUPARING_COMMIT"):
+        return os.environ["CUPARING_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()  # fmt: skip
