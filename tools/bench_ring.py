@@ -88,7 +88,7 @@ def gather(ring, values: list[float]) -> list[list[float]]:
     return rows
 
 
-def bench_ours(ring, cfg, repeats, warmup):
+def bench_ours(ring, cfg, repeats, warmup, backward):
     import cupy
 
     heads, heads_kv, headdim, tokens, layout, causal = cfg
@@ -111,8 +111,8 @@ def bench_ours(ring, cfg, repeats, warmup):
     result = {
         "fwd_ms": time_ms(fwd(ring), ring, repeats, warmup),
         "fwd_nocomm_ms": time_ms(fwd(nocomm), ring, repeats, warmup),
-        "bwd_ms": time_ms(bwd(ring), ring, repeats, warmup),
-        "bwd_nocomm_ms": time_ms(bwd(nocomm), ring, repeats, warmup),
+        "bwd_ms": time_ms(bwd(ring), ring, repeats, warmup) if backward else float("nan"),
+        "bwd_nocomm_ms": time_ms(bwd(nocomm), ring, repeats, warmup) if backward else float("nan"),
     }
     hidden = float("nan")
     if ring.size > 1:
@@ -208,6 +208,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH", help="write rows and metadata (rank 0)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch's ring")
+    parser.add_argument(
+        "--backward", action="store_true", help="also time the backward ring (CuPy/cuBLAS path)"
+    )
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 10)
     warmup = 1 if args.quick else 3
@@ -221,7 +224,7 @@ def main(argv=None) -> int:
     rows = []
     for mode, cfg in configs(args.quick):
         heads, heads_kv, headdim, tokens, layout, causal = cfg
-        ours = bench_ours(ring, cfg, repeats, warmup)
+        ours = bench_ours(ring, cfg, repeats, warmup, args.backward)
         torch_ms, why = (None, "skipped (--no-torch)")
         if not args.no_torch:
             torch_ms, why = bench_torch_cp(ring, local_rank, cfg, repeats, warmup)
