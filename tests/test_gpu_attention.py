@@ -1,4 +1,4 @@
-"""GPU forward (our mma.sync kernel) and backward (cuBLAS) against the float64 dense reference.
+"""GPU forward and backward (our mma.sync kernels; cuBLAS for float32) against float64 references.
 
 Tolerance (one table, ``_check_out``): for fp16/bf16 inputs the kernel's relative Frobenius error
 against ``reference_attention`` (float64, computed from the already-rounded inputs) must be at
@@ -8,6 +8,10 @@ roundoff (bf16 2^-8, fp16 2^-11): P is rounded to the input dtype before P.V, wh
 output by a relative ~u on top of the final rounding. float32 inputs run the generic cuBLAS path:
 1e-5 relative. LSE: 1e-3 relative-or-absolute (fp32 accumulation and ex2.approx); -inf exactly
 where the reference has -inf.
+
+The backward kernel tests use tests/numerics.py's ``check_backward`` (its docstring has the
+tolerance table: at most twice the error of a float64 reference whose output and gradients are
+stored in the input dtype, plus a float32 floor).
 
 Every test here needs a CUDA GPU and CuPy (``requires_gpu(1)``); on the CPU they are skipped.
 """
@@ -20,6 +24,7 @@ import zlib
 import numpy as np
 import pytest
 from conftest import requires_gpu
+from numerics import check_backward
 
 import cuparing as cr
 
@@ -272,3 +277,105 @@ def test_kernel_resources_on_device():
         kernel, cfg, smem = loader.get_fwd_kernel(d, "bfloat16")
         assert kernel.num_regs <= 255 and kernel.local_size_bytes == 0, (d, kernel.num_regs)
         assert kernel.max_dynamic_shared_size_bytes >= smem
+
+
+# ---- backward kernel (cuparing_bwd): several ring blocks accumulate into the float32 dq/dk/dv
+
+
+def _ring_backward_on_gpu(host, world, layout, causal, window, transposed=False):
+    """Forward + backward through ``cr.simulate`` (LocalRing .copy()s CuPy arrays) on one GPU;
+    returns the unsharded (dq, dk, dv) on the host. ``host``: dict q, k, v, d of host arrays."""
+
+    def upload(x):
+        if not transposed:
+            return _to_gpu(x)
+        # [B, H, S, D] storage passed as a [B, S, H, D] view
+        return _to_gpu(np.ascontiguousarray(x.transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
+
+    def rank_fn(ring):
+        sh = {n: upload(cr.shard(x, ring.rank, ring.size, layout=layout)) for n, x in host.items()}
+        if transposed:
+            assert not sh["q"].flags.c_contiguous
+        _poison_pool()
+        out, lse = cr.ring_attention(sh["q"], sh["k"], sh["v"], ring, causal=causal,
+                                     window=window, layout=layout, return_lse=True)  # fmt: skip
+        return cr.ring_attention_backward(sh["d"], sh["q"], sh["k"], sh["v"], out, lse, ring,
+                                          causal=causal, window=window, layout=layout)  # fmt: skip
+
+    results = cr.simulate(world, rank_fn)
+    return [cr.unshard([_to_host(r[i]) for r in results], layout=layout) for i in range(3)]
+
+
+BWD_HEADDIMS = [64, 96, 128, 256, 40, 200]  # 40 -> padded 64; 200 -> 224 (split: two launches)
+BWD_MASKS = ["causal", "none", "window"]
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("headdim", BWD_HEADDIMS)
+@pytest.mark.parametrize("mask", BWD_MASKS)
+def test_backward_kernel_matches_reference(dtype, headdim, mask):
+    causal, window = MASKS[mask]
+    seed = zlib.crc32(f"bwd/{dtype}/{headdim}/{mask}".encode())
+    rng = np.random.default_rng(seed)
+    world, layout = (2, "zigzag") if seed % 2 else (3, "contiguous")
+    b, h, hkv = (2, 4, 2) if seed % 3 else (1, 6, 6)
+    s = world * 2 * 83  # awkward tile tails; split by both layouts
+    q, dout = (_random(rng, (b, s, h, headdim), dtype) for _ in range(2))
+    k, v = (_random(rng, (b, s, hkv, headdim), dtype) for _ in range(2))
+    grads = _ring_backward_on_gpu(dict(q=q, k=k, v=v, d=dout), world, layout, causal, window)
+    for g, x in zip(grads, (q, k, v), strict=True):
+        assert g.dtype == x.dtype and g.shape == x.shape
+    check_backward(grads, dout, q, k, v, causal=causal, window=window)
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_backward_kernel_transposed_view_gqa(dtype):
+    rng = np.random.default_rng(17)
+    b, s, h, hkv, d = 2, 2 * 2 * 131, 8, 2, 128
+    q, dout = (_random(rng, (b, s, h, d), dtype) for _ in range(2))
+    k, v = (_random(rng, (b, s, hkv, d), dtype) for _ in range(2))
+    grads = _ring_backward_on_gpu(dict(q=q, k=k, v=v, d=dout), 2, "zigzag", True, None,
+                                  transposed=True)  # fmt: skip
+    check_backward(grads, dout, q, k, v, causal=True)
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("headdim", [64, 256])
+def test_backward_kernel_rows_without_keys(dtype, headdim):
+    # window (5, -1): query i sees keys i-5 .. i-1, so query 0 sees none (lse -inf)
+    rng = np.random.default_rng(headdim)
+    q, k, v, dout = (_random(rng, (1, 2 * 97, 2, headdim), dtype) for _ in range(4))
+    grads = _ring_backward_on_gpu(dict(q=q, k=k, v=v, d=dout), 2, "contiguous", False, (5, -1))
+    dq = grads[0].astype(np.float64)
+    assert np.all(dq[:, 0] == 0), "a query that sees no key has zero gradient"
+    check_backward(grads, dout, q, k, v, window=(5, -1))
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_backward_delta_kernel(dtype):
+    import cupy
+
+    from cuparing.backends.cupy_backend import get_cupy_backend
+
+    rng = np.random.default_rng(23)
+    dout, out = (_random(rng, (2, 77, 3, 72), dtype) for _ in range(2))
+    got = cupy.asnumpy(get_cupy_backend().backward_delta(_to_gpu(dout), _to_gpu(out)))
+    ref = (dout.astype(np.float64) * out.astype(np.float64)).sum(-1).transpose(0, 2, 1)
+    assert got.dtype == np.float32 and got.shape == (2, 3, 77)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@requires_gpu(1)
+def test_backward_kernel_resources_on_device():
+    from cuparing.kernels import loader
+
+    for d in loader.HEAD_DIMS:
+        kernels, cfg, smem = loader.get_bwd_kernels(d, "bfloat16")
+        assert len(kernels) == (2 if cfg.split else 1)
+        for kernel, _mode in kernels:
+            assert kernel.num_regs <= 255 and kernel.local_size_bytes == 0, (d, kernel.num_regs)
+            assert kernel.max_dynamic_shared_size_bytes >= smem

@@ -37,6 +37,27 @@ def test_params_layout_matches_params_cuh():
         loader.pack_params(q=0)
 
 
+def test_bwd_params_layout():
+    # sizeof(BwdParams) is static_asserted in params.cuh (NVRTC 13.0 has no offsetof)
+    assert loader.BWD_PARAMS_DTYPE.itemsize == loader.BWD_PARAMS_SIZE
+    packed = loader.pack_bwd_params(**{n: 0 for n in loader.BWD_PARAMS_DTYPE.names})
+    assert packed.shape == (1,) and packed.dtype == loader.BWD_PARAMS_DTYPE
+    with pytest.raises(TypeError):
+        loader.pack_bwd_params(q=0)
+
+
+def test_bwd_table():
+    assert sorted(loader.BWD_CONFIGS) == list(loader.HEAD_DIMS)
+    for arch, limit in (("sm_80", 163 * 1024), ("sm_90a", 227 * 1024)):
+        for d in loader.HEAD_DIMS:
+            cfg = loader.bwd_configs(arch)[d]
+            assert loader.bwd_smem_bytes(d, arch) <= limit, (arch, d)
+            assert cfg.block_n % (16 * cfg.warps) == 0 and cfg.block_n // (16 * cfg.warps) in (1, 2)
+            assert loader.bwd_modes(d, arch) == ((1, 2) if cfg.split else (0,))
+    assert "CUPARING_BWD_CONFIGS" in loader.kernel_source("sm_80")
+    assert loader.bwd_name(128, "bfloat16", 0) == "cuparing_bwd<128, true, 0>"
+
+
 def test_padded_head_dim():
     assert [loader.padded_head_dim(d) for d in (8, 32, 40, 64, 72, 96, 128, 136, 256)] == [
         32, 32, 64, 64, 96, 96, 128, 160, 256,
@@ -65,7 +86,12 @@ def test_every_kernel_compiles_without_spills():
         pytest.skip("NVRTC not importable: pip install nvidia-cuda-nvrtc")
     reports = check.check_all(nvrtc=nvrtc)
     print("\n" + check.format_table(reports))
-    expected = 2 * (len(loader.HEAD_DIMS) * len(loader.DTYPES) + 2 * len(loader.DTYPES))
+    expected = sum(
+        len(loader.HEAD_DIMS) * len(loader.DTYPES)  # forward
+        + len(loader.all_bwd_names(arch))  # backward (split head dims: two modes)
+        + 3 * len(loader.DTYPES)  # casts both ways, delta
+        for arch in check.ARCHS
+    )
     assert len(reports) == expected
     bad = [r for r in reports if not r.ok]
     assert not bad, "local memory (spills/stack) in hot kernels:\n" + check.format_table(bad)

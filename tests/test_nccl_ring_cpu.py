@@ -8,8 +8,12 @@ any dtype, double buffering, the event ordering the ring promises, and the watch
 from __future__ import annotations
 
 import ctypes
+import os
 import re
+import sys
+import threading
 import time
+import weakref
 from types import SimpleNamespace
 
 import ml_dtypes
@@ -19,6 +23,7 @@ import pytest
 import cuparing as cr
 from cuparing.comm import nccl as nccl_mod
 from cuparing.comm.rendezvous import RankInfo
+from cuparing.launch import free_port
 
 
 class FakeArray(np.ndarray):
@@ -228,10 +233,10 @@ def test_dead_peer_times_out_aborts_and_raises(rings, capfd):
     pending = ring0.exchange([_dev(np.ones(3, np.float32))], 1, "kv")
     pending.wait()  # does not block the host, even though nothing arrived
     deadline = time.monotonic() + 10
-    while ring0._error is None:
-        assert time.monotonic() < deadline, "the watchdog never fired"
+    # _fail records the error first, then says it and aborts: wait for the whole of it
+    while ring0._error is None or not ring0._comm.aborted:
+        assert time.monotonic() < deadline, "the watchdog never fired and aborted"
         time.sleep(0.02)
-    assert ring0._comm.aborted
     pattern = r"rank 0: exchange 'kv' #0 \(shift 1: rank 0 sends to rank 1, receives from rank 1\)"
     for call in (pending.wait, ring0.synchronize, lambda: ring0.exchange([])):
         with pytest.raises(cr.RingTimeoutError, match=pattern):
@@ -317,3 +322,139 @@ def test_from_env_without_cupy_is_a_clear_error(monkeypatch):
         pass
     with pytest.raises(RuntimeError, match=re.escape("needs CuPy")):
         cr.Ring.from_env()
+
+
+# --- the failure channel, wired through from_env ---
+
+
+@pytest.fixture
+def env_rings(monkeypatch):
+    """``make(world)``: ``NcclRing.from_env`` on ``world`` threads (TCP rendezvous on loopback,
+    fake CuPy/NCCL/communicators), returned by rank."""
+    cupy, nccl, _ = _fake_modules()
+    nccl.get_unique_id = lambda: os.urandom(128)
+    hub, local = Hub(), threading.local()
+    monkeypatch.setattr(nccl_mod, "_import_cupy", lambda: cupy)
+    monkeypatch.setattr(nccl_mod, "_import_nccl", lambda: nccl)
+    monkeypatch.setattr(nccl_mod, "RankInfo", SimpleNamespace(from_env=lambda: local.info))
+    monkeypatch.setattr(nccl_mod, "_communicator",
+                        lambda nccl, info, uid, timeout: FakeComm(hub, info.rank))  # fmt: skip
+    monkeypatch.delenv("CUPARING_TRACE", raising=False)
+    monkeypatch.delenv("CUPARING_HEALTH", raising=False)
+    made = []
+
+    def make(world, timeout=20.0, **kwargs):
+        port, rings, errors = free_port(), {}, []
+
+        def rank_main(rank):
+            # local rank 0 everywhere: the fake arrays all live on "GPU 0"
+            local.info = RankInfo(rank, world, 0, "127.0.0.1", port, "tok", "torchrun")
+            try:
+                rings[rank] = nccl_mod.NcclRing.from_env(timeout=timeout, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        made.extend(rings.values())
+        return rings
+
+    yield make
+    for ring in made:
+        ring.close()
+
+
+def _wait_error(ring, deadline):
+    """The ring's error once it is recorded and the communicator aborted (``None`` if that has
+    not happened by ``deadline``)."""
+    while not (ring._error is not None and ring._comm.aborted) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return ring._error if ring._comm.aborted else None
+
+
+def test_one_rank_failing_aborts_every_rank_at_once(env_rings, capfd):
+    rings = env_rings(4)
+    assert all(ring._health is not None for ring in rings.values())
+    start = time.monotonic()
+    rings[2]._fail(cr.RingTimeoutError("rank 2: exchange 'kv' #5 made no progress within 20 s"))
+    for rank in (0, 1, 3):
+        error = _wait_error(rings[rank], start + 1.0)
+        assert error is not None, f"rank {rank} was not told within 1 s"
+        assert type(error) is cr.RingError and rings[rank]._comm.aborted
+        assert str(error).startswith(f"rank {rank}: ring aborted because rank 2 failed: rank 2:")
+        with pytest.raises(cr.RingError, match="because rank 2 failed"):
+            rings[rank].exchange([_dev(np.ones(2, np.float32))])
+    assert "because rank 2 failed" in capfd.readouterr().err
+
+
+def test_watchdog_timeout_is_relayed(env_rings):
+    rings = env_rings(3, timeout=0.3)
+    rings[1].exchange([_dev(np.ones(2, np.float32))])  # ranks 0 and 2 never take part
+    deadline = time.monotonic() + 10
+    while rings[1]._error is None:
+        assert time.monotonic() < deadline, "the watchdog never fired"
+        time.sleep(0.005)
+    fired = time.monotonic()
+    for rank in (0, 2):
+        error = _wait_error(rings[rank], fired + 1.0)
+        assert "because rank 1 failed" in str(error) and "made no progress" in str(error)
+
+
+def test_rank0_failure_reaches_the_others(env_rings):
+    rings = env_rings(3)
+    start = time.monotonic()
+    rings[0]._fail(cr.RingError("rank 0: NCCL failed"))
+    for rank in (1, 2):
+        assert "because rank 0 failed: rank 0: NCCL failed" in str(
+            _wait_error(rings[rank], start + 1.0)
+        )
+
+
+def test_clean_close_raises_nowhere(env_rings):
+    rings = env_rings(3)
+    server = rings[0]._health_server
+    for rank in (0, 1, 2):  # rank 0 first: the others must not take its leaving for a death
+        rings[rank].close()
+        time.sleep(0.1)
+    assert server.join(2)
+    assert all(ring._error is None for ring in rings.values())
+
+
+def test_failure_channel_can_be_turned_off(env_rings, monkeypatch):
+    rings = env_rings(2, health=False)
+    assert all(r._health is None and r._health_server is None for r in rings.values())
+    monkeypatch.setenv("CUPARING_HEALTH", "0")
+    rings = env_rings(2)
+    assert all(r._health is None for r in rings.values())
+
+
+def test_world_of_one_runs_no_channel(env_rings):
+    (ring,) = env_rings(1).values()
+    assert ring._health is None and ring._health_server is None
+
+
+def test_leaving_with_on_an_exception_is_a_failure(env_rings):
+    rings = env_rings(3)
+    with pytest.raises(ValueError), rings[1]:
+        raise ValueError("boom")
+    for rank in (0, 2):
+        error = _wait_error(rings[rank], time.monotonic() + 1.0)
+        assert "because rank 1 failed: rank 1: left the ring on ValueError: boom" in str(error)
+
+
+def test_interpreter_exit_leaves_cleanly_unless_crashing(env_rings, monkeypatch):
+    rings = env_rings(3)
+    monkeypatch.delattr(sys, "last_value", raising=False)
+    nccl_mod._leave_at_exit(weakref.ref(rings[0]))  # rank 0 (the server) ends first, normally
+    time.sleep(0.3)
+    assert all(ring._error is None for ring in rings.values())
+    rings = env_rings(3)
+    monkeypatch.setattr(sys, "last_value", KeyError("k"), raising=False)
+    nccl_mod._leave_at_exit(weakref.ref(rings[2]))
+    for rank in (0, 1):
+        error = _wait_error(rings[rank], time.monotonic() + 1.0)
+        assert "because rank 2 failed: rank 2: the process exits on KeyError" in str(error)

@@ -12,6 +12,7 @@ import pytest
 from cuparing.comm.rendezvous import (
     UNIQUE_ID_BYTES,
     RankInfo,
+    exchange_payload,
     exchange_unique_id,
     first_host,
     id_bytes,
@@ -295,3 +296,17 @@ def test_file_exchange_rank0_timeout_names_missing_ranks(tmp_path):
     with pytest.raises(RuntimeError, match=r"rank\(s\) \[1, 2\] of 3 did not read"):
         exchange_unique_id(RankInfo(0, 3, 0, run_token="x"), lambda: os.urandom(128),
                            timeout=0.3, init_file=tmp_path / "uid")  # fmt: skip
+
+
+@pytest.mark.parametrize("route", ["tcp", "file"])
+def test_payload_of_any_length_reaches_every_rank(route, tmp_path):
+    # what NcclRing.from_env sends: the unique id, then where rank 0's failure channel listens
+    port, payload = free_port(), os.urandom(UNIQUE_ID_BYTES) + b"node-0.cluster 40123"
+    init_file = tmp_path / "uid" if route == "file" else None
+
+    def rank_fn(rank):
+        return exchange_payload(_info(rank, 3, port), lambda: payload, 20, init_file)
+
+    results, errors = _run_ranks(3, rank_fn)
+    assert not errors, errors
+    assert [results[r] for r in range(3)] == [payload] * 3

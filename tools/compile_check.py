@@ -1,9 +1,10 @@
 """Compile every cuparing kernel instantiation with NVRTC, without a GPU, and report resources.
 
-For each forward instantiation (head dims x fp16/bf16) and the cast kernels, for sm_80 and sm_90a:
+For each forward and backward instantiation (head dims x fp16/bf16, and the backward's modes),
+the delta and cast kernels, for sm_80 and sm_90a:
 NVRTC -> CUBIN with ptxas verbose output, parsed into registers, spill stores/loads, stack frame
 (local memory) and barriers; shared memory is the dynamic size from the traits table (the kernels
-use no static shared memory). A forward kernel with any spill or stack frame fails the check:
+use no static shared memory). A forward or backward kernel with any spill or stack frame fails:
 local memory in the hot loop costs far more than the tile choice it would buy.
 
 NVRTC comes from the ``nvidia-cuda-nvrtc`` wheel (``libnvrtc.so.*`` under site-packages
@@ -162,7 +163,7 @@ class KernelReport:
     spill_loads: int
     stack: int
     compile_s: float
-    hot: bool  # a forward kernel: any local memory fails the check
+    hot: bool  # a forward/backward kernel: any local memory fails the check
 
     @property
     def spills(self) -> int:
@@ -233,8 +234,11 @@ def check_all(archs=ARCHS, jobs: int | None = None, nvrtc=None) -> list[KernelRe
             for dtype in loader.DTYPES:
                 smem = loader.smem_bytes(d, arch)
                 work.append((source, loader.fwd_name(d, dtype), arch, True, smem))
+        for name in loader.all_bwd_names(arch):
+            d = int(name.split("<")[1].split(",")[0])
+            work.append((source, name, arch, True, loader.bwd_smem_bytes(d, arch)))
         for dtype in loader.DTYPES:
-            for name in loader.cast_names(dtype):
+            for name in (*loader.cast_names(dtype), loader.bwd_delta_name(dtype)):
                 work.append((source, name, arch, False, 0))
     jobs = jobs or max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(jobs) as pool:  # ctypes releases the GIL while NVRTC runs
@@ -244,13 +248,13 @@ def check_all(archs=ARCHS, jobs: int | None = None, nvrtc=None) -> list[KernelRe
 
 def format_table(reports: list[KernelReport]) -> str:
     header = (
-        f"{'kernel':<38} {'arch':<7} {'regs':>4} {'smem':>7} {'spill':>5} {'stack':>5} {'s':>5}"
+        f"{'kernel':<42} {'arch':<7} {'regs':>4} {'smem':>7} {'spill':>5} {'stack':>5} {'s':>5}"
     )
     lines = [header, "-" * len(header)]
     for r in reports:
         flag = "" if r.ok else "  <-- local memory in a hot kernel"
         lines.append(
-            f"{r.kernel:<38} {r.arch:<7} {r.regs:>4} {r.smem:>7} "
+            f"{r.kernel:<42} {r.arch:<7} {r.regs:>4} {r.smem:>7} "
             f"{r.spill_stores + r.spill_loads:>5} {r.stack:>5} {r.compile_s:>5.1f}{flag}"
         )
     return "\n".join(lines)

@@ -11,9 +11,15 @@ Forward, float32: the generic blockwise code (``array_ops``) on CuPy arrays, i.e
 on CUDA cores (tensor cores are only used for 16-bit inputs). Head dims that the kernel cannot
 take (not a multiple of 8, or > 256) also take this path, through float32.
 
-Backward (all dtypes): ``array_ops`` on CuPy (cuBLAS), after upcasting fp16/bf16 inputs to float32
-with our own cast kernels (bf16 travels as uint16 bits; CuPy's astype is not relied on for
-``ml_dtypes.bfloat16``); gradients accumulate in float32 and are cast back the same way.
+Backward, float16 / bfloat16: ``cuparing_bwd_delta<bf16>`` computes ``delta = rowsum(dO * O)``
+once per backward call, then every ring block is one launch of ``cuparing_bwd<D, bf16, 0>`` (two,
+dV then dK + dQ, for head dims above 128) that ADDS its dq, dk, dv into the float32 accumulators
+with atomics; ``cast`` turns them into the input dtype at the end.
+
+Backward, float32 (and head dims the kernel cannot take): ``array_ops`` on CuPy (cuBLAS), after
+upcasting to float32 with our own cast kernels (bf16 travels as uint16 bits; CuPy's astype is not
+relied on for ``ml_dtypes.bfloat16``); gradients accumulate in float32 and are cast back the same
+way.
 
 Everything runs on CuPy's current stream; ``cuparing.api`` makes the caller's stream current.
 """
@@ -219,10 +225,28 @@ class CupyBackend:
         grid = (nheads, batch, math.ceil(seqlen_q / cfg.block_m))
         kernel(grid, (cfg.threads,), (params,), shared_mem=smem)
 
-    # ---- backward (cuBLAS through array_ops, float32)
+    # ---- backward: our kernel for fp16/bf16, cuBLAS through array_ops (float32) otherwise
     def backward_delta(self, dout, out):
         """D = rowsum(dO * O), float32 [B, H, Sq]."""
-        return array_ops.backward_delta(self.xp, self._to_f32(dout), self._to_f32(out))
+        cp = self.xp
+        if not (self._kernel_ok(dout) and _dtype_name(out.dtype) == _dtype_name(dout.dtype)):
+            return array_ops.backward_delta(self.xp, self._to_f32(dout), self._to_f32(out))
+        batch, seqlen, nheads, headdim = dout.shape
+        delta = cp.empty((batch, nheads, seqlen), dtype=cp.float32)
+        rows = batch * seqlen * nheads
+        if rows == 0:
+            return delta
+        dout, out = (_kernel_operand(cp, x) for x in (dout, out))
+        ds, os_ = _element_strides(dout), _element_strides(out)
+        kernel = loader.get_bwd_delta_kernel(_dtype_name(dout.dtype))
+        threads = 256  # 8 warps, one row each
+        blocks = min(math.ceil(rows / (threads // 32)), 65536)
+        kernel(
+            (blocks,), (threads,),
+            (dout, out, delta, *(np.int64(x) for x in (*ds, *os_)), np.int32(batch),
+             np.int32(seqlen), np.int32(nheads), np.int32(headdim)),
+        )  # fmt: skip
+        return delta
 
     def zeros_accum(self, shape, dtype):
         """A zeroed float32 gradient accumulator."""
@@ -232,10 +256,52 @@ class CupyBackend:
         self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale
     ):
         """Add one block's gradients into the float32 dq, dk, dv (in place)."""
+        if self._kernel_ok(q):
+            self._launch_backward(
+                dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale
+            )
+            return
         array_ops.block_backward(
             self.xp, dq, dk, dv, self._to_f32(dout), self._to_f32(q), self._to_f32(k),
             self._to_f32(v), lse, delta, _host(q_pos), _host(k_pos), kind, mask, scale,
         )  # fmt: skip
+
+    def _launch_backward(
+        self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask: MaskSpec, scale
+    ):
+        cp = self.xp
+        batch, seqlen_q, nheads, headdim = q.shape
+        seqlen_k, nheads_kv = k.shape[1], k.shape[2]
+        if batch == 0 or seqlen_q == 0 or seqlen_k == 0 or nheads == 0:
+            return
+        for name, acc, shape in (("dq", dq, q.shape), ("dk", dk, k.shape), ("dv", dv, k.shape)):
+            if acc.dtype != cp.float32 or not acc.flags.c_contiguous or acc.shape != shape:
+                raise ValueError(f"{name} must be a contiguous float32 accumulator of {shape}")
+        dtype = _dtype_name(q.dtype)
+        padded = loader.padded_head_dim(headdim)
+        kernels, cfg, smem = loader.get_bwd_kernels(padded, dtype)
+        q, k, v, dout = (_kernel_operand(cp, x) for x in (q, k, v, dout))
+        lse = cp.ascontiguousarray(lse, dtype=cp.float32)
+        delta = cp.ascontiguousarray(delta, dtype=cp.float32)
+        qs, ks, vs, dos = (_element_strides(x) for x in (q, k, v, dout))
+        q_pos = q_pos if isinstance(q_pos, DevicePositions) else self.positions(q_pos)
+        k_pos = k_pos if isinstance(k_pos, DevicePositions) else self.positions(k_pos)
+        params = loader.pack_bwd_params(
+            q=q.data.ptr, k=k.data.ptr, v=v.data.ptr, dout=dout.data.ptr, lse=lse.data.ptr,
+            delta=delta.data.ptr, dq=dq.data.ptr, dk=dk.data.ptr, dv=dv.data.ptr,
+            q_pos=q_pos.device.data.ptr, k_pos=k_pos.device.data.ptr,
+            q_batch_stride=qs[0], q_row_stride=qs[1], q_head_stride=qs[2],
+            k_batch_stride=ks[0], k_row_stride=ks[1], k_head_stride=ks[2],
+            v_batch_stride=vs[0], v_row_stride=vs[1], v_head_stride=vs[2],
+            do_batch_stride=dos[0], do_row_stride=dos[1], do_head_stride=dos[2],
+            batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=nheads,
+            nheads_kv=nheads_kv, headdim=headdim,
+            lo=-mask.left_bound, hi=mask.right_bound, block_full=int(kind == BlockKind.FULL),
+            scale_log2=np.float32(scale * _LOG2E), scale=np.float32(scale),
+        )  # fmt: skip
+        grid = (nheads, batch, math.ceil(seqlen_k / cfg.block_n))
+        for kernel, _mode in kernels:
+            kernel(grid, (cfg.threads,), (params,), shared_mem=smem)
 
     # ---- dtype conversion
     def cast(self, x, dtype):

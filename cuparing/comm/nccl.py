@@ -24,24 +24,36 @@ queue of work is not mistaken for a hang), the watchdog prints the diagnosis to 
 communicator (which releases the GPU kernels and any host call stuck in NCCL) and the next
 ``exchange``/``wait``/``synchronize`` raises :class:`RingTimeoutError`. A single exchange step
 (including the compute it waits for) must therefore fit in ``timeout``.
+
+A watchdog only sees its own exchanges, so alone it finds a dead rank one hop per ``timeout``.
+Rings built by :meth:`NcclRing.from_env` therefore also join the failure channel of
+:mod:`cuparing.comm.health`: a rank whose watchdog fires or whose NCCL call fails reports it
+there, rank 0 relays it (or the death of a rank's process) to every rank, and each aborts its
+communicator and raises :class:`RingError` naming the failed rank, within about a second. Leaving
+the ring by :meth:`NcclRing.close` or by the interpreter's normal exit is no failure; leaving a
+``with ring:`` block or the program on an exception is reported as one.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
 import sys
 import threading
 import time
+import weakref
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import health as _health
 from . import trace as _trace
 from .base import PendingExchange, Ring, RingError, RingTimeoutError
 from .local import _Ready
-from .rendezvous import RankInfo, exchange_unique_id
+from .rendezvous import UNIQUE_ID_BYTES, RankInfo, exchange_payload, id_bytes
 
 _POLL_S = 0.02  # watchdog period: one cudaEventQuery per poll, far below any sane timeout
 
@@ -155,6 +167,9 @@ class NcclRing(Ring):
         self._stopped_trace: _trace.TraceRecorder | None = None
         if trace or self._trace_path:
             self.start_trace()
+        self._health: _health.HealthClient | None = None  # see _join_health
+        self._health_server: _health.HealthServer | None = None
+        self._at_exit = None
         self._stop = threading.Event()
         self._watchdog = None
         if comm is not None:
@@ -167,19 +182,26 @@ class NcclRing(Ring):
 
     @classmethod
     def from_env(cls, timeout: float = 300.0, init_file: str | None = None,
-                 device: int | None = None, trace: bool = False) -> NcclRing:  # fmt: skip
+                 device: int | None = None, trace: bool = False,
+                 health: bool | None = None) -> NcclRing:  # fmt: skip
         """Join the ring the launcher describes (torchrun, mpirun, srun, ``cuparing.launch``).
 
         Binds GPU ``local_rank`` (or ``device``) *before* creating the communicator, exchanges
-        the NCCL unique id (see :func:`cuparing.comm.rendezvous.exchange_unique_id`) and creates
-        the communicator. World size 1 needs no NCCL. ``NCCL_NVLS_ENABLE`` defaults to ``0``
-        (NVLink multicast off, as shared hosts require) unless already set.
+        the NCCL unique id and the address of rank 0's failure channel (see
+        :func:`cuparing.comm.rendezvous.exchange_payload`), creates the communicator, then joins
+        the failure channel (:mod:`cuparing.comm.health`). World size 1 needs neither.
+        ``NCCL_NVLS_ENABLE`` defaults to ``0`` (NVLink multicast off, as shared hosts require)
+        unless already set.
 
         Args:
             timeout: seconds for the rendezvous, and for any exchange to make progress.
             init_file: rendezvous through this shared file instead of TCP.
             device: GPU index to use instead of ``local_rank``.
             trace: as in :class:`NcclRing`.
+            health: join the failure channel, so that one rank's failure aborts every rank at
+                once. Default: on unless ``CUPARING_HEALTH=0``. Rank 0 decides for the ring:
+                if it runs no channel, no rank joins one. A rank that cannot reach the channel
+                warns on stderr and relies on its watchdog alone.
 
         Raises:
             RuntimeError: CuPy or NCCL missing, too few GPUs, or the rendezvous failed.
@@ -201,9 +223,46 @@ class NcclRing(Ring):
             return cls(0, 1, None, index, timeout, trace)
         nccl = _import_nccl()
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-        unique_id = exchange_unique_id(info, nccl.get_unique_id, timeout, init_file)
-        comm = _communicator(nccl, info, unique_id, timeout)
-        return cls(info.rank, info.world_size, comm, index, timeout, trace)
+        if health is None:
+            health = os.environ.get("CUPARING_HEALTH", "1").strip().lower() not in ("0", "false")
+        server = None
+        if info.rank == 0 and health:
+            # listening before the exchange: its address travels with the unique id
+            server = _health.HealthServer.for_rank0(info.world_size, info.run_token,
+                                                    info.master_addr)  # fmt: skip
+        try:
+
+            def payload() -> bytes:
+                uid = id_bytes(nccl.get_unique_id())
+                return uid + (_health.encode_address(*server.address) if server else b"")
+
+            data = exchange_payload(info, payload, timeout, init_file)
+            comm = _communicator(nccl, info, data[:UNIQUE_ID_BYTES], timeout)
+        except BaseException:
+            if server is not None:
+                server.close(linger=False)
+            raise
+        ring = cls(info.rank, info.world_size, comm, index, timeout, trace)
+        address = _health.decode_address(data[UNIQUE_ID_BYTES:])
+        if server is not None:
+            ring._health_server = server
+            address = server.local_address  # rank 0 reaches its own server on loopback
+        if address is not None and health:
+            ring._join_health(address, info.run_token, min(timeout, 30.0))
+        return ring
+
+    def _join_health(self, address: tuple[str, int], run_token: str, timeout: float) -> None:
+        """Connect to rank 0's failure channel; on failure warn and go on without it."""
+        try:
+            self._health = _health.HealthClient(address, self.rank, self.size, run_token,
+                                                self._peer_failed, timeout)  # fmt: skip
+        except RuntimeError as exc:
+            print(f"[cuparing] warning: {exc}; this rank learns of other ranks' failures only "
+                  "through its own watchdog", file=sys.stderr, flush=True)  # fmt: skip
+            return
+        # a program that ends without close() must not look dead to ranks still finishing
+        self._at_exit = functools.partial(_leave_at_exit, weakref.ref(self))
+        atexit.register(self._at_exit)
 
     @classmethod
     def solo(cls, device: int | None = None, trace: bool = False) -> NcclRing:
@@ -369,6 +428,7 @@ class NcclRing(Ring):
                 stem, ext = os.path.splitext(path)
                 path = f"{stem}.rank{{rank}}{ext or '.json'}"
             self.write_trace(path)
+        self._leave_health(linger=True)
         self._stop.set()
         if self._watchdog is not None:
             self._watchdog.join()
@@ -376,6 +436,25 @@ class NcclRing(Ring):
         if comm is not None and self._error is None:  # after a failure _fail already aborted it
             with self.device:
                 comm.destroy()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and not isinstance(exc, RingError):
+            # the others would wait for our exchanges until their watchdogs fire: tell them now
+            self._fail(RingError(f"rank {self.rank}: left the ring on {exc_type.__name__}: {exc}"))
+        self.close()
+
+    def _leave_health(self, linger: bool) -> None:
+        """Say BYE on the failure channel (our connection ending is no failure from now on) and,
+        on rank 0, stop the server: lingering, it relays on among ranks still running."""
+        if self._at_exit is not None:
+            atexit.unregister(self._at_exit)
+            self._at_exit = None
+        if self._health is not None:
+            self._health.close()
+        if self._health_server is not None:
+            self._health_server.close(linger=linger)
+            if not linger:
+                self._health_server.join(1.0)  # CLOSING must be out before the process ends
 
     # --- tracing ---
 
@@ -463,13 +542,20 @@ class NcclRing(Ring):
                 "or issued a different exchange sequence."
             ))  # fmt: skip
 
-    def _fail(self, error: RingError) -> None:
+    def _peer_failed(self, rank: int, reason: str) -> None:
+        """The failure channel's callback (its reader thread): another rank failed."""
+        error = RingError(f"rank {self.rank}: ring aborted because rank {rank} failed: {reason}")
+        self._fail(error, report=False)  # it came from the channel: do not send it back
+
+    def _fail(self, error: RingError, report: bool = True) -> None:
         with self._lock:
             if self._error is not None:
                 return
             self._error = error
         # say it now: the main thread may be blocked in a CUDA call until the abort releases it
         print(f"[cuparing] {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        if report and self._health is not None:
+            self._health.report(str(error))  # before the abort, which may take a while
         comm = self._comm
         if comm is not None:
             with contextlib.suppress(Exception):
@@ -478,6 +564,19 @@ class NcclRing(Ring):
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise _fresh(self._error)
+
+
+def _leave_at_exit(ref: weakref.ref) -> None:
+    """At interpreter exit, leave a ring that was not closed: after an uncaught exception (which
+    the interpreter has stored in ``sys.last_value`` by now) as a failure, else cleanly."""
+    ring = ref()
+    if ring is None or ring._closed:
+        return
+    crash = getattr(sys, "last_value", None)
+    if crash is not None:
+        ring._fail(RingError(f"rank {ring.rank}: the process exits on {type(crash).__name__}: "
+                             f"{crash}"))  # fmt: skip
+    ring._leave_health(linger=False)
 
 
 def _fresh(error: RingError) -> RingError:

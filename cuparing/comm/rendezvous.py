@@ -1,8 +1,10 @@
 """Who am I in the job, and how the ranks agree on an NCCL unique id.
 
 :class:`RankInfo` reads rank, world size and local rank from the launcher's environment
-(torchrun, Open MPI, MPICH/Hydra, Slurm, or :mod:`cuparing.launch`). :func:`exchange_unique_id`
-hands rank 0's 128-byte NCCL id to every other rank, by one of three routes:
+(torchrun, Open MPI, MPICH/Hydra, Slurm, or :mod:`cuparing.launch`). :func:`exchange_payload`
+hands rank 0's setup bytes (the 128-byte NCCL id, plus where its failure channel listens: see
+:mod:`cuparing.comm.health`) to every other rank; :func:`exchange_unique_id` is the same for the
+id alone. Three routes:
 
 - TCP (default): rank 0 serves the id at ``master_addr:master_port`` until every other rank has
   fetched it; the others connect with retry and backoff.
@@ -32,11 +34,13 @@ from dataclasses import dataclass
 
 UNIQUE_ID_BYTES = 128
 MAGIC = b"CPRG"
-VERSION = 1
+VERSION = 2  # 2: the payload is length-prefixed (1 carried exactly UNIQUE_ID_BYTES)
+MAX_PAYLOAD = 1 << 16
 # client -> server: magic, version, rank, world size, sha256(run token)
 _HELLO = struct.Struct("!4sHII32s")
-# server -> client: magic, version, status, then UNIQUE_ID_BYTES (ok) or a UTF-8 reason (refused)
+# server -> client: magic, version, status, then _LENGTH + payload (ok) or a UTF-8 reason (refused)
 _REPLY = struct.Struct("!4sHB")
+_LENGTH = struct.Struct("!I")
 _OK, _REFUSED = 0, 1
 # ports derived from a job id stay below Linux's default ephemeral range (32768-60999), where the
 # kernel hands out client ports that could already hold the one we derive
@@ -248,16 +252,46 @@ def exchange_unique_id(
         The id as 128 bytes.
 
     Raises:
+        As :func:`exchange_payload`.
+    """
+    return id_bytes(exchange_payload(info, lambda: id_bytes(make_id()), timeout, init_file))
+
+
+def exchange_payload(
+    info: RankInfo,
+    make_payload: Callable[[], bytes],
+    timeout: float = 300.0,
+    init_file: str | os.PathLike | None = None,
+) -> bytes:
+    """Give rank 0's bytes to every rank (by the route the module doc describes).
+
+    Args:
+        info: this rank's :class:`RankInfo`.
+        make_payload: called on rank 0 only; at most :data:`MAX_PAYLOAD` bytes.
+        timeout: seconds the whole exchange may take on this rank.
+        init_file: use this file (on a file system all ranks share) instead of TCP.
+
+    Returns:
+        Rank 0's bytes, on every rank.
+
+    Raises:
         RuntimeError: timeout (the message names the ranks waited for and the address or file),
             a peer of another run (token mismatch), or the port is taken.
         ValueError: no address to meet at (``MASTER_ADDR``/``MASTER_PORT`` unset, no init_file).
     """
+
+    def make() -> bytes:
+        payload = bytes(make_payload())
+        if len(payload) > MAX_PAYLOAD:
+            raise ValueError(f"a rendezvous payload has at most {MAX_PAYLOAD} bytes")
+        return payload
+
     if info.world_size == 1:
-        return id_bytes(make_id())
+        return make()
     if init_file is not None:
-        return _file_exchange(info, make_id, timeout, os.fspath(init_file))
+        return _file_exchange(info, make, timeout, os.fspath(init_file))
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and info.launcher == "torchrun":
-        return _store_exchange(info, make_id, timeout)
+        return _store_exchange(info, make, timeout)
     if info.master_addr is None or info.master_port is None:
         raise ValueError(
             f"rank {info.rank}: no rendezvous address (launcher {info.launcher!r} gave "
@@ -265,9 +299,9 @@ def exchange_unique_id(
             "or pass init_file= a path every rank can read"
         )
     if info.rank == 0:
-        unique_id = id_bytes(make_id())
-        _serve(info, unique_id, timeout)
-        return unique_id
+        payload = make()
+        _serve(info, payload, timeout)
+        return payload
     return _fetch(info, timeout)
 
 
@@ -279,7 +313,8 @@ def id_bytes(raw) -> bytes:
     return data
 
 
-def _digest(token: str) -> bytes:
+def token_digest(token: str) -> bytes:
+    """What peers compare instead of the run token itself (it never goes on the wire)."""
     return hashlib.sha256(token.encode()).digest()
 
 
@@ -294,15 +329,21 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _listen(info: RankInfo) -> socket.socket:
-    addr = info.master_addr
+def bind_host(addr: str | None) -> str:
+    """The interface rank 0 listens on when peers reach it as ``addr``: ``addr`` itself if it is
+    a loopback address (the job is confined to this host), else every interface (``""``), since
+    other hosts reach rank 0 by whatever name ``addr`` resolves to there."""
+    if addr is None:
+        return ""
     try:
         loopback = socket.gethostbyname(addr).startswith("127.")
     except OSError:
         loopback = False
-    # serve on every interface unless the job is confined to this host: other hosts reach rank 0
-    # by whatever name MASTER_ADDR resolves to there
-    host = addr if loopback else ""
+    return addr if loopback else ""
+
+
+def _listen(info: RankInfo) -> socket.socket:
+    host = bind_host(info.master_addr)
     try:
         return socket.create_server((host, info.master_port), backlog=max(16, info.world_size))
     except OSError as exc:
@@ -312,10 +353,10 @@ def _listen(info: RankInfo) -> socket.socket:
         ) from exc
 
 
-def _serve(info: RankInfo, unique_id: bytes, timeout: float) -> None:
+def _serve(info: RankInfo, payload: bytes, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     waiting = set(range(1, info.world_size))
-    expected = _digest(info.run_token)
+    expected = token_digest(info.run_token)
     where = f"{info.master_addr}:{info.master_port}"
     with _listen(info) as server:
         while waiting:
@@ -332,13 +373,13 @@ def _serve(info: RankInfo, unique_id: bytes, timeout: float) -> None:
             except TimeoutError:
                 continue
             with conn:
-                served = _answer(conn, info, unique_id, expected, min(5.0, max(left, 0.1)))
+                served = _answer(conn, info, payload, expected, min(5.0, max(left, 0.1)))
             if served is not None:
                 waiting.discard(served)
 
 
-def _answer(conn, info, unique_id, expected_digest, io_timeout) -> int | None:
-    """Reply to one client: the id if its hello matches this run, else a refusal."""
+def _answer(conn, info, payload, expected_digest, io_timeout) -> int | None:
+    """Reply to one client: the payload if its hello matches this run, else a refusal."""
     conn.settimeout(io_timeout)
     try:
         magic, version, rank, world, digest = _HELLO.unpack(_recv_exact(conn, _HELLO.size))
@@ -359,7 +400,7 @@ def _answer(conn, info, unique_id, expected_digest, io_timeout) -> int | None:
         if reason is not None:
             conn.sendall(_REPLY.pack(MAGIC, VERSION, _REFUSED) + reason.encode())
             return None
-        conn.sendall(_REPLY.pack(MAGIC, VERSION, _OK) + unique_id)
+        conn.sendall(_REPLY.pack(MAGIC, VERSION, _OK) + _LENGTH.pack(len(payload)) + payload)
         # let the client close first, so TIME_WAIT lands on its port, not on MASTER_PORT (which a
         # torch.distributed store may want to bind right after us)
         conn.recv(1)
@@ -371,7 +412,7 @@ def _answer(conn, info, unique_id, expected_digest, io_timeout) -> int | None:
 def _fetch(info: RankInfo, timeout: float) -> bytes:
     deadline = time.monotonic() + timeout
     where = (info.master_addr, info.master_port)
-    hello = _HELLO.pack(MAGIC, VERSION, info.rank, info.world_size, _digest(info.run_token))
+    hello = _HELLO.pack(MAGIC, VERSION, info.rank, info.world_size, token_digest(info.run_token))
     delay, last_error = 0.05, "no attempt made"
     while True:
         left = deadline - time.monotonic()
@@ -387,8 +428,16 @@ def _fetch(info: RankInfo, timeout: float) -> bytes:
                 magic, version, status = _REPLY.unpack(_recv_exact(conn, _REPLY.size))
                 if magic != MAGIC:
                     raise ConnectionError(f"not a cuparing rendezvous server (magic {magic!r})")
+                if version != VERSION:
+                    raise RuntimeError(
+                        f"rank {info.rank}: the rendezvous server at {where[0]}:{where[1]} speaks "
+                        f"protocol version {version}, this rank {VERSION} (mixed cuparing versions)"
+                    )
                 if status == _OK:
-                    return _recv_exact(conn, UNIQUE_ID_BYTES)
+                    (length,) = _LENGTH.unpack(_recv_exact(conn, _LENGTH.size))
+                    if length > MAX_PAYLOAD:
+                        raise ConnectionError(f"payload of {length} bytes announced")
+                    return _recv_exact(conn, length)
                 reason = b""
                 while chunk := conn.recv(4096):
                     reason += chunk
@@ -405,8 +454,22 @@ def _fetch(info: RankInfo, timeout: float) -> bytes:
 # --- file route ---
 
 
-def _file_record(info: RankInfo, unique_id: bytes) -> bytes:
-    return _REPLY.pack(MAGIC, VERSION, _OK) + _digest(info.run_token) + unique_id
+def _file_record(info: RankInfo, payload: bytes) -> bytes:
+    header = _REPLY.pack(MAGIC, VERSION, _OK) + token_digest(info.run_token)
+    return header + _LENGTH.pack(len(payload)) + payload
+
+
+def _parse_record(data: bytes, expected_digest: bytes) -> bytes | None:
+    """The payload of a complete record of this run and version, else ``None``."""
+    header = _REPLY.size + len(expected_digest)
+    if len(data) < header + _LENGTH.size:
+        return None
+    magic, version, _ = _REPLY.unpack(data[: _REPLY.size])
+    if magic != MAGIC or version != VERSION or data[_REPLY.size : header] != expected_digest:
+        return None
+    (length,) = _LENGTH.unpack(data[header : header + _LENGTH.size])
+    payload = data[header + _LENGTH.size :]
+    return payload if len(payload) == length else None
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -422,13 +485,13 @@ def _ack_path(path: str, rank: int) -> str:
     return f"{path}.ack{rank}"
 
 
-def _file_exchange(info, make_id, timeout, path) -> bytes:
+def _file_exchange(info, make_payload, timeout, path) -> bytes:
     deadline = time.monotonic() + timeout
     if info.rank == 0:
-        unique_id = id_bytes(make_id())
+        payload = make_payload()
         for rank in range(1, info.world_size):  # acknowledgements of an earlier run
             _remove(_ack_path(path, rank))
-        _write_atomic(path, _file_record(info, unique_id))
+        _write_atomic(path, _file_record(info, payload))
         waiting = set(range(1, info.world_size))
         while waiting:
             waiting = {r for r in waiting if not os.path.exists(_ack_path(path, r))}
@@ -443,9 +506,8 @@ def _file_exchange(info, make_id, timeout, path) -> bytes:
         # everyone has it: remove it, so a later run with the same path never reads a stale id
         for p in [path] + [_ack_path(path, r) for r in range(1, info.world_size)]:
             _remove(p)
-        return unique_id
-    expected = _digest(info.run_token)
-    header = _REPLY.size + len(expected)
+        return payload
+    expected = token_digest(info.run_token)
     while True:
         try:
             with open(path, "rb") as f:
@@ -453,10 +515,10 @@ def _file_exchange(info, make_id, timeout, path) -> bytes:
         except OSError:
             data = b""
         # a file of another run (token differs) may still be there: wait for rank 0 to replace it
-        if len(data) == header + UNIQUE_ID_BYTES and data[_REPLY.size : header] == expected:
-            if data[:4] == MAGIC:
-                _write_atomic(_ack_path(path, info.rank), b"")
-                return data[header:]
+        payload = _parse_record(data, expected)
+        if payload is not None:
+            _write_atomic(_ack_path(path, info.rank), b"")
+            return payload
         if time.monotonic() > deadline:
             found = "no such file" if not data else "a file of another run or version"
             raise RuntimeError(
@@ -478,7 +540,7 @@ def _remove(path: str) -> None:
 _store_calls = 0
 
 
-def _store_exchange(info: RankInfo, make_id, timeout: float) -> bytes:
+def _store_exchange(info: RankInfo, make_payload, timeout: float) -> bytes:
     import datetime
 
     from torch.distributed import TCPStore
@@ -493,10 +555,10 @@ def _store_exchange(info: RankInfo, make_id, timeout: float) -> bytes:
             timeout=datetime.timedelta(seconds=timeout),
         )  # fmt: skip
         if info.rank == 0:
-            unique_id = id_bytes(make_id())
-            store.set(key, unique_id)
-            return unique_id
-        return id_bytes(store.get(key))
+            payload = make_payload()
+            store.set(key, payload)
+            return payload
+        return bytes(store.get(key))
     except RuntimeError as exc:
         raise RuntimeError(
             f"rank {info.rank}: NCCL unique-id exchange through torchrun's store at {where} "

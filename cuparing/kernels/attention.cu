@@ -2,7 +2,12 @@
 // NVRTC compiles exactly the kernels a call needs. Grid and block come from the traits table:
 //   cuparing_fwd<D, bf16>: grid (H, B, ceil(Sq / kBlockM)), block kNThreads, dynamic smem
 //                          kSmemBytes; the z index is walked backwards (heaviest tiles first).
+//   cuparing_bwd<D, bf16, mode>: grid (H, B, ceil(Sk / kBlockN)), block kNThreads, dynamic smem
+//                          kSmemBytes; adds one ring block's dq, dk, dv (BwdMode: all, or the
+//                          dV / dK+dQ halves of a split instantiation, two launches).
+//   cuparing_bwd_delta<bf16>: delta = rowsum(dO * O) float32 [B, H, S], one warp per row.
 //   cuparing_cast_*:       elementwise fp32 <-> fp16/bf16 over n contiguous elements.
+#include "bwd.cuh"
 #include "fwd.cuh"
 
 template <int kHeadDim, bool kBf16>
@@ -10,6 +15,25 @@ __global__ void __launch_bounds__(cuparing::FwdTraits<kHeadDim>::kNThreads,
                                   cuparing::FwdTraits<kHeadDim>::kMinBlocks)
     cuparing_fwd(const cuparing::FwdParams params) {
   cuparing::fwd_block<cuparing::FwdTraits<kHeadDim>, kBf16>(params);
+}
+
+template <int kHeadDim, bool kBf16, int kMode>
+__global__ void __launch_bounds__(cuparing::BwdTraits<kHeadDim>::kNThreads,
+                                  cuparing::BwdTraits<kHeadDim>::kMinBlocks)
+    cuparing_bwd(const cuparing::BwdParams params) {
+  static_assert((kMode == cuparing::kBwdAll) != cuparing::BwdTraits<kHeadDim>::kSplit,
+                "split instantiations run as kBwdDv + kBwdDkDq, the others as kBwdAll");
+  cuparing::bwd_block<cuparing::BwdTraits<kHeadDim>, kBf16, kMode>(params);
+}
+
+template <bool kBf16>
+__global__ void __launch_bounds__(256)
+    cuparing_bwd_delta(const cuparing::u16* __restrict__ dout, const cuparing::u16* __restrict__ out,
+                       float* __restrict__ delta, long long do_bs, long long do_rs, long long do_hs,
+                       long long o_bs, long long o_rs, long long o_hs, int batch, int seqlen,
+                       int nheads, int headdim) {
+  cuparing::bwd_delta_rows<kBf16>(dout, out, delta, do_bs, do_rs, do_hs, o_bs, o_rs, o_hs, batch,
+                                  seqlen, nheads, headdim);
 }
 
 // fp32 -> fp16/bf16 bits, round to nearest even (the final cast of the ring's fp32 accumulator).

@@ -5,7 +5,8 @@ NVRTC needs nothing but libnvrtc. :func:`kernel_source` inlines our own ``#inclu
 into one string, because CuPy's on-disk kernel cache hashes the source text: an edited header must
 change the hash. The per-head-dim tile table :data:`FWD_CONFIGS` is the single source of truth for
 both sides: it is emitted as the ``CUPARING_FWD_CONFIGS`` X-macro that ``traits.cuh`` expands, with
-the shared-memory size computed here and re-checked there by ``static_assert``.
+the shared-memory size computed here and re-checked there by ``static_assert``. The backward
+kernel's table :data:`BWD_CONFIGS` works the same way (``CUPARING_BWD_CONFIGS``, bwd.cuh).
 
 This module imports CuPy only inside the functions that launch or fetch kernels; the table, the
 source builder and the params layout are pure Python (the compile check and CPU tests use them).
@@ -102,6 +103,78 @@ def fwd_configs(arch: str = "sm_80") -> dict[int, FwdConfig]:
     return table
 
 
+@dataclass(frozen=True)
+class BwdConfig:
+    """Tile configuration of the backward kernel for one (padded) head dim.
+
+    Attributes:
+        block_m: queries per inner tile; block_n: keys per CTA (16 or 32 per warp).
+        warps: warps per CTA (they split the keys; the dQ tile is split over all of them).
+        split: two launches, dV then dK + dQ (head dims whose dK + dV accumulators would not fit
+            the registers of one thread together).
+        min_blocks: ``__launch_bounds__`` minimum CTAs per SM.
+    """
+
+    block_m: int
+    block_n: int
+    warps: int
+    split: bool
+    min_blocks: int
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+
+# Per warp 16 keys x (dK + dV) in fp32 registers: 2 * d / 2 per thread; S^T and dP^T add
+# block_m / 2 each. Chosen so no instantiation spills on sm_80 / sm_90a (tools/compile_check.py)
+# and all fit sm_80's 163 KB of shared memory: K, V once, Q and dO double-buffered, dS^T.
+BWD_CONFIGS: dict[int, BwdConfig] = {
+    32: BwdConfig(block_m=64, block_n=128, warps=8, split=False, min_blocks=1),
+    64: BwdConfig(block_m=64, block_n=128, warps=8, split=False, min_blocks=1),
+    96: BwdConfig(block_m=64, block_n=128, warps=8, split=False, min_blocks=1),
+    128: BwdConfig(block_m=32, block_n=128, warps=8, split=False, min_blocks=1),
+    160: BwdConfig(block_m=64, block_n=64, warps=4, split=True, min_blocks=1),
+    192: BwdConfig(block_m=32, block_n=64, warps=4, split=True, min_blocks=1),
+    224: BwdConfig(block_m=32, block_n=64, warps=4, split=True, min_blocks=1),
+    256: BwdConfig(block_m=32, block_n=64, warps=4, split=True, min_blocks=1),
+}
+# Hopper (227 KB per CTA): not tuned yet; rows here replace BWD_CONFIGS rows on sm_9x.
+HOPPER_BWD_TILES: dict[int, BwdConfig] = {}
+
+# Modes of the backward kernel (bwd.cuh BwdMode).
+BWD_ALL = 0
+BWD_DV = 1
+BWD_DK_DQ = 2
+
+
+def bwd_configs(arch: str = "sm_80") -> dict[int, BwdConfig]:
+    """The backward tile table for ``arch``: the base table, then Hopper's rows on sm_9x."""
+    table = dict(BWD_CONFIGS)
+    if arch.startswith("sm_9"):
+        table.update(HOPPER_BWD_TILES)
+    return table
+
+
+def bwd_modes(head_dim: int, arch: str = "sm_80") -> tuple[int, ...]:
+    """The launches (BwdMode values, in order) that compute one block's gradients."""
+    return (BWD_DV, BWD_DK_DQ) if bwd_configs(arch)[head_dim].split else (BWD_ALL,)
+
+
+def bwd_smem_bytes(head_dim: int, arch: str = "sm_80") -> int:
+    """Dynamic shared memory of ``cuparing_bwd<head_dim, *, *>`` on ``arch`` (as BwdTraitsBase)."""
+    cfg = bwd_configs(arch)[head_dim]
+    chunks = head_dim // 8
+    row_bytes = (chunks if chunks == 4 else -(-chunks // 8) * 8) * 16
+    stages = 2
+    return (
+        2 * cfg.block_n * row_bytes  # K, V
+        + stages * 2 * cfg.block_m * row_bytes  # Q, dO
+        + cfg.block_n * cfg.block_m * 2  # dS^T
+        + stages * 2 * cfg.block_m * 4  # lse, delta
+    )
+
+
 HEAD_DIMS = tuple(sorted(FWD_CONFIGS))
 MAX_HEAD_DIM = HEAD_DIMS[-1]
 DTYPES = ("float16", "bfloat16")
@@ -138,6 +211,27 @@ def fwd_name(head_dim: int, dtype: str) -> str:
     return f"cuparing_fwd<{head_dim}, {'true' if dtype == 'bfloat16' else 'false'}>"
 
 
+def bwd_name(head_dim: int, dtype: str, mode: int) -> str:
+    """Name expression of the backward kernel for a padded head dim, dtype and BwdMode."""
+    if head_dim not in BWD_CONFIGS or dtype not in DTYPES or mode not in (0, 1, 2):
+        raise ValueError(f"no backward kernel for {head_dim=} {dtype=} {mode=}")
+    return f"cuparing_bwd<{head_dim}, {'true' if dtype == 'bfloat16' else 'false'}, {mode}>"
+
+
+def bwd_delta_name(dtype: str) -> str:
+    """Name expression of the delta = rowsum(dO * O) kernel for 'float16'/'bfloat16'."""
+    if dtype not in DTYPES:
+        raise ValueError(f"no delta kernel for {dtype=}")
+    return f"cuparing_bwd_delta<{'true' if dtype == 'bfloat16' else 'false'}>"
+
+
+def all_bwd_names(arch: str = "sm_80") -> list[str]:
+    """Every backward instantiation for ``arch`` (split head dims have two modes)."""
+    return [
+        bwd_name(d, dt, mode) for d in HEAD_DIMS for dt in DTYPES for mode in bwd_modes(d, arch)
+    ]
+
+
 def cast_names(dtype: str) -> tuple[str, str]:
     """Name expressions of (fp32 -> dtype, dtype -> fp32) for 'float16'/'bfloat16'."""
     flag = "true" if dtype == "bfloat16" else "false"
@@ -150,13 +244,19 @@ def all_fwd_names() -> list[str]:
 
 
 def configs_macro(arch: str = "sm_80") -> str:
-    """The ``CUPARING_FWD_CONFIGS`` X-macro that traits.cuh expands into FwdTraits<D>."""
+    """The ``CUPARING_FWD_CONFIGS`` / ``CUPARING_BWD_CONFIGS`` X-macros that traits.cuh and
+    bwd.cuh expand into FwdTraits<D> / BwdTraits<D>."""
     rows = " ".join(
         f"X({d}, {c.block_m}, {c.block_n}, {c.warps}, {c.stages}, {int(c.q_in_regs)}, "
         f"{c.min_blocks}, {smem_bytes(d, arch)})"
         for d, c in sorted(fwd_configs(arch).items())
     )
-    return f"#define CUPARING_FWD_CONFIGS(X) {rows}\n"
+    bwd_rows = " ".join(
+        f"X({d}, {c.block_m}, {c.block_n}, {c.warps}, {int(c.split)}, {c.min_blocks}, "
+        f"{bwd_smem_bytes(d, arch)})"
+        for d, c in sorted(bwd_configs(arch).items())
+    )
+    return f"#define CUPARING_FWD_CONFIGS(X) {rows}\n#define CUPARING_BWD_CONFIGS(X) {bwd_rows}\n"
 
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
@@ -228,6 +328,49 @@ def pack_params(**values) -> np.ndarray:
     return params
 
 
+# ---- backward launch parameters (params.cuh BwdParams)
+BWD_PARAMS_FIELDS = (
+    [
+        (name, np.uint64)
+        for name in ("q", "k", "v", "dout", "lse", "delta", "dq", "dk", "dv", "q_pos", "k_pos")
+    ]
+    + [
+        (f"{t}_{s}_stride", np.int64)
+        for t in ("q", "k", "v", "do")
+        for s in ("batch", "row", "head")
+    ]
+    + [
+        (name, np.int32)
+        for name in (
+            "batch",
+            "seqlen_q",
+            "seqlen_k",
+            "nheads",
+            "nheads_kv",
+            "headdim",
+            "lo",
+            "hi",
+            "block_full",
+        )
+    ]  # fmt: skip
+    + [("scale_log2", np.float32), ("scale", np.float32)]
+)
+BWD_PARAMS_DTYPE = np.dtype(BWD_PARAMS_FIELDS, align=True)
+BWD_PARAMS_SIZE = 232  # static_assert(sizeof(BwdParams) == 232) in params.cuh
+
+
+def pack_bwd_params(**values) -> np.ndarray:
+    """A one-element structured array holding ``BwdParams`` (CuPy passes it by value)."""
+    missing = set(BWD_PARAMS_DTYPE.names) - set(values)
+    extra = set(values) - set(BWD_PARAMS_DTYPE.names)
+    if missing or extra:
+        raise TypeError(f"BwdParams fields: missing {sorted(missing)}, unknown {sorted(extra)}")
+    params = np.zeros(1, dtype=BWD_PARAMS_DTYPE)
+    for name, value in values.items():
+        params[name] = value
+    return params
+
+
 # ---- CuPy modules, compiled lazily and cached
 _LOCK = threading.Lock()
 _MODULES: dict[tuple, object] = {}
@@ -290,3 +433,40 @@ def get_cast_kernels(dtype: str):
     names = cast_names(dtype)
     module = get_module(names)
     return module.get_function(names[0]), module.get_function(names[1])
+
+
+def get_bwd_kernels(head_dim: int, dtype: str):
+    """([(kernel, mode), ...] in launch order, config, shared memory bytes) of the backward for
+    padded ``head_dim`` and 'float16'/'bfloat16' on the current device.
+
+    Raises:
+        RuntimeError: the device cannot give a CTA that much shared memory.
+    """
+    import cupy
+
+    arch = device_arch()
+    modes = bwd_modes(head_dim, arch)
+    names = tuple(bwd_name(head_dim, dtype, mode) for mode in modes)
+    module = get_module(names)
+    smem = bwd_smem_bytes(head_dim, arch)
+    kernels = []
+    for name, mode in zip(names, modes, strict=True):
+        kernel = module.get_function(name)
+        key = (arch, cupy.cuda.Device().id, name)
+        if key not in _SMEM_SET:
+            try:
+                kernel.max_dynamic_shared_size_bytes = smem
+            except cupy.cuda.driver.CUDADriverError as exc:
+                raise RuntimeError(
+                    f"{name} needs {smem} bytes of shared memory per block, more than device "
+                    f"{cupy.cuda.Device().id} ({arch}) allows: {exc}"
+                ) from exc
+            _SMEM_SET.add(key)
+        kernels.append((kernel, mode))
+    return kernels, bwd_configs(arch)[head_dim], smem
+
+
+def get_bwd_delta_kernel(dtype: str):
+    """The delta = rowsum(dO * O) kernel for 'float16'/'bfloat16' (256 threads, 8 rows/CTA)."""
+    name = bwd_delta_name(dtype)
+    return get_module((name,)).get_function(name)

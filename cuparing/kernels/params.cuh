@@ -41,4 +41,31 @@ struct FwdParams {
 
 static_assert(sizeof(FwdParams) == 200, "FwdParams layout changed: update loader.PARAMS_FIELDS");
 
+// Launch parameters of the backward kernel (one ring block; loader.BWD_PARAMS_FIELDS).
+// The kernel ADDS this block's contributions into the float32 accumulators dq, dk, dv.
+struct BwdParams {
+  const u16* q;       // [B, Sq, H, D]   fp16/bf16 bits, element strides below, last axis contiguous
+  const u16* k;       // [B, Sk, Hkv, D]
+  const u16* v;       // [B, Sk, Hkv, D]
+  const u16* dout;    // [B, Sq, H, D]
+  const float* lse;   // [B, H, Sq] contiguous: the final (merged) natural-log lse; -inf: no key
+  const float* delta; // [B, H, Sq] contiguous: rowsum(dO * O)
+  float* dq;          // [B, Sq, H, D] contiguous (actual D), accumulated with atomics
+  float* dk;          // [B, Sk, Hkv, D] contiguous, accumulated with atomics
+  float* dv;          // [B, Sk, Hkv, D] contiguous, accumulated with atomics
+  const int* q_pos;   // [Sq] global positions, ascending
+  const int* k_pos;   // [Sk] global positions, ascending
+  i64 q_batch_stride, q_row_stride, q_head_stride;  // in elements
+  i64 k_batch_stride, k_row_stride, k_head_stride;
+  i64 v_batch_stride, v_row_stride, v_head_stride;
+  i64 do_batch_stride, do_row_stride, do_head_stride;
+  int batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim;  // headdim: the actual D
+  int lo, hi;         // key j visible to query i iff lo <= k_pos[j] - q_pos[i] <= hi
+  int block_full;     // 1: the host proved every pair visible (only the Sk tail needs masking)
+  float scale_log2;   // softmax scale * log2(e): P = 2^(s * scale_log2 - lse * log2(e))
+  float scale;        // softmax scale: dq, dk = scale * (dS K, dS^T Q)
+};
+
+static_assert(sizeof(BwdParams) == 232, "BwdParams layout changed: update loader.BWD_PARAMS_FIELDS");
+
 }  // namespace cuparing

@@ -108,4 +108,26 @@ __device__ __forceinline__ float exp2_approx(float x) {
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
+__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
+
+// 32-bit store to shared memory (a .shared window address, as smem_addr returns).
+__device__ __forceinline__ void st_shared_u32(u32 addr, u32 value) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(value) : "memory");
+}
+
+// Fire-and-forget fp32 atomic adds to global memory: *p += a (and p[1] += b). The two-element
+// form is one red.global.v2.f32.add on sm_90+ (8-byte aligned p), two scalar reds before.
+__device__ __forceinline__ void red_add_f32(float* p, float a) {
+  asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(p), "f"(a) : "memory");
+}
+
+__device__ __forceinline__ void red_add_f32x2(float* p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.v2.f32.add [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+  red_add_f32(p, a);
+  red_add_f32(p + 1, b);
+#endif
+}
+
 }  // namespace cuparing

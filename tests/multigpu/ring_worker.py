@@ -7,8 +7,9 @@
 forward and backward, and compares its shard of out/lse/dq/dk/dv with the float64 dense reference
 on the whole sequence. Prints ``PASS``/``FAIL`` per quantity and ``WORKER OK`` at the end.
 
-``killed``: rank 1 dies (``os._exit(1)``) in the middle of the ring; the others must report a
-``RingTimeoutError``/``RingError`` within the ring timeout (20 s) instead of hanging.
+``killed``: rank 1 dies (``os._exit(1)``) in the middle of the ring; every other rank must print
+``CAUGHT`` with a ``RingTimeoutError``/``RingError`` within the ring timeout (20 s) instead of
+hanging (the failure channel tells them within about a second).
 """
 
 from __future__ import annotations
@@ -190,6 +191,24 @@ class DyingRing(cr.Ring):
     def synchronize(self):
         self._ring.synchronize()
 
+    def check(self):
+        self._ring.check()
+
+
+def settle(ring) -> None:
+    """Wait for the work queued on the current stream, checking the ring while waiting.
+
+    Polls an event instead of a blocking stream sync, so that a failure the watchdog or the
+    failure channel finds is raised here at once, not after the abort has drained the stream.
+    """
+    import cupy
+
+    done = cupy.cuda.Event(disable_timing=True)
+    done.record()
+    while not done.done:
+        ring.check()
+        time.sleep(0.001)
+
 
 def killed() -> int:
     import cupy
@@ -206,7 +225,7 @@ def killed() -> int:
                                          return_lse=True)  # fmt: skip
             cr.ring_attention_backward(dout_l, q_l, k_l, v_l, out, lse, dying, causal=True,
                                        layout="zigzag")  # fmt: skip
-            cupy.cuda.get_current_stream().synchronize()
+            settle(ring)
         ring.synchronize()
     except cr.RingError as exc:
         print(f"CAUGHT {type(exc).__name__} at {time.time():.3f}: {exc}", flush=True)

@@ -1,0 +1,125 @@
+"""Backward attention throughput: cuparing's backward kernel vs PyTorch SDPA flash on one GPU.
+
+Ours: ``cr.ring_attention_backward`` on a ring of one (``SoloRing``): the delta kernel, one (or,
+for d > 128, two) ``cuparing_bwd`` launches into float32 accumulators, and the final casts.
+Peer: ``torch.nn.functional.scaled_dot_product_attention`` with the FLASH backend, timing only
+``torch.autograd.grad`` of a retained graph (its backward kernels, no forward). Both see the same
+bf16 inputs [B, S, H, D] (B=1, H=32, D=128 by default) in the same process, on the same card.
+Time: CUDA events after warm-up, median of repeats. FLOPs = 2.5 * 4 * B * H * S^2 * D (five
+GEMMs against the forward's two), halved for causal.
+
+Usage:
+    python tools/bench_backward.py [--quick] [--json PATH] [--repeats N] [--headdim D]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+FULL_SHAPES = [(s, c) for s in (4096, 8192, 16384) for c in (False, True)]
+QUICK_SHAPES = [(8192, False), (8192, True)]
+
+
+def time_ms(fn, repeats: int, warmup: int = 3) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="S=8k only")
+    parser.add_argument("--json", help="write results as JSON to this path")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--headdim", type=int, default=128)
+    args = parser.parse_args(argv)
+
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import cuparing as cr
+    from cuparing.comm.local import SoloRing
+    from cuparing.kernels import loader
+
+    card = torch.cuda.get_device_name()
+    b, h, d = args.batch, args.heads, args.headdim
+    print(f"card: {card}; torch {torch.__version__}; bf16, B={b}, H={h}, D={d}")
+    header = f"{'S':>6} {'causal':>6} {'ours':>7} {'flash':>7} {'ratio':>6} {'ours ms':>8}"
+    print(header + f" {'regs':>5}")
+    rows = []
+    ring = SoloRing()
+    for s, causal in QUICK_SHAPES if args.quick else FULL_SHAPES:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, dout = (
+            torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+            for _ in range(4)
+        )
+        flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
+        result = {"card": card, "D": d, "S": s, "causal": causal}
+
+        out, lse = cr.ring_attention(q, k, v, ring, causal=causal, return_lse=True)
+        ours = functools.partial(
+            cr.ring_attention_backward, dout, q, k, v, out, lse, ring, causal=causal
+        )
+        ms = time_ms(ours, args.repeats)
+        result["ours_ms"] = ms
+        result["ours_tflops"] = flops / ms / 1e9
+
+        qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                out_t = torch.nn.functional.scaled_dot_product_attention(
+                    qt, kt, vt, is_causal=causal
+                )
+            dout_t = dout.transpose(1, 2)
+
+            def peer(out_t=out_t, dout_t=dout_t, inputs=(qt, kt, vt)):
+                return torch.autograd.grad(out_t, inputs, dout_t, retain_graph=True)
+
+            peer_ms = time_ms(peer, args.repeats)
+            result["flash_ms"] = peer_ms
+            result["flash_tflops"] = flops / peer_ms / 1e9
+        except RuntimeError as exc:  # flash not available for this shape/card
+            result["flash_tflops"] = None
+            result["flash_error"] = str(exc).splitlines()[0]
+
+        kernels, _, _ = loader.get_bwd_kernels(loader.padded_head_dim(d), "bfloat16")
+        result["regs"] = [kernel.num_regs for kernel, _ in kernels]
+        result["local_bytes"] = [kernel.local_size_bytes for kernel, _ in kernels]
+        rows.append(result)
+        peer = result["flash_tflops"]
+        cell = f"{peer:7.1f} {result['ours_tflops'] / peer:6.2f}" if peer else f"{'n/a':>7} {'':>6}"
+        print(
+            f"{s:>6} {str(causal):>6} {result['ours_tflops']:7.1f} {cell} {ms:8.2f} "
+            f"{'/'.join(map(str, result['regs'])):>5}"
+        )
+        del q, k, v, dout, out, lse, qt, kt, vt
+        torch.cuda.empty_cache()
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
