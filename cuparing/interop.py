@@ -54,9 +54,11 @@ class Origin:
             import cupy
             import torch
 
-            external = cupy.cuda.ExternalStream(
-                torch.cuda.current_stream(self.device_index).cuda_stream, self.device_index
-            )
+            current = torch.cuda.current_stream(self.device_index)
+            if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14: the stream protocol
+                external = cupy.cuda.Stream.from_external(current)
+            else:
+                external = cupy.cuda.ExternalStream(current.cuda_stream, self.device_index)
             return _stacked(cupy.cuda.Device(self.device_index), external)
         if self.gpu:
             import cupy

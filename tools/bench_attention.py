@@ -1,9 +1,9 @@
 """Forward attention throughput: cuparing's kernel vs PyTorch SDPA (flash and cuDNN) on one GPU.
 
 All runs share the process, the card and the inputs (bf16, [B, S, H, D], B=1, H=32). Time is
-measured with CUDA events after warm-up, median of repeats. FLOPs = 4 * B * H * S^2 * D, halved
-for causal. Prints TFLOP/s per implementation and our ratio to each peer, plus the kernel's
-registers and local memory (spills) as the driver reports them.
+measured with CUDA events (tools/timing.py: back-to-back calls), median of repeats.
+FLOPs = 4 * B * H * S^2 * D, halved for causal. Prints TFLOP/s per implementation and our
+ratio to each peer, plus the kernel's registers and local memory (spills) from the driver.
 
 Usage:
     python tools/bench_attention.py [--quick] [--json PATH] [--repeats N]
@@ -14,34 +14,18 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import time_ms  # noqa: E402
 
 FULL_SHAPES = [(128, s, c) for s in (4096, 8192, 16384, 32768) for c in (False, True)] + [
     (64, 16384, False), (64, 16384, True), (256, 16384, False), (256, 16384, True),
 ]  # fmt: skip
 QUICK_SHAPES = [(128, 8192, False), (128, 8192, True), (64, 16384, False), (256, 16384, True)]
-
-
-def time_ms(fn, repeats: int, warmup: int = 3) -> float:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:

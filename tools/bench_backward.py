@@ -5,8 +5,8 @@ for d > 128, two) ``cuparing_bwd`` launches into float32 accumulators, and the f
 Peer: ``torch.nn.functional.scaled_dot_product_attention`` with the FLASH backend, timing only
 ``torch.autograd.grad`` of a retained graph (its backward kernels, no forward). Both see the same
 bf16 inputs [B, S, H, D] (B=1, H=32, D=128 by default) in the same process, on the same card.
-Time: CUDA events after warm-up, median of repeats. FLOPs = 2.5 * 4 * B * H * S^2 * D (five
-GEMMs against the forward's two), halved for causal.
+Time: CUDA events (tools/timing.py: back-to-back calls), median of repeats.
+FLOPs = 2.5 * 4 * B * H * S^2 * D (five GEMMs against the forward's two), halved for causal.
 
 Usage:
     python tools/bench_backward.py [--quick] [--json PATH] [--repeats N] [--headdim D]
@@ -17,32 +17,16 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import time_ms  # noqa: E402
 
 FULL_SHAPES = [(s, c) for s in (4096, 8192, 16384) for c in (False, True)]
 QUICK_SHAPES = [(8192, False), (8192, True)]
-
-
-def time_ms(fn, repeats: int, warmup: int = 3) -> float:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:

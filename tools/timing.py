@@ -1,0 +1,32 @@
+"""CUDA-event timing shared by the benchmarks.
+
+Each sample times ``calls`` back-to-back calls between one pair of events on the current torch
+stream and divides by ``calls``: the host queues the next call while the GPU runs the previous
+one, as in a training loop, so a function's Python overhead counts only where it exceeds its GPU
+time. Every implementation in a table is timed the same way. Median of ``repeats`` samples after
+``warmup`` calls.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+
+def time_ms(fn, repeats: int = 10, warmup: int = 3, calls: int = 5) -> float:
+    """Median milliseconds per call of ``fn()`` (see module docstring)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / calls)
+    return statistics.median(samples)
