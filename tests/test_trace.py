@@ -90,6 +90,18 @@ def test_write_and_merge(tmp_path):
     assert {e["pid"] for e in events if e["ph"] == "X"} == {0, 1}
 
 
+def test_written_trace_reads_back_and_keeps_its_hidden_fraction(tmp_path):
+    from cuparing.comm.trace import read_chrome_trace
+
+    intervals = [_iv(COMPUTE, 0, 10), _iv(COMM, 5, 15), _iv(COMM, 20, 22)]
+    path = write_chrome_trace(tmp_path / "t.json", intervals, rank=3)
+    back = read_chrome_trace(path)
+    assert sorted((i.track, i.start_us, i.end_us) for i in back) == sorted(
+        (i.track, i.start_us, i.end_us) for i in intervals
+    )
+    assert hidden_transfer_fraction(back) == pytest.approx(5 / 12)
+
+
 class FakeClock:
     """Marks are the clock's time in ms; ``advance`` stands for GPU work."""
 

@@ -108,6 +108,17 @@ def write_chrome_trace(path: str | os.PathLike, intervals: Iterable[Interval], r
     return path
 
 
+def read_chrome_trace(path: str | os.PathLike) -> list[Interval]:
+    """The intervals of a trace file written by :func:`write_chrome_trace` (its ``"X"`` events)."""
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    return [
+        Interval(e["cat"], e["name"], e["ts"], e["ts"] + e["dur"], dict(e.get("args", {})))
+        for e in events
+        if e.get("ph") == "X"
+    ]
+
+
 def merge_traces(paths: Iterable[str | os.PathLike], out: str | os.PathLike) -> str:
     """Concatenate per-rank trace files into one (each keeps its rank as its process)."""
     events: list[dict] = []
