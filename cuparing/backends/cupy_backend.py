@@ -197,30 +197,32 @@ class CupyBackend:
             )
         return self.cast(state.out, state.dtype), state.lse
 
+    def _block_fields(self, q, k, q_pos, k_pos, kind, mask: MaskSpec, scale) -> dict:
+        """The params fields forward and backward share: operands' pointers, shapes, positions,
+        mask bounds and the exp2 scale."""
+        q_pos = q_pos if isinstance(q_pos, DevicePositions) else self.positions(q_pos)
+        k_pos = k_pos if isinstance(k_pos, DevicePositions) else self.positions(k_pos)
+        batch, seqlen_q, nheads, headdim = q.shape
+        return {
+            "q_pos": q_pos.device.data.ptr, "k_pos": k_pos.device.data.ptr,
+            "batch": batch, "seqlen_q": seqlen_q, "seqlen_k": k.shape[1], "nheads": nheads,
+            "nheads_kv": k.shape[2], "headdim": headdim,
+            "lo": -mask.left_bound, "hi": mask.right_bound,
+            "block_full": int(kind == BlockKind.FULL), "scale_log2": np.float32(scale * _LOG2E),
+        }  # fmt: skip
+
     def _launch_forward(self, out, lse, q, k, v, q_pos, k_pos, kind, mask: MaskSpec, scale, mode):
         cp = self.xp
         batch, seqlen_q, nheads, headdim = q.shape
-        seqlen_k, nheads_kv = k.shape[1], k.shape[2]
         dtype = _dtype_name(q.dtype)
         padded = loader.padded_head_dim(headdim)
         kernel, cfg, smem = loader.get_fwd_kernel(padded, dtype)
         q, k, v = (_kernel_operand(cp, x) for x in (q, k, v))
-        qs, ks, vs = (_element_strides(x) for x in (q, k, v))
-        os_ = _element_strides(out) if mode == loader.OUT_DIRECT else (0, 0, 0)
-        q_pos = q_pos if isinstance(q_pos, DevicePositions) else self.positions(q_pos)
-        k_pos = k_pos if isinstance(k_pos, DevicePositions) else self.positions(k_pos)
+        out_strides = _element_strides(out) if mode == loader.OUT_DIRECT else (0, 0, 0)
         params = loader.pack_params(
-            q=q.data.ptr, k=k.data.ptr, v=v.data.ptr, out=out.data.ptr, lse=lse.data.ptr,
-            q_pos=q_pos.device.data.ptr, k_pos=k_pos.device.data.ptr,
-            q_batch_stride=qs[0], q_row_stride=qs[1], q_head_stride=qs[2],
-            k_batch_stride=ks[0], k_row_stride=ks[1], k_head_stride=ks[2],
-            v_batch_stride=vs[0], v_row_stride=vs[1], v_head_stride=vs[2],
-            o_batch_stride=os_[0], o_row_stride=os_[1], o_head_stride=os_[2],
-            batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=nheads,
-            nheads_kv=nheads_kv, headdim=headdim,
-            lo=-mask.left_bound, hi=mask.right_bound, out_mode=mode,
-            block_full=int(kind == BlockKind.FULL),
-            scale_log2=np.float32(scale * _LOG2E),
+            out=out.data.ptr, lse=lse.data.ptr,
+            **_stride_fields(q=q, k=k, v=v), **_strides("o", out_strides),
+            **self._block_fields(q, k, q_pos, k_pos, kind, mask, scale), out_mode=mode,
         )  # fmt: skip
         grid = (nheads, batch, math.ceil(seqlen_q / cfg.block_m))
         kernel(grid, (cfg.threads,), (params,), shared_mem=smem)
@@ -271,7 +273,7 @@ class CupyBackend:
     ):
         cp = self.xp
         batch, seqlen_q, nheads, headdim = q.shape
-        seqlen_k, nheads_kv = k.shape[1], k.shape[2]
+        seqlen_k = k.shape[1]
         if batch == 0 or seqlen_q == 0 or seqlen_k == 0 or nheads == 0:
             return
         for name, acc, shape in (("dq", dq, q.shape), ("dk", dk, k.shape), ("dv", dv, k.shape)):
@@ -283,21 +285,11 @@ class CupyBackend:
         q, k, v, dout = (_kernel_operand(cp, x) for x in (q, k, v, dout))
         lse = cp.ascontiguousarray(lse, dtype=cp.float32)
         delta = cp.ascontiguousarray(delta, dtype=cp.float32)
-        qs, ks, vs, dos = (_element_strides(x) for x in (q, k, v, dout))
-        q_pos = q_pos if isinstance(q_pos, DevicePositions) else self.positions(q_pos)
-        k_pos = k_pos if isinstance(k_pos, DevicePositions) else self.positions(k_pos)
         params = loader.pack_bwd_params(
-            q=q.data.ptr, k=k.data.ptr, v=v.data.ptr, dout=dout.data.ptr, lse=lse.data.ptr,
-            delta=delta.data.ptr, dq=dq.data.ptr, dk=dk.data.ptr, dv=dv.data.ptr,
-            q_pos=q_pos.device.data.ptr, k_pos=k_pos.device.data.ptr,
-            q_batch_stride=qs[0], q_row_stride=qs[1], q_head_stride=qs[2],
-            k_batch_stride=ks[0], k_row_stride=ks[1], k_head_stride=ks[2],
-            v_batch_stride=vs[0], v_row_stride=vs[1], v_head_stride=vs[2],
-            do_batch_stride=dos[0], do_row_stride=dos[1], do_head_stride=dos[2],
-            batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=nheads,
-            nheads_kv=nheads_kv, headdim=headdim,
-            lo=-mask.left_bound, hi=mask.right_bound, block_full=int(kind == BlockKind.FULL),
-            scale_log2=np.float32(scale * _LOG2E), scale=np.float32(scale),
+            dout=dout.data.ptr, lse=lse.data.ptr, delta=delta.data.ptr,
+            dq=dq.data.ptr, dk=dk.data.ptr, dv=dv.data.ptr,
+            **_stride_fields(q=q, k=k, v=v), **_strides("do", _element_strides(dout)),
+            **self._block_fields(q, k, q_pos, k_pos, kind, mask, scale), scale=np.float32(scale),
         )  # fmt: skip
         grid = (nheads, batch, math.ceil(seqlen_k / cfg.block_n))
         for kernel, _mode in kernels:
@@ -342,6 +334,21 @@ def _elementwise(kernel, src, dst) -> None:
 
 def _host(positions) -> np.ndarray:
     return positions.host if isinstance(positions, DevicePositions) else np.asarray(positions)
+
+
+def _strides(name: str, strides) -> dict:
+    """``{name}_batch_stride`` / ``_row_stride`` / ``_head_stride`` params fields."""
+    return dict(zip((f"{name}_batch_stride", f"{name}_row_stride", f"{name}_head_stride"),
+                    strides, strict=True))  # fmt: skip
+
+
+def _stride_fields(**arrays) -> dict:
+    """Pointer and stride fields of each named [B, S, H, D] operand."""
+    fields = {}
+    for name, x in arrays.items():
+        fields[name] = x.data.ptr
+        fields.update(_strides(name, _element_strides(x)))
+    return fields
 
 
 def _element_strides(x) -> tuple[int, int, int]:

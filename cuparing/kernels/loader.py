@@ -282,93 +282,64 @@ def kernel_source(arch: str = "sm_80") -> str:
     return configs_macro(arch) + "\n".join(_inline(ENTRY_FILE, set())) + "\n"
 
 
-# ---- launch parameters (params.cuh FwdParams), C layout via align=True
-PARAMS_FIELDS = (
-    [(name, np.uint64) for name in ("q", "k", "v", "out", "lse", "q_pos", "k_pos")]
-    + [
-        (f"{t}_{s}_stride", np.int64)
-        for t in ("q", "k", "v", "o")
-        for s in ("batch", "row", "head")
-    ]
-    + [
-        (name, np.int32)
-        for name in (
-            "batch",
-            "seqlen_q",
-            "seqlen_k",
-            "nheads",
-            "nheads_kv",
-            "headdim",
-            "lo",
-            "hi",
-            "out_mode",
-            "block_full",
-        )
-    ]  # fmt: skip
-    + [("scale_log2", np.float32)]
+# ---- launch parameters (params.cuh FwdParams / BwdParams), C layout via align=True
+
+
+def _params_dtype(pointers, strided, ints, floats) -> np.dtype:
+    """The NumPy twin of a params struct: device pointers (u64), then (batch, row, head) element
+    strides (i64) of each strided tensor, then int32 and float32 scalars, in declaration order."""
+    fields = (
+        [(name, np.uint64) for name in pointers]
+        + [(f"{t}_{s}_stride", np.int64) for t in strided for s in ("batch", "row", "head")]
+        + [(name, np.int32) for name in ints]
+        + [(name, np.float32) for name in floats]
+    )
+    return np.dtype(fields, align=True)
+
+
+_SHAPE_INTS = ("batch", "seqlen_q", "seqlen_k", "nheads", "nheads_kv", "headdim", "lo", "hi")
+PARAMS_DTYPE = _params_dtype(
+    pointers=("q", "k", "v", "out", "lse", "q_pos", "k_pos"),
+    strided=("q", "k", "v", "o"),
+    ints=(*_SHAPE_INTS, "out_mode", "block_full"),
+    floats=("scale_log2",),
 )
-PARAMS_DTYPE = np.dtype(PARAMS_FIELDS, align=True)
-# Pinned by static_asserts in params.cuh; tests/test_kernel_compile.py checks both sides.
+# Offsets of the C struct, worked out by hand from params.cuh (tests/test_kernel_compile.py
+# checks them against PARAMS_DTYPE; the kernel side asserts the size).
 PARAMS_OFFSETS = {
     "q_pos": 40, "q_batch_stride": 56, "o_head_stride": 144, "batch": 152, "lo": 176,
     "block_full": 188, "scale_log2": 192,
 }  # fmt: skip
 PARAMS_SIZE = 200
-
-
-def pack_params(**values) -> np.ndarray:
-    """A one-element structured array holding ``FwdParams`` (CuPy passes it by value)."""
-    missing = set(PARAMS_DTYPE.names) - set(values)
-    extra = set(values) - set(PARAMS_DTYPE.names)
-    if missing or extra:
-        raise TypeError(f"FwdParams fields: missing {sorted(missing)}, unknown {sorted(extra)}")
-    params = np.zeros(1, dtype=PARAMS_DTYPE)
-    for name, value in values.items():
-        params[name] = value
-    return params
-
-
-# ---- backward launch parameters (params.cuh BwdParams)
-BWD_PARAMS_FIELDS = (
-    [
-        (name, np.uint64)
-        for name in ("q", "k", "v", "dout", "lse", "delta", "dq", "dk", "dv", "q_pos", "k_pos")
-    ]
-    + [
-        (f"{t}_{s}_stride", np.int64)
-        for t in ("q", "k", "v", "do")
-        for s in ("batch", "row", "head")
-    ]
-    + [
-        (name, np.int32)
-        for name in (
-            "batch",
-            "seqlen_q",
-            "seqlen_k",
-            "nheads",
-            "nheads_kv",
-            "headdim",
-            "lo",
-            "hi",
-            "block_full",
-        )
-    ]  # fmt: skip
-    + [("scale_log2", np.float32), ("scale", np.float32)]
+BWD_PARAMS_DTYPE = _params_dtype(
+    pointers=("q", "k", "v", "dout", "lse", "delta", "dq", "dk", "dv", "q_pos", "k_pos"),
+    strided=("q", "k", "v", "do"),
+    ints=(*_SHAPE_INTS, "block_full"),
+    floats=("scale_log2", "scale"),
 )
-BWD_PARAMS_DTYPE = np.dtype(BWD_PARAMS_FIELDS, align=True)
 BWD_PARAMS_SIZE = 232  # static_assert(sizeof(BwdParams) == 232) in params.cuh
 
 
-def pack_bwd_params(**values) -> np.ndarray:
-    """A one-element structured array holding ``BwdParams`` (CuPy passes it by value)."""
-    missing = set(BWD_PARAMS_DTYPE.names) - set(values)
-    extra = set(values) - set(BWD_PARAMS_DTYPE.names)
+def _pack(dtype: np.dtype, struct: str, values: dict) -> np.ndarray:
+    """A one-element structured array holding ``struct`` (CuPy passes it by value)."""
+    missing = set(dtype.names) - set(values)
+    extra = set(values) - set(dtype.names)
     if missing or extra:
-        raise TypeError(f"BwdParams fields: missing {sorted(missing)}, unknown {sorted(extra)}")
-    params = np.zeros(1, dtype=BWD_PARAMS_DTYPE)
+        raise TypeError(f"{struct} fields: missing {sorted(missing)}, unknown {sorted(extra)}")
+    params = np.zeros(1, dtype=dtype)
     for name, value in values.items():
         params[name] = value
     return params
+
+
+def pack_params(**values) -> np.ndarray:
+    """``FwdParams`` for one forward launch; every field by name."""
+    return _pack(PARAMS_DTYPE, "FwdParams", values)
+
+
+def pack_bwd_params(**values) -> np.ndarray:
+    """``BwdParams`` for one backward launch; every field by name."""
+    return _pack(BWD_PARAMS_DTYPE, "BwdParams", values)
 
 
 # ---- CuPy modules, compiled lazily and cached
