@@ -1,17 +1,8 @@
 """GPU forward and backward (our mma.sync kernels; cuBLAS for float32) against float64 references.
 
-Tolerance (one table, ``_check_out``): for fp16/bf16 inputs the kernel's relative Frobenius error
-against ``reference_attention`` (float64, computed from the already-rounded inputs) must be at
-most ``2 * e_round + u``, where ``e_round`` is the relative error of that reference merely rounded
-to the input dtype (the best any kernel returning that dtype can do) and ``u`` the dtype's unit
-roundoff (bf16 2^-8, fp16 2^-11): P is rounded to the input dtype before P.V, which perturbs each
-output by a relative ~u on top of the final rounding. float32 inputs run the generic cuBLAS path:
-1e-5 relative. LSE: 1e-3 relative-or-absolute (fp32 accumulation and ex2.approx); -inf exactly
-where the reference has -inf.
-
-The backward kernel tests use tests/numerics.py's ``check_backward`` (its docstring has the
-tolerance table: at most twice the error of a float64 reference whose output and gradients are
-stored in the input dtype, plus a float32 floor).
+Tolerances come from tests/numerics.py (one table for CPU and GPU): ``check_kernel_out`` /
+``check_kernel_lse`` for the forward kernel (it rounds P to the input dtype before P.V), and
+``check_backward`` for gradients.
 
 Every test here needs a CUDA GPU and CuPy (``requires_gpu(1)``); on the CPU they are skipped.
 """
@@ -24,13 +15,12 @@ import zlib
 import numpy as np
 import pytest
 from conftest import requires_gpu
-from numerics import check_backward
+from numerics import check_backward, check_kernel_lse, check_kernel_out, rel_err
 
 import cuparing as cr
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
-UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24}
 MASKS = {"none": (False, None), "causal": (True, None), "window": (False, (13, 7)),
          "causal_window": (True, (29, 0))}  # fmt: skip
 
@@ -69,32 +59,6 @@ def _poison_pool():
     del junk
 
 
-def _rel(a, b):
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def _check_out(out, ref, dtype):
-    out = np.asarray(out, dtype=np.float64)
-    assert np.isfinite(out).all(), "NaN/inf in the output"
-    err = _rel(out, ref)
-    if dtype == "float32":
-        assert err <= 1e-5, f"float32 rel err {err:.3g}"
-        return
-    rounded = ref.astype(np.float32).astype(_np_dtype(dtype))
-    bound = 2 * _rel(rounded, ref) + UNIT_ROUNDOFF[dtype]
-    assert err <= bound, f"{dtype} rel err {err:.3g} > bound {bound:.3g}"
-
-
-def _check_lse(lse, ref_lse):
-    lse = np.asarray(lse, dtype=np.float64)
-    assert not np.isnan(lse).any() and not np.isposinf(lse).any()
-    empty = np.isneginf(ref_lse)
-    np.testing.assert_array_equal(np.isneginf(lse), empty)
-    np.testing.assert_allclose(lse[~empty], ref_lse[~empty], rtol=1e-3, atol=1e-3)
-
-
 SHAPES = [  # (B, Sq, Sk, H, Hkv)
     (2, 59, 97, 4, 2),
     (1, 97, 59, 6, 3),
@@ -121,8 +85,8 @@ def test_attention_matches_reference(dtype, headdim, mask):
                             return_lse=True)  # fmt: skip
     assert str(out.dtype) == dtype and str(lse.dtype) == "float32"
     ref, ref_lse = cr.reference_attention(q, k, v, causal=causal, window=window, return_lse=True)
-    _check_out(_to_host(out), ref, dtype)
-    _check_lse(_to_host(lse), ref_lse)
+    check_kernel_out(_to_host(out), ref, dtype)
+    check_kernel_lse(_to_host(lse), ref_lse)
 
 
 @requires_gpu(1)
@@ -141,8 +105,8 @@ def test_transposed_view_and_gqa(dtype):
     out, lse = cr.attention(q, k, v, causal=True, return_lse=True)
     ref, ref_lse = cr.reference_attention(*map(_to_host, (q, k, v)), causal=True,
                                           return_lse=True)  # fmt: skip
-    _check_out(_to_host(out), ref, dtype)
-    _check_lse(_to_host(lse), ref_lse)
+    check_kernel_out(_to_host(out), ref, dtype)
+    check_kernel_lse(_to_host(lse), ref_lse)
     cupy.cuda.Device().synchronize()
 
 
@@ -156,8 +120,8 @@ def test_fully_masked_rows(dtype):
     out, lse = _to_host(out).astype(np.float64), _to_host(lse)
     assert np.all(out[:, 0] == 0) and np.all(np.isneginf(lse[:, :, 0]))
     ref, ref_lse = cr.reference_attention(q, k, v, window=(5, -1), return_lse=True)
-    _check_out(out, ref, dtype)
-    _check_lse(lse, ref_lse)
+    check_kernel_out(out, ref, dtype)
+    check_kernel_lse(lse, ref_lse)
 
 
 RING_CASES = list(
@@ -189,8 +153,8 @@ def test_ring_on_one_gpu_matches_reference(layout, world, mask):
     out = cr.unshard([_to_host(o) for o, _ in results], layout=layout)
     lse = cr.unshard([_to_host(x) for _, x in results], layout=layout, axis=2)
     ref, ref_lse = cr.reference_attention(q, k, v, causal=causal, window=window, return_lse=True)
-    _check_out(out, ref, dtype)
-    _check_lse(lse, ref_lse)
+    check_kernel_out(out, ref, dtype)
+    check_kernel_lse(lse, ref_lse)
 
 
 @requires_gpu(1)
@@ -206,8 +170,8 @@ def test_merge_error_does_not_grow_with_ring_size():
             return cr.ring_attention(*shards, ring)
 
         out = cr.unshard([_to_host(o) for o in cr.simulate(world, rank_fn)])
-        errors.append(_rel(out, ref))
-        _check_out(out, ref, "bfloat16")
+        errors.append(rel_err(out, ref))
+        check_kernel_out(out, ref, "bfloat16")
     assert errors[1] <= 1.5 * errors[0] + 1e-4, errors
 
 
@@ -228,12 +192,9 @@ def test_ring_backward_matches_reference(dtype):
                                           causal=True, layout="zigzag")  # fmt: skip
 
     results = cr.simulate(2, rank_fn)
-    refs = cr.reference_attention_backward(dout, q, k, v, causal=True)
-    for i, ref in enumerate(refs):
-        got = cr.unshard([_to_host(r[i]) for r in results], layout="zigzag")
-        assert str(got.dtype) == dtype
-        tol = 1e-5 if dtype == "float32" else 2 * _rel(ref.astype(_np_dtype(dtype)), ref) + 2**-8
-        assert _rel(got, ref) <= tol, (i, _rel(got, ref), tol)
+    grads = [cr.unshard([_to_host(r[i]) for r in results], layout="zigzag") for i in range(3)]
+    assert all(str(g.dtype) == dtype for g in grads)
+    check_backward(grads, dout, q, k, v, causal=True)
 
 
 @requires_gpu(1)
@@ -266,7 +227,7 @@ def test_jax_round_trip():
     q, k, v = (jnp.asarray(x) for x in host)
     out = cr.attention(q, k, v, causal=True)
     assert type(out).__module__.split(".")[0] in ("jax", "jaxlib") and out.dtype == jnp.bfloat16
-    _check_out(np.asarray(out), cr.reference_attention(*host, causal=True), "bfloat16")
+    check_kernel_out(np.asarray(out), cr.reference_attention(*host, causal=True), "bfloat16")
 
 
 @requires_gpu(1)
