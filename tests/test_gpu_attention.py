@@ -340,3 +340,30 @@ def test_backward_kernel_resources_on_device():
         for kernel, _mode in kernels:
             assert kernel.num_regs <= 255 and kernel.local_size_bytes == 0, (d, kernel.num_regs)
             assert kernel.max_dynamic_shared_size_bytes >= smem
+
+
+@requires_gpu(1)
+def test_torch_autograd_ring_on_gpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    rng = np.random.default_rng(11)
+    q, k, v, dout = (
+        _random(rng, s, "bfloat16")
+        for s in [(1, 256, 4, 64), (1, 256, 2, 64), (1, 256, 2, 64), (1, 256, 4, 64)]
+    )
+
+    def to_torch(x):
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).cuda()
+
+    def rank_fn(ring):
+        local = [to_torch(cr.shard(x, ring.rank, ring.size, layout="zigzag")).requires_grad_()
+                 for x in (q, k, v)]  # fmt: skip
+        out = cr.ring_attention_torch(*local, ring, causal=True, layout="zigzag")
+        assert out.is_cuda and out.dtype == torch.bfloat16
+        out.backward(to_torch(cr.shard(dout, ring.rank, ring.size, layout="zigzag")))
+        return [t.grad.view(torch.int16).cpu().numpy().view(ml_dtypes.bfloat16) for t in local]
+
+    results = cr.simulate(2, rank_fn)
+    grads = [cr.unshard([r[i] for r in results], layout="zigzag") for i in range(3)]
+    check_backward(grads, dout, q, k, v, causal=True)
