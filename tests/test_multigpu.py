@@ -1,11 +1,13 @@
-"""Multi-GPU checks: the NCCL ring against the float64 reference, and a rank killed mid-ring.
+"""Multi-GPU checks: the ring against the float64 reference, and a rank killed mid-ring.
 
 Each test starts ``tests/multigpu/ring_worker.py`` on N GPUs through ``python -m cuparing.launch``
-and asserts on the exit code and the ranks' output lines. Skipped with fewer than 2 GPUs.
+and asserts on the exit code and the ranks' output lines, once per transport (``nccl``, and the
+copy-engine ``ipc`` ring through ``CUPARING_TRANSPORT=ipc``). Skipped with fewer than 2 GPUs.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -18,12 +20,15 @@ from conftest import gpu_count, requires_gpu
 WORKER = Path(__file__).parent / "multigpu" / "ring_worker.py"
 RING_TIMEOUT = 20.0  # killed mode's Ring.from_env(timeout=...)
 WORLDS = [pytest.param(n, id=f"C={n}") for n in (2, 4)]
+TRANSPORTS = {"nccl": "NcclRing", "ipc": "IpcRing"}  # CUPARING_TRANSPORT -> the ring's class
 
 
-def _launch(world: int, mode: str, job_timeout: float, *options: str):
+def _launch(world: int, mode: str, job_timeout: float, *options: str, transport: str = "nccl"):
     command = [sys.executable, "-m", "cuparing.launch", "--nproc-per-node", str(world),
                "--timeout", str(job_timeout), *options, str(WORKER), mode]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=job_timeout + 60)
+    env = dict(os.environ, CUPARING_TRANSPORT=transport)
+    return subprocess.run(command, capture_output=True, text=True, timeout=job_timeout + 60,
+                          env=env)  # fmt: skip
 
 
 def _tail(proc, lines: int = 60) -> str:
@@ -37,25 +42,28 @@ def _need(world: int) -> None:
 
 @requires_gpu(2)
 @pytest.mark.gpu
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
 @pytest.mark.parametrize("world", WORLDS)
-def test_ring_matches_dense_reference(world):
+def test_ring_matches_dense_reference(world, transport):
     _need(world)
-    proc = _launch(world, "check", 1200)
+    proc = _launch(world, "check", 1200, transport=transport)
     assert proc.returncode == 0, _tail(proc)
     assert not re.search(r"^\[rank \d+\] FAIL", proc.stdout, re.M), _tail(proc)
     for rank in range(world):
-        assert re.search(rf"^\[rank {rank}\] WORKER OK", proc.stdout, re.M), _tail(proc)
+        ok = rf"^\[rank {rank}\] WORKER OK .* ring={TRANSPORTS[transport]}$"
+        assert re.search(ok, proc.stdout, re.M), _tail(proc)
     assert re.search(r"PASS .* ring err .* vs C=1 err", proc.stdout)  # the C=1 comparison ran
 
 
 @requires_gpu(2)
 @pytest.mark.gpu
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
 @pytest.mark.parametrize("world", WORLDS)
-def test_killed_rank_is_diagnosed_not_hung(world):
+def test_killed_rank_is_diagnosed_not_hung(world, transport):
     _need(world)
     start = time.monotonic()
     # --grace: the survivors get time to find the failure themselves before the launcher stops them
-    proc = _launch(world, "killed", 300, "--grace", str(4 * RING_TIMEOUT))
+    proc = _launch(world, "killed", 300, "--grace", str(4 * RING_TIMEOUT), transport=transport)
     elapsed = time.monotonic() - start
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0, _tail(proc)

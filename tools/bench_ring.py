@@ -1,6 +1,7 @@
 """Ring attention throughput per GPU, ring efficiency, hidden transfer, and PyTorch's own ring.
 
     python -m cuparing.launch --nproc-per-node N tools/bench_ring.py [--quick] [--json PATH]
+        [--transport nccl|ipc]
 
 Definitions (S = global sequence length, C = ranks, B = batch):
 
@@ -14,6 +15,8 @@ Definitions (S = global sequence length, C = ranks, B = batch):
 - ring efficiency = no-comm time / ring time (1.0 = transfers fully hidden and free).
 - hidden transfer: fraction of the traced transfer time (comm-stream events around each NCCL
   group) that overlapped compute windows on the calling stream, from one extra traced forward.
+- transport: ``nccl`` (NCCL send/recv, SM-driven) or ``ipc`` (copy-engine pushes between the GPUs
+  of one host, :class:`cuparing.comm.ipc.IpcRing`); default ``CUPARING_TRANSPORT``, else nccl.
 - torch CP: ``torch.distributed.tensor.experimental.context_parallel`` with SDPA on the same
   global shapes and card, in the same process (forward only); skipped with the reason if absent.
 
@@ -182,9 +185,15 @@ def bench_torch_cp(ring, local_rank, cfg, repeats, warmup):
         return None, f"torch context_parallel failed: {type(exc).__name__}: {str(exc)[:200]}"
 
 
-def configs(quick: bool):
+def configs(quick: bool, only_heads: str | None = None, tokens: str | None = None):
+    """The benchmark's (mask, config) rows; ``only_heads`` ("32/32,32/8") and ``tokens`` ("8192")
+    pick rows of :data:`SHAPES` and :data:`TOKENS_PER_GPU`, overriding ``quick``."""
     shapes = SHAPES[:1] if quick else SHAPES
-    tokens = TOKENS_PER_GPU[:1] if quick else TOKENS_PER_GPU
+    if only_heads:
+        wanted = {tuple(int(x) for x in item.split("/")) for item in only_heads.split(",")}
+        shapes = [s for s in SHAPES if s[:2] in wanted]
+    tokens = [int(t) for t in tokens.split(",")] if tokens else (
+        TOKENS_PER_GPU[:1] if quick else TOKENS_PER_GPU)  # fmt: skip
     for heads, heads_kv, headdim in shapes:
         for t in tokens:
             for mode, layout, causal in MASKS:
@@ -211,18 +220,23 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--backward", action="store_true", help="also time the backward ring (CuPy/cuBLAS path)"
     )
+    parser.add_argument("--heads", help="only these H/Hkv shapes, e.g. 32/32 (comma list)")
+    parser.add_argument("--tokens", help="tokens per GPU, e.g. 8192 (comma list)")
+    parser.add_argument("--transport", choices=["nccl", "ipc"], default=None,
+                        help="how K/V move (default: CUPARING_TRANSPORT, else nccl)")  # fmt: skip
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 10)
     warmup = 1 if args.quick else 3
 
     import cupy
 
-    ring = cr.Ring.from_env(timeout=600)
+    ring = cr.Ring.from_env(timeout=600, transport=args.transport)
+    transport = "ipc" if type(ring).__name__ == "IpcRing" else "nccl"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     card = cupy.cuda.runtime.getDeviceProperties(ring.device.id)["name"]
     card = card.decode() if isinstance(card, bytes) else str(card)
     rows = []
-    for mode, cfg in configs(args.quick):
+    for mode, cfg in configs(args.quick, args.heads, args.tokens):
         heads, heads_kv, headdim, tokens, layout, causal = cfg
         ours = bench_ours(ring, cfg, repeats, warmup, args.backward)
         torch_ms, why = (None, "skipped (--no-torch)")
@@ -251,7 +265,8 @@ def main(argv=None) -> int:
     if ring.rank == 0:
         meta = {"card": card, "C": ring.size, "commit": _commit(), "dtype": "bfloat16", "B": 1,
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                "command": " ".join(sys.argv), "repeats": repeats}  # fmt: skip
+                "command": " ".join(sys.argv), "repeats": repeats,
+                "transport": transport}  # fmt: skip
         print_table(meta, rows)
         if args.json:
             with open(args.json, "w") as f:
@@ -260,7 +275,8 @@ def main(argv=None) -> int:
 
 
 def print_table(meta, rows) -> None:
-    print(f"{meta['card']} x {meta['C']}, bf16, B=1, commit {meta['commit']}, {meta['date']}")
+    print(f"{meta['card']} x {meta['C']}, bf16, B=1, transport {meta.get('transport', 'nccl')}, "
+          f"commit {meta['commit']}, {meta['date']}")  # fmt: skip
     print("TFLOP/s per GPU (FLOPs 4*B*H*S^2*D/C, /2 causal; bwd 2.5x); eff = no-comm / ring time")
     header = (f"{'mask':<7}{'layout':<11}{'H/Hkv':>6}{'D':>5}{'tok/GPU':>8}  "
               f"{'fwd ms':>8}{'TF/s':>7}{'eff':>6}  {'bwd ms':>8}{'TF/s':>7}{'eff':>6}"

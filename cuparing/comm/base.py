@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,19 +86,38 @@ class Ring(abc.ABC):
         self.close()
 
     @classmethod
-    def from_env(cls, timeout: float = 300.0, **kwargs: Any) -> Ring:
+    def from_env(cls, timeout: float = 300.0, transport: str | None = None,
+                 **kwargs: Any) -> Ring:  # fmt: skip
         """Join the ring described by the launcher's environment (torchrun, mpirun, srun, ours).
 
         Reads rank, world size and local rank, binds GPU ``local_rank`` and creates an NCCL
         communicator; with world size 1 no NCCL is needed. Extra keyword arguments go to
         :func:`cuparing.comm.nccl.NcclRing.from_env`.
 
+        Args:
+            timeout: seconds for the rendezvous, and for any exchange to make progress.
+            transport: ``"nccl"`` (default: NCCL send/recv, any topology) or ``"ipc"`` (GPUs of
+                one host: copy-engine pushes through CUDA IPC, :class:`cuparing.comm.ipc.IpcRing`,
+                which leaves the SMs to the kernels). Default: ``CUPARING_TRANSPORT``, else
+                ``"nccl"``.
+
         Raises:
             RuntimeError: CuPy or NCCL unavailable, or the rendezvous failed or timed out.
+            ValueError: an unknown transport.
         """
-        from .nccl import NcclRing
+        name = (transport or os.environ.get("CUPARING_TRANSPORT") or "nccl").strip().lower()
+        if name == "nccl":
+            from .nccl import NcclRing
 
-        return NcclRing.from_env(timeout=timeout, **kwargs)
+            return NcclRing.from_env(timeout=timeout, **kwargs)
+        if name == "ipc":
+            from .ipc import IpcRing
+
+            return IpcRing.from_env(timeout=timeout, **kwargs)
+        raise ValueError(
+            f"transport must be 'nccl' or 'ipc', got {name!r} (argument transport= or "
+            "CUPARING_TRANSPORT)"
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, size={self.size})"

@@ -7,6 +7,9 @@
 forward and backward, and compares its shard of out/lse/dq/dk/dv with the float64 dense reference
 on the whole sequence. Prints ``PASS``/``FAIL`` per quantity and ``WORKER OK`` at the end.
 
+Both modes use the transport ``CUPARING_TRANSPORT`` names (``nccl``, the default, or ``ipc``); the
+ring's class is printed in the ``WORKER OK`` line.
+
 ``killed``: rank 1 dies (``os._exit(1)``) in the middle of the ring; every other rank must print
 ``CAUGHT`` with a ``RingTimeoutError``/``RingError`` within the ring timeout (20 s) instead of
 hanging (the failure channel tells them within about a second).
@@ -170,7 +173,7 @@ def check() -> int:
     if failures:
         print(f"WORKER FAILED rank {ring.rank}: {len(failures)} failure(s)", flush=True)
         return 1
-    print(f"WORKER OK rank {ring.rank} cases={count}", flush=True)
+    print(f"WORKER OK rank {ring.rank} cases={count} ring={type(ring).__name__}", flush=True)
     return 0
 
 
