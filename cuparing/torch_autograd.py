@@ -60,6 +60,11 @@ def ring_attention_torch(
     Returns:
         out [B, S/C, H, D], a tensor whose ``.backward()`` runs the backward ring; gradients of
         k and v are for this rank's shard, summed over every rank's queries.
+
+    Note:
+        Use one process per GPU. PyTorch runs a device's backward work on one engine thread, so
+        several simulated ranks (:func:`cuparing.simulate`) sharing a GPU would block each other
+        in the backward ring; on the CPU, or with one rank per GPU, any ring size works.
     """
     options = {"causal": causal, "scale": scale, "window": window, "layout": layout}
     return _function().apply(q, k, v, ring, options)
