@@ -131,6 +131,17 @@ def run_case(ring, index, case, report) -> None:
         (label, got, local(want), bound * BACKWARD_FACTOR)
         for label, got, want in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True)
     ]
+    if framework == "torch":
+        # the same ring through PyTorch autograd (cuparing.ring_attention_torch)
+        leaves = [x.detach().clone().requires_grad_() for x in (q_l, k_l, v_l)]
+        out_t = cr.ring_attention_torch(*leaves, ring, causal=causal, window=window,
+                                        layout=layout)  # fmt: skip
+        out_t.backward(dout_l)
+        checks.append(("autograd out", out_t, local(ref_out), bound))
+        checks += [
+            (f"autograd {label}", leaf.grad, local(want), bound * BACKWARD_FACTOR)
+            for label, leaf, want in zip(("dq", "dk", "dv"), leaves, ref_grads, strict=True)
+        ]
     errors = {}
     for label, got, want, limit in checks:
         errors[label] = err = rel_error(to_host(got), want)
