@@ -7,7 +7,7 @@ Usage::
 
 Each child gets torchrun's variables (``RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR
 MASTER_PORT``), a random ``CUPARING_RUN_TOKEN`` shared by the run, and ``NCCL_NVLS_ENABLE=0``
-(forced: NVLink multicast stays off on shared hosts). Its stdout and stderr are streamed line by
+(forced: NVLink multicast is never needed for a ring). Its stdout and stderr are streamed line by
 line with a ``[rank N] `` prefix. When a child fails, the others get ``--grace`` seconds to finish
 on their own (default 0), then SIGTERM, then SIGKILL; the launcher exits with the first failing
 child's code (``128 + signal`` for a child killed by a signal), ``124`` when ``--timeout`` expires.

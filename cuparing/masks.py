@@ -56,13 +56,8 @@ class MaskSpec:
         right = UNBOUNDED if self.right is None else int(self.right)
         return min(right, 0) if self.causal else right
 
-    @property
-    def is_dense(self) -> bool:
-        """True when every key is visible to every query."""
-        return not self.causal and self.left is None and self.right is None
-
     def visible(self, q_pos, k_pos):
-        """Element-wise visibility: ``q_pos[..., :, None]`` against ``k_pos[..., None, :]``.
+        """Element-wise visibility of 1-D positions: ``q_pos[:, None]`` against ``k_pos[None, :]``.
 
         Works on any array namespace (NumPy, CuPy). Returns a boolean array ``[Sq, Sk]``.
         """

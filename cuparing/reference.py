@@ -48,11 +48,18 @@ def reference_attention(
 ):  # fmt: skip
     """Dense attention in float64 (NumPy arrays or anything ``np.asarray`` accepts).
 
-    Same contract as :func:`cuparing.attention`; ``q_positions`` / ``k_positions`` override the
-    global positions (default: queries aligned to the end of the keys).
+    Same contract as :func:`cuparing.attention`, without its input checks (for testing and small
+    problems: it builds the whole ``[B, H, Sq, Sk]`` score matrix).
+
+    Args:
+        q: [B, Sq, H, D]; k, v: [B, Sk, Hkv, D] with ``H % Hkv == 0``; any real dtype.
+        causal, scale, window, return_lse: as in :func:`cuparing.attention`.
+        q_positions, k_positions: global positions ([Sq] and [Sk] ints) overriding the default
+            (queries aligned to the end of the keys).
 
     Returns:
-        out [B, Sq, H, D] float64, and lse [B, H, Sq] float64 if ``return_lse``.
+        out [B, Sq, H, D] float64, and lse [B, H, Sq] float64 if ``return_lse``. A query that sees
+        no key gets output 0 and lse -inf.
     """
     probs, lse, _ = _dense_probs(q, k, causal, scale, window, q_positions, k_positions)
     v = np.asarray(v, dtype=np.float64)
@@ -64,7 +71,17 @@ def reference_attention(
 def reference_attention_backward(
     dout, q, k, v, causal=False, scale=None, window=None, q_positions=None, k_positions=None
 ):
-    """Gradients of dense attention in float64: ``(dq, dk, dv)`` with the shapes of q, k, v."""
+    """Gradients of dense attention in float64 (the oracle for the backward ring).
+
+    Args:
+        dout: [B, Sq, H, D] gradient of the loss with respect to the output.
+        q, k, v, causal, scale, window, q_positions, k_positions: as in
+            :func:`reference_attention`.
+
+    Returns:
+        ``(dq, dk, dv)`` float64 NumPy arrays with the shapes of q, k, v (dk and dv summed over
+        the query heads that share each key/value head).
+    """
     probs, _, scale = _dense_probs(q, k, causal, scale, window, q_positions, k_positions)
     q, k, v, dout = (np.asarray(x, dtype=np.float64) for x in (q, k, v, dout))
     h, hkv = q.shape[2], k.shape[2]

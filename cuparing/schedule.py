@@ -10,8 +10,8 @@ Forward: K/V travel one hop per step; each rank folds every block's (out, lse) i
 float32 result. Backward: dK/dV accumulators travel with K/V, collect every rank's contribution,
 and are sent home after the last step; dQ accumulates locally.
 
-This module never imports NumPy's or CuPy's array functions directly: the ``backend`` does all
-array work, the ``ring`` all communication.
+This module never touches q, k, v or the results itself: the ``backend`` does all array work, the
+``ring`` all communication (NumPy is used only for the host-side plan).
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float):
 
     Args:
         backend: array backend (see ``cuparing.backends``).
-        ring: the communicator (``None`` only when ``plan.world_size == 1``).
+        ring: the communicator (also for ``plan.world_size == 1``: its ``trace_compute`` and
+            ``check`` are called; a :class:`~cuparing.comm.local.SoloRing` will do).
         q: [B, Sq, H, D] this rank's queries; k, v: [B, Sk, Hkv, D] this rank's keys/values.
 
     Returns:

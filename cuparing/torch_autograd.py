@@ -61,6 +61,10 @@ def ring_attention_torch(
         out [B, S/C, H, D], a tensor whose ``.backward()`` runs the backward ring; gradients of
         k and v are for this rank's shard, summed over every rank's queries.
 
+    Raises:
+        ValueError, TypeError, cuparing.RingError: as in :func:`cuparing.ring_attention`, in the
+            forward call or in ``.backward()``.
+
     Note:
         Use one process per GPU. PyTorch runs a device's backward work on one engine thread, so
         several simulated ranks (:func:`cuparing.simulate`) sharing a GPU would block each other

@@ -19,7 +19,7 @@ from conftest import gpu_count, requires_gpu
 
 WORKER = Path(__file__).parent / "multigpu" / "ring_worker.py"
 RING_TIMEOUT = 20.0  # killed mode's Ring.from_env(timeout=...)
-WORLDS = [pytest.param(n, id=f"C={n}") for n in (2, 4)]
+WORLDS = [pytest.param(n, id=f"C={n}") for n in (2, 4, 8)]  # each skips without n GPUs
 TRANSPORTS = {"nccl": "NcclRing", "ipc": "IpcRing"}  # CUPARING_TRANSPORT -> the ring's class
 
 

@@ -217,9 +217,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH", help="write rows and metadata (rank 0)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch's ring")
-    parser.add_argument(
-        "--backward", action="store_true", help="also time the backward ring (CuPy/cuBLAS path)"
-    )
+    parser.add_argument("--backward", action="store_true", help="also time the backward ring")
     parser.add_argument("--heads", help="only these H/Hkv shapes, e.g. 32/32 (comma list)")
     parser.add_argument("--tokens", help="tokens per GPU, e.g. 8192 (comma list)")
     parser.add_argument("--transport", choices=["nccl", "ipc"], default=None,

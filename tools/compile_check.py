@@ -2,8 +2,8 @@
 
 For each forward and backward instantiation (head dims x fp16/bf16, and the backward's modes),
 the delta and cast kernels, for sm_80 and sm_90a:
-NVRTC -> CUBIN with ptxas verbose output, parsed into registers, spill stores/loads, stack frame
-(local memory) and barriers; shared memory is the dynamic size from the traits table (the kernels
+NVRTC -> CUBIN with ptxas verbose output, parsed into registers, spill stores/loads and stack
+frame (local memory); shared memory is the dynamic size from the traits table (the kernels
 use no static shared memory). A forward or backward kernel with any spill or stack frame fails:
 local memory in the hot loop costs far more than the tile choice it would buy.
 
@@ -176,7 +176,6 @@ class KernelReport:
 
 _FUNC = re.compile(r"Function properties for (\S+)")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_USED = re.compile(r"Compiling entry function '([^']+)'|Used (\d+) registers(.*)")
 
 
 def parse_ptxas(log: str) -> dict[str, dict]:

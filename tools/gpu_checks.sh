@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device session: install, compile check, GPU tests, benchmarks. Logs go to $OUT (or ./out).
+# On a GPU machine: install, compile check, GPU tests, benchmarks. Logs go to the directory named
+# by the OUT variable if set, else ./out.
 # Usage: bash tools/gpu_checks.sh [single|multi|bench|all] [pytest -k expression]
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1

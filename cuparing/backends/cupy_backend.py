@@ -100,6 +100,7 @@ class CupyForwardState:
         lse: float32 [B, H, Sq] contiguous.
         shape: [B, Sq, H, D] of the queries.
         dtype: the caller's dtype. blocks: blocks announced; done: blocks computed so far.
+        direct: DIRECT mode (``blocks == 1``): the kernel writes the final out and lse itself.
         generic: the float32 fallback state (``ForwardState`` of the array_ops path) or None.
     """
 

@@ -91,8 +91,9 @@ class Ring(abc.ABC):
         """Join the ring described by the launcher's environment (torchrun, mpirun, srun, ours).
 
         Reads rank, world size and local rank, binds GPU ``local_rank`` and creates an NCCL
-        communicator; with world size 1 no NCCL is needed. Extra keyword arguments go to
-        :func:`cuparing.comm.nccl.NcclRing.from_env`.
+        communicator; with world size 1 no NCCL is needed. Extra keyword arguments (``init_file``,
+        ``device``, ``trace``, ``health``) go to :meth:`cuparing.comm.nccl.NcclRing.from_env` or
+        :meth:`cuparing.comm.ipc.IpcRing.from_env`.
 
         Args:
             timeout: seconds for the rendezvous, and for any exchange to make progress.

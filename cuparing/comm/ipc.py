@@ -2,10 +2,10 @@
 
 Opt in with ``Ring.from_env(transport="ipc")`` or ``CUPARING_TRANSPORT=ipc``. NCCL's send/recv
 runs on SMs and slows the attention kernels it overlaps; a ``cudaMemcpyAsync`` into a peer's
-buffer runs on a copy engine (see DESIGN.md, "What transfer costs compute"). Everything else is
-:class:`~cuparing.comm.nccl.NcclRing`'s: the NCCL communicator (kept for :meth:`barrier` and
-for the all-gather that sets the links up), watchdog, failure channel, trace, ``wait()`` and
-ownership rules.
+buffer runs on a copy engine (BENCHMARKS.md, "Transport: NCCL vs the copy-engine push").
+Everything else is :class:`~cuparing.comm.nccl.NcclRing`'s: the NCCL communicator (kept for
+:meth:`barrier` and for the all-gather that sets the links up), watchdog, failure channel, trace,
+``wait()`` and ownership rules.
 
 Per channel ``(tag, shift, shapes, dtypes)`` every rank allocates, at its first exchange, one
 ``cudaMalloc`` holding two receive slots, and creates interprocess events: two *done* events (its

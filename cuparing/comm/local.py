@@ -81,7 +81,8 @@ class LocalRing(Ring):
 
 
 class SoloRing(Ring):
-    """A ring of one: exchanges hand the arrays straight back. Used by single-device calls."""
+    """A ring of one: exchanges hand the arrays straight back (``ring_attention`` on one device,
+    e.g. in benchmarks and tests; :func:`cuparing.attention` needs no ring)."""
 
     rank = 0
     size = 1

@@ -190,7 +190,7 @@ class NcclRing(Ring):
         the NCCL unique id and the address of rank 0's failure channel (see
         :func:`cuparing.comm.rendezvous.exchange_payload`), creates the communicator, then joins
         the failure channel (:mod:`cuparing.comm.health`). World size 1 needs neither.
-        ``NCCL_NVLS_ENABLE`` defaults to ``0`` (NVLink multicast off, as shared hosts require)
+        ``NCCL_NVLS_ENABLE`` defaults to ``0`` (NVLink multicast is never needed for a ring)
         unless already set.
 
         Args:

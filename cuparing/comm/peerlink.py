@@ -59,10 +59,6 @@ class Address:
         port, key, host = cls._RECORD.unpack(bytes(data))
         return cls(host.rstrip(b"\0").decode(), port, key)
 
-    @classmethod
-    def size(cls) -> int:
-        return cls._RECORD.size
-
 
 class PeerLinks:
     """This rank's end of the mesh. Build with :meth:`listen`, then :meth:`connect`."""

@@ -172,7 +172,7 @@ __device__ __forceinline__ void fwd_block(const FwdParams& p) {
       for (int i = 0; i < 4; ++i) k_lane_off[i] = row * Tr::kRowBytes + (((2 * i) ^ x) << 4);
     }
     const u32 q_warp = s_q + warp * Tr::kRowsPerWarp * Tr::kRowBytes;
-    // byte offset of chunk pair `step` (16 columns) relative to q_off/k_off/v_off[step % 4]
+    // byte offset of chunk pair `step` (16 columns) relative to lane_off/k_lane_off[step % 4]
 #define CUPARING_STEP_OFF(step) (((step) >> 2) << 7)
 
     constexpr int kQFrags = Tr::kQInRegs ? Tr::kMFrags : 1;

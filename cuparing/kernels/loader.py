@@ -238,11 +238,6 @@ def cast_names(dtype: str) -> tuple[str, str]:
     return f"cuparing_cast_from_f32<{flag}>", f"cuparing_cast_to_f32<{flag}>"
 
 
-def all_fwd_names() -> list[str]:
-    """Every forward instantiation: the compile check builds all of them."""
-    return [fwd_name(d, dt) for d in HEAD_DIMS for dt in DTYPES]
-
-
 def configs_macro(arch: str = "sm_80") -> str:
     """The ``CUPARING_FWD_CONFIGS`` / ``CUPARING_BWD_CONFIGS`` X-macros that traits.cuh and
     bwd.cuh expand into FwdTraits<D> / BwdTraits<D>."""

@@ -39,9 +39,9 @@ struct FwdParams {
   float scale_log2;  // softmax scale * log2(e)
 };
 
-static_assert(sizeof(FwdParams) == 200, "FwdParams layout changed: update loader.PARAMS_FIELDS");
+static_assert(sizeof(FwdParams) == 200, "FwdParams layout changed: update loader.PARAMS_DTYPE");
 
-// Launch parameters of the backward kernel (one ring block; loader.BWD_PARAMS_FIELDS).
+// Launch parameters of the backward kernel (one ring block; loader.BWD_PARAMS_DTYPE).
 // The kernel ADDS this block's contributions into the float32 accumulators dq, dk, dv.
 struct BwdParams {
   const u16* q;       // [B, Sq, H, D]   fp16/bf16 bits, element strides below, last axis contiguous
@@ -66,6 +66,6 @@ struct BwdParams {
   float scale;        // softmax scale: dq, dk = scale * (dS K, dS^T Q)
 };
 
-static_assert(sizeof(BwdParams) == 232, "BwdParams layout changed: update loader.BWD_PARAMS_FIELDS");
+static_assert(sizeof(BwdParams) == 232, "BwdParams layout changed: update loader.BWD_PARAMS_DTYPE");
 
 }  // namespace cuparing

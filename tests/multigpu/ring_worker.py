@@ -3,7 +3,7 @@
     python -m cuparing.launch --nproc-per-node N tests/multigpu/ring_worker.py check
     python -m cuparing.launch --nproc-per-node N --grace 90 tests/multigpu/ring_worker.py killed
 
-``check``: every rank builds the same seeded global q/k/v/dout, takes its shard, runs the NCCL ring
+``check``: every rank builds the same seeded global q/k/v/dout, takes its shard, runs the ring
 forward and backward, and compares its shard of out/lse/dq/dk/dv with the float64 dense reference
 on the whole sequence. Prints ``PASS``/``FAIL`` per quantity and ``WORKER OK`` at the end.
 
