@@ -29,7 +29,7 @@ def attention(
     scale: float | None = None,
     window: Window = None,
     return_lse: bool = False,
-):
+) -> Any:
     """Exact softmax attention on one device (GPU for GPU arrays, else CPU).
 
     Args:
@@ -92,7 +92,7 @@ def ring_attention(
     window: Window = None,
     layout: str = "contiguous",
     return_lse: bool = False,
-):
+) -> Any:
     """Exact attention over a sequence sharded across the ranks of ``ring``.
 
     Every rank calls this with its own shard; K/V travel around the ring so each rank ends with
@@ -146,7 +146,7 @@ def ring_attention_backward(
     scale: float | None = None,
     window: Window = None,
     layout: str = "contiguous",
-):
+) -> tuple[Any, Any, Any]:
     """Gradients of :func:`ring_attention` for this rank's shard.
 
     Args:

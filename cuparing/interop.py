@@ -43,6 +43,12 @@ class Origin:
     gpu: bool
     device_index: int | None = None
 
+    def describe(self) -> str:
+        """'torch/gpu:1', 'numpy/cpu', ... for error messages."""
+        device = "gpu" if self.gpu else "cpu"
+        index = "" if self.device_index is None else f":{self.device_index}"
+        return f"{self.framework}/{device}{index}"
+
     @property
     def backend(self) -> str:
         """The backend that computes for these arrays: ``"cupy"`` on a GPU, else ``"numpy"``."""

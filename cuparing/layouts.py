@@ -12,6 +12,7 @@ from their first and last position.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +68,7 @@ def global_positions(layout: str, rank: int, world_size: int, local_len: int) ->
     return np.concatenate([first, second])
 
 
-def shard(x, rank: int, world_size: int, layout: str = "contiguous", axis: int = 1):
+def shard(x: Any, rank: int, world_size: int, layout: str = "contiguous", axis: int = 1) -> Any:
     """Take ``rank``'s share of a global array along ``axis`` (the sequence axis).
 
     Args:
@@ -98,7 +99,7 @@ def shard(x, rank: int, world_size: int, layout: str = "contiguous", axis: int =
     return _take(x, positions, axis)
 
 
-def unshard(shards: Sequence, layout: str = "contiguous", axis: int = 1):
+def unshard(shards: Sequence[Any], layout: str = "contiguous", axis: int = 1) -> Any:
     """Reassemble the global array from every rank's shard (inverse of :func:`shard`).
 
     Args:

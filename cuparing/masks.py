@@ -23,6 +23,12 @@ from enum import IntEnum
 UNBOUNDED = 1 << 30
 
 
+def _clamp(side: int | None) -> int:
+    """A window side as an int in [-UNBOUNDED, UNBOUNDED] (None: UNBOUNDED). Positions stay below
+    UNBOUNDED, so larger sides decide every pair the same way; kernels take them as int32."""
+    return UNBOUNDED if side is None else max(-UNBOUNDED, min(int(side), UNBOUNDED))
+
+
 class BlockKind(IntEnum):
     """Visibility of a whole (query block, key block) pair."""
 
@@ -48,12 +54,12 @@ class MaskSpec:
     @property
     def left_bound(self) -> int:
         """``left`` as an integer, ``UNBOUNDED`` for None."""
-        return UNBOUNDED if self.left is None else int(self.left)
+        return _clamp(self.left)
 
     @property
     def right_bound(self) -> int:
         """``right`` as an integer, with causality folded in (at most 0 when causal)."""
-        right = UNBOUNDED if self.right is None else int(self.right)
+        right = _clamp(self.right)
         return min(right, 0) if self.causal else right
 
     def visible(self, q_pos, k_pos):

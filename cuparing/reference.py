@@ -7,6 +7,7 @@ textbook gradient. For testing and small problems only.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -43,9 +44,10 @@ def _dense_probs(q, k, causal, scale, window, q_positions, k_positions):
 
 
 def reference_attention(
-    q, k, v, causal=False, scale=None, window=None, return_lse=False,
-    q_positions=None, k_positions=None,
-):  # fmt: skip
+    q: Any, k: Any, v: Any, causal: bool = False, scale: float | None = None,
+    window: tuple | None = None, return_lse: bool = False,
+    q_positions: Any = None, k_positions: Any = None,
+) -> Any:  # fmt: skip
     """Dense attention in float64 (NumPy arrays or anything ``np.asarray`` accepts).
 
     Same contract as :func:`cuparing.attention`, without its input checks (for testing and small
@@ -69,8 +71,9 @@ def reference_attention(
 
 
 def reference_attention_backward(
-    dout, q, k, v, causal=False, scale=None, window=None, q_positions=None, k_positions=None
-):
+    dout: Any, q: Any, k: Any, v: Any, causal: bool = False, scale: float | None = None,
+    window: tuple | None = None, q_positions: Any = None, k_positions: Any = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """Gradients of dense attention in float64 (the oracle for the backward ring).
 
     Args:

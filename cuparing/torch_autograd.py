@@ -49,7 +49,7 @@ def ring_attention_torch(
     scale: float | None = None,
     window: Window = None,
     layout: str = "contiguous",
-):
+) -> Any:
     """Differentiable :func:`cuparing.ring_attention` for PyTorch tensors.
 
     Args:

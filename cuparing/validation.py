@@ -7,6 +7,7 @@ types; messages name the argument, what was expected and what arrived.
 from __future__ import annotations
 
 import math
+from numbers import Integral
 from typing import Any
 
 from .interop import Origin, origin_of
@@ -57,10 +58,7 @@ def check_arrays(names: tuple[str, ...], arrays: tuple[Any, ...]) -> Origin:
     for name, origin in zip(names[1:], origins[1:], strict=True):
         if origin != first:
             raise TypeError(
-                f"{name} lives on {origin.framework}/{'gpu' if origin.gpu else 'cpu'}"
-                f"{'' if origin.device_index is None else f':{origin.device_index}'} but "
-                f"{names[0]} on {first.framework}/{'gpu' if first.gpu else 'cpu'}"
-                f"{'' if first.device_index is None else f':{first.device_index}'}; "
+                f"{name} lives on {origin.describe()} but {names[0]} on {first.describe()}; "
                 "pass all arrays from one framework and device"
             )
     dtypes = [dtype_name(x) for x in arrays]
@@ -130,8 +128,11 @@ def check_mask(causal: bool, window: Any) -> MaskSpec:
         raise ValueError(f"window must be None or a pair (left, right), got {window!r}")
     left, right = window
     for side, value in (("left", left), ("right", right)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"window {side} must be an int or None, got {value!r}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)):
+            raise TypeError(
+                f"window {side} must be an int or None, got {value!r} ({type(value).__name__})"
+            )
+    left, right = (None if x is None else int(x) for x in (left, right))
     spec = MaskSpec(causal, left, right)
     if -spec.left_bound > spec.right_bound:
         raise ValueError(
@@ -177,5 +178,9 @@ def check_backward(dout: Any, out: Any, lse: Any, q: Any) -> None:
     want = "float64" if dtype_name(q) == "float64" else "float32"
     if dtype_name(lse) != want:
         raise TypeError(f"lse must be {want} for {dtype_name(q)} inputs, got {dtype_name(lse)}")
-    if origin_of(lse) != origin_of(q):
-        raise TypeError("lse must live in the same framework and device as q")
+    lse_origin, q_origin = origin_of(lse), origin_of(q)
+    if lse_origin != q_origin:
+        raise TypeError(
+            f"lse must live in the same framework and device as q: lse is {lse_origin.describe()},"
+            f" q is {q_origin.describe()}"
+        )

@@ -11,6 +11,7 @@ from strategies import HEAD_DIMS, np_dtype
 
 import cuparing as cr
 from cuparing.backends import array_ops
+from cuparing.masks import BlockKind, MaskSpec
 
 
 @given(
@@ -103,14 +104,22 @@ def test_merge_with_an_empty_block_changes_nothing():
     assert not np.isnan(acc_out).any()
 
 
-def test_merge_is_float32_even_for_bfloat16_inputs():
+def test_blocks_of_bfloat16_inputs_merge_in_float32():
     import ml_dtypes
 
     rng = np.random.default_rng(4)
-    q, k, v = (rng.standard_normal((1, 64, 1, 8)).astype(ml_dtypes.bfloat16) for _ in range(3))
+    q, k, v = (rng.standard_normal((1, 64, 2, 8)).astype(ml_dtypes.bfloat16) for _ in range(3))
     backend = cr.backends.backend_for("numpy")
+    positions = np.arange(64)
     state = backend.forward_state(q, blocks=2)
     assert state.out.dtype == np.float32 and state.lse.dtype == np.float32
+    for keys in (slice(0, 32), slice(32, 64)):  # two key blocks folded into one running result
+        backend.forward_block(state, q, k[:, keys], v[:, keys], positions, positions[keys],
+                              BlockKind.FULL, MaskSpec(), 8**-0.5)  # fmt: skip
+        assert state.out.dtype == np.float32
+    out, lse = backend.forward_finish(state)
+    assert out.dtype == ml_dtypes.bfloat16
+    check_forward(out, lse, q, k, v)
 
 
 def test_torch_cpu_round_trip_returns_torch():

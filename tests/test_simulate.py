@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -29,8 +30,8 @@ def test_a_failing_rank_raises_its_error_and_releases_the_others():
     with pytest.raises(KeyError, match="boom on two") as info:
         cr.simulate(4, fn, timeout=30)
     assert time.monotonic() - start < 10
-    notes = getattr(info.value, "__notes__", ["raised on simulated rank 2 of 4"])
-    assert "raised on simulated rank 2 of 4" in notes
+    if sys.version_info >= (3, 11):  # exception notes exist from Python 3.11 on
+        assert "raised on simulated rank 2 of 4" in info.value.__notes__
 
 
 def test_a_silent_peer_times_out_with_a_clear_error():

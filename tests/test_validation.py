@@ -61,7 +61,7 @@ def test_bad_arrays_are_refused_before_any_transfer(mutate, opts, error, message
     [
         ({"layout": "spiral"}, ValueError, "layout='spiral' is not one of"),
         ({"window": (3,)}, ValueError, r"window must be None or a pair \(left, right\)"),
-        ({"window": (1.5, 2)}, ValueError, "window left must be an int or None"),
+        ({"window": (1.5, 2)}, TypeError, "window left must be an int or None"),
         ({"window": (2, -3)}, ValueError, "hides every key from every query"),
         ({"window": (-1, None), "causal": True}, ValueError, "left >= 0 when causal"),
         ({"scale": -1.0}, ValueError, "scale must be finite and > 0"),
@@ -109,3 +109,23 @@ def test_backward_checks_out_and_lse():
         cr.ring_attention_backward(out[:, :4], q, k, v, out, lse, ring)
     with pytest.raises(TypeError, match="lse must be float32 for float32 inputs, got float16"):
         cr.ring_attention_backward(out, q, k, v, out, lse.astype(np.float16), ring)
+
+
+def test_window_accepts_numpy_integers_and_huge_sides():
+    q, k, v = arrays()
+    want = cr.ring_attention(q, k, v, Spy(), window=(3, 0))
+    got = cr.ring_attention(q, k, v, Spy(), window=(np.int64(3), np.int32(0)))
+    np.testing.assert_array_equal(got, want)
+    # sides beyond any position mean "unbounded" and stay within the kernels' int32 bounds
+    np.testing.assert_array_equal(cr.ring_attention(q, k, v, Spy(), window=(2**40, 2**40)),
+                                  cr.ring_attention(q, k, v, Spy()))  # fmt: skip
+    spec = cr.masks.MaskSpec(False, 2**40, -(2**40) + 1)
+    assert -(2**31) < -spec.left_bound <= spec.right_bound < 2**31
+
+
+def test_lse_on_another_device_is_named():
+    torch = pytest.importorskip("torch")
+    q, k, v = arrays()
+    out, lse = cr.ring_attention(q, k, v, Spy(), return_lse=True)
+    with pytest.raises(TypeError, match="lse is torch/cpu, q is numpy/cpu"):
+        cr.ring_attention_backward(out, q, k, v, out, torch.from_numpy(lse), Spy())

@@ -201,7 +201,7 @@ def configs(quick: bool, only_heads: str | None = None, tokens: str | None = Non
 
 
 def _commit() -> str:
-    """The checkout's commit; ``CUPARING_COMMIT`` names it where the tree travels without .git."""
+    """The checkout's commit; ``CUPARING_COMMIT`` names it in a copy of the tree without .git."""
     if os.environ.get("CUPARING_COMMIT"):
         return os.environ["CUPARING_COMMIT"]
     try:

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # On a GPU machine: install, compile check, GPU tests, benchmarks. Logs go to the directory named
-# by the OUT variable if set, else ./out.
+# by CUPARING_LOG_DIR if set, else ./out.
 # Usage: bash tools/gpu_checks.sh [single|multi|bench|all] [pytest -k expression]
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
-out="${OUT:-out}"
+out="${CUPARING_LOG_DIR:-out}"
 mkdir -p "$out"
 what="${1:-single}"
 filter="${2:-}"

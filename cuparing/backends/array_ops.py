@@ -22,7 +22,7 @@ def accum_dtype(xp, dtype):
     return xp.float64 if xp.dtype(dtype) == xp.float64 else xp.float32
 
 
-def _grouped(x, nheads_kv, xp):
+def _grouped(x, nheads_kv):
     """[B, S, H, D] -> [B, Hkv, G, S, D], G = H / Hkv (a view where the layout allows)."""
     b, s, h, d = x.shape
     return x.reshape(b, s, nheads_kv, h // nheads_kv, d).transpose(0, 2, 3, 1, 4)
@@ -72,7 +72,7 @@ def block_forward(xp, q, k, v, q_pos, k_pos, kind, mask: MaskSpec, scale: float,
     """
     acc_t = accum_dtype(xp, q.dtype)
     hk = k.shape[2]
-    qg = _grouped(q, hk, xp).astype(acc_t)  # (B, Hkv, G, Sq, D)
+    qg = _grouped(q, hk).astype(acc_t)  # (B, Hkv, G, Sq, D)
     kh = _heads_first(k).astype(acc_t)  # (B, Hkv, 1, Sk, D)
     vh = _heads_first(v).astype(acc_t)
     b, _, g, sq, d = qg.shape
@@ -131,8 +131,8 @@ def block_backward(
     """
     acc_t = dq.dtype.type
     hk = k.shape[2]
-    qg = _grouped(q, hk, xp).astype(acc_t)  # (B, Hkv, G, Sq, D)
-    dog = _grouped(dout, hk, xp).astype(acc_t)
+    qg = _grouped(q, hk).astype(acc_t)  # (B, Hkv, G, Sq, D)
+    dog = _grouped(dout, hk).astype(acc_t)
     kh = _heads_first(k).astype(acc_t)  # (B, Hkv, 1, Sk, D)
     vh = _heads_first(v).astype(acc_t)
     b, _, g, sq, d = qg.shape
