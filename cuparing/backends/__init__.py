@@ -8,16 +8,16 @@ A backend provides, for the ring schedule (``cuparing.schedule``):
 - ``backward_delta(dout, out)``, ``zeros_accum(shape, dtype)``, ``backward_block(...)``,
   ``cast(x, dtype)``: the backward pass, accumulating in float32 in place.
 
-``NumpyBackend`` runs on the CPU and is the oracle; ``CupyBackend`` runs our CUDA kernels.
+``ArrayBackend`` runs on the CPU and is the oracle; ``CupyBackend`` runs our CUDA kernels.
 """
 
 from __future__ import annotations
 
-from .numpy_backend import NumpyBackend
+from .array_backend import ArrayBackend
 
-__all__ = ["NumpyBackend", "backend_for"]
+__all__ = ["ArrayBackend", "backend_for"]
 
-_NUMPY = NumpyBackend()
+_NUMPY = ArrayBackend()
 
 
 def backend_for(kind: str):

@@ -36,7 +36,7 @@ import numpy as np
 from ..kernels import loader
 from ..masks import BlockKind, MaskSpec
 from . import array_ops
-from .numpy_backend import NumpyBackend
+from .array_backend import ArrayBackend
 
 _KERNEL_DTYPES = ("float16", "bfloat16")
 _LOG2E = 1.4426950408889634
@@ -115,7 +115,7 @@ class CupyForwardState:
 
 
 class CupyBackend:
-    """Block attention on CuPy arrays; the protocol of ``cuparing.backends`` (see NumpyBackend)."""
+    """Block attention on CuPy arrays; the protocol of ``cuparing.backends`` (see ArrayBackend)."""
 
     name = "cupy"
 
@@ -123,7 +123,7 @@ class CupyBackend:
         import cupy
 
         self.xp = cupy
-        self._generic = NumpyBackend(xp=cupy)
+        self._generic = ArrayBackend(xp=cupy)
 
     # ---- positions
     def positions(self, host_positions: np.ndarray) -> DevicePositions:

@@ -24,7 +24,7 @@ class ForwardState:
     dtype: Any  # the caller's dtype, for the final cast
 
 
-class NumpyBackend:
+class ArrayBackend:
     """Block attention on NumPy arrays (or any NumPy-like namespace passed as ``xp``)."""
 
     name = "numpy"
