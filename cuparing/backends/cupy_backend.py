@@ -34,13 +34,12 @@ from typing import Any
 import numpy as np
 
 from ..kernels import loader
-from ..masks import BlockKind, MaskSpec
+from ..masks import UNBOUNDED, BlockKind, MaskSpec
 from . import array_ops
 from .array_backend import ArrayBackend
 
 _KERNEL_DTYPES = ("float16", "bfloat16")
 _LOG2E = 1.4426950408889634
-_POSITION_LIMIT = 1 << 30  # masks.UNBOUNDED: positions must stay below it (int32 math in kernels)
 
 
 def _dtype_name(dtype) -> str:
@@ -129,7 +128,8 @@ class CupyBackend:
     def positions(self, host_positions: np.ndarray) -> DevicePositions:
         """Wrap NumPy positions; the device copy is made lazily and kept with the object."""
         host = np.asarray(host_positions)
-        if len(host) and (host.min() < -_POSITION_LIMIT or host.max() >= _POSITION_LIMIT):
+        # window sides are clamped to +-UNBOUNDED (int32 in the kernels): positions stay inside
+        if len(host) and (host.min() < -UNBOUNDED or host.max() >= UNBOUNDED):
             raise ValueError(
                 f"global positions must lie in [-2^30, 2^30) for the CUDA kernel, got "
                 f"[{host.min()}, {host.max()}]"
@@ -293,7 +293,7 @@ class CupyBackend:
             **self._block_fields(q, k, q_pos, k_pos, kind, mask, scale), scale=np.float32(scale),
         )  # fmt: skip
         grid = (nheads, batch, math.ceil(seqlen_k / cfg.block_n))
-        for kernel, _mode in kernels:
+        for kernel, _ in kernels:  # one launch (all of dq, dk, dv) or two (dv, then dk + dq)
             kernel(grid, (cfg.threads,), (params,), shared_mem=smem)
 
     # ---- dtype conversion

@@ -139,8 +139,6 @@ BWD_CONFIGS: dict[int, BwdConfig] = {
     224: BwdConfig(block_m=32, block_n=64, warps=4, split=True, min_blocks=1),
     256: BwdConfig(block_m=32, block_n=64, warps=4, split=True, min_blocks=1),
 }
-# Hopper (227 KB per CTA): not tuned yet; rows here replace BWD_CONFIGS rows on sm_9x.
-HOPPER_BWD_TILES: dict[int, BwdConfig] = {}
 
 # Modes of the backward kernel (bwd.cuh BwdMode).
 BWD_ALL = 0
@@ -149,11 +147,9 @@ BWD_DK_DQ = 2
 
 
 def bwd_configs(arch: str = "sm_80") -> dict[int, BwdConfig]:
-    """The backward tile table for ``arch``: the base table, then Hopper's rows on sm_9x."""
-    table = dict(BWD_CONFIGS)
-    if arch.startswith("sm_9"):
-        table.update(HOPPER_BWD_TILES)
-    return table
+    """The backward tile table for ``arch``: one table for every arch (the backward has no
+    Hopper-specific tiles yet; ``arch`` keeps the signature of :func:`fwd_configs`)."""
+    return dict(BWD_CONFIGS)
 
 
 def bwd_modes(head_dim: int, arch: str = "sm_80") -> tuple[int, ...]:
