@@ -1,282 +1,29 @@
-"""IpcRing's handshake and ordering on the CPU, against a fake GPU that runs queued stream work.
+"""IpcRing's handshake and ordering on the CPU, against the fake GPU of ``fake_gpu.py``.
 
-The fake keeps CUDA's stream semantics where they matter: each stream is a queue run in order by
-one "GPU" thread; ``record`` captures a generation; a stream wait on an event waits for the
-event's *latest record at the time of the wait call* (none: no wait), the very semantics that
-make the host handshake necessary; IPC handles alias the same event or memory across ranks (here
-threads). A scheduler policy can starve chosen streams, which turns a missing GPU wait into a
+That fake runs queued stream work on a "GPU" thread with CUDA's event semantics (a wait refers to
+the event's latest record at the time of the call), and IPC handles alias the same event or
+memory across ranks (here threads). Starving chosen streams turns a missing GPU wait into a
 deterministic wrong answer; the negative controls below show that each wait the ring issues is
 needed. Links are real loopback TCP (:mod:`cuparing.comm.peerlink`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import random
-import struct
 import threading
 import time
-from collections import deque
 from types import SimpleNamespace
 
 import ml_dtypes
 import numpy as np
 import pytest
+from fake_gpu import FakeStack
+from fake_gpu import dev as _dev
+from fake_gpu import run_threads as _threads
 
 import cuparing as cr
 from cuparing.comm import ipc as ipc_mod
 from cuparing.comm import nccl as nccl_mod
 from cuparing.comm.peerlink import Address, LinkError, PeerLinks
-
-# --- the fake GPU ---
-
-
-class FakeGpu:
-    def __init__(self, seed: int = 0):
-        self.cond = threading.Condition()
-        self.streams: list[FakeStream] = []
-        self.objects: dict[int, object] = {}  # raw handles: streams, events, opened events
-        self.next_ptr = 1 << 40
-        self.rng = random.Random(seed)
-        self.starve: set = set()  # streams that run only when nothing else can
-        self.paused = False
-        self.opened_mem, self.closed_mem, self.destroyed = [], [], []
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def register(self, obj) -> int:
-        with self.cond:
-            self.next_ptr += 16
-            self.objects[self.next_ptr] = obj
-            return self.next_ptr
-
-    def enqueue(self, stream, op) -> None:
-        with self.cond:
-            stream.ops.append(op)
-
-    def _runnable(self, op) -> bool:
-        if op[0] == "wait":
-            return op[1].done_gen >= op[2]
-        if op[0] == "collective":
-            return op[1].ready()
-        return True
-
-    def step(self) -> bool:
-        with self.cond:
-            if self.paused:
-                return False
-            ready = [s for s in self.streams if s.ops and self._runnable(s.ops[0])]
-            pick = [s for s in ready if s not in self.starve] or ready
-            if not pick:
-                return False
-            stream = self.rng.choice(pick)
-            op = stream.ops.popleft()
-            kind = op[0]
-            if kind == "record":
-                op[1].done_gen = max(op[1].done_gen, op[2])
-            elif kind == "copy":
-                ctypes.memmove(op[1], op[2], op[3])
-            elif kind == "fn":
-                op[1]()
-            elif kind == "collective":
-                op[1].execute(op[2])
-            return True
-
-    def _run(self) -> None:
-        while not self._stop:
-            if not self.step():
-                time.sleep(0.0002)
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join(2)
-
-
-class FakeStream:
-    def __init__(self, gpu: FakeGpu, non_blocking: bool = False):
-        self.gpu, self.ops = gpu, deque()
-        self.ptr = gpu.register(self)
-        with gpu.cond:
-            gpu.streams.append(self)
-
-    def wait_event(self, event) -> None:
-        with self.gpu.cond:
-            if event.recorded:  # the latest record now, or nothing at all
-                self.ops.append(("wait", event, event.recorded))
-
-    def launch(self, fn) -> None:
-        self.gpu.enqueue(self, ("fn", fn))
-
-    def synchronize(self) -> None:
-        while self.ops:
-            time.sleep(0.0005)
-
-
-class FakeEvent:
-    def __init__(self, gpu: FakeGpu, block=False, disable_timing=False, interprocess=False):
-        self.gpu, self.interprocess = gpu, interprocess
-        self.recorded = self.done_gen = 0
-        self.t = None
-        self.ptr = gpu.register(self)
-
-    def record(self, stream=None) -> None:
-        with self.gpu.cond:
-            self.recorded += 1
-            stream.ops.append(("record", self, self.recorded))
-        self.t = time.perf_counter()
-
-    @property
-    def done(self) -> bool:
-        return self.done_gen >= self.recorded
-
-
-class FakeMemory:
-    def __init__(self, gpu: FakeGpu, size: int):
-        self.buf = np.zeros(size, np.uint8)
-        self.ptr, self.size = self.buf.ctypes.data, size
-        gpu.memory[self.ptr] = self
-
-
-class FakeArray(np.ndarray):
-    """The fake ``cupy.ndarray``: also builds views of fake memory, as ``memptr=`` does."""
-
-    def __new__(cls, shape, dtype=float, memptr=None):
-        if memptr is None:
-            return np.zeros(shape, dtype).view(cls)
-        return np.ndarray(shape, dtype, buffer=memptr.mem.buf, offset=memptr.offset).view(cls)
-
-    @property
-    def data(self):
-        return SimpleNamespace(ptr=self.ctypes.data)
-
-    @property
-    def device(self):
-        return SimpleNamespace(id=0)
-
-
-def _dev(x):
-    return np.array(x).view(FakeArray)
-
-
-class FakeDevice:
-    def __init__(self, index=0):
-        self.id = index
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def use(self):
-        pass
-
-
-def _handle(tag: bytes, ptr: int) -> bytes:
-    return (tag + struct.pack("<Q", ptr)).ljust(64, b"\0")
-
-
-def _fake_cupy(gpu: FakeGpu):
-    local = threading.local()
-    gpu.memory = {}
-
-    def current():
-        if not hasattr(local, "stream"):
-            local.stream = FakeStream(gpu)
-        return local.stream
-
-    def open_event(handle: bytes) -> int:
-        assert len(handle) == 64
-        event = gpu.objects[struct.unpack("<Q", handle[1:9])[0]]
-        assert event.interprocess
-        return gpu.register(event)  # a new handle to the same event
-
-    def open_mem(handle: bytes, flags=1) -> int:
-        assert len(handle) == 64 and handle[:1] == b"M"
-        ptr = struct.unpack("<Q", handle[1:9])[0]
-        gpu.opened_mem.append(ptr)
-        return ptr
-
-    def destroy(ptr):
-        gpu.destroyed.append(ptr)
-        gpu.objects.pop(ptr)
-
-    runtime = SimpleNamespace(
-        getDeviceCount=lambda: 8, memcpyDeviceToDevice=3,
-        memcpyAsync=lambda dst, src, n, kind, s: gpu.enqueue(gpu.objects[s], ("copy", dst, src, n)),
-        streamWaitEvent=lambda s, e, flags=0: gpu.objects[s].wait_event(gpu.objects[e]),
-        ipcGetMemHandle=lambda ptr: _handle(b"M", ptr),
-        ipcOpenMemHandle=open_mem, ipcCloseMemHandle=gpu.closed_mem.append,
-        ipcGetEventHandle=lambda ptr: _handle(b"E", ptr), ipcOpenEventHandle=open_event,
-        eventDestroy=destroy,
-    )  # fmt: skip
-    cuda = SimpleNamespace(
-        Device=FakeDevice, Stream=lambda non_blocking=False: FakeStream(gpu, non_blocking),
-        Event=lambda **kw: FakeEvent(gpu, **kw), get_current_stream=current,
-        get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3, runtime=runtime,
-        Memory=lambda size: FakeMemory(gpu, size),
-        MemoryPointer=lambda mem, offset: SimpleNamespace(mem=mem, offset=offset),
-    )  # fmt: skip
-    return SimpleNamespace(
-        ndarray=FakeArray, cuda=cuda, int32=np.int32, uint8=np.uint8,
-        empty=lambda shape, dtype: FakeArray(shape, dtype),
-        zeros=lambda shape, dtype: FakeArray(shape, dtype),
-        asarray=_dev, asnumpy=lambda a: np.array(a),
-        ascontiguousarray=lambda a: np.ascontiguousarray(a).view(FakeArray),
-    )  # fmt: skip
-
-
-class Gather:
-    """A fake NCCL all-gather: runs once every rank has posted its part."""
-
-    def __init__(self, size):
-        self.size, self.parts, self.recvs = size, {}, {}
-
-    def ready(self):
-        return len(self.parts) == self.size
-
-    def execute(self, rank):
-        data = b"".join(self.parts[r] for r in range(self.size))
-        ptr, _ = self.recvs[rank]
-        ctypes.memmove(ptr, data, len(data))
-
-
-class FakeComm:
-    def __init__(self, gpu, rank, gather):
-        self.gpu, self.rank, self.gather = gpu, rank, gather
-        self.aborted = self.destroyed = False
-
-    def allGather(self, send, recv, count, dtype, stream):
-        with self.gpu.cond:
-            self.gather.parts[self.rank] = ctypes.string_at(send, count)
-            self.gather.recvs[self.rank] = (recv, count)
-        self.gpu.enqueue(self.gpu.objects[stream], ("collective", self.gather, self.rank))
-
-    def abort(self):
-        self.aborted = True
-
-    def destroy(self):
-        self.destroyed = True
-
-
-def _threads(fns, timeout=30.0):
-    """Run ``fns[r]()`` on one thread each; returns results (exceptions as values)."""
-    out = [None] * len(fns)
-
-    def run(r):
-        try:
-            out[r] = fns[r]()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            out[r] = exc
-
-    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(len(fns))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    assert not any(t.is_alive() for t in threads), "a rank hung"
-    return out
 
 
 def _mesh(size, timeout=10.0):
@@ -289,29 +36,25 @@ def _mesh(size, timeout=10.0):
 
 @pytest.fixture
 def fake(monkeypatch):
-    gpu = FakeGpu()
-    cupy = _fake_cupy(gpu)
-    nccl = SimpleNamespace(available=True, NCCL_UINT8=1, NCCL_INT32=2, NCCL_SUM=0)
-    monkeypatch.setattr(nccl_mod, "_import_cupy", lambda: cupy)
-    monkeypatch.setattr(nccl_mod, "_import_nccl", lambda: nccl)
-    monkeypatch.delenv("CUPARING_TRACE", raising=False)
+    stack = FakeStack()
+    stack.install(monkeypatch)
     made = []
 
     def make(size=2, timeout=20.0, trace=False, links=True):
-        gather = Gather(size)
+        comms = stack.communicators(size)
         meshes = _mesh(size) if links else [None] * size
-        rings = [ipc_mod.IpcRing(r, size, FakeComm(gpu, r, gather), 0, timeout, trace, meshes[r])
+        rings = [ipc_mod.IpcRing(r, size, comms[r], 0, timeout, trace, meshes[r])
                  for r in range(size)]  # fmt: skip
         made.extend(rings)
         return rings
 
-    make.gpu, make.cupy = gpu, cupy
+    make.gpu, make.cupy = stack.gpu, stack.cupy
     yield make
     for ring in made:
         ring._stop.set()
         if ring._links is not None:
             ring._links.close(0)
-    gpu.close()
+    stack.close()
 
 
 # --- data movement and ordering ---
@@ -384,8 +127,8 @@ def test_rotation_delivers_every_rank_s_data_in_order(fake, size, starve):
 def test_without_the_done_wait_a_slow_reader_is_overwritten(fake, monkeypatch):
     """Negative control: the copy stream's wait on the receiver's *done* event is needed."""
 
-    def host_wait_only(self, channel, slot, flight):
-        self._await(channel.dest, ipc_mod._DONE, channel, flight.seq - 2, flight, "x")
+    def host_wait_only(self, channel, k, flight):
+        self._await(channel.dest, ipc_mod._DONE, channel, k - 2, flight, "x")
 
     monkeypatch.setattr(ipc_mod.IpcRing, "_after_peer_freed", host_wait_only)
     rings = fake(3)
@@ -396,8 +139,8 @@ def test_without_the_done_wait_a_slow_reader_is_overwritten(fake, monkeypatch):
 def test_without_the_ready_wait_a_reader_sees_stale_data(fake, monkeypatch):
     """Negative control: the side stream's wait on the sender's *ready* event is needed."""
 
-    def host_wait_only(self, channel, slot, flight):
-        self._await(channel.source, ipc_mod._READY, channel, flight.seq, flight, "x")
+    def host_wait_only(self, channel, k, flight):
+        self._await(channel.source, ipc_mod._READY, channel, k, flight, "x")
 
     monkeypatch.setattr(ipc_mod.IpcRing, "_after_peer_pushed", host_wait_only)
     rings = fake(2)
@@ -496,7 +239,7 @@ def test_a_failure_elsewhere_wakes_an_exchange_waiting_on_a_peer(fake):
     with pytest.raises(cr.RingError, match="because rank 3 failed: boom"):
         ring0.exchange([_dev(np.ones(3, np.float32))])
     assert time.monotonic() - start < 5
-    assert ring0._comm.aborted
+    assert ring0._collective.comm.aborted
 
 
 def test_different_shapes_are_diagnosed(fake):
@@ -512,7 +255,7 @@ def test_close_waits_for_the_peers_then_frees_the_handles(fake):
     rings = fake(2)
     gpu = fake.gpu
     _rotate(fake, rings, steps=3, pause=False)
-    comms = [ring._comm for ring in rings]
+    comms = [ring._collective.comm for ring in rings]
     closed = threading.Event()
     closer = threading.Thread(target=lambda: (rings[0].close(), closed.set()))
     closer.start()

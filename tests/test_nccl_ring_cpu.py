@@ -1,14 +1,12 @@
-"""NcclRing's host-side logic on the CPU, against a fake CuPy/NCCL that moves NumPy bytes.
+"""NcclRing's host-side logic on the CPU, against the fake CuPy/NCCL of ``fake_gpu.py``.
 
-The fake streams keep a list of queued NCCL receives; an event is "done" when every receive queued
-before it has been matched by the peer's send. That is enough to check peers, byte transport of
-any dtype, double buffering, the event ordering the ring promises, and the watchdog.
+Sends read their bytes when the fake GPU runs them and receives complete in order per (sender,
+receiver), which is enough to check peers, byte transport of any dtype, double buffering, the
+event ordering the ring promises, the watchdog and the failure channel.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
 import re
 import sys
 import threading
@@ -19,147 +17,50 @@ from types import SimpleNamespace
 import ml_dtypes
 import numpy as np
 import pytest
+from fake_gpu import FakeStack
+from fake_gpu import dev as _dev
 
 import cuparing as cr
+from cuparing.comm import gpu_ring as gpu_ring_mod
 from cuparing.comm import nccl as nccl_mod
 from cuparing.comm.rendezvous import RankInfo
 from cuparing.launch import free_port
 
 
-class FakeArray(np.ndarray):
-    @property
-    def data(self):
-        return SimpleNamespace(ptr=self.ctypes.data)
-
-    @property
-    def device(self):
-        return SimpleNamespace(id=0)
-
-
-def _dev(x):
-    return np.asarray(x).view(FakeArray)
-
-
-_streams: dict[int, FakeStream] = {}
-
-
-class FakeStream:
-    def __init__(self, non_blocking=False):
-        self.ops, self.waited = [], []
-        self.ptr = id(self)
-        _streams[self.ptr] = self
-
-    def wait_event(self, event):
-        self.waited.append(event)
-
-    def synchronize(self):
-        pass
-
-
-class FakeEvent:
-    def __init__(self, disable_timing=False):
-        self.ops, self.stream, self.t = None, None, None
-
-    def record(self, stream):
-        self.ops, self.stream, self.t = list(stream.ops), stream, time.perf_counter()
-
-    @property
-    def done(self):
-        return all(op.done for op in self.ops)
-
-
-class FakeDevice:
-    def __init__(self, index=0):
-        self.id = index
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def use(self):
-        pass
-
-
-class Hub:
-    """Matches sends and receives of fake communicators, in order per (source, dest)."""
-
-    def __init__(self):
-        self.sends, self.recvs = {}, {}
-
-    def post(self, table, key, item):
-        table.setdefault(key, []).append(item)
-        sends, recvs = self.sends.get(key, []), self.recvs.get(key, [])
-        while sends and recvs:
-            (src_ptr, n), op = sends.pop(0), recvs.pop(0)
-            assert n == op.nbytes, "sender and receiver disagree on the size"
-            ctypes.memmove(op.ptr, src_ptr, n)
-            op.done = True
-
-
-class FakeComm:
-    def __init__(self, hub, rank):
-        self.hub, self.rank = hub, rank
-        self.aborted = self.destroyed = False
-        self.calls = []
-
-    def send(self, ptr, nbytes, dtype, peer, stream):
-        self.calls.append(("send", peer, nbytes))
-        self.hub.post(self.hub.sends, (self.rank, peer), (ptr, nbytes))
-
-    def recv(self, ptr, nbytes, dtype, peer, stream):
-        self.calls.append(("recv", peer, nbytes))
-        op = SimpleNamespace(ptr=ptr, nbytes=nbytes, done=False)
-        _streams[stream].ops.append(op)
-        self.hub.post(self.hub.recvs, (peer, self.rank), op)
-
-    def abort(self):
-        self.aborted = True
-
-    def destroy(self):
-        self.destroyed = True
-
-
-def _fake_modules():
-    caller = FakeStream()
-    cuda = SimpleNamespace(
-        Device=FakeDevice, Stream=FakeStream, Event=FakeEvent,
-        get_current_stream=lambda: caller,
-        get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3,
-        runtime=SimpleNamespace(getDeviceCount=lambda: 8),
-    )  # fmt: skip
-    cupy = SimpleNamespace(
-        ndarray=FakeArray, cuda=cuda, int32=np.int32,
-        empty=lambda shape, dtype: np.empty(shape, dtype).view(FakeArray),
-        zeros=lambda shape, dtype: np.zeros(shape, dtype).view(FakeArray),
-        ascontiguousarray=lambda a: np.ascontiguousarray(a).view(FakeArray),
-    )  # fmt: skip
-    nccl = SimpleNamespace(
-        available=True, NCCL_UINT8=1, NCCL_INT32=2, NCCL_SUM=0, NcclError=RuntimeError,
-        groupStart=lambda: None, groupEnd=lambda: None,
-    )  # fmt: skip
-    return cupy, nccl, caller
+@pytest.fixture
+def stack(monkeypatch):
+    stack = FakeStack()
+    stack.install(monkeypatch)
+    yield stack
+    stack.close()
 
 
 @pytest.fixture
-def rings(monkeypatch):
-    cupy, nccl, caller = _fake_modules()
-    monkeypatch.setattr(nccl_mod, "_import_cupy", lambda: cupy)
-    monkeypatch.setattr(nccl_mod, "_import_nccl", lambda: nccl)
-    monkeypatch.delenv("CUPARING_TRACE", raising=False)
-    hub = Hub()
+def rings(stack):
     made = []
 
     def make(size=2, timeout=30.0, trace=False):
-        out = [nccl_mod.NcclRing(r, size, FakeComm(hub, r), 0, timeout, trace) for r in range(size)]
+        comms = stack.communicators(size)
+        out = [nccl_mod.NcclRing(r, size, comms[r], 0, timeout, trace) for r in range(size)]
         made.extend(out)
         return out
 
-    make.caller = caller
+    make.caller = stack.cupy.cuda.get_current_stream()
     yield make
     for ring in made:
         ring._stop.set()
+
+
+def _comm(ring):
+    """The fake NCCL communicator under ``ring``."""
+    return ring._collective.comm
+
+
+def _settle(*rings):
+    """Wait until the fake GPU has run everything the rings and the caller's stream queued."""
+    for ring in rings:
+        ring.synchronize()
+    rings[0]._cupy.cuda.get_current_stream().synchronize()
 
 
 def test_exchange_moves_any_dtype_to_the_next_rank(rings):
@@ -178,11 +79,12 @@ def test_exchange_moves_any_dtype_to_the_next_rank(rings):
         pendings.append(ring.exchange(arrays, 1, "kv"))
     for ring, pending in zip((ring0, ring1, ring2), pendings, strict=True):
         got = pending.wait()
+        _settle(ring)
         want = sent[(ring.rank - 1) % 3]
         for g, w in zip(got, want, strict=True):
             assert g.dtype == w.dtype and g.shape == w.shape
             np.testing.assert_array_equal(np.asarray(g).view(np.uint8), w.view(np.uint8))
-    assert ring1._comm.calls[0] == ("send", 2, 24 * 2) and ring1._comm.calls[1][:2] == ("recv", 0)
+    assert _comm(ring1).calls[0] == ("send", 2, 24 * 2) and _comm(ring1).calls[1][:2] == ("recv", 0)
     ring0.synchronize()
 
 
@@ -193,6 +95,7 @@ def test_receive_buffers_alternate_and_are_reused(rings):
         pend = [ring.exchange([_dev(np.full(4, step * 10 + ring.rank, np.float32))], 1, "kv")
                 for ring in (ring0, ring1)]  # fmt: skip
         got0 = pend[0].wait()[0]
+        _settle(ring0)
         assert got0[0] == step * 10 + 1
         seen.append(got0.ctypes.data)
         pend[1].wait()
@@ -210,8 +113,29 @@ def test_event_ordering_between_caller_and_comm_streams(rings):
     assert ready.stream is caller  # the comm stream waits on the caller's work before sending
     ring1.exchange([_dev(np.ones(3, np.float32))])
     p0.wait()
+    _settle(ring0)
     received = caller.waited[-1]
     assert received.stream is ring0.stream and received.done  # caller waits on 'received'
+
+
+@pytest.mark.parametrize("drop_wait", [False, True])
+def test_sends_wait_for_the_work_that_writes_them(rings, stack, drop_wait):
+    """The comm stream waits for the caller's queued work before sending. Negative control:
+    without that wait, a send reads the array before the kernel that writes it has run."""
+    ring0, ring1 = rings(2)
+    caller = rings.caller
+    if drop_wait:
+        ring0.stream.wait_event = lambda event: None
+    stack.gpu.paused = True  # every host call is issued before the GPU runs anything
+    stack.gpu.starve.add(caller)  # and the caller's kernels run last
+    x = _dev(np.zeros(4, np.float32))
+    caller.launch(lambda: x.fill(7))  # the kernel producing what rank 0 sends
+    pending = [ring.exchange([a]) for ring, a in ((ring0, x), (ring1, _dev(np.zeros_like(x))))]
+    got = pending[1].wait()[0]
+    pending[0].wait()
+    stack.gpu.paused = False
+    _settle(ring0, ring1)
+    assert bool((np.asarray(got) == 7).all()) is not drop_wait
 
 
 def test_shift_zero_or_world_of_one_moves_nothing(rings):
@@ -234,7 +158,7 @@ def test_dead_peer_times_out_aborts_and_raises(rings, capfd):
     pending.wait()  # does not block the host, even though nothing arrived
     deadline = time.monotonic() + 10
     # _fail records the error first, then says it and aborts: wait for the whole of it
-    while ring0._error is None or not ring0._comm.aborted:
+    while ring0._error is None or not _comm(ring0).aborted:
         assert time.monotonic() < deadline, "the watchdog never fired and aborted"
         time.sleep(0.02)
     pattern = r"rank 0: exchange 'kv' #0 \(shift 1: rank 0 sends to rank 1, receives from rank 1\)"
@@ -243,7 +167,7 @@ def test_dead_peer_times_out_aborts_and_raises(rings, capfd):
             call()
     assert "RingTimeoutError" in capfd.readouterr().err  # said at once, not only when raised
     ring1.close()
-    comm = ring0._comm
+    comm = _comm(ring0)
     ring0.close()
     assert not comm.destroyed  # after a failure the communicator was aborted, not destroyed
 
@@ -271,7 +195,7 @@ def test_slow_queue_is_not_a_hang(rings):
 
 def test_close_destroys_and_refuses_more_work(rings):
     ring0, ring1 = rings(2)
-    comm = ring0._comm
+    comm = _comm(ring0)
     ring0.close()
     ring0.close()
     assert comm.destroyed and not comm.aborted
@@ -328,18 +252,16 @@ def test_from_env_without_cupy_is_a_clear_error(monkeypatch):
 
 
 @pytest.fixture
-def env_rings(monkeypatch):
+def env_rings(monkeypatch, stack):
     """``make(world)``: ``NcclRing.from_env`` on ``world`` threads (TCP rendezvous on loopback,
     fake CuPy/NCCL/communicators), returned by rank."""
-    cupy, nccl, _ = _fake_modules()
-    nccl.get_unique_id = lambda: os.urandom(128)
-    hub, local = Hub(), threading.local()
-    monkeypatch.setattr(nccl_mod, "_import_cupy", lambda: cupy)
-    monkeypatch.setattr(nccl_mod, "_import_nccl", lambda: nccl)
+    local, comms = threading.local(), {}  # the ranks of one ring share its unique id
+
+    def communicator(nccl, info, uid, timeout):
+        return comms.setdefault(uid, stack.communicators(info.world_size))[info.rank]
+
     monkeypatch.setattr(nccl_mod, "RankInfo", SimpleNamespace(from_env=lambda: local.info))
-    monkeypatch.setattr(nccl_mod, "_communicator",
-                        lambda nccl, info, uid, timeout: FakeComm(hub, info.rank))  # fmt: skip
-    monkeypatch.delenv("CUPARING_TRACE", raising=False)
+    monkeypatch.setattr(nccl_mod, "_communicator", communicator)
     monkeypatch.delenv("CUPARING_HEALTH", raising=False)
     made = []
 
@@ -371,9 +293,9 @@ def env_rings(monkeypatch):
 def _wait_error(ring, deadline):
     """The ring's error once it is recorded and the communicator aborted (``None`` if that has
     not happened by ``deadline``)."""
-    while not (ring._error is not None and ring._comm.aborted) and time.monotonic() < deadline:
+    while not (ring._error is not None and _comm(ring).aborted) and time.monotonic() < deadline:
         time.sleep(0.005)
-    return ring._error if ring._comm.aborted else None
+    return ring._error if _comm(ring).aborted else None
 
 
 def test_one_rank_failing_aborts_every_rank_at_once(env_rings, capfd):
@@ -384,7 +306,7 @@ def test_one_rank_failing_aborts_every_rank_at_once(env_rings, capfd):
     for rank in (0, 1, 3):
         error = _wait_error(rings[rank], start + 1.0)
         assert error is not None, f"rank {rank} was not told within 1 s"
-        assert type(error) is cr.RingError and rings[rank]._comm.aborted
+        assert type(error) is cr.RingError and _comm(rings[rank]).aborted
         assert str(error).startswith(f"rank {rank}: ring aborted because rank 2 failed: rank 2:")
         with pytest.raises(cr.RingError, match="because rank 2 failed"):
             rings[rank].exchange([_dev(np.ones(2, np.float32))])
@@ -449,12 +371,12 @@ def test_leaving_with_on_an_exception_is_a_failure(env_rings):
 def test_interpreter_exit_leaves_cleanly_unless_crashing(env_rings, monkeypatch):
     rings = env_rings(3)
     monkeypatch.delattr(sys, "last_value", raising=False)
-    nccl_mod._leave_at_exit(weakref.ref(rings[0]))  # rank 0 (the server) ends first, normally
+    gpu_ring_mod.leave_at_exit(weakref.ref(rings[0]))  # rank 0 (the server) ends first, normally
     time.sleep(0.3)
     assert all(ring._error is None for ring in rings.values())
     rings = env_rings(3)
     monkeypatch.setattr(sys, "last_value", KeyError("k"), raising=False)
-    nccl_mod._leave_at_exit(weakref.ref(rings[2]))
+    gpu_ring_mod.leave_at_exit(weakref.ref(rings[2]))
     for rank in (0, 1):
         error = _wait_error(rings[rank], time.monotonic() + 1.0)
         assert "because rank 2 failed: rank 2: the process exits on KeyError" in str(error)

@@ -13,7 +13,6 @@ from cuparing.comm.rendezvous import (
     UNIQUE_ID_BYTES,
     RankInfo,
     exchange_payload,
-    exchange_unique_id,
     first_host,
     id_bytes,
 )
@@ -157,7 +156,7 @@ def _run_ranks(world, target):
 
 def test_world_of_one_needs_no_network():
     uid = os.urandom(UNIQUE_ID_BYTES)
-    assert exchange_unique_id(RankInfo(0, 1, 0), lambda: uid) == uid
+    assert exchange_payload(RankInfo(0, 1, 0), lambda: uid) == uid
 
 
 def test_id_bytes_accepts_cupy_tuple_form():
@@ -176,7 +175,7 @@ def test_tcp_exchange_four_ranks(delay_rank0):
     def rank_fn(rank):
         if rank == 0:
             time.sleep(delay_rank0)  # clients must retry until rank 0 listens
-        return exchange_unique_id(_info(rank, 4, port), lambda: calls.append(1) or uid, timeout=20)
+        return exchange_payload(_info(rank, 4, port), lambda: calls.append(1) or uid, timeout=20)
 
     results, errors = _run_ranks(4, rank_fn)
     assert not errors, errors
@@ -187,7 +186,7 @@ def test_tcp_exchange_four_ranks(delay_rank0):
 def test_stray_connection_is_ignored():
     port, uid = free_port(), os.urandom(UNIQUE_ID_BYTES)
     server = threading.Thread(
-        target=lambda: exchange_unique_id(_info(0, 2, port), lambda: uid, timeout=20)
+        target=lambda: exchange_payload(_info(0, 2, port), lambda: uid, timeout=20)
     )
     server.start()
     deadline = time.monotonic() + 10
@@ -199,7 +198,7 @@ def test_stray_connection_is_ignored():
         except OSError:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-    assert exchange_unique_id(_info(1, 2, port), lambda: b"", timeout=20) == uid
+    assert exchange_payload(_info(1, 2, port), lambda: b"", timeout=20) == uid
     server.join(20)
     assert not server.is_alive()
 
@@ -209,7 +208,7 @@ def test_wrong_token_is_refused():
 
     def rank_fn(rank):
         token = "run-A" if rank == 0 else "run-B"
-        return exchange_unique_id(_info(rank, 2, port, token), lambda: uid, timeout=2)
+        return exchange_payload(_info(rank, 2, port, token), lambda: uid, timeout=2)
 
     results, errors = _run_ranks(2, rank_fn)
     assert not results
@@ -224,7 +223,7 @@ def test_world_size_mismatch_is_refused():
     def rank_fn(rank):
         world = 2 if rank == 0 else 3
         info = RankInfo(rank, world, rank, "127.0.0.1", port, "same", "torchrun")
-        return exchange_unique_id(info, lambda: uid, timeout=2)
+        return exchange_payload(info, lambda: uid, timeout=2)
 
     _, errors = _run_ranks(2, rank_fn)
     assert "world size 3" in str(errors[1])
@@ -234,7 +233,7 @@ def test_client_times_out_when_rank0_never_comes():
     port = free_port()
     start = time.monotonic()
     with pytest.raises(RuntimeError) as excinfo:
-        exchange_unique_id(_info(2, 4, port), lambda: b"", timeout=0.6)
+        exchange_payload(_info(2, 4, port), lambda: b"", timeout=0.6)
     elapsed = time.monotonic() - start
     assert 0.5 < elapsed < 5
     message = str(excinfo.value)
@@ -244,20 +243,20 @@ def test_client_times_out_when_rank0_never_comes():
 def test_server_times_out_naming_missing_ranks():
     port = free_port()
     with pytest.raises(RuntimeError, match=r"rank\(s\) \[1, 2, 3\] of 4"):
-        exchange_unique_id(_info(0, 4, port), lambda: os.urandom(128), timeout=0.5)
+        exchange_payload(_info(0, 4, port), lambda: os.urandom(128), timeout=0.5)
 
 
 def test_port_in_use_is_a_clear_error():
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
         with pytest.raises(RuntimeError, match=f"cannot listen on 127.0.0.1:{port}"):
-            exchange_unique_id(_info(0, 2, port), lambda: os.urandom(128), timeout=1)
+            exchange_payload(_info(0, 2, port), lambda: os.urandom(128), timeout=1)
 
 
 def test_missing_address_without_init_file():
     info = RankInfo(1, 2, 1, None, None, "t", "openmpi")
     with pytest.raises(ValueError, match="MASTER_ADDR"):
-        exchange_unique_id(info, lambda: b"", timeout=1)
+        exchange_payload(info, lambda: b"", timeout=1)
 
 
 def test_file_exchange_four_ranks(tmp_path):
@@ -269,7 +268,7 @@ def test_file_exchange_four_ranks(tmp_path):
         info = RankInfo(rank, 4, rank, None, None, "run-1", "slurm")
         if rank == 0:
             time.sleep(0.3)  # readers start first and must not take the stale file
-        return exchange_unique_id(info, lambda: uid, timeout=20, init_file=path)
+        return exchange_payload(info, lambda: uid, timeout=20, init_file=path)
 
     results, errors = _run_ranks(4, rank_fn)
     assert not errors, errors
@@ -281,20 +280,20 @@ def test_file_exchange_ignores_file_of_another_run(tmp_path):
     path = tmp_path / "uid"
 
     def writer():
-        exchange_unique_id(RankInfo(0, 2, 0, run_token="old"), lambda: os.urandom(128),
+        exchange_payload(RankInfo(0, 2, 0, run_token="old"), lambda: os.urandom(128),
                            timeout=0.5, init_file=path)  # fmt: skip
 
     thread = threading.Thread(target=lambda: pytest.raises(RuntimeError, writer))
     thread.start()
     with pytest.raises(RuntimeError, match="rank 1: rank 0 did not publish"):
-        exchange_unique_id(RankInfo(1, 2, 1, run_token="new"), lambda: b"", timeout=0.8,
+        exchange_payload(RankInfo(1, 2, 1, run_token="new"), lambda: b"", timeout=0.8,
                            init_file=path)  # fmt: skip
     thread.join()
 
 
 def test_file_exchange_rank0_timeout_names_missing_ranks(tmp_path):
     with pytest.raises(RuntimeError, match=r"rank\(s\) \[1, 2\] of 3 did not read"):
-        exchange_unique_id(RankInfo(0, 3, 0, run_token="x"), lambda: os.urandom(128),
+        exchange_payload(RankInfo(0, 3, 0, run_token="x"), lambda: os.urandom(128),
                            timeout=0.3, init_file=tmp_path / "uid")  # fmt: skip
 
 

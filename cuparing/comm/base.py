@@ -41,6 +41,17 @@ class PendingExchange(abc.ABC):
         """
 
 
+class ReadyExchange(PendingExchange):
+    """An exchange that moved nothing (a ring of one, or a shift of a whole turn): ``wait()``
+    hands back the arrays it was given."""
+
+    def __init__(self, arrays: Sequence[Any]):
+        self._arrays = list(arrays)
+
+    def wait(self) -> list[Any]:
+        return self._arrays
+
+
 class Ring(abc.ABC):
     """A group of ``size`` ranks joined in a ring; this object is one of them.
 
@@ -63,6 +74,22 @@ class Ring(abc.ABC):
             tag: names the double-buffer channel the received arrays live in (see module doc).
         """
 
+    def allgather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's ``data``, in rank order, on every rank (ranks may pass different lengths).
+
+        Collective: every rank calls it at the same point of its sequence of ring calls. Meant
+        for small, rare messages (setup, agreement checks), not for tensors.
+
+        Raises:
+            NotImplementedError: this ring has no collective (a ring of one always has one).
+            RingTimeoutError, RingError: as :meth:`PendingExchange.wait`.
+        """
+        if self.size == 1:
+            return [bytes(data)]
+        raise NotImplementedError(
+            f"{type(self).__name__} of {self.size} ranks implements no allgather_bytes"
+        )
+
     def synchronize(self) -> None:
         """Block until every exchange issued by this rank has completed (or raise on timeout)."""
 
@@ -72,7 +99,8 @@ class Ring(abc.ABC):
     def trace_compute(self, label: str) -> contextlib.AbstractContextManager:
         """Context manager marking the work queued inside it as compute on this rank's timeline.
 
-        A no-op unless the ring records a trace (``NcclRing(trace=True)`` or ``CUPARING_TRACE``).
+        A no-op unless the ring records a trace (a GPU ring built with ``trace=True``, or
+        ``CUPARING_TRACE``; see :class:`cuparing.comm.gpu_ring.GpuRing`).
         """
         return contextlib.nullcontext()
 

@@ -32,12 +32,12 @@ import time
 from collections.abc import Callable
 
 from .rendezvous import MAGIC, bind_host, token_digest
+from .sockets import DialTimeout, Retry, dial, tune
 
 PROTOCOL = f"{MAGIC.decode()}-HEALTH"
 VERSION = 1
 _MAX_LINE = 4096  # a longer line is not ours: drop the connection
 _POLL_S = 0.05  # how often the server thread looks at close requests
-_KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}  # seconds, seconds, probes
 
 
 def encode_address(host: str, port: int) -> bytes:
@@ -55,16 +55,6 @@ def decode_address(data: bytes) -> tuple[str, int] | None:
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())[: _MAX_LINE // 2]
-
-
-def _tune(sock: socket.socket) -> None:
-    """Failure notices are tiny and urgent (no Nagle delay); keepalive finds dead hosts."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in _KEEPALIVE.items():
-        if hasattr(socket, name):  # Linux names; elsewhere the system defaults apply
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 class _Peer:
@@ -158,7 +148,7 @@ class HealthServer:
             sock, _ = self._listener.accept()
         except OSError:
             return
-        _tune(sock)
+        tune(sock, keepalive=True)  # notices are tiny and urgent; keepalive finds dead hosts
         sock.settimeout(1.0)  # bounds a send to a client that stopped reading
         self._peers[sock] = _Peer(sock)
         selector.register(sock, selectors.EVENT_READ)
@@ -263,36 +253,30 @@ class HealthClient:
         self._thread.start()
 
     def _connect(self, hello: str, timeout: float):
-        deadline = time.monotonic() + timeout
-        delay, last = 0.05, "no attempt made"
-        while time.monotonic() < deadline:
-            sock = None
-            try:
-                sock = socket.create_connection(self.address, timeout=min(5.0, timeout))
-                _tune(sock)
-                sock.sendall(hello.encode() + b"\n")
-                reader = sock.makefile("rb")
-                reply = reader.readline(_MAX_LINE).decode(errors="replace").strip()
-                if reply == "OK":
-                    sock.settimeout(None)  # from now on the reader blocks until a line or EOF
-                    return sock, reader
-                if reply.startswith("REFUSED"):
-                    sock.close()
-                    raise RuntimeError(
-                        f"rank {self.rank}: the health server at {self._where()} refused this "
-                        f"rank: {reply[len('REFUSED ') :]}"
-                    )
-                last = f"unexpected reply {reply!r}"
-            except OSError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            if sock is not None:
-                sock.close()
-            time.sleep(min(delay, max(deadline - time.monotonic(), 0)))
-            delay = min(delay * 2, 1.0)
-        raise RuntimeError(
-            f"rank {self.rank}: could not join the health server at {self._where()} within "
-            f"{timeout:g} s (last error: {last})"
-        )
+        def handshake(sock: socket.socket):
+            sock.sendall(hello.encode() + b"\n")
+            reader = sock.makefile("rb")
+            reply = reader.readline(_MAX_LINE).decode(errors="replace").strip()
+            if reply == "OK":
+                return reader
+            reader.close()
+            if reply.startswith("REFUSED"):
+                raise RuntimeError(
+                    f"rank {self.rank}: the health server at {self._where()} refused this "
+                    f"rank: {reply[len('REFUSED ') :]}"
+                )
+            raise Retry(f"unexpected reply {reply!r}")
+
+        try:
+            sock, reader = dial(self.address, time.monotonic() + timeout, handshake,
+                                keepalive=True)  # fmt: skip
+        except DialTimeout as exc:
+            raise RuntimeError(
+                f"rank {self.rank}: could not join the health server at {self._where()} within "
+                f"{timeout:g} s (last error: {exc.last_error})"
+            ) from None
+        sock.settimeout(None)  # from now on the reader blocks until a line or EOF
+        return sock, reader
 
     def _where(self) -> str:
         return f"{self.address[0]}:{self.address[1]}"

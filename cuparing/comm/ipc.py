@@ -3,9 +3,10 @@
 Opt in with ``Ring.from_env(transport="ipc")`` or ``CUPARING_TRANSPORT=ipc``. NCCL's send/recv
 runs on SMs and slows the attention kernels it overlaps; a ``cudaMemcpyAsync`` into a peer's
 buffer runs on a copy engine (BENCHMARKS.md, "Transport: NCCL vs the copy-engine push").
-Everything else is :class:`~cuparing.comm.nccl.NcclRing`'s: the NCCL communicator (kept for
-:meth:`barrier` and for the all-gather that sets the links up), watchdog, failure channel, trace,
-``wait()`` and ownership rules.
+Everything but the transfer is the ring core's (:mod:`cuparing.comm.gpu_ring`: watchdog, failure
+channel, trace, ``wait()``, ownership rules, barrier and collective); the ring joins like the NCCL
+ring (:func:`cuparing.comm.nccl.join_from_env`) and keeps that NCCL communicator for the
+collective that sets the links up and for :meth:`IpcRing.release_buffers`.
 
 Per channel ``(tag, shift, shapes, dtypes)`` every rank allocates, at its first exchange, one
 ``cudaMalloc`` holding two receive slots, and creates interprocess events: two *done* events (its
@@ -24,7 +25,7 @@ Exchange ``k`` of a channel uses slot ``s = k % 2``. On this rank, in this order
    local *sent* event on the copy stream, send ``READY k`` to ``rank + shift``.
 3. Wait (host) for ``READY k`` from ``rank - shift``; a side stream waits on *sent* and on that
    rank's ``ready[s]``, then records the exchange's *received* event, which ``wait()`` hands to
-   the caller's stream as :class:`NcclRing` does.
+   the caller's stream as on every GPU ring.
 
 The host messages exist because ``cudaStreamWaitEvent`` waits for the event's *latest record at
 the time of the call*: waiting on a peer's event before the peer has recorded it for this step
@@ -53,11 +54,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import trace as _trace
-from .base import PendingExchange, RingError, RingTimeoutError
-from .local import _Ready
-from .nccl import NcclRing, _Flight, _fresh, _NcclPending
+from .base import RingError, RingTimeoutError
+from .gpu_ring import Flight, GpuRing, fresh
+from .nccl import collective_of, join_from_env
 from .peerlink import Address, LinkError, PeerLinks
+from .trace import COMM
 
 _READY, _DONE, _SETUP_RECV, _SETUP_SEND = 1, 2, 3, 4  # peerlink message kinds (0 is BYE)
 _ALIGN = 256  # byte alignment of each array inside a slot
@@ -85,15 +86,17 @@ class _Channel:
     count: int = 0  # exchanges issued
 
 
-class IpcRing(NcclRing):
+class IpcRing(GpuRing):
     """One rank of a ring of GPUs of one host that moves data by copy-engine pushes (CUDA IPC).
 
     Build it with :meth:`from_env` (or ``Ring.from_env(transport="ipc")``). Same protocol,
-    ownership rules, tracing and failure handling as :class:`NcclRing`; see the module doc for
-    the handshake.
+    ownership rules, tracing and failure handling as every
+    :class:`~cuparing.comm.gpu_ring.GpuRing`; see the module doc for the handshake.
 
     Args:
-        rank, size, comm, device, timeout, trace: as in :class:`NcclRing`.
+        rank, size, device, timeout, trace: as in :class:`~cuparing.comm.gpu_ring.GpuRing`.
+        comm: a ``cupy.cuda.nccl.NcclCommunicator`` for the collective (``None`` only when
+            ``size == 1``).
         links: this rank's connected :class:`~cuparing.comm.peerlink.PeerLinks` (``from_env``
             makes them; needed when ``size > 1``).
     """
@@ -101,25 +104,25 @@ class IpcRing(NcclRing):
     def __init__(self, rank: int, size: int, comm: Any = None, device: int | None = None,
                  timeout: float = 300.0, trace: bool = False,
                  links: PeerLinks | None = None):  # fmt: skip
-        self._links = links  # before the watchdog starts: _fail reads it
+        self._links = links  # before the watchdog starts: _interrupt reads it
         self._channels: dict[tuple, _Channel] = {}
         self._channel_count = 0
-        super().__init__(rank, size, comm, device, timeout, trace)
-        with self.device:  # self.stream (NcclRing's comm stream) is the copy stream
+        super().__init__(rank, size, collective_of(comm), device, timeout, trace)
+        with self.device:  # self.stream (the core's comm stream) is the copy stream
             self._join = self._cupy.cuda.Stream(non_blocking=True)
 
     @classmethod
     def from_env(cls, timeout: float = 300.0, init_file: str | None = None,
                  device: int | None = None, trace: bool = False,
                  health: bool | None = None) -> IpcRing:  # fmt: skip
-        """As :meth:`NcclRing.from_env`, then connects the ranks' host links (collective).
+        """As :meth:`cuparing.comm.nccl.NcclRing.from_env`, then connects the ranks' host links
+        (collective).
 
         Raises:
-            RuntimeError: as :meth:`NcclRing.from_env`; or the ranks are not all on one host, or
-                the links could not be set up within ``timeout``.
+            RuntimeError: as :meth:`cuparing.comm.nccl.NcclRing.from_env`; or the ranks are not
+                all on one host, or the links could not be set up within ``timeout``.
         """
-        ring = super().from_env(timeout=timeout, init_file=init_file, device=device,
-                                trace=trace, health=health)  # fmt: skip
+        ring = join_from_env(timeout, init_file, device, health).build(cls, timeout, trace)
         if ring.size > 1:
             try:
                 ring._connect_links(timeout)
@@ -132,7 +135,7 @@ class IpcRing(NcclRing):
     def _connect_links(self, timeout: float) -> None:
         links, address = PeerLinks.listen(self.rank, self.size)
         try:
-            records = self._allgather(_host_identity() + address.pack())
+            records = self.allgather_bytes(_host_identity() + address.pack())
             hosts = {r[:_DIGEST] for r in records}
             if len(hosts) != 1:
                 raise RuntimeError(
@@ -145,133 +148,66 @@ class IpcRing(NcclRing):
             raise
         self._links = links
 
-    def _allgather(self, data: bytes) -> list[bytes]:
-        """Every rank's ``data`` (all of one length), through the NCCL communicator."""
-        import numpy as np
+    # --- the transfer ---
 
-        cupy, nccl, n = self._cupy, self._nccl, len(data)
-        self._raise_if_failed()
-        with self.device:
-            send = cupy.asarray(np.frombuffer(data, dtype=np.uint8))
-            recv = cupy.zeros(n * self.size, dtype=cupy.uint8)
-            written = cupy.cuda.Event(disable_timing=True)
-            written.record(cupy.cuda.get_current_stream())
-            self.stream.wait_event(written)
-            flight = _Flight("allgather", 0, 0, -1, -1, time.monotonic(), keep=[send, recv])
-            with self._lock:
-                self._flights.append(flight)
-            try:
-                self._comm.allGather(send.data.ptr, recv.data.ptr, n, nccl.NCCL_UINT8,
-                                     self.stream.ptr)  # fmt: skip
-            except Exception as exc:
-                error = RingError(f"rank {self.rank}: NCCL all-gather failed: {exc}")
-                self._fail(error)
-                raise _fresh(error) from exc
-            done = cupy.cuda.Event(disable_timing=True)
-            done.record(self.stream)
-            flight.event = done
-            self.synchronize()
-            host = bytes(cupy.asnumpy(recv).tobytes())
-        return [host[i * n : (i + 1) * n] for i in range(self.size)]
-
-    # --- the protocol ---
-
-    def exchange(self, arrays, shift: int = 1, tag: str = "kv") -> PendingExchange:
-        """Push ``arrays`` into ``rank + shift``'s buffer, receive ``rank - shift``'s push.
-
-        Returns once both peers' hosts reached this exchange (see the module doc); the caller's
-        stream never waits here.
-
-        Raises:
-            TypeError, ValueError: as :meth:`NcclRing.exchange`.
-            RingTimeoutError: a peer did not reach this exchange within the timeout.
-            RingError: a peer left or failed, the exchange sequences differ, or CUDA failed.
-        """
-        self._raise_if_failed()
-        if self._closed:
-            raise RingError(f"rank {self.rank}: exchange {tag!r} on a closed ring")
-        arrays = list(arrays)
-        if self.size == 1 or shift % self.size == 0:
-            return _Ready(arrays)
+    def _require_connected(self) -> None:
         if self._links is None:
             raise RuntimeError(f"rank {self.rank}: an IpcRing of {self.size} ranks has no "
                                "links; build it with IpcRing.from_env")  # fmt: skip
-        cupy = self._cupy
-        with self.device:
-            caller = cupy.cuda.get_current_stream()
-            sends = [self._contiguous(a, i, tag) for i, a in enumerate(arrays)]
-            step = shift % self.size
-            key = (tag, step, tuple((tuple(a.shape), str(a.dtype)) for a in sends))
-            channel = self._channels.get(key)
-            flight = _Flight(
-                tag, channel.count if channel else 0, shift, (self.rank + step) % self.size,
-                (self.rank - step) % self.size, time.monotonic(), keep=sends,
-            )  # fmt: skip
-            window_start = self._trace.mark(_trace.COMPUTE) if self._trace is not None else None
-            inputs = cupy.cuda.Event(disable_timing=True)
-            inputs.record(caller)
-            self.stream.wait_event(inputs)
-            try:
-                if channel is None:
-                    channel = self._channels[key] = self._open_channel(key, sends, flight)
-                channel.count += 1
-                self._push(channel, flight, sends)
-            except RingError:
-                raise
-            except Exception as exc:  # a CUDA error: the ring is unusable
-                error = self._error or RingError(
-                    f"rank {self.rank}: {flight.describe(self.rank)} failed: "
-                    f"{type(exc).__name__}: {exc}"
-                )
-                self._fail(error)
-                raise _fresh(error) from exc
-        return _NcclPending(self, flight, channel.received[flight.seq % 2], window_start)
 
-    def _push(self, channel: _Channel, flight: _Flight, sends: list) -> None:
-        """Steps 1-3 of the module doc for exchange ``flight.seq`` of ``channel``."""
-        cupy, k, slot = self._cupy, flight.seq, flight.seq % 2
+    def _push(self, flight: Flight, sends: list) -> list:
+        """Push ``sends`` into ``rank + shift``'s slot, take ``rank - shift``'s push into ours.
+
+        Returns once both peers' hosts reached this exchange (see the module doc).
+        """
+        step = flight.shift % self.size
+        key = (flight.tag, step, tuple((tuple(a.shape), str(a.dtype)) for a in sends))
+        channel = self._channels.get(key)
+        if channel is None:
+            channel = self._channels[key] = self._open_channel(key, sends, flight)
+        k = channel.count
+        channel.count += 1
+        self._push_channel(channel, k, flight, sends)
+        return channel.received[k % 2]
+
+    def _push_channel(self, channel: _Channel, k: int, flight: Flight, sends: list) -> None:
+        """Steps 1-3 of the module doc for exchange ``k`` of ``channel``."""
+        cupy, slot = self._cupy, k % 2
         runtime = cupy.cuda.runtime
         if k >= 2:  # 1. our slot's previous contents (exchange k-2) are read by now
             channel.done[slot].record(self.stream)
             self._send(channel.source, _DONE, channel, k - 2, flight)
-            self._after_peer_freed(channel, slot, flight)  # 2. ... and so is dest's
-        start = self._trace.mark(_trace.COMM) if self._trace is not None else None
+            self._after_peer_freed(channel, k, flight)  # 2. ... and so is dest's
+        start = self._mark(COMM)
         base = channel.remote_base + slot * channel.slot_bytes
         for send, offset in zip(sends, channel.offsets, strict=True):
             if send.nbytes:
                 runtime.memcpyAsync(base + offset, send.data.ptr, send.nbytes,
                                     runtime.memcpyDeviceToDevice, self.stream.ptr)  # fmt: skip
         channel.ready[slot].record(self.stream)
-        sent = cupy.cuda.Event(disable_timing=True)
-        sent.record(self.stream)
-        if self._trace is not None:
-            self._trace.add(_trace.COMM, f"{flight.tag}#{k}", start, self._trace.mark(_trace.COMM),
-                            bytes=sum(a.nbytes for a in sends), peer_send=channel.dest,
-                            peer_recv=channel.source)  # fmt: skip
+        sent = self._event_on(self.stream)
+        self._trace_transfer(flight, start, sends)
         self._send(channel.dest, _READY, channel, k, flight)
-        self._after_peer_pushed(channel, slot, flight)  # 3. the source's push into our slot
+        self._after_peer_pushed(channel, k, flight)  # 3. the source's push into our slot
         self._join.wait_event(sent)
-        received = cupy.cuda.Event(disable_timing=True)
-        received.record(self._join)
-        flight.event = received
+        flight.event = self._event_on(self._join)
         # the watchdog takes over from here: the host waits above had their own timeout
         flight.issued_at = time.monotonic()
-        with self._lock:
-            self._flights.append(flight)
+        self._arm(flight)
 
-    def _after_peer_freed(self, channel: _Channel, slot: int, flight: _Flight) -> None:
+    def _after_peer_freed(self, channel: _Channel, k: int, flight: Flight) -> None:
         """The copy stream waits until ``dest`` has finished with its slot (exchange k-2)."""
-        self._await(channel.dest, _DONE, channel, flight.seq - 2, flight,
+        self._await(channel.dest, _DONE, channel, k - 2, flight,
                     "finish reading the buffer this rank writes into")  # fmt: skip
-        self._cupy.cuda.runtime.streamWaitEvent(self.stream.ptr, channel.remote_done[slot], 0)
+        self._cupy.cuda.runtime.streamWaitEvent(self.stream.ptr, channel.remote_done[k % 2], 0)
 
-    def _after_peer_pushed(self, channel: _Channel, slot: int, flight: _Flight) -> None:
+    def _after_peer_pushed(self, channel: _Channel, k: int, flight: Flight) -> None:
         """The side stream waits until ``source`` has written our slot (exchange k)."""
-        self._await(channel.source, _READY, channel, flight.seq, flight,
+        self._await(channel.source, _READY, channel, k, flight,
                     "push its data into this rank")  # fmt: skip
-        self._cupy.cuda.runtime.streamWaitEvent(self._join.ptr, channel.remote_ready[slot], 0)
+        self._cupy.cuda.runtime.streamWaitEvent(self._join.ptr, channel.remote_ready[k % 2], 0)
 
-    def _open_channel(self, key: tuple, sends: list, flight: _Flight) -> _Channel:
+    def _open_channel(self, key: tuple, sends: list, flight: Flight) -> _Channel:
         """Allocate, export and swap handles for a new channel (every rank does it in turn)."""
         cupy = self._cupy
         runtime = cupy.cuda.runtime
@@ -317,35 +253,35 @@ class IpcRing(NcclRing):
         channel.remote_ready = _open_events(runtime, theirs[_DIGEST:])
         return channel
 
-    def _check_digest(self, payload: bytes, digest: bytes, peer: int, flight: _Flight) -> None:
+    def _check_digest(self, payload: bytes, digest: bytes, peer: int, flight: Flight) -> None:
         if payload[:_DIGEST] != digest:
             self._mismatch(peer, flight, "its tag, shift, shapes or dtypes differ")
 
-    def _mismatch(self, peer: int, flight: _Flight, what: str) -> None:
+    def _mismatch(self, peer: int, flight: Flight, what: str) -> None:
         error = RingError(f"rank {self.rank}: {flight.describe(self.rank)}: rank {peer} issued a "
                           f"different exchange sequence ({what})")  # fmt: skip
         self._fail(error)
-        raise _fresh(error)
+        raise fresh(error)
 
     # --- host messages ---
 
-    def _send(self, peer: int, kind: int, channel: _Channel, seq: int, flight: _Flight,
+    def _send(self, peer: int, kind: int, channel: _Channel, seq: int, flight: Flight,
               payload: bytes = b"") -> None:  # fmt: skip
         try:
             self._links.send(peer, kind, channel.index, seq, payload)
         except LinkError as exc:
             self._link_failed(exc, peer, flight, None)
 
-    def _await(self, peer: int, kind: int, channel: _Channel, seq: int, flight: _Flight,
+    def _await(self, peer: int, kind: int, channel: _Channel, seq: int, flight: Flight,
                what: str) -> bytes:  # fmt: skip
         try:
             return self._links.wait(peer, kind, channel.index, seq, self.timeout)
         except LinkError as exc:
             self._link_failed(exc, peer, flight, what)
 
-    def _link_failed(self, exc: LinkError, peer: int, flight: _Flight, what: str | None):
+    def _link_failed(self, exc: LinkError, peer: int, flight: Flight, what: str | None):
         if self._error is not None:  # the watchdog or the failure channel got there first
-            raise _fresh(self._error) from None
+            raise fresh(self._error) from None
         kind = RingTimeoutError if exc.timed_out else RingError
         doing = f"waited for rank {peer} to {what}" if what else f"could not message rank {peer}"
         error = kind(
@@ -353,18 +289,17 @@ class IpcRing(NcclRing):
             "stuck, or issued a different exchange sequence."
         )
         self._fail(error)
-        raise _fresh(error) from exc
+        raise fresh(error) from exc
 
     # --- teardown ---
 
-    def _fail(self, error: RingError, report: bool = True) -> None:
-        super()._fail(error, report)
+    def _interrupt(self, reason: str) -> None:
         if self._links is not None:
-            self._links.interrupt(str(self._error))  # wake an exchange waiting on a peer
+            self._links.interrupt(reason)  # wake an exchange waiting on a peer
 
     def release_buffers(self) -> None:
         """Drop every channel's buffers, events and opened handles. Collective: every rank calls
-        it at the same point (two NCCL barriers keep a peer from writing into freed memory)."""
+        it at the same point (two barriers keep a peer from writing into freed memory)."""
         self.synchronize()
         if self.size > 1:
             self.barrier()  # every push has landed
@@ -373,12 +308,9 @@ class IpcRing(NcclRing):
             self.barrier()  # nobody holds our exports open
         self._channels.clear()
 
-    def close(self) -> None:
-        """As :meth:`NcclRing.close`; then leave the links (waiting, up to the timeout, until the
-        peers left too) and free this rank's IPC memory and events (not after a failure)."""
-        if self._closed:
-            return
-        super().close()
+    def _close_transport(self) -> None:
+        """Leave the links (waiting, up to the timeout, until the peers left too) and free this
+        rank's IPC memory and events (not after a failure)."""
         links, self._links = self._links, None
         if links is not None:
             links.close(self.timeout if self._error is None else 0.0)

@@ -25,6 +25,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .sockets import DialTimeout, dial, recv_exact, tune
+
 MAGIC = b"CPRL"
 KEY_BYTES = 16
 _HELLO = struct.Struct("!4s16sII")  # magic, the listener's key, rank, world size
@@ -108,22 +110,17 @@ class PeerLinks:
             self._threads.append(thread)
 
     def _dial(self, peer: int, address: Address, deadline: float) -> None:
-        last = "no attempt made"
-        while time.monotonic() < deadline:
-            try:
-                sock = socket.create_connection(
-                    (address.host, address.port), timeout=max(deadline - time.monotonic(), 0.1)
-                )
-                _tune(sock)
-                sock.sendall(_HELLO.pack(MAGIC, address.key, self.rank, self.size))
-                sock.settimeout(None)
-                self._add(peer, sock)
-                return
-            except OSError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-                time.sleep(0.05)
-        raise RuntimeError(f"rank {self.rank}: could not connect to rank {peer} at "
-                           f"{address.host}:{address.port} ({last})")  # fmt: skip
+        hello = _HELLO.pack(MAGIC, address.key, self.rank, self.size)
+        try:
+            sock, _ = dial((address.host, address.port), deadline, lambda s: s.sendall(hello),
+                           max_delay=0.05)  # fmt: skip
+        except DialTimeout as exc:
+            raise RuntimeError(
+                f"rank {self.rank}: could not connect to rank {peer} at "
+                f"{address.host}:{address.port} ({exc.last_error})"
+            ) from None
+        sock.settimeout(None)
+        self._add(peer, sock)
 
     def _accept_all(self, deadline: float) -> None:
         waiting = set(range(self.rank + 1, self.size))
@@ -141,7 +138,7 @@ class PeerLinks:
                 continue
             try:
                 sock.settimeout(max(deadline - time.monotonic(), 0.1))
-                magic, key, peer, size = _HELLO.unpack(_recv_exact(sock, _HELLO.size))
+                magic, key, peer, size = _HELLO.unpack(recv_exact(sock, _HELLO.size))
             except (OSError, ConnectionError, struct.error):
                 sock.close()
                 continue
@@ -149,7 +146,7 @@ class PeerLinks:
                 sock.close()  # not one of ours (or a duplicate): ignore it
                 continue
             sock.settimeout(None)
-            _tune(sock)
+            tune(sock)
             self._add(peer, sock)
             waiting.discard(peer)
 
@@ -230,11 +227,11 @@ class PeerLinks:
         why = "closed its connection (it died, or left the ring)"
         try:
             while True:
-                kind, channel, seq, length = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+                kind, channel, seq, length = _HEADER.unpack(recv_exact(sock, _HEADER.size))
                 if length > _MAX_PAYLOAD:
                     why = f"sent a malformed message ({length} bytes)"
                     break
-                payload = _recv_exact(sock, length) if length else b""
+                payload = recv_exact(sock, length) if length else b""
                 if kind == BYE:
                     why = "left the ring (closed it)"
                     break
@@ -246,18 +243,3 @@ class PeerLinks:
         with self._cond:
             self._gone[peer] = why
             self._cond.notify_all()
-
-
-def _tune(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # tiny, latency-bound messages
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    chunks, got = [], 0
-    while got < n:
-        chunk = sock.recv(n - got)
-        if not chunk:
-            raise ConnectionError(f"connection closed after {got} of {n} bytes")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)

@@ -3,8 +3,7 @@
 :class:`RankInfo` reads rank, world size and local rank from the launcher's environment
 (torchrun, Open MPI, MPICH/Hydra, Slurm, or :mod:`cuparing.launch`). :func:`exchange_payload`
 hands rank 0's setup bytes (the 128-byte NCCL id, plus where its failure channel listens: see
-:mod:`cuparing.comm.health`) to every other rank; :func:`exchange_unique_id` is the same for the
-id alone. Three routes:
+:mod:`cuparing.comm.health`) to every other rank. Three routes:
 
 - TCP (default): rank 0 serves the id at ``master_addr:master_port`` until every other rank has
   fetched it; the others connect with retry and backoff.
@@ -31,6 +30,8 @@ import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+from .sockets import DialTimeout, Retry, dial, recv_exact
 
 UNIQUE_ID_BYTES = 128
 MAGIC = b"CPRG"
@@ -233,30 +234,6 @@ def first_host(nodelist: str) -> str:
 # unique-id exchange
 
 
-def exchange_unique_id(
-    info: RankInfo,
-    make_id: Callable[[], bytes],
-    timeout: float = 300.0,
-    init_file: str | os.PathLike | None = None,
-) -> bytes:
-    """Give rank 0's unique id to every rank; returns the same 128 bytes on all of them.
-
-    Args:
-        info: this rank's :class:`RankInfo`.
-        make_id: called on rank 0 only; returns the id (128 bytes, or a tuple of 128 ints as
-            older CuPy's ``nccl.get_unique_id()`` does).
-        timeout: seconds the whole exchange may take on this rank.
-        init_file: use this file (on a file system all ranks share) instead of TCP.
-
-    Returns:
-        The id as 128 bytes.
-
-    Raises:
-        As :func:`exchange_payload`.
-    """
-    return id_bytes(exchange_payload(info, lambda: id_bytes(make_id()), timeout, init_file))
-
-
 def exchange_payload(
     info: RankInfo,
     make_payload: Callable[[], bytes],
@@ -318,17 +295,6 @@ def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
-    chunks, got = [], 0
-    while got < n:
-        chunk = conn.recv(n - got)
-        if not chunk:
-            raise ConnectionError(f"peer closed the connection after {got} of {n} bytes")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
-
-
 def bind_host(addr: str | None) -> str:
     """The interface rank 0 listens on when peers reach it as ``addr``: ``addr`` itself if it is
     a loopback address (the job is confined to this host), else every interface (``""``), since
@@ -382,7 +348,7 @@ def _answer(conn, info, payload, expected_digest, io_timeout) -> int | None:
     """Reply to one client: the payload if its hello matches this run, else a refusal."""
     conn.settimeout(io_timeout)
     try:
-        magic, version, rank, world, digest = _HELLO.unpack(_recv_exact(conn, _HELLO.size))
+        magic, version, rank, world, digest = _HELLO.unpack(recv_exact(conn, _HELLO.size))
     except (OSError, ConnectionError, struct.error):
         return None  # a stray connection (port scan, health check): ignore it
     reason = None
@@ -410,45 +376,42 @@ def _answer(conn, info, payload, expected_digest, io_timeout) -> int | None:
 
 
 def _fetch(info: RankInfo, timeout: float) -> bytes:
-    deadline = time.monotonic() + timeout
     where = (info.master_addr, info.master_port)
     hello = _HELLO.pack(MAGIC, VERSION, info.rank, info.world_size, token_digest(info.run_token))
-    delay, last_error = 0.05, "no attempt made"
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
+
+    def handshake(conn: socket.socket) -> bytes:
+        conn.sendall(hello)
+        magic, version, status = _REPLY.unpack(recv_exact(conn, _REPLY.size))
+        if magic != MAGIC:
+            raise Retry(f"not a cuparing rendezvous server (magic {magic!r})")
+        if version != VERSION:
             raise RuntimeError(
-                f"rank {info.rank}: could not fetch the NCCL unique id from rank 0 at "
-                f"{where[0]}:{where[1]} within {timeout:g} s (last error: {last_error}); is rank 0 "
-                "running, and do all ranks see the same MASTER_ADDR/MASTER_PORT?"
+                f"rank {info.rank}: the rendezvous server at {where[0]}:{where[1]} speaks "
+                f"protocol version {version}, this rank {VERSION} (mixed cuparing versions)"
             )
-        try:
-            with socket.create_connection(where, timeout=min(left, 5.0)) as conn:
-                conn.sendall(hello)
-                magic, version, status = _REPLY.unpack(_recv_exact(conn, _REPLY.size))
-                if magic != MAGIC:
-                    raise ConnectionError(f"not a cuparing rendezvous server (magic {magic!r})")
-                if version != VERSION:
-                    raise RuntimeError(
-                        f"rank {info.rank}: the rendezvous server at {where[0]}:{where[1]} speaks "
-                        f"protocol version {version}, this rank {VERSION} (mixed cuparing versions)"
-                    )
-                if status == _OK:
-                    (length,) = _LENGTH.unpack(_recv_exact(conn, _LENGTH.size))
-                    if length > MAX_PAYLOAD:
-                        raise ConnectionError(f"payload of {length} bytes announced")
-                    return _recv_exact(conn, length)
-                reason = b""
-                while chunk := conn.recv(4096):
-                    reason += chunk
-                raise RuntimeError(
-                    f"rank {info.rank}: the rendezvous server at {where[0]}:{where[1]} refused "
-                    f"this rank: {reason.decode(errors='replace')}"
-                )
-        except (OSError, ConnectionError, struct.error) as exc:
-            last_error = f"{type(exc).__name__}: {exc}"
-        time.sleep(min(delay, max(deadline - time.monotonic(), 0)))
-        delay = min(delay * 1.5, 1.0)
+        if status == _OK:
+            (length,) = _LENGTH.unpack(recv_exact(conn, _LENGTH.size))
+            if length > MAX_PAYLOAD:
+                raise Retry(f"payload of {length} bytes announced")
+            return recv_exact(conn, length)
+        reason = b""
+        while chunk := conn.recv(4096):
+            reason += chunk
+        raise RuntimeError(
+            f"rank {info.rank}: the rendezvous server at {where[0]}:{where[1]} refused "
+            f"this rank: {reason.decode(errors='replace')}"
+        )
+
+    try:
+        conn, payload = dial(where, time.monotonic() + timeout, handshake)
+    except DialTimeout as exc:
+        raise RuntimeError(
+            f"rank {info.rank}: could not fetch the NCCL unique id from rank 0 at "
+            f"{where[0]}:{where[1]} within {timeout:g} s (last error: {exc.last_error}); is "
+            "rank 0 running, and do all ranks see the same MASTER_ADDR/MASTER_PORT?"
+        ) from None
+    conn.close()
+    return payload
 
 
 # --- file route ---

@@ -1,0 +1,360 @@
+"""One fake CuPy/NCCL stack for the CPU tests of the GPU rings (NCCL and copy-engine IPC).
+
+The fake keeps CUDA's stream semantics where they matter: each stream is a queue run in order by
+one "GPU" thread; ``record`` captures a generation; a stream wait on an event waits for the
+event's *latest record at the time of the wait call* (none: no wait), the very semantics that
+make the IPC ring's host handshake necessary; IPC handles alias the same event or memory across
+ranks (here threads). NCCL sends read their bytes when the GPU runs them and receives complete
+when the matching send has run, in order per (sender, receiver); an all-gather runs once every
+rank has posted its part. A scheduler policy can starve chosen streams, which turns a missing GPU
+wait into a deterministic wrong answer: negative controls use it to show that each wait a ring
+issues is needed.
+
+Use :class:`FakeStack`: ``stack.install(monkeypatch)`` puts its ``cupy`` and ``nccl`` in place of
+the real ones for :mod:`cuparing.comm.gpu_ring` and :mod:`cuparing.comm.nccl`;
+``stack.communicators(n)`` gives the NCCL communicators of one ring of ``n`` ranks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import struct
+import threading
+import time
+from collections import deque
+from types import SimpleNamespace
+
+import numpy as np
+
+from cuparing.comm import gpu_ring as gpu_ring_mod
+from cuparing.comm import nccl as nccl_mod
+
+
+class FakeGpu:
+    """The device: registered objects (raw handles) and a thread running the streams' queues."""
+
+    def __init__(self, seed: int = 0):
+        self.cond = threading.Condition()
+        self.streams: list[FakeStream] = []
+        self.objects: dict[int, object] = {}  # raw handles: streams, events, opened events
+        self.memory: dict[int, FakeMemory] = {}
+        self.next_ptr = 1 << 40
+        self.rng = random.Random(seed)
+        self.starve: set = set()  # streams that run only when nothing else can
+        self.paused = False
+        self.opened_mem, self.closed_mem, self.destroyed = [], [], []
+        self.errors: list[str] = []  # what the device found wrong (sizes that disagree)
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def register(self, obj) -> int:
+        with self.cond:
+            self.next_ptr += 16
+            self.objects[self.next_ptr] = obj
+            return self.next_ptr
+
+    def enqueue(self, stream, op) -> None:
+        with self.cond:
+            stream.ops.append(op)
+
+    def _runnable(self, op) -> bool:
+        if op[0] == "wait":
+            return op[1].done_gen >= op[2]
+        if op[0] in ("recv", "collective"):
+            return op[1].ready(op)
+        return True
+
+    def step(self) -> bool:
+        with self.cond:
+            if self.paused:
+                return False
+            ready = [s for s in self.streams if s.ops and self._runnable(s.ops[0])]
+            pick = [s for s in ready if s not in self.starve] or ready
+            if not pick:
+                return False
+            stream = self.rng.choice(pick)
+            op = stream.ops.popleft()
+            kind = op[0]
+            if kind == "record":
+                op[1].done_gen = max(op[1].done_gen, op[2])
+            elif kind == "copy":
+                ctypes.memmove(op[1], op[2], op[3])
+            elif kind == "fn":
+                op[1]()
+            elif kind in ("send", "recv", "collective"):
+                op[1].execute(op, self)
+            return True
+
+    def _run(self) -> None:
+        while not self._stop:
+            if not self.step():
+                time.sleep(0.0002)
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+
+
+class FakeStream:
+    def __init__(self, gpu: FakeGpu, non_blocking: bool = False):
+        self.gpu, self.ops = gpu, deque()
+        self.waited: list = []  # every event this stream was asked to wait on
+        self.ptr = gpu.register(self)
+        with gpu.cond:
+            gpu.streams.append(self)
+
+    def wait_event(self, event) -> None:
+        with self.gpu.cond:
+            self.waited.append(event)
+            if event.recorded:  # the latest record now, or nothing at all
+                self.ops.append(("wait", event, event.recorded))
+
+    def launch(self, fn) -> None:
+        """Queue ``fn()`` as a "kernel" on this stream."""
+        self.gpu.enqueue(self, ("fn", fn))
+
+    def synchronize(self) -> None:
+        while self.ops:
+            time.sleep(0.0005)
+
+
+class FakeEvent:
+    def __init__(self, gpu: FakeGpu, block=False, disable_timing=False, interprocess=False):
+        self.gpu, self.interprocess = gpu, interprocess
+        self.recorded = self.done_gen = 0
+        self.stream = self.t = None
+        self.ptr = gpu.register(self)
+
+    def record(self, stream=None) -> None:
+        with self.gpu.cond:
+            self.recorded += 1
+            self.stream = stream
+            stream.ops.append(("record", self, self.recorded))
+        self.t = time.perf_counter()
+
+    @property
+    def done(self) -> bool:
+        return self.done_gen >= self.recorded
+
+
+class FakeMemory:
+    def __init__(self, gpu: FakeGpu, size: int):
+        self.buf = np.zeros(size, np.uint8)
+        self.ptr, self.size = self.buf.ctypes.data, size
+        gpu.memory[self.ptr] = self
+
+
+class FakeArray(np.ndarray):
+    """The fake ``cupy.ndarray``: also builds views of fake memory, as ``memptr=`` does."""
+
+    def __new__(cls, shape, dtype=float, memptr=None):
+        if memptr is None:
+            return np.zeros(shape, dtype).view(cls)
+        return np.ndarray(shape, dtype, buffer=memptr.mem.buf, offset=memptr.offset).view(cls)
+
+    @property
+    def data(self):
+        return SimpleNamespace(ptr=self.ctypes.data)
+
+    @property
+    def device(self):
+        return SimpleNamespace(id=0)
+
+
+def dev(x) -> FakeArray:
+    """A copy of ``x`` on the fake device."""
+    return np.array(x).view(FakeArray)
+
+
+class FakeDevice:
+    def __init__(self, index=0):
+        self.id = index
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def use(self):
+        pass
+
+
+def _handle(tag: bytes, ptr: int) -> bytes:
+    return (tag + struct.pack("<Q", ptr)).ljust(64, b"\0")
+
+
+def fake_cupy(gpu: FakeGpu) -> SimpleNamespace:
+    """A ``cupy`` module over ``gpu``: the current stream is per thread, as on one device."""
+    local = threading.local()
+
+    def current():
+        if not hasattr(local, "stream"):
+            local.stream = FakeStream(gpu)
+        return local.stream
+
+    def open_event(handle: bytes) -> int:
+        assert len(handle) == 64
+        event = gpu.objects[struct.unpack("<Q", handle[1:9])[0]]
+        assert event.interprocess
+        return gpu.register(event)  # a new handle to the same event
+
+    def open_mem(handle: bytes, flags=1) -> int:
+        assert len(handle) == 64 and handle[:1] == b"M"
+        ptr = struct.unpack("<Q", handle[1:9])[0]
+        gpu.opened_mem.append(ptr)
+        return ptr
+
+    def destroy(ptr):
+        gpu.destroyed.append(ptr)
+        gpu.objects.pop(ptr)
+
+    runtime = SimpleNamespace(
+        getDeviceCount=lambda: 8, memcpyDeviceToDevice=3,
+        memcpyAsync=lambda dst, src, n, kind, s: gpu.enqueue(gpu.objects[s], ("copy", dst, src, n)),
+        streamWaitEvent=lambda s, e, flags=0: gpu.objects[s].wait_event(gpu.objects[e]),
+        ipcGetMemHandle=lambda ptr: _handle(b"M", ptr),
+        ipcOpenMemHandle=open_mem, ipcCloseMemHandle=gpu.closed_mem.append,
+        ipcGetEventHandle=lambda ptr: _handle(b"E", ptr), ipcOpenEventHandle=open_event,
+        eventDestroy=destroy,
+    )  # fmt: skip
+    cuda = SimpleNamespace(
+        Device=FakeDevice, Stream=lambda non_blocking=False: FakeStream(gpu, non_blocking),
+        Event=lambda **kw: FakeEvent(gpu, **kw), get_current_stream=current,
+        get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3, runtime=runtime,
+        Memory=lambda size: FakeMemory(gpu, size),
+        MemoryPointer=lambda mem, offset: SimpleNamespace(mem=mem, offset=offset),
+    )  # fmt: skip
+    return SimpleNamespace(
+        ndarray=FakeArray, cuda=cuda, int32=np.int32, uint8=np.uint8,
+        empty=lambda shape, dtype: FakeArray(shape, dtype),
+        zeros=lambda shape, dtype: FakeArray(shape, dtype),
+        asarray=dev, asnumpy=lambda a: np.array(a),
+        ascontiguousarray=lambda a: np.ascontiguousarray(a).view(FakeArray),
+    )  # fmt: skip
+
+
+def fake_nccl() -> SimpleNamespace:
+    """A ``cupy.cuda.nccl`` module: constants, groups (no-ops here) and fresh unique ids."""
+    return SimpleNamespace(
+        available=True, NCCL_UINT8=1, NCCL_INT32=2, NCCL_SUM=0, NcclError=RuntimeError,
+        groupStart=lambda: None, groupEnd=lambda: None, get_unique_id=lambda: os.urandom(128),
+    )  # fmt: skip
+
+
+class Network:
+    """What the communicators of one ring share: messages per (sender, receiver) in order, and
+    the parts of each all-gather (the n-th all-gather of every rank belongs together)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.wires: dict[tuple[int, int], deque] = {}
+        self.gathers: dict[int, dict[int, bytes]] = {}
+
+
+class _Transfer:
+    """The device side of a send, a receive or an all-gather op (``op[1]``)."""
+
+    def __init__(self, network: Network, kind: str, key, ptr: int, nbytes: int, rank: int):
+        self.network, self.kind, self.key = network, kind, key
+        self.ptr, self.nbytes, self.rank = ptr, nbytes, rank
+
+    def ready(self, op) -> bool:
+        if self.kind == "recv":
+            return bool(self.network.wires.get(self.key))
+        return len(self.network.gathers[self.key]) == self.network.size
+
+    def execute(self, op, gpu: FakeGpu) -> None:
+        if self.kind == "send":  # the bytes as they are when the GPU runs the send
+            wire = self.network.wires.setdefault(self.key, deque())
+            wire.append(ctypes.string_at(self.ptr, self.nbytes))
+        elif self.kind == "recv":
+            data = self.network.wires[self.key].popleft()
+            if len(data) != self.nbytes:
+                gpu.errors.append(f"{self.key}: sent {len(data)} bytes, received {self.nbytes}")
+            ctypes.memmove(self.ptr, data, min(len(data), self.nbytes))
+        else:
+            parts = self.network.gathers[self.key]
+            data = b"".join(parts[r] for r in range(self.network.size))
+            ctypes.memmove(self.ptr, data, len(data))
+
+
+class FakeComm:
+    """A ``cupy.cuda.nccl.NcclCommunicator`` of one rank; ``calls`` logs sends and receives."""
+
+    def __init__(self, gpu: FakeGpu, network: Network, rank: int):
+        self.gpu, self.network, self.rank = gpu, network, rank
+        self.aborted = self.destroyed = False
+        self.calls: list[tuple] = []
+        self._gathers = 0
+
+    def send(self, ptr, nbytes, dtype, peer, stream):
+        self.calls.append(("send", peer, nbytes))
+        op = _Transfer(self.network, "send", (self.rank, peer), ptr, nbytes, self.rank)
+        self.gpu.enqueue(self.gpu.objects[stream], ("send", op))
+
+    def recv(self, ptr, nbytes, dtype, peer, stream):
+        self.calls.append(("recv", peer, nbytes))
+        op = _Transfer(self.network, "recv", (peer, self.rank), ptr, nbytes, self.rank)
+        self.gpu.enqueue(self.gpu.objects[stream], ("recv", op))
+
+    def allGather(self, send, recv, count, dtype, stream):
+        key, self._gathers = self._gathers, self._gathers + 1
+        with self.gpu.cond:  # the fake's asarray is synchronous: the part is ready now
+            self.network.gathers.setdefault(key, {})[self.rank] = ctypes.string_at(send, count)
+        op = _Transfer(self.network, "collective", key, recv, count * self.network.size,
+                       self.rank)  # fmt: skip
+        self.gpu.enqueue(self.gpu.objects[stream], ("collective", op))
+
+    def abort(self):
+        self.aborted = True
+
+    def destroy(self):
+        self.destroyed = True
+
+
+class FakeStack:
+    """A fake GPU with its ``cupy`` and ``nccl`` modules."""
+
+    def __init__(self, seed: int = 0):
+        self.gpu = FakeGpu(seed)
+        self.cupy = fake_cupy(self.gpu)
+        self.nccl = fake_nccl()
+
+    def install(self, monkeypatch) -> None:
+        """Make the ring modules import this stack instead of CuPy and NCCL."""
+        monkeypatch.setattr(gpu_ring_mod, "import_cupy", lambda: self.cupy)
+        monkeypatch.setattr(nccl_mod, "import_nccl", lambda: self.nccl)
+        monkeypatch.delenv("CUPARING_TRACE", raising=False)
+
+    def communicators(self, size: int) -> list[FakeComm]:
+        """The communicators of one new ring of ``size`` ranks."""
+        network = Network(size)
+        return [FakeComm(self.gpu, network, rank) for rank in range(size)]
+
+    def close(self) -> None:
+        """Stop the device; fail if it found transfers whose sizes disagree."""
+        self.gpu.close()
+        assert not self.gpu.errors, self.gpu.errors
+
+
+def run_threads(fns, timeout: float = 30.0) -> list:
+    """Run ``fns[r]()`` on one thread each; returns results (exceptions as values)."""
+    out = [None] * len(fns)
+
+    def run(r):
+        try:
+            out[r] = fns[r]()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out[r] = exc
+
+    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a rank hung"
+    return out
