@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .base import PendingExchange, Ring, RingError, RingTimeoutError
+from .base import PendingExchange, ReadyExchange, Ring, RingError, RingTimeoutError
 
 
 class _Hub:
@@ -89,15 +89,7 @@ class SoloRing(Ring):
     timeout = float("inf")
 
     def exchange(self, arrays: Sequence[Any], shift: int = 1, tag: str = "kv") -> PendingExchange:
-        return _Ready(list(arrays))
-
-
-class _Ready(PendingExchange):
-    def __init__(self, arrays: list):
-        self._arrays = arrays
-
-    def wait(self) -> list[Any]:
-        return self._arrays
+        return ReadyExchange(arrays)
 
 
 def simulate(world_size: int, fn: Callable[[Ring], Any], timeout: float = 300.0) -> list[Any]:
