@@ -12,9 +12,16 @@ Shapes (flash-attn convention, shape letters used throughout):
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..masks import BlockKind, MaskSpec
 
 KEY_TILE = 128  # keys per inner step: bounds memory at B*H*Sq*KEY_TILE scalars
+# Queries per outer step of a PARTIAL block on NumPy, so the tiles a causal mask hides above the
+# diagonal are skipped rather than computed and masked (PERF.md, "CPU backend"). Other
+# namespaces (CuPy) pay ~15 kernel launches per tile, so there query tiles end only at layout
+# jumps (zigzag's two chunks), which already skips zigzag's hidden half.
+QUERY_TILE = 256
 
 
 def accum_dtype(xp, dtype):
@@ -39,24 +46,70 @@ def _heads_first(x):
     return x.transpose(0, 2, 1, 3)[:, :, None]
 
 
-def _key_tiles(kind: BlockKind, mask: MaskSpec, q_pos, k_pos, tile: int):
-    """Yield (start, stop, kind) for key tiles that are not entirely masked.
+def _query_tile(xp, q_tile: int | None) -> int | None:
+    """``q_tile`` if given, else this namespace's default (see QUERY_TILE)."""
+    if q_tile is not None:
+        return q_tile
+    return QUERY_TILE if xp is np else None
 
-    Positions are NumPy int arrays sorted ascending, so a tile's extremes are its ends.
+
+def _tiles(pos, tile: int | None):
+    """Split sorted positions into tiles: yield (start, stop) index ranges of at most ``tile``.
+
+    A tile also ends where its positions would span more than ``tile`` evenly spaced ones would,
+    so it never straddles a jump in the layout (zigzag's two chunks): each tile's positions stay
+    a narrow range, which is what lets :meth:`MaskSpec.classify` call it EMPTY or FULL.
+
+    Args:
+        pos: NumPy int array of global positions, ascending.
+        tile: the most entries per tile (>= 1); None: unlimited, so tiles end only at jumps.
     """
-    q_min, q_max = int(q_pos[0]), int(q_pos[-1])
-    for start in range(0, len(k_pos), tile):
-        stop = min(start + tile, len(k_pos))
-        tile_kind = (
-            BlockKind.FULL
-            if kind == BlockKind.FULL
-            else mask.classify(q_min, q_max, int(k_pos[start]), int(k_pos[stop - 1]))
-        )
-        if tile_kind != BlockKind.EMPTY:
-            yield start, stop, tile_kind
+    count = len(pos)
+    tile = count if tile is None else tile
+    steps = np.diff(pos)
+    # the span of `tile` positions at the layout's closest spacing (1 contiguous, C striped)
+    span = (tile - 1) * (int(steps.min()) if len(steps) else 1)
+    start = 0
+    while start < count:
+        past_span = int(np.searchsorted(pos, pos[start] + span, side="right"))
+        stop = min(start + tile, past_span)
+        yield start, stop
+        start = stop
 
 
-def block_forward(xp, q, k, v, q_pos, k_pos, kind, mask: MaskSpec, scale: float, tile=KEY_TILE):
+def _block_tiles(kind: BlockKind, mask: MaskSpec, q_pos, k_pos, q_tile, k_tile):
+    """The work of one block: yield ``((q_start, q_stop), [(k_start, k_stop, kind), ...])``.
+
+    Every query tile comes with its key tiles that the mask does not hide entirely from it,
+    classified by :meth:`MaskSpec.classify` on the tiles' extreme positions (the one mechanism
+    the schedule and the kernels use too); query tiles that see no key tile are left out, so
+    their rows keep output 0 and lse -inf. A ``FULL`` block is one query tile (no mask to
+    decide, and the fewest, largest products).
+
+    Args:
+        kind: the block's classification (``EMPTY`` blocks must not be passed in).
+        q_pos, k_pos: NumPy int arrays of global positions, ascending.
+        q_tile, k_tile: the most queries and keys per tile (None: see :func:`_tiles`).
+    """
+    if kind == BlockKind.FULL:
+        key_tiles = [(start, stop, BlockKind.FULL) for start, stop in _tiles(k_pos, k_tile)]
+        yield (0, len(q_pos)), key_tiles
+        return
+    k_ranges = list(_tiles(k_pos, k_tile))
+    for q_start, q_stop in _tiles(q_pos, q_tile):
+        q_min, q_max = int(q_pos[q_start]), int(q_pos[q_stop - 1])
+        key_tiles = []
+        for k_start, k_stop in k_ranges:
+            tile_kind = mask.classify(q_min, q_max, int(k_pos[k_start]), int(k_pos[k_stop - 1]))
+            if tile_kind != BlockKind.EMPTY:
+                key_tiles.append((k_start, k_stop, tile_kind))
+        if key_tiles:
+            yield (q_start, q_stop), key_tiles
+
+
+def block_forward(
+    xp, q, k, v, q_pos, k_pos, kind, mask: MaskSpec, scale: float, tile=KEY_TILE, q_tile=None
+):
     """Attention of one query shard over one key/value shard.
 
     Args:
@@ -65,6 +118,8 @@ def block_forward(xp, q, k, v, q_pos, k_pos, kind, mask: MaskSpec, scale: float,
         q_pos, k_pos: NumPy int arrays of global positions, sorted ascending.
         kind: block classification (``EMPTY`` blocks must not be passed in).
         mask: causal / window spec; scale: softmax scale.
+        tile, q_tile: the most keys and queries per tile (``q_tile`` None: the namespace's
+            default, see QUERY_TILE); tiles the mask hides entirely are skipped.
 
     Returns:
         (out, lse): out [B, Sq, H, D] and lse [B, H, Sq] in the accumulation dtype; rows that see
@@ -76,12 +131,30 @@ def block_forward(xp, q, k, v, q_pos, k_pos, kind, mask: MaskSpec, scale: float,
     kh = _heads_first(k).astype(acc_t)  # (B, Hkv, 1, Sk, D)
     vh = _heads_first(v).astype(acc_t)
     b, _, g, sq, d = qg.shape
+    out = xp.zeros((b, hk, g, sq, d), dtype=acc_t)
+    lse = xp.full((b, hk, g, sq, 1), -xp.inf, dtype=acc_t)
+    q_pos_x = xp.asarray(q_pos)
+    k_pos_x = xp.asarray(k_pos)
+    work = _block_tiles(kind, mask, q_pos, k_pos, _query_tile(xp, q_tile), tile)
+    for (q_start, q_stop), key_tiles in work:
+        rows = slice(q_start, q_stop)
+        out[..., rows, :], lse[..., rows, :] = _forward_rows(
+            xp, qg[..., rows, :], kh, vh, q_pos_x[rows], k_pos_x, key_tiles, mask, scale
+        )
+    return _ungrouped(out), lse[..., 0].reshape(b, hk * g, sq)
+
+
+def _forward_rows(xp, qg, kh, vh, q_pos_x, k_pos_x, key_tiles, mask: MaskSpec, scale: float):
+    """Online softmax of query rows ``qg`` (B, Hkv, G, Sq, D) over the given key tiles.
+
+    Returns (out (B, Hkv, G, Sq, D), lse (B, Hkv, G, Sq, 1)); rows that see no key: 0 and -inf.
+    """
+    acc_t = qg.dtype.type
+    b, hk, g, sq, d = qg.shape
     row_max = xp.full((b, hk, g, sq, 1), -xp.inf, dtype=acc_t)
     row_sum = xp.zeros((b, hk, g, sq, 1), dtype=acc_t)
     acc = xp.zeros((b, hk, g, sq, d), dtype=acc_t)
-    q_pos_x = xp.asarray(q_pos)
-    k_pos_x = xp.asarray(k_pos)
-    for start, stop, tile_kind in _key_tiles(kind, mask, q_pos, k_pos, tile):
+    for start, stop, tile_kind in key_tiles:
         scores = (qg @ kh[..., start:stop, :].swapaxes(-1, -2)) * acc_t(scale)
         if tile_kind == BlockKind.PARTIAL:
             visible = mask.visible(q_pos_x, k_pos_x[start:stop])
@@ -97,7 +170,7 @@ def block_forward(xp, q, k, v, q_pos, k_pos, kind, mask: MaskSpec, scale: float,
     seen = row_sum > 0
     out = xp.where(seen, acc / xp.where(seen, row_sum, 1), 0)
     lse = xp.where(seen, xp.where(seen, row_max, 0) + xp.log(xp.where(seen, row_sum, 1)), -xp.inf)
-    return _ungrouped(out), lse[..., 0].reshape(b, hk * g, sq)
+    return out, lse
 
 
 def merge_into(xp, out_acc, lse_acc, out_blk, lse_blk):
@@ -122,12 +195,14 @@ def backward_delta(xp, dout, out):
 
 
 def block_backward(
-    xp, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale, tile=KEY_TILE
-):
+    xp, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale,
+    tile=KEY_TILE, q_tile=None,
+):  # fmt: skip
     """Add one block's gradient contributions into dq [B,Sq,H,D], dk, dv [B,Sk,Hkv,D] (in place).
 
     Probabilities are recomputed from the final (merged) ``lse``: ``P = exp(S - lse)``, and
-    ``dS = P * (dP - delta)`` with ``dP = dO V^T``. Rows with lse -inf contribute nothing.
+    ``dS = P * (dP - delta)`` with ``dP = dO V^T``. Rows with lse -inf contribute nothing, and
+    neither do tiles the mask hides (``tile``, ``q_tile``: as in :func:`block_forward`).
     """
     acc_t = dq.dtype.type
     hk = k.shape[2]
@@ -143,19 +218,23 @@ def block_backward(
     dq_g = xp.zeros_like(qg)
     q_pos_x = xp.asarray(q_pos)
     k_pos_x = xp.asarray(k_pos)
-    for start, stop, tile_kind in _key_tiles(kind, mask, q_pos, k_pos, tile):
-        k_t, v_t = kh[..., start:stop, :], vh[..., start:stop, :]
-        scores = (qg @ k_t.swapaxes(-1, -2)) * acc_t(scale)
-        keep = row_seen
-        if tile_kind == BlockKind.PARTIAL:
-            keep = keep & mask.visible(q_pos_x, k_pos_x[start:stop])
-        probs = xp.where(keep, xp.exp(xp.where(keep, scores - lse_safe, 0)), 0)
-        dprobs = dog @ v_t.swapaxes(-1, -2)
-        dscores = probs * (dprobs - delta_g)
-        dq_g += (dscores @ k_t) * acc_t(scale)
-        # sum over the query-head group: every query head of a group shares this key head
-        dk[:, start:stop] += ((dscores.swapaxes(-1, -2) @ qg).sum(axis=2) * acc_t(scale)).transpose(
-            0, 2, 1, 3
-        )
-        dv[:, start:stop] += (probs.swapaxes(-1, -2) @ dog).sum(axis=2).transpose(0, 2, 1, 3)
+    work = _block_tiles(kind, mask, q_pos, k_pos, _query_tile(xp, q_tile), tile)
+    for (q_start, q_stop), key_tiles in work:
+        rows = slice(q_start, q_stop)
+        q_t, do_t, delta_t = qg[..., rows, :], dog[..., rows, :], delta_g[..., rows, :]
+        seen_t, lse_t = row_seen[..., rows, :], lse_safe[..., rows, :]
+        for start, stop, tile_kind in key_tiles:
+            k_t, v_t = kh[..., start:stop, :], vh[..., start:stop, :]
+            scores = (q_t @ k_t.swapaxes(-1, -2)) * acc_t(scale)
+            keep = seen_t
+            if tile_kind == BlockKind.PARTIAL:
+                keep = keep & mask.visible(q_pos_x[rows], k_pos_x[start:stop])
+            probs = xp.where(keep, xp.exp(xp.where(keep, scores - lse_t, 0)), 0)
+            dprobs = do_t @ v_t.swapaxes(-1, -2)
+            dscores = probs * (dprobs - delta_t)
+            dq_g[..., rows, :] += (dscores @ k_t) * acc_t(scale)
+            # sum over the query-head group: every query head of a group shares this key head
+            dk_t = (dscores.swapaxes(-1, -2) @ q_t).sum(axis=2) * acc_t(scale)
+            dk[:, start:stop] += dk_t.transpose(0, 2, 1, 3)
+            dv[:, start:stop] += (probs.swapaxes(-1, -2) @ do_t).sum(axis=2).transpose(0, 2, 1, 3)
     dq += _ungrouped(dq_g)

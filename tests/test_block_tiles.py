@@ -1,0 +1,142 @@
+"""The CPU block loop skips exactly the tiles a mask hides, and tiling never changes the answer.
+
+The ring property tests use shards shorter than one tile; these draw tiles of 1-9 entries so every
+path of the tile loop (many query and key tiles, tiles ending at zigzag's jump) runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+import cuparing as cr
+from cuparing.backends import array_ops
+from cuparing.masks import BlockKind, MaskSpec
+
+
+def visible_by_definition(q_pos, k_pos, causal, left, right):
+    """README's visibility rule written out on its own (not through MaskSpec): [Sq, Sk] bools."""
+    i, j = np.asarray(q_pos)[:, None], np.asarray(k_pos)[None, :]
+    seen = np.ones((len(q_pos), len(k_pos)), dtype=bool)
+    if causal:
+        seen &= j <= i
+    if left is not None:
+        seen &= i - left <= j
+    if right is not None:
+        seen &= j <= i + right
+    return seen
+
+
+@st.composite
+def blocks(draw):
+    """One (query shard, key shard) block of a ring: positions, mask and tile sizes."""
+    world = draw(st.integers(1, 5))
+    layout = draw(st.sampled_from(cr.LAYOUTS))
+    per_rank = draw(st.integers(1, 12))
+    local_len = 2 * per_rank if layout == "zigzag" else per_rank
+    q_rank, k_rank = draw(st.integers(0, world - 1)), draw(st.integers(0, world - 1))
+    side = st.one_of(st.none(), st.integers(-3, world * local_len + 3))
+    mask = (draw(st.booleans()), draw(side), draw(side))
+    tiles = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    q_pos = cr.layouts.global_positions(layout, q_rank, world, local_len)
+    k_pos = cr.layouts.global_positions(layout, k_rank, world, local_len)
+    return layout, q_pos, k_pos, mask, tiles
+
+
+def block_kind(spec, q_pos, k_pos):
+    return spec.classify(int(q_pos[0]), int(q_pos[-1]), int(k_pos[0]), int(k_pos[-1]))
+
+
+@given(blocks())
+def test_tiles_cover_every_visible_pair_and_full_tiles_hide_none(block):
+    layout, q_pos, k_pos, mask, (q_tile, k_tile) = block
+    spec = MaskSpec(*mask)
+    seen = visible_by_definition(q_pos, k_pos, *mask)
+    kind = block_kind(spec, q_pos, k_pos)
+    covered = np.zeros_like(seen, dtype=int)
+    if kind != BlockKind.EMPTY:
+        for (q0, q1), key_tiles in array_ops._block_tiles(kind, spec, q_pos, k_pos, q_tile, k_tile):
+            for k0, k1, tile_kind in key_tiles:
+                covered[q0:q1, k0:k1] += 1
+                if tile_kind == BlockKind.FULL:
+                    assert seen[q0:q1, k0:k1].all(), (q0, q1, k0, k1)
+                if layout != "striped":
+                    # contiguous positions in a tile: classify is exact, so no tile is wasted
+                    assert seen[q0:q1, k0:k1].any(), (q0, q1, k0, k1)
+    assert covered.max(initial=0) <= 1  # no pair computed twice
+    assert (covered[seen] == 1).all()  # every visible pair computed
+
+
+def test_causal_zigzag_diagonal_block_skips_its_hidden_tiles():
+    # rank 0 of 2 holds chunks 0 and 3 of 8 tokens: [0, 1, 6, 7]; with 1-token tiles the
+    # computed pairs are exactly the 10 visible ones (before, all 16 of the block were computed)
+    q_pos = cr.layouts.global_positions("zigzag", 0, 2, 4)
+    spec = MaskSpec(causal=True)
+    pairs = [
+        (q, k)
+        for (q, _), key_tiles in array_ops._block_tiles(BlockKind.PARTIAL, spec, q_pos, q_pos, 1, 1)
+        for k, _, _ in key_tiles
+    ]
+    assert len(pairs) == int(visible_by_definition(q_pos, q_pos, True, None, None).sum()) == 10
+    # default tiles: the two chunks never share a tile, so chunk 0 never meets chunk 3's keys
+    default = list(array_ops._block_tiles(BlockKind.PARTIAL, spec, q_pos, q_pos, None, None))
+    assert [(rows, [k[:2] for k in keys]) for rows, keys in default] == [
+        ((0, 2), [(0, 2)]),
+        ((2, 4), [(0, 2), (2, 4)]),
+    ]
+
+
+def dense_block(q, k, v, dout, q_pos, k_pos, mask, scale):
+    """Float64 forward and backward of one block with the visibility rule applied densely.
+
+    Returns (out, lse, dq, dk, dv); rows that see no key: out 0, lse -inf, no gradient. GQA:
+    query head h reads key head h // (H / Hkv).
+    """
+    group = q.shape[2] // k.shape[2]
+    kx, vx = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    seen = visible_by_definition(q_pos, k_pos, *mask)
+    scores = np.where(seen, np.einsum("bihd,bjhd->bhij", q, kx) * scale, -np.inf)
+    row_max = scores.max(axis=-1, keepdims=True)
+    row_max = np.where(np.isneginf(row_max), 0, row_max)
+    total = np.exp(scores - row_max).sum(axis=-1, keepdims=True)
+    lse = np.where(total > 0, row_max + np.log(np.where(total > 0, total, 1)), -np.inf)
+    probs = np.where(seen, np.exp(scores - np.where(np.isneginf(lse), 0, lse)), 0)
+    out = np.einsum("bhij,bjhd->bihd", probs, vx)
+    delta = np.einsum("bihd,bihd->bhi", dout, out)[..., None]
+    dscores = probs * (np.einsum("bihd,bjhd->bhij", dout, vx) - delta)
+    dq = np.einsum("bhij,bjhd->bihd", dscores, kx) * scale
+    dk = np.einsum("bhij,bihd->bjhd", dscores, q) * scale
+    dv = np.einsum("bhij,bihd->bjhd", probs, dout)
+    b, s, h, d = dk.shape
+    dk, dv = (x.reshape(b, s, h // group, group, d).sum(axis=3) for x in (dk, dv))
+    return out, lse[..., 0], dq, dk, dv
+
+
+@given(blocks(), st.integers(0, 2**32 - 1))
+def test_any_tiling_gives_the_dense_block_in_float64(block, seed):
+    layout, q_pos, k_pos, mask, (q_tile, k_tile) = block
+    spec = MaskSpec(*mask)
+    kind = block_kind(spec, q_pos, k_pos)
+    if kind == BlockKind.EMPTY:
+        return
+    rng = np.random.default_rng(seed)
+    q, dout = rng.standard_normal((2, 2, len(q_pos), 4, 8))
+    k, v = rng.standard_normal((2, 2, len(k_pos), 2, 8))
+    out, lse, dq, dk, dv = dense_block(q, k, v, dout, q_pos, k_pos, mask, 0.3)
+
+    got_out, got_lse = array_ops.block_forward(
+        np, q, k, v, q_pos, k_pos, kind, spec, 0.3, tile=k_tile, q_tile=q_tile
+    )
+    np.testing.assert_allclose(got_out, out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(np.isneginf(got_lse), np.isneginf(lse))
+    np.testing.assert_allclose(got_lse[np.isfinite(lse)], lse[np.isfinite(lse)], rtol=1e-12)
+
+    grads = [np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)]
+    delta = array_ops.backward_delta(np, dout, out)
+    array_ops.block_backward(
+        np, *grads, dout, q, k, v, lse, delta, q_pos, k_pos, kind, spec, 0.3,
+        tile=k_tile, q_tile=q_tile,
+    )  # fmt: skip
+    for got, want in zip(grads, (dq, dk, dv), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
