@@ -1,4 +1,5 @@
-"""Multi-GPU checks: the ring against the float64 reference, and a rank killed mid-ring.
+"""Multi-GPU checks: the ring against the float64 reference, the ring under random stream delays
+(race detector), and a rank killed mid-ring.
 
 Each test starts ``tests/multigpu/ring_worker.py`` on N GPUs through ``python -m cuparing.launch``
 and asserts on the exit code and the ranks' output lines, once per transport (``nccl``, and the
@@ -53,6 +54,21 @@ def test_ring_matches_dense_reference(world, transport):
         ok = rf"^\[rank {rank}\] WORKER OK .* ring={TRANSPORTS[transport]}$"
         assert re.search(ok, proc.stdout, re.M), _tail(proc)
     assert re.search(r"PASS .* ring err .* vs C=1 err", proc.stdout)  # the C=1 comparison ran
+
+
+@requires_gpu(2)
+@pytest.mark.gpu
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
+@pytest.mark.parametrize("world", WORLDS)
+def test_ring_is_race_free_under_random_stream_delays(world, transport):
+    _need(world)
+    proc = _launch(world, "stress", 600, transport=transport)
+    assert proc.returncode == 0, _tail(proc)
+    assert not re.search(r"^\[rank \d+\] FAIL", proc.stdout, re.M), _tail(proc)
+    for rank in range(world):
+        ok = rf"^\[rank {rank}\] WORKER OK stress ring={TRANSPORTS[transport]}$"
+        assert re.search(ok, proc.stdout, re.M), _tail(proc)
+    assert len(re.findall(r"PASS stress", proc.stdout)) == 20 * world, _tail(proc)
 
 
 @requires_gpu(2)
