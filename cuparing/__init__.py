@@ -14,10 +14,17 @@ Public API (shapes ``[B, S, H, D]``, LSE ``[B, H, S]``)::
     out, lse = cuparing.reference_attention(q, k, v, return_lse=True)  # dense float64 oracle
 """
 
-from .api import attention, ring_attention, ring_attention_backward
+from .api import (
+    attention,
+    global_positions,
+    ring_attention,
+    ring_attention_backward,
+    shard,
+    unshard,
+)
 from .comm.base import Ring, RingError, RingTimeoutError
 from .comm.local import simulate
-from .layouts import LAYOUTS, global_positions, shard, unshard
+from .layouts import LAYOUTS
 from .reference import reference_attention, reference_attention_backward
 from .torch_autograd import ring_attention_torch
 

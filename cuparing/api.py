@@ -1,5 +1,9 @@
 """Public entry points: validate once, pick the backend, run the schedule, return the caller's type.
 
+:func:`attention` (one device), :func:`ring_attention` and :func:`ring_attention_backward` (this
+rank of a ring) run the one schedule of ``cuparing.schedule``; :func:`shard`, :func:`unshard` and
+:func:`global_positions` split and join sequences by the layouts of ``cuparing.layouts``.
+
 Shapes: q, out, dout ``[B, S, H, D]``; k, v ``[B, S, Hkv, D]`` with ``H % Hkv == 0``; lse
 ``[B, H, S]`` (natural log, float32; float64 for float64 inputs). Any strides are accepted as long
 as the last axis (D) is contiguous.
@@ -7,18 +11,22 @@ as the last axis (D) is contiguous.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from . import validation
+from . import layouts, validation
 from .backends import backend_for
 from .comm.base import Ring
-from .interop import to_backend
-from .masks import BlockKind
-from .schedule import plan_ring, ring_backward, ring_forward
+from .comm.local import SoloRing
+from .interop import concatenate, take, to_backend
+from .schedule import RingPlan, plan_ring, plan_single, ring_backward, ring_forward
 
 Window = tuple[int | None, int | None] | None
+
+# One device is a ring of one: the schedule's one-step plan never exchanges anything.
+_ONE_DEVICE = SoloRing()
 
 
 def attention(
@@ -46,10 +54,13 @@ def attention(
     Returns:
         out [B, Sq, H, D] in q's dtype and framework, and lse [B, H, Sq] float32 (float64 for
         float64 inputs) if ``return_lse``. A query that sees no key gets output 0 and lse -inf.
+        An empty batch (B = 0) returns empty results of these shapes and dtypes.
 
     Raises:
-        ValueError: shapes, heads, window or scale are inconsistent.
-        TypeError: arrays of different frameworks/devices/dtypes, or an unsupported dtype.
+        ValueError: shapes, heads, window or scale are inconsistent, or S, H or D is 0.
+        TypeError: arrays of different frameworks/devices/dtypes, an unsupported dtype, options
+            of the wrong type, or PyTorch tensors that autograd tracks (this function is not
+            differentiable; see :func:`cuparing.ring_attention_torch`).
 
     Example:
         >>> import numpy as np, cuparing as cr
@@ -59,26 +70,14 @@ def attention(
     """
     origin = validation.check_arrays(("q", "k", "v"), (q, k, v))
     validation.check_qkv(q, k, v, same_length=False)
+    validation.check_untracked("attention", ("q", "k", "v"), (q, k, v))
     mask = validation.check_mask(causal, window)
     scale = validation.check_scale(scale, q.shape[-1])
+    plan = _unless_empty(plan_single(q.shape[1], k.shape[1], mask), q)
     backend = backend_for(origin.backend)
     with origin.stream():
         qb, kb, vb = (to_backend(x, origin) for x in (q, k, v))
-        sq, sk = qb.shape[1], kb.shape[1]
-        q_pos = np.arange(sq, dtype=np.int64) + (sk - sq)
-        k_pos = np.arange(sk, dtype=np.int64)
-        kind = (
-            mask.classify(int(q_pos[0]), int(q_pos[-1]), 0, sk - 1)
-            if sq and sk
-            else BlockKind.EMPTY
-        )
-        state = backend.forward_state(qb, 0 if kind == BlockKind.EMPTY else 1)
-        if kind != BlockKind.EMPTY:
-            backend.forward_block(
-                state, qb, kb, vb, backend.positions(q_pos), backend.positions(k_pos),
-                kind, mask, scale,
-            )  # fmt: skip
-        out, lse = backend.forward_finish(state)
+        out, lse = ring_forward(backend, _ONE_DEVICE, qb, kb, vb, plan, scale)
         return (origin.export(out), origin.export(lse)) if return_lse else origin.export(out)
 
 
@@ -112,7 +111,8 @@ def ring_attention(
 
     Raises:
         ValueError: bad shapes, layout, window, or a length the layout cannot split.
-        TypeError: mismatched frameworks/devices/dtypes or a non-Ring ``ring``.
+        TypeError: mismatched frameworks/devices/dtypes, a non-Ring ``ring``, or PyTorch tensors
+            that autograd tracks (use :func:`cuparing.ring_attention_torch` for gradients).
         cuparing.RingError: a peer failed or timed out (after the ring's timeout, never a hang).
 
     Example:
@@ -125,9 +125,10 @@ def ring_attention(
         >>> bool(np.allclose(out, cr.attention(x, x, x, causal=True)))
         True
     """
-    origin, mask, scale = _check_ring_call(q, k, v, ring, causal, scale, window, layout)
+    origin, mask, scale = validation.check_ring_call(q, k, v, ring, causal, scale, window, layout)
+    validation.check_untracked("ring_attention", ("q", "k", "v"), (q, k, v))
+    plan = _unless_empty(plan_ring(layout, ring.rank, ring.size, q.shape[1], mask), q)
     backend = backend_for(origin.backend)
-    plan = plan_ring(layout, ring.rank, ring.size, q.shape[1], mask)
     with origin.stream():
         qb, kb, vb = (to_backend(x, origin) for x in (q, k, v))
         out, lse = ring_forward(backend, ring, qb, kb, vb, plan, scale)
@@ -162,21 +163,106 @@ def ring_attention_backward(
     Raises:
         ValueError, TypeError, cuparing.RingError: as in :func:`ring_attention`.
     """
-    origin, mask, scale = _check_ring_call(q, k, v, ring, causal, scale, window, layout)
+    origin, mask, scale = validation.check_ring_call(q, k, v, ring, causal, scale, window, layout)
     validation.check_arrays(("q", "dout", "out"), (q, dout, out))
     validation.check_backward(dout, out, lse, q)
+    plan = _unless_empty(plan_ring(layout, ring.rank, ring.size, q.shape[1], mask), q)
     backend = backend_for(origin.backend)
-    plan = plan_ring(layout, ring.rank, ring.size, q.shape[1], mask)
     with origin.stream():
         arrays = [to_backend(x, origin) for x in (dout, q, k, v, out, lse)]
         grads = ring_backward(backend, ring, *arrays, plan, scale)
         return tuple(origin.export(g) for g in grads)
 
 
-def _check_ring_call(q, k, v, ring, causal, scale, window, layout):
-    origin = validation.check_arrays(("q", "k", "v"), (q, k, v))
-    validation.check_qkv(q, k, v, same_length=True)
-    validation.check_ring(ring)
-    validation.check_ring_length(q.shape[1], layout, ring.size)
-    mask = validation.check_mask(causal, window)
-    return origin, mask, validation.check_scale(scale, q.shape[-1])
+def shard(x: Any, rank: int, world_size: int, layout: str = "contiguous", axis: int = 1) -> Any:
+    """Take ``rank``'s share of a global array along ``axis`` (the sequence axis).
+
+    Args:
+        x: any array (NumPy, CuPy, torch, JAX) with the full sequence on ``axis``.
+        rank: which rank's share, ``0 <= rank < world_size`` (int or NumPy integer).
+        world_size: number of ranks ``C`` (int or NumPy integer).
+        layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"``.
+        axis: the sequence axis (1 for ``[B, S, H, D]``, 2 for an LSE ``[B, H, S]``; negative
+            counts from the end).
+
+    Returns:
+        The shard, ``S / C`` long on ``axis``, in the caller's array type and device.
+
+    Raises:
+        ValueError: unknown layout, rank or axis out of range, world size below 1, or a length
+            the layout cannot split (it must be a multiple of ``C``, of ``2C`` for zigzag).
+        TypeError: ``x`` is not an array, or rank, world size or axis is not an integer.
+
+    Example:
+        >>> import numpy as np, cuparing as cr
+        >>> cr.shard(np.arange(8)[None], 0, 2, layout="zigzag").tolist()
+        [[0, 1, 6, 7]]
+    """
+    rank, world_size, layout, axis = validation.check_shard_request(
+        x, rank, world_size, layout, axis
+    )
+    local_len = x.shape[axis] // world_size
+    return take(x, layouts.global_positions(layout, rank, world_size, local_len), axis)
+
+
+def unshard(shards: Sequence[Any], layout: str = "contiguous", axis: int = 1) -> Any:
+    """Reassemble the global array from every rank's shard (inverse of :func:`shard`).
+
+    Args:
+        shards: ``C`` arrays (a list or tuple), shard ``r`` from rank ``r``, all of one shape and
+            framework.
+        layout: the layout they were sharded with.
+        axis: the sequence axis (negative counts from the end).
+
+    Returns:
+        The global array, ``C`` times longer on ``axis``, in the type of the first shard.
+
+    Raises:
+        ValueError: no shards, unknown layout, shards of different shapes, or ``axis`` out of
+            range.
+        TypeError: ``shards`` is not a sequence of arrays of one framework, or ``axis`` is not an
+            integer.
+
+    Example:
+        >>> import numpy as np, cuparing as cr
+        >>> cr.unshard([np.array([[0, 1, 6, 7]]), np.array([[2, 3, 4, 5]])], layout="zigzag")
+        array([[0, 1, 2, 3, 4, 5, 6, 7]])
+    """
+    shards, layout, axis = validation.check_unshard_request(shards, layout, axis)
+    order = layouts.unshard_order(layout, len(shards), shards[0].shape[axis])
+    return take(concatenate(shards, axis), order, axis)
+
+
+def global_positions(layout: str, rank: int, world_size: int, local_len: int) -> np.ndarray:
+    """The global token positions that ``rank`` holds under ``layout``.
+
+    Args:
+        layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"``.
+        rank: ``0 <= rank < world_size``.
+        world_size: number of ranks ``C >= 1``.
+        local_len: tokens per rank, ``S / C`` (even for zigzag).
+
+    Returns:
+        NumPy int64 ``[local_len]``, ascending: which tokens of the global sequence this rank's
+        shard holds (so a rank can load only its own tokens).
+
+    Raises:
+        ValueError: unknown layout, rank out of range, world size below 1, a negative length or
+            an odd one for zigzag.
+        TypeError: rank, world size or length is not an integer.
+
+    Example:
+        >>> import cuparing as cr
+        >>> cr.global_positions("zigzag", 1, 2, 4).tolist()
+        [2, 3, 4, 5]
+    """
+    layout, rank, world_size, local_len = validation.check_positions_request(
+        layout, rank, world_size, local_len
+    )
+    return layouts.global_positions(layout, rank, world_size, local_len)
+
+
+def _unless_empty(plan: RingPlan, q: Any) -> RingPlan:
+    """``plan``, or its idle form for an empty batch: B == 0 is a valid no-op that returns empty
+    results of the right shapes and dtypes, with no compute and no transfer."""
+    return plan.idle() if q.shape[0] == 0 else plan

@@ -1,5 +1,9 @@
 """Arrays across framework borders: any supported array in, the caller's framework out.
 
+The one module that knows frameworks: which one an array comes from, its dtype name and strides,
+how to index, join and copy it to the host, and whether autograd is tracking it. Everything else
+asks here instead of inspecting array types itself.
+
 NumPy and CuPy arrays are used as they are. PyTorch tensors and JAX arrays on a GPU cross through
 DLPack into CuPy (zero-copy) and come back the same way; on the CPU they become NumPy arrays
 (bfloat16 through a 16-bit integer view, since NumPy's DLPack has no bfloat16). Frameworks are
@@ -25,6 +29,89 @@ def framework_of(x: Any) -> str:
     raise TypeError(
         f"expected a NumPy, CuPy, PyTorch or JAX array, got {type(x).__module__}.{type(x).__name__}"
     )
+
+
+def dtype_name(x: Any) -> str:
+    """The short dtype name (``"bfloat16"``, ``"float32"``, ...) of an array of any supported
+    framework, or of a dtype object itself (NumPy, ``ml_dtypes``, CuPy, ``torch.bfloat16``)."""
+    dtype = x if isinstance(x, (type, np.dtype)) else getattr(x, "dtype", x)
+    try:
+        return np.dtype(dtype).name  # NumPy, ml_dtypes, CuPy and JAX dtypes, scalar types
+    except TypeError:
+        return str(dtype).rsplit(".", 1)[-1]  # torch.bfloat16 -> 'bfloat16'
+
+
+def element_strides(x: Any) -> tuple[int, ...] | None:
+    """Strides of ``x`` in elements (not bytes), or ``None`` if the array type hides them (JAX)."""
+    if framework_of(x) == "torch":
+        return tuple(x.stride())
+    strides = getattr(x, "strides", None)
+    itemsize = getattr(getattr(x, "dtype", None), "itemsize", None)
+    if strides is None or not itemsize:
+        return None
+    return tuple(int(s) // itemsize for s in strides)
+
+
+def records_gradient(x: Any) -> bool:
+    """True for a PyTorch tensor that autograd is tracking right now (``requires_grad`` with grad
+    mode on): results computed outside torch would silently leave its graph."""
+    if framework_of(x) != "torch":
+        return False
+    import torch
+
+    return bool(x.requires_grad) and torch.is_grad_enabled()
+
+
+def take(x: Any, indices: np.ndarray, axis: int) -> Any:
+    """``x`` indexed by the int64 NumPy ``indices`` along ``axis``, in ``x``'s own framework and
+    device (the indices are moved to the array's device first)."""
+    framework = framework_of(x)
+    index: list[Any] = [slice(None)] * len(x.shape)
+    if framework == "torch":
+        import torch
+
+        index[axis] = torch.as_tensor(indices, device=x.device)
+    elif framework == "cupy":
+        import cupy
+
+        index[axis] = cupy.asarray(indices)
+    else:
+        index[axis] = indices
+    return x[tuple(index)]
+
+
+def concatenate(arrays: list[Any], axis: int) -> Any:
+    """Arrays of one framework joined along ``axis``, in that framework."""
+    framework = framework_of(arrays[0])
+    if framework == "torch":
+        import torch
+
+        return torch.cat(arrays, dim=axis)
+    if framework == "cupy":
+        import cupy
+
+        return cupy.concatenate(arrays, axis=axis)
+    if framework == "jax":
+        import jax.numpy as jnp
+
+        return jnp.concatenate(arrays, axis=axis)
+    return np.concatenate(arrays, axis=axis)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """``x`` as a NumPy array in host memory (a copy from a GPU; bfloat16 as ``ml_dtypes``).
+
+    Anything that is not a supported framework's array goes through ``np.asarray``.
+    """
+    try:
+        framework = framework_of(x)
+    except TypeError:
+        return np.asarray(x)
+    if framework == "cupy":
+        return x.get()
+    if framework == "torch":
+        return to_backend(x.detach().cpu(), Origin("torch", gpu=False))
+    return np.asarray(x)
 
 
 def _is_gpu(x: Any, framework: str) -> bool:

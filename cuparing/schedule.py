@@ -4,7 +4,8 @@ At step ``t`` rank ``r`` holds the K/V shard of rank ``(r - t) mod C``. A :class
 from the layout's global positions and the mask, which of those blocks are empty (skipped: no
 compute), partial (masked) or full (mask-free), and how many steps the ring needs at all: a
 sliding window can make the last steps empty on every rank, and then they are neither computed
-nor transferred.
+nor transferred. One device (:func:`cuparing.attention`) is the same loop with a one-step plan
+(:func:`plan_single`), which also allows ``Sq != Sk``.
 
 Forward: K/V travel one hop per step; each rank folds every block's (out, lse) into a running
 float32 result. Backward: dK/dV accumulators travel with K/V, collect every rank's contribution,
@@ -16,7 +17,7 @@ This module never touches q, k, v or the results itself: the ``backend`` does al
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -33,9 +34,12 @@ class RingPlan:
         rank, world_size: this rank and the ring size ``C``.
         layout: how the global sequence is sharded.
         mask: the causal / window spec.
-        positions: global positions held by each rank (NumPy int64, ascending), indexed by rank.
+        positions: global positions of each rank's K/V shard (NumPy int64, ascending), indexed
+            by rank.
         kinds: ``kinds[t]`` classifies this rank's block at step ``t``.
         last_step: the last step at which any rank has a non-empty block; the ring stops there.
+        q_positions: global positions of this rank's queries; in a ring the same tokens as its
+            K/V shard, ``positions[rank]``.
     """
 
     rank: int
@@ -45,6 +49,7 @@ class RingPlan:
     positions: tuple
     kinds: tuple
     last_step: int
+    q_positions: np.ndarray
 
     def source(self, step: int) -> int:
         """The rank whose K/V shard this rank holds at ``step``."""
@@ -54,6 +59,15 @@ class RingPlan:
     def blocks(self) -> int:
         """How many non-empty blocks this rank computes."""
         return sum(kind != BlockKind.EMPTY for kind in self.kinds[: self.last_step + 1])
+
+    def idle(self) -> RingPlan:
+        """The same plan with nothing to compute or transfer: every block empty, one step.
+
+        For an empty batch (``B == 0``, on every rank): the results are empty arrays of the right
+        shapes and dtypes, with no communication.
+        """
+        kinds = (BlockKind.EMPTY,) * len(self.kinds)
+        return replace(self, kinds=kinds, last_step=0)
 
 
 @lru_cache(maxsize=256)
@@ -74,7 +88,17 @@ def plan_ring(layout: str, rank: int, world_size: int, local_len: int, mask: Mas
     """The (cached) plan for ``rank`` of a ``world_size`` ring holding ``local_len`` tokens each."""
     positions, table, last_step = _kind_table(layout, world_size, local_len, mask)
     kinds = tuple(BlockKind(int(x)) for x in table[rank])
-    return RingPlan(rank, world_size, layout, mask, positions, kinds, last_step)
+    return RingPlan(rank, world_size, layout, mask, positions, kinds, last_step, positions[rank])
+
+
+def plan_single(seqlen_q: int, seqlen_k: int, mask: MaskSpec) -> RingPlan:
+    """A one-step plan for one device: ``seqlen_q`` queries against ``seqlen_k`` keys, queries
+    aligned to the end of the keys (query ``i`` sits at position ``i + seqlen_k - seqlen_q``, as
+    in flash-attention). Both lengths are >= 1."""
+    q_pos = np.arange(seqlen_q, dtype=np.int64) + (seqlen_k - seqlen_q)
+    k_pos = np.arange(seqlen_k, dtype=np.int64)
+    kind = mask.classify(int(q_pos[0]), int(q_pos[-1]), 0, seqlen_k - 1)
+    return RingPlan(0, 1, "contiguous", mask, (k_pos,), (kind,), 0, q_pos)
 
 
 def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float):
@@ -90,7 +114,7 @@ def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float):
         (out, lse): out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] float32 (float64 for float64).
     """
     positions = [backend.positions(p) for p in plan.positions]
-    q_pos = positions[plan.rank]
+    q_pos = backend.positions(plan.q_positions)
     state = backend.forward_state(q, plan.blocks)
     kv = [k, v]
     for step in range(plan.last_step + 1):
@@ -120,7 +144,7 @@ def ring_backward(backend, ring, dout, q, k, v, out, lse, plan: RingPlan, scale:
         shard, summed over every rank's queries.
     """
     positions = [backend.positions(p) for p in plan.positions]
-    q_pos = positions[plan.rank]
+    q_pos = backend.positions(plan.q_positions)
     delta = backend.backward_delta(dout, out)
     dq = backend.zeros_accum(q.shape, q.dtype)
     dkv = [backend.zeros_accum(k.shape, k.dtype), backend.zeros_accum(v.shape, v.dtype)]

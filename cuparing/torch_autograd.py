@@ -7,10 +7,10 @@ The forward pass runs :func:`cuparing.ring_attention` and keeps (out, lse); the 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
-from .api import Window, ring_attention, ring_attention_backward
-from .comm.base import Ring
+from .api import ring_attention, ring_attention_backward
 
 _FUNCTION = None
 
@@ -40,17 +40,12 @@ def _function():
     return _FUNCTION
 
 
-def ring_attention_torch(
-    q: Any,
-    k: Any,
-    v: Any,
-    ring: Ring,
-    causal: bool = False,
-    scale: float | None = None,
-    window: Window = None,
-    layout: str = "contiguous",
-) -> Any:
+def ring_attention_torch(*args: Any, **kwargs: Any) -> Any:
     """Differentiable :func:`cuparing.ring_attention` for PyTorch tensors.
+
+    Takes :func:`cuparing.ring_attention`'s arguments, by position or keyword, except
+    ``return_lse``: ``ring_attention_torch(q, k, v, ring, causal=False, scale=None, window=None,
+    layout="contiguous")``.
 
     Args:
         q: [B, S/C, H, D] this rank's query shard (``requires_grad`` as needed).
@@ -70,5 +65,17 @@ def ring_attention_torch(
         several simulated ranks (:func:`cuparing.simulate`) sharing a GPU would block each other
         in the backward ring; on the CPU, or with one rank per GPU, any ring size works.
     """
-    options = {"causal": causal, "scale": scale, "window": window, "layout": layout}
+    call = _SIGNATURE.bind(*args, **kwargs)
+    call.apply_defaults()
+    options = dict(call.arguments)
+    q, k, v, ring = (options.pop(name) for name in ("q", "k", "v", "ring"))
     return _function().apply(q, k, v, ring, options)
+
+
+# ring_attention's own signature less ``return_lse``: one definition of the ring options (names,
+# order, defaults) for both entry points, so they cannot drift apart.
+_SIGNATURE = inspect.signature(ring_attention)
+_SIGNATURE = _SIGNATURE.replace(
+    parameters=[p for p in _SIGNATURE.parameters.values() if p.name != "return_lse"]
+)
+ring_attention_torch.__signature__ = _SIGNATURE  # what help() and inspect show

@@ -1,26 +1,254 @@
 """Checks on user input, made once at the API boundary before any work or communication.
 
-``ValueError`` for shapes, lengths, layouts and windows; ``TypeError`` for dtypes and array
-types; messages name the argument, what was expected and what arrived.
+Every check of the library lives here: arrays, shapes, dtypes, mask options, layouts, ranks and
+world sizes, sequence lengths, shard lists, and :func:`cuparing.simulate`'s arguments.
+``ValueError`` for shapes, lengths, layouts and out-of-range values; ``TypeError`` for dtypes,
+array types and arguments of the wrong kind. Messages name the argument, what was expected and
+what arrived.
+
+NumPy scalars are accepted wherever Python ones are: ``numpy.bool_`` for flags, ``numpy.integer``
+for integers, NumPy floats for reals. ``bool`` is never taken for a number.
 """
 
 from __future__ import annotations
 
 import math
-from numbers import Integral
+from numbers import Integral, Real
 from typing import Any
 
-from .interop import Origin, origin_of
-from .layouts import check_layout, split_factor
+import numpy as np
+
+from .interop import Origin, dtype_name, element_strides, framework_of, origin_of, records_gradient
+from .layouts import LAYOUTS, split_factor
 from .masks import MaskSpec
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 GPU_DTYPES = ("float16", "bfloat16", "float32")
 
 
-def dtype_name(x: Any) -> str:
-    """The dtype's short name ('bfloat16', 'float32', ...) for any supported array type."""
-    return str(x.dtype).rsplit(".", 1)[-1]
+# ---- scalars
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` as a Python bool: a ``bool`` or ``numpy.bool_``, nothing else (``1`` is refused:
+    a flag passed as a number is more often a misplaced positional argument)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def check_int(name: str, value: Any) -> int:
+    """``value`` as a Python int: an ``int`` or ``numpy.integer``, not a bool."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def check_positive_real(name: str, value: Any, expected: str = "a real number") -> float:
+    """``value`` as a float: a real number (``int``, ``float`` or a NumPy scalar; not a bool or a
+    string), finite and > 0. ``expected`` describes the accepted values in the TypeError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {name}={value!r}")
+    return number
+
+
+def check_scale(scale: Any, headdim: int) -> float:
+    """The softmax scale: ``1/sqrt(D)`` for ``None``, else a finite real number > 0."""
+    if scale is None:
+        return 1.0 / math.sqrt(headdim)
+    return check_positive_real("scale", scale, "a float or None (a finite real number > 0)")
+
+
+def check_mask(causal: Any, window: Any) -> MaskSpec:
+    """A :class:`MaskSpec` from ``causal`` and ``window=(left, right)``; rejects windows that
+    hide every key from every query."""
+    causal = check_flag("causal", causal)
+    if window is None:
+        return MaskSpec(causal)
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window must be None or a pair (left, right), got {window!r}")
+    left, right = window
+    for side, value in (("left", left), ("right", right)):
+        if value is not None and (
+            isinstance(value, (bool, np.bool_)) or not isinstance(value, Integral)
+        ):
+            raise TypeError(
+                f"window {side} must be an int or None, got {value!r} ({type(value).__name__})"
+            )
+    left, right = (None if x is None else int(x) for x in (left, right))
+    spec = MaskSpec(causal, left, right)
+    if -spec.left_bound > spec.right_bound:
+        raise ValueError(
+            f"window={tuple(window)} with causal={causal} hides every key from every query: "
+            "need left + right >= 0 (and left >= 0 when causal)"
+        )
+    return spec
+
+
+# ---- layouts, ranks, world sizes and lengths
+
+
+def check_layout(layout: Any) -> str:
+    """Return ``layout`` if it is one of :data:`cuparing.LAYOUTS`, else raise ``ValueError``."""
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
+    return layout
+
+
+def check_world_size(world_size: Any, name: str = "world_size") -> int:
+    """``world_size`` as an int >= 1."""
+    if isinstance(world_size, (bool, np.bool_)) or not isinstance(world_size, Integral):
+        raise TypeError(
+            f"{name} must be an int >= 1, got {world_size!r} ({type(world_size).__name__})"
+        )
+    if world_size < 1:
+        raise ValueError(f"{name} must be >= 1, got {world_size!r}")
+    return int(world_size)
+
+
+def check_rank(rank: Any, world_size: int, name: str = "rank") -> int:
+    """``rank`` as an int in ``[0, world_size)``."""
+    rank = check_int(name, rank)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"{name} must be in [0, {world_size}), got {name}={rank}")
+    return rank
+
+
+def check_axis(axis: Any, ndim: int, name: str = "axis") -> int:
+    """``axis`` of an ``ndim``-dimensional array as an int in ``[0, ndim)`` (negative counts from
+    the end, as in NumPy)."""
+    axis = check_int(name, axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis} is out of range for an array of {ndim} dims")
+    return axis % ndim
+
+
+def _length_rule(layout: str, world_size: int) -> str:
+    if layout == "zigzag":
+        return f"zigzag cuts it into 2 * world_size = {2 * world_size} chunks"
+    return f"{layout} gives each of the {world_size} ranks the same number of tokens"
+
+
+def check_global_length(seqlen: int, layout: str, world_size: int) -> None:
+    """``seqlen`` tokens must split evenly for ``layout`` on ``world_size`` ranks: a multiple of
+    ``C``, ``2C`` for zigzag. ``layout`` and ``world_size`` are already checked."""
+    factor = split_factor(layout, world_size)
+    if seqlen % factor:
+        lower = seqlen - seqlen % factor
+        nearest = f"{lower} or {lower + factor}" if lower else f"{factor}"
+        # no zero-padding advice: padded keys would enter every softmax (no padding mask yet)
+        raise ValueError(
+            f"sequence length {seqlen} must be a multiple of {factor} for layout={layout!r} with "
+            f"world_size={world_size} ({_length_rule(layout, world_size)}); nearest valid "
+            f"lengths: {nearest}. Zero-padding is not equivalent: padded keys would take part in "
+            "the attention"
+        )
+
+
+def check_ring_length(local_len: int, layout: str, world_size: int) -> None:
+    """The global length ``local_len * world_size`` must split evenly for ``layout``."""
+    factor = split_factor(layout, world_size)
+    global_len = local_len * world_size
+    if global_len % factor:
+        raise ValueError(
+            f"this rank holds {local_len} tokens, so the global length is {global_len}, which "
+            f"layout={layout!r} with world_size={world_size} cannot split: it must be a multiple "
+            f"of {factor} (local length a multiple of {factor // world_size}; "
+            f"{_length_rule(layout, world_size)})"
+        )
+
+
+def check_ring(ring: Any) -> None:
+    """``ring`` must look like a :class:`cuparing.Ring` with a sane rank and size."""
+    size = getattr(ring, "size", None)
+    rank = getattr(ring, "rank", None)
+    if not callable(getattr(ring, "exchange", None)) or size is None or rank is None:
+        raise TypeError(f"ring must be a cuparing.Ring, got {type(ring).__name__}")
+    size = check_world_size(size, "ring world size")
+    check_rank(rank, size, "ring rank")
+
+
+def check_positions_request(layout: Any, rank: Any, world_size: Any, local_len: Any):
+    """Arguments of :func:`cuparing.global_positions`, returned as (layout, rank, world_size,
+    local_len) with Python ints."""
+    layout = check_layout(layout)
+    world_size = check_world_size(world_size)
+    rank = check_rank(rank, world_size)
+    local_len = check_int("local_len", local_len)
+    if local_len < 0:
+        raise ValueError(f"local_len must be >= 0, got {local_len=}")
+    if layout == "zigzag" and local_len % 2:
+        raise ValueError(f"zigzag needs an even local length, got {local_len=}")
+    return layout, rank, world_size, local_len
+
+
+def check_shard_request(x: Any, rank: Any, world_size: Any, layout: Any, axis: Any):
+    """Arguments of :func:`cuparing.shard`, returned as (rank, world_size, layout, axis)."""
+    world_size = check_world_size(world_size)
+    rank = check_rank(rank, world_size)
+    layout = check_layout(layout)
+    _check_array_type("x", x)
+    axis = check_axis(axis, len(x.shape))
+    check_global_length(x.shape[axis], layout, world_size)
+    return rank, world_size, layout, axis
+
+
+def check_unshard_request(shards: Any, layout: Any, axis: Any):
+    """Arguments of :func:`cuparing.unshard`, returned as (shards as a list, layout, axis)."""
+    layout = check_layout(layout)
+    try:
+        shards = list(shards)
+    except TypeError:
+        raise TypeError(
+            f"shards must be a list of arrays (shard r from rank r), got "
+            f"{type(shards).__name__}"
+        ) from None
+    if not shards:
+        raise ValueError("unshard needs at least one shard, got an empty sequence")
+    origins = [_check_array_type(f"shards[{r}]", s) for r, s in enumerate(shards)]
+    for r, origin in enumerate(origins[1:], start=1):
+        if origin.framework != origins[0].framework:
+            raise TypeError(
+                f"shards[{r}] is a {origin.framework} array but shards[0] a "
+                f"{origins[0].framework} one; pass every shard from one framework"
+            )
+    shapes = {tuple(s.shape) for s in shards}
+    if len(shapes) != 1:
+        raise ValueError(f"all shards must have the same shape, got {sorted(shapes)}")
+    axis = check_axis(axis, len(shards[0].shape))
+    if layout == "zigzag" and shards[0].shape[axis] % 2:
+        raise ValueError(
+            f"zigzag shards hold two chunks each, so their length on axis {axis} must be even, "
+            f"got {shards[0].shape[axis]}"
+        )
+    return shards, layout, axis
+
+
+def check_simulate_args(world_size: Any, fn: Any, timeout: Any) -> tuple[int, float]:
+    """Arguments of :func:`cuparing.simulate`, checked in the caller before any rank starts:
+    ``world_size`` an int >= 1, ``fn`` callable, ``timeout`` a finite real number of seconds
+    > 0. Returns (world_size, timeout) as an int and a float."""
+    world_size = check_world_size(world_size)
+    if not callable(fn):
+        raise TypeError(f"fn must be callable as fn(ring), got {type(fn).__name__}")
+    return world_size, check_positive_real("timeout", timeout)
+
+
+# ---- arrays
+
+
+def _check_array_type(name: str, x: Any) -> Origin:
+    try:
+        framework_of(x)
+    except TypeError:
+        raise TypeError(
+            f"{name}: expected a NumPy, CuPy, PyTorch or JAX array, got "
+            f"{type(x).__module__}.{type(x).__name__}"
+        ) from None
+    return origin_of(x)
 
 
 def _check_4d(name: str, x: Any) -> None:
@@ -31,29 +259,33 @@ def _check_4d(name: str, x: Any) -> None:
         )
 
 
+def _check_no_empty_dims(name: str, x: Any) -> None:
+    """S, H and D must be >= 1; an empty batch is a valid no-op."""
+    heads = "Hkv" if name in ("k", "v") else "H"
+    for letter, meaning, size in zip(
+        ("S", heads, "D"), ("sequence length", "heads", "head dim"), x.shape[1:], strict=True
+    ):
+        if size < 1:
+            raise ValueError(
+                f"{name} has {letter}=0 ({meaning}) in shape {tuple(x.shape)} = [B, S, {heads}, D]"
+                f": S, {heads} and D must be >= 1; only the batch B may be 0"
+            )
+
+
 def _check_last_axis_contiguous(name: str, x: Any) -> None:
-    strides = _element_strides(x)
-    if strides is not None and x.shape[-1] > 1 and strides[-1] != 1:
+    strides = element_strides(x)
+    # an empty array has no memory to lay out (NumPy reports its strides as 0)
+    if strides is not None and x.shape[-1] > 1 and strides[-1] != 1 and math.prod(x.shape):
         raise ValueError(
             f"{name} must have a contiguous last axis (headdim stride 1), got element strides "
             f"{strides} for shape {tuple(x.shape)}; pass a view whose last axis is headdim"
         )
 
 
-def _element_strides(x: Any):
-    if hasattr(x, "stride") and callable(x.stride):  # torch
-        return tuple(x.stride())
-    strides = getattr(x, "strides", None)
-    itemsize = getattr(getattr(x, "dtype", None), "itemsize", None)
-    if strides is None or not itemsize:
-        return None
-    return tuple(s // itemsize for s in strides)
-
-
 def check_arrays(names: tuple[str, ...], arrays: tuple[Any, ...]) -> Origin:
-    """All arrays of one framework and device, one supported float dtype, 4-D with a contiguous
-    last axis. Returns their common :class:`Origin`."""
-    origins = [origin_of(x) for x in arrays]
+    """All arrays of one framework and device, one supported float dtype, 4-D with no empty
+    S/H/D and a contiguous last axis. Returns their common :class:`Origin`."""
+    origins = [_check_array_type(name, x) for name, x in zip(names, arrays, strict=True)]
     first = origins[0]
     for name, origin in zip(names[1:], origins[1:], strict=True):
         if origin != first:
@@ -72,8 +304,22 @@ def check_arrays(names: tuple[str, ...], arrays: tuple[Any, ...]) -> Origin:
         raise TypeError(f"all inputs must share one dtype, got {listing}")
     for name, x in zip(names, arrays, strict=True):
         _check_4d(name, x)
+        _check_no_empty_dims(name, x)
         _check_last_axis_contiguous(name, x)
     return first
+
+
+def check_untracked(entry: str, names: tuple[str, ...], arrays: tuple[Any, ...]) -> None:
+    """Refuse PyTorch tensors that autograd is tracking: ``entry`` computes outside torch, so its
+    result would silently be cut from the graph. Fine under ``torch.no_grad()`` or detached."""
+    for name, x in zip(names, arrays, strict=True):
+        if records_gradient(x):
+            raise TypeError(
+                f"{name} requires grad, but cuparing.{entry} is not differentiable: its result "
+                "would be cut from the autograd graph. For gradients use "
+                "cuparing.ring_attention_torch (on one device, inside cuparing.simulate(1, fn)), "
+                "or call under torch.no_grad() / pass detached tensors"
+            )
 
 
 def check_qkv(q: Any, k: Any, v: Any, same_length: bool) -> None:
@@ -88,12 +334,6 @@ def check_qkv(q: Any, k: Any, v: Any, same_length: bool) -> None:
         raise ValueError(f"batch size differs: q has B={bq}, k and v have B={bk}")
     if dk != d:
         raise ValueError(f"head dim differs: q has D={d}, k and v have D={dk}")
-    if sq < 1 or sk < 1:
-        raise ValueError(f"sequence length must be >= 1, got q S={sq}, k and v S={sk}")
-    if d < 1 or h < 1 or hkv < 1:
-        raise ValueError(
-            f"heads and head dim must be >= 1, got q {tuple(q.shape)} k {tuple(k.shape)}"
-        )
     if h % hkv:
         raise ValueError(
             f"query heads H={h} must be a multiple of key/value heads Hkv={hkv} (GQA/MQA)"
@@ -104,67 +344,19 @@ def check_qkv(q: Any, k: Any, v: Any, same_length: bool) -> None:
         )
 
 
-def check_scale(scale: float | None, headdim: int) -> float:
-    """The softmax scale: ``1/sqrt(D)`` by default; must be finite and > 0."""
-    if scale is None:
-        return 1.0 / math.sqrt(headdim)
-    try:
-        value = float(scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"scale must be finite and > 0, got {scale=}")
-    return value
+def check_ring_call(q, k, v, ring, causal, scale, window, layout) -> tuple[Origin, MaskSpec, float]:
+    """Everything a ring call checks before its first transfer, in one place: the arrays, the
+    ring, the layout (once) and the length it must split, the mask and the scale.
 
-
-def check_mask(causal: bool, window: Any) -> MaskSpec:
-    """A :class:`MaskSpec` from ``causal`` and ``window=(left, right)``; rejects windows that
-    hide every key from every query."""
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if window is None:
-        return MaskSpec(causal)
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise ValueError(f"window must be None or a pair (left, right), got {window!r}")
-    left, right = window
-    for side, value in (("left", left), ("right", right)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)):
-            raise TypeError(
-                f"window {side} must be an int or None, got {value!r} ({type(value).__name__})"
-            )
-    left, right = (None if x is None else int(x) for x in (left, right))
-    spec = MaskSpec(causal, left, right)
-    if -spec.left_bound > spec.right_bound:
-        raise ValueError(
-            f"window={tuple(window)} with causal={causal} hides every key from every query: "
-            "need left + right >= 0 (and left >= 0 when causal)"
-        )
-    return spec
-
-
-def check_ring_length(local_len: int, layout: str, world_size: int) -> None:
-    """The global length ``local_len * world_size`` must split evenly for ``layout``."""
-    check_layout(layout)
-    factor = split_factor(layout, world_size)
-    global_len = local_len * world_size
-    if global_len % factor:
-        raise ValueError(
-            f"this rank holds {local_len} tokens, so the global length is {global_len}, which "
-            f"layout={layout!r} with world_size={world_size} cannot split: it must be a multiple "
-            f"of {factor} (local length a multiple of {factor // world_size})"
-        )
-
-
-def check_ring(ring: Any) -> None:
-    """``ring`` must look like a :class:`cuparing.Ring` with a sane rank and size."""
-    size = getattr(ring, "size", None)
-    rank = getattr(ring, "rank", None)
-    if not callable(getattr(ring, "exchange", None)) or size is None or rank is None:
-        raise TypeError(f"ring must be a cuparing.Ring, got {type(ring).__name__}")
-    if size < 1:
-        raise ValueError(f"ring world size must be >= 1, got {size}")
-    if not 0 <= rank < size:
-        raise ValueError(f"ring rank must be in [0, {size}), got {rank}")
+    Returns (origin of the arrays, mask, scale as a float).
+    """
+    origin = check_arrays(("q", "k", "v"), (q, k, v))
+    check_qkv(q, k, v, same_length=True)
+    check_ring(ring)
+    layout = check_layout(layout)
+    check_ring_length(q.shape[1], layout, int(ring.size))
+    mask = check_mask(causal, window)
+    return origin, mask, check_scale(scale, q.shape[-1])
 
 
 def check_backward(dout: Any, out: Any, lse: Any, q: Any) -> None:
@@ -172,13 +364,13 @@ def check_backward(dout: Any, out: Any, lse: Any, q: Any) -> None:
     for name, x in (("dout", dout), ("out", out)):
         if tuple(x.shape) != tuple(q.shape):
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(x.shape)}")
+    lse_origin, q_origin = _check_array_type("lse", lse), origin_of(q)
     b, s, h, _ = q.shape
     if tuple(lse.shape) != (b, h, s):
         raise ValueError(f"lse must be [B, H, S] = {(b, h, s)}, got {tuple(lse.shape)}")
     want = "float64" if dtype_name(q) == "float64" else "float32"
     if dtype_name(lse) != want:
         raise TypeError(f"lse must be {want} for {dtype_name(q)} inputs, got {dtype_name(lse)}")
-    lse_origin, q_origin = origin_of(lse), origin_of(q)
     if lse_origin != q_origin:
         raise TypeError(
             f"lse must live in the same framework and device as q: lse is {lse_origin.describe()},"

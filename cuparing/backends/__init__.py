@@ -1,26 +1,21 @@
 """Array backends: who computes blocks of attention.
 
-A backend provides, for the ring schedule (``cuparing.schedule``):
-
-- ``positions(host_positions)``: global positions in the form its block functions take;
-- ``forward_state(q, blocks)``, ``forward_block(state, ...)``, ``forward_finish(state)``: a running
-  float32 result that each block is merged into, and the final (out, lse);
-- ``backward_delta(dout, out)``, ``zeros_accum(shape, dtype)``, ``backward_block(...)``,
-  ``cast(x, dtype)``: the backward pass, accumulating in float32 in place.
-
-``ArrayBackend`` runs on the CPU and is the oracle; ``CupyBackend`` runs our CUDA kernels.
+The contract the ring schedule relies on is :class:`~cuparing.backends.protocol.Backend`.
+``ArrayBackend`` implements it over any NumPy-like namespace and runs on the CPU as the oracle;
+``CupyBackend`` runs our CUDA kernels (and ``ArrayBackend`` over CuPy where no kernel applies).
 """
 
 from __future__ import annotations
 
 from .array_backend import ArrayBackend
+from .protocol import Backend
 
-__all__ = ["ArrayBackend", "backend_for"]
+__all__ = ["ArrayBackend", "Backend", "backend_for"]
 
 _NUMPY = ArrayBackend()
 
 
-def backend_for(kind: str):
+def backend_for(kind: str) -> Backend:
     """The backend for arrays of ``kind`` (``"numpy"`` or ``"cupy"``)."""
     if kind == "numpy":
         return _NUMPY

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ..interop import dtype_name, element_strides
 from ..kernels import loader
 from ..masks import UNBOUNDED, BlockKind, MaskSpec
 from . import array_ops
@@ -40,10 +41,6 @@ from .array_backend import ArrayBackend
 
 _KERNEL_DTYPES = ("float16", "bfloat16")
 _LOG2E = 1.4426950408889634
-
-
-def _dtype_name(dtype) -> str:
-    return np.dtype(dtype).name
 
 
 # Device copies of position arrays, keyed by (device, length, hash of the values). A host-to-device
@@ -139,7 +136,7 @@ class CupyBackend:
     # ---- forward
     def _kernel_ok(self, q) -> bool:
         d = q.shape[-1]
-        return _dtype_name(q.dtype) in _KERNEL_DTYPES and d % 8 == 0 and d <= loader.MAX_HEAD_DIM
+        return dtype_name(q.dtype) in _KERNEL_DTYPES and d % 8 == 0 and d <= loader.MAX_HEAD_DIM
 
     def forward_state(self, q, blocks: int) -> CupyForwardState:
         """Accumulators for queries q [B, Sq, H, D] that ``blocks`` non-empty blocks will fill."""
@@ -215,7 +212,7 @@ class CupyBackend:
     def _launch_forward(self, out, lse, q, k, v, q_pos, k_pos, kind, mask: MaskSpec, scale, mode):
         cp = self.xp
         batch, seqlen_q, nheads, headdim = q.shape
-        dtype = _dtype_name(q.dtype)
+        dtype = dtype_name(q.dtype)
         padded = loader.padded_head_dim(headdim)
         kernel, cfg, smem = loader.get_fwd_kernel(padded, dtype)
         q, k, v = (_kernel_operand(cp, x) for x in (q, k, v))
@@ -232,7 +229,7 @@ class CupyBackend:
     def backward_delta(self, dout, out):
         """D = rowsum(dO * O), float32 [B, H, Sq]."""
         cp = self.xp
-        if not (self._kernel_ok(dout) and _dtype_name(out.dtype) == _dtype_name(dout.dtype)):
+        if not (self._kernel_ok(dout) and dtype_name(out.dtype) == dtype_name(dout.dtype)):
             return array_ops.backward_delta(self.xp, self._to_f32(dout), self._to_f32(out))
         batch, seqlen, nheads, headdim = dout.shape
         delta = cp.empty((batch, nheads, seqlen), dtype=cp.float32)
@@ -241,7 +238,7 @@ class CupyBackend:
             return delta
         dout, out = (_kernel_operand(cp, x) for x in (dout, out))
         ds, os_ = _element_strides(dout), _element_strides(out)
-        kernel = loader.get_bwd_delta_kernel(_dtype_name(dout.dtype))
+        kernel = loader.get_bwd_delta_kernel(dtype_name(dout.dtype))
         threads = 256  # 8 warps, one row each
         blocks = min(math.ceil(rows / (threads // 32)), 65536)
         kernel(
@@ -280,7 +277,7 @@ class CupyBackend:
         for name, acc, shape in (("dq", dq, q.shape), ("dk", dk, k.shape), ("dv", dv, k.shape)):
             if acc.dtype != cp.float32 or not acc.flags.c_contiguous or acc.shape != shape:
                 raise ValueError(f"{name} must be a contiguous float32 accumulator of {shape}")
-        dtype = _dtype_name(q.dtype)
+        dtype = dtype_name(q.dtype)
         padded = loader.padded_head_dim(headdim)
         kernels, cfg, smem = loader.get_bwd_kernels(padded, dtype)
         q, k, v, dout = (_kernel_operand(cp, x) for x in (q, k, v, dout))
@@ -300,8 +297,8 @@ class CupyBackend:
     def cast(self, x, dtype):
         """``x`` (float32) as ``dtype``; fp16/bf16 through our cast kernel (contiguous result)."""
         cp = self.xp
-        name = _dtype_name(dtype)
-        if name == _dtype_name(x.dtype):
+        name = dtype_name(dtype)
+        if name == dtype_name(x.dtype):
             return x
         if name in _KERNEL_DTYPES:
             x = cp.ascontiguousarray(x, dtype=cp.float32)
@@ -314,7 +311,7 @@ class CupyBackend:
     def _to_f32(self, x):
         """fp16/bf16 (any strides, last axis contiguous) -> contiguous float32 copy."""
         cp = self.xp
-        name = _dtype_name(x.dtype)
+        name = dtype_name(x.dtype)
         if name not in _KERNEL_DTYPES:
             return x.astype(cp.float32, copy=False)
         bits = cp.ascontiguousarray(x.view(cp.uint16))
@@ -354,8 +351,7 @@ def _stride_fields(**arrays) -> dict:
 
 def _element_strides(x) -> tuple[int, int, int]:
     """(batch, seq, head) strides in elements of a 4-D array with a contiguous last axis."""
-    item = x.dtype.itemsize
-    return tuple(int(s) // item for s in x.strides[:3])
+    return element_strides(x)[:3]
 
 
 def _kernel_operand(cp, x):

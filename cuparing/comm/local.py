@@ -113,9 +113,9 @@ def simulate(world_size: int, fn: Callable[[Ring], Any], timeout: float = 300.0)
         >>> cr.simulate(3, lambda ring: ring.rank * 10)
         [0, 10, 20]
     """
-    from ..layouts import check_world
+    from ..validation import check_simulate_args
 
-    world_size = check_world(world_size)
+    world_size, timeout = check_simulate_args(world_size, fn, timeout)
     hub = _Hub(world_size, timeout)
     results: list[Any] = [None] * world_size
     errors: dict[int, BaseException] = {}

@@ -1,0 +1,56 @@
+"""The backend contract: what the ring schedule asks of whoever computes blocks of attention.
+
+A backend owns every array operation of a call; the schedule (``cuparing.schedule``) only decides
+which blocks run and hands them over. Shapes (flash-attn convention): q, out, dout
+``[B, Sq, H, D]``; k, v ``[B, Sk, Hkv, D]``; lse, delta ``[B, H, Sq]``. Positions are the global
+token positions of a shard (int64, ascending).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..masks import BlockKind, MaskSpec
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Block attention for one kind of array (``ArrayBackend``: NumPy; ``CupyBackend``: our
+    kernels). Accumulators are float32, float64 for float64 inputs."""
+
+    #: ``"numpy"`` or ``"cupy"``
+    name: str
+
+    def positions(self, host_positions: np.ndarray) -> Any:
+        """Global positions (NumPy int64) in the form this backend's block functions take."""
+
+    def forward_state(self, q: Any, blocks: int) -> Any:
+        """An empty running result for queries ``q``; exactly ``blocks`` non-empty blocks follow
+        (0: the result is output 0, lse -inf)."""
+
+    def forward_block(
+        self, state: Any, q: Any, k: Any, v: Any, q_pos: Any, k_pos: Any, kind: BlockKind,
+        mask: MaskSpec, scale: float,
+    ) -> None:  # fmt: skip
+        """Compute one block (``kind`` PARTIAL or FULL) and merge it into ``state`` in the
+        accumulator dtype."""
+
+    def forward_finish(self, state: Any) -> tuple[Any, Any]:
+        """(out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] float32, float64 for float64)."""
+
+    def backward_delta(self, dout: Any, out: Any) -> Any:
+        """``delta = rowsum(dout * out)``, [B, H, Sq] in the accumulator dtype."""
+
+    def zeros_accum(self, shape: tuple, dtype: Any) -> Any:
+        """A zeroed gradient accumulator of ``shape`` for inputs of ``dtype``."""
+
+    def backward_block(
+        self, dq: Any, dk: Any, dv: Any, dout: Any, q: Any, k: Any, v: Any, lse: Any,
+        delta: Any, q_pos: Any, k_pos: Any, kind: BlockKind, mask: MaskSpec, scale: float,
+    ) -> None:  # fmt: skip
+        """Add one block's gradients into the accumulators ``dq``, ``dk``, ``dv`` (in place)."""
+
+    def cast(self, x: Any, dtype: Any) -> Any:
+        """``x`` as ``dtype`` (the accumulators' way back to the caller's dtype)."""
