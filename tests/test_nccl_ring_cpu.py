@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import ml_dtypes
 import numpy as np
 import pytest
-from fake_gpu import FakeStack
+from fake_gpu import FakeStack, run_threads
 from fake_gpu import dev as _dev
 
 import cuparing as cr
@@ -136,6 +136,23 @@ def test_sends_wait_for_the_work_that_writes_them(rings, stack, drop_wait):
     stack.gpu.paused = False
     _settle(ring0, ring1)
     assert bool((np.asarray(got) == 7).all()) is not drop_wait
+
+
+def test_allgather_bytes_of_any_lengths_and_barrier(rings):
+    ring_set = rings(3)
+    data = [b"", b"rank one", bytes(range(200))]
+    results = run_threads([lambda ring=ring: (ring.allgather_bytes(data[ring.rank]), ring.barrier())
+                           for ring in ring_set])  # fmt: skip
+    assert results == [(data, None)] * 3
+    (solo,) = rings(1)
+    assert solo.allgather_bytes(b"x") == [b"x"]
+    solo.barrier()
+
+
+def test_a_collective_a_peer_never_joins_times_out(rings):
+    ring0, _ = rings(2, timeout=0.3)
+    with pytest.raises(cr.RingTimeoutError, match=r"rank 0: collective 'barrier' #0 made no"):
+        ring0.barrier()
 
 
 def test_shift_zero_or_world_of_one_moves_nothing(rings):

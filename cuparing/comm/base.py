@@ -6,6 +6,9 @@ dtypes from ``rank - shift`` (mod ``size``). The schedule calls :meth:`Ring.exch
 order on every rank; an implementation may run it asynchronously (the NCCL ring does, on its own
 stream) and must hand back received buffers through :meth:`PendingExchange.wait`.
 
+Besides exchanges a ring offers one collective, :meth:`Ring.allgather_bytes` (small messages),
+and with it :meth:`Ring.agree`, by which every rank checks its call against the others' once.
+
 Buffer ownership: arrays returned by ``wait()`` belong to the ring. They stay valid, and may be
 read or updated in place by the caller, until the *second* following exchange on the same
 ``tag`` (double buffering). Arrays passed to ``exchange`` must not be modified until its ``wait()``.
@@ -16,8 +19,10 @@ from __future__ import annotations
 import abc
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from . import agreement
 
 
 class RingError(RuntimeError):
@@ -89,6 +94,42 @@ class Ring(abc.ABC):
         raise NotImplementedError(
             f"{type(self).__name__} of {self.size} ranks implements no allgather_bytes"
         )
+
+    def agree(self, fields: Mapping[str, str]) -> None:
+        """Check once that every rank makes this call with the same ``fields``.
+
+        The first time a ``fields`` is seen, it is gathered from every rank
+        (:meth:`allgather_bytes`) and compared; once all ranks agreed, it is remembered (the
+        last :data:`~cuparing.comm.agreement.AGREED_CALLS_KEPT` distinct ones) and an identical
+        call returns at once without communicating: cheap enough for every call on the hot path.
+        Collective otherwise: call it on every rank at the same point of its ring calls, before
+        the first exchange the fields describe.
+
+        Args:
+            fields: what every rank must have alike, names to values, both ``str`` (e.g.
+                ``{"layout": "zigzag", "dtype": "bfloat16", "q": "(1, 4096, 32, 128)"}``).
+
+        Raises:
+            TypeError: ``fields`` is not a mapping of ``str`` to ``str`` (nothing is exchanged).
+            ValueError: the ranks differ; raised on every rank, naming the first differing field
+                (by name), this rank's value and that of the lowest-numbered rank that differs.
+            NotImplementedError: a ring of several ranks without :meth:`allgather_bytes`.
+            RingTimeoutError, RingError: a rank did not take part: it died, or it skipped the
+                check because it had already agreed on a call the other ranks did not make.
+        """
+        key = agreement.call_key(fields)
+        agreed = self.__dict__.get("_agreed_calls")  # Ring has no __init__ of its own to set it
+        if agreed is None:
+            agreed = self._agreed_calls = agreement.AgreedCalls()
+        if key in agreed:
+            return
+        if self.size > 1:
+            why = agreement.disagreement(
+                self.rank, key, self.allgather_bytes(agreement.encode(key))
+            )
+            if why is not None:
+                raise ValueError(why)
+        agreed.add(key)
 
     def synchronize(self) -> None:
         """Block until every exchange issued by this rank has completed (or raise on timeout)."""

@@ -197,6 +197,9 @@ class DyingRing(cr.Ring):
             os._exit(1)
         return self._ring.exchange(arrays, shift, tag)
 
+    def agree(self, fields):
+        self._ring.agree(fields)
+
     def synchronize(self):
         self._ring.synchronize()
 
@@ -238,6 +241,9 @@ class DelayingRing(cr.Ring):
         elif where == 2:
             self._stall(self._ring.stream)
         return self._ring.exchange(arrays, shift, tag)
+
+    def agree(self, fields):
+        self._ring.agree(fields)
 
     def synchronize(self):
         self._ring.synchronize()
