@@ -79,6 +79,22 @@ class LocalRing(Ring):
         what = f"exchange {tag!r} #{seq} (shift {shift})"
         return _LocalPending(self, (self.rank, source, tag, seq), source, what)
 
+    def allgather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's ``data`` in rank order, through the hub's mailboxes (see
+        :meth:`cuparing.comm.base.Ring.allgather_bytes`)."""
+        data = bytes(data)
+        channel = ("allgather",)  # not a str: no exchange tag can share its mailboxes
+        seq = self._sequence[channel]
+        self._sequence[channel] += 1
+        peers = [r for r in range(self.size) if r != self.rank]
+        for peer in peers:
+            self._hub.post((peer, self.rank, channel, seq), [data])
+        parts = {self.rank: data}
+        for peer in peers:
+            key = (self.rank, peer, channel, seq)
+            parts[peer] = _LocalPending(self, key, peer, f"allgather #{seq}").wait()[0]
+        return [parts[r] for r in range(self.size)]
+
 
 class SoloRing(Ring):
     """A ring of one: exchanges hand the arrays straight back (``ring_attention`` on one device,
@@ -90,6 +106,9 @@ class SoloRing(Ring):
 
     def exchange(self, arrays: Sequence[Any], shift: int = 1, tag: str = "kv") -> PendingExchange:
         return ReadyExchange(arrays)
+
+    def agree(self, fields) -> None:
+        """Nothing to compare: a ring of one agrees with itself."""
 
 
 def simulate(world_size: int, fn: Callable[[Ring], Any], timeout: float = 300.0) -> list[Any]:
