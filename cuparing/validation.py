@@ -203,8 +203,7 @@ def check_unshard_request(shards: Any, layout: Any, axis: Any):
         shards = list(shards)
     except TypeError:
         raise TypeError(
-            f"shards must be a list of arrays (shard r from rank r), got "
-            f"{type(shards).__name__}"
+            f"shards must be a list of arrays (shard r from rank r), got {type(shards).__name__}"
         ) from None
     if not shards:
         raise ValueError("unshard needs at least one shard, got an empty sequence")

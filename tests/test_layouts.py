@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -94,3 +96,26 @@ def test_shard_rejects_bad_arguments(args, message):
 def test_shard_error_suggests_a_valid_length():
     with pytest.raises(ValueError, match="nearest valid lengths: 8 or 16"):
         cr.shard(np.zeros((1, 12, 1, 1)), 0, 4, layout="zigzag")
+
+
+@pytest.mark.parametrize(
+    ("seqlen", "layout", "needed"),
+    [
+        (12, "zigzag", r"multiple of 8 .*2 \* world_size = 8 chunks"),
+        (10, "striped", "multiple of 4"),
+    ],
+)
+def test_length_errors_say_what_is_needed_and_never_advise_zero_padding(seqlen, layout, needed):
+    """Zero-padding changes non-causal results (padded keys enter the softmax) and there is no
+    padding mask yet: the message names the length rule and warns against padding."""
+    with pytest.raises(ValueError, match=needed) as error:
+        cr.shard(np.zeros((1, seqlen, 1, 1)), 0, 4, layout=layout)
+    assert not re.search(r"\bpad (the|your|it)\b", str(error.value)), error.value
+    assert "Zero-padding is not equivalent" in str(error.value)
+
+
+def test_ring_length_error_names_the_local_rule_without_padding_advice():
+    q = np.zeros((1, 3, 1, 2))  # 3 tokens per rank: 12 in all, zigzag on 4 ranks needs 8k
+    with pytest.raises(ValueError, match=r"multiple of 8 \(local length a multiple of 2") as error:
+        cr.simulate(4, lambda ring: cr.ring_attention(q, q, q, ring, layout="zigzag"))
+    assert "pad" not in str(error.value)
