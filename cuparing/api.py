@@ -110,7 +110,9 @@ def ring_attention(
         (float64 for float64) if ``return_lse``.
 
     Raises:
-        ValueError: bad shapes, layout, window, or a length the layout cannot split.
+        ValueError: bad shapes, layout, window, or a length the layout cannot split; or the
+            ranks disagree on the call (shapes, dtype, layout, causal, window, scale, world size,
+            global length): raised on every rank, naming the field, before any transfer.
         TypeError: mismatched frameworks/devices/dtypes, a non-Ring ``ring``, or PyTorch tensors
             that autograd tracks (use :func:`cuparing.ring_attention_torch` for gradients).
         cuparing.RingError: a peer failed or timed out (after the ring's timeout, never a hang).
@@ -127,6 +129,7 @@ def ring_attention(
     """
     origin, mask, scale = validation.check_ring_call(q, k, v, ring, causal, scale, window, layout)
     validation.check_untracked("ring_attention", ("q", "k", "v"), (q, k, v))
+    ring.agree(validation.ring_call_fields("ring_attention", q, k, ring, mask, scale, layout))
     plan = _unless_empty(plan_ring(layout, ring.rank, ring.size, q.shape[1], mask), q)
     backend = backend_for(origin.backend)
     with origin.stream():
@@ -166,6 +169,8 @@ def ring_attention_backward(
     origin, mask, scale = validation.check_ring_call(q, k, v, ring, causal, scale, window, layout)
     validation.check_arrays(("q", "dout", "out"), (q, dout, out))
     validation.check_backward(dout, out, lse, q)
+    fields = validation.ring_call_fields("ring_attention_backward", q, k, ring, mask, scale, layout)
+    ring.agree(fields)
     plan = _unless_empty(plan_ring(layout, ring.rank, ring.size, q.shape[1], mask), q)
     backend = backend_for(origin.backend)
     with origin.stream():

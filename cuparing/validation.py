@@ -165,7 +165,8 @@ def check_ring(ring: Any) -> None:
     """``ring`` must look like a :class:`cuparing.Ring` with a sane rank and size."""
     size = getattr(ring, "size", None)
     rank = getattr(ring, "rank", None)
-    if not callable(getattr(ring, "exchange", None)) or size is None or rank is None:
+    methods = (getattr(ring, name, None) for name in ("exchange", "agree"))
+    if not all(callable(method) for method in methods) or size is None or rank is None:
         raise TypeError(f"ring must be a cuparing.Ring, got {type(ring).__name__}")
     size = check_world_size(size, "ring world size")
     check_rank(rank, size, "ring rank")
@@ -356,6 +357,32 @@ def check_ring_call(q, k, v, ring, causal, scale, window, layout) -> tuple[Origi
     check_ring_length(q.shape[1], layout, int(ring.size))
     mask = check_mask(causal, window)
     return origin, mask, check_scale(scale, q.shape[-1])
+
+
+def ring_call_fields(
+    entry: str, q: Any, k: Any, ring: Any, mask: MaskSpec, scale: float, layout: str
+) -> dict[str, str]:
+    """What every rank's ring call must have alike, for :meth:`cuparing.Ring.agree`.
+
+    A rank that passes another layout, mask, scale, dtype or local shape than its peers would
+    otherwise get a wrong answer silently (or a timeout): each of these is a field, so a mismatch
+    is named on every rank before the first transfer. Arguments are the checked ones of
+    :func:`check_ring_call`; ``entry`` names the public function (a forward on one rank against
+    a backward on another is a mismatch too). Returns names to ``str`` values.
+    """
+    return {
+        "call": entry,
+        "q_shape": str(tuple(q.shape)),
+        "kv_shape": str(tuple(k.shape)),
+        "heads_kv": str(k.shape[2]),
+        "dtype": dtype_name(q),
+        "layout": layout,
+        "causal": str(mask.causal),
+        "window": str((mask.left, mask.right)),
+        "scale": repr(scale),
+        "world_size": str(int(ring.size)),
+        "global_seqlen": str(q.shape[1] * int(ring.size)),
+    }
 
 
 def check_backward(dout: Any, out: Any, lse: Any, q: Any) -> None:

@@ -1,0 +1,84 @@
+"""Every rank's ring call is checked against the others' before the first transfer (issue 13).
+
+A rank with another layout, mask or local length than its peers used to compute a wrong answer
+silently, or wait for the ring's timeout; now every rank raises, naming the field.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cuparing as cr
+
+X = np.random.default_rng(0).standard_normal((1, 16, 2, 8))
+
+
+def outcome(call):
+    """What ``call()`` gave on this rank: ``"ok"`` or its ValueError's message."""
+    try:
+        call()
+    except ValueError as exc:
+        return str(exc)
+    return "ok"
+
+
+def forward_with(rank_options):
+    """A rank function calling ring_attention with ``rank_options[ring.rank]`` (layout, causal,
+    tokens per rank)."""
+
+    def fn(ring):
+        layout, causal, local = rank_options[ring.rank]
+        xl = cr.shard(X, ring.rank, ring.size, layout=layout)[:, :local]
+        return outcome(lambda: cr.ring_attention(xl, xl, xl, ring, causal=causal, layout=layout))
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    ("ranks", "field"),
+    [
+        ([("zigzag", True, 8), ("contiguous", True, 8)], "layout"),
+        ([("zigzag", True, 8), ("zigzag", False, 8)], "causal"),
+        ([("striped", False, 8), ("striped", False, 4)], "global_seqlen"),
+    ],
+)
+def test_ranks_that_disagree_raise_on_every_rank_naming_the_field(ranks, field):
+    messages = cr.simulate(len(ranks), forward_with(ranks), timeout=30)
+    for rank, message in enumerate(messages):
+        assert f"rank {rank}: the ranks disagree on {field}:" in message, message
+        assert f"rank {1 - rank} has {field}=" in message, message
+
+
+def test_backward_ranks_that_disagree_on_the_window_are_named():
+    def fn(ring):
+        xl = cr.shard(X, ring.rank, ring.size)
+        out, lse = cr.ring_attention(xl, xl, xl, ring, return_lse=True)
+        window = (2, 2) if ring.rank == 0 else (2, 3)
+        return outcome(
+            lambda: cr.ring_attention_backward(xl, xl, xl, xl, out, lse, ring, window=window)
+        )
+
+    messages = cr.simulate(2, fn, timeout=30)
+    assert all("the ranks disagree on window:" in m for m in messages), messages
+    assert "window='(2, 2)', rank 1 has window='(2, 3)'" in messages[0]
+
+
+def test_every_ring_call_asks_the_ranks_to_agree():
+    calls = []
+
+    def fn(ring):
+        agree = ring.agree
+
+        def counting(fields):
+            calls.append(ring.rank)
+            agree(fields)
+
+        ring.agree = counting
+        xl = cr.shard(X, ring.rank, ring.size, layout="zigzag")
+        outs = [cr.ring_attention(xl, xl, xl, ring, causal=True, layout="zigzag") for _ in range(3)]
+        return outs[-1]
+
+    full = cr.unshard(cr.simulate(2, fn, timeout=30), layout="zigzag")
+    np.testing.assert_allclose(full, cr.attention(X, X, X, causal=True), rtol=1e-12, atol=1e-12)
+    assert sorted(calls) == [0, 0, 0, 1, 1, 1]  # every call asks; the ring caches the answer
