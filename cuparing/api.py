@@ -20,7 +20,7 @@ from . import layouts, validation
 from .backends import backend_for
 from .comm.base import Ring
 from .comm.local import SoloRing
-from .interop import concatenate, take, to_backend
+from .interop import Origin, concatenate, take, to_backend
 from .schedule import RingPlan, plan_ring, plan_single, ring_backward, ring_forward
 
 Window = tuple[int | None, int | None] | None
@@ -74,11 +74,7 @@ def attention(
     mask = validation.check_mask(causal, window)
     scale = validation.check_scale(scale, q.shape[-1])
     plan = _unless_empty(plan_single(q.shape[1], k.shape[1], mask), q)
-    backend = backend_for(origin.backend)
-    with origin.stream():
-        qb, kb, vb = (to_backend(x, origin) for x in (q, k, v))
-        out, lse = ring_forward(backend, _ONE_DEVICE, qb, kb, vb, plan, scale)
-        return (origin.export(out), origin.export(lse)) if return_lse else origin.export(out)
+    return _forward(origin, _ONE_DEVICE, plan, scale, (q, k, v), return_lse)
 
 
 def ring_attention(
@@ -131,11 +127,7 @@ def ring_attention(
     validation.check_untracked("ring_attention", ("q", "k", "v"), (q, k, v))
     ring.agree(validation.ring_call_fields("ring_attention", q, k, ring, mask, scale, layout))
     plan = _unless_empty(plan_ring(layout, ring.rank, ring.size, q.shape[1], mask), q)
-    backend = backend_for(origin.backend)
-    with origin.stream():
-        qb, kb, vb = (to_backend(x, origin) for x in (q, k, v))
-        out, lse = ring_forward(backend, ring, qb, kb, vb, plan, scale)
-        return (origin.export(out), origin.export(lse)) if return_lse else origin.export(out)
+    return _forward(origin, ring, plan, scale, (q, k, v), return_lse)
 
 
 def ring_attention_backward(
@@ -265,6 +257,18 @@ def global_positions(layout: str, rank: int, world_size: int, local_len: int) ->
         layout, rank, world_size, local_len
     )
     return layouts.global_positions(layout, rank, world_size, local_len)
+
+
+def _forward(
+    origin: Origin, ring: Ring, plan: RingPlan, scale: float, qkv: tuple, return_lse: bool
+) -> Any:
+    """The schedule's forward on the caller's (checked) q, k, v: on their backend and stream,
+    results in their framework; (out, lse) if ``return_lse``, else out."""
+    backend = backend_for(origin.backend)
+    with origin.stream():
+        qb, kb, vb = (to_backend(x, origin) for x in qkv)
+        out, lse = ring_forward(backend, ring, qb, kb, vb, plan, scale)
+        return (origin.export(out), origin.export(lse)) if return_lse else origin.export(out)
 
 
 def _unless_empty(plan: RingPlan, q: Any) -> RingPlan:

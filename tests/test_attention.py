@@ -12,6 +12,7 @@ from strategies import HEAD_DIMS, np_dtype
 import cuparing as cr
 from cuparing.backends import array_ops
 from cuparing.masks import BlockKind, MaskSpec
+from cuparing.schedule import plan_single
 
 
 @given(
@@ -120,6 +121,21 @@ def test_blocks_of_bfloat16_inputs_merge_in_float32():
     out, lse = backend.forward_finish(state)
     assert out.dtype == ml_dtypes.bfloat16
     check_forward(out, lse, q, k, v)
+
+
+def test_the_cpu_backend_meets_the_backend_contract():
+    assert isinstance(cr.backends.backend_for("numpy"), cr.backends.Backend)
+    assert isinstance(cr.backends.ArrayBackend(np), cr.backends.Backend)
+
+
+def test_one_device_is_a_one_step_plan_with_queries_at_the_end_of_the_keys():
+    plan = plan_single(3, 7, MaskSpec(causal=True))
+    assert (plan.world_size, plan.last_step, plan.blocks) == (1, 0, 1)
+    np.testing.assert_array_equal(plan.q_positions, [4, 5, 6])
+    np.testing.assert_array_equal(plan.positions[0], np.arange(7))
+    assert plan.kinds == (BlockKind.PARTIAL,)
+    assert plan_single(1, 7, MaskSpec(causal=True)).kinds == (BlockKind.FULL,)
+    assert plan_single(3, 7, MaskSpec(causal=True)).idle().blocks == 0
 
 
 def test_torch_cpu_round_trip_returns_torch():

@@ -1,0 +1,56 @@
+"""cuparing.interop is the one place that knows frameworks: each helper on NumPy and PyTorch."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from cuparing import interop
+
+
+@pytest.mark.parametrize(
+    ("thing", "name"),
+    [
+        (np.zeros(2, np.float16), "float16"),
+        (np.dtype(np.float32), "float32"),
+        (np.float64, "float64"),
+        (np.zeros(2, ml_dtypes.bfloat16), "bfloat16"),
+        (ml_dtypes.bfloat16, "bfloat16"),
+    ],
+)
+def test_dtype_name_of_arrays_dtypes_and_scalar_types(thing, name):
+    assert interop.dtype_name(thing) == name
+
+
+def test_element_strides_count_elements_not_bytes():
+    x = np.zeros((2, 3, 4), np.float32).transpose(1, 0, 2)
+    assert interop.element_strides(x) == (4, 12, 1)
+
+
+def test_take_concatenate_and_to_host_keep_numpy_as_numpy():
+    x = np.arange(12).reshape(3, 4)
+    np.testing.assert_array_equal(interop.take(x, np.array([3, 0]), 1), x[:, [3, 0]])
+    np.testing.assert_array_equal(interop.concatenate([x, x], 0), np.vstack([x, x]))
+    assert interop.to_host(x) is x
+    np.testing.assert_array_equal(interop.to_host([1.5, 2.5]), np.array([1.5, 2.5]))
+    assert not interop.records_gradient(x)
+
+
+def test_torch_helpers():
+    torch = pytest.importorskip("torch")
+    x = torch.arange(12.0).reshape(3, 4).to(torch.bfloat16)
+    assert interop.dtype_name(x) == "bfloat16" and interop.dtype_name(torch.float16) == "float16"
+    assert interop.element_strides(x.t()) == (1, 4)
+    taken = interop.take(x, np.array([3, 0]), 1)
+    assert isinstance(taken, torch.Tensor) and taken.tolist() == x[:, [3, 0]].tolist()
+    joined = interop.concatenate([x, x], 1)
+    assert isinstance(joined, torch.Tensor) and joined.shape == (3, 8)
+    host = interop.to_host(x)
+    assert host.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(host.astype(np.float32), x.float().numpy())
+    tracked = torch.ones(2, requires_grad=True)
+    assert interop.records_gradient(tracked)
+    with torch.no_grad():
+        assert not interop.records_gradient(tracked)
+    assert not interop.records_gradient(tracked.detach())
