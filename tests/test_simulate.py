@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 import sys
+import threading
 import time
 
 import numpy as np
@@ -43,6 +46,68 @@ def test_a_silent_peer_times_out_with_a_clear_error():
 
     with pytest.raises(cr.RingTimeoutError, match=r"rank 1: no data from rank 0 .* within 0.5 s"):
         cr.simulate(2, fn, timeout=0.5)
+
+
+def line_of(fn, text: str) -> int:
+    """The line number of the first line of ``fn``'s source that contains ``text``."""
+    lines, first = inspect.getsourcelines(fn)
+    return first + next(i for i, line in enumerate(lines) if text in line)
+
+
+# simulate must raise by its timeout plus this: the ring waits end at the deadline and the ranks
+# in them exit at once; the rest is slack for a loaded CI machine
+SLACK_S = 4.0
+
+
+def test_a_rank_sleeping_past_the_timeout_is_reported_by_the_timeout():
+    def fn(ring):
+        if ring.rank == 1:
+            time.sleep(120)  # sleeps far past the timeout, never sends
+        return ring.exchange([np.zeros(2)]).wait()
+
+    start = time.monotonic()
+    with pytest.raises(cr.RingTimeoutError) as info:
+        cr.simulate(3, fn, timeout=1.0)
+    elapsed = time.monotonic() - start
+    assert 1.0 <= elapsed < 1.0 + SLACK_S, elapsed  # before: it waited for the sleep (120 s)
+    message = str(info.value)
+    assert "simulate: rank 1 of 3 still running after the 1 s timeout" in message
+    here = f"{__file__}:{line_of(fn, 'time.sleep(120)')} in fn"
+    assert f"rank 1: at {here}" in message
+    # rank 2 waited for rank 1 and timed out: its error is the cause, and quoted
+    assert isinstance(info.value.__cause__, cr.RingTimeoutError)
+    assert "first error, on rank 2: RingTimeoutError: rank 2: no data from rank 1" in message
+    if sys.version_info >= (3, 11):  # exception notes exist from Python 3.11 on
+        assert any(
+            note.startswith("stack of simulated rank 1") and "time.sleep(120)" in note
+            for note in info.value.__notes__
+        )
+
+
+def test_a_rank_blocked_for_good_is_reported_by_the_timeout():
+    never = threading.Event()
+
+    def fn(ring):
+        if ring.rank == 0:
+            never.wait()  # blocked outside the ring: nothing but the test can release it
+        return ring.rank
+
+    start = time.monotonic()
+    try:
+        with pytest.raises(cr.RingTimeoutError) as info:
+            cr.simulate(2, fn, timeout=1.0)
+        elapsed = time.monotonic() - start
+    finally:
+        never.set()  # let the left-behind thread end
+    assert 1.0 <= elapsed < 1.0 + SLACK_S, elapsed  # before: it never returned
+    message = str(info.value)
+    assert "simulate: rank 0 of 2 still running after the 1 s timeout" in message
+    # the innermost frames: threading's wait, called from the test's line
+    assert re.search(r"rank 0: at .*threading\.py:\d+ in wait, called from ", message), message
+    assert f"{__file__}:{line_of(fn, 'never.wait()')} in fn" in message
+    assert info.value.__cause__ is None  # rank 1 finished: no other error to report
+    if sys.version_info >= (3, 11):  # exception notes exist from Python 3.11 on
+        assert any("never.wait()" in note for note in info.value.__notes__)
 
 
 def test_exchange_delivers_from_the_previous_rank_with_any_shift():
