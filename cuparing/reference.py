@@ -64,8 +64,9 @@ def reference_probabilities(
         causal, scale, window, q_positions, k_positions: as in :func:`reference_attention`.
 
     Returns:
-        ``(probs, lse, visible, scale)``: probs [B, H, Sq, Sk] float64 (0 for keys not seen),
-        lse [B, H, Sq] float64, visible [Sq, Sk] bool, and the scale used.
+        ``(probs, lse, seen, scale)``: probs [B, H, Sq, Sk] float64 (0 for keys not seen), lse
+        [B, H, Sq] float64, seen [B, H, Sq, Sk] bool (the visible pairs, none in a row that
+        sees no key), and the scale used.
     """
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
@@ -85,21 +86,23 @@ def reference_probabilities(
         shifted = scores - np.where(empty, 0.0, row_max)
         weights = np.where(visible, np.exp(shifted), 0.0)
         total = weights.sum(axis=-1, keepdims=True)
-        probs = np.where(empty, 0.0, weights / np.where(empty, 1.0, total))
+        seen = visible & ~empty
+        probs = np.where(seen, weights / np.where(empty, 1.0, total), 0.0)  # a NaN total too
         with np.errstate(divide="ignore"):
             lse = np.where(empty, -np.inf, row_max + np.log(total))[..., 0]
-    return probs, lse, visible, scale
+    return probs, lse, seen, scale
 
 
 def _finite_part(x: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(x), x, 0.0)
 
 
-def probs_times(probs: np.ndarray, x: np.ndarray, visible: np.ndarray) -> np.ndarray:
-    """``sum_j probs[b,h,i,j] * x[b,j,h,:]`` over visible pairs only, in IEEE float64.
+def probs_times(probs: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """``sum_j probs[b,h,i,j] * x[b,j,h,:]`` over the pairs ``seen`` only, in IEEE float64.
 
     Args:
-        probs: [B, H, Sq, Sk]; x: [B, Sk, H, D] (keys' side); visible: [Sq, Sk].
+        probs: [B, H, Sq, Sk]; x: [B, Sk, H, D] (keys' side); seen: bool, [B, H, Sq, Sk] or
+            broadcastable to it.
 
     Returns:
         [B, Sq, H, D]. A non-finite ``x[b, j]`` reaches only the queries that see key ``j``
@@ -107,11 +110,12 @@ def probs_times(probs: np.ndarray, x: np.ndarray, visible: np.ndarray) -> np.nda
     """
     out = np.einsum("bhqk,bkhd->bqhd", probs, _finite_part(x))
     bad = ~np.isfinite(x).all(axis=-1)  # [B, Sk, H]
+    seen = np.broadcast_to(seen, probs.shape)
     with np.errstate(invalid="ignore"):
         for b, kj, hi in zip(*np.nonzero(bad), strict=True):
-            seen = visible[:, kj]
+            rows = seen[b, hi, :, kj]
             tail = np.where(np.isfinite(x[b, kj, hi]), 0.0, x[b, kj, hi])
-            out[b, seen, hi] += probs[b, hi, seen, kj][:, None] * tail[None, :]
+            out[b, rows, hi] += probs[b, hi, rows, kj][:, None] * tail[None, :]
     return out
 
 
@@ -136,11 +140,11 @@ def reference_attention(
         out [B, Sq, H, D] float64, and lse [B, H, Sq] float64 if ``return_lse``. A query that sees
         no key gets output 0 and lse -inf.
     """
-    probs, lse, visible, _ = reference_probabilities(
+    probs, lse, seen, _ = reference_probabilities(
         q, k, causal, scale, window, q_positions, k_positions
     )
     v = np.asarray(v, dtype=np.float64)
-    out = probs_times(probs, np.repeat(v, probs.shape[1] // v.shape[2], axis=2), visible)
+    out = probs_times(probs, np.repeat(v, probs.shape[1] // v.shape[2], axis=2), seen)
     return (out, lse) if return_lse else out
 
 
@@ -160,7 +164,7 @@ def reference_attention_backward(
         the query heads that share each key/value head). Only visible pairs contribute, with
         the module's semantics for non-finite values.
     """
-    probs, _, visible, scale = reference_probabilities(
+    probs, _, seen, scale = reference_probabilities(
         q, k, causal, scale, window, q_positions, k_positions
     )
     q, k, v, dout = (np.asarray(x, dtype=np.float64) for x in (q, k, v, dout))
@@ -168,15 +172,15 @@ def reference_attention_backward(
     group = h // hkv
     k_full = np.repeat(k, group, axis=2)
     v_full = np.repeat(v, group, axis=2)
-    probs_t, visible_t = probs.swapaxes(-1, -2), visible.T
+    probs_t, seen_t = probs.swapaxes(-1, -2), seen.swapaxes(-1, -2)
     with np.errstate(invalid="ignore", over="ignore"):
-        dv_full = probs_times(probs_t, dout, visible_t)
+        dv_full = probs_times(probs_t, dout, seen_t)
         dprobs = np.einsum("bqhd,bkhd->bhqk", dout, v_full)
-        dprobs = np.where(visible, dprobs, 0.0)  # a hidden key's value never reaches a query
+        dprobs = np.where(seen, dprobs, 0.0)  # a hidden key's value never reaches a query
         delta = (dprobs * probs).sum(axis=-1, keepdims=True)
-        dscores = np.where(visible, probs * (dprobs - delta), 0.0)
-        dq = probs_times(dscores, k_full, visible) * scale
-        dk_full = probs_times(dscores.swapaxes(-1, -2), q, visible_t) * scale
+        dscores = np.where(seen, probs * (dprobs - delta), 0.0)
+        dq = probs_times(dscores, k_full, seen) * scale
+        dk_full = probs_times(dscores.swapaxes(-1, -2), q, seen_t) * scale
 
     def fold(x):  # sum the query heads of each group back onto their key head
         b, s, _, d = x.shape

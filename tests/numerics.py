@@ -125,6 +125,7 @@ class Reference:
         u = UNIT_ROUNDOFF[ARITHMETIC[self.dtype]]
         g_dot, g_keys, g_queries = gamma(d, u), gamma(2 * sk, u), gamma(2 * sq, u)
         k_full, v_full = np.repeat(k64, group, axis=2), np.repeat(v64, group, axis=2)
+        seen_t = visible.swapaxes(-1, -2)  # [B, H, Sk, Sq]: the pairs, keys first
         self.out = probs_times(probs, v_full, visible)
 
         def fold(x):  # sum the query heads of each group onto their key/value head
@@ -153,8 +154,8 @@ class Reference:
             dscores = np.where(visible, probs * (dprobs - delta), 0.0)
             return [
                 probs_times(dscores, k_full, visible) * scale,
-                fold(probs_times(dscores.swapaxes(-1, -2), q64, visible.T) * scale),
-                fold(probs_times(probs.swapaxes(-1, -2), do64, visible.T)),
+                fold(probs_times(dscores.swapaxes(-1, -2), q64, seen_t) * scale),
+                fold(probs_times(probs.swapaxes(-1, -2), do64, seen_t)),
             ]
 
         self.grads = grads(self.out)
@@ -168,10 +169,10 @@ class Reference:
         self.grad_errs = [
             scale * (probs_times(ds_err, abs_k, visible)
                      + g_keys * probs_times(ds_mag, abs_k, visible)),
-            fold(scale * (probs_times(ds_err.swapaxes(-1, -2), abs_q, visible.T)
-                          + g_queries * probs_times(ds_mag.swapaxes(-1, -2), abs_q, visible.T))),
-            fold(g_dot * probs_times((probs * weight).swapaxes(-1, -2), abs_do, visible.T)
-                 + g_queries * probs_times(probs.swapaxes(-1, -2), abs_do, visible.T)),
+            fold(scale * (probs_times(ds_err.swapaxes(-1, -2), abs_q, seen_t)
+                          + g_queries * probs_times(ds_mag.swapaxes(-1, -2), abs_q, seen_t))),
+            fold(g_dot * probs_times((probs * weight).swapaxes(-1, -2), abs_do, seen_t)
+                 + g_queries * probs_times(probs.swapaxes(-1, -2), abs_do, seen_t)),
         ]  # fmt: skip
         if self.dtype in LOW_PRECISION:
             # what a perfect implementation storing this dtype returns: the backward pass sees

@@ -77,6 +77,41 @@ def _tiles(pos, tile: int | None):
         start = stop
 
 
+def all_finite(xp, x) -> bool:
+    """Whether ``x`` holds no NaN or inf (one reduction; decides per block whether the exact
+    non-finite path of :func:`masked_matmul` is needed)."""
+    return bool(xp.isfinite(x).all())
+
+
+def masked_matmul(xp, weights, values, keep, values_finite: bool):
+    """``weights @ values`` over the pairs ``keep`` allows only, in IEEE arithmetic.
+
+    A plain product lets a hidden pair's weight 0 meet a NaN or inf value (``0 * inf`` is NaN), so
+    a key a query does not see could still poison it. With finite ``values`` the plain product is
+    exact; otherwise the finite parts are multiplied as usual and each non-finite value reaches
+    only the rows that keep it: ``w * (+-inf)`` is ``+-inf`` (sign of ``w``), NaN for ``w == 0``,
+    and NaN values give NaN.
+
+    Args:
+        weights: [..., M, N], 0 where ``keep`` is False; values: [..., N, D];
+        keep: bool, broadcastable to ``weights``; values_finite: from :func:`all_finite`.
+    """
+    if values_finite:
+        return weights @ values
+    finite = xp.isfinite(values)
+    out = weights @ xp.where(finite, values, 0)
+    dtype = out.dtype.type
+    kept = xp.broadcast_to(keep, weights.shape).astype(dtype)
+    pos, neg, zero = kept * (weights > 0), kept * (weights < 0), kept * (weights == 0)
+    plus_inf, minus_inf = (values == xp.inf).astype(dtype), (values == -xp.inf).astype(dtype)
+    nan_hits = kept @ xp.isnan(values).astype(dtype) + zero @ (plus_inf + minus_inf)
+    plus_hits = pos @ plus_inf + neg @ minus_inf
+    minus_hits = pos @ minus_inf + neg @ plus_inf
+    out = xp.where(plus_hits > 0, dtype(xp.inf), out)
+    out = xp.where(minus_hits > 0, dtype(-xp.inf), out)
+    return xp.where((nan_hits > 0) | ((plus_hits > 0) & (minus_hits > 0)), dtype(xp.nan), out)
+
+
 def _block_tiles(kind: BlockKind, mask: MaskSpec, q_pos, k_pos, q_tile, k_tile):
     """The work of one block: yield ``((q_start, q_stop), [(k_start, k_stop, kind), ...])``.
 
@@ -135,19 +170,24 @@ def block_forward(
     lse = xp.full((b, hk, g, sq, 1), -xp.inf, dtype=acc_t)
     q_pos_x = xp.asarray(q_pos)
     k_pos_x = xp.asarray(k_pos)
+    v_finite = all_finite(xp, vh)
     work = _block_tiles(kind, mask, q_pos, k_pos, _query_tile(xp, q_tile), tile)
     for (q_start, q_stop), key_tiles in work:
         rows = slice(q_start, q_stop)
         out[..., rows, :], lse[..., rows, :] = _forward_rows(
-            xp, qg[..., rows, :], kh, vh, q_pos_x[rows], k_pos_x, key_tiles, mask, scale
+            xp, qg[..., rows, :], kh, vh, q_pos_x[rows], k_pos_x, key_tiles, mask, scale,
+            v_finite,
         )
     return _ungrouped(out), lse[..., 0].reshape(b, hk * g, sq)
 
 
-def _forward_rows(xp, qg, kh, vh, q_pos_x, k_pos_x, key_tiles, mask: MaskSpec, scale: float):
+def _forward_rows(xp, qg, kh, vh, q_pos_x, k_pos_x, key_tiles, mask: MaskSpec, scale: float,
+                  v_finite: bool):  # fmt: skip
     """Online softmax of query rows ``qg`` (B, Hkv, G, Sq, D) over the given key tiles.
 
     Returns (out (B, Hkv, G, Sq, D), lse (B, Hkv, G, Sq, 1)); rows that see no key: 0 and -inf.
+    A NaN among a row's visible logits makes its max, and so its output and lse, NaN; a ``+inf``
+    logit gives NaN too (``inf - inf``), as in dense attention.
     """
     acc_t = qg.dtype.type
     b, hk, g, sq, d = qg.shape
@@ -156,6 +196,7 @@ def _forward_rows(xp, qg, kh, vh, q_pos_x, k_pos_x, key_tiles, mask: MaskSpec, s
     acc = xp.zeros((b, hk, g, sq, d), dtype=acc_t)
     for start, stop, tile_kind in key_tiles:
         scores = (qg @ kh[..., start:stop, :].swapaxes(-1, -2)) * acc_t(scale)
+        visible = True
         if tile_kind == BlockKind.PARTIAL:
             visible = mask.visible(q_pos_x, k_pos_x[start:stop])
             scores = xp.where(visible, scores, -xp.inf)
@@ -165,9 +206,10 @@ def _forward_rows(xp, qg, kh, vh, q_pos_x, k_pos_x, key_tiles, mask: MaskSpec, s
         probs = xp.exp(scores - shift)
         rescale = xp.exp(row_max - shift)
         row_sum = row_sum * rescale + probs.sum(axis=-1, keepdims=True)
-        acc = acc * rescale + probs @ vh[..., start:stop, :]
+        acc = acc * rescale + masked_matmul(xp, probs, vh[..., start:stop, :], visible, v_finite)
         row_max = new_max
-    seen = row_sum > 0
+    # a row saw a key iff its max left -inf (NaN included: such a row must come out NaN)
+    seen = ~xp.isneginf(row_max)
     out = xp.where(seen, acc / xp.where(seen, row_sum, 1), 0)
     lse = xp.where(seen, xp.where(seen, row_max, 0) + xp.log(xp.where(seen, row_sum, 1)), -xp.inf)
     return out, lse
@@ -218,6 +260,8 @@ def block_backward(
     dq_g = xp.zeros_like(qg)
     q_pos_x = xp.asarray(q_pos)
     k_pos_x = xp.asarray(k_pos)
+    # a hidden pair must not carry a NaN or inf from either side into a gradient (masked_matmul)
+    k_finite, q_finite, do_finite = (all_finite(xp, x) for x in (kh, qg, dog))
     work = _block_tiles(kind, mask, q_pos, k_pos, _query_tile(xp, q_tile), tile)
     for (q_start, q_stop), key_tiles in work:
         rows = slice(q_start, q_stop)
@@ -231,10 +275,12 @@ def block_backward(
                 keep = keep & mask.visible(q_pos_x[rows], k_pos_x[start:stop])
             probs = xp.where(keep, xp.exp(xp.where(keep, scores - lse_t, 0)), 0)
             dprobs = do_t @ v_t.swapaxes(-1, -2)
-            dscores = probs * (dprobs - delta_t)
-            dq_g[..., rows, :] += (dscores @ k_t) * acc_t(scale)
+            dscores = xp.where(keep, probs * (dprobs - delta_t), 0)
+            keep_t = keep.swapaxes(-1, -2)
+            dq_g[..., rows, :] += masked_matmul(xp, dscores, k_t, keep, k_finite) * acc_t(scale)
             # sum over the query-head group: every query head of a group shares this key head
-            dk_t = (dscores.swapaxes(-1, -2) @ q_t).sum(axis=2) * acc_t(scale)
-            dk[:, start:stop] += dk_t.transpose(0, 2, 1, 3)
-            dv[:, start:stop] += (probs.swapaxes(-1, -2) @ do_t).sum(axis=2).transpose(0, 2, 1, 3)
+            dk_t = masked_matmul(xp, dscores.swapaxes(-1, -2), q_t, keep_t, q_finite)
+            dk[:, start:stop] += (dk_t.sum(axis=2) * acc_t(scale)).transpose(0, 2, 1, 3)
+            dv_t = masked_matmul(xp, probs.swapaxes(-1, -2), do_t, keep_t, do_finite)
+            dv[:, start:stop] += dv_t.sum(axis=2).transpose(0, 2, 1, 3)
     dq += _ungrouped(dq_g)
