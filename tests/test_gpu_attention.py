@@ -26,6 +26,7 @@ from numerics import (
 )
 
 import cuparing as cr
+from cuparing.comm.local import SoloRing
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -373,3 +374,54 @@ def test_torch_autograd_ring_on_gpu():
     results = cr.simulate(1, rank_fn)
     grads = [cr.unshard([r[i] for r in results], layout="zigzag") for i in range(3)]
     check_backward(grads, dout, q, k, v, causal=True)
+
+
+def _same_pattern(got, want, what):
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want)
+    for test in (np.isnan, np.isposinf, np.isneginf):
+        where = np.argwhere(test(got) != test(want))
+        assert where.size == 0, f"{what}: {test.__name__} differs at {where[:5].tolist()}"
+
+
+# (array, flat position as a fraction of its size, value, causal): a NaN or inf where dense
+# attention makes it reach some rows and not others
+NONFINITE = {
+    "nan_q_row": ("q", 0.37, np.nan, True),
+    "nan_k_causal": ("k", 0.52, np.nan, True),
+    "inf_k_causal": ("k", 0.21, np.inf, True),
+    "minus_inf_k": ("k", 0.66, -np.inf, False),
+    "nan_v_full": ("v", 0.44, np.nan, False),
+    "inf_v_full": ("v", 0.81, np.inf, False),
+}
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("plant", list(NONFINITE))
+def test_nonfinite_inputs_behave_as_dense_attention(dtype, plant):
+    """NaN/inf reach exactly the rows dense attention lets them reach; a NaN logit is never
+    turned into a healthy-looking empty row. (Hidden pairs inside a partially masked tile still
+    meet inside the tensor-core products, so values are planted where no such pair exists:
+    causal plants in q/k, where the mask overwrites the logit, v plants without a mask.)"""
+    name, where, value, causal = NONFINITE[plant]
+    rng = np.random.default_rng(zlib.crc32(f"{dtype}/{plant}".encode()))
+    shapes = {"q": (2, 150, 4, 64), "k": (2, 150, 2, 64), "v": (2, 150, 2, 64)}
+    arrays = {n: _random(rng, s, dtype) for n, s in shapes.items()}
+    target = arrays[name].reshape(-1)
+    target[int(where * target.size)] = value
+    q, k, v = arrays["q"], arrays["k"], arrays["v"]
+    _poison_pool()
+    out, lse = cr.attention(*map(_to_gpu, (q, k, v)), causal=causal, return_lse=True)
+    want_out, want_lse = cr.reference_attention(q, k, v, causal=causal, return_lse=True)
+    _same_pattern(_to_host(out), want_out, "out")
+    _same_pattern(_to_host(lse), want_lse, "lse")
+    assert np.isnan(want_out).any() or np.isinf(want_out).any()  # the plant reached something
+    if causal:
+        return
+    # backward: with every pair visible, NaN rows and values spread exactly as in dense attention
+    dout = _random(rng, shapes["q"], dtype)
+    grads = cr.ring_attention_backward(*map(_to_gpu, (dout, q, k, v)), out, lse, SoloRing())
+    want = cr.reference_attention_backward(dout, q, k, v)
+    for label, got, ref in zip(("dq", "dk", "dv"), grads, want, strict=True):
+        finite = np.isfinite(_to_host(got).astype(np.float64))
+        assert np.array_equal(finite, np.isfinite(ref)), label

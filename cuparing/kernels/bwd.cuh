@@ -489,8 +489,12 @@ __device__ __forceinline__ void bwd_block(const BwdParams& p) {
         for (int kf = 0; kf < Tr::kKFrags; ++kf) {
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            acc_s[kf][j][2 * r] = exp2_approx(fmaf(acc_s[kf][j][2 * r], scale_log2, -l.x));
-            acc_s[kf][j][2 * r + 1] = exp2_approx(fmaf(acc_s[kf][j][2 * r + 1], scale_log2, -l.y));
+            // a hidden pair (-inf) is exactly 0, also next to a NaN lse (a NaN row must not
+            // reach the keys it does not see)
+            const float s0 = acc_s[kf][j][2 * r], s1 = acc_s[kf][j][2 * r + 1];
+            acc_s[kf][j][2 * r] = s0 == neg_inf() ? 0.f : exp2_approx(fmaf(s0, scale_log2, -l.x));
+            acc_s[kf][j][2 * r + 1] =
+                s1 == neg_inf() ? 0.f : exp2_approx(fmaf(s1, scale_log2, -l.y));
           }
         }
       }
@@ -516,9 +520,11 @@ __device__ __forceinline__ void bwd_block(const BwdParams& p) {
           for (int kf = 0; kf < Tr::kKFrags; ++kf) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-              acc_dp[kf][j][2 * r] = acc_s[kf][j][2 * r] * (acc_dp[kf][j][2 * r] - dl.x);
-              acc_dp[kf][j][2 * r + 1] =
-                  acc_s[kf][j][2 * r + 1] * (acc_dp[kf][j][2 * r + 1] - dl.y);
+              // P == 0 (a hidden pair) gives dS = 0 even when dP or delta is NaN: a NaN row or
+              // a hidden NaN value must not reach the gradients of pairs that never met
+              const float p0 = acc_s[kf][j][2 * r], p1 = acc_s[kf][j][2 * r + 1];
+              acc_dp[kf][j][2 * r] = p0 == 0.f ? 0.f : p0 * (acc_dp[kf][j][2 * r] - dl.x);
+              acc_dp[kf][j][2 * r + 1] = p1 == 0.f ? 0.f : p1 * (acc_dp[kf][j][2 * r + 1] - dl.y);
             }
           }
         }

@@ -308,7 +308,8 @@ __device__ __forceinline__ void fwd_block(const FwdParams& p) {
       const int row = warp_row0 + mf * 16 + g + 8 * r;
       if (row >= sq) continue;
       const float sum = row_sum[mf][r];
-      const bool seen = sum > 0.f;
+      // a row saw a key iff its max left -inf; a NaN max (NaN logits) gives NaN out and lse
+      const bool seen = row_max[mf][r] != neg_inf();
       const float inv = seen ? 1.f / sum : 0.f;
       const float lse_blk = seen ? (row_max[mf][r] + __log2f(sum)) * kLn2 : neg_inf();
       const i64 lse_idx = (static_cast<i64>(b) * nheads + h) * sq + row;
@@ -332,7 +333,7 @@ __device__ __forceinline__ void fwd_block(const FwdParams& p) {
         bool keep_old = false;
         if (p.out_mode == kOutAccMerge) {
           const float a = lse_old[mf][r];
-          const float mx = fmaxf(a, lse_blk);
+          const float mx = max_nan(a, lse_blk);  // a NaN on either side stays NaN
           if (mx == neg_inf()) continue;  // neither side saw a key: stays (0, -inf)
           const float ea = expf(a - mx);  // exactly 0 when a == -inf
           const float eb = expf(lse_blk - mx);

@@ -108,6 +108,14 @@ __device__ __forceinline__ float exp2_approx(float x) {
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
+// max(a, b) that returns NaN when either is NaN (fmaxf drops a NaN, which would let a row whose
+// visible logits hold NaN look healthy instead of coming out NaN as dense attention does).
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
 __device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
 
 // 32-bit store to shared memory (a .shared window address, as smem_addr returns).

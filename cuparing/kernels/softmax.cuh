@@ -3,7 +3,8 @@
 // Scores are kept raw; scale * log2(e) is folded into one FMA before ex2, so
 // p = 2^(s * scale_log2 - m) with m the running row max in scaled units. A row that has seen
 // only masked (-inf) scores keeps m = -inf; it is shifted by 0 instead, so every exponent is
-// ex2(-inf) = 0 and nothing becomes NaN. Row sums stay per-thread partials until the epilogue
+// ex2(-inf) = 0 and nothing becomes NaN. Maxima propagate NaN (max_nan): a NaN among a row's
+// visible scores makes its max, sums and output NaN, as in dense attention. Row sums stay per-thread partials until the epilogue
 // (reduce_row_sums): only the max needs the quad reduction inside the loop.
 #pragma once
 #include "ptx.cuh"
@@ -11,8 +12,8 @@
 namespace cuparing {
 
 __device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return max_nan(x, __shfl_xor_sync(0xffffffffu, x, 2));
 }
 
 __device__ __forceinline__ float quad_sum(float x) {
@@ -36,11 +37,11 @@ __device__ __forceinline__ void online_softmax(float (&acc_s)[Tr::kMFrags][Tr::k
       float tile_max = neg_inf();
 #pragma unroll
       for (int j = 0; j < Tr::kNTiles; ++j) {
-        tile_max = fmaxf(tile_max, fmaxf(acc_s[mf][j][2 * r], acc_s[mf][j][2 * r + 1]));
+        tile_max = max_nan(tile_max, max_nan(acc_s[mf][j][2 * r], acc_s[mf][j][2 * r + 1]));
       }
       tile_max = quad_max(tile_max);
       // scale_log2 > 0, so max commutes with the scaling; -inf * scale stays -inf
-      const float new_max = fmaxf(row_max[mf][r], tile_max * scale_log2);
+      const float new_max = max_nan(row_max[mf][r], tile_max * scale_log2);
       const float shift = new_max == neg_inf() ? 0.f : new_max;
       const float correction = exp2_approx(row_max[mf][r] - shift);  // 0 while nothing seen
       row_max[mf][r] = new_max;
