@@ -1,8 +1,10 @@
-"""The failure channel (cuparing.comm.health) on the CPU: ranks as threads and as processes."""
+"""The failure channel (cuparing.comm.health) on the CPU: ranks as threads and as processes, and
+who may join it (replays, wrong tokens and strangers are refused)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -10,8 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
+from wiretap import Wiretap, replay
 
-from cuparing.comm.health import HealthClient, HealthServer, decode_address, encode_address
+from cuparing.comm.health import (
+    PROTOCOL,
+    VERSION,
+    HealthClient,
+    HealthServer,
+    decode_address,
+    encode_address,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = 1.0  # seconds within which every rank must hear of a failure
@@ -222,3 +232,66 @@ def test_unreachable_server_times_out():
     with pytest.raises(RuntimeError, match="could not join the health server"):
         HealthClient(address, 1, 2, "tok", lambda r, m: None, connect_timeout=0.5)
     assert time.monotonic() - start < 3
+
+
+# --- who may join, and who may abort ---
+
+
+def test_a_replayed_hello_is_refused(server):
+    calls = Calls()
+    tap = Wiretap(server.local_address)
+    joined = {}
+    rank1 = threading.Thread(target=lambda: joined.update(
+        {1: HealthClient(tap.address, 1, 4, "tok", calls.callback(1))}))  # fmt: skip
+    rank1.start()
+    try:
+        assert tap.intercepted.wait(10)
+        # rank 1's answer to an earlier challenge, replayed while rank 1 has not joined
+        reply = replay(server.local_address, tap.recorded)
+    finally:
+        tap.release.set()
+    assert reply.startswith(b"REFUSED run token differs")
+    rank1.join(20)
+    assert 1 in joined  # rank 1 itself, retrying through the relay, joined
+    joined[1].close()
+    tap.close()
+    assert calls.got == {}
+
+
+def test_a_stranger_cannot_abort_the_run(server):
+    calls = Calls()
+    clients = _clients(server, range(3), calls)
+    zeros = "00" * 32
+    for forged in (b"FAIL 2 rank 2 is dead\n",  # no hello at all
+                   f"{PROTOCOL} {VERSION} 3 4 {zeros} {zeros}\n".encode()):  # posing as rank 3
+        reply = replay(server.local_address, forged)
+        assert reply.startswith(b"REFUSED"), reply
+    time.sleep(0.3)
+    assert calls.got == {}  # neither the forged FAIL nor the stranger leaving aborted anything
+    # the forged hello did not take rank 3's place: the real rank 3 joins, and may report
+    clients[3] = HealthClient(server.local_address, 3, 4, "tok", calls.callback(3))
+    clients[3].report("rank 3: a real failure")
+    calls.wait_for({0, 1, 2})
+    for client in clients.values():
+        client.close()
+
+
+def test_a_server_that_cannot_prove_the_token_is_not_believed():
+    calls = Calls()
+    with socket.create_server(("127.0.0.1", 0)) as fake:
+
+        def pose():  # speaks the protocol, but cannot prove the run token
+            conn, _ = fake.accept()
+            with conn:
+                conn.sendall(f"{PROTOCOL} {VERSION} {'11' * 32}\n".encode())
+                conn.recv(4096)
+                conn.sendall(f"OK {'22' * 32}\nABORT 1 forged\n".encode())
+                conn.recv(4096)
+
+        thread = threading.Thread(target=pose)
+        thread.start()
+        with pytest.raises(RuntimeError, match="could not prove it knows the run token"):
+            HealthClient(fake.getsockname()[:2], 2, 4, "tok", calls.callback(2), 2.0)
+        thread.join(5)
+    time.sleep(0.1)
+    assert calls.got == {}

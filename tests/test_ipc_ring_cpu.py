@@ -9,6 +9,8 @@ needed. Links are real loopback TCP (:mod:`cuparing.comm.peerlink`).
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -19,10 +21,12 @@ import pytest
 from fake_gpu import FakeStack
 from fake_gpu import dev as _dev
 from fake_gpu import run_threads as _threads
+from wiretap import Wiretap, replay
 
 import cuparing as cr
 from cuparing.comm import ipc as ipc_mod
 from cuparing.comm import nccl as nccl_mod
+from cuparing.comm import peerlink
 from cuparing.comm.peerlink import Address, LinkError, PeerLinks
 
 
@@ -347,3 +351,55 @@ def test_links_refuse_a_stranger():
     assert "ranks [1] did not connect" in str(results[0])
     links.close(0)
     other.close(0)
+
+
+def test_links_refuse_a_replayed_hello():
+    listener, address0 = PeerLinks.listen(0, 2)
+    dialer, address1 = PeerLinks.listen(1, 2)
+    tap = Wiretap((address0.host, address0.port))
+    tapped = Address(tap.address[0], tap.address[1], address0.key)
+    results = {}
+    threads = [
+        threading.Thread(target=lambda: results.update({0: listener.connect([address0, address1],
+                                                                           10.0)})),
+        threading.Thread(target=lambda: results.update({1: dialer.connect([tapped, address1],
+                                                                         10.0)})),
+    ]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    try:
+        assert tap.intercepted.wait(10)
+        # rank 1's answer to an earlier challenge, replayed while rank 0 still expects rank 1
+        reply = replay((address0.host, address0.port), tap.recorded)
+    finally:
+        tap.release.set()
+    assert tap.recorded and reply == b""  # closed without accepting: no proof came back
+    for thread in threads:
+        thread.join(20)
+    assert results == {0: None, 1: None}  # rank 1 itself, retrying through the relay, joined
+    listener.send(1, 7, 0, 0, b"hi")
+    assert dialer.wait(0, 7, 0, 0, 5.0) == b"hi"
+    for links in (listener, dialer):
+        links.close(0)
+    tap.close()
+
+
+def test_links_do_not_trust_a_listener_that_cannot_prove_the_key():
+    links, _ = PeerLinks.listen(1, 2)
+    with socket.create_server(("127.0.0.1", 0)) as fake:
+
+        def pose():  # takes rank 0's place, but does not hold rank 0's key
+            conn, _ = fake.accept()
+            with conn:
+                conn.sendall(peerlink.MAGIC + os.urandom(32))
+                conn.recv(4096)
+                conn.sendall(b"\x01" + os.urandom(32))
+                conn.recv(1)
+
+        thread = threading.Thread(target=pose)
+        thread.start()
+        posing = Address("127.0.0.1", fake.getsockname()[1], os.urandom(16))
+        with pytest.raises(RuntimeError, match="could not prove it holds rank 0's key"):
+            links._dial(0, posing, time.monotonic() + 5)
+        thread.join(5)
+    links.close(0)

@@ -1,20 +1,30 @@
-"""Rank discovery from every launcher's variables, and the NCCL unique-id exchange (no GPU)."""
+"""Rank discovery from every launcher's variables, the NCCL unique-id exchange, and who may join
+(challenge–response, the run token's sources); no GPU."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+import struct
+import sys
 import threading
 import time
+import types
 
 import pytest
+from wiretap import Wiretap, replay
 
+from cuparing.comm import rendezvous
 from cuparing.comm.rendezvous import (
+    MAGIC,
     UNIQUE_ID_BYTES,
+    VERSION,
     RankInfo,
     exchange_payload,
     first_host,
     id_bytes,
+    share_run_token,
 )
 from cuparing.launch import free_port
 
@@ -309,3 +319,168 @@ def test_payload_of_any_length_reaches_every_rank(route, tmp_path):
     results, errors = _run_ranks(3, rank_fn)
     assert not errors, errors
     assert [results[r] for r in range(3)] == [payload] * 3
+
+
+# --- who may join: challenge-response, the run token's sources ---
+
+
+def _serving_rank0(port, world, payload, token="t"):
+    """Rank 0 serving ``payload`` in a thread, once it listens; returns the thread."""
+    thread = threading.Thread(
+        target=lambda: exchange_payload(_info(0, world, port, token), lambda: payload, timeout=20)
+    )
+    thread.start()
+    deadline = time.monotonic() + 10
+    while True:  # a probe: rank 0 takes it for a stray connection
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return thread
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+
+def test_a_replayed_hello_is_refused():
+    port, uid = free_port(), os.urandom(UNIQUE_ID_BYTES)
+    rank0 = _serving_rank0(port, 3, uid)
+    tap = Wiretap(("127.0.0.1", port))
+    got = {}
+    rank1 = threading.Thread(target=lambda: got.update(
+        {1: exchange_payload(_info(1, 3, tap.address[1]), lambda: b"", timeout=20)}))  # fmt: skip
+    rank1.start()
+    try:
+        assert tap.intercepted.wait(10)
+        # rank 1's answer to an earlier challenge, replayed while rank 1 is still expected
+        reply = replay(("127.0.0.1", port), tap.recorded)
+    finally:
+        tap.release.set()
+    assert reply.startswith(MAGIC) and b"run token differs" in reply and uid not in reply
+    assert exchange_payload(_info(2, 3, port), lambda: b"", timeout=20) == uid
+    rank1.join(20)
+    rank0.join(20)
+    tap.close()
+    assert got == {1: uid}  # rank 1 itself, retrying through the relay, joined
+
+
+def test_a_stranger_posing_as_rank0_is_not_believed():
+    with socket.create_server(("127.0.0.1", 0)) as fake:
+        port = fake.getsockname()[1]
+
+        def pose():  # answers like rank 0, but cannot prove the token
+            conn, _ = fake.accept()
+            with conn:
+                conn.sendall(rendezvous._CHALLENGE.pack(MAGIC, VERSION, os.urandom(32)))
+                conn.recv(4096)
+                forged = b"F" * UNIQUE_ID_BYTES
+                head = rendezvous._REPLY.pack(MAGIC, VERSION, 0) + struct.pack("!I", len(forged))
+                conn.sendall(head + forged + os.urandom(32))
+                conn.recv(1)
+
+        thread = threading.Thread(target=pose)
+        thread.start()
+        with pytest.raises(RuntimeError, match="could not prove it knows the run token"):
+            exchange_payload(_info(1, 2, port), lambda: b"", timeout=5)
+        thread.join(5)
+
+
+def test_the_init_file_is_owner_only_and_sealed_with_the_token(tmp_path):
+    path = tmp_path / "uid"
+    uid = os.urandom(UNIQUE_ID_BYTES)
+    writer = threading.Thread(target=lambda: exchange_payload(
+        RankInfo(0, 2, 0, run_token="run-1"), lambda: uid, timeout=20, init_file=path))  # fmt: skip
+    writer.start()
+    deadline = time.monotonic() + 10
+    while not path.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert path.stat().st_mode & 0o777 == 0o600
+    record = path.read_bytes()
+    assert b"run-1" not in record and hashlib.sha256(b"run-1").digest() not in record
+    assert rendezvous._parse_record(record, "run-2") is None  # another token: not this run's
+    assert exchange_payload(RankInfo(1, 2, 1, run_token="run-1"), lambda: b"", timeout=20,
+                            init_file=path) == uid  # fmt: skip
+    writer.join(20)
+
+
+def test_where_the_run_token_comes_from():
+    env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="h", MASTER_PORT="29500")
+    derived = RankInfo.from_env(env)
+    assert (derived.run_token, derived.token_source) == ("port=29500/world=2", "derived")
+    given = RankInfo.from_env({**env, "CUPARING_RUN_TOKEN": "s3cret"})
+    assert (given.run_token, given.token_source) == ("s3cret", "env")
+    assert RankInfo(0, 2, 0, run_token="x").token_source == "given"
+
+
+class FakeStore:
+    """torch.distributed.TCPStore over one dict: set/get, get waiting for the key."""
+
+    data: dict = {}
+    cond = threading.Condition()
+    made: list = []
+
+    def __init__(self, host, port, world_size, is_master, timeout):
+        FakeStore.made.append((host, port, world_size, is_master))
+        self.timeout = timeout.total_seconds()
+
+    def set(self, key, value):
+        with FakeStore.cond:
+            FakeStore.data[key] = bytes(value)
+            FakeStore.cond.notify_all()
+
+    def get(self, key):
+        with FakeStore.cond:
+            if not FakeStore.cond.wait_for(lambda: key in FakeStore.data, self.timeout):
+                raise RuntimeError(f"timeout waiting for {key}")
+            return FakeStore.data[key]
+
+
+@pytest.fixture
+def torchrun_store(monkeypatch):
+    """A torchrun agent store (fake torch.distributed.TCPStore) and torchrun's variables."""
+    FakeStore.data, FakeStore.made = {}, []
+    distributed = types.ModuleType("torch.distributed")
+    distributed.TCPStore = FakeStore
+    torch = types.ModuleType("torch")
+    torch.distributed = distributed
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setitem(sys.modules, "torch.distributed", distributed)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-7")
+    monkeypatch.delenv("CUPARING_RUN_TOKEN", raising=False)
+    return FakeStore
+
+
+def _torchrun_info(rank, world=3):
+    env = dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="h",
+               MASTER_PORT="29500")  # fmt: skip
+    return RankInfo.from_env(env)
+
+
+def test_under_torchrun_rank0_shares_a_random_token_through_its_store(torchrun_store):
+    def rank_fn(rank):
+        info = share_run_token(_torchrun_info(rank), timeout=10)
+        uid = exchange_payload(info, lambda: b"the id", timeout=10)  # as join_from_env does
+        return info, uid
+
+    results, errors = _run_ranks(3, rank_fn)
+    assert not errors, errors
+    tokens = {info.run_token for info, _ in results.values()}
+    assert len(tokens) == 1 and len(tokens.pop()) == 64  # one random token, 256 bits, hex
+    assert all(info.token_source == "torchrun-store" for info, _ in results.values())
+    assert all(uid == b"the id" for _, uid in results.values())
+    assert all(made == ("h", 29500, 3, False) for made in torchrun_store.made)  # clients only
+    assert all(key.startswith("cuparing/run-7/0/") for key in torchrun_store.data)
+
+
+def test_a_token_from_the_environment_or_no_torch_leaves_the_store_alone(torchrun_store,
+                                                                        monkeypatch):  # fmt: skip
+    monkeypatch.setenv("CUPARING_RUN_TOKEN", "mine")
+    env = dict(RANK="1", WORLD_SIZE="3", LOCAL_RANK="1", MASTER_PORT="29500",
+               CUPARING_RUN_TOKEN="mine")  # fmt: skip
+    info = RankInfo.from_env(env)
+    assert share_run_token(info, timeout=1) is info
+    monkeypatch.setitem(sys.modules, "torch", None)  # torch not importable
+    monkeypatch.setitem(sys.modules, "torch.distributed", None)
+    derived = _torchrun_info(1)
+    assert share_run_token(derived, timeout=1) is derived
+    assert torchrun_store.made == []

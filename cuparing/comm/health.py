@@ -5,8 +5,13 @@ others notice one timeout per hop later. This channel short-cuts that. Rank 0 ru
 :class:`HealthServer`; every rank (rank 0 included) holds one :class:`HealthClient` connected to
 it. The wire format is newline-terminated UTF-8 lines:
 
-- client -> server, once: ``CPRG-HEALTH <version> <rank> <world> <sha256(run token) hex>``;
-  the server answers ``OK`` or ``REFUSED <reason>`` (and closes).
+- joining, a challenge–response over fresh nonces (:mod:`cuparing.comm.handshake`; the secret is
+  the run token): server -> client ``CPRG-HEALTH <version> <server nonce hex>``; client -> server
+  ``CPRG-HEALTH <version> <rank> <world> <client nonce hex> <proof hex>``; the server answers
+  ``OK <its own proof hex>`` or ``REFUSED <reason>`` (and closes). Only a proven connection may
+  report a failure, and a client accepts no ``ABORT`` from a server that did not prove itself, so
+  a stranger who reaches the port can abort nothing; a recorded hello is useless on a new
+  connection (a new nonce).
 - client -> server: ``FAIL <rank> <reason>`` (its watchdog fired, NCCL failed), ``BYE`` (clean
   close: the connection ending after it means nothing).
 - server -> clients: ``ABORT <rank> <reason>`` (rank ``rank`` failed), ``CLOSING`` (rank 0 closed
@@ -31,11 +36,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from .rendezvous import MAGIC, bind_host, token_digest
+from .handshake import Transcript, new_nonce
+from .rendezvous import MAGIC, bind_host
 from .sockets import DialTimeout, Retry, dial, tune
 
 PROTOCOL = f"{MAGIC.decode()}-HEALTH"
-VERSION = 1
+VERSION = 2  # 2: challenge-response (1 sent sha256(run token))
+_PURPOSE = "health"
 _MAX_LINE = 4096  # a longer line is not ours: drop the connection
 _POLL_S = 0.05  # how often the server thread looks at close requests
 
@@ -62,6 +69,7 @@ class _Peer:
 
     def __init__(self, sock: socket.socket):
         self.sock, self.buffer, self.rank, self.said_bye = sock, b"", None, False
+        self.nonce = new_nonce()  # the challenge this connection must answer
 
 
 class HealthServer:
@@ -69,14 +77,14 @@ class HealthServer:
 
     Args:
         world_size: ranks expected (each may connect once).
-        run_token: the run's token; clients must present its digest.
+        run_token: the run's token; clients must prove they know it (and the server proves it).
         host: interface to listen on (``""``: all).
         advertise: the host name other ranks connect to (what :meth:`address` reports).
     """
 
     def __init__(self, world_size: int, run_token: str, host: str = "", advertise: str = ""):
         self.world_size = world_size
-        self._digest = token_digest(run_token).hex()
+        self._secret = run_token.encode()
         self._listener = socket.create_server((host, 0), backlog=max(16, world_size))
         port = self._listener.getsockname()[1]
         self.address = (advertise or host or socket.gethostname(), port)
@@ -150,8 +158,9 @@ class HealthServer:
             return
         tune(sock, keepalive=True)  # notices are tiny and urgent; keepalive finds dead hosts
         sock.settimeout(1.0)  # bounds a send to a client that stopped reading
-        self._peers[sock] = _Peer(sock)
+        peer = self._peers[sock] = _Peer(sock)
         selector.register(sock, selectors.EVENT_READ)
+        self._send(peer, f"{PROTOCOL} {VERSION} {peer.nonce.hex()}")
 
     def _read(self, selector, peer: _Peer) -> None:
         try:
@@ -167,11 +176,11 @@ class HealthServer:
 
     def _handle(self, selector, peer: _Peer, line: str) -> None:
         if peer.rank is None:
-            reason = self._check_hello(line)
+            reason, transcript = self._check_hello(peer, line)
             if reason is None:
                 peer.rank = int(line.split()[2])
                 self._ranks.add(peer.rank)
-                self._send(peer, "OK")
+                self._send(peer, f"OK {transcript.server_proof(b'OK').hex()}")
                 if self._abort is not None:  # it joined after the failure: tell it now
                     self._send(peer, "ABORT {} {}".format(*self._abort))
             else:
@@ -184,21 +193,30 @@ class HealthServer:
             # the connection's own rank, not the one claimed: a rank reports only itself
             self._failed(peer.rank, line.split(" ", 2)[2] if line.count(" ") >= 2 else "failed")
 
-    def _check_hello(self, line: str) -> str | None:
+    def _check_hello(self, peer: _Peer, line: str) -> tuple[str | None, Transcript | None]:
+        """``(None, transcript)`` for a proven hello of a rank this run still expects, else
+        ``(reason, None)``."""
         words = line.split()
-        if len(words) != 5 or words[0] != PROTOCOL:
-            return "not a cuparing health hello"
+        if len(words) != 6 or words[0] != PROTOCOL:
+            return "not a cuparing health hello", None
         if words[1] != str(VERSION):
-            return f"protocol version {words[1]}, server speaks {VERSION}"
-        if words[4] != self._digest:
-            return "run token differs (a rank of another run, or CUPARING_RUN_TOKEN differs)"
+            return f"protocol version {words[1]}, server speaks {VERSION}", None
+        try:
+            client_nonce, claimed = bytes.fromhex(words[4]), bytes.fromhex(words[5])
+        except ValueError:
+            return "not a cuparing health hello", None
+        transcript = Transcript(self._secret, _PURPOSE, peer.nonce, client_nonce,
+                                f"{words[2]} {words[3]}".encode())  # fmt: skip
+        if not transcript.client_proven(claimed):
+            return ("run token differs (no proof of it: a rank of another run, "
+                    "CUPARING_RUN_TOKEN differs, or a replayed hello)"), None  # fmt: skip
         if words[3] != str(self.world_size):
-            return f"world size {words[3]}, server has {self.world_size}"
+            return f"world size {words[3]}, server has {self.world_size}", None
         if not (words[2].isdigit() and int(words[2]) < self.world_size):
-            return f"rank {words[2]} is not in [0, {self.world_size})"
+            return f"rank {words[2]} is not in [0, {self.world_size})", None
         if int(words[2]) in self._ranks:
-            return f"rank {words[2]} is already connected"
-        return None
+            return f"rank {words[2]} is already connected", None
+        return None, transcript
 
     def _drop(self, selector, peer: _Peer, refused: bool = False) -> None:
         selector.unregister(peer.sock)
@@ -236,8 +254,9 @@ class HealthClient:
     without the server having announced ``CLOSING`` and before :meth:`close`.
 
     Raises:
-        RuntimeError: the server refused this rank (another run's token, a duplicate rank), or
-            could not be reached within ``connect_timeout``.
+        RuntimeError: the server refused this rank (another run's token, a duplicate rank),
+            could not prove it knows the run token, or could not be reached within
+            ``connect_timeout``.
     """
 
     def __init__(self, address: tuple[str, int], rank: int, world_size: int, run_token: str,
@@ -246,37 +265,73 @@ class HealthClient:
         self._on_abort = on_abort
         self._lock = threading.Lock()  # one writer at a time (report from any thread, close)
         self._closing = self._server_closing = self._fired = False
-        hello = f"{PROTOCOL} {VERSION} {rank} {world_size} {token_digest(run_token).hex()}"
-        self._sock, self._reader = self._connect(hello, connect_timeout)
+        self._sock, self._reader = self._connect(f"{rank} {world_size}", run_token.encode(),
+                                                 connect_timeout)  # fmt: skip
         self._thread = threading.Thread(target=self._run, name=f"cuparing-health-rank{rank}",
                                         daemon=True)  # fmt: skip
         self._thread.start()
 
-    def _connect(self, hello: str, timeout: float):
+    def _connect(self, hello: str, secret: bytes, timeout: float):
+        """Answer the server's challenge with ``hello`` (``"<rank> <world>"``) and a proof;
+        returns the socket and its reader once the server has proven itself too."""
+        server = f"the health server at {self._where()}"
+
         def handshake(sock: socket.socket):
-            sock.sendall(hello.encode() + b"\n")
             reader = sock.makefile("rb")
-            reply = reader.readline(_MAX_LINE).decode(errors="replace").strip()
-            if reply == "OK":
-                return reader
-            reader.close()
-            if reply.startswith("REFUSED"):
-                raise RuntimeError(
-                    f"rank {self.rank}: the health server at {self._where()} refused this "
-                    f"rank: {reply[len('REFUSED ') :]}"
-                )
-            raise Retry(f"unexpected reply {reply!r}")
+            try:
+                return self._answer_challenge(sock, reader, hello, secret, server)
+            except BaseException:
+                reader.close()
+                raise
 
         try:
             sock, reader = dial(self.address, time.monotonic() + timeout, handshake,
                                 keepalive=True)  # fmt: skip
         except DialTimeout as exc:
             raise RuntimeError(
-                f"rank {self.rank}: could not join the health server at {self._where()} within "
-                f"{timeout:g} s (last error: {exc.last_error})"
+                f"rank {self.rank}: could not join {server} within {timeout:g} s (last error: "
+                f"{exc.last_error})"
             ) from None
         sock.settimeout(None)  # from now on the reader blocks until a line or EOF
         return sock, reader
+
+    def _answer_challenge(self, sock, reader, hello: str, secret: bytes, server: str):
+        """The client's side of the module doc's join; returns ``reader`` once joined.
+
+        Raises:
+            Retry: not (yet) a cuparing health server at the address.
+            RuntimeError: refused, mixed versions, or a server that cannot prove the token.
+        """
+        challenge = reader.readline(_MAX_LINE).decode(errors="replace").split()
+        if len(challenge) != 3 or challenge[0] != PROTOCOL:
+            raise Retry(f"not a cuparing health server (it said {' '.join(challenge)[:80]!r})")
+        if challenge[1] != str(VERSION):
+            raise RuntimeError(
+                f"rank {self.rank}: {server} speaks protocol version {challenge[1]}, this rank "
+                f"{VERSION} (mixed cuparing versions)"
+            )
+        try:
+            server_nonce = bytes.fromhex(challenge[2])
+        except ValueError:
+            raise Retry("a malformed challenge") from None
+        transcript = Transcript(secret, _PURPOSE, server_nonce, new_nonce(), hello.encode())
+        sock.sendall(f"{PROTOCOL} {VERSION} {hello} {transcript.client_nonce.hex()} "
+                     f"{transcript.client_proof().hex()}\n".encode())  # fmt: skip
+        reply = reader.readline(_MAX_LINE).decode(errors="replace").strip()
+        if reply.startswith("REFUSED"):
+            raise RuntimeError(f"rank {self.rank}: {server} refused this rank: "
+                               f"{reply[len('REFUSED ') :]}")  # fmt: skip
+        words = reply.split()
+        if len(words) != 2 or words[0] != "OK":
+            raise Retry(f"unexpected reply {reply[:80]!r}")
+        try:
+            proven = transcript.server_proven(b"OK", bytes.fromhex(words[1]))
+        except ValueError:
+            proven = False
+        if not proven:
+            raise RuntimeError(f"rank {self.rank}: {server} could not prove it knows the run "
+                               "token: it is not rank 0 of this run")  # fmt: skip
+        return reader
 
     def _where(self) -> str:
         return f"{self.address[0]}:{self.address[1]}"

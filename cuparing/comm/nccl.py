@@ -7,7 +7,7 @@ double buffers, watchdog, failure channel, trace, collective). One exchange here
 and every rank must issue the same sequence of NCCL calls.
 
 This module also joins a ring from the launcher's environment (:func:`join_from_env`): bind the
-GPU, exchange the NCCL unique id (and where rank 0's failure channel
+GPU, settle the run token, exchange the NCCL unique id (and where rank 0's failure channel
 listens), create the communicator. The copy-engine ring (:mod:`cuparing.comm.ipc`) joins the same
 way and keeps the communicator for its setup.
 """
@@ -24,7 +24,7 @@ from typing import Any
 from . import gpu_ring as core
 from . import health as health_channel
 from .gpu_ring import Flight, GpuRing
-from .rendezvous import UNIQUE_ID_BYTES, RankInfo, exchange_payload, id_bytes
+from .rendezvous import UNIQUE_ID_BYTES, RankInfo, exchange_payload, id_bytes, share_run_token
 from .trace import COMM
 
 
@@ -149,8 +149,9 @@ def join_from_env(timeout: float = 300.0, init_file: str | None = None, device: 
                   health: bool | None = None) -> Membership:  # fmt: skip
     """Join the job the launcher's environment describes and create the NCCL communicator.
 
-    Binds GPU ``local_rank`` (or ``device``) *before* creating the communicator, exchanges the
-    NCCL unique id and the address of rank 0's failure channel
+    Binds GPU ``local_rank`` (or ``device``) *before* creating the communicator, settles the run
+    token (:func:`cuparing.comm.rendezvous.share_run_token`), exchanges the NCCL unique id and the
+    address of rank 0's failure channel
     (:func:`cuparing.comm.rendezvous.exchange_payload`), and creates the communicator. World
     size 1 needs none of it. ``NCCL_NVLS_ENABLE`` defaults to ``0`` (NVLink multicast is never
     needed for a ring) unless already set.
@@ -184,6 +185,7 @@ def join_from_env(timeout: float = 300.0, init_file: str | None = None, device: 
         return Membership(0, 1, index, None, info.run_token, None, None)
     nccl = import_nccl()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    info = share_run_token(info, timeout)  # the secret every channel below demands proof of
     if health is None:
         health = os.environ.get("CUPARING_HEALTH", "1").strip().lower() not in ("0", "false")
     server = None

@@ -10,7 +10,10 @@ Setup is collective: every rank calls :meth:`PeerLinks.listen` (its address and 
 to the others by some collective of the caller's choice, the NCCL all-gather for
 :mod:`cuparing.comm.ipc`), then :meth:`PeerLinks.connect` with all of them: rank ``r`` connects
 to every lower rank (the listener's backlog accepts it at once) and accepts every higher one. A
-connecting rank proves itself with the listener's key, which only the ring's members know.
+connection is a challenge–response over fresh nonces (:mod:`cuparing.comm.handshake`) whose
+secret is the listener's key, which only the ring's members know: the connecting rank proves it
+holds the key, then the listener proves it does too. The key never goes on the wire, and a
+recorded hello is useless on a new connection.
 
 This module needs neither CuPy nor a GPU.
 """
@@ -25,11 +28,15 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .sockets import DialTimeout, dial, recv_exact, tune
+from .handshake import NONCE_BYTES, PROOF_BYTES, Transcript, new_nonce
+from .sockets import DialTimeout, Retry, dial, recv_exact, tune
 
 MAGIC = b"CPRL"
 KEY_BYTES = 16
-_HELLO = struct.Struct("!4s16sII")  # magic, the listener's key, rank, world size
+_CHALLENGE = struct.Struct(f"!4s{NONCE_BYTES}s")  # listener -> dialer: magic, listener's nonce
+_HELLO = struct.Struct("!II")  # dialer -> listener: rank, world size; then its nonce and proof
+_ACCEPTED = b"\x01"  # listener -> dialer, then the listener's proof
+_PURPOSE = "peerlink"
 _HEADER = struct.Struct("!BIQI")  # kind, channel, seq, payload length
 _MAX_PAYLOAD = 1 << 20
 BYE = 0  # kind of the message a rank sends when it leaves cleanly
@@ -45,7 +52,7 @@ class LinkError(RuntimeError):
 
 @dataclass(frozen=True)
 class Address:
-    """Where one rank listens, and the key that a rank connecting to it must present."""
+    """Where one rank listens, and the key that a rank connecting to it must prove it holds."""
 
     host: str
     port: int
@@ -110,14 +117,27 @@ class PeerLinks:
             self._threads.append(thread)
 
     def _dial(self, peer: int, address: Address, deadline: float) -> None:
-        hello = _HELLO.pack(MAGIC, address.key, self.rank, self.size)
+        hello = _HELLO.pack(self.rank, self.size)
+        where = f"{address.host}:{address.port}"
+
+        def handshake(sock: socket.socket) -> None:
+            magic, listener_nonce = _CHALLENGE.unpack(recv_exact(sock, _CHALLENGE.size))
+            if magic != MAGIC:
+                raise Retry(f"not a cuparing peer link (magic {magic!r})")
+            transcript = Transcript(address.key, _PURPOSE, listener_nonce, new_nonce(), hello)
+            sock.sendall(hello + transcript.client_nonce + transcript.client_proof())
+            reply = recv_exact(sock, len(_ACCEPTED) + PROOF_BYTES)  # closed: refused, retry
+            status, claimed = reply[: len(_ACCEPTED)], reply[len(_ACCEPTED) :]
+            if status != _ACCEPTED or not transcript.server_proven(status, claimed):
+                raise RuntimeError(f"rank {self.rank}: the listener at {where} could not prove "
+                                   f"it holds rank {peer}'s key")  # fmt: skip
+
         try:
-            sock, _ = dial((address.host, address.port), deadline, lambda s: s.sendall(hello),
-                           max_delay=0.05)  # fmt: skip
+            sock, _ = dial((address.host, address.port), deadline, handshake, max_delay=0.05)
         except DialTimeout as exc:
             raise RuntimeError(
-                f"rank {self.rank}: could not connect to rank {peer} at "
-                f"{address.host}:{address.port} ({exc.last_error})"
+                f"rank {self.rank}: could not connect to rank {peer} at {where} "
+                f"({exc.last_error})"
             ) from None
         sock.settimeout(None)
         self._add(peer, sock)
@@ -136,19 +156,35 @@ class PeerLinks:
                 sock, _ = self._listener.accept()
             except TimeoutError:
                 continue
-            try:
-                sock.settimeout(max(deadline - time.monotonic(), 0.1))
-                magic, key, peer, size = _HELLO.unpack(recv_exact(sock, _HELLO.size))
-            except (OSError, ConnectionError, struct.error):
-                sock.close()
-                continue
-            if magic != MAGIC or key != self._key or size != self.size or peer not in waiting:
+            peer = self._challenge(sock, waiting, deadline)
+            if peer is None:
                 sock.close()  # not one of ours (or a duplicate): ignore it
                 continue
             sock.settimeout(None)
             tune(sock)
             self._add(peer, sock)
             waiting.discard(peer)
+
+    def _challenge(self, sock: socket.socket, waiting: set[int], deadline: float) -> int | None:
+        """The listener's side of the handshake: the rank that proved it holds our key and is
+        still expected (after our own proof went back), else ``None``."""
+        listener_nonce = new_nonce()
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.1))
+            sock.sendall(_CHALLENGE.pack(MAGIC, listener_nonce))
+            answer = recv_exact(sock, _HELLO.size + NONCE_BYTES + PROOF_BYTES)
+            hello = answer[: _HELLO.size]
+            peer, size = _HELLO.unpack(hello)
+            client_nonce = answer[_HELLO.size : _HELLO.size + NONCE_BYTES]
+            transcript = Transcript(self._key, _PURPOSE, listener_nonce, client_nonce, hello)
+            if not transcript.client_proven(answer[-PROOF_BYTES:]):
+                return None
+            if size != self.size or peer not in waiting:
+                return None
+            sock.sendall(_ACCEPTED + transcript.server_proof(_ACCEPTED))
+        except (OSError, struct.error):
+            return None
+        return peer
 
     def _add(self, peer: int, sock: socket.socket) -> None:
         self._socks[peer] = sock

@@ -13,17 +13,24 @@ hands rank 0's setup bytes (the 128-byte NCCL id, plus where its failure channel
   process itself listens on ``MASTER_PORT``, so we cannot bind it; the id goes through that
   store instead (torch is importable there by definition).
 
-Every message carries a magic, a protocol version and a digest of the run token
-(``CUPARING_RUN_TOKEN``, else derived from ``MASTER_PORT`` and the world size), so a stray
-connection, or a rank of another job that reuses the port, is refused instead of being handed
-the wrong communicator. This module needs neither CuPy nor a GPU.
+Who may fetch the id over TCP: a rank that proves it knows the run token, by a challenge–response
+over fresh nonces (:mod:`cuparing.comm.handshake`); rank 0 proves it too, with the id it hands
+out. A stray connection, a rank of another job that reuses the port, a replayed hello or a
+stranger posing as rank 0 is refused. The file route carries the same kind of proof and is
+readable by its owner only. The token is ``CUPARING_RUN_TOKEN`` (``cuparing.launch`` sets a random
+one), else one rank 0 makes and shares through torchrun's store (:func:`share_run_token`), else
+one derived from ``MASTER_PORT`` and the world size, which keeps other runs out but not someone
+who guesses it (README, "On GPUs", says what protects a run under each launcher). This module
+needs neither CuPy nor a GPU.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
+import hmac
 import os
 import re
+import secrets
 import socket
 import struct
 import time
@@ -31,18 +38,23 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from .handshake import NONCE_BYTES, PROOF_BYTES, Transcript, new_nonce, proof
 from .sockets import DialTimeout, Retry, dial, recv_exact
 
 UNIQUE_ID_BYTES = 128
 MAGIC = b"CPRG"
-VERSION = 2  # 2: the payload is length-prefixed (1 carried exactly UNIQUE_ID_BYTES)
+VERSION = 3  # 3: challenge-response (2 sent sha256(token), 1 carried exactly UNIQUE_ID_BYTES)
 MAX_PAYLOAD = 1 << 16
-# client -> server: magic, version, rank, world size, sha256(run token)
-_HELLO = struct.Struct("!4sHII32s")
-# server -> client: magic, version, status, then _LENGTH + payload (ok) or a UTF-8 reason (refused)
+# server -> client, at once: magic, version, the server's nonce
+_CHALLENGE = struct.Struct(f"!4sH{NONCE_BYTES}s")
+# client -> server: magic, version, rank, world size (the hello), then its nonce and proof
+_HELLO = struct.Struct("!4sHII")
+# server -> client: magic, version, status, _LENGTH, then the payload (ok) or a UTF-8 reason
+# (refused), then the server's proof of all of that
 _REPLY = struct.Struct("!4sHB")
 _LENGTH = struct.Struct("!I")
 _OK, _REFUSED = 0, 1
+_PURPOSE, _FILE_PURPOSE = "rendezvous", "rendezvous-file"
 # ports derived from a job id stay below Linux's default ephemeral range (32768-60999), where the
 # kernel hands out client ports that could already hold the one we derive
 _DERIVED_PORT_BASE, _DERIVED_PORT_SPAN = 15000, 17000
@@ -59,9 +71,12 @@ class RankInfo:
         master_addr: host of rank 0 (``None`` when the launcher gives none: then only
             ``init_file`` rendezvous works, unless ``world_size == 1``).
         master_port: port rank 0 serves the unique id on (``None`` likewise).
-        run_token: shared by the ranks of one run; refuses peers of another run.
+        run_token: shared by the ranks of one run; every channel demands proof of it.
         launcher: which environment family was read (``"torchrun"``, ``"openmpi"``,
             ``"mpich"``, ``"slurm"`` or ``"none"``).
+        token_source: where ``run_token`` came from: ``"env"`` (``CUPARING_RUN_TOKEN``),
+            ``"derived"`` (from the port and world size: guessable), ``"torchrun-store"``
+            (random, shared by :func:`share_run_token`) or ``"given"`` (built by hand).
     """
 
     rank: int
@@ -71,6 +86,7 @@ class RankInfo:
     master_port: int | None = None
     run_token: str = ""
     launcher: str = "none"
+    token_source: str = "given"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RankInfo:
@@ -94,7 +110,7 @@ class RankInfo:
             info = reader(env)
             if info is not None:
                 return info
-        return cls(0, 1, 0, None, None, _run_token(env, None, 1), "none")
+        return cls(0, 1, 0, None, None, *_run_token(env, None, 1, "none"))
 
 
 def _int(env: Mapping[str, str], name: str, minimum: int = 0) -> int:
@@ -125,9 +141,13 @@ def _derived_port(seed: str) -> int:
     return _DERIVED_PORT_BASE + zlib.crc32(seed.encode()) % _DERIVED_PORT_SPAN
 
 
-def _run_token(env: Mapping[str, str], port: int | None, world_size: int) -> str:
+def _run_token(env: Mapping[str, str], port: int | None, world_size: int,
+               launcher: str) -> tuple[str, str, str]:  # fmt: skip
+    """``(run_token, launcher, token_source)``: the last three fields of a :class:`RankInfo`."""
     token = env.get("CUPARING_RUN_TOKEN")
-    return token if token else f"port={port}/world={world_size}"
+    if token:
+        return token, launcher, "env"
+    return f"port={port}/world={world_size}", launcher, "derived"
 
 
 def _finish(
@@ -142,7 +162,7 @@ def _finish(
         raise ValueError(f"{local_name}={local_rank} must be < {world_name}={world}")
     addr = env.get("MASTER_ADDR") or addr or default_addr
     port = _port(env) or port
-    return RankInfo(rank, world, local_rank, addr, port, _run_token(env, port, world), launcher)
+    return RankInfo(rank, world, local_rank, addr, port, *_run_token(env, port, world, launcher))
 
 
 def _torchrun(env):
@@ -267,8 +287,9 @@ def exchange_payload(
         return make()
     if init_file is not None:
         return _file_exchange(info, make, timeout, os.fspath(init_file))
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and info.launcher == "torchrun":
-        return _store_exchange(info, make, timeout)
+    store_class = _torchrun_store_class(info)
+    if store_class is not None:
+        return _store_share(info, store_class, "uid", make, timeout)
     if info.master_addr is None or info.master_port is None:
         raise ValueError(
             f"rank {info.rank}: no rendezvous address (launcher {info.launcher!r} gave "
@@ -288,11 +309,6 @@ def id_bytes(raw) -> bytes:
     if len(data) != UNIQUE_ID_BYTES:
         raise RuntimeError(f"an NCCL unique id has {UNIQUE_ID_BYTES} bytes, got {len(data)}")
     return data
-
-
-def token_digest(token: str) -> bytes:
-    """What peers compare instead of the run token itself (it never goes on the wire)."""
-    return hashlib.sha256(token.encode()).digest()
 
 
 def bind_host(addr: str | None) -> str:
@@ -322,7 +338,6 @@ def _listen(info: RankInfo) -> socket.socket:
 def _serve(info: RankInfo, payload: bytes, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     waiting = set(range(1, info.world_size))
-    expected = token_digest(info.run_token)
     where = f"{info.master_addr}:{info.master_port}"
     with _listen(info) as server:
         while waiting:
@@ -331,7 +346,7 @@ def _serve(info: RankInfo, payload: bytes, timeout: float) -> None:
                 raise RuntimeError(
                     f"rank 0: rank(s) {sorted(waiting)} of {info.world_size} did not fetch the "
                     f"NCCL unique id from {where} within {timeout:g} s; are they running, and do "
-                    "they see the same MASTER_ADDR/MASTER_PORT?"
+                    "they see the same MASTER_ADDR/MASTER_PORT (and CUPARING_RUN_TOKEN)?"
                 )
             server.settimeout(min(left, 1.0))
             try:
@@ -339,34 +354,43 @@ def _serve(info: RankInfo, payload: bytes, timeout: float) -> None:
             except TimeoutError:
                 continue
             with conn:
-                served = _answer(conn, info, payload, expected, min(5.0, max(left, 0.1)))
+                served = _answer(conn, info, payload, min(5.0, max(left, 0.1)))
             if served is not None:
                 waiting.discard(served)
 
 
-def _answer(conn, info, payload, expected_digest, io_timeout) -> int | None:
-    """Reply to one client: the payload if its hello matches this run, else a refusal."""
+def _answer(conn: socket.socket, info: RankInfo, payload: bytes, io_timeout: float) -> int | None:
+    """Challenge one client; hand it the payload if it proves the run token and fits this run,
+    else a refusal. Returns the rank served, or ``None``."""
     conn.settimeout(io_timeout)
+    server_nonce = new_nonce()
     try:
-        magic, version, rank, world, digest = _HELLO.unpack(recv_exact(conn, _HELLO.size))
-    except (OSError, ConnectionError, struct.error):
-        return None  # a stray connection (port scan, health check): ignore it
-    reason = None
-    if magic != MAGIC:
+        conn.sendall(_CHALLENGE.pack(MAGIC, VERSION, server_nonce))
+        hello = recv_exact(conn, _HELLO.size)
+        magic, version, rank, world = _HELLO.unpack(hello)
+        if magic != MAGIC:
+            return None  # a stray connection (port scan, health check): ignore it
+        answer = recv_exact(conn, NONCE_BYTES + PROOF_BYTES)
+    except (OSError, struct.error):
         return None
+    transcript = Transcript(info.run_token.encode(), _PURPOSE, server_nonce,
+                            answer[:NONCE_BYTES], hello)  # fmt: skip
+    reason = None
     if version != VERSION:
         reason = f"protocol version {version}, server speaks {VERSION}"
-    elif digest != expected_digest:
-        reason = "run token differs (a rank of another run, or CUPARING_RUN_TOKEN differs)"
+    elif not transcript.client_proven(answer[NONCE_BYTES:]):
+        reason = ("run token differs (no proof of it: a rank of another run, CUPARING_RUN_TOKEN "
+                  "differs, or a replayed hello)")  # fmt: skip
     elif world != info.world_size:
         reason = f"world size {world}, server has {info.world_size}"
     elif not 0 < rank < info.world_size:
         reason = f"rank {rank} is not in [1, {info.world_size})"
+    status, body = (_OK, payload) if reason is None else (_REFUSED, reason.encode())
+    reply = _REPLY.pack(MAGIC, VERSION, status) + _LENGTH.pack(len(body)) + body
     try:
+        conn.sendall(reply + transcript.server_proof(reply))
         if reason is not None:
-            conn.sendall(_REPLY.pack(MAGIC, VERSION, _REFUSED) + reason.encode())
             return None
-        conn.sendall(_REPLY.pack(MAGIC, VERSION, _OK) + _LENGTH.pack(len(payload)) + payload)
         # let the client close first, so TIME_WAIT lands on its port, not on MASTER_PORT (which a
         # torch.distributed store may want to bind right after us)
         conn.recv(1)
@@ -377,30 +401,37 @@ def _answer(conn, info, payload, expected_digest, io_timeout) -> int | None:
 
 def _fetch(info: RankInfo, timeout: float) -> bytes:
     where = (info.master_addr, info.master_port)
-    hello = _HELLO.pack(MAGIC, VERSION, info.rank, info.world_size, token_digest(info.run_token))
+    server = f"the rendezvous server at {where[0]}:{where[1]}"
+    hello = _HELLO.pack(MAGIC, VERSION, info.rank, info.world_size)
 
     def handshake(conn: socket.socket) -> bytes:
-        conn.sendall(hello)
-        magic, version, status = _REPLY.unpack(recv_exact(conn, _REPLY.size))
+        magic, version, server_nonce = _CHALLENGE.unpack(recv_exact(conn, _CHALLENGE.size))
         if magic != MAGIC:
             raise Retry(f"not a cuparing rendezvous server (magic {magic!r})")
         if version != VERSION:
             raise RuntimeError(
-                f"rank {info.rank}: the rendezvous server at {where[0]}:{where[1]} speaks "
-                f"protocol version {version}, this rank {VERSION} (mixed cuparing versions)"
+                f"rank {info.rank}: {server} speaks protocol version {version}, this rank "
+                f"{VERSION} (mixed cuparing versions)"
             )
-        if status == _OK:
-            (length,) = _LENGTH.unpack(recv_exact(conn, _LENGTH.size))
-            if length > MAX_PAYLOAD:
-                raise Retry(f"payload of {length} bytes announced")
-            return recv_exact(conn, length)
-        reason = b""
-        while chunk := conn.recv(4096):
-            reason += chunk
-        raise RuntimeError(
-            f"rank {info.rank}: the rendezvous server at {where[0]}:{where[1]} refused "
-            f"this rank: {reason.decode(errors='replace')}"
-        )
+        transcript = Transcript(info.run_token.encode(), _PURPOSE, server_nonce, new_nonce(),
+                                hello)  # fmt: skip
+        conn.sendall(hello + transcript.client_nonce + transcript.client_proof())
+        head = recv_exact(conn, _REPLY.size + _LENGTH.size)
+        _, _, status = _REPLY.unpack(head[: _REPLY.size])
+        (length,) = _LENGTH.unpack(head[_REPLY.size :])
+        if length > MAX_PAYLOAD:
+            raise Retry(f"a reply of {length} bytes announced")
+        body = recv_exact(conn, length)
+        if status != _OK:  # unproven, but a refusal gives nothing away: report it as it came
+            raise RuntimeError(
+                f"rank {info.rank}: {server} refused this rank: {body.decode(errors='replace')}"
+            )
+        if not transcript.server_proven(head + body, recv_exact(conn, PROOF_BYTES)):
+            raise RuntimeError(
+                f"rank {info.rank}: {server} could not prove it knows the run token: it is not "
+                "rank 0 of this run (another process holds MASTER_PORT?)"
+            )
+        return body
 
     try:
         conn, payload = dial(where, time.monotonic() + timeout, handshake)
@@ -418,26 +449,32 @@ def _fetch(info: RankInfo, timeout: float) -> bytes:
 
 
 def _file_record(info: RankInfo, payload: bytes) -> bytes:
-    header = _REPLY.pack(MAGIC, VERSION, _OK) + token_digest(info.run_token)
-    return header + _LENGTH.pack(len(payload)) + payload
+    """Magic, version, a fresh nonce, rank 0's proof of (nonce, payload), then the payload."""
+    nonce = new_nonce()
+    seal = proof(info.run_token.encode(), _FILE_PURPOSE, "rank0", nonce, payload)
+    return _REPLY.pack(MAGIC, VERSION, _OK) + nonce + seal + _LENGTH.pack(len(payload)) + payload
 
 
-def _parse_record(data: bytes, expected_digest: bytes) -> bytes | None:
+def _parse_record(data: bytes, run_token: str) -> bytes | None:
     """The payload of a complete record of this run and version, else ``None``."""
-    header = _REPLY.size + len(expected_digest)
+    header = _REPLY.size + NONCE_BYTES + PROOF_BYTES
     if len(data) < header + _LENGTH.size:
         return None
     magic, version, _ = _REPLY.unpack(data[: _REPLY.size])
-    if magic != MAGIC or version != VERSION or data[_REPLY.size : header] != expected_digest:
-        return None
+    nonce = data[_REPLY.size : _REPLY.size + NONCE_BYTES]
+    seal = data[_REPLY.size + NONCE_BYTES : header]
     (length,) = _LENGTH.unpack(data[header : header + _LENGTH.size])
     payload = data[header + _LENGTH.size :]
-    return payload if len(payload) == length else None
+    if magic != MAGIC or version != VERSION or len(payload) != length:
+        return None
+    expected = proof(run_token.encode(), _FILE_PURPOSE, "rank0", nonce, payload)
+    return payload if hmac.compare_digest(seal, expected) else None
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def _write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -454,7 +491,8 @@ def _file_exchange(info, make_payload, timeout, path) -> bytes:
         payload = make_payload()
         for rank in range(1, info.world_size):  # acknowledgements of an earlier run
             _remove(_ack_path(path, rank))
-        _write_atomic(path, _file_record(info, payload))
+        # owner-only: whoever can read the id can join NCCL's bootstrap
+        _write_atomic(path, _file_record(info, payload), mode=0o600)
         waiting = set(range(1, info.world_size))
         while waiting:
             waiting = {r for r in waiting if not os.path.exists(_ack_path(path, r))}
@@ -470,7 +508,6 @@ def _file_exchange(info, make_payload, timeout, path) -> bytes:
         for p in [path] + [_ack_path(path, r) for r in range(1, info.world_size)]:
             _remove(p)
         return payload
-    expected = token_digest(info.run_token)
     while True:
         try:
             with open(path, "rb") as f:
@@ -478,7 +515,7 @@ def _file_exchange(info, make_payload, timeout, path) -> bytes:
         except OSError:
             data = b""
         # a file of another run (token differs) may still be there: wait for rank 0 to replace it
-        payload = _parse_record(data, expected)
+        payload = _parse_record(data, info.run_token)
         if payload is not None:
             _write_atomic(_ack_path(path, info.rank), b"")
             return payload
@@ -498,32 +535,69 @@ def _remove(path: str) -> None:
         pass
 
 
-# --- torchrun agent store route ---
+# --- torchrun's store: the unique id under the agent store, and the run token ---
 
-_store_calls = 0
+# shares made so far, by rank (one process holds one rank; tests run several in threads): every
+# rank shares through the store in the same order, so its n-th key is every rank's n-th key
+_store_calls: dict[int, int] = {}
 
 
-def _store_exchange(info: RankInfo, make_payload, timeout: float) -> bytes:
+def _torchrun_store_class(info: RankInfo):
+    """torch's ``TCPStore`` when torchrun launched us and its agent serves a store at
+    ``MASTER_ADDR:MASTER_PORT`` (``TORCHELASTIC_USE_AGENT_STORE=True``), else ``None``."""
+    if info.launcher != "torchrun" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    try:
+        from torch.distributed import TCPStore
+    except ImportError:
+        return None
+    return TCPStore
+
+
+def _store_share(info: RankInfo, store_class, name: str, make: Callable[[], bytes],
+                 timeout: float) -> bytes:  # fmt: skip
+    """Rank 0's ``make()`` through torchrun's store, on every rank."""
     import datetime
 
-    from torch.distributed import TCPStore
-
-    global _store_calls
-    _store_calls += 1  # every rank builds its rings in the same order, so the keys line up
-    key = f"cuparing/{hashlib.sha256(info.run_token.encode()).hexdigest()[:16]}/uid{_store_calls}"
+    count = _store_calls[info.rank] = _store_calls.get(info.rank, 0) + 1
+    # a restarted attempt of the run meets the same store: its keys must be new
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    key = f"cuparing/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{attempt}/{name}{count}"
     where = f"{info.master_addr}:{info.master_port}"
     try:
-        store = TCPStore(
+        store = store_class(
             info.master_addr, info.master_port, info.world_size, False,
             timeout=datetime.timedelta(seconds=timeout),
         )  # fmt: skip
         if info.rank == 0:
-            payload = make_payload()
-            store.set(key, payload)
-            return payload
+            value = make()
+            store.set(key, value)
+            return value
         return bytes(store.get(key))
     except RuntimeError as exc:
         raise RuntimeError(
-            f"rank {info.rank}: NCCL unique-id exchange through torchrun's store at {where} "
-            f"failed within {timeout:g} s: {exc}"
+            f"rank {info.rank}: sharing the {name} through torchrun's store at {where} failed "
+            f"within {timeout:g} s: {exc}"
         ) from exc
+
+
+def share_run_token(info: RankInfo, timeout: float = 300.0) -> RankInfo:
+    """``info`` with the run token every rank will prove it knows.
+
+    A token from ``CUPARING_RUN_TOKEN`` (or given by hand) stays. A derived one (guessable) is
+    replaced, under torchrun with its agent store and torch importable, by a random token rank
+    0 makes and shares through that store (``token_source="torchrun-store"``); elsewhere it
+    stays, and only ``CUPARING_RUN_TOKEN`` can make the run harder to join (README, "On GPUs").
+    Collective under torchrun: every rank calls it at the same point.
+
+    Raises:
+        RuntimeError: the store could not be reached within ``timeout``.
+    """
+    if info.token_source != "derived" or info.world_size == 1:
+        return info
+    store_class = _torchrun_store_class(info)
+    if store_class is None:
+        return info
+    token = _store_share(info, store_class, "token", lambda: secrets.token_hex(32).encode(),
+                         timeout).decode()  # fmt: skip
+    return dataclasses.replace(info, run_token=token, token_source="torchrun-store")
