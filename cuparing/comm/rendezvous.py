@@ -179,26 +179,29 @@ def _single_host_addr(env, local_size_name: str, world: int) -> str | None:
     return "127.0.0.1" if local_size == world else None
 
 
-def _openmpi(env):
-    if env.get("OMPI_COMM_WORLD_RANK") is None:
+def _mpi(env, launcher: str, names: tuple[str, str, str], job_names: tuple[str, ...],
+         local_size_name: str, seed: str):  # fmt: skip
+    """An MPI family's :class:`RankInfo`: a port derived from its job id, loopback when every
+    rank is on this host (``local_size_name`` equals the world size)."""
+    if env.get(names[0]) is None:
         return None
-    names = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")
     rank, world, local = _int(env, names[0]), _int(env, names[1], 1), _int(env, names[2])
-    job = env.get("OMPI_MCA_ess_base_jobid") or env.get("PMIX_NAMESPACE") or env.get("PMIX_ID")
-    port = _derived_port(f"ompi/{job}") if job else None
-    addr = _single_host_addr(env, "OMPI_COMM_WORLD_LOCAL_SIZE", world)
-    return _finish(env, "openmpi", rank, world, local, names, addr, port)
+    job = next((env[name] for name in job_names if env.get(name)), None)
+    port = _derived_port(f"{seed}/{job}") if job else None
+    addr = _single_host_addr(env, local_size_name, world)
+    return _finish(env, launcher, rank, world, local, names, addr, port)
+
+
+def _openmpi(env):
+    return _mpi(env, "openmpi",
+                ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+                ("OMPI_MCA_ess_base_jobid", "PMIX_NAMESPACE", "PMIX_ID"),
+                "OMPI_COMM_WORLD_LOCAL_SIZE", "ompi")  # fmt: skip
 
 
 def _mpich(env):
-    if env.get("PMI_RANK") is None:
-        return None
-    names = ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID")
-    rank, world, local = _int(env, names[0]), _int(env, names[1], 1), _int(env, names[2])
-    job = env.get("PMI_KVSNAME") or env.get("PMI_JOBID")
-    port = _derived_port(f"pmi/{job}") if job else None
-    addr = _single_host_addr(env, "MPI_LOCALNRANKS", world)
-    return _finish(env, "mpich", rank, world, local, names, addr, port)
+    return _mpi(env, "mpich", ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+                ("PMI_KVSNAME", "PMI_JOBID"), "MPI_LOCALNRANKS", "pmi")  # fmt: skip
 
 
 def _slurm(env):

@@ -183,19 +183,12 @@ def check() -> int:
     return 0
 
 
-class DyingRing(cr.Ring):
-    """Delegates to a real ring; on rank 1 the process dies at the ``die_at``-th exchange."""
+class WrappedRing(cr.Ring):
+    """Passes every ring call but ``exchange`` (which subclasses define) on to a real ring."""
 
-    def __init__(self, ring, die_at: int):
-        self._ring, self._die_at, self._calls = ring, die_at, 0
+    def __init__(self, ring):
+        self._ring = ring
         self.rank, self.size, self.timeout = ring.rank, ring.size, ring.timeout
-
-    def exchange(self, arrays, shift=1, tag="kv"):
-        self._calls += 1
-        if self.rank == 1 and self._calls == self._die_at:
-            print(f"DYING at {time.time():.3f}", flush=True)
-            os._exit(1)
-        return self._ring.exchange(arrays, shift, tag)
 
     def agree(self, fields):
         self._ring.agree(fields)
@@ -207,7 +200,22 @@ class DyingRing(cr.Ring):
         self._ring.check()
 
 
-class DelayingRing(cr.Ring):
+class DyingRing(WrappedRing):
+    """Delegates to a real ring; on rank 1 the process dies at the ``die_at``-th exchange."""
+
+    def __init__(self, ring, die_at: int):
+        super().__init__(ring)
+        self._die_at, self._calls = die_at, 0
+
+    def exchange(self, arrays, shift=1, tag="kv"):
+        self._calls += 1
+        if self.rank == 1 and self._calls == self._die_at:
+            print(f"DYING at {time.time():.3f}", flush=True)
+            os._exit(1)
+        return self._ring.exchange(arrays, shift, tag)
+
+
+class DelayingRing(WrappedRing):
     """Delegates to a real ring; before each exchange, sometimes stalls one of the two streams.
 
     The stall is a one-thread kernel spinning for a random number of clock cycles (up to ~1 ms),
@@ -223,8 +231,8 @@ class DelayingRing(cr.Ring):
     def __init__(self, ring, seed: int):
         import cupy
 
-        self._ring, self._rng = ring, np.random.default_rng(seed)
-        self.rank, self.size, self.timeout = ring.rank, ring.size, ring.timeout
+        super().__init__(ring)
+        self._rng = np.random.default_rng(seed)
         self._spin = cupy.RawKernel(self.SPIN, "spin")
 
     def _stall(self, stream) -> None:
@@ -241,15 +249,6 @@ class DelayingRing(cr.Ring):
         elif where == 2:
             self._stall(self._ring.stream)
         return self._ring.exchange(arrays, shift, tag)
-
-    def agree(self, fields):
-        self._ring.agree(fields)
-
-    def synchronize(self):
-        self._ring.synchronize()
-
-    def check(self):
-        self._ring.check()
 
 
 def stress() -> int:
