@@ -105,7 +105,8 @@ class NcclRing(GpuRing):
                  health: bool | None = None) -> NcclRing:  # fmt: skip
         """Join the ring the launcher describes (torchrun, mpirun, srun, ``cuparing.launch``).
 
-        See :func:`join_from_env` for the arguments and what happens.
+        See :func:`join_from_env` for what happens and for ``timeout``, ``init_file``,
+        ``device`` and ``health``; ``trace`` is as in :class:`~cuparing.comm.gpu_ring.GpuRing`.
 
         Raises:
             RuntimeError: CuPy or NCCL missing, too few GPUs, or the rendezvous failed.
