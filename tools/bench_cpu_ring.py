@@ -1,9 +1,9 @@
 """Wall time of the simulated CPU ring (``cr.simulate``), per mask and layout.
 
     python tools/bench_cpu_ring.py [--world 4] [--seqlen 4096] [--heads 8] [--headdim 64]
-        [--dtype float32] [--repeats 5] [--backward]
+        [--dtype float32] [--repeats 5] [--backward] [--no-thread-cap]
 
-Each row is the median wall time, over ``repeats`` runs after one warm-up, of one
+Each row is the median wall and CPU time, over ``repeats`` runs after one warm-up, of one
 ``cr.simulate(world, fn)`` whose ranks each shard Q, K, V and run ``ring_attention`` (and, with
 ``--backward``, ``ring_attention_backward``) on their shard. Sharding is inside the timed call but
 is a copy, negligible next to the attention. Causal rows do about half the work of the full row,
@@ -16,6 +16,7 @@ import argparse
 import functools
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -40,15 +41,20 @@ def run_ring(world, q, k, v, dout, layout, causal, backward):
     cr.simulate(world, per_rank)
 
 
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
+def median_seconds(fn, repeats: int) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of ``fn()`` over ``repeats`` calls after one warm-up call.
+
+    CPU seconds are this process's, all threads: unlike wall time they barely move when other
+    processes load the machine, so they show a change even on a busy one.
+    """
     fn()
-    samples = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def main() -> None:
@@ -61,21 +67,28 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backward", action="store_true", help="also run the backward ring")
+    parser.add_argument(
+        "--no-thread-cap", action="store_true",
+        help="hide threadpoolctl, so each rank's BLAS pool keeps every core (the old behaviour)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.no_thread_cap:
+        sys.modules["threadpoolctl"] = None  # its import now fails: simulate caps nothing
 
     rng = np.random.default_rng(0)
     shape = (args.batch, args.seqlen, args.heads, args.headdim)
     q, k, v, dout = (rng.standard_normal(shape).astype(args.dtype) for _ in range(4))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     what = "forward + backward" if args.backward else "forward"
+    cap = "no BLAS thread cap" if args.no_thread_cap else "BLAS threads capped per rank"
     print(f"C={args.world} B={args.batch} S={args.seqlen} H={args.heads} D={args.headdim} "
-          f"{args.dtype}, {what}, {cores} CPU cores, median of {args.repeats}")  # fmt: skip
-    print("| mask | layout | seconds |")
-    print("|---|---|---|")
+          f"{args.dtype}, {what}, {cores} CPU cores, {cap}, median of {args.repeats}")  # fmt: skip
+    print("| mask | layout | wall s | CPU s |")
+    print("|---|---|---|---|")
     for mask, layout, causal in CASES:
         case = functools.partial(run_ring, args.world, q, k, v, dout, layout, causal, args.backward)
-        seconds = median_seconds(case, args.repeats)
-        print(f"| {mask} | {layout} | {seconds:.3f} |", flush=True)
+        wall, cpu = median_seconds(case, args.repeats)
+        print(f"| {mask} | {layout} | {wall:.3f} | {cpu:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
