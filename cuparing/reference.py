@@ -11,8 +11,9 @@ Semantics are those of dense attention in IEEE float64 arithmetic, over the keys
   LSE NaN for a logit), as ``softmax(QK^T) V`` would; ``+inf`` logits give NaN rows, as the
   max-subtracted softmax of every framework does; a visible value of ``±inf`` gives ``±inf``
   (``0 * inf`` = NaN where its probability is exactly 0);
-- a row that sees no key (or whose visible logits are all ``-inf``, which a mask is made of)
-  gets output 0 and LSE ``-inf``.
+- a ``-inf`` logit hides its key as the mask does (a mask is made of ``-inf``): the pair adds
+  nothing, also not ``0 * NaN``; a row that sees no key (or whose visible logits are all
+  ``-inf``) gets output 0 and LSE ``-inf``.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def reference_probabilities(
 
     Returns:
         ``(probs, lse, seen, scale)``: probs [B, H, Sq, Sk] float64 (0 for keys not seen), lse
-        [B, H, Sq] float64, seen [B, H, Sq, Sk] bool (the visible pairs, none in a row that
-        sees no key), and the scale used.
+        [B, H, Sq] float64, seen [B, H, Sq, Sk] bool (the visible pairs whose logit is not
+        -inf; none in a row that sees no key), and the scale used.
     """
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
@@ -86,7 +87,8 @@ def reference_probabilities(
         shifted = scores - np.where(empty, 0.0, row_max)
         weights = np.where(visible, np.exp(shifted), 0.0)
         total = weights.sum(axis=-1, keepdims=True)
-        seen = visible & ~empty
+        # a -inf logit hides its key exactly as the mask does (what a mask is made of)
+        seen = visible & ~empty & ~np.isneginf(scores)
         probs = np.where(seen, weights / np.where(empty, 1.0, total), 0.0)  # a NaN total too
         with np.errstate(divide="ignore"):
             lse = np.where(empty, -np.inf, row_max + np.log(total))[..., 0]

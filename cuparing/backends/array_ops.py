@@ -94,7 +94,8 @@ def masked_matmul(xp, weights, values, keep, values_finite: bool):
 
     Args:
         weights: [..., M, N], 0 where ``keep`` is False; values: [..., N, D];
-        keep: bool, broadcastable to ``weights``; values_finite: from :func:`all_finite`.
+        keep: bool, broadcastable to ``weights`` (unused, may be None, when ``values_finite``);
+            values_finite: from :func:`all_finite`.
     """
     if values_finite:
         return weights @ values
@@ -196,7 +197,6 @@ def _forward_rows(xp, qg, kh, vh, q_pos_x, k_pos_x, key_tiles, mask: MaskSpec, s
     acc = xp.zeros((b, hk, g, sq, d), dtype=acc_t)
     for start, stop, tile_kind in key_tiles:
         scores = (qg @ kh[..., start:stop, :].swapaxes(-1, -2)) * acc_t(scale)
-        visible = True
         if tile_kind == BlockKind.PARTIAL:
             visible = mask.visible(q_pos_x, k_pos_x[start:stop])
             scores = xp.where(visible, scores, -xp.inf)
@@ -206,7 +206,9 @@ def _forward_rows(xp, qg, kh, vh, q_pos_x, k_pos_x, key_tiles, mask: MaskSpec, s
         probs = xp.exp(scores - shift)
         rescale = xp.exp(row_max - shift)
         row_sum = row_sum * rescale + probs.sum(axis=-1, keepdims=True)
-        acc = acc * rescale + masked_matmul(xp, probs, vh[..., start:stop, :], visible, v_finite)
+        # a -inf logit (masked, or a genuine -inf) hides its key: not even 0 * NaN reaches the row
+        keep = None if v_finite else ~xp.isneginf(scores)
+        acc = acc * rescale + masked_matmul(xp, probs, vh[..., start:stop, :], keep, v_finite)
         row_max = new_max
     # a row saw a key iff its max left -inf (NaN included: such a row must come out NaN)
     seen = ~xp.isneginf(row_max)
@@ -270,7 +272,7 @@ def block_backward(
         for start, stop, tile_kind in key_tiles:
             k_t, v_t = kh[..., start:stop, :], vh[..., start:stop, :]
             scores = (q_t @ k_t.swapaxes(-1, -2)) * acc_t(scale)
-            keep = seen_t
+            keep = seen_t & ~xp.isneginf(scores)  # a -inf logit hides its key, as the mask does
             if tile_kind == BlockKind.PARTIAL:
                 keep = keep & mask.visible(q_pos_x[rows], k_pos_x[start:stop])
             probs = xp.where(keep, xp.exp(xp.where(keep, scores - lse_t, 0)), 0)
