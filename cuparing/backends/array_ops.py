@@ -56,25 +56,24 @@ def _query_tile(xp, q_tile: int | None) -> int | None:
 def _tiles(pos, tile: int | None):
     """Split sorted positions into tiles: yield (start, stop) index ranges of at most ``tile``.
 
-    A tile also ends where its positions would span more than ``tile`` evenly spaced ones would,
-    so it never straddles a jump in the layout (zigzag's two chunks): each tile's positions stay
-    a narrow range, which is what lets :meth:`MaskSpec.classify` call it EMPTY or FULL.
+    A tile also ends at a jump, a step between neighbours wider than the smallest one (between
+    zigzag's two chunks), so its positions stay a narrow range, which is what lets
+    :meth:`MaskSpec.classify` call it EMPTY or FULL. Layouts give evenly spaced runs (spacing 1,
+    or C when striped), so jumps fall only between runs; a run of one position cannot be told
+    from its neighbour's spacing and may share a tile.
 
     Args:
         pos: NumPy int array of global positions, ascending.
         tile: the most entries per tile (>= 1); None: unlimited, so tiles end only at jumps.
     """
     count = len(pos)
-    tile = count if tile is None else tile
+    tile = max(1, count) if tile is None else tile
     steps = np.diff(pos)
-    # the span of `tile` positions at the layout's closest spacing (1 contiguous, C striped)
-    span = (tile - 1) * (int(steps.min()) if len(steps) else 1)
-    start = 0
-    while start < count:
-        past_span = int(np.searchsorted(pos, pos[start] + span, side="right"))
-        stop = min(start + tile, past_span)
-        yield start, stop
-        start = stop
+    jumps = (np.flatnonzero(steps > steps.min()) + 1).tolist() if len(steps) else []
+    bounds = [0, *jumps, count]
+    for run_start, run_stop in zip(bounds[:-1], bounds[1:], strict=True):
+        for start in range(run_start, run_stop, tile):
+            yield start, min(start + tile, run_stop)
 
 
 def all_finite(xp, x) -> bool:
