@@ -66,7 +66,7 @@ def test_ring_is_race_free_under_random_stream_delays(world, transport):
     assert proc.returncode == 0, _tail(proc)
     assert not re.search(r"^\[rank \d+\] FAIL", proc.stdout, re.M), _tail(proc)
     for rank in range(world):
-        ok = rf"^\[rank {rank}\] WORKER OK stress ring={TRANSPORTS[transport]}$"
+        ok = rf"^\[rank {rank}\] WORKER OK rank {rank} stress ring={TRANSPORTS[transport]}$"
         assert re.search(ok, proc.stdout, re.M), _tail(proc)
     assert len(re.findall(r"PASS stress", proc.stdout)) == 20 * world, _tail(proc)
 
