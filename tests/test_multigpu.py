@@ -36,6 +36,15 @@ def _tail(proc, lines: int = 60) -> str:
     return "\n".join((proc.stdout + proc.stderr).splitlines()[-lines:])
 
 
+def _assert_workers_ok(proc, world: int, transport: str, what: str) -> None:
+    """Exit code 0, no FAIL line, and every rank's ``WORKER OK rank r <what>... ring=...``."""
+    assert proc.returncode == 0, _tail(proc)
+    assert not re.search(r"^\[rank \d+\] FAIL", proc.stdout, re.M), _tail(proc)
+    for rank in range(world):
+        ok = rf"^\[rank {rank}\] WORKER OK rank {rank} {what}.* ring={TRANSPORTS[transport]}$"
+        assert re.search(ok, proc.stdout, re.M), _tail(proc)
+
+
 def _need(world: int) -> None:
     if gpu_count() < world:
         pytest.skip(f"needs {world} GPUs, found {gpu_count()}")
@@ -48,11 +57,7 @@ def _need(world: int) -> None:
 def test_ring_matches_dense_reference(world, transport):
     _need(world)
     proc = _launch(world, "check", 1200, transport=transport)
-    assert proc.returncode == 0, _tail(proc)
-    assert not re.search(r"^\[rank \d+\] FAIL", proc.stdout, re.M), _tail(proc)
-    for rank in range(world):
-        ok = rf"^\[rank {rank}\] WORKER OK .* ring={TRANSPORTS[transport]}$"
-        assert re.search(ok, proc.stdout, re.M), _tail(proc)
+    _assert_workers_ok(proc, world, transport, "cases=")
     assert re.search(r"PASS .* ring err .* vs C=1 err", proc.stdout)  # the C=1 comparison ran
 
 
@@ -63,11 +68,7 @@ def test_ring_matches_dense_reference(world, transport):
 def test_ring_is_race_free_under_random_stream_delays(world, transport):
     _need(world)
     proc = _launch(world, "stress", 600, transport=transport)
-    assert proc.returncode == 0, _tail(proc)
-    assert not re.search(r"^\[rank \d+\] FAIL", proc.stdout, re.M), _tail(proc)
-    for rank in range(world):
-        ok = rf"^\[rank {rank}\] WORKER OK rank {rank} stress ring={TRANSPORTS[transport]}$"
-        assert re.search(ok, proc.stdout, re.M), _tail(proc)
+    _assert_workers_ok(proc, world, transport, "stress")
     assert len(re.findall(r"PASS stress", proc.stdout)) == 20 * world, _tail(proc)
 
 

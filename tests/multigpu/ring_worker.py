@@ -174,12 +174,17 @@ def check() -> int:
             raise  # the ring is gone: no further case can run
         except Exception as exc:  # noqa: BLE001 - same inputs on every rank: all fail alike
             report(False, f"case #{index} {case}: {type(exc).__name__}: {exc}")
+    return finish(ring, len(failures), f"cases={count}")
+
+
+def finish(ring, failures: int, what: str) -> int:
+    """Close the ring and print the worker's verdict line; the exit code."""
     ring.synchronize()
     ring.close()
     if failures:
-        print(f"WORKER FAILED rank {ring.rank}: {len(failures)} failure(s)", flush=True)
+        print(f"WORKER FAILED rank {ring.rank}: {failures} failure(s)", flush=True)
         return 1
-    print(f"WORKER OK rank {ring.rank} cases={count} ring={type(ring).__name__}", flush=True)
+    print(f"WORKER OK rank {ring.rank} {what} ring={type(ring).__name__}", flush=True)
     return 0
 
 
@@ -282,13 +287,7 @@ def stress() -> int:
             print(f"{'PASS' if ok else 'FAIL'} stress {layout} causal={causal} trial {trial}: "
                   f"forward bit-identical={same}, worst gradient err/bound {worst:.2f}",
                   flush=True)  # fmt: skip
-    ring.synchronize()
-    ring.close()
-    if failures:
-        print(f"WORKER FAILED rank {ring.rank}: {failures} failure(s)", flush=True)
-        return 1
-    print(f"WORKER OK rank {ring.rank} stress ring={type(ring).__name__}", flush=True)
-    return 0
+    return finish(ring, failures, "stress")
 
 
 def settle(ring) -> None:
