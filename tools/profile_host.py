@@ -1,0 +1,94 @@
+"""Host cost per call of ``cr.attention`` on torch CUDA tensors, beside SDPA, and where it goes.
+
+For each size: microseconds of host time per call (``time.perf_counter`` over ``--calls`` calls
+after warm-up, one synchronisation at the end; sizes are small enough that the GPU keeps up, so
+the figure is the host's), for cuparing and for PyTorch SDPA (flash backend) in the same process.
+Then a cProfile of cuparing's calls at one size: the functions with the most own time and the
+most cumulative time, so the breakdown names the code to change.
+
+Usage:
+    python tools/profile_host.py [--calls N] [--profile-size INDEX] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SIZES = [(1, 128, 8, 64), (1, 1024, 16, 128), (1, 4096, 16, 128)]  # (B, S, H, D), Hkv = H
+
+
+def host_us(fn, calls: int) -> float:
+    """Host microseconds per call of ``fn()`` (after 20 warm-up calls)."""
+    import torch
+
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--profile-size", type=int, default=1, help="index into SIZES")
+    parser.add_argument("--out", help="directory for the full profile listing")
+    args = parser.parse_args(argv)
+
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import cuparing as cr
+
+    print(f"card: {torch.cuda.get_device_name()}; torch {torch.__version__}; bf16, causal")
+    print(f"{'B':>2} {'S':>6} {'H':>3} {'D':>4} {'ours us':>9} {'sdpa us':>9} {'ratio':>6}")
+    calls = {}
+    for b, s, h, d in SIZES:
+        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+
+        def ours(q=q, k=k, v=v):
+            return cr.attention(q, k, v, causal=True)
+
+        def sdpa(qt=qt, kt=kt, vt=vt):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+
+        calls[(b, s, h, d)] = ours
+        t_ours, t_sdpa = host_us(ours, args.calls), host_us(sdpa, args.calls)
+        print(f"{b:>2} {s:>6} {h:>3} {d:>4} {t_ours:>9.1f} {t_sdpa:>9.1f} {t_ours / t_sdpa:>6.1f}")
+
+    size = SIZES[args.profile_size]
+    fn = calls[size]
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(args.calls):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    for key, count in (("tottime", 25), ("cumulative", 40)):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(count)
+        listing = text.getvalue()
+        print(f"\n== cProfile {size}, {args.calls} calls, sorted by {key}")
+        print(listing[listing.find("ncalls"):])
+        if args.out:
+            Path(args.out, f"profile_{key}.txt").write_text(listing)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
