@@ -11,6 +11,7 @@ as the last axis (D) is contiguous.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -123,8 +124,11 @@ def ring_attention(
         >>> bool(np.allclose(out, cr.attention(x, x, x, causal=True)))
         True
     """
-    origin, mask, scale = validation.check_ring_call(q, k, v, ring, causal, scale, window, layout)
-    validation.check_untracked("ring_attention", ("q", "k", "v"), (q, k, v))
+    with _refused_everywhere(ring, "ring_attention"):
+        origin, mask, scale = validation.check_ring_call(
+            q, k, v, ring, causal, scale, window, layout
+        )
+        validation.check_untracked("ring_attention", ("q", "k", "v"), (q, k, v))
     ring.agree(validation.ring_call_fields("ring_attention", q, k, ring, mask, scale, layout))
     plan = _unless_empty(plan_ring(layout, ring.rank, ring.size, q.shape[1], mask), q)
     return _forward(origin, ring, plan, scale, (q, k, v), return_lse)
@@ -158,9 +162,12 @@ def ring_attention_backward(
     Raises:
         ValueError, TypeError, cuparing.RingError: as in :func:`ring_attention`.
     """
-    origin, mask, scale = validation.check_ring_call(q, k, v, ring, causal, scale, window, layout)
-    validation.check_arrays(("q", "dout", "out"), (q, dout, out))
-    validation.check_backward(dout, out, lse, q)
+    with _refused_everywhere(ring, "ring_attention_backward"):
+        origin, mask, scale = validation.check_ring_call(
+            q, k, v, ring, causal, scale, window, layout
+        )
+        validation.check_arrays(("q", "dout", "out"), (q, dout, out))
+        validation.check_backward(dout, out, lse, q)
     fields = validation.ring_call_fields("ring_attention_backward", q, k, ring, mask, scale, layout)
     ring.agree(fields)
     plan = _unless_empty(plan_ring(layout, ring.rank, ring.size, q.shape[1], mask), q)
@@ -269,6 +276,19 @@ def _forward(
         qb, kb, vb = (to_backend(x, origin) for x in qkv)
         out, lse = ring_forward(backend, ring, qb, kb, vb, plan, scale)
         return (origin.export(out), origin.export(lse)) if return_lse else origin.export(out)
+
+
+@contextlib.contextmanager
+def _refused_everywhere(ring: Any, entry: str):
+    """Run a call's local checks; if they fail, tell the other ranks (which are about to check
+    the call with :meth:`Ring.agree`) before raising, so that every rank fails at once instead of
+    waiting for this one until the ring's timeout."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        if isinstance(ring, Ring):
+            ring.refuse(entry, error)
+        raise
 
 
 def _unless_empty(plan: RingPlan, q: Any) -> RingPlan:

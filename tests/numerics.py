@@ -259,8 +259,18 @@ def check_kernel_forward(out, lse, q, k, v, **mask) -> float:
     return err / bound if bound else 0.0
 
 
-def ring_vs_solo_limit(solo_err: float, ref: Reference, select=None) -> float:
+def ring_vs_solo_limit(
+    solo_err: float, ref: Reference, select=None, quantity: str = "out"
+) -> float:
     """Largest ‖ring − ref‖ allowed when the same kernels on one device err by ``solo_err``:
-    ``RING_VS_SOLO`` times that, plus the float32 arithmetic bound (merge order differs)."""
-    arithmetic = ref.out_err if select is None else select(ref.out_err)
+    ``RING_VS_SOLO`` times that, plus the float32 arithmetic bound (merge order differs).
+
+    ``quantity``: ``"out"``, or ``"lse"`` (then over the rows that see a key; ``select`` maps a
+    full array to the part being checked)."""
+    arithmetic = ref.out_err if quantity == "out" else ref.lse_err
+    if select is not None:
+        arithmetic = select(arithmetic)
+    if quantity == "lse":
+        seen = np.isfinite(ref.lse if select is None else select(ref.lse))
+        arithmetic = arithmetic[seen]
     return RING_VS_SOLO * solo_err + ARITHMETIC_FACTOR * float(np.linalg.norm(arithmetic))

@@ -8,7 +8,6 @@ import pytest
 from fake_gpu import FakeStack, run_threads
 
 import cuparing as cr
-from cuparing.comm import agreement
 from cuparing.comm.ipc import IpcRing
 from cuparing.comm.local import LocalRing, SoloRing
 from cuparing.comm.nccl import NcclRing
@@ -73,19 +72,21 @@ def test_the_first_differing_field_by_name_is_named_and_a_missing_one_shows_abse
     assert "this rank has window='<absent>', rank 1 has window='(3, None)'" in got[0]
 
 
-def test_a_match_is_cached_and_a_repeat_does_no_exchange(gathers):
+def test_a_repeat_of_the_previous_call_does_no_exchange(gathers):
     def fn(ring):
         ring.agree(CALL)
         first = gathers[ring.rank]
         ring.agree(dict(CALL))  # an equal mapping, another object
         repeat = gathers[ring.rank]
-        ring.agree(dict(CALL, q="(1, 128, 4, 8)"))  # a new call signature is checked again
-        return first, repeat, gathers[ring.rank]
+        ring.agree(dict(CALL, q="(1, 128, 4, 8)"))  # a changed call is checked again
+        changed = gathers[ring.rank]
+        ring.agree(CALL)  # and so is going back: only the previous call is remembered
+        return first, repeat, changed, gathers[ring.rank]
 
-    assert cr.simulate(3, fn, timeout=20) == [(1, 1, 2)] * 3
+    assert cr.simulate(3, fn, timeout=20) == [(1, 1, 2, 3)] * 3
 
 
-def test_a_mismatch_is_not_cached(gathers):
+def test_a_mismatch_is_checked_again(gathers):
     def fn(ring):
         fields = dict(CALL, dtype="float16") if ring.rank == 1 else CALL
         first = _outcome(lambda: ring.agree(fields))
@@ -95,18 +96,32 @@ def test_a_mismatch_is_not_cached(gathers):
     assert cr.simulate(2, fn, timeout=20) == [(True, 2)] * 2
 
 
-def test_the_cache_is_bounded_and_forgets_the_oldest(gathers):
-    kept = agreement.AGREED_CALLS_KEPT
+def test_ranks_swapping_two_agreed_calls_are_caught():
+    """Both calls agreed before; now each rank changes to a different one of them."""
+    a, b, c = (dict(CALL, causal=str(x)) for x in ("True", "False", "None"))
 
     def fn(ring):
-        for n in range(kept + 1):
-            ring.agree({"n": str(n)})
-        before = gathers[ring.rank]
-        ring.agree({"n": str(kept)})  # still remembered
-        ring.agree({"n": "0"})  # the oldest: forgotten, so checked again
-        return gathers[ring.rank] - before, len(ring._agreed_calls)
+        ring.agree(a)
+        ring.agree(b)
+        ring.agree(c)
+        return _outcome(lambda: ring.agree(a if ring.rank == 0 else b))
 
-    assert cr.simulate(2, fn, timeout=20) == [(1, kept)] * 2
+    got = cr.simulate(2, fn, timeout=20)
+    assert all(g.startswith("ValueError") and "disagree on causal" in g for g in got), got
+
+
+def test_one_rank_changing_alone_is_never_silent():
+    """Rank 0 changes its call, rank 1 repeats its previous one: rank 0 checks, rank 1 does not,
+    and the check ends in the timeout instead of letting the ranks compute different things."""
+    a, b = dict(CALL, causal="True"), dict(CALL, causal="False")
+
+    def fn(ring):
+        ring.agree(b)
+        ring.agree(a if ring.rank == 0 else b)
+        return "no error"
+
+    with pytest.raises(cr.RingError):
+        cr.simulate(2, fn, timeout=2)
 
 
 def test_a_rank_that_does_not_take_part_times_out_instead_of_hanging():

@@ -6,6 +6,8 @@ silently, or wait for the ring's timeout; now every rank raises, naming the fiel
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -82,3 +84,24 @@ def test_every_ring_call_asks_the_ranks_to_agree():
     full = cr.unshard(cr.simulate(2, fn, timeout=30), layout="zigzag")
     np.testing.assert_allclose(full, cr.attention(X, X, X, causal=True), rtol=1e-12, atol=1e-12)
     assert sorted(calls) == [0, 0, 0, 1, 1, 1]  # every call asks; the ring caches the answer
+
+
+def test_a_rank_whose_call_is_invalid_fails_every_rank_at_once():
+    """Rank 1's call fails its own checks (a float64 k beside float32 q): the other rank learns
+    it inside its agreement check and raises too, long before the ring's timeout."""
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((1, 8, 2, 4)).astype(np.float32) for _ in range(3))
+
+    def fn(ring):
+        k_here = k.astype(np.float64) if ring.rank == 1 else k
+        try:
+            cr.ring_attention(q, k_here, v, ring)
+        except (TypeError, ValueError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "no error"
+
+    start = time.monotonic()
+    got = cr.simulate(2, fn, timeout=30)
+    assert time.monotonic() - start < 10
+    assert "rank 1 could not make this call" in got[0], got
+    assert "dtype" in got[1] and "could not make" not in got[1], got

@@ -77,9 +77,11 @@ def _tiles(pos, tile: int | None):
 
 
 def all_finite(xp, x) -> bool:
-    """Whether ``x`` holds no NaN or inf (one reduction; decides per block whether the exact
-    non-finite path of :func:`masked_matmul` is needed)."""
-    return bool(xp.isfinite(x).all())
+    """Whether ``x`` surely holds no NaN or inf: decides per block whether :func:`masked_matmul`
+    may skip its exact non-finite path. One reduction on NumPy; on a GPU namespace reading the
+    answer back would stall the host behind the device every block, so there it is ``False``
+    (the exact path always runs)."""
+    return xp is np and bool(np.isfinite(x).all())
 
 
 def masked_matmul(xp, weights, values, keep, values_finite: bool):

@@ -3,19 +3,17 @@
 A call of the ring (its shapes, dtype, layout, mask, ...) is described by *fields*, a mapping of
 names to strings. :func:`encode` turns them into canonical bytes (what travels),
 :func:`disagreement` reads every rank's bytes and names the first field on which this rank differs
-from another, and :class:`AgreedCalls` remembers the last calls every rank agreed on, so that
-repeating one costs a dictionary lookup instead of a collective.
-:meth:`cuparing.comm.base.Ring.agree` puts them together.
+from another. :meth:`cuparing.comm.base.Ring.agree` puts them together, and skips the collective
+only for a call equal to the rank's previous (agreed) one.
 """
 
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from collections.abc import Mapping
 
-AGREED_CALLS_KEPT = 64  # distinct call signatures remembered per ring (oldest forgotten first)
 _ABSENT = "<absent>"
+REFUSED = "refused"  # field of a call a rank could not make (Ring.refuse): reported first
 
 
 def call_key(fields: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -65,6 +63,11 @@ def disagreement(rank: int, key: tuple[tuple[str, str], ...], gathered: list[byt
         theirs = _decode(data)
         if other == rank or theirs == mine:
             continue
+        if REFUSED in theirs and REFUSED not in mine:
+            return (
+                f"rank {rank}: rank {other} could not make this call: {theirs[REFUSED]}; every "
+                f"rank must make the same call"
+            )
         name = min(n for n in set(mine) | set(theirs) if mine.get(n) != theirs.get(n))
         return (
             f"rank {rank}: the ranks disagree on {name}: this rank has "
@@ -72,26 +75,3 @@ def disagreement(rank: int, key: tuple[tuple[str, str], ...], gathered: list[byt
             f"{name}={theirs.get(name, _ABSENT)!r}; every rank must make the same call"
         )
     return None
-
-
-class AgreedCalls:
-    """The call keys every rank agreed on, the ``limit`` most recent ones.
-
-    Every rank adds the same keys in the same order (it adds one only after the collective that
-    showed all ranks agree), so every rank forgets the same ones too.
-    """
-
-    def __init__(self, limit: int = AGREED_CALLS_KEPT):
-        self.limit = limit
-        self._keys: OrderedDict[tuple, None] = OrderedDict()
-
-    def __contains__(self, key: tuple) -> bool:
-        return key in self._keys
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def add(self, key: tuple) -> None:
-        self._keys[key] = None
-        if len(self._keys) > self.limit:
-            self._keys.popitem(last=False)

@@ -96,14 +96,19 @@ class Ring(abc.ABC):
         )
 
     def agree(self, fields: Mapping[str, str]) -> None:
-        """Check once that every rank makes this call with the same ``fields``.
+        """Check that every rank makes this call with the same ``fields``.
 
-        The first time a ``fields`` is seen, it is gathered from every rank
-        (:meth:`allgather_bytes`) and compared; once all ranks agreed, it is remembered (the
-        last :data:`~cuparing.comm.agreement.AGREED_CALLS_KEPT` distinct ones) and an identical
-        call returns at once without communicating: cheap enough for every call on the hot path.
-        Collective otherwise: call it on every rank at the same point of its ring calls, before
-        the first exchange the fields describe.
+        A call whose ``fields`` differ from this rank's previous call is gathered from every
+        rank (:meth:`allgather_bytes`) and compared; a call equal to the previous one returns at
+        once without communicating (the common case: every layer and step alike), which is
+        cheap enough for the hot path. Never silently wrong: if the previous calls agreed and no
+        rank changed, all still agree; if some rank changed, it checks, so the ranks either all
+        check (a mismatch raises ``ValueError`` everywhere) or the checking ones wait for the
+        others and the ring's timeout ends it. Remembering more than one call would break this
+        (two ranks could each repeat a different remembered call), so models that alternate
+        configurations pay one small collective per change. Collective otherwise: call it on
+        every rank at the same point of its ring calls, before the first exchange the fields
+        describe.
 
         Args:
             fields: what every rank must have alike, names to values, both ``str`` (e.g.
@@ -114,22 +119,40 @@ class Ring(abc.ABC):
             ValueError: the ranks differ; raised on every rank, naming the first differing field
                 (by name), this rank's value and that of the lowest-numbered rank that differs.
             NotImplementedError: a ring of several ranks without :meth:`allgather_bytes`.
-            RingTimeoutError, RingError: a rank did not take part: it died, or it skipped the
-                check because it had already agreed on a call the other ranks did not make.
+            RingTimeoutError, RingError: a rank did not take part: it died, or it repeated its
+                previous call while this rank changed its own.
         """
         key = agreement.call_key(fields)
-        agreed = self.__dict__.get("_agreed_calls")  # Ring has no __init__ of its own to set it
-        if agreed is None:
-            agreed = self._agreed_calls = agreement.AgreedCalls()
-        if key in agreed:
+        # Ring has no __init__ of its own, so the previous call lives in the instance dict
+        if key == self.__dict__.get("_previous_call"):
             return
         if self.size > 1:
             why = agreement.disagreement(
                 self.rank, key, self.allgather_bytes(agreement.encode(key))
             )
             if why is not None:
+                self._previous_call = None  # the next call checks again, on every rank
                 raise ValueError(why)
-        agreed.add(key)
+        self._previous_call = key
+
+    def refuse(self, entry: str, error: BaseException) -> None:
+        """Take part in the other ranks' :meth:`agree` of a call this rank cannot make.
+
+        This rank's call failed its local checks (``error``, which the caller raises next); the
+        other ranks get a ``ValueError`` from their :meth:`agree` naming this rank and ``error``
+        at once, instead of waiting for it until the ring's timeout. Never raises itself.
+
+        Args:
+            entry: the function that was called (``"ring_attention"``, ...).
+            error: why this rank's call is invalid.
+        """
+        self._previous_call = None  # the next call is checked again, on every rank
+        if self.size <= 1:
+            return
+        fields = {"entry": entry, agreement.REFUSED: f"{type(error).__name__}: {error}"}
+        # the ranks may be gone, or the ring cannot gather: the local error stands either way
+        with contextlib.suppress(RingError, NotImplementedError):
+            self.allgather_bytes(agreement.encode(agreement.call_key(fields)))
 
     def synchronize(self) -> None:
         """Block until every exchange issued by this rank has completed (or raise on timeout)."""

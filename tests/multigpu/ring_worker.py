@@ -149,11 +149,19 @@ def run_case(ring, index, case, report) -> None:
     # one device, same kernels, whole sequence: the ring may not be worse beyond RING_VS_SOLO
     solo = SoloRing()
     full = [cupy.asarray(x) for x in (q, k, v)]
-    solo_out = cr.ring_attention(*full, solo, causal=causal, window=window)
+    solo_out, solo_lse = cr.ring_attention(*full, solo, causal=causal, window=window,
+                                           return_lse=True)  # fmt: skip
     solo_err = norm_error(local(to_host(solo_out)), local(ref.out))
     limit = ring_vs_solo_limit(solo_err, ref, select=local)
     report(errors["out"] <= limit, f"{name} out: ring err {errors['out']:.2e} vs "
            f"C=1 err {solo_err:.2e} (limit {limit:.2e})")  # fmt: skip
+    # the LSE likewise, on the rows that see a key (the -inf pattern is checked above)
+    finite = np.isfinite(local(ref.lse, 2))
+    lse_err = norm_error(to_host(lse_l)[finite], local(ref.lse, 2)[finite])
+    solo_lse_err = norm_error(local(to_host(solo_lse), 2)[finite], local(ref.lse, 2)[finite])
+    lse_limit = ring_vs_solo_limit(solo_lse_err, ref, lambda x: local(x, 2), quantity="lse")
+    report(lse_err <= lse_limit, f"{name} lse: ring err {lse_err:.2e} vs C=1 err "
+           f"{solo_lse_err:.2e} (limit {lse_limit:.2e})")  # fmt: skip
 
 
 def check() -> int:
