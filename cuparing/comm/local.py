@@ -115,8 +115,8 @@ class LocalRing(Ring):
 
 
 class SoloRing(Ring):
-    """A ring of one: exchanges hand the arrays straight back (``ring_attention`` on one device,
-    e.g. in benchmarks and tests; :func:`cuparing.attention` needs no ring)."""
+    """A ring of one: exchanges hand the arrays straight back (what :func:`cuparing.attention`
+    runs its one-step plan on, and ``ring_attention`` on one device in benchmarks and tests)."""
 
     rank = 0
     size = 1
