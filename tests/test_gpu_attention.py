@@ -417,9 +417,12 @@ def test_nonfinite_inputs_behave_as_dense_attention(dtype, plant):
     _same_pattern(_to_host(out), want_out, "out")
     _same_pattern(_to_host(lse), want_lse, "lse")
     assert np.isnan(want_out).any() or np.isinf(want_out).any()  # the plant reached something
-    if causal:
+    if name != "v":
         return
-    # backward: with every pair visible, NaN rows and values spread exactly as in dense attention
+    # backward, for the value plants: every pair is visible and every logit finite, so NaN rows
+    # and values spread exactly as in dense attention. (A -inf logit hides its key; a q/k plant
+    # makes such hidden pairs, whose non-finite operand still meets its zero weight inside the
+    # dQ/dK tensor-core products: the open gap README's Numerics names.)
     dout = _random(rng, shapes["q"], dtype)
     grads = cr.ring_attention_backward(*map(_to_gpu, (dout, q, k, v)), out, lse, SoloRing())
     want = cr.reference_attention_backward(dout, q, k, v)
