@@ -353,6 +353,26 @@ def test_links_refuse_a_stranger():
     other.close(0)
 
 
+def test_a_silent_local_connection_does_not_block_the_links(monkeypatch):
+    """A process that connects to the listener and says nothing costs one handshake timeout,
+    not the whole setup: rank 1 still joins well within the setup deadline."""
+    monkeypatch.setattr(peerlink, "HANDSHAKE_SECONDS", 0.5)
+    listener, address0 = PeerLinks.listen(0, 2)
+    dialer, address1 = PeerLinks.listen(1, 2)
+    silent = socket.create_connection((address0.host, address0.port))
+    try:
+        time.sleep(0.1)  # the silent connection is first in the accept queue
+        start = time.monotonic()
+        results = _threads([lambda: listener.connect([address0, address1], 10.0),
+                            lambda: dialer.connect([address0, address1], 10.0)])  # fmt: skip
+        assert not any(isinstance(r, BaseException) for r in results), results
+        assert time.monotonic() - start < 5.0
+    finally:
+        silent.close()
+        listener.close(0)
+        dialer.close(0)
+
+
 def test_links_refuse_a_replayed_hello():
     listener, address0 = PeerLinks.listen(0, 2)
     dialer, address1 = PeerLinks.listen(1, 2)

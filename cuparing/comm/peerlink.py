@@ -33,6 +33,7 @@ from .sockets import DialTimeout, Retry, dial, recv_exact, tune
 
 MAGIC = b"CPRL"
 KEY_BYTES = 16
+HANDSHAKE_SECONDS = 5.0  # the longest one peer handshake may take (as the rendezvous)
 _CHALLENGE = struct.Struct(f"!4s{NONCE_BYTES}s")  # listener -> dialer: magic, listener's nonce
 _HELLO = struct.Struct("!II")  # dialer -> listener: rank, world size; then its nonce and proof
 _ACCEPTED = b"\x01"  # listener -> dialer, then the listener's proof
@@ -170,7 +171,9 @@ class PeerLinks:
         still expected (after our own proof went back), else ``None``."""
         listener_nonce = new_nonce()
         try:
-            sock.settimeout(max(deadline - time.monotonic(), 0.1))
+            # a few seconds per handshake, not the whole setup deadline: a local process that
+            # connects and stays silent must not hold the listener until setup fails
+            sock.settimeout(min(HANDSHAKE_SECONDS, max(deadline - time.monotonic(), 0.1)))
             sock.sendall(_CHALLENGE.pack(MAGIC, listener_nonce))
             answer = recv_exact(sock, _HELLO.size + NONCE_BYTES + PROOF_BYTES)
             hello = answer[: _HELLO.size]

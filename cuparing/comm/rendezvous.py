@@ -33,6 +33,7 @@ import re
 import secrets
 import socket
 import struct
+import tempfile
 import time
 import zlib
 from collections.abc import Callable, Mapping
@@ -475,13 +476,20 @@ def _parse_record(data: bytes, run_token: str) -> bytes | None:
 
 
 def _write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # readers see the old file or the whole new one, never a torn write
+    # mkstemp: a fresh name created exclusively (O_EXCL, no link followed) with mode 0600, so no
+    # other user can plant the temporary file or a link under it and read what is written
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # readers see the old file or the whole new one, never a torn write
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def _ack_path(path: str, rank: int) -> str:
