@@ -212,9 +212,10 @@ def test_torch_round_trip():
         *(x.transpose(1, 2).double() for x in (q, k, v)), is_causal=True
     ).transpose(1, 2)
     check_kernel_forward(out, lse, q, k, v, causal=True)
-    # and the float64 oracle agrees with PyTorch's own float64 attention
-    np.testing.assert_allclose(Reference(q, k, v, causal=True).out, ref.cpu().numpy(),
-                               rtol=0, atol=1e-12)  # fmt: skip
+    # and the float64 oracle agrees with PyTorch's own float64 attention: each is within the
+    # float64 arithmetic bound of the exact result, so they are within twice it of each other
+    exact = Reference(*(x.double() for x in (q, k, v)), causal=True)
+    assert np.linalg.norm(exact.out - ref.cpu().numpy()) <= 2 * exact.bound("out")
 
 
 @requires_gpu(1)
