@@ -64,7 +64,7 @@ class RingPlan:
         """The same plan with nothing to compute or transfer: every block empty, one step.
 
         For an empty batch (``B == 0``, on every rank): the results are empty arrays of the right
-        shapes and dtypes, with no communication.
+        shapes and dtypes, and no K/V moves (the call's agreement check still runs).
         """
         kinds = (BlockKind.EMPTY,) * len(self.kinds)
         return replace(self, kinds=kinds, last_step=0)

@@ -1,7 +1,9 @@
 """Checks on user input, made once at the API boundary before any work or communication.
 
-Every check of the library lives here: arrays, shapes, dtypes, mask options, layouts, ranks and
-world sizes, sequence lengths, shard lists, and :func:`cuparing.simulate`'s arguments.
+The checks of user input live here: arrays, shapes, dtypes, mask options, layouts, ranks and
+world sizes, sequence lengths, shard lists, and :func:`cuparing.simulate`'s arguments. (Checks
+that guard a module's own contract stay beside it: the comm layer's argument types, the CuPy
+backend's position range.)
 ``ValueError`` for shapes, lengths, layouts and out-of-range values; ``TypeError`` for dtypes,
 array types and arguments of the wrong kind. Messages name the argument, what was expected and
 what arrived.
