@@ -1,4 +1,8 @@
-"""GPU forward and backward (our mma.sync kernels; cuBLAS for float32) against float64 references.
+"""GPU forward and backward (our kernels; cuBLAS for float32) against float64 references.
+
+Forward tests run once per kernel family (the ``kernel_family`` fixture sets CUPARING_KERNELS):
+sm80 (mma.sync) everywhere, sm90 (wgmma) on Hopper GPUs only; head dims the sm90 family has no
+tiles for run the sm80 kernel either way.
 
 Tolerances come from tests/numerics.py (one table for CPU and GPU): ``check_kernel_forward``
 for the forward (the kernels round P to the input dtype before P.V), and ``check_backward`` for
@@ -14,7 +18,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import requires_gpu
+from conftest import gpu_count, requires_gpu
 from numerics import (
     ARITHMETIC_FACTOR,
     UNIT_ROUNDOFF,
@@ -68,6 +72,18 @@ def _poison_pool():
     del junk
 
 
+@pytest.fixture(params=["sm80", "sm90"])
+def kernel_family(request, monkeypatch):
+    """The forward kernel family under test; sm90 is skipped on GPUs that are not Hopper."""
+    if request.param == "sm90" and gpu_count() > 0:
+        import cupy
+
+        if not cupy.cuda.Device().compute_capability.startswith("9"):
+            pytest.skip("the sm90 (wgmma) kernels need a Hopper GPU")
+    monkeypatch.setenv("CUPARING_KERNELS", request.param)
+    return request.param
+
+
 SHAPES = [  # (B, Sq, Sk, H, Hkv)
     (2, 59, 97, 4, 2),
     (1, 97, 59, 6, 3),
@@ -81,6 +97,7 @@ HEADDIMS = [32, 64, 96, 128, 256, 40, 136, 200]
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("headdim", HEADDIMS)
 @pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.usefixtures("kernel_family")
 def test_attention_matches_reference(dtype, headdim, mask):
     causal, window = MASKS[mask]
     seed = zlib.crc32(f"{dtype}/{headdim}/{mask}".encode())
@@ -98,6 +115,7 @@ def test_attention_matches_reference(dtype, headdim, mask):
 
 @requires_gpu(1)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.usefixtures("kernel_family")
 def test_transposed_view_and_gqa(dtype):
     import cupy
 
@@ -116,6 +134,7 @@ def test_transposed_view_and_gqa(dtype):
 
 @requires_gpu(1)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.usefixtures("kernel_family")
 def test_fully_masked_rows(dtype):
     rng = np.random.default_rng(3)
     q, k, v = (_random(rng, (1, 97, 2, 64), dtype) for _ in range(3))
@@ -135,14 +154,15 @@ RING_CASES = list(
 
 @requires_gpu(1)
 @pytest.mark.parametrize("layout,world,mask", RING_CASES)
-def test_ring_on_one_gpu_matches_reference(layout, world, mask):
+def test_ring_on_one_gpu_matches_reference(layout, world, mask, kernel_family):
     """Every layout's positions through the CuPy backend: first block writes the float32
     accumulator, later ones merge in the kernel epilogue (MERGE mode)."""
     causal, window = MASKS[mask]
     dtype = "bfloat16"
     rng = np.random.default_rng(world * 100 + len(layout))
     s = 2 * world * 53  # awkward, split by every layout
-    q, k, v = (_random(rng, (2, s, 4, 96), dtype) for _ in range(3))
+    d = 128 if kernel_family == "sm90" else 96  # a head dim each family has tiles for
+    q, k, v = (_random(rng, (2, s, 4, d), dtype) for _ in range(3))
     k, v = k[:, :, :2], v[:, :, :2]  # GQA 4:2
 
     def rank_fn(ring):
@@ -158,6 +178,7 @@ def test_ring_on_one_gpu_matches_reference(layout, world, mask):
 
 
 @requires_gpu(1)
+@pytest.mark.usefixtures("kernel_family")
 def test_merge_error_does_not_grow_with_ring_size():
     rng = np.random.default_rng(11)
     q, k, v = (_random(rng, (1, 8 * 64, 2, 64), "bfloat16") for _ in range(3))
@@ -233,6 +254,25 @@ def test_jax_round_trip():
 
 
 @requires_gpu(1)
+@pytest.mark.usefixtures("kernel_family")
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_is_deterministic(causal):
+    """The same inputs twice give bit-identical output and LSE (a race in the shared-memory
+    pipeline would show as a difference between the runs)."""
+    import cupy
+
+    rng = np.random.default_rng(21)
+    q, k, v = (_to_gpu(_random(rng, (2, 1000, 8, 128), "bfloat16")) for _ in range(3))
+    first = [x.copy() for x in cr.attention(q, k, v, causal=causal, return_lse=True)]
+    for _ in range(2):
+        again = cr.attention(q, k, v, causal=causal, return_lse=True)
+        for a, b in zip(first, again, strict=True):
+            bits = cupy.uint16 if a.dtype.itemsize == 2 else cupy.uint32
+            assert cupy.array_equal(a.view(bits), b.view(bits))
+
+
+@requires_gpu(1)
+@pytest.mark.usefixtures("kernel_family")
 def test_kernel_resources_on_device():
     from cuparing.kernels import loader
 
@@ -400,6 +440,7 @@ NONFINITE = {
 @requires_gpu(1)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("plant", list(NONFINITE))
+@pytest.mark.usefixtures("kernel_family")
 def test_nonfinite_inputs_behave_as_dense_attention(dtype, plant):
     """NaN/inf reach exactly the rows dense attention lets them reach; a NaN logit is never
     turned into a healthy-looking empty row. (Hidden pairs inside a partially masked tile still

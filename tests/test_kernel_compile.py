@@ -68,8 +68,38 @@ def test_padded_head_dim():
             loader.padded_head_dim(bad)
 
 
+def test_forward_family_choice(monkeypatch):
+    monkeypatch.delenv("CUPARING_KERNELS", raising=False)
+    assert loader.forward_family(128, "sm_90") == "sm90"
+    assert loader.forward_family(96, "sm_90") == "sm80"  # no sm90 tiles for this head dim
+    assert loader.forward_family(64, "sm_90") == "sm80"  # not (yet) faster there
+    assert loader.forward_family(128, "sm_80") == "sm80"
+    monkeypatch.setenv("CUPARING_KERNELS", "sm80")
+    assert loader.forward_family(128, "sm_90") == "sm80"
+    monkeypatch.setenv("CUPARING_KERNELS", "sm90")
+    assert loader.forward_family(64, "sm_90") == "sm90"
+    assert loader.forward_family(128, "sm_89") == "sm80"  # wgmma needs Hopper
+    monkeypatch.setenv("CUPARING_KERNELS", "fast")
+    with pytest.raises(ValueError, match="CUPARING_KERNELS"):
+        loader.forward_family(128, "sm_90")
+    assert loader.fwd_name(128, "bfloat16", "sm90") == "cuparing_fwd_sm90<128, true>"
+    with pytest.raises(ValueError):
+        loader.fwd_name(96, "bfloat16", "sm90")
+
+
+def test_wgmma_wrappers():
+    from cuparing.kernels import wgmma
+
+    text = wgmma.wrappers_source([64, 128])
+    assert text.count("struct Wgmma<") == 4  # 2 widths x 2 dtypes
+    assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, " in text
+    assert "%63}, %64, %65, p, 1, 1, 0, 0;" in text  # 64 accumulators, then the descriptors
+    with pytest.raises(ValueError):
+        wgmma.wrappers_source([60])
+
+
 def test_source_is_self_contained():
-    source = loader.kernel_source("sm_90a")
+    source = loader.kernel_source("sm_90a") + loader.kernel_source("sm_90a", "sm90")
     assert '#include "' not in source  # our headers are inlined (CuPy's cache hashes the text)
     assert "#include <" not in source  # header-free: NVRTC needs nothing but libnvrtc
     assert "CUPARING_FWD_CONFIGS" in source
@@ -78,6 +108,7 @@ def test_source_is_self_contained():
             assert loader.smem_bytes(d, arch) <= limit, (arch, d)
             cfg = loader.fwd_configs(arch)[d]
             assert cfg.block_m % (16 * cfg.warps) == 0
+    assert all(loader.sm90_smem_bytes(d) <= 227 * 1024 for d in loader.SM90_FWD_CONFIGS)
 
 
 def test_every_kernel_compiles_without_spills():
@@ -91,11 +122,13 @@ def test_every_kernel_compiles_without_spills():
         len(loader.HEAD_DIMS) * len(loader.DTYPES)  # forward
         + len(loader.all_bwd_names(arch))  # backward (split head dims: two modes)
         + 3 * len(loader.DTYPES)  # casts both ways, delta
+        + (len(loader.SM90_FWD_CONFIGS) * len(loader.DTYPES) if arch == "sm_90a" else 0)  # wgmma
         for arch in check.ARCHS
     )
     assert len(reports) == expected
+    assert any("sm90" in r.kernel and not r.missing_ptx for r in reports)
     bad = [r for r in reports if not r.ok]
-    assert not bad, "local memory (spills/stack) in hot kernels:\n" + check.format_table(bad)
+    assert not bad, "spills, stack or missing instructions:\n" + check.format_table(bad)
     assert all(0 < r.regs <= 255 for r in reports)
 
 

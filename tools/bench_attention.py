@@ -1,12 +1,13 @@
-"""Forward attention throughput: cuparing's kernel vs PyTorch SDPA (flash and cuDNN) on one GPU.
+"""Forward attention throughput: cuparing's kernel families vs PyTorch SDPA (flash and cuDNN).
 
 All runs share the process, the card and the inputs (bf16, [B, S, H, D], B=1, H=32). Time is
 measured with CUDA events (tools/timing.py: back-to-back calls), median of repeats.
-FLOPs = 4 * B * H * S^2 * D, halved for causal. Prints TFLOP/s per implementation and our
-ratio to each peer, plus the kernel's registers and local memory (spills) from the driver.
+FLOPs = 4 * B * H * S^2 * D, halved for causal. Prints TFLOP/s of each kernel family asked for
+(``CUPARING_KERNELS`` set per row: sm90 = wgmma, Hopper only; sm80 = mma.sync) and of each peer,
+the first family's ratio to each peer, and its registers and local memory (spills).
 
 Usage:
-    python tools/bench_attention.py [--quick] [--json PATH] [--repeats N]
+    python tools/bench_attention.py [--quick] [--json PATH] [--repeats N] [--families sm90,sm80]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +37,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--families", default="sm90,sm80", help="kernel families, first is 'ours'")
     args = parser.parse_args(argv)
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
 
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -47,8 +51,11 @@ def main(argv=None) -> int:
     print(f"card: {card}; torch {torch.__version__}; bf16, B={args.batch}, H={args.heads}")
     rows = []
     peers = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
-    header = f"{'D':>4} {'S':>6} {'causal':>6} {'ours':>7} " + " ".join(
-        f"{n:>7} {'ratio':>6}" for n in peers
+    header = (
+        f"{'D':>4} {'S':>6} {'causal':>6} "
+        + " ".join(f"{f:>7}" for f in families)
+        + " "
+        + " ".join(f"{n:>7} {'ratio':>6}" for n in peers)
     )
     print(header + f" {'regs':>5} {'local':>5}")
     for d, s, causal in QUICK_SHAPES if args.quick else FULL_SHAPES:
@@ -60,8 +67,11 @@ def main(argv=None) -> int:
         )  # fmt: skip
         flops = 4 * args.batch * args.heads * s * s * d / (2 if causal else 1)
         result = {"card": card, "D": d, "S": s, "causal": causal}
-        ms = time_ms(functools.partial(cr.attention, q, k, v, causal=causal), args.repeats)
-        result["ours_tflops"] = flops / ms / 1e9
+        for family in reversed(families):  # the first family ends up active for the kernel stats
+            os.environ["CUPARING_KERNELS"] = family
+            ms = time_ms(functools.partial(cr.attention, q, k, v, causal=causal), args.repeats)
+            result[f"{family}_tflops"] = flops / ms / 1e9
+        result["ours_tflops"] = result[f"{families[0]}_tflops"]
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # SDPA wants [B, H, S, D]
         for name, backend in peers.items():
             try:
@@ -86,7 +96,9 @@ def main(argv=None) -> int:
                 else f"{'n/a':>7} {'':>6}"
             )
         print(
-            f"{d:>4} {s:>6} {str(causal):>6} {result['ours_tflops']:7.1f} "
+            f"{d:>4} {s:>6} {str(causal):>6} "
+            + " ".join(f"{result[f'{f}_tflops']:7.1f}" for f in families)
+            + " "
             + " ".join(cells)
             + f" {result['regs']:>5} {result['local_bytes']:>5}"
         )

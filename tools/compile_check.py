@@ -107,7 +107,10 @@ class CtypesNvrtc:
             self._check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
             cubin = ctypes.create_string_buffer(size.value)
             self._check(lib.nvrtcGetCUBIN(prog, cubin), "cubin")
-            return cubin.raw, log, lowered
+            self._check(lib.nvrtcGetPTXSize(prog, ctypes.byref(size)), "ptx size")
+            ptx = ctypes.create_string_buffer(size.value)
+            self._check(lib.nvrtcGetPTX(prog, ptx), "ptx")
+            return cubin.raw, log, lowered, ptx.value.decode(errors="replace")
         finally:
             lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
@@ -136,7 +139,7 @@ class CupyNvrtc:
                 raise NvrtcError(f"nvrtc compile failed: {exc}\n{nv.getProgramLog(prog)}") from exc
             log = nv.getProgramLog(prog)
             lowered = {name: nv.getLoweredName(prog, name) for name in names}
-            return nv.getCUBIN(prog), log, lowered
+            return nv.getCUBIN(prog), log, lowered, nv.getPTX(prog).decode(errors="replace")
         finally:
             nv.destroyProgram(prog)
 
@@ -164,6 +167,7 @@ class KernelReport:
     stack: int
     compile_s: float
     hot: bool  # a forward/backward kernel: any local memory fails the check
+    missing_ptx: tuple[str, ...] = ()  # required instructions absent from the PTX
 
     @property
     def spills(self) -> int:
@@ -171,7 +175,7 @@ class KernelReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.hot and self.spills)
+        return not (self.hot and self.spills) and not self.missing_ptx
 
 
 _FUNC = re.compile(r"Function properties for (\S+)")
@@ -206,10 +210,17 @@ def parse_ptxas(log: str) -> dict[str, dict]:
     return info
 
 
-def compile_one(nvrtc, source: str, name: str, arch: str, hot: bool, smem: int) -> KernelReport:
+# Instructions the PTX of a kernel family must hold: without them the kernel compiled, but not
+# into what the family exists for (e.g. the sm90 forward without warpgroup MMA).
+REQUIRED_PTX = {"sm80": (), "sm90": ("wgmma.mma_async",)}
+
+
+def compile_one(
+    nvrtc, source: str, name: str, arch: str, hot: bool, smem: int, required: tuple = ()
+) -> KernelReport:
     options = [*loader.BASE_OPTIONS, f"-arch={arch}", "-Xptxas=-v"]
     start = time.perf_counter()
-    _, log, lowered = nvrtc.compile(source, [name], options)
+    _, log, lowered, ptx = nvrtc.compile(source, [name], options)
     elapsed = time.perf_counter() - start
     stats = parse_ptxas(log).get(lowered[name])
     if stats is None or "regs" not in stats:
@@ -218,6 +229,7 @@ def compile_one(nvrtc, source: str, name: str, arch: str, hot: bool, smem: int) 
         kernel=name, arch=arch, regs=stats["regs"], smem=smem, static_smem=stats.get("smem", 0),
         spill_stores=stats.get("spill_stores", 0), spill_loads=stats.get("spill_loads", 0),
         stack=stats.get("stack", 0), compile_s=round(elapsed, 2), hot=hot,
+        missing_ptx=tuple(i for i in required if i not in ptx),
     )  # fmt: skip
 
 
@@ -239,6 +251,13 @@ def check_all(archs=ARCHS, jobs: int | None = None, nvrtc=None) -> list[KernelRe
         for dtype in loader.DTYPES:
             for name in (*loader.cast_names(dtype), loader.bwd_delta_name(dtype)):
                 work.append((source, name, arch, False, 0))
+        if arch.startswith("sm_9"):  # the wgmma family exists for the sm_90a target only
+            sm90_source = loader.kernel_source(arch, "sm90")
+            for d in loader.SM90_FWD_CONFIGS:
+                for dtype in loader.DTYPES:
+                    name = loader.fwd_name(d, dtype, "sm90")
+                    smem = loader.sm90_smem_bytes(d)
+                    work.append((sm90_source, name, arch, True, smem, REQUIRED_PTX["sm90"]))
     jobs = jobs or max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(jobs) as pool:  # ctypes releases the GIL while NVRTC runs
         futures = [pool.submit(compile_one, nvrtc, *item) for item in work]
@@ -251,7 +270,11 @@ def format_table(reports: list[KernelReport]) -> str:
     )
     lines = [header, "-" * len(header)]
     for r in reports:
-        flag = "" if r.ok else "  <-- local memory in a hot kernel"
+        flag = (
+            f"  <-- PTX lacks {', '.join(r.missing_ptx)}"
+            if r.missing_ptx
+            else ("" if r.ok else "  <-- local memory in a hot kernel")
+        )
         lines.append(
             f"{r.kernel:<42} {r.arch:<7} {r.regs:>4} {r.smem:>7} "
             f"{r.spill_stores + r.spill_loads:>5} {r.stack:>5} {r.compile_s:>5.1f}{flag}"

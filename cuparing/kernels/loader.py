@@ -22,11 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
+from . import wgmma
+
 KERNEL_DIR = Path(__file__).resolve().parent
-ENTRY_FILE = "attention.cu"
+# Kernel families: shared pieces in common/, one entry file per family. sm80 (mma.sync, cp.async)
+# runs on every GPU from sm_80 on; sm90 (wgmma) needs the sm_90a target, i.e. a Hopper GPU.
+FAMILIES = ("sm80", "sm90")
+ENTRY_FILES = {"sm80": "sm80/entry.cu", "sm90": "sm90/entry.cu"}
 
 # Options for every compile. C++17 for `if constexpr`; nothing else is needed (no include paths).
 BASE_OPTIONS = ("-std=c++17",)
+# wgmma and setmaxnreg exist only for the architecture-specific target sm_90a.
+SM90_OPTIONS = (*BASE_OPTIONS, "-arch=sm_90a")
 
 
 @dataclass(frozen=True)
@@ -82,11 +89,13 @@ def _tile_overrides(spec: str) -> dict[int, FwdConfig]:
 
 # Hopper (sm_90) has 227 KB of shared memory per CTA, so the wider key tiles that sm_80's 163 KB
 # rules out fit; on an H200, with the paired K fragments, 128x64 beat 128x32 by 12% (d=128,
-# S=8k) and 128x32x3 stages (tools/tune_forward.py, PERF.md).
+# S=8k) and 128x32x3 stages (tools/tune_forward.py, PERF.md). Since the epilogue became a function
+# shared with the sm90 family, 128x64 at d=128 spills 8 bytes on sm_90a (255 registers); 128x48
+# does not. (On Hopper the sm90 family runs d=128 unless CUPARING_KERNELS=sm80.)
 HOPPER_TILES: dict[int, FwdConfig] = {
     64: FwdConfig(block_m=128, block_n=64, warps=4, stages=2, q_in_regs=True, min_blocks=2),
     96: FwdConfig(block_m=128, block_n=64, warps=4, stages=2, q_in_regs=False, min_blocks=1),
-    128: FwdConfig(block_m=128, block_n=64, warps=4, stages=2, q_in_regs=False, min_blocks=1),
+    128: FwdConfig(block_m=128, block_n=48, warps=4, stages=2, q_in_regs=False, min_blocks=1),
     224: FwdConfig(block_m=128, block_n=64, warps=8, stages=2, q_in_regs=False, min_blocks=1),
     256: FwdConfig(block_m=128, block_n=64, warps=8, stages=2, q_in_regs=False, min_blocks=1),
 }
@@ -171,6 +180,61 @@ def bwd_smem_bytes(head_dim: int, arch: str = "sm_80") -> int:
     )
 
 
+@dataclass(frozen=True)
+class Sm90FwdConfig:
+    """Tile configuration of the sm90 (wgmma) forward kernel for one head dim: two warpgroups of
+    64 query rows each (block_m = 128, 256 threads), ``block_n`` keys per stage, ``stages`` K/V
+    tiles in flight."""
+
+    block_n: int
+    stages: int
+    block_m: int = 128
+    threads: int = 256
+
+
+# S (block_n / 2 floats) + O (d / 2) + P (block_n / 4) registers per thread must stay well under
+# 255; shared memory Q + stages * (K + V) under 227 KB (sm90/traits.cuh asserts both).
+SM90_FWD_CONFIGS: dict[int, Sm90FwdConfig] = {
+    64: Sm90FwdConfig(block_n=128, stages=2),
+    128: Sm90FwdConfig(block_n=128, stages=2),
+    256: Sm90FwdConfig(block_n=64, stages=2),
+}
+
+
+# Head dims the sm90 family runs by default: where it measured faster than sm80 (PERF.md). d=64 is
+# softmax-bound until the two warpgroups stop running in lockstep, so it stays on sm80 for now
+# (CUPARING_KERNELS=sm90 runs it anyway).
+SM90_DEFAULT_HEAD_DIMS = (128, 256)
+
+
+def sm90_smem_bytes(head_dim: int) -> int:
+    """Dynamic shared memory of ``cuparing_fwd_sm90<head_dim, *>`` (as Sm90FwdTraitsBase)."""
+    cfg = SM90_FWD_CONFIGS[head_dim]
+    box_row_bytes = 128 * -(-head_dim // 64)
+    return box_row_bytes * (cfg.block_m + cfg.stages * 2 * cfg.block_n) + 1024
+
+
+def forward_family(head_dim: int, arch: str) -> str:
+    """The kernel family that runs the forward of padded ``head_dim`` on ``arch`` ('sm_90', ...).
+
+    ``CUPARING_KERNELS=sm80`` forces the mma.sync family everywhere (comparison and fallback);
+    ``sm90`` runs the wgmma family for every head dim it has tiles for (Hopper only); unset or
+    'auto' runs it for :data:`SM90_DEFAULT_HEAD_DIMS` on Hopper.
+
+    Raises:
+        ValueError: ``CUPARING_KERNELS`` is neither unset/'auto' nor a family name.
+    """
+    choice = os.environ.get("CUPARING_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in ("auto", *FAMILIES):
+        raise ValueError(f"CUPARING_KERNELS must be 'auto', 'sm80' or 'sm90', got {choice!r}")
+    hopper = arch.startswith("sm_9")
+    if choice == "sm80" or not hopper or head_dim not in SM90_FWD_CONFIGS:
+        return "sm80"
+    if choice == "auto" and head_dim not in SM90_DEFAULT_HEAD_DIMS:
+        return "sm80"
+    return "sm90"
+
+
 HEAD_DIMS = tuple(sorted(FWD_CONFIGS))
 MAX_HEAD_DIM = HEAD_DIMS[-1]
 DTYPES = ("float16", "bfloat16")
@@ -200,11 +264,14 @@ def smem_bytes(head_dim: int, arch: str = "sm_80") -> int:
     return cfg.block_m * row_bytes + cfg.stages * 2 * cfg.block_n * row_bytes
 
 
-def fwd_name(head_dim: int, dtype: str) -> str:
-    """Name expression of the forward kernel for a padded head dim and 'float16'/'bfloat16'."""
-    if head_dim not in FWD_CONFIGS or dtype not in DTYPES:
-        raise ValueError(f"no forward kernel for {head_dim=} {dtype=}")
-    return f"cuparing_fwd<{head_dim}, {'true' if dtype == 'bfloat16' else 'false'}>"
+def fwd_name(head_dim: int, dtype: str, family: str = "sm80") -> str:
+    """Name expression of the forward kernel of ``family`` for a padded head dim and
+    'float16'/'bfloat16'."""
+    table = SM90_FWD_CONFIGS if family == "sm90" else FWD_CONFIGS
+    if family not in FAMILIES or head_dim not in table or dtype not in DTYPES:
+        raise ValueError(f"no {family} forward kernel for {head_dim=} {dtype=}")
+    entry = "cuparing_fwd_sm90" if family == "sm90" else "cuparing_fwd"
+    return f"{entry}<{head_dim}, {'true' if dtype == 'bfloat16' else 'false'}>"
 
 
 def bwd_name(head_dim: int, dtype: str, mode: int) -> str:
@@ -247,30 +314,46 @@ def configs_macro(arch: str = "sm_80") -> str:
         f"{bwd_smem_bytes(d, arch)})"
         for d, c in sorted(bwd_configs(arch).items())
     )
-    return f"#define CUPARING_FWD_CONFIGS(X) {rows}\n#define CUPARING_BWD_CONFIGS(X) {bwd_rows}\n"
+    sm90_rows = " ".join(
+        f"X({d}, {c.block_n}, {c.stages}, {sm90_smem_bytes(d)})"
+        for d, c in sorted(SM90_FWD_CONFIGS.items())
+    )
+    return (
+        f"#define CUPARING_FWD_CONFIGS(X) {rows}\n#define CUPARING_BWD_CONFIGS(X) {bwd_rows}\n"
+        f"#define CUPARING_SM90_FWD_CONFIGS(X) {sm90_rows}\n"
+    )
 
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
 
-def _inline(name: str, seen: set[str]) -> list[str]:
-    """Text of ``name`` with our quoted includes inlined once each (``#pragma once`` dropped)."""
-    if name in seen:
+def _inline(path: Path, seen: set[Path]) -> list[str]:
+    """Text of ``path`` with our quoted includes (relative to the including file) inlined once
+    each (``#pragma once`` dropped)."""
+    path = path.resolve()
+    if path in seen:
         return []
-    seen.add(name)
-    out = [f"// ---- {name}"]
-    for line in (KERNEL_DIR / name).read_text().splitlines():
+    seen.add(path)
+    out = [f"// ---- {path.relative_to(KERNEL_DIR)}"]
+    for line in path.read_text().splitlines():
         match = _INCLUDE.match(line)
         if match:
-            out.extend(_inline(match.group(1), seen))
+            out.extend(_inline(path.parent / match.group(1), seen))
         elif line.strip() != "#pragma once":
             out.append(line)
     return out
 
 
-def kernel_source(arch: str = "sm_80") -> str:
-    """The complete, self-contained translation unit for ``arch``: table macro + attention.cu."""
-    return configs_macro(arch) + "\n".join(_inline(ENTRY_FILE, set())) + "\n"
+def kernel_source(arch: str = "sm_80", family: str = "sm80") -> str:
+    """The complete, self-contained translation unit of ``family`` for ``arch``: the table
+    macros, (sm90) the generated wgmma wrappers, then the family's entry file."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown kernel family {family!r}; expected one of {FAMILIES}")
+    prefix = configs_macro(arch)
+    if family == "sm90":
+        widths = {d for d in SM90_FWD_CONFIGS} | {c.block_n for c in SM90_FWD_CONFIGS.values()}
+        prefix += wgmma.wrappers_source(widths)
+    return prefix + "\n".join(_inline(KERNEL_DIR / ENTRY_FILES[family], set())) + "\n"
 
 
 # ---- launch parameters (params.cuh FwdParams / BwdParams), C layout via align=True
@@ -346,37 +429,45 @@ def device_arch() -> str:
     return f"sm_{cupy.cuda.Device().compute_capability}"
 
 
-def get_module(names: tuple[str, ...], options: tuple[str, ...] = BASE_OPTIONS):
-    """The RawModule holding ``names`` for the current device, cached per (arch, options, names).
+def get_module(names: tuple[str, ...], family: str = "sm80"):
+    """The RawModule holding ``names`` of ``family`` for the current device, cached per (arch,
+    family, names).
 
     One module per group of instantiations keeps the first call cheap: NVRTC compiles only the
     kernels asked for (CuPy also caches the binary on disk across processes).
     """
     import cupy
 
-    key = (device_arch(), tuple(options), tuple(names))
+    options = SM90_OPTIONS if family == "sm90" else BASE_OPTIONS
+    key = (device_arch(), family, tuple(names))
     with _LOCK:
         module = _MODULES.get(key)
         if module is None:
             module = cupy.RawModule(
-                code=kernel_source(key[0]), options=tuple(options), name_expressions=list(names)
+                code=kernel_source(key[0], family), options=options, name_expressions=list(names)
             )
             _MODULES[key] = module
     return module
 
 
 def get_fwd_kernel(head_dim: int, dtype: str):
-    """(kernel, config, shared memory bytes) for padded ``head_dim`` and 'float16'/'bfloat16'.
+    """(kernel, config, shared memory bytes) of the forward for padded ``head_dim`` and
+    'float16'/'bfloat16' on the current device, from the family :func:`forward_family` picks.
+    The config has ``block_m`` (query rows per CTA) and ``threads``.
 
     Raises:
         RuntimeError: the device cannot give a CTA that much shared memory.
     """
     import cupy
 
-    name = fwd_name(head_dim, dtype)
-    kernel = get_module((name,)).get_function(name)
     arch = device_arch()
-    smem = smem_bytes(head_dim, arch)
+    family = forward_family(head_dim, arch)
+    name = fwd_name(head_dim, dtype, family)
+    kernel = get_module((name,), family).get_function(name)
+    if family == "sm90":
+        cfg, smem = SM90_FWD_CONFIGS[head_dim], sm90_smem_bytes(head_dim)
+    else:
+        cfg, smem = fwd_configs(arch)[head_dim], smem_bytes(head_dim, arch)
     key = (device_arch(), cupy.cuda.Device().id, name)
     if key not in _SMEM_SET:
         try:
@@ -387,7 +478,7 @@ def get_fwd_kernel(head_dim: int, dtype: str):
                 f"{cupy.cuda.Device().id} ({device_arch()}) allows: {exc}"
             ) from exc
         _SMEM_SET.add(key)
-    return kernel, fwd_configs(arch)[head_dim], smem
+    return kernel, cfg, smem
 
 
 def get_cast_kernels(dtype: str):

@@ -9,7 +9,7 @@
 // (kBlockM, kHeadDim) query tile, kMFrags m16 fragments of them, and sweeps the whole
 // (kBlockN, kHeadDim) key/value tile, so no cross-warp reduction is ever needed.
 #pragma once
-#include "params.cuh"
+#include "../common/params.cuh"
 
 #ifndef CUPARING_FWD_CONFIGS
 #error "CUPARING_FWD_CONFIGS must be defined by the loader (cuparing/kernels/loader.py)"

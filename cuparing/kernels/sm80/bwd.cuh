@@ -28,9 +28,9 @@
 // tiles), so tile i+1 loads while tile i computes; two barriers per query tile (stage reuse,
 // and dS written before dQ reads it).
 #pragma once
-#include "mask.cuh"
-#include "params.cuh"
-#include "ptx.cuh"
+#include "../common/mask.cuh"
+#include "../common/params.cuh"
+#include "../common/ptx.cuh"
 
 #ifndef CUPARING_BWD_CONFIGS
 #error "CUPARING_BWD_CONFIGS must be defined by the loader (cuparing/kernels/loader.py)"

@@ -12,10 +12,11 @@
 // The epilogue normalises, then writes (out, lse) in the input dtype, or writes / merges the
 // float32 running result of the ring (OutMode) with lse = max + log(exp(a-max) + exp(b-max)).
 #pragma once
-#include "mask.cuh"
-#include "params.cuh"
-#include "ptx.cuh"
-#include "softmax.cuh"
+#include "../common/mask.cuh"
+#include "../common/params.cuh"
+#include "../common/ptx.cuh"
+#include "../common/softmax.cuh"
+#include "../common/epilogue.cuh"
 #include "traits.cuh"
 
 namespace cuparing {
@@ -281,85 +282,8 @@ __device__ __forceinline__ void fwd_block(const FwdParams& p) {
 
 #undef CUPARING_STEP_OFF
 
-  // ---- epilogue: normalise and write, per thread-owned row
-  reduce_row_sums<Tr>(row_sum);
-  constexpr float kLn2 = 0.6931471805599453f;
-  const int nheads = p.nheads;
-  const int d = p.headdim;
-
-  float lse_old[Tr::kMFrags][2];
-  if (p.out_mode == kOutAccMerge) {
-    // every lane of a quad reads the row's running lse before lane t==0 overwrites it
-#pragma unroll
-    for (int mf = 0; mf < Tr::kMFrags; ++mf) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = warp_row0 + mf * 16 + g + 8 * r;
-        lse_old[mf][r] = row < sq ? p.lse[(static_cast<i64>(b) * nheads + h) * sq + row] : 0.f;
-      }
-    }
-    __syncwarp();
-  }
-
-#pragma unroll
-  for (int mf = 0; mf < Tr::kMFrags; ++mf) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = warp_row0 + mf * 16 + g + 8 * r;
-      if (row >= sq) continue;
-      const float sum = row_sum[mf][r];
-      // a row saw a key iff its max left -inf; a NaN max (NaN logits) gives NaN out and lse
-      const bool seen = row_max[mf][r] != neg_inf();
-      const float inv = seen ? 1.f / sum : 0.f;
-      const float lse_blk = seen ? (row_max[mf][r] + __log2f(sum)) * kLn2 : neg_inf();
-      const i64 lse_idx = (static_cast<i64>(b) * nheads + h) * sq + row;
-
-      if (p.out_mode == kOutDirect) {
-        u16* out_row = static_cast<u16*>(p.out) + b * p.o_batch_stride + row * p.o_row_stride +
-                       h * p.o_head_stride;
-#pragma unroll
-        for (int j = 0; j < Tr::kDTiles; ++j) {
-          const int col = 8 * j + 2 * t;
-          if (col < d) {
-            *reinterpret_cast<u32*>(out_row + col) =
-                pack2<kBf16>(acc_o[mf][j][2 * r] * inv, acc_o[mf][j][2 * r + 1] * inv);
-          }
-        }
-        if (t == 0) p.lse[lse_idx] = lse_blk;
-      } else {
-        float* acc_row =
-            static_cast<float*>(p.out) + ((static_cast<i64>(b) * sq + row) * nheads + h) * d;
-        float w_old = 0.f, w_blk = inv, lse_new = lse_blk;
-        bool keep_old = false;
-        if (p.out_mode == kOutAccMerge) {
-          const float a = lse_old[mf][r];
-          const float mx = max_nan(a, lse_blk);  // a NaN on either side stays NaN
-          if (mx == neg_inf()) continue;  // neither side saw a key: stays (0, -inf)
-          const float ea = expf(a - mx);  // exactly 0 when a == -inf
-          const float eb = expf(lse_blk - mx);
-          const float total = ea + eb;
-          lse_new = mx + logf(total);
-          w_old = ea / total;
-          w_blk = eb / total * inv;
-          keep_old = a != neg_inf();  // never read an accumulator row with weight 0 (NaN-safe)
-        }
-#pragma unroll
-        for (int j = 0; j < Tr::kDTiles; ++j) {
-          const int col = 8 * j + 2 * t;
-          if (col < d) {
-            float2 o = make_float2(acc_o[mf][j][2 * r] * w_blk, acc_o[mf][j][2 * r + 1] * w_blk);
-            if (keep_old) {
-              const float2 prev = *reinterpret_cast<const float2*>(acc_row + col);
-              o.x = fmaf(prev.x, w_old, o.x);
-              o.y = fmaf(prev.y, w_old, o.y);
-            }
-            *reinterpret_cast<float2*>(acc_row + col) = o;
-          }
-        }
-        if (t == 0) p.lse[lse_idx] = lse_new;
-      }
-    }
-  }
+  // ---- epilogue: normalise and write (common/epilogue.cuh)
+  write_block_output<Tr, kBf16>(p, acc_o, row_max, row_sum, warp_row0, b, h, lane);
 }
 
 }  // namespace cuparing

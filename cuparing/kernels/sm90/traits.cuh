@@ -1,0 +1,78 @@
+// Tile shapes and shared-memory layout of the Hopper (sm_90a) forward kernel, per head dim.
+//
+// The table lives in Python (loader.SM90_FWD_CONFIGS) and arrives as the X-macro
+// CUPARING_SM90_FWD_CONFIGS(X), X(head_dim, block_n, stages, smem_bytes), so the host's launch
+// numbers and the device's layout are one table.
+//
+// CTA = two warpgroups (8 warps, 256 threads) over a 128-row query tile: warpgroup w owns rows
+// [64w, 64w + 64), warp i of it the 16 rows [16i, 16i + 16) (one m16 fragment in the accumulator
+// layout mma.sync also uses, so kMFrags = 1 and the shared mask/softmax/epilogue code applies).
+//
+// Shared memory holds every (rows, kHeadDim) tile as kHeadDim/64 "boxes" of (rows, 64) elements:
+// one 128-byte row per tile row, 16-byte chunk c of row r stored at chunk c ^ (r % 8), each box
+// 1024-byte aligned. That is exactly wgmma's 128-byte swizzle, which its descriptors then describe
+// (K-major for Q and K, MN-major for V); it is also the layout a 64-column TMA box with
+// CU_TENSOR_MAP_SWIZZLE_128B writes.
+#pragma once
+#include "../common/params.cuh"
+
+#ifndef CUPARING_SM90_FWD_CONFIGS
+#error "CUPARING_SM90_FWD_CONFIGS must be defined by the loader (cuparing/kernels/loader.py)"
+#endif
+
+namespace cuparing {
+
+template <int kHeadDim_, int kBlockN_, int kStages_>
+struct Sm90FwdTraitsBase {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 128;         // query rows per CTA, 64 per warpgroup
+  static constexpr int kBlockN = kBlockN_;    // keys per pipeline stage (the N of S = Q K^T)
+  static constexpr int kStages = kStages_;    // K/V tiles in flight (cp.async groups)
+  static constexpr int kNWarps = 8;
+  static constexpr int kNThreads = 256;
+  static constexpr int kRowsPerWarp = 16;
+  static constexpr int kMFrags = 1;
+  static constexpr int kNTiles = kBlockN / 8;   // n8 tiles of S per thread
+  static constexpr int kDTiles = kHeadDim / 8;  // n8 tiles of O per thread
+  static constexpr int kKSteps = kHeadDim / 16; // k16 steps of Q K^T
+  static constexpr int kPSteps = kBlockN / 16;  // k16 steps of P V
+
+  static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
+  static constexpr int kBoxes = (kHeadDim + 63) / 64;
+  static constexpr int kBoxRowBytes = 128;
+  // Copy grid of load_tile: a power of two >= kChunks (so rows step by a multiple of 8 and a
+  // thread's swizzle key stays fixed).
+  static constexpr int kLoadChunks = kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;
+  static constexpr int kQBytes = kBoxes * kBlockM * kBoxRowBytes;
+  static constexpr int kKVBytes = kBoxes * kBlockN * kBoxRowBytes;
+  static constexpr int kStageBytes = 2 * kKVBytes;  // K then V
+  // + 1024: the dynamic shared memory base is rounded up to the swizzle atom inside the kernel
+  static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + 1024;
+
+  // Byte offset of 16-byte chunk `chunk` of row `row` in a tile of kRows rows.
+  template <int kRows>
+  static __device__ __forceinline__ int offset(int row, int chunk) {
+    return (chunk >> 3) * kRows * kBoxRowBytes + row * kBoxRowBytes + (((chunk & 7) ^ (row & 7)) << 4);
+  }
+
+  static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "head dims 64, 128, 192, 256");
+  static_assert(kBlockN % 16 == 0 && kBlockN >= 16 && kBlockN <= 256, "wgmma N and k16 steps");
+  static_assert(kStages >= 2 && kStages <= 4, "2..4 stages");
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
+  static_assert(kNThreads % kLoadChunks == 0 && (kNThreads / kLoadChunks) % 8 == 0,
+                "load_tile row step must keep each thread's swizzle key fixed");
+  // accumulators per thread: S (kBlockN / 2) + O (kHeadDim / 2) + P (kBlockN / 4 packed pairs)
+  static_assert(kBlockN / 2 + kHeadDim / 2 + kBlockN / 4 <= 200, "accumulators exceed registers");
+};
+
+template <int kHeadDim>
+struct Sm90FwdTraits;  // only the rows of CUPARING_SM90_FWD_CONFIGS exist
+
+#define CUPARING_DEFINE_SM90_TRAITS(D, BN, ST, SMEM)                                     \
+  template <>                                                                            \
+  struct Sm90FwdTraits<D> : Sm90FwdTraitsBase<D, BN, ST> {};                             \
+  static_assert(Sm90FwdTraits<D>::kSmemBytes == (SMEM), "loader smem formula disagrees (D=" #D ")");
+CUPARING_SM90_FWD_CONFIGS(CUPARING_DEFINE_SM90_TRAITS)
+#undef CUPARING_DEFINE_SM90_TRAITS
+
+}  // namespace cuparing
