@@ -182,44 +182,47 @@ def bwd_smem_bytes(head_dim: int, arch: str = "sm_80") -> int:
 
 @dataclass(frozen=True)
 class Sm90FwdConfig:
-    """Tile configuration of the sm90 (wgmma) forward kernel for one head dim: two warpgroups of
-    64 query rows each (block_m = 128, 256 threads), ``block_n`` keys per stage, ``stages`` K/V
-    tiles in flight."""
+    """Tile configuration of the sm90 (wgmma) forward kernel for one head dim: a producer
+    warpgroup and two consumer warpgroups of 64 query rows each (block_m = 128, 384 threads),
+    ``block_n`` keys per stage, ``stages`` K/V tiles in flight."""
 
     block_n: int
     stages: int
     block_m: int = 128
-    threads: int = 256
+    threads: int = 384
 
 
 # S (block_n / 2 floats) + O (d / 2) + P (block_n / 4) registers per thread must stay well under
 # 255; shared memory Q + stages * (K + V) under 227 KB (sm90/traits.cuh asserts both).
+# d=256: the 128-float O accumulator leaves room for 32 keys per tile under the consumers' 232
+# registers (64 and 48 spill).
 SM90_FWD_CONFIGS: dict[int, Sm90FwdConfig] = {
     64: Sm90FwdConfig(block_n=128, stages=2),
     128: Sm90FwdConfig(block_n=128, stages=2),
-    256: Sm90FwdConfig(block_n=64, stages=2),
+    256: Sm90FwdConfig(block_n=32, stages=2),
 }
-
-
-# Head dims the sm90 family runs by default: where it measured faster than sm80 (PERF.md). d=64 is
-# softmax-bound until the two warpgroups stop running in lockstep, so it stays on sm80 for now
-# (CUPARING_KERNELS=sm90 runs it anyway).
-SM90_DEFAULT_HEAD_DIMS = (128, 256)
+# CUPARING_SM90_TILES="256:32,3;128:128,2" (head dim: block_n, stages) overrides rows, for tuning.
+_SM90_ENV = os.environ.get("CUPARING_SM90_TILES", "")
+for _item in filter(None, (x.strip() for x in _SM90_ENV.split(";"))):
+    _d, _fields = _item.split(":")
+    _n, _stages = (int(x) for x in _fields.split(","))
+    SM90_FWD_CONFIGS[int(_d)] = Sm90FwdConfig(block_n=_n, stages=_stages)
 
 
 def sm90_smem_bytes(head_dim: int) -> int:
     """Dynamic shared memory of ``cuparing_fwd_sm90<head_dim, *>`` (as Sm90FwdTraitsBase)."""
     cfg = SM90_FWD_CONFIGS[head_dim]
     box_row_bytes = 128 * -(-head_dim // 64)
-    return box_row_bytes * (cfg.block_m + cfg.stages * 2 * cfg.block_n) + 1024
+    barriers = 128  # the pipeline's mbarriers (Sm90FwdTraitsBase::kBarrierBytes)
+    return box_row_bytes * (cfg.block_m + cfg.stages * 2 * cfg.block_n) + barriers + 1024
 
 
 def forward_family(head_dim: int, arch: str) -> str:
     """The kernel family that runs the forward of padded ``head_dim`` on ``arch`` ('sm_90', ...).
 
     ``CUPARING_KERNELS=sm80`` forces the mma.sync family everywhere (comparison and fallback);
-    ``sm90`` runs the wgmma family for every head dim it has tiles for (Hopper only); unset or
-    'auto' runs it for :data:`SM90_DEFAULT_HEAD_DIMS` on Hopper.
+    otherwise (unset, 'auto' or 'sm90') Hopper (sm_9x) runs the wgmma family for the head dims it
+    has tiles for.
 
     Raises:
         ValueError: ``CUPARING_KERNELS`` is neither unset/'auto' nor a family name.
@@ -229,8 +232,6 @@ def forward_family(head_dim: int, arch: str) -> str:
         raise ValueError(f"CUPARING_KERNELS must be 'auto', 'sm80' or 'sm90', got {choice!r}")
     hopper = arch.startswith("sm_9")
     if choice == "sm80" or not hopper or head_dim not in SM90_FWD_CONFIGS:
-        return "sm80"
-    if choice == "auto" and head_dim not in SM90_DEFAULT_HEAD_DIMS:
         return "sm80"
     return "sm90"
 

@@ -21,15 +21,15 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// Fold one tile of scores into the running (row_max, row_sum, acc_o) and overwrite the scores
-// with unnormalised probabilities p (still float; converted to 16-bit as the P.V A operand).
+// Fold one tile of scores into the running (row_max, row_sum) and overwrite the scores with
+// unnormalised probabilities p (still float; converted to 16-bit as the P.V A operand). Returns,
+// per row, the factor the running output must be multiplied by before this tile's P.V is added
+// (exactly 1 once the row max has settled; 0 while the row has seen nothing).
 template <class Tr>
-__device__ __forceinline__ void online_softmax(float (&acc_s)[Tr::kMFrags][Tr::kNTiles][4],
-                                               float (&row_max)[Tr::kMFrags][2],
-                                               float (&row_sum)[Tr::kMFrags][2],
-                                               float (&acc_o)[Tr::kMFrags][Tr::kDTiles][4],
-                                               float scale_log2) {
-  float corrections[Tr::kMFrags][2];
+__device__ __forceinline__ void softmax_tile(float (&acc_s)[Tr::kMFrags][Tr::kNTiles][4],
+                                             float (&row_max)[Tr::kMFrags][2],
+                                             float (&row_sum)[Tr::kMFrags][2], float scale_log2,
+                                             float (&corrections)[Tr::kMFrags][2]) {
 #pragma unroll
   for (int mf = 0; mf < Tr::kMFrags; ++mf) {
 #pragma unroll
@@ -59,8 +59,14 @@ __device__ __forceinline__ void online_softmax(float (&acc_s)[Tr::kMFrags][Tr::k
       corrections[mf][r] = correction;
     }
   }
-  // Once the running max has settled (most tiles after the first few), every correction is
-  // exactly 1: a warp vote skips the kHeadDim/2 multiplies per row that rescaling O costs.
+}
+
+// Multiply the running output by the per-row corrections of softmax_tile. Once the running max
+// has settled (most tiles after the first few), every correction is exactly 1: a warp vote skips
+// the kHeadDim/2 multiplies per row that rescaling O costs.
+template <class Tr>
+__device__ __forceinline__ void rescale_output(float (&acc_o)[Tr::kMFrags][Tr::kDTiles][4],
+                                               const float (&corrections)[Tr::kMFrags][2]) {
   bool any_change = false;
 #pragma unroll
   for (int mf = 0; mf < Tr::kMFrags; ++mf) {
@@ -76,6 +82,18 @@ __device__ __forceinline__ void online_softmax(float (&acc_s)[Tr::kMFrags][Tr::k
       }
     }
   }
+}
+
+// softmax_tile, then rescale_output at once (kernels whose P.V of the tile follows directly).
+template <class Tr>
+__device__ __forceinline__ void online_softmax(float (&acc_s)[Tr::kMFrags][Tr::kNTiles][4],
+                                               float (&row_max)[Tr::kMFrags][2],
+                                               float (&row_sum)[Tr::kMFrags][2],
+                                               float (&acc_o)[Tr::kMFrags][Tr::kDTiles][4],
+                                               float scale_log2) {
+  float corrections[Tr::kMFrags][2];
+  softmax_tile<Tr>(acc_s, row_max, row_sum, scale_log2, corrections);
+  rescale_output<Tr>(acc_o, corrections);
 }
 
 // Quad-reduce the per-thread partial row sums (once, after the last tile).

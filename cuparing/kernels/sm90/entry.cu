@@ -1,6 +1,6 @@
 // __global__ entry points of the sm_90a family (compiled only for sm_90a; loader.py names every
 // instantiation):
-//   cuparing_fwd_sm90<D, bf16>: grid (H, B, ceil(Sq / 128)), block 256 (two warpgroups), dynamic
+//   cuparing_fwd_sm90<D, bf16>: grid (H, B, ceil(Sq / 128)), block 384 (three warpgroups), dynamic
 //                               smem Sm90FwdTraits<D>::kSmemBytes; same FwdParams and results as
 //                               the sm80 family's cuparing_fwd.
 #include "fwd.cuh"

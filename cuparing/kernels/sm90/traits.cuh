@@ -4,9 +4,10 @@
 // CUPARING_SM90_FWD_CONFIGS(X), X(head_dim, block_n, stages, smem_bytes), so the host's launch
 // numbers and the device's layout are one table.
 //
-// CTA = two warpgroups (8 warps, 256 threads) over a 128-row query tile: warpgroup w owns rows
-// [64w, 64w + 64), warp i of it the 16 rows [16i, 16i + 16) (one m16 fragment in the accumulator
-// layout mma.sync also uses, so kMFrags = 1 and the shared mask/softmax/epilogue code applies).
+// CTA = three warpgroups (384 threads): warpgroup 0 produces (copies Q, K, V into shared memory),
+// warpgroups 1 and 2 consume a 128-row query tile: consumer c owns rows [64c, 64c + 64), its warp
+// i the 16 rows [16i, 16i + 16) (one m16 fragment in the accumulator layout mma.sync also uses,
+// so kMFrags = 1 and the shared mask/softmax/epilogue code applies).
 //
 // Shared memory holds every (rows, kHeadDim) tile as kHeadDim/64 "boxes" of (rows, 64) elements:
 // one 128-byte row per tile row, 16-byte chunk c of row r stored at chunk c ^ (r % 8), each box
@@ -28,8 +29,12 @@ struct Sm90FwdTraitsBase {
   static constexpr int kBlockM = 128;         // query rows per CTA, 64 per warpgroup
   static constexpr int kBlockN = kBlockN_;    // keys per pipeline stage (the N of S = Q K^T)
   static constexpr int kStages = kStages_;    // K/V tiles in flight (cp.async groups)
-  static constexpr int kNWarps = 8;
-  static constexpr int kNThreads = 256;
+  static constexpr int kNThreads = 384;
+  static constexpr int kProducerThreads = 128;  // warpgroup 0
+  static constexpr int kConsumerThreads = 256;  // warpgroups 1 and 2
+  // setmaxnreg budgets: 128 * 40 + 256 * 232 = 64512 of the SM's 65536 registers
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = 232;
   static constexpr int kRowsPerWarp = 16;
   static constexpr int kMFrags = 1;
   static constexpr int kNTiles = kBlockN / 8;   // n8 tiles of S per thread
@@ -40,14 +45,17 @@ struct Sm90FwdTraitsBase {
   static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
   static constexpr int kBoxes = (kHeadDim + 63) / 64;
   static constexpr int kBoxRowBytes = 128;
-  // Copy grid of load_tile: a power of two >= kChunks (so rows step by a multiple of 8 and a
-  // thread's swizzle key stays fixed).
-  static constexpr int kLoadChunks = kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;
+  // Copy grid of load_tile: kLoadChunks threads per row (each copying kChunks / kLoadChunks
+  // chunks), so rows step by kProducerThreads / kLoadChunks, a multiple of 8: a thread's swizzle
+  // key stays fixed.
+  static constexpr int kLoadChunks = kChunks < 16 ? kChunks : 16;
   static constexpr int kQBytes = kBoxes * kBlockM * kBoxRowBytes;
   static constexpr int kKVBytes = kBoxes * kBlockN * kBoxRowBytes;
   static constexpr int kStageBytes = 2 * kKVBytes;  // K then V
+  // pipeline mbarriers after the tiles: full and empty for K and for V per stage, Q's full
+  static constexpr int kBarrierBytes = 128;
   // + 1024: the dynamic shared memory base is rounded up to the swizzle atom inside the kernel
-  static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + 1024;
+  static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + kBarrierBytes + 1024;
 
   // Byte offset of 16-byte chunk `chunk` of row `row` in a tile of kRows rows.
   template <int kRows>
@@ -59,8 +67,9 @@ struct Sm90FwdTraitsBase {
   static_assert(kBlockN % 16 == 0 && kBlockN >= 16 && kBlockN <= 256, "wgmma N and k16 steps");
   static_assert(kStages >= 2 && kStages <= 4, "2..4 stages");
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
-  static_assert(kNThreads % kLoadChunks == 0 && (kNThreads / kLoadChunks) % 8 == 0,
+  static_assert(kChunks % kLoadChunks == 0 && (kProducerThreads / kLoadChunks) % 8 == 0,
                 "load_tile row step must keep each thread's swizzle key fixed");
+  static_assert(8 * (4 * kStages + 1) <= kBarrierBytes, "room for the mbarriers");
   // accumulators per thread: S (kBlockN / 2) + O (kHeadDim / 2) + P (kBlockN / 4 packed pairs)
   static_assert(kBlockN / 2 + kHeadDim / 2 + kBlockN / 4 <= 200, "accumulators exceed registers");
 };

@@ -1,0 +1,68 @@
+// Synchronisation between the warpgroups of an sm_90a CTA: mbarriers for the producer/consumer
+// shared-memory pipeline, named barriers for taking turns on the tensor cores, and setmaxnreg for
+// moving registers from the producer to the consumers.
+#pragma once
+#include "../common/params.cuh"
+
+namespace cuparing {
+
+// ---- mbarrier (a 64-bit shared-memory object counting arrivals per phase)
+
+__device__ __forceinline__ void mbarrier_init(u32 bar, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+// Make barrier initialisation visible to the other threads and to the async proxy (cp.async's
+// arrivals); follow with a CTA barrier.
+__device__ __forceinline__ void mbarrier_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void mbarrier_arrive(u32 bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+// One arrival on `bar` once all of this thread's earlier cp.async copies have landed. `noinc`:
+// the arrival counts against the count the barrier was initialised with.
+__device__ __forceinline__ void cp_async_mbarrier_arrive(u32 bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Block until the phase of parity `parity` has completed. A fresh barrier is in phase 0, and
+// the phase "before" it (parity 1) counts as completed: a producer's first wait on an empty
+// slot passes at once.
+__device__ __forceinline__ void mbarrier_wait(u32 bar, u32 parity) {
+  u32 done = 0;
+  while (!done) {  // try_wait itself blocks for a while before it gives up
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  }
+}
+
+// ---- named barriers (ids 1..15; 0 is __syncthreads)
+
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// ---- per-warpgroup register budget (takes effect under __launch_bounds__(threads, 1))
+
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
+}  // namespace cuparing
