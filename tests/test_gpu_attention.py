@@ -72,15 +72,17 @@ def _poison_pool():
     del junk
 
 
-@pytest.fixture(params=["sm80", "sm90"])
+@pytest.fixture(params=["sm80", "sm90", "sm90-cp.async"])
 def kernel_family(request, monkeypatch):
-    """The forward kernel family under test; sm90 is skipped on GPUs that are not Hopper."""
-    if request.param == "sm90" and gpu_count() > 0:
+    """The forward kernel family under test (sm90: its TMA producer, or the cp.async one that
+    serves operands without tensor maps); sm90 is skipped on GPUs that are not Hopper."""
+    if request.param.startswith("sm90") and gpu_count() > 0:
         import cupy
 
         if not cupy.cuda.Device().compute_capability.startswith("9"):
             pytest.skip("the sm90 (wgmma) kernels need a Hopper GPU")
-    monkeypatch.setenv("CUPARING_KERNELS", request.param)
+    monkeypatch.setenv("CUPARING_KERNELS", request.param.split("-")[0])
+    monkeypatch.setenv("CUPARING_TMA", "0" if request.param.endswith("cp.async") else "1")
     return request.param
 
 
@@ -161,7 +163,7 @@ def test_ring_on_one_gpu_matches_reference(layout, world, mask, kernel_family):
     dtype = "bfloat16"
     rng = np.random.default_rng(world * 100 + len(layout))
     s = 2 * world * 53  # awkward, split by every layout
-    d = 128 if kernel_family == "sm90" else 96  # a head dim each family has tiles for
+    d = 128 if kernel_family.startswith("sm90") else 96  # a head dim each family has tiles for
     q, k, v = (_random(rng, (2, s, 4, d), dtype) for _ in range(3))
     k, v = k[:, :, :2], v[:, :, :2]  # GQA 4:2
 

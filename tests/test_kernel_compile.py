@@ -80,7 +80,8 @@ def test_forward_family_choice(monkeypatch):
     monkeypatch.setenv("CUPARING_KERNELS", "fast")
     with pytest.raises(ValueError, match="CUPARING_KERNELS"):
         loader.forward_family(128, "sm_90")
-    assert loader.fwd_name(128, "bfloat16", "sm90") == "cuparing_fwd_sm90<128, true>"
+    assert loader.fwd_name(128, "bfloat16", "sm90") == "cuparing_fwd_sm90<128, true, false>"
+    assert loader.fwd_name(64, "float16", "sm90", tma=True) == "cuparing_fwd_sm90<64, false, true>"
     with pytest.raises(ValueError):
         loader.fwd_name(96, "bfloat16", "sm90")
 
@@ -120,7 +121,8 @@ def test_every_kernel_compiles_without_spills():
         len(loader.HEAD_DIMS) * len(loader.DTYPES)  # forward
         + len(loader.all_bwd_names(arch))  # backward (split head dims: two modes)
         + 3 * len(loader.DTYPES)  # casts both ways, delta
-        + (len(loader.SM90_FWD_CONFIGS) * len(loader.DTYPES) if arch == "sm_90a" else 0)  # wgmma
+        # wgmma forward: TMA and cp.async producers
+        + (2 * len(loader.SM90_FWD_CONFIGS) * len(loader.DTYPES) if arch == "sm_90a" else 0)
         for arch in check.ARCHS
     )
     assert len(reports) == expected
@@ -140,3 +142,16 @@ def test_ptxas_log_parser():
     info = _compile_check().parse_ptxas(log)["_Z3fooPf"]
     assert info == {"stack": 8, "spill_stores": 4, "spill_loads": 12, "regs": 96, "smem": 1024}
     assert np.int32(info["regs"]) == 96
+
+
+def test_tensor_map_rules():
+    from cuparing.kernels import tensor_maps
+
+    # the copy engine needs a 16-byte aligned base and 16-byte strides (extent-1 dims excepted)
+    assert tensor_maps.addressable(256, (2, 100, 4, 128), (51200, 512, 128))
+    assert not tensor_maps.addressable(258, (2, 100, 4, 128), (51200, 512, 128))
+    assert not tensor_maps.addressable(256, (2, 100, 4, 128), (51200, 516, 129))
+    assert tensor_maps.addressable(256, (1, 100, 4, 128), (3, 512, 128))
+    maps = tensor_maps.pack_maps(k=bytes(range(128)))
+    assert maps.dtype.itemsize == 384 and maps["q"].sum() == 0
+    assert bytes(maps["k"][0]) == bytes(range(128))

@@ -3,7 +3,8 @@
 All runs share the process, the card and the inputs (bf16, [B, S, H, D], B=1, H=32). Time is
 measured with CUDA events (tools/timing.py: back-to-back calls), median of repeats.
 FLOPs = 4 * B * H * S^2 * D, halved for causal. Prints TFLOP/s of each kernel family asked for
-(``CUPARING_KERNELS`` set per row: sm90 = wgmma, Hopper only; sm80 = mma.sync) and of each peer,
+(``CUPARING_KERNELS`` set per row: sm90 = wgmma with TMA loads, Hopper only; sm90-cp.async = its
+cp.async producer; sm80 = mma.sync) and of each peer,
 the first family's ratio to each peer, and its registers and local memory (spills).
 
 Usage:
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
         flops = 4 * args.batch * args.heads * s * s * d / (2 if causal else 1)
         result = {"card": card, "D": d, "S": s, "causal": causal}
         for family in reversed(families):  # the first family ends up active for the kernel stats
-            os.environ["CUPARING_KERNELS"] = family
+            os.environ["CUPARING_KERNELS"] = family.split("-")[0]
+            os.environ["CUPARING_TMA"] = "0" if family.endswith("cp.async") else "1"
             ms = time_ms(functools.partial(cr.attention, q, k, v, causal=causal), args.repeats)
             result[f"{family}_tflops"] = flops / ms / 1e9
         result["ours_tflops"] = result[f"{families[0]}_tflops"]

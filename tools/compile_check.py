@@ -212,7 +212,11 @@ def parse_ptxas(log: str) -> dict[str, dict]:
 
 # Instructions the PTX of a kernel family must hold: without them the kernel compiled, but not
 # into what the family exists for (e.g. the sm90 forward without warpgroup MMA).
-REQUIRED_PTX = {"sm80": (), "sm90": ("wgmma.mma_async",)}
+REQUIRED_PTX = {
+    "sm80": (),
+    "sm90": ("wgmma.mma_async", "setmaxnreg", "mbarrier.try_wait"),
+    "sm90_tma": ("wgmma.mma_async", "setmaxnreg", "cp.async.bulk.tensor"),
+}
 
 
 def compile_one(
@@ -255,9 +259,11 @@ def check_all(archs=ARCHS, jobs: int | None = None, nvrtc=None) -> list[KernelRe
             sm90_source = loader.kernel_source(arch, "sm90")
             for d in loader.SM90_FWD_CONFIGS:
                 for dtype in loader.DTYPES:
-                    name = loader.fwd_name(d, dtype, "sm90")
-                    smem = loader.sm90_smem_bytes(d)
-                    work.append((sm90_source, name, arch, True, smem, REQUIRED_PTX["sm90"]))
+                    for tma in (False, True):
+                        name = loader.fwd_name(d, dtype, "sm90", tma)
+                        smem = loader.sm90_smem_bytes(d, tma)
+                        required = REQUIRED_PTX["sm90_tma" if tma else "sm90"]
+                        work.append((sm90_source, name, arch, True, smem, required))
     jobs = jobs or max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(jobs) as pool:  # ctypes releases the GIL while NVRTC runs
         futures = [pool.submit(compile_one, nvrtc, *item) for item in work]

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..interop import dtype_name, element_strides
-from ..kernels import loader
+from ..kernels import loader, tensor_maps
 from ..masks import UNBOUNDED, BlockKind, MaskSpec
 from . import array_ops
 from .array_backend import ArrayBackend
@@ -214,8 +214,11 @@ class CupyBackend:
         batch, seqlen_q, nheads, headdim = q.shape
         dtype = dtype_name(q.dtype)
         padded = loader.padded_head_dim(headdim)
-        kernel, cfg, smem = loader.get_fwd_kernel(padded, dtype)
         q, k, v = (_kernel_operand(cp, x) for x in (q, k, v))
+        sm90 = loader.forward_family(padded, loader.device_arch()) == "sm90"
+        # the sm90 kernel copies with TMA when all three operands have tensor maps
+        maps = _tensor_maps(q, k, v, dtype, loader.SM90_FWD_CONFIGS[padded]) if sm90 else None
+        kernel, cfg, smem = loader.get_fwd_kernel(padded, dtype, tma=maps is not None)
         out_strides = _element_strides(out) if mode == loader.OUT_DIRECT else (0, 0, 0)
         params = loader.pack_params(
             out=out.data.ptr, lse=lse.data.ptr,
@@ -223,7 +226,11 @@ class CupyBackend:
             **self._block_fields(q, k, q_pos, k_pos, kind, mask, scale), out_mode=mode,
         )  # fmt: skip
         grid = (nheads, batch, math.ceil(seqlen_q / cfg.block_m))
-        kernel(grid, (cfg.threads,), (params,), shared_mem=smem)
+        if sm90:  # the sm90 kernel takes the maps too (zeros for its cp.async producer)
+            args = (params, maps if maps is not None else tensor_maps.pack_maps())
+        else:
+            args = (params,)
+        kernel(grid, (cfg.threads,), args, shared_mem=smem)
 
     # ---- backward: our kernel for fp16/bf16, cuBLAS through array_ops (float32) otherwise
     def backward_delta(self, dout, out):
@@ -352,6 +359,19 @@ def _stride_fields(**arrays) -> dict:
 def _element_strides(x) -> tuple[int, int, int]:
     """(batch, seq, head) strides in elements of a 4-D array with a contiguous last axis."""
     return element_strides(x)[:3]
+
+
+def _tensor_maps(q, k, v, dtype: str, cfg: loader.Sm90FwdConfig):
+    """The packed Q, K, V tensor maps of an sm90 launch (boxes of 128 query rows and of the
+    config's keys per tile), or None when one of them cannot be made (no cuda-bindings, or an
+    operand the copy engine cannot address)."""
+    blobs = []
+    for x, rows in ((q, cfg.block_m), (k, cfg.keys(tma=True)), (v, cfg.keys(tma=True))):
+        blob = tensor_maps.encode(x.data.ptr, x.shape, _element_strides(x), dtype, rows)
+        if blob is None:
+            return None
+        blobs.append(blob)
+    return tensor_maps.pack_maps(*blobs)
 
 
 def _kernel_operand(cp, x):

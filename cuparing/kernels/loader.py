@@ -184,37 +184,44 @@ def bwd_smem_bytes(head_dim: int, arch: str = "sm_80") -> int:
 class Sm90FwdConfig:
     """Tile configuration of the sm90 (wgmma) forward kernel for one head dim: a producer
     warpgroup and two consumer warpgroups of 64 query rows each (block_m = 128, 384 threads),
-    ``block_n`` keys per stage, ``stages`` K/V tiles in flight."""
+    ``block_n`` keys per stage with the TMA producer (``cp_async_block_n`` with the cp.async one,
+    whose consumers have fewer registers; default ``block_n``), ``stages`` K/V tiles in flight."""
 
     block_n: int
     stages: int
+    cp_async_block_n: int | None = None
     block_m: int = 128
     threads: int = 384
 
+    def keys(self, tma: bool) -> int:
+        """Keys per tile for the TMA (``tma``) or the cp.async producer."""
+        return self.block_n if tma or self.cp_async_block_n is None else self.cp_async_block_n
 
-# S (block_n / 2 floats) + O (d / 2) + P (block_n / 4) registers per thread must stay well under
-# 255; shared memory Q + stages * (K + V) under 227 KB (sm90/traits.cuh asserts both).
-# d=256: the 128-float O accumulator leaves room for 32 keys per tile under the consumers' 232
-# registers (64 and 48 spill).
+
+# S (block_n / 2 floats) + O (d / 2) + P (block_n / 4) registers per consumer thread; shared
+# memory Q + stages * (K + V) under 227 KB (sm90/traits.cuh asserts both). d=256: the 128-float O
+# accumulator leaves room for 64 keys per tile under the TMA consumers' 240 registers, 32 under
+# the cp.async consumers' 232 (64 and 48 spill there).
 SM90_FWD_CONFIGS: dict[int, Sm90FwdConfig] = {
     64: Sm90FwdConfig(block_n=128, stages=2),
     128: Sm90FwdConfig(block_n=128, stages=2),
-    256: Sm90FwdConfig(block_n=32, stages=2),
+    256: Sm90FwdConfig(block_n=64, stages=2, cp_async_block_n=32),
 }
-# CUPARING_SM90_TILES="256:32,3;128:128,2" (head dim: block_n, stages) overrides rows, for tuning.
+# CUPARING_SM90_TILES="256:64,2,32;128:128,3" (head dim: block_n, stages[, cp.async block_n])
+# overrides rows, for tuning.
 _SM90_ENV = os.environ.get("CUPARING_SM90_TILES", "")
 for _item in filter(None, (x.strip() for x in _SM90_ENV.split(";"))):
     _d, _fields = _item.split(":")
-    _n, _stages = (int(x) for x in _fields.split(","))
-    SM90_FWD_CONFIGS[int(_d)] = Sm90FwdConfig(block_n=_n, stages=_stages)
+    _values = [int(x) for x in _fields.split(",")]
+    SM90_FWD_CONFIGS[int(_d)] = Sm90FwdConfig(*_values)
 
 
-def sm90_smem_bytes(head_dim: int) -> int:
-    """Dynamic shared memory of ``cuparing_fwd_sm90<head_dim, *>`` (as Sm90FwdTraitsBase)."""
+def sm90_smem_bytes(head_dim: int, tma: bool = True) -> int:
+    """Dynamic shared memory of ``cuparing_fwd_sm90<head_dim, *, tma>`` (as Sm90FwdTraitsBase)."""
     cfg = SM90_FWD_CONFIGS[head_dim]
     box_row_bytes = 128 * -(-head_dim // 64)
     barriers = 128  # the pipeline's mbarriers (Sm90FwdTraitsBase::kBarrierBytes)
-    return box_row_bytes * (cfg.block_m + cfg.stages * 2 * cfg.block_n) + barriers + 1024
+    return box_row_bytes * (cfg.block_m + cfg.stages * 2 * cfg.keys(tma)) + barriers + 1024
 
 
 def forward_family(head_dim: int, arch: str) -> str:
@@ -265,14 +272,16 @@ def smem_bytes(head_dim: int, arch: str = "sm_80") -> int:
     return cfg.block_m * row_bytes + cfg.stages * 2 * cfg.block_n * row_bytes
 
 
-def fwd_name(head_dim: int, dtype: str, family: str = "sm80") -> str:
+def fwd_name(head_dim: int, dtype: str, family: str = "sm80", tma: bool = False) -> str:
     """Name expression of the forward kernel of ``family`` for a padded head dim and
-    'float16'/'bfloat16'."""
+    'float16'/'bfloat16'; sm90 only: ``tma`` picks the tensor-map (TMA) producer over cp.async."""
     table = SM90_FWD_CONFIGS if family == "sm90" else FWD_CONFIGS
     if family not in FAMILIES or head_dim not in table or dtype not in DTYPES:
         raise ValueError(f"no {family} forward kernel for {head_dim=} {dtype=}")
-    entry = "cuparing_fwd_sm90" if family == "sm90" else "cuparing_fwd"
-    return f"{entry}<{head_dim}, {'true' if dtype == 'bfloat16' else 'false'}>"
+    bf16 = "true" if dtype == "bfloat16" else "false"
+    if family == "sm90":
+        return f"cuparing_fwd_sm90<{head_dim}, {bf16}, {'true' if tma else 'false'}>"
+    return f"cuparing_fwd<{head_dim}, {bf16}>"
 
 
 def bwd_name(head_dim: int, dtype: str, mode: int) -> str:
@@ -316,8 +325,9 @@ def configs_macro(arch: str = "sm_80") -> str:
         for d, c in sorted(bwd_configs(arch).items())
     )
     sm90_rows = " ".join(
-        f"X({d}, {c.block_n}, {c.stages}, {sm90_smem_bytes(d)})"
+        f"X({d}, {str(tma).lower()}, {c.keys(tma)}, {c.stages}, {sm90_smem_bytes(d, tma)})"
         for d, c in sorted(SM90_FWD_CONFIGS.items())
+        for tma in (False, True)
     )
     return (
         f"#define CUPARING_FWD_CONFIGS(X) {rows}\n#define CUPARING_BWD_CONFIGS(X) {bwd_rows}\n"
@@ -352,7 +362,8 @@ def kernel_source(arch: str = "sm_80", family: str = "sm80") -> str:
         raise ValueError(f"unknown kernel family {family!r}; expected one of {FAMILIES}")
     prefix = configs_macro(arch)
     if family == "sm90":
-        widths = {d for d in SM90_FWD_CONFIGS} | {c.block_n for c in SM90_FWD_CONFIGS.values()}
+        widths = set(SM90_FWD_CONFIGS)  # N of P V: the head dims; of Q K^T: keys per tile
+        widths |= {c.keys(tma) for c in SM90_FWD_CONFIGS.values() for tma in (False, True)}
         prefix += wgmma.wrappers_source(widths)
     return prefix + "\n".join(_inline(KERNEL_DIR / ENTRY_FILES[family], set())) + "\n"
 
@@ -451,10 +462,12 @@ def get_module(names: tuple[str, ...], family: str = "sm80"):
     return module
 
 
-def get_fwd_kernel(head_dim: int, dtype: str):
+def get_fwd_kernel(head_dim: int, dtype: str, tma: bool = False):
     """(kernel, config, shared memory bytes) of the forward for padded ``head_dim`` and
-    'float16'/'bfloat16' on the current device, from the family :func:`forward_family` picks.
-    The config has ``block_m`` (query rows per CTA) and ``threads``.
+    'float16'/'bfloat16' on the current device, from the family :func:`forward_family` picks
+    (sm90: the TMA producer when ``tma``, else cp.async; the kernel then also takes the
+    ``tensor_maps.MAPS_DTYPE`` argument). The config has ``block_m`` (query rows per CTA),
+    ``threads`` and ``block_n``.
 
     Raises:
         RuntimeError: the device cannot give a CTA that much shared memory.
@@ -463,10 +476,12 @@ def get_fwd_kernel(head_dim: int, dtype: str):
 
     arch = device_arch()
     family = forward_family(head_dim, arch)
-    name = fwd_name(head_dim, dtype, family)
+    name = fwd_name(head_dim, dtype, family, tma)
     kernel = get_module((name,), family).get_function(name)
     if family == "sm90":
-        cfg, smem = SM90_FWD_CONFIGS[head_dim], sm90_smem_bytes(head_dim)
+        base = SM90_FWD_CONFIGS[head_dim]
+        cfg = Sm90FwdConfig(block_n=base.keys(tma), stages=base.stages)
+        smem = sm90_smem_bytes(head_dim, tma)
     else:
         cfg, smem = fwd_configs(arch)[head_dim], smem_bytes(head_dim, arch)
     key = (device_arch(), cupy.cuda.Device().id, name)

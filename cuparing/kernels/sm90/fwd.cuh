@@ -1,12 +1,15 @@
 // Forward attention on Hopper (sm_90a): one (query tile, head, batch) per CTA of three
 // warpgroups, FlashAttention-3's structure on our own PTX.
 //
-// Producer (warpgroup 0, 40 registers): copies Q once and K, V tile by tile into kStages
-// shared-memory stages with 16-byte cp.async; each copy completes on the stage's "full" mbarrier
-// (cp.async.mbarrier.arrive), and a stage is refilled only after both consumers released it on
-// its "empty" mbarrier. K and V have separate barriers: K of a stage is free after Q K^T, V only
-// after P V, one tile later.
-// Consumers (warpgroups 1 and 2, 232 registers, 64 query rows each), per key tile j:
+// Producer (warpgroup 0): copies Q once and K, V tile by tile into kStages shared-memory stages,
+// each completing on the stage's "full" mbarrier; a stage is refilled only after both consumers
+// released it on its "empty" mbarrier. K and V have separate barriers: K of a stage is free
+// after Q K^T, V only after P V, one tile later. Two ways to copy (template kTma):
+//   TMA: one thread issues a bulk tensor load per 64-column box (tensor maps from the host),
+//        the barrier counts the bytes (24 registers for the producer, 240 for the consumers);
+//   cp.async: all 128 threads copy 16-byte chunks and arrive through cp.async.mbarrier.arrive
+//        (40 / 232 registers), for operands the copy engine cannot address.
+// Consumers (warpgroups 1 and 2, 64 query rows each), per key tile j:
 //   wait for my turn (named barrier), issue  S_j = Q K_j^T   (wgmma SS, both from shared memory)
 //                                     and    O += P_{j-1} V_{j-1}  (wgmma RS, P from registers)
 //   hand the turn to the other consumer, wait for S_j only, then mask and softmax it while the
@@ -23,6 +26,7 @@
 #include "../common/ptx.cuh"
 #include "../common/softmax.cuh"
 #include "sync.cuh"
+#include "tma.cuh"
 #include "traits.cuh"
 #include "wgmma.cuh"
 
@@ -53,8 +57,12 @@ __device__ __forceinline__ void load_tile_sm90(u32 smem, const u16* __restrict__
   }
 }
 
-template <class Tr, bool kBf16>
-__device__ __forceinline__ void fwd_block_sm90(const FwdParams& p) {
+template <class Tr, bool kBf16, bool kTma>
+__device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Maps& maps) {
+  constexpr int kProducerRegs = kTma ? 24 : Tr::kProducerRegs;
+  constexpr int kConsumerRegs = kTma ? 240 : Tr::kConsumerRegs;
+  // one expect_tx arrival (TMA) or one cp.async arrival per producer thread
+  constexpr u32 kFullArrivals = kTma ? 1 : Tr::kProducerThreads;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -99,45 +107,75 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p) {
   const u32 q_full = s_bar + 8u * (4 * Tr::kStages);
   if (tid == 0) {
     for (int s = 0; s < Tr::kStages; ++s) {
-      mbarrier_init(full_k(s), Tr::kProducerThreads);  // one cp.async arrival per producer thread
-      mbarrier_init(full_v(s), Tr::kProducerThreads);
+      mbarrier_init(full_k(s), kFullArrivals);
+      mbarrier_init(full_v(s), kFullArrivals);
       mbarrier_init(empty_k(s), Tr::kConsumerThreads);  // every consumer thread releases
       mbarrier_init(empty_v(s), Tr::kConsumerThreads);
     }
-    mbarrier_init(q_full, Tr::kProducerThreads);
+    mbarrier_init(q_full, kFullArrivals);
     mbarrier_init_fence();
   }
   __syncthreads();
 
   if (wg == 0) {
     // ================= producer =================
-    setmaxnreg_dec<Tr::kProducerRegs>();
+    setmaxnreg_dec<kProducerRegs>();
     if (n_count == 0) return;
-    const int d_chunks = p.headdim >> 3;
-    const u16* q_tile = p.q + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
-    const u16* k_head = p.k + b * p.k_batch_stride + hk * p.k_head_stride;
-    const u16* v_head = p.v + b * p.v_batch_stride + hk * p.v_head_stride;
-    load_tile_sm90<Tr, Tr::kBlockM>(s_q, q_tile, p.q_row_stride, rows_valid, d_chunks, tid);
-    cp_async_mbarrier_arrive(q_full);
-    for (int i = 0; i < n_count; ++i) {
-      const int s = i % Tr::kStages;
-      const u32 phase = (i / Tr::kStages) & 1;
-      const int n0 = (n_first + i) * Tr::kBlockN;
-      const int keys = min(Tr::kBlockN, sk - n0);
-      const u32 s_k = s_kv + s * Tr::kStageBytes;
-      mbarrier_wait(empty_k(s), phase ^ 1);
-      load_tile_sm90<Tr, Tr::kBlockN>(s_k, k_head + n0 * p.k_row_stride, p.k_row_stride, keys,
-                                      d_chunks, tid);
-      cp_async_mbarrier_arrive(full_k(s));
-      mbarrier_wait(empty_v(s), phase ^ 1);
-      load_tile_sm90<Tr, Tr::kBlockN>(s_k + Tr::kKVBytes, v_head + n0 * p.v_row_stride,
-                                      p.v_row_stride, keys, d_chunks, tid);
-      cp_async_mbarrier_arrive(full_v(s));
+    if constexpr (kTma) {
+      if (tid != 0) return;
+      mbarrier_arrive_expect_tx(q_full, Tr::kQBytes);
+#pragma unroll
+      for (int box = 0; box < Tr::kBoxes; ++box) {
+        tma_load_4d(s_q + box * Tr::kBlockM * Tr::kBoxRowBytes, &maps.q, q_full, box * 64, m0, h,
+                    b);
+      }
+      for (int i = 0; i < n_count; ++i) {
+        const int s = i % Tr::kStages;
+        const u32 phase = (i / Tr::kStages) & 1;
+        const int n0 = (n_first + i) * Tr::kBlockN;
+        const u32 s_k = s_kv + s * Tr::kStageBytes;
+        mbarrier_wait(empty_k(s), phase ^ 1);
+        mbarrier_arrive_expect_tx(full_k(s), Tr::kKVBytes);
+#pragma unroll
+        for (int box = 0; box < Tr::kBoxes; ++box) {
+          tma_load_4d(s_k + box * Tr::kBlockN * Tr::kBoxRowBytes, &maps.k, full_k(s), box * 64, n0,
+                      hk, b);
+        }
+        mbarrier_wait(empty_v(s), phase ^ 1);
+        mbarrier_arrive_expect_tx(full_v(s), Tr::kKVBytes);
+#pragma unroll
+        for (int box = 0; box < Tr::kBoxes; ++box) {
+          tma_load_4d(s_k + Tr::kKVBytes + box * Tr::kBlockN * Tr::kBoxRowBytes, &maps.v,
+                      full_v(s), box * 64, n0, hk, b);
+        }
+      }
+    } else {
+      const int d_chunks = p.headdim >> 3;
+      const u16* q_tile = p.q + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
+      const u16* k_head = p.k + b * p.k_batch_stride + hk * p.k_head_stride;
+      const u16* v_head = p.v + b * p.v_batch_stride + hk * p.v_head_stride;
+      load_tile_sm90<Tr, Tr::kBlockM>(s_q, q_tile, p.q_row_stride, rows_valid, d_chunks, tid);
+      cp_async_mbarrier_arrive(q_full);
+      for (int i = 0; i < n_count; ++i) {
+        const int s = i % Tr::kStages;
+        const u32 phase = (i / Tr::kStages) & 1;
+        const int n0 = (n_first + i) * Tr::kBlockN;
+        const int keys = min(Tr::kBlockN, sk - n0);
+        const u32 s_k = s_kv + s * Tr::kStageBytes;
+        mbarrier_wait(empty_k(s), phase ^ 1);
+        load_tile_sm90<Tr, Tr::kBlockN>(s_k, k_head + n0 * p.k_row_stride, p.k_row_stride, keys,
+                                        d_chunks, tid);
+        cp_async_mbarrier_arrive(full_k(s));
+        mbarrier_wait(empty_v(s), phase ^ 1);
+        load_tile_sm90<Tr, Tr::kBlockN>(s_k + Tr::kKVBytes, v_head + n0 * p.v_row_stride,
+                                        p.v_row_stride, keys, d_chunks, tid);
+        cp_async_mbarrier_arrive(full_v(s));
+      }
+      cp_async_wait<0>();  // leave no copy in flight behind an exited thread
     }
-    cp_async_wait<0>();  // leave no copy in flight behind an exited thread
   } else {
     // ================= consumers =================
-    setmaxnreg_inc<Tr::kConsumerRegs>();
+    setmaxnreg_inc<kConsumerRegs>();
     const int c = wg - 1;          // consumer: query rows [64c, 64c + 64) of the tile
     const int cwarp = warp - 4;    // warp among the consumers: rows [16 cwarp, 16 cwarp + 16)
     const int g = lane >> 2;
@@ -234,7 +272,7 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p) {
       {
         float acc_s[1][Tr::kNTiles][4];
         mbarrier_wait(full_k(0), 0);
-        fence_proxy_async();  // the producer's cp.async data, read through the async proxy
+        if constexpr (!kTma) fence_proxy_async();  // cp.async data, read by the async proxy
         my_turn();
         wgmma_fence();
         issue_qk(acc_s[0], 0);
@@ -251,7 +289,7 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p) {
         float acc_s[1][Tr::kNTiles][4];
         mbarrier_wait(full_k(s), (it / Tr::kStages) & 1);
         mbarrier_wait(full_v(prev), ((it - 1) / Tr::kStages) & 1);
-        fence_proxy_async();
+        if constexpr (!kTma) fence_proxy_async();
         my_turn();
         rescale_output<Tr>(acc_o, corr);  // tile j-1's correction, before its P V
         wgmma_fence();
@@ -270,7 +308,7 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p) {
       {
         const int last = (n_count - 1) % Tr::kStages;
         mbarrier_wait(full_v(last), ((n_count - 1) / Tr::kStages) & 1);
-        fence_proxy_async();
+        if constexpr (!kTma) fence_proxy_async();
         my_turn();
         rescale_output<Tr>(acc_o, corr);
         wgmma_fence();

@@ -1,8 +1,9 @@
 // Tile shapes and shared-memory layout of the Hopper (sm_90a) forward kernel, per head dim.
 //
 // The table lives in Python (loader.SM90_FWD_CONFIGS) and arrives as the X-macro
-// CUPARING_SM90_FWD_CONFIGS(X), X(head_dim, block_n, stages, smem_bytes), so the host's launch
-// numbers and the device's layout are one table.
+// CUPARING_SM90_FWD_CONFIGS(X), X(head_dim, tma, block_n, stages, smem_bytes) (one row per
+// producer: the TMA consumers have more registers, so wide head dims get wider key tiles), so the
+// host's launch numbers and the device's layout are one table.
 //
 // CTA = three warpgroups (384 threads): warpgroup 0 produces (copies Q, K, V into shared memory),
 // warpgroups 1 and 2 consume a 128-row query tile: consumer c owns rows [64c, 64c + 64), its warp
@@ -74,13 +75,14 @@ struct Sm90FwdTraitsBase {
   static_assert(kBlockN / 2 + kHeadDim / 2 + kBlockN / 4 <= 200, "accumulators exceed registers");
 };
 
-template <int kHeadDim>
+template <int kHeadDim, bool kTma>
 struct Sm90FwdTraits;  // only the rows of CUPARING_SM90_FWD_CONFIGS exist
 
-#define CUPARING_DEFINE_SM90_TRAITS(D, BN, ST, SMEM)                                     \
+#define CUPARING_DEFINE_SM90_TRAITS(D, TMA, BN, ST, SMEM)                                \
   template <>                                                                            \
-  struct Sm90FwdTraits<D> : Sm90FwdTraitsBase<D, BN, ST> {};                             \
-  static_assert(Sm90FwdTraits<D>::kSmemBytes == (SMEM), "loader smem formula disagrees (D=" #D ")");
+  struct Sm90FwdTraits<D, TMA> : Sm90FwdTraitsBase<D, BN, ST> {};                        \
+  static_assert(Sm90FwdTraits<D, TMA>::kSmemBytes == (SMEM),                             \
+                "loader smem formula disagrees (D=" #D ")");
 CUPARING_SM90_FWD_CONFIGS(CUPARING_DEFINE_SM90_TRAITS)
 #undef CUPARING_DEFINE_SM90_TRAITS
 
