@@ -1,6 +1,9 @@
-"""The GPU backend: our mma.sync attention kernels for fp16/bf16, CuPy/cuBLAS for the rest.
+"""The GPU backend: our attention kernels for fp16/bf16, CuPy/cuBLAS for the rest.
 
-Forward, float16 / bfloat16: one launch of ``cuparing_fwd<D, bf16>`` (cuparing/kernels) per block.
+Forward, float16 / bfloat16: one kernel launch per block, from the family ``loader.forward_family``
+picks: ``cuparing_fwd_sm90<D, bf16, tma>`` (wgmma) on Hopper for the head dims it has tiles for,
+with Q/K/V tensor maps for its TMA loads when ``tensor_maps`` can make them (else its cp.async
+producer), ``cuparing_fwd<D, bf16>`` (mma.sync) everywhere else.
 With a single block (``cuparing.attention``) the kernel writes the output in the input dtype and
 the float32 LSE directly. In a ring, the first block writes a float32 accumulator
 (``out [B, Sq, H, D]``, ``lse [B, H, Sq]``) and every later block merges itself into it inside the
