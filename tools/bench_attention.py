@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="four shapes only")
     parser.add_argument("--json", help="write results as JSON to this path")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--calls", type=int, default=5, help="calls per timed sample (1: one call at a time)"
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--families", default="sm90,sm80", help="kernel families, first is 'ours'")
@@ -49,7 +52,10 @@ def main(argv=None) -> int:
     from cuparing.kernels import loader
 
     card = torch.cuda.get_device_name()
-    print(f"card: {card}; torch {torch.__version__}; bf16, B={args.batch}, H={args.heads}")
+    print(
+        f"card: {card}; torch {torch.__version__}; bf16, B={args.batch}, H={args.heads}, "
+        f"{args.calls} call(s) per timed sample"
+    )
     rows = []
     peers = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
     header = (
@@ -71,7 +77,11 @@ def main(argv=None) -> int:
         for family in reversed(families):  # the first family ends up active for the kernel stats
             os.environ["CUPARING_KERNELS"] = family.split("-")[0]
             os.environ["CUPARING_TMA"] = "0" if family.endswith("cp.async") else "1"
-            ms = time_ms(functools.partial(cr.attention, q, k, v, causal=causal), args.repeats)
+            ms = time_ms(
+                functools.partial(cr.attention, q, k, v, causal=causal),
+                args.repeats,
+                calls=args.calls,
+            )
             result[f"{family}_tflops"] = flops / ms / 1e9
         result["ours_tflops"] = result[f"{families[0]}_tflops"]
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # SDPA wants [B, H, S, D]
@@ -80,7 +90,9 @@ def main(argv=None) -> int:
                 with sdpa_kernel([backend]):
                     sdpa = torch.nn.functional.scaled_dot_product_attention
                     peer_ms = time_ms(
-                        functools.partial(sdpa, qt, kt, vt, is_causal=causal), args.repeats
+                        functools.partial(sdpa, qt, kt, vt, is_causal=causal),
+                        args.repeats,
+                        calls=args.calls,
                     )
                 result[f"{name}_tflops"] = flops / peer_ms / 1e9
             except RuntimeError as exc:  # backend not available for this shape/card

@@ -199,13 +199,14 @@ class Sm90FwdConfig:
 
 
 # S (block_n / 2 floats) + O (d / 2) + P (block_n / 4) registers per consumer thread; shared
-# memory Q + stages * (K + V) under 227 KB (sm90/traits.cuh asserts both). d=256: the 128-float O
-# accumulator leaves room for 64 keys per tile under the TMA consumers' 240 registers, 32 under
-# the cp.async consumers' 232 (64 and 48 spill there).
+# memory Q + stages * (K + V) under 227 KB (sm90/traits.cuh asserts both). The widest key tiles
+# that compile without spills under the TMA consumers' 240 registers; the cp.async consumers
+# (232) take 128 keys (d=256: 32; 64 and 48 spill). Measured on an H200 (PERF.md, sm90 v3):
+# d=128 x176 beat x128 by 6% full and lost 1% causal; d=64 x192 +2%, d=256 x80 +3%.
 SM90_FWD_CONFIGS: dict[int, Sm90FwdConfig] = {
-    64: Sm90FwdConfig(block_n=128, stages=2),
-    128: Sm90FwdConfig(block_n=128, stages=2),
-    256: Sm90FwdConfig(block_n=64, stages=2, cp_async_block_n=32),
+    64: Sm90FwdConfig(block_n=192, stages=2, cp_async_block_n=128),
+    128: Sm90FwdConfig(block_n=176, stages=2, cp_async_block_n=128),
+    256: Sm90FwdConfig(block_n=80, stages=2, cp_async_block_n=32),
 }
 # CUPARING_SM90_TILES="256:64,2,32;128:128,3" (head dim: block_n, stages[, cp.async block_n])
 # overrides rows, for tuning.
