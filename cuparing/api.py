@@ -38,6 +38,8 @@ def attention(
     scale: float | None = None,
     window: Window = None,
     return_lse: bool = False,
+    out: Any = None,
+    lse: Any = None,
 ) -> Any:
     """Exact softmax attention on one device (GPU for GPU arrays, else CPU).
 
@@ -51,14 +53,20 @@ def attention(
         window: ``(left, right)``: key ``j`` is visible to query ``i`` iff
             ``i - left <= j <= i + right``; ``None`` on a side means unbounded.
         return_lse: also return the log-sum-exp.
+        out, lse: caller-owned arrays to write the results into (NumPy, CuPy or PyTorch, the
+            inputs' framework and device): out [B, Sq, H, D] in q's dtype with a contiguous last
+            axis, lse [B, H, Sq] float32 (float64 for float64), C-contiguous. On a GPU a single
+            call then allocates nothing, which is what CUDA-graph capture needs.
 
     Returns:
         out [B, Sq, H, D] in q's dtype and framework, and lse [B, H, Sq] float32 (float64 for
-        float64 inputs) if ``return_lse``. A query that sees no key gets output 0 and lse -inf.
-        An empty batch (B = 0) returns empty results of these shapes and dtypes.
+        float64 inputs) if ``return_lse``; the given ``out`` / ``lse`` objects where passed. A
+        query that sees no key gets output 0 and lse -inf. An empty batch (B = 0) returns empty
+        results of these shapes and dtypes.
 
     Raises:
-        ValueError: shapes, heads, window or scale are inconsistent, or S, H or D is 0.
+        ValueError: shapes, heads, window or scale are inconsistent, S, H or D is 0, or ``out``
+            / ``lse`` has the wrong shape or layout or shares memory with an input.
         TypeError: arrays of different frameworks/devices/dtypes, an unsupported dtype, options
             of the wrong type, or PyTorch tensors that autograd tracks (this function is not
             differentiable; see :func:`cuparing.ring_attention_torch`).
@@ -72,10 +80,11 @@ def attention(
     origin = validation.check_arrays(("q", "k", "v"), (q, k, v))
     validation.check_qkv(q, k, v, same_length=False)
     validation.check_untracked("attention", ("q", "k", "v"), (q, k, v))
+    validation.check_forward_destinations(origin, q, k, v, out, lse)
     mask = validation.check_mask(causal, window)
     scale = validation.check_scale(scale, q.shape[-1])
     plan = _unless_empty(plan_single(q.shape[1], k.shape[1], mask), q)
-    return _forward(origin, _ONE_DEVICE, plan, scale, (q, k, v), return_lse)
+    return _forward(origin, _ONE_DEVICE, plan, scale, (q, k, v), return_lse, (out, lse))
 
 
 def ring_attention(
@@ -88,6 +97,8 @@ def ring_attention(
     window: Window = None,
     layout: str = "contiguous",
     return_lse: bool = False,
+    out: Any = None,
+    lse: Any = None,
 ) -> Any:
     """Exact attention over a sequence sharded across the ranks of ``ring``.
 
@@ -101,10 +112,11 @@ def ring_attention(
         causal, scale, window: as in :func:`attention`, by *global* token position.
         layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"``: how the sequence was sharded.
         return_lse: also return this rank's lse.
+        out, lse: caller-owned arrays for this rank's results, as in :func:`attention`.
 
     Returns:
         out [B, S/C, H, D] (this rank's queries) in q's dtype, and lse [B, H, S/C] float32
-        (float64 for float64) if ``return_lse``.
+        (float64 for float64) if ``return_lse``; the given ``out`` / ``lse`` where passed.
 
     Raises:
         ValueError: bad shapes, layout, window, or a length the layout cannot split; or the
@@ -129,9 +141,10 @@ def ring_attention(
             q, k, v, ring, causal, scale, window, layout
         )
         validation.check_untracked("ring_attention", ("q", "k", "v"), (q, k, v))
+        validation.check_forward_destinations(origin, q, k, v, out, lse)
     ring.agree(validation.ring_call_fields("ring_attention", q, k, ring, mask, scale, layout))
     plan = _unless_empty(plan_ring(layout, ring.rank, ring.size, q.shape[1], mask), q)
-    return _forward(origin, ring, plan, scale, (q, k, v), return_lse)
+    return _forward(origin, ring, plan, scale, (q, k, v), return_lse, (out, lse))
 
 
 def ring_attention_backward(
@@ -146,6 +159,9 @@ def ring_attention_backward(
     scale: float | None = None,
     window: Window = None,
     layout: str = "contiguous",
+    dq: Any = None,
+    dk: Any = None,
+    dv: Any = None,
 ) -> tuple[Any, Any, Any]:
     """Gradients of :func:`ring_attention` for this rank's shard.
 
@@ -154,10 +170,13 @@ def ring_attention_backward(
         q, k, v: this rank's shards, as passed to :func:`ring_attention`.
         out, lse: this rank's output and lse from :func:`ring_attention` (``return_lse=True``).
         ring, causal, scale, window, layout: exactly as in the forward call.
+        dq, dk, dv: caller-owned arrays for the gradients (each optional; the shape and dtype of
+            q, k, v, a contiguous last axis, the inputs' framework and device).
 
     Returns:
         (dq, dk, dv) with the shapes and dtypes of q, k, v: dq for this rank's queries, dk and dv
         for this rank's keys/values summed over every rank's queries. Accumulated in float32.
+        The given arrays where passed.
 
     Raises:
         ValueError, TypeError, cuparing.RingError: as in :func:`ring_attention`.
@@ -168,14 +187,22 @@ def ring_attention_backward(
         )
         validation.check_arrays(("q", "dout", "out"), (q, dout, out))
         validation.check_backward(dout, out, lse, q)
+        inputs = (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse))
+        dests = (("dq", dq), ("dk", dk), ("dv", dv))
+        validation.check_gradient_destinations(origin, inputs, dests)
     fields = validation.ring_call_fields("ring_attention_backward", q, k, ring, mask, scale, layout)
     ring.agree(fields)
     plan = _unless_empty(plan_ring(layout, ring.rank, ring.size, q.shape[1], mask), q)
     backend = backend_for(origin.backend)
     with origin.stream():
         arrays = [to_backend(x, origin) for x in (dout, q, k, v, out, lse)]
-        grads = ring_backward(backend, ring, *arrays, plan, scale)
-        return tuple(origin.export(g) for g in grads)
+        into = tuple(None if d is None else to_backend(d, origin) for d in (dq, dk, dv))
+        grads = ring_backward(backend, ring, *arrays, plan, scale, grads_into=into)
+        given = (dq, dk, dv)
+        return tuple(
+            mine if mine is not None else origin.export(g)
+            for mine, g in zip(given, grads, strict=True)
+        )
 
 
 def shard(x: Any, rank: int, world_size: int, layout: str = "contiguous", axis: int = 1) -> Any:
@@ -267,15 +294,27 @@ def global_positions(layout: str, rank: int, world_size: int, local_len: int) ->
 
 
 def _forward(
-    origin: Origin, ring: Ring, plan: RingPlan, scale: float, qkv: tuple, return_lse: bool
+    origin: Origin,
+    ring: Ring,
+    plan: RingPlan,
+    scale: float,
+    qkv: tuple,
+    return_lse: bool,
+    dests: tuple = (None, None),
 ) -> Any:
     """The schedule's forward on the caller's (checked) q, k, v: on their backend and stream,
-    results in their framework; (out, lse) if ``return_lse``, else out."""
+    results in their framework, or in the caller-owned (checked) ``dests`` = (out, lse) where
+    given; (out, lse) if ``return_lse``, else out."""
     backend = backend_for(origin.backend)
     with origin.stream():
         qb, kb, vb = (to_backend(x, origin) for x in qkv)
-        out, lse = ring_forward(backend, ring, qb, kb, vb, plan, scale)
-        return (origin.export(out), origin.export(lse)) if return_lse else origin.export(out)
+        out_b, lse_b = (None if d is None else to_backend(d, origin) for d in dests)
+        results = ring_forward(backend, ring, qb, kb, vb, plan, scale, out=out_b, lse=lse_b)
+        out, lse = (
+            mine if mine is not None else origin.export(r)
+            for mine, r in zip(dests, results, strict=True)
+        )
+        return (out, lse) if return_lse else out
 
 
 @contextlib.contextmanager

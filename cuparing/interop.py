@@ -13,6 +13,7 @@ imported only when the caller's array comes from them.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,42 @@ def element_strides(x: Any) -> tuple[int, ...] | None:
     if strides is None or not itemsize:
         return None
     return tuple(int(s) // itemsize for s in strides)
+
+
+def memory_span(x: Any) -> tuple[int, int] | None:
+    """The byte range ``[start, end)`` that ``x``'s elements occupy (NumPy, CuPy and PyTorch; an
+    empty array spans nothing), or None where the framework hides its memory (JAX)."""
+    framework = framework_of(x)
+    if framework == "jax":
+        return None
+    if framework == "torch":
+        start, itemsize = x.data_ptr(), x.element_size()
+    elif framework == "cupy":
+        start, itemsize = x.data.ptr, x.dtype.itemsize
+    else:
+        start, itemsize = x.__array_interface__["data"][0], x.dtype.itemsize
+    if math.prod(x.shape) == 0:
+        return (start, start)
+    strides = element_strides(x)
+    low = sum(s * (n - 1) for s, n in zip(strides, x.shape, strict=True) if s < 0)
+    high = sum(s * (n - 1) for s, n in zip(strides, x.shape, strict=True) if s > 0)
+    return (start + low * itemsize, start + (high + 1) * itemsize)
+
+
+def is_c_contiguous(x: Any) -> bool:
+    """Whether ``x``'s elements are laid out in C order without gaps (dims of extent 1 and empty
+    arrays are contiguous whatever their strides)."""
+    if math.prod(x.shape) == 0:
+        return True
+    strides = element_strides(x)
+    if strides is None:
+        return True  # JAX arrays are always dense
+    expected = 1
+    for size, stride in zip(reversed(tuple(x.shape)), reversed(strides), strict=True):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def records_gradient(x: Any) -> bool:

@@ -101,7 +101,7 @@ def plan_single(seqlen_q: int, seqlen_k: int, mask: MaskSpec) -> RingPlan:
     return RingPlan(0, 1, "contiguous", mask, (k_pos,), (kind,), 0, q_pos)
 
 
-def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float):
+def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=None, lse=None):
     """Run the forward ring for this rank.
 
     Args:
@@ -109,13 +109,16 @@ def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float):
         ring: the communicator (also for ``plan.world_size == 1``: its ``trace_compute`` and
             ``check`` are called; a :class:`~cuparing.comm.local.SoloRing` will do).
         q: [B, Sq, H, D] this rank's queries; k, v: [B, Sk, Hkv, D] this rank's keys/values.
+        out, lse: caller-owned backend arrays to write the result into (checked by the caller),
+            or None.
 
     Returns:
-        (out, lse): out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] float32 (float64 for float64).
+        (out, lse): out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] float32 (float64 for float64);
+        the given ``out`` / ``lse`` where given.
     """
     positions = [backend.positions(p) for p in plan.positions]
     q_pos = backend.positions(plan.q_positions)
-    state = backend.forward_state(q, plan.blocks)
+    state = backend.forward_state(q, plan.blocks, out=out, lse=lse)
     kv = [k, v]
     for step in range(plan.last_step + 1):
         pending = ring.exchange(kv, 1, "kv") if step < plan.last_step else None
@@ -131,17 +134,21 @@ def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float):
     return result
 
 
-def ring_backward(backend, ring, dout, q, k, v, out, lse, plan: RingPlan, scale: float):
+def ring_backward(
+    backend, ring, dout, q, k, v, out, lse, plan: RingPlan, scale: float, grads_into=None
+):
     """Run the backward ring for this rank.
 
     Args:
         dout, out: [B, Sq, H, D] gradient of and output of this rank's queries.
         lse: [B, H, Sq] the final (merged) log-sum-exp from the forward ring.
         q, k, v: as in :func:`ring_forward`.
+        grads_into: (dq, dk, dv) caller-owned backend arrays (each may be None) to write the
+            gradients into, or None.
 
     Returns:
         (dq, dk, dv) in the dtypes of q, k, v; dk and dv are gradients of *this rank's* K/V
-        shard, summed over every rank's queries.
+        shard, summed over every rank's queries; the given arrays where given.
     """
     positions = [backend.positions(p) for p in plan.positions]
     q_pos = backend.positions(plan.q_positions)
@@ -169,16 +176,20 @@ def ring_backward(backend, ring, dout, q, k, v, out, lse, plan: RingPlan, scale:
     if home_shift:
         dkv = ring.exchange(dkv, home_shift, "dkv_home").wait()
     from_ring = plan.last_step > 0 or home_shift > 0
+    dq_into, dk_into, dv_into = grads_into or (None, None, None)
     grads = (
-        backend.cast(dq, q.dtype),
-        _owned(backend, dkv[0], k.dtype, from_ring),
-        _owned(backend, dkv[1], v.dtype, from_ring),
+        backend.cast(dq, q.dtype, out=dq_into),
+        _owned(backend, dkv[0], k.dtype, from_ring, dk_into),
+        _owned(backend, dkv[1], v.dtype, from_ring, dv_into),
     )
     ring.check()
     return grads
 
 
-def _owned(backend, x, dtype, from_ring: bool):
-    """``x`` cast to ``dtype`` in an array the caller owns: ring receive buffers get reused."""
+def _owned(backend, x, dtype, from_ring: bool, into=None):
+    """``x`` cast to ``dtype`` in an array the caller owns (``into`` if given): ring receive
+    buffers get reused."""
+    if into is not None:
+        return backend.cast(x, dtype, out=into)
     y = backend.cast(x, dtype)
     return y.copy() if from_ring and y is x else y

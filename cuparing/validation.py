@@ -1,7 +1,8 @@
 """Checks on user input, made once at the API boundary before any work or communication.
 
-The checks of user input live here: arrays, shapes, dtypes, mask options, layouts, ranks and
-world sizes, sequence lengths, shard lists, and :func:`cuparing.simulate`'s arguments. (Checks
+The checks of user input live here: arrays, shapes, dtypes, caller-owned outputs, mask options,
+layouts, ranks and world sizes, sequence lengths, shard lists, and :func:`cuparing.simulate`'s
+arguments. (Checks
 that guard a module's own contract stay beside it: the comm layer's argument types, the CuPy
 backend's position range.)
 ``ValueError`` for shapes, lengths, layouts and out-of-range values; ``TypeError`` for dtypes,
@@ -15,12 +16,22 @@ for integers, NumPy floats for reals. ``bool`` is never taken for a number.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 
-from .interop import Origin, dtype_name, element_strides, framework_of, origin_of, records_gradient
+from .interop import (
+    Origin,
+    dtype_name,
+    element_strides,
+    framework_of,
+    is_c_contiguous,
+    memory_span,
+    origin_of,
+    records_gradient,
+)
 from .layouts import LAYOUTS, split_factor
 from .masks import MaskSpec
 
@@ -322,6 +333,83 @@ def check_untracked(entry: str, names: tuple[str, ...], arrays: tuple[Any, ...])
                 "cuparing.ring_attention_torch (on one device, inside cuparing.simulate(1, fn)), "
                 "or call under torch.no_grad() / pass detached tensors"
             )
+
+
+def check_destination(
+    name: str,
+    dest: Any,
+    origin: Origin,
+    shape: tuple,
+    dtype: str,
+    inputs: Sequence[tuple[str, Any]],
+    whole_contiguous: bool = False,
+) -> None:
+    """A caller-owned output ``dest`` (``out=``, ``lse=``, ``dq=`` ...), if given, can take the
+    result: the inputs' framework and device, ``shape`` and ``dtype``, a contiguous last axis (or
+    all of it C-contiguous if ``whole_contiguous``), not tracked by autograd, sharing no memory
+    with any of ``inputs`` (name, array). Raised before any work or communication."""
+    if dest is None:
+        return
+    where = _check_array_type(name, dest)
+    if where.framework == "jax":
+        raise TypeError(
+            f"{name}: JAX arrays are immutable, so cuparing cannot write into one; leave {name} "
+            "out and use the returned array"
+        )
+    if where != origin:
+        raise TypeError(
+            f"{name} lives on {where.describe()} but the inputs on {origin.describe()}; pass "
+            f"{name} from the same framework and device"
+        )
+    if dtype_name(dest) != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {dtype_name(dest)}")
+    if tuple(dest.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(dest.shape)}")
+    if whole_contiguous and not is_c_contiguous(dest):
+        raise ValueError(
+            f"{name} must be C-contiguous, got element strides {element_strides(dest)} for "
+            f"shape {tuple(dest.shape)}"
+        )
+    _check_last_axis_contiguous(name, dest)
+    if records_gradient(dest):
+        raise TypeError(
+            f"{name} requires grad: cuparing writes it in place, outside autograd; pass a tensor "
+            "that does not require grad"
+        )
+    span = memory_span(dest)
+    for other_name, other in inputs:
+        if other is None:
+            continue
+        other_span = memory_span(other)
+        if span and other_span and span[0] < other_span[1] and other_span[0] < span[1]:
+            raise ValueError(
+                f"{name} shares memory with {other_name}; the result must go to memory no input "
+                "is read from"
+            )
+
+
+def check_forward_destinations(origin: Origin, q: Any, k: Any, v: Any, out: Any, lse: Any):
+    """``out=`` (q's shape and dtype, contiguous last axis) and ``lse=`` ([B, H, Sq] float32,
+    float64 for float64 inputs, C-contiguous) of a forward call, where given."""
+    b, s, h, _ = q.shape
+    dtype = dtype_name(q)
+    inputs = (("q", q), ("k", k), ("v", v))
+    check_destination("out", out, origin, q.shape, dtype, inputs)
+    lse_dtype = "float64" if dtype == "float64" else "float32"
+    check_destination(
+        "lse", lse, origin, (b, h, s), lse_dtype, (*inputs, ("out", out)), whole_contiguous=True
+    )
+
+
+def check_gradient_destinations(origin: Origin, inputs: Sequence[tuple[str, Any]], grads):
+    """``dq=``, ``dk=``, ``dv=`` of a backward call, where given: each the shape and dtype of q,
+    k, v, a contiguous last axis, and no memory shared with the inputs or with each other."""
+    named = dict(inputs)
+    written: list[tuple[str, Any]] = []
+    for (name, dest), like in zip(grads, ("q", "k", "v"), strict=True):
+        x = named[like]
+        check_destination(name, dest, origin, x.shape, dtype_name(x), (*inputs, *written))
+        written.append((name, dest))
 
 
 def check_qkv(q: Any, k: Any, v: Any, same_length: bool) -> None:

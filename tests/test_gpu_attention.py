@@ -473,3 +473,89 @@ def test_nonfinite_inputs_behave_as_dense_attention(dtype, plant):
     for label, got, ref in zip(("dq", "dk", "dv"), grads, want, strict=True):
         finite = np.isfinite(_to_host(got).astype(np.float64))
         assert np.array_equal(finite, np.isfinite(ref)), label
+
+
+# ---- caller-owned outputs and CUDA graphs
+
+
+@requires_gpu(1)
+@pytest.mark.usefixtures("kernel_family")
+@pytest.mark.parametrize("causal", [False, True])
+def test_caller_owned_outputs_on_gpu(causal):
+    """out= / lse= (a strided torch view) and dq= / dk= / dv= receive exactly what the calls
+    return without them; every element written (NaN-poisoned first)."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    b, s, h, hkv, d = 2, 300, 4, 2, 128
+    q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(b, s, hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+            for _ in range(2))  # fmt: skip
+    want_out, want_lse = cr.attention(q, k, v, causal=causal, return_lse=True)
+    out = torch.full((b, h, s, d), float("nan"), device="cuda", dtype=torch.bfloat16)
+    out = out.transpose(1, 2)  # [B, H, S, D] storage seen as [B, S, H, D]
+    lse = torch.full((b, h, s), float("nan"), device="cuda")
+    got = cr.attention(q, k, v, causal=causal, return_lse=True, out=out, lse=lse)
+    assert got[0] is out and got[1] is lse
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    dout = torch.randn_like(q)
+    want = cr.ring_attention_backward(dout, q, k, v, want_out, want_lse, SoloRing(), causal=causal)
+    dests = [torch.full_like(x, float("nan")) for x in (q, k, v)]
+    into = dict(zip(("dq", "dk", "dv"), dests, strict=True))
+    grads = cr.ring_attention_backward(
+        dout, q, k, v, want_out, want_lse, SoloRing(), causal=causal, **into
+    )
+    for dest, got_grad, want_grad in zip(dests, grads, want, strict=True):
+        assert got_grad is dest and torch.equal(dest, want_grad)
+
+
+@requires_gpu(1)
+@pytest.mark.usefixtures("kernel_family")
+def test_forward_replays_in_a_torch_cuda_graph():
+    """With out= and lse=, a forward call allocates nothing and syncs nothing: it can be captured
+    in a CUDA graph, and replays compute the attention of whatever the input buffers hold."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    shape = (1, 1000, 8, 128)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))  # fmt: skip
+    out = torch.empty_like(q)
+    lse = torch.empty(1, 8, 1000, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compile, cache positions and tensor maps
+        cr.attention(q, k, v, causal=True, out=out, lse=lse)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cr.attention(q, k, v, causal=True, out=out, lse=lse)
+    for _ in range(2):  # new inputs in the captured buffers, then replay
+        for x in (q, k, v):
+            x.copy_(torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen))
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+        graph.replay()
+        want_out, want_lse = cr.attention(q, k, v, causal=True, return_lse=True)
+        assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+
+
+@requires_gpu(1)
+def test_forward_replays_in_a_cupy_stream_capture():
+    import cupy
+
+    rng = np.random.default_rng(13)
+    q, k, v = (_to_gpu(_random(rng, (2, 257, 4, 64), "float16")) for _ in range(3))
+    out = cupy.empty_like(q)
+    lse = cupy.empty((2, 4, 257), dtype=cupy.float32)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        cr.attention(q, k, v, window=(64, 0), out=out, lse=lse)  # warm-up
+        stream.begin_capture()
+        cr.attention(q, k, v, window=(64, 0), out=out, lse=lse)
+        graph = stream.end_capture()
+        fresh = _to_gpu(_random(rng, (2, 257, 4, 64), "float16"))
+        q[...] = fresh
+        out.fill(cupy.nan)
+        graph.launch(stream)
+        want_out, want_lse = cr.attention(q, k, v, window=(64, 0), return_lse=True)
+        stream.synchronize()
+    assert cupy.array_equal(out, want_out) and cupy.array_equal(lse, want_lse)

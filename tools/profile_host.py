@@ -17,27 +17,14 @@ import cProfile
 import io
 import pstats
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import host_us  # noqa: E402
 
 SIZES = [(1, 128, 8, 64), (1, 1024, 16, 128), (1, 4096, 16, 128)]  # (B, S, H, D), Hkv = H
-
-
-def host_us(fn, calls: int) -> float:
-    """Host microseconds per call of ``fn()`` (after 20 warm-up calls)."""
-    import torch
-
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
 
 
 def main(argv=None) -> int:

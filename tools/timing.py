@@ -10,6 +10,7 @@ time. Every implementation in a table is timed the same way. Median of ``repeats
 from __future__ import annotations
 
 import statistics
+import time
 
 
 def time_ms(fn, repeats: int = 10, warmup: int = 3, calls: int = 5) -> float:
@@ -30,3 +31,20 @@ def time_ms(fn, repeats: int = 10, warmup: int = 3, calls: int = 5) -> float:
         end.synchronize()
         samples.append(start.elapsed_time(end) / calls)
     return statistics.median(samples)
+
+
+def host_us(fn, calls: int = 300, warmup: int = 20) -> float:
+    """Host microseconds per call of ``fn()``: ``time.perf_counter`` over ``calls`` calls after
+    ``warmup``, one synchronisation at the end. For work small enough that the GPU keeps up, this
+    is the caller's cost per call (what a training loop pays before the GPU becomes the limit)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6

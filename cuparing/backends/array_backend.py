@@ -22,6 +22,8 @@ class ForwardState:
     out: Any  # [B, Sq, H, D]
     lse: Any  # [B, H, Sq]
     dtype: Any  # the caller's dtype, for the final cast
+    dest_out: Any = None  # caller-owned arrays the result goes into
+    dest_lse: Any = None
 
 
 class ArrayBackend:
@@ -36,15 +38,23 @@ class ArrayBackend:
         """Global positions in the form this backend's block functions take."""
         return host_positions
 
-    def forward_state(self, q, blocks: int) -> ForwardState:
-        """An empty running result for queries ``q`` (``blocks`` non-empty blocks will follow)."""
+    def forward_state(self, q, blocks: int, out=None, lse=None) -> ForwardState:
+        """An empty running result for queries ``q`` (``blocks`` non-empty blocks will follow);
+        a caller-owned ``lse`` is the running lse itself, ``out`` receives the final cast."""
         xp = self.xp
         acc_t = array_ops.accum_dtype(xp, q.dtype)
         b, s, h, d = q.shape
+        if lse is None:
+            running_lse = xp.full((b, h, s), -xp.inf, dtype=acc_t)
+        else:
+            running_lse = lse
+            running_lse[...] = -xp.inf
         return ForwardState(
             out=xp.zeros((b, s, h, d), dtype=acc_t),
-            lse=xp.full((b, h, s), -xp.inf, dtype=acc_t),
+            lse=running_lse,
             dtype=q.dtype,
+            dest_out=out,
+            dest_lse=lse,
         )
 
     def forward_block(self, state, q, k, v, q_pos, k_pos, kind, mask, scale):
@@ -53,8 +63,9 @@ class ArrayBackend:
         array_ops.merge_into(self.xp, state.out, state.lse, out, lse)
 
     def forward_finish(self, state):
-        """(out in the caller's dtype, lse in float32 or float64)."""
-        return self.cast(state.out, state.dtype), state.lse
+        """(out in the caller's dtype, lse in float32 or float64), in the caller-owned arrays
+        where ``forward_state`` had them."""
+        return self.cast(state.out, state.dtype, out=state.dest_out), state.lse
 
     def backward_delta(self, dout, out):
         return array_ops.backward_delta(self.xp, dout, out)
@@ -70,5 +81,8 @@ class ArrayBackend:
             self.xp, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale
         )
 
-    def cast(self, x, dtype):
-        return x.astype(dtype, copy=False)
+    def cast(self, x, dtype, out=None):
+        if out is None:
+            return x.astype(dtype, copy=False)
+        out[...] = x  # an assignment rounds to out's dtype
+        return out

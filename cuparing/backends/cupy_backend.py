@@ -101,6 +101,7 @@ class CupyForwardState:
         dtype: the caller's dtype. blocks: blocks announced; done: blocks computed so far.
         direct: DIRECT mode (``blocks == 1``): the kernel writes the final out and lse itself.
         generic: the float32 fallback state (``ForwardState`` of the array_ops path) or None.
+        dest_out, dest_lse: caller-owned arrays the result goes into (None: fresh arrays).
     """
 
     out: Any
@@ -111,6 +112,8 @@ class CupyForwardState:
     done: int = 0
     direct: bool = False
     generic: Any = None
+    dest_out: Any = None
+    dest_lse: Any = None
 
 
 class CupyBackend:
@@ -141,23 +144,32 @@ class CupyBackend:
         d = q.shape[-1]
         return dtype_name(q.dtype) in _KERNEL_DTYPES and d % 8 == 0 and d <= loader.MAX_HEAD_DIM
 
-    def forward_state(self, q, blocks: int) -> CupyForwardState:
-        """Accumulators for queries q [B, Sq, H, D] that ``blocks`` non-empty blocks will fill."""
+    def forward_state(self, q, blocks: int, out=None, lse=None) -> CupyForwardState:
+        """Accumulators for queries q [B, Sq, H, D] that ``blocks`` non-empty blocks will fill.
+
+        Caller-owned ``out`` / ``lse`` are written by the kernel itself where it can: a single
+        block writes both directly (``out`` with its own strides, if 4-byte aligned for the
+        kernel's paired stores), a ring merges into ``lse`` in place and casts into ``out``.
+        """
         cp = self.xp
         b, s, h, d = q.shape
+        dests = {"dest_out": out, "dest_lse": lse}
         if not self._kernel_ok(q):
             # float32 (or a head dim the kernel cannot take): generic path in float32
-            state = self._generic.forward_state(_ShapeOnly(tuple(q.shape)), blocks)
-            return CupyForwardState(None, None, q.shape, q.dtype, blocks, generic=state)
+            state = self._generic.forward_state(_ShapeOnly(tuple(q.shape)), blocks, lse=lse)
+            return CupyForwardState(None, None, q.shape, q.dtype, blocks, generic=state, **dests)
+        running_lse = lse if lse is not None else cp.empty((b, h, s), dtype=cp.float32)
         if blocks == 1:
-            out = _empty(cp, (b, s, h, d), q.dtype)
-            lse = cp.empty((b, h, s), dtype=cp.float32)
-            return CupyForwardState(out, lse, q.shape, q.dtype, blocks, direct=True)
+            direct_out = out if out is not None and _pair_aligned(out) else None
+            if direct_out is None:
+                direct_out = _empty(cp, (b, s, h, d), q.dtype)
+            return CupyForwardState(
+                direct_out, running_lse, q.shape, q.dtype, blocks, direct=True, **dests
+            )
         if blocks == 0:
-            return CupyForwardState(None, None, q.shape, q.dtype, blocks)
-        out = cp.empty((b, s, h, d), dtype=cp.float32)
-        lse = cp.empty((b, h, s), dtype=cp.float32)
-        return CupyForwardState(out, lse, q.shape, q.dtype, blocks)
+            return CupyForwardState(None, lse, q.shape, q.dtype, blocks, **dests)
+        acc = cp.empty((b, s, h, d), dtype=cp.float32)
+        return CupyForwardState(acc, running_lse, q.shape, q.dtype, blocks, **dests)
 
     def forward_block(self, state: CupyForwardState, q, k, v, q_pos, k_pos, kind, mask, scale):
         """Compute one block and fold it into ``state`` (one kernel launch for fp16/bf16)."""
@@ -182,21 +194,33 @@ class CupyBackend:
         state.done += 1
 
     def forward_finish(self, state: CupyForwardState):
-        """(out [B, Sq, H, D] in the caller's dtype, lse float32 [B, H, Sq])."""
+        """(out [B, Sq, H, D] in the caller's dtype, lse float32 [B, H, Sq]): the caller-owned
+        arrays of ``forward_state`` where given."""
         cp = self.xp
         if state.generic is not None:
-            return self.cast(state.generic.out, state.dtype), state.generic.lse
+            out = self.cast(state.generic.out, state.dtype, out=state.dest_out)
+            return out, state.generic.lse
         if state.direct and state.done == 1:
-            return state.out, state.lse
+            out = state.out
+            if state.dest_out is not None and out is not state.dest_out:
+                out = self.cast(out, state.dtype, out=state.dest_out)  # an unaligned out
+            return out, state.lse
         if state.done == 0:  # nothing visible anywhere: out 0, lse -inf
             b, s, h, _ = state.shape
-            out = _zeros(cp, state.shape, state.dtype)
-            return out, cp.full((b, h, s), -cp.inf, dtype=cp.float32)
+            if state.dest_out is None:
+                out = _zeros(cp, state.shape, state.dtype)
+            else:
+                out = state.dest_out
+                out.view(cp.uint16 if out.dtype.itemsize == 2 else out.dtype)[...] = 0
+            if state.dest_lse is None:
+                return out, cp.full((b, h, s), -cp.inf, dtype=cp.float32)
+            state.dest_lse.fill(-cp.inf)
+            return out, state.dest_lse
         if state.done != state.blocks:
             raise RuntimeError(
                 f"forward_finish after {state.done} of {state.blocks} announced block(s)"
             )
-        return self.cast(state.out, state.dtype), state.lse
+        return self.cast(state.out, state.dtype, out=state.dest_out), state.lse
 
     def _block_fields(self, q, k, q_pos, k_pos, kind, mask: MaskSpec, scale) -> dict:
         """The params fields forward and backward share: operands' pointers, shapes, positions,
@@ -304,10 +328,25 @@ class CupyBackend:
             kernel(grid, (cfg.threads,), (params,), shared_mem=smem)
 
     # ---- dtype conversion
-    def cast(self, x, dtype):
-        """``x`` (float32) as ``dtype``; fp16/bf16 through our cast kernel (contiguous result)."""
+    def cast(self, x, dtype, out=None):
+        """``x`` (float32) as ``dtype``; fp16/bf16 through our cast kernel (contiguous result).
+        With ``out`` (x's shape, ``dtype``, any strides): written there (straight from the cast
+        kernel when ``out`` is contiguous) and returned."""
         cp = self.xp
         name = dtype_name(dtype)
+        if out is not None:
+            if out is x:
+                return out
+            if name in _KERNEL_DTYPES and out.flags.c_contiguous:
+                to_half, _ = loader.get_cast_kernels(name)
+                _elementwise(
+                    to_half, cp.ascontiguousarray(x, dtype=cp.float32), out.view(cp.uint16)
+                )
+                return out
+            result = self.cast(x, dtype)
+            bits = cp.uint16 if out.dtype.itemsize == 2 else out.dtype
+            out.view(bits)[...] = result.view(bits)
+            return out
         if name == dtype_name(x.dtype):
             return x
         if name in _KERNEL_DTYPES:
@@ -375,6 +414,14 @@ def _tensor_maps(q, k, v, dtype: str, cfg: loader.Sm90FwdConfig):
             return None
         blobs.append(blob)
     return tensor_maps.pack_maps(*blobs)
+
+
+def _pair_aligned(out) -> bool:
+    """Whether the forward kernel can write ``out`` in place: it stores pairs of 16-bit values
+    as one 4-byte word, so the base and every stride must keep pairs 4-byte aligned."""
+    return out.data.ptr % 4 == 0 and all(
+        s % 2 == 0 or n == 1 for s, n in zip(_element_strides(out), out.shape[:3], strict=True)
+    )
 
 
 def _kernel_operand(cp, x):

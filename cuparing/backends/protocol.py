@@ -26,9 +26,12 @@ class Backend(Protocol):
     def positions(self, host_positions: np.ndarray) -> Any:
         """Global positions (NumPy int64) in the form this backend's block functions take."""
 
-    def forward_state(self, q: Any, blocks: int) -> Any:
+    def forward_state(self, q: Any, blocks: int, out: Any = None, lse: Any = None) -> Any:
         """An empty running result for queries ``q``; exactly ``blocks`` non-empty blocks follow
-        (0: the result is output 0, lse -inf)."""
+        (0: the result is output 0, lse -inf). ``out`` / ``lse``: caller-owned arrays of this
+        backend (checked: q's shape and dtype with a contiguous last axis / [B, H, Sq] in the
+        accumulator dtype, C-contiguous) that the result is written into; the backend may also
+        compute in them directly."""
 
     def forward_block(
         self, state: Any, q: Any, k: Any, v: Any, q_pos: Any, k_pos: Any, kind: BlockKind,
@@ -38,7 +41,8 @@ class Backend(Protocol):
         accumulator dtype."""
 
     def forward_finish(self, state: Any) -> tuple[Any, Any]:
-        """(out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] float32, float64 for float64)."""
+        """(out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] float32, float64 for float64): the
+        caller-owned arrays given to ``forward_state``, where given."""
 
     def backward_delta(self, dout: Any, out: Any) -> Any:
         """``delta = rowsum(dout * out)``, [B, H, Sq] in the accumulator dtype."""
@@ -52,5 +56,7 @@ class Backend(Protocol):
     ) -> None:  # fmt: skip
         """Add one block's gradients into the accumulators ``dq``, ``dk``, ``dv`` (in place)."""
 
-    def cast(self, x: Any, dtype: Any) -> Any:
-        """``x`` as ``dtype`` (the accumulators' way back to the caller's dtype)."""
+    def cast(self, x: Any, dtype: Any, out: Any = None) -> Any:
+        """``x`` as ``dtype`` (the accumulators' way back to the caller's dtype); written into
+        ``out`` (an array of this backend with ``x``'s shape, any strides) and returned, if
+        given."""

@@ -1,0 +1,136 @@
+"""Host cost per call: ``cr.attention`` (with and without caller-owned outputs, and replayed as
+a CUDA graph) beside PyTorch SDPA (flash) in the same process; ``ring_attention`` when launched on
+several GPUs.
+
+Host microseconds per call are ``time.perf_counter`` over ``--calls`` calls after warm-up, one
+synchronisation at the end (tools/timing.py ``host_us``); the sizes are small enough that the GPU
+keeps up, so the figure is what the caller pays per call. torch bf16 CUDA tensors, causal.
+
+Usage:
+    python tools/bench_overhead.py [--calls N] [--json PATH]
+    python -m cuparing.launch --nproc-per-node 2 tools/bench_overhead.py   # adds the ring rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import host_us  # noqa: E402
+
+SIZES = [(1, 128, 8, 64), (1, 1024, 16, 128), (2, 2048, 32, 128)]  # (B, S, H, D), Hkv = H / 4
+
+
+def single_device_rows(calls: int) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import cuparing as cr
+
+    rows = []
+    for b, s, h, d in SIZES:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k, v = (torch.randn(b, s, h // 4, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+                for _ in range(2))  # fmt: skip
+        out, lse = torch.empty_like(q), torch.empty(b, h, s, device="cuda")
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+
+        def ours(q=q, k=k, v=v):
+            cr.attention(q, k, v, causal=True)
+
+        def ours_out(q=q, k=k, v=v, out=out, lse=lse):
+            cr.attention(q, k, v, causal=True, out=out, lse=lse)
+
+        def sdpa(qt=qt, kt=kt, vt=vt):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+
+        ours_out()  # compile, cache positions and tensor maps before capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ours_out()
+
+        row = {"B": b, "S": s, "H": h, "Hkv": h // 4, "D": d}
+        for name, fn in (("ours", ours), ("ours_out", ours_out), ("graph", graph.replay),
+                         ("sdpa_flash", sdpa)):  # fmt: skip
+            row[f"{name}_us"] = host_us(fn, calls)
+        rows.append(row)
+    return rows
+
+
+def ring_rows(calls: int) -> list[dict]:
+    import torch
+
+    import cuparing as cr
+
+    ring = cr.Ring.from_env()
+    opts = {"causal": True, "layout": "zigzag"}
+    rows = []
+    for tokens in (512, 2048):
+        b, h, hkv, d = 1, 32, 8, 128
+        gen = torch.Generator(device="cuda").manual_seed(ring.rank)
+        q = torch.randn(b, tokens, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k, v = (torch.randn(b, tokens, hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+                for _ in range(2))  # fmt: skip
+        out, lse = torch.empty_like(q), torch.empty(b, h, tokens, device="cuda")
+
+        def ours(q=q, k=k, v=v):
+            cr.ring_attention(q, k, v, ring, **opts)
+
+        def ours_out(q=q, k=k, v=v, out=out, lse=lse):
+            cr.ring_attention(q, k, v, ring, out=out, lse=lse, **opts)
+
+        row = {"ranks": ring.size, "tokens_per_gpu": tokens, "H": h, "Hkv": hkv, "D": d}
+        for name, fn in (("ours", ours), ("ours_out", ours_out)):
+            ring.barrier()
+            row[f"{name}_us"] = host_us(fn, calls)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--json", help="write the rows as JSON (rank 0)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    card = torch.cuda.get_device_name()
+    result = {"card": card, "torch": torch.__version__}
+    if rank == 0:
+        result["single"] = single_device_rows(args.calls)
+        print(f"card: {card}; torch {torch.__version__}; bf16, causal, Hkv = H/4; host us per call")
+        print(f"{'B':>2} {'S':>6} {'H':>3} {'D':>4} {'ours':>8} {'out=':>8} {'graph':>8} "
+              f"{'sdpa':>8} {'ours/sdpa':>9}")  # fmt: skip
+        for r in result["single"]:
+            print(f"{r['B']:>2} {r['S']:>6} {r['H']:>3} {r['D']:>4} {r['ours_us']:>8.1f} "
+                  f"{r['ours_out_us']:>8.1f} {r['graph_us']:>8.1f} {r['sdpa_flash_us']:>8.1f} "
+                  f"{r['ours_us'] / r['sdpa_flash_us']:>9.1f}")  # fmt: skip
+    if world > 1:
+        result["ring"] = ring_rows(args.calls)
+        if rank == 0:
+            print(f"ring, {world} GPUs, causal zigzag, H/Hkv 32/8, D=128: host us per call")
+            for r in result["ring"]:
+                print(f"  {r['tokens_per_gpu']:>6} tokens/GPU: {r['ours_us']:8.1f} "
+                      f"(out=: {r['ours_out_us']:8.1f})")  # fmt: skip
+    if args.json and rank == 0:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
