@@ -21,7 +21,7 @@ from . import layouts, validation
 from .backends import backend_for
 from .comm.base import Ring
 from .comm.local import SoloRing
-from .interop import Origin, concatenate, take, to_backend
+from .interop import Origin, concatenate, dtype_name, take, to_backend
 from .schedule import RingPlan, plan_ring, plan_single, ring_backward, ring_forward
 
 Window = tuple[int | None, int | None] | None
@@ -194,11 +194,15 @@ def ring_attention_backward(
     ring.agree(fields)
     plan = _unless_empty(plan_ring(layout, ring.rank, ring.size, q.shape[1], mask), q)
     backend = backend_for(origin.backend)
+    # torch CUDA gradients come from torch's allocator (Origin.empty), others from the backend
+    given = tuple(
+        d if d is not None else origin.empty(tuple(x.shape), dtype_name(x))
+        for d, x in zip((dq, dk, dv), (q, k, v), strict=True)
+    )
     with origin.stream():
         arrays = [to_backend(x, origin) for x in (dout, q, k, v, out, lse)]
-        into = tuple(None if d is None else to_backend(d, origin) for d in (dq, dk, dv))
+        into = tuple(None if d is None else to_backend(d, origin) for d in given)
         grads = ring_backward(backend, ring, *arrays, plan, scale, grads_into=into)
-        given = (dq, dk, dv)
         return tuple(
             mine if mine is not None else origin.export(g)
             for mine, g in zip(given, grads, strict=True)
@@ -306,6 +310,13 @@ def _forward(
     results in their framework, or in the caller-owned (checked) ``dests`` = (out, lse) where
     given; (out, lse) if ``return_lse``, else out."""
     backend = backend_for(origin.backend)
+    q = qkv[0]
+    b, s, h, _ = q.shape
+    lse_dtype = "float64" if dtype_name(q) == "float64" else "float32"
+    dests = (
+        dests[0] if dests[0] is not None else origin.empty(tuple(q.shape), dtype_name(q)),
+        dests[1] if dests[1] is not None else origin.empty((b, h, s), lse_dtype),
+    )
     with origin.stream():
         qb, kb, vb = (to_backend(x, origin) for x in qkv)
         out_b, lse_b = (None if d is None else to_backend(d, origin) for d in dests)

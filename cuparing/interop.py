@@ -196,6 +196,17 @@ class Origin:
             return cupy.cuda.Device(self.device_index)
         return contextlib.nullcontext()
 
+    def empty(self, shape: tuple, dtype: str) -> Any:
+        """An uninitialised result array in the caller's framework, or None where the backend
+        should allocate (NumPy, CuPy and JAX callers get the backend's arrays back). torch CUDA
+        results are allocated by torch itself, so they live in its caching allocator and need no
+        DLPack export."""
+        if not (self.framework == "torch" and self.gpu):
+            return None
+        import torch
+
+        return torch.empty(shape, dtype=getattr(torch, dtype), device=f"cuda:{self.device_index}")
+
     def export(self, x: Any) -> Any:
         """A backend array as the caller's array type."""
         if x is None:
@@ -249,9 +260,7 @@ def to_backend(x: Any, origin: Origin) -> Any:
     if origin.framework == "torch":
         x = x.detach()
         if origin.gpu:
-            import cupy
-
-            return cupy.from_dlpack(x)
+            return _cupy_view_of_torch(x)
         import torch
 
         if x.dtype == torch.bfloat16:
@@ -264,3 +273,35 @@ def to_backend(x: Any, origin: Origin) -> Any:
 
         return cupy.from_dlpack(x)
     return np.asarray(x)
+
+
+def _cupy_view_of_torch(x: Any) -> Any:
+    """A CuPy array over a torch CUDA tensor's memory (same pointer, shape and strides; the
+    tensor is kept alive as the memory's owner). DLPack would do the same at several times the
+    host cost (torch's ``__dlpack__`` queries streams and devices per tensor); the caller's
+    stream is already CuPy's current stream (:meth:`Origin.stream`), so no stream handshake is
+    needed either."""
+    import cupy
+
+    itemsize = x.element_size()
+    extent = sum((n - 1) * s for n, s in zip(x.shape, x.stride(), strict=True)) + 1
+    nbytes = extent * itemsize if x.numel() else 0
+    memory = cupy.cuda.UnownedMemory(x.data_ptr(), nbytes, x, x.device.index)
+    bits = {1: cupy.uint8, 2: cupy.uint16, 4: cupy.uint32, 8: cupy.uint64}[itemsize]
+    view = cupy.ndarray(
+        tuple(x.shape),
+        dtype=bits,
+        memptr=cupy.cuda.MemoryPointer(memory, 0),
+        strides=tuple(s * itemsize for s in x.stride()),
+    )
+    return view.view(_numpy_dtype_of_torch(x.dtype))
+
+
+def _numpy_dtype_of_torch(dtype: Any) -> np.dtype:
+    """The NumPy (``ml_dtypes`` for bfloat16) dtype of a torch floating dtype."""
+    name = str(dtype).rsplit(".", 1)[-1]
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)

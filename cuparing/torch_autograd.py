@@ -72,10 +72,13 @@ def ring_attention_torch(*args: Any, **kwargs: Any) -> Any:
     return _function().apply(q, k, v, ring, options)
 
 
-# ring_attention's own signature less ``return_lse``: one definition of the ring options (names,
-# order, defaults) for both entry points, so they cannot drift apart.
+# ring_attention's own signature less ``return_lse`` and the caller-owned outputs (autograd makes
+# its own results): one definition of the ring options (names, order, defaults) for both entry
+# points, so they cannot drift apart.
 _SIGNATURE = inspect.signature(ring_attention)
 _SIGNATURE = _SIGNATURE.replace(
-    parameters=[p for p in _SIGNATURE.parameters.values() if p.name != "return_lse"]
+    parameters=[
+        p for p in _SIGNATURE.parameters.values() if p.name not in ("return_lse", "out", "lse")
+    ]
 )
 ring_attention_torch.__signature__ = _SIGNATURE  # what help() and inspect show

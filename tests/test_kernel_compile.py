@@ -155,3 +155,15 @@ def test_tensor_map_rules():
     maps = tensor_maps.pack_maps(k=bytes(range(128)))
     assert maps.dtype.itemsize == 384 and maps["q"].sum() == 0
     assert bytes(maps["k"][0]) == bytes(range(128))
+
+
+def test_packed_params_equal_field_by_field_assignment():
+    for dtype, pack in ((loader.PARAMS_DTYPE, loader.pack_params),
+                        (loader.BWD_PARAMS_DTYPE, loader.pack_bwd_params)):  # fmt: skip
+        values = {name: (i + 1) * 3 for i, name in enumerate(dtype.names)}
+        values[dtype.names[0]] = 2**63 + 5  # a device pointer uses all 64 bits
+        values["scale_log2"] = np.float32(-0.375)
+        want = np.zeros(1, dtype=dtype)
+        for name, value in values.items():
+            want[name] = value
+        assert pack(**values).tobytes() == want.tobytes()
