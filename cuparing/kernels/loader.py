@@ -187,11 +187,13 @@ class Sm90FwdConfig:
     """Tile configuration of the sm90 (wgmma) forward kernel for one head dim: a producer
     warpgroup and two consumer warpgroups of 64 query rows each (block_m = 128, 384 threads),
     ``block_n`` keys per stage with the TMA producer (``cp_async_block_n`` with the cp.async one,
-    whose consumers have fewer registers; default ``block_n``), ``stages`` K/V tiles in flight."""
+    whose consumers have fewer registers; default ``block_n``), ``stages`` K/V tiles in flight,
+    ``softmax_chains`` independent max/sum chains per row in the softmax."""
 
     block_n: int
     stages: int
     cp_async_block_n: int | None = None
+    softmax_chains: int = 1
     block_m: int = 128
     threads: int = 384
 
@@ -205,13 +207,15 @@ class Sm90FwdConfig:
 # that compile without spills under the TMA consumers' 240 registers; the cp.async consumers
 # (232) take 128 keys (d=256: 32; 64 and 48 spill). Measured on an H200 (PERF.md, sm90 v3):
 # d=128 x176 beat x128 by 6% full and lost 1% causal; d=64 x192 +2%, d=256 x80 +3%.
+# Two softmax chains per row (v4): +10% at d=128 full over one, the same causal; four chains
+# were no better.
 SM90_FWD_CONFIGS: dict[int, Sm90FwdConfig] = {
-    64: Sm90FwdConfig(block_n=192, stages=2, cp_async_block_n=128),
-    128: Sm90FwdConfig(block_n=176, stages=2, cp_async_block_n=128),
-    256: Sm90FwdConfig(block_n=80, stages=2, cp_async_block_n=32),
+    64: Sm90FwdConfig(block_n=192, stages=2, cp_async_block_n=128, softmax_chains=2),
+    128: Sm90FwdConfig(block_n=176, stages=2, cp_async_block_n=128, softmax_chains=2),
+    256: Sm90FwdConfig(block_n=80, stages=2, cp_async_block_n=32, softmax_chains=2),
 }
-# CUPARING_SM90_TILES="256:64,2,32;128:128,3" (head dim: block_n, stages[, cp.async block_n])
-# overrides rows, for tuning.
+# CUPARING_SM90_TILES="256:64,2,32;128:128,3" (head dim: block_n, stages[, cp.async block_n[,
+# softmax chains]]) overrides rows, for tuning.
 _SM90_ENV = os.environ.get("CUPARING_SM90_TILES", "")
 for _item in filter(None, (x.strip() for x in _SM90_ENV.split(";"))):
     _d, _fields = _item.split(":")
@@ -328,7 +332,8 @@ def configs_macro(arch: str = "sm_80") -> str:
         for d, c in sorted(bwd_configs(arch).items())
     )
     sm90_rows = " ".join(
-        f"X({d}, {str(tma).lower()}, {c.keys(tma)}, {c.stages}, {sm90_smem_bytes(d, tma)})"
+        f"X({d}, {str(tma).lower()}, {c.keys(tma)}, {c.stages}, {c.softmax_chains}, "
+        f"{sm90_smem_bytes(d, tma)})"
         for d, c in sorted(SM90_FWD_CONFIGS.items())
         for tma in (False, True)
     )

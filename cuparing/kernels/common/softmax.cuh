@@ -30,31 +30,46 @@ __device__ __forceinline__ void softmax_tile(float (&acc_s)[Tr::kMFrags][Tr::kNT
                                              float (&row_max)[Tr::kMFrags][2],
                                              float (&row_sum)[Tr::kMFrags][2], float scale_log2,
                                              float (&corrections)[Tr::kMFrags][2]) {
+  // kSoftmaxChains independent partial maxima and sums per row, combined at the end: a single
+  // chain of kNTiles dependent max (and 2 kNTiles dependent adds) is latency-bound; several
+  // chains overlap, for a few registers each.
+  constexpr int kChains = Tr::kSoftmaxChains;
 #pragma unroll
   for (int mf = 0; mf < Tr::kMFrags; ++mf) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float tile_max = neg_inf();
+      float maxima[kChains];
+#pragma unroll
+      for (int c = 0; c < kChains; ++c) maxima[c] = neg_inf();
 #pragma unroll
       for (int j = 0; j < Tr::kNTiles; ++j) {
-        tile_max = max_nan(tile_max, max_nan(acc_s[mf][j][2 * r], acc_s[mf][j][2 * r + 1]));
+        maxima[j % kChains] = max_nan(
+            maxima[j % kChains], max_nan(acc_s[mf][j][2 * r], acc_s[mf][j][2 * r + 1]));
       }
+      float tile_max = maxima[0];
+#pragma unroll
+      for (int c = 1; c < kChains; ++c) tile_max = max_nan(tile_max, maxima[c]);
       tile_max = quad_max(tile_max);
       // scale_log2 > 0, so max commutes with the scaling; -inf * scale stays -inf
       const float new_max = max_nan(row_max[mf][r], tile_max * scale_log2);
       const float shift = new_max == neg_inf() ? 0.f : new_max;
       const float correction = exp2_approx(row_max[mf][r] - shift);  // 0 while nothing seen
       row_max[mf][r] = new_max;
-      float sum = 0.f;
+      float sums[kChains];
+#pragma unroll
+      for (int c = 0; c < kChains; ++c) sums[c] = 0.f;
 #pragma unroll
       for (int j = 0; j < Tr::kNTiles; ++j) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const float p = exp2_approx(fmaf(acc_s[mf][j][2 * r + e], scale_log2, -shift));
           acc_s[mf][j][2 * r + e] = p;
-          sum += p;
+          sums[j % kChains] += p;
         }
       }
+      float sum = sums[0];
+#pragma unroll
+      for (int c = 1; c < kChains; ++c) sum += sums[c];
       row_sum[mf][r] = row_sum[mf][r] * correction + sum;
       corrections[mf][r] = correction;
     }

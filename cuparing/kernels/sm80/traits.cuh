@@ -28,6 +28,8 @@ struct FwdTraitsBase {
   static constexpr int kStages = kStages_;    // K/V tiles in flight (cp.async groups)
   static constexpr bool kQInRegs = kQInRegs_;  // Q A-fragments kept in registers for the CTA's life
   static constexpr int kMinBlocks = kMinBlocks_;  // __launch_bounds__ occupancy hint
+  // one max/sum chain per row in the softmax: more chains push d=128 past 255 registers (PERF.md)
+  static constexpr int kSoftmaxChains = 1;
 
   static constexpr int kRowsPerWarp = kBlockM / kNWarps;
   static constexpr int kMFrags = kRowsPerWarp / 16;  // m16 fragments per warp

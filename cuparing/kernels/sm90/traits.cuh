@@ -1,7 +1,7 @@
 // Tile shapes and shared-memory layout of the Hopper (sm_90a) forward kernel, per head dim.
 //
 // The table lives in Python (loader.SM90_FWD_CONFIGS) and arrives as the X-macro
-// CUPARING_SM90_FWD_CONFIGS(X), X(head_dim, tma, block_n, stages, smem_bytes) (one row per
+// CUPARING_SM90_FWD_CONFIGS(X), X(head_dim, tma, block_n, stages, chains, smem_bytes) (one row per
 // producer: the TMA consumers have more registers, so wide head dims get wider key tiles), so the
 // host's launch numbers and the device's layout are one table.
 //
@@ -24,8 +24,9 @@
 
 namespace cuparing {
 
-template <int kHeadDim_, int kBlockN_, int kStages_>
+template <int kHeadDim_, int kBlockN_, int kStages_, int kSoftmaxChains_>
 struct Sm90FwdTraitsBase {
+  static constexpr int kSoftmaxChains = kSoftmaxChains_;  // independent max/sum chains per row
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 128;         // query rows per CTA, 64 per warpgroup
   static constexpr int kBlockN = kBlockN_;    // keys per pipeline stage (the N of S = Q K^T)
@@ -78,9 +79,9 @@ struct Sm90FwdTraitsBase {
 template <int kHeadDim, bool kTma>
 struct Sm90FwdTraits;  // only the rows of CUPARING_SM90_FWD_CONFIGS exist
 
-#define CUPARING_DEFINE_SM90_TRAITS(D, TMA, BN, ST, SMEM)                                \
+#define CUPARING_DEFINE_SM90_TRAITS(D, TMA, BN, ST, CHAINS, SMEM)                        \
   template <>                                                                            \
-  struct Sm90FwdTraits<D, TMA> : Sm90FwdTraitsBase<D, BN, ST> {};                        \
+  struct Sm90FwdTraits<D, TMA> : Sm90FwdTraitsBase<D, BN, ST, CHAINS> {};                \
   static_assert(Sm90FwdTraits<D, TMA>::kSmemBytes == (SMEM),                             \
                 "loader smem formula disagrees (D=" #D ")");
 CUPARING_SM90_FWD_CONFIGS(CUPARING_DEFINE_SM90_TRAITS)
