@@ -1,6 +1,7 @@
 """Forward attention throughput: cuparing's kernel families vs PyTorch SDPA (flash and cuDNN).
 
-All runs share the process, the card and the inputs (bf16, [B, S, H, D], B=1, H=32). Time is
+All runs share the process, the card and the inputs (bf16 or ``--dtype float16``, [B, S, H, D],
+B=1, H=32). Time is
 measured with CUDA events (tools/timing.py: back-to-back calls), median of repeats.
 FLOPs = 4 * B * H * S^2 * D, halved for causal. Prints TFLOP/s of each kernel family asked for
 (``CUPARING_KERNELS`` set per row: sm90 = wgmma with TMA loads, Hopper only; sm90-cp.async = its
@@ -42,6 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--families", default="sm90,sm80", help="kernel families, first is 'ours'")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     args = parser.parse_args(argv)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
 
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
 
     card = torch.cuda.get_device_name()
     print(
-        f"card: {card}; torch {torch.__version__}; bf16, B={args.batch}, H={args.heads}, "
+        f"card: {card}; torch {torch.__version__}; {args.dtype}, B={args.batch}, H={args.heads}, "
         f"{args.calls} call(s) per timed sample"
     )
     rows = []
@@ -67,13 +69,13 @@ def main(argv=None) -> int:
     print(header + f" {'regs':>5} {'local':>5}")
     for d, s, causal in QUICK_SHAPES if args.quick else FULL_SHAPES:
         gen = torch.Generator(device="cuda").manual_seed(0)
+        dtype = getattr(torch, args.dtype)
         q, k, v = (
-            torch.randn(args.batch, s, args.heads, d, device="cuda", dtype=torch.bfloat16,
-                        generator=gen)
+            torch.randn(args.batch, s, args.heads, d, device="cuda", dtype=dtype, generator=gen)
             for _ in range(3)
         )  # fmt: skip
         flops = 4 * args.batch * args.heads * s * s * d / (2 if causal else 1)
-        result = {"card": card, "D": d, "S": s, "causal": causal}
+        result = {"card": card, "dtype": args.dtype, "D": d, "S": s, "causal": causal}
         for family in reversed(families):  # the first family ends up active for the kernel stats
             os.environ["CUPARING_KERNELS"] = family.split("-")[0]
             os.environ["CUPARING_TMA"] = "0" if family.endswith("cp.async") else "1"
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
             except RuntimeError as exc:  # backend not available for this shape/card
                 result[f"{name}_tflops"] = None
                 result[f"{name}_error"] = str(exc).splitlines()[0]
-        kernel, _, _ = loader.get_fwd_kernel(loader.padded_head_dim(d), "bfloat16")
+        kernel, _, _ = loader.get_fwd_kernel(loader.padded_head_dim(d), args.dtype)
         result["regs"], result["local_bytes"] = kernel.num_regs, kernel.local_size_bytes
         rows.append(result)
         cells = []
