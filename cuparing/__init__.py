@@ -3,6 +3,7 @@
 Public API (shapes ``[B, S, H, D]``, LSE ``[B, H, S]``)::
 
     out = cuparing.attention(q, k, v, causal=False, scale=None, window=None)
+    dq, dk, dv = cuparing.attention_backward(dout, q, k, v, out, lse, causal=False, ...)
     out, lse = cuparing.ring_attention(q_l, k_l, v_l, ring, causal=True, layout="zigzag",
                                        return_lse=True)
     dq, dk, dv = cuparing.ring_attention_backward(dout, q_l, k_l, v_l, out, lse, ring, ...)
@@ -16,6 +17,7 @@ Public API (shapes ``[B, S, H, D]``, LSE ``[B, H, S]``)::
 
 from .api import (
     attention,
+    attention_backward,
     global_positions,
     ring_attention,
     ring_attention_backward,
@@ -36,6 +38,7 @@ __all__ = [
     "RingError",
     "RingTimeoutError",
     "attention",
+    "attention_backward",
     "global_positions",
     "reference_attention",
     "reference_attention_backward",

@@ -162,6 +162,7 @@ def ring_attention_backward(
     dq: Any = None,
     dk: Any = None,
     dv: Any = None,
+    dlse: Any = None,
 ) -> tuple[Any, Any, Any]:
     """Gradients of :func:`ring_attention` for this rank's shard.
 
@@ -172,6 +173,8 @@ def ring_attention_backward(
         ring, causal, scale, window, layout: exactly as in the forward call.
         dq, dk, dv: caller-owned arrays for the gradients (each optional; the shape and dtype of
             q, k, v, a contiguous last axis, the inputs' framework and device).
+        dlse: [B, H, S/C] gradient of the loss with respect to ``lse`` (float32, float64 for
+            float64), when the loss uses the lse too; None means zero.
 
     Returns:
         (dq, dk, dv) with the shapes and dtypes of q, k, v: dq for this rank's queries, dk and dv
@@ -190,23 +193,55 @@ def ring_attention_backward(
         inputs = (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse))
         dests = (("dq", dq), ("dk", dk), ("dv", dv))
         validation.check_gradient_destinations(origin, inputs, dests)
+        validation.check_lse_gradient(origin, dlse, q)
     fields = validation.ring_call_fields("ring_attention_backward", q, k, ring, mask, scale, layout)
     ring.agree(fields)
     plan = _unless_empty(plan_ring(layout, ring.rank, ring.size, q.shape[1], mask), q)
-    backend = backend_for(origin.backend)
-    # torch CUDA gradients come from torch's allocator (Origin.empty), others from the backend
-    given = tuple(
-        d if d is not None else origin.empty(tuple(x.shape), dtype_name(x))
-        for d, x in zip((dq, dk, dv), (q, k, v), strict=True)
-    )
-    with origin.stream():
-        arrays = [to_backend(x, origin) for x in (dout, q, k, v, out, lse)]
-        into = tuple(None if d is None else to_backend(d, origin) for d in given)
-        grads = ring_backward(backend, ring, *arrays, plan, scale, grads_into=into)
-        return tuple(
-            mine if mine is not None else origin.export(g)
-            for mine, g in zip(given, grads, strict=True)
-        )
+    return _backward(origin, ring, plan, scale, (dout, q, k, v, out, lse), (dq, dk, dv), dlse)
+
+
+def attention_backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    causal: bool = False,
+    scale: float | None = None,
+    window: Window = None,
+    dq: Any = None,
+    dk: Any = None,
+    dv: Any = None,
+    dlse: Any = None,
+) -> tuple[Any, Any, Any]:
+    """Gradients of :func:`attention` on one device.
+
+    Args:
+        dout: [B, Sq, H, D] gradient of the loss with respect to ``out``.
+        q, k, v, causal, scale, window: exactly as passed to :func:`attention`.
+        out, lse: its results (``return_lse=True``).
+        dq, dk, dv: caller-owned arrays for the gradients, as in :func:`ring_attention_backward`.
+        dlse: gradient of the loss with respect to ``lse``, as in :func:`ring_attention_backward`.
+
+    Returns:
+        (dq, dk, dv) with the shapes and dtypes of q, k, v, accumulated in float32 (float64 for
+        float64); the given arrays where passed.
+
+    Raises:
+        ValueError, TypeError: as in :func:`attention` and :func:`ring_attention_backward`.
+    """
+    origin = validation.check_arrays(("q", "k", "v", "dout", "out"), (q, k, v, dout, out))
+    validation.check_qkv(q, k, v, same_length=False)
+    validation.check_backward(dout, out, lse, q)
+    inputs = (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse))
+    validation.check_gradient_destinations(origin, inputs, (("dq", dq), ("dk", dk), ("dv", dv)))
+    validation.check_lse_gradient(origin, dlse, q)
+    mask = validation.check_mask(causal, window)
+    scale = validation.check_scale(scale, q.shape[-1])
+    plan = _unless_empty(plan_single(q.shape[1], k.shape[1], mask), q)
+    arrays = (dout, q, k, v, out, lse)
+    return _backward(origin, _ONE_DEVICE, plan, scale, arrays, (dq, dk, dv), dlse)
 
 
 def shard(x: Any, rank: int, world_size: int, layout: str = "contiguous", axis: int = 1) -> Any:
@@ -326,6 +361,36 @@ def _forward(
             for mine, r in zip(dests, results, strict=True)
         )
         return (out, lse) if return_lse else out
+
+
+def _backward(
+    origin: Origin,
+    ring: Ring,
+    plan: RingPlan,
+    scale: float,
+    arrays: tuple,
+    dests: tuple,
+    dlse: Any = None,
+) -> tuple[Any, Any, Any]:
+    """The schedule's backward on the caller's (checked) (dout, q, k, v, out, lse) and optional
+    ``dlse``: gradients in the caller-owned (checked) ``dests`` where given, else in the caller's
+    framework."""
+    backend = backend_for(origin.backend)
+    q, k, v = arrays[1:4]
+    # torch CUDA gradients come from torch's allocator (Origin.empty), others from the backend
+    given = tuple(
+        d if d is not None else origin.empty(tuple(x.shape), dtype_name(x))
+        for d, x in zip(dests, (q, k, v), strict=True)
+    )
+    with origin.stream():
+        arrays = [to_backend(x, origin) for x in arrays]
+        into = tuple(None if d is None else to_backend(d, origin) for d in given)
+        dlse_b = None if dlse is None else to_backend(dlse, origin)
+        grads = ring_backward(backend, ring, *arrays, plan, scale, grads_into=into, dlse=dlse_b)
+        return tuple(
+            mine if mine is not None else origin.export(g)
+            for mine, g in zip(given, grads, strict=True)
+        )
 
 
 @contextlib.contextmanager

@@ -135,8 +135,9 @@ def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=None,
 
 
 def ring_backward(
-    backend, ring, dout, q, k, v, out, lse, plan: RingPlan, scale: float, grads_into=None
-):
+    backend, ring, dout, q, k, v, out, lse, plan: RingPlan, scale: float, grads_into=None,
+    dlse=None,
+):  # fmt: skip
     """Run the backward ring for this rank.
 
     Args:
@@ -145,6 +146,8 @@ def ring_backward(
         q, k, v: as in :func:`ring_forward`.
         grads_into: (dq, dk, dv) caller-owned backend arrays (each may be None) to write the
             gradients into, or None.
+        dlse: [B, H, Sq] gradient of the loss with respect to ``lse``, or None. Since
+            d lse_i / d s_ij = P_ij, it enters as dS = P * (dP - (delta - dlse)).
 
     Returns:
         (dq, dk, dv) in the dtypes of q, k, v; dk and dv are gradients of *this rank's* K/V
@@ -153,6 +156,8 @@ def ring_backward(
     positions = [backend.positions(p) for p in plan.positions]
     q_pos = backend.positions(plan.q_positions)
     delta = backend.backward_delta(dout, out)
+    if dlse is not None:
+        delta = delta - dlse.astype(delta.dtype)
     dq = backend.zeros_accum(q.shape, q.dtype)
     dkv = [backend.zeros_accum(k.shape, k.dtype), backend.zeros_accum(v.shape, v.dtype)]
     kv = [k, v]

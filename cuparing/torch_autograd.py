@@ -1,8 +1,7 @@
-"""PyTorch autograd for ring attention: ``out = ring_attention_torch(q, k, v, ring, ...)``.
+"""``ring_attention_torch``: the differentiable ring for PyTorch, under its original name.
 
-The forward pass runs :func:`cuparing.ring_attention` and keeps (out, lse); the backward pass runs
-:func:`cuparing.ring_attention_backward`. Works for CPU tensors (NumPy backend) and CUDA tensors
-(our kernels), inside any PyTorch training loop. PyTorch is imported only when this is called.
+A thin alias of :func:`cuparing.torch.ring_attention` (the ``torch.library`` custom op, which
+``torch.compile`` traces); PyTorch is imported only when this is called.
 """
 
 from __future__ import annotations
@@ -10,38 +9,12 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .api import ring_attention, ring_attention_backward
-
-_FUNCTION = None
-
-
-def _function():
-    global _FUNCTION
-    if _FUNCTION is None:
-        import torch
-
-        class RingAttention(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, q, k, v, ring, options):
-                out, lse = ring_attention(q, k, v, ring, return_lse=True, **options)
-                ctx.save_for_backward(q, k, v, out, lse)
-                ctx.ring, ctx.options = ring, options
-                return out
-
-            @staticmethod
-            def backward(ctx, dout):
-                q, k, v, out, lse = ctx.saved_tensors
-                dq, dk, dv = ring_attention_backward(
-                    dout.contiguous(), q, k, v, out, lse, ctx.ring, **ctx.options
-                )
-                return dq, dk, dv, None, None
-
-        _FUNCTION = RingAttention
-    return _FUNCTION
+from .api import ring_attention
 
 
 def ring_attention_torch(*args: Any, **kwargs: Any) -> Any:
-    """Differentiable :func:`cuparing.ring_attention` for PyTorch tensors.
+    """Differentiable :func:`cuparing.ring_attention` for PyTorch tensors (an alias of
+    :func:`cuparing.torch.ring_attention`).
 
     Takes :func:`cuparing.ring_attention`'s arguments, by position or keyword, except
     ``return_lse``: ``ring_attention_torch(q, k, v, ring, causal=False, scale=None, window=None,
@@ -65,11 +38,11 @@ def ring_attention_torch(*args: Any, **kwargs: Any) -> Any:
         several simulated ranks (:func:`cuparing.simulate`) sharing a GPU would block each other
         in the backward ring; on the CPU, or with one rank per GPU, any ring size works.
     """
+    from .torch import ring_attention as differentiable_ring_attention
+
     call = _SIGNATURE.bind(*args, **kwargs)
     call.apply_defaults()
-    options = dict(call.arguments)
-    q, k, v, ring = (options.pop(name) for name in ("q", "k", "v", "ring"))
-    return _function().apply(q, k, v, ring, options)
+    return differentiable_ring_attention(**call.arguments)
 
 
 # ring_attention's own signature less ``return_lse`` and the caller-owned outputs (autograd makes

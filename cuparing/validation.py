@@ -412,6 +412,25 @@ def check_gradient_destinations(origin: Origin, inputs: Sequence[tuple[str, Any]
         written.append((name, dest))
 
 
+def check_lse_gradient(origin: Origin, dlse: Any, q: Any) -> None:
+    """``dlse=`` of a backward call, where given: [B, H, Sq] in the lse dtype (float32, float64
+    for float64 inputs), the inputs' framework and device, a contiguous last axis."""
+    if dlse is None:
+        return
+    where = _check_array_type("dlse", dlse)
+    if where != origin:
+        raise TypeError(
+            f"dlse lives on {where.describe()} but the inputs on {origin.describe()}; pass dlse "
+            "from the same framework and device"
+        )
+    want = "float64" if dtype_name(q) == "float64" else "float32"
+    if dtype_name(dlse) != want:
+        raise TypeError(f"dlse must have dtype {want}, got {dtype_name(dlse)}")
+    b, s, h, _ = q.shape
+    if tuple(dlse.shape) != (b, h, s):
+        raise ValueError(f"dlse must have shape {(b, h, s)} = [B, H, Sq], got {tuple(dlse.shape)}")
+
+
 def check_qkv(q: Any, k: Any, v: Any, same_length: bool) -> None:
     """Shapes of q [B, Sq, H, D] and k, v [B, Sk, Hkv, D] agree (Sq == Sk if ``same_length``)."""
     bq, sq, h, d = q.shape

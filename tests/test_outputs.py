@@ -155,6 +155,10 @@ def test_bad_gradient_destinations_are_refused():
         backward(q, q, k, v, out, lse, solo, dk=dkv, dv=dkv)
     with pytest.raises(ValueError, match="dq shares memory with dout"):
         backward(dq, q, k, v, out, lse, solo, dq=dq)
+    with pytest.raises(ValueError, match=r"dlse must have shape \(1, 4, 8\)"):
+        backward(q, q, k, v, out, lse, solo, dlse=np.zeros((1, 8, 4)))
+    with pytest.raises(TypeError, match="dlse must have dtype float64"):
+        cr.attention_backward(q, q, k, v, out, lse, dlse=lse.astype(np.float32))
 
 
 def test_a_destination_of_another_framework_is_refused():

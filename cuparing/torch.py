@@ -1,0 +1,264 @@
+"""PyTorch operators: cuparing's attention as ``torch.library`` custom ops.
+
+    import cuparing.torch as crt
+    out = crt.attention(q, k, v, causal=True)                          # one device
+    out = crt.ring_attention(q_l, k_l, v_l, ring, causal=True, layout="zigzag")
+
+Both are differentiable (``register_autograd``: the backward runs cuparing's backward) and
+traceable: each has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` captures a
+model that calls them without a graph break, and ``torch.library.opcheck`` passes. CPU tensors run
+the NumPy backend, CUDA tensors our kernels, on the caller's current stream.
+
+The ops underneath, ``torch.ops.cuparing.attention_forward``, ``ring_attention_forward`` and
+``attention_backward``, take plain values only: the options, and a ring as an integer handle
+(:func:`ring_handle`; -1 for one device). The ring forward and the backward are tagged
+``cudagraph_unsafe`` where this PyTorch has the tag: a ring step is watched from the host, and the
+backward allocates its float32 accumulators outside torch, so CUDA-graph trees leave them outside
+captured graphs. The single-device forward allocates through torch only and may be captured.
+
+This module imports PyTorch; ``import cuparing`` does not import it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from . import api, validation
+from .comm.base import Ring
+
+Window = tuple[int | None, int | None] | None
+
+# ---- rings as integer handles (custom ops take plain values only)
+_RINGS: dict[int, Ring] = {}
+_HANDLES: dict[int, int] = {}
+_RINGS_LOCK = threading.Lock()
+ONE_DEVICE = -1  # the handle of "no ring": cuparing.attention
+
+
+def ring_handle(ring: Ring) -> int:
+    """The integer that stands for ``ring`` in the ops' arguments (registered on first use; the
+    ring stays referenced for the life of the process, as rings do anyway).
+
+    Raises:
+        TypeError: ``ring`` is not a :class:`cuparing.Ring`.
+    """
+    validation.check_ring(ring)
+    with _RINGS_LOCK:
+        handle = _HANDLES.get(id(ring))
+        if handle is None or _RINGS.get(handle) is not ring:
+            handle = len(_RINGS)
+            _RINGS[handle] = ring
+            _HANDLES[id(ring)] = handle
+        return handle
+
+
+def _ring_of(handle: int) -> Ring:
+    try:
+        return _RINGS[handle]
+    except KeyError:
+        raise ValueError(f"no ring has handle {handle}; get one from ring_handle(ring)") from None
+
+
+def _window(left: int | None, right: int | None, bounded: bool) -> Window:
+    return (left, right) if bounded else None
+
+
+_UNSAFE_FOR_GRAPHS = tuple(
+    tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None
+)
+
+
+# ---- the ops
+#
+# Options travel as plain values: the mask as (causal, window_left, window_right, windowed), where
+# ``windowed`` says whether the pair is a window at all (``window=None`` otherwise); a ring as its
+# handle.
+
+
+@torch.library.custom_op("cuparing::attention_forward", mutates_args=())
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    window_left: int | None,
+    window_right: int | None,
+    windowed: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of :func:`cuparing.attention` (one device; allocates through torch only, so it
+    may be captured in a CUDA graph)."""
+    window = _window(window_left, window_right, windowed)
+    return api.attention(q, k, v, causal=causal, scale=scale, window=window, return_lse=True)
+
+
+@torch.library.custom_op(
+    "cuparing::ring_attention_forward", mutates_args=(), tags=_UNSAFE_FOR_GRAPHS
+)
+def ring_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    window_left: int | None,
+    window_right: int | None,
+    windowed: bool,
+    ring: int,
+    layout: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of :func:`cuparing.ring_attention` on the ring with handle ``ring``."""
+    window = _window(window_left, window_right, windowed)
+    return api.ring_attention(
+        q, k, v, _ring_of(ring), causal=causal, scale=scale, window=window, layout=layout,
+        return_lse=True,
+    )  # fmt: skip
+
+
+def _forward_fake(q, k, v, *options):
+    """Shapes and dtypes of (out, lse): out like q (contiguous), lse [B, H, Sq] float32 (float64
+    for float64 inputs)."""
+    b, s, h, _ = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=lse_dtype)
+
+
+attention_forward.register_fake(_forward_fake)
+ring_attention_forward.register_fake(_forward_fake)
+
+
+@torch.library.custom_op("cuparing::attention_backward", mutates_args=(), tags=_UNSAFE_FOR_GRAPHS)
+def attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    window_left: int | None,
+    window_right: int | None,
+    windowed: bool,
+    ring: int,
+    layout: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of :func:`cuparing.attention_backward` (``ring == ONE_DEVICE``) or of
+    :func:`cuparing.ring_attention_backward` on the ring with handle ``ring``; ``dlse`` the
+    gradient with respect to lse, or None."""
+    window = _window(window_left, window_right, windowed)
+    if ring == ONE_DEVICE:
+        return api.attention_backward(
+            dout, q, k, v, out, lse, causal=causal, scale=scale, window=window, dlse=dlse
+        )
+    return api.ring_attention_backward(
+        dout, q, k, v, out, lse, _ring_of(ring), causal=causal, scale=scale, window=window,
+        layout=layout, dlse=dlse,
+    )  # fmt: skip
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(dout, q, k, v, out, lse, dlse, *options):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _autograd_for(ring_of_options):
+    """setup_context and backward of a forward op; ``ring_of_options(options)`` gives (ring
+    handle, layout) from the op's non-tensor arguments after q, k, v."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, *options = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.options = tuple(options)
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, dout, dlse):
+        nones = (None,) * len(ctx.options)
+        if dout is None and dlse is None:
+            return None, None, None, *nones
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        dlse = None if dlse is None else dlse.contiguous()
+        mask = ctx.options[:5]  # causal, scale, window_left, window_right, windowed
+        grads = attention_backward(
+            dout, q, k, v, out, lse, dlse, *mask, *ring_of_options(ctx.options)
+        )
+        return (*grads, *nones)
+
+    return backward, setup_context
+
+
+_one_backward, _one_setup = _autograd_for(lambda options: (ONE_DEVICE, "contiguous"))
+attention_forward.register_autograd(_one_backward, setup_context=_one_setup)
+_ring_backward, _ring_setup = _autograd_for(lambda options: (options[5], options[6]))
+ring_attention_forward.register_autograd(_ring_backward, setup_context=_ring_setup)
+
+
+# ---- the Python API
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+    window: Window = None,
+) -> torch.Tensor:
+    """Differentiable, compilable :func:`cuparing.attention` for torch tensors.
+
+    Args and raises: as :func:`cuparing.attention` (the options are checked here, at trace
+    time; the tensors when the op runs).
+
+    Returns:
+        out [B, Sq, H, D] in q's dtype; gradients flow to q, k and v.
+    """
+    out, _ = attention_forward(q, k, v, *_mask_options(q, causal, scale, window))
+    return out
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ring: Ring,
+    causal: bool = False,
+    scale: float | None = None,
+    window: Window = None,
+    layout: str = "contiguous",
+) -> torch.Tensor:
+    """Differentiable, compilable :func:`cuparing.ring_attention` for torch tensors.
+
+    Args and raises: as :func:`cuparing.ring_attention`.
+
+    Returns:
+        out [B, S/C, H, D] for this rank's queries; the backward runs the backward ring, so the
+        gradients of k and v are for this rank's shard, summed over every rank's queries.
+
+    Note:
+        One process per GPU: PyTorch runs a device's backward on one engine thread, so simulated
+        ranks (:func:`cuparing.simulate`) sharing a GPU would block each other in the backward
+        ring; on the CPU any ring size works.
+    """
+    options = _mask_options(q, causal, scale, window)
+    handle = ring_handle(ring)
+    out, _ = ring_attention_forward(q, k, v, *options, handle, validation.check_layout(layout))
+    return out
+
+
+def _mask_options(q, causal, scale, window) -> tuple:
+    """(causal, scale, window_left, window_right, windowed) as the ops take them, checked."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise TypeError(
+            f"q must be a 4-D torch.Tensor [B, S, H, D], got {type(q).__name__} "
+            f"{tuple(getattr(q, 'shape', ()))}"
+        )
+    mask = validation.check_mask(causal, window)
+    scale = validation.check_scale(scale, q.shape[-1])
+    windowed = window is not None
+    left, right = (mask.left, mask.right) if windowed else (None, None)
+    return mask.causal, scale, left, right, windowed
