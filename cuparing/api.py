@@ -190,14 +190,12 @@ def ring_attention_backward(
         )
         validation.check_arrays(("q", "dout", "out"), (q, dout, out))
         validation.check_backward(dout, out, lse, q)
-        inputs = (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse))
-        dests = (("dq", dq), ("dk", dk), ("dv", dv))
-        validation.check_gradient_destinations(origin, inputs, dests)
-        validation.check_lse_gradient(origin, dlse, q)
+        arrays, dests = (dout, q, k, v, out, lse), (dq, dk, dv)
+        validation.check_backward_extras(origin, arrays, dests, dlse)
     fields = validation.ring_call_fields("ring_attention_backward", q, k, ring, mask, scale, layout)
     ring.agree(fields)
     plan = _unless_empty(plan_ring(layout, ring.rank, ring.size, q.shape[1], mask), q)
-    return _backward(origin, ring, plan, scale, (dout, q, k, v, out, lse), (dq, dk, dv), dlse)
+    return _backward(origin, ring, plan, scale, arrays, dests, dlse)
 
 
 def attention_backward(
@@ -234,14 +232,12 @@ def attention_backward(
     origin = validation.check_arrays(("q", "k", "v", "dout", "out"), (q, k, v, dout, out))
     validation.check_qkv(q, k, v, same_length=False)
     validation.check_backward(dout, out, lse, q)
-    inputs = (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse))
-    validation.check_gradient_destinations(origin, inputs, (("dq", dq), ("dk", dk), ("dv", dv)))
-    validation.check_lse_gradient(origin, dlse, q)
+    arrays, dests = (dout, q, k, v, out, lse), (dq, dk, dv)
+    validation.check_backward_extras(origin, arrays, dests, dlse)
     mask = validation.check_mask(causal, window)
     scale = validation.check_scale(scale, q.shape[-1])
     plan = _unless_empty(plan_single(q.shape[1], k.shape[1], mask), q)
-    arrays = (dout, q, k, v, out, lse)
-    return _backward(origin, _ONE_DEVICE, plan, scale, arrays, (dq, dk, dv), dlse)
+    return _backward(origin, _ONE_DEVICE, plan, scale, arrays, dests, dlse)
 
 
 def shard(x: Any, rank: int, world_size: int, layout: str = "contiguous", axis: int = 1) -> Any:

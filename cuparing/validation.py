@@ -412,6 +412,14 @@ def check_gradient_destinations(origin: Origin, inputs: Sequence[tuple[str, Any]
         written.append((name, dest))
 
 
+def check_backward_extras(origin: Origin, arrays: tuple, dests: tuple, dlse: Any) -> None:
+    """The optional arguments of a backward call: caller-owned gradients ``dests`` = (dq, dk,
+    dv) and ``dlse``, for ``arrays`` = (dout, q, k, v, out, lse)."""
+    inputs = tuple(zip(("dout", "q", "k", "v", "out", "lse"), arrays, strict=True))
+    check_gradient_destinations(origin, inputs, tuple(zip(("dq", "dk", "dv"), dests, strict=True)))
+    check_lse_gradient(origin, dlse, arrays[1])
+
+
 def check_lse_gradient(origin: Origin, dlse: Any, q: Any) -> None:
     """``dlse=`` of a backward call, where given: [B, H, Sq] in the lse dtype (float32, float64
     for float64 inputs), the inputs' framework and device, a contiguous last axis."""
