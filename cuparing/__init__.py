@@ -22,10 +22,13 @@ from .api import (
     ring_attention,
     ring_attention_backward,
     shard,
+    token_positions,
     unshard,
 )
 from .comm.base import Ring, RingError, RingTimeoutError
 from .comm.local import simulate
+from .documents import from_position_ids as cu_seqlens_from_position_ids
+from .documents import from_segment_ids as cu_seqlens_from_segment_ids
 from .layouts import LAYOUTS
 from .reference import reference_attention, reference_attention_backward
 from .torch_autograd import ring_attention_torch
@@ -39,6 +42,8 @@ __all__ = [
     "RingTimeoutError",
     "attention",
     "attention_backward",
+    "cu_seqlens_from_position_ids",
+    "cu_seqlens_from_segment_ids",
     "global_positions",
     "reference_attention",
     "reference_attention_backward",
@@ -47,6 +52,7 @@ __all__ = [
     "ring_attention_torch",
     "shard",
     "simulate",
+    "token_positions",
     "unshard",
     "__version__",
 ]

@@ -17,12 +17,19 @@ from typing import Any
 
 import numpy as np
 
-from . import layouts, validation
+from . import documents, layouts, validation
 from .backends import backend_for
 from .comm.base import Ring
 from .comm.local import SoloRing
-from .interop import Origin, concatenate, dtype_name, take, to_backend
-from .schedule import RingPlan, plan_ring, plan_single, ring_backward, ring_forward
+from .interop import Origin, concatenate, dtype_name, take, to_backend, zeros_along
+from .schedule import (
+    RingPlan,
+    plan_documents,
+    plan_ring,
+    plan_single,
+    ring_backward,
+    ring_forward,
+)
 
 Window = tuple[int | None, int | None] | None
 
@@ -40,6 +47,7 @@ def attention(
     return_lse: bool = False,
     out: Any = None,
     lse: Any = None,
+    cu_seqlens: Any = None,
 ) -> Any:
     """Exact softmax attention on one device (GPU for GPU arrays, else CPU).
 
@@ -57,6 +65,9 @@ def attention(
             inputs' framework and device): out [B, Sq, H, D] in q's dtype with a contiguous last
             axis, lse [B, H, Sq] float32 (float64 for float64), C-contiguous. On a GPU a single
             call then allocates nothing, which is what CUDA-graph capture needs.
+        cu_seqlens: document boundaries ``[0, e_1, ..., S]`` of a packed sequence (1-D integers,
+            any framework, or a list; the same for every batch row): key j is visible to query i
+            only inside one document (and where the causal/window rule allows). Needs Sq == Sk.
 
     Returns:
         out [B, Sq, H, D] in q's dtype and framework, and lse [B, H, Sq] float32 (float64 for
@@ -83,7 +94,7 @@ def attention(
     validation.check_forward_destinations(origin, q, k, v, out, lse)
     mask = validation.check_mask(causal, window)
     scale = validation.check_scale(scale, q.shape[-1])
-    plan = _unless_empty(plan_single(q.shape[1], k.shape[1], mask), q)
+    plan = _unless_empty(_one_device_plan(q, k, mask, cu_seqlens), q)
     return _forward(origin, _ONE_DEVICE, plan, scale, (q, k, v), return_lse, (out, lse))
 
 
@@ -99,6 +110,7 @@ def ring_attention(
     return_lse: bool = False,
     out: Any = None,
     lse: Any = None,
+    cu_seqlens: Any = None,
 ) -> Any:
     """Exact attention over a sequence sharded across the ranks of ``ring``.
 
@@ -113,6 +125,9 @@ def ring_attention(
         layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"``: how the sequence was sharded.
         return_lse: also return this rank's lse.
         out, lse: caller-owned arrays for this rank's results, as in :func:`attention`.
+        cu_seqlens: the *global* document boundaries of a packed sequence (as in
+            :func:`attention`); the shards are then :func:`shard`'s with the same
+            ``cu_seqlens``: any length, padded to one length per rank.
 
     Returns:
         out [B, S/C, H, D] (this rank's queries) in q's dtype, and lse [B, H, S/C] float32
@@ -137,13 +152,14 @@ def ring_attention(
         True
     """
     with _refused_everywhere(ring, "ring_attention"):
-        origin, mask, scale = validation.check_ring_call(
-            q, k, v, ring, causal, scale, window, layout
+        origin, mask, scale, cu = validation.check_ring_call(
+            q, k, v, ring, causal, scale, window, layout, cu_seqlens
         )
         validation.check_untracked("ring_attention", ("q", "k", "v"), (q, k, v))
         validation.check_forward_destinations(origin, q, k, v, out, lse)
-    ring.agree(validation.ring_call_fields("ring_attention", q, k, ring, mask, scale, layout))
-    plan = _unless_empty(plan_ring(layout, ring.rank, ring.size, q.shape[1], mask), q)
+    fields = validation.ring_call_fields("ring_attention", q, k, ring, mask, scale, layout, cu)
+    ring.agree(fields)
+    plan = _unless_empty(_ring_plan(layout, ring, q, mask, cu), q)
     return _forward(origin, ring, plan, scale, (q, k, v), return_lse, (out, lse))
 
 
@@ -163,6 +179,7 @@ def ring_attention_backward(
     dk: Any = None,
     dv: Any = None,
     dlse: Any = None,
+    cu_seqlens: Any = None,
 ) -> tuple[Any, Any, Any]:
     """Gradients of :func:`ring_attention` for this rank's shard.
 
@@ -170,7 +187,7 @@ def ring_attention_backward(
         dout: [B, S/C, H, D] gradient of the loss with respect to this rank's output.
         q, k, v: this rank's shards, as passed to :func:`ring_attention`.
         out, lse: this rank's output and lse from :func:`ring_attention` (``return_lse=True``).
-        ring, causal, scale, window, layout: exactly as in the forward call.
+        ring, causal, scale, window, layout, cu_seqlens: exactly as in the forward call.
         dq, dk, dv: caller-owned arrays for the gradients (each optional; the shape and dtype of
             q, k, v, a contiguous last axis, the inputs' framework and device).
         dlse: [B, H, S/C] gradient of the loss with respect to ``lse`` (float32, float64 for
@@ -185,16 +202,16 @@ def ring_attention_backward(
         ValueError, TypeError, cuparing.RingError: as in :func:`ring_attention`.
     """
     with _refused_everywhere(ring, "ring_attention_backward"):
-        origin, mask, scale = validation.check_ring_call(
-            q, k, v, ring, causal, scale, window, layout
+        origin, mask, scale, cu = validation.check_ring_call(
+            q, k, v, ring, causal, scale, window, layout, cu_seqlens
         )
         validation.check_arrays(("q", "dout", "out"), (q, dout, out))
         validation.check_backward(dout, out, lse, q)
         arrays, dests = (dout, q, k, v, out, lse), (dq, dk, dv)
         validation.check_backward_extras(origin, arrays, dests, dlse)
-    fields = validation.ring_call_fields("ring_attention_backward", q, k, ring, mask, scale, layout)
-    ring.agree(fields)
-    plan = _unless_empty(plan_ring(layout, ring.rank, ring.size, q.shape[1], mask), q)
+    entry = "ring_attention_backward"
+    ring.agree(validation.ring_call_fields(entry, q, k, ring, mask, scale, layout, cu))
+    plan = _unless_empty(_ring_plan(layout, ring, q, mask, cu), q)
     return _backward(origin, ring, plan, scale, arrays, dests, dlse)
 
 
@@ -212,12 +229,13 @@ def attention_backward(
     dk: Any = None,
     dv: Any = None,
     dlse: Any = None,
+    cu_seqlens: Any = None,
 ) -> tuple[Any, Any, Any]:
     """Gradients of :func:`attention` on one device.
 
     Args:
         dout: [B, Sq, H, D] gradient of the loss with respect to ``out``.
-        q, k, v, causal, scale, window: exactly as passed to :func:`attention`.
+        q, k, v, causal, scale, window, cu_seqlens: exactly as passed to :func:`attention`.
         out, lse: its results (``return_lse=True``).
         dq, dk, dv: caller-owned arrays for the gradients, as in :func:`ring_attention_backward`.
         dlse: gradient of the loss with respect to ``lse``, as in :func:`ring_attention_backward`.
@@ -236,11 +254,18 @@ def attention_backward(
     validation.check_backward_extras(origin, arrays, dests, dlse)
     mask = validation.check_mask(causal, window)
     scale = validation.check_scale(scale, q.shape[-1])
-    plan = _unless_empty(plan_single(q.shape[1], k.shape[1], mask), q)
+    plan = _unless_empty(_one_device_plan(q, k, mask, cu_seqlens), q)
     return _backward(origin, _ONE_DEVICE, plan, scale, arrays, dests, dlse)
 
 
-def shard(x: Any, rank: int, world_size: int, layout: str = "contiguous", axis: int = 1) -> Any:
+def shard(
+    x: Any,
+    rank: int,
+    world_size: int,
+    layout: str = "contiguous",
+    axis: int = 1,
+    cu_seqlens: Any = None,
+) -> Any:
     """Take ``rank``'s share of a global array along ``axis`` (the sequence axis).
 
     Args:
@@ -250,28 +275,46 @@ def shard(x: Any, rank: int, world_size: int, layout: str = "contiguous", axis: 
         layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"``.
         axis: the sequence axis (1 for ``[B, S, H, D]``, 2 for an LSE ``[B, H, S]``; negative
             counts from the end).
+        cu_seqlens: document boundaries ``[0, ..., S]`` of a packed sequence: zigzag then splits
+            every document into ``2C`` pieces (lengths differing by at most one), rank ``r``
+            taking pieces ``r`` and ``2C-1-r`` of each; with any layout the length needs no
+            divisibility, and shards that come out shorter are padded with zero rows at their end
+            (:func:`token_positions` says which rows are padding). ``[0, S]`` pads a plain
+            sequence.
 
     Returns:
-        The shard, ``S / C`` long on ``axis``, in the caller's array type and device.
+        The shard, in the caller's array type and device: ``S / C`` long on ``axis``, or with
+        ``cu_seqlens`` the common padded length.
 
     Raises:
-        ValueError: unknown layout, rank or axis out of range, world size below 1, or a length
-            the layout cannot split (it must be a multiple of ``C``, of ``2C`` for zigzag).
+        ValueError: unknown layout, rank or axis out of range, world size below 1, bad
+            ``cu_seqlens``, or (without ``cu_seqlens``) a length the layout cannot split (it
+            must be a multiple of ``C``, of ``2C`` for zigzag).
         TypeError: ``x`` is not an array, or rank, world size or axis is not an integer.
 
     Example:
         >>> import numpy as np, cuparing as cr
         >>> cr.shard(np.arange(8)[None], 0, 2, layout="zigzag").tolist()
         [[0, 1, 6, 7]]
+        >>> cr.shard(np.arange(1, 8)[None], 0, 2, layout="zigzag", cu_seqlens=[0, 3, 7]).tolist()
+        [[1, 4, 7, 0]]
     """
     rank, world_size, layout, axis = validation.check_shard_request(
-        x, rank, world_size, layout, axis
+        x, rank, world_size, layout, axis, documents=cu_seqlens is not None
     )
-    local_len = x.shape[axis] // world_size
-    return take(x, layouts.global_positions(layout, rank, world_size, local_len), axis)
+    if cu_seqlens is None:
+        local_len = x.shape[axis] // world_size
+        return take(x, layouts.global_positions(layout, rank, world_size, local_len), axis)
+    cu = np.asarray(validation.check_cu_seqlens(cu_seqlens, x.shape[axis]))
+    rows = documents.token_positions(layout, rank, world_size, cu)
+    real = take(x, rows[rows != documents.PAD], axis)
+    padding = int((rows == documents.PAD).sum())
+    return concatenate([real, zeros_along(x, axis, padding)], axis) if padding else real
 
 
-def unshard(shards: Sequence[Any], layout: str = "contiguous", axis: int = 1) -> Any:
+def unshard(
+    shards: Sequence[Any], layout: str = "contiguous", axis: int = 1, cu_seqlens: Any = None
+) -> Any:
     """Reassemble the global array from every rank's shard (inverse of :func:`shard`).
 
     Args:
@@ -279,13 +322,15 @@ def unshard(shards: Sequence[Any], layout: str = "contiguous", axis: int = 1) ->
             framework.
         layout: the layout they were sharded with.
         axis: the sequence axis (negative counts from the end).
+        cu_seqlens: the documents they were sharded with, if any: padding rows are dropped.
 
     Returns:
-        The global array, ``C`` times longer on ``axis``, in the type of the first shard.
+        The global array in the type of the first shard: ``C`` times longer on ``axis``, or with
+        ``cu_seqlens`` exactly ``S`` long.
 
     Raises:
-        ValueError: no shards, unknown layout, shards of different shapes, or ``axis`` out of
-            range.
+        ValueError: no shards, unknown layout, shards of different shapes, ``axis`` out of
+            range, or shards whose length does not match ``cu_seqlens``.
         TypeError: ``shards`` is not a sequence of arrays of one framework, or ``axis`` is not an
             integer.
 
@@ -294,9 +339,50 @@ def unshard(shards: Sequence[Any], layout: str = "contiguous", axis: int = 1) ->
         >>> cr.unshard([np.array([[0, 1, 6, 7]]), np.array([[2, 3, 4, 5]])], layout="zigzag")
         array([[0, 1, 2, 3, 4, 5, 6, 7]])
     """
-    shards, layout, axis = validation.check_unshard_request(shards, layout, axis)
-    order = layouts.unshard_order(layout, len(shards), shards[0].shape[axis])
+    shards, layout, axis = validation.check_unshard_request(
+        shards, layout, axis, documents=cu_seqlens is not None
+    )
+    if cu_seqlens is None:
+        order = layouts.unshard_order(layout, len(shards), shards[0].shape[axis])
+        return take(concatenate(shards, axis), order, axis)
+    cu = np.asarray(validation.check_cu_seqlens(cu_seqlens))
+    world_size = len(shards)
+    want = documents.shard_length(layout, world_size, cu)
+    if shards[0].shape[axis] != want:
+        raise ValueError(
+            f"with these cu_seqlens (S={cu[-1]}) a {layout} shard of {world_size} holds {want} "
+            f"rows on axis {axis}, got {shards[0].shape[axis]}"
+        )
+    rows = np.concatenate(
+        [documents.token_positions(layout, r, world_size, cu) for r in range(world_size)]
+    )
+    real = np.flatnonzero(rows != documents.PAD)
+    order = real[np.argsort(rows[real], kind="stable")]
     return take(concatenate(shards, axis), order, axis)
+
+
+def token_positions(
+    seqlen: int, rank: int, world_size: int, layout: str = "contiguous", cu_seqlens: Any = None
+) -> np.ndarray:
+    """The global token index of every row of ``rank``'s shard (int64; -1 for padding rows):
+    for RoPE, labels and loss masks. Without ``cu_seqlens`` the same as
+    :func:`global_positions` for ``seqlen // world_size`` rows.
+
+    Raises:
+        ValueError, TypeError: as :func:`shard` for the same arguments.
+
+    Example:
+        >>> import cuparing as cr
+        >>> cr.token_positions(7, 0, 2, layout="zigzag", cu_seqlens=[0, 3, 7]).tolist()
+        [0, 3, 6, -1]
+    """
+    seqlen = validation.check_int("seqlen", seqlen)
+    layout, rank, world_size, _ = validation.check_positions_request(layout, rank, world_size, 0)
+    if cu_seqlens is None:
+        validation.check_global_length(seqlen, layout, world_size)
+        return layouts.global_positions(layout, rank, world_size, seqlen // world_size)
+    cu = np.asarray(validation.check_cu_seqlens(cu_seqlens, seqlen))
+    return documents.token_positions(layout, rank, world_size, cu)
 
 
 def global_positions(layout: str, rank: int, world_size: int, local_len: int) -> np.ndarray:
@@ -400,6 +486,27 @@ def _refused_everywhere(ring: Any, entry: str):
         if isinstance(ring, Ring):
             ring.refuse(entry, error)
         raise
+
+
+def _one_device_plan(q: Any, k: Any, mask: Any, cu_seqlens: Any) -> RingPlan:
+    """The one-step plan of a single-device call; with documents, over their spread positions
+    (then Sq == Sk == the documents' end is required)."""
+    if cu_seqlens is None:
+        return plan_single(q.shape[1], k.shape[1], mask)
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"with cu_seqlens, queries and keys are one packed sequence: Sq == Sk is needed, got "
+            f"Sq={q.shape[1]} and Sk={k.shape[1]}"
+        )
+    cu = validation.check_cu_seqlens(cu_seqlens, q.shape[1])
+    return plan_documents("contiguous", 0, 1, cu, mask)
+
+
+def _ring_plan(layout: str, ring: Ring, q: Any, mask: Any, cu: tuple | None) -> RingPlan:
+    """This rank's plan: by layout, or over the (checked) documents ``cu``."""
+    if cu is None:
+        return plan_ring(layout, ring.rank, ring.size, q.shape[1], mask)
+    return plan_documents(layout, ring.rank, ring.size, cu, mask)
 
 
 def _unless_empty(plan: RingPlan, q: Any) -> RingPlan:

@@ -117,6 +117,28 @@ def take(x: Any, indices: np.ndarray, axis: int) -> Any:
     return x[tuple(index)]
 
 
+def zeros_along(x: Any, axis: int, count: int) -> Any:
+    """Zeros shaped like ``x`` except ``count`` long on ``axis``, in ``x``'s framework, dtype and
+    device."""
+    shape = list(x.shape)
+    shape[axis] = count
+    framework = framework_of(x)
+    if framework == "torch":
+        return x.new_zeros(shape)
+    if framework == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(x.device.id):
+            return cupy.zeros(shape, dtype=x.dtype)
+    if framework == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        zeros = jnp.zeros(shape, dtype=x.dtype)
+        return jax.device_put(zeros, next(iter(x.devices())))
+    return np.zeros(shape, dtype=x.dtype)
+
+
 def concatenate(arrays: list[Any], axis: int) -> Any:
     """Arrays of one framework joined along ``axis``, in that framework."""
     framework = framework_of(arrays[0])

@@ -33,11 +33,12 @@ def _positions(sq: int, sk: int):
 
 
 def visible_pairs(q_positions: Any, k_positions: Any, causal: bool = False,
-                  window: tuple | None = None) -> np.ndarray:  # fmt: skip
+                  window: tuple | None = None, cu_seqlens: Any = None) -> np.ndarray:  # fmt: skip
     """Which keys each query sees, straight from the definition in README.
 
     Key ``j`` is visible to query ``i`` iff ``i - left <= j <= i + right`` and, when causal,
-    ``j <= i`` (``window=(left, right)``; ``None`` on a side means unbounded).
+    ``j <= i`` (``window=(left, right)``; ``None`` on a side means unbounded), and, with
+    ``cu_seqlens`` (document boundaries ``[0, ..., S]``), both lie in one document.
 
     Args:
         q_positions: [Sq] global positions of the queries; k_positions: [Sk] of the keys.
@@ -51,18 +52,25 @@ def visible_pairs(q_positions: Any, k_positions: Any, causal: bool = False,
     left = _UNBOUNDED if left is None else float(left)
     right = _UNBOUNDED if right is None else float(right)
     seen = (i - left <= j) & (j <= i + right)
+    if cu_seqlens is not None:
+        bounds = np.asarray(cu_seqlens)
+        doc_i = np.searchsorted(bounds, np.asarray(q_positions), side="right")[:, None]
+        doc_j = np.searchsorted(bounds, np.asarray(k_positions), side="right")[None, :]
+        seen &= doc_i == doc_j
     return seen & (j <= i) if causal else seen
 
 
 def reference_probabilities(
     q: Any, k: Any, causal: bool = False, scale: float | None = None,
     window: tuple | None = None, q_positions: Any = None, k_positions: Any = None,
+    cu_seqlens: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:  # fmt: skip
     """Dense attention probabilities in float64.
 
     Args:
         q: [B, Sq, H, D]; k: [B, Sk, Hkv, D] with ``H % Hkv == 0``; any real dtype.
-        causal, scale, window, q_positions, k_positions: as in :func:`reference_attention`.
+        causal, scale, window, q_positions, k_positions, cu_seqlens: as in
+            :func:`reference_attention`.
 
     Returns:
         ``(probs, lse, seen, scale)``: probs [B, H, Sq, Sk] float64 (0 for keys not seen), lse
@@ -77,7 +85,7 @@ def reference_probabilities(
     default_q, default_k = _positions(sq, sk)
     q_pos = default_q if q_positions is None else np.asarray(q_positions)
     k_pos = default_k if k_positions is None else np.asarray(k_positions)
-    visible = visible_pairs(q_pos, k_pos, causal, window)
+    visible = visible_pairs(q_pos, k_pos, causal, window, cu_seqlens)
     k_full = np.repeat(k, h // hkv, axis=2)  # [B, Sk, H, D]
     with np.errstate(invalid="ignore", over="ignore"):
         scores = np.einsum("bqhd,bkhd->bhqk", q, k_full) * scale
@@ -124,7 +132,7 @@ def probs_times(probs: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarra
 def reference_attention(
     q: Any, k: Any, v: Any, causal: bool = False, scale: float | None = None,
     window: tuple | None = None, return_lse: bool = False,
-    q_positions: Any = None, k_positions: Any = None,
+    q_positions: Any = None, k_positions: Any = None, cu_seqlens: Any = None,
 ) -> Any:  # fmt: skip
     """Dense attention in float64 (NumPy arrays or anything ``np.asarray`` accepts).
 
@@ -137,13 +145,15 @@ def reference_attention(
         causal, scale, window, return_lse: as in :func:`cuparing.attention`.
         q_positions, k_positions: global positions ([Sq] and [Sk] ints) overriding the default
             (queries aligned to the end of the keys).
+        cu_seqlens: document boundaries ``[0, ..., S]`` of a packed sequence (positions are
+            token indices into it): pairs of different documents are hidden.
 
     Returns:
         out [B, Sq, H, D] float64, and lse [B, H, Sq] float64 if ``return_lse``. A query that sees
         no key gets output 0 and lse -inf.
     """
     probs, lse, seen, _ = reference_probabilities(
-        q, k, causal, scale, window, q_positions, k_positions
+        q, k, causal, scale, window, q_positions, k_positions, cu_seqlens
     )
     v = np.asarray(v, dtype=np.float64)
     out = probs_times(probs, np.repeat(v, probs.shape[1] // v.shape[2], axis=2), seen)
@@ -153,12 +163,13 @@ def reference_attention(
 def reference_attention_backward(
     dout: Any, q: Any, k: Any, v: Any, causal: bool = False, scale: float | None = None,
     window: tuple | None = None, q_positions: Any = None, k_positions: Any = None,
+    cu_seqlens: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """Gradients of dense attention in float64 (the oracle for the backward ring).
 
     Args:
         dout: [B, Sq, H, D] gradient of the loss with respect to the output.
-        q, k, v, causal, scale, window, q_positions, k_positions: as in
+        q, k, v, causal, scale, window, q_positions, k_positions, cu_seqlens: as in
             :func:`reference_attention`.
 
     Returns:
@@ -167,7 +178,7 @@ def reference_attention_backward(
         the module's semantics for non-finite values.
     """
     probs, _, seen, scale = reference_probabilities(
-        q, k, causal, scale, window, q_positions, k_positions
+        q, k, causal, scale, window, q_positions, k_positions, cu_seqlens
     )
     q, k, v, dout = (np.asarray(x, dtype=np.float64) for x in (q, k, v, dout))
     h, hkv = q.shape[2], k.shape[2]

@@ -22,6 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from . import documents
 from .layouts import global_positions
 from .masks import BlockKind, MaskSpec
 
@@ -89,6 +90,39 @@ def plan_ring(layout: str, rank: int, world_size: int, local_len: int, mask: Mas
     positions, table, last_step = _kind_table(layout, world_size, local_len, mask)
     kinds = tuple(BlockKind(int(x)) for x in table[rank])
     return RingPlan(rank, world_size, layout, mask, positions, kinds, last_step, positions[rank])
+
+
+@lru_cache(maxsize=64)
+def plan_documents(
+    layout: str, rank: int, world_size: int, cu_seqlens: tuple, mask: MaskSpec
+) -> RingPlan:
+    """The (cached) plan for ``rank`` of a ring over a packed sequence of documents
+    ``cu_seqlens`` (``world_size == 1``: one device): spread positions, the clamped window and
+    padded shards of ``cuparing.documents``, so every backend and kernel runs it unchanged. A
+    block is classified on its real tokens only (padding sees nothing and is seen by nothing);
+    one holding padding is never FULL, so padding rows are always masked."""
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    spec = documents.clamped_mask(mask, cu)
+    queries, keys = documents.ring_positions(layout, world_size, cu)
+    length = len(queries[0])
+    real = [len(documents.held_tokens(layout, r, world_size, cu)) for r in range(world_size)]
+    table = np.empty((world_size, world_size), dtype=np.int8)  # [rank, step]
+    for r in range(world_size):
+        for step in range(world_size):
+            source = (r - step) % world_size
+            nq, nk = real[r], real[source]
+            if nq == 0 or nk == 0:
+                table[r, step] = BlockKind.EMPTY
+                continue
+            q, k = queries[r], keys[source]
+            kind = spec.classify(int(q[0]), int(q[nq - 1]), int(k[0]), int(k[nk - 1]))
+            if kind == BlockKind.FULL and (nq < length or nk < length):
+                kind = BlockKind.PARTIAL
+            table[r, step] = kind
+    busy = np.nonzero((table != BlockKind.EMPTY).any(axis=0))[0]
+    last_step = int(busy[-1]) if len(busy) else 0
+    kinds = tuple(BlockKind(int(x)) for x in table[rank])
+    return RingPlan(rank, world_size, layout, spec, keys, kinds, last_step, queries[rank])
 
 
 def plan_single(seqlen_q: int, seqlen_k: int, mask: MaskSpec) -> RingPlan:

@@ -15,6 +15,7 @@ for integers, NumPy floats for reals. ``bool`` is never taken for a number.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from numbers import Integral, Real
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from . import documents
 from .interop import (
     Origin,
     dtype_name,
@@ -31,6 +33,7 @@ from .interop import (
     memory_span,
     origin_of,
     records_gradient,
+    to_host,
 )
 from .layouts import LAYOUTS, split_factor
 from .masks import MaskSpec
@@ -199,19 +202,24 @@ def check_positions_request(layout: Any, rank: Any, world_size: Any, local_len: 
     return layout, rank, world_size, local_len
 
 
-def check_shard_request(x: Any, rank: Any, world_size: Any, layout: Any, axis: Any):
-    """Arguments of :func:`cuparing.shard`, returned as (rank, world_size, layout, axis)."""
+def check_shard_request(
+    x: Any, rank: Any, world_size: Any, layout: Any, axis: Any, documents: bool = False
+):
+    """Arguments of :func:`cuparing.shard`, returned as (rank, world_size, layout, axis). With
+    ``documents`` (cu_seqlens given) any length splits: shards are padded."""
     world_size = check_world_size(world_size)
     rank = check_rank(rank, world_size)
     layout = check_layout(layout)
     _check_array_type("x", x)
     axis = check_axis(axis, len(x.shape))
-    check_global_length(x.shape[axis], layout, world_size)
+    if not documents:
+        check_global_length(x.shape[axis], layout, world_size)
     return rank, world_size, layout, axis
 
 
-def check_unshard_request(shards: Any, layout: Any, axis: Any):
-    """Arguments of :func:`cuparing.unshard`, returned as (shards as a list, layout, axis)."""
+def check_unshard_request(shards: Any, layout: Any, axis: Any, documents: bool = False):
+    """Arguments of :func:`cuparing.unshard`, returned as (shards as a list, layout, axis). With
+    ``documents`` (cu_seqlens given) the shard length is checked against them by the caller."""
     layout = check_layout(layout)
     try:
         shards = list(shards)
@@ -232,7 +240,7 @@ def check_unshard_request(shards: Any, layout: Any, axis: Any):
     if len(shapes) != 1:
         raise ValueError(f"all shards must have the same shape, got {sorted(shapes)}")
     axis = check_axis(axis, len(shards[0].shape))
-    if layout == "zigzag" and shards[0].shape[axis] % 2:
+    if layout == "zigzag" and not documents and shards[0].shape[axis] % 2:
         raise ValueError(
             f"zigzag shards hold two chunks each, so their length on axis {axis} must be even, "
             f"got {shards[0].shape[axis]}"
@@ -461,24 +469,80 @@ def check_qkv(q: Any, k: Any, v: Any, same_length: bool) -> None:
         )
 
 
-def check_ring_call(q, k, v, ring, causal, scale, window, layout) -> tuple[Origin, MaskSpec, float]:
-    """Everything a ring call checks before its first transfer, in one place: the arrays, the
-    ring, the layout (once) and the length it must split, the mask and the scale.
+def check_cu_seqlens(cu_seqlens: Any, seqlen: int | None = None) -> tuple[int, ...]:
+    """Document boundaries ``[0, e_1, ..., S]`` of a packed sequence: a 1-D integer array of any
+    framework or a list, starting at 0, non-decreasing, ending at ``seqlen`` when given.
+    Returns them as a tuple of Python ints (hashable: plans are cached by it)."""
+    try:
+        framework_of(cu_seqlens)
+        values = np.asarray(to_host(cu_seqlens))
+    except TypeError:
+        if not isinstance(cu_seqlens, (list, tuple)):
+            raise TypeError(
+                f"cu_seqlens must be a 1-D integer array or a list of ints, got "
+                f"{type(cu_seqlens).__name__}"
+            ) from None
+        values = np.asarray(cu_seqlens)
+    if values.ndim != 1 or len(values) < 2:
+        raise ValueError(
+            f"cu_seqlens must be 1-D with at least 2 entries [0, ..., S], got shape "
+            f"{values.shape}"
+        )
+    if values.dtype.kind not in "iu" and not (values.dtype.kind == "O" and all(
+        isinstance(x, Integral) and not isinstance(x, bool) for x in values
+    )):  # fmt: skip
+        raise TypeError(f"cu_seqlens must hold integers, got dtype {values.dtype}")
+    values = values.astype(np.int64)
+    if values[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {values[0]}")
+    if np.any(np.diff(values) < 0):
+        at = int(np.flatnonzero(np.diff(values) < 0)[0])
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing, got {values[at]} then {values[at + 1]} at "
+            f"index {at}"
+        )
+    if seqlen is not None and values[-1] != seqlen:
+        raise ValueError(
+            f"cu_seqlens must end at the sequence length {seqlen}, got {values[-1]}"
+        )
+    if values[-1] < 1:
+        raise ValueError("cu_seqlens describes an empty sequence (it must end at S >= 1)")
+    return tuple(int(x) for x in values)
 
-    Returns (origin of the arrays, mask, scale as a float).
+
+def check_ring_call(
+    q, k, v, ring, causal, scale, window, layout, cu_seqlens=None
+) -> tuple[Origin, MaskSpec, float, tuple | None]:
+    """Everything a ring call checks before its first transfer, in one place: the arrays, the
+    ring, the layout (once) and the length it must split (or, with ``cu_seqlens``, the padded
+    shard length the documents give), the mask and the scale.
+
+    Returns (origin of the arrays, mask, scale as a float, checked cu_seqlens or None).
     """
     origin = check_arrays(("q", "k", "v"), (q, k, v))
     check_qkv(q, k, v, same_length=True)
     check_ring(ring)
     layout = check_layout(layout)
-    check_ring_length(q.shape[1], layout, int(ring.size))
+    cu = None
+    if cu_seqlens is None:
+        check_ring_length(q.shape[1], layout, int(ring.size))
+    else:
+        cu = check_cu_seqlens(cu_seqlens)
+        want = documents.shard_length(layout, int(ring.size), np.asarray(cu))
+        if q.shape[1] != want:
+            raise ValueError(
+                f"with these cu_seqlens (S={cu[-1]}) a {layout} shard on {ring.size} ranks holds "
+                f"{want} rows (padding included; cuparing.shard(..., cu_seqlens=...) makes them), "
+                f"got {q.shape[1]}"
+            )
     mask = check_mask(causal, window)
-    return origin, mask, check_scale(scale, q.shape[-1])
+    return origin, mask, check_scale(scale, q.shape[-1]), cu
 
 
 def ring_call_fields(
-    entry: str, q: Any, k: Any, ring: Any, mask: MaskSpec, scale: float, layout: str
-) -> dict[str, str]:
+    entry: str, q: Any, k: Any, ring: Any, mask: MaskSpec, scale: float, layout: str,
+    cu_seqlens: tuple | None = None,
+) -> dict[str, str]:  # fmt: skip
     """What every rank's ring call must have alike, for :meth:`cuparing.Ring.agree`.
 
     A rank that passes another layout, mask, scale, dtype or local shape than its peers would
@@ -498,7 +562,11 @@ def ring_call_fields(
         "window": str((mask.left, mask.right)),
         "scale": repr(scale),
         "world_size": str(int(ring.size)),
-        "global_seqlen": str(q.shape[1] * int(ring.size)),
+        "global_seqlen": str(q.shape[1] * int(ring.size) if cu_seqlens is None else cu_seqlens[-1]),
+        # the documents, as a digest: long boundary lists stay out of error messages
+        "cu_seqlens": "none" if cu_seqlens is None else hashlib.sha1(
+            np.asarray(cu_seqlens, dtype=np.int64).tobytes()
+        ).hexdigest()[:16],
     }
 
 

@@ -113,11 +113,11 @@ class Reference:
     """
 
     def __init__(self, q, k, v, dout=None, causal=False, scale=None, window=None,
-                 q_positions=None, k_positions=None):  # fmt: skip
+                 q_positions=None, k_positions=None, cu_seqlens=None):  # fmt: skip
         self.dtype = interop.dtype_name(q)
         q64, k64, v64 = (to_f64(x) for x in (q, k, v))
         probs, self.lse, visible, scale = reference_probabilities(
-            q64, k64, causal, scale, window, q_positions, k_positions
+            q64, k64, causal, scale, window, q_positions, k_positions, cu_seqlens
         )
         b, sq, h, d = q64.shape
         sk, hkv = k64.shape[1], k64.shape[2]
