@@ -22,6 +22,7 @@ This module imports PyTorch; ``import cuparing`` does not import it.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import torch
 
@@ -73,8 +74,8 @@ _UNSAFE_FOR_GRAPHS = tuple(
 # ---- the ops
 #
 # Options travel as plain values: the mask as (causal, window_left, window_right, windowed), where
-# ``windowed`` says whether the pair is a window at all (``window=None`` otherwise); a ring as its
-# handle.
+# ``windowed`` says whether the pair is a window at all (``window=None`` otherwise); packed
+# documents as a list of boundaries (or None); a ring as its handle.
 
 
 @torch.library.custom_op("cuparing::attention_forward", mutates_args=())
@@ -87,11 +88,14 @@ def attention_forward(
     window_left: int | None,
     window_right: int | None,
     windowed: bool,
+    cu_seqlens: list[int] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of :func:`cuparing.attention` (one device; allocates through torch only, so it
     may be captured in a CUDA graph)."""
     window = _window(window_left, window_right, windowed)
-    return api.attention(q, k, v, causal=causal, scale=scale, window=window, return_lse=True)
+    return api.attention(
+        q, k, v, causal=causal, scale=scale, window=window, return_lse=True, cu_seqlens=cu_seqlens
+    )
 
 
 @torch.library.custom_op(
@@ -106,6 +110,7 @@ def ring_attention_forward(
     window_left: int | None,
     window_right: int | None,
     windowed: bool,
+    cu_seqlens: list[int] | None,
     ring: int,
     layout: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +118,7 @@ def ring_attention_forward(
     window = _window(window_left, window_right, windowed)
     return api.ring_attention(
         q, k, v, _ring_of(ring), causal=causal, scale=scale, window=window, layout=layout,
-        return_lse=True,
+        return_lse=True, cu_seqlens=cu_seqlens,
     )  # fmt: skip
 
 
@@ -143,6 +148,7 @@ def attention_backward(
     window_left: int | None,
     window_right: int | None,
     windowed: bool,
+    cu_seqlens: list[int] | None,
     ring: int,
     layout: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,14 +156,12 @@ def attention_backward(
     :func:`cuparing.ring_attention_backward` on the ring with handle ``ring``; ``dlse`` the
     gradient with respect to lse, or None."""
     window = _window(window_left, window_right, windowed)
+    options = {"causal": causal, "scale": scale, "window": window, "cu_seqlens": cu_seqlens}
     if ring == ONE_DEVICE:
-        return api.attention_backward(
-            dout, q, k, v, out, lse, causal=causal, scale=scale, window=window, dlse=dlse
-        )
+        return api.attention_backward(dout, q, k, v, out, lse, dlse=dlse, **options)
     return api.ring_attention_backward(
-        dout, q, k, v, out, lse, _ring_of(ring), causal=causal, scale=scale, window=window,
-        layout=layout, dlse=dlse,
-    )  # fmt: skip
+        dout, q, k, v, out, lse, _ring_of(ring), layout=layout, dlse=dlse, **options
+    )
 
 
 @attention_backward.register_fake
@@ -183,7 +187,7 @@ def _autograd_for(ring_of_options):
         q, k, v, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         dlse = None if dlse is None else dlse.contiguous()
-        mask = ctx.options[:5]  # causal, scale, window_left, window_right, windowed
+        mask = ctx.options[:6]  # causal, scale, window_left, window_right, windowed, cu_seqlens
         grads = attention_backward(
             dout, q, k, v, out, lse, dlse, *mask, *ring_of_options(ctx.options)
         )
@@ -194,7 +198,7 @@ def _autograd_for(ring_of_options):
 
 _one_backward, _one_setup = _autograd_for(lambda options: (ONE_DEVICE, "contiguous"))
 attention_forward.register_autograd(_one_backward, setup_context=_one_setup)
-_ring_backward, _ring_setup = _autograd_for(lambda options: (options[5], options[6]))
+_ring_backward, _ring_setup = _autograd_for(lambda options: (options[6], options[7]))
 ring_attention_forward.register_autograd(_ring_backward, setup_context=_ring_setup)
 
 
@@ -208,6 +212,7 @@ def attention(
     causal: bool = False,
     scale: float | None = None,
     window: Window = None,
+    cu_seqlens: Any = None,
 ) -> torch.Tensor:
     """Differentiable, compilable :func:`cuparing.attention` for torch tensors.
 
@@ -217,7 +222,7 @@ def attention(
     Returns:
         out [B, Sq, H, D] in q's dtype; gradients flow to q, k and v.
     """
-    out, _ = attention_forward(q, k, v, *_mask_options(q, causal, scale, window))
+    out, _ = attention_forward(q, k, v, *_mask_options(q, causal, scale, window, cu_seqlens))
     return out
 
 
@@ -230,6 +235,7 @@ def ring_attention(
     scale: float | None = None,
     window: Window = None,
     layout: str = "contiguous",
+    cu_seqlens: Any = None,
 ) -> torch.Tensor:
     """Differentiable, compilable :func:`cuparing.ring_attention` for torch tensors.
 
@@ -244,14 +250,15 @@ def ring_attention(
         ranks (:func:`cuparing.simulate`) sharing a GPU would block each other in the backward
         ring; on the CPU any ring size works.
     """
-    options = _mask_options(q, causal, scale, window)
+    options = _mask_options(q, causal, scale, window, cu_seqlens)
     handle = ring_handle(ring)
     out, _ = ring_attention_forward(q, k, v, *options, handle, validation.check_layout(layout))
     return out
 
 
-def _mask_options(q, causal, scale, window) -> tuple:
-    """(causal, scale, window_left, window_right, windowed) as the ops take them, checked."""
+def _mask_options(q, causal, scale, window, cu_seqlens) -> tuple:
+    """(causal, scale, window_left, window_right, windowed, cu_seqlens) as the ops take them,
+    checked (``cu_seqlens`` a list of ints or None)."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise TypeError(
             f"q must be a 4-D torch.Tensor [B, S, H, D], got {type(q).__name__} "
@@ -261,4 +268,5 @@ def _mask_options(q, causal, scale, window) -> tuple:
     scale = validation.check_scale(scale, q.shape[-1])
     windowed = window is not None
     left, right = (mask.left, mask.right) if windowed else (None, None)
-    return mask.causal, scale, left, right, windowed
+    cu = None if cu_seqlens is None else list(validation.check_cu_seqlens(cu_seqlens))
+    return mask.causal, scale, left, right, windowed, cu

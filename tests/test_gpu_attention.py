@@ -580,7 +580,7 @@ def test_torch_ops_on_cuda():
     q, k, v = (torch.randn(2, 200, 4, 64, device="cuda", dtype=torch.bfloat16, generator=gen,
                            requires_grad=True) for _ in range(3))  # fmt: skip
     dout = torch.randn(2, 200, 4, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-    mask = (True, 0.125, None, None, False)
+    mask = (True, 0.125, None, None, False, None)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(crt.attention_forward, (q, k, v, *mask), test_utils=checks)
 

@@ -27,7 +27,7 @@ def _tensors(seed, shapes, dtype=None, grad=False):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_opcheck(dtype):
     q, k, v = _tensors(0, [(2, 9, 4, 8), (2, 11, 2, 8), (2, 11, 2, 8)], dtype, grad=True)
-    mask = (True, 0.35, 3, None, True)  # causal, scale, window (3, None)
+    mask = (True, 0.35, 3, None, True, None)  # causal, scale, window (3, None), no documents
     torch.library.opcheck(crt.attention_forward, (q, k, v, *mask))
     out, lse = crt.attention_forward(q.detach(), k.detach(), v.detach(), *mask)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
@@ -40,7 +40,7 @@ def test_opcheck(dtype):
 def test_ring_forward_opcheck():
     q, k, v = _tensors(1, [(1, 8, 2, 4)] * 3, grad=True)
     handle = crt.ring_handle(cr.comm.local.SoloRing())
-    mask = (False, 0.5, None, None, False)
+    mask = (False, 0.5, None, None, False, [0, 3, 8])
     torch.library.opcheck(crt.ring_attention_forward, (q, k, v, *mask, handle, "zigzag"))
 
 
@@ -99,7 +99,7 @@ def test_gradient_through_lse():
     dense torch implementation."""
     q, k, v = _tensors(5, [(1, 7, 2, 4), (1, 9, 2, 4), (1, 9, 2, 4)], grad=True)
     w_out, w_lse = _tensors(8, [(1, 7, 2, 4), (1, 2, 7)])
-    out, lse = crt.attention_forward(q, k, v, True, 0.5, None, None, False)
+    out, lse = crt.attention_forward(q, k, v, True, 0.5, None, None, False, None)
     ((out * w_out).sum() + (lse * w_lse).sum()).backward()
     ours = [x.grad.clone() for x in (q, k, v)]
     for x in (q, k, v):
@@ -179,3 +179,15 @@ def _step_compiled(model, compiled, x):
     loss = compiled(x).square().mean()
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_packed_documents_through_the_ops():
+    cu = [0, 4, 5, 12]
+    q, k, v = _tensors(9, [(1, 12, 2, 8)] * 3, grad=True)
+    dout = _tensors(10, [(1, 12, 2, 8)])[0]
+    out = crt.attention(q, k, v, causal=True, cu_seqlens=torch.tensor(cu))
+    out.backward(dout)
+    host = [x.detach().numpy() for x in (q, k, v)]
+    check_forward(out.detach().numpy(), None, *host, causal=True, cu_seqlens=cu)
+    grads = [x.grad.numpy() for x in (q, k, v)]
+    check_backward(grads, dout.numpy(), *host, causal=True, cu_seqlens=cu)
