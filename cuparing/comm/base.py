@@ -212,5 +212,20 @@ class Ring(abc.ABC):
             "CUPARING_TRANSPORT)"
         )
 
+    @classmethod
+    def from_torch(
+        cls, group: Any = None, timeout: float = 300.0, device: str | None = None
+    ) -> Ring:
+        """A ring on an existing ``torch.distributed`` process group (no second communicator):
+        see :class:`cuparing.comm.torch_ring.TorchRing` for the arguments and how transfers,
+        streams and timeouts work.
+
+        Raises:
+            RuntimeError: ``torch.distributed`` is not initialised.
+        """
+        from .torch_ring import TorchRing
+
+        return TorchRing(group, timeout=timeout, device=device)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, size={self.size})"

@@ -1,0 +1,57 @@
+"""One rank of a ring on a torch.distributed gloo group (run by tests/test_torch_ring.py).
+
+Usage: python torch_ring_worker.py RANK WORLD PORT OUT_DIR
+Each rank runs the forward and backward ring on its zigzag shard of one global problem (NumPy
+arrays, and again torch tensors through cuparing.torch) and saves what it got.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+import cuparing as cr
+
+
+def main() -> int:
+    import torch  # imported here: the suite's doctest collection imports this file without torch
+    import torch.distributed as dist
+
+    rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ring = cr.Ring.from_torch()
+    rng = np.random.default_rng(0)
+    seqlen, cu = 29, [0, 11, 12, 29]  # packed documents, a length no layout divides
+    q, dout = (rng.standard_normal((1, seqlen, 4, 8)) for _ in range(2))
+    k, v = (rng.standard_normal((1, seqlen, 2, 8)) for _ in range(2))
+    opts = {"causal": True, "layout": "zigzag", "cu_seqlens": cu}
+    local = [cr.shard(x, rank, world, layout="zigzag", cu_seqlens=cu) for x in (q, k, v, dout)]
+    out, lse = cr.ring_attention(*local[:3], ring, return_lse=True, **opts)
+    grads = cr.ring_attention_backward(local[3], *local[:3], out, lse, ring, **opts)
+    # the same through the differentiable torch op
+    import cuparing.torch as crt
+
+    tensors = [torch.tensor(x, requires_grad=True) for x in local[:3]]
+    out_t = crt.ring_attention(*tensors, ring, **opts)
+    out_t.backward(torch.tensor(local[3]))
+    np.savez(
+        os.path.join(out_dir, f"rank{rank}.npz"), out=out, lse=lse, dq=grads[0], dk=grads[1],
+        dv=grads[2], out_t=out_t.detach().numpy(), dq_t=tensors[0].grad.numpy(),
+        dk_t=tensors[1].grad.numpy(), dv_t=tensors[2].grad.numpy(),
+    )  # fmt: skip
+    try:  # a call that differs across ranks is refused on every rank
+        cr.ring_attention(*local[:3], ring, causal=rank == 0, layout="zigzag", cu_seqlens=cu)
+    except ValueError as error:
+        assert "disagree" in str(error), error
+    else:
+        raise AssertionError("ranks disagreeing on causal were not refused")
+    dist.destroy_process_group()
+    print(f"rank {rank} OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
