@@ -25,6 +25,8 @@ The functions trust their arguments (``cu_seqlens`` checked by ``cuparing.valida
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .masks import MaskSpec
@@ -44,25 +46,51 @@ def longest(cu_seqlens: np.ndarray) -> int:
 
 def held_tokens(layout: str, rank: int, world_size: int, cu_seqlens: np.ndarray) -> np.ndarray:
     """Global indices (int64, ascending) of the real tokens ``rank`` holds, padding excluded."""
-    seqlen = int(cu_seqlens[-1])
+    return _held(layout, world_size, tuple(int(x) for x in cu_seqlens))[rank]
+
+
+@functools.lru_cache(maxsize=32)
+def _held(layout: str, world_size: int, cu_seqlens: tuple) -> tuple:
+    """Every rank's real tokens (a tuple indexed by rank), computed at once: O(S) per rank, with
+    no loop over the documents (a packed batch may hold thousands)."""
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    seqlen = int(cu[-1])
     if layout == "striped":
-        return np.arange(rank, seqlen, world_size, dtype=np.int64)
+        return tuple(np.arange(r, seqlen, world_size, dtype=np.int64) for r in range(world_size))
     if layout == "contiguous":
         chunk = -(-seqlen // world_size)
-        return np.arange(rank * chunk, min((rank + 1) * chunk, seqlen), dtype=np.int64)
-    pieces = []
+        return tuple(
+            np.arange(r * chunk, min((r + 1) * chunk, seqlen), dtype=np.int64)
+            for r in range(world_size)
+        )
     parts = 2 * world_size
-    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True):
-        # 2C pieces whose lengths differ by at most one (the longer ones first)
-        bounds = start + (np.arange(parts + 1) * (end - start) + parts - 1) // parts
-        for piece in (rank, parts - 1 - rank):
-            pieces.append(np.arange(bounds[piece], bounds[piece + 1], dtype=np.int64))
-    return np.sort(np.concatenate(pieces)) if pieces else np.zeros(0, dtype=np.int64)
+    starts, lengths = cu[:-1], np.diff(cu)
+    # [docs, 2C + 1] piece bounds: 2C pieces per document whose lengths differ by at most one
+    # (the longer ones first)
+    bounds = starts[:, None] + (np.arange(parts + 1) * lengths[:, None] + parts - 1) // parts
+    held = []
+    for r in range(world_size):
+        first = (bounds[:, r], bounds[:, r + 1])
+        second = (bounds[:, parts - 1 - r], bounds[:, parts - r])
+        begin = np.concatenate([first[0], second[0]])
+        end = np.concatenate([first[1], second[1]])
+        held.append(np.sort(_ranges(begin, end)))
+    return tuple(held)
+
+
+def _ranges(begin: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """The concatenation of ``arange(b, e)`` for every pair, without a Python loop."""
+    counts = end - begin
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.repeat(begin - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    return np.arange(total, dtype=np.int64) + offsets
 
 
 def shard_length(layout: str, world_size: int, cu_seqlens: np.ndarray) -> int:
     """The common (padded) length of every rank's shard: the most tokens any rank holds."""
-    return max(len(held_tokens(layout, r, world_size, cu_seqlens)) for r in range(world_size))
+    return max(len(t) for t in _held(layout, world_size, tuple(int(x) for x in cu_seqlens)))
 
 
 def token_positions(layout: str, rank: int, world_size: int, cu_seqlens: np.ndarray) -> np.ndarray:
@@ -85,20 +113,30 @@ def clamped_mask(mask: MaskSpec, cu_seqlens: np.ndarray) -> MaskSpec:
 def ring_positions(layout: str, world_size: int, cu_seqlens: np.ndarray):
     """Spread positions of every rank's padded shard, as the schedule takes them.
 
+    Only non-empty documents are spread apart (repeated boundaries, e.g. a fixed-size
+    ``cu_seqlens`` padded with trailing repeats, add nothing), and the padding sentinels sit just
+    past the largest real position, keeping positions as small as the documents allow (the GPU
+    kernels take them as 32-bit integers below 2^30).
+
     Returns:
         (q_positions, k_positions): tuples indexed by rank of int64 arrays (ascending, padded
         length); they differ only in the padding rows (``Q*`` for queries, ``K*`` for keys).
     """
-    gap = longest(cu_seqlens)
-    n_docs = len(cu_seqlens) - 1
-    last_real = int(cu_seqlens[-1]) + n_docs * gap  # above every spread position
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    gap = longest(cu)
+    seqlen = int(cu[-1])
+    # spread index of each document: how many non-empty documents come before it
+    nonempty_before = np.concatenate([[0], np.cumsum(np.diff(cu) > 0)])
+    last_token = seqlen - 1
+    last_real = last_token + int(nonempty_before[document_of(cu, np.array([last_token]))[0]]) * gap
     q_pad = last_real + 2 * (gap + 1)
     k_pad = q_pad + 2 * (gap + 1)
     queries, keys = [], []
     for rank in range(world_size):
-        rows = token_positions(layout, rank, world_size, cu_seqlens)
+        rows = token_positions(layout, rank, world_size, cu)
         real = rows != PAD
-        spread = np.where(real, rows + document_of(cu_seqlens, rows) * gap, 0)
+        docs = document_of(cu, np.where(real, rows, 0))
+        spread = np.where(real, rows + nonempty_before[docs] * gap, 0)
         queries.append(np.where(real, spread, q_pad).astype(np.int64))
         keys.append(np.where(real, spread, k_pad).astype(np.int64))
     return tuple(queries), tuple(keys)

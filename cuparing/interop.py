@@ -73,6 +73,42 @@ def memory_span(x: Any) -> tuple[int, int] | None:
     return (start + low * itemsize, start + (high + 1) * itemsize)
 
 
+def may_overlap(a: Any, b: Any) -> bool:
+    """Whether arrays ``a`` and ``b`` may share an element (NumPy, CuPy, PyTorch; False when the
+    framework hides its memory). Exact when both are views with the same strides and shape
+    whose strides nest (each at least the span of the dimensions inside it), as the slices of
+    one packed buffer are (``qkv[:, :, 0]`` against ``qkv[:, :, 1]``); otherwise by byte range,
+    which may report an overlap that is not there, never the reverse."""
+    span_a, span_b = memory_span(a), memory_span(b)
+    if not span_a or not span_b or span_a[0] >= span_b[1] or span_b[0] >= span_a[1]:
+        return False
+    itemsize = _itemsize(a)
+    if _itemsize(b) != itemsize or tuple(a.shape) != tuple(b.shape):
+        return True
+    strides, shape = element_strides(a), tuple(a.shape)
+    if element_strides(b) != strides or any(s < 0 for s in strides):
+        return True
+    delta, rest = divmod(abs(span_b[0] - span_a[0]), itemsize)
+    if rest:
+        return True  # not element-aligned to each other: let the range decide
+    # nested strides: the offset has one mixed-radix decomposition over the dimensions, largest
+    # stride first; it hits an element of the other view iff every digit fits its extent
+    dims = sorted(((s, n) for s, n in zip(strides, shape, strict=True) if n > 1), reverse=True)
+    inner = 1
+    for stride, size in reversed(dims):
+        if stride < inner:
+            return True  # strides do not nest: fall back to the byte ranges
+        inner = stride * size
+    for stride, size in dims:
+        digit = min(delta // stride, size - 1)
+        delta -= digit * stride
+    return delta == 0
+
+
+def _itemsize(x: Any) -> int:
+    return x.element_size() if framework_of(x) == "torch" else x.dtype.itemsize
+
+
 def is_c_contiguous(x: Any) -> bool:
     """Whether ``x``'s elements are laid out in C order without gaps (dims of extent 1 and empty
     arrays are contiguous whatever their strides)."""

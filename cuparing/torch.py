@@ -21,7 +21,9 @@ This module imports PyTorch; ``import cuparing`` does not import it.
 
 from __future__ import annotations
 
+import itertools
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -31,27 +33,29 @@ from .comm.base import Ring
 
 Window = tuple[int | None, int | None] | None
 
-# ---- rings as integer handles (custom ops take plain values only)
-_RINGS: dict[int, Ring] = {}
-_HANDLES: dict[int, int] = {}
+# ---- rings as integer handles (custom ops take plain values only); weak references, so a ring
+# that its owner drops (every simulate() call makes new ones) is not kept alive here
+_RINGS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_HANDLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _RINGS_LOCK = threading.Lock()
+_NEXT_HANDLE = itertools.count()
 ONE_DEVICE = -1  # the handle of "no ring": cuparing.attention
 
 
 def ring_handle(ring: Ring) -> int:
-    """The integer that stands for ``ring`` in the ops' arguments (registered on first use; the
-    ring stays referenced for the life of the process, as rings do anyway).
+    """The integer that stands for ``ring`` in the ops' arguments (registered on first use, for
+    as long as the ring lives).
 
     Raises:
         TypeError: ``ring`` is not a :class:`cuparing.Ring`.
     """
     validation.check_ring(ring)
     with _RINGS_LOCK:
-        handle = _HANDLES.get(id(ring))
-        if handle is None or _RINGS.get(handle) is not ring:
-            handle = len(_RINGS)
+        handle = _HANDLES.get(ring)
+        if handle is None:
+            handle = next(_NEXT_HANDLE)
             _RINGS[handle] = ring
-            _HANDLES[id(ring)] = handle
+            _HANDLES[ring] = handle
         return handle
 
 
@@ -59,7 +63,9 @@ def _ring_of(handle: int) -> Ring:
     try:
         return _RINGS[handle]
     except KeyError:
-        raise ValueError(f"no ring has handle {handle}; get one from ring_handle(ring)") from None
+        raise ValueError(
+            f"no live ring has handle {handle}; get one from ring_handle(ring)"
+        ) from None
 
 
 def _window(left: int | None, right: int | None, bounded: bool) -> Window:
@@ -268,5 +274,10 @@ def _mask_options(q, causal, scale, window, cu_seqlens) -> tuple:
     scale = validation.check_scale(scale, q.shape[-1])
     windowed = window is not None
     left, right = (mask.left, mask.right) if windowed else (None, None)
-    cu = None if cu_seqlens is None else list(validation.check_cu_seqlens(cu_seqlens))
+    if cu_seqlens is None:
+        cu = None
+    elif isinstance(cu_seqlens, torch.Tensor):  # read on the host: a graph break when compiled
+        cu = list(validation.check_boundaries(cu_seqlens.tolist()))
+    else:  # a list or tuple: plain Python checks, which torch.compile traces
+        cu = list(validation.check_boundaries(cu_seqlens))
     return mask.causal, scale, left, right, windowed, cu

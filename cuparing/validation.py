@@ -30,7 +30,7 @@ from .interop import (
     element_strides,
     framework_of,
     is_c_contiguous,
-    memory_span,
+    may_overlap,
     origin_of,
     records_gradient,
     to_host,
@@ -379,17 +379,25 @@ def check_destination(
             f"shape {tuple(dest.shape)}"
         )
     _check_last_axis_contiguous(name, dest)
+    strides = element_strides(dest)
+    overlapping = strides and any(
+        s == 0 and n > 1 for s, n in zip(strides, dest.shape, strict=True)
+    )
+    if overlapping and math.prod(dest.shape):  # (an empty array has no elements to collide)
+        raise ValueError(
+            f"{name} has a stride of 0 (element strides {strides} for shape "
+            f"{tuple(dest.shape)}): several results would land on one element; pass an array "
+            "with memory of its own (not a broadcast or expanded view)"
+        )
+    if not getattr(getattr(dest, "flags", None), "writeable", True):
+        raise ValueError(f"{name} is read-only; pass a writable array")
     if records_gradient(dest):
         raise TypeError(
             f"{name} requires grad: cuparing writes it in place, outside autograd; pass a tensor "
             "that does not require grad"
         )
-    span = memory_span(dest)
     for other_name, other in inputs:
-        if other is None:
-            continue
-        other_span = memory_span(other)
-        if span and other_span and span[0] < other_span[1] and other_span[0] < span[1]:
+        if other is not None and may_overlap(dest, other):
             raise ValueError(
                 f"{name} shares memory with {other_name}; the result must go to memory no input "
                 "is read from"
@@ -473,41 +481,47 @@ def check_cu_seqlens(cu_seqlens: Any, seqlen: int | None = None) -> tuple[int, .
     """Document boundaries ``[0, e_1, ..., S]`` of a packed sequence: a 1-D integer array of any
     framework or a list, starting at 0, non-decreasing, ending at ``seqlen`` when given.
     Returns them as a tuple of Python ints (hashable: plans are cached by it)."""
+    if isinstance(cu_seqlens, (list, tuple)):
+        return check_boundaries(cu_seqlens, seqlen)
     try:
         framework_of(cu_seqlens)
-        values = np.asarray(to_host(cu_seqlens))
     except TypeError:
-        if not isinstance(cu_seqlens, (list, tuple)):
-            raise TypeError(
-                f"cu_seqlens must be a 1-D integer array or a list of ints, got "
-                f"{type(cu_seqlens).__name__}"
-            ) from None
-        values = np.asarray(cu_seqlens)
-    if values.ndim != 1 or len(values) < 2:
-        raise ValueError(
-            f"cu_seqlens must be 1-D with at least 2 entries [0, ..., S], got shape "
-            f"{values.shape}"
-        )
-    if values.dtype.kind not in "iu" and not (values.dtype.kind == "O" and all(
-        isinstance(x, Integral) and not isinstance(x, bool) for x in values
-    )):  # fmt: skip
+        raise TypeError(
+            f"cu_seqlens must be a 1-D integer array or a list of ints, got "
+            f"{type(cu_seqlens).__name__}"
+        ) from None
+    values = np.asarray(to_host(cu_seqlens))
+    if values.ndim != 1:
+        raise ValueError(f"cu_seqlens must be 1-D [0, ..., S], got shape {values.shape}")
+    if values.dtype.kind not in "iu":
         raise TypeError(f"cu_seqlens must hold integers, got dtype {values.dtype}")
-    values = values.astype(np.int64)
-    if values[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {values[0]}")
-    if np.any(np.diff(values) < 0):
-        at = int(np.flatnonzero(np.diff(values) < 0)[0])
-        raise ValueError(
-            f"cu_seqlens must be non-decreasing, got {values[at]} then {values[at + 1]} at "
-            f"index {at}"
-        )
-    if seqlen is not None and values[-1] != seqlen:
-        raise ValueError(
-            f"cu_seqlens must end at the sequence length {seqlen}, got {values[-1]}"
-        )
-    if values[-1] < 1:
+    return check_boundaries(values.tolist(), seqlen)
+
+
+def check_boundaries(values: Sequence[Any], seqlen: int | None = None) -> tuple[int, ...]:
+    """:func:`check_cu_seqlens` on a list or tuple of Python (or NumPy) integers, in plain Python
+    (so ``torch.compile`` can trace it for a constant list)."""
+    if len(values) < 2:
+        raise ValueError(f"cu_seqlens needs at least 2 entries [0, ..., S], got {list(values)}")
+    for value in values:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, Integral):
+            raise TypeError(
+                f"cu_seqlens must hold integers, got {value!r} ({type(value).__name__})"
+            )
+    bounds = tuple(int(x) for x in values)
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+    for at in range(len(bounds) - 1):
+        if bounds[at + 1] < bounds[at]:
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing, got {bounds[at]} then {bounds[at + 1]} at "
+                f"index {at}"
+            )
+    if seqlen is not None and bounds[-1] != seqlen:
+        raise ValueError(f"cu_seqlens must end at the sequence length {seqlen}, got {bounds[-1]}")
+    if bounds[-1] < 1:
         raise ValueError("cu_seqlens describes an empty sequence (it must end at S >= 1)")
-    return tuple(int(x) for x in values)
+    return bounds
 
 
 def check_ring_call(
@@ -564,9 +578,9 @@ def ring_call_fields(
         "world_size": str(int(ring.size)),
         "global_seqlen": str(q.shape[1] * int(ring.size) if cu_seqlens is None else cu_seqlens[-1]),
         # the documents, as a digest: long boundary lists stay out of error messages
-        "cu_seqlens": "none" if cu_seqlens is None else hashlib.sha1(
-            np.asarray(cu_seqlens, dtype=np.int64).tobytes()
-        ).hexdigest()[:16],
+        "cu_seqlens": "none"
+        if cu_seqlens is None
+        else hashlib.sha1(np.asarray(cu_seqlens, dtype=np.int64).tobytes()).hexdigest()[:16],
     }
 
 

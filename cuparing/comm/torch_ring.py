@@ -35,10 +35,13 @@ def _is_cupy(x: Any) -> bool:
 
 
 class _TorchPending(PendingExchange):
-    def __init__(self, ring: TorchRing, works: list, received: list, what: str):
+    def __init__(self, ring: TorchRing, works: list, received: list, sent: list, what: str):
         self._ring = ring
         self._works = works
         self._received = received
+        # the send buffers (contiguous copies, maybe) must outlive the transfer: on a GPU the
+        # backend reads them on its own stream after exchange() has returned
+        self._sent = sent
         self._what = what
 
     def wait(self) -> list[Any]:
@@ -58,6 +61,7 @@ class _TorchPending(PendingExchange):
                             f"rank {ring.rank}: {self._what} did not complete within "
                             f"{ring.timeout:g} s (a peer is gone or slow): {error}"
                         ) from error
+        self._sent = None  # the current stream now orders every later reuse after the transfer
         return self._received
 
 
@@ -144,7 +148,7 @@ class TorchRing(Ring):
                                           self._group))  # fmt: skip
             works = dist.batch_isend_irecv(ops) if ops else []
         what = f"exchange {tag!r} #{seq} (shift {shift}, from rank {source})"
-        return _TorchPending(self, works, received, what)
+        return _TorchPending(self, works, received, sends, what)
 
     def allgather_bytes(self, data: bytes) -> list[bytes]:
         """Every rank's ``data`` in rank order: the group's ``all_gather_object``."""
