@@ -88,21 +88,29 @@ def may_overlap(a: Any, b: Any) -> bool:
     strides, shape = element_strides(a), tuple(a.shape)
     if element_strides(b) != strides or any(s < 0 for s in strides):
         return True
-    delta, rest = divmod(abs(span_b[0] - span_a[0]), itemsize)
+    delta, rest = divmod(span_b[0] - span_a[0], itemsize)
     if rest:
         return True  # not element-aligned to each other: let the range decide
-    # nested strides: the offset has one mixed-radix decomposition over the dimensions, largest
-    # stride first; it hits an element of the other view iff every digit fits its extent
+    # With nested strides (each larger than the reach of the dimensions inside it) an element
+    # of one view meets one of the other iff delta = sum c_k * stride_k with |c_k| < extent_k;
+    # at each dimension only floor(delta / stride) and ceil(...) can leave a remainder the inner
+    # dimensions reach.
     dims = sorted(((s, n) for s, n in zip(strides, shape, strict=True) if n > 1), reverse=True)
-    inner = 1
-    for stride, size in reversed(dims):
-        if stride < inner:
-            return True  # strides do not nest: fall back to the byte ranges
-        inner = stride * size
-    for stride, size in dims:
-        digit = min(delta // stride, size - 1)
-        delta -= digit * stride
-    return delta == 0
+    reaches = [sum((n - 1) * s for s, n in dims[i + 1 :]) for i in range(len(dims))]
+    if any(stride <= reach for (stride, _), reach in zip(dims, reaches, strict=True)):
+        return True  # strides do not nest: fall back to the byte ranges
+    return _reachable(delta, dims, reaches)
+
+
+def _reachable(delta: int, dims: list, reaches: list) -> bool:
+    if not dims:
+        return delta == 0
+    (stride, size), reach = dims[0], reaches[0]
+    for digit in {delta // stride, -(-delta // stride)}:
+        rest = delta - digit * stride
+        if abs(digit) < size and abs(rest) <= reach and _reachable(rest, dims[1:], reaches[1:]):
+            return True
+    return False
 
 
 def _itemsize(x: Any) -> int:

@@ -181,3 +181,26 @@ def test_torch_cpu_destinations_are_written_in_place():
     with pytest.raises(TypeError, match="out requires grad"):
         tracked = torch.zeros(1, 9, 2, 16, dtype=torch.bfloat16, requires_grad=True)
         cr.attention(q, k, v, out=tracked)
+
+
+@given(
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 4)),
+    pad=st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 3)),
+    offsets=st.tuples(st.integers(0, 60), st.integers(0, 60)),
+)
+def test_overlap_test_against_numpy(shape, pad, offsets):
+    """interop.may_overlap never misses shared memory (checked against NumPy's exact
+    shares_memory on two views with the same nested strides at any two offsets of one buffer,
+    slices of a packed buffer among them) and, for such views, finds exactly the overlaps."""
+    from numpy.lib.stride_tricks import as_strided
+
+    from cuparing.interop import may_overlap
+
+    b, s, h, d = shape
+    row = d + pad[0]  # nested strides with gaps: each larger than the span inside it
+    token = h * row + pad[1]
+    batch = s * token + pad[2]
+    strides = tuple(8 * x for x in (batch, token, row, 1))
+    flat = np.zeros(b * batch + 64)
+    x, y = (as_strided(flat[o:], shape=shape, strides=strides) for o in offsets)
+    assert may_overlap(x, y) == bool(np.shares_memory(x, y))
