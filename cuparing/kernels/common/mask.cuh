@@ -40,6 +40,24 @@ __device__ __forceinline__ int lower_bound_warp(const int* __restrict__ pos, int
   return lo;
 }
 
+// The key tiles (kTile keys each) that any query at positions [q_min, q_max] can see: one
+// contiguous range [first, first + count) since positions are sorted; count 0 if none. Call with
+// the whole warp converged (lower_bound_warp).
+template <int kTile>
+__device__ __forceinline__ void visible_key_tiles(const int* __restrict__ k_pos, int seqlen_k,
+                                                  int q_min, int q_max, int lo, int hi, int lane,
+                                                  int& first, int& count) {
+  const int key_begin = lower_bound_warp(k_pos, seqlen_k, static_cast<i64>(q_min) + lo, lane);
+  const int key_end = lower_bound_warp(k_pos, seqlen_k, static_cast<i64>(q_max) + hi + 1, lane);
+  if (key_end <= key_begin) {
+    first = 0;
+    count = 0;
+  } else {
+    first = key_begin / kTile;
+    count = (key_end - 1) / kTile - first + 1;
+  }
+}
+
 // Set S to -inf where the key is hidden or past the end (column >= seqlen_k).
 // acc_s holds this warp's (16 * kMFrags, kBlockN) scores in the m16n8 accumulator layout: lane
 // (g = lane/4, t = lane%4) has rows g and g+8 of each fragment, columns 8j + 2t + {0, 1}.

@@ -86,14 +86,7 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
   if (!p.block_full) {
     const int q_min = __ldg(p.q_pos + m0);
     const int q_max = __ldg(p.q_pos + m0 + rows_valid - 1);
-    const int key_begin = lower_bound_warp(p.k_pos, sk, static_cast<i64>(q_min) + lo, lane);
-    const int key_end = lower_bound_warp(p.k_pos, sk, static_cast<i64>(q_max) + hi + 1, lane);
-    if (key_end <= key_begin) {
-      n_count = 0;
-    } else {
-      n_first = key_begin / Tr::kBlockN;
-      n_count = (key_end - 1) / Tr::kBlockN - n_first + 1;
-    }
+    visible_key_tiles<Tr::kBlockN>(p.k_pos, sk, q_min, q_max, lo, hi, lane, n_first, n_count);
   }
 
   // ---- shared memory: Q, kStages x (K, V), then the mbarriers
