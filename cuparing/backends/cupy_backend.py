@@ -207,11 +207,10 @@ class CupyBackend:
             return out, state.lse
         if state.done == 0:  # nothing visible anywhere: out 0, lse -inf
             b, s, h, _ = state.shape
-            if state.dest_out is None:
-                out = _zeros(cp, state.shape, state.dtype)
-            else:
-                out = state.dest_out
-                out.view(cp.uint16 if out.dtype.itemsize == 2 else out.dtype)[...] = 0
+            out = state.dest_out
+            if out is None:
+                out = _empty(cp, state.shape, state.dtype)
+            _as_bits(cp, out)[...] = 0
             if state.dest_lse is None:
                 return out, cp.full((b, h, s), -cp.inf, dtype=cp.float32)
             state.dest_lse.fill(-cp.inf)
@@ -337,19 +336,14 @@ class CupyBackend:
         if out is not None:
             if out is x:
                 return out
-            if name == dtype_name(x.dtype):  # already the dtype (an unaligned direct result)
-                bits = cp.uint16 if out.dtype.itemsize == 2 else out.dtype
-                out.view(bits)[...] = x.view(bits)
-                return out
-            if name in _KERNEL_DTYPES and out.flags.c_contiguous:
+            converts = name != dtype_name(x.dtype)  # (else: an unaligned direct result, copied)
+            if converts and name in _KERNEL_DTYPES and out.flags.c_contiguous:
                 to_half, _ = loader.get_cast_kernels(name)
                 _elementwise(
                     to_half, cp.ascontiguousarray(x, dtype=cp.float32), out.view(cp.uint16)
                 )
                 return out
-            result = self.cast(x, dtype)
-            bits = cp.uint16 if out.dtype.itemsize == 2 else out.dtype
-            out.view(bits)[...] = result.view(bits)
+            _as_bits(cp, out)[...] = _as_bits(cp, self.cast(x, dtype))
             return out
         if name == dtype_name(x.dtype):
             return x
@@ -448,10 +442,10 @@ def _empty(cp, shape, dtype):
         return cp.empty(shape, dtype=cp.uint16).view(dtype)
 
 
-def _zeros(cp, shape, dtype):
-    out = _empty(cp, shape, dtype)
-    out.view(cp.uint16 if np.dtype(dtype).itemsize == 2 else out.dtype)[...] = 0
-    return out
+def _as_bits(cp, x):
+    """``x`` itself, or for a 16-bit float dtype its uint16 view: copies and fills of bf16
+    (ml_dtypes) arrays go through the bits, which CuPy's elementwise kernels handle."""
+    return x.view(cp.uint16) if x.dtype.itemsize == 2 else x
 
 
 class _ShapeOnly:
