@@ -429,10 +429,9 @@ def _forward(
     backend = backend_for(origin.backend)
     q = qkv[0]
     b, s, h, _ = q.shape
-    lse_dtype = "float64" if dtype_name(q) == "float64" else "float32"
     dests = (
         dests[0] if dests[0] is not None else origin.empty(tuple(q.shape), dtype_name(q)),
-        dests[1] if dests[1] is not None else origin.empty((b, h, s), lse_dtype),
+        dests[1] if dests[1] is not None else origin.empty((b, h, s), validation.lse_dtype(q)),
     )
     with origin.stream():
         qb, kb, vb = (to_backend(x, origin) for x in qkv)

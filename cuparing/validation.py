@@ -404,6 +404,11 @@ def check_destination(
             )
 
 
+def lse_dtype(q: Any) -> str:
+    """The dtype name of the lse for inputs like ``q``: float64 for float64, else float32."""
+    return "float64" if dtype_name(q) == "float64" else "float32"
+
+
 def check_forward_destinations(origin: Origin, q: Any, k: Any, v: Any, out: Any, lse: Any):
     """``out=`` (q's shape and dtype, contiguous last axis) and ``lse=`` ([B, H, Sq] float32,
     float64 for float64 inputs, C-contiguous) of a forward call, where given."""
@@ -411,9 +416,8 @@ def check_forward_destinations(origin: Origin, q: Any, k: Any, v: Any, out: Any,
     dtype = dtype_name(q)
     inputs = (("q", q), ("k", k), ("v", v))
     check_destination("out", out, origin, q.shape, dtype, inputs)
-    lse_dtype = "float64" if dtype == "float64" else "float32"
     check_destination(
-        "lse", lse, origin, (b, h, s), lse_dtype, (*inputs, ("out", out)), whole_contiguous=True
+        "lse", lse, origin, (b, h, s), lse_dtype(q), (*inputs, ("out", out)), whole_contiguous=True
     )
 
 
@@ -447,7 +451,7 @@ def check_lse_gradient(origin: Origin, dlse: Any, q: Any) -> None:
             f"dlse lives on {where.describe()} but the inputs on {origin.describe()}; pass dlse "
             "from the same framework and device"
         )
-    want = "float64" if dtype_name(q) == "float64" else "float32"
+    want = lse_dtype(q)
     if dtype_name(dlse) != want:
         raise TypeError(f"dlse must have dtype {want}, got {dtype_name(dlse)}")
     b, s, h, _ = q.shape
@@ -593,7 +597,7 @@ def check_backward(dout: Any, out: Any, lse: Any, q: Any) -> None:
     b, s, h, _ = q.shape
     if tuple(lse.shape) != (b, h, s):
         raise ValueError(f"lse must be [B, H, S] = {(b, h, s)}, got {tuple(lse.shape)}")
-    want = "float64" if dtype_name(q) == "float64" else "float32"
+    want = lse_dtype(q)
     if dtype_name(lse) != want:
         raise TypeError(f"lse must be {want} for {dtype_name(q)} inputs, got {dtype_name(lse)}")
     if lse_origin != q_origin:
