@@ -1,5 +1,6 @@
-"""Ring.from_torch: the ring on a torch.distributed process group (gloo, 3 CPU processes), forward
-and backward, plain and through cuparing.torch, against the dense float64 reference."""
+"""Ring.from_torch: the ring on a torch.distributed process group (gloo with 3 CPU processes; NCCL
+with one process per GPU where 2 GPUs are present), forward and backward, plain and through
+cuparing.torch, against the dense float64 reference."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import requires_gpu
 from numerics import check_backward, check_forward
 
 import cuparing as cr
@@ -24,10 +26,15 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def test_ring_on_a_gloo_group(tmp_path):
-    world, port = 3, _free_port()
+@pytest.mark.parametrize(
+    "backend,world",
+    [("gloo", 3), pytest.param("nccl", 2, marks=[pytest.mark.gpu, requires_gpu(2)])],
+)
+def test_ring_on_a_process_group(tmp_path, backend, world):
+    port = _free_port()
     procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), port, str(tmp_path)],
+        subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), port, str(tmp_path),
+                          backend],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for r in range(world)
     ]  # fmt: skip

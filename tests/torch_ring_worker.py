@@ -1,8 +1,9 @@
-"""One rank of a ring on a torch.distributed gloo group (run by tests/test_torch_ring.py).
+"""One rank of a ring on a torch.distributed group (run by tests/test_torch_ring.py).
 
-Usage: python torch_ring_worker.py RANK WORLD PORT OUT_DIR
-Each rank runs the forward and backward ring on its zigzag shard of one global problem (NumPy
-arrays, and again torch tensors through cuparing.torch) and saves what it got.
+Usage: python torch_ring_worker.py RANK WORLD PORT OUT_DIR [gloo|nccl]
+Each rank runs the forward and backward ring on its zigzag shard of one global problem (arrays,
+and again torch tensors through cuparing.torch) and saves what it got. gloo (default): NumPy
+arrays and CPU tensors; nccl: rank r on GPU r, CuPy arrays and CUDA tensors.
 """
 
 from __future__ import annotations
@@ -20,27 +21,39 @@ def main() -> int:
     import torch.distributed as dist
 
     rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    backend = sys.argv[5] if len(sys.argv) > 5 else "gloo"
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if backend == "nccl":
+        import cupy
+
+        cupy.cuda.Device(rank).use()
+        torch.cuda.set_device(rank)
+        device, to_device, to_host = "cuda", cupy.asarray, cupy.asnumpy
+    else:
+        device, to_device, to_host = "cpu", np.asarray, np.asarray
+    dist.init_process_group(backend, rank=rank, world_size=world)
     ring = cr.Ring.from_torch()
     rng = np.random.default_rng(0)
     seqlen, cu = 29, [0, 11, 12, 29]  # packed documents, a length no layout divides
     q, dout = (rng.standard_normal((1, seqlen, 4, 8)) for _ in range(2))
     k, v = (rng.standard_normal((1, seqlen, 2, 8)) for _ in range(2))
     opts = {"causal": True, "layout": "zigzag", "cu_seqlens": cu}
-    local = [cr.shard(x, rank, world, layout="zigzag", cu_seqlens=cu) for x in (q, k, v, dout)]
+    host = [cr.shard(x, rank, world, layout="zigzag", cu_seqlens=cu) for x in (q, k, v, dout)]
+    local = [to_device(x) for x in host]
     out, lse = cr.ring_attention(*local[:3], ring, return_lse=True, **opts)
     grads = cr.ring_attention_backward(local[3], *local[:3], out, lse, ring, **opts)
+    out, lse, grads = to_host(out), to_host(lse), [to_host(g) for g in grads]
     # the same through the differentiable torch op
     import cuparing.torch as crt
 
-    tensors = [torch.tensor(x, requires_grad=True) for x in local[:3]]
+    tensors = [torch.tensor(x, device=device, requires_grad=True) for x in host[:3]]
     out_t = crt.ring_attention(*tensors, ring, **opts)
-    out_t.backward(torch.tensor(local[3]))
+    out_t.backward(torch.tensor(host[3], device=device))
     np.savez(
         os.path.join(out_dir, f"rank{rank}.npz"), out=out, lse=lse, dq=grads[0], dk=grads[1],
-        dv=grads[2], out_t=out_t.detach().numpy(), dq_t=tensors[0].grad.numpy(),
-        dk_t=tensors[1].grad.numpy(), dv_t=tensors[2].grad.numpy(),
+        dv=grads[2], out_t=out_t.detach().cpu().numpy(),
+        dq_t=tensors[0].grad.cpu().numpy(), dk_t=tensors[1].grad.cpu().numpy(),
+        dv_t=tensors[2].grad.cpu().numpy(),
     )  # fmt: skip
     try:  # a call that differs across ranks is refused on every rank
         cr.ring_attention(*local[:3], ring, causal=rank == 0, layout="zigzag", cu_seqlens=cu)
