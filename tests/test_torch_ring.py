@@ -43,8 +43,9 @@ def test_ring_on_a_process_group(tmp_path, backend, world):
     parts = [np.load(tmp_path / f"rank{r}.npz") for r in range(world)]
     rng = np.random.default_rng(0)  # the workers' global problem
     seqlen, cu = 29, [0, 11, 12, 29]
-    q, dout = (rng.standard_normal((1, seqlen, 4, 8)) for _ in range(2))
-    k, v = (rng.standard_normal((1, seqlen, 2, 8)) for _ in range(2))
+    dtype = np.float32 if backend == "nccl" else np.float64  # as the workers chose
+    q, dout = (rng.standard_normal((1, seqlen, 4, 8)).astype(dtype) for _ in range(2))
+    k, v = (rng.standard_normal((1, seqlen, 2, 8)).astype(dtype) for _ in range(2))
 
     def whole(name, axis=1):
         return cr.unshard([p[name] for p in parts], layout="zigzag", axis=axis, cu_seqlens=cu)
