@@ -204,8 +204,8 @@ class Sm90FwdConfig:
 
 # S (block_n / 2 floats) + O (d / 2) + P (block_n / 4) registers per consumer thread; shared
 # memory Q + stages * (K + V) under 227 KB (sm90/traits.cuh asserts both). The widest key tiles
-# that compile without spills under the consumers' 240 registers; the cp.async variant takes 128
-# keys (d=256: 32; 64 and 48 spilled). Measured on an H200 (PERF.md, sm90 v3):
+# that compile without spills under the TMA consumers' 240 registers; the cp.async consumers
+# (232) take 128 keys (d=256: 32; 64 and 48 spill). Measured on an H200 (PERF.md, sm90 v3):
 # d=128 x176 beat x128 by 6% full and lost 1% causal; d=64 x192 +2%, d=256 x80 +3%.
 # Two softmax chains per row (v4): +10% at d=128 full over one, the same causal; four chains
 # were no better.
@@ -227,7 +227,7 @@ def sm90_smem_bytes(head_dim: int, tma: bool = True) -> int:
     """Dynamic shared memory of ``cuparing_fwd_sm90<head_dim, *, tma>`` (as Sm90FwdTraitsBase)."""
     cfg = SM90_FWD_CONFIGS[head_dim]
     box_row_bytes = 128 * -(-head_dim // 64)
-    barriers = 384  # mbarriers and scan words (Sm90FwdTraitsBase::kBarrierBytes)
+    barriers = 128  # the pipeline's mbarriers (Sm90FwdTraitsBase::kBarrierBytes)
     return box_row_bytes * (cfg.block_m + cfg.stages * 2 * cfg.keys(tma)) + barriers + 1024
 
 

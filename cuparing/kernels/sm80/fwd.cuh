@@ -13,7 +13,6 @@
 // float32 running result of the ring (OutMode) with lse = max + log(exp(a-max) + exp(b-max)).
 #pragma once
 #include "../common/mask.cuh"
-#include "../common/nonfinite.cuh"
 #include "../common/params.cuh"
 #include "../common/ptx.cuh"
 #include "../common/softmax.cuh"
@@ -48,49 +47,6 @@ __device__ __forceinline__ void load_tile(u32 smem, const u16* __restrict__ gmem
     // a masked-off copy reads 0 bytes (ptxas turns it into a zero-filling predicated LDGSTS)
     cp_async_16(dst + i * kRowStep * Tr::kRowBytes, src + i * src_step, ok ? 16 : 0);
   }
-}
-
-// P of one key tile as mma A fragments: the S accumulator of n8 tiles (2kk, 2kk+1) is exactly the
-// A fragment of k16 step kk (rows g / g+8, columns 2t.. and 2t+8..), so P never leaves registers.
-template <class Tr, bool kBf16>
-__device__ __forceinline__ u32 packed_p(const float (&acc_s)[Tr::kMFrags][Tr::kNTiles][4], int mf,
-                                        int kk, int i) {
-  const int j = 2 * kk + (i >> 1);
-  return pack2<kBf16>(acc_s[mf][j][2 * (i & 1)], acc_s[mf][j][2 * (i & 1) + 1]);
-}
-
-// O += P V for one key tile; packed(mf, kk, i) gives register i of P's A fragment mf at k16 step
-// kk (packed_p); V B-fragments by ldmatrix.trans. zero_nonfinite_v: V's NaN / inf elements are
-// multiplied as 0 (common/nonfinite.cuh).
-template <class Tr, bool kBf16, class Packed>
-__device__ __forceinline__ void p_times_v(float (&acc_o)[Tr::kMFrags][Tr::kDTiles][4],
-                                          const Packed& packed, u32 s_v,
-                                          const u32 (&lane_off)[4], bool zero_nonfinite_v) {
-#define CUPARING_STEP_OFF(step) (((step) >> 2) << 7)
-#pragma unroll
-  for (int kk = 0; kk < Tr::kNTiles / 2; ++kk) {
-    u32 a[Tr::kMFrags][4];
-#pragma unroll
-    for (int mf = 0; mf < Tr::kMFrags; ++mf) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[mf][i] = packed(mf, kk, i);
-    }
-#pragma unroll
-    for (int dd = 0; dd < Tr::kDTiles / 2; ++dd) {
-      u32 bv[4];
-      ldmatrix_x4_trans(bv, s_v + lane_off[dd & 3] + kk * 16 * Tr::kRowBytes + CUPARING_STEP_OFF(dd));
-      if (zero_nonfinite_v) {  // warp-uniform
-#pragma unroll
-        for (int i = 0; i < 4; ++i) bv[i] = zero_nonfinite<kBf16>(bv[i]);
-      }
-#pragma unroll
-      for (int mf = 0; mf < Tr::kMFrags; ++mf) {
-        mma_16816<kBf16>(acc_o[mf][2 * dd], a[mf], bv[0], bv[1]);
-        mma_16816<kBf16>(acc_o[mf][2 * dd + 1], a[mf], bv[2], bv[3]);
-      }
-    }
-  }
-#undef CUPARING_STEP_OFF
 }
 
 template <class Tr, bool kBf16>
@@ -254,18 +210,6 @@ __device__ __forceinline__ void fwd_block(const FwdParams& p) {
       const u32 s_k = s_kv + stage * Tr::kStageBytes;
       const u32 s_v = s_k + Tr::kKVBytes;
 
-      // A NaN / inf value of a key that some row of this warp does not see must not reach that
-      // row through P V (common/nonfinite.cuh): PARTIAL tiles are scanned, here where few
-      // registers are live; the rare tile with a find takes the slow path after the product.
-      constexpr int kKeyWords = RowBits<Tr::kBlockN>::kWords;
-      const auto v_chunk = [&](int row, int c) { return s_v + Tr::offset(row, c); };
-      bool v_nonfinite = false;
-      if (kind == kTilePartial) {
-        u32 bad_keys[kKeyWords];
-        v_nonfinite =
-            flag_nonfinite_rows_warp<kBf16, Tr::kBlockN, Tr::kChunks>(v_chunk, lane, bad_keys);
-      }
-
       // ---- S = Q K^T: (16*kMFrags, kBlockN) per warp
       float acc_s[Tr::kMFrags][Tr::kNTiles][4];
 #pragma unroll
@@ -303,19 +247,28 @@ __device__ __forceinline__ void fwd_block(const FwdParams& p) {
       if (kind == kTilePartial) apply_mask<Tr>(acc_s, q_pos_row, p.k_pos, n0, sk, lo, hi, lane);
       online_softmax<Tr>(acc_s, row_max, row_sum, acc_o, p.scale_log2);
 
-      // ---- O += P V (then, if the scan found NaN / inf, each row adds those it sees)
-      p_times_v<Tr, kBf16>(
-          acc_o, [&](int mf, int kk, int i) { return packed_p<Tr, kBf16>(acc_s, mf, kk, i); },
-          s_v, lane_off, v_nonfinite);
-      if (v_nonfinite) {  // rare: only where a NaN / inf sits in a partially visible tile
-        u32 bad_keys[kKeyWords];
-        flag_nonfinite_rows_warp<kBf16, Tr::kBlockN, Tr::kChunks>(v_chunk, lane, bad_keys);
-        const auto sees = [&](int mf, int r, int key) {
-          const int delta = __ldg(p.k_pos + n0 + key) - q_pos_row[mf][r];
-          return delta >= lo && delta <= hi;  // bad keys lie before seqlen_k (zero-filled past)
-        };
-        add_nonfinite_values<kBf16, Tr::kMFrags, Tr::kDTiles, Tr::kBlockN>(
-            acc_o, sees, bad_keys, v_head + n0 * p.v_row_stride, p.v_row_stride, p.headdim, lane);
+      // ---- O += P V: the S accumulator of n8 tiles (2kk, 2kk+1) is exactly the A fragment of
+      // k16 step kk (rows g / g+8, columns 2t.. and 2t+8..), so P never leaves registers.
+#pragma unroll
+      for (int kk = 0; kk < Tr::kNTiles / 2; ++kk) {
+        u32 a[Tr::kMFrags][4];
+#pragma unroll
+        for (int mf = 0; mf < Tr::kMFrags; ++mf) {
+          a[mf][0] = pack2<kBf16>(acc_s[mf][2 * kk][0], acc_s[mf][2 * kk][1]);
+          a[mf][1] = pack2<kBf16>(acc_s[mf][2 * kk][2], acc_s[mf][2 * kk][3]);
+          a[mf][2] = pack2<kBf16>(acc_s[mf][2 * kk + 1][0], acc_s[mf][2 * kk + 1][1]);
+          a[mf][3] = pack2<kBf16>(acc_s[mf][2 * kk + 1][2], acc_s[mf][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int dd = 0; dd < Tr::kDTiles / 2; ++dd) {
+          u32 bv[4];
+          ldmatrix_x4_trans(bv, s_v + lane_off[dd & 3] + kk * 16 * Tr::kRowBytes + CUPARING_STEP_OFF(dd));
+#pragma unroll
+          for (int mf = 0; mf < Tr::kMFrags; ++mf) {
+            mma_16816<kBf16>(acc_o[mf][2 * dd], a[mf], bv[0], bv[1]);
+            mma_16816<kBf16>(acc_o[mf][2 * dd + 1], a[mf], bv[2], bv[3]);
+          }
+        }
       }
     }
   }

@@ -8,7 +8,7 @@
 //   TMA: one thread issues a bulk tensor load per 64-column box (tensor maps from the host),
 //        the barrier counts the bytes (24 registers for the producer, 240 for the consumers);
 //   cp.async: all 128 threads copy 16-byte chunks and arrive through cp.async.mbarrier.arrive
-//        (32 / 240 registers), for operands the copy engine cannot address.
+//        (40 / 232 registers), for operands the copy engine cannot address.
 // Consumers (warpgroups 1 and 2, 64 query rows each), per key tile j:
 //   wait for my turn (named barrier), issue  S_j = Q K_j^T   (wgmma SS, both from shared memory)
 //                                     and    O += P_{j-1} V_{j-1}  (wgmma RS, P from registers)
@@ -17,17 +17,11 @@
 //   S_j to P_j for the next turn. The running output is rescaled by tile j's correction only
 //   when P_j V_j is issued, i.e. after P_{j-1} V_{j-1} has landed.
 // Masks: tiles classified per consumer (64 rows); PARTIAL tiles and the Sk tail are masked, EMPTY
-// ones skipped (they still pass through the turn-taking and release their stage).
-// NaN / inf in V (common/nonfinite.cuh): a V tile that is not FULL for the whole CTA is scanned by
-// both consumers before its P V; they meet on a named barrier (both have read the tile before
-// either changes it), and if anything was found each replaces the NaN / inf in shared memory by
-// 0 (the same writes from both, so their order does not matter) and, after its P V, adds them to
-// the rows that see them. The epilogue (common/epilogue.cuh) is the sm80 family's: direct
-// output, or the ring's float32 write / merge.
+// ones skipped (they still pass through the turn-taking and release their stage). The epilogue
+// (common/epilogue.cuh) is the sm80 family's: direct output, or the ring's float32 write / merge.
 #pragma once
 #include "../common/epilogue.cuh"
 #include "../common/mask.cuh"
-#include "../common/nonfinite.cuh"
 #include "../common/params.cuh"
 #include "../common/ptx.cuh"
 #include "../common/softmax.cuh"
@@ -49,7 +43,7 @@ __device__ __forceinline__ void load_tile_sm90(u32 smem, const u16* __restrict__
   static_assert(kRows % kRowStep == 0, "whole row groups per tile");
   const int row0 = ptid / Tr::kLoadChunks;
   const i64 src_step = kRowStep * row_stride;
-#pragma unroll 1  // one chunk column at a time: the producer has few registers
+#pragma unroll
   for (int cc = 0; cc < Tr::kChunks / Tr::kLoadChunks; ++cc) {
     const int chunk = ptid % Tr::kLoadChunks + cc * Tr::kLoadChunks;
     const bool chunk_ok = chunk < d_chunks;
@@ -104,9 +98,6 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
   auto empty_k = [&](int s) { return s_bar + 8u * (2 * Tr::kStages + s); };
   auto empty_v = [&](int s) { return s_bar + 8u * (3 * Tr::kStages + s); };
   const u32 q_full = s_bar + 8u * (4 * Tr::kStages);
-  // words of non-finite V rows (flag_nonfinite_rows_warpgroup), 8 at most per consumer, two
-  // sets by key tile parity: a tile's words are read after the next tile's scan has begun
-  const u32 s_bad_rows = s_bar + Tr::kBarrierBytes - 128u;
   if (tid == 0) {
     for (int s = 0; s < Tr::kStages; ++s) {
       mbarrier_init(full_k(s), kFullArrivals);
@@ -263,56 +254,6 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
       // takes the first. Each consumer takes n_count + 1 turns; consumer 1 skips its last
       // hand-over, which consumer 0 never waits for.
       auto my_turn = [&]() { named_barrier_sync(kTurnBarrier + c, Tr::kConsumerThreads); };
-
-      // NaN / inf in the V tile of key tile `it` (stage s), before its P V: does the tile need a
-      // scan (not FULL for every row of the CTA; both consumers decide alike), and the scan
-      constexpr int kScanBarrier = 3;  // both consumers: every scan of the tile has finished
-      constexpr int kKeyWords = RowBits<Tr::kBlockN>::kWords;
-      auto bad_rows_of = [&](int it) { return s_bad_rows + 32u * (2 * (it & 1) + c); };
-      const int wg_tid = tid - 128 * wg;
-      const int cta_q_min = __ldg(p.q_pos + m0);
-      const int cta_q_max = __ldg(p.q_pos + m0 + rows_valid - 1);
-      auto v_needs_scan = [&](int it) {
-        if (p.block_full) return false;
-        const int n0 = (n_first + it) * Tr::kBlockN;
-        const int keys = min(Tr::kBlockN, sk - n0);  // keys past seqlen_k are zero-filled
-        return classify_tile(cta_q_min, cta_q_max, __ldg(p.k_pos + n0),
-                             __ldg(p.k_pos + n0 + keys - 1), lo, hi) != kTileFull;
-      };
-      auto scan_v = [&](int it, int s) {  // whether any NaN / inf was found; zeroes them
-        const u32 s_my_bad_rows = bad_rows_of(it);
-        const u32 s_v = s_kv + s * Tr::kStageBytes + Tr::kKVBytes;
-        const auto chunk = [&](int row, int cc) {
-          return s_v + Tr::template offset<Tr::kBlockN>(row, cc);
-        };
-        flag_nonfinite_rows_warpgroup<kBf16, Tr::kBlockN, Tr::kChunks>(chunk, wg_tid,
-                                                                        s_my_bad_rows);
-        named_barrier_sync(kScanBarrier, Tr::kConsumerThreads);
-        u32 any = 0;
-#pragma unroll
-        for (int w = 0; w < kKeyWords; ++w) any |= ld_shared_u32(s_my_bad_rows + 4u * w);
-        if (any) {
-          zero_nonfinite_rows_warpgroup<kBf16, Tr::kBlockN, Tr::kChunks>(chunk, wg_tid);
-          fence_proxy_async();  // the zeros, written by the generic proxy, read by wgmma
-        }
-        return any != 0;
-      };
-      // after P V of key tile `it`: each row adds the NaN / inf values of the keys it sees (at
-      // the start of the next turn, where the scores are not live, or after the last P V)
-      auto add_v_nonfinite = [&](int it) {
-        const int n0 = (n_first + it) * Tr::kBlockN;
-        u32 bad[kKeyWords];
-#pragma unroll
-        for (int w = 0; w < kKeyWords; ++w) bad[w] = ld_shared_u32(bad_rows_of(it) + 4u * w);
-        const auto sees = [&](int, int r, int key) {
-          const int delta = __ldg(p.k_pos + n0 + key) - q_pos_row[0][r];
-          return delta >= lo && delta <= hi;
-        };
-        const u16* v_tile = p.v + b * p.v_batch_stride + hk * p.v_head_stride +
-                            static_cast<i64>(n0) * p.v_row_stride;
-        add_nonfinite_values<kBf16, 1, Tr::kDTiles, Tr::kBlockN>(acc_o, sees, bad, v_tile,
-                                                                 p.v_row_stride, p.headdim, lane);
-      };
       auto hand_over = [&]() {
         named_barrier_arrive(kTurnBarrier + (1 - c), Tr::kConsumerThreads);
       };
@@ -335,7 +276,6 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
         scores_to_p(acc_s, 0);
       }
       // turns 1 .. n_count - 1: S_j, and P_{j-1} V_{j-1} behind it
-      bool v_pending = false;  // P V of tile it - 2 found NaN / inf: add them this turn
       for (int it = 1; it < n_count; ++it) {
         const int s = it % Tr::kStages;
         const int prev = (it - 1) % Tr::kStages;
@@ -343,8 +283,6 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
         mbarrier_wait(full_k(s), (it / Tr::kStages) & 1);
         mbarrier_wait(full_v(prev), ((it - 1) / Tr::kStages) & 1);
         if constexpr (!kTma) fence_proxy_async();
-        if (v_pending) add_v_nonfinite(it - 2);
-        v_pending = v_needs_scan(it - 1) && scan_v(it - 1, prev);
         my_turn();
         rescale_output<Tr>(acc_o, corr);  // tile j-1's correction, before its P V
         wgmma_fence();
@@ -364,8 +302,6 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
         const int last = (n_count - 1) % Tr::kStages;
         mbarrier_wait(full_v(last), ((n_count - 1) / Tr::kStages) & 1);
         if constexpr (!kTma) fence_proxy_async();
-        if (v_pending) add_v_nonfinite(n_count - 2);
-        const bool v_nonfinite = v_needs_scan(n_count - 1) && scan_v(n_count - 1, last);
         my_turn();
         rescale_output<Tr>(acc_o, corr);
         wgmma_fence();
@@ -374,7 +310,6 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
         wgmma_wait<0>();
         fence_accumulator(acc_o[0]);
         mbarrier_arrive(empty_v(last));
-        if (v_nonfinite) add_v_nonfinite(n_count - 1);
       }
     }
 

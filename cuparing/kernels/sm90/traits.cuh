@@ -34,9 +34,9 @@ struct Sm90FwdTraitsBase {
   static constexpr int kNThreads = 384;
   static constexpr int kProducerThreads = 128;  // warpgroup 0
   static constexpr int kConsumerThreads = 256;  // warpgroups 1 and 2
-  // setmaxnreg budgets of the cp.async variant: 128 * 32 + 256 * 240 = the SM's 65536 registers
-  static constexpr int kProducerRegs = 32;
-  static constexpr int kConsumerRegs = 240;
+  // setmaxnreg budgets: 128 * 40 + 256 * 232 = 64512 of the SM's 65536 registers
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = 232;
   static constexpr int kRowsPerWarp = 16;
   static constexpr int kMFrags = 1;
   static constexpr int kNTiles = kBlockN / 8;   // n8 tiles of S per thread
@@ -54,9 +54,8 @@ struct Sm90FwdTraitsBase {
   static constexpr int kQBytes = kBoxes * kBlockM * kBoxRowBytes;
   static constexpr int kKVBytes = kBoxes * kBlockN * kBoxRowBytes;
   static constexpr int kStageBytes = 2 * kKVBytes;  // K then V
-  // after the tiles: the pipeline mbarriers (full and empty for K and for V per stage, Q's full),
-  // then 128 bytes: the consumers' words of non-finite V rows, two sets (fwd.cuh)
-  static constexpr int kBarrierBytes = 384;
+  // pipeline mbarriers after the tiles: full and empty for K and for V per stage, Q's full
+  static constexpr int kBarrierBytes = 128;
   // + 1024: the dynamic shared memory base is rounded up to the swizzle atom inside the kernel
   static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + kBarrierBytes + 1024;
 
@@ -72,7 +71,7 @@ struct Sm90FwdTraitsBase {
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
   static_assert(kChunks % kLoadChunks == 0 && (kProducerThreads / kLoadChunks) % 8 == 0,
                 "load_tile row step must keep each thread's swizzle key fixed");
-  static_assert(8 * (4 * kStages + 1) + 128 <= kBarrierBytes, "room for the mbarriers");
+  static_assert(8 * (4 * kStages + 1) <= kBarrierBytes, "room for the mbarriers");
   // accumulators per thread: S (kBlockN / 2) + O (kHeadDim / 2) + P (kBlockN / 4 packed pairs)
   static_assert(kBlockN / 2 + kHeadDim / 2 + kBlockN / 4 <= 200, "accumulators exceed registers");
 };
