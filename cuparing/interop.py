@@ -297,6 +297,24 @@ class Origin:
 
 
 @contextlib.contextmanager
+def cupy_stream_as_torch():
+    """CuPy's current stream as a ``torch.cuda`` stream (the reverse of :meth:`Origin.stream`), for
+    running torch work (e.g. NCCL transfers of a torch process group) in CuPy's stream order.
+
+    CuPy's default stream has the null handle, which ``torch.cuda.ExternalStream`` does not take
+    (given 0 it returns an unrelated stream from torch's pool): it maps to torch's default
+    stream of the current device, which is the same legacy default stream.
+    """
+    import cupy
+    import torch
+
+    stream = cupy.cuda.get_current_stream()
+    device = cupy.cuda.Device().id
+    if stream.ptr == 0:
+        return torch.cuda.default_stream(device)
+    return torch.cuda.ExternalStream(stream.ptr, device=device)
+
+
 def _stacked(*contexts):
     with contextlib.ExitStack() as stack:
         for ctx in contexts:

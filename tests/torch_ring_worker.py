@@ -15,6 +15,18 @@ import numpy as np
 
 import cuparing as cr
 
+CU_SEQLENS = [0, 11, 12, 29]  # packed documents, a length no layout divides
+
+
+def problem(backend: str):
+    """The global (q, k, v, dout, cu_seqlens) every rank shards: float64, float32 on NCCL (the
+    GPU path has no float64)."""
+    rng = np.random.default_rng(0)
+    seqlen, dtype = CU_SEQLENS[-1], np.float32 if backend == "nccl" else np.float64
+    q, dout = (rng.standard_normal((1, seqlen, 4, 8)).astype(dtype) for _ in range(2))
+    k, v = (rng.standard_normal((1, seqlen, 2, 8)).astype(dtype) for _ in range(2))
+    return q, k, v, dout, CU_SEQLENS
+
 
 def main() -> int:
     import torch  # imported here: the suite's doctest collection imports this file without torch
@@ -33,11 +45,7 @@ def main() -> int:
         device, to_device, to_host = "cpu", np.asarray, np.asarray
     dist.init_process_group(backend, rank=rank, world_size=world)
     ring = cr.Ring.from_torch()
-    rng = np.random.default_rng(0)
-    seqlen, cu = 29, [0, 11, 12, 29]  # packed documents, a length no layout divides
-    dtype = np.float32 if backend == "nccl" else np.float64  # the GPU path has no float64
-    q, dout = (rng.standard_normal((1, seqlen, 4, 8)).astype(dtype) for _ in range(2))
-    k, v = (rng.standard_normal((1, seqlen, 2, 8)).astype(dtype) for _ in range(2))
+    q, k, v, dout, cu = problem(backend)
     opts = {"causal": True, "layout": "zigzag", "cu_seqlens": cu}
     host = [cr.shard(x, rank, world, layout="zigzag", cu_seqlens=cu) for x in (q, k, v, dout)]
     local = [to_device(x) for x in host]

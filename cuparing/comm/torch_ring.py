@@ -27,11 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from ..interop import cupy_stream_as_torch, framework_of
 from .base import PendingExchange, ReadyExchange, Ring, RingTimeoutError
-
-
-def _is_cupy(x: Any) -> bool:
-    return type(x).__module__.split(".")[0] == "cupy"
 
 
 class _TorchPending(PendingExchange):
@@ -112,16 +109,12 @@ class TorchRing(Ring):
 
         if not self._gpu:
             return contextlib.nullcontext()
-        import cupy
-
-        stream = cupy.cuda.get_current_stream()
-        external = self._torch.cuda.ExternalStream(stream.ptr)
-        return self._torch.cuda.stream(external)
+        return self._torch.cuda.stream(cupy_stream_as_torch())
 
     def _as_bytes(self, x: Any):
         """A torch uint8 tensor over ``x``'s bytes (``x`` contiguous; NumPy or CuPy)."""
         flat = x.reshape(-1).view(np.uint8)
-        if _is_cupy(x):
+        if framework_of(x) == "cupy":
             return self._torch.from_dlpack(flat)
         return self._torch.from_numpy(flat)
 
@@ -171,7 +164,7 @@ class TorchRing(Ring):
 
 def _namespace(arrays: Sequence[Any]):
     """NumPy or CuPy, after the arrays of an exchange."""
-    if arrays and _is_cupy(arrays[0]):
+    if arrays and framework_of(arrays[0]) == "cupy":
         import cupy
 
         return cupy
