@@ -40,22 +40,40 @@ __device__ __forceinline__ int lower_bound_warp(const int* __restrict__ pos, int
   return lo;
 }
 
-// The key tiles (kTile keys each) that any query at positions [q_min, q_max] can see: one
-// contiguous range [first, first + count) since positions are sorted; count 0 if none. Call with
-// the whole warp converged (lower_bound_warp).
+// The tiles (kTile entries each) of a sorted position array holding some value in
+// [begin_value, end_value): one contiguous range [first, first + count); count 0 if none. Call
+// with the whole warp converged (lower_bound_warp).
+template <int kTile>
+__device__ __forceinline__ void tiles_in_range(const int* __restrict__ pos, int n,
+                                               i64 begin_value, i64 end_value, int lane,
+                                               int& first, int& count) {
+  const int begin = lower_bound_warp(pos, n, begin_value, lane);
+  const int end = lower_bound_warp(pos, n, end_value, lane);
+  if (end <= begin) {
+    first = 0;
+    count = 0;
+  } else {
+    first = begin / kTile;
+    count = (end - 1) / kTile - first + 1;
+  }
+}
+
+// The key tiles that any query at positions [q_min, q_max] can see (keys at q + [lo, hi]).
 template <int kTile>
 __device__ __forceinline__ void visible_key_tiles(const int* __restrict__ k_pos, int seqlen_k,
                                                   int q_min, int q_max, int lo, int hi, int lane,
                                                   int& first, int& count) {
-  const int key_begin = lower_bound_warp(k_pos, seqlen_k, static_cast<i64>(q_min) + lo, lane);
-  const int key_end = lower_bound_warp(k_pos, seqlen_k, static_cast<i64>(q_max) + hi + 1, lane);
-  if (key_end <= key_begin) {
-    first = 0;
-    count = 0;
-  } else {
-    first = key_begin / kTile;
-    count = (key_end - 1) / kTile - first + 1;
-  }
+  tiles_in_range<kTile>(k_pos, seqlen_k, static_cast<i64>(q_min) + lo,
+                        static_cast<i64>(q_max) + hi + 1, lane, first, count);
+}
+
+// The query tiles that any key at positions [k_min, k_max] is seen by (queries at k - [lo, hi]).
+template <int kTile>
+__device__ __forceinline__ void seeing_query_tiles(const int* __restrict__ q_pos, int seqlen_q,
+                                                   int k_min, int k_max, int lo, int hi, int lane,
+                                                   int& first, int& count) {
+  tiles_in_range<kTile>(q_pos, seqlen_q, static_cast<i64>(k_min) - hi,
+                        static_cast<i64>(k_max) - lo + 1, lane, first, count);
 }
 
 // Set S to -inf where the key is hidden or past the end (column >= seqlen_k).

@@ -312,14 +312,7 @@ __device__ __forceinline__ void bwd_block(const BwdParams& p) {
   if (!p.block_full) {
     const int k_min = __ldg(p.k_pos + n0);
     const int k_max = __ldg(p.k_pos + n0 + keys_valid - 1);
-    const int q_begin = lower_bound_warp(p.q_pos, sq, static_cast<i64>(k_min) - hi, lane);
-    const int q_end = lower_bound_warp(p.q_pos, sq, static_cast<i64>(k_max) - lo + 1, lane);
-    if (q_end <= q_begin) {
-      m_count = 0;
-    } else {
-      m_first = q_begin / Tr::kBlockM;
-      m_count = (q_end - 1) / Tr::kBlockM - m_first + 1;
-    }
+    seeing_query_tiles<Tr::kBlockM>(p.q_pos, sq, k_min, k_max, lo, hi, lane, m_first, m_count);
   }
   if (m_count == 0) return;  // CTA-uniform, before any barrier: nothing to add
 

@@ -12,10 +12,10 @@
 // Consumers (warpgroups 1 and 2, 64 query rows each), per key tile j:
 //   wait for my turn (named barrier), issue  S_j = Q K_j^T   (wgmma SS, both from shared memory)
 //                                     and    O += P_{j-1} V_{j-1}  (wgmma RS, P from registers)
-//   hand the turn to the other consumer, wait for S_j only, then mask and softmax it while the
-//   tensor cores run P_{j-1} V_{j-1} and the other consumer's products (ping-pong), and convert
-//   S_j to P_j for the next turn. The running output is rescaled by tile j's correction only
-//   when P_j V_j is issued, i.e. after P_{j-1} V_{j-1} has landed.
+//   hand the turn to the other consumer, wait for S_j (release K_j), then for P_{j-1} V_{j-1}
+//   (release V_{j-1}: P_{j-1}'s registers are free), then mask, softmax and convert S_j to P_j
+//   while the tensor cores run the other consumer's products (ping-pong). The running output is
+//   rescaled by tile j's correction only when P_j V_j is issued.
 // Masks: tiles classified per consumer (64 rows); PARTIAL tiles and the Sk tail are masked, EMPTY
 // ones skipped (they still pass through the turn-taking and release their stage). The epilogue
 // (common/epilogue.cuh) is the sm80 family's: direct output, or the ring's float32 write / merge.
@@ -59,8 +59,6 @@ __device__ __forceinline__ void load_tile_sm90(u32 smem, const u16* __restrict__
 
 template <class Tr, bool kBf16, bool kTma>
 __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Maps& maps) {
-  constexpr int kProducerRegs = kTma ? 24 : Tr::kProducerRegs;
-  constexpr int kConsumerRegs = kTma ? 240 : Tr::kConsumerRegs;
   // one expect_tx arrival (TMA) or one cp.async arrival per producer thread
   constexpr u32 kFullArrivals = kTma ? 1 : Tr::kProducerThreads;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -112,7 +110,7 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
 
   if (wg == 0) {
     // ================= producer =================
-    setmaxnreg_dec<kProducerRegs>();
+    setmaxnreg_dec<Tr::kProducerRegs>();
     if (n_count == 0) return;
     if constexpr (kTma) {
       if (tid != 0) return;
@@ -168,7 +166,7 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
     }
   } else {
     // ================= consumers =================
-    setmaxnreg_inc<kConsumerRegs>();
+    setmaxnreg_inc<Tr::kConsumerRegs>();
     const int c = wg - 1;          // consumer: query rows [64c, 64c + 64) of the tile
     const int cwarp = warp - 4;    // warp among the consumers: rows [16 cwarp, 16 cwarp + 16)
     const int g = lane >> 2;

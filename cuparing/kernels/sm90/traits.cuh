@@ -24,7 +24,7 @@
 
 namespace cuparing {
 
-template <int kHeadDim_, int kBlockN_, int kStages_, int kSoftmaxChains_>
+template <int kHeadDim_, bool kTma, int kBlockN_, int kStages_, int kSoftmaxChains_>
 struct Sm90FwdTraitsBase {
   static constexpr int kSoftmaxChains = kSoftmaxChains_;  // independent max/sum chains per row
   static constexpr int kHeadDim = kHeadDim_;
@@ -34,9 +34,12 @@ struct Sm90FwdTraitsBase {
   static constexpr int kNThreads = 384;
   static constexpr int kProducerThreads = 128;  // warpgroup 0
   static constexpr int kConsumerThreads = 256;  // warpgroups 1 and 2
-  // setmaxnreg budgets: 128 * 40 + 256 * 232 = 64512 of the SM's 65536 registers
-  static constexpr int kProducerRegs = 40;
-  static constexpr int kConsumerRegs = 232;
+  // setmaxnreg budgets of the producer and of each consumer thread: the TMA producer is one
+  // issuing thread (24 registers); the cp.async one computes 128 threads' addresses (40)
+  static constexpr int kProducerRegs = kTma ? 24 : 40;
+  static constexpr int kConsumerRegs = kTma ? 240 : 232;
+  static_assert(kProducerThreads * kProducerRegs + kConsumerThreads * kConsumerRegs <= 65536,
+                "more registers than an SM has");
   static constexpr int kRowsPerWarp = 16;
   static constexpr int kMFrags = 1;
   static constexpr int kNTiles = kBlockN / 8;   // n8 tiles of S per thread
@@ -81,7 +84,7 @@ struct Sm90FwdTraits;  // only the rows of CUPARING_SM90_FWD_CONFIGS exist
 
 #define CUPARING_DEFINE_SM90_TRAITS(D, TMA, BN, ST, CHAINS, SMEM)                        \
   template <>                                                                            \
-  struct Sm90FwdTraits<D, TMA> : Sm90FwdTraitsBase<D, BN, ST, CHAINS> {};                \
+  struct Sm90FwdTraits<D, TMA> : Sm90FwdTraitsBase<D, TMA, BN, ST, CHAINS> {};           \
   static_assert(Sm90FwdTraits<D, TMA>::kSmemBytes == (SMEM),                             \
                 "loader smem formula disagrees (D=" #D ")");
 CUPARING_SM90_FWD_CONFIGS(CUPARING_DEFINE_SM90_TRAITS)
