@@ -296,7 +296,6 @@ class Origin:
         return jnp.asarray(x)
 
 
-@contextlib.contextmanager
 def cupy_stream_as_torch():
     """CuPy's current stream as a ``torch.cuda`` stream (the reverse of :meth:`Origin.stream`), for
     running torch work (e.g. NCCL transfers of a torch process group) in CuPy's stream order.
@@ -315,6 +314,7 @@ def cupy_stream_as_torch():
     return torch.cuda.ExternalStream(stream.ptr, device=device)
 
 
+@contextlib.contextmanager
 def _stacked(*contexts):
     with contextlib.ExitStack() as stack:
         for ctx in contexts:
