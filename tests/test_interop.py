@@ -54,3 +54,21 @@ def test_torch_helpers():
     with torch.no_grad():
         assert not interop.records_gradient(tracked)
     assert not interop.records_gradient(tracked.detach())
+
+
+def test_stacked_contexts_enter_and_exit_in_order():
+    """Origin.stream stacks the device and the caller's stream with this helper; it runs only on
+    GPUs, so its context-manager behaviour is checked here."""
+    import contextlib
+
+    events = []
+
+    @contextlib.contextmanager
+    def context(name):
+        events.append(f"enter {name}")
+        yield
+        events.append(f"exit {name}")
+
+    with interop._stacked(context("device"), context("stream")):
+        events.append("body")
+    assert events == ["enter device", "enter stream", "body", "exit stream", "exit device"]
