@@ -383,7 +383,7 @@ def _cupy_view_of_torch(x: Any) -> Any:
 
 def _numpy_dtype_of_torch(dtype: Any) -> np.dtype:
     """The NumPy (``ml_dtypes`` for bfloat16) dtype of a torch floating dtype."""
-    name = str(dtype).rsplit(".", 1)[-1]
+    name = dtype_name(dtype)
     if name == "bfloat16":
         import ml_dtypes
 
