@@ -442,7 +442,7 @@ def check_backward_extras(origin: Origin, arrays: tuple, dests: tuple, dlse: Any
 
 def check_lse_gradient(origin: Origin, dlse: Any, q: Any) -> None:
     """``dlse=`` of a backward call, where given: [B, H, Sq] in the lse dtype (float32, float64
-    for float64 inputs), the inputs' framework and device, a contiguous last axis."""
+    for float64 inputs), the inputs' framework and device (any strides: it is only read)."""
     if dlse is None:
         return
     where = _check_array_type("dlse", dlse)
