@@ -13,6 +13,7 @@ imported only when the caller's array comes from them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -37,9 +38,21 @@ def dtype_name(x: Any) -> str:
     framework, or of a dtype object itself (NumPy, ``ml_dtypes``, CuPy, ``torch.bfloat16``)."""
     dtype = x if isinstance(x, (type, np.dtype)) else getattr(x, "dtype", x)
     try:
+        return _cached_name_of_dtype(dtype)
+    except TypeError:  # unhashable: not a dtype object of any framework
+        return _name_of_dtype(dtype)
+
+
+def _name_of_dtype(dtype: Any) -> str:
+    try:
         return np.dtype(dtype).name  # NumPy, ml_dtypes, CuPy and JAX dtypes, scalar types
     except TypeError:
         return str(dtype).rsplit(".", 1)[-1]  # torch.bfloat16 -> 'bfloat16'
+
+
+# NumPy computes a dtype's name anew on every access, and a call asks several times (validation,
+# kernel choice, results): dtype objects are few, so their names are kept
+_cached_name_of_dtype = functools.lru_cache(maxsize=64)(_name_of_dtype)
 
 
 def element_strides(x: Any) -> tuple[int, ...] | None:
