@@ -455,7 +455,22 @@ def pack_bwd_params(**values) -> np.ndarray:
 # ---- CuPy modules, compiled lazily and cached
 _LOCK = threading.Lock()
 _MODULES: dict[tuple, object] = {}
-_SMEM_SET: set[tuple] = set()
+# (kernel(s), config, shared memory) per launch signature: get_fwd_kernel, get_bwd_kernels
+_LAUNCHES: dict[tuple, tuple] = {}
+
+
+def _allow_smem(kernel, name: str, smem: int, device: int, arch: str) -> None:
+    """Let ``kernel`` take ``smem`` bytes of dynamic shared memory (once per kernel and device,
+    the caller caches)."""
+    import cupy
+
+    try:
+        kernel.max_dynamic_shared_size_bytes = smem
+    except cupy.cuda.driver.CUDADriverError as exc:
+        raise RuntimeError(
+            f"{name} needs {smem} bytes of shared memory per block, more than device "
+            f"{device} ({arch}) allows: {exc}"
+        ) from exc
 
 
 def device_arch() -> str:
@@ -498,6 +513,13 @@ def get_fwd_kernel(head_dim: int, dtype: str, tma: bool = False):
     """
     import cupy
 
+    device = cupy.cuda.Device().id
+    # the choice depends on the device, the arguments and CUPARING_KERNELS: a call after the first
+    # with the same ones is a dictionary lookup
+    key = ("fwd", device, head_dim, dtype, tma, os.environ.get("CUPARING_KERNELS"))
+    hit = _LAUNCHES.get(key)
+    if hit is not None:
+        return hit
     arch = device_arch()
     family = forward_family(head_dim, arch)
     name = fwd_name(head_dim, dtype, family, tma)
@@ -508,16 +530,8 @@ def get_fwd_kernel(head_dim: int, dtype: str, tma: bool = False):
         smem = sm90_smem_bytes(head_dim, tma)
     else:
         cfg, smem = fwd_configs(arch)[head_dim], smem_bytes(head_dim, arch)
-    key = (device_arch(), cupy.cuda.Device().id, name)
-    if key not in _SMEM_SET:
-        try:
-            kernel.max_dynamic_shared_size_bytes = smem
-        except cupy.cuda.driver.CUDADriverError as exc:
-            raise RuntimeError(
-                f"{name} needs {smem} bytes of shared memory per block, more than device "
-                f"{cupy.cuda.Device().id} ({device_arch()}) allows: {exc}"
-            ) from exc
-        _SMEM_SET.add(key)
+    _allow_smem(kernel, name, smem, device, arch)
+    _LAUNCHES[key] = kernel, cfg, smem
     return kernel, cfg, smem
 
 
@@ -537,6 +551,11 @@ def get_bwd_kernels(head_dim: int, dtype: str):
     """
     import cupy
 
+    device = cupy.cuda.Device().id
+    key = ("bwd", device, head_dim, dtype)
+    hit = _LAUNCHES.get(key)
+    if hit is not None:
+        return hit
     arch = device_arch()
     modes = bwd_modes(head_dim, arch)
     names = tuple(bwd_name(head_dim, dtype, mode) for mode in modes)
@@ -545,18 +564,10 @@ def get_bwd_kernels(head_dim: int, dtype: str):
     kernels = []
     for name, mode in zip(names, modes, strict=True):
         kernel = module.get_function(name)
-        key = (arch, cupy.cuda.Device().id, name)
-        if key not in _SMEM_SET:
-            try:
-                kernel.max_dynamic_shared_size_bytes = smem
-            except cupy.cuda.driver.CUDADriverError as exc:
-                raise RuntimeError(
-                    f"{name} needs {smem} bytes of shared memory per block, more than device "
-                    f"{cupy.cuda.Device().id} ({arch}) allows: {exc}"
-                ) from exc
-            _SMEM_SET.add(key)
+        _allow_smem(kernel, name, smem, device, arch)
         kernels.append((kernel, mode))
-    return kernels, bwd_configs(arch)[head_dim], smem
+    _LAUNCHES[key] = kernels, bwd_configs(arch)[head_dim], smem
+    return _LAUNCHES[key]
 
 
 def get_bwd_delta_kernel(dtype: str):
