@@ -142,9 +142,11 @@ def _sdpa(q, k, v):
     return out.transpose(1, 2)
 
 
-def _step(model, x):
+def _step(model, x, run=None):
+    """Loss and parameter gradients of one step; ``run``: the callable to apply (default the
+    model itself; a compiled wrapper of it)."""
     model.zero_grad()
-    loss = model(x).square().mean()
+    loss = (model if run is None else run)(x).square().mean()
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
@@ -168,18 +170,11 @@ def test_compiled_training_step_matches_eager_and_sdpa():
     torch._dynamo.reset()
     model = _Block(_ours)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # a break would raise
-    got = _step_compiled(model, compiled, x)
+    got = _step(model, x, run=compiled)
     for want in (eager, sdpa):
         assert _close(got[0], want[0])
         for g, w in zip(got[1], want[1], strict=True):
             assert _close(g, w)
-
-
-def _step_compiled(model, compiled, x):
-    model.zero_grad()
-    loss = compiled(x).square().mean()
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
 def test_packed_documents_through_the_ops():
