@@ -15,6 +15,7 @@ for integers, NumPy floats for reals. ``bool`` is never taken for a number.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Sequence
@@ -582,10 +583,14 @@ def ring_call_fields(
         "world_size": str(int(ring.size)),
         "global_seqlen": str(q.shape[1] * int(ring.size) if cu_seqlens is None else cu_seqlens[-1]),
         # the documents, as a digest: long boundary lists stay out of error messages
-        "cu_seqlens": "none"
-        if cu_seqlens is None
-        else hashlib.sha1(np.asarray(cu_seqlens, dtype=np.int64).tobytes()).hexdigest()[:16],
+        "cu_seqlens": "none" if cu_seqlens is None else _boundaries_digest(cu_seqlens),
     }
+
+
+@functools.lru_cache(maxsize=32)
+def _boundaries_digest(cu_seqlens: tuple) -> str:
+    # cached: a training loop passes the same boundaries call after call, and they may be long
+    return hashlib.sha1(np.asarray(cu_seqlens, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def check_backward(dout: Any, out: Any, lse: Any, q: Any) -> None:
