@@ -1,0 +1,145 @@
+"""JAX: :func:`attention` and :func:`ring_attention` inside ``jax.jit``, differentiable with
+``jax.grad``.
+
+Each op is a ``jax.custom_vjp`` whose forward and backward run cuparing through
+``jax.experimental.buffer_callback``: the callback receives XLA's own buffers (inputs, and the
+outputs to fill) and, on GPUs, XLA's CUDA stream. cuparing reads the inputs as NumPy (CPU) or
+CuPy (GPU) views of those buffers and writes its results straight into the output buffers
+(``out=``, ``lse=``, ``dq=`` ...): no copy, no host round trip, no synchronisation. Options are
+static (part of the traced function), so a jitted step retraces only when they change.
+
+The ring (:func:`ring_attention`) is static too: call it with each process's own ring, on its
+shard, e.g. inside ``shard_map`` over the sequence axis with one process per GPU. JAX
+preallocates most of GPU memory and cuparing's CuPy work needs some of its own: set
+``XLA_PYTHON_CLIENT_MEM_FRACTION`` (or ``XLA_PYTHON_CLIENT_PREALLOCATE=false``).
+
+Bad arguments raise inside the callback on the first call (JAX reports them as a
+``JaxRuntimeError`` that carries cuparing's message).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.experimental.buffer_callback import buffer_callback
+
+from . import api
+from .validation import lse_dtype
+
+
+class _Options(NamedTuple):
+    """Static options of one op (hashable: part of the jitted function's identity)."""
+
+    causal: bool
+    scale: float | None
+    window: tuple | None
+    cu_seqlens: tuple | None
+    ring: Any  # None: one device
+    layout: str
+
+
+def attention(q, k, v, causal: bool = False, scale: float | None = None, window=None,
+              cu_seqlens=None):  # fmt: skip
+    """:func:`cuparing.attention` on JAX arrays: ``out`` [B, Sq, H, D], differentiable.
+
+    ``cu_seqlens`` (packed documents) is static here: a list, tuple or host array of boundaries.
+    """
+    return _op(q, k, v, _options(causal, scale, window, cu_seqlens, None, "contiguous"))
+
+
+def ring_attention(q, k, v, ring, causal: bool = False, scale: float | None = None, window=None,
+                   layout: str = "contiguous", cu_seqlens=None):  # fmt: skip
+    """:func:`cuparing.ring_attention` on this process's shard (JAX arrays): ``out``,
+    differentiable; ``ring`` is this process's :class:`cuparing.Ring`."""
+    return _op(q, k, v, _options(causal, scale, window, cu_seqlens, ring, layout))
+
+
+def _options(causal, scale, window, cu_seqlens, ring, layout) -> _Options:
+    window = None if window is None else tuple(window)
+    if cu_seqlens is not None:
+        cu_seqlens = tuple(int(x) for x in np.asarray(cu_seqlens).reshape(-1))
+    return _Options(causal, scale, window, cu_seqlens, ring, layout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _op(q, k, v, options: _Options):
+    return _forward(q, k, v, options)[0]
+
+
+def _op_forward(q, k, v, options: _Options):
+    out, lse = _forward(q, k, v, options)
+    return out, (q, k, v, out, lse)
+
+
+def _op_backward(options: _Options, saved, dout):
+    q, k, v, out, lse = saved
+    return _backward(dout, q, k, v, out, lse, options)
+
+
+_op.defvjp(_op_forward, _op_backward)
+
+
+def _forward(q, k, v, options: _Options):
+    b, s, h, _ = q.shape
+    shapes = (
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct((b, h, s), lse_dtype(q)),
+    )
+    on_gpu = jax.default_backend() == "gpu"
+
+    def run(ctx, results, q, k, v):
+        out, lse = results
+        with _views(ctx, on_gpu, q, k, v, out, lse) as (q, k, v, out, lse):
+            mask = {"causal": options.causal, "scale": options.scale, "window": options.window,
+                    "cu_seqlens": options.cu_seqlens}  # fmt: skip
+            if options.ring is None:
+                api.attention(q, k, v, out=out, lse=lse, **mask)
+            else:
+                api.ring_attention(q, k, v, options.ring, layout=options.layout, out=out,
+                                   lse=lse, **mask)  # fmt: skip
+
+    return buffer_callback(run, shapes)(q, k, v)
+
+
+def _backward(dout, q, k, v, out, lse, options: _Options):
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+    on_gpu = jax.default_backend() == "gpu"
+
+    def run(ctx, results, dout, q, k, v, out, lse):
+        views = _views(ctx, on_gpu, dout, q, k, v, out, lse, *results)
+        with views as (dout, q, k, v, out, lse, dq, dk, dv):
+            mask = {"causal": options.causal, "scale": options.scale, "window": options.window,
+                    "cu_seqlens": options.cu_seqlens, "dq": dq, "dk": dk, "dv": dv}  # fmt: skip
+            if options.ring is None:
+                api.attention_backward(dout, q, k, v, out, lse, **mask)
+            else:
+                api.ring_attention_backward(dout, q, k, v, out, lse, options.ring,
+                                            layout=options.layout, **mask)  # fmt: skip
+
+    return buffer_callback(run, shapes)(dout, q, k, v, out, lse)
+
+
+class _views:
+    """Context manager: NumPy views of XLA's CPU buffers, or CuPy views of its GPU buffers with
+    XLA's stream as CuPy's current stream (so cuparing's kernels run in XLA's order)."""
+
+    def __init__(self, ctx, on_gpu: bool, *buffers):
+        self._ctx, self._on_gpu, self._buffers = ctx, on_gpu, buffers
+        self._stream = None
+
+    def __enter__(self):
+        if not self._on_gpu:
+            return [np.asarray(x) for x in self._buffers]
+        import cupy
+
+        self._stream = cupy.cuda.ExternalStream(self._ctx.stream)
+        self._stream.__enter__()
+        return [cupy.asarray(x) for x in self._buffers]
+
+    def __exit__(self, *exc):
+        if self._stream is not None:
+            self._stream.__exit__(*exc)
+        return False
