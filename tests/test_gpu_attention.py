@@ -288,12 +288,19 @@ def test_forward_is_deterministic(causal):
 @requires_gpu(1)
 @pytest.mark.usefixtures("kernel_family")
 def test_kernel_resources_on_device():
+    """Every forward instantiation the family runs (both sm90 producers) loads on this device
+    without local memory, within the registers and the opt-in shared memory it has."""
+    import cupy
+
     from cuparing.kernels import loader
 
+    limit = cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
     for d in loader.HEAD_DIMS:
-        kernel, cfg, smem = loader.get_fwd_kernel(d, "bfloat16")
-        assert kernel.num_regs <= 255 and kernel.local_size_bytes == 0, (d, kernel.num_regs)
-        assert kernel.max_dynamic_shared_size_bytes >= smem
+        for tma in (False, True):
+            kernel, cfg, smem = loader.get_fwd_kernel(d, "bfloat16", tma=tma)
+            where = (d, tma, kernel.num_regs, smem)
+            assert kernel.num_regs <= 255 and kernel.local_size_bytes == 0, where
+            assert smem <= limit, where
 
 
 # ---- backward kernel (cuparing_bwd): several ring blocks accumulate into the float32 dq/dk/dv
