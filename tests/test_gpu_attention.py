@@ -294,7 +294,9 @@ def test_kernel_resources_on_device():
 
     from cuparing.kernels import loader
 
-    limit = cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
+    runtime = cupy.cuda.runtime
+    optin = getattr(runtime, "cudaDevAttrMaxSharedMemoryPerBlockOptin", 97)  # CUDA's enum value
+    limit = runtime.deviceGetAttribute(optin, cupy.cuda.Device().id)
     for d in loader.HEAD_DIMS:
         for tma in (False, True):
             kernel, cfg, smem = loader.get_fwd_kernel(d, "bfloat16", tma=tma)
