@@ -378,25 +378,38 @@ def _cupy_view_of_torch(x: Any) -> Any:
     host cost (torch's ``__dlpack__`` queries streams and devices per tensor); the caller's
     stream is already CuPy's current stream (:meth:`Origin.stream`), so no stream handshake is
     needed either."""
+    return cupy_view(x.data_ptr(), x.shape, x.stride(), x.dtype, x, x.device.index)
+
+
+def cupy_view(ptr: int, shape, strides, dtype: Any, owner: Any, device: int) -> Any:
+    """A CuPy array over device memory that another framework owns.
+
+    Args:
+        ptr: device address of element [0, ...]; shape: the extents; strides: in elements.
+        dtype: any dtype :func:`dtype_name` names (bfloat16 comes back as ``ml_dtypes``'s).
+        owner: kept alive as long as the view (the tensor or buffer that owns the memory).
+        device: the CUDA device the memory is on.
+    """
     import cupy
 
-    itemsize = x.element_size()
-    extent = sum((n - 1) * s for n, s in zip(x.shape, x.stride(), strict=True)) + 1
-    nbytes = extent * itemsize if x.numel() else 0
-    memory = cupy.cuda.UnownedMemory(x.data_ptr(), nbytes, x, x.device.index)
+    dtype = _numpy_dtype(dtype_name(dtype))
+    itemsize = dtype.itemsize
+    shape, strides = tuple(int(n) for n in shape), tuple(int(st) for st in strides)
+    extent = sum((n - 1) * st for n, st in zip(shape, strides, strict=True)) + 1
+    nbytes = extent * itemsize if math.prod(shape) else 0
+    memory = cupy.cuda.UnownedMemory(ptr, nbytes, owner, device)
     bits = {1: cupy.uint8, 2: cupy.uint16, 4: cupy.uint32, 8: cupy.uint64}[itemsize]
     view = cupy.ndarray(
-        tuple(x.shape),
+        shape,
         dtype=bits,
         memptr=cupy.cuda.MemoryPointer(memory, 0),
-        strides=tuple(s * itemsize for s in x.stride()),
+        strides=tuple(st * itemsize for st in strides),
     )
-    return view.view(_numpy_dtype_of_torch(x.dtype))
+    return view.view(dtype)
 
 
-def _numpy_dtype_of_torch(dtype: Any) -> np.dtype:
-    """The NumPy (``ml_dtypes`` for bfloat16) dtype of a torch floating dtype."""
-    name = dtype_name(dtype)
+def _numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a dtype name (``ml_dtypes``'s for bfloat16)."""
     if name == "bfloat16":
         import ml_dtypes
 

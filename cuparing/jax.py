@@ -27,6 +27,7 @@ import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
 from . import api
+from .interop import cupy_view
 from .validation import lse_dtype
 
 
@@ -137,9 +138,25 @@ class _views:
 
         self._stream = cupy.cuda.ExternalStream(self._ctx.stream)
         self._stream.__enter__()
-        return [cupy.asarray(x) for x in self._buffers]
+        return [_cupy_view_of_buffer(x) for x in self._buffers]
 
     def __exit__(self, *exc):
         if self._stream is not None:
             self._stream.__exit__(*exc)
         return False
+
+
+def _cupy_view_of_buffer(buffer):
+    """A CuPy array over an XLA GPU buffer (its ``__cuda_array_interface__``), in the buffer's
+    dtype (bfloat16 included, which the interface itself cannot name)."""
+    import cupy
+
+    interface = buffer.__cuda_array_interface__
+    shape = tuple(interface["shape"])
+    strides = interface.get("strides")
+    if strides is None:  # C-contiguous
+        strides = [int(np.prod(shape[i + 1 :])) for i in range(len(shape))]
+    else:
+        strides = [st // np.dtype(buffer.dtype).itemsize for st in strides]
+    return cupy_view(interface["data"][0], shape, strides, buffer.dtype, buffer,
+                     cupy.cuda.Device().id)  # fmt: skip
