@@ -103,3 +103,19 @@ def test_shard_inputs_pads_documents_with_ignored_labels():
         real = rows[rows >= 0]
         want = np.where(real + 1 < 13, real + 1, hf.IGNORE_INDEX)  # the next token's id
         assert np.array_equal(labels[rows >= 0], want)
+
+
+def test_sliding_window_layers_match_sdpa():
+    config = transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        sliding_window=5,
+    )  # fmt: skip
+    torch.manual_seed(4)
+    model = transformers.MistralForCausalLM(config).double()
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(0, VOCAB, (1, 17), generator=torch.Generator().manual_seed(5))
+    want = model(input_ids=ids).logits.detach()
+    model.set_attn_implementation(hf.register())
+    got = model(input_ids=ids).logits.detach()
+    assert _close(got, want)
