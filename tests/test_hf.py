@@ -126,7 +126,8 @@ def test_packed_documents_match_each_document_alone():
     lengths = [5, 1, 8]
     cu = torch.tensor([0, 5, 6, 14], dtype=torch.int32)
     ids = torch.randint(0, VOCAB, (1, 14), generator=torch.Generator().manual_seed(7))
-    alone = [model(input_ids=ids[:, a:b]).logits.detach() for a, b in zip(cu[:-1], cu[1:])]
+    pieces = zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)
+    alone = [model(input_ids=ids[:, a:b]).logits.detach() for a, b in pieces]
     model.set_attn_implementation(hf.register())
     positions = torch.cat([torch.arange(n) for n in lengths]).reshape(1, -1)  # restart per doc
     packed = model(input_ids=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
