@@ -35,3 +35,10 @@ def test_packed_documents_example_runs():
     result = run("packed_documents.py", "--ranks", "3")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "max |ring - per-document dense float64|" in result.stdout
+
+
+def test_jax_training_step_matches_the_dense_step():
+    pytest.importorskip("jax")
+    result = run("jax_training_step.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ring step matches the dense step: True" in result.stdout
