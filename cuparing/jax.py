@@ -19,6 +19,7 @@ Bad arguments raise inside the callback on the first call (JAX reports them as a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, NamedTuple
 
@@ -89,11 +90,9 @@ def _forward(q, k, v, options: _Options):
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         jax.ShapeDtypeStruct((b, h, s), lse_dtype(q)),
     )
-    on_gpu = jax.default_backend() == "gpu"
-
     def run(ctx, results, q, k, v):
         out, lse = results
-        with _views(ctx, on_gpu, q, k, v, out, lse) as (q, k, v, out, lse):
+        with _BufferViews(ctx, q, k, v, out, lse) as (q, k, v, out, lse):
             mask = {"causal": options.causal, "scale": options.scale, "window": options.window,
                     "cu_seqlens": options.cu_seqlens}  # fmt: skip
             if options.ring is None:
@@ -107,10 +106,8 @@ def _forward(q, k, v, options: _Options):
 
 def _backward(dout, q, k, v, out, lse, options: _Options):
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-    on_gpu = jax.default_backend() == "gpu"
-
     def run(ctx, results, dout, q, k, v, out, lse):
-        views = _views(ctx, on_gpu, dout, q, k, v, out, lse, *results)
+        views = _BufferViews(ctx, dout, q, k, v, out, lse, *results)
         with views as (dout, q, k, v, out, lse, dq, dk, dv):
             mask = {"causal": options.causal, "scale": options.scale, "window": options.window,
                     "cu_seqlens": options.cu_seqlens, "dq": dq, "dk": dk, "dv": dv}  # fmt: skip
@@ -123,34 +120,34 @@ def _backward(dout, q, k, v, out, lse, options: _Options):
     return buffer_callback(run, shapes)(dout, q, k, v, out, lse)
 
 
-class _views:
+class _BufferViews:
     """Context manager: NumPy views of XLA's CPU buffers, or CuPy views of its GPU buffers with
-    XLA's stream as CuPy's current stream (so cuparing's kernels run in XLA's order)."""
+    their device current and XLA's stream as CuPy's current stream (so cuparing's kernels run in
+    XLA's order). Where the buffers live comes from the buffers themselves (DLPack device)."""
 
-    def __init__(self, ctx, on_gpu: bool, *buffers):
-        self._ctx, self._on_gpu, self._buffers = ctx, on_gpu, buffers
-        self._stream = None
+    _CPU = 1  # DLPack's kDLCPU
+
+    def __init__(self, ctx, *buffers):
+        self._ctx, self._buffers = ctx, buffers
+        self._contexts = contextlib.ExitStack()
 
     def __enter__(self):
-        if not self._on_gpu:
+        kind, index = self._buffers[0].__dlpack_device__()
+        if kind == self._CPU:
             return [np.asarray(x) for x in self._buffers]
         import cupy
 
-        self._stream = cupy.cuda.ExternalStream(self._ctx.stream)
-        self._stream.__enter__()
-        return [_cupy_view_of_buffer(x) for x in self._buffers]
+        self._contexts.enter_context(cupy.cuda.Device(index))
+        self._contexts.enter_context(cupy.cuda.ExternalStream(self._ctx.stream, index))
+        return [_cupy_view_of_buffer(x, index) for x in self._buffers]
 
     def __exit__(self, *exc):
-        if self._stream is not None:
-            self._stream.__exit__(*exc)
-        return False
+        return self._contexts.__exit__(*exc)
 
 
-def _cupy_view_of_buffer(buffer):
+def _cupy_view_of_buffer(buffer, device: int):
     """A CuPy array over an XLA GPU buffer (its ``__cuda_array_interface__``), in the buffer's
     dtype (bfloat16 included, which the interface itself cannot name)."""
-    import cupy
-
     interface = buffer.__cuda_array_interface__
     shape = tuple(interface["shape"])
     strides = interface.get("strides")
@@ -158,5 +155,4 @@ def _cupy_view_of_buffer(buffer):
         strides = [int(np.prod(shape[i + 1 :])) for i in range(len(shape))]
     else:
         strides = [st // np.dtype(buffer.dtype).itemsize for st in strides]
-    return cupy_view(interface["data"][0], shape, strides, buffer.dtype, buffer,
-                     cupy.cuda.Device().id)  # fmt: skip
+    return cupy_view(interface["data"][0], shape, strides, buffer.dtype, buffer, device)
