@@ -13,8 +13,8 @@ shard, e.g. inside ``shard_map`` over the sequence axis with one process per GPU
 preallocates most of GPU memory and cuparing's CuPy work needs some of its own: set
 ``XLA_PYTHON_CLIENT_MEM_FRACTION`` (or ``XLA_PYTHON_CLIENT_PREALLOCATE=false``).
 
-Bad arguments raise inside the callback on the first call (JAX reports them as a
-``JaxRuntimeError`` that carries cuparing's message).
+Arguments are checked at trace time with cuparing's own checks (the same errors as the eager
+functions); what only the data can tell (e.g. an ``out`` layout) is checked again in the callback.
 """
 
 from __future__ import annotations
@@ -28,8 +28,17 @@ import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
 from . import api
-from .interop import cupy_view
-from .validation import lse_dtype
+from .interop import cupy_view, dtype_name
+from .validation import (
+    FLOAT_DTYPES,
+    check_cu_seqlens,
+    check_layout,
+    check_mask,
+    check_qkv,
+    check_ring,
+    check_scale,
+    lse_dtype,
+)
 
 
 class _Options(NamedTuple):
@@ -49,20 +58,34 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, window=
 
     ``cu_seqlens`` (packed documents) is static here: a list, tuple or host array of boundaries.
     """
-    return _op(q, k, v, _options(causal, scale, window, cu_seqlens, None, "contiguous"))
+    return _op(q, k, v, _options(q, k, v, causal, scale, window, cu_seqlens, None, "contiguous"))
 
 
 def ring_attention(q, k, v, ring, causal: bool = False, scale: float | None = None, window=None,
                    layout: str = "contiguous", cu_seqlens=None):  # fmt: skip
     """:func:`cuparing.ring_attention` on this process's shard (JAX arrays): ``out``,
     differentiable; ``ring`` is this process's :class:`cuparing.Ring`."""
-    return _op(q, k, v, _options(causal, scale, window, cu_seqlens, ring, layout))
+    return _op(q, k, v, _options(q, k, v, causal, scale, window, cu_seqlens, ring, layout))
 
 
-def _options(causal, scale, window, cu_seqlens, ring, layout) -> _Options:
+def _options(q, k, v, causal, scale, window, cu_seqlens, ring, layout) -> _Options:
+    """The static options, checked at trace time with cuparing's own checks (shapes, dtype,
+    mask, scale, documents, ring, layout): a bad call fails before XLA compiles anything."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if len(x.shape) != 4 or dtype_name(x) not in FLOAT_DTYPES:
+            raise ValueError(
+                f"{name} must be a 4-D [B, S, H, D] array of a dtype in {FLOAT_DTYPES}, got "
+                f"shape {tuple(x.shape)} and dtype {dtype_name(x)}"
+            )
+    check_qkv(q, k, v, same_length=ring is not None)
+    check_mask(causal, window)
+    check_scale(scale, q.shape[-1])
+    if ring is not None:
+        check_ring(ring)
+        check_layout(layout)
+    if cu_seqlens is not None:  # one device: the boundaries span the whole (local) sequence
+        cu_seqlens = check_cu_seqlens(cu_seqlens, q.shape[1] if ring is None else None)
     window = None if window is None else tuple(window)
-    if cu_seqlens is not None:
-        cu_seqlens = tuple(int(x) for x in np.asarray(cu_seqlens).reshape(-1))
     return _Options(causal, scale, window, cu_seqlens, ring, layout)
 
 

@@ -87,3 +87,15 @@ def test_a_jitted_step_traces_once():
     first = np.asarray(step(q, k, v))
     second = np.asarray(step(q + 1, k, v))
     assert len(traces) == 1 and not np.array_equal(first, second)
+
+
+def test_bad_calls_fail_at_trace_time_with_cuparing_messages():
+    q = np.zeros((1, 8, 4, 8), np.float32)
+    k = v = np.zeros((1, 8, 3, 8), np.float32)  # 4 query heads over 3 kv heads
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        jax.jit(crj.attention).lower(q, k, v)
+    k = v = np.zeros((1, 8, 2, 8), np.float32)
+    with pytest.raises(ValueError, match="hides every key"):
+        jax.jit(lambda q, k, v: crj.attention(q, k, v, causal=True, window=(-1, 0))).lower(q, k, v)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        crj.attention(q, k, v, cu_seqlens=[0, 3, 7])  # ends before S = 8
