@@ -54,17 +54,41 @@ class _Options(NamedTuple):
 
 def attention(q, k, v, causal: bool = False, scale: float | None = None, window=None,
               cu_seqlens=None):  # fmt: skip
-    """:func:`cuparing.attention` on JAX arrays: ``out`` [B, Sq, H, D], differentiable.
+    """:func:`cuparing.attention` on JAX arrays, usable inside ``jax.jit`` and ``jax.grad``.
 
-    ``cu_seqlens`` (packed documents) is static here: a list, tuple or host array of boundaries.
+    Args:
+        q: [B, Sq, H, D]; k, v: [B, Sk, Hkv, D] (H a multiple of Hkv); float16, bfloat16,
+            float32 (float64 on the CPU), one dtype.
+        causal, scale, window: as :func:`cuparing.attention` (static).
+        cu_seqlens: packed documents, static: a list, tuple or host array ``[0, ..., Sq]``.
+
+    Returns:
+        out [B, Sq, H, D] in q's dtype; gradients flow to q, k and v.
+
+    Raises:
+        ValueError, TypeError: at trace time, as :func:`cuparing.attention` would.
     """
     return _op(q, k, v, _options(q, k, v, causal, scale, window, cu_seqlens, None, "contiguous"))
 
 
 def ring_attention(q, k, v, ring, causal: bool = False, scale: float | None = None, window=None,
                    layout: str = "contiguous", cu_seqlens=None):  # fmt: skip
-    """:func:`cuparing.ring_attention` on this process's shard (JAX arrays): ``out``,
-    differentiable; ``ring`` is this process's :class:`cuparing.Ring`."""
+    """:func:`cuparing.ring_attention` on this process's shard (JAX arrays), usable inside
+    ``jax.jit`` and ``jax.grad``.
+
+    Args:
+        q, k, v: this rank's ``layout`` shards, [B, S/C, H, D] and [B, S/C, Hkv, D].
+        ring: this process's :class:`cuparing.Ring` (static; every rank calls with its own).
+        causal, scale, window, layout: as :func:`cuparing.ring_attention` (static).
+        cu_seqlens: the global document boundaries, static (see :func:`cuparing.shard`).
+
+    Returns:
+        out, this rank's shard [B, S/C, H, D]; gradients flow to the local q, k and v (dK and dV
+        summed over every rank's queries, as :func:`cuparing.ring_attention_backward` gives).
+
+    Raises:
+        ValueError, TypeError: at trace time, for arguments the eager function would refuse.
+    """
     return _op(q, k, v, _options(q, k, v, causal, scale, window, cu_seqlens, ring, layout))
 
 
