@@ -1,13 +1,15 @@
 """cuparing.jax: attention and ring_attention inside jax.jit, differentiated by jax.grad, against
-the dense float64 reference (tests/numerics.py) on the CPU; the ring on simulated ranks."""
+the dense float64 reference (tests/numerics.py): on the CPU (inputs placed there, whatever JAX's
+default device), the ring on simulated ranks; and on a GPU through XLA's buffers and stream."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import requires_gpu
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from numerics import check_backward, check_forward
+from numerics import check_backward, check_forward, check_kernel_forward
 from strategies import np_dtype
 
 import cuparing as cr
@@ -16,8 +18,10 @@ jax = pytest.importorskip("jax")
 crj = pytest.importorskip("cuparing.jax")
 
 
-def _loss_and_grads(fn, q, k, v, dout):
-    """out and (dq, dk, dv) of sum(fn(q, k, v) * dout), through jit(value_and_grad)."""
+def _loss_and_grads(fn, q, k, v, dout, platform="cpu"):
+    """out and (dq, dk, dv) of sum(fn(q, k, v) * dout), through jit(value_and_grad), with the
+    inputs on the first ``platform`` device."""
+    q, k, v, dout = jax.device_put((q, k, v, dout), jax.devices(platform)[0])
 
     def loss(q, k, v):
         out = fn(q, k, v)
@@ -77,6 +81,7 @@ def test_ring_inside_jit_on_simulated_ranks(world, layout):
 def test_a_jitted_step_traces_once():
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((1, 16, 2, 8)).astype(np.float32) for _ in range(3))
+    q, k, v = jax.device_put((q, k, v), jax.devices("cpu")[0])
     traces = []
 
     @jax.jit
@@ -99,3 +104,35 @@ def test_bad_calls_fail_at_trace_time_with_cuparing_messages():
         jax.jit(lambda q, k, v: crj.attention(q, k, v, causal=True, window=(-1, 0))).lower(q, k, v)
     with pytest.raises(ValueError, match="cu_seqlens"):
         crj.attention(q, k, v, cu_seqlens=[0, 3, 7])  # ends before S = 8
+
+
+def _gpu_platform():
+    try:
+        return jax.devices("gpu")[0].platform
+    except RuntimeError:  # JAX without a GPU plugin
+        return None
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("mask", ["causal", "window", "documents"])
+def test_jitted_gradient_on_gpu(mask):
+    """On a GPU the callbacks view XLA's own buffers and run the kernels on XLA's stream: the
+    output and gradients of jit(value_and_grad) in bfloat16 against the float64 reference, on
+    fresh random data (the results land in buffers XLA allocated, so nothing stale can pass)."""
+    platform = _gpu_platform()
+    if platform is None:
+        pytest.skip("JAX has no GPU backend here")
+    rng = np.random.default_rng()
+    seqlen = int(rng.integers(200, 600))
+    bf16 = np_dtype("bfloat16")
+    q, dout = (rng.standard_normal((2, seqlen, 4, 64)).astype(bf16) for _ in range(2))
+    k, v = (rng.standard_normal((2, seqlen, 2, 64)).astype(bf16) for _ in range(2))
+    cut = sorted(int(x) for x in rng.integers(0, seqlen, 3))
+    opts = {"causal": {"causal": True}, "window": {"window": (100, 20)},
+            "documents": {"causal": True, "cu_seqlens": [0, *cut, seqlen]}}[mask]  # fmt: skip
+    out, grads = _loss_and_grads(
+        lambda q, k, v: crj.attention(q, k, v, **opts), q, k, v, dout, platform=platform
+    )
+    assert str(out.dtype) == "bfloat16" and all(str(g.dtype) == "bfloat16" for g in grads)
+    check_kernel_forward(out, None, q, k, v, **opts)
+    check_backward(grads, dout, q, k, v, **opts)
