@@ -264,10 +264,7 @@ class Origin:
             import torch
 
             current = torch.cuda.current_stream(self.device_index)
-            if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14: the stream protocol
-                external = cupy.cuda.Stream.from_external(current)
-            else:
-                external = cupy.cuda.ExternalStream(current.cuda_stream, self.device_index)
+            external = external_cupy_stream(current.cuda_stream, self.device_index)
             return _stacked(cupy.cuda.Device(self.device_index), external)
         if self.gpu:
             import cupy
@@ -307,6 +304,28 @@ class Origin:
 
             return jax.dlpack.from_dlpack(x)
         return jnp.asarray(x)
+
+
+class _StreamHandle:
+    """A raw CUDA stream handle offered through the CUDA stream protocol."""
+
+    def __init__(self, handle: int):
+        self._handle = int(handle)
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self._handle)
+
+
+def external_cupy_stream(handle: int, device_index: int):
+    """A CuPy stream object over a stream someone else owns (torch's current stream, XLA's
+    stream), by its raw ``cudaStream_t`` handle on device ``device_index``; usable as a context
+    manager that makes it CuPy's current stream. CuPy >= 14 imports it through the CUDA stream
+    protocol (``Stream.from_external``); older CuPy through ``ExternalStream``."""
+    import cupy
+
+    if hasattr(cupy.cuda.Stream, "from_external"):
+        return cupy.cuda.Stream.from_external(_StreamHandle(handle))
+    return cupy.cuda.ExternalStream(int(handle), device_index)
 
 
 def cupy_stream_as_torch():

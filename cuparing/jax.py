@@ -28,7 +28,7 @@ import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
 from . import api
-from .interop import cupy_view, dtype_name
+from .interop import cupy_view, dtype_name, external_cupy_stream
 from .validation import (
     FLOAT_DTYPES,
     check_cu_seqlens,
@@ -185,7 +185,7 @@ class _BufferViews:
         import cupy
 
         self._contexts.enter_context(cupy.cuda.Device(index))
-        self._contexts.enter_context(cupy.cuda.ExternalStream(self._ctx.stream, index))
+        self._contexts.enter_context(external_cupy_stream(self._ctx.stream, index))
         return [_cupy_view_of_buffer(x, index) for x in self._buffers]
 
     def __exit__(self, *exc):

@@ -30,6 +30,7 @@ Everything runs on CuPy's current stream; ``cuparing.api`` makes the caller's st
 from __future__ import annotations
 
 import math
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -39,11 +40,22 @@ import numpy as np
 from ..interop import dtype_name, element_strides
 from ..kernels import loader, tensor_maps
 from ..masks import UNBOUNDED, BlockKind, MaskSpec
-from . import array_ops
+from . import array_ops, launch_plans
 from .array_backend import ArrayBackend
 
 _KERNEL_DTYPES = ("float16", "bfloat16")
 _LOG2E = 1.4426950408889634
+
+# Launches by signature (launch_plans): per call only these pointers change, in this order
+_PLANS = launch_plans.PlanCache()
+_FWD_POINTERS = ("out", "lse", "q", "k", "v", "q_pos", "k_pos")
+_FWD_QKV = slice(2, 5)
+_BWD_POINTERS = ("dout", "lse", "delta", "dq", "dk", "dv", "q", "k", "v", "q_pos", "k_pos")
+
+
+def _kernel_env() -> tuple:
+    """The environment switches that change a launch (kernel family, TMA)."""
+    return os.environ.get("CUPARING_KERNELS"), os.environ.get("CUPARING_TMA")
 
 
 # Device copies of position arrays, keyed by (device, length, hash of the values). A host-to-device
@@ -224,26 +236,50 @@ class CupyBackend:
     def _block_fields(self, q, k, q_pos, k_pos, kind, mask: MaskSpec, scale) -> dict:
         """The params fields forward and backward share: operands' pointers, shapes, positions,
         mask bounds and the exp2 scale."""
-        q_pos = q_pos if isinstance(q_pos, DevicePositions) else self.positions(q_pos)
-        k_pos = k_pos if isinstance(k_pos, DevicePositions) else self.positions(k_pos)
         batch, seqlen_q, nheads, headdim = q.shape
         return {
-            "q_pos": q_pos.device.data.ptr, "k_pos": k_pos.device.data.ptr,
+            "q_pos": q_pos.data.ptr, "k_pos": k_pos.data.ptr,
             "batch": batch, "seqlen_q": seqlen_q, "seqlen_k": k.shape[1], "nheads": nheads,
             "nheads_kv": k.shape[2], "headdim": headdim,
             "lo": -mask.left_bound, "hi": mask.right_bound,
             "block_full": int(kind == BlockKind.FULL), "scale_log2": np.float32(scale * _LOG2E),
         }  # fmt: skip
 
+    def _device_positions(self, positions):
+        """The int32 device copy of a block's positions (DevicePositions or NumPy)."""
+        if not isinstance(positions, DevicePositions):
+            positions = self.positions(positions)
+        return positions.device
+
     def _launch_forward(self, out, lse, q, k, v, q_pos, k_pos, kind, mask: MaskSpec, scale, mode):
         cp = self.xp
+        q, k, v = (_kernel_operand(cp, x) for x in (q, k, v))
+        q_pos, k_pos = self._device_positions(q_pos), self._device_positions(k_pos)
+        # everything the launch depends on but the pointers (out's strides only when the kernel
+        # writes it in place; accumulators are contiguous float32 of q's shape)
+        key = (
+            "fwd", cp.cuda.runtime.getDevice(), q.shape, q.strides, q.dtype, k.shape, k.strides,
+            v.strides, out.strides if mode == loader.OUT_DIRECT else None, kind, mask, scale,
+            mode, _kernel_env(),
+        )  # fmt: skip
+        plan = _PLANS.get(key)
+        if plan is None:
+            plan = self._forward_plan(out, lse, q, k, v, q_pos, k_pos, kind, mask, scale, mode)
+            _PLANS.put(key, plan)
+        plan.launch(out.data.ptr, lse.data.ptr, q.data.ptr, k.data.ptr, v.data.ptr,
+                    q_pos.data.ptr, k_pos.data.ptr)  # fmt: skip
+
+    def _forward_plan(self, out, lse, q, k, v, q_pos, k_pos, kind, mask, scale, mode):
+        """The forward launch for this signature (operands already kernel-ready)."""
         batch, seqlen_q, nheads, headdim = q.shape
         dtype = dtype_name(q.dtype)
         padded = loader.padded_head_dim(headdim)
-        q, k, v = (_kernel_operand(cp, x) for x in (q, k, v))
         sm90 = loader.forward_family(padded, loader.device_arch()) == "sm90"
         # the sm90 kernel copies with TMA when all three operands have tensor maps
-        maps = _tensor_maps(q, k, v, dtype, loader.SM90_FWD_CONFIGS[padded]) if sm90 else None
+        maps = None
+        if sm90:
+            maps = _TensorMaps(q, k, v, dtype, loader.SM90_FWD_CONFIGS[padded])
+            maps = maps if maps.available else None
         kernel, cfg, smem = loader.get_fwd_kernel(padded, dtype, tma=maps is not None)
         out_strides = _element_strides(out) if mode == loader.OUT_DIRECT else (0, 0, 0)
         params = loader.pack_params(
@@ -252,11 +288,17 @@ class CupyBackend:
             **self._block_fields(q, k, q_pos, k_pos, kind, mask, scale), out_mode=mode,
         )  # fmt: skip
         grid = (nheads, batch, math.ceil(seqlen_q / cfg.block_m))
+        extra = None
         if sm90:  # the sm90 kernel takes the maps too (zeros for its cp.async producer)
-            args = (params, maps if maps is not None else tensor_maps.pack_maps())
-        else:
-            args = (params,)
-        kernel(grid, (cfg.threads,), args, shared_mem=smem)
+            if maps is not None:
+                extra = maps.for_pointers
+            else:
+                zeros = (launch_plans.blob(tensor_maps.pack_maps().tobytes()),)
+                extra = lambda pointers: zeros  # noqa: E731
+        offsets = loader.pointer_offsets("fwd", _FWD_POINTERS)
+        return launch_plans.PackedLaunch(
+            (kernel,), grid, (cfg.threads,), smem, params, offsets, extra
+        )
 
     # ---- backward: our kernel for fp16/bf16, cuBLAS through array_ops (float32) otherwise
     def backward_delta(self, dout, out):
@@ -303,28 +345,49 @@ class CupyBackend:
         self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask: MaskSpec, scale
     ):
         cp = self.xp
-        batch, seqlen_q, nheads, headdim = q.shape
+        batch, seqlen_q, nheads, _ = q.shape
         seqlen_k = k.shape[1]
         if batch == 0 or seqlen_q == 0 or seqlen_k == 0 or nheads == 0:
             return
         for name, acc, shape in (("dq", dq, q.shape), ("dk", dk, k.shape), ("dv", dv, k.shape)):
             if acc.dtype != cp.float32 or not acc.flags.c_contiguous or acc.shape != shape:
                 raise ValueError(f"{name} must be a contiguous float32 accumulator of {shape}")
-        dtype = dtype_name(q.dtype)
-        padded = loader.padded_head_dim(headdim)
-        kernels, cfg, smem = loader.get_bwd_kernels(padded, dtype)
         q, k, v, dout = (_kernel_operand(cp, x) for x in (q, k, v, dout))
         lse = cp.ascontiguousarray(lse, dtype=cp.float32)
         delta = cp.ascontiguousarray(delta, dtype=cp.float32)
+        q_pos, k_pos = self._device_positions(q_pos), self._device_positions(k_pos)
+        key = (
+            "bwd", cp.cuda.runtime.getDevice(), q.shape, q.strides, q.dtype, k.shape, k.strides,
+            v.strides, dout.strides, kind, mask, scale, _kernel_env(),
+        )  # fmt: skip
+        plan = _PLANS.get(key)
+        if plan is None:
+            plan = self._backward_plan(
+                dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale
+            )
+            _PLANS.put(key, plan)
+        plan.launch(dout.data.ptr, lse.data.ptr, delta.data.ptr, dq.data.ptr, dk.data.ptr,
+                    dv.data.ptr, q.data.ptr, k.data.ptr, v.data.ptr, q_pos.data.ptr,
+                    k_pos.data.ptr)  # fmt: skip
+
+    def _backward_plan(self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask,
+                       scale):  # fmt: skip
+        """The backward launch(es) for this signature (operands already kernel-ready)."""
+        batch, _, nheads, headdim = q.shape
+        padded = loader.padded_head_dim(headdim)
+        kernels, cfg, smem = loader.get_bwd_kernels(padded, dtype_name(q.dtype))
         params = loader.pack_bwd_params(
             dout=dout.data.ptr, lse=lse.data.ptr, delta=delta.data.ptr,
             dq=dq.data.ptr, dk=dk.data.ptr, dv=dv.data.ptr,
             **_stride_fields(q=q, k=k, v=v), **_strides("do", _element_strides(dout)),
             **self._block_fields(q, k, q_pos, k_pos, kind, mask, scale), scale=np.float32(scale),
         )  # fmt: skip
-        grid = (nheads, batch, math.ceil(seqlen_k / cfg.block_n))
-        for kernel, _ in kernels:  # one launch (all of dq, dk, dv) or two (dv, then dk + dq)
-            kernel(grid, (cfg.threads,), (params,), shared_mem=smem)
+        grid = (nheads, batch, math.ceil(k.shape[1] / cfg.block_n))
+        # one launch (all of dq, dk, dv) or two (dv, then dk + dq)
+        return launch_plans.PackedLaunch(
+            tuple(kernel for kernel, _ in kernels), grid, (cfg.threads,), smem, params,
+            loader.pointer_offsets("bwd", _BWD_POINTERS),
+        )  # fmt: skip
 
     # ---- dtype conversion
     def cast(self, x, dtype, out=None):
@@ -401,17 +464,49 @@ def _element_strides(x) -> tuple[int, int, int]:
     return element_strides(x)[:3]
 
 
-def _tensor_maps(q, k, v, dtype: str, cfg: loader.Sm90FwdConfig):
-    """The packed Q, K, V tensor maps of an sm90 launch (boxes of 128 query rows and of the
-    config's keys per tile), or None when one of them cannot be made (no cuda-bindings, or an
-    operand the copy engine cannot address)."""
-    blobs = []
-    for x, rows in ((q, cfg.block_m), (k, cfg.keys(tma=True)), (v, cfg.keys(tma=True))):
-        blob = tensor_maps.encode(x.data.ptr, x.shape, _element_strides(x), dtype, rows)
-        if blob is None:
-            return None
-        blobs.append(blob)
-    return tensor_maps.pack_maps(*blobs)
+class _TensorMaps:
+    """The packed Q, K, V tensor maps of one sm90 forward signature (boxes of 128 query rows and
+    of the config's keys per tile), one packed argument per (q, k, v) address triple: a ring's
+    K/V rotate between a few buffers, so the triples repeat and each is encoded once.
+
+    Attributes:
+        available: whether maps can be made here (cuda-bindings present, ``CUPARING_TMA`` not
+            0, operands the copy engine can address).
+    """
+
+    _LIMIT = 64  # address triples kept (all dropped when full)
+
+    def __init__(self, q, k, v, dtype: str, cfg: loader.Sm90FwdConfig):
+        keys = cfg.keys(tma=True)
+        self._specs = tuple(
+            (x.shape, _element_strides(x), rows)
+            for x, rows in ((q, cfg.block_m), (k, keys), (v, keys))
+        )
+        self._dtype = dtype
+        self._packed: dict[tuple, tuple] = {}
+        self.available = self._pack((q.data.ptr, k.data.ptr, v.data.ptr)) is not None
+
+    def _pack(self, pointers: tuple):
+        blobs = []
+        for ptr, (shape, strides, rows) in zip(pointers, self._specs, strict=True):
+            map_bytes = tensor_maps.encode(ptr, shape, strides, self._dtype, rows)
+            if map_bytes is None:
+                return None
+            blobs.append(map_bytes)
+        return (launch_plans.blob(tensor_maps.pack_maps(*blobs).tobytes()),)
+
+    def for_pointers(self, pointers: tuple) -> tuple:
+        """The maps argument for a launch with these ``_FWD_POINTERS``."""
+        triple = pointers[_FWD_QKV]
+        packed = self._packed.get(triple)
+        if packed is None:
+            packed = self._pack(triple)
+            if packed is None:  # the plan was made for addressable operands of this layout
+                raise RuntimeError(f"no tensor maps for operands at {triple}")
+            if len(self._packed) >= self._LIMIT:
+                self._packed.clear()
+            self._packed[triple] = packed
+        return packed
 
 
 def _pair_aligned(out) -> bool:
@@ -423,13 +518,14 @@ def _pair_aligned(out) -> bool:
 
 
 def _kernel_operand(cp, x):
-    """``x`` if the kernel can read it in place: 16-byte aligned base, strides multiples of 8
-    elements (cp.async copies 16 bytes); otherwise a contiguous copy (through uint16 bits)."""
-    strides = _element_strides(x)
+    """``x`` if the kernel can read it in place: 16-byte aligned base, strides multiples of 16
+    bytes (cp.async copies 16 bytes; 8 elements of 2 bytes); otherwise a contiguous copy
+    (through uint16 bits). On every launch, so it reads the byte strides directly."""
+    shape, strides = x.shape, x.strides
     aligned = x.data.ptr % 16 == 0 and all(
-        s % 8 == 0 or n == 1 for s, n in zip(strides, x.shape[:3], strict=True)
+        s % 16 == 0 or n == 1 for s, n in zip(strides[:3], shape[:3], strict=True)
     )
-    if aligned and (x.shape[-1] <= 1 or x.strides[-1] == x.dtype.itemsize):
+    if aligned and (shape[-1] <= 1 or strides[-1] == x.dtype.itemsize):
         return x
     return cp.ascontiguousarray(x.view(cp.uint16)).view(x.dtype)
 

@@ -452,6 +452,23 @@ def pack_bwd_params(**values) -> np.ndarray:
     return _pack(BWD_PARAMS_DTYPE, "BwdParams", values)
 
 
+def pointer_offsets(struct_name: str, names) -> tuple[int, ...]:
+    """Byte offsets of the named pointer fields of ``FwdParams`` (``"fwd"``) or ``BwdParams``
+    (``"bwd"``): where a launch plan patches each call's addresses into a packed struct.
+
+    Raises:
+        KeyError: a name that is not a pointer field of that struct.
+    """
+    dtype = {"fwd": PARAMS_DTYPE, "bwd": BWD_PARAMS_DTYPE}[struct_name]
+    offsets = []
+    for name in names:
+        field, offset = dtype.fields[name][:2]
+        if field != np.dtype(np.uint64):
+            raise KeyError(f"{name} is not a pointer field of the {struct_name} params")
+        offsets.append(offset)
+    return tuple(offsets)
+
+
 # ---- CuPy modules, compiled lazily and cached
 _LOCK = threading.Lock()
 _MODULES: dict[tuple, object] = {}

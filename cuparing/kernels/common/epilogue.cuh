@@ -12,6 +12,61 @@
 
 namespace cuparing {
 
+// The ring's float32 running result for one row: written (first block, lse_old = -inf) or
+// merged with the block's (lse = max + log(exp(a - max) + exp(b - max))). The previous partial's
+// loads for a chunk of columns are issued together before any store: interleaved one load, one
+// store per column pair, each load waited for its full latency, and with one CTA per SM nothing
+// hid it (a ring step of short blocks spent a third of its time here).
+template <class Tr>
+__device__ __forceinline__ void merge_row_into_accumulator(const FwdParams& p,
+                                                           const float (&acc)[Tr::kDTiles][4],
+                                                           int r, int row, float inv,
+                                                           float lse_blk, float lse_old,
+                                                           i64 lse_idx, int b, int h, int t) {
+  const int d = p.headdim;
+  float* acc_row =
+      static_cast<float*>(p.out) + ((static_cast<i64>(b) * p.seqlen_q + row) * p.nheads + h) * d;
+  float w_old = 0.f, w_blk = inv, lse_new = lse_blk;
+  bool keep_old = false;
+  if (p.out_mode == kOutAccMerge) {
+    const float a = lse_old;
+    const float mx = max_nan(a, lse_blk);  // a NaN on either side stays NaN
+    if (mx == neg_inf()) return;  // neither side saw a key: stays (0, -inf)
+    const float ea = expf(a - mx);  // exactly 0 when a == -inf
+    const float eb = expf(lse_blk - mx);
+    const float total = ea + eb;
+    lse_new = mx + logf(total);
+    w_old = ea / total;
+    w_blk = eb / total * inv;
+    keep_old = a != neg_inf();  // never read an accumulator row with weight 0 (NaN-safe)
+  }
+  // up to 8 column pairs (16 registers) of loads in flight; a chunk size that divides kDTiles
+  constexpr int kChunk = Tr::kDTiles % 8 == 0 ? 8 : Tr::kDTiles % 4 == 0 ? 4 : 1;
+#pragma unroll
+  for (int j0 = 0; j0 < Tr::kDTiles; j0 += kChunk) {
+    float2 prev[kChunk];
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) {
+      const int col = 8 * (j0 + j) + 2 * t;
+      prev[j] = keep_old && col < d ? *reinterpret_cast<const float2*>(acc_row + col)
+                                    : make_float2(0.f, 0.f);
+    }
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) {
+      const int col = 8 * (j0 + j) + 2 * t;
+      if (col < d) {
+        float2 o = make_float2(acc[j0 + j][2 * r] * w_blk, acc[j0 + j][2 * r + 1] * w_blk);
+        if (keep_old) {
+          o.x = fmaf(prev[j].x, w_old, o.x);
+          o.y = fmaf(prev[j].y, w_old, o.y);
+        }
+        *reinterpret_cast<float2*>(acc_row + col) = o;
+      }
+    }
+  }
+  if (t == 0) p.lse[lse_idx] = lse_new;
+}
+
 template <class Tr, bool kBf16>
 __device__ __forceinline__ void write_block_output(const FwdParams& p,
                                                    const float (&acc_o)[Tr::kMFrags][Tr::kDTiles][4],
@@ -66,36 +121,9 @@ __device__ __forceinline__ void write_block_output(const FwdParams& p,
         }
         if (t == 0) p.lse[lse_idx] = lse_blk;
       } else {
-        float* acc_row =
-            static_cast<float*>(p.out) + ((static_cast<i64>(b) * sq + row) * nheads + h) * d;
-        float w_old = 0.f, w_blk = inv, lse_new = lse_blk;
-        bool keep_old = false;
-        if (p.out_mode == kOutAccMerge) {
-          const float a = lse_old[mf][r];
-          const float mx = max_nan(a, lse_blk);  // a NaN on either side stays NaN
-          if (mx == neg_inf()) continue;  // neither side saw a key: stays (0, -inf)
-          const float ea = expf(a - mx);  // exactly 0 when a == -inf
-          const float eb = expf(lse_blk - mx);
-          const float total = ea + eb;
-          lse_new = mx + logf(total);
-          w_old = ea / total;
-          w_blk = eb / total * inv;
-          keep_old = a != neg_inf();  // never read an accumulator row with weight 0 (NaN-safe)
-        }
-#pragma unroll
-        for (int j = 0; j < Tr::kDTiles; ++j) {
-          const int col = 8 * j + 2 * t;
-          if (col < d) {
-            float2 o = make_float2(acc_o[mf][j][2 * r] * w_blk, acc_o[mf][j][2 * r + 1] * w_blk);
-            if (keep_old) {
-              const float2 prev = *reinterpret_cast<const float2*>(acc_row + col);
-              o.x = fmaf(prev.x, w_old, o.x);
-              o.y = fmaf(prev.y, w_old, o.y);
-            }
-            *reinterpret_cast<float2*>(acc_row + col) = o;
-          }
-        }
-        if (t == 0) p.lse[lse_idx] = lse_new;
+        merge_row_into_accumulator<Tr>(p, acc_o[mf], r, row, inv, lse_blk,
+                                       p.out_mode == kOutAccMerge ? lse_old[mf][r] : neg_inf(),
+                                       lse_idx, b, h, t);
       }
     }
   }
