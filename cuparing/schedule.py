@@ -71,9 +71,18 @@ class RingPlan:
         return replace(self, kinds=kinds, last_step=0)
 
 
+def _frozen(positions: np.ndarray) -> np.ndarray:
+    """``positions`` made read-only: plans are cached and shared, and a backend may key its
+    device copies on the array's identity (``CupyBackend.positions``)."""
+    positions.flags.writeable = False
+    return positions
+
+
 @lru_cache(maxsize=256)
 def _kind_table(layout: str, world_size: int, local_len: int, mask: MaskSpec):
-    positions = tuple(global_positions(layout, r, world_size, local_len) for r in range(world_size))
+    positions = tuple(
+        _frozen(global_positions(layout, r, world_size, local_len)) for r in range(world_size)
+    )
     table = np.empty((world_size, world_size), dtype=np.int8)  # [rank, step]
     for rank in range(world_size):
         q = positions[rank]
@@ -104,6 +113,7 @@ def plan_documents(
     cu = np.asarray(cu_seqlens, dtype=np.int64)
     spec = documents.clamped_mask(mask, cu)
     queries, keys = documents.ring_positions(layout, world_size, cu)
+    queries, keys = tuple(map(_frozen, queries)), tuple(map(_frozen, keys))
     length = len(queries[0])
     real = [len(documents.held_tokens(layout, r, world_size, cu)) for r in range(world_size)]
     table = np.empty((world_size, world_size), dtype=np.int8)  # [rank, step]
@@ -125,12 +135,13 @@ def plan_documents(
     return RingPlan(rank, world_size, layout, spec, keys, kinds, last_step, queries[rank])
 
 
+@lru_cache(maxsize=256)
 def plan_single(seqlen_q: int, seqlen_k: int, mask: MaskSpec) -> RingPlan:
     """A one-step plan for one device: ``seqlen_q`` queries against ``seqlen_k`` keys, queries
     aligned to the end of the keys (query ``i`` sits at position ``i + seqlen_k - seqlen_q``, as
     in flash-attention). Both lengths are >= 1."""
-    q_pos = np.arange(seqlen_q, dtype=np.int64) + (seqlen_k - seqlen_q)
-    k_pos = np.arange(seqlen_k, dtype=np.int64)
+    q_pos = _frozen(np.arange(seqlen_q, dtype=np.int64) + (seqlen_k - seqlen_q))
+    k_pos = _frozen(np.arange(seqlen_k, dtype=np.int64))
     kind = mask.classify(int(q_pos[0]), int(q_pos[-1]), 0, seqlen_k - 1)
     return RingPlan(0, 1, "contiguous", mask, (k_pos,), (kind,), 0, q_pos)
 

@@ -6,8 +6,13 @@ the figure is the host's), for cuparing and for PyTorch SDPA (flash backend) in 
 Then a cProfile of cuparing's calls at one size: the functions with the most own time and the
 most cumulative time, so the breakdown names the code to change.
 
+With ``--ring C``: the same for one rank of a ring of C (rank 0, zigzag, causal, 1k tokens per
+rank, H/Hkv 32/8, D=128) on a ring that hands K/V straight back (bench_ring.NoCommRing), forward
+and backward, each profiled: the host cost of the schedule, plans and launches without a
+multi-GPU machine.
+
 Usage:
-    python tools/profile_host.py [--calls N] [--profile-size INDEX] [--out DIR]
+    python tools/profile_host.py [--calls N] [--profile-size INDEX] [--out DIR] [--ring C]
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--profile-size", type=int, default=1, help="index into SIZES")
     parser.add_argument("--out", help="directory for the full profile listing")
+    parser.add_argument("--ring", type=int, default=0, help="also one rank of a ring of C")
     args = parser.parse_args(argv)
 
     import torch
@@ -59,10 +65,41 @@ def main(argv=None) -> int:
         print(f"{b:>2} {s:>6} {h:>3} {d:>4} {t_ours:>9.1f} {t_sdpa:>9.1f} {t_ours / t_sdpa:>6.1f}")
 
     size = SIZES[args.profile_size]
-    fn = calls[size]
+    profile(calls[size], f"attention {size}", args.calls, args.out)
+    if args.ring:
+        for name, fn in ring_calls(args.ring).items():
+            print(f"\n{name}: {host_us(fn, args.calls):.1f} us per call")
+            profile(fn, name, args.calls, args.out)
+    return 0
+
+
+def ring_calls(world: int) -> dict:
+    """Forward and backward of rank 0 of a ``world`` ring whose exchanges move nothing."""
+    import torch
+    from bench_ring import NoCommRing
+
+    import cuparing as cr
+
+    ring = NoCommRing(0, world)
+    q, dout = (torch.randn(1, 1024, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in "qd")
+    k, v = (torch.randn(1, 1024, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+    opts = {"causal": True, "layout": "zigzag"}
+    out, lse = cr.ring_attention(q, k, v, ring, return_lse=True, **opts)
+    return {
+        f"ring_attention (rank 0 of {world})": lambda: cr.ring_attention(q, k, v, ring, **opts),
+        f"ring_attention_backward (rank 0 of {world})": lambda: cr.ring_attention_backward(
+            dout, q, k, v, out, lse, ring, **opts
+        ),
+    }
+
+
+def profile(fn, name: str, calls: int, out_dir) -> None:
+    """cProfile of ``calls`` calls of ``fn``, printed by own and by cumulative time."""
+    import torch
+
     profiler = cProfile.Profile()
     profiler.enable()
-    for _ in range(args.calls):
+    for _ in range(calls):
         fn()
     profiler.disable()
     torch.cuda.synchronize()
@@ -70,11 +107,11 @@ def main(argv=None) -> int:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(count)
         listing = text.getvalue()
-        print(f"\n== cProfile {size}, {args.calls} calls, sorted by {key}")
+        print(f"\n== cProfile {name}, {calls} calls, sorted by {key}")
         print(listing[listing.find("ncalls"):])
-        if args.out:
-            Path(args.out, f"profile_{key}.txt").write_text(listing)
-    return 0
+        if out_dir:
+            slug = "".join(c if c.isalnum() else "_" for c in name)
+            Path(out_dir, f"profile_{slug}_{key}.txt").write_text(listing)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,9 @@ def _kernel_env() -> tuple:
 _DEVICE_POSITIONS: dict[tuple, Any] = {}
 _DEVICE_POSITIONS_LOCK = threading.Lock()
 _DEVICE_POSITIONS_MAX = 256
+# DevicePositions of read-only host arrays, by (id(array), device) with a weak reference that
+# proves the id still names that array (CupyBackend.positions)
+_POSITIONS_BY_ARRAY: dict[tuple[int, int], tuple[weakref.ref, Any]] = {}
 
 
 @dataclass
@@ -141,8 +145,27 @@ class CupyBackend:
 
     # ---- positions
     def positions(self, host_positions: np.ndarray) -> DevicePositions:
-        """Wrap NumPy positions; the device copy is made lazily and kept with the object."""
-        host = np.asarray(host_positions)
+        """Wrap NumPy positions; the device copy is made lazily and kept with the object.
+
+        A read-only array (the plans' own, which live as long as the cached plans) gets the
+        same object back on every call on this device, so a call does no O(S) host work on
+        positions: no range check, int32 conversion or hashing after the first."""
+        host = host_positions
+        if isinstance(host, np.ndarray) and not host.flags.writeable:
+            key = (id(host), self.xp.cuda.runtime.getDevice())
+            hit = _POSITIONS_BY_ARRAY.get(key)
+            if hit is not None and hit[0]() is host:
+                return hit[1]
+            made = self._checked_positions(host)
+            with _DEVICE_POSITIONS_LOCK:
+                if len(_POSITIONS_BY_ARRAY) >= _DEVICE_POSITIONS_MAX:
+                    _POSITIONS_BY_ARRAY.clear()
+                _POSITIONS_BY_ARRAY[key] = (weakref.ref(host), made)
+            return made
+        return self._checked_positions(np.asarray(host))
+
+    @staticmethod
+    def _checked_positions(host: np.ndarray) -> DevicePositions:
         # window sides are clamped to +-UNBOUNDED (int32 in the kernels): positions stay inside
         if len(host) and (host.min() < -UNBOUNDED or host.max() >= UNBOUNDED):
             raise ValueError(
