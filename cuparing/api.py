@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import documents, layouts, validation
+from . import call_plans, documents, layouts, validation
 from .backends import backend_for
 from .comm.base import Ring
 from .comm.local import SoloRing
@@ -88,14 +88,43 @@ def attention(
         >>> cr.attention(q, k, v, causal=True).shape
         (1, 16, 2, 8)
     """
+    key = None
+    if out is None and lse is None and cu_seqlens is None:
+        key = call_plans.signature(q, k, v, (causal, scale, window))
+        known = call_plans.find(key)
+        results = None if known is None else known.run(q, k, v)
+        if results is not None:  # a repeat of a checked call: only the launch (call_plans)
+            return results if return_lse else results[0]
     origin = validation.check_arrays(("q", "k", "v"), (q, k, v))
     validation.check_qkv(q, k, v, same_length=False)
     validation.check_untracked("attention", ("q", "k", "v"), (q, k, v))
     validation.check_forward_destinations(origin, q, k, v, out, lse)
     mask = validation.check_mask(causal, window)
-    scale = validation.check_scale(scale, q.shape[-1])
+    checked_scale = validation.check_scale(scale, q.shape[-1])
     plan = _unless_empty(_one_device_plan(q, k, mask, cu_seqlens), q)
-    return _forward(origin, _ONE_DEVICE, plan, scale, (q, k, v), return_lse, (out, lse))
+    results = _forward(origin, _ONE_DEVICE, plan, checked_scale, (q, k, v), True, (out, lse))
+    if key is not None:
+        _keep_call_plan(key, origin, plan, checked_scale, (q, k, v), results)
+    return results if return_lse else results[0]
+
+
+def _keep_call_plan(key: tuple, origin: Origin, plan: RingPlan, scale: float, qkv, results):
+    """After a checked one-device call on torch CUDA tensors: keep its launch for repeats of
+    ``key`` when the call was that one launch into fresh outputs (call_plans)."""
+    if not (origin.framework == "torch" and origin.gpu) or plan.blocks != 1:
+        return
+    backend = backend_for(origin.backend)
+    with origin.stream():
+        q, k, v, out, lse = (to_backend(x, origin) for x in (*qkv, *results))
+        k_pos = plan.positions[plan.source(0)]
+        found = backend.single_launch(
+            out, lse, q, k, v, plan.q_positions, k_pos, plan.kinds[0], plan.mask, scale
+        )
+    if found is not None:
+        out, lse = results
+        call_plans.keep(
+            key, call_plans.CallPlan(*found, out.shape, lse.shape, out.dtype, out.device)
+        )
 
 
 def ring_attention(

@@ -666,3 +666,99 @@ def test_packed_documents_on_gpu(layout, world, causal, kernel_family):
 
     check_kernel_forward(whole(0), whole(1, axis=2), q, k, v, causal=causal, cu_seqlens=cu)
     check_backward([whole(i) for i in (2, 3, 4)], dout, q, k, v, causal=causal, cu_seqlens=cu)
+
+
+# ---- call plans: repeats of a checked call on torch CUDA tensors
+
+
+@requires_gpu(1)
+@pytest.mark.usefixtures("kernel_family")
+def test_repeat_torch_calls_run_the_kept_launch(monkeypatch):
+    """A repeat of a checked one-device call on torch CUDA tensors runs only the kept launch
+    (cuparing.call_plans): on fresh random data it returns exactly what the full path returns
+    (the same kernel: bitwise), within the float64 reference's bounds, on another stream too;
+    tensors autograd tracks are still refused, and a misaligned view takes the full path."""
+    torch = pytest.importorskip("torch")
+    from cuparing import call_plans
+
+    call_plans.clear()
+    runs = []
+    real_run = call_plans.CallPlan.run
+
+    def counted_run(self, *args):
+        runs.append(1)
+        return real_run(self, *args)
+
+    monkeypatch.setattr(call_plans.CallPlan, "run", counted_run)
+    gen = torch.Generator(device="cuda").manual_seed(int(np.random.SeedSequence().entropy % 2**62))
+    shapes = [(2, 333, 8, 128), (2, 333, 2, 128), (2, 333, 2, 128)]
+
+    def fresh():
+        return [torch.randn(s, device="cuda", dtype=torch.bfloat16, generator=gen) for s in shapes]
+
+    def poison():  # torch's allocator hands this NaN-filled memory to the next outputs
+        junk = torch.full((1 << 22,), float("nan"), device="cuda")
+        del junk
+
+    opts = {"causal": True, "window": (200, 0)}
+    cr.attention(*fresh(), **opts)  # the full path, which keeps its launch
+    assert runs == []
+    q, k, v = fresh()
+    poison()
+    out, lse = cr.attention(q, k, v, return_lse=True, **opts)
+    assert len(runs) == 1
+    call_plans.clear()
+    want_out, want_lse = cr.attention(q, k, v, return_lse=True, **opts)
+    assert len(runs) == 1  # (the full path again)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+
+    def host(x):
+        return x.cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+
+    check_kernel_forward(host(out), lse.cpu().numpy(), *map(host, (q, k, v)), **opts)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        poison()
+        on_side = cr.attention(q, k, v, **opts)
+    side.synchronize()
+    assert len(runs) == 2 and torch.equal(on_side, want_out)
+
+    q.requires_grad_(True)
+    with pytest.raises(TypeError, match="requires grad"):
+        cr.attention(q, k, v, **opts)
+    q.requires_grad_(False)
+
+    flat = torch.empty(q.numel() + 8, device="cuda", dtype=q.dtype)
+    shifted = flat[1 : 1 + q.numel()].view(q.shape)  # same strides, address 2 bytes off
+    shifted.copy_(q)
+    assert torch.equal(cr.attention(shifted, k, v, **opts), want_out)
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("headdim", [64, 128])
+def test_inputs_at_misaligned_addresses_are_copied(headdim, kernel_family):
+    """q, k, v, dout whose base address is 2 bytes off a 16-byte boundary (contiguous, so only
+    the address is wrong for the kernels' 16-byte loads): forward and backward copy them into
+    aligned memory and match the float64 reference; they used to fault."""
+    import cupy
+
+    rng = np.random.default_rng()
+    heads = (4, 2, 2, 4)  # q, k, v, dout
+    shapes = [(1, 130, h, headdim) for h in heads]
+    q, k, v, dout = (_random(rng, s, "bfloat16") for s in shapes)
+
+    def shifted(x):
+        bits = cupy.empty(x.size + 8, dtype=cupy.uint16)
+        view = bits[1 : 1 + x.size].reshape(x.shape)
+        view[...] = cupy.asarray(x.view(np.uint16))
+        return view.view(x.dtype)
+
+    gq, gk, gv, gdout = map(shifted, (q, k, v, dout))
+    assert all(x.data.ptr % 16 == 2 for x in (gq, gk, gv, gdout))
+    _poison_pool()
+    out, lse = cr.attention(gq, gk, gv, causal=True, return_lse=True)
+    check_kernel_forward(_to_host(out), _to_host(lse), q, k, v, causal=True)
+    grads = cr.attention_backward(gdout, gq, gk, gv, out, lse, causal=True)
+    check_backward([_to_host(g) for g in grads], dout, q, k, v, causal=True)

@@ -30,7 +30,6 @@ Everything runs on CuPy's current stream; ``cuparing.api`` makes the caller's st
 from __future__ import annotations
 
 import math
-import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -52,11 +51,6 @@ _PLANS = launch_plans.PlanCache()
 _FWD_POINTERS = ("out", "lse", "q", "k", "v", "q_pos", "k_pos")
 _FWD_QKV = slice(2, 5)
 _BWD_POINTERS = ("dout", "lse", "delta", "dq", "dk", "dv", "q", "k", "v", "q_pos", "k_pos")
-
-
-def _kernel_env() -> tuple:
-    """The environment switches that change a launch (kernel family, TMA)."""
-    return os.environ.get("CUPARING_KERNELS"), os.environ.get("CUPARING_TMA")
 
 
 # Device copies of position arrays, keyed by (device, length, hash of the values). A host-to-device
@@ -278,19 +272,46 @@ class CupyBackend:
         cp = self.xp
         q, k, v = (_kernel_operand(cp, x) for x in (q, k, v))
         q_pos, k_pos = self._device_positions(q_pos), self._device_positions(k_pos)
+        plan = self._forward_launch(out, lse, q, k, v, q_pos, k_pos, kind, mask, scale, mode)
+        plan.launch(out.data.ptr, lse.data.ptr, q.data.ptr, k.data.ptr, v.data.ptr,
+                    q_pos.data.ptr, k_pos.data.ptr)  # fmt: skip
+
+    def _forward_launch(self, out, lse, q, k, v, q_pos, k_pos, kind, mask, scale, mode):
+        """The (cached) launch of this signature; operands kernel-ready, positions on device."""
         # everything the launch depends on but the pointers (out's strides only when the kernel
         # writes it in place; accumulators are contiguous float32 of q's shape)
         key = (
-            "fwd", cp.cuda.runtime.getDevice(), q.shape, q.strides, q.dtype, k.shape, k.strides,
-            v.strides, out.strides if mode == loader.OUT_DIRECT else None, kind, mask, scale,
-            mode, _kernel_env(),
+            "fwd", self.xp.cuda.runtime.getDevice(), q.shape, q.strides, q.dtype, k.shape,
+            k.strides, v.strides, out.strides if mode == loader.OUT_DIRECT else None, kind, mask,
+            scale, mode, loader.kernel_switches(),
         )  # fmt: skip
         plan = _PLANS.get(key)
         if plan is None:
             plan = self._forward_plan(out, lse, q, k, v, q_pos, k_pos, kind, mask, scale, mode)
             _PLANS.put(key, plan)
-        plan.launch(out.data.ptr, lse.data.ptr, q.data.ptr, k.data.ptr, v.data.ptr,
-                    q_pos.data.ptr, k_pos.data.ptr)  # fmt: skip
+        return plan
+
+    def single_launch(self, out, lse, q, k, v, q_pos, k_pos, kind, mask: MaskSpec, scale):
+        """The whole of a one-block forward (``forward_state`` with ``blocks == 1``, one
+        ``forward_block``, ``forward_finish``) as a single launch writing ``out`` and ``lse`` in
+        place, when that is all it does: kernel dtype and head dim, operands the kernel reads in
+        place, an ``out`` it can write, a block that is not EMPTY. Otherwise None.
+
+        Returns:
+            (launch, q_pos, k_pos): the positions as int32 device arrays (keep them alive as long
+            as the launch); ``launch.launch(out, lse, q, k, v, q_pos, k_pos)`` with pointers of
+            arrays of these shapes and strides (16-byte aligned q, k, v; a 4-byte aligned out)
+            on the current device and stream computes the block.
+        """
+        cp = self.xp
+        if kind == BlockKind.EMPTY or not self._kernel_ok(q) or not _pair_aligned(out):
+            return None
+        if any(_kernel_operand(cp, x) is not x for x in (q, k, v)):
+            return None
+        q_pos, k_pos = self._device_positions(q_pos), self._device_positions(k_pos)
+        plan = self._forward_launch(out, lse, q, k, v, q_pos, k_pos, kind, mask, scale,
+                                    loader.OUT_DIRECT)  # fmt: skip
+        return plan, q_pos, k_pos
 
     def _forward_plan(self, out, lse, q, k, v, q_pos, k_pos, kind, mask, scale, mode):
         """The forward launch for this signature (operands already kernel-ready)."""
@@ -381,7 +402,7 @@ class CupyBackend:
         q_pos, k_pos = self._device_positions(q_pos), self._device_positions(k_pos)
         key = (
             "bwd", cp.cuda.runtime.getDevice(), q.shape, q.strides, q.dtype, k.shape, k.strides,
-            v.strides, dout.strides, kind, mask, scale, _kernel_env(),
+            v.strides, dout.strides, kind, mask, scale, loader.kernel_switches(),
         )  # fmt: skip
         plan = _PLANS.get(key)
         if plan is None:
@@ -542,15 +563,18 @@ def _pair_aligned(out) -> bool:
 
 def _kernel_operand(cp, x):
     """``x`` if the kernel can read it in place: 16-byte aligned base, strides multiples of 16
-    bytes (cp.async copies 16 bytes; 8 elements of 2 bytes); otherwise a contiguous copy
-    (through uint16 bits). On every launch, so it reads the byte strides directly."""
+    bytes (cp.async copies 16 bytes; 8 elements of 2 bytes); otherwise a contiguous copy in new
+    (aligned) memory, through uint16 bits. On every launch, so it reads the byte strides
+    directly."""
     shape, strides = x.shape, x.strides
     aligned = x.data.ptr % 16 == 0 and all(
         s % 16 == 0 or n == 1 for s, n in zip(strides[:3], shape[:3], strict=True)
     )
     if aligned and (shape[-1] <= 1 or strides[-1] == x.dtype.itemsize):
         return x
-    return cp.ascontiguousarray(x.view(cp.uint16)).view(x.dtype)
+    # a fresh allocation (aligned), even for a contiguous x: ascontiguousarray would return a
+    # contiguous x as it is, misaligned base included
+    return x.view(cp.uint16).copy(order="C").view(x.dtype)
 
 
 def _empty(cp, shape, dtype):

@@ -231,6 +231,12 @@ def sm90_smem_bytes(head_dim: int, tma: bool = True) -> int:
     return box_row_bytes * (cfg.block_m + cfg.stages * 2 * cfg.keys(tma)) + barriers + 1024
 
 
+def kernel_switches() -> tuple:
+    """The environment switches that change which kernel a launch runs (family, TMA): part of
+    every cache key of a decided launch."""
+    return os.environ.get("CUPARING_KERNELS"), os.environ.get("CUPARING_TMA")
+
+
 def forward_family(head_dim: int, arch: str) -> str:
     """The kernel family that runs the forward of padded ``head_dim`` on ``arch`` ('sm_90', ...).
 
