@@ -42,3 +42,10 @@ def test_jax_training_step_matches_the_dense_step():
     result = run("jax_training_step.py")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ring step matches the dense step: True" in result.stdout
+
+
+def test_jax_training_loss_curve_matches_one_device():
+    pytest.importorskip("jax")
+    result = run("train_jax.py", "--ranks", "3", "--steps", "30")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ring loss curve matches one device: True" in result.stdout
