@@ -36,7 +36,6 @@ Window = tuple[int | None, int | None] | None
 # ---- rings as integer handles (custom ops take plain values only); weak references, so a ring
 # that its owner drops (every simulate() call makes new ones) is not kept alive here
 _RINGS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_HANDLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _RINGS_LOCK = threading.Lock()
 _NEXT_HANDLE = itertools.count()
 ONE_DEVICE = -1  # the handle of "no ring": cuparing.attention
@@ -44,19 +43,35 @@ ONE_DEVICE = -1  # the handle of "no ring": cuparing.attention
 
 def ring_handle(ring: Ring) -> int:
     """The integer that stands for ``ring`` in the ops' arguments (registered on first use, for
-    as long as the ring lives).
+    as long as the ring lives). Under ``torch.compile`` only a registered ring's handle can be
+    read (an attribute of the ring); call this once outside the compiled function, e.g. where the
+    model is built.
 
     Raises:
         TypeError: ``ring`` is not a :class:`cuparing.Ring`.
+        RuntimeError: called while compiling, for a ring not registered yet.
     """
+    handle = getattr(ring, "torch_handle", None)
+    if handle is not None:
+        return handle
+    if _compiling():
+        raise RuntimeError(
+            "cuparing.torch: this ring has no handle yet, and one cannot be registered while "
+            "torch.compile traces; call cuparing.torch.ring_handle(ring) once before compiling "
+            "(where the model is built)"
+        )
     validation.check_ring(ring)
     with _RINGS_LOCK:
-        handle = _HANDLES.get(ring)
-        if handle is None:
+        if ring.torch_handle is None:
             handle = next(_NEXT_HANDLE)
             _RINGS[handle] = ring
-            _HANDLES[ring] = handle
-        return handle
+            ring.torch_handle = handle
+        return ring.torch_handle
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling and is_compiling())
 
 
 def _ring_of(handle: int) -> Ring:

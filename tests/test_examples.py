@@ -49,3 +49,12 @@ def test_jax_training_loss_curve_matches_one_device():
     result = run("train_jax.py", "--ranks", "3", "--steps", "30")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ring loss curve matches one device: True" in result.stdout
+
+
+def test_torch_training_loss_curve_matches_one_device():
+    pytest.importorskip("torch")
+    # compiled (fullgraph) on the one device and on every simulated rank of the ring
+    result = run("train_torch.py", "--ranks", "3", "--steps", "30")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "compiled" in result.stdout
+    assert "ring loss curve matches one device: True" in result.stdout

@@ -66,6 +66,9 @@ class Ring(abc.ABC):
 
     rank: int
     size: int
+    #: this ring's integer handle in cuparing.torch's custom ops, once it has one
+    #: (``cuparing.torch.ring_handle``): a plain attribute, which torch.compile reads
+    torch_handle: int | None = None
     #: seconds an exchange may take before the ring is aborted and an error raised
     timeout: float
 
