@@ -56,9 +56,10 @@ def signature(q: Any, k: Any, v: Any, options: tuple) -> tuple | None:
 
 
 def _typed(option: Any) -> Any:
-    """``option`` with the type of every value beside it (tuples element by element)."""
-    if type(option) is tuple:
-        return tuple(_typed(x) for x in option)
+    """``option`` with the type of every value beside it (tuples, named ones included, element by
+    element)."""
+    if isinstance(option, tuple):
+        return type(option), tuple(_typed(x) for x in option)
     return type(option), option
 
 

@@ -52,9 +52,9 @@ def ring_handle(ring: Ring) -> int:
         RuntimeError: called while compiling, for a ring not registered yet.
     """
     handle = getattr(ring, "torch_handle", None)
-    if handle is not None:
-        return handle
-    if _compiling():
+    if handle is not None and _compiling():
+        return handle  # registered before compiling: a plain attribute read, which traces
+    if handle is None and _compiling():
         raise RuntimeError(
             "cuparing.torch: this ring has no handle yet, and one cannot be registered while "
             "torch.compile traces; call cuparing.torch.ring_handle(ring) once before compiling "
@@ -62,7 +62,8 @@ def ring_handle(ring: Ring) -> int:
         )
     validation.check_ring(ring)
     with _RINGS_LOCK:
-        if ring.torch_handle is None:
+        # a copy of a registered ring carries the original's attribute: it gets its own handle
+        if ring.torch_handle is None or _RINGS.get(ring.torch_handle) is not ring:
             handle = next(_NEXT_HANDLE)
             _RINGS[handle] = ring
             ring.torch_handle = handle

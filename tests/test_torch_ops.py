@@ -45,6 +45,30 @@ def test_ring_forward_opcheck():
     torch.library.opcheck(crt.ring_attention_forward, (q, k, v, *mask, handle, "zigzag"))
 
 
+def test_ring_handles_are_per_ring_and_compiled_code_reads_them():
+    import copy
+
+    ring = cr.comm.local.SoloRing()
+    handle = crt.ring_handle(ring)
+    assert crt.ring_handle(ring) == handle
+    twin = copy.copy(ring)  # carries the attribute, but is another ring: its own handle
+    assert crt.ring_handle(twin) not in (None, handle) and crt.ring_handle(ring) == handle
+    fresh = cr.comm.local.SoloRing()
+    q = k = v = torch.randn(1, 8, 2, 4)
+
+    def step(q, k, v, ring):
+        return crt.ring_attention(q, k, v, ring, causal=True)
+
+    with pytest.raises(Exception, match="ring_handle\\(ring\\) once before compiling"):
+        torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, fresh)
+    torch._dynamo.reset()
+    crt.ring_handle(fresh)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, fresh)
+    assert torch.equal(compiled, step(q, k, v, fresh))
+    with pytest.raises(TypeError, match="ring"):
+        crt.ring_handle(object())
+
+
 @pytest.mark.parametrize(
     "causal,window,sq,sk,heads",
     [(False, None, 13, 13, (4, 4)), (True, None, 7, 12, (6, 2)), (True, (4, 0), 10, 10, (2, 1)),

@@ -141,9 +141,10 @@ class CupyBackend:
     def positions(self, host_positions: np.ndarray) -> DevicePositions:
         """Wrap NumPy positions; the device copy is made lazily and kept with the object.
 
-        A read-only array (the plans' own, which live as long as the cached plans) gets the
-        same object back on every call on this device, so a call does no O(S) host work on
-        positions: no range check, int32 conversion or hashing after the first."""
+        A read-only array (the plans' own) gets the same object back on every call on this
+        device, so a call does no O(S) host work on positions: no range check, int32 conversion
+        or hashing after the first. The entry keeps the array and its device copy alive until
+        the cache fills (``_DEVICE_POSITIONS_MAX`` entries) and is cleared."""
         host = host_positions
         if isinstance(host, np.ndarray) and not host.flags.writeable:
             key = (id(host), self.xp.cuda.runtime.getDevice())
