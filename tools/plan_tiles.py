@@ -1,0 +1,95 @@
+"""Kernel tiles a ring call will run, counted from its plan on the CPU (no GPU needed).
+
+    python tools/plan_tiles.py [--ranks 4] [--tokens-per-gpu 8192] [--documents]
+        [--layouts zigzag,striped,contiguous] [--block-m 128] [--block-n 176]
+
+For every rank and ring step, the (query tile, key tile) pairs of ``block_m`` x ``block_n`` that
+the forward kernel computes, classified as the kernels classify them (by the first and last global
+position of each tile, ``MaskSpec.classify``: FULL, PARTIAL or EMPTY; EMPTY ones are skipped), on
+bench_varlen's packed batch (``--documents``) or one causal sequence. Prints per layout: each
+rank's FULL and PARTIAL tiles over all steps, the PARTIAL share, key tiles per query tile
+(median, and how many query tiles get at most 3 over the whole ring), and the tile-count
+efficiency ``tiles of the one-GPU launch / (C x tiles of the busiest rank)``: what the ring could
+reach if every tile cost the same and transfers were free. The defaults are the sm90 d=128
+forward tiles (loader.SM90_FWD_CONFIGS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+from bench_varlen import packed_batch
+
+from cuparing import documents, schedule
+from cuparing.masks import MaskSpec
+
+
+def tiles(q_pos, k_pos, mask: MaskSpec, block_m: int, block_n: int) -> np.ndarray:
+    """[query tiles, 3] counts of EMPTY, PARTIAL, FULL key tiles for each query tile."""
+    counts = np.zeros((-(-len(q_pos) // block_m), 3), dtype=np.int64)
+    for i, a in enumerate(range(0, len(q_pos), block_m)):
+        q = q_pos[a : a + block_m]
+        for b in range(0, len(k_pos), block_n):
+            k = k_pos[b : b + block_n]
+            counts[i, int(mask.classify(int(q[0]), int(q[-1]), int(k[0]), int(k[-1])))] += 1
+    return counts
+
+
+def rank_tiles(layout, rank, world, seqlen, cu, block_m, block_n) -> np.ndarray:
+    """[steps, query tiles, 3] tile counts of ``rank``'s blocks, ring step by ring step."""
+    mask = MaskSpec(True, None, None)
+    if cu is not None:
+        plan = schedule.plan_documents(layout, rank, world, tuple(int(x) for x in cu), mask)
+        real = len(documents.held_tokens(layout, rank, world, cu))
+        q_pos = plan.q_positions[:real]  # padding rows see nothing
+    else:
+        plan = schedule.plan_ring(layout, rank, world, seqlen // world, mask)
+        q_pos = plan.q_positions
+    per_step = []
+    for step in range(world):
+        source = plan.source(step)
+        k_pos = plan.positions[source]
+        if cu is not None:
+            k_pos = k_pos[: len(documents.held_tokens(layout, source, world, cu))]
+        per_step.append(tiles(q_pos, k_pos, plan.mask, block_m, block_n))
+    return np.stack(per_step)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, default=4)
+    parser.add_argument("--tokens-per-gpu", type=int, default=8192)
+    parser.add_argument("--documents", action="store_true", help="bench_varlen's packed batch")
+    parser.add_argument("--layouts", default="zigzag,striped,contiguous")
+    parser.add_argument("--block-m", type=int, default=128)
+    parser.add_argument("--block-n", type=int, default=176)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    world, bm, bn = args.ranks, args.block_m, args.block_n
+    seqlen = args.tokens_per_gpu * world
+    cu = packed_batch(seqlen, args.seed) if args.documents else None
+    one = rank_tiles("contiguous", 0, 1, seqlen, cu, bm, bn)
+    one_total = int(one[..., 1:].sum())
+    batch = "one sequence" if cu is None else f"documents {np.diff(cu).tolist()}"
+    print(f"S={seqlen}, C={world}, causal, {batch}; tiles {bm}x{bn}")
+    print(f"one GPU: {one_total} tiles, {one[..., 1].sum() / max(one_total, 1):.0%} PARTIAL")
+    print(f"{'layout':<11}{'rank':>5}{'FULL':>7}{'PARTIAL':>8}{'partial%':>9}"
+          f"{'median':>7}{'<=3':>5}")  # fmt: skip
+    for layout in args.layouts.split(","):
+        busiest = 0
+        for rank in range(world):
+            counts = rank_tiles(layout, rank, world, seqlen, cu, bm, bn)
+            full, partial = int(counts[..., 2].sum()), int(counts[..., 1].sum())
+            per_query_tile = counts[..., 1:].sum(axis=-1).reshape(-1)
+            busiest = max(busiest, full + partial)
+            print(f"{layout:<11}{rank:>5}{full:>7}{partial:>8}"
+                  f"{partial / max(full + partial, 1):>9.0%}{np.median(per_query_tile):>7.0f}"
+                  f"{int((per_query_tile <= 3).sum()):>5}")  # fmt: skip
+        print(f"{layout:<11} tile-count efficiency {one_total / (world * busiest):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
