@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -39,3 +40,13 @@ def requires_gpu(n: int = 1):
     """Mark a test as needing ``n`` CUDA GPUs; it is skipped when fewer are present."""
     found = gpu_count()
     return pytest.mark.skipif(found < n, reason=f"needs {n} GPU(s), found {found}")
+
+
+@pytest.fixture
+def fresh_rng():
+    """A NumPy generator on a new seed for every test run (GPU tests compare against the float64
+    reference on fresh data, never a fixed draw); the seed is printed, so pytest shows it with a
+    failure and the draw can be replayed with ``np.random.default_rng(seed)``."""
+    seed = int(np.random.SeedSequence().entropy % 2**63)
+    print(f"seed {seed}")
+    return np.random.default_rng(seed)
