@@ -19,15 +19,13 @@ switches of the environment. Options of types that cannot be hashed never match.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
+from .backends.launch_plans import PlanCache
 from .interop import external_cupy_stream
 from .kernels import loader
 
-_LIMIT = 256  # signatures kept (all dropped when full)
-_PLANS: dict[tuple, Any] = {}
-_LOCK = threading.Lock()
+_PLANS = PlanCache()  # by signature, bounded
 
 
 def _is_cuda_tensor(x: Any) -> bool:
@@ -110,14 +108,10 @@ def find(key: tuple | None) -> CallPlan | None:
 
 
 def keep(key: tuple, plan: CallPlan) -> None:
-    """Keep ``plan`` for ``key`` (at most ``_LIMIT`` signatures)."""
-    with _LOCK:
-        if len(_PLANS) >= _LIMIT:
-            _PLANS.clear()
-        _PLANS[key] = plan
+    """Keep ``plan`` for ``key`` (a bounded cache: PlanCache)."""
+    _PLANS.put(key, plan)
 
 
 def clear() -> None:
     """Forget every plan (tests; a changed device)."""
-    with _LOCK:
-        _PLANS.clear()
+    _PLANS.clear()

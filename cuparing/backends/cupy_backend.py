@@ -304,10 +304,9 @@ class CupyBackend:
             arrays of these shapes and strides (16-byte aligned q, k, v; a 4-byte aligned out)
             on the current device and stream computes the block.
         """
-        cp = self.xp
         if kind == BlockKind.EMPTY or not self._kernel_ok(q) or not _pair_aligned(out):
             return None
-        if any(_kernel_operand(cp, x) is not x for x in (q, k, v)):
+        if not all(_kernel_readable(x) for x in (q, k, v)):
             return None
         q_pos, k_pos = self._device_positions(q_pos), self._device_positions(k_pos)
         plan = self._forward_launch(out, lse, q, k, v, q_pos, k_pos, kind, mask, scale,
@@ -562,16 +561,22 @@ def _pair_aligned(out) -> bool:
     )
 
 
-def _kernel_operand(cp, x):
-    """``x`` if the kernel can read it in place: 16-byte aligned base, strides multiples of 16
-    bytes (cp.async copies 16 bytes; 8 elements of 2 bytes); otherwise a contiguous copy in new
-    (aligned) memory, through uint16 bits. On every launch, so it reads the byte strides
-    directly."""
+def _kernel_readable(x) -> bool:
+    """Whether the kernels can read ``x`` in place: 16-byte aligned base, strides multiples of 16
+    bytes (cp.async copies 16 bytes; 8 elements of 2 bytes), a contiguous last axis. On every
+    launch, so it reads the byte strides directly."""
     shape, strides = x.shape, x.strides
-    aligned = x.data.ptr % 16 == 0 and all(
-        s % 16 == 0 or n == 1 for s, n in zip(strides[:3], shape[:3], strict=True)
+    return (
+        x.data.ptr % 16 == 0
+        and all(s % 16 == 0 or n == 1 for s, n in zip(strides[:3], shape[:3], strict=True))
+        and (shape[-1] <= 1 or strides[-1] == x.dtype.itemsize)
     )
-    if aligned and (shape[-1] <= 1 or strides[-1] == x.dtype.itemsize):
+
+
+def _kernel_operand(cp, x):
+    """``x`` if the kernels can read it in place (``_kernel_readable``), otherwise a contiguous
+    copy in new (aligned) memory, through uint16 bits."""
+    if _kernel_readable(x):
         return x
     # a fresh allocation (aligned), even for a contiguous x: ascontiguousarray would return a
     # contiguous x as it is, misaligned base included

@@ -7,8 +7,9 @@ its parameter struct field by field cost ~100 µs of Python per launch; a :class
 keeps the packed struct as bytes and rewrites just the pointer fields, and passes it to CuPy as
 one unstructured blob (a structured NumPy argument makes CuPy walk its dtype on every launch).
 
-:class:`PlanCache` holds the launches by signature, bounded in size. Whoever builds the key puts
-in it everything the launch depends on except the pointers.
+:class:`PlanCache` holds plans by signature, bounded in size (these launches, and
+``cuparing.call_plans``' whole calls). Whoever builds the key puts in it everything the plan
+depends on except the pointers.
 """
 
 from __future__ import annotations
@@ -75,20 +76,20 @@ def blob(data: bytes) -> np.ndarray:
 
 
 class PlanCache:
-    """Launch plans by signature, at most ``limit`` of them (all dropped when full: signatures
+    """Plans by signature, at most ``limit`` of them (all dropped when full: signatures
     are few in any real run, and rebuilding one costs a single slow launch).
 
     ``get`` and ``put`` are safe from several threads (simulated ranks share one process)."""
 
     def __init__(self, limit: int = 256):
-        self._plans: dict[Hashable, PackedLaunch] = {}
+        self._plans: dict[Hashable, Any] = {}
         self._limit = limit
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable) -> PackedLaunch | None:
+    def get(self, key: Hashable) -> Any:
         return self._plans.get(key)
 
-    def put(self, key: Hashable, plan: PackedLaunch) -> PackedLaunch:
+    def put(self, key: Hashable, plan: Any) -> Any:
         with self._lock:
             if len(self._plans) >= self._limit:
                 self._plans.clear()
