@@ -1,4 +1,5 @@
-"""Shared test configuration: Hypothesis profiles and the GPU marker."""
+"""Shared test configuration: Hypothesis profiles, the GPU marker, fresh seeds and the GPU kernel
+family fixture."""
 
 from __future__ import annotations
 
@@ -50,3 +51,17 @@ def fresh_rng():
     seed = int(np.random.SeedSequence().entropy % 2**63)
     print(f"seed {seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(params=["sm80", "sm90", "sm90-cp.async"])
+def kernel_family(request, monkeypatch):
+    """The forward kernel family under test (sm90: its TMA producer, or the cp.async one that
+    serves operands without tensor maps); sm90 is skipped on GPUs that are not Hopper."""
+    if request.param.startswith("sm90") and gpu_count() > 0:
+        import cupy
+
+        if not cupy.cuda.Device().compute_capability.startswith("9"):
+            pytest.skip("the sm90 (wgmma) kernels need a Hopper GPU")
+    monkeypatch.setenv("CUPARING_KERNELS", request.param.split("-")[0])
+    monkeypatch.setenv("CUPARING_TMA", "0" if request.param.endswith("cp.async") else "1")
+    return request.param

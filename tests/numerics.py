@@ -274,3 +274,45 @@ def ring_vs_solo_limit(
         seen = np.isfinite(ref.lse if select is None else select(ref.lse))
         arithmetic = arithmetic[seen]
     return RING_VS_SOLO * solo_err + ARITHMETIC_FACTOR * float(np.linalg.norm(arithmetic))
+
+
+# ---- non-finite inputs (tests/test_nonfinite.py on the CPU, tests/test_gpu_nonfinite.py on GPUs)
+
+
+def same_pattern(got, want, what: str) -> None:
+    """Assert ``got`` has NaN, +inf and -inf exactly where the reference ``want`` has them."""
+    got, want = to_f64(got), np.asarray(want)
+    for test in (np.isnan, np.isposinf, np.isneginf):
+        where = np.argwhere(test(got) != test(want))
+        assert where.size == 0, f"{what}: {test.__name__} differs at {where[:5].tolist()}"
+
+
+def nonfinite_reach(seen, q, k, v, dout=None) -> tuple[np.ndarray, np.ndarray]:
+    """The rows a non-finite input can reach in dense attention; every other row must still meet
+    the usual bounds, on the inputs with the non-finite values replaced by anything finite.
+
+    Args:
+        seen: bool [Sq, Sk], the pairs the mask shows (``cuparing.reference.visible_pairs``).
+        q, k, v: the inputs; dout: the output gradient, when gradients are checked.
+
+    Returns:
+        ``(queries, keys)``: bool [B, Sq, H], the query rows whose output and LSE (and, given
+        ``dout``, dq) can depend on a non-finite value: its own q (or dout) row holds one, or a
+        key it sees does in k or v; and bool [B, Sk, Hkv], the key rows whose dk and dv can:
+        their own k or v row, or a reached query of their group sees them.
+    """
+
+    def bad(x):
+        return ~np.isfinite(to_f64(x)).all(-1)
+
+    b, sk, hkv = k.shape[:3]
+    group = q.shape[2] // hkv
+    seen = np.asarray(seen, dtype=np.float64)
+    bad_kv = bad(k) | bad(v)  # [B, Sk, Hkv]
+    bad_keys = np.repeat(bad_kv, group, axis=2).astype(np.float64)  # one per query head
+    queries = bad(q) | (np.einsum("qk,bkh->bqh", seen, bad_keys) > 0)
+    if dout is not None:
+        queries |= bad(dout)
+    from_queries = np.einsum("qk,bqh->bkh", seen, queries.astype(np.float64)) > 0
+    keys = bad_kv | from_queries.reshape(b, sk, hkv, group).any(axis=-1)
+    return queries, keys

@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
-from numerics import Reference, to_f64
+from numerics import Reference, nonfinite_reach, same_pattern, to_f64
 from strategies import ring_cases
 
 import cuparing as cr
@@ -53,22 +53,11 @@ def run_ring(case, arrays):
     return out, lse, grads
 
 
-def same_pattern(got, want, what):
-    got, want = to_f64(got), np.asarray(want)
-    for test in (np.isnan, np.isposinf, np.isneginf):
-        where = np.argwhere(test(got) != test(want))
-        assert where.size == 0, f"{what}: {test.__name__} differs at {where[:5].tolist()}"
-
-
 def touched_rows(case, arrays):
     """[B, Sq, H] bool: query rows a planted value can reach (its own q, or a key it sees)."""
-    q, k, v, _ = (np.asarray(x, dtype=np.float64) for x in arrays)
     positions = np.arange(case.seqlen)
     seen = visible_pairs(positions, positions, case.causal, case.window)  # [Sq, Sk]
-    group = case.nheads // case.nheads_kv
-    bad_kv = np.repeat(~np.isfinite(k).all(-1) | ~np.isfinite(v).all(-1), group, axis=2)
-    reached = np.einsum("qk,bkh->bqh", seen.astype(float), bad_kv.astype(float)) > 0
-    return reached | ~np.isfinite(q).all(-1)
+    return nonfinite_reach(seen, *arrays[:3])[0]
 
 
 @given(planted())

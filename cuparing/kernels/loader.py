@@ -227,7 +227,7 @@ def sm90_smem_bytes(head_dim: int, tma: bool = True) -> int:
     """Dynamic shared memory of ``cuparing_fwd_sm90<head_dim, *, tma>`` (as Sm90FwdTraitsBase)."""
     cfg = SM90_FWD_CONFIGS[head_dim]
     box_row_bytes = 128 * -(-head_dim // 64)
-    barriers = 128  # the pipeline's mbarriers (Sm90FwdTraitsBase::kBarrierBytes)
+    barriers = 256  # the pipeline's mbarriers and flags (Sm90FwdTraitsBase::kBarrierBytes)
     return box_row_bytes * (cfg.block_m + cfg.stages * 2 * cfg.keys(tma)) + barriers + 1024
 
 

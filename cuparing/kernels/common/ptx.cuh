@@ -123,6 +123,12 @@ __device__ __forceinline__ void st_shared_u32(u32 addr, u32 value) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(value) : "memory");
 }
 
+__device__ __forceinline__ u32 ld_shared_u32(u32 addr) {
+  u32 value;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(value) : "r"(addr) : "memory");
+  return value;
+}
+
 // Fire-and-forget fp32 atomic adds to global memory: *p += a (and p[1] += b). The two-element
 // form is one red.global.v2.f32.add on sm_90+ (8-byte aligned p), two scalar reds before.
 __device__ __forceinline__ void red_add_f32(float* p, float a) {

@@ -27,8 +27,21 @@
 // Q / dO / lse / delta of the query tiles stream through 2 shared-memory stages (cp.async for the
 // tiles), so tile i+1 loads while tile i computes; two barriers per query tile (stage reuse,
 // and dS written before dQ reads it).
+//
+// NaN / inf (common/nonfinite.cuh): a hidden pair has P = dS = 0, but the products dV += P^T dO,
+// dK += dS^T Q and dQ += dS K still form 0 * x, which is NaN for a non-finite dO, Q or K row the
+// pair never meets. On query tiles the mask does not leave whole for the CTA, each thread checks
+// the Q / dO chunks it copied and the loop's first barrier ORs the answer (K: once per CTA, one
+// extra barrier). Only then are their NaN / inf replaced by 0 in shared memory, before any
+// product reads them, so the products themselves are unchanged. That is exact for everything but
+// dV: a row with a NaN in Q or K has a NaN LSE (the forward met a NaN logit), so its P, dS and
+// every pair it sees stay NaN whatever the scores; a NaN in dO leaves its row's delta NaN, so dS
+// stays NaN. (An infinite dO element leaves that row's dS non-finite, but can turn dense
+// attention's NaN into an inf there.) dV adds back, after the loop, the non-finite dO values each
+// key sees.
 #pragma once
 #include "../common/mask.cuh"
+#include "../common/nonfinite.cuh"
 #include "../common/params.cuh"
 #include "../common/ptx.cuh"
 
@@ -152,6 +165,28 @@ __device__ __forceinline__ void bwd_load_tile(u32 smem, const u16* __restrict__ 
     const bool ok = chunk_ok && row < rows_valid;
     cp_async_16(smem + Tr::offset(row, chunk), src + i * src_step, ok ? 16 : 0);
   }
+}
+
+// Whether the chunks this thread copied with bwd_load_tile (same assignment) into a (kRows,
+// kHeadDim) tile hold a NaN or inf; with kZero those values are also replaced by 0 in place.
+// Valid once the thread's own copies have landed (cp.async.wait_group makes them visible to it);
+// zero-filled chunks are finite.
+template <class Tr, int kRows, bool kBf16, bool kZero>
+__device__ __forceinline__ bool bwd_own_chunks_nonfinite(u32 smem, int tid) {
+  constexpr int kRowStep = Tr::kNThreads / Tr::kLoadChunks;
+  constexpr int kIters = (kRows + kRowStep - 1) / kRowStep;
+  const int chunk = tid % Tr::kLoadChunks;
+  const int row0 = tid / Tr::kLoadChunks;
+  if (Tr::kLoadChunks != Tr::kChunks && chunk >= Tr::kChunks) return false;
+  u32 bad = 0;
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) {
+    const int row = row0 + i * kRowStep;
+    if (kRows % kRowStep != 0 && row >= kRows) break;
+    const u32 addr = smem + Tr::offset(row, chunk);
+    bad |= kZero ? zero_nonfinite_chunk<kBf16>(addr) : chunk_nonfinite<kBf16>(addr);
+  }
+  return bad != 0;
 }
 
 // Hide S^T where the pair is invisible, the key is past Sk or the query past Sq. acc_s holds this
@@ -309,10 +344,12 @@ __device__ __forceinline__ void bwd_block(const BwdParams& p) {
   // [k_min - hi, k_max - lo]: one contiguous index range (positions ascending)
   const int m_tiles_total = (sq + Tr::kBlockM - 1) / Tr::kBlockM;
   int m_first = 0, m_count = m_tiles_total;
+  int cta_k_min = 0, cta_k_max = 0;  // also classify each query tile for the whole CTA
   if (!p.block_full) {
-    const int k_min = __ldg(p.k_pos + n0);
-    const int k_max = __ldg(p.k_pos + n0 + keys_valid - 1);
-    seeing_query_tiles<Tr::kBlockM>(p.q_pos, sq, k_min, k_max, lo, hi, lane, m_first, m_count);
+    cta_k_min = __ldg(p.k_pos + n0);
+    cta_k_max = __ldg(p.k_pos + n0 + keys_valid - 1);
+    seeing_query_tiles<Tr::kBlockM>(p.q_pos, sq, cta_k_min, cta_k_max, lo, hi, lane, m_first,
+                                    m_count);
   }
   if (m_count == 0) return;  // CTA-uniform, before any barrier: nothing to add
 
@@ -446,14 +483,48 @@ __device__ __forceinline__ void bwd_block(const BwdParams& p) {
   const float scale = p.scale;
   const int d = p.headdim;
 
+  // May K hold a NaN or inf that a hidden pair's dQ product would meet? (K landed in commit
+  // group 0.) Each thread checks its own copies, one extra barrier per CTA ORs them; only then
+  // they become 0 (exact: see the header).
+  if constexpr (kDoDk) {
+    if (!p.block_full) {  // CTA-uniform; a block_full launch hides no pair
+      cp_async_wait<0>();
+      if (__syncthreads_or(bwd_own_chunks_nonfinite<Tr, Tr::kBlockN, kBf16, false>(s_k, tid))) {
+        bwd_own_chunks_nonfinite<Tr, Tr::kBlockN, kBf16, true>(s_k, tid);
+        // the next barrier (the loop's) orders the zeros before any read
+      }
+    }
+  }
+  bool do_zeroed = false;  // some dO tile had its NaN / inf replaced by 0 (rare)
+
   for (int it = 0; it < m_count; ++it) {
     const int m0 = (m_first + it) * Tr::kBlockM;
     const int rows = min(Tr::kBlockM, sq - m0);
     const int q_min = __ldg(p.q_pos + m0);
     const int q_max = __ldg(p.q_pos + m0 + rows - 1);
+    const int stage = it & 1;
+    const u32 s_q = s_q0 + stage * Tr::kQBytes;
+    const u32 s_do = s_do0 + stage * Tr::kQBytes;
 
     cp_async_wait<0>();  // tile `it` (and K, V) landed for this thread...
-    __syncthreads();     // ...for all; the previous tile's stage and dS are free again
+    // A tile some key of the CTA sees only in part: may its dO (for dV) or Q (for dK, dQ) hold
+    // a NaN or inf that a hidden pair would meet? Each thread checks its own copies; the barrier
+    // ORs them. Only then they become 0 (rare, CTA-uniform), before any product reads them.
+    bool own_bad = false;
+    if (!p.block_full && classify_tile(q_min, q_max, cta_k_min, cta_k_max, lo, hi) != kTileFull) {
+      if constexpr (kDoDv) {
+        own_bad = bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16, false>(s_do, tid);
+      }
+      if constexpr (kDoDk) {
+        own_bad = bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16, false>(s_q, tid) || own_bad;
+      }
+    }
+    if (__syncthreads_or(own_bad)) {  // ...for all; the previous stage and dS are free again
+      if constexpr (kDoDv) bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16, true>(s_do, tid);
+      if constexpr (kDoDk) bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16, true>(s_q, tid);
+      __syncthreads();  // the zeros are in place for every warp
+      do_zeroed = do_zeroed || kDoDv;
+    }
     if (it + 1 < m_count) load_q_tile(it + 1, (it + 1) & 1);
     cp_async_commit();
 
@@ -462,9 +533,6 @@ __device__ __forceinline__ void bwd_block(const BwdParams& p) {
     if (warp_keys < Tr::kWarpKeys && kind == kTileFull) kind = kTilePartial;  // Sk tail
     if (warp_keys <= 0) kind = kTileEmpty;
 
-    const int stage = it & 1;
-    const u32 s_q = s_q0 + stage * Tr::kQBytes;
-    const u32 s_do = s_do0 + stage * Tr::kQBytes;
     const float* lse_t = lse_s + stage * Tr::kBlockM;
     const float* delta_t = delta_s + stage * Tr::kBlockM;
 
@@ -632,6 +700,40 @@ __device__ __forceinline__ void bwd_block(const BwdParams& p) {
   }
   if constexpr (kDoDk) {
     red_add_key_rows<Tr>(p.dk + kv_base, kv_row_stride, acc_dk, scale, warp_key0, sk, d, lane);
+  }
+
+  // Rare: some dO tile had its NaN / inf zeroed. Each key row now adds the non-finite dO values
+  // of the queries it sees, in every tile the CTA sees in part (only those were ever zeroed),
+  // gathered in the dV registers (free again) and added to dv like the rest. Adding a
+  // non-finite value a sum already holds changes nothing (inf + inf, NaN + x), so tiles that
+  // kept their values may be walked again; done once, after everything else.
+  if constexpr (kDoDv) {
+    if (do_zeroed && warp_keys > 0) {  // warp-uniform
+#pragma unroll
+      for (int kf = 0; kf < Tr::kKFrags; ++kf) {
+#pragma unroll
+        for (int j = 0; j < Tr::kDTiles; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_dv[kf][j][e] = 0.f;
+        }
+      }
+#pragma unroll 1
+      for (int it = 0; it < m_count; ++it) {
+        const int m0 = (m_first + it) * Tr::kBlockM;
+        const int rows = min(Tr::kBlockM, sq - m0);
+        if (classify_tile(__ldg(p.q_pos + m0), __ldg(p.q_pos + m0 + rows - 1), cta_k_min,
+                          cta_k_max, lo, hi) == kTileFull) {
+          continue;
+        }
+        const auto sees_query = [&](int f, int r, int i) {  // key row (f, r) sees query i
+          const int delta = k_pos_row[f][r] - __ldg(p.q_pos + m0 + i);
+          return delta >= lo && delta <= hi;
+        };
+        add_nonfinite_values<kBf16, Tr::kKFrags, Tr::kDTiles, Tr::kBlockM>(
+            acc_dv, sees_query, do_head + m0 * p.do_row_stride, p.do_row_stride, rows, d, lane);
+      }
+      red_add_key_rows<Tr>(p.dv + kv_base, kv_row_stride, acc_dv, 1.f, warp_key0, sk, d, lane);
+    }
   }
 }
 

@@ -7,12 +7,16 @@
 //   online softmax   exp2 with scale*log2(e) folded in, running max/sum in registers
 //   O += P V         P converted straight from the S accumulator layout into A fragments
 //                    (never touches shared memory); V B-fragments by ldmatrix.x4.trans
+// NaN / inf in V (common/nonfinite.cuh): on tiles the mask does not leave whole for the CTA,
+// each thread checks the V chunks it copied and the loop's barrier ORs the answer; only if one
+// is found, they become 0 in shared memory, and after the loop each row adds back the ones it sees.
 // K/V tiles stream through kStages shared-memory stages with 16-byte cp.async.cg, so the copy of
 // tile i+kStages-1 overlaps the math of tile i; one __syncthreads per tile.
 // The epilogue normalises, then writes (out, lse) in the input dtype, or writes / merges the
 // float32 running result of the ring (OutMode) with lse = max + log(exp(a-max) + exp(b-max)).
 #pragma once
 #include "../common/mask.cuh"
+#include "../common/nonfinite.cuh"
 #include "../common/params.cuh"
 #include "../common/ptx.cuh"
 #include "../common/softmax.cuh"
@@ -49,6 +53,54 @@ __device__ __forceinline__ void load_tile(u32 smem, const u16* __restrict__ gmem
   }
 }
 
+// Whether the chunks this thread copied with load_tile (same assignment) into a (kRows,
+// kHeadDim) tile hold a NaN or inf; with kZero, those values are also replaced by 0 in place.
+// Valid once the thread's own copies have landed (cp.async.wait_group); zero-filled chunks are
+// finite.
+template <class Tr, int kRows, bool kBf16, bool kZero>
+__device__ __forceinline__ bool own_chunks_nonfinite(u32 smem, int tid) {
+  constexpr int kRowStep = Tr::kNThreads / Tr::kLoadChunks;
+  const int chunk = tid % Tr::kLoadChunks;
+  if (Tr::kLoadChunks != Tr::kChunks && chunk >= Tr::kChunks) return false;
+  const u32 base = smem + Tr::offset(tid / Tr::kLoadChunks, chunk);
+  u32 bad = 0;
+#pragma unroll
+  for (int i = 0; i < kRows / kRowStep; ++i) {
+    const u32 addr = base + i * kRowStep * Tr::kRowBytes;
+    bad |= kZero ? zero_nonfinite_chunk<kBf16>(addr) : chunk_nonfinite<kBf16>(addr);
+  }
+  return bad != 0;
+}
+
+// O += P V for one key tile: the S accumulator of n8 tiles (2kk, 2kk+1) is exactly the A
+// fragment of k16 step kk (rows g / g+8, columns 2t.. and 2t+8..), so P never leaves registers.
+template <class Tr, bool kBf16>
+__device__ __forceinline__ void pv_tile(float (&acc_o)[Tr::kMFrags][Tr::kDTiles][4],
+                                        const float (&acc_s)[Tr::kMFrags][Tr::kNTiles][4],
+                                        u32 s_v, const u32 (&lane_off)[4]) {
+#pragma unroll
+  for (int kk = 0; kk < Tr::kNTiles / 2; ++kk) {
+    u32 a[Tr::kMFrags][4];
+#pragma unroll
+    for (int mf = 0; mf < Tr::kMFrags; ++mf) {
+      a[mf][0] = pack2<kBf16>(acc_s[mf][2 * kk][0], acc_s[mf][2 * kk][1]);
+      a[mf][1] = pack2<kBf16>(acc_s[mf][2 * kk][2], acc_s[mf][2 * kk][3]);
+      a[mf][2] = pack2<kBf16>(acc_s[mf][2 * kk + 1][0], acc_s[mf][2 * kk + 1][1]);
+      a[mf][3] = pack2<kBf16>(acc_s[mf][2 * kk + 1][2], acc_s[mf][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int dd = 0; dd < Tr::kDTiles / 2; ++dd) {
+      u32 bv[4];
+      ldmatrix_x4_trans(bv, s_v + lane_off[dd & 3] + kk * 16 * Tr::kRowBytes + ((dd >> 2) << 7));
+#pragma unroll
+      for (int mf = 0; mf < Tr::kMFrags; ++mf) {
+        mma_16816<kBf16>(acc_o[mf][2 * dd], a[mf], bv[0], bv[1]);
+        mma_16816<kBf16>(acc_o[mf][2 * dd + 1], a[mf], bv[2], bv[3]);
+      }
+    }
+  }
+}
+
 template <class Tr, bool kBf16>
 __device__ __forceinline__ void fwd_block(const FwdParams& p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -73,10 +125,12 @@ __device__ __forceinline__ void fwd_block(const FwdParams& p) {
   // ---- which key tiles can any query of this CTA see? (a contiguous range, see mask.cuh)
   const int n_tiles_total = (sk + Tr::kBlockN - 1) / Tr::kBlockN;
   int n_first = 0, n_count = n_tiles_total;
+  int cta_q_min = 0, cta_q_max = 0;
   if (!p.block_full) {
-    const int q_min = __ldg(p.q_pos + m0);
-    const int q_max = __ldg(p.q_pos + m0 + rows_valid - 1);
-    visible_key_tiles<Tr::kBlockN>(p.k_pos, sk, q_min, q_max, lo, hi, lane, n_first, n_count);
+    cta_q_min = __ldg(p.q_pos + m0);
+    cta_q_max = __ldg(p.q_pos + m0 + rows_valid - 1);
+    visible_key_tiles<Tr::kBlockN>(p.k_pos, sk, cta_q_min, cta_q_max, lo, hi, lane, n_first,
+                                   n_count);
   }
 
   // ---- rows of this warp and of this thread
@@ -172,6 +226,7 @@ __device__ __forceinline__ void fwd_block(const FwdParams& p) {
     constexpr int kQFrags = Tr::kQInRegs ? Tr::kMFrags : 1;
     constexpr int kQSteps = Tr::kQInRegs ? Tr::kKSteps : 1;
     u32 q_frag[kQFrags][kQSteps][4];
+    bool values_zeroed = false;  // some V tile had its NaN / inf replaced by 0 (rare)
 
     for (int it = 0; it < n_count; ++it) {
       const int n0 = (n_first + it) * Tr::kBlockN;
@@ -180,8 +235,23 @@ __device__ __forceinline__ void fwd_block(const FwdParams& p) {
       const int k_min = __ldg(p.k_pos + n0);
       const int k_max = __ldg(p.k_pos + n0 + keys - 1);
 
+      const int stage = it % Tr::kStages;
+      const u32 s_k = s_kv + stage * Tr::kStageBytes;
+      const u32 s_v = s_k + Tr::kKVBytes;
       cp_async_wait<Tr::kStages - 2>();  // tile `it` (and Q) has landed for this thread...
-      __syncthreads();                   // ...for all threads; and stage (it-1) is free again
+      // A tile some query of the CTA sees only in part: may its V hold a NaN or inf that a
+      // hidden pair would meet? Each thread checks its own copies; the barrier ORs them.
+      const bool cta_partial =
+          !p.block_full &&
+          classify_tile(cta_q_min, cta_q_max, k_min, k_max, lo, hi) != kTileFull;
+      const bool own_bad =
+          cta_partial && own_chunks_nonfinite<Tr, Tr::kBlockN, kBf16, false>(s_v, tid);
+      // ...for all threads; and stage (it-1) is free again
+      if (__syncthreads_or(own_bad)) {  // rare, CTA-uniform: see common/nonfinite.cuh
+        own_chunks_nonfinite<Tr, Tr::kBlockN, kBf16, true>(s_v, tid);  // NaN / inf -> 0
+        __syncthreads();  // before any warp reads the tile
+        values_zeroed = true;
+      }
       {
         const int next = it + Tr::kStages - 1;
         if (next < n_count) load_kv(next, next % Tr::kStages);
@@ -205,10 +275,6 @@ __device__ __forceinline__ void fwd_block(const FwdParams& p) {
       if (keys < Tr::kBlockN && kind == kTileFull) kind = kTilePartial;  // Sk tail
       if (!warp_has_rows) kind = kTileEmpty;
       if (kind == kTileEmpty) continue;  // warp-uniform; the barrier is at the loop top
-
-      const int stage = it % Tr::kStages;
-      const u32 s_k = s_kv + stage * Tr::kStageBytes;
-      const u32 s_v = s_k + Tr::kKVBytes;
 
       // ---- S = Q K^T: (16*kMFrags, kBlockN) per warp
       float acc_s[Tr::kMFrags][Tr::kNTiles][4];
@@ -247,28 +313,33 @@ __device__ __forceinline__ void fwd_block(const FwdParams& p) {
       if (kind == kTilePartial) apply_mask<Tr>(acc_s, q_pos_row, p.k_pos, n0, sk, lo, hi, lane);
       online_softmax<Tr>(acc_s, row_max, row_sum, acc_o, p.scale_log2);
 
-      // ---- O += P V: the S accumulator of n8 tiles (2kk, 2kk+1) is exactly the A fragment of
-      // k16 step kk (rows g / g+8, columns 2t.. and 2t+8..), so P never leaves registers.
-#pragma unroll
-      for (int kk = 0; kk < Tr::kNTiles / 2; ++kk) {
-        u32 a[Tr::kMFrags][4];
-#pragma unroll
-        for (int mf = 0; mf < Tr::kMFrags; ++mf) {
-          a[mf][0] = pack2<kBf16>(acc_s[mf][2 * kk][0], acc_s[mf][2 * kk][1]);
-          a[mf][1] = pack2<kBf16>(acc_s[mf][2 * kk][2], acc_s[mf][2 * kk][3]);
-          a[mf][2] = pack2<kBf16>(acc_s[mf][2 * kk + 1][0], acc_s[mf][2 * kk + 1][1]);
-          a[mf][3] = pack2<kBf16>(acc_s[mf][2 * kk + 1][2], acc_s[mf][2 * kk + 1][3]);
+      pv_tile<Tr, kBf16>(acc_o, acc_s, s_v, lane_off);
+    }
+
+    // Rare: some tile's V had its NaN / inf zeroed. Each row now adds the non-finite values of
+    // the keys it sees in every tile the CTA sees in part (only those were ever zeroed). Adding
+    // a non-finite value the row already holds changes nothing (inf + inf, NaN + x), so tiles
+    // that kept their values may be walked again; done once here, after the loop, where the S
+    // accumulators are dead, and without the corrections of later tiles (0 * inf).
+    if (values_zeroed) {
+      const auto sees_key = [&](int n0) {
+        return [&, n0](int mf, int r, int key) {
+          const int delta = __ldg(p.k_pos + n0 + key) - q_pos_row[mf][r];
+          return delta >= lo && delta <= hi;
+        };
+      };
+#pragma unroll 1
+      for (int it = 0; it < n_count; ++it) {
+        const int n0 = (n_first + it) * Tr::kBlockN;
+        const int keys = min(Tr::kBlockN, sk - n0);
+        if (!warp_has_rows || classify_tile(cta_q_min, cta_q_max, __ldg(p.k_pos + n0),
+                                            __ldg(p.k_pos + n0 + keys - 1), lo,
+                                            hi) == kTileFull) {
+          continue;
         }
-#pragma unroll
-        for (int dd = 0; dd < Tr::kDTiles / 2; ++dd) {
-          u32 bv[4];
-          ldmatrix_x4_trans(bv, s_v + lane_off[dd & 3] + kk * 16 * Tr::kRowBytes + CUPARING_STEP_OFF(dd));
-#pragma unroll
-          for (int mf = 0; mf < Tr::kMFrags; ++mf) {
-            mma_16816<kBf16>(acc_o[mf][2 * dd], a[mf], bv[0], bv[1]);
-            mma_16816<kBf16>(acc_o[mf][2 * dd + 1], a[mf], bv[2], bv[3]);
-          }
-        }
+        add_nonfinite_values<kBf16, Tr::kMFrags, Tr::kDTiles, Tr::kBlockN>(
+            acc_o, sees_key(n0), v_head + n0 * p.v_row_stride, p.v_row_stride, keys, p.headdim,
+            lane);
       }
     }
   }

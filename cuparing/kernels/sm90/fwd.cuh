@@ -17,11 +17,18 @@
 //   while the tensor cores run the other consumer's products (ping-pong). The running output is
 //   rescaled by tile j's correction only when P_j V_j is issued.
 // Masks: tiles classified per consumer (64 rows); PARTIAL tiles and the Sk tail are masked, EMPTY
-// ones skipped (they still pass through the turn-taking and release their stage). The epilogue
+// ones skipped (they still pass through the turn-taking and release their stage).
+// NaN / inf in V (common/nonfinite.cuh): the producer checks every V tile the mask does not leave
+// whole for the CTA once it has landed (TMA: warps 1-3, idle otherwise; cp.async: the copying
+// threads, one tile behind their copies), replaces NaN / inf by 0 in shared memory only when it
+// finds one, and publishes a per-stage flag; consumers wait on the stage's "checked" barrier
+// instead of its "full" one, and a consumer that met a flag adds back, after its last tile, the
+// values its rows see. The epilogue
 // (common/epilogue.cuh) is the sm80 family's: direct output, or the ring's float32 write / merge.
 #pragma once
 #include "../common/epilogue.cuh"
 #include "../common/mask.cuh"
+#include "../common/nonfinite.cuh"
 #include "../common/params.cuh"
 #include "../common/ptx.cuh"
 #include "../common/softmax.cuh"
@@ -57,6 +64,41 @@ __device__ __forceinline__ void load_tile_sm90(u32 smem, const u16* __restrict__
   }
 }
 
+// The producer's check of one V tile (stage `s_v`, landed when `full_v` completes phase
+// `parity`), by kThreads threads (ctid 0..kThreads-1, named barrier `bar_id`): if the mask does
+// not leave the tile whole for the CTA (`partial`), every NaN / inf in it becomes 0 in shared
+// memory and the flag word says whether there was one (0 otherwise); then `checked` completes,
+// which the consumers wait on instead of `full_v`.
+template <class Tr, bool kBf16, int kThreads>
+__device__ __forceinline__ void check_v_tile(u32 s_v, u32 full_v, u32 parity, u32 checked,
+                                             u32 flag, bool partial, int ctid, int bar_id) {
+  mbarrier_wait(full_v, parity);
+  bool found = false;
+  if (partial) {  // the same for every checking thread
+    u32 magnitudes = 0;
+#pragma unroll 1  // the producer has few registers (24 with TMA)
+    for (int c = ctid; c < Tr::kKVBytes / 16; c += kThreads) {
+      u32 x[4];
+      ld_shared_v4(s_v + 16 * c, x);
+      magnitudes = max_magnitudes<kBf16>(magnitudes, x);
+    }
+    found = named_barrier_or(bar_id, kThreads, magnitudes_nonfinite<kBf16>(magnitudes));
+    if (found) {  // rare: zero them, each thread its own chunks
+      u32 zeroed = 0;
+#pragma unroll 1
+      for (int c = ctid; c < Tr::kKVBytes / 16; c += kThreads) {
+        zeroed |= zero_nonfinite_chunk<kBf16>(s_v + 16 * c);
+      }
+      if (zeroed) fence_proxy_async();  // this thread's zeros, before wgmma (async proxy) reads
+      named_barrier_sync(bar_id, kThreads);  // everyone's zeros are written
+    }
+  }
+  if (ctid == 0) {
+    st_shared_u32(flag, found);
+    mbarrier_arrive(checked);
+  }
+}
+
 template <class Tr, bool kBf16, bool kTma>
 __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Maps& maps) {
   // one expect_tx arrival (TMA) or one cp.async arrival per producer thread
@@ -86,6 +128,18 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
     const int q_max = __ldg(p.q_pos + m0 + rows_valid - 1);
     visible_key_tiles<Tr::kBlockN>(p.k_pos, sk, q_min, q_max, lo, hi, lane, n_first, n_count);
   }
+  // Does some query of the CTA see key tile i only in part? (Then its V is checked for NaN/inf.)
+  // Positions are re-read and the fields taken from the parameters rather than kept: neither the
+  // consumers' main loop nor the producer (24 registers with TMA) has a register to spare.
+  const auto partial_for_cta = [&](int i) {
+    if (p.block_full) return false;
+    const int n0 = (n_first + i) * Tr::kBlockN;
+    const int first_q = (gridDim.z - 1 - blockIdx.z) * Tr::kBlockM;
+    return classify_tile(__ldg(p.q_pos + first_q),
+                         __ldg(p.q_pos + min(first_q + Tr::kBlockM, p.seqlen_q) - 1),
+                         __ldg(p.k_pos + n0), __ldg(p.k_pos + min(n0 + Tr::kBlockN, p.seqlen_k) - 1),
+                         p.lo, p.hi) != kTileFull;
+  };
 
   // ---- shared memory: Q, kStages x (K, V), then the mbarriers
   const u32 s_q = (smem_addr(smem_raw) + 1023u) & ~1023u;  // swizzle atoms are 1024 bytes
@@ -95,13 +149,17 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
   auto full_v = [&](int s) { return s_bar + 8u * (Tr::kStages + s); };
   auto empty_k = [&](int s) { return s_bar + 8u * (2 * Tr::kStages + s); };
   auto empty_v = [&](int s) { return s_bar + 8u * (3 * Tr::kStages + s); };
-  const u32 q_full = s_bar + 8u * (4 * Tr::kStages);
+  auto checked_v = [&](int s) { return s_bar + 8u * (4 * Tr::kStages + s); };
+  const u32 q_full = s_bar + 8u * (5 * Tr::kStages);
+  auto v_flag = [&](int s) { return s_bar + 8u * (5 * Tr::kStages + 1) + 4u * s; };
+  constexpr int kCheckBarrier = 3;  // named barrier of the V checkers (1, 2: consumer turns)
   if (tid == 0) {
     for (int s = 0; s < Tr::kStages; ++s) {
       mbarrier_init(full_k(s), kFullArrivals);
       mbarrier_init(full_v(s), kFullArrivals);
       mbarrier_init(empty_k(s), Tr::kConsumerThreads);  // every consumer thread releases
       mbarrier_init(empty_v(s), Tr::kConsumerThreads);
+      mbarrier_init(checked_v(s), 1);  // the first checking thread, after the others
     }
     mbarrier_init(q_full, kFullArrivals);
     mbarrier_init_fence();
@@ -113,6 +171,16 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
     setmaxnreg_dec<Tr::kProducerRegs>();
     if (n_count == 0) return;
     if constexpr (kTma) {
+      if (warp > 0) {  // warps 1-3 check the V tiles as they land
+        constexpr int kCheckers = Tr::kProducerThreads - 32;
+        for (int i = 0; i < n_count; ++i) {
+          const int s = i % Tr::kStages;
+          check_v_tile<Tr, kBf16, kCheckers>(s_kv + s * Tr::kStageBytes + Tr::kKVBytes, full_v(s),
+                                             (i / Tr::kStages) & 1, checked_v(s), v_flag(s),
+                                             partial_for_cta(i), tid - 32, kCheckBarrier);
+        }
+        return;
+      }
       if (tid != 0) return;
       mbarrier_arrive_expect_tx(q_full, Tr::kQBytes);
 #pragma unroll
@@ -145,6 +213,12 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
       const u16* q_tile = p.q + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
       const u16* k_head = p.k + b * p.k_batch_stride + hk * p.k_head_stride;
       const u16* v_head = p.v + b * p.v_batch_stride + hk * p.v_head_stride;
+      const auto check_previous = [&](int i) {
+        const int s = i % Tr::kStages;
+        check_v_tile<Tr, kBf16, Tr::kProducerThreads>(
+            s_kv + s * Tr::kStageBytes + Tr::kKVBytes, full_v(s), (i / Tr::kStages) & 1,
+            checked_v(s), v_flag(s), partial_for_cta(i), tid, kCheckBarrier);
+      };
       load_tile_sm90<Tr, Tr::kBlockM>(s_q, q_tile, p.q_row_stride, rows_valid, d_chunks, tid);
       cp_async_mbarrier_arrive(q_full);
       for (int i = 0; i < n_count; ++i) {
@@ -161,7 +235,9 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
         load_tile_sm90<Tr, Tr::kBlockN>(s_k + Tr::kKVBytes, v_head + n0 * p.v_row_stride,
                                         p.v_row_stride, keys, d_chunks, tid);
         cp_async_mbarrier_arrive(full_v(s));
+        if (i > 0) check_previous(i - 1);  // one tile behind: its copies had time to land
       }
+      check_previous(n_count - 1);
       cp_async_wait<0>();  // leave no copy in flight behind an exited thread
     }
   } else {
@@ -256,6 +332,7 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
         named_barrier_arrive(kTurnBarrier + (1 - c), Tr::kConsumerThreads);
       };
 
+      u32 values_zeroed = 0;  // some P V of the CTA ran with V's NaN / inf zeroed (rare)
       mbarrier_wait(q_full, 0);
       if (c == 1) hand_over();
 
@@ -279,7 +356,8 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
         const int prev = (it - 1) % Tr::kStages;
         float acc_s[1][Tr::kNTiles][4];
         mbarrier_wait(full_k(s), (it / Tr::kStages) & 1);
-        mbarrier_wait(full_v(prev), ((it - 1) / Tr::kStages) & 1);
+        mbarrier_wait(checked_v(prev), ((it - 1) / Tr::kStages) & 1);  // landed and checked
+        values_zeroed |= ld_shared_u32(v_flag(prev));
         if constexpr (!kTma) fence_proxy_async();
         my_turn();
         rescale_output<Tr>(acc_o, corr);  // tile j-1's correction, before its P V
@@ -298,7 +376,8 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
       // last turn: P V of the last tile
       {
         const int last = (n_count - 1) % Tr::kStages;
-        mbarrier_wait(full_v(last), ((n_count - 1) / Tr::kStages) & 1);
+        mbarrier_wait(checked_v(last), ((n_count - 1) / Tr::kStages) & 1);
+        values_zeroed |= ld_shared_u32(v_flag(last));
         if constexpr (!kTma) fence_proxy_async();
         my_turn();
         rescale_output<Tr>(acc_o, corr);
@@ -308,6 +387,25 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
         wgmma_wait<0>();
         fence_accumulator(acc_o[0]);
         mbarrier_arrive(empty_v(last));
+      }
+
+      // Rare: add, per row, the NaN / inf values of the keys it sees in the tiles whose values
+      // were zeroed (walking every tile the CTA sees in part: adding a non-finite value the row
+      // already holds changes nothing; common/nonfinite.cuh), after the last correction.
+      if (values_zeroed) {
+        const u16* v_head = p.v + b * p.v_batch_stride + hk * p.v_head_stride;
+#pragma unroll 1
+        for (int it = 0; it < n_count; ++it) {
+          if (!partial_for_cta(it)) continue;
+          const int n0 = (n_first + it) * Tr::kBlockN;
+          const auto sees = [&](int, int r, int key) {
+            const int delta = __ldg(p.k_pos + n0 + key) - q_pos_row[0][r];
+            return delta >= lo && delta <= hi;
+          };
+          add_nonfinite_values<kBf16, 1, Tr::kDTiles, Tr::kBlockN>(
+              acc_o, sees, v_head + n0 * p.v_row_stride, p.v_row_stride,
+              min(Tr::kBlockN, sk - n0), p.headdim, lane);
+        }
       }
     }
 

@@ -57,8 +57,9 @@ struct Sm90FwdTraitsBase {
   static constexpr int kQBytes = kBoxes * kBlockM * kBoxRowBytes;
   static constexpr int kKVBytes = kBoxes * kBlockN * kBoxRowBytes;
   static constexpr int kStageBytes = 2 * kKVBytes;  // K then V
-  // pipeline mbarriers after the tiles: full and empty for K and for V per stage, Q's full
-  static constexpr int kBarrierBytes = 128;
+  // after the tiles: mbarriers full and empty for K and for V, and "V checked" per stage, Q's
+  // full; then a 32-bit "V held NaN / inf" flag per stage
+  static constexpr int kBarrierBytes = 256;
   // + 1024: the dynamic shared memory base is rounded up to the swizzle atom inside the kernel
   static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + kBarrierBytes + 1024;
 
@@ -74,7 +75,7 @@ struct Sm90FwdTraitsBase {
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
   static_assert(kChunks % kLoadChunks == 0 && (kProducerThreads / kLoadChunks) % 8 == 0,
                 "load_tile row step must keep each thread's swizzle key fixed");
-  static_assert(8 * (4 * kStages + 1) <= kBarrierBytes, "room for the mbarriers");
+  static_assert(8 * (5 * kStages + 1) + 4 * kStages <= kBarrierBytes, "room for the mbarriers");
   // accumulators per thread: S (kBlockN / 2) + O (kHeadDim / 2) + P (kBlockN / 4 packed pairs)
   static_assert(kBlockN / 2 + kHeadDim / 2 + kBlockN / 4 <= 200, "accumulators exceed registers");
 };
