@@ -13,9 +13,9 @@ Why: a key a query does not see must never reach it, whatever it holds. Inside a
 tile (some of its pairs visible, others hidden: every tile on a causal diagonal, at a window's
 edge, at a document boundary) the tensor-core products still multiply a hidden pair's zero weight
 by its operand, and ``0 * NaN`` is NaN; the kernels had exactly that gap, for V in the forward
-and for Q, dO, K and V in the backward. So the draw of plants is repeated until one (in an
-operand with that gap) is seen by some rows and hidden from another of one aligned 16-row block,
-a row no plant reaches (so a leak into it cannot hide behind a NaN that belongs there). Every
+and for Q, dO, K and V in the backward. So the first plant (in an operand with that gap) goes on
+a row that some rows of one aligned 16-row block see and another does not, a row no plant
+reaches (so a leak into it cannot hide behind a NaN that belongs there). Every
 kernel tile (forward 128 queries x 32-192 keys, backward 32-64 queries x 128 keys) is made of
 such blocks, so that block lies in a partially masked tile of every kernel. Under causal masks
 nearly every draw qualifies; packed documents (``cu_seqlens``) add partial tiles at each boundary.
@@ -27,6 +27,10 @@ best effort. ``test_forward_infinite_key_element`` keeps the one such case that 
 one infinite key element with finite values, forward only. The softmax scale stays the default
 ``1/sqrt(D)``: large scales make probabilities underflow to 0 in float32 but not in float64, the
 same issue.
+
+Still open: K in the backward (a hidden NaN / inf K row meets its zero dS in the dQ product;
+kernels/sm80/bwd.cuh says why zeroing it in shared memory is not exact). The backward tests
+plant into q, v and dout; ``test_backward_hidden_key_reaches_dq`` pins the gap (strict xfail).
 
 Every test needs a CUDA GPU and CuPy (``requires_gpu(1)``); on the CPU they are skipped.
 """
@@ -291,22 +295,40 @@ def test_forward_infinite_key_element(dtype, value, mask, kernel_family, fresh_r
     _check_forward(to_host(out), to_host(lse), case)
 
 
-@requires_gpu(1)
-@pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_backward_nonfinite_as_dense(dtype, mask, fresh_rng):
-    """The backward kernel (on the forward's own out and LSE): NaN planted in q, k, v or dout and
-    +-inf in v or dout make dq, dk, dv non-finite exactly where dense attention's gradients are;
-    a Q, dO, K or V row reaches no gradient row through a pair the mask hides, also inside a
-    partially masked tile."""
-    rng = fresh_rng
-    case = _draw_case(rng, mask, dtype, int(rng.choice(HEAD_DIMS)))
-    _plant(rng, case, "qkvd", gap="qkvd")
+def _backward_on_gpu(case):
+    """(dq, dk, dv) on the host: the GPU forward's own out and LSE, then the backward kernel on a
+    ring of one, outputs poisoned first."""
     q, k, v, dout = (to_gpu(case.arrays[n]) for n in "qkvd")
     poison_pool()
     out, lse = cr.attention(q, k, v, return_lse=True, **case.mask)
     grads = cr.ring_attention_backward(dout, q, k, v, out, lse, SoloRing(), **case.mask)
-    _check_backward([to_host(g) for g in grads], case)
+    return [to_host(g) for g in grads]
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_nonfinite_as_dense(dtype, mask, fresh_rng):
+    """The backward kernel (on the forward's own out and LSE): NaN planted in q, v or dout and
+    +-inf in v or dout make dq, dk, dv non-finite exactly where dense attention's gradients are;
+    a Q, dO or V row reaches no gradient row through a pair the mask hides, also inside a
+    partially masked tile. (K: the open gap, ``test_backward_hidden_key_reaches_dq``.)"""
+    rng = fresh_rng
+    case = _draw_case(rng, mask, dtype, int(rng.choice(HEAD_DIMS)))
+    _plant(rng, case, "qvd", gap="qvd")
+    _check_backward(_backward_on_gpu(case), case)
+
+
+@requires_gpu(1)
+@pytest.mark.xfail(strict=True, reason="open gap: a hidden NaN K row meets its zero dS in dQ")
+def test_backward_hidden_key_reaches_dq(fresh_rng):
+    """The one gap left (module docstring): NaN in a K row that some query of a 16-row block sees
+    and another does not still reaches that other query's dQ through the tensor-core product.
+    Strict: once the kernel closes the gap this test passes, fails as XPASS, and goes."""
+    rng = fresh_rng
+    case = _draw_case(rng, "causal", "bfloat16", int(rng.choice(HEAD_DIMS)))
+    _plant(rng, case, "k", gap="k")
+    _check_backward(_backward_on_gpu(case), case)
 
 
 RING_CASES = list(itertools.product(("zigzag", "striped"), ("causal", "documents")))
@@ -325,7 +347,7 @@ def test_ring_nonfinite_as_dense(layout, mask, kernel_family, fresh_rng):
     skip_unless_family_runs(kernel_family, dtype, headdim)
     split = 1 if mask == "documents" else split_factor(layout, world)  # documents pad instead
     case = _draw_case(rng, mask, dtype, headdim, _awkward_length(rng, 100, 400, split))
-    plants = _plant(rng, case, "qkvd", gap="qkvd")
+    plants = _plant(rng, case, "qvd", gap="qvd")  # K in the backward: the open gap
     host = [case.arrays[n] for n in "qkvd"]
     out, lse, *grads = ring_on_gpu(host, world, layout, **case.mask)
     _check_forward(out, lse, case, reached=any(name in "qkv" for name, _, _ in plants))

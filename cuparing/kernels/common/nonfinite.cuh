@@ -18,9 +18,9 @@
 //      holds changes nothing (inf + inf = inf, NaN + x = NaN), so the kernels do this once after
 //      their main loop, over every tile that may have been zeroed, with the accumulators of the
 //      loop dead and no later rescaling to meet the inf.
-// Where the other operand of the product is itself NaN for every visible pair (dS next to a
-// non-finite Q or K row in the backward), step 3 is not needed: zeroing only removes what the
-// hidden pairs would have added.
+// Where the other operand of the product is itself non-finite for every visible pair (dS next to
+// a non-finite Q row in the backward: the row's LSE is NaN), step 3 is not needed: zeroing only
+// removes what the hidden pairs would have added.
 #pragma once
 #include "ptx.cuh"
 
@@ -165,15 +165,18 @@ __device__ __forceinline__ void add_nonfinite_values(float (&acc)[kFrags][kDTile
         const int k = 32 * w + __ffs(m) - 1;
         const u32 pair = load_u32_in_order(values + k * row_stride + 8 * j + 2 * t);
         const u32 bad_halves = nonfinite_halves<kBf16>(pair);
-        const float v0 = (bad_halves & 0xffffu) ? from_half_bits<kBf16>(u16(pair & 0xffffu)) : 0.f;
-        const float v1 = (bad_halves >> 16) ? from_half_bits<kBf16>(u16(pair >> 16)) : 0.f;
+        const float v0 = from_half_bits<kBf16>(u16(pair & 0xffffu));
+        const float v1 = from_half_bits<kBf16>(u16(pair >> 16));
 #pragma unroll
         for (int f = 0; f < kFrags; ++f) {
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
+            // branch-free, and rows that add nothing keep their value bit for bit (-0 stays -0)
             const bool meet = meets(f, r, k);
-            acc[f][j][2 * r] += meet ? v0 : 0.f;
-            acc[f][j][2 * r + 1] += meet ? v1 : 0.f;
+            float& a0 = acc[f][j][2 * r];
+            float& a1 = acc[f][j][2 * r + 1];
+            a0 = meet && (bad_halves & 0xffffu) ? a0 + v0 : a0;
+            a1 = meet && (bad_halves >> 16) ? a1 + v1 : a1;
           }
         }
       }

@@ -31,14 +31,16 @@
 // NaN / inf (common/nonfinite.cuh): a hidden pair has P = dS = 0, but the products dV += P^T dO,
 // dK += dS^T Q and dQ += dS K still form 0 * x, which is NaN for a non-finite dO, Q or K row the
 // pair never meets. On query tiles the mask does not leave whole for the CTA, each thread checks
-// the Q / dO chunks it copied and the loop's first barrier ORs the answer (K: once per CTA, one
-// extra barrier). Only then are their NaN / inf replaced by 0 in shared memory, before any
-// product reads them, so the products themselves are unchanged. That is exact for everything but
-// dV: a row with a NaN in Q or K has a NaN LSE (the forward met a NaN logit), so its P, dS and
-// every pair it sees stay NaN whatever the scores; a NaN in dO leaves its row's delta NaN, so dS
-// stays NaN. (An infinite dO element leaves that row's dS non-finite, but can turn dense
-// attention's NaN into an inf there.) dV adds back, after the loop, the non-finite dO values each
-// key sees.
+// the Q / dO chunks it copied and the loop's first barrier ORs the answer. Only then are their
+// NaN / inf replaced by 0 in shared memory, before any product reads them, so the products'
+// code is unchanged. That is exact but for dV: a non-finite Q row makes its row's LSE NaN or
+// -inf (the forward met a NaN / +inf logit, or saw nothing), so its P and dS stay NaN (or 0)
+// whatever the scores; a non-finite dO row leaves its delta non-finite, so dS stays non-finite
+// (an infinite dO element can turn dense attention's NaN into an inf there). dV adds back, after
+// the loop, the non-finite dO values each key sees. Still open: K. It cannot be zeroed in shared
+// memory (S^T needs it as it is: an infinite K element gives some rows a -inf logit, which hides
+// the key from them, and a finite score there would not), so a hidden NaN / inf K row still
+// meets its zero dS in the dQ product (PERF.md, non-finite values).
 #pragma once
 #include "../common/mask.cuh"
 #include "../common/nonfinite.cuh"
@@ -483,18 +485,6 @@ __device__ __forceinline__ void bwd_block(const BwdParams& p) {
   const float scale = p.scale;
   const int d = p.headdim;
 
-  // May K hold a NaN or inf that a hidden pair's dQ product would meet? (K landed in commit
-  // group 0.) Each thread checks its own copies, one extra barrier per CTA ORs them; only then
-  // they become 0 (exact: see the header).
-  if constexpr (kDoDk) {
-    if (!p.block_full) {  // CTA-uniform; a block_full launch hides no pair
-      cp_async_wait<0>();
-      if (__syncthreads_or(bwd_own_chunks_nonfinite<Tr, Tr::kBlockN, kBf16, false>(s_k, tid))) {
-        bwd_own_chunks_nonfinite<Tr, Tr::kBlockN, kBf16, true>(s_k, tid);
-        // the next barrier (the loop's) orders the zeros before any read
-      }
-    }
-  }
   bool do_zeroed = false;  // some dO tile had its NaN / inf replaced by 0 (rare)
 
   for (int it = 0; it < m_count; ++it) {
@@ -520,10 +510,11 @@ __device__ __forceinline__ void bwd_block(const BwdParams& p) {
       }
     }
     if (__syncthreads_or(own_bad)) {  // ...for all; the previous stage and dS are free again
-      if constexpr (kDoDv) bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16, true>(s_do, tid);
+      bool own_do = false;
+      if constexpr (kDoDv) own_do = bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16, true>(s_do, tid);
       if constexpr (kDoDk) bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16, true>(s_q, tid);
-      __syncthreads();  // the zeros are in place for every warp
-      do_zeroed = do_zeroed || kDoDv;
+      // the zeros are in place for every warp; did dO (whose values dV adds back) hold any?
+      do_zeroed = __syncthreads_or(own_do) || do_zeroed;
     }
     if (it + 1 < m_count) load_q_tile(it + 1, (it + 1) & 1);
     cp_async_commit();
