@@ -28,9 +28,9 @@ one infinite key element with finite values, forward only. The softmax scale sta
 ``1/sqrt(D)``: large scales make probabilities underflow to 0 in float32 but not in float64, the
 same issue.
 
-Still open: K in the backward (a hidden NaN / inf K row meets its zero dS in the dQ product;
-kernels/sm80/bwd.cuh says why zeroing it in shared memory is not exact). The backward tests
-plant into q, v and dout; ``test_backward_hidden_key_reaches_dq`` pins the gap (strict xfail).
+Still open: an infinite K element in the backward (a hidden one meets its zero dS in the dQ
+product; kernels/sm80/bwd.cuh says why zeroing it in shared memory is not exact, unlike a NaN).
+``test_backward_hidden_infinite_key_reaches_dq`` pins the gap (strict xfail).
 
 Every test needs a CUDA GPU and CuPy (``requires_gpu(1)``); on the CPU they are skipped.
 """
@@ -309,25 +309,31 @@ def _backward_on_gpu(case):
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_nonfinite_as_dense(dtype, mask, fresh_rng):
-    """The backward kernel (on the forward's own out and LSE): NaN planted in q, v or dout and
+    """The backward kernel (on the forward's own out and LSE): NaN planted in q, k, v or dout and
     +-inf in v or dout make dq, dk, dv non-finite exactly where dense attention's gradients are;
-    a Q, dO or V row reaches no gradient row through a pair the mask hides, also inside a
-    partially masked tile. (K: the open gap, ``test_backward_hidden_key_reaches_dq``.)"""
+    a Q, dO, K or V row reaches no gradient row through a pair the mask hides, also inside a
+    partially masked tile."""
     rng = fresh_rng
     case = _draw_case(rng, mask, dtype, int(rng.choice(HEAD_DIMS)))
-    _plant(rng, case, "qvd", gap="qvd")
+    _plant(rng, case, "qkvd", gap="qkvd")
     _check_backward(_backward_on_gpu(case), case)
 
 
 @requires_gpu(1)
-@pytest.mark.xfail(strict=True, reason="open gap: a hidden NaN K row meets its zero dS in dQ")
-def test_backward_hidden_key_reaches_dq(fresh_rng):
-    """The one gap left (module docstring): NaN in a K row that some query of a 16-row block sees
-    and another does not still reaches that other query's dQ through the tensor-core product.
-    Strict: once the kernel closes the gap this test passes, fails as XPASS, and goes."""
+@pytest.mark.xfail(strict=True, reason="open gap: a hidden infinite K element meets its 0 dS in dQ")
+def test_backward_hidden_infinite_key_reaches_dq(fresh_rng):
+    """The one gap left (module docstring): +inf in a K row that some query of a 16-row block
+    sees and another does not still reaches that other query's dQ through the tensor-core
+    product (0 * inf). The queries that see it are as dense attention has them: a +inf logit
+    makes the row NaN, a -inf one hides the key and meets 0 * inf in dQ just as dense attention
+    does. Strict: once the kernel closes the gap this test passes, fails as XPASS, and goes."""
     rng = fresh_rng
     case = _draw_case(rng, "causal", "bfloat16", int(rng.choice(HEAD_DIMS)))
-    _plant(rng, case, "k", gap="k")
+    k = case.arrays["k"]
+    b, row = int(rng.integers(k.shape[0])), int(rng.choice(_exposing_rows(case, "k")))
+    hk, d = int(rng.integers(k.shape[2])), int(rng.integers(k.shape[3]))
+    k[b, row, hk, d] = np.inf
+    print("plant (k, [b, s, h, d], value):", (b, row, hk, d), np.inf)
     _check_backward(_backward_on_gpu(case), case)
 
 
@@ -347,7 +353,7 @@ def test_ring_nonfinite_as_dense(layout, mask, kernel_family, fresh_rng):
     skip_unless_family_runs(kernel_family, dtype, headdim)
     split = 1 if mask == "documents" else split_factor(layout, world)  # documents pad instead
     case = _draw_case(rng, mask, dtype, headdim, _awkward_length(rng, 100, 400, split))
-    plants = _plant(rng, case, "qvd", gap="qvd")  # K in the backward: the open gap
+    plants = _plant(rng, case, "qkvd", gap="qkvd")
     host = [case.arrays[n] for n in "qkvd"]
     out, lse, *grads = ring_on_gpu(host, world, layout, **case.mask)
     _check_forward(out, lse, case, reached=any(name in "qkv" for name, _, _ in plants))

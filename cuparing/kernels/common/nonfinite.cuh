@@ -85,15 +85,27 @@ __device__ __forceinline__ u32 chunk_nonfinite(u32 addr) {
          nonfinite_bits<kBf16>(x[2]) | nonfinite_bits<kBf16>(x[3]);
 }
 
-// Same, and if so the chunk's NaN / inf halves are replaced by +0 in place.
+// 0xffff in each 16-bit half of x that holds a NaN (not inf: magnitude bits above the
+// exponent mask), 0 in the others.
 template <bool kBf16>
+__device__ __forceinline__ u32 nan_halves(u32 x) {
+  constexpr u32 kMask = exponent_mask2<kBf16>() & 0xffffu;
+  return ((x & 0x7fffu) > kMask ? 0xffffu : 0u) | (((x >> 16) & 0x7fffu) > kMask ? 0xffff0000u : 0u);
+}
+
+// Same as chunk_nonfinite, and if so the chunk's NaN / inf halves (kNanOnly: its NaN halves
+// only) are replaced by +0 in place.
+template <bool kBf16, bool kNanOnly = false>
 __device__ __forceinline__ u32 zero_nonfinite_chunk(u32 addr) {
   u32 x[4];
   ld_shared_v4(addr, x);
   const u32 bad = nonfinite_bits<kBf16>(x[0]) | nonfinite_bits<kBf16>(x[1]) |
                   nonfinite_bits<kBf16>(x[2]) | nonfinite_bits<kBf16>(x[3]);
   if (bad) {
-    zero_nonfinite<kBf16>(x);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      x[i] &= ~(kNanOnly ? nan_halves<kBf16>(x[i]) : nonfinite_halves<kBf16>(x[i]));
+    }
     st_shared_v4(addr, x);
   }
   return bad;

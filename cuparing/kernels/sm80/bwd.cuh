@@ -37,10 +37,11 @@
 // -inf (the forward met a NaN / +inf logit, or saw nothing), so its P and dS stay NaN (or 0)
 // whatever the scores; a non-finite dO row leaves its delta non-finite, so dS stays non-finite
 // (an infinite dO element can turn dense attention's NaN into an inf there). dV adds back, after
-// the loop, the non-finite dO values each key sees. Still open: K. It cannot be zeroed in shared
-// memory (S^T needs it as it is: an infinite K element gives some rows a -inf logit, which hides
-// the key from them, and a finite score there would not), so a hidden NaN / inf K row still
-// meets its zero dS in the dQ product (PERF.md, non-finite values).
+// the loop, the non-finite dO values each key sees. K is checked once per CTA (one extra
+// barrier), and only its NaN become 0: a row that sees a NaN key has a NaN LSE, so S^T does not
+// matter there, but an infinite K element gives some rows a -inf logit, which hides the key from
+// them, and a zeroed K would give them a finite score. So a hidden *infinite* K element still
+// meets its zero dS in the dQ product: the one gap left (PERF.md, non-finite values).
 #pragma once
 #include "../common/mask.cuh"
 #include "../common/nonfinite.cuh"
@@ -173,7 +174,7 @@ __device__ __forceinline__ void bwd_load_tile(u32 smem, const u16* __restrict__ 
 // kHeadDim) tile hold a NaN or inf; with kZero those values are also replaced by 0 in place.
 // Valid once the thread's own copies have landed (cp.async.wait_group makes them visible to it);
 // zero-filled chunks are finite.
-template <class Tr, int kRows, bool kBf16, bool kZero>
+template <class Tr, int kRows, bool kBf16, bool kZero, bool kNanOnly = false>
 __device__ __forceinline__ bool bwd_own_chunks_nonfinite(u32 smem, int tid) {
   constexpr int kRowStep = Tr::kNThreads / Tr::kLoadChunks;
   constexpr int kIters = (kRows + kRowStep - 1) / kRowStep;
@@ -186,7 +187,7 @@ __device__ __forceinline__ bool bwd_own_chunks_nonfinite(u32 smem, int tid) {
     const int row = row0 + i * kRowStep;
     if (kRows % kRowStep != 0 && row >= kRows) break;
     const u32 addr = smem + Tr::offset(row, chunk);
-    bad |= kZero ? zero_nonfinite_chunk<kBf16>(addr) : chunk_nonfinite<kBf16>(addr);
+    bad |= kZero ? zero_nonfinite_chunk<kBf16, kNanOnly>(addr) : chunk_nonfinite<kBf16>(addr);
   }
   return bad != 0;
 }
@@ -485,6 +486,19 @@ __device__ __forceinline__ void bwd_block(const BwdParams& p) {
   const float scale = p.scale;
   const int d = p.headdim;
 
+  // May K hold a NaN that a hidden pair's dQ product would meet? (K landed in commit group 0.)
+  // Each thread checks its own copies, one extra barrier per CTA ORs them; only then its NaN
+  // (not inf: see the header) become 0, exactly: every row that sees a NaN key had a NaN logit,
+  // so its LSE is NaN and its P and dS stay NaN whatever the score.
+  if constexpr (kDoDk) {
+    if (!p.block_full) {  // CTA-uniform; a block_full launch hides no pair
+      cp_async_wait<0>();
+      if (__syncthreads_or(bwd_own_chunks_nonfinite<Tr, Tr::kBlockN, kBf16, false>(s_k, tid))) {
+        bwd_own_chunks_nonfinite<Tr, Tr::kBlockN, kBf16, true, true>(s_k, tid);
+        // the next barrier (the loop's) orders the zeros before any read
+      }
+    }
+  }
   bool do_zeroed = false;  // some dO tile had its NaN / inf replaced by 0 (rare)
 
   for (int it = 0; it < m_count; ++it) {
