@@ -31,17 +31,17 @@
 // NaN / inf (common/nonfinite.cuh): a hidden pair has P = dS = 0, but the products dV += P^T dO,
 // dK += dS^T Q and dQ += dS K still form 0 * x, which is NaN for a non-finite dO, Q or K row the
 // pair never meets. On query tiles the mask does not leave whole for the CTA, each thread checks
-// the Q / dO chunks it copied and the loop's first barrier ORs the answer. Only then are their
-// NaN / inf replaced by 0 in shared memory, before any product reads them, so the products'
-// code is unchanged. That is exact but for dV: a non-finite Q row makes its row's LSE NaN or
-// -inf (the forward met a NaN / +inf logit, or saw nothing), so its P and dS stay NaN (or 0)
-// whatever the scores; a non-finite dO row leaves its delta non-finite, so dS stays non-finite
-// (an infinite dO element can turn dense attention's NaN into an inf there). dV adds back, after
-// the loop, the non-finite dO values each key sees. K is checked once per CTA (one extra
-// barrier), and only its NaN become 0: a row that sees a NaN key has a NaN LSE, so S^T does not
-// matter there, but an infinite K element gives some rows a -inf logit, which hides the key from
-// them, and a zeroed K would give them a finite score. So a hidden *infinite* K element still
-// meets its zero dS in the dQ product: the one gap left (PERF.md, non-finite values).
+// the Q / dO chunks it copied and the loop's first barrier ORs the answer (K: once per CTA, one
+// extra barrier). Only then are they replaced by 0 in shared memory, before any product reads
+// them, so the products' code is unchanged: dO's NaN and inf, Q's and K's NaN only. Exact: a row
+// that meets a NaN in Q or K had a NaN logit in the forward, so its LSE is NaN and its P and dS
+// stay NaN whatever the recomputed scores; a non-finite dO row leaves its delta non-finite, so
+// dS stays non-finite (an infinite dO element can turn dense attention's NaN into an inf there).
+// dV adds back, after the loop, the non-finite dO values each key sees. An infinite Q or K
+// element cannot be zeroed so: it gives some rows a -inf logit, which hides the key from them,
+// and a zeroed operand would turn that into a finite score. So a hidden *infinite* Q or K element
+// still meets its zero dS in the dK or dQ product: the gap left (PERF.md, non-finite values);
+// and a row holding both a NaN and an inf can lose its NaN score there (best effort).
 #pragma once
 #include "../common/mask.cuh"
 #include "../common/nonfinite.cuh"
@@ -526,7 +526,7 @@ __device__ __forceinline__ void bwd_block(const BwdParams& p) {
     if (__syncthreads_or(own_bad)) {  // ...for all; the previous stage and dS are free again
       bool own_do = false;
       if constexpr (kDoDv) own_do = bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16, true>(s_do, tid);
-      if constexpr (kDoDk) bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16, true>(s_q, tid);
+      if constexpr (kDoDk) bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16, true, true>(s_q, tid);
       // the zeros are in place for every warp; did dO (whose values dV adds back) hold any?
       do_zeroed = __syncthreads_or(own_do) || do_zeroed;
     }
