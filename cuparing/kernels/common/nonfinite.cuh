@@ -8,8 +8,8 @@
 //      checks the 16-byte chunks it copied into shared memory itself (`chunk_nonfinite`), and
 //      the answer is OR-ed over the CTA by the barrier the loop has anyway (__syncthreads_or),
 //      or by the producer warps in the Hopper kernel;
-//   2. only then (rare) run the product with those values replaced by 0 (`zero_nonfinite`, on
-//      the fragments in registers, or `zero_nonfinite_chunk` in shared memory), and
+//   2. only then (rare) replace those values by 0 in shared memory (`zero_nonfinite_chunk`),
+//      before any product reads the tile, so the products' code is unchanged, and
 //   3. add, to each row, the non-finite values of the keys the mask lets it see
 //      (`add_nonfinite_values`): a weight p > 0 times inf is inf of the same sign, times NaN is
 //      NaN, so adding the value itself gives what dense attention gives. A visible pair whose
@@ -18,9 +18,9 @@
 //      holds changes nothing (inf + inf = inf, NaN + x = NaN), so the kernels do this once after
 //      their main loop, over every tile that may have been zeroed, with the accumulators of the
 //      loop dead and no later rescaling to meet the inf.
-// Where the other operand of the product is itself non-finite for every visible pair (dS next to
-// a non-finite Q row in the backward: the row's LSE is NaN), step 3 is not needed: zeroing only
-// removes what the hidden pairs would have added.
+// Where the other operand of the product is itself NaN for every visible pair (dS next to a NaN
+// in Q or K in the backward: the row's LSE is NaN), step 3 is not needed: zeroing only removes
+// what the hidden pairs would have added.
 #pragma once
 #include "ptx.cuh"
 
@@ -50,19 +50,6 @@ __device__ __forceinline__ u32 nonfinite_halves(u32 x) {
   return (nonfinite_bits<kBf16>(x) >> 15) * 0xffffu;
 }
 
-template <bool kBf16>
-__device__ __forceinline__ bool is_nonfinite(u16 x) {
-  constexpr u32 kMask = exponent_mask2<kBf16>() & 0xffffu;
-  return (x & kMask) == kMask;
-}
-
-// Replace the NaN / inf halves of four packed registers (an ldmatrix result) by +0.
-template <bool kBf16>
-__device__ __forceinline__ void zero_nonfinite(u32 (&r)[4]) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) r[i] &= ~nonfinite_halves<kBf16>(r[i]);
-}
-
 __device__ __forceinline__ void ld_shared_v4(u32 addr, u32 (&r)[4]) {
   asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -76,13 +63,19 @@ __device__ __forceinline__ void st_shared_v4(u32 addr, const u32 (&r)[4]) {
                : "memory");
 }
 
+// Does any of four packed words hold a NaN or inf? (non-zero: yes)
+template <bool kBf16>
+__device__ __forceinline__ u32 words_nonfinite(const u32 (&x)[4]) {
+  return nonfinite_bits<kBf16>(x[0]) | nonfinite_bits<kBf16>(x[1]) |
+         nonfinite_bits<kBf16>(x[2]) | nonfinite_bits<kBf16>(x[3]);
+}
+
 // Does the 16-byte shared-memory chunk at addr hold a NaN or inf? (non-zero: yes)
 template <bool kBf16>
 __device__ __forceinline__ u32 chunk_nonfinite(u32 addr) {
   u32 x[4];
   ld_shared_v4(addr, x);
-  return nonfinite_bits<kBf16>(x[0]) | nonfinite_bits<kBf16>(x[1]) |
-         nonfinite_bits<kBf16>(x[2]) | nonfinite_bits<kBf16>(x[3]);
+  return words_nonfinite<kBf16>(x);
 }
 
 // 0xffff in each 16-bit half of x that holds a NaN (not inf: magnitude bits above the
@@ -99,8 +92,7 @@ template <bool kBf16, bool kNanOnly = false>
 __device__ __forceinline__ u32 zero_nonfinite_chunk(u32 addr) {
   u32 x[4];
   ld_shared_v4(addr, x);
-  const u32 bad = nonfinite_bits<kBf16>(x[0]) | nonfinite_bits<kBf16>(x[1]) |
-                  nonfinite_bits<kBf16>(x[2]) | nonfinite_bits<kBf16>(x[3]);
+  const u32 bad = words_nonfinite<kBf16>(x);
   if (bad) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
