@@ -8,11 +8,15 @@ The kernel family follows ``CUPARING_KERNELS`` (sm80, sm90); the backward is the
 kernel whatever the forward family (``--backward``; packed documents: forward only).
 
 Inputs: bf16 [1, S, H, D] torch tensors (S=8192, H=32, D=128 by default), standard normal, the
-documents 256-2047 tokens long (seed 0). Time: CUDA events (tools/timing.py: back-to-back calls),
-median of repeats. Prints one JSON line: {"family", "fwd_<mask>": ms, "bwd_<mask>": ms, ...}.
+documents 256-2047 tokens long (seed 0). ``--plant``: one NaN in k and one +inf in dout (head 0,
+mid-sequence rows off the tile grid), so the kernels' rare path for non-finite values inside
+partially masked tiles runs and its cost shows; ``--overflow``: every 16th dout row +inf (an
+fp16 loss scale that overflowed), so that path runs in most CTAs. Time: CUDA events
+(tools/timing.py: back-to-back calls), median of repeats. Prints one JSON line: {"family",
+"plant", "overflow", "card", "fwd_<mask>": ms, "bwd_<mask>": ms, ...}.
 
 Usage:
-    CUPARING_KERNELS=sm90 python tools/bench_masks.py [--backward] [--seqlen S] [--window W]
+    CUPARING_KERNELS=sm90 python tools/bench_masks.py [--backward] [--plant | --overflow]
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=int, default=512, help="left side of the window mask")
     parser.add_argument("--backward", action="store_true", help="also time the backward")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--plant", action="store_true", help="one NaN in k, one +inf in dout")
+    parser.add_argument("--overflow", action="store_true", help="every 16th dout row +inf")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -58,14 +64,19 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     shape = (1, args.seqlen, args.heads, args.headdim)
     q, k, v, dout = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    if args.plant:
+        k[0, args.seqlen // 2 + 5, 0, 0] = float("nan")
+        dout[0, args.seqlen // 3 + 7, 0, 0] = float("inf")
+    if args.overflow:
+        dout[:, 5::16] = float("inf")
     masks = {
         "full": {},
         "causal": {"causal": True},
         "window": {"window": (args.window, 0)},
         "documents": {"causal": True, "cu_seqlens": document_bounds(rng, args.seqlen)},
     }
-    result = {"family": os.environ.get("CUPARING_KERNELS", "auto"),
-              "card": torch.cuda.get_device_name()}  # fmt: skip
+    result = {"family": os.environ.get("CUPARING_KERNELS", "auto"), "plant": args.plant,
+              "overflow": args.overflow, "card": torch.cuda.get_device_name()}  # fmt: skip
     for name, mask in masks.items():
         result[f"fwd_{name}"] = round(time_ms(lambda m=mask: cr.attention(q, k, v, **m),
                                               repeats=args.repeats), 4)  # fmt: skip

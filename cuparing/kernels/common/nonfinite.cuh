@@ -18,9 +18,9 @@
 //      holds changes nothing (inf + inf = inf, NaN + x = NaN), so the kernels do this once after
 //      their main loop, over every tile that may have been zeroed, with the accumulators of the
 //      loop dead and no later rescaling to meet the inf.
-// Where the other operand of the product is itself NaN for every visible pair (dS next to a NaN
-// in Q or K in the backward: the row's LSE is NaN), step 3 is not needed: zeroing only removes
-// what the hidden pairs would have added.
+// The forward kernels do this for V (P V), the backward for dO (dV += P^T dO). The backward's Q
+// and K may not be rewritten so (an infinite element can make a visible logit -inf, which a zero
+// would turn finite): it recomputes those tiles pair by pair (sm80/bwd.cuh, bwd_exact_tile).
 #pragma once
 #include "ptx.cuh"
 
@@ -78,17 +78,8 @@ __device__ __forceinline__ u32 chunk_nonfinite(u32 addr) {
   return words_nonfinite<kBf16>(x);
 }
 
-// 0xffff in each 16-bit half of x that holds a NaN (not inf: magnitude bits above the
-// exponent mask), 0 in the others.
+// Same as chunk_nonfinite, and if so the chunk's NaN / inf halves are replaced by +0 in place.
 template <bool kBf16>
-__device__ __forceinline__ u32 nan_halves(u32 x) {
-  constexpr u32 kMask = exponent_mask2<kBf16>() & 0xffffu;
-  return ((x & 0x7fffu) > kMask ? 0xffffu : 0u) | (((x >> 16) & 0x7fffu) > kMask ? 0xffff0000u : 0u);
-}
-
-// Same as chunk_nonfinite, and if so the chunk's NaN / inf halves (kNanOnly: its NaN halves
-// only) are replaced by +0 in place.
-template <bool kBf16, bool kNanOnly = false>
 __device__ __forceinline__ u32 zero_nonfinite_chunk(u32 addr) {
   u32 x[4];
   ld_shared_v4(addr, x);
@@ -96,7 +87,7 @@ __device__ __forceinline__ u32 zero_nonfinite_chunk(u32 addr) {
   if (bad) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      x[i] &= ~(kNanOnly ? nan_halves<kBf16>(x[i]) : nonfinite_halves<kBf16>(x[i]));
+      x[i] &= ~nonfinite_halves<kBf16>(x[i]);
     }
     st_shared_v4(addr, x);
   }

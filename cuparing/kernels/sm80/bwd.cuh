@@ -28,20 +28,21 @@
 // tiles), so tile i+1 loads while tile i computes; two barriers per query tile (stage reuse,
 // and dS written before dQ reads it).
 //
-// NaN / inf (common/nonfinite.cuh): a hidden pair has P = dS = 0, but the products dV += P^T dO,
-// dK += dS^T Q and dQ += dS K still form 0 * x, which is NaN for a non-finite dO, Q or K row the
-// pair never meets. On query tiles the mask does not leave whole for the CTA, each thread checks
-// the Q / dO chunks it copied and the loop's first barrier ORs the answer (K: once per CTA, one
-// extra barrier). Only then are they replaced by 0 in shared memory, before any product reads
-// them, so the products' code is unchanged: dO's NaN and inf, Q's and K's NaN only. Exact: a row
-// that meets a NaN in Q or K had a NaN logit in the forward, so its LSE is NaN and its P and dS
-// stay NaN whatever the recomputed scores; a non-finite dO row leaves its delta non-finite, so
-// dS stays non-finite (an infinite dO element can turn dense attention's NaN into an inf there).
-// dV adds back, after the loop, the non-finite dO values each key sees. An infinite Q or K
-// element cannot be zeroed so: it gives some rows a -inf logit, which hides the key from them,
-// and a zeroed operand would turn that into a finite score. So a hidden *infinite* Q or K element
-// still meets its zero dS in the dK or dQ product: the gap left (PERF.md, non-finite values);
-// and a row holding both a NaN and an inf can lose its NaN score there (best effort).
+// NaN / inf: a hidden pair has P = dS = 0, but the products dV += P^T dO, dK += dS^T Q and
+// dQ += dS K still form 0 * x, which is NaN for a non-finite dO, Q or K row the pair never meets.
+// On query tiles the mask does not leave whole for the CTA, each thread checks the Q / dO chunks
+// it copied and the loop's first barrier ORs the answer (K: once per CTA, one extra barrier).
+// Only on a find (rare, CTA-uniform):
+//   - dO alone: its NaN / inf become 0 in shared memory and dV adds the visible ones back after
+//     the loop (common/nonfinite.cuh), cheap enough for an fp16 loss scale that overflowed;
+//   - Q: the tile is neutralised (lse +inf, so every P and dS is exactly 0; Q's and dO's
+//     non-finite values 0, so every product is 0) and recomputed after the loop pair by pair
+//     (bwd_exact_tile), hidden pairs never touched. Zeroing alone is not exact for Q or K: an
+//     infinite element may make a visible logit -inf (the key hidden from that row), and a zero
+//     would turn it into a finite score;
+//   - K: the partial tiles' dQ stores are dropped and bwd_exact_tile adds their dQ.
+// A non-finite Q or K means the forward already met it; that path is slow (float32, one pair at
+// a time) but touches only the tiles next to a mask edge.
 #pragma once
 #include "../common/mask.cuh"
 #include "../common/nonfinite.cuh"
@@ -174,7 +175,7 @@ __device__ __forceinline__ void bwd_load_tile(u32 smem, const u16* __restrict__ 
 // kHeadDim) tile hold a NaN or inf; with kZero those values are also replaced by 0 in place.
 // Valid once the thread's own copies have landed (cp.async.wait_group makes them visible to it);
 // zero-filled chunks are finite.
-template <class Tr, int kRows, bool kBf16, bool kZero, bool kNanOnly = false>
+template <class Tr, int kRows, bool kBf16, bool kZero = false>
 __device__ __forceinline__ bool bwd_own_chunks_nonfinite(u32 smem, int tid) {
   constexpr int kRowStep = Tr::kNThreads / Tr::kLoadChunks;
   constexpr int kIters = (kRows + kRowStep - 1) / kRowStep;
@@ -187,7 +188,7 @@ __device__ __forceinline__ bool bwd_own_chunks_nonfinite(u32 smem, int tid) {
     const int row = row0 + i * kRowStep;
     if (kRows % kRowStep != 0 && row >= kRows) break;
     const u32 addr = smem + Tr::offset(row, chunk);
-    bad |= kZero ? zero_nonfinite_chunk<kBf16, kNanOnly>(addr) : chunk_nonfinite<kBf16>(addr);
+    bad |= kZero ? zero_nonfinite_chunk<kBf16>(addr) : chunk_nonfinite<kBf16>(addr);
   }
   return bad != 0;
 }
@@ -317,6 +318,165 @@ __device__ __forceinline__ void red_add_key_rows(float* base, i64 row_stride,
         if (col < d) red_add_f32x2(row + col, acc[kf][j][2 * r] * mul, acc[kf][j][2 * r + 1] * mul);
       }
     }
+  }
+}
+
+// sum + x . y over the 8 elements of two 16-byte chunks, in float32.
+template <bool kBf16>
+__device__ __forceinline__ float fma_chunk(const uint4& x, const uint4& y, float sum) {
+  const u32 xs[4] = {x.x, x.y, x.z, x.w};
+  const u32 ys[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    sum = fmaf(from_half_bits<kBf16>(static_cast<u16>(xs[i] & 0xffffu)),
+               from_half_bits<kBf16>(static_cast<u16>(ys[i] & 0xffffu)), sum);
+    sum = fmaf(from_half_bits<kBf16>(static_cast<u16>(xs[i] >> 16)),
+               from_half_bits<kBf16>(static_cast<u16>(ys[i] >> 16)), sum);
+  }
+  return sum;
+}
+
+// x . y over d elements (a multiple of 8; rows 16-byte aligned), in float32.
+template <bool kBf16>
+__device__ __forceinline__ float dot_rows(const u16* __restrict__ x, const u16* __restrict__ y,
+                                          int d) {
+  float sum = 0.f;
+#pragma unroll 2
+  for (int c = 0; c < d; c += 8) {
+    sum = fma_chunk<kBf16>(__ldg(reinterpret_cast<const uint4*>(x + c)),
+                           __ldg(reinterpret_cast<const uint4*>(y + c)), sum);
+  }
+  return sum;
+}
+
+// Query rows per pass of bwd_exact_tile: the largest power of two up to kBlockM whose P and dS
+// (float32, kBlockN keys per row) fit the kernel's shared memory.
+template <class Tr>
+__host__ __device__ constexpr int exact_tile_rows() {
+  int rows = Tr::kBlockM;
+  while (rows > 1 && 2 * rows * Tr::kBlockN * 4 > Tr::kSmemBytes) rows /= 2;
+  return rows;
+}
+
+// bwd_exact_tile's mark for a hidden pair in its P and dS arrays: a NaN payload no arithmetic
+// produces (the GPU's float operations return the canonical NaN 0x7fffffff), so one shared
+// load tells a hidden pair from every value a visible pair can have, NaN included.
+constexpr u32 kHiddenPair = 0x7f800001u;
+
+// Rare path: one query tile (rows [m0, m0 + rows)) against the CTA's keys [n0, n0 + keys_valid),
+// pair by pair in float32. The main loop skips a tile the mask leaves partial for the CTA when
+// its Q or dO, or the CTA's K, hold a NaN or inf: there a hidden pair's P or dS of 0 would meet
+// that value in a tensor-core product (0 * x = NaN), a product dense attention never forms, and
+// no rewrite of the operand is exact for an infinite Q or K element (it may make a visible logit
+// -inf, which zeroing would turn finite). Here hidden pairs are never touched and visible pairs
+// use plain IEEE arithmetic, as dense attention does; the gradients go straight into the
+// float32 accumulators: dV += P^T dO, dK += scale dS^T Q, dQ += scale dS K (only dQ with
+// dq_only: a tile whose K alone holds the value, where the loop adds dV and dK). P and dS of
+// exact_tile_rows() queries at a time live in shared memory, which the caller has freed (every
+// warp past the main loop). The sums run 4 terms at a time with their loads issued together:
+// an overflowing fp16 loss scale (inf in dO) can send many tiles here at once. Call with the
+// whole CTA; returns after a barrier.
+template <class Tr, bool kBf16, int kMode>
+__device__ void bwd_exact_tile(const BwdParams& p, float* smem, int b, int h, int hk, int n0,
+                               int keys_valid, int m0, int rows, bool dq_only, int tid) {
+  constexpr bool kDoDv = kMode != kBwdDkDq;
+  constexpr bool kDoDk = kMode != kBwdDv;
+  constexpr int kRows = exact_tile_rows<Tr>();
+  constexpr int kKeys = Tr::kBlockN;
+  constexpr float kLog2e = 1.4426950408889634f;
+  const int d = p.headdim;
+  const u16* q_rows = p.q + b * p.q_batch_stride + h * p.q_head_stride;
+  const u16* do_rows = p.dout + b * p.do_batch_stride + h * p.do_head_stride;
+  const u16* k_rows = p.k + b * p.k_batch_stride + hk * p.k_head_stride + n0 * p.k_row_stride;
+  const u16* v_rows = p.v + b * p.v_batch_stride + hk * p.v_head_stride + n0 * p.v_row_stride;
+  const i64 bh = static_cast<i64>(b) * p.nheads + h;
+  const float* lse = p.lse + bh * p.seqlen_q;
+  const float* delta = p.delta + bh * p.seqlen_q;
+  const i64 q_grad_stride = static_cast<i64>(p.nheads) * d;
+  float* dq_rows = p.dq + (static_cast<i64>(b) * p.seqlen_q * p.nheads + h) * d;
+  const i64 kv_grad_stride = static_cast<i64>(p.nheads_kv) * d;
+  const i64 kv_grad0 = (static_cast<i64>(b) * p.seqlen_k * p.nheads_kv + hk) * d +
+                       n0 * kv_grad_stride;
+  float* p_s = smem;                   // [kRows][kKeys]
+  float* ds_s = smem + kRows * kKeys;  // [kRows][kKeys]
+  // the array that marks hidden pairs for a sum (dV's P, else dS: both carry the mark)
+  const float* mark_s = kDoDv ? p_s : ds_s;
+
+#pragma unroll 1
+  for (int r0 = 0; r0 < rows; r0 += kRows) {
+    const int n_rows = min(kRows, rows - r0);
+    // P and dS of every pair, kHiddenPair where the mask hides it
+#pragma unroll 1
+    for (int idx = tid; idx < kRows * kKeys; idx += Tr::kNThreads) {
+      const int i = idx / kKeys, key = idx % kKeys;
+      const int row = m0 + r0 + i;
+      float pv = __uint_as_float(kHiddenPair), dsv = pv;
+      if (i < n_rows && key < keys_valid) {
+        const int gap = __ldg(p.k_pos + n0 + key) - __ldg(p.q_pos + row);
+        if (gap >= p.lo && gap <= p.hi) {
+          const float l = __ldg(lse + row);
+          const float l2 = l == neg_inf() ? pos_inf() : l * kLog2e;  // as the main loop
+          const float s = dot_rows<kBf16>(q_rows + row * p.q_row_stride,
+                                          k_rows + key * p.k_row_stride, d);
+          pv = exp2f(fmaf(s, p.scale_log2, -l2));
+          if constexpr (kDoDk) {
+            const float dp = dot_rows<kBf16>(do_rows + row * p.do_row_stride,
+                                             v_rows + key * p.v_row_stride, d);
+            dsv = pv * (dp - __ldg(delta + row));
+          }
+        }
+      }
+      p_s[idx] = pv;
+      ds_s[idx] = dsv;
+    }
+    __syncthreads();
+    // dV and dK: one (key, column) element per thread and step, summed over the visible queries
+#pragma unroll 1
+    for (int idx = tid; idx < (dq_only ? 0 : keys_valid * d); idx += Tr::kNThreads) {
+      const int key = idx / d, e = idx % d;
+      const u16* do_col = do_rows + (m0 + r0) * p.do_row_stride + e;
+      const u16* q_col = q_rows + (m0 + r0) * p.q_row_stride + e;
+      float dv = 0.f, dk = 0.f;
+      bool any = false;
+#pragma unroll 4
+      for (int i = 0; i < n_rows; ++i) {
+        const bool seen = __float_as_uint(mark_s[i * kKeys + key]) != kHiddenPair;
+        any = any || seen;
+        if constexpr (kDoDv) {
+          const float x = from_half_bits<kBf16>(__ldg(do_col + i * p.do_row_stride));
+          dv = seen ? fmaf(p_s[i * kKeys + key], x, dv) : dv;
+        }
+        if constexpr (kDoDk) {
+          const float x = from_half_bits<kBf16>(__ldg(q_col + i * p.q_row_stride));
+          dk = seen ? fmaf(ds_s[i * kKeys + key], x, dk) : dk;
+        }
+      }
+      if (any) {
+        const i64 at = kv_grad0 + key * kv_grad_stride + e;
+        if constexpr (kDoDv) red_add_f32(p.dv + at, dv);
+        if constexpr (kDoDk) red_add_f32(p.dk + at, dk * p.scale);
+      }
+    }
+    // dQ: one (query, column) element per thread and step, summed over the visible keys
+    if constexpr (kDoDk) {
+#pragma unroll 1
+      for (int idx = tid; idx < n_rows * d; idx += Tr::kNThreads) {
+        const int i = idx / d, e = idx % d;
+        const u16* k_col = k_rows + e;
+        float dq = 0.f;
+        bool any = false;
+#pragma unroll 4
+        for (int key = 0; key < keys_valid; ++key) {
+          const float ds = ds_s[i * kKeys + key];
+          const bool seen = __float_as_uint(ds) != kHiddenPair;
+          any = any || seen;
+          const float x = from_half_bits<kBf16>(__ldg(k_col + key * p.k_row_stride));
+          dq = seen ? fmaf(ds, x, dq) : dq;
+        }
+        if (any) red_add_f32(dq_rows + (m0 + r0 + i) * q_grad_stride + e, dq * p.scale);
+      }
+    }
+    __syncthreads();  // P and dS are read: the next pass (or the caller) may overwrite them
   }
 }
 
@@ -486,20 +646,17 @@ __device__ __forceinline__ void bwd_block(const BwdParams& p) {
   const float scale = p.scale;
   const int d = p.headdim;
 
-  // May K hold a NaN that a hidden pair's dQ product would meet? (K landed in commit group 0.)
-  // Each thread checks its own copies, one extra barrier per CTA ORs them; only then its NaN
-  // (not inf: see the header) become 0, exactly: every row that sees a NaN key had a NaN logit,
-  // so its LSE is NaN and its P and dS stay NaN whatever the score.
+  // Does the CTA's K hold a NaN or inf that a hidden pair's dQ product would meet? (K landed in
+  // commit group 0.) Each thread checks its own copies; one extra barrier per CTA ORs them.
+  bool k_bad = false;
   if constexpr (kDoDk) {
     if (!p.block_full) {  // CTA-uniform; a block_full launch hides no pair
       cp_async_wait<0>();
-      if (__syncthreads_or(bwd_own_chunks_nonfinite<Tr, Tr::kBlockN, kBf16, false>(s_k, tid))) {
-        bwd_own_chunks_nonfinite<Tr, Tr::kBlockN, kBf16, true, true>(s_k, tid);
-        // the next barrier (the loop's) orders the zeros before any read
-      }
+      k_bad = __syncthreads_or(bwd_own_chunks_nonfinite<Tr, Tr::kBlockN, kBf16>(s_k, tid));
     }
   }
-  bool do_zeroed = false;  // some dO tile had its NaN / inf replaced by 0 (rare)
+  bool skipped_any = false;  // some tile was left to bwd_exact_tile (rare, CTA-uniform)
+  bool do_zeroed = false;    // some dO tile had its NaN / inf replaced by 0 (rare, CTA-uniform)
 
   for (int it = 0; it < m_count; ++it) {
     const int m0 = (m_first + it) * Tr::kBlockM;
@@ -511,24 +668,40 @@ __device__ __forceinline__ void bwd_block(const BwdParams& p) {
     const u32 s_do = s_do0 + stage * Tr::kQBytes;
 
     cp_async_wait<0>();  // tile `it` (and K, V) landed for this thread...
-    // A tile some key of the CTA sees only in part: may its dO (for dV) or Q (for dK, dQ) hold
-    // a NaN or inf that a hidden pair would meet? Each thread checks its own copies; the barrier
-    // ORs them. Only then they become 0 (rare, CTA-uniform), before any product reads them.
-    bool own_bad = false;
-    if (!p.block_full && classify_tile(q_min, q_max, cta_k_min, cta_k_max, lo, hi) != kTileFull) {
-      if constexpr (kDoDv) {
-        own_bad = bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16, false>(s_do, tid);
-      }
+    // A tile some key of the CTA sees only in part: may its dO (for dV) or Q (for dK), or K (for
+    // dQ), hold a NaN or inf that a hidden pair would meet? Each thread checks its own copies;
+    // the barrier ORs them. A NaN or inf in Q or K sends the tile to bwd_exact_tile after the
+    // loop; one in dO alone is replaced by 0 here (before any product reads it) and dV adds it
+    // back after the loop, which is cheap and exact enough for dO (README, Numerics): an fp16
+    // loss scale that overflows puts inf in many dO rows at once.
+    const bool partial = !p.block_full && classify_tile(q_min, q_max, cta_k_min, cta_k_max, lo,
+                                                        hi) != kTileFull;
+    bool own_q = false, own_do = false;
+    if (partial) {
+      if constexpr (kDoDv) own_do = bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16>(s_do, tid);
       if constexpr (kDoDk) {
-        own_bad = bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16, false>(s_q, tid) || own_bad;
+        own_q = bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16>(s_q, tid);
       }
     }
-    if (__syncthreads_or(own_bad)) {  // ...for all; the previous stage and dS are free again
-      bool own_do = false;
-      if constexpr (kDoDv) own_do = bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16, true>(s_do, tid);
-      if constexpr (kDoDk) bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16, true, true>(s_q, tid);
-      // the zeros are in place for every warp; did dO (whose values dV adds back) hold any?
-      do_zeroed = __syncthreads_or(own_do) || do_zeroed;
+    // K's NaN / inf: the partial tile's dQ stores are dropped (below), bwd_exact_tile adds dQ
+    const bool drop_dq = partial && k_bad;
+    skipped_any = drop_dq || skipped_any;
+    if (__syncthreads_or(own_q || own_do)) {  // ...for all; the previous stage and dS are free
+      if (__syncthreads_or(own_q)) {
+        // Q's NaN / inf: the tile must add nothing here (bwd_exact_tile adds it all). With its
+        // lse +inf every P is exactly 0, so is every dS, and with Q's and dO's non-finite
+        // values 0 every product is 0 (dQ's too: K is finite, or drop_dq drops it).
+        if constexpr (kDoDv) bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16, true>(s_do, tid);
+        bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16, true>(s_q, tid);
+        for (int i = tid; i < Tr::kBlockM; i += Tr::kNThreads) {
+          lse_s[stage * Tr::kBlockM + i] = pos_inf();
+        }
+        skipped_any = true;
+      } else {  // dO alone: its values are added back after the loop
+        if constexpr (kDoDv) bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16, true>(s_do, tid);
+        do_zeroed = true;
+      }
+      __syncthreads();  // the zeros are in place for every warp
     }
     if (it + 1 < m_count) load_q_tile(it + 1, (it + 1) & 1);
     cp_async_commit();
@@ -676,7 +849,7 @@ __device__ __forceinline__ void bwd_block(const BwdParams& p) {
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int row = m0 + (dq_wm * Tr::kDqMFrags + mf) * 16 + g + 8 * r;
-            if (row >= sq) continue;
+            if (row >= sq || drop_dq) continue;
             float* dq_row = p.dq + ((static_cast<i64>(b) * sq + row) * p.nheads + h) * d;
 #pragma unroll
             for (int pp = 0; pp < kChunk; ++pp) {
@@ -707,11 +880,20 @@ __device__ __forceinline__ void bwd_block(const BwdParams& p) {
     red_add_key_rows<Tr>(p.dk + kv_base, kv_row_stride, acc_dk, scale, warp_key0, sk, d, lane);
   }
 
+  // Query tile `it` of the CTA's range: its first row, its rows, and whether some key of the CTA
+  // sees it only in part (the only tiles the rare paths below touch).
+  const auto partial_tile = [&](int it, int& m0, int& rows) {
+    m0 = (m_first + it) * Tr::kBlockM;
+    rows = min(Tr::kBlockM, sq - m0);
+    return classify_tile(__ldg(p.q_pos + m0), __ldg(p.q_pos + m0 + rows - 1), cta_k_min,
+                         cta_k_max, lo, hi) != kTileFull;
+  };
+
   // Rare: some dO tile had its NaN / inf zeroed. Each key row now adds the non-finite dO values
   // of the queries it sees, in every tile the CTA sees in part (only those were ever zeroed),
   // gathered in the dV registers (free again) and added to dv like the rest. Adding a
   // non-finite value a sum already holds changes nothing (inf + inf, NaN + x), so tiles that
-  // kept their values may be walked again; done once, after everything else.
+  // kept their values (or went to bwd_exact_tile) may be walked again.
   if constexpr (kDoDv) {
     if (do_zeroed && warp_keys > 0) {  // warp-uniform
 #pragma unroll
@@ -724,20 +906,38 @@ __device__ __forceinline__ void bwd_block(const BwdParams& p) {
       }
 #pragma unroll 1
       for (int it = 0; it < m_count; ++it) {
-        const int m0 = (m_first + it) * Tr::kBlockM;
-        const int rows = min(Tr::kBlockM, sq - m0);
-        if (classify_tile(__ldg(p.q_pos + m0), __ldg(p.q_pos + m0 + rows - 1), cta_k_min,
-                          cta_k_max, lo, hi) == kTileFull) {
-          continue;
-        }
+        int m0, rows;
+        if (!partial_tile(it, m0, rows)) continue;
         const auto sees_query = [&](int f, int r, int i) {  // key row (f, r) sees query i
-          const int delta = k_pos_row[f][r] - __ldg(p.q_pos + m0 + i);
-          return delta >= lo && delta <= hi;
+          const int gap = k_pos_row[f][r] - __ldg(p.q_pos + m0 + i);
+          return gap >= lo && gap <= hi;
         };
         add_nonfinite_values<kBf16, Tr::kKFrags, Tr::kDTiles, Tr::kBlockM>(
             acc_dv, sees_query, do_head + m0 * p.do_row_stride, p.do_row_stride, rows, d, lane);
       }
       red_add_key_rows<Tr>(p.dv + kv_base, kv_row_stride, acc_dv, 1.f, warp_key0, sk, d, lane);
+    }
+  }
+
+  // Rare: the tiles the loop left out (a NaN or inf in Q: all of it; in K: its dQ), found again
+  // exactly as it found them (same copies, same checks), then computed pair by pair.
+  if (kDoDk && skipped_any) {  // CTA-uniform
+    cp_async_wait<0>();
+    __syncthreads();  // every warp is past the loop: shared memory is free
+#pragma unroll 1
+    for (int it = 0; it < m_count; ++it) {
+      int m0, rows;
+      if (!partial_tile(it, m0, rows)) continue;
+      bwd_load_tile<Tr, Tr::kBlockM>(s_q0, q_head + m0 * p.q_row_stride, p.q_row_stride, rows,
+                                     d_chunks, tid);
+      cp_async_commit();
+      cp_async_wait<0>();
+      const bool own_q = bwd_own_chunks_nonfinite<Tr, Tr::kBlockM, kBf16>(s_q0, tid);
+      const bool q_bad = __syncthreads_or(own_q);
+      if (q_bad || k_bad) {  // the whole tile, or (K alone) its dQ
+        bwd_exact_tile<Tr, kBf16, kMode>(p, reinterpret_cast<float*>(smem_raw), b, h, hk, n0,
+                                         keys_valid, m0, rows, !q_bad, tid);
+      }
     }
   }
 }
@@ -763,17 +963,8 @@ __device__ __forceinline__ void bwd_delta_rows(const u16* __restrict__ dout,
     const u16* y = out + b * o_bs + s * o_rs + h * o_hs;
     float sum = 0.f;
     for (int c = lane * 8; c < headdim; c += 32 * 8) {
-      const uint4 xv = *reinterpret_cast<const uint4*>(x + c);
-      const uint4 yv = *reinterpret_cast<const uint4*>(y + c);
-      const u32 xs[4] = {xv.x, xv.y, xv.z, xv.w};
-      const u32 ys[4] = {yv.x, yv.y, yv.z, yv.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        sum = fmaf(from_half_bits<kBf16>(static_cast<u16>(xs[i] & 0xffffu)),
-                   from_half_bits<kBf16>(static_cast<u16>(ys[i] & 0xffffu)), sum);
-        sum = fmaf(from_half_bits<kBf16>(static_cast<u16>(xs[i] >> 16)),
-                   from_half_bits<kBf16>(static_cast<u16>(ys[i] >> 16)), sum);
-      }
+      sum = fma_chunk<kBf16>(*reinterpret_cast<const uint4*>(x + c),
+                             *reinterpret_cast<const uint4*>(y + c), sum);
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
