@@ -16,7 +16,7 @@ by its operand, and ``0 * NaN`` is NaN; the kernels had exactly that gap, for V 
 and for Q, dO, K and V in the backward. So the first plant (in an operand with that gap) goes on
 a row that some rows of one aligned 16-row block see and another does not, a row no plant
 reaches (so a leak into it cannot hide behind a NaN that belongs there). Every
-kernel tile (forward 128 queries x 32-192 keys, backward 32-64 queries x 128 keys) is made of
+kernel tile (forward 128 queries x 32-192 keys, backward 32-64 queries x 64-128 keys) is made of
 such blocks, so that block lies in a partially masked tile of every kernel. Under causal masks
 nearly every draw qualifies; packed documents (``cu_seqlens``) add partial tiles at each boundary.
 
