@@ -29,6 +29,8 @@ _PLANS = PlanCache()  # by signature, bounded
 
 
 def _is_cuda_tensor(x: Any) -> bool:
+    # on every call, so no interop.framework_of (a module-name split); exactly torch.Tensor:
+    # subclasses (nn.Parameter, tensor subclasses with their own dispatch) take the full path
     kind = type(x)
     return kind.__name__ == "Tensor" and kind.__module__ == "torch" and x.is_cuda
 
