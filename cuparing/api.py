@@ -89,11 +89,10 @@ def attention(
         (1, 16, 2, 8)
     """
     key = None
-    if out is None and lse is None and cu_seqlens is None:
-        key = call_plans.signature(q, k, v, (causal, scale, window))
-        known = call_plans.find(key)
-        results = None if known is None else known.run(q, k, v)
-        if results is not None:  # a repeat of a checked call: only the launch (call_plans)
+    if cu_seqlens is None:
+        key = call_plans.signature("attention", (q, k, v), (causal, scale, window), (out, lse))
+        results = _repeat_attention(call_plans.find(key), q, k, v, out, lse)
+        if results is not None:  # a repeat of a checked call (call_plans)
             return results if return_lse else results[0]
     origin = validation.check_arrays(("q", "k", "v"), (q, k, v))
     validation.check_qkv(q, k, v, same_length=False)
@@ -104,27 +103,43 @@ def attention(
     plan = _unless_empty(_one_device_plan(q, k, mask, cu_seqlens), q)
     results = _forward(origin, _ONE_DEVICE, plan, checked_scale, (q, k, v), True, (out, lse))
     if key is not None:
-        _keep_call_plan(key, origin, plan, checked_scale, (q, k, v), results)
+        _keep_attention_plan(key, origin, plan, checked_scale, (q, k, v), (out, lse), results)
     return results if return_lse else results[0]
 
 
-def _keep_call_plan(key: tuple, origin: Origin, plan: RingPlan, scale: float, qkv, results):
+def _repeat_attention(known: Any, q: Any, k: Any, v: Any, out: Any, lse: Any) -> tuple | None:
+    """(out, lse) of a repeat of a checked one-device call by its kept plan, or None when there
+    is none or it does not apply to these tensors (the full path decides)."""
+    if isinstance(known, call_plans.CallPlan):
+        return known.run(q, k, v, out, lse)
+    if known is None or not known.ready(None, (q, k, v), (out, lse)):
+        return None
+    origin, plan, scale = known.decided
+    return _forward(origin, _ONE_DEVICE, plan, scale, (q, k, v), True, (out, lse))
+
+
+def _keep_attention_plan(
+    key: tuple, origin: Origin, plan: RingPlan, scale: float, qkv: tuple, dests: tuple, results
+):  # fmt: skip
     """After a checked one-device call on torch CUDA tensors: keep its launch for repeats of
-    ``key`` when the call was that one launch into fresh outputs (call_plans)."""
-    if not (origin.framework == "torch" and origin.gpu) or plan.blocks != 1:
-        return
+    ``key`` when the call was that one launch (call_plans.CallPlan), else what its checks and
+    plan decided (call_plans.CheckedCall)."""
+    guard = call_plans.Guard(qkv, dests, untracked=True)
     backend = backend_for(origin.backend)
-    with origin.stream():
-        q, k, v, out, lse = (to_backend(x, origin) for x in (*qkv, *results))
-        k_pos = plan.positions[plan.source(0)]
-        found = backend.single_launch(
-            out, lse, q, k, v, plan.q_positions, k_pos, plan.kinds[0], plan.mask, scale
-        )
+    found = None
+    if plan.blocks == 1:
+        with origin.stream():
+            q, k, v, out, lse = (to_backend(x, origin) for x in (*qkv, *results))
+            k_pos = plan.positions[plan.source(0)]
+            found = backend.single_launch(
+                out, lse, q, k, v, plan.q_positions, k_pos, plan.kinds[0], plan.mask, scale
+            )
     if found is not None:
         out, lse = results
-        call_plans.keep(
-            key, call_plans.CallPlan(*found, out.shape, lse.shape, out.dtype, out.device)
-        )
+        kept = call_plans.CallPlan(*found, out.shape, lse.shape, out.dtype, out.device, guard)
+    else:
+        kept = call_plans.CheckedCall((origin, plan, scale), guard)
+    call_plans.keep(key, kept)
 
 
 def ring_attention(
@@ -180,6 +195,15 @@ def ring_attention(
         >>> bool(np.allclose(out, cr.attention(x, x, x, causal=True)))
         True
     """
+    key = None
+    if cu_seqlens is None:
+        options = (causal, scale, window, layout)
+        key = call_plans.signature("ring_attention", (q, k, v), options, (out, lse), ring)
+        known = call_plans.find(key)
+        if known is not None and known.ready(ring, (q, k, v), (out, lse)):
+            origin, plan, scale, fields = known.decided  # a repeat of a checked call
+            ring.agree(fields)
+            return _forward(origin, ring, plan, scale, (q, k, v), return_lse, (out, lse))
     with _refused_everywhere(ring, "ring_attention"):
         origin, mask, scale, cu = validation.check_ring_call(
             q, k, v, ring, causal, scale, window, layout, cu_seqlens
@@ -189,7 +213,11 @@ def ring_attention(
     fields = validation.ring_call_fields("ring_attention", q, k, ring, mask, scale, layout, cu)
     ring.agree(fields)
     plan = _unless_empty(_ring_plan(layout, ring, q, mask, cu), q)
-    return _forward(origin, ring, plan, scale, (q, k, v), return_lse, (out, lse))
+    results = _forward(origin, ring, plan, scale, (q, k, v), return_lse, (out, lse))
+    if key is not None:
+        guard = call_plans.Guard((q, k, v), (out, lse), untracked=True)
+        call_plans.keep(key, call_plans.CheckedCall((origin, plan, scale, fields), guard, ring))
+    return results
 
 
 def ring_attention_backward(
@@ -230,18 +258,32 @@ def ring_attention_backward(
     Raises:
         ValueError, TypeError, cuparing.RingError: as in :func:`ring_attention`.
     """
-    with _refused_everywhere(ring, "ring_attention_backward"):
+    entry = "ring_attention_backward"
+    arrays, dests = (dout, q, k, v, out, lse), (dq, dk, dv)
+    key = None
+    if cu_seqlens is None:
+        options = (causal, scale, window, layout)
+        key = call_plans.signature(entry, (*arrays, dlse), options, dests, ring)
+        known = call_plans.find(key)
+        if known is not None and known.ready(ring, (*arrays, dlse), dests):
+            origin, plan, scale, fields = known.decided  # a repeat of a checked call
+            ring.agree(fields)
+            return _backward(origin, ring, plan, scale, arrays, dests, dlse)
+    with _refused_everywhere(ring, entry):
         origin, mask, scale, cu = validation.check_ring_call(
             q, k, v, ring, causal, scale, window, layout, cu_seqlens
         )
         validation.check_arrays(("q", "dout", "out"), (q, dout, out))
         validation.check_backward(dout, out, lse, q)
-        arrays, dests = (dout, q, k, v, out, lse), (dq, dk, dv)
         validation.check_backward_extras(origin, arrays, dests, dlse)
-    entry = "ring_attention_backward"
-    ring.agree(validation.ring_call_fields(entry, q, k, ring, mask, scale, layout, cu))
+    fields = validation.ring_call_fields(entry, q, k, ring, mask, scale, layout, cu)
+    ring.agree(fields)
     plan = _unless_empty(_ring_plan(layout, ring, q, mask, cu), q)
-    return _backward(origin, ring, plan, scale, arrays, dests, dlse)
+    grads = _backward(origin, ring, plan, scale, arrays, dests, dlse)
+    if key is not None:
+        guard = call_plans.Guard((*arrays, dlse), dests, untracked=False)
+        call_plans.keep(key, call_plans.CheckedCall((origin, plan, scale, fields), guard, ring))
+    return grads
 
 
 def attention_backward(
@@ -276,15 +318,27 @@ def attention_backward(
     Raises:
         ValueError, TypeError: as in :func:`attention` and :func:`ring_attention_backward`.
     """
+    arrays, dests = (dout, q, k, v, out, lse), (dq, dk, dv)
+    key = None
+    if cu_seqlens is None:
+        options = (causal, scale, window)
+        key = call_plans.signature("attention_backward", (*arrays, dlse), options, dests)
+        known = call_plans.find(key)
+        if known is not None and known.ready(None, (*arrays, dlse), dests):
+            origin, plan, scale = known.decided  # a repeat of a checked call
+            return _backward(origin, _ONE_DEVICE, plan, scale, arrays, dests, dlse)
     origin = validation.check_arrays(("q", "k", "v", "dout", "out"), (q, k, v, dout, out))
     validation.check_qkv(q, k, v, same_length=False)
     validation.check_backward(dout, out, lse, q)
-    arrays, dests = (dout, q, k, v, out, lse), (dq, dk, dv)
     validation.check_backward_extras(origin, arrays, dests, dlse)
     mask = validation.check_mask(causal, window)
     scale = validation.check_scale(scale, q.shape[-1])
     plan = _unless_empty(_one_device_plan(q, k, mask, cu_seqlens), q)
-    return _backward(origin, _ONE_DEVICE, plan, scale, arrays, dests, dlse)
+    grads = _backward(origin, _ONE_DEVICE, plan, scale, arrays, dests, dlse)
+    if key is not None:
+        guard = call_plans.Guard((*arrays, dlse), dests, untracked=False)
+        call_plans.keep(key, call_plans.CheckedCall((origin, plan, scale), guard))
+    return grads
 
 
 def shard(

@@ -1,28 +1,36 @@
-"""Repeat calls of one-device attention on PyTorch CUDA tensors, with no Python in between.
+"""Repeat calls on PyTorch CUDA tensors: checks and plans decided once per signature.
 
-A training step calls :func:`cuparing.attention` (directly or through ``cuparing.torch``) with
-the same shapes, strides, dtypes, device and options layer after layer, step after step. The
-first call of such a signature goes through every check, the plan and the backend; when all it
-came to was one kernel launch writing freshly allocated outputs, the signature and that launch
-are kept. A later call with the same signature allocates the outputs through torch, patches the
-addresses into the launch's packed parameters and launches on torch's current stream: nothing
-else runs, so it costs what a framework's own attention call costs.
+A training step calls attention (directly or through ``cuparing.torch``) with the same shapes,
+strides, dtypes, device, options and ring layer after layer, step after step. The first call of
+such a signature goes through every check and plan; what they decided is kept, and a later call
+with the same signature skips them:
 
-Everything else takes the full path every time: other frameworks, caller-owned ``out``/``lse``,
-documents, tensors autograd is tracking (the full path raises), a misaligned address, more than
-one launch (an EMPTY block, a head dim or dtype the kernels do not take).
+- :class:`CheckedCall` (any call of the public functions: one device or a ring, forward or
+  backward): the checked origin, the ring plan, the scale and the fields the ranks agreed on.
+  A repeat runs the schedule with them (the ranks still agree per call, which costs nothing
+  while the call does not change).
+- :class:`CallPlan` (a one-device forward that came to one kernel launch): the launch itself.
+  A repeat allocates the outputs through torch (or takes the caller's ``out``/``lse``), patches
+  the addresses into the launch's packed parameters and launches on torch's current stream:
+  nothing else runs, so it costs what a framework's own attention call costs.
 
-The signature holds everything the checks and the launch depend on besides the addresses: each
-tensor's type, shape, strides, dtype and device, the options exactly as passed, and the kernel
-switches of the environment. Options of types that cannot be hashed never match.
+The signature holds everything the checks and plans depend on besides the addresses: each
+array's type, shape, strides, dtype and device (caller-owned destinations included), the options
+exactly as passed, the ring, and the kernel switches of the environment. What depends on the
+addresses is checked per call (:class:`Guard`): tensors autograd tracks, destinations that may
+overlap an input (their byte ranges; any overlap sends the call to the full path, whose exact
+check decides), and for a kept launch, 16-byte aligned inputs. Arrays of other frameworks,
+tensor subclasses, options that cannot be hashed and packed documents always take the full path.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Sequence
 from typing import Any
 
 from .backends.launch_plans import PlanCache
-from .interop import external_cupy_stream
+from .interop import external_cupy_stream, memory_span
 from .kernels import loader
 
 _PLANS = PlanCache()  # by signature, bounded
@@ -35,19 +43,34 @@ def _is_cuda_tensor(x: Any) -> bool:
     return kind.__name__ == "Tensor" and kind.__module__ == "torch" and x.is_cuda
 
 
-def signature(q: Any, k: Any, v: Any, options: tuple) -> tuple | None:
+def signature(
+    entry: str, arrays: Sequence[Any], options: tuple, dests: Sequence[Any] = (), ring: Any = None
+) -> tuple | None:
     """The hashable signature of a call on plain torch CUDA tensors, or None for any other call.
 
-    ``options`` are the call's remaining arguments as passed (causal, scale, window, ...), keyed
-    with their types (``causal=1`` is not ``causal=True``: the checks tell them apart); None if
-    one of them cannot be hashed.
+    Args:
+        entry: the public function called.
+        arrays: the call's array arguments (None for an optional one left out).
+        options: the call's remaining arguments as passed (causal, scale, window, ...), keyed
+            with their types (``causal=1`` is not ``causal=True``: the checks tell them apart).
+        dests: caller-owned destinations (None where not given).
+        ring: the ring of a ring call (by identity).
+
+    Returns:
+        The key, or None when an array is not a plain torch CUDA tensor or an option cannot be
+        hashed.
     """
-    if not (_is_cuda_tensor(q) and _is_cuda_tensor(k) and _is_cuda_tensor(v)):
+    described = []
+    for x in (*arrays, *dests):
+        if x is None:
+            described.append(None)
+        elif _is_cuda_tensor(x):
+            described.append((x.shape, x.stride(), x.dtype, x.device))
+        else:
+            return None
+    if arrays[0] is None:
         return None
-    key = (
-        q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
-        v.shape, v.stride(), v.dtype, v.device, _typed(options), loader.kernel_switches(),
-    )  # fmt: skip
+    key = (entry, tuple(described), _typed(options), id(ring), loader.kernel_switches())
     try:
         hash(key)
     except TypeError:
@@ -63,16 +86,92 @@ def _typed(option: Any) -> Any:
     return type(option), option
 
 
-class CallPlan:
-    """One signature's launch: fresh ``out`` [B, Sq, H, D] (q's dtype) and ``lse`` [B, H, Sq]
-    float32 from torch's allocator, one kernel launch on torch's current stream."""
+class Guard:
+    """The checks of a call that depend on addresses or autograd, for repeats of one signature.
 
-    def __init__(self, launch, q_pos, k_pos, out_shape, lse_shape, dtype, device):
+    Args:
+        inputs: the first call's input tensors (None for one left out), in signature order.
+        dests: its caller-owned destinations (None where not given), in the order they are
+            written: each must miss every input and every destination before it.
+        untracked: whether the inputs must not be tracked by autograd (the forward's rule; a
+            tracked destination is refused everywhere).
+    """
+
+    def __init__(self, inputs: Sequence[Any], dests: Sequence[Any], untracked: bool):
+        import torch
+
+        self._torch = torch
+        self._untracked = untracked
+        # byte offsets [low, high) of each tensor's elements from its data pointer: fixed by the
+        # shape, strides and dtype, which the signature fixes
+        self._inputs = tuple(_offsets(x) for x in inputs)
+        self._dests = tuple(_offsets(x) for x in dests)
+
+    def passes(self, inputs: Sequence[Any], dests: Sequence[Any]) -> bool:
+        """Whether a repeat with these tensors may skip the checks."""
+        grad_mode = self._torch.is_grad_enabled()
+        if grad_mode and any(x is not None and x.requires_grad for x in dests):
+            return False
+        if self._untracked and grad_mode and any(x is not None and x.requires_grad for x in inputs):
+            return False
+        if not any(x is not None for x in dests):
+            return True
+        taken = [_span(x, o) for x, o in zip(inputs, self._inputs, strict=True) if x is not None]
+        for x, offsets in zip(dests, self._dests, strict=True):
+            if x is None:
+                continue
+            start, end = span = _span(x, offsets)
+            if any(start < other_end and other_start < end for other_start, other_end in taken):
+                return False
+            taken.append(span)
+        return True
+
+
+def _offsets(x: Any) -> tuple[int, int] | None:
+    if x is None:
+        return None
+    start, end = memory_span(x)
+    base = x.data_ptr()
+    return start - base, end - base
+
+
+def _span(x: Any, offsets: tuple[int, int]) -> tuple[int, int]:
+    base = x.data_ptr()
+    return base + offsets[0], base + offsets[1]
+
+
+class CheckedCall:
+    """What the checks and the plan of one signature's first call decided.
+
+    Attributes:
+        decided: a tuple the caller defines (origin, plan, scale, ...), reused by repeats.
+    """
+
+    def __init__(self, decided: tuple, guard: Guard, ring: Any = None):
+        self.decided = decided
+        self._guard = guard
+        self._ring = None if ring is None else weakref.ref(ring)
+
+    def ready(self, ring: Any, inputs: Sequence[Any], dests: Sequence[Any]) -> bool:
+        """Whether a repeat on ``ring`` (the same object as the first call's; its id is in the
+        signature, and ids are reused) with these tensors may use :attr:`decided`."""
+        if self._ring is not None and self._ring() is not ring:
+            return False
+        return self._guard.passes(inputs, dests)
+
+
+class CallPlan:
+    """One signature's launch: ``out`` [B, Sq, H, D] (q's dtype) and ``lse`` [B, H, Sq] float32,
+    the caller's or fresh from torch's allocator, written by one kernel launch on torch's current
+    stream."""
+
+    def __init__(self, launch, q_pos, k_pos, out_shape, lse_shape, dtype, device, guard: Guard):
         import cupy
         import torch
 
         self._torch = torch
         self._launch = launch
+        self._guard = guard
         self._positions = q_pos, k_pos  # device arrays the launch reads: kept alive here
         self._q_pos, self._k_pos = q_pos.data.ptr, k_pos.data.ptr
         self._out_shape, self._lse_shape = tuple(out_shape), tuple(lse_shape)
@@ -80,17 +179,21 @@ class CallPlan:
         self._cupy_device = cupy.cuda.Device(device.index)
         self._streams: dict[int, Any] = {}  # torch stream handle -> CuPy's view of it
 
-    def run(self, q: Any, k: Any, v: Any) -> tuple | None:
-        """(out, lse), or None (nothing launched) when an address is not 16-byte aligned or
-        autograd tracks an input: the full path handles (or refuses) those."""
+    def run(self, q: Any, k: Any, v: Any, out: Any = None, lse: Any = None) -> tuple | None:
+        """(out, lse), or None (nothing launched) when the :class:`Guard` or an address (q, k, v
+        16-byte aligned, ``out`` 4-byte aligned) says the full path must decide."""
         torch = self._torch
-        if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
-            return None
         pointers = q.data_ptr(), k.data_ptr(), v.data_ptr()
         if (pointers[0] | pointers[1] | pointers[2]) & 15:
             return None
-        out = torch.empty(self._out_shape, dtype=self._dtype, device=self._device)
-        lse = torch.empty(self._lse_shape, dtype=torch.float32, device=self._device)
+        if out is not None and out.data_ptr() & 3:
+            return None
+        if not self._guard.passes((q, k, v), (out, lse)):
+            return None
+        if out is None:
+            out = torch.empty(self._out_shape, dtype=self._dtype, device=self._device)
+        if lse is None:
+            lse = torch.empty(self._lse_shape, dtype=torch.float32, device=self._device)
         handle = torch.cuda.current_stream(self._device).cuda_stream
         stream = self._streams.get(handle)
         if stream is None:
@@ -98,18 +201,16 @@ class CallPlan:
                 self._streams.clear()
             stream = self._streams[handle] = external_cupy_stream(handle, self._device.index)
         with self._cupy_device, stream:
-            self._launch.launch(
-                out.data_ptr(), lse.data_ptr(), *pointers, self._q_pos, self._k_pos
-            )
+            self._launch.launch(out.data_ptr(), lse.data_ptr(), *pointers, self._q_pos, self._k_pos)
         return out, lse
 
 
-def find(key: tuple | None) -> CallPlan | None:
+def find(key: tuple | None) -> Any:
     """The plan kept for ``key`` (from :func:`signature`), if any."""
     return None if key is None else _PLANS.get(key)
 
 
-def keep(key: tuple, plan: CallPlan) -> None:
+def keep(key: tuple, plan: Any) -> None:
     """Keep ``plan`` for ``key`` (a bounded cache: PlanCache)."""
     _PLANS.put(key, plan)
 

@@ -258,18 +258,38 @@ class Origin:
         return "cupy" if self.gpu else "numpy"
 
     def stream(self):
-        """Context manager making the caller's current CUDA stream CuPy's current stream."""
+        """Context manager for a call's GPU work: the caller's device, its current CUDA stream
+        as CuPy's current stream, and where CuPy's allocations (the call's workspaces) come
+        from. torch callers' workspaces come from torch's caching allocator (so they live where
+        the caller's memory lives, and a capture by ``torch.cuda.graph`` keeps them in the
+        graph's pool for its replays); while CuPy's stream is being captured, from CUDA's
+        stream-ordered allocator (allocation and free become nodes of the graph). Otherwise
+        CuPy's memory pool."""
         if self.framework == "torch" and self.gpu:
             import cupy
             import torch
 
-            current = torch.cuda.current_stream(self.device_index)
-            external = external_cupy_stream(current.cuda_stream, self.device_index)
-            return _stacked(cupy.cuda.Device(self.device_index), external)
+            index = self.device_index
+            handle = torch.cuda.current_stream(index).cuda_stream
+            external = _external_streams.get((handle, index))
+            if external is None:
+                external = external_cupy_stream(handle, index)
+                if len(_external_streams) >= 256:
+                    _external_streams.clear()
+                _external_streams[handle, index] = external
+            # a fresh Device: its context keeps the previous device on the object itself
+            allocator = cupy.cuda.using_allocator(_torch_allocator(index))
+            return _Entered(cupy.cuda.Device(index), external, allocator)
         if self.gpu:
             import cupy
 
-            return cupy.cuda.Device(self.device_index)
+            device = cupy.cuda.Device(self.device_index)
+            with device:
+                capturing = cupy.cuda.get_current_stream().is_capturing()
+            if capturing:
+                allocator = cupy.cuda.using_allocator(_stream_ordered_pool().malloc)
+                return _Entered(device, allocator)
+            return device
         return contextlib.nullcontext()
 
     def empty(self, shape: tuple, dtype: str) -> Any:
@@ -304,6 +324,12 @@ class Origin:
 
             return jax.dlpack.from_dlpack(x)
         return jnp.asarray(x)
+
+
+# CuPy's views of torch streams by (handle, device), reused call after call: making one costs
+# more than the rest of entering it. A stream's context is per thread in CuPy, so one object
+# serves every thread; a handle torch reuses for another stream is the same CUDA stream.
+_external_streams: dict[tuple[int, int], Any] = {}
 
 
 class _StreamHandle:
@@ -346,12 +372,61 @@ def cupy_stream_as_torch():
     return torch.cuda.ExternalStream(stream.ptr, device=device)
 
 
-@contextlib.contextmanager
-def _stacked(*contexts):
-    with contextlib.ExitStack() as stack:
-        for ctx in contexts:
-            stack.enter_context(ctx)
-        yield
+class _Entered:
+    """Enter context managers in order and leave them in reverse order (a class: a contextlib
+    generator costs several times more, on every call)."""
+
+    def __init__(self, *contexts: Any):
+        self._contexts = contexts
+
+    def __enter__(self) -> None:
+        entered = []
+        try:
+            for context in self._contexts:
+                context.__enter__()
+                entered.append(context)
+        except BaseException:
+            for context in reversed(entered):
+                context.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self._leave(len(self._contexts), exc)
+
+    def _leave(self, count: int, exc: tuple) -> None:
+        # the last ``count`` entered, last first; each is left even if a later one raised
+        try:
+            self._contexts[count - 1].__exit__(*exc)
+        finally:
+            if count > 1:
+                self._leave(count - 1, exc)
+
+
+@functools.lru_cache(maxsize=16)
+def _torch_allocator(device_index: int):
+    """A CuPy allocator handing out torch's caching-allocator memory on ``device_index`` (each
+    block owned by a uint8 tensor that lives as long as CuPy's memory object): blocks belong to
+    torch's current stream, which is the call's stream."""
+    import cupy
+    import torch
+
+    device = torch.device("cuda", device_index)
+
+    def allocate(nbytes: int):
+        block = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        memory = cupy.cuda.UnownedMemory(block.data_ptr(), nbytes, block, device_index)
+        return cupy.cuda.MemoryPointer(memory, 0)
+
+    return allocate
+
+
+@functools.lru_cache(maxsize=1)
+def _stream_ordered_pool():
+    """CuPy's pool over CUDA's stream-ordered allocator (``cudaMallocAsync``), for allocations
+    inside a stream capture."""
+    import cupy
+
+    return cupy.cuda.MemoryAsyncPool()
 
 
 def origin_of(x: Any) -> Origin:
@@ -374,10 +449,11 @@ def to_backend(x: Any, origin: Origin) -> Any:
     if origin.framework in ("numpy", "cupy"):
         return x
     if origin.framework == "torch":
-        x = x.detach()
-        if origin.gpu:
+        if origin.gpu:  # (a view of the memory: autograd's hold on x does not matter)
             return _cupy_view_of_torch(x)
         import torch
+
+        x = x.detach()
 
         if x.dtype == torch.bfloat16:
             import ml_dtypes
@@ -411,20 +487,28 @@ def cupy_view(ptr: int, shape, strides, dtype: Any, owner: Any, device: int) -> 
     """
     import cupy
 
-    dtype = _numpy_dtype(dtype_name(dtype))
+    shape, byte_strides, nbytes, storage, dtype = _view_layout(
+        tuple(shape), tuple(strides), dtype_name(dtype)
+    )
+    memory = cupy.cuda.UnownedMemory(ptr, nbytes, owner, device)
+    view = cupy.ndarray(
+        shape, dtype=storage, memptr=cupy.cuda.MemoryPointer(memory, 0), strides=byte_strides
+    )
+    return view if storage is dtype else view.view(dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _view_layout(shape: tuple, strides: tuple, name: str) -> tuple:
+    """What :func:`cupy_view` needs besides the pointer, per shape, strides and dtype (the same
+    few, call after call): (shape, byte strides, bytes spanned, the dtype CuPy allocates the view
+    with, the dtype of the result). bfloat16 views are made as uint16 and reinterpreted."""
+    dtype = _numpy_dtype(name)
     itemsize = dtype.itemsize
     shape, strides = tuple(int(n) for n in shape), tuple(int(st) for st in strides)
     extent = sum((n - 1) * st for n, st in zip(shape, strides, strict=True)) + 1
     nbytes = extent * itemsize if math.prod(shape) else 0
-    memory = cupy.cuda.UnownedMemory(ptr, nbytes, owner, device)
-    bits = {1: cupy.uint8, 2: cupy.uint16, 4: cupy.uint32, 8: cupy.uint64}[itemsize]
-    view = cupy.ndarray(
-        shape,
-        dtype=bits,
-        memptr=cupy.cuda.MemoryPointer(memory, 0),
-        strides=tuple(st * itemsize for st in strides),
-    )
-    return view.view(dtype)
+    storage = np.dtype(np.uint16) if name == "bfloat16" else dtype
+    return shape, tuple(st * itemsize for st in strides), nbytes, storage, dtype
 
 
 def _numpy_dtype(name: str) -> np.dtype:

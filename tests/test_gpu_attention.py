@@ -455,6 +455,87 @@ def test_forward_replays_in_a_torch_cuda_graph(fresh_rng):
 
 
 @requires_gpu(1)
+@pytest.mark.usefixtures("kernel_family")
+def test_training_step_replays_in_a_torch_cuda_graph(fresh_rng):
+    """Forward and backward with caller-owned outputs and gradients, captured together by
+    torch.cuda.graph after one warm-up (the backward's float32 workspaces come from torch's
+    allocator, so the graph's pool keeps them for its replays): replays on new inputs in the
+    captured buffers give the eager forward bitwise and gradients within the float64
+    reference's bounds (every output NaN-poisoned before each replay)."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator(device="cuda").manual_seed(int(fresh_rng.integers(2**62)))
+    b, s, h, hkv, d = 1, 700, 8, 2, 128
+    shapes = [(b, s, h, d), (b, s, hkv, d), (b, s, hkv, d), (b, s, h, d)]
+    q, k, v, dout = (torch.empty(x, device="cuda", dtype=torch.bfloat16) for x in shapes)
+
+    def refill():
+        for x in (q, k, v, dout):
+            x.copy_(torch.randn(x.shape, device="cuda", dtype=torch.bfloat16, generator=gen))
+
+    out, lse = torch.empty_like(q), torch.empty(b, h, s, device="cuda")
+    grads = [torch.empty_like(x) for x in (q, k, v)]
+    opts = {"causal": True, "window": (300, 0)}
+
+    def step():
+        cr.attention(q, k, v, out=out, lse=lse, **opts)
+        dq, dk, dv = grads
+        cr.attention_backward(dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv, **opts)
+
+    refill()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compile, cache positions, plans and tensor maps
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    def host(x):
+        return x.cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+
+    for _ in range(2):
+        refill()
+        for x in (out, lse, *grads):
+            x.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        want_out, want_lse = cr.attention(q, k, v, return_lse=True, **opts)
+        assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+        check_backward([host(g) for g in grads], *map(host, (dout, q, k, v)), **opts)
+
+
+@requires_gpu(1)
+def test_backward_replays_in_a_cupy_stream_capture(fresh_rng):
+    """A backward with caller-owned dq / dk / dv captured by CuPy's stream capture (its
+    workspaces then come from CUDA's stream-ordered allocator: allocation and free are graph
+    nodes): a replay computes the gradients of whatever the captured buffers hold."""
+    import cupy
+
+    rng = fresh_rng
+    shapes = [(2, 257, 4, 64), (2, 257, 2, 64), (2, 257, 2, 64), (2, 257, 4, 64)]
+    host = [random_array(rng, x, "float16") for x in shapes]
+    q, k, v, dout = map(to_gpu, host)
+    out, lse = cr.attention(q, k, v, window=(64, 0), return_lse=True)
+    grads = [cupy.empty_like(x) for x in (q, k, v)]
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        cr.attention_backward(dout, q, k, v, out, lse, window=(64, 0), dq=grads[0], dk=grads[1],
+                              dv=grads[2])  # warm-up  # fmt: skip
+        stream.begin_capture()
+        cr.attention_backward(dout, q, k, v, out, lse, window=(64, 0), dq=grads[0], dk=grads[1],
+                              dv=grads[2])  # fmt: skip
+        graph = stream.end_capture()
+        host[3] = random_array(rng, shapes[3], "float16")
+        dout[...] = to_gpu(host[3])
+        for g in grads:
+            g.fill(cupy.nan)
+        graph.launch(stream)
+        stream.synchronize()
+    check_backward([to_host(g) for g in grads], host[3], *host[:3], window=(64, 0))
+
+
+@requires_gpu(1)
 def test_forward_replays_in_a_cupy_stream_capture(fresh_rng):
     import cupy
 
@@ -608,6 +689,137 @@ def test_repeat_torch_calls_run_the_kept_launch(monkeypatch, fresh_rng):
     shifted = flat[1 : 1 + q.numel()].view(q.shape)  # same strides, address 2 bytes off
     shifted.copy_(q)
     assert torch.equal(cr.attention(shifted, k, v, **opts), want_out)
+
+
+@requires_gpu(1)
+@pytest.mark.usefixtures("kernel_family")
+def test_repeats_with_caller_owned_outputs_run_the_kept_launch(monkeypatch, fresh_rng):
+    """out= / lse= repeats of a checked call run the kept launch (call_plans.CallPlan) and write
+    exactly what the full path returns (NaN-poisoned first, a strided out); a repeat whose out
+    is an input's memory, or requires grad, is still refused with the full path's error."""
+    torch = pytest.importorskip("torch")
+    from cuparing import call_plans
+
+    call_plans.clear()
+    launched = []
+    real_run = call_plans.CallPlan.run
+
+    def counted_run(self, *args):
+        result = real_run(self, *args)
+        launched.append(result is not None)
+        return result
+
+    monkeypatch.setattr(call_plans.CallPlan, "run", counted_run)
+    gen = torch.Generator(device="cuda").manual_seed(int(fresh_rng.integers(2**62)))
+    b, s, h, hkv, d = 2, 300, 4, 2, 128
+
+    def fresh():
+        q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k, v = (torch.randn(b, s, hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+                for _ in range(2))  # fmt: skip
+        return q, k, v
+
+    def poisoned(transposed):
+        out = torch.full((b, h, s, d), float("nan"), device="cuda", dtype=torch.bfloat16)
+        out = out.transpose(1, 2) if transposed else out.view(b, s, h, d)
+        return out, torch.full((b, h, s), float("nan"), device="cuda")
+
+    opts = {"causal": True, "window": (150, 0)}
+    for transposed in (True, False):
+        primer_out, primer_lse = poisoned(transposed)
+        cr.attention(*fresh(), out=primer_out, lse=primer_lse, **opts)  # full path: kept
+        q, k, v = fresh()
+        out, lse = poisoned(transposed)
+        got = cr.attention(q, k, v, return_lse=True, out=out, lse=lse, **opts)
+        assert launched[-1] and got[0] is out and got[1] is lse
+        want_out, want_lse = cr.attention(q, k, v, return_lse=True, **opts)
+        assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+
+    def host(x):
+        return x.cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+
+    check_kernel_forward(host(out), lse.cpu().numpy(), *map(host, (q, k, v)), **opts)
+    # the kept plan's signature, but out is q's memory / out requires grad: the full path refuses
+    with pytest.raises(ValueError, match="out shares memory with q"):
+        cr.attention(q, k, v, out=q, lse=lse, **opts)
+    out.requires_grad_(True)
+    with pytest.raises(TypeError, match="requires grad"):
+        cr.attention(q, k, v, out=out, lse=lse, **opts)
+    assert launched[-2:] == [False, False]
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_repeat_backward_and_ring_calls_skip_the_checks(world, monkeypatch, fresh_rng):
+    """Repeats of checked ring calls and one-device backward calls on torch CUDA tensors
+    (call_plans.CheckedCall: the checks and plans of the first call reused) give what the full
+    path gives on fresh data: the forward bitwise, gradients within the float64 reference's
+    bounds; a repeat whose dq= is dout's memory is still refused."""
+    torch = pytest.importorskip("torch")
+    from cuparing import call_plans
+
+    call_plans.clear()
+    reused = []
+    real_ready = call_plans.CheckedCall.ready
+
+    def counted_ready(self, *args):
+        ok = real_ready(self, *args)
+        reused.append(ok)
+        return ok
+
+    monkeypatch.setattr(call_plans.CheckedCall, "ready", counted_ready)
+    rng = fresh_rng
+    b, s, h, hkv, d = 2, 96 * world, 4, 2, 64
+    opts = {"causal": True, "layout": "zigzag"} if world > 1 else {"causal": True}
+
+    def draws():
+        shapes = [(b, s, h, d), (b, s, hkv, d), (b, s, hkv, d), (b, s, h, d)]
+        return [random_array(rng, shape, "float16") for shape in shapes]
+
+    layout = opts.get("layout", "contiguous")
+
+    def rank_fn(ring, hosts):
+        results = []
+        for host in hosts:  # on the same ring: the first call checks, the next ones repeat
+            q, k, v, dout = (
+                torch.from_numpy(cr.shard(x, ring.rank, ring.size, layout=layout)).cuda()
+                for x in host
+            )
+            if world == 1:
+                out, lse = cr.attention(q, k, v, return_lse=True, causal=True)
+                grads = cr.attention_backward(dout, q, k, v, out, lse, causal=True)
+            else:
+                out, lse = cr.ring_attention(q, k, v, ring, return_lse=True, **opts)
+                grads = cr.ring_attention_backward(dout, q, k, v, out, lse, ring, **opts)
+            torch.cuda.synchronize()
+            results.append([x.cpu().numpy() for x in (out, lse, *grads)])
+        return results
+
+    def run(hosts):
+        per_rank = cr.simulate(world, lambda ring: rank_fn(ring, hosts))
+        return [
+            [
+                cr.unshard([r[n][i] for r in per_rank], layout=layout, axis=2 if i == 1 else 1)
+                for i in range(5)
+            ]
+            for n in range(len(hosts))
+        ]
+
+    host = draws()
+    repeat = run([draws(), host])[1]
+    # every rank's forward and backward repeat used what its first call decided
+    assert reused == [True] * (2 * world if world > 1 else 1)
+    call_plans.clear()
+    full = run([host])[0]
+    assert np.array_equal(repeat[0], full[0]) and np.array_equal(repeat[1], full[1])
+    check_kernel_forward(repeat[0], repeat[1], *host[:3], causal=True)
+    check_backward(repeat[2:], host[3], *host[:3], causal=True)
+    if world == 1:
+        q, k, v, dout = (torch.from_numpy(x).cuda() for x in host)
+        out, lse = cr.attention(q, k, v, return_lse=True, causal=True)
+        cr.attention_backward(dout, q, k, v, out, lse, causal=True, dq=torch.empty_like(q))
+        with pytest.raises(ValueError, match="dq shares memory with dout"):
+            cr.attention_backward(dout, q, k, v, out, lse, causal=True, dq=dout)
 
 
 @requires_gpu(1)

@@ -56,19 +56,45 @@ def test_torch_helpers():
     assert not interop.records_gradient(tracked.detach())
 
 
-def test_stacked_contexts_enter_and_exit_in_order():
-    """Origin.stream stacks the device and the caller's stream with this helper; it runs only on
-    GPUs, so its context-manager behaviour is checked here."""
+def test_call_contexts_enter_and_exit_in_order():
+    """Origin.stream enters the device, the caller's stream and the allocator with this helper;
+    it runs only on GPUs, so its context-manager behaviour is checked here: order, every one
+    left on an exception in the body (and when leaving one fails), and those entered left again
+    when entering a later one fails."""
     import contextlib
 
     events = []
 
     @contextlib.contextmanager
-    def context(name):
+    def context(name, fail_enter=False, fail_exit=False):
+        if fail_enter:
+            raise RuntimeError(f"cannot enter {name}")
         events.append(f"enter {name}")
-        yield
-        events.append(f"exit {name}")
+        try:
+            yield
+        finally:
+            events.append(f"exit {name}")
+            if fail_exit:
+                raise OSError(f"cannot leave {name}")
 
-    with interop._stacked(context("device"), context("stream")):
+    with interop._Entered(context("device"), context("stream"), context("allocator")):
         events.append("body")
+    assert events == ["enter device", "enter stream", "enter allocator", "body",
+                      "exit allocator", "exit stream", "exit device"]  # fmt: skip
+    events.clear()
+    with pytest.raises(KeyError):
+        with interop._Entered(context("device"), context("stream")):
+            events.append("body")
+            raise KeyError("in the body")
+    assert events == ["enter device", "enter stream", "body", "exit stream", "exit device"]
+    events.clear()
+    with pytest.raises(RuntimeError, match="cannot enter allocator"):
+        with interop._Entered(context("device"), context("stream"),
+                              context("allocator", fail_enter=True)):  # fmt: skip
+            events.append("body")
+    assert events == ["enter device", "enter stream", "exit stream", "exit device"]
+    events.clear()
+    with pytest.raises(OSError, match="cannot leave stream"):
+        with interop._Entered(context("device"), context("stream", fail_exit=True)):
+            events.append("body")
     assert events == ["enter device", "enter stream", "body", "exit stream", "exit device"]

@@ -1,8 +1,12 @@
 """Launch plans (cuparing.backends.launch_plans): a planned launch hands the kernel exactly the
-parameter bytes a fresh pack of the same call would, whatever the pointers; on the CPU, with
-recording stand-ins for the CuPy kernels."""
+argument bytes a fresh pack of the same call would, whatever the pointers; on the CPU, with a
+recording stand-in for the driver that reads the arguments the way ``cuLaunchKernel`` does."""
 
 from __future__ import annotations
+
+import ctypes
+import struct
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,12 +20,24 @@ FWD_POINTERS = ("out", "lse", "q", "k", "v", "q_pos", "k_pos")
 BWD_POINTERS = ("dout", "lse", "delta", "dq", "dk", "dv", "q", "k", "v", "q_pos", "k_pos")
 
 
-class RecordingKernel:
-    def __init__(self):
-        self.calls = []
+class Function:
+    """A stand-in for a CuPy RawKernel: only its CUfunction handle (``.kernel.ptr``) is used."""
 
-    def __call__(self, grid, block, args, shared_mem=0):
-        self.calls.append((grid, block, args, shared_mem))
+    def __init__(self, ptr: int):
+        self.kernel = SimpleNamespace(ptr=ptr)
+
+
+class RecordingDriver:
+    """Records each launch: the function, the geometry, and the bytes of every argument, read
+    through the ``void*`` array as the driver reads them (``sizes``: each argument's bytes)."""
+
+    def __init__(self, sizes):
+        self.sizes, self.calls = list(sizes), []
+
+    def launch(self, function, geometry, arguments):
+        addresses = (ctypes.c_uint64 * len(self.sizes)).from_address(arguments)
+        args = [ctypes.string_at(int(a), n) for a, n in zip(addresses, self.sizes, strict=True)]
+        self.calls.append((function, geometry, args))
 
 
 def _fields(dtype: np.dtype, rng) -> dict:
@@ -51,47 +67,62 @@ def test_patched_parameters_equal_a_fresh_pack(which, seed, data):
         "bwd": (loader.BWD_PARAMS_DTYPE, loader.pack_bwd_params, BWD_POINTERS),
     }[which]
     first = _fields(dtype, rng)
-    kernels = (RecordingKernel(), RecordingKernel())
+    driver = RecordingDriver([dtype.itemsize])
     plan = launch_plans.PackedLaunch(
-        kernels, (3, 2, 1), (128,), 4096, pack(**first), loader.pointer_offsets(which, names)
-    )
+        (Function(11), Function(12)), (3, 2), (128,), 4096, pack(**first),
+        loader.pointer_offsets(which, names), driver=driver,
+    )  # fmt: skip
     for _ in range(3):  # the template is not consumed by a launch
         pointers = data.draw(st.tuples(*[pointer_values] * len(names)))
         plan.launch(*pointers)
         want = pack(**{**first, **dict(zip(names, pointers, strict=True))}).tobytes()
-        for kernel in kernels:
-            grid, block, args, smem = kernel.calls[-1]
-            assert (grid, block, smem) == ((3, 2, 1), (128,), 4096)
-            (params,) = args
-            # one unstructured blob: CuPy passes it by value without walking fields
-            assert params.shape == (1,) and params.dtype.names is None
-            assert params.tobytes() == want
+        # every kernel of the plan, in order, with the geometry and exactly these bytes
+        assert driver.calls[-2:] == [
+            (function, (3, 2, 1, 128, 1, 1, 4096), [want]) for function in (11, 12)
+        ]
 
 
 def test_extra_arguments_come_from_the_pointers():
     seen = []
+    maps = {}
 
     def extra(pointers):
         seen.append(pointers)
-        return (launch_plans.blob(bytes([pointers[0] % 256]) * 8),)
+        key = pointers[0] % 256
+        if key not in maps:  # the owner keeps the arrays alive (as the tensor-map cache does)
+            maps[key] = launch_plans.blob(bytes([key]) * 8)
+        return (maps[key],)
 
-    kernel = RecordingKernel()
     params = loader.pack_params(**{n: 0 for n in loader.PARAMS_DTYPE.names})
+    driver = RecordingDriver([params.itemsize, 8])
     plan = launch_plans.PackedLaunch(
-        (kernel,), (1, 1, 1), (32,), 0, params, loader.pointer_offsets("fwd", FWD_POINTERS),
-        extra,
+        (Function(5),), (1, 1, 1), (32,), 0, params, loader.pointer_offsets("fwd", FWD_POINTERS),
+        extra, driver=driver,
     )  # fmt: skip
-    plan.launch(*range(7, 14))
-    assert seen == [tuple(range(7, 14))]
-    args = kernel.calls[0][2]
-    assert len(args) == 2 and args[1].tobytes() == bytes([7]) * 8
+    for first in (7, 9, 7):
+        plan.launch(*range(first, first + 7))
+        assert seen[-1] == tuple(range(first, first + 7))
+        assert driver.calls[-1][2][1] == bytes([first]) * 8
+
+
+def test_several_arguments_at_their_offsets():
+    """A kernel of separate arguments (the casts: source, destination, count)."""
+    driver = RecordingDriver([8, 8, 8])
+    plan = launch_plans.PackedLaunch(
+        (Function(3),), (4,), (256,), 0, struct.pack("<QQq", 0, 0, 1000), (0, 8),
+        arg_offsets=(0, 8, 16), driver=driver,
+    )  # fmt: skip
+    plan.launch(2**40, 2**41 + 16)
+    want = [struct.pack("<Q", 2**40), struct.pack("<Q", 2**41 + 16), struct.pack("<q", 1000)]
+    assert driver.calls == [(3, (4, 1, 1, 256, 1, 1, 0), want)]
 
 
 def test_wrong_pointer_count_and_non_pointer_fields_are_refused():
     params = loader.pack_params(**{n: 0 for n in loader.PARAMS_DTYPE.names})
     plan = launch_plans.PackedLaunch(
-        (RecordingKernel(),), (1, 1, 1), (32,), 0, params, loader.pointer_offsets("fwd", ("q",))
-    )
+        (Function(1),), (1, 1, 1), (32,), 0, params, loader.pointer_offsets("fwd", ("q",)),
+        driver=RecordingDriver([params.itemsize]),
+    )  # fmt: skip
     with pytest.raises(TypeError, match="expected 1 pointers, got 2"):
         plan.launch(1, 2)
     with pytest.raises(KeyError, match="batch is not a pointer field"):

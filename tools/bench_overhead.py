@@ -1,6 +1,7 @@
 """Host cost per call: ``cr.attention`` (with and without caller-owned outputs, and replayed as
-a CUDA graph) beside PyTorch SDPA (flash) in the same process; ``ring_attention`` when launched on
-several GPUs.
+a CUDA graph) beside PyTorch SDPA (flash) in the same process, and ``cr.attention_backward``
+into caller-owned gradients; ``ring_attention`` (forward, and backward) when launched on several
+GPUs.
 
 Host microseconds per call are ``time.perf_counter`` over ``--calls`` calls after warm-up, one
 synchronisation at the end (tools/timing.py ``host_us``); the sizes are small enough that the GPU
@@ -9,6 +10,9 @@ keeps up, so the figure is what the caller pays per call. torch bf16 CUDA tensor
 Usage:
     python tools/bench_overhead.py [--calls N] [--json PATH]
     python -m cuparing.launch --nproc-per-node 2 tools/bench_overhead.py   # adds the ring rows
+
+The ring rows run on the transport ``CUPARING_TRANSPORT`` names (``nccl`` by default, ``ipc``).
+``--profile DIR`` also writes a cProfile of each ring call, per rank, under DIR.
 """
 
 from __future__ import annotations
@@ -53,6 +57,14 @@ def single_device_rows(calls: int) -> list[dict]:
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
 
+        dout = torch.randn_like(q)
+        grads = [torch.empty_like(x) for x in (q, k, v)]
+        fwd_out, fwd_lse = cr.attention(q, k, v, causal=True, return_lse=True)
+
+        def backward(dout=dout, q=q, k=k, v=v, out=fwd_out, lse=fwd_lse, grads=grads):
+            dq, dk, dv = grads
+            cr.attention_backward(dout, q, k, v, out, lse, causal=True, dq=dq, dk=dk, dv=dv)
+
         ours_out()  # compile, cache positions and tensor maps before capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -61,14 +73,15 @@ def single_device_rows(calls: int) -> list[dict]:
 
         row = {"B": b, "S": s, "H": h, "Hkv": h // 4, "D": d}
         for name, fn in (("ours", ours), ("ours_out", ours_out), ("graph", graph.replay),
-                         ("sdpa_flash", sdpa)):  # fmt: skip
+                         ("sdpa_flash", sdpa), ("backward", backward)):  # fmt: skip
             row[f"{name}_us"] = host_us(fn, calls)
         rows.append(row)
     return rows
 
 
-def ring_rows(calls: int) -> list[dict]:
+def ring_rows(calls: int, profile_dir: str | None = None) -> list[dict]:
     import torch
+    from profile_host import profile
 
     import cuparing as cr
 
@@ -89,10 +102,21 @@ def ring_rows(calls: int) -> list[dict]:
         def ours_out(q=q, k=k, v=v, out=out, lse=lse):
             cr.ring_attention(q, k, v, ring, out=out, lse=lse, **opts)
 
-        row = {"ranks": ring.size, "tokens_per_gpu": tokens, "H": h, "Hkv": hkv, "D": d}
-        for name, fn in (("ours", ours), ("ours_out", ours_out)):
+        out, lse = cr.ring_attention(q, k, v, ring, return_lse=True, **opts)
+        dout = torch.randn_like(out)
+
+        def backward(dout=dout, q=q, k=k, v=v, out=out, lse=lse):
+            cr.ring_attention_backward(dout, q, k, v, out, lse, ring, **opts)
+
+        row = {"ranks": ring.size, "tokens_per_gpu": tokens, "H": h, "Hkv": hkv, "D": d,
+               "transport": type(ring).__name__}  # fmt: skip
+        for name, fn in (("ours", ours), ("ours_out", ours_out), ("backward", backward)):
             ring.barrier()
             row[f"{name}_us"] = host_us(fn, calls)
+            if profile_dir:
+                ring.barrier()
+                label = f"{row['transport']} {name} {tokens} rank{ring.rank}"
+                profile(fn, label, calls, profile_dir, echo=False)
         rows.append(row)
     return rows
 
@@ -101,6 +125,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--json", help="write the rows as JSON (rank 0)")
+    parser.add_argument("--profile", help="directory for cProfile listings of the ring calls")
+    parser.add_argument("--ring-only", action="store_true", help="skip the single-device rows")
     args = parser.parse_args(argv)
 
     import torch
@@ -111,22 +137,25 @@ def main(argv=None) -> int:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     card = torch.cuda.get_device_name()
     result = {"card": card, "torch": torch.__version__}
-    if rank == 0:
+    if rank == 0 and not args.ring_only:
         result["single"] = single_device_rows(args.calls)
         print(f"card: {card}; torch {torch.__version__}; bf16, causal, Hkv = H/4; host us per call")
         print(f"{'B':>2} {'S':>6} {'H':>3} {'D':>4} {'ours':>8} {'out=':>8} {'graph':>8} "
-              f"{'sdpa':>8} {'ours/sdpa':>9}")  # fmt: skip
+              f"{'sdpa':>8} {'ours/sdpa':>9} {'backward':>9}")  # fmt: skip
         for r in result["single"]:
             print(f"{r['B']:>2} {r['S']:>6} {r['H']:>3} {r['D']:>4} {r['ours_us']:>8.1f} "
                   f"{r['ours_out_us']:>8.1f} {r['graph_us']:>8.1f} {r['sdpa_flash_us']:>8.1f} "
-                  f"{r['ours_us'] / r['sdpa_flash_us']:>9.1f}")  # fmt: skip
+                  f"{r['ours_us'] / r['sdpa_flash_us']:>9.1f} "
+                  f"{r['backward_us']:>9.1f}")  # fmt: skip
     if world > 1:
-        result["ring"] = ring_rows(args.calls)
+        result["ring"] = ring_rows(args.calls, args.profile)
         if rank == 0:
-            print(f"ring, {world} GPUs, causal zigzag, H/Hkv 32/8, D=128: host us per call")
+            transport = result["ring"][0]["transport"]
+            print(f"ring ({transport}), {world} GPUs, causal zigzag, H/Hkv 32/8, D=128: host us "
+                  "per call")  # fmt: skip
             for r in result["ring"]:
-                print(f"  {r['tokens_per_gpu']:>6} tokens/GPU: {r['ours_us']:8.1f} "
-                      f"(out=: {r['ours_out_us']:8.1f})")  # fmt: skip
+                print(f"  {r['tokens_per_gpu']:>6} tokens/GPU: {r['ours_us']:8.1f} (out=: "
+                      f"{r['ours_out_us']:8.1f}, backward: {r['backward_us']:8.1f})")  # fmt: skip
     if args.json and rank == 0:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

@@ -93,8 +93,9 @@ def ring_calls(world: int) -> dict:
     }
 
 
-def profile(fn, name: str, calls: int, out_dir) -> None:
-    """cProfile of ``calls`` calls of ``fn``, printed by own and by cumulative time."""
+def profile(fn, name: str, calls: int, out_dir, echo: bool = True) -> None:
+    """cProfile of ``calls`` calls of ``fn`` by own and by cumulative time: printed (unless not
+    ``echo``) and written under ``out_dir`` (if given)."""
     import torch
 
     profiler = cProfile.Profile()
@@ -107,9 +108,11 @@ def profile(fn, name: str, calls: int, out_dir) -> None:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(count)
         listing = text.getvalue()
-        print(f"\n== cProfile {name}, {calls} calls, sorted by {key}")
-        print(listing[listing.find("ncalls"):])
+        if echo:
+            print(f"\n== cProfile {name}, {calls} calls, sorted by {key}")
+            print(listing[listing.find("ncalls"):])
         if out_dir:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
             slug = "".join(c if c.isalnum() else "_" for c in name)
             Path(out_dir, f"profile_{slug}_{key}.txt").write_text(listing)
 

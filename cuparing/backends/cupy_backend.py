@@ -30,6 +30,7 @@ Everything runs on CuPy's current stream; ``cuparing.api`` makes the caller's st
 from __future__ import annotations
 
 import math
+import struct
 import threading
 import weakref
 from dataclasses import dataclass
@@ -51,6 +52,10 @@ _PLANS = launch_plans.PlanCache()
 _FWD_POINTERS = ("out", "lse", "q", "k", "v", "q_pos", "k_pos")
 _FWD_QKV = slice(2, 5)
 _BWD_POINTERS = ("dout", "lse", "delta", "dq", "dk", "dv", "q", "k", "v", "q_pos", "k_pos")
+# separate-argument kernels, packed as PackedLaunch passes them: each argument at its offset
+_ELEMENTWISE_ARGS = struct.Struct("<QQq")  # (src, dst, n): the casts
+_DELTA_ARGS = struct.Struct("<QQQ6q4i")  # (dout, out, delta, strides, batch, seqlen, H, D)
+_DELTA_OFFSETS = (0, 8, 16, *range(24, 72, 8), *range(72, 88, 4))
 
 
 # Device copies of position arrays, keyed by (device, length, hash of the values). A host-to-device
@@ -356,20 +361,32 @@ class CupyBackend:
         if rows == 0:
             return delta
         dout, out = (_kernel_operand(cp, x) for x in (dout, out))
-        ds, os_ = _element_strides(dout), _element_strides(out)
-        kernel = loader.get_bwd_delta_kernel(dtype_name(dout.dtype))
-        threads = 256  # 8 warps, one row each
-        blocks = min(math.ceil(rows / (threads // 32)), 65536)
-        kernel(
-            (blocks,), (threads,),
-            (dout, out, delta, *(np.int64(x) for x in (*ds, *os_)), np.int32(batch),
-             np.int32(seqlen), np.int32(nheads), np.int32(headdim)),
-        )  # fmt: skip
+        key = ("delta", cp.cuda.runtime.getDevice(), dout.shape, dout.strides, out.strides,
+               dtype_name(dout.dtype))  # fmt: skip
+        plan = _PLANS.get(key)
+        if plan is None:
+            kernel = loader.get_bwd_delta_kernel(dtype_name(dout.dtype))
+            threads = 256  # 8 warps, one row each
+            blocks = min(math.ceil(rows / (threads // 32)), 65536)
+            # (dout, out, delta, 6 strides, batch, seqlen, nheads, headdim), naturally aligned
+            args = _DELTA_ARGS.pack(0, 0, 0, *_element_strides(dout), *_element_strides(out),
+                                    batch, seqlen, nheads, headdim)  # fmt: skip
+            plan = _PLANS.put(key, launch_plans.PackedLaunch(
+                (kernel,), (blocks,), (threads,), 0, args, (0, 8, 16), arg_offsets=_DELTA_OFFSETS
+            ))  # fmt: skip
+        plan.launch(dout.data.ptr, out.data.ptr, delta.data.ptr)
         return delta
 
     def zeros_accum(self, shape, dtype):
-        """A zeroed float32 gradient accumulator."""
-        return self.xp.zeros(shape, dtype=self.xp.float32)
+        """A zeroed float32 gradient accumulator (zeroed by a memset on the current stream:
+        ``zeros`` would launch an elementwise kernel through CuPy's slower path)."""
+        cp = self.xp
+        acc = cp.empty(shape, dtype=cp.float32)
+        if acc.nbytes:
+            cp.cuda.runtime.memsetAsync(
+                acc.data.ptr, 0, acc.nbytes, cp.cuda.get_current_stream().ptr
+            )
+        return acc
 
     def backward_block(
         self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale
@@ -476,12 +493,21 @@ class CupyBackend:
 
 
 def _elementwise(kernel, src, dst) -> None:
+    """One of the cast kernels over ``src.size`` contiguous elements (a launch kept per kernel
+    and size)."""
     n = src.size
     if n == 0:
         return
-    threads = 256
-    blocks = min(math.ceil(n / threads), 65536)
-    kernel((blocks,), (threads,), (src, dst, np.int64(n)))
+    key = ("elementwise", kernel.kernel.ptr, n)  # (a function handle belongs to one device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        threads = 256
+        blocks = min(math.ceil(n / threads), 65536)
+        plan = _PLANS.put(key, launch_plans.PackedLaunch(
+            (kernel,), (blocks,), (threads,), 0, _ELEMENTWISE_ARGS.pack(0, 0, n), (0, 8),
+            arg_offsets=(0, 8, 16),
+        ))  # fmt: skip
+    plan.launch(src.data.ptr, dst.data.ptr)
 
 
 def _host(positions) -> np.ndarray:

@@ -4,8 +4,9 @@ A ring step or a training step calls the same kernels on arrays of the same shap
 dtypes again and again; only the addresses change (a ring's K/V rotate between two buffers, an
 allocator hands out new blocks). Choosing the kernel, its grid and shared memory, and packing
 its parameter struct field by field cost ~100 µs of Python per launch; a :class:`PackedLaunch`
-keeps the packed struct as bytes and rewrites just the pointer fields, and passes it to CuPy as
-one unstructured blob (a structured NumPy argument makes CuPy walk its dtype on every launch).
+keeps the packed arguments as bytes, rewrites just the pointer fields, and hands them to
+``cuLaunchKernel`` (CuPy's driver binding) as they are: CuPy's kernel call would convert every
+argument again (~10 µs a launch, more for a structured NumPy argument, whose dtype it walks).
 
 :class:`PlanCache` holds plans by signature, bounded in size (these launches, and
 ``cuparing.call_plans``' whole calls). Whoever builds the key puts in it everything the plan
@@ -25,18 +26,23 @@ _POINTER = struct.Struct("<Q")
 
 
 class PackedLaunch:
-    """One or more kernels launched back to back with one parameter struct, everything but the
+    """One or more kernels launched back to back with the same arguments, everything but the
     device pointers fixed.
 
     Args:
-        kernels: CuPy kernel functions, launched in order.
+        kernels: CuPy kernels (``RawModule.get_function``), launched in order on the device
+            current when the plan is made.
         grid, block: launch geometry; smem: dynamic shared memory bytes.
-        params: the parameter struct as packed for one call (a one-element structured array or
-            bytes); its pointer fields are overwritten per call.
+        params: the kernel's arguments packed back to back as for one call (bytes, or a
+            one-element structured array: one struct argument); the pointer fields are
+            overwritten per call.
         pointer_offsets: byte offset of each pointer field, in the order :meth:`launch` takes
             the pointers.
-        extra: a callable giving any further arguments from the pointers (the sm90 tensor
-            maps), or None.
+        extra: a callable giving further arguments (one-element NumPy arrays, kept alive by the
+            callable's owner) from the pointers (the sm90 tensor maps), or None.
+        arg_offsets: byte offset in ``params`` where each kernel argument starts (default: one
+            argument, the whole struct).
+        driver: what launches (default :class:`CupyDriver`).
     """
 
     def __init__(
@@ -48,25 +54,99 @@ class PackedLaunch:
         params: Any,
         pointer_offsets: tuple[int, ...],
         extra: Callable[[tuple], tuple] | None = None,
+        arg_offsets: tuple[int, ...] = (0,),
+        driver: Any = None,
     ):
         self.kernels, self.grid, self.block, self.smem = kernels, grid, block, smem
-        self._template = params.tobytes() if hasattr(params, "tobytes") else bytes(params)
-        self._blob = np.dtype((np.void, len(self._template)))
+        # the CUfunction of each RawKernel on the current device (the plan's device)
+        self._functions = tuple(kernel.kernel.ptr for kernel in kernels)
+        self._geometry = (*_dim3(grid), *_dim3(block), int(smem))
+        template = params.tobytes() if hasattr(params, "tobytes") else bytes(params)
         self._offsets = pointer_offsets
         self._extra = extra
+        # The arguments live in one buffer reused by every launch: cuLaunchKernel copies them
+        # before it returns. The lock keeps ranks in threads (which share plans) apart.
+        self._lock = threading.Lock()
+        self._params = np.frombuffer(bytearray(template), dtype=np.uint8)
+        self._buffer = memoryview(self._params)
+        base = self._params.ctypes.data
+        slots = len(arg_offsets) + (4 if extra is not None else 0)  # room for the extras (maps: 1)
+        self._arg_pointers = np.zeros(slots, dtype=np.uint64)  # cuLaunchKernel's void* array
+        self._arg_pointers[: len(arg_offsets)] = [base + offset for offset in arg_offsets]
+        self._first_extra = len(arg_offsets)
+        self._arg_pointers_address = self._arg_pointers.ctypes.data
+        self._extra_addresses: dict[int, tuple[Any, int]] = {}
+        self._driver = driver if driver is not None else cupy_driver()
 
     def launch(self, *pointers: int) -> None:
         """Launch on CuPy's current stream with ``pointers`` patched in (``pointer_offsets``
         order)."""
         if len(pointers) != len(self._offsets):
             raise TypeError(f"expected {len(self._offsets)} pointers, got {len(pointers)}")
-        buf = bytearray(self._template)  # a copy per call: ranks in threads share the plan
-        for offset, ptr in zip(self._offsets, pointers, strict=True):
-            _POINTER.pack_into(buf, offset, ptr)
-        params = np.frombuffer(buf, dtype=self._blob)
-        args = (params,) if self._extra is None else (params, *self._extra(pointers))
-        for kernel in self.kernels:
-            kernel(self.grid, self.block, args, shared_mem=self.smem)
+        with self._lock:
+            buffer = self._buffer
+            for offset, ptr in zip(self._offsets, pointers, strict=True):
+                _POINTER.pack_into(buffer, offset, ptr)
+            if self._extra is not None:
+                for i, arg in enumerate(self._extra(pointers), start=self._first_extra):
+                    self._arg_pointers[i] = self._address_of(arg)
+            for function in self._functions:
+                self._driver.launch(function, self._geometry, self._arg_pointers_address)
+
+    def _address_of(self, arg: np.ndarray) -> int:
+        # the extra arguments are the same few cached arrays call after call
+        known = self._extra_addresses.get(id(arg))
+        if known is None or known[0] is not arg:
+            if len(self._extra_addresses) >= 64:
+                self._extra_addresses.clear()
+            known = self._extra_addresses[id(arg)] = (arg, arg.ctypes.data)
+        return known[1]
+
+
+class CupyDriver:
+    """``cuLaunchKernel`` through CuPy's driver binding, on CuPy's current stream."""
+
+    _INVALID_CONTEXT = 201  # CUDA_ERROR_INVALID_CONTEXT
+
+    def __init__(self):
+        import cupy
+
+        self._launch_kernel = cupy.cuda.driver.launchKernel
+        self._driver_error = cupy.cuda.driver.CUDADriverError
+        self._runtime = cupy.cuda.runtime
+        self._current_stream = cupy.cuda.get_current_stream
+
+    def launch(self, function: int, geometry: tuple, arguments: int) -> None:
+        """Launch ``function`` (a ``CUfunction``) with ``geometry`` = (grid x, y, z, block x, y,
+        z, dynamic shared memory) and ``arguments`` the address of its ``void*`` array."""
+        stream = self._current_stream().ptr
+        try:
+            self._launch_kernel(function, *geometry, stream, arguments, 0)
+        except self._driver_error as error:
+            if getattr(error, "status", None) != self._INVALID_CONTEXT:
+                raise
+            # A thread that has made no CUDA runtime call yet (torch's autograd thread) has no
+            # current context, which the driver API needs: setDevice binds the device's
+            # primary context (the one CuPy loaded the kernels into), then launch again.
+            self._runtime.setDevice(self._runtime.getDevice())
+            self._launch_kernel(function, *geometry, stream, arguments, 0)
+
+
+_CUPY_DRIVER: CupyDriver | None = None
+
+
+def cupy_driver() -> CupyDriver:
+    """The process's :class:`CupyDriver` (imports CuPy on first use)."""
+    global _CUPY_DRIVER
+    if _CUPY_DRIVER is None:
+        _CUPY_DRIVER = CupyDriver()
+    return _CUPY_DRIVER
+
+
+def _dim3(dims: tuple) -> tuple[int, int, int]:
+    """A grid or block as three ints (missing ones are 1)."""
+    padded = (*dims, 1, 1, 1)[:3]
+    return int(padded[0]), int(padded[1]), int(padded[2])
 
 
 def blob(data: bytes) -> np.ndarray:
