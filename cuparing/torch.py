@@ -71,8 +71,15 @@ def ring_handle(ring: Ring) -> int:
 
 
 def _compiling() -> bool:
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling and is_compiling())
+    """Whether TorchDynamo is tracing this code. ``is_dynamo_compiling`` is False when run and
+    True when traced, so it answers for this thread; ``is_compiling`` reads a process-wide flag,
+    which is also True while another thread compiles (ranks simulated in threads build their
+    models while a neighbour compiles), so it is only the fallback for torch without the former."""
+    compiler = getattr(torch, "compiler", None)
+    check = getattr(compiler, "is_dynamo_compiling", None) or getattr(
+        compiler, "is_compiling", None
+    )
+    return bool(check and check())
 
 
 def _ring_of(handle: int) -> Ring:

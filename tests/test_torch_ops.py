@@ -69,6 +69,22 @@ def test_ring_handles_are_per_ring_and_compiled_code_reads_them():
         crt.ring_handle(object())
 
 
+def test_ring_handle_registers_while_another_thread_compiles(monkeypatch):
+    """Ranks simulated in threads build their models (registering their rings) while a
+    neighbour compiles, and torch's is_compiling() reads one process-wide flag that is then True
+    in every thread: registering outside a trace must still work (it used to raise, at random,
+    in the threaded training example)."""
+    import threading
+
+    monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True, raising=False)
+    ring = cr.comm.local.SoloRing()
+    handles = []
+    worker = threading.Thread(target=lambda: handles.append(crt.ring_handle(ring)))
+    worker.start()
+    worker.join()
+    assert handles == [crt.ring_handle(ring)] and handles[0] is not None
+
+
 @pytest.mark.parametrize(
     "causal,window,sq,sk,heads",
     [(False, None, 13, 13, (4, 4)), (True, None, 7, 12, (6, 2)), (True, (4, 0), 10, 10, (2, 1)),
