@@ -102,7 +102,7 @@ def attention(
     checked_scale = validation.check_scale(scale, q.shape[-1])
     plan = _unless_empty(_one_device_plan(q, k, mask, cu_seqlens), q)
     results = _forward(origin, _ONE_DEVICE, plan, checked_scale, (q, k, v), True, (out, lse))
-    if key is not None:
+    if call_plans.wanted(key):
         _keep_attention_plan(key, origin, plan, checked_scale, (q, k, v), (out, lse), results)
     return results if return_lse else results[0]
 
@@ -214,7 +214,7 @@ def ring_attention(
     ring.agree(fields)
     plan = _unless_empty(_ring_plan(layout, ring, q, mask, cu), q)
     results = _forward(origin, ring, plan, scale, (q, k, v), return_lse, (out, lse))
-    if key is not None:
+    if call_plans.wanted(key, ring):
         guard = call_plans.Guard((q, k, v), (out, lse), untracked=True)
         call_plans.keep(key, call_plans.CheckedCall((origin, plan, scale, fields), guard, ring))
     return results
@@ -265,7 +265,7 @@ def ring_attention_backward(
         options = (causal, scale, window, layout)
         key = call_plans.signature(entry, (*arrays, dlse), options, dests, ring)
         known = call_plans.find(key)
-        if known is not None and known.ready(ring, (*arrays, dlse), dests):
+        if known is not None and known.ready(ring, arrays, dests):
             origin, plan, scale, fields = known.decided  # a repeat of a checked call
             ring.agree(fields)
             return _backward(origin, ring, plan, scale, arrays, dests, dlse)
@@ -280,8 +280,8 @@ def ring_attention_backward(
     ring.agree(fields)
     plan = _unless_empty(_ring_plan(layout, ring, q, mask, cu), q)
     grads = _backward(origin, ring, plan, scale, arrays, dests, dlse)
-    if key is not None:
-        guard = call_plans.Guard((*arrays, dlse), dests, untracked=False)
+    if call_plans.wanted(key, ring):
+        guard = call_plans.Guard(arrays, dests, untracked=False)
         call_plans.keep(key, call_plans.CheckedCall((origin, plan, scale, fields), guard, ring))
     return grads
 
@@ -324,7 +324,7 @@ def attention_backward(
         options = (causal, scale, window)
         key = call_plans.signature("attention_backward", (*arrays, dlse), options, dests)
         known = call_plans.find(key)
-        if known is not None and known.ready(None, (*arrays, dlse), dests):
+        if known is not None and known.ready(None, arrays, dests):
             origin, plan, scale = known.decided  # a repeat of a checked call
             return _backward(origin, _ONE_DEVICE, plan, scale, arrays, dests, dlse)
     origin = validation.check_arrays(("q", "k", "v", "dout", "out"), (q, k, v, dout, out))
@@ -335,8 +335,8 @@ def attention_backward(
     scale = validation.check_scale(scale, q.shape[-1])
     plan = _unless_empty(_one_device_plan(q, k, mask, cu_seqlens), q)
     grads = _backward(origin, _ONE_DEVICE, plan, scale, arrays, dests, dlse)
-    if key is not None:
-        guard = call_plans.Guard((*arrays, dlse), dests, untracked=False)
+    if call_plans.wanted(key):
+        guard = call_plans.Guard(arrays, dests, untracked=False)
         call_plans.keep(key, call_plans.CheckedCall((origin, plan, scale), guard))
     return grads
 

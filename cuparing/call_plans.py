@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .backends.launch_plans import PlanCache
-from .interop import external_cupy_stream, memory_span
+from .interop import external_cupy_stream, may_overlap, memory_span
 from .kernels import loader
 
 _PLANS = PlanCache()  # by signature, bounded
@@ -64,9 +64,12 @@ def signature(
     for x in (*arrays, *dests):
         if x is None:
             described.append(None)
-        elif _is_cuda_tensor(x):
+            continue
+        if not _is_cuda_tensor(x):
+            return None
+        try:
             described.append((x.shape, x.stride(), x.dtype, x.device))
-        else:
+        except RuntimeError:  # no strides (a sparse or nested tensor): the full path refuses it
             return None
     if arrays[0] is None:
         return None
@@ -116,14 +119,21 @@ class Guard:
             return False
         if not any(x is not None for x in dests):
             return True
-        taken = [_span(x, o) for x, o in zip(inputs, self._inputs, strict=True) if x is not None]
+        taken = [
+            (x, _span(x, offsets))
+            for x, offsets in zip(inputs, self._inputs, strict=True)
+            if x is not None
+        ]
         for x, offsets in zip(dests, self._dests, strict=True):
             if x is None:
                 continue
             start, end = span = _span(x, offsets)
-            if any(start < other_end and other_start < end for other_start, other_end in taken):
-                return False
-            taken.append(span)
+            for other, (other_start, other_end) in taken:
+                # byte ranges first (cheap); where they meet, the exact test (slices of one
+                # packed buffer meet by range and share no element)
+                if start < other_end and other_start < end and may_overlap(x, other):
+                    return False
+            taken.append((x, span))
         return True
 
 
@@ -155,9 +165,12 @@ class CheckedCall:
     def ready(self, ring: Any, inputs: Sequence[Any], dests: Sequence[Any]) -> bool:
         """Whether a repeat on ``ring`` (the same object as the first call's; its id is in the
         signature, and ids are reused) with these tensors may use :attr:`decided`."""
-        if self._ring is not None and self._ring() is not ring:
-            return False
-        return self._guard.passes(inputs, dests)
+        return self.holds(ring) and self._guard.passes(inputs, dests)
+
+    def holds(self, ring: Any) -> bool:
+        """Whether this is ``ring``'s plan (not that of a ring gone since, whose id ``ring``
+        reuses)."""
+        return self._ring is None or self._ring() is ring
 
 
 class CallPlan:
@@ -176,7 +189,7 @@ class CallPlan:
         self._q_pos, self._k_pos = q_pos.data.ptr, k_pos.data.ptr
         self._out_shape, self._lse_shape = tuple(out_shape), tuple(lse_shape)
         self._dtype, self._device = dtype, device
-        self._cupy_device = cupy.cuda.Device(device.index)
+        self._cupy = cupy
         self._streams: dict[int, Any] = {}  # torch stream handle -> CuPy's view of it
 
     def run(self, q: Any, k: Any, v: Any, out: Any = None, lse: Any = None) -> tuple | None:
@@ -200,17 +213,34 @@ class CallPlan:
             if len(self._streams) >= 64:
                 self._streams.clear()
             stream = self._streams[handle] = external_cupy_stream(handle, self._device.index)
-        with self._cupy_device, stream:
+        # a fresh Device: its context keeps the previous device on the object itself
+        with self._cupy.cuda.Device(self._device.index), stream:
             self._launch.launch(out.data_ptr(), lse.data_ptr(), *pointers, self._q_pos, self._k_pos)
         return out, lse
 
 
-def find(key: tuple | None) -> Any:
+def find(key: tuple | None) -> CallPlan | CheckedCall | None:
     """The plan kept for ``key`` (from :func:`signature`), if any."""
     return None if key is None else _PLANS.get(key)
 
 
-def keep(key: tuple, plan: Any) -> None:
+def wanted(key: tuple | None, ring: Any = None) -> bool:
+    """Whether a call with signature ``key`` on ``ring`` that passed the full path should keep
+    a plan: not when ``key`` has one for this ring already (the per-call checks sent a repeat
+    through the full path, which decided nothing new: the kept plan, a one-launch CallPlan say,
+    stays), nor for a ring that cannot be referred to weakly."""
+    if key is None:
+        return False
+    if ring is not None:
+        try:
+            weakref.ref(ring)
+        except TypeError:
+            return False
+    known = _PLANS.get(key)
+    return known is None or (isinstance(known, CheckedCall) and not known.holds(ring))
+
+
+def keep(key: tuple, plan: CallPlan | CheckedCall) -> None:
     """Keep ``plan`` for ``key`` (a bounded cache: PlanCache)."""
     _PLANS.put(key, plan)
 

@@ -373,8 +373,8 @@ def cupy_stream_as_torch():
 
 
 class _Entered:
-    """Enter context managers in order and leave them in reverse order (a class: a contextlib
-    generator costs several times more, on every call)."""
+    """Enter context managers in order and leave them in reverse order (a class: stacking them
+    with a contextlib generator or ExitStack costs several times more, on every call)."""
 
     def __init__(self, *contexts: Any):
         self._contexts = contexts

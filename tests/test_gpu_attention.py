@@ -526,6 +526,11 @@ def test_backward_replays_in_a_cupy_stream_capture(fresh_rng):
         cr.attention_backward(dout, q, k, v, out, lse, window=(64, 0), dq=grads[0], dk=grads[1],
                               dv=grads[2])  # fmt: skip
         graph = stream.end_capture()
+        # arrays of the backward's workspace sizes (delta, the float32 accumulators), taken from
+        # CuPy's pool after the capture: had the captured workspaces come from that pool, these
+        # would get their blocks back and a replay would write into them
+        sentinels = [cupy.full(shape, 7.0, dtype=cupy.float32)
+                     for shape in ((2, 4, 257), *shapes[:3], *shapes[:3])]  # fmt: skip
         host[3] = random_array(rng, shapes[3], "float16")
         dout[...] = to_gpu(host[3])
         for g in grads:
@@ -533,6 +538,7 @@ def test_backward_replays_in_a_cupy_stream_capture(fresh_rng):
         graph.launch(stream)
         stream.synchronize()
     check_backward([to_host(g) for g in grads], host[3], *host[:3], window=(64, 0))
+    assert all(bool((x == 7.0).all()) for x in sentinels)
 
 
 @requires_gpu(1)
@@ -814,12 +820,27 @@ def test_repeat_backward_and_ring_calls_skip_the_checks(world, monkeypatch, fres
     assert np.array_equal(repeat[0], full[0]) and np.array_equal(repeat[1], full[1])
     check_kernel_forward(repeat[0], repeat[1], *host[:3], causal=True)
     check_backward(repeat[2:], host[3], *host[:3], causal=True)
-    if world == 1:
-        q, k, v, dout = (torch.from_numpy(x).cuda() for x in host)
-        out, lse = cr.attention(q, k, v, return_lse=True, causal=True)
-        cr.attention_backward(dout, q, k, v, out, lse, causal=True, dq=torch.empty_like(q))
-        with pytest.raises(ValueError, match="dq shares memory with dout"):
-            cr.attention_backward(dout, q, k, v, out, lse, causal=True, dq=dout)
+
+    def refused(ring):
+        """A kept plan's signature, but a destination over an input's memory: the per-call
+        check refuses the repeat and the full path raises (on every rank)."""
+        q, k, v, dout = (
+            torch.from_numpy(cr.shard(x, ring.rank, ring.size, layout=layout)).cuda()
+            for x in host
+        )
+        if world == 1:
+            out, lse = cr.attention(q, k, v, return_lse=True, causal=True)
+            cr.attention_backward(dout, q, k, v, out, lse, causal=True, dq=torch.empty_like(q))
+            with pytest.raises(ValueError, match="dq shares memory with dout"):
+                cr.attention_backward(dout, q, k, v, out, lse, causal=True, dq=dout)
+        else:
+            cr.ring_attention(q, k, v, ring, out=torch.empty_like(q), **opts)
+            with pytest.raises(ValueError, match="out shares memory with q"):
+                cr.ring_attention(q, k, v, ring, out=q, **opts)
+
+    reused.clear()
+    cr.simulate(world, refused)
+    assert reused == [False] * world  # the plan was consulted, and said no
 
 
 @requires_gpu(1)

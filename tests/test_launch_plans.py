@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -115,6 +116,42 @@ def test_several_arguments_at_their_offsets():
     plan.launch(2**40, 2**41 + 16)
     want = [struct.pack("<Q", 2**40), struct.pack("<Q", 2**41 + 16), struct.pack("<q", 1000)]
     assert driver.calls == [(3, (4, 1, 1, 256, 1, 1, 0), want)]
+
+
+def test_threads_sharing_a_plan_each_launch_their_own_pointers():
+    """Ranks simulated in threads share plans, and a plan reuses one argument buffer: every
+    launch must still hand the driver the bytes of its own pointers."""
+    import threading
+
+    params = loader.pack_params(**{n: 0 for n in loader.PARAMS_DTYPE.names})
+    driver = RecordingDriver([params.itemsize])
+    plan = launch_plans.PackedLaunch(
+        (Function(1),), (1, 1, 1), (32,), 0, params, loader.pointer_offsets("fwd", FWD_POINTERS),
+        driver=driver,
+    )  # fmt: skip
+    q_offset = loader.pointer_offsets("fwd", ("q",))[0]
+
+    def launches(first):
+        for i in range(1000):
+            plan.launch(*[first + 16 * i] * len(FWD_POINTERS))
+
+    threads = [threading.Thread(target=launches, args=(t << 32,)) for t in range(1, 5)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    seen = [struct.unpack_from("<Q", args[0], q_offset)[0] for _, _, args in driver.calls]
+    assert sorted(seen) == sorted((t << 32) + 16 * i for t in range(1, 5) for i in range(1000))
+    # and each launch's pointers are all of one call (no mix of two threads' pointers)
+    for _, _, args in driver.calls:
+        values = {struct.unpack_from("<Q", args[0], o)[0]
+                  for o in loader.pointer_offsets("fwd", FWD_POINTERS)}  # fmt: skip
+        assert len(values) == 1
 
 
 def test_wrong_pointer_count_and_non_pointer_fields_are_refused():

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 _POINTER = struct.Struct("<Q")
+_EXTRA_SLOTS = 4  # room for extra arguments after the packed ones (the sm90 maps take one)
 
 
 class PackedLaunch:
@@ -57,7 +58,6 @@ class PackedLaunch:
         arg_offsets: tuple[int, ...] = (0,),
         driver: Any = None,
     ):
-        self.kernels, self.grid, self.block, self.smem = kernels, grid, block, smem
         # the CUfunction of each RawKernel on the current device (the plan's device)
         self._functions = tuple(kernel.kernel.ptr for kernel in kernels)
         self._geometry = (*_dim3(grid), *_dim3(block), int(smem))
@@ -70,7 +70,7 @@ class PackedLaunch:
         self._params = np.frombuffer(bytearray(template), dtype=np.uint8)
         self._buffer = memoryview(self._params)
         base = self._params.ctypes.data
-        slots = len(arg_offsets) + (4 if extra is not None else 0)  # room for the extras (maps: 1)
+        slots = len(arg_offsets) + (_EXTRA_SLOTS if extra is not None else 0)
         self._arg_pointers = np.zeros(slots, dtype=np.uint64)  # cuLaunchKernel's void* array
         self._arg_pointers[: len(arg_offsets)] = [base + offset for offset in arg_offsets]
         self._first_extra = len(arg_offsets)
@@ -88,7 +88,10 @@ class PackedLaunch:
             for offset, ptr in zip(self._offsets, pointers, strict=True):
                 _POINTER.pack_into(buffer, offset, ptr)
             if self._extra is not None:
-                for i, arg in enumerate(self._extra(pointers), start=self._first_extra):
+                extras = self._extra(pointers)
+                if len(extras) > _EXTRA_SLOTS:
+                    raise ValueError(f"at most {_EXTRA_SLOTS} extra arguments, got {len(extras)}")
+                for i, arg in enumerate(extras, start=self._first_extra):
                     self._arg_pointers[i] = self._address_of(arg)
             for function in self._functions:
                 self._driver.launch(function, self._geometry, self._arg_pointers_address)
@@ -150,8 +153,8 @@ def _dim3(dims: tuple) -> tuple[int, int, int]:
 
 
 def blob(data: bytes) -> np.ndarray:
-    """``data`` as a one-element unstructured NumPy array: a by-value kernel argument CuPy passes
-    without walking a dtype."""
+    """``data`` as a one-element unstructured NumPy array: a by-value kernel argument (an extra
+    argument of :class:`PackedLaunch`, whose address the launch hands to the driver)."""
     return np.frombuffer(data, dtype=np.dtype((np.void, len(data))))
 
 
