@@ -1,0 +1,91 @@
+"""cuparing.call_plans on the CPU: the per-call Guard (autograd, destinations that overlap an
+input) and when a call keeps a plan. The plans themselves run on GPUs (test_gpu_attention.py);
+the Guard's decisions depend only on tensors' addresses, shapes and strides, which CPU tensors
+have too."""
+
+from __future__ import annotations
+
+import pytest
+
+from cuparing import call_plans
+from cuparing.comm.local import SoloRing
+
+torch = pytest.importorskip("torch")
+
+
+def _guard(inputs, dests, untracked=True):
+    return call_plans.Guard(inputs, dests, untracked=untracked)
+
+
+def test_destinations_that_share_no_element_with_an_input_pass():
+    qkv = torch.zeros(2, 16, 3, 4, 8)  # a packed buffer: q, k, v are slices of one tensor
+    q, k, v = qkv.unbind(2)
+    out = torch.zeros(2, 16, 4, 8)
+    guard = _guard((q, k, v), (out, None))
+    assert guard.passes((q, k, v), (out, None))
+    # slices of one buffer meet by byte range but share no element: still a repeat
+    packed = torch.zeros(2, 16, 4, 4, 8)
+    a, b = packed[:, :, 0], packed[:, :, 3]
+    guard = _guard((a,), (b,))
+    assert guard.passes((a,), (b,))
+    # ... while the same slice as input and destination shares every element
+    assert not guard.passes((a,), (a,))
+
+
+def test_a_destination_over_an_input_or_an_earlier_destination_is_refused():
+    q = torch.zeros(1, 8, 2, 4)
+    dq, dk = torch.zeros_like(q), torch.zeros_like(q)
+    guard = _guard((q,), (dq, dk), untracked=False)
+    assert guard.passes((q,), (dq, dk))
+    assert not guard.passes((q,), (q, dk))  # dq is the input
+    assert not guard.passes((q,), (dq, dq))  # dk is dq: written twice
+    half = torch.zeros(1, 16, 2, 4)
+    assert not guard.passes((half[:, :8],), (half[:, 4:12], dk))  # partial overlap
+
+
+def test_tracked_tensors_are_left_to_the_full_path():
+    q = torch.zeros(1, 8, 2, 4, requires_grad=True)
+    out = torch.zeros(1, 8, 2, 4)
+    forward = _guard((q,), (out,), untracked=True)
+    assert not forward.passes((q,), (out,))  # the forward refuses tracked inputs
+    with torch.no_grad():
+        assert forward.passes((q,), (out,))  # ... outside grad mode it takes them
+    backward = _guard((q,), (out,), untracked=False)
+    assert backward.passes((q,), (out,))  # the backward reads tracked inputs
+    tracked_out = torch.zeros(1, 8, 2, 4, requires_grad=True)
+    assert not backward.passes((q,), (tracked_out,))  # a tracked destination never passes
+
+
+def test_a_call_keeps_one_plan_per_key_and_ring():
+    call_plans.clear()
+    key = ("test", 1)
+    ring = SoloRing()
+    x = torch.zeros(1, 4, 1, 2)
+    assert not call_plans.wanted(None)
+    assert call_plans.wanted(key, ring)
+    kept = call_plans.CheckedCall(("decided",), _guard((x,), ()), ring)
+    call_plans.keep(key, kept)
+    assert call_plans.find(key) is kept and kept.holds(ring)
+    # a repeat that the per-call checks sent through the full path keeps the kept plan
+    assert not call_plans.wanted(key, ring)
+    # another ring object under the same key (its id reused after the first ring died): replaced
+    assert call_plans.wanted(key, SoloRing())
+    call_plans.clear()
+
+
+def test_rings_that_cannot_be_referred_to_weakly_keep_no_plan():
+    class SlottedRing:
+        __slots__ = ("rank", "size")
+
+        def exchange(self, arrays, shift=1, tag="kv"):
+            raise AssertionError("not called")
+
+        def agree(self, fields):
+            pass
+
+    assert not call_plans.wanted(("test", 2), SlottedRing())
+
+
+def test_calls_on_cpu_tensors_have_no_signature():
+    x = torch.zeros(1, 4, 1, 2)
+    assert call_plans.signature("attention", (x, x, x), (True, None, None)) is None
