@@ -43,6 +43,25 @@ def requires_gpu(n: int = 1):
     return pytest.mark.skipif(found < n, reason=f"needs {n} GPU(s), found {found}")
 
 
+def torch_on_gpu():
+    """``torch``, for a GPU test on torch CUDA tensors; skips the test where torch is missing or
+    was built without CUDA (the test extra pins a release whose CPU build may be what is
+    installed)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a torch build with CUDA")
+    return torch
+
+
+def torch_has_cuda() -> bool:
+    """Whether torch is installed with CUDA and sees a GPU (for skip marks)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
 @pytest.fixture
 def fresh_rng():
     """A NumPy generator on a new seed for every test run (GPU tests compare against the float64

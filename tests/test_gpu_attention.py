@@ -17,7 +17,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import requires_gpu
+from conftest import requires_gpu, torch_on_gpu
 from gpu_arrays import (
     poison_pool,
     random_array,
@@ -180,7 +180,7 @@ def test_ring_backward_matches_reference(dtype, fresh_rng):
 
 @requires_gpu(1)
 def test_torch_round_trip(fresh_rng):
-    torch = pytest.importorskip("torch")
+    torch = torch_on_gpu()
     if not torch.cuda.is_available():
         pytest.skip("torch without CUDA")
     gen = torch.Generator(device="cuda").manual_seed(int(fresh_rng.integers(2**62)))
@@ -358,7 +358,7 @@ def test_backward_kernel_resources_on_device():
 
 @requires_gpu(1)
 def test_torch_autograd_ring_on_gpu(fresh_rng):
-    torch = pytest.importorskip("torch")
+    torch = torch_on_gpu()
     if not torch.cuda.is_available():
         pytest.skip("torch without CUDA")
     rng = fresh_rng
@@ -397,7 +397,7 @@ def test_caller_owned_outputs_on_gpu(causal, fresh_rng):
     dq= / dk= / dv= receive the gradients (within the float64 reference's bound: the backward
     kernel adds with atomics, so two runs differ in the last bits); every element written
     (NaN-poisoned first)."""
-    torch = pytest.importorskip("torch")
+    torch = torch_on_gpu()
     gen = torch.Generator(device="cuda").manual_seed(int(fresh_rng.integers(2**62)))
     b, s, h, hkv, d = 2, 300, 4, 2, 128
     q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -429,7 +429,7 @@ def test_caller_owned_outputs_on_gpu(causal, fresh_rng):
 def test_forward_replays_in_a_torch_cuda_graph(fresh_rng):
     """With out= and lse=, a forward call allocates nothing and syncs nothing: it can be captured
     in a CUDA graph, and replays compute the attention of whatever the input buffers hold."""
-    torch = pytest.importorskip("torch")
+    torch = torch_on_gpu()
     gen = torch.Generator(device="cuda").manual_seed(int(fresh_rng.integers(2**62)))
     shape = (1, 1000, 8, 128)
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -462,7 +462,7 @@ def test_training_step_replays_in_a_torch_cuda_graph(fresh_rng):
     allocator, so the graph's pool keeps them for its replays): replays on new inputs in the
     captured buffers give the eager forward bitwise and gradients within the float64
     reference's bounds (every output NaN-poisoned before each replay)."""
-    torch = pytest.importorskip("torch")
+    torch = torch_on_gpu()
     gen = torch.Generator(device="cuda").manual_seed(int(fresh_rng.integers(2**62)))
     b, s, h, hkv, d = 1, 700, 8, 2, 128
     shapes = [(b, s, h, d), (b, s, hkv, d), (b, s, hkv, d), (b, s, h, d)]
@@ -572,7 +572,7 @@ def test_torch_ops_on_cuda(fresh_rng):
     backward kernel adds with atomics and two runs differ in the last bits), and a compiled
     (fullgraph) forward + backward: the same output as eager, gradients within the float64
     reference's bounds."""
-    torch = pytest.importorskip("torch")
+    torch = torch_on_gpu()
     crt = pytest.importorskip("cuparing.torch")
     gen = torch.Generator(device="cuda").manual_seed(int(fresh_rng.integers(2**62)))
     q, k, v = (torch.randn(2, 200, 4, 64, device="cuda", dtype=torch.bfloat16, generator=gen,
@@ -639,7 +639,7 @@ def test_repeat_torch_calls_run_the_kept_launch(monkeypatch, fresh_rng):
     (cuparing.call_plans): on fresh random data it returns exactly what the full path returns
     (the same kernel: bitwise), within the float64 reference's bounds, on another stream too;
     tensors autograd tracks are still refused, and a misaligned view takes the full path."""
-    torch = pytest.importorskip("torch")
+    torch = torch_on_gpu()
     from cuparing import call_plans
 
     call_plans.clear()
@@ -703,7 +703,7 @@ def test_repeats_with_caller_owned_outputs_run_the_kept_launch(monkeypatch, fres
     """out= / lse= repeats of a checked call run the kept launch (call_plans.CallPlan) and write
     exactly what the full path returns (NaN-poisoned first, a strided out); a repeat whose out
     is an input's memory, or requires grad, is still refused with the full path's error."""
-    torch = pytest.importorskip("torch")
+    torch = torch_on_gpu()
     from cuparing import call_plans
 
     call_plans.clear()
@@ -761,7 +761,7 @@ def test_repeat_backward_and_ring_calls_skip_the_checks(world, monkeypatch, fres
     (call_plans.CheckedCall: the checks and plans of the first call reused) give what the full
     path gives on fresh data: the forward bitwise, gradients within the float64 reference's
     bounds; a repeat whose dq= is dout's memory is still refused."""
-    torch = pytest.importorskip("torch")
+    torch = torch_on_gpu()
     from cuparing import call_plans
 
     call_plans.clear()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import requires_gpu
+from conftest import requires_gpu, torch_has_cuda
 from numerics import check_backward, check_forward
 from torch_ring_worker import problem
 
@@ -31,7 +31,10 @@ def _free_port() -> str:
     "backend,world",
     [
         ("gloo", 3),
-        pytest.param("nccl", 2, marks=[pytest.mark.gpu, requires_gpu(2)]),
+        pytest.param("nccl", 2, marks=[
+            pytest.mark.gpu, requires_gpu(2),
+            pytest.mark.skipif(not torch_has_cuda(), reason="needs a torch build with CUDA"),
+        ]),  # fmt: skip
     ],
 )
 def test_ring_on_a_process_group(tmp_path, backend, world):
