@@ -17,10 +17,11 @@ with the same signature skips them:
 The signature holds everything the checks and plans depend on besides the addresses: each
 array's type, shape, strides, dtype and device (caller-owned destinations included), the options
 exactly as passed, the ring, and the kernel switches of the environment. What depends on the
-addresses is checked per call (:class:`Guard`): tensors autograd tracks, destinations that may
-overlap an input (their byte ranges; any overlap sends the call to the full path, whose exact
-check decides), and for a kept launch, 16-byte aligned inputs. Arrays of other frameworks,
-tensor subclasses, options that cannot be hashed and packed documents always take the full path.
+addresses is checked per call (:class:`Guard`): tensors autograd tracks and destinations that
+share memory with an input (by byte range, then exactly where ranges meet), which go to the full
+path to be refused there, and for a kept launch, 16-byte aligned inputs. A call the per-call
+checks send to the full path keeps the plan already kept. Arrays of other frameworks, tensor
+subclasses, options that cannot be hashed and packed documents always take the full path.
 """
 
 from __future__ import annotations
