@@ -191,7 +191,6 @@ class CallPlan:
         self._out_shape, self._lse_shape = tuple(out_shape), tuple(lse_shape)
         self._dtype, self._device = dtype, device
         self._cupy = cupy
-        self._streams: dict[int, Any] = {}  # torch stream handle -> CuPy's view of it
 
     def run(self, q: Any, k: Any, v: Any, out: Any = None, lse: Any = None) -> tuple | None:
         """(out, lse), or None (nothing launched) when the :class:`Guard` or an address (q, k, v
@@ -209,11 +208,7 @@ class CallPlan:
         if lse is None:
             lse = torch.empty(self._lse_shape, dtype=torch.float32, device=self._device)
         handle = torch.cuda.current_stream(self._device).cuda_stream
-        stream = self._streams.get(handle)
-        if stream is None:
-            if len(self._streams) >= 64:
-                self._streams.clear()
-            stream = self._streams[handle] = external_cupy_stream(handle, self._device.index)
+        stream = external_cupy_stream(handle, self._device.index)
         # a fresh Device: its context keeps the previous device on the object itself
         with self._cupy.cuda.Device(self._device.index), stream:
             self._launch.launch(out.data_ptr(), lse.data_ptr(), *pointers, self._q_pos, self._k_pos)

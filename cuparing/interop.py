@@ -270,13 +270,7 @@ class Origin:
             import torch
 
             index = self.device_index
-            handle = torch.cuda.current_stream(index).cuda_stream
-            external = _external_streams.get((handle, index))
-            if external is None:
-                external = external_cupy_stream(handle, index)
-                if len(_external_streams) >= 256:
-                    _external_streams.clear()
-                _external_streams[handle, index] = external
+            external = external_cupy_stream(torch.cuda.current_stream(index).cuda_stream, index)
             # a fresh Device: its context keeps the previous device on the object itself
             allocator = cupy.cuda.using_allocator(_torch_allocator(index))
             return _Entered(cupy.cuda.Device(index), external, allocator)
@@ -326,12 +320,6 @@ class Origin:
         return jnp.asarray(x)
 
 
-# CuPy's views of torch streams by (handle, device), reused call after call: making one costs
-# more than the rest of entering it. A stream's context is per thread in CuPy, so one object
-# serves every thread; a handle torch reuses for another stream is the same CUDA stream.
-_external_streams: dict[tuple[int, int], Any] = {}
-
-
 class _StreamHandle:
     """A raw CUDA stream handle offered through the CUDA stream protocol."""
 
@@ -346,12 +334,27 @@ def external_cupy_stream(handle: int, device_index: int):
     """A CuPy stream object over a stream someone else owns (torch's current stream, XLA's
     stream), by its raw ``cudaStream_t`` handle on device ``device_index``; usable as a context
     manager that makes it CuPy's current stream. CuPy >= 14 imports it through the CUDA stream
-    protocol (``Stream.from_external``); older CuPy through ``ExternalStream``."""
-    import cupy
+    protocol (``Stream.from_external``); older CuPy through ``ExternalStream``.
 
-    if hasattr(cupy.cuda.Stream, "from_external"):
-        return cupy.cuda.Stream.from_external(_StreamHandle(handle))
-    return cupy.cuda.ExternalStream(int(handle), device_index)
+    The objects are kept by (handle, device) and reused call after call: making one costs more
+    than the rest of entering it. CuPy keeps a stream's context per thread, so one object serves
+    every thread, and a handle reused for another stream names the same CUDA stream."""
+    key = (int(handle), device_index)
+    stream = _external_streams.get(key)
+    if stream is None:
+        import cupy
+
+        if hasattr(cupy.cuda.Stream, "from_external"):
+            stream = cupy.cuda.Stream.from_external(_StreamHandle(handle))
+        else:
+            stream = cupy.cuda.ExternalStream(int(handle), device_index)
+        if len(_external_streams) >= 256:
+            _external_streams.clear()
+        _external_streams[key] = stream
+    return stream
+
+
+_external_streams: dict[tuple[int, int], Any] = {}  # external_cupy_stream's, bounded
 
 
 def cupy_stream_as_torch():

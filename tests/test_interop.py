@@ -98,3 +98,27 @@ def test_call_contexts_enter_and_exit_in_order():
         with interop._Entered(context("device"), context("stream", fail_exit=True)):
             events.append("body")
     assert events == ["enter device", "enter stream", "body", "exit stream", "exit device"]
+
+
+def test_external_streams_are_made_once_per_handle_and_device(monkeypatch):
+    """Origin.stream, the kept launches and the JAX ops all view a foreign stream through
+    external_cupy_stream, call after call: one CuPy object per (handle, device), made once
+    (here against a stand-in for CuPy's stream import)."""
+    import sys
+    from types import SimpleNamespace
+
+    made = []
+
+    def from_external(obj):
+        made.append(obj.__cuda_stream__())
+        return object()
+
+    stream_class = SimpleNamespace(from_external=from_external)
+    fake = SimpleNamespace(cuda=SimpleNamespace(Stream=stream_class))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(interop, "_external_streams", {})
+    first = interop.external_cupy_stream(0x1234, 0)
+    assert interop.external_cupy_stream(0x1234, 0) is first
+    other_device = interop.external_cupy_stream(0x1234, 1)
+    assert other_device is not first and interop.external_cupy_stream(0x99, 0) is not first
+    assert made == [(0, 0x1234), (0, 0x1234), (0, 0x99)]
