@@ -91,7 +91,7 @@ def attention(
     key = None
     if cu_seqlens is None:
         key = call_plans.signature("attention", (q, k, v), (causal, scale, window), (out, lse))
-        results = _repeat_attention(call_plans.find(key), q, k, v, out, lse)
+        results = _repeat_attention(key, q, k, v, out, lse)
         if results is not None:  # a repeat of a checked call (call_plans)
             return results if return_lse else results[0]
     origin = validation.check_arrays(("q", "k", "v"), (q, k, v))
@@ -107,14 +107,16 @@ def attention(
     return results if return_lse else results[0]
 
 
-def _repeat_attention(known: Any, q: Any, k: Any, v: Any, out: Any, lse: Any) -> tuple | None:
+def _repeat_attention(key: tuple | None, q: Any, k: Any, v: Any, out: Any, lse: Any):
     """(out, lse) of a repeat of a checked one-device call by its kept plan, or None when there
     is none or it does not apply to these tensors (the full path decides)."""
+    known = call_plans.find(key)
     if isinstance(known, call_plans.CallPlan):
         return known.run(q, k, v, out, lse)
-    if known is None or not known.ready(None, (q, k, v), (out, lse)):
+    decided = call_plans.recall(key, None, (q, k, v), (out, lse))
+    if decided is None:
         return None
-    origin, plan, scale = known.decided
+    origin, plan, scale = decided
     return _forward(origin, _ONE_DEVICE, plan, scale, (q, k, v), True, (out, lse))
 
 
@@ -124,7 +126,6 @@ def _keep_attention_plan(
     """After a checked one-device call on torch CUDA tensors: keep its launch for repeats of
     ``key`` when the call was that one launch (call_plans.CallPlan), else what its checks and
     plan decided (call_plans.CheckedCall)."""
-    guard = call_plans.Guard(qkv, dests, untracked=True)
     backend = backend_for(origin.backend)
     found = None
     if plan.blocks == 1:
@@ -134,12 +135,14 @@ def _keep_attention_plan(
             found = backend.single_launch(
                 out, lse, q, k, v, plan.q_positions, k_pos, plan.kinds[0], plan.mask, scale
             )
-    if found is not None:
-        out, lse = results
-        kept = call_plans.CallPlan(*found, out.shape, lse.shape, out.dtype, out.device, guard)
-    else:
-        kept = call_plans.CheckedCall((origin, plan, scale), guard)
-    call_plans.keep(key, kept)
+    if found is None:
+        call_plans.remember(key, (origin, plan, scale), qkv, dests, untracked=True)
+        return
+    out, lse = results
+    guard = call_plans.Guard(qkv, dests, untracked=True)
+    call_plans.keep(
+        key, call_plans.CallPlan(*found, out.shape, lse.shape, out.dtype, out.device, guard)
+    )
 
 
 def ring_attention(
@@ -199,9 +202,9 @@ def ring_attention(
     if cu_seqlens is None:
         options = (causal, scale, window, layout)
         key = call_plans.signature("ring_attention", (q, k, v), options, (out, lse), ring)
-        known = call_plans.find(key)
-        if known is not None and known.ready(ring, (q, k, v), (out, lse)):
-            origin, plan, scale, fields = known.decided  # a repeat of a checked call
+        decided = call_plans.recall(key, ring, (q, k, v), (out, lse))
+        if decided is not None:  # a repeat of a checked call
+            origin, plan, scale, fields = decided
             ring.agree(fields)
             return _forward(origin, ring, plan, scale, (q, k, v), return_lse, (out, lse))
     with _refused_everywhere(ring, "ring_attention"):
@@ -214,9 +217,8 @@ def ring_attention(
     ring.agree(fields)
     plan = _unless_empty(_ring_plan(layout, ring, q, mask, cu), q)
     results = _forward(origin, ring, plan, scale, (q, k, v), return_lse, (out, lse))
-    if call_plans.wanted(key, ring):
-        guard = call_plans.Guard((q, k, v), (out, lse), untracked=True)
-        call_plans.keep(key, call_plans.CheckedCall((origin, plan, scale, fields), guard, ring))
+    decided = (origin, plan, scale, fields)
+    call_plans.remember(key, decided, (q, k, v), (out, lse), untracked=True, ring=ring)
     return results
 
 
@@ -264,9 +266,9 @@ def ring_attention_backward(
     if cu_seqlens is None:
         options = (causal, scale, window, layout)
         key = call_plans.signature(entry, (*arrays, dlse), options, dests, ring)
-        known = call_plans.find(key)
-        if known is not None and known.ready(ring, arrays, dests):
-            origin, plan, scale, fields = known.decided  # a repeat of a checked call
+        decided = call_plans.recall(key, ring, arrays, dests)
+        if decided is not None:  # a repeat of a checked call
+            origin, plan, scale, fields = decided
             ring.agree(fields)
             return _backward(origin, ring, plan, scale, arrays, dests, dlse)
     with _refused_everywhere(ring, entry):
@@ -280,9 +282,8 @@ def ring_attention_backward(
     ring.agree(fields)
     plan = _unless_empty(_ring_plan(layout, ring, q, mask, cu), q)
     grads = _backward(origin, ring, plan, scale, arrays, dests, dlse)
-    if call_plans.wanted(key, ring):
-        guard = call_plans.Guard(arrays, dests, untracked=False)
-        call_plans.keep(key, call_plans.CheckedCall((origin, plan, scale, fields), guard, ring))
+    decided = (origin, plan, scale, fields)
+    call_plans.remember(key, decided, arrays, dests, untracked=False, ring=ring)
     return grads
 
 
@@ -323,9 +324,9 @@ def attention_backward(
     if cu_seqlens is None:
         options = (causal, scale, window)
         key = call_plans.signature("attention_backward", (*arrays, dlse), options, dests)
-        known = call_plans.find(key)
-        if known is not None and known.ready(None, arrays, dests):
-            origin, plan, scale = known.decided  # a repeat of a checked call
+        decided = call_plans.recall(key, None, arrays, dests)
+        if decided is not None:  # a repeat of a checked call
+            origin, plan, scale = decided
             return _backward(origin, _ONE_DEVICE, plan, scale, arrays, dests, dlse)
     origin = validation.check_arrays(("q", "k", "v", "dout", "out"), (q, k, v, dout, out))
     validation.check_qkv(q, k, v, same_length=False)
@@ -335,9 +336,7 @@ def attention_backward(
     scale = validation.check_scale(scale, q.shape[-1])
     plan = _unless_empty(_one_device_plan(q, k, mask, cu_seqlens), q)
     grads = _backward(origin, _ONE_DEVICE, plan, scale, arrays, dests, dlse)
-    if call_plans.wanted(key):
-        guard = call_plans.Guard(arrays, dests, untracked=False)
-        call_plans.keep(key, call_plans.CheckedCall((origin, plan, scale), guard))
+    call_plans.remember(key, (origin, plan, scale), arrays, dests, untracked=False)
     return grads
 
 

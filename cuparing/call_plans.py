@@ -241,6 +241,27 @@ def keep(key: tuple, plan: CallPlan | CheckedCall) -> None:
     _PLANS.put(key, plan)
 
 
+def recall(
+    key: tuple | None, ring: Any, inputs: Sequence[Any], dests: Sequence[Any]
+) -> tuple | None:
+    """What a checked call with signature ``key`` decided (its :attr:`CheckedCall.decided`),
+    if a repeat on ``ring`` with these tensors may reuse it; else None (the full path runs)."""
+    known = find(key)
+    if isinstance(known, CheckedCall) and known.ready(ring, inputs, dests):
+        return known.decided
+    return None
+
+
+def remember(
+    key: tuple | None, decided: tuple, inputs: Sequence[Any], dests: Sequence[Any],
+    untracked: bool, ring: Any = None,
+) -> None:  # fmt: skip
+    """After a call that passed the full path: keep what it ``decided`` for repeats of ``key``
+    on ``ring`` (when :func:`wanted`), guarded as :class:`Guard` says for these arguments."""
+    if wanted(key, ring):
+        keep(key, CheckedCall(decided, Guard(inputs, dests, untracked), ring))
+
+
 def clear() -> None:
     """Forget every plan (tests; a changed device)."""
     _PLANS.clear()

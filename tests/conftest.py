@@ -62,6 +62,22 @@ def torch_has_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def record_plan_reuse(monkeypatch) -> list[bool]:
+    """Make ``call_plans.CheckedCall.ready`` record each of its answers (True: a repeat reused
+    what its first call decided); returns the list the answers are appended to."""
+    from cuparing import call_plans
+
+    answers: list[bool] = []
+    ready = call_plans.CheckedCall.ready
+
+    def recording_ready(self, *args):
+        answers.append(ready(self, *args))
+        return answers[-1]
+
+    monkeypatch.setattr(call_plans.CheckedCall, "ready", recording_ready)
+    return answers
+
+
 @pytest.fixture
 def fresh_rng():
     """A NumPy generator on a new seed for every test run (GPU tests compare against the float64

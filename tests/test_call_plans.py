@@ -6,6 +6,7 @@ have too."""
 from __future__ import annotations
 
 import pytest
+from conftest import record_plan_reuse
 
 from cuparing import call_plans
 from cuparing.comm.local import SoloRing
@@ -89,3 +90,48 @@ def test_rings_that_cannot_be_referred_to_weakly_keep_no_plan():
 def test_calls_on_cpu_tensors_have_no_signature():
     x = torch.zeros(1, 4, 1, 2)
     assert call_plans.signature("attention", (x, x, x), (True, None, None)) is None
+
+
+def test_repeats_reuse_the_first_calls_decisions_through_the_api(monkeypatch):
+    """The wiring of cuparing.api around call plans, on CPU tensors admitted as if they were on a
+    GPU: repeats of ring forward / backward calls (two simulated ranks) and of one-device
+    backward calls take the kept decisions and give exactly what the full path gives; a repeat
+    with a destination over an input is still refused."""
+    import numpy as np
+
+    import cuparing as cr
+
+    gen = torch.Generator().manual_seed(5)
+    q, dout = (torch.randn(1, 16, 4, 8, generator=gen, dtype=torch.float64) for _ in "qd")
+    k, v = (torch.randn(1, 16, 2, 8, generator=gen, dtype=torch.float64) for _ in "kv")
+    out, lse = cr.attention(q, k, v, causal=True, return_lse=True)
+    call_plans.clear()
+    monkeypatch.setattr(call_plans, "_is_cuda_tensor", lambda x: isinstance(x, torch.Tensor))
+    reused = record_plan_reuse(monkeypatch)
+    opts = {"causal": True, "layout": "zigzag"}
+
+    def rank_fn(ring):
+        shards = [cr.shard(x, ring.rank, ring.size, layout="zigzag") for x in (q, k, v, dout)]
+        runs = []
+        for _ in range(2):  # the first call checks and keeps, the second repeats
+            out, lse = cr.ring_attention(*shards[:3], ring, return_lse=True, **opts)
+            grads = cr.ring_attention_backward(shards[3], *shards[:3], out, lse, ring, **opts)
+            runs.append([out, lse, *grads])
+        out, lse = runs[-1][:2]
+        into = torch.empty_like(shards[0])
+        cr.ring_attention_backward(shards[3], *shards[:3], out, lse, ring, dq=into, **opts)
+        with pytest.raises(ValueError, match="dq shares memory with dout"):
+            cr.ring_attention_backward(shards[3], *shards[:3], out, lse, ring, dq=shards[3],
+                                       **opts)  # fmt: skip
+        return runs
+
+    results = cr.simulate(2, rank_fn)
+    # each rank: the forward and the backward repeat reused; the dq=dout repeat was refused
+    assert sorted(reused) == [False] * 2 + [True] * 4
+    for first, repeat in results:
+        assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(first, repeat, strict=True))
+    reused.clear()
+    grads = [cr.attention_backward(dout, q, k, v, out, lse, causal=True) for _ in range(2)]
+    assert reused == [True]
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    call_plans.clear()

@@ -17,7 +17,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import requires_gpu, torch_on_gpu
+from conftest import record_plan_reuse, requires_gpu, torch_on_gpu
 from gpu_arrays import (
     poison_pool,
     random_array,
@@ -765,15 +765,7 @@ def test_repeat_backward_and_ring_calls_skip_the_checks(world, monkeypatch, fres
     from cuparing import call_plans
 
     call_plans.clear()
-    reused = []
-    real_ready = call_plans.CheckedCall.ready
-
-    def counted_ready(self, *args):
-        ok = real_ready(self, *args)
-        reused.append(ok)
-        return ok
-
-    monkeypatch.setattr(call_plans.CheckedCall, "ready", counted_ready)
+    reused = record_plan_reuse(monkeypatch)
     rng = fresh_rng
     b, s, h, hkv, d = 2, 96 * world, 4, 2, 64
     opts = {"causal": True, "layout": "zigzag"} if world > 1 else {"causal": True}
