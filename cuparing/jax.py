@@ -9,7 +9,9 @@ CuPy (GPU) views of those buffers and writes its results straight into the outpu
 static (part of the traced function), so a jitted step retraces only when they change.
 
 The ring (:func:`ring_attention`) is static too: call it with each process's own ring, on its
-shard, e.g. inside ``shard_map`` over the sequence axis with one process per GPU. JAX
+shard, e.g. inside ``shard_map`` over the sequence axis with one process per GPU
+(:func:`ring_mesh` starts JAX's multi-process runtime on the ring's processes and gives the mesh
+whose position r is rank r's device). JAX
 preallocates most of GPU memory and cuparing's CuPy work needs some of its own: set
 ``XLA_PYTHON_CLIENT_MEM_FRACTION`` (or ``XLA_PYTHON_CLIENT_PREALLOCATE=false``).
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import socket
 from typing import Any, NamedTuple
 
 import jax
@@ -39,6 +43,66 @@ from .validation import (
     check_scale,
     lse_dtype,
 )
+
+
+def ring_mesh(ring, axis_name: str = "ring", gpu: int | None = -1):
+    """A one-axis ``jax.sharding.Mesh`` of the ring's processes, position r holding rank r's
+    device: ``shard_map`` over ``axis_name`` then hands rank r the r-th block of a sequence-sharded
+    array, i.e. the shard :func:`cuparing.shard` gives rank r (the global JAX array holds the
+    sequence in the ring's layout order).
+
+    Starts JAX's multi-process runtime (``jax.distributed.initialize``) over the ring's processes
+    with one device each, unless it is already running (a job that started it itself, e.g. from
+    srun's or mpirun's variables): the coordinator runs in rank 0's process, on a port rank 0
+    picks and sends to the others through ``ring.allgather_bytes``, at ``MASTER_ADDR`` when the
+    launcher set it (torchrun, ``cuparing.launch``), else at rank 0's host name. Call it before
+    anything else touches JAX's devices (``jax.distributed.initialize``'s rule). Collective: every
+    rank calls it.
+
+    Args:
+        ring: this process's :class:`cuparing.Ring` (any transport).
+        axis_name: the mesh axis's name.
+        gpu: this process's GPU; -1 (default): the ring's own GPU (``ring.device``) where it has
+            one, else the CPU; None: the CPU (JAX's cross-process collectives there run on gloo).
+
+    Returns:
+        ``jax.sharding.Mesh`` of ``ring.size`` devices in rank order.
+
+    Raises:
+        RuntimeError: JAX's runtime was already started with other than one device per process,
+            or with a process count other than ``ring.size``.
+    """
+    if gpu == -1:
+        device = getattr(ring, "device", None)
+        gpu = None if device is None else int(getattr(device, "id", device))
+    if not jax.distributed.is_initialized() and ring.size > 1:
+        if gpu is None:  # the CPU client's collectives across processes (psum of gradients)
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        address = None
+        if ring.rank == 0:
+            host = os.environ.get("MASTER_ADDR") or socket.gethostname()
+            with socket.socket() as probe:  # a free port (the window until JAX binds it is tiny)
+                probe.bind(("", 0))
+                address = f"{host}:{probe.getsockname()[1]}"
+        address = ring.allgather_bytes((address or "").encode())[0].decode()
+        jax.distributed.initialize(
+            coordinator_address=address, num_processes=ring.size, process_id=ring.rank,
+            local_device_ids=None if gpu is None else [gpu],
+            initialization_timeout=int(min(max(getattr(ring, "timeout", 300.0), 1.0), 86400.0)),
+        )  # fmt: skip
+    if ring.size == 1 and not jax.distributed.is_initialized():  # no runtime: pick the device
+        devices = [jax.devices("cpu")[0] if gpu is None else jax.devices("gpu")[gpu]]
+    else:
+        devices = jax.devices()
+    if jax.process_count() != ring.size or len(devices) != ring.size:
+        raise RuntimeError(
+            f"ring_mesh needs one JAX process per ring rank with one device each: the ring has "
+            f"{ring.size} ranks, JAX {jax.process_count()} processes and {len(devices)} devices"
+        )
+    # rank r's process index, from every rank (JAX's process ids need not be the ring's ranks)
+    processes = [int(b) for b in ring.allgather_bytes(str(jax.process_index()).encode())]
+    by_process = {d.process_index: d for d in devices}
+    return jax.sharding.Mesh(np.array([by_process[p] for p in processes]), (axis_name,))
 
 
 class _Options(NamedTuple):
@@ -148,7 +212,7 @@ def _forward(q, k, v, options: _Options):
                 api.ring_attention(q, k, v, options.ring, layout=options.layout, out=out,
                                    lse=lse, **mask)  # fmt: skip
 
-    return buffer_callback(run, shapes)(q, k, v)
+    return _varying_like(buffer_callback(run, shapes)(q, k, v), (q, k, v))
 
 
 def _backward(dout, q, k, v, out, lse, options: _Options):
@@ -164,7 +228,27 @@ def _backward(dout, q, k, v, out, lse, options: _Options):
                 api.ring_attention_backward(dout, q, k, v, out, lse, options.ring,
                                             layout=options.layout, **mask)  # fmt: skip
 
-    return buffer_callback(run, shapes)(dout, q, k, v, out, lse)
+    return _varying_like(buffer_callback(run, shapes)(dout, q, k, v, out, lse), (dout, q, k, v))
+
+
+def _varying_like(results, inputs) -> tuple:
+    """``results`` typed as varying over every mesh axis any of ``inputs`` varies over.
+
+    Inside ``shard_map`` JAX types each value by the manual mesh axes it varies over, and a
+    callback's results carry none: a custom VJP whose cotangents lack the primal inputs' axes is
+    rejected. The callback computed per-shard values, so they vary wherever the inputs do."""
+    axes = set()
+    for x in inputs:
+        aval = jax.typeof(x)
+        manual = getattr(aval, "manual_axis_type", None)  # JAX >= 0.10; earlier: ``vma``
+        axes |= set(manual.varying if manual is not None else getattr(aval, "vma", ()))
+    if not axes:
+        return tuple(results)
+    axes = tuple(sorted(axes))
+    pcast = getattr(jax.lax, "pcast", None)
+    if pcast is not None:
+        return tuple(pcast(x, axes, to="varying") for x in results)
+    return tuple(jax.lax.pvary(x, axes) for x in results)
 
 
 class _BufferViews:

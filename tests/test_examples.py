@@ -51,6 +51,17 @@ def test_jax_training_loss_curve_matches_one_device():
     assert "ring loss curve matches one device: True" in result.stdout
 
 
+def test_jax_training_through_shard_map_across_processes_matches_one_device():
+    pytest.importorskip("jax")
+    pytest.importorskip("torch")  # the CPU processes' ring is a gloo process group
+    launch = [sys.executable, "-m", "cuparing.launch", "--nproc-per-node", "2", "--timeout", "300"]
+    result = subprocess.run([*launch, str(EXAMPLES / "train_jax.py"), "--steps", "30"],
+                            capture_output=True, text=True, timeout=360)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 processes (cpu)" in result.stdout
+    assert "ring loss curve matches one device: True" in result.stdout
+
+
 def test_torch_training_loss_curve_matches_one_device():
     pytest.importorskip("torch")
     # compiled (fullgraph) on the one device and on every simulated rank of the ring

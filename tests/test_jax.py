@@ -1,8 +1,14 @@
 """cuparing.jax: attention and ring_attention inside jax.jit, differentiated by jax.grad, against
 the dense float64 reference (tests/numerics.py): on the CPU (inputs placed there, whatever JAX's
-default device), the ring on simulated ranks; and on a GPU through XLA's buffers and stream."""
+default device), the ring on simulated ranks and inside ``shard_map`` across processes; and on
+GPUs through XLA's buffers and stream (one GPU, and ``shard_map`` over two)."""
 
 from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +22,7 @@ import cuparing as cr
 
 jax = pytest.importorskip("jax")
 crj = pytest.importorskip("cuparing.jax")
+WORKER = Path(__file__).parent / "multigpu" / "jax_worker.py"
 
 
 def _loss_and_grads(fn, q, k, v, dout, platform="cpu"):
@@ -136,3 +143,45 @@ def test_jitted_gradient_on_gpu(mask):
     assert str(out.dtype) == "bfloat16" and all(str(g.dtype) == "bfloat16" for g in grads)
     check_kernel_forward(out, None, q, k, v, **opts)
     check_backward(grads, dout, q, k, v, **opts)
+
+
+def test_ring_mesh_of_one_rank_holds_this_process_cpu():
+    from cuparing.comm.local import SoloRing
+
+    mesh = crj.ring_mesh(SoloRing(), "seq")
+    assert mesh.axis_names == ("seq",)
+    assert mesh.devices.tolist() == [jax.devices("cpu")[0]]
+
+
+def _shard_map_worker(mode: str, world: int) -> subprocess.CompletedProcess:
+    """tests/multigpu/jax_worker.py on ``world`` processes through cuparing.launch."""
+    command = [sys.executable, "-m", "cuparing.launch", "--nproc-per-node", str(world),
+               "--timeout", "600", str(WORKER), mode]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=660)
+
+
+def _assert_every_rank_ok(proc, world: int, platform: str) -> None:
+    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+    assert proc.returncode == 0, tail
+    assert not re.search(r"^\[rank \d+\] FAIL", proc.stdout, re.M), tail
+    for rank in range(world):
+        ok = rf"^\[rank {rank}\] WORKER OK rank {rank} .* devices={platform} "
+        assert re.search(ok, proc.stdout, re.M), tail
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_inside_shard_map_across_cpu_processes(world):
+    """One process per rank, JAX's multi-process runtime and mesh from ``ring_mesh``, the ring on
+    a gloo process group: jit(shard_map(value_and_grad)) of the ring op against the float64
+    reference, a replicated weight's gradient summed over the ranks (the worker's docstring)."""
+    pytest.importorskip("torch")
+    _assert_every_rank_ok(_shard_map_worker("cpu", world), world, "cpu")
+
+
+@requires_gpu(2)
+@pytest.mark.gpu
+def test_ring_inside_shard_map_on_gpus():
+    """The same on two GPUs: an NCCL ring, XLA's buffers and streams, bfloat16 kernels."""
+    if _gpu_platform() is None:
+        pytest.skip("JAX has no GPU backend here")
+    _assert_every_rank_ok(_shard_map_worker("gpu", 2), 2, "gpu")

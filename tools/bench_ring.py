@@ -31,13 +31,15 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 import ml_dtypes
 
 import cuparing as cr
 from cuparing.comm.base import ReadyExchange, Ring
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import checkout_commit  # noqa: E402
 
 SHAPES = [(32, 8, 128), (32, 32, 128)]  # (H, Hkv, D)
 TOKENS_PER_GPU = [8192, 32768]
@@ -209,17 +211,6 @@ def configs(quick: bool, only_heads: str | None = None, tokens: str | None = Non
                 yield mode, (heads, heads_kv, headdim, t, layout, causal)
 
 
-def _commit() -> str:
-    """The checkout's commit; ``CUPARING_COMMIT`` names it in a copy of the tree without .git."""
-    if os.environ.get("CUPARING_COMMIT"):
-        return os.environ["CUPARING_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one shape, 8k tokens per GPU")
@@ -270,7 +261,8 @@ def main(argv=None) -> int:
         })  # fmt: skip
     ring.close()
     if ring.rank == 0:
-        meta = {"card": card, "C": ring.size, "commit": _commit(), "dtype": "bfloat16", "B": 1,
+        meta = {"card": card, "C": ring.size, "commit": checkout_commit(), "dtype": "bfloat16",
+                "B": 1,
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
                 "command": " ".join(sys.argv), "repeats": repeats,
                 "transport": transport}  # fmt: skip

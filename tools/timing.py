@@ -9,7 +9,9 @@ time. Every implementation in a table is timed the same way. Median of ``repeats
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
 import time
 
 
@@ -48,3 +50,15 @@ def host_us(fn, calls: int = 300, warmup: int = 20) -> float:
     elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
     return elapsed / calls * 1e6
+
+
+def checkout_commit() -> str:
+    """The checkout's commit (for a benchmark's record); ``CUPARING_COMMIT`` names it in a copy
+    of the tree without .git."""
+    if os.environ.get("CUPARING_COMMIT"):
+        return os.environ["CUPARING_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+    except Exception:  # noqa: BLE001 - no git, or not a checkout
+        return "unknown"
