@@ -62,8 +62,9 @@ def ring_mesh(ring, axis_name: str = "ring", gpu: int | None = -1):
     Args:
         ring: this process's :class:`cuparing.Ring` (any transport).
         axis_name: the mesh axis's name.
-        gpu: this process's GPU; -1 (default): the ring's own GPU (``ring.device``) where it has
-            one, else the CPU; None: the CPU (JAX's cross-process collectives there run on gloo).
+        gpu: this process's GPU; -1 (default): the ring's own GPU (``ring.device``: cuparing's
+            NCCL and IPC rings) where it has one, else the CPU; None: the CPU (JAX is then
+            limited to its CPU platform, its cross-process collectives run on gloo).
 
     Returns:
         ``jax.sharding.Mesh`` of ``ring.size`` devices in rank order.
@@ -76,7 +77,8 @@ def ring_mesh(ring, axis_name: str = "ring", gpu: int | None = -1):
         device = getattr(ring, "device", None)
         gpu = None if device is None else int(getattr(device, "id", device))
     if not jax.distributed.is_initialized() and ring.size > 1:
-        if gpu is None:  # the CPU client's collectives across processes (psum of gradients)
+        if gpu is None:  # JAX on its CPU client alone, collectives across processes on gloo
+            jax.config.update("jax_platforms", "cpu")
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         address = None
         if ring.rank == 0:

@@ -58,7 +58,7 @@ def test_jax_training_through_shard_map_across_processes_matches_one_device():
     result = subprocess.run([*launch, str(EXAMPLES / "train_jax.py"), "--steps", "30"],
                             capture_output=True, text=True, timeout=360)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 processes (cpu)" in result.stdout
+    assert "2 processes (" in result.stdout
     assert "ring loss curve matches one device: True" in result.stdout
 
 
