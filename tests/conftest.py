@@ -88,6 +88,19 @@ def fresh_rng():
     return np.random.default_rng(seed)
 
 
+@pytest.fixture(params=["sm80", "sm90"])
+def backward_family(request, monkeypatch):
+    """The backward kernel family under test (``CUPARING_BWD``): sm80 (mma.sync) everywhere, the
+    opt-in sm90 (wgmma) one on Hopper GPUs only."""
+    if request.param == "sm90" and gpu_count() > 0:
+        import cupy
+
+        if not cupy.cuda.Device().compute_capability.startswith("9"):
+            pytest.skip("the sm90 (wgmma) kernels need a Hopper GPU")
+    monkeypatch.setenv("CUPARING_BWD", request.param)
+    return request.param
+
+
 @pytest.fixture(params=["sm80", "sm90", "sm90-cp.async"])
 def kernel_family(request, monkeypatch):
     """The forward kernel family under test (sm90: its TMA producer, or the cp.async one that

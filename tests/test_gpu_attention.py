@@ -2,7 +2,8 @@
 
 Forward tests run once per kernel family (the ``kernel_family`` fixture sets CUPARING_KERNELS):
 sm80 (mma.sync) everywhere, sm90 (wgmma) on Hopper GPUs only; head dims the sm90 family has no
-tiles for run the sm80 kernel either way.
+tiles for run the sm80 kernel either way. The backward kernel tests run once per backward family
+(``backward_family``: CUPARING_BWD=sm80, and the opt-in sm90 one on Hopper, head dims 64 / 128).
 
 Tolerances come from tests/numerics.py (one table for CPU and GPU): ``check_kernel_forward``
 for the forward (the kernels round P to the input dtype before P.V), and ``check_backward`` for
@@ -22,6 +23,7 @@ from gpu_arrays import (
     poison_pool,
     random_array,
     ring_on_gpu,
+    skip_unless_backward_family_runs,
     skip_unless_family_runs,
     to_gpu,
     to_host,
@@ -286,7 +288,8 @@ BWD_MASKS = ["causal", "none", "window"]
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("headdim", BWD_HEADDIMS)
 @pytest.mark.parametrize("mask", BWD_MASKS)
-def test_backward_kernel_matches_reference(dtype, headdim, mask, fresh_rng):
+def test_backward_kernel_matches_reference(dtype, headdim, mask, backward_family, fresh_rng):
+    skip_unless_backward_family_runs(backward_family, headdim)
     causal, window = MASKS[mask]
     rng = fresh_rng
     world, layout = (2, "zigzag") if rng.integers(2) else (3, "contiguous")
@@ -302,7 +305,7 @@ def test_backward_kernel_matches_reference(dtype, headdim, mask, fresh_rng):
 
 @requires_gpu(1)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_backward_kernel_transposed_view_gqa(dtype, fresh_rng):
+def test_backward_kernel_transposed_view_gqa(dtype, backward_family, fresh_rng):
     rng = fresh_rng
     b, s, h, hkv, d = 2, 2 * 2 * 131, 8, 2, 128
     q, dout = (random_array(rng, (b, s, h, d), dtype) for _ in range(2))
@@ -315,7 +318,8 @@ def test_backward_kernel_transposed_view_gqa(dtype, fresh_rng):
 @requires_gpu(1)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("headdim", [64, 256])
-def test_backward_kernel_rows_without_keys(dtype, headdim, fresh_rng):
+def test_backward_kernel_rows_without_keys(dtype, headdim, backward_family, fresh_rng):
+    skip_unless_backward_family_runs(backward_family, headdim)
     # window (5, -1): query i sees keys i-5 .. i-1, so query 0 sees none (lse -inf)
     rng = fresh_rng
     q, k, v, dout = (random_array(rng, (1, 2 * 97, 2, headdim), dtype) for _ in range(4))
@@ -345,10 +349,11 @@ def test_backward_delta_kernel(dtype, fresh_rng):
 
 
 @requires_gpu(1)
-def test_backward_kernel_resources_on_device():
+def test_backward_kernel_resources_on_device(backward_family):
     from cuparing.kernels import loader
 
-    for d in loader.HEAD_DIMS:
+    heads = loader.SM90_BWD_HEAD_DIMS if backward_family == "sm90" else loader.HEAD_DIMS
+    for d in heads:
         kernels, cfg, smem = loader.get_bwd_kernels(d, "bfloat16")
         assert len(kernels) == (2 if cfg.split else 1)
         for kernel, _mode in kernels:

@@ -86,6 +86,25 @@ def test_forward_family_choice(monkeypatch):
         loader.fwd_name(96, "bfloat16", "sm90")
 
 
+def test_backward_family_choice(monkeypatch):
+    monkeypatch.delenv("CUPARING_KERNELS", raising=False)
+    monkeypatch.delenv("CUPARING_BWD", raising=False)
+    assert loader.backward_family(128, "sm_90") == "sm80"  # opt-in while it is brought up
+    monkeypatch.setenv("CUPARING_BWD", "sm90")
+    assert loader.backward_family(128, "sm_90") == "sm90"
+    assert loader.backward_family(64, "sm_90") == "sm90"
+    assert loader.backward_family(96, "sm_90") == "sm80"  # no sm90 backward for this head dim
+    assert loader.backward_family(128, "sm_80") == "sm80"  # wgmma needs Hopper
+    monkeypatch.setenv("CUPARING_KERNELS", "sm80")  # forces the mma.sync family everywhere
+    assert loader.backward_family(128, "sm_90") == "sm80"
+    monkeypatch.setenv("CUPARING_BWD", "fast")
+    with pytest.raises(ValueError, match="CUPARING_BWD"):
+        loader.backward_family(128, "sm_90")
+    assert loader.sm90_bwd_name(128, "bfloat16") == "cuparing_bwd_sm90<128, true>"
+    with pytest.raises(ValueError):
+        loader.sm90_bwd_name(256, "bfloat16")
+
+
 def test_wgmma_wrappers():
     from cuparing.kernels import wgmma
 
@@ -93,6 +112,7 @@ def test_wgmma_wrappers():
     assert text.count("struct Wgmma<") == 4  # 2 widths x 2 dtypes
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, " in text
     assert "%63}, %64, %65, p, 1, 1, 0, 0;" in text  # 64 accumulators, then the descriptors
+    assert "%63}, %64, %65, p, 1, 1, 1, 1;" in text  # ss_trans_ab: both operands MN-major
     with pytest.raises(ValueError):
         wgmma.wrappers_source([60])
 
@@ -108,6 +128,7 @@ def test_source_is_self_contained():
             cfg = loader.fwd_configs(arch)[d]
             assert cfg.block_m % (16 * cfg.warps) == 0
     assert all(loader.sm90_smem_bytes(d) <= 227 * 1024 for d in loader.SM90_FWD_CONFIGS)
+    assert all(loader.sm90_bwd_smem_bytes(d) <= 227 * 1024 for d in loader.SM90_BWD_HEAD_DIMS)
 
 
 def test_every_kernel_compiles_without_spills():
@@ -121,8 +142,9 @@ def test_every_kernel_compiles_without_spills():
         len(loader.HEAD_DIMS) * len(loader.DTYPES)  # forward
         + len(loader.all_bwd_names(arch))  # backward (split head dims: two modes)
         + 3 * len(loader.DTYPES)  # casts both ways, delta
-        # wgmma forward: TMA and cp.async producers
+        # wgmma forward (TMA and cp.async producers) and backward
         + (2 * len(loader.SM90_FWD_CONFIGS) * len(loader.DTYPES) if arch == "sm_90a" else 0)
+        + (len(loader.SM90_BWD_HEAD_DIMS) * len(loader.DTYPES) if arch == "sm_90a" else 0)
         for arch in check.ARCHS
     )
     assert len(reports) == expected

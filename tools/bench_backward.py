@@ -1,15 +1,19 @@
-"""Backward attention throughput: cuparing's backward kernel vs PyTorch SDPA flash on one GPU.
+"""Backward attention throughput: cuparing's backward kernel families vs PyTorch SDPA (flash and
+cuDNN) on one GPU.
 
-Ours: ``cr.ring_attention_backward`` on a ring of one (``SoloRing``): the delta kernel, one (or,
-for d > 128, two) ``cuparing_bwd`` launches into float32 accumulators, and the final casts.
-Peer: ``torch.nn.functional.scaled_dot_product_attention`` with the FLASH backend, timing only
-``torch.autograd.grad`` of a retained graph (its backward kernels, no forward). Both see the same
-bf16 inputs [B, S, H, D] (B=1, H=32, D=128 by default) in the same process, on the same card.
-Time: CUDA events (tools/timing.py: back-to-back calls), median of repeats.
-FLOPs = 2.5 * 4 * B * H * S^2 * D (five GEMMs against the forward's two), halved for causal.
+Ours: ``cr.ring_attention_backward`` on a ring of one (``SoloRing``): the delta kernel, the
+backward launch(es) into float32 accumulators, and the final casts, once per kernel family asked
+for (``CUPARING_BWD`` set per row: sm90 = the wgmma backward, Hopper only, head dims 64 / 128;
+sm80 = mma.sync). Peers: ``torch.nn.functional.scaled_dot_product_attention`` with the FLASH and
+the CUDNN backend, timing only ``torch.autograd.grad`` of a retained graph (their backward
+kernels, no forward). All see the same bf16 inputs [B, S, H, D] (B=1, H=32, D=128 by default) in
+the same process, on the same card. Time: CUDA events (tools/timing.py: back-to-back calls),
+median of repeats. FLOPs = 2.5 * 4 * B * H * S^2 * D (five GEMMs against the forward's two),
+halved for causal. The ratio columns compare the first family with each peer.
 
 Usage:
     python tools/bench_backward.py [--quick] [--json PATH] [--repeats N] [--headdim D]
+        [--families sm90,sm80]
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,7 +42,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--headdim", type=int, default=128)
+    parser.add_argument("--families", default="sm80", help="backward families, first is 'ours'")
     args = parser.parse_args(argv)
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
 
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -48,8 +55,10 @@ def main(argv=None) -> int:
 
     card = torch.cuda.get_device_name()
     b, h, d = args.batch, args.heads, args.headdim
+    peers = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
     print(f"card: {card}; torch {torch.__version__}; bf16, B={b}, H={h}, D={d}")
-    header = f"{'S':>6} {'causal':>6} {'ours':>7} {'flash':>7} {'ratio':>6} {'ours ms':>8}"
+    header = (f"{'S':>6} {'causal':>6} " + " ".join(f"{f:>7}" for f in families) + " "
+              + " ".join(f"{n:>7} {'ratio':>6}" for n in peers))  # fmt: skip
     print(header + f" {'regs':>5}")
     rows = []
     ring = SoloRing()
@@ -66,38 +75,43 @@ def main(argv=None) -> int:
         ours = functools.partial(
             cr.ring_attention_backward, dout, q, k, v, out, lse, ring, causal=causal
         )
-        ms = time_ms(ours, args.repeats)
-        result["ours_ms"] = ms
-        result["ours_tflops"] = flops / ms / 1e9
+        for family in reversed(families):  # the first family ends up active for the stats
+            os.environ["CUPARING_BWD"] = family
+            ms = time_ms(ours, args.repeats)
+            result[f"{family}_ms"] = ms
+            result[f"{family}_tflops"] = flops / ms / 1e9
+        result["ours_tflops"] = result[f"{families[0]}_tflops"]
 
         qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
-        try:
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                out_t = torch.nn.functional.scaled_dot_product_attention(
-                    qt, kt, vt, is_causal=causal
-                )
-            dout_t = dout.transpose(1, 2)
+        dout_t = dout.transpose(1, 2)
+        for name, backend in peers.items():
+            try:
+                with sdpa_kernel([backend]):
+                    out_t = torch.nn.functional.scaled_dot_product_attention(
+                        qt, kt, vt, is_causal=causal
+                    )
 
-            def peer(out_t=out_t, dout_t=dout_t, inputs=(qt, kt, vt)):
-                return torch.autograd.grad(out_t, inputs, dout_t, retain_graph=True)
+                def peer(out_t=out_t, inputs=(qt, kt, vt), dout_t=dout_t):
+                    return torch.autograd.grad(out_t, inputs, dout_t, retain_graph=True)
 
-            peer_ms = time_ms(peer, args.repeats)
-            result["flash_ms"] = peer_ms
-            result["flash_tflops"] = flops / peer_ms / 1e9
-        except RuntimeError as exc:  # flash not available for this shape/card
-            result["flash_tflops"] = None
-            result["flash_error"] = str(exc).splitlines()[0]
+                peer_ms = time_ms(peer, args.repeats)
+                result[f"{name}_tflops"] = flops / peer_ms / 1e9
+            except RuntimeError as exc:  # backend not available for this shape/card
+                result[f"{name}_tflops"] = None
+                result[f"{name}_error"] = str(exc).splitlines()[0]
 
         kernels, _, _ = loader.get_bwd_kernels(loader.padded_head_dim(d), "bfloat16")
         result["regs"] = [kernel.num_regs for kernel, _ in kernels]
         result["local_bytes"] = [kernel.local_size_bytes for kernel, _ in kernels]
         rows.append(result)
-        peer = result["flash_tflops"]
-        cell = f"{peer:7.1f} {result['ours_tflops'] / peer:6.2f}" if peer else f"{'n/a':>7} {'':>6}"
-        print(
-            f"{s:>6} {str(causal):>6} {result['ours_tflops']:7.1f} {cell} {ms:8.2f} "
-            f"{'/'.join(map(str, result['regs'])):>5}"
-        )
+        cells = []
+        for name in peers:
+            peer = result[f"{name}_tflops"]
+            cells.append(f"{peer:7.1f} {result['ours_tflops'] / peer:6.2f}" if peer
+                         else f"{'n/a':>7} {'':>6}")  # fmt: skip
+        print(f"{s:>6} {str(causal):>6} "
+              + " ".join(f"{result[f'{f}_tflops']:7.1f}" for f in families) + " "
+              + " ".join(cells) + f" {'/'.join(map(str, result['regs'])):>5}")  # fmt: skip
         del q, k, v, dout, out, lse, qt, kt, vt
         torch.cuda.empty_cache()
     if args.json:

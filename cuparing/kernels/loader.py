@@ -231,10 +231,46 @@ def sm90_smem_bytes(head_dim: int, tma: bool = True) -> int:
     return box_row_bytes * (cfg.block_m + cfg.stages * 2 * cfg.keys(tma)) + barriers + 1024
 
 
+# The sm90 (wgmma) backward: head dims it has tiles for, 128 keys per CTA (64 per consumer
+# warpgroup), 64 queries per tile, 384 threads (sm90/bwd.cuh Sm90BwdTraits).
+SM90_BWD_HEAD_DIMS = (64, 128)
+SM90_BWD_CONFIG = BwdConfig(block_m=64, block_n=128, warps=12, split=False, min_blocks=1)
+
+
+def sm90_bwd_smem_bytes(head_dim: int) -> int:
+    """Dynamic shared memory of ``cuparing_bwd_sm90<head_dim, *>`` (as Sm90BwdTraits)."""
+    box_row_bytes = 128 * -(-head_dim // 64)
+    cfg, stages, barriers = SM90_BWD_CONFIG, 2, 64
+    kv = 2 * cfg.block_n * box_row_bytes
+    stage = 2 * cfg.block_m * box_row_bytes + 3 * cfg.block_m * 4  # Q, dO; lse, delta, positions
+    ds = 2 * 64 * cfg.block_m * 2  # dS^T of each consumer
+    return kv + stages * stage + ds + barriers + 1024
+
+
 def kernel_switches() -> tuple:
-    """The environment switches that change which kernel a launch runs (family, TMA): part of
-    every cache key of a decided launch."""
-    return os.environ.get("CUPARING_KERNELS"), os.environ.get("CUPARING_TMA")
+    """The environment switches that change which kernel a launch runs (family, TMA, the
+    backward's family): part of every cache key of a decided launch."""
+    return (os.environ.get("CUPARING_KERNELS"), os.environ.get("CUPARING_TMA"),
+            os.environ.get("CUPARING_BWD"))  # fmt: skip
+
+
+def backward_family(head_dim: int, arch: str) -> str:
+    """The kernel family that runs the backward of padded ``head_dim`` on ``arch``.
+
+    The mma.sync family unless ``CUPARING_BWD=sm90`` (opt-in while the wgmma backward is brought
+    up: it lacks the NaN / inf guard of partly visible tiles) on Hopper, for its head dims.
+    ``CUPARING_KERNELS=sm80`` forces the mma.sync family here too.
+
+    Raises:
+        ValueError: ``CUPARING_BWD`` is neither unset/'auto' nor a family name.
+    """
+    choice = os.environ.get("CUPARING_BWD", "auto").strip().lower() or "auto"
+    if choice not in ("auto", *FAMILIES):
+        raise ValueError(f"CUPARING_BWD must be 'auto', 'sm80' or 'sm90', got {choice!r}")
+    forced_sm80 = os.environ.get("CUPARING_KERNELS", "").strip().lower() == "sm80"
+    if choice != "sm90" or forced_sm80 or not arch.startswith("sm_9"):
+        return "sm80"
+    return "sm90" if head_dim in SM90_BWD_HEAD_DIMS else "sm80"
 
 
 def forward_family(head_dim: int, arch: str) -> str:
@@ -304,6 +340,13 @@ def bwd_name(head_dim: int, dtype: str, mode: int) -> str:
     return f"cuparing_bwd<{head_dim}, {'true' if dtype == 'bfloat16' else 'false'}, {mode}>"
 
 
+def sm90_bwd_name(head_dim: int, dtype: str) -> str:
+    """Name expression of the sm90 backward for a padded head dim and 'float16'/'bfloat16'."""
+    if head_dim not in SM90_BWD_HEAD_DIMS or dtype not in DTYPES:
+        raise ValueError(f"no sm90 backward kernel for {head_dim=} {dtype=}")
+    return f"cuparing_bwd_sm90<{head_dim}, {'true' if dtype == 'bfloat16' else 'false'}>"
+
+
 def bwd_delta_name(dtype: str) -> str:
     """Name expression of the delta = rowsum(dO * O) kernel for 'float16'/'bfloat16'."""
     if dtype not in DTYPES:
@@ -343,9 +386,11 @@ def configs_macro(arch: str = "sm_80") -> str:
         for d, c in sorted(SM90_FWD_CONFIGS.items())
         for tma in (False, True)
     )
+    sm90_bwd_rows = " ".join(f"X({d}, {sm90_bwd_smem_bytes(d)})" for d in SM90_BWD_HEAD_DIMS)
     return (
         f"#define CUPARING_FWD_CONFIGS(X) {rows}\n#define CUPARING_BWD_CONFIGS(X) {bwd_rows}\n"
         f"#define CUPARING_SM90_FWD_CONFIGS(X) {sm90_rows}\n"
+        f"#define CUPARING_SM90_BWD_SMEM(X) {sm90_bwd_rows}\n"
     )
 
 
@@ -378,6 +423,7 @@ def kernel_source(arch: str = "sm_80", family: str = "sm80") -> str:
     if family == "sm90":
         widths = set(SM90_FWD_CONFIGS)  # N of P V: the head dims; of Q K^T: keys per tile
         widths |= {c.keys(tma) for c in SM90_FWD_CONFIGS.values() for tma in (False, True)}
+        widths |= {SM90_BWD_CONFIG.block_m, *SM90_BWD_HEAD_DIMS}  # S^T, dP^T; dV, dK, dQ
         prefix += wgmma.wrappers_source(widths)
     return prefix + "\n".join(_inline(KERNEL_DIR / ENTRY_FILES[family], set())) + "\n"
 
@@ -575,11 +621,18 @@ def get_bwd_kernels(head_dim: int, dtype: str):
     import cupy
 
     device = cupy.cuda.Device().id
-    key = ("bwd", device, head_dim, dtype)
+    key = ("bwd", device, head_dim, dtype, kernel_switches())
     hit = _LAUNCHES.get(key)
     if hit is not None:
         return hit
     arch = device_arch()
+    if backward_family(head_dim, arch) == "sm90":
+        name = sm90_bwd_name(head_dim, dtype)
+        kernel = get_module((name,), "sm90").get_function(name)
+        smem = sm90_bwd_smem_bytes(head_dim)
+        _allow_smem(kernel, name, smem, device, arch)
+        _LAUNCHES[key] = [(kernel, BWD_ALL)], SM90_BWD_CONFIG, smem
+        return _LAUNCHES[key]
     modes = bwd_modes(head_dim, arch)
     names = tuple(bwd_name(head_dim, dtype, mode) for mode in modes)
     module = get_module(names)

@@ -15,6 +15,8 @@ epilogue code is shared between the kernel families.
 - ``rs_trans_b(d, a, b_desc, accumulate)``: D (+)= A B with A from registers (four packed pairs per
   thread, the mma.sync A-fragment layout) and B MN-major in shared memory (the P V product, V
   stored [key][d]).
+- ``ss_trans_ab(d, a_desc, b_desc, accumulate)``: D (+)= A B with both operands MN-major in
+  shared memory (the backward's dQ = dS K: dS stored transposed, [key][query], and K [key][d]).
 
 ``accumulate == 0`` ignores the old accumulator (D = A B).
 """
@@ -50,6 +52,7 @@ def _wrapper(n: int, bf16: bool) -> str:
         f'                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), '
         f'"r"(accumulate));\n'
     )
+    ss_trans = ss.replace("p, 1, 1, 0, 0;", "p, 1, 1, 1, 1;")
     flag = "true" if bf16 else "false"
     return (
         f"template <>\nstruct Wgmma<{n}, {flag}> {{\n"
@@ -57,6 +60,9 @@ def _wrapper(n: int, bf16: bool) -> str:
         f"unsigned long long a_desc, unsigned long long b_desc, int accumulate) {{\n{ss}  }}\n"
         f"  static __device__ __forceinline__ void rs_trans_b(float (&d)[{n // 8}][4], "
         f"const unsigned (&a)[4], unsigned long long b_desc, int accumulate) {{\n{rs}  }}\n"
+        f"  static __device__ __forceinline__ void ss_trans_ab(float (&d)[{n // 8}][4], "
+        f"unsigned long long a_desc, unsigned long long b_desc, int accumulate) "
+        f"{{\n{ss_trans}  }}\n"
         f"}};\n"
     )
 

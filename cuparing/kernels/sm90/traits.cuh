@@ -24,15 +24,41 @@
 
 namespace cuparing {
 
+// The swizzled box layout of (rows, kHeadDim) tiles (above) and the cp.async copy grid of a
+// 128-thread producer (copy.cuh), shared by the forward and backward kernels.
+template <int kHeadDim_>
+struct Sm90Boxes {
+  static constexpr int kChunks = kHeadDim_ / 8;  // 16-byte chunks per row
+  static constexpr int kBoxes = (kHeadDim_ + 63) / 64;
+  static constexpr int kBoxRowBytes = 128;
+  static constexpr int kProducerThreads = 128;  // warpgroup 0
+  // Copy grid of load_tile_sm90: kLoadChunks threads per row (each copying kChunks / kLoadChunks
+  // chunks), so rows step by kProducerThreads / kLoadChunks, a multiple of 8: a thread's swizzle
+  // key stays fixed.
+  static constexpr int kLoadChunks = kChunks < 16 ? kChunks : 16;
+  static_assert(kChunks % kLoadChunks == 0 && (kProducerThreads / kLoadChunks) % 8 == 0,
+                "load_tile_sm90 row step must keep each thread's swizzle key fixed");
+
+  // Byte offset of 16-byte chunk `chunk` of row `row` in a tile of kRows rows.
+  template <int kRows>
+  static __device__ __forceinline__ int offset(int row, int chunk) {
+    return (chunk >> 3) * kRows * kBoxRowBytes + row * kBoxRowBytes + (((chunk & 7) ^ (row & 7)) << 4);
+  }
+};
+
 template <int kHeadDim_, bool kTma, int kBlockN_, int kStages_, int kSoftmaxChains_>
-struct Sm90FwdTraitsBase {
+struct Sm90FwdTraitsBase : Sm90Boxes<kHeadDim_> {
+  using Boxes = Sm90Boxes<kHeadDim_>;
+  using Boxes::kBoxes;
+  using Boxes::kBoxRowBytes;
+  using Boxes::kChunks;
+  using Boxes::kProducerThreads;
   static constexpr int kSoftmaxChains = kSoftmaxChains_;  // independent max/sum chains per row
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 128;         // query rows per CTA, 64 per warpgroup
   static constexpr int kBlockN = kBlockN_;    // keys per pipeline stage (the N of S = Q K^T)
   static constexpr int kStages = kStages_;    // K/V tiles in flight (cp.async groups)
   static constexpr int kNThreads = 384;
-  static constexpr int kProducerThreads = 128;  // warpgroup 0
   static constexpr int kConsumerThreads = 256;  // warpgroups 1 and 2
   // setmaxnreg budgets of the producer and of each consumer thread: the TMA producer is one
   // issuing thread (24 registers); the cp.async one computes 128 threads' addresses (40)
@@ -47,13 +73,6 @@ struct Sm90FwdTraitsBase {
   static constexpr int kKSteps = kHeadDim / 16; // k16 steps of Q K^T
   static constexpr int kPSteps = kBlockN / 16;  // k16 steps of P V
 
-  static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
-  static constexpr int kBoxes = (kHeadDim + 63) / 64;
-  static constexpr int kBoxRowBytes = 128;
-  // Copy grid of load_tile: kLoadChunks threads per row (each copying kChunks / kLoadChunks
-  // chunks), so rows step by kProducerThreads / kLoadChunks, a multiple of 8: a thread's swizzle
-  // key stays fixed.
-  static constexpr int kLoadChunks = kChunks < 16 ? kChunks : 16;
   static constexpr int kQBytes = kBoxes * kBlockM * kBoxRowBytes;
   static constexpr int kKVBytes = kBoxes * kBlockN * kBoxRowBytes;
   static constexpr int kStageBytes = 2 * kKVBytes;  // K then V
@@ -63,18 +82,10 @@ struct Sm90FwdTraitsBase {
   // + 1024: the dynamic shared memory base is rounded up to the swizzle atom inside the kernel
   static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + kBarrierBytes + 1024;
 
-  // Byte offset of 16-byte chunk `chunk` of row `row` in a tile of kRows rows.
-  template <int kRows>
-  static __device__ __forceinline__ int offset(int row, int chunk) {
-    return (chunk >> 3) * kRows * kBoxRowBytes + row * kBoxRowBytes + (((chunk & 7) ^ (row & 7)) << 4);
-  }
-
   static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "head dims 64, 128, 192, 256");
   static_assert(kBlockN % 16 == 0 && kBlockN >= 16 && kBlockN <= 256, "wgmma N and k16 steps");
   static_assert(kStages >= 2 && kStages <= 4, "2..4 stages");
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
-  static_assert(kChunks % kLoadChunks == 0 && (kProducerThreads / kLoadChunks) % 8 == 0,
-                "load_tile row step must keep each thread's swizzle key fixed");
   static_assert(8 * (5 * kStages + 1) + 4 * kStages <= kBarrierBytes, "room for the mbarriers");
   // accumulators per thread: S (kBlockN / 2) + O (kHeadDim / 2) + P (kBlockN / 4 packed pairs)
   static_assert(kBlockN / 2 + kHeadDim / 2 + kBlockN / 4 <= 200, "accumulators exceed registers");

@@ -1,0 +1,408 @@
+// Backward attention on Hopper (sm_90a), bring-up version: one (key tile of 128, query head,
+// batch) per CTA of three warpgroups, wgmma for all five products.
+//
+// Producer (warpgroup 0, cp.async): K and V of the CTA's 128 keys once; then per query tile of
+// 64 (the tiles some key of the CTA sees) Q, dO, and the tile's lse (log2 units, +inf where the
+// query sees no key or lies past Sq: P = 0 exactly there), delta and query positions into one of
+// two stages, completing on the stage's "full" mbarrier; a stage is refilled once every consumer
+// warp released it.
+// Consumers (warpgroups 1 and 2): consumer c owns keys [64c, 64c + 64) of the tile, so its dK and
+// dV stay in registers for the CTA's life. Per query tile, in the transposed orientation (rows =
+// the consumer's keys, columns = queries), as the sm80 family:
+//   S^T  = K_c Q^T            wgmma SS, both K-major
+//   dP^T = V_c dO^T           wgmma SS, both K-major
+//   P^T  = 2^(S^T scale log2e - lse log2e),  dS^T = P^T (dP^T - delta)   (registers)
+//   dV  += P^T dO             wgmma RS: P^T packed from the S^T accumulators, dO MN-major
+//   dK  += dS^T Q             wgmma RS, Q MN-major
+//   dQ   = dS K_c             dS^T stored to shared memory [key][query]; wgmma SS with both
+//                             operands MN-major; the consumer's partial dQ (its 64 keys) added
+//                             into the float32 dq accumulator with red.global.add (times scale)
+// At the end dK (times scale) and dV are added into the float32 dk / dv accumulators, which GQA's
+// query heads of one group share.
+// Masks: each consumer classifies the tile against its 64 keys; PARTIAL and EMPTY tiles are
+// masked element by element (no wgmma sits under a data-dependent branch: ptxas would serialise
+// every wgmma of the kernel), keys past Sk always.
+// Not yet here (the sm80 backward has them; this kernel is opt-in, CUPARING_BWD=sm90): TMA
+// loads, the NaN / inf guard of partly visible tiles, ping-pong between the consumers.
+#pragma once
+#include "../common/mask.cuh"
+#include "../common/params.cuh"
+#include "../common/ptx.cuh"
+#include "copy.cuh"
+#include "sync.cuh"
+#include "traits.cuh"
+#include "wgmma.cuh"
+
+namespace cuparing {
+
+template <int kHeadDim_>
+struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
+  using Boxes = Sm90Boxes<kHeadDim_>;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 64;   // queries per tile (the N of S^T)
+  static constexpr int kBlockN = 128;  // keys per CTA, 64 per consumer (the M of S^T)
+  static constexpr int kStages = 2;
+  static constexpr int kNThreads = 384;
+  static constexpr int kConsumerThreads = 256;
+  static constexpr int kProducerRegs = 32;
+  static constexpr int kConsumerRegs = 240;
+  static_assert(Boxes::kProducerThreads * kProducerRegs + kConsumerThreads * kConsumerRegs <=
+                    65536, "more registers than an SM has");
+  static constexpr int kQTiles = kBlockM / 8;   // n8 tiles of S^T (queries) per thread
+  static constexpr int kQSteps = kBlockM / 16;  // k16 steps over queries (dV, dK) and keys (dQ)
+  static constexpr int kDTiles = kHeadDim / 8;  // n8 tiles of dK, dV, dQ per thread
+  static constexpr int kKSteps = kHeadDim / 16; // k16 steps over d (S^T, dP^T)
+
+  static constexpr int kKVBytes = Boxes::kBoxes * kBlockN * Boxes::kBoxRowBytes;  // K or V
+  static constexpr int kQBytes = Boxes::kBoxes * kBlockM * Boxes::kBoxRowBytes;   // Q or dO
+  static constexpr int kDsBytes = 64 * kBlockM * 2;  // one consumer's dS^T, [key][query]
+  static constexpr int kRowInfoBytes = 3 * kBlockM * 4;  // lse (log2), delta, q positions
+  // K, V; per stage Q, dO, row info; dS^T per consumer; mbarriers (full, empty per stage, K/V)
+  static constexpr int kStageBytes = 2 * kQBytes + kRowInfoBytes;
+  static constexpr int kBarrierBytes = 64;
+  static constexpr int kSmemBytes =
+      2 * kKVBytes + kStages * kStageBytes + 2 * kDsBytes + kBarrierBytes + 1024;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128");
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
+  static_assert(kBlockM * 2 == Boxes::kBoxRowBytes, "a dS^T row is one swizzled 128-byte row");
+};
+
+#define CUPARING_CHECK_SM90_BWD_SMEM(D, SMEM)                            \
+  static_assert(Sm90BwdTraits<D>::kSmemBytes == (SMEM),                    \
+                "loader sm90_bwd_smem_bytes disagrees (D=" #D ")");
+CUPARING_SM90_BWD_SMEM(CUPARING_CHECK_SM90_BWD_SMEM)
+#undef CUPARING_CHECK_SM90_BWD_SMEM
+
+template <class Tr, bool kBf16>
+__device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wg = warp >> 2;  // 0: producer; 1, 2: consumers
+
+  const int n0 = blockIdx.z * Tr::kBlockN;  // the CTA's first key
+  const int h = blockIdx.x;
+  const int b = blockIdx.y;
+  // the key/value head (computed where used: kept, it would be spilled across the loop)
+  const auto kv_head = [&]() { return h / (p.nheads / p.nheads_kv); };
+  const int sq = p.seqlen_q;
+  const int sk = p.seqlen_k;
+  const int keys_valid = min(Tr::kBlockN, sk - n0);
+  const int lo = p.lo, hi = p.hi;
+
+  // ---- the query tiles some key of the CTA sees (a contiguous range, mask.cuh)
+  int m_first = 0, m_count = (sq + Tr::kBlockM - 1) / Tr::kBlockM;
+  if (!p.block_full) {
+    const int k_min = __ldg(p.k_pos + n0);
+    const int k_max = __ldg(p.k_pos + n0 + keys_valid - 1);
+    seeing_query_tiles<Tr::kBlockM>(p.q_pos, sq, k_min, k_max, lo, hi, lane, m_first, m_count);
+  }
+
+  // ---- shared memory: K, V, the stages, dS^T per consumer, then the mbarriers
+  const u32 s_k = (smem_addr(smem_raw) + 1023u) & ~1023u;  // swizzle atoms are 1024 bytes
+  const u32 s_v = s_k + Tr::kKVBytes;
+  const u32 s_stages = s_v + Tr::kKVBytes;
+  const u32 s_ds0 = s_stages + Tr::kStages * Tr::kStageBytes;
+  const u32 s_bar = s_ds0 + 2 * Tr::kDsBytes;
+  auto s_q = [&](int s) { return s_stages + s * Tr::kStageBytes; };
+  auto s_do = [&](int s) { return s_q(s) + Tr::kQBytes; };
+  auto s_lse = [&](int s) { return s_q(s) + 2 * Tr::kQBytes; };  // kBlockM floats, then delta,
+  auto s_delta = [&](int s) { return s_lse(s) + 4 * Tr::kBlockM; };  // then q positions
+  auto s_qpos = [&](int s) { return s_lse(s) + 8 * Tr::kBlockM; };
+  auto full = [&](int s) { return s_bar + 8u * s; };
+  auto empty = [&](int s) { return s_bar + 8u * (Tr::kStages + s); };
+  const u32 kv_full = s_bar + 8u * (2 * Tr::kStages);
+  if (tid == 0) {
+    for (int s = 0; s < Tr::kStages; ++s) {
+      // every producer thread: one cp.async arrival (noinc) and one after its row-info stores
+      mbarrier_init(full(s), 2 * Tr::kProducerThreads);
+      mbarrier_init(empty(s), Tr::kConsumerThreads / 32);  // one release per consumer warp
+    }
+    mbarrier_init(kv_full, Tr::kProducerThreads);
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+  if (m_count == 0) return;  // no query of the sequence sees these keys: nothing to add
+
+  if (wg == 0) {
+    // ================= producer =================
+    setmaxnreg_dec<Tr::kProducerRegs>();
+    constexpr float kLog2e = 1.4426950408889634f;
+    const int d_chunks = p.headdim >> 3;
+    const u16* q_head = p.q + b * p.q_batch_stride + h * p.q_head_stride;
+    const u16* do_head = p.dout + b * p.do_batch_stride + h * p.do_head_stride;
+    const float* lse_head = p.lse + (static_cast<i64>(b) * p.nheads + h) * sq;
+    const float* delta_head = p.delta + (static_cast<i64>(b) * p.nheads + h) * sq;
+    load_tile_sm90<Tr, Tr::kBlockN>(
+        s_k, p.k + b * p.k_batch_stride + kv_head() * p.k_head_stride + n0 * p.k_row_stride,
+        p.k_row_stride, keys_valid, d_chunks, tid);
+    load_tile_sm90<Tr, Tr::kBlockN>(
+        s_v, p.v + b * p.v_batch_stride + kv_head() * p.v_head_stride + n0 * p.v_row_stride,
+        p.v_row_stride, keys_valid, d_chunks, tid);
+    cp_async_mbarrier_arrive(kv_full);
+    for (int it = 0; it < m_count; ++it) {
+      const int s = it % Tr::kStages;
+      const int m0 = (m_first + it) * Tr::kBlockM;
+      const int rows = min(Tr::kBlockM, sq - m0);
+      mbarrier_wait(empty(s), ((it / Tr::kStages) & 1) ^ 1);
+      load_tile_sm90<Tr, Tr::kBlockM>(s_q(s), q_head + m0 * p.q_row_stride, p.q_row_stride, rows,
+                                      d_chunks, tid);
+      load_tile_sm90<Tr, Tr::kBlockM>(s_do(s), do_head + m0 * p.do_row_stride, p.do_row_stride,
+                                      rows, d_chunks, tid);
+      cp_async_mbarrier_arrive(full(s));
+      if (tid < Tr::kBlockM) {  // lse in log2 units; +inf: P = 0 for the whole column
+        const int row = m0 + tid;
+        const float l = row < sq ? __ldg(lse_head + row) : neg_inf();
+        st_shared_u32(s_lse(s) + 4 * tid, __float_as_uint(l == neg_inf() ? pos_inf() : l * kLog2e));
+        st_shared_u32(s_qpos(s) + 4 * tid, __ldg(p.q_pos + min(row, sq - 1)));
+      } else {
+        const int i = tid - Tr::kBlockM;
+        const int row = m0 + i;
+        st_shared_u32(s_delta(s) + 4 * i, __float_as_uint(row < sq ? __ldg(delta_head + row) : 0.f));
+      }
+      mbarrier_arrive(full(s));
+    }
+    cp_async_wait<0>();  // leave no copy in flight behind an exited thread
+    return;
+  }
+
+  // ================= consumers =================
+  setmaxnreg_inc<Tr::kConsumerRegs>();
+  const int c = wg - 1;            // keys [64c, 64c + 64) of the CTA
+  const int wq = warp & 3;         // warp in the warpgroup: key rows [16 wq, 16 wq + 16)
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int c_key0 = n0 + 64 * c;  // the consumer's first key (global index)
+  const bool c_has_keys = c_key0 < sk;
+  int c_kmin = 0, c_kmax = 0;
+  if (c_has_keys) {
+    c_kmin = __ldg(p.k_pos + c_key0);
+    c_kmax = __ldg(p.k_pos + min(c_key0 + 64, sk) - 1);
+  }
+  int key_pos[2];
+  bool key_ok[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = c_key0 + 16 * wq + g + 8 * r;
+    key_ok[r] = key < sk;
+    key_pos[r] = key_ok[r] ? __ldg(p.k_pos + key) : 0;
+  }
+
+  float acc_dv[Tr::kDTiles][4];
+  float acc_dk[Tr::kDTiles][4];
+#pragma unroll
+  for (int j = 0; j < Tr::kDTiles; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      acc_dv[j][e] = 0.f;
+      acc_dk[j][e] = 0.f;
+    }
+  }
+
+  constexpr u32 kSbo = 8 * Tr::kBoxRowBytes;  // 8-row groups of a swizzle atom
+  // K_c, V_c as K-major A operands (rows = the consumer's keys; k16 step kk: box kk / 4, 32 bytes
+  // into its rows); K_c as the MN-major B operand of dQ (N = d across boxes kBlockN rows apart)
+  // (descriptors are built where used: their 64-bit values would hold registers the
+  // accumulators need)
+  const u32 k_rows = s_k + 64 * c * Tr::kBoxRowBytes;
+  const u32 v_rows = k_rows + Tr::kKVBytes;
+  // this consumer's dS^T, [key][query]: one 128-byte swizzled row per key
+  const u32 s_ds = s_ds0 + c * Tr::kDsBytes;
+  const float scale_log2 = p.scale_log2;
+  const float scale = p.scale;
+  const int d = p.headdim;
+
+  mbarrier_wait(kv_full, 0);
+  fence_proxy_async();  // cp.async data, read by wgmma (the async proxy)
+
+  for (int it = 0; it < m_count; ++it) {
+    const int s = it % Tr::kStages;
+    const int m0 = (m_first + it) * Tr::kBlockM;
+    const int rows = min(Tr::kBlockM, sq - m0);
+    mbarrier_wait(full(s), (it / Tr::kStages) & 1);
+    fence_proxy_async();
+    const u32 lse_s = s_lse(s), delta_s = s_delta(s), qpos_s = s_qpos(s);
+    int kind = kTileEmpty;
+    if (c_has_keys) {
+      const int q_min = static_cast<int>(ld_shared_u32(qpos_s));
+      const int q_max = static_cast<int>(ld_shared_u32(qpos_s + 4 * (rows - 1)));
+      kind = p.block_full ? kTileFull : classify_tile(q_min, q_max, c_kmin, c_kmax, lo, hi);
+      if (c_key0 + 64 > sk && kind == kTileFull) kind = kTilePartial;  // the Sk tail
+    }
+
+    // S^T and dP^T (Q, dO K-major: k16 step kk in box kk / 4, 32 bytes into its rows)
+    float acc_s[Tr::kQTiles][4];
+    float acc_dp[Tr::kQTiles][4];
+    {
+      const u64 q_desc = smem_desc_sw128(s_q(s), 16, kSbo);
+      const u64 do_desc = smem_desc_sw128(s_do(s), 16, kSbo);
+      const u64 k_desc = smem_desc_sw128(k_rows, 16, kSbo);
+      const u64 v_desc = smem_desc_sw128(v_rows, 16, kSbo);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < Tr::kKSteps; ++kk) {
+        const u64 a_step = ((kk >> 2) * Tr::kBlockN * Tr::kBoxRowBytes + (kk & 3) * 32) >> 4;
+        const u64 b_step = ((kk >> 2) * Tr::kBlockM * Tr::kBoxRowBytes + (kk & 3) * 32) >> 4;
+        Wgmma<Tr::kBlockM, kBf16>::ss(acc_s, k_desc + a_step, q_desc + b_step, kk > 0);
+      }
+      wgmma_commit();
+#pragma unroll
+      for (int kk = 0; kk < Tr::kKSteps; ++kk) {
+        const u64 a_step = ((kk >> 2) * Tr::kBlockN * Tr::kBoxRowBytes + (kk & 3) * 32) >> 4;
+        const u64 b_step = ((kk >> 2) * Tr::kBlockM * Tr::kBoxRowBytes + (kk & 3) * 32) >> 4;
+        Wgmma<Tr::kBlockM, kBf16>::ss(acc_dp, v_desc + a_step, do_desc + b_step, kk > 0);
+      }
+      wgmma_commit();
+    }
+    wgmma_wait<1>();
+    fence_accumulator(acc_s);
+    // P^T: lse per query column; hidden pairs, keys past Sk and EMPTY tiles give exactly 0
+#pragma unroll
+    for (int j = 0; j < Tr::kQTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float lse = __uint_as_float(ld_shared_u32(lse_s + 4 * (8 * j + 2 * t + e)));
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          acc_s[j][2 * r + e] = exp2_approx(fmaf(acc_s[j][2 * r + e], scale_log2, -lse));
+        }
+      }
+    }
+    if (kind != kTileFull) {  // warp-uniform; no wgmma inside
+#pragma unroll
+      for (int j = 0; j < Tr::kQTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int qp = static_cast<int>(ld_shared_u32(qpos_s + 4 * (8 * j + 2 * t + e)));
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int delta = key_pos[r] - qp;
+            const bool seen = kind == kTilePartial && key_ok[r] && delta >= lo && delta <= hi;
+            if (!seen) acc_s[j][2 * r + e] = 0.f;
+          }
+        }
+      }
+    }
+    wgmma_wait<0>();
+    fence_accumulator(acc_dp);
+    // dS^T = P^T (dP^T - delta), delta per query column
+#pragma unroll
+    for (int j = 0; j < Tr::kQTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float delta = __uint_as_float(ld_shared_u32(delta_s + 4 * (8 * j + 2 * t + e)));
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          acc_dp[j][2 * r + e] = acc_s[j][2 * r + e] * (acc_dp[j][2 * r + e] - delta);
+        }
+      }
+    }
+    // P^T and dS^T as A operands (k16 step kk over queries: n8 tiles 2kk, 2kk + 1)
+    u32 pa[Tr::kQSteps][4], dsa[Tr::kQSteps][4];
+#pragma unroll
+    for (int kk = 0; kk < Tr::kQSteps; ++kk) {
+      pa[kk][0] = pack2<kBf16>(acc_s[2 * kk][0], acc_s[2 * kk][1]);
+      pa[kk][1] = pack2<kBf16>(acc_s[2 * kk][2], acc_s[2 * kk][3]);
+      pa[kk][2] = pack2<kBf16>(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]);
+      pa[kk][3] = pack2<kBf16>(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3]);
+      dsa[kk][0] = pack2<kBf16>(acc_dp[2 * kk][0], acc_dp[2 * kk][1]);
+      dsa[kk][1] = pack2<kBf16>(acc_dp[2 * kk][2], acc_dp[2 * kk][3]);
+      dsa[kk][2] = pack2<kBf16>(acc_dp[2 * kk + 1][0], acc_dp[2 * kk + 1][1]);
+      dsa[kk][3] = pack2<kBf16>(acc_dp[2 * kk + 1][2], acc_dp[2 * kk + 1][3]);
+    }
+    // dV += P^T dO, dK += dS^T Q (dO, Q MN-major: d across boxes kBlockM rows apart; k16 step
+    // kk 16 query rows further)
+    {
+      const u64 do_mn = smem_desc_sw128(s_do(s), Tr::kBlockM * Tr::kBoxRowBytes, kSbo);
+      const u64 q_mn = smem_desc_sw128(s_q(s), Tr::kBlockM * Tr::kBoxRowBytes, kSbo);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < Tr::kQSteps; ++kk) {
+        const u64 step = (kk * 16 * Tr::kBoxRowBytes) >> 4;
+        Wgmma<Tr::kHeadDim, kBf16>::rs_trans_b(acc_dv, pa[kk], do_mn + step, 1);
+      }
+#pragma unroll
+      for (int kk = 0; kk < Tr::kQSteps; ++kk) {
+        const u64 step = (kk * 16 * Tr::kBoxRowBytes) >> 4;
+        Wgmma<Tr::kHeadDim, kBf16>::rs_trans_b(acc_dk, dsa[kk], q_mn + step, 1);
+      }
+      wgmma_commit();
+    }
+    // dS^T to shared memory from its packed pairs (dsa[kk][2 * jj + r]: row 16 wq + g + 8r,
+    // columns 8j + 2t, +1 with j = 2kk + jj): chunk j of the row, swizzled by the row's low 3
+    // bits (the 128-byte swizzle the descriptor describes). The previous tile's dQ product read
+    // it before this warpgroup's last wgmma_wait<0>.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = 16 * wq + g + 8 * r;
+      const u32 row_addr = s_ds + row * Tr::kBoxRowBytes + 4 * t;
+#pragma unroll
+      for (int j = 0; j < Tr::kQTiles; ++j) {
+        st_shared_u32(row_addr + ((j ^ (row & 7)) << 4), dsa[j >> 1][2 * (j & 1) + r]);
+      }
+    }
+    wgmma_wait<0>();  // dV, dK done: P^T's and dS^T's registers are free for dQ
+    fence_accumulator(acc_dv);
+    fence_accumulator(acc_dk);
+    fence_proxy_async();  // the dS^T stores, before wgmma reads them
+    named_barrier_sync(1 + c, 128);  // all four warps' dS^T rows are written
+    if (lane == 0) mbarrier_arrive(empty(s));  // Q, dO, row info of the stage are read
+    // dQ one 64-column box at a time (32 accumulator registers, not d / 2, next to dK and dV)
+    const u64 k_mn_desc = smem_desc_sw128(k_rows, Tr::kBlockN * Tr::kBoxRowBytes, kSbo);
+    const u64 ds_desc = smem_desc_sw128(s_ds, Tr::kDsBytes, kSbo);
+#pragma unroll
+    for (int box = 0; box < Tr::kBoxes; ++box) {
+      float acc_dq[8][4];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < Tr::kQSteps; ++kk) {  // over the consumer's 64 keys
+        const u64 step = (kk * 16 * Tr::kBoxRowBytes) >> 4;
+        const u64 box_step = (box * Tr::kBlockN * Tr::kBoxRowBytes) >> 4;
+        Wgmma<64, kBf16>::ss_trans_ab(acc_dq, ds_desc + step, k_mn_desc + box_step + step,
+                                      kk > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_accumulator(acc_dq);
+      if (kind == kTileEmpty) continue;  // dQ rows: queries 16 wq + g (+8) of the tile
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = m0 + 16 * wq + g + 8 * r;
+        if (row >= sq) continue;
+        // dq [B, Sq, H, D] contiguous (built here from the parameters: no register held)
+        float* dq_row =
+            p.dq + ((static_cast<i64>(b) * sq + row) * p.nheads + h) * d + 64 * box;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int col = 64 * box + 8 * j + 2 * t;
+          if (col < d) {
+            red_add_f32x2(dq_row + 8 * j + 2 * t, acc_dq[j][2 * r] * scale,
+                          acc_dq[j][2 * r + 1] * scale);
+          }
+        }
+      }
+    }
+  }
+
+  // dV and dK (times scale) of the consumer's keys into the float32 accumulators
+  const i64 kv_row_stride = static_cast<i64>(p.nheads_kv) * d;  // dk, dv [B, Sk, Hkv, D]
+  const i64 kv_base = static_cast<i64>(b) * sk * kv_row_stride + kv_head() * d;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = c_key0 + 16 * wq + g + 8 * r;
+    if (!key_ok[r]) continue;
+    float* dv_row = p.dv + kv_base + key * kv_row_stride;
+    float* dk_row = p.dk + kv_base + key * kv_row_stride;
+#pragma unroll
+    for (int j = 0; j < Tr::kDTiles; ++j) {
+      const int col = 8 * j + 2 * t;
+      if (col < d) {
+        red_add_f32x2(dv_row + col, acc_dv[j][2 * r], acc_dv[j][2 * r + 1]);
+        red_add_f32x2(dk_row + col, acc_dk[j][2 * r] * scale, acc_dk[j][2 * r + 1] * scale);
+      }
+    }
+  }
+}
+
+}  // namespace cuparing
