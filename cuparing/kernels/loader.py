@@ -243,6 +243,7 @@ def sm90_bwd_smem_bytes(head_dim: int) -> int:
     cfg, stages, barriers = SM90_BWD_CONFIG, 2, 64
     kv = 2 * cfg.block_n * box_row_bytes
     stage = 2 * cfg.block_m * box_row_bytes + 3 * cfg.block_m * 4  # Q, dO; lse, delta, positions
+    # (the kernel places each stage's row info after the tiles: the total is the same)
     ds = 2 * 64 * cfg.block_m * 2  # dS^T of each consumer
     return kv + stages * stage + ds + barriers + 1024
 

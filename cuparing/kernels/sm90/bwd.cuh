@@ -44,10 +44,15 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
   static constexpr int kStages = 2;
   static constexpr int kNThreads = 384;
   static constexpr int kConsumerThreads = 256;
-  static constexpr int kProducerRegs = 32;
+  // setmaxnreg moves registers inside the CTA's allocation (168 per thread at launch, the bound
+  // for 384 threads): what the producer gives up must cover what the consumers take, or their
+  // setmaxnreg.inc waits forever
+  static constexpr int kLaunchRegs = 168;
+  static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
-  static_assert(Boxes::kProducerThreads * kProducerRegs + kConsumerThreads * kConsumerRegs <=
-                    65536, "more registers than an SM has");
+  static_assert(Boxes::kProducerThreads * (kLaunchRegs - kProducerRegs) >=
+                    kConsumerThreads * (kConsumerRegs - kLaunchRegs),
+                "the consumers would wait for registers the producer does not release");
   static constexpr int kQTiles = kBlockM / 8;   // n8 tiles of S^T (queries) per thread
   static constexpr int kQSteps = kBlockM / 16;  // k16 steps over queries (dV, dK) and keys (dQ)
   static constexpr int kDTiles = kHeadDim / 8;  // n8 tiles of dK, dV, dQ per thread
@@ -57,11 +62,15 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
   static constexpr int kQBytes = Boxes::kBoxes * kBlockM * Boxes::kBoxRowBytes;   // Q or dO
   static constexpr int kDsBytes = 64 * kBlockM * 2;  // one consumer's dS^T, [key][query]
   static constexpr int kRowInfoBytes = 3 * kBlockM * 4;  // lse (log2), delta, q positions
-  // K, V; per stage Q, dO, row info; dS^T per consumer; mbarriers (full, empty per stage, K/V)
-  static constexpr int kStageBytes = 2 * kQBytes + kRowInfoBytes;
+  // K, V; per stage Q and dO; dS^T per consumer (every tile a whole number of 1024-byte swizzle
+  // atoms, so all stay aligned); per stage the row info; the mbarriers (full, empty per stage,
+  // K/V)
+  static constexpr int kStageBytes = 2 * kQBytes;
   static constexpr int kBarrierBytes = 64;
-  static constexpr int kSmemBytes =
-      2 * kKVBytes + kStages * kStageBytes + 2 * kDsBytes + kBarrierBytes + 1024;
+  static constexpr int kSmemBytes = 2 * kKVBytes + kStages * kStageBytes + 2 * kDsBytes +
+                                    kStages * kRowInfoBytes + kBarrierBytes + 1024;
+  static_assert(kQBytes % 1024 == 0 && kKVBytes % 1024 == 0 && kDsBytes % 1024 == 0,
+                "tiles must keep the 1024-byte alignment of the swizzle atoms");
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128");
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
   static_assert(kBlockM * 2 == Boxes::kBoxRowBytes, "a dS^T row is one swizzled 128-byte row");
@@ -104,11 +113,13 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   const u32 s_v = s_k + Tr::kKVBytes;
   const u32 s_stages = s_v + Tr::kKVBytes;
   const u32 s_ds0 = s_stages + Tr::kStages * Tr::kStageBytes;
-  const u32 s_bar = s_ds0 + 2 * Tr::kDsBytes;
+  const u32 s_info = s_ds0 + 2 * Tr::kDsBytes;
+  const u32 s_bar = s_info + Tr::kStages * Tr::kRowInfoBytes;
   auto s_q = [&](int s) { return s_stages + s * Tr::kStageBytes; };
   auto s_do = [&](int s) { return s_q(s) + Tr::kQBytes; };
-  auto s_lse = [&](int s) { return s_q(s) + 2 * Tr::kQBytes; };  // kBlockM floats, then delta,
-  auto s_delta = [&](int s) { return s_lse(s) + 4 * Tr::kBlockM; };  // then q positions
+  // per stage kBlockM floats of lse, then of delta, then the queries' positions
+  auto s_lse = [&](int s) { return s_info + s * Tr::kRowInfoBytes; };
+  auto s_delta = [&](int s) { return s_lse(s) + 4 * Tr::kBlockM; };
   auto s_qpos = [&](int s) { return s_lse(s) + 8 * Tr::kBlockM; };
   auto full = [&](int s) { return s_bar + 8u * s; };
   auto empty = [&](int s) { return s_bar + 8u * (Tr::kStages + s); };
