@@ -31,7 +31,8 @@ import sys
 
 import ml_dtypes
 import numpy as np
-from bench_ring import NoCommRing, _commit, gather, time_ms
+from bench_ring import NoCommRing, gather, time_ms
+from timing import checkout_commit
 
 import cuparing as cr
 
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
             "shard_rows": int(len(cr.token_positions(seqlen, 0, ring.size, layout=layout,
                                                       cu_seqlens=cu))),
         })  # fmt: skip
-    meta = {"card": card, "C": ring.size, "commit": _commit(), "dtype": "bfloat16",
+    meta = {"card": card, "C": ring.size, "commit": checkout_commit(), "dtype": "bfloat16",
             "H": HEADS, "Hkv": HEADS_KV, "D": HEADDIM, "S": seqlen,
             "documents": np.diff(cu).tolist(), "one_gpu_fwd_ms": one_fwd,
             "one_gpu_bwd_ms": one_bwd, "one_gpu_fwd_tflops": work / one_fwd / 1e9,
