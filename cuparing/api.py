@@ -169,7 +169,8 @@ def ring_attention(
         k, v: [B, S/C, Hkv, D] this rank's shard of keys and values (same tokens as q).
         ring: this rank's :class:`Ring` (``Ring.from_env()``, or one from :func:`simulate`).
         causal, scale, window: as in :func:`attention`, by *global* token position.
-        layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"``: how the sequence was sharded.
+        layout: ``"contiguous"``, ``"zigzag"``, ``"striped"`` or ``"packed"``: how the sequence
+            was sharded.
         return_lse: also return this rank's lse.
         out, lse: caller-owned arrays for this rank's results, as in :func:`attention`.
         cu_seqlens: the *global* document boundaries of a packed sequence (as in
@@ -354,12 +355,16 @@ def shard(
         x: any array (NumPy, CuPy, torch, JAX) with the full sequence on ``axis``.
         rank: which rank's share, ``0 <= rank < world_size`` (int or NumPy integer).
         world_size: number of ranks ``C`` (int or NumPy integer).
-        layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"``.
+        layout: ``"contiguous"``, ``"zigzag"``, ``"striped"`` or ``"packed"`` (for packed
+            documents: short ones whole, long ones as zigzag; a plain sequence as zigzag).
         axis: the sequence axis (1 for ``[B, S, H, D]``, 2 for an LSE ``[B, H, S]``; negative
             counts from the end).
         cu_seqlens: document boundaries ``[0, ..., S]`` of a packed sequence: zigzag then splits
             every document into ``2C`` pieces (lengths differing by at most one), rank ``r``
-            taking pieces ``r`` and ``2C-1-r`` of each; with any layout the length needs no
+            taking pieces ``r`` and ``2C-1-r`` of each; packed keeps documents of at most
+            ``S / (4C)`` tokens whole, dealt as contiguous runs of equal causal work, and splits
+            the longer ones as zigzag does (``cuparing.documents``); with any layout the length
+            needs no
             divisibility, and shards that come out shorter are padded with zero rows at their end
             (:func:`token_positions` says which rows are padding). ``[0, S]`` pads a plain
             sequence.
@@ -471,7 +476,7 @@ def global_positions(layout: str, rank: int, world_size: int, local_len: int) ->
     """The global token positions that ``rank`` holds under ``layout``.
 
     Args:
-        layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"``.
+        layout: ``"contiguous"``, ``"zigzag"``, ``"striped"`` or ``"packed"`` (as zigzag here).
         rank: ``0 <= rank < world_size``.
         world_size: number of ranks ``C >= 1``.
         local_len: tokens per rank, ``S / C`` (even for zigzag).

@@ -18,7 +18,13 @@ enough from each other: a padding token sees no key and no query sees it.
 Layouts with documents: ``zigzag`` splits every document into ``2C`` pieces whose lengths differ by
 at most one, rank ``r`` holding pieces ``r`` and ``2C-1-r`` of each (causal work balances with no
 divisibility rule); ``contiguous`` gives rank ``r`` the ``r``-th of ``C`` chunks of
-``ceil(S / C)`` tokens; ``striped`` the tokens ``t = r (mod C)``.
+``ceil(S / C)`` tokens; ``striped`` the tokens ``t = r (mod C)``; ``packed`` keeps every document
+of at most ``S / (4C)`` tokens whole and deals them, in their order, as ``C`` contiguous runs of
+equal causal work (document ``i`` to the rank whose share of the total holds the middle of its
+work), while longer documents are split as zigzag splits them. Short documents cut into ``2C``
+pieces make tiles that straddle many pieces (every one partly masked) and need every ring step;
+kept whole in runs, they are seen by no other rank, so a batch of short documents needs no ring
+step beyond the first (PERF.md has the tile counts).
 
 The functions trust their arguments (``cu_seqlens`` checked by ``cuparing.validation``).
 """
@@ -63,10 +69,36 @@ def _held(layout: str, world_size: int, cu_seqlens: tuple) -> tuple:
             np.arange(r * chunk, min((r + 1) * chunk, seqlen), dtype=np.int64)
             for r in range(world_size)
         )
-    parts = 2 * world_size
     starts, lengths = cu[:-1], np.diff(cu)
-    # [docs, 2C + 1] piece bounds: 2C pieces per document whose lengths differ by at most one
-    # (the longer ones first)
+    if layout == "zigzag":
+        return _zigzag_pieces(starts, lengths, world_size)
+    # packed: long documents as zigzag, short ones whole in work-balanced contiguous runs
+    short = lengths <= seqlen // (WHOLE_DOCUMENT_SHARE * world_size)
+    pieces = _zigzag_pieces(starts[~short], lengths[~short], world_size)
+    work = lengths[short] * (lengths[short] + 1) / 2.0  # causal pairs of each short document
+    middle = np.cumsum(work) - work / 2
+    owner = np.minimum((middle * world_size / max(work.sum(), 1.0)).astype(np.int64),
+                       world_size - 1)  # fmt: skip
+    held = []
+    for r in range(world_size):
+        mine = owner == r
+        whole = _ranges(starts[short][mine], starts[short][mine] + lengths[short][mine])
+        held.append(np.sort(np.concatenate([pieces[r], whole])))
+    return tuple(held)
+
+
+# packed: documents of at most S / (WHOLE_DOCUMENT_SHARE * C) tokens stay whole (PERF.md: on
+# bench_varlen's batch the tile counts match zigzag's from 1/4 to 1/2 of a shard; larger shares
+# leave runs too lumpy to balance)
+WHOLE_DOCUMENT_SHARE = 4
+
+
+def _zigzag_pieces(starts: np.ndarray, lengths: np.ndarray, world_size: int) -> tuple:
+    """Every rank's tokens of the documents ``[starts, starts + lengths)`` split into ``2C``
+    pieces each (lengths differing by at most one, the longer first), rank ``r`` holding pieces
+    ``r`` and ``2C-1-r``: a tuple of sorted int64 arrays indexed by rank."""
+    parts = 2 * world_size
+    # [docs, 2C + 1] piece bounds
     bounds = starts[:, None] + (np.arange(parts + 1) * lengths[:, None] + parts - 1) // parts
     held = []
     for r in range(world_size):

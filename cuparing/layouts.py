@@ -4,6 +4,9 @@
 - ``zigzag``: the sequence is cut into ``2C`` chunks; rank ``r`` holds chunks ``r`` and ``2C-1-r``,
   so every rank gets the same amount of causal work.
 - ``striped``: token ``t`` lives on rank ``t mod C``; also balanced under a causal mask.
+- ``packed``: the layout for packed documents (``cuparing.documents``: short documents whole, in
+  contiguous runs balanced by causal work; long ones as zigzag splits them); a plain sequence is
+  one long document, so without documents it is zigzag.
 
 Every rank's global positions are sorted ascending; the kernels rely on that to classify tiles
 from their first and last position.
@@ -17,21 +20,28 @@ from __future__ import annotations
 
 import numpy as np
 
-LAYOUTS = ("contiguous", "zigzag", "striped")
+LAYOUTS = ("contiguous", "zigzag", "striped", "packed")
+
+
+def plain_geometry(layout: str) -> str:
+    """How ``layout`` splits a plain sequence (no documents): ``packed`` as ``zigzag``, every
+    other layout as itself."""
+    return "zigzag" if layout == "packed" else layout
 
 
 def split_factor(layout: str, world_size: int) -> int:
     """The number the global length must be a multiple of for ``layout`` on ``world_size`` ranks:
     ``2C`` for zigzag (two chunks per rank), else ``C``."""
-    return 2 * world_size if layout == "zigzag" else world_size
+    return 2 * world_size if plain_geometry(layout) == "zigzag" else world_size
 
 
 def global_positions(layout: str, rank: int, world_size: int, local_len: int) -> np.ndarray:
     """Global token positions (int64 [local_len], ascending) held by ``rank``.
 
-    ``layout`` is one of :data:`LAYOUTS`, ``0 <= rank < world_size`` and, for zigzag,
-    ``local_len`` is even.
+    ``layout`` is one of :data:`LAYOUTS`, ``0 <= rank < world_size`` and, for zigzag (and
+    packed), ``local_len`` is even.
     """
+    layout = plain_geometry(layout)
     if layout == "contiguous":
         return np.arange(rank * local_len, (rank + 1) * local_len, dtype=np.int64)
     if layout == "striped":

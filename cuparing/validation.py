@@ -36,7 +36,7 @@ from .interop import (
     records_gradient,
     to_host,
 )
-from .layouts import LAYOUTS, split_factor
+from .layouts import LAYOUTS, plain_geometry, split_factor
 from .masks import MaskSpec
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -144,14 +144,14 @@ def check_axis(axis: Any, ndim: int, name: str = "axis") -> int:
 
 
 def _length_rule(layout: str, world_size: int) -> str:
-    if layout == "zigzag":
-        return f"zigzag cuts it into 2 * world_size = {2 * world_size} chunks"
+    if plain_geometry(layout) == "zigzag":
+        return f"{layout} cuts it into 2 * world_size = {2 * world_size} chunks"
     return f"{layout} gives each of the {world_size} ranks the same number of tokens"
 
 
 def check_global_length(seqlen: int, layout: str, world_size: int) -> None:
     """``seqlen`` tokens must split evenly for ``layout`` on ``world_size`` ranks: a multiple of
-    ``C``, ``2C`` for zigzag. ``layout`` and ``world_size`` are already checked."""
+    ``C``, ``2C`` for zigzag (and packed). ``layout`` and ``world_size`` are already checked."""
     factor = split_factor(layout, world_size)
     if seqlen % factor:
         lower = seqlen - seqlen % factor
@@ -198,8 +198,8 @@ def check_positions_request(layout: Any, rank: Any, world_size: Any, local_len: 
     local_len = check_int("local_len", local_len)
     if local_len < 0:
         raise ValueError(f"local_len must be >= 0, got {local_len=}")
-    if layout == "zigzag" and local_len % 2:
-        raise ValueError(f"zigzag needs an even local length, got {local_len=}")
+    if plain_geometry(layout) == "zigzag" and local_len % 2:
+        raise ValueError(f"{layout} needs an even local length, got {local_len=}")
     return layout, rank, world_size, local_len
 
 
@@ -241,9 +241,9 @@ def check_unshard_request(shards: Any, layout: Any, axis: Any, documents: bool =
     if len(shapes) != 1:
         raise ValueError(f"all shards must have the same shape, got {sorted(shapes)}")
     axis = check_axis(axis, len(shards[0].shape))
-    if layout == "zigzag" and not documents and shards[0].shape[axis] % 2:
+    if plain_geometry(layout) == "zigzag" and not documents and shards[0].shape[axis] % 2:
         raise ValueError(
-            f"zigzag shards hold two chunks each, so their length on axis {axis} must be even, "
+            f"{layout} shards hold two chunks each, so their length on axis {axis} must be even, "
             f"got {shards[0].shape[axis]}"
         )
     return shards, layout, axis

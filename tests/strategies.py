@@ -9,6 +9,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 import cuparing as cr
+from cuparing.layouts import split_factor
 
 HEAD_DIMS = st.one_of(st.integers(1, 16), st.sampled_from([59, 64, 96, 97, 128, 256]))
 LOW_PRECISION = ("float32", "float16", "bfloat16")
@@ -74,7 +75,7 @@ def ring_cases(draw, dtypes=("float64",), max_world: int = 8, max_local: int = 1
     world_size = draw(st.integers(1, max_world))
     layout = draw(st.sampled_from(cr.LAYOUTS))
     per_rank = draw(st.integers(1, max_local))
-    local_len = 2 * per_rank if layout == "zigzag" else per_rank
+    local_len = per_rank * split_factor(layout, 1)  # zigzag, packed: two chunks per rank
     seqlen = local_len * world_size
     nheads_kv = draw(st.integers(1, 3))
     nheads = nheads_kv * draw(st.integers(1, 3))

@@ -107,6 +107,64 @@ def test_blocks_of_disjoint_documents_are_empty_and_the_ring_stops_early():
     assert plan.kinds[0] == BlockKind.PARTIAL
 
 
+@given(
+    world_size=st.integers(1, 8),
+    lengths=st.lists(st.integers(0, 400), min_size=1, max_size=40),
+)
+def test_packed_keeps_short_documents_whole_in_balanced_runs(world_size, lengths):
+    """The packed layout (cuparing.documents): documents of at most S / (4C) tokens lie whole on
+    one rank, ranks taking consecutive runs of them in document order; longer ones are split
+    exactly as zigzag splits them; the ranks' causal work on short documents differs by at most
+    twice the largest short document's (a run's two ends each gain or lose at most half a
+    document: a document goes to the rank whose share holds the middle of its work)."""
+    from cuparing import documents
+
+    if sum(lengths) == 0:
+        lengths[0] = 1
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    seqlen, c = int(cu[-1]), world_size
+    held = [documents.held_tokens("packed", r, c, cu) for r in range(c)]
+    zigzag = [documents.held_tokens("zigzag", r, c, cu) for r in range(c)]
+    owner_of = np.full(seqlen, -1)
+    for r, tokens in enumerate(held):
+        assert (np.diff(tokens) > 0).all()
+        assert (owner_of[tokens] == -1).all()  # no token on two ranks
+        owner_of[tokens] = r
+    assert (owner_of >= 0).all()  # every token somewhere
+    limit = seqlen // (documents.WHOLE_DOCUMENT_SHARE * c)
+    runs = []
+    work = np.zeros(c)
+    for d, length in enumerate(lengths):
+        span = np.arange(cu[d], cu[d + 1])
+        if length == 0:
+            continue
+        if length <= limit:
+            owners = set(owner_of[span].tolist())
+            assert len(owners) == 1, (d, owners)  # whole
+            runs.append(owners.pop())
+            work[runs[-1]] += length * (length + 1) / 2
+        else:  # exactly zigzag's pieces
+            for r in range(c):
+                want = zigzag[r][(zigzag[r] >= cu[d]) & (zigzag[r] < cu[d + 1])]
+                assert np.array_equal(span[owner_of[span] == r], want)
+    assert runs == sorted(runs)  # consecutive runs in document order
+    short = [length for length in lengths if 0 < length <= limit]
+    if short:
+        largest = max(length * (length + 1) / 2 for length in short)
+        assert work.max() - work.min() <= 2 * largest + 1e-9 * work.sum(), work
+
+
+def test_packed_short_documents_need_no_ring_step_beyond_the_first():
+    # 40 documents of 50 tokens on 4 ranks: all short (50 <= 2000 / 16), ten whole ones per
+    # rank, so no query sees a key held elsewhere and the ring moves nothing
+    cu = tuple(range(0, 2001, 50))
+    for rank in range(4):
+        plan = plan_documents("packed", rank, 4, cu, MaskSpec(causal=True))
+        assert plan.last_step == 0
+        zigzag = plan_documents("zigzag", rank, 4, cu, MaskSpec(causal=True))
+        assert zigzag.last_step == 3  # every document spread over every rank
+
+
 def test_plain_sequences_of_any_length_through_padding():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((1, 13, 2, 4))  # 13 tokens on 4 ranks, zigzag wants a multiple of 8

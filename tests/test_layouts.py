@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cuparing as cr
+from cuparing.layouts import split_factor
 from cuparing.masks import BlockKind, MaskSpec
 from cuparing.schedule import plan_ring
 
@@ -21,7 +22,7 @@ from cuparing.schedule import plan_ring
     axis=st.integers(0, 2),
 )
 def test_shard_unshard_round_trip(world, per_rank, layout, axis):
-    local = 2 * per_rank if layout == "zigzag" else per_rank
+    local = per_rank * split_factor(layout, 1)  # zigzag and packed: two chunks per rank
     shape = [3, 4, 2]
     shape[axis] = local * world
     x = np.random.default_rng(per_rank).standard_normal(shape)
@@ -32,7 +33,7 @@ def test_shard_unshard_round_trip(world, per_rank, layout, axis):
 
 @given(world=st.integers(1, 8), per_rank=st.integers(1, 9), layout=st.sampled_from(cr.LAYOUTS))
 def test_positions_partition_the_sequence_in_ascending_order(world, per_rank, layout):
-    local = 2 * per_rank if layout == "zigzag" else per_rank
+    local = per_rank * split_factor(layout, 1)
     positions = [cr.global_positions(layout, r, world, local) for r in range(world)]
     assert all((np.diff(p) > 0).all() for p in positions)
     np.testing.assert_array_equal(np.sort(np.concatenate(positions)), np.arange(local * world))
@@ -43,6 +44,8 @@ def test_layouts_place_tokens_as_documented():
     assert cr.shard(x, 1, 2, layout="contiguous").tolist() == [[4, 5, 6, 7]]
     assert cr.shard(x, 1, 2, layout="zigzag").tolist() == [[2, 3, 4, 5]]
     assert cr.shard(x, 1, 2, layout="striped").tolist() == [[1, 3, 5, 7]]
+    # a plain sequence is one long document: packed splits it as zigzag does
+    assert cr.shard(x, 1, 2, layout="packed").tolist() == [[2, 3, 4, 5]]
 
 
 def causal_work(layout, world, local, tile):

@@ -1,7 +1,7 @@
 """Packed documents through the ring: per-GPU throughput on visible work and parallel efficiency.
 
     python -m cuparing.launch --nproc-per-node N tools/bench_varlen.py [--tokens-per-gpu 8192]
-        [--layouts zigzag,striped,contiguous] [--backward] [--seed 0] [--json PATH]
+        [--layouts zigzag,striped,contiguous,packed] [--backward] [--seed 0] [--json PATH]
 
 The batch: document lengths drawn log-uniformly from 256 to 32k tokens (``--seed``, default 0)
 until they fill ``S = C * tokens_per_gpu`` tokens (the last one cut to fit), packed into one
@@ -40,13 +40,13 @@ HEADS, HEADS_KV, HEADDIM = 32, 8, 128
 SHORTEST, LONGEST = 256, 32768
 
 
-def packed_batch(seqlen: int, seed: int) -> np.ndarray:
-    """``cu_seqlens`` of ``seqlen`` tokens of documents with log-uniform lengths (the last one
-    cut to fit)."""
+def packed_batch(seqlen: int, seed: int, shortest: int = SHORTEST, longest: int = LONGEST):
+    """``cu_seqlens`` (int64) of ``seqlen`` tokens of documents with lengths log-uniform in
+    [shortest, longest] (the last one cut to fit)."""
     rng = np.random.default_rng(seed)
     lengths: list[int] = []
     while sum(lengths) < seqlen:
-        lengths.append(int(np.exp(rng.uniform(np.log(SHORTEST), np.log(LONGEST)))))
+        lengths.append(int(np.exp(rng.uniform(np.log(shortest), np.log(longest)))))
     lengths[-1] -= sum(lengths) - seqlen
     return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
@@ -156,7 +156,7 @@ def torch_cp_verdict(ring, local_rank, cu) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens-per-gpu", type=int, default=8192)
-    parser.add_argument("--layouts", default="zigzag,striped,contiguous")
+    parser.add_argument("--layouts", default="zigzag,striped,contiguous,packed")
     parser.add_argument("--backward", action="store_true", help="also time the backward")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=10)

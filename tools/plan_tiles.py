@@ -1,17 +1,20 @@
 """Kernel tiles a ring call will run, counted from its plan on the CPU (no GPU needed).
 
-    python tools/plan_tiles.py [--ranks 4] [--tokens-per-gpu 8192] [--documents]
-        [--layouts zigzag,striped,contiguous] [--block-m 128] [--block-n 176]
+    python tools/plan_tiles.py [--ranks 4] [--tokens-per-gpu 8192] [--documents | --short]
+        [--layouts zigzag,striped,contiguous,packed] [--block-m 128] [--block-n 176]
 
 For every rank and ring step, the (query tile, key tile) pairs of ``block_m`` x ``block_n`` that
 the forward kernel computes, classified as the kernels classify them (by the first and last global
 position of each tile, ``MaskSpec.classify``: FULL, PARTIAL or EMPTY; EMPTY ones are skipped), on
-bench_varlen's packed batch (``--documents``) or one causal sequence. Prints per layout: each
-rank's FULL and PARTIAL tiles over all steps, the PARTIAL share, key tiles per query tile
-(median, and how many query tiles get at most 3 over the whole ring), and the tile-count
-efficiency ``tiles of the one-GPU launch / (C x tiles of the busiest rank)``: what the ring could
-reach if every tile cost the same and transfers were free. The defaults are the sm90 d=128
-forward tiles (loader.SM90_FWD_CONFIGS).
+bench_varlen's packed batch (``--documents``: lengths log-uniform in 256..32k), a batch of short
+documents (``--short``: 64..2048) or one causal sequence. Prints per layout: each rank's FULL and
+PARTIAL tiles over all steps, the PARTIAL share, key tiles per query tile (median, and how many
+query tiles get at most 3 over the whole ring), the tile-count efficiency ``tiles of the one-GPU
+launch / (C x tiles of the busiest rank)`` (what the ring could reach if every tile cost the
+same and transfers were free), its lockstep variant ``tiles of the one-GPU launch / (C x sum
+over steps of the busiest rank's tiles at that step)`` (the ring's steps wait for each other),
+and the last ring step any rank needs. The defaults are the sm90 d=128 forward tiles
+(loader.SM90_FWD_CONFIGS).
 """
 
 from __future__ import annotations
@@ -61,15 +64,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--tokens-per-gpu", type=int, default=8192)
-    parser.add_argument("--documents", action="store_true", help="bench_varlen's packed batch")
-    parser.add_argument("--layouts", default="zigzag,striped,contiguous")
+    batch = parser.add_mutually_exclusive_group()
+    batch.add_argument("--documents", action="store_true", help="bench_varlen's packed batch")
+    batch.add_argument("--short", action="store_true", help="documents of 64..2048 tokens")
+    parser.add_argument("--layouts", default="zigzag,striped,contiguous,packed")
     parser.add_argument("--block-m", type=int, default=128)
     parser.add_argument("--block-n", type=int, default=176)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     world, bm, bn = args.ranks, args.block_m, args.block_n
     seqlen = args.tokens_per_gpu * world
-    cu = packed_batch(seqlen, args.seed) if args.documents else None
+    cu = None
+    if args.documents:
+        cu = packed_batch(seqlen, args.seed)
+    elif args.short:
+        cu = packed_batch(seqlen, args.seed, shortest=64, longest=2048)
     one = rank_tiles("contiguous", 0, 1, seqlen, cu, bm, bn)
     one_total = int(one[..., 1:].sum())
     batch = "one sequence" if cu is None else f"documents {np.diff(cu).tolist()}"
@@ -78,16 +87,22 @@ def main(argv=None) -> int:
     print(f"{'layout':<11}{'rank':>5}{'FULL':>7}{'PARTIAL':>8}{'partial%':>9}"
           f"{'median':>7}{'<=3':>5}")  # fmt: skip
     for layout in args.layouts.split(","):
-        busiest = 0
+        busiest, per_step = 0, []
         for rank in range(world):
             counts = rank_tiles(layout, rank, world, seqlen, cu, bm, bn)
             full, partial = int(counts[..., 2].sum()), int(counts[..., 1].sum())
             per_query_tile = counts[..., 1:].sum(axis=-1).reshape(-1)
             busiest = max(busiest, full + partial)
+            per_step.append(counts[..., 1:].sum(axis=(1, 2)))  # [steps]
             print(f"{layout:<11}{rank:>5}{full:>7}{partial:>8}"
                   f"{partial / max(full + partial, 1):>9.0%}{np.median(per_query_tile):>7.0f}"
                   f"{int((per_query_tile <= 3).sum()):>5}")  # fmt: skip
-        print(f"{layout:<11} tile-count efficiency {one_total / (world * busiest):.2f}")
+        steps = np.stack(per_step)  # [rank, step]
+        busy_steps = np.flatnonzero(steps.any(axis=0))
+        last = int(busy_steps[-1]) if len(busy_steps) else 0
+        lockstep = one_total / (world * max(int(steps.max(axis=0).sum()), 1))
+        print(f"{layout:<11} tile-count efficiency {one_total / (world * busiest):.2f}, "
+              f"lockstep {lockstep:.2f}, last ring step {last}")  # fmt: skip
     return 0
 
 
