@@ -62,9 +62,10 @@ def ring_mesh(ring, axis_name: str = "ring", gpu: int | None = -1):
     Args:
         ring: this process's :class:`cuparing.Ring` (any transport).
         axis_name: the mesh axis's name.
-        gpu: this process's GPU; -1 (default): the ring's own GPU (``ring.device``: cuparing's
-            NCCL and IPC rings) where it has one, else the CPU; None: the CPU (JAX is then
-            limited to its CPU platform, its cross-process collectives run on gloo).
+        gpu: this process's GPU; -1 (default): the ring's own GPU (``ring.device``: a CuPy
+            device or an index, as cuparing's NCCL and IPC rings and a ring on a torch NCCL
+            group have) where it has one, else the CPU; None: the CPU (JAX is then limited to
+            its CPU platform, its cross-process collectives run on gloo).
 
     Returns:
         ``jax.sharding.Mesh`` of ``ring.size`` devices in rank order.
@@ -238,12 +239,25 @@ def _varying_like(results, inputs) -> tuple:
 
     Inside ``shard_map`` JAX types each value by the manual mesh axes it varies over, and a
     callback's results carry none: a custom VJP whose cotangents lack the primal inputs' axes is
-    rejected. The callback computed per-shard values, so they vary wherever the inputs do."""
-    axes = set()
+    rejected. The callback computed per-shard values, so they vary wherever the inputs do.
+
+    Raises:
+        ValueError: the inputs vary over different axes (e.g. k replicated where q is sharded):
+            each gradient would then need a sum over the axes its input does not vary over,
+            which the op does not do.
+    """
+    varying = []
     for x in inputs:
         aval = jax.typeof(x)
         manual = getattr(aval, "manual_axis_type", None)  # JAX >= 0.10; earlier: ``vma``
-        axes |= set(manual.varying if manual is not None else getattr(aval, "vma", ()))
+        axes = manual.varying if manual is not None else getattr(aval, "vma", ())
+        varying.append(frozenset(axes))
+    if len(set(varying)) > 1:
+        raise ValueError(
+            "inside shard_map, q, k, v (and dout) must vary over the same mesh axes, got "
+            f"{[sorted(v) for v in varying]}: shard them alike (e.g. all over the sequence axis)"
+        )
+    axes = set(varying[0])
     if not axes:
         return tuple(results)
     axes = tuple(sorted(axes))

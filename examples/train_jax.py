@@ -4,8 +4,8 @@ The block: RMS-normalised input, q/k/v projections (grouped-query heads), causal
 output projection and a residual; the loss is the mean squared error against a fixed random
 target, so it falls as the block fits. Adam, the same initial weights and data for both runs.
 
-- Launched, one process per GPU (torchrun, mpirun, srun or ``cuparing.launch``): the step is
-  ``jax.jit`` of ``shard_map`` over the sequence axis of a mesh from
+- Launched, one process per GPU (torchrun or ``cuparing.launch``, which set ``WORLD_SIZE``): the
+  step is ``jax.jit`` of ``shard_map`` over the sequence axis of a mesh from
   ``cuparing.jax.ring_mesh`` (JAX's multi-process runtime on the ring's processes): each rank's
   body back-propagates its zigzag shard's share of the loss through
   ``cuparing.jax.ring_attention``; the replicated weights' gradients come out summed over the

@@ -56,6 +56,8 @@ def skip_unless_backward_family_runs(backward_family, headdim):
     padded = loader.padded_head_dim(headdim)
     if backward_family == "sm90" and padded not in loader.SM90_BWD_HEAD_DIMS:
         pytest.skip("the sm80 backward runs this head dim; tested under backward_family=sm80")
+    # the case must run the family it is named for (not a silent fallback to the other one)
+    assert loader.backward_family(padded, loader.device_arch()) == backward_family
 
 
 def skip_unless_family_runs(kernel_family, dtype, headdim):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,10 +56,11 @@ def test_jax_training_through_shard_map_across_processes_matches_one_device():
     pytest.importorskip("jax")
     pytest.importorskip("torch")  # the CPU processes' ring is a gloo process group
     launch = [sys.executable, "-m", "cuparing.launch", "--nproc-per-node", "2", "--timeout", "300"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the CPU processes, on any machine
     result = subprocess.run([*launch, str(EXAMPLES / "train_jax.py"), "--steps", "30"],
-                            capture_output=True, text=True, timeout=360)  # fmt: skip
+                            capture_output=True, text=True, timeout=360, env=env)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 processes (" in result.stdout
+    assert "2 processes (cpu)" in result.stdout
     assert "ring loss curve matches one device: True" in result.stdout
 
 

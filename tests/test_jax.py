@@ -185,3 +185,20 @@ def test_ring_inside_shard_map_on_gpus():
     if _gpu_platform() is None:
         pytest.skip("JAX has no GPU backend here")
     _assert_every_rank_ok(_shard_map_worker("gpu", 2), 2, "gpu")
+
+
+def test_inputs_varying_over_different_mesh_axes_are_refused():
+    """Inside shard_map a replicated k (or v) next to a sharded q would need its gradient summed
+    over the mesh axis; the op refuses it at trace time instead of returning a wrong one."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:1]), ("seq",))
+    q = np.zeros((1, 8, 2, 8), np.float32)
+
+    def body(q, k):
+        return crj.attention(q, k, k)
+
+    step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(None, "seq"), P()),
+                                 out_specs=P(None, "seq")))  # fmt: skip
+    with pytest.raises(ValueError, match="same mesh axes"):
+        step.lower(q, q)

@@ -75,8 +75,12 @@ def main(argv=None) -> int:
         ours = functools.partial(
             cr.ring_attention_backward, dout, q, k, v, out, lse, ring, causal=causal
         )
+        padded, arch = loader.padded_head_dim(d), loader.device_arch()
         for family in reversed(families):  # the first family ends up active for the stats
             os.environ["CUPARING_BWD"] = family
+            if loader.backward_family(padded, arch) != family:  # not on this card / head dim
+                result[f"{family}_ms"] = result[f"{family}_tflops"] = None
+                continue
             ms = time_ms(ours, args.repeats)
             result[f"{family}_ms"] = ms
             result[f"{family}_tflops"] = flops / ms / 1e9
@@ -105,12 +109,15 @@ def main(argv=None) -> int:
         result["local_bytes"] = [kernel.local_size_bytes for kernel, _ in kernels]
         rows.append(result)
         cells = []
+        ours_tf = result["ours_tflops"]
         for name in peers:
             peer = result[f"{name}_tflops"]
-            cells.append(f"{peer:7.1f} {result['ours_tflops'] / peer:6.2f}" if peer
-                         else f"{'n/a':>7} {'':>6}")  # fmt: skip
+            cells.append(f"{peer:7.1f} {ours_tf / peer:6.2f}" if peer and ours_tf
+                         else f"{peer or float('nan'):7.1f} {'n/a':>6}")  # fmt: skip
+
+        rates = [result[f"{f}_tflops"] for f in families]
         print(f"{s:>6} {str(causal):>6} "
-              + " ".join(f"{result[f'{f}_tflops']:7.1f}" for f in families) + " "
+              + " ".join(f"{x:7.1f}" if x is not None else f"{'n/a':>7}" for x in rates) + " "
               + " ".join(cells) + f" {'/'.join(map(str, result['regs'])):>5}")  # fmt: skip
         del q, k, v, dout, out, lse, qt, kt, vt
         torch.cuda.empty_cache()

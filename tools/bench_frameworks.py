@@ -7,12 +7,12 @@
 ``cuparing.torch.ring_attention``, a float32 mean-square loss, backward) on each rank's shard,
 eager and under ``torch.compile(fullgraph=True)`` (inductor), H/Hkv 32/8, D=128, 8k tokens per
 GPU by default, causal zigzag and full contiguous. The op is opaque to the compiler, so the
-compiled step should be no slower than the eager one (the issue's bound: within 5%).
+compiled step should be no slower than the eager one (target: within 5%).
 
 ``jax``: the ring's forward and backward (``jax.vjp`` of ``cuparing.jax.ring_attention``) jitted
 inside ``shard_map`` over a mesh from ``cuparing.jax.ring_mesh``, against
 ``cuparing.ring_attention`` + ``cuparing.ring_attention_backward`` called directly on CuPy arrays
-of the same shapes (the issue's bound: within 10%).
+of the same shapes (target: within 10%).
 
 Timing: median over ``--repeats`` samples (ranks aligned by a barrier before each) of ``--calls``
 steps back to back, host clock from before the first call to the end of the last one's GPU work,

@@ -58,7 +58,8 @@ def checkout_commit() -> str:
     if os.environ.get("CUPARING_COMMIT"):
         return os.environ["CUPARING_COMMIT"]
     try:
+        here = os.path.dirname(os.path.abspath(__file__))  # the checkout, wherever the caller is
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
+                              text=True, check=True, cwd=here).stdout.strip()  # fmt: skip
     except Exception:  # noqa: BLE001 - no git, or not a checkout
         return "unknown"

@@ -94,6 +94,9 @@ class TorchRing(Ring):
         self.timeout = float(timeout)
         backend = str(dist.get_backend(group)).lower()
         self._gpu = (device or ("cuda" if "nccl" in backend else "cpu")) == "cuda"
+        # the CUDA device index the ring's arrays live on (None on the CPU), like the GPU rings'
+        # ``device``: what cuparing.jax.ring_mesh binds this process's JAX to
+        self.device = torch.cuda.current_device() if self._gpu else None
         self._sequence = 0
 
     def _peer(self, group_rank: int) -> int:

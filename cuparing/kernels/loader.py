@@ -119,8 +119,9 @@ class BwdConfig:
     """Tile configuration of the backward kernel for one (padded) head dim.
 
     Attributes:
-        block_m: queries per inner tile; block_n: keys per CTA (16 or 32 per warp).
-        warps: warps per CTA (they split the keys; the dQ tile is split over all of them).
+        block_m: queries per inner tile; block_n: keys per CTA (sm80: 16 or 32 per warp).
+        warps: warps per CTA (sm80: they split the keys, and the dQ tile over all of them;
+            sm90, SM90_BWD_CONFIG: a producer and two consumer warpgroups, 12 warps).
         split: two launches, dV then dK + dQ (head dims whose dK + dV accumulators would not fit
             the registers of one thread together).
         min_blocks: ``__launch_bounds__`` minimum CTAs per SM.
@@ -614,7 +615,8 @@ def get_cast_kernels(dtype: str):
 
 def get_bwd_kernels(head_dim: int, dtype: str):
     """([(kernel, mode), ...] in launch order, config, shared memory bytes) of the backward for
-    padded ``head_dim`` and 'float16'/'bfloat16' on the current device.
+    padded ``head_dim`` and 'float16'/'bfloat16' on the current device, from the family
+    :func:`backward_family` picks (``CUPARING_BWD``).
 
     Raises:
         RuntimeError: the device cannot give a CTA that much shared memory.

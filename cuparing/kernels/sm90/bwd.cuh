@@ -41,6 +41,7 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 64;   // queries per tile (the N of S^T)
   static constexpr int kBlockN = 128;  // keys per CTA, 64 per consumer (the M of S^T)
+  static constexpr int kConsumerKeys = 64;  // one warpgroup's M
   static constexpr int kStages = 2;
   static constexpr int kNThreads = 384;
   static constexpr int kConsumerThreads = 256;
@@ -60,7 +61,7 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
 
   static constexpr int kKVBytes = Boxes::kBoxes * kBlockN * Boxes::kBoxRowBytes;  // K or V
   static constexpr int kQBytes = Boxes::kBoxes * kBlockM * Boxes::kBoxRowBytes;   // Q or dO
-  static constexpr int kDsBytes = 64 * kBlockM * 2;  // one consumer's dS^T, [key][query]
+  static constexpr int kDsBytes = kConsumerKeys * kBlockM * 2;  // one consumer's dS^T, [key][query]
   static constexpr int kRowInfoBytes = 3 * kBlockM * 4;  // lse (log2), delta, q positions
   // K, V; per stage Q and dO; dS^T per consumer (every tile a whole number of 1024-byte swizzle
   // atoms, so all stay aligned); per stage the row info; the mbarriers (full, empty per stage,
@@ -74,8 +75,14 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128");
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
   static_assert(kBlockM * 2 == Boxes::kBoxRowBytes, "a dS^T row is one swizzled 128-byte row");
+  static_assert(Boxes::kProducerThreads == 2 * kBlockM,
+                "the producer's two halves copy a tile's lse (and positions) and its delta");
+  static_assert(kBlockN == 2 * kConsumerKeys, "two consumer warpgroups share the key tile");
 };
 
+#ifndef CUPARING_SM90_BWD_SMEM
+#error "CUPARING_SM90_BWD_SMEM must be defined by the loader (cuparing/kernels/loader.py)"
+#endif
 #define CUPARING_CHECK_SM90_BWD_SMEM(D, SMEM)                            \
   static_assert(Sm90BwdTraits<D>::kSmemBytes == (SMEM),                    \
                 "loader sm90_bwd_smem_bytes disagrees (D=" #D ")");
@@ -174,7 +181,9 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       }
       mbarrier_arrive(full(s));
     }
-    cp_async_wait<0>();  // leave no copy in flight behind an exited thread
+    // (the copies complete on the mbarriers the consumers wait for, so none is still in flight
+    // when the CTA ends; no commit group exists for this wait to cover)
+    cp_async_wait<0>();
     return;
   }
 
@@ -184,12 +193,12 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   const int wq = warp & 3;         // warp in the warpgroup: key rows [16 wq, 16 wq + 16)
   const int g = lane >> 2;
   const int t = lane & 3;
-  const int c_key0 = n0 + 64 * c;  // the consumer's first key (global index)
+  const int c_key0 = n0 + Tr::kConsumerKeys * c;  // the consumer's first key (global index)
   const bool c_has_keys = c_key0 < sk;
   int c_kmin = 0, c_kmax = 0;
   if (c_has_keys) {
     c_kmin = __ldg(p.k_pos + c_key0);
-    c_kmax = __ldg(p.k_pos + min(c_key0 + 64, sk) - 1);
+    c_kmax = __ldg(p.k_pos + min(c_key0 + Tr::kConsumerKeys, sk) - 1);
   }
   int key_pos[2];
   bool key_ok[2];
@@ -216,7 +225,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   // into its rows); K_c as the MN-major B operand of dQ (N = d across boxes kBlockN rows apart)
   // (descriptors are built where used: their 64-bit values would hold registers the
   // accumulators need)
-  const u32 k_rows = s_k + 64 * c * Tr::kBoxRowBytes;
+  const u32 k_rows = s_k + Tr::kConsumerKeys * c * Tr::kBoxRowBytes;
   const u32 v_rows = k_rows + Tr::kKVBytes;
   // this consumer's dS^T, [key][query]: one 128-byte swizzled row per key
   const u32 s_ds = s_ds0 + c * Tr::kDsBytes;
@@ -239,7 +248,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       const int q_min = static_cast<int>(ld_shared_u32(qpos_s));
       const int q_max = static_cast<int>(ld_shared_u32(qpos_s + 4 * (rows - 1)));
       kind = p.block_full ? kTileFull : classify_tile(q_min, q_max, c_kmin, c_kmax, lo, hi);
-      if (c_key0 + 64 > sk && kind == kTileFull) kind = kTilePartial;  // the Sk tail
+      if (c_key0 + Tr::kConsumerKeys > sk && kind == kTileFull) kind = kTilePartial;  // the Sk tail
     }
 
     // S^T and dP^T (Q, dO K-major: k16 step kk in box kk / 4, 32 bytes into its rows)
@@ -322,6 +331,20 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       dsa[kk][2] = pack2<kBf16>(acc_dp[2 * kk + 1][0], acc_dp[2 * kk + 1][1]);
       dsa[kk][3] = pack2<kBf16>(acc_dp[2 * kk + 1][2], acc_dp[2 * kk + 1][3]);
     }
+    // dS^T to shared memory from its packed pairs (dsa[kk][2 * jj + r]: row 16 wq + g + 8r,
+    // columns 8j + 2t, +1 with j = 2kk + jj): chunk j of the row, swizzled by the row's low 3
+    // bits (the 128-byte swizzle the descriptor describes). The previous tile's dQ product read
+    // it before this warpgroup's last wgmma_wait<0>. Stored before the dK product is issued:
+    // the A-fragment registers of a wgmma in flight must not be touched, read or written.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = 16 * wq + g + 8 * r;
+      const u32 row_addr = s_ds + row * Tr::kBoxRowBytes + 4 * t;
+#pragma unroll
+      for (int j = 0; j < Tr::kQTiles; ++j) {
+        st_shared_u32(row_addr + ((j ^ (row & 7)) << 4), dsa[j >> 1][2 * (j & 1) + r]);
+      }
+    }
     // dV += P^T dO, dK += dS^T Q (dO, Q MN-major: d across boxes kBlockM rows apart; k16 step
     // kk 16 query rows further)
     {
@@ -340,19 +363,6 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       }
       wgmma_commit();
     }
-    // dS^T to shared memory from its packed pairs (dsa[kk][2 * jj + r]: row 16 wq + g + 8r,
-    // columns 8j + 2t, +1 with j = 2kk + jj): chunk j of the row, swizzled by the row's low 3
-    // bits (the 128-byte swizzle the descriptor describes). The previous tile's dQ product read
-    // it before this warpgroup's last wgmma_wait<0>.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = 16 * wq + g + 8 * r;
-      const u32 row_addr = s_ds + row * Tr::kBoxRowBytes + 4 * t;
-#pragma unroll
-      for (int j = 0; j < Tr::kQTiles; ++j) {
-        st_shared_u32(row_addr + ((j ^ (row & 7)) << 4), dsa[j >> 1][2 * (j & 1) + r]);
-      }
-    }
     wgmma_wait<0>();  // dV, dK done: P^T's and dS^T's registers are free for dQ
     fence_accumulator(acc_dv);
     fence_accumulator(acc_dk);
@@ -367,7 +377,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       float acc_dq[8][4];
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < Tr::kQSteps; ++kk) {  // over the consumer's 64 keys
+      for (int kk = 0; kk < Tr::kConsumerKeys / 16; ++kk) {  // over the consumer's keys
         const u64 step = (kk * 16 * Tr::kBoxRowBytes) >> 4;
         const u64 box_step = (box * Tr::kBlockN * Tr::kBoxRowBytes) >> 4;
         Wgmma<64, kBf16>::ss_trans_ab(acc_dq, ds_desc + step, k_mn_desc + box_step + step,

@@ -215,7 +215,9 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
         if (i > 0) check_previous(i - 1);  // one tile behind: its copies had time to land
       }
       check_previous(n_count - 1);
-      cp_async_wait<0>();  // leave no copy in flight behind an exited thread
+      // (the copies complete on the mbarriers the consumers wait for, so none is still in
+      // flight when the CTA ends; no commit group exists for this wait to cover)
+      cp_async_wait<0>();
     }
   } else {
     // ================= consumers =================
