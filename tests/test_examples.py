@@ -30,10 +30,11 @@ def test_torch_training_step_matches_the_dense_step():
     assert "ring step matches the dense step: True" in result.stdout
 
 
-def test_packed_documents_example_runs():
+@pytest.mark.parametrize("layout", ["zigzag", "packed"])
+def test_packed_documents_example_runs(layout):
     # the example prints its own distance to dense attention; tests/test_documents.py checks
     # packed documents against the float64 reference with the table's derived bounds
-    result = run("packed_documents.py", "--ranks", "3")
+    result = run("packed_documents.py", "--ranks", "3", "--layout", layout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "max |ring - per-document dense float64|" in result.stdout
 

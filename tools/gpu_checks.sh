@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine: install, compile check, GPU tests, benchmarks. Logs go to the directory named
 # by CUPARING_LOG_DIR if set, else ./out.
-# Usage: bash tools/gpu_checks.sh [single|multi|bench|all] [pytest -k expression]
+# Usage: bash tools/gpu_checks.sh [single|multi|bench|bwd|all] [pytest -k expression]
+#   bwd: the backward kernel tests of both families and bench_backward (sm90, sm80, SDPA peers)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 out="${CUPARING_LOG_DIR:-out}"
@@ -20,6 +21,12 @@ fi
 if [[ $what == multi || $what == all ]]; then
   run timeout 420 python -m pytest -q -rf --maxfail=4 tests/test_multigpu.py \
     ${filter:+-k "$filter"} 2>&1 | tee "$out/multigpu_tests.log" | tail -40
+fi
+if [[ $what == bwd || $what == all ]]; then
+  run timeout 300 python -m pytest -q -rf --maxfail=4 tests/test_gpu_attention.py \
+    -k "backward_kernel${filter:+ and ($filter)}" 2>&1 | tee "$out/bwd_tests.log" | tail -20
+  run timeout 200 python tools/bench_backward.py --quick --families sm90,sm80 \
+    --json "$out/bench_backward.json" 2>&1 | tee "$out/bench_backward.log"
 fi
 if [[ $what == bench || $what == all ]]; then
   run timeout 300 python tools/bench_attention.py --quick --json "$out/bench_attention.json" \
