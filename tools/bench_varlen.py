@@ -1,11 +1,13 @@
 """Packed documents through the ring: per-GPU throughput on visible work and parallel efficiency.
 
     python -m cuparing.launch --nproc-per-node N tools/bench_varlen.py [--tokens-per-gpu 8192]
-        [--layouts zigzag,striped,contiguous,packed] [--backward] [--seed 0] [--json PATH]
+        [--layouts zigzag,striped,contiguous,packed] [--backward] [--seed 0] [--short]
+        [--json PATH]
 
-The batch: document lengths drawn log-uniformly from 256 to 32k tokens (``--seed``, default 0)
-until they fill ``S = C * tokens_per_gpu`` tokens (the last one cut to fit), packed into one
-causal sequence, bf16, B=1, H/Hkv 32/8, D=128; every rank draws the same batch.
+The batch: document lengths drawn log-uniformly from 256 to 32k tokens (``--short``: 64 to 2048;
+``--seed``, default 0) until they fill ``S = C * tokens_per_gpu`` tokens (the last one cut to
+fit), packed into one causal sequence, bf16, B=1, H/Hkv 32/8, D=128; every rank draws the same
+batch.
 
 - visible FLOPs: ``4 * H * D * sum(L * (L + 1) / 2)`` over the documents (forward; backward
   2.5x), the work a document-by-document dense attention must do; per GPU: / C / ring time.
@@ -159,6 +161,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layouts", default="zigzag,striped,contiguous,packed")
     parser.add_argument("--backward", action="store_true", help="also time the backward")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--short", action="store_true",
+                        help="documents of 64..2048 tokens instead of 256..32k")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch's verdict")
     parser.add_argument("--json", metavar="PATH", help="write rows and metadata (rank 0)")
@@ -172,7 +176,7 @@ def main(argv=None) -> int:
     card = cupy.cuda.runtime.getDeviceProperties(ring.device.id)["name"]
     card = card.decode() if isinstance(card, bytes) else str(card)
     seqlen = args.tokens_per_gpu * ring.size
-    cu = packed_batch(seqlen, args.seed)
+    cu = packed_batch(seqlen, args.seed, *((64, 2048) if args.short else ()))
     inputs = global_inputs(seqlen, args.seed)
     work = visible_flops(cu)
 
