@@ -1,7 +1,7 @@
 """Ring attention throughput per GPU, ring efficiency, hidden transfer, and PyTorch's own ring.
 
     python -m cuparing.launch --nproc-per-node N tools/bench_ring.py [--quick] [--json PATH]
-        [--transport nccl|ipc]
+        [--transport nccl|ipc] [--rounds R]
 
 Definitions (S = global sequence length, C = ranks, B = batch):
 
@@ -220,6 +220,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backward", action="store_true", help="also time the backward ring")
     parser.add_argument("--heads", help="only these H/Hkv shapes, e.g. 32/32 (comma list)")
     parser.add_argument("--tokens", help="tokens per GPU, e.g. 8192 (comma list)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate ours and PyTorch's ring R times per row (medians)")
     parser.add_argument("--transport", choices=["nccl", "ipc"], default=None,
                         help="how K/V move (default: CUPARING_TRANSPORT, else nccl)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -236,10 +238,17 @@ def main(argv=None) -> int:
     rows = []
     for mode, cfg in configs(args.quick, args.heads, args.tokens):
         heads, heads_kv, headdim, tokens, layout, causal = cfg
-        ours = bench_ours(ring, cfg, repeats, warmup, args.backward)
-        torch_ms, why = (None, "skipped (--no-torch)")
-        if not args.no_torch:
-            torch_ms, why = bench_torch_cp(ring, local_rank, cfg, repeats, warmup)
+        # rounds alternate the two rings, so drifts of the card's clock between them show up
+        # in both (the medians over rounds are what the table reports)
+        rounds, peer_ms, why = [], [], "skipped (--no-torch)"
+        for _ in range(max(args.rounds, 1)):
+            rounds.append(bench_ours(ring, cfg, repeats, warmup, args.backward))
+            if not args.no_torch:
+                ms, why = bench_torch_cp(ring, local_rank, cfg, repeats, warmup)
+                if ms is not None:
+                    peer_ms.append(ms)
+        ours = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+        torch_ms = statistics.median(peer_ms) if peer_ms else None
         keys = ["fwd_ms", "fwd_nocomm_ms", "bwd_ms", "bwd_nocomm_ms", "hidden"]
         values = [ours[k] for k in keys] + [torch_ms if torch_ms is not None else float("nan")]
         per_rank = gather(ring, values)
