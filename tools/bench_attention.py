@@ -10,6 +10,7 @@ the first family's ratio to each peer, and its registers and local memory (spill
 
 Usage:
     python tools/bench_attention.py [--quick] [--json PATH] [--repeats N] [--families sm90,sm80]
+        [--rounds R]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import functools
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -43,6 +45,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--families", default="sm90,sm80", help="kernel families, first is 'ours'")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every kernel R times per shape, alternating (medians)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     args = parser.parse_args(argv)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
@@ -76,30 +80,34 @@ def main(argv=None) -> int:
         )  # fmt: skip
         flops = 4 * args.batch * args.heads * s * s * d / (2 if causal else 1)
         result = {"card": card, "dtype": args.dtype, "D": d, "S": s, "causal": causal}
-        for family in reversed(families):  # the first family ends up active for the kernel stats
-            os.environ["CUPARING_KERNELS"] = family.split("-")[0]
-            os.environ["CUPARING_TMA"] = "0" if family.endswith("cp.async") else "1"
-            ms = time_ms(
-                functools.partial(cr.attention, q, k, v, causal=causal),
-                args.repeats,
-                calls=args.calls,
-            )
-            result[f"{family}_tflops"] = flops / ms / 1e9
-        result["ours_tflops"] = result[f"{families[0]}_tflops"]
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # SDPA wants [B, H, S, D]
-        for name, backend in peers.items():
-            try:
-                with sdpa_kernel([backend]):
-                    sdpa = torch.nn.functional.scaled_dot_product_attention
-                    peer_ms = time_ms(
-                        functools.partial(sdpa, qt, kt, vt, is_causal=causal),
-                        args.repeats,
-                        calls=args.calls,
-                    )
-                result[f"{name}_tflops"] = flops / peer_ms / 1e9
-            except RuntimeError as exc:  # backend not available for this shape/card
-                result[f"{name}_tflops"] = None
-                result[f"{name}_error"] = str(exc).splitlines()[0]
+        samples = {name: [] for name in (*families, *peers)}
+        # rounds alternate every kernel, so a drift of the card's clock reaches all of them
+        for _ in range(max(args.rounds, 1)):
+            for family in reversed(families):  # the first family ends up active for the stats
+                os.environ["CUPARING_KERNELS"] = family.split("-")[0]
+                os.environ["CUPARING_TMA"] = "0" if family.endswith("cp.async") else "1"
+                ms = time_ms(
+                    functools.partial(cr.attention, q, k, v, causal=causal),
+                    args.repeats,
+                    calls=args.calls,
+                )
+                samples[family].append(flops / ms / 1e9)
+            for name, backend in peers.items():
+                try:
+                    with sdpa_kernel([backend]):
+                        sdpa = torch.nn.functional.scaled_dot_product_attention
+                        peer_ms = time_ms(
+                            functools.partial(sdpa, qt, kt, vt, is_causal=causal),
+                            args.repeats,
+                            calls=args.calls,
+                        )
+                    samples[name].append(flops / peer_ms / 1e9)
+                except RuntimeError as exc:  # backend not available for this shape/card
+                    result[f"{name}_error"] = str(exc).splitlines()[0]
+        for name, values in samples.items():
+            result[f"{name}_tflops"] = statistics.median(values) if values else None
+        result["ours_tflops"] = result[f"{families[0]}_tflops"]
         kernel, _, _ = loader.get_fwd_kernel(loader.padded_head_dim(d), args.dtype)
         result["regs"], result["local_bytes"] = kernel.num_regs, kernel.local_size_bytes
         rows.append(result)
