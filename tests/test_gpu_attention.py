@@ -615,7 +615,9 @@ def test_torch_ops_on_cuda(fresh_rng):
 
 # ---- packed documents (cu_seqlens)
 
-DOCUMENT_CASES = list(itertools.product(["contiguous", "zigzag"], [1, 3], [True, False]))
+DOCUMENT_CASES = list(
+    itertools.product(["contiguous", "zigzag", "packed"], [1, 3], [True, False])
+)
 
 
 @requires_gpu(1)
