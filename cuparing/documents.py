@@ -24,7 +24,9 @@ equal causal work (document ``i`` to the rank whose share of the total holds the
 work), while longer documents are split as zigzag splits them. Short documents cut into ``2C``
 pieces make tiles that straddle many pieces (every one partly masked) and need every ring step;
 kept whole in runs, they are seen by no other rank, so a batch of short documents needs no ring
-step beyond the first (PERF.md has the tile counts).
+step beyond the first (PERF.md has the tile counts). The price: ranks balance work, not tokens,
+so the shards (padded to the fullest rank) are longer than zigzag's: on bench_varlen's batches at
+8k tokens per rank, 9-29% more rows at C=8 (memory, and the per-token layers around attention).
 
 The functions trust their arguments (``cu_seqlens`` checked by ``cuparing.validation``).
 """
@@ -38,6 +40,10 @@ import numpy as np
 from .masks import MaskSpec
 
 PAD = -1  # token_positions' mark for a padding row
+# packed: documents of at most S / (WHOLE_DOCUMENT_SHARE * C) tokens stay whole (PERF.md: at a
+# quarter of a shard the tile counts match zigzag's on bench_varlen's batch; half a shard and a
+# whole one leave runs too lumpy to balance, 0.68 and 0.65 of ideal at C=8 against 0.77)
+WHOLE_DOCUMENT_SHARE = 4
 
 
 def document_of(cu_seqlens: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -86,11 +92,6 @@ def _held(layout: str, world_size: int, cu_seqlens: tuple) -> tuple:
         held.append(np.sort(np.concatenate([pieces[r], whole])))
     return tuple(held)
 
-
-# packed: documents of at most S / (WHOLE_DOCUMENT_SHARE * C) tokens stay whole (PERF.md: on
-# bench_varlen's batch the tile counts match zigzag's from 1/4 to 1/2 of a shard; larger shares
-# leave runs too lumpy to balance)
-WHOLE_DOCUMENT_SHARE = 4
 
 
 def _zigzag_pieces(starts: np.ndarray, lengths: np.ndarray, world_size: int) -> tuple:

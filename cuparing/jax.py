@@ -231,7 +231,26 @@ def _backward(dout, q, k, v, out, lse, options: _Options):
                 api.ring_attention_backward(dout, q, k, v, out, lse, options.ring,
                                             layout=options.layout, **mask)  # fmt: skip
 
-    return _varying_like(buffer_callback(run, shapes)(dout, q, k, v, out, lse), (dout, q, k, v))
+    grads = _varying_like(buffer_callback(run, shapes)(dout, q, k, v, out, lse), (dout, q, k, v))
+    # inside shard_map an input that varies over fewer mesh axes than the others (k, v
+    # replicated next to sharded queries) was broadcast to the shards: its gradient is the sum of
+    # every shard's part (what JAX's own transpose of that broadcast does)
+    every = _varying_axes(dout, q, k, v)
+    summed = []
+    for grad, x in zip(grads, (q, k, v), strict=True):
+        extra = tuple(sorted(every - _varying_axes(x)))
+        summed.append(jax.lax.psum(grad, extra) if extra else grad)
+    return tuple(summed)
+
+
+def _varying_axes(*arrays) -> frozenset:
+    """The manual mesh axes (inside ``shard_map``) any of ``arrays`` varies over; empty outside."""
+    axes = set()
+    for x in arrays:
+        aval = jax.typeof(x)
+        manual = getattr(aval, "manual_axis_type", None)  # JAX >= 0.10; earlier: ``vma``
+        axes |= set(manual.varying if manual is not None else getattr(aval, "vma", ()))
+    return frozenset(axes)
 
 
 def _varying_like(results, inputs) -> tuple:
@@ -239,28 +258,10 @@ def _varying_like(results, inputs) -> tuple:
 
     Inside ``shard_map`` JAX types each value by the manual mesh axes it varies over, and a
     callback's results carry none: a custom VJP whose cotangents lack the primal inputs' axes is
-    rejected. The callback computed per-shard values, so they vary wherever the inputs do.
-
-    Raises:
-        ValueError: the inputs vary over different axes (e.g. k replicated where q is sharded):
-            each gradient would then need a sum over the axes its input does not vary over,
-            which the op does not do.
-    """
-    varying = []
-    for x in inputs:
-        aval = jax.typeof(x)
-        manual = getattr(aval, "manual_axis_type", None)  # JAX >= 0.10; earlier: ``vma``
-        axes = manual.varying if manual is not None else getattr(aval, "vma", ())
-        varying.append(frozenset(axes))
-    if len(set(varying)) > 1:
-        raise ValueError(
-            "inside shard_map, q, k, v (and dout) must vary over the same mesh axes, got "
-            f"{[sorted(v) for v in varying]}: shard them alike (e.g. all over the sequence axis)"
-        )
-    axes = set(varying[0])
+    rejected. The callback computed per-shard values, so they vary wherever the inputs do."""
+    axes = tuple(sorted(_varying_axes(*inputs)))
     if not axes:
         return tuple(results)
-    axes = tuple(sorted(axes))
     pcast = getattr(jax.lax, "pcast", None)
     if pcast is not None:
         return tuple(pcast(x, axes, to="varying") for x in results)

@@ -4,8 +4,9 @@ A batch of documents of uneven lengths is packed into one sequence (``cu_seqlens
 each starts), sharded (no length needs to divide anything: shards are padded to one length),
 run through a ring, and checked against dense float64 attention computed document by document,
 on simulated CPU ranks. ``--layout zigzag`` (default) cuts every document into 2C pieces;
-``--layout packed`` keeps the short ones whole, in contiguous runs per rank, which the ring's plan
-then needs fewer steps for (printed: the last ring step any rank needs).
+``--layout packed`` keeps the short ones whole, in contiguous runs per rank, for which the ring's
+plan can need fewer steps (printed: the last ring step any rank needs; zero once every document
+is short, e.g. ``--documents 40``).
 
     python examples/packed_documents.py [--ranks 4] [--documents 7] [--seed 0] [--layout packed]
 """

@@ -36,7 +36,10 @@ def test_packed_documents_example_runs(layout):
     # packed documents against the float64 reference with the table's derived bounds
     result = run("packed_documents.py", "--ranks", "3", "--layout", layout)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "max |ring - per-document dense float64|" in result.stdout
+    error = float(result.stdout.split("max |ring - per-document dense float64| =")[1].split()[0])
+    # float32 attention of O(1) inputs over at most ~100 keys: a few units of 2^-24 times the
+    # row sums, far below this (a wrong mask or layout gives errors of order 1)
+    assert error < 1e-4, result.stdout
 
 
 def test_jax_training_step_matches_the_dense_step():

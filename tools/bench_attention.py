@@ -107,6 +107,7 @@ def main(argv=None) -> int:
                     result[f"{name}_error"] = str(exc).splitlines()[0]
         for name, values in samples.items():
             result[f"{name}_tflops"] = statistics.median(values) if values else None
+            result[f"{name}_samples"] = len(values)  # rounds it ran in (a peer may refuse)
         result["ours_tflops"] = result[f"{families[0]}_tflops"]
         kernel, _, _ = loader.get_fwd_kernel(loader.padded_head_dim(d), args.dtype)
         result["regs"], result["local_bytes"] = kernel.num_regs, kernel.local_size_bytes

@@ -112,8 +112,11 @@ def main(argv=None) -> int:
         ours_tf = result["ours_tflops"]
         for name in peers:
             peer = result[f"{name}_tflops"]
-            cells.append(f"{peer:7.1f} {ours_tf / peer:6.2f}" if peer and ours_tf
-                         else f"{peer or float('nan'):7.1f} {'n/a':>6}")  # fmt: skip
+            if peer is None:
+                cells.append(f"{'n/a':>7} {'':>6}")
+            else:
+                cells.append(f"{peer:7.1f} " + (f"{ours_tf / peer:6.2f}" if ours_tf else
+                                                f"{'n/a':>6}"))  # fmt: skip
 
         rates = [result[f"{f}_tflops"] for f in families]
         print(f"{s:>6} {str(causal):>6} "

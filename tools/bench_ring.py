@@ -34,6 +34,7 @@ import statistics
 import sys
 
 import ml_dtypes
+import numpy as np
 
 import cuparing as cr
 from cuparing.comm.base import ReadyExchange, Ring
@@ -247,7 +248,8 @@ def main(argv=None) -> int:
                 ms, why = bench_torch_cp(ring, local_rank, cfg, repeats, warmup)
                 if ms is not None:
                     peer_ms.append(ms)
-        ours = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+        ours = {key: float(np.nanmedian([r[key] for r in rounds])) if any(
+            r[key] == r[key] for r in rounds) else float("nan") for key in rounds[0]}
         torch_ms = statistics.median(peer_ms) if peer_ms else None
         keys = ["fwd_ms", "fwd_nocomm_ms", "bwd_ms", "bwd_nocomm_ms", "hidden"]
         values = [ours[k] for k in keys] + [torch_ms if torch_ms is not None else float("nan")]
@@ -273,7 +275,7 @@ def main(argv=None) -> int:
         meta = {"card": card, "C": ring.size, "commit": checkout_commit(), "dtype": "bfloat16",
                 "B": 1,
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                "command": " ".join(sys.argv), "repeats": repeats,
+                "command": " ".join(sys.argv), "repeats": repeats, "rounds": args.rounds,
                 "transport": transport}  # fmt: skip
         print_table(meta, rows)
         if args.json:

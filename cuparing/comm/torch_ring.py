@@ -94,10 +94,18 @@ class TorchRing(Ring):
         self.timeout = float(timeout)
         backend = str(dist.get_backend(group)).lower()
         self._gpu = (device or ("cuda" if "nccl" in backend else "cpu")) == "cuda"
-        # the CUDA device index the ring's arrays live on (None on the CPU), like the GPU rings'
-        # ``device``: what cuparing.jax.ring_mesh binds this process's JAX to
-        self.device = torch.cuda.current_device() if self._gpu else None
         self._sequence = 0
+
+    @property
+    def device(self) -> int | None:
+        """The CUDA device index the ring's arrays live on (None on the CPU), like the GPU
+        rings' ``device``: the group's bound device where it has one, else torch's current
+        device when asked (what ``cuparing.jax.ring_mesh`` binds this process's JAX to)."""
+        if not self._gpu:
+            return None
+        group = self._group if self._group is not None else self._dist.group.WORLD
+        bound = getattr(group, "bound_device_id", None)
+        return bound.index if bound is not None else self._torch.cuda.current_device()
 
     def _peer(self, group_rank: int) -> int:
         """The global rank torch's p2p calls address."""

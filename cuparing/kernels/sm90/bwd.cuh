@@ -55,7 +55,7 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
                     kConsumerThreads * (kConsumerRegs - kLaunchRegs),
                 "the consumers would wait for registers the producer does not release");
   static constexpr int kQTiles = kBlockM / 8;   // n8 tiles of S^T (queries) per thread
-  static constexpr int kQSteps = kBlockM / 16;  // k16 steps over queries (dV, dK) and keys (dQ)
+  static constexpr int kQSteps = kBlockM / 16;  // k16 steps over queries (dV, dK)
   static constexpr int kDTiles = kHeadDim / 8;  // n8 tiles of dK, dV, dQ per thread
   static constexpr int kKSteps = kHeadDim / 16; // k16 steps over d (S^T, dP^T)
 
