@@ -93,10 +93,11 @@ def block(setup: Setup, params, x, attend):
     return x + out.reshape(b, s, setup.model) @ params["o"]
 
 
-def adam(params, grads, state, step, lr=3e-3, betas=(0.9, 0.999), eps=1e-8):
-    """One Adam update in float32 (``jax.numpy``: traced inside a jitted step, or eager)."""
-    import jax.numpy as jnp
-
+def adam(params, grads, state, step, xp=np, lr=3e-3, betas=(0.9, 0.999), eps=1e-8):
+    """One Adam update in float32 with the array namespace ``xp``: ``jax.numpy`` traced inside a
+    jitted step, NumPy on the host. (The simulated ranks update with NumPy: eager JAX ops from
+    their threads would wait for XLA's CPU threads, which ranks blocked in a ring exchange inside
+    their attention callbacks may all be holding.)"""
     m, v = state
     new_params, new_m, new_v = {}, {}, {}
     for name, g in grads.items():
@@ -104,7 +105,7 @@ def adam(params, grads, state, step, lr=3e-3, betas=(0.9, 0.999), eps=1e-8):
         new_v[name] = betas[1] * v[name] + (1 - betas[1]) * g * g
         m_hat = new_m[name] / (1 - betas[0] ** step)
         v_hat = new_v[name] / (1 - betas[1] ** step)
-        new_params[name] = params[name] - lr * m_hat / (jnp.sqrt(v_hat) + eps)
+        new_params[name] = (params[name] - lr * m_hat / (xp.sqrt(v_hat) + eps)).astype(np.float32)
     return new_params, (new_m, new_v)
 
 
@@ -134,6 +135,7 @@ def summed_over_ranks(ring, values: dict[str, np.ndarray]) -> dict[str, np.ndarr
 def train_one_device(setup: Setup, steps: int, device=None) -> list[float]:
     """The loss before each of ``steps`` Adam steps of the block on the whole sequence."""
     import jax
+    import jax.numpy as jnp
 
     import cuparing.jax as crj
 
@@ -143,7 +145,7 @@ def train_one_device(setup: Setup, steps: int, device=None) -> list[float]:
     @jax.jit
     def step(params, state, count, x, target):
         loss, grads = jax.value_and_grad(loss_of(setup, attend))(params, x, target)
-        params, state = adam(params, grads, state, count)
+        params, state = adam(params, grads, state, count, jnp)
         return loss, params, state
 
     params, batch = jax.device_put((initial_params(setup), data(setup)), device)
@@ -167,6 +169,7 @@ def train_sharded(setup: Setup, steps: int, ring, mesh) -> list[float]:
     """The ring's loss curve: one jitted ``shard_map`` step over ``mesh`` (rank r's device at
     position r), this process feeding its shard of the data."""
     import jax
+    import jax.numpy as jnp
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -194,7 +197,7 @@ def train_sharded(setup: Setup, steps: int, ring, mesh) -> list[float]:
     @jax.jit
     def step(params, state, count, x, target):
         loss, grads = sharded_grad(params, x, target)
-        params, state = adam(params, grads, state, count)
+        params, state = adam(params, grads, state, count, jnp)
         return loss, params, state
 
     params = {n: as_global(w, replicated) for n, w in initial_params(setup).items()}
