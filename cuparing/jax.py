@@ -215,7 +215,7 @@ def _forward(q, k, v, options: _Options):
                 api.ring_attention(q, k, v, options.ring, layout=options.layout, out=out,
                                    lse=lse, **mask)  # fmt: skip
 
-    return _varying_like(buffer_callback(run, shapes)(q, k, v), (q, k, v))
+    return _varying_like(buffer_callback(run, shapes)(q, k, v), _varying_axes(q, k, v))
 
 
 def _backward(dout, q, k, v, out, lse, options: _Options):
@@ -231,11 +231,11 @@ def _backward(dout, q, k, v, out, lse, options: _Options):
                 api.ring_attention_backward(dout, q, k, v, out, lse, options.ring,
                                             layout=options.layout, **mask)  # fmt: skip
 
-    grads = _varying_like(buffer_callback(run, shapes)(dout, q, k, v, out, lse), (dout, q, k, v))
+    every = _varying_axes(dout, q, k, v)
+    grads = _varying_like(buffer_callback(run, shapes)(dout, q, k, v, out, lse), every)
     # inside shard_map an input that varies over fewer mesh axes than the others (k, v
     # replicated next to sharded queries) was broadcast to the shards: its gradient is the sum of
     # every shard's part (what JAX's own transpose of that broadcast does)
-    every = _varying_axes(dout, q, k, v)
     summed = []
     for grad, x in zip(grads, (q, k, v), strict=True):
         extra = tuple(sorted(every - _varying_axes(x)))
@@ -253,13 +253,14 @@ def _varying_axes(*arrays) -> frozenset:
     return frozenset(axes)
 
 
-def _varying_like(results, inputs) -> tuple:
-    """``results`` typed as varying over every mesh axis any of ``inputs`` varies over.
+def _varying_like(results, axes: frozenset) -> tuple:
+    """``results`` typed as varying over the mesh ``axes`` (those the callback's inputs vary
+    over, :func:`_varying_axes`).
 
     Inside ``shard_map`` JAX types each value by the manual mesh axes it varies over, and a
     callback's results carry none: a custom VJP whose cotangents lack the primal inputs' axes is
     rejected. The callback computed per-shard values, so they vary wherever the inputs do."""
-    axes = tuple(sorted(_varying_axes(*inputs)))
+    axes = tuple(sorted(axes))
     if not axes:
         return tuple(results)
     pcast = getattr(jax.lax, "pcast", None)
