@@ -246,6 +246,7 @@ def sm90_bwd_smem_bytes(head_dim: int) -> int:
     stage = 2 * cfg.block_m * box_row_bytes + 3 * cfg.block_m * 4  # Q, dO; lse, delta, positions
     # (the kernel places each stage's row info after the tiles: the total is the same)
     ds = 2 * 64 * cfg.block_m * 2  # dS^T of each consumer
+    ds *= 2 if head_dim == 128 else 1  # d=128: double-buffered (Sm90BwdTraits::kSplitDq)
     return kv + stages * stage + ds + barriers + 1024
 
 

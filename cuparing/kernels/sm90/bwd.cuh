@@ -62,13 +62,19 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
   static constexpr int kKVBytes = Boxes::kBoxes * kBlockN * Boxes::kBoxRowBytes;  // K or V
   static constexpr int kQBytes = Boxes::kBoxes * kBlockM * Boxes::kBoxRowBytes;   // Q or dO
   static constexpr int kDsBytes = kConsumerKeys * kBlockM * 2;  // one consumer's dS^T, [key][query]
+  // d = 128: consumer c computes dQ's box c over all 128 keys (one float32 partial per CTA, half
+  // the atomic traffic of one per consumer), reading both consumers' dS^T, double-buffered so a
+  // consumer writing the next tile's never meets the other still reading this one's. d = 64 (one
+  // box): each consumer its own dS^T and its own keys' partial.
+  static constexpr bool kSplitDq = Boxes::kBoxes == 2;
+  static constexpr int kDsRegionBytes = kSplitDq ? 2 * 2 * kDsBytes : 2 * kDsBytes;
   static constexpr int kRowInfoBytes = 3 * kBlockM * 4;  // lse (log2), delta, q positions
   // K, V; per stage Q and dO; dS^T per consumer (every tile a whole number of 1024-byte swizzle
   // atoms, so all stay aligned); per stage the row info; the mbarriers (full, empty per stage,
   // K/V)
   static constexpr int kStageBytes = 2 * kQBytes;
   static constexpr int kBarrierBytes = 64;
-  static constexpr int kSmemBytes = 2 * kKVBytes + kStages * kStageBytes + 2 * kDsBytes +
+  static constexpr int kSmemBytes = 2 * kKVBytes + kStages * kStageBytes + kDsRegionBytes +
                                     kStages * kRowInfoBytes + kBarrierBytes + 1024;
   static_assert(kQBytes % 1024 == 0 && kKVBytes % 1024 == 0 && kDsBytes % 1024 == 0,
                 "tiles must keep the 1024-byte alignment of the swizzle atoms");
@@ -120,7 +126,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   const u32 s_v = s_k + Tr::kKVBytes;
   const u32 s_stages = s_v + Tr::kKVBytes;
   const u32 s_ds0 = s_stages + Tr::kStages * Tr::kStageBytes;
-  const u32 s_info = s_ds0 + 2 * Tr::kDsBytes;
+  const u32 s_info = s_ds0 + Tr::kDsRegionBytes;
   const u32 s_bar = s_info + Tr::kStages * Tr::kRowInfoBytes;
   auto s_q = [&](int s) { return s_stages + s * Tr::kStageBytes; };
   auto s_do = [&](int s) { return s_q(s) + Tr::kQBytes; };
@@ -227,8 +233,10 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   // accumulators need)
   const u32 k_rows = s_k + Tr::kConsumerKeys * c * Tr::kBoxRowBytes;
   const u32 v_rows = k_rows + Tr::kKVBytes;
-  // this consumer's dS^T, [key][query]: one 128-byte swizzled row per key
-  const u32 s_ds = s_ds0 + c * Tr::kDsBytes;
+  // where this consumer's dS^T goes, [key][query]: one 128-byte swizzled row per key
+  const auto ds_tile = [&](int it) {
+    return Tr::kSplitDq ? s_ds0 + (it & 1) * 2 * Tr::kDsBytes : s_ds0;  // both consumers' rows
+  };
   const float scale_log2 = p.scale_log2;
   const float scale = p.scale;
   const int d = p.headdim;
@@ -339,7 +347,8 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = 16 * wq + g + 8 * r;
-      const u32 row_addr = s_ds + row * Tr::kBoxRowBytes + 4 * t;
+      const u32 row_addr =
+          ds_tile(it) + (Tr::kConsumerKeys * c + row) * Tr::kBoxRowBytes + 4 * t;
 #pragma unroll
       for (int j = 0; j < Tr::kQTiles; ++j) {
         st_shared_u32(row_addr + ((j ^ (row & 7)) << 4), dsa[j >> 1][2 * (j & 1) + r]);
@@ -367,17 +376,26 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     fence_accumulator(acc_dv);
     fence_accumulator(acc_dk);
     fence_proxy_async();  // the dS^T stores, before wgmma reads them
-    named_barrier_sync(1 + c, 128);  // all four warps' dS^T rows are written
+    if constexpr (Tr::kSplitDq) {
+      named_barrier_sync(1, Tr::kConsumerThreads);  // both consumers' dS^T rows are written
+    } else {
+      named_barrier_sync(1 + c, 128);  // all four warps' dS^T rows are written
+    }
     if (lane == 0) mbarrier_arrive(empty(s));  // Q, dO, row info of the stage are read
-    // dQ one 64-column box at a time (32 accumulator registers, not d / 2, next to dK and dV)
-    const u64 k_mn_desc = smem_desc_sw128(k_rows, Tr::kBlockN * Tr::kBoxRowBytes, kSbo);
-    const u64 ds_desc = smem_desc_sw128(s_ds, Tr::kDsBytes, kSbo);
+    // dQ one 64-column box at a time (32 accumulator registers, not d / 2, next to dK and dV):
+    // split, box c over the CTA's 128 keys; else every box over the consumer's 64 keys
+    constexpr int kDqKeys = Tr::kSplitDq ? Tr::kBlockN : Tr::kConsumerKeys;
+    const u32 ds_rows =
+        ds_tile(it) + (Tr::kSplitDq ? 0 : Tr::kConsumerKeys * c * Tr::kBoxRowBytes);
+    const u64 ds_desc = smem_desc_sw128(ds_rows, Tr::kDsBytes, kSbo);
+    const u64 k_mn_desc = smem_desc_sw128(Tr::kSplitDq ? s_k : k_rows,
+                                          Tr::kBlockN * Tr::kBoxRowBytes, kSbo);
 #pragma unroll
-    for (int box = 0; box < Tr::kBoxes; ++box) {
+    for (int box = Tr::kSplitDq ? c : 0; box < (Tr::kSplitDq ? c + 1 : Tr::kBoxes); ++box) {
       float acc_dq[8][4];
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < Tr::kConsumerKeys / 16; ++kk) {  // over the consumer's keys
+      for (int kk = 0; kk < kDqKeys / 16; ++kk) {
         const u64 step = (kk * 16 * Tr::kBoxRowBytes) >> 4;
         const u64 box_step = (box * Tr::kBlockN * Tr::kBoxRowBytes) >> 4;
         Wgmma<64, kBf16>::ss_trans_ab(acc_dq, ds_desc + step, k_mn_desc + box_step + step,
@@ -386,7 +404,9 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       wgmma_commit();
       wgmma_wait<0>();
       fence_accumulator(acc_dq);
-      if (kind == kTileEmpty) continue;  // dQ rows: queries 16 wq + g (+8) of the tile
+      // dQ rows: queries 16 wq + g (+8) of the tile (nothing to add from an EMPTY tile, unless
+      // the other consumer's keys went into the same partial)
+      if (!Tr::kSplitDq && kind == kTileEmpty) continue;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = m0 + 16 * wq + g + 8 * r;
