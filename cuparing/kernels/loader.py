@@ -247,7 +247,8 @@ def sm90_bwd_smem_bytes(head_dim: int) -> int:
     # (the kernel places each stage's row info after the tiles: the total is the same)
     ds = 2 * 64 * cfg.block_m * 2  # dS^T of each consumer
     ds *= 2 if head_dim == 128 else 1  # d=128: double-buffered (Sm90BwdTraits::kSplitDq)
-    return kv + stages * stage + ds + barriers + 1024
+    dq_staging = 8 * 16 * (64 + 8) * 4  # 16 float32 rows of 64 (+8 padding) per consumer warp
+    return kv + stages * stage + ds + dq_staging + barriers + 1024
 
 
 def kernel_switches() -> tuple:

@@ -1,5 +1,5 @@
-// Backward attention on Hopper (sm_90a), bring-up version: one (key tile of 128, query head,
-// batch) per CTA of three warpgroups, wgmma for all five products.
+// Backward attention on Hopper (sm_90a): one (key tile of 128, query head, batch) per CTA of
+// three warpgroups, wgmma for all five products.
 //
 // Producer (warpgroup 0, cp.async): K and V of the CTA's 128 keys once; then per query tile of
 // 64 (the tiles some key of the CTA sees) Q, dO, and the tile's lse (log2 units, +inf where the
@@ -13,10 +13,15 @@
 //   dP^T = V_c dO^T           wgmma SS, both K-major
 //   P^T  = 2^(S^T scale log2e - lse log2e),  dS^T = P^T (dP^T - delta)   (registers)
 //   dV  += P^T dO             wgmma RS: P^T packed from the S^T accumulators, dO MN-major
-//   dK  += dS^T Q             wgmma RS, Q MN-major
-//   dQ   = dS K_c             dS^T stored to shared memory [key][query]; wgmma SS with both
-//                             operands MN-major; the consumer's partial dQ (its 64 keys) added
-//                             into the float32 dq accumulator with red.global.add (times scale)
+//   dQ   = dS K               dS^T stored to shared memory [key][query]; wgmma SS with both
+//                             operands MN-major. d = 128: consumer c computes dQ's columns
+//                             [64c, 64c + 64) over all 128 keys (both consumers' dS^T, double-
+//                             buffered); d <= 64: each consumer over its own keys
+//   dK  += dS^T Q             wgmma RS, Q MN-major, issued last: it runs while dQ leaves
+// dQ (times scale) leaves through shared memory: each warp stages its 16 rows in float32 and its
+// lanes add them, a row each, into the float32 dq accumulator by bulk reductions of the copy
+// engine (cp.reduce.async.bulk), which cost the warps one instruction per row where per-element
+// atomics cost one per pair and were what limited the kernel (PERF.md "Hopper backward").
 // At the end dK (times scale) and dV are added into the float32 dk / dv accumulators, which GQA's
 // query heads of one group share.
 // Masks: each consumer classifies the tile against its 64 keys; PARTIAL and EMPTY tiles are
@@ -30,6 +35,7 @@
 #include "../common/ptx.cuh"
 #include "copy.cuh"
 #include "sync.cuh"
+#include "tma.cuh"
 #include "traits.cuh"
 #include "wgmma.cuh"
 
@@ -63,19 +69,26 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
   static constexpr int kQBytes = Boxes::kBoxes * kBlockM * Boxes::kBoxRowBytes;   // Q or dO
   static constexpr int kDsBytes = kConsumerKeys * kBlockM * 2;  // one consumer's dS^T, [key][query]
   // d = 128: consumer c computes dQ's box c over all 128 keys (one float32 partial per CTA, half
-  // the atomic traffic of one per consumer), reading both consumers' dS^T, double-buffered so a
+  // the reduction traffic of one per consumer), reading both consumers' dS^T, double-buffered so a
   // consumer writing the next tile's never meets the other still reading this one's. d = 64 (one
   // box): each consumer its own dS^T and its own keys' partial.
   static constexpr bool kSplitDq = Boxes::kBoxes == 2;
   static constexpr int kDsRegionBytes = kSplitDq ? 2 * 2 * kDsBytes : 2 * kDsBytes;
   static constexpr int kRowInfoBytes = 3 * kBlockM * 4;  // lse (log2), delta, q positions
-  // K, V; per stage Q and dO; dS^T per consumer (every tile a whole number of 1024-byte swizzle
-  // atoms, so all stay aligned); per stage the row info; the mbarriers (full, empty per stage,
-  // K/V)
+  // dQ leaves through shared memory: each consumer warp stages its 16 query rows of one 64-column
+  // box in float32 and its lanes add them into the accumulator by bulk reductions, one row each.
+  // Rows 64 + 8 floats apart: 16-byte aligned for the copy engine, and the warp's 8-byte stores
+  // (row g, columns 8j + 2t) fall on distinct banks in each half-warp.
+  static constexpr int kDqRowBytes = (64 + 8) * 4;
+  static constexpr int kDqWarpBytes = 16 * kDqRowBytes;
+  static constexpr int kDqStageBytes = (kConsumerThreads / 32) * kDqWarpBytes;
+  // K, V; per stage Q and dO; dS^T (every tile a whole number of 1024-byte swizzle atoms, so all
+  // stay aligned); the dQ staging rows; per stage the row info; the mbarriers (full, empty per
+  // stage, K/V)
   static constexpr int kStageBytes = 2 * kQBytes;
   static constexpr int kBarrierBytes = 64;
   static constexpr int kSmemBytes = 2 * kKVBytes + kStages * kStageBytes + kDsRegionBytes +
-                                    kStages * kRowInfoBytes + kBarrierBytes + 1024;
+                                    kDqStageBytes + kStages * kRowInfoBytes + kBarrierBytes + 1024;
   static_assert(kQBytes % 1024 == 0 && kKVBytes % 1024 == 0 && kDsBytes % 1024 == 0,
                 "tiles must keep the 1024-byte alignment of the swizzle atoms");
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128");
@@ -121,12 +134,13 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     seeing_query_tiles<Tr::kBlockM>(p.q_pos, sq, k_min, k_max, lo, hi, lane, m_first, m_count);
   }
 
-  // ---- shared memory: K, V, the stages, dS^T per consumer, then the mbarriers
+  // ---- shared memory: K, V, the stages, dS^T, the dQ staging rows, the row info, the mbarriers
   const u32 s_k = (smem_addr(smem_raw) + 1023u) & ~1023u;  // swizzle atoms are 1024 bytes
   const u32 s_v = s_k + Tr::kKVBytes;
   const u32 s_stages = s_v + Tr::kKVBytes;
   const u32 s_ds0 = s_stages + Tr::kStages * Tr::kStageBytes;
-  const u32 s_info = s_ds0 + Tr::kDsRegionBytes;
+  const u32 s_dq0 = s_ds0 + Tr::kDsRegionBytes;
+  const u32 s_info = s_dq0 + Tr::kDqStageBytes;
   const u32 s_bar = s_info + Tr::kStages * Tr::kRowInfoBytes;
   auto s_q = [&](int s) { return s_stages + s * Tr::kStageBytes; };
   auto s_do = [&](int s) { return s_q(s) + Tr::kQBytes; };
@@ -354,17 +368,46 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
         st_shared_u32(row_addr + ((j ^ (row & 7)) << 4), dsa[j >> 1][2 * (j & 1) + r]);
       }
     }
-    // dV += P^T dO, dK += dS^T Q (dO, Q MN-major: d across boxes kBlockM rows apart; k16 step
-    // kk 16 query rows further)
-    {
-      const u64 do_mn = smem_desc_sw128(s_do(s), Tr::kBlockM * Tr::kBoxRowBytes, kSbo);
-      const u64 q_mn = smem_desc_sw128(s_q(s), Tr::kBlockM * Tr::kBoxRowBytes, kSbo);
-      wgmma_fence();
+    // dV += P^T dO now; dQ (needs every dS^T row of the tile) after the barrier; dK += dS^T Q
+    // last, so dQ is staged and reduced while dK runs (dO, Q MN-major: d across boxes kBlockM
+    // rows apart; k16 step kk 16 query rows further)
+    const u64 do_mn = smem_desc_sw128(s_do(s), Tr::kBlockM * Tr::kBoxRowBytes, kSbo);
+    wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < Tr::kQSteps; ++kk) {
+    for (int kk = 0; kk < Tr::kQSteps; ++kk) {
+      const u64 step = (kk * 16 * Tr::kBoxRowBytes) >> 4;
+      Wgmma<Tr::kHeadDim, kBf16>::rs_trans_b(acc_dv, pa[kk], do_mn + step, 1);
+    }
+    wgmma_commit();
+    fence_proxy_async();  // the dS^T stores, before wgmma reads them
+    if constexpr (Tr::kSplitDq) {
+      named_barrier_sync(1, Tr::kConsumerThreads);  // both consumers' dS^T rows are written
+    } else {
+      named_barrier_sync(1 + c, 128);  // all four warps' dS^T rows are written
+    }
+    // dQ's one 64-column box per consumer: split, box c over the CTA's 128 keys; else (d <= 64,
+    // one box) over the consumer's 64 keys
+    static_assert(Tr::kSplitDq || Tr::kBoxes == 1, "one dQ box per consumer");
+    constexpr int kDqKeys = Tr::kSplitDq ? Tr::kBlockN : Tr::kConsumerKeys;
+    const int box = Tr::kSplitDq ? c : 0;
+    float acc_dq[8][4];
+    {
+      const u32 ds_rows =
+          ds_tile(it) + (Tr::kSplitDq ? 0 : Tr::kConsumerKeys * c * Tr::kBoxRowBytes);
+      const u64 ds_desc = smem_desc_sw128(ds_rows, Tr::kDsBytes, kSbo);
+      const u64 k_mn_desc = smem_desc_sw128(Tr::kSplitDq ? s_k : k_rows,
+                                            Tr::kBlockN * Tr::kBoxRowBytes, kSbo);
+      const u64 box_step = (box * Tr::kBlockN * Tr::kBoxRowBytes) >> 4;
+#pragma unroll
+      for (int kk = 0; kk < kDqKeys / 16; ++kk) {
         const u64 step = (kk * 16 * Tr::kBoxRowBytes) >> 4;
-        Wgmma<Tr::kHeadDim, kBf16>::rs_trans_b(acc_dv, pa[kk], do_mn + step, 1);
+        Wgmma<64, kBf16>::ss_trans_ab(acc_dq, ds_desc + step, k_mn_desc + box_step + step,
+                                      kk > 0);
       }
+      wgmma_commit();
+    }
+    {
+      const u64 q_mn = smem_desc_sw128(s_q(s), Tr::kBlockM * Tr::kBoxRowBytes, kSbo);
 #pragma unroll
       for (int kk = 0; kk < Tr::kQSteps; ++kk) {
         const u64 step = (kk * 16 * Tr::kBoxRowBytes) >> 4;
@@ -372,59 +415,43 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       }
       wgmma_commit();
     }
-    wgmma_wait<0>();  // dV, dK done: P^T's and dS^T's registers are free for dQ
+    wgmma_wait<1>();  // dV and dQ done; dK may still run (dS^T's registers stay untouched)
     fence_accumulator(acc_dv);
-    fence_accumulator(acc_dk);
-    fence_proxy_async();  // the dS^T stores, before wgmma reads them
-    if constexpr (Tr::kSplitDq) {
-      named_barrier_sync(1, Tr::kConsumerThreads);  // both consumers' dS^T rows are written
-    } else {
-      named_barrier_sync(1 + c, 128);  // all four warps' dS^T rows are written
-    }
-    if (lane == 0) mbarrier_arrive(empty(s));  // Q, dO, row info of the stage are read
-    // dQ one 64-column box at a time (32 accumulator registers, not d / 2, next to dK and dV):
-    // split, box c over the CTA's 128 keys; else every box over the consumer's 64 keys
-    constexpr int kDqKeys = Tr::kSplitDq ? Tr::kBlockN : Tr::kConsumerKeys;
-    const u32 ds_rows =
-        ds_tile(it) + (Tr::kSplitDq ? 0 : Tr::kConsumerKeys * c * Tr::kBoxRowBytes);
-    const u64 ds_desc = smem_desc_sw128(ds_rows, Tr::kDsBytes, kSbo);
-    const u64 k_mn_desc = smem_desc_sw128(Tr::kSplitDq ? s_k : k_rows,
-                                          Tr::kBlockN * Tr::kBoxRowBytes, kSbo);
-#pragma unroll
-    for (int box = Tr::kSplitDq ? c : 0; box < (Tr::kSplitDq ? c + 1 : Tr::kBoxes); ++box) {
-      float acc_dq[8][4];
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kDqKeys / 16; ++kk) {
-        const u64 step = (kk * 16 * Tr::kBoxRowBytes) >> 4;
-        const u64 box_step = (box * Tr::kBlockN * Tr::kBoxRowBytes) >> 4;
-        Wgmma<64, kBf16>::ss_trans_ab(acc_dq, ds_desc + step, k_mn_desc + box_step + step,
-                                      kk > 0);
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_accumulator(acc_dq);
-      // dQ rows: queries 16 wq + g (+8) of the tile (nothing to add from an EMPTY tile, unless
-      // the other consumer's keys went into the same partial)
-      if (!Tr::kSplitDq && kind == kTileEmpty) continue;
+    fence_accumulator(acc_dq);
+    // dQ rows: queries 16 wq + g (+8) of the tile (nothing to add from an EMPTY tile, unless
+    // the other consumer's keys went into the same partial). Stage the warp's 16 rows (times
+    // scale); lane i < 16 then adds row i with one bulk reduction. The staging rows are rewritten
+    // once per tile, after the lanes' reductions of the previous tile have read them.
+    if (Tr::kSplitDq || kind != kTileEmpty) {
+      const u32 dq_stage = s_dq0 + (4 * c + wq) * Tr::kDqWarpBytes;
+      if (lane < 16) bulk_wait_read<0>();
+      __syncwarp();
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int row = m0 + 16 * wq + g + 8 * r;
-        if (row >= sq) continue;
-        // dq [B, Sq, H, D] contiguous (built here from the parameters: no register held)
-        float* dq_row =
-            p.dq + ((static_cast<i64>(b) * sq + row) * p.nheads + h) * d + 64 * box;
+        const u32 row_addr = dq_stage + (g + 8 * r) * Tr::kDqRowBytes + 8 * t;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          const int col = 64 * box + 8 * j + 2 * t;
-          if (col < d) {
-            red_add_f32x2(dq_row + 8 * j + 2 * t, acc_dq[j][2 * r] * scale,
-                          acc_dq[j][2 * r + 1] * scale);
-          }
+          st_shared_v2_f32(row_addr + 32 * j, acc_dq[j][2 * r] * scale,
+                           acc_dq[j][2 * r + 1] * scale);
         }
       }
+      fence_proxy_async();  // the staged rows, before the copy engine (async proxy) reads them
+      __syncwarp();
+      const int row = m0 + 16 * wq + lane;
+      if (lane < 16 && row < sq) {
+        // dq [B, Sq, H, D] contiguous (built here from the parameters: no register held); the
+        // box's columns below d (a multiple of 8: whole 16-byte chunks)
+        float* dq_row = p.dq + ((static_cast<i64>(b) * sq + row) * p.nheads + h) * d + 64 * box;
+        bulk_reduce_add_f32(dq_row, dq_stage + lane * Tr::kDqRowBytes, 4 * min(64, d - 64 * box));
+        bulk_commit();
+      }
     }
+    wgmma_wait<0>();  // dK done
+    fence_accumulator(acc_dk);
+    if (lane == 0) mbarrier_arrive(empty(s));  // Q, dO, row info of the stage are read
   }
+  // every dQ reduction complete (its reads of shared memory and its adds) before the CTA ends
+  if (lane < 16) bulk_wait<0>();
 
   // dV and dK (times scale) of the consumer's keys into the float32 accumulators
   const i64 kv_row_stride = static_cast<i64>(p.nheads_kv) * d;  // dk, dv [B, Sk, Hkv, D]

@@ -1,5 +1,6 @@
-// The tensor-memory accelerator (TMA) on sm_90: tensor maps passed as kernel parameters and
-// bulk tensor loads into shared memory that complete on an mbarrier.
+// The tensor-memory accelerator (TMA) on sm_90: tensor maps passed as kernel parameters, bulk
+// tensor loads into shared memory that complete on an mbarrier, and bulk reductions from shared
+// into global memory.
 //
 // No <cuda.h> under NVRTC: CUtensorMap is declared here as what it is to the kernel, 128 opaque,
 // 64-byte aligned bytes. The host encodes them (cuparing/kernels/tensor_maps.py); the kernel takes
@@ -37,6 +38,31 @@ __device__ __forceinline__ void tma_load_4d(u32 dst, const TensorMap* map, u32 b
       "[%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::"r"(dst),
       "l"(reinterpret_cast<u64>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
       : "memory");
+}
+
+// Add `bytes` (a multiple of 16) of float32 from shared memory at `src` into global memory at
+// `dst` (both 16-byte aligned) as one bulk reduction: the copy engine reads the row and the L2
+// adds it, instead of one atomic instruction per element pair from the warps. Asynchronous: it
+// joins this thread's current bulk group (bulk_commit), and `src` may be rewritten only after
+// bulk_wait_read says the group has read it.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, u32 src, u32 bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+               ::"l"(dst), "r"(src), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::); }
+
+// Until at most kPending of this thread's bulk groups still read their shared memory.
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Until at most kPending of this thread's bulk groups are incomplete (writes done).
+template <int kPending>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
 }  // namespace cuparing
