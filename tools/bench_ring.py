@@ -19,7 +19,10 @@ Definitions (S = global sequence length, C = ranks, B = batch):
   of one host, :class:`cuparing.comm.ipc.IpcRing`); default ``CUPARING_TRANSPORT``, else nccl.
 - torch CP: ``torch.distributed.tensor.experimental.context_parallel`` with SDPA pinned to its
   cuDNN backend (PyTorch's fastest on Hopper) on the same global shapes and card, in the same
-  process (forward only); skipped with the reason if absent or if cuDNN refuses the shape.
+  process; skipped with the reason if absent or if cuDNN refuses the shape.
+- training step (``--backward``): forward + backward. Ours: the medians of the forward and the
+  backward call added; PyTorch's: the median of one ``scaled_dot_product_attention`` and its
+  ``backward`` inside ``context_parallel``, timed together. FLOPs 3.5x the forward's.
 
 Rank 0 prints the table; ``--json PATH`` writes the rows and the run's metadata.
 """
@@ -134,8 +137,13 @@ def bench_ours(ring, cfg, repeats, warmup, backward):
     return result
 
 
-def bench_torch_cp(ring, local_rank, cfg, repeats, warmup):
-    """PyTorch's context-parallel ring on the same global shapes: forward ms, or the reason."""
+def bench_torch_cp(ring, local_rank, cfg, repeats, warmup, backward=False):
+    """PyTorch's context-parallel ring on the same global shapes.
+
+    Returns:
+        ((forward ms, forward + backward ms or NaN), None), or (None, the reason it could not
+        run).
+    """
     try:
         import torch
         import torch.distributed as dist
@@ -144,6 +152,20 @@ def bench_torch_cp(ring, local_rank, cfg, repeats, warmup):
         from torch.distributed.tensor.experimental import context_parallel
     except Exception as exc:  # noqa: BLE001 - any import failure: report and go on
         return None, f"torch context_parallel unavailable: {type(exc).__name__}: {exc}"
+
+    def median_ms(fn):
+        samples = []
+        for _ in range(repeats):
+            dist.barrier()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        return statistics.median(samples)
+
     heads, heads_kv, headdim, tokens, _, causal = cfg
     try:
         if not dist.is_initialized():
@@ -178,21 +200,29 @@ def bench_torch_cp(ring, local_rank, cfg, repeats, warmup):
             sdpa_kernel([SDPBackend.CUDNN_ATTENTION]),
             context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2]),
         ):
+            def forward():
+                with torch.no_grad():
+                    F.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
+
+            # inside the context q, k, v hold this rank's shards: leaves that need gradients are
+            # made from them, as a model's projections would be
+            leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+            dout = torch.randn_like(q)
+
+            def step():
+                out = F.scaled_dot_product_attention(*leaves, is_causal=causal, **gqa)
+                out.backward(dout)
+
             for _ in range(warmup):
-                F.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
-            samples = []
-            for _ in range(repeats):
-                dist.barrier()
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                F.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end))
-        del q, k, v
+                forward()
+                if backward:
+                    step()
+            fwd_ms = median_ms(forward)
+            step_ms = median_ms(step) if backward else float("nan")
+        q = k = v = dout = None  # free the memory before the next row's rings
+        leaves.clear()
         torch.cuda.empty_cache()
-        return statistics.median(samples), None
+        return (fwd_ms, step_ms), None
     except Exception as exc:  # noqa: BLE001 - report why the peer could not run
         return None, f"torch context_parallel failed: {type(exc).__name__}: {str(exc)[:200]}"
 
@@ -245,17 +275,18 @@ def main(argv=None) -> int:
         for _ in range(max(args.rounds, 1)):
             rounds.append(bench_ours(ring, cfg, repeats, warmup, args.backward))
             if not args.no_torch:
-                ms, why = bench_torch_cp(ring, local_rank, cfg, repeats, warmup)
+                ms, why = bench_torch_cp(ring, local_rank, cfg, repeats, warmup, args.backward)
                 if ms is not None:
                     peer_ms.append(ms)
         ours = {key: float(np.nanmedian([r[key] for r in rounds])) if any(
             r[key] == r[key] for r in rounds) else float("nan") for key in rounds[0]}
-        torch_ms = statistics.median(peer_ms) if peer_ms else None
+        torch_ms = [float(np.median([m[i] for m in peer_ms])) if peer_ms else float("nan")
+                    for i in range(2)]  # fmt: skip
         keys = ["fwd_ms", "fwd_nocomm_ms", "bwd_ms", "bwd_nocomm_ms", "hidden"]
-        values = [ours[k] for k in keys] + [torch_ms if torch_ms is not None else float("nan")]
+        values = [ours[k] for k in keys] + torch_ms
         per_rank = gather(ring, values)
         slowest = [max(r[i] for r in per_rank) for i in range(len(values))]
-        fwd_ms, fwd_nc, bwd_ms, bwd_nc, _, torch_slow = slowest
+        fwd_ms, fwd_nc, bwd_ms, bwd_nc, _, torch_slow, torch_step = slowest
         hidden = statistics.fmean(r[4] for r in per_rank)
         seqlen = tokens * ring.size
         fwd_flops = flops(1, heads, seqlen, headdim, ring.size, causal)
@@ -268,6 +299,10 @@ def main(argv=None) -> int:
             "bwd_efficiency": bwd_nc / bwd_ms, "hidden_transfer": hidden,
             "torch_cp_fwd_ms": torch_slow,
             "torch_cp_fwd_tflops_per_gpu": fwd_flops / torch_slow / 1e9,
+            "step_ms": fwd_ms + bwd_ms,
+            "step_tflops_per_gpu": 3.5 * fwd_flops / (fwd_ms + bwd_ms) / 1e9,
+            "torch_cp_step_ms": torch_step,
+            "torch_cp_step_tflops_per_gpu": 3.5 * fwd_flops / torch_step / 1e9,
             "torch_cp_note": why,
         })  # fmt: skip
     ring.close()
@@ -294,6 +329,7 @@ def print_table(meta, rows) -> None:
     print(header)
     print("-" * len(header))
     notes = set()
+    steps = [r for r in rows if r["step_ms"] == r["step_ms"]]
     for r in rows:
         ratio = r["torch_cp_fwd_ms"] / r["fwd_ms"]
         print(f"{r['mask']:<7}{r['layout']:<11}{r['H']:>3}/{r['Hkv']:<2}{r['D']:>5}"
@@ -304,6 +340,17 @@ def print_table(meta, rows) -> None:
               f"{ratio:>8.2f}")  # fmt: skip
         if r["torch_cp_note"]:
             notes.add(r["torch_cp_note"])
+    if steps:  # the training step: forward + backward, ours and PyTorch's
+        print("\ntraining step (fwd + bwd), TFLOP/s per GPU with FLOPs 3.5x the forward's")
+        head = (f"{'mask':<7}{'layout':<11}{'H/Hkv':>6}{'tok/GPU':>8}  {'ours ms':>8}{'TF/s':>7}"
+                f"  {'torchCP ms':>10}{'TF/s':>7}{'ours/CP':>8}")  # fmt: skip
+        print(head)
+        print("-" * len(head))
+        for r in steps:
+            print(f"{r['mask']:<7}{r['layout']:<11}{r['H']:>3}/{r['Hkv']:<2}"
+                  f"{r['tokens_per_gpu']:>8}  {r['step_ms']:>8.2f}{r['step_tflops_per_gpu']:>7.0f}"
+                  f"  {r['torch_cp_step_ms']:>10.2f}{r['torch_cp_step_tflops_per_gpu']:>7.0f}"
+                  f"{r['torch_cp_step_ms'] / r['step_ms']:>8.2f}")  # fmt: skip
     for note in sorted(notes):
         print(f"note: {note}")
 
