@@ -46,6 +46,7 @@ from gpu_arrays import (
     poison_pool,
     random_array,
     ring_on_gpu,
+    skip_unless_backward_family_runs,
     skip_unless_family_runs,
     to_gpu,
     to_host,
@@ -305,6 +306,14 @@ def test_forward_infinite_key_element(dtype, value, mask, kernel_family, fresh_r
     _check_forward(to_host(out), to_host(lse), case)
 
 
+def _backward_head_dim(rng, backward_family) -> int:
+    """A head dim the family's backward runs (sm90: its own head dims only)."""
+    dims = HEAD_DIMS if backward_family == "sm90" else BACKWARD_HEAD_DIMS
+    headdim = int(rng.choice(dims))
+    skip_unless_backward_family_runs(backward_family, headdim)
+    return headdim
+
+
 def _backward_on_gpu(case):
     """(dq, dk, dv) on the host: the GPU forward's own out and LSE, then the backward kernel on a
     ring of one, outputs poisoned first."""
@@ -318,13 +327,14 @@ def _backward_on_gpu(case):
 @requires_gpu(1)
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backward_nonfinite_as_dense(dtype, mask, fresh_rng):
-    """The backward kernel (on the forward's own out and LSE): NaN planted in q, k, v or dout and
-    +-inf in v or dout make dq, dk, dv non-finite exactly where dense attention's gradients are;
-    a Q, dO, K or V row reaches no gradient row through a pair the mask hides, also inside a
-    partially masked tile."""
+def test_backward_nonfinite_as_dense(dtype, mask, backward_family, fresh_rng):
+    """The backward kernel of each family (on the forward's own out and LSE): NaN planted in q,
+    k, v or dout and +-inf in v or dout make dq, dk, dv non-finite exactly where dense
+    attention's gradients are; a Q, dO, K or V row reaches no gradient row through a pair the
+    mask hides, also inside a partially masked tile (the sm90 kernel hands such tiles to the
+    sm80 kernel's redo pass)."""
     rng = fresh_rng
-    case = _draw_case(rng, mask, dtype, int(rng.choice(BACKWARD_HEAD_DIMS)))
+    case = _draw_case(rng, mask, dtype, _backward_head_dim(rng, backward_family))
     _plant(rng, case, "qkvd", gap="qkvd")
     _check_backward(_backward_on_gpu(case), case)
 
@@ -332,7 +342,7 @@ def test_backward_nonfinite_as_dense(dtype, mask, fresh_rng):
 @requires_gpu(1)
 @pytest.mark.parametrize("mask", [m for m in MASKS if m != "none"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backward_infinite_qk_element(dtype, mask, fresh_rng):
+def test_backward_infinite_qk_element(dtype, mask, backward_family, fresh_rng):
     """+inf or -inf in a q or k row that some rows of an aligned 16-row block see and another
     does not (plus up to 3 more NaN / inf anywhere): every gradient row the plants cannot reach
     through a visible pair is finite and within the usual bounds. The hidden pair inside that
@@ -340,7 +350,7 @@ def test_backward_infinite_qk_element(dtype, mask, fresh_rng):
     plants do reach are best effort (module docstring: a -inf logit), so their pattern is not
     compared."""
     rng = fresh_rng
-    case = _draw_case(rng, mask, dtype, int(rng.choice(BACKWARD_HEAD_DIMS)))
+    case = _draw_case(rng, mask, dtype, _backward_head_dim(rng, backward_family))
     _plant(rng, case, "qkvd", gap="qk", infinite_qk=True)
     _check_backward(_backward_on_gpu(case), case, pattern=False)
 

@@ -89,7 +89,9 @@ def test_forward_family_choice(monkeypatch):
 def test_backward_family_choice(monkeypatch):
     monkeypatch.delenv("CUPARING_KERNELS", raising=False)
     monkeypatch.delenv("CUPARING_BWD", raising=False)
-    assert loader.backward_family(128, "sm_90") == "sm80"  # opt-in while it is brought up
+    assert loader.backward_family(128, "sm_90") == "sm90"  # Hopper's own family by default
+    monkeypatch.setenv("CUPARING_BWD", "sm80")
+    assert loader.backward_family(128, "sm_90") == "sm80"
     monkeypatch.setenv("CUPARING_BWD", "sm90")
     assert loader.backward_family(128, "sm_90") == "sm90"
     assert loader.backward_family(64, "sm_90") == "sm90"

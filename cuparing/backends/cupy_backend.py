@@ -34,7 +34,7 @@ import struct
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -51,7 +51,17 @@ _LOG2E = 1.4426950408889634
 _PLANS = launch_plans.PlanCache()
 _FWD_POINTERS = ("out", "lse", "q", "k", "v", "q_pos", "k_pos")
 _FWD_QKV = slice(2, 5)
-_BWD_POINTERS = ("dout", "lse", "delta", "dq", "dk", "dv", "q", "k", "v", "q_pos", "k_pos")
+class _BackwardPlan(NamedTuple):
+    """A backward signature's launches, and how many CTAs may hand work to a redo pass (0: none,
+    no flags needed)."""
+
+    launch: Any
+    redo_slots: int
+
+
+_BWD_POINTERS = (
+    "dout", "lse", "delta", "dq", "dk", "dv", "q", "k", "v", "q_pos", "k_pos", "redo",
+)  # fmt: skip
 # separate-argument kernels, packed as PackedLaunch passes them: each argument at its offset
 _ELEMENTWISE_ARGS = struct.Struct("<QQq")  # (src, dst, n): the casts
 _DELTA_ARGS = struct.Struct("<QQQ6q4i")  # (dout, out, delta, strides, batch, seqlen, H, D)
@@ -427,28 +437,48 @@ class CupyBackend:
                 dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale
             )
             _PLANS.put(key, plan)
-        plan.launch(dout.data.ptr, lse.data.ptr, delta.data.ptr, dq.data.ptr, dk.data.ptr,
-                    dv.data.ptr, q.data.ptr, k.data.ptr, v.data.ptr, q_pos.data.ptr,
-                    k_pos.data.ptr)  # fmt: skip
+        redo = 0
+        if plan.redo_slots:  # the sm90 kernel's hand-over to the redo pass, zeroed per launch
+            flags = cp.empty(plan.redo_slots, dtype=cp.int32)
+            cp.cuda.runtime.memsetAsync(
+                flags.data.ptr, 0, flags.nbytes, cp.cuda.get_current_stream().ptr
+            )
+            redo = flags.data.ptr
+        plan.launch.launch(dout.data.ptr, lse.data.ptr, delta.data.ptr, dq.data.ptr, dk.data.ptr,
+                           dv.data.ptr, q.data.ptr, k.data.ptr, v.data.ptr, q_pos.data.ptr,
+                           k_pos.data.ptr, redo)  # fmt: skip
 
     def _backward_plan(self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask,
                        scale):  # fmt: skip
         """The backward launch(es) for this signature (operands already kernel-ready)."""
         batch, _, nheads, headdim = q.shape
         padded = loader.padded_head_dim(headdim)
-        kernels, cfg, smem = loader.get_bwd_kernels(padded, dtype_name(q.dtype))
+        name = dtype_name(q.dtype)
+        kernels, cfg, smem = loader.get_bwd_kernels(padded, name)
         params = loader.pack_bwd_params(
             dout=dout.data.ptr, lse=lse.data.ptr, delta=delta.data.ptr,
             dq=dq.data.ptr, dk=dk.data.ptr, dv=dv.data.ptr,
             **_stride_fields(q=q, k=k, v=v), **_strides("do", _element_strides(dout)),
             **self._block_fields(q, k, q_pos, k_pos, kind, mask, scale), scale=np.float32(scale),
+            redo=0,
         )  # fmt: skip
         grid = (nheads, batch, math.ceil(k.shape[1] / cfg.block_n))
+        offsets = loader.pointer_offsets("bwd", _BWD_POINTERS)
         # one launch (all of dq, dk, dv) or two (dv, then dk + dq)
-        return launch_plans.PackedLaunch(
-            tuple(kernel for kernel, _ in kernels), grid, (cfg.threads,), smem, params,
-            loader.pointer_offsets("bwd", _BWD_POINTERS),
-        )  # fmt: skip
+        launch = launch_plans.PackedLaunch(
+            tuple(kernel for kernel, _ in kernels), grid, (cfg.threads,), smem, params, offsets
+        )
+        sm90 = loader.backward_family(padded, loader.device_arch()) == "sm90"
+        if not sm90 or kind == BlockKind.FULL:  # (a FULL block has no mask edge)
+            return _BackwardPlan(launch, 0)
+        # the sm90 kernel leaves tiles with NaN / inf next to a mask edge to the sm80 kernel's
+        # exact path: its redo pass runs the CTAs so marked (the others exit at once)
+        redo_kernel, redo_cfg, redo_smem = loader.get_bwd_redo_kernel(padded, name)
+        redo_launch = launch_plans.PackedLaunch(
+            (redo_kernel,), grid, (redo_cfg.threads,), redo_smem, params, offsets
+        )
+        slots = grid[0] * grid[1] * grid[2]
+        return _BackwardPlan(launch_plans.LaunchSequence((launch, redo_launch)), slots)
 
     # ---- dtype conversion
     def cast(self, x, dtype, out=None):

@@ -106,6 +106,19 @@ class PackedLaunch:
         return known[1]
 
 
+class LaunchSequence:
+    """Packed launches of different kernels and geometries that take the same pointers, run in
+    order (the sm90 backward and the sm80 kernel's redo pass after it)."""
+
+    def __init__(self, launches: tuple[PackedLaunch, ...]):
+        self._launches = launches
+
+    def launch(self, *pointers: int) -> None:
+        """Launch each on CuPy's current stream with ``pointers`` patched in."""
+        for packed in self._launches:
+            packed.launch(*pointers)
+
+
 class CupyDriver:
     """``cuLaunchKernel`` through CuPy's driver binding, on CuPy's current stream."""
 

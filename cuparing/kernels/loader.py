@@ -156,6 +156,7 @@ BWD_CONFIGS: dict[int, BwdConfig] = {
 BWD_ALL = 0
 BWD_DV = 1
 BWD_DK_DQ = 2
+BWD_REDO = 3  # the sm90 backward's redo pass (params.cuh BwdParams::redo)
 
 
 def bwd_configs(arch: str = "sm_80") -> dict[int, BwdConfig]:
@@ -261,9 +262,9 @@ def kernel_switches() -> tuple:
 def backward_family(head_dim: int, arch: str) -> str:
     """The kernel family that runs the backward of padded ``head_dim`` on ``arch``.
 
-    The mma.sync family unless ``CUPARING_BWD=sm90`` (opt-in while the wgmma backward is brought
-    up: it lacks the NaN / inf guard of partly visible tiles) on Hopper, for its head dims.
-    ``CUPARING_KERNELS=sm80`` forces the mma.sync family here too.
+    Hopper (sm_9x) runs the wgmma family for its head dims (64, 128), the mma.sync family runs
+    the rest; ``CUPARING_BWD=sm80`` (or ``CUPARING_KERNELS=sm80``, which forces the mma.sync
+    family everywhere) picks mma.sync on Hopper too, for comparison and as a fallback.
 
     Raises:
         ValueError: ``CUPARING_BWD`` is neither unset/'auto' nor a family name.
@@ -272,7 +273,7 @@ def backward_family(head_dim: int, arch: str) -> str:
     if choice not in ("auto", *FAMILIES):
         raise ValueError(f"CUPARING_BWD must be 'auto', 'sm80' or 'sm90', got {choice!r}")
     forced_sm80 = os.environ.get("CUPARING_KERNELS", "").strip().lower() == "sm80"
-    if choice != "sm90" or forced_sm80 or not arch.startswith("sm_9"):
+    if choice == "sm80" or forced_sm80 or not arch.startswith("sm_9"):
         return "sm80"
     return "sm90" if head_dim in SM90_BWD_HEAD_DIMS else "sm80"
 
@@ -339,7 +340,7 @@ def fwd_name(head_dim: int, dtype: str, family: str = "sm80", tma: bool = False)
 
 def bwd_name(head_dim: int, dtype: str, mode: int) -> str:
     """Name expression of the backward kernel for a padded head dim, dtype and BwdMode."""
-    if head_dim not in BWD_CONFIGS or dtype not in DTYPES or mode not in (0, 1, 2):
+    if head_dim not in BWD_CONFIGS or dtype not in DTYPES or mode not in (0, 1, 2, 3):
         raise ValueError(f"no backward kernel for {head_dim=} {dtype=} {mode=}")
     return f"cuparing_bwd<{head_dim}, {'true' if dtype == 'bfloat16' else 'false'}, {mode}>"
 
@@ -359,10 +360,14 @@ def bwd_delta_name(dtype: str) -> str:
 
 
 def all_bwd_names(arch: str = "sm_80") -> list[str]:
-    """Every backward instantiation for ``arch`` (split head dims have two modes)."""
-    return [
+    """Every backward instantiation of the sm80 family for ``arch`` (split head dims have two
+    modes; on sm_90, the head dims of the sm90 backward also its redo pass)."""
+    names = [
         bwd_name(d, dt, mode) for d in HEAD_DIMS for dt in DTYPES for mode in bwd_modes(d, arch)
     ]
+    if arch.startswith("sm_9"):
+        names += [bwd_name(d, dt, BWD_REDO) for d in SM90_BWD_HEAD_DIMS for dt in DTYPES]
+    return names
 
 
 def cast_names(dtype: str) -> tuple[str, str]:
@@ -462,12 +467,12 @@ PARAMS_OFFSETS = {
 }  # fmt: skip
 PARAMS_SIZE = 200
 BWD_PARAMS_DTYPE = _params_dtype(
-    pointers=("q", "k", "v", "dout", "lse", "delta", "dq", "dk", "dv", "q_pos", "k_pos"),
+    pointers=("q", "k", "v", "dout", "lse", "delta", "dq", "dk", "dv", "q_pos", "k_pos", "redo"),
     strided=("q", "k", "v", "do"),
     ints=(*_SHAPE_INTS, "block_full"),
     floats=("scale_log2", "scale"),
 )
-BWD_PARAMS_SIZE = 232  # static_assert(sizeof(BwdParams) == 232) in params.cuh
+BWD_PARAMS_SIZE = 240  # static_assert(sizeof(BwdParams) == 240) in params.cuh
 
 
 _STRUCT_CODES = {np.dtype(np.uint64): "Q", np.dtype(np.int64): "q", np.dtype(np.int32): "i",
@@ -648,6 +653,35 @@ def get_bwd_kernels(head_dim: int, dtype: str):
         _allow_smem(kernel, name, smem, device, arch)
         kernels.append((kernel, mode))
     _LAUNCHES[key] = kernels, bwd_configs(arch)[head_dim], smem
+    return _LAUNCHES[key]
+
+
+def get_bwd_redo_kernel(head_dim: int, dtype: str):
+    """(kernel, config, shared memory bytes) of the sm80 family's redo pass for the sm90
+    backward of padded ``head_dim`` (BwdMode kBwdRedo, params.cuh ``BwdParams::redo``): it runs
+    the CTAs the sm90 kernel marked, from the query row it stopped at, on the same grid.
+
+    Raises:
+        ValueError: no sm90 backward for ``head_dim``.
+    """
+    import cupy
+
+    if head_dim not in SM90_BWD_HEAD_DIMS:
+        raise ValueError(f"no sm90 backward (so no redo pass) for {head_dim=}")
+    device = cupy.cuda.Device().id
+    key = ("bwd_redo", device, head_dim, dtype)
+    hit = _LAUNCHES.get(key)
+    if hit is not None:
+        return hit
+    arch = device_arch()
+    name = bwd_name(head_dim, dtype, BWD_REDO)
+    kernel = get_module((name,)).get_function(name)
+    smem = bwd_smem_bytes(head_dim, arch)
+    _allow_smem(kernel, name, smem, device, arch)
+    cfg = bwd_configs(arch)[head_dim]
+    if cfg.block_n != SM90_BWD_CONFIG.block_n or cfg.split:
+        raise AssertionError("the redo pass needs the sm90 backward's CTAs: 128 keys, one launch")
+    _LAUNCHES[key] = kernel, cfg, smem
     return _LAUNCHES[key]
 
 

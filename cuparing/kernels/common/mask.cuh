@@ -41,13 +41,15 @@ __device__ __forceinline__ int lower_bound_warp(const int* __restrict__ pos, int
 }
 
 // The tiles (kTile entries each) of a sorted position array holding some value in
-// [begin_value, end_value): one contiguous range [first, first + count); count 0 if none. Call
-// with the whole warp converged (lower_bound_warp).
-template <int kTile>
+// [begin_value, end_value) (kFrom: at an index >= from, a multiple of kTile): one contiguous
+// range [first, first + count); count 0 if none. Call with the whole warp converged
+// (lower_bound_warp).
+template <int kTile, bool kFrom = false>
 __device__ __forceinline__ void tiles_in_range(const int* __restrict__ pos, int n,
                                                i64 begin_value, i64 end_value, int lane,
-                                               int& first, int& count) {
-  const int begin = lower_bound_warp(pos, n, begin_value, lane);
+                                               int& first, int& count, int from = 0) {
+  int begin = lower_bound_warp(pos, n, begin_value, lane);
+  if constexpr (kFrom) begin = max(begin, from);
   const int end = lower_bound_warp(pos, n, end_value, lane);
   if (end <= begin) {
     first = 0;
@@ -67,13 +69,14 @@ __device__ __forceinline__ void visible_key_tiles(const int* __restrict__ k_pos,
                         static_cast<i64>(q_max) + hi + 1, lane, first, count);
 }
 
-// The query tiles that any key at positions [k_min, k_max] is seen by (queries at k - [lo, hi]).
-template <int kTile>
+// The query tiles that any key at positions [k_min, k_max] is seen by (queries at k - [lo, hi]);
+// kFrom: only from query index `from` (a multiple of kTile) on.
+template <int kTile, bool kFrom = false>
 __device__ __forceinline__ void seeing_query_tiles(const int* __restrict__ q_pos, int seqlen_q,
                                                    int k_min, int k_max, int lo, int hi, int lane,
-                                                   int& first, int& count) {
-  tiles_in_range<kTile>(q_pos, seqlen_q, static_cast<i64>(k_min) - hi,
-                        static_cast<i64>(k_max) - lo + 1, lane, first, count);
+                                                   int& first, int& count, int from = 0) {
+  tiles_in_range<kTile, kFrom>(q_pos, seqlen_q, static_cast<i64>(k_min) - hi,
+                               static_cast<i64>(k_max) - lo + 1, lane, first, count, from);
 }
 
 // Set S to -inf where the key is hidden or past the end (column >= seqlen_k).

@@ -55,6 +55,12 @@ struct BwdParams {
   float* dv;          // [B, Sk, Hkv, D] contiguous, accumulated with atomics
   const int* q_pos;   // [Sq] global positions, ascending
   const int* k_pos;   // [Sk] global positions, ascending
+  // The sm90 backward's hand-over to the sm80 one, one int per CTA (h fastest, then b, then the
+  // key tile: both families' grids): the sm90 kernel writes 1 + the first query row it left
+  // undone (a non-finite operand where its tile is partly masked, sm90/bwd.cuh) and adds only
+  // the rows before it; the sm80 kernel launched after it with the same parameters runs only
+  // the CTAs so marked, from that row on. Null: the sm80 kernel runs every CTA whole.
+  int* redo;
   i64 q_batch_stride, q_row_stride, q_head_stride;  // in elements
   i64 k_batch_stride, k_row_stride, k_head_stride;
   i64 v_batch_stride, v_row_stride, v_head_stride;
@@ -66,6 +72,6 @@ struct BwdParams {
   float scale;        // softmax scale: dq, dk = scale * (dS K, dS^T Q)
 };
 
-static_assert(sizeof(BwdParams) == 232, "BwdParams layout changed: update loader.BWD_PARAMS_DTYPE");
+static_assert(sizeof(BwdParams) == 240, "BwdParams layout changed: update loader.BWD_PARAMS_DTYPE");
 
 }  // namespace cuparing

@@ -59,6 +59,9 @@ enum BwdMode : int {
   kBwdAll = 0,   // dV, dK and dQ in one pass (head dim <= 128)
   kBwdDv = 1,    // dV only                   (first launch of a split instantiation)
   kBwdDkDq = 2,  // dK and dQ                 (second launch)
+  kBwdRedo = 3,  // as kBwdAll, for the CTAs the sm90 kernel marked only, from the row it left
+                 // undone (params.cuh BwdParams::redo); its own instantiation, so the others
+                 // carry none of its code
 };
 
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, bool kSplit_, int kMinBlocks_>
@@ -509,10 +512,21 @@ __device__ __forceinline__ void bwd_block(const BwdParams& p) {
   int m_first = 0, m_count = m_tiles_total;
   int cta_k_min = 0, cta_k_max = 0;  // also classify each query tile for the whole CTA
   if (!p.block_full) {
+    // The redo pass (params.cuh BwdParams::redo): only the query tiles from the first row the
+    // sm90 kernel left undone, if it left any (it marks CTAs of partly masked launches only, so
+    // block_full launches never meet this).
+    int first_undone_row = 0;
+    if constexpr (kMode == kBwdRedo) {
+      static_assert(64 % Tr::kBlockM == 0, "the sm90 kernel's 64-row tiles start on our tiles");
+      first_undone_row = p.redo[(n_block * gridDim.y + b) * gridDim.x + h] - 1;
+      if (first_undone_row < 0) return;  // CTA-uniform, before any barrier: nothing left
+    }
     cta_k_min = __ldg(p.k_pos + n0);
     cta_k_max = __ldg(p.k_pos + n0 + keys_valid - 1);
-    seeing_query_tiles<Tr::kBlockM>(p.q_pos, sq, cta_k_min, cta_k_max, lo, hi, lane, m_first,
-                                    m_count);
+    seeing_query_tiles<Tr::kBlockM, kMode == kBwdRedo>(p.q_pos, sq, cta_k_min, cta_k_max, lo, hi,
+                                                       lane, m_first, m_count, first_undone_row);
+  } else if constexpr (kMode == kBwdRedo) {
+    return;
   }
   if (m_count == 0) return;  // CTA-uniform, before any barrier: nothing to add
 

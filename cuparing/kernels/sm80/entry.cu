@@ -4,7 +4,8 @@
 //                          kSmemBytes; the z index is walked backwards (heaviest tiles first).
 //   cuparing_bwd<D, bf16, mode>: grid (H, B, ceil(Sk / kBlockN)), block kNThreads, dynamic smem
 //                          kSmemBytes; adds one ring block's dq, dk, dv (BwdMode: all, or the
-//                          dV / dK+dQ halves of a split instantiation, two launches).
+//                          dV / dK+dQ halves of a split instantiation, two launches; or
+//                          the sm90 backward's redo pass, BwdMode kBwdRedo).
 //   cuparing_bwd_delta<bf16>: delta = rowsum(dO * O) float32 [B, H, S], one warp per row.
 //   cuparing_cast_*:       elementwise fp32 <-> fp16/bf16 over n contiguous elements.
 #include "bwd.cuh"
@@ -21,8 +22,10 @@ template <int kHeadDim, bool kBf16, int kMode>
 __global__ void __launch_bounds__(cuparing::BwdTraits<kHeadDim>::kNThreads,
                                   cuparing::BwdTraits<kHeadDim>::kMinBlocks)
     cuparing_bwd(const cuparing::BwdParams params) {
-  static_assert((kMode == cuparing::kBwdAll) != cuparing::BwdTraits<kHeadDim>::kSplit,
-                "split instantiations run as kBwdDv + kBwdDkDq, the others as kBwdAll");
+  static_assert((kMode == cuparing::kBwdAll || kMode == cuparing::kBwdRedo) !=
+                    cuparing::BwdTraits<kHeadDim>::kSplit,
+                "split instantiations run as kBwdDv + kBwdDkDq, the others as kBwdAll (or the "
+                "sm90 kernel's redo pass, kBwdRedo)");
   cuparing::bwd_block<cuparing::BwdTraits<kHeadDim>, kBf16, kMode>(params);
 }
 

@@ -31,6 +31,7 @@
 // loads, the NaN / inf guard of partly visible tiles, ping-pong between the consumers.
 #pragma once
 #include "../common/mask.cuh"
+#include "../common/nonfinite.cuh"
 #include "../common/params.cuh"
 #include "../common/ptx.cuh"
 #include "copy.cuh"
@@ -108,6 +109,18 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
 CUPARING_SM90_BWD_SMEM(CUPARING_CHECK_SM90_BWD_SMEM)
 #undef CUPARING_CHECK_SM90_BWD_SMEM
 
+// Does [base, base + bytes) of shared memory hold a NaN / inf? This thread's 16-byte chunks
+// (ctid, ctid + kThreads, ...) only; the caller ORs the threads' answers.
+template <bool kBf16, int kThreads>
+__device__ __forceinline__ bool smem_nonfinite(u32 base, int bytes, int ctid) {
+  u32 bad = 0;
+#pragma unroll 1
+  for (int chunk = ctid; chunk < bytes / 16; chunk += kThreads) {
+    bad |= chunk_nonfinite<kBf16>(base + 16 * chunk);
+  }
+  return bad != 0;
+}
+
 template <class Tr, bool kBf16>
 __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -151,6 +164,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   auto full = [&](int s) { return s_bar + 8u * s; };
   auto empty = [&](int s) { return s_bar + 8u * (Tr::kStages + s); };
   const u32 kv_full = s_bar + 8u * (2 * Tr::kStages);
+  const u32 stop_flag = kv_full + 8u;  // the consumers left the rest to the redo pass
   if (tid == 0) {
     for (int s = 0; s < Tr::kStages; ++s) {
       // every producer thread: one cp.async arrival (noinc) and one after its row-info stores
@@ -158,6 +172,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       mbarrier_init(empty(s), Tr::kConsumerThreads / 32);  // one release per consumer warp
     }
     mbarrier_init(kv_full, Tr::kProducerThreads);
+    st_shared_u32(stop_flag, 0);
     mbarrier_init_fence();
   }
   __syncthreads();
@@ -184,6 +199,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       const int m0 = (m_first + it) * Tr::kBlockM;
       const int rows = min(Tr::kBlockM, sq - m0);
       mbarrier_wait(empty(s), ((it / Tr::kStages) & 1) ^ 1);
+      if (ld_shared_u32(stop_flag)) break;  // set before the release that ended the wait
       load_tile_sm90<Tr, Tr::kBlockM>(s_q(s), q_head + m0 * p.q_row_stride, p.q_row_stride, rows,
                                       d_chunks, tid);
       load_tile_sm90<Tr, Tr::kBlockM>(s_do(s), do_head + m0 * p.do_row_stride, p.do_row_stride,
@@ -258,6 +274,24 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   mbarrier_wait(kv_full, 0);
   fence_proxy_async();  // cp.async data, read by wgmma (the async proxy)
 
+  // NaN / inf where a tile is partly masked: the products multiply a hidden pair's exact zero
+  // (P, dS) by its operands, and 0 * NaN is NaN. P and dS of hidden pairs are made exactly 0
+  // below, so V (only in dP) may hold anything; K (dQ), Q (dK) and dO (dV) must be finite there.
+  // When one is not, the CTA stops before that tile and leaves it and the rest to the sm80
+  // kernel (params.cuh BwdParams::redo), whose exact path handles them. K is checked once, Q and
+  // dO as each tile not FULL for the CTA lands; both consumers agree through one barrier.
+  const int ctid = tid - Tr::kProducerThreads;  // 0..255 over the consumers
+  constexpr int kAgree = 3;  // named barrier of both consumers (1, 2: the dS^T barriers)
+  bool k_nonfinite = false;
+  int cta_kmin = 0, cta_kmax = 0;
+  if (!p.block_full) {
+    cta_kmin = __ldg(p.k_pos + n0);
+    cta_kmax = __ldg(p.k_pos + n0 + keys_valid - 1);
+    k_nonfinite = named_barrier_or(
+        kAgree, Tr::kConsumerThreads,
+        smem_nonfinite<kBf16, Tr::kConsumerThreads>(s_k, Tr::kKVBytes, ctid));
+  }
+
   for (int it = 0; it < m_count; ++it) {
     const int s = it % Tr::kStages;
     const int m0 = (m_first + it) * Tr::kBlockM;
@@ -271,6 +305,26 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       const int q_max = static_cast<int>(ld_shared_u32(qpos_s + 4 * (rows - 1)));
       kind = p.block_full ? kTileFull : classify_tile(q_min, q_max, c_kmin, c_kmax, lo, hi);
       if (c_key0 + Tr::kConsumerKeys > sk && kind == kTileFull) kind = kTilePartial;  // the Sk tail
+    }
+    if (!p.block_full) {  // CTA-uniform: both consumers see the same positions
+      const int q_min = static_cast<int>(ld_shared_u32(qpos_s));
+      const int q_max = static_cast<int>(ld_shared_u32(qpos_s + 4 * (rows - 1)));
+      if (classify_tile(q_min, q_max, cta_kmin, cta_kmax, lo, hi) != kTileFull) {
+        const bool bad =
+            k_nonfinite ||
+            smem_nonfinite<kBf16, Tr::kConsumerThreads>(s_q(s), Tr::kQBytes, ctid) ||
+            smem_nonfinite<kBf16, Tr::kConsumerThreads>(s_do(s), Tr::kQBytes, ctid);
+        if (named_barrier_or(kAgree, Tr::kConsumerThreads, bad)) {
+          if (ctid == 0) {  // lane 0 of its warp: written before that warp's release below
+            p.redo[(blockIdx.z * gridDim.y + b) * gridDim.x + h] = m0 + 1;
+            st_shared_u32(stop_flag, 1);
+          }
+          // the producer waits for this stage (it is one stage ahead): released, it reads the
+          // stop flag and loads no more
+          if (lane == 0) mbarrier_arrive(empty(s));
+          break;
+        }
+      }
     }
 
     // S^T and dP^T (Q, dO K-major: k16 step kk in box kk / 4, 32 bytes into its rows)
@@ -337,6 +391,15 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           acc_dp[j][2 * r + e] = acc_s[j][2 * r + e] * (acc_dp[j][2 * r + e] - delta);
+        }
+      }
+    }
+    if (kind != kTileFull) {  // warp-uniform: hidden pairs' dS exactly 0, whatever dP or delta
+#pragma unroll
+      for (int j = 0; j < Tr::kQTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (acc_s[j][e] == 0.f) acc_dp[j][e] = 0.f;
         }
       }
     }
