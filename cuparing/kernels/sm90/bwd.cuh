@@ -26,9 +26,12 @@
 // query heads of one group share.
 // Masks: each consumer classifies the tile against its 64 keys; PARTIAL and EMPTY tiles are
 // masked element by element (no wgmma sits under a data-dependent branch: ptxas would serialise
-// every wgmma of the kernel), keys past Sk always.
-// Not yet here (the sm80 backward has them; this kernel is opt-in, CUPARING_BWD=sm90): TMA
-// loads, the NaN / inf guard of partly visible tiles, ping-pong between the consumers.
+// every wgmma of the kernel), keys past Sk always; there a hidden pair's P and dS are exact 0.
+// NaN / inf next to a mask edge: a CTA whose K, or a tile not FULL for it whose Q or dO, holds
+// one stops before that tile and marks itself for the sm80 kernel's redo pass (params.cuh
+// BwdParams::redo), launched after this kernel, which finishes it with its exact path.
+// Not yet here: TMA loads, overlap of one tile's products with the next tile's, a deterministic
+// order of the dQ reductions.
 #pragma once
 #include "../common/mask.cuh"
 #include "../common/nonfinite.cuh"
