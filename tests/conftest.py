@@ -91,7 +91,7 @@ def fresh_rng():
 @pytest.fixture(params=["sm80", "sm90"])
 def backward_family(request, monkeypatch):
     """The backward kernel family under test (``CUPARING_BWD``): sm80 (mma.sync) everywhere, the
-    opt-in sm90 (wgmma) one on Hopper GPUs only."""
+    sm90 (wgmma) one, Hopper's default for head dims 64 and 128, on Hopper GPUs only."""
     if request.param == "sm90" and gpu_count() > 0:
         import cupy
 

@@ -3,7 +3,7 @@
 Forward tests run once per kernel family (the ``kernel_family`` fixture sets CUPARING_KERNELS):
 sm80 (mma.sync) everywhere, sm90 (wgmma) on Hopper GPUs only; head dims the sm90 family has no
 tiles for run the sm80 kernel either way. The backward kernel tests run once per backward family
-(``backward_family``: CUPARING_BWD=sm80, and the opt-in sm90 one on Hopper, head dims 64 / 128).
+(``backward_family``: CUPARING_BWD=sm80, and the sm90 one on Hopper, head dims 64 / 128).
 
 Tolerances come from tests/numerics.py (one table for CPU and GPU): ``check_kernel_forward``
 for the forward (the kernels round P to the input dtype before P.V), and ``check_backward`` for
