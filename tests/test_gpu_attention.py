@@ -280,7 +280,8 @@ def _ring_backward_on_gpu(host, world, layout, causal, window, transposed=False)
     return [cr.unshard([to_host(r[i]) for r in results], layout=layout) for i in range(3)]
 
 
-BWD_HEADDIMS = [64, 96, 128, 256, 40, 200]  # 40 -> padded 64; 200 -> 224 (split: two launches)
+# 40 -> padded 64; 112 -> 128 (the sm90 kernel's second dQ box partly filled); 200 -> 224 (split)
+BWD_HEADDIMS = [64, 96, 128, 256, 40, 112, 200]
 BWD_MASKS = ["causal", "none", "window"]
 
 

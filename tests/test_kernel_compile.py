@@ -168,6 +168,21 @@ def test_ptxas_log_parser():
     assert np.int32(info["regs"]) == 96
 
 
+def test_serialised_wgmma_fails_the_check():
+    check = _compile_check()
+    note = (
+        "ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are "
+        "serialized due to non wgmma instructions defining accumulator registers of a wgmma "
+        "between start and end of the pipeline stage in the function '_Z3fooPf'\n"
+    )
+    assert check.wgmma_serialized(note)
+    assert not check.wgmma_serialized("ptxas info    : Used 96 registers, 1024 bytes smem\n")
+    fields = dict(kernel="k", arch="sm_90a", regs=168, smem=0, static_smem=0, spill_stores=0,
+                  spill_loads=0, stack=0, compile_s=0.0, hot=True)  # fmt: skip
+    assert check.KernelReport(**fields).ok
+    assert not check.KernelReport(**fields, serialized_wgmma=True).ok
+
+
 def test_tensor_map_rules():
     from cuparing.kernels import tensor_maps
 

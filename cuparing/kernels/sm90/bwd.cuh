@@ -220,8 +220,9 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       }
       mbarrier_arrive(full(s));
     }
-    // (the copies complete on the mbarriers the consumers wait for, so none is still in flight
-    // when the CTA ends; no commit group exists for this wait to cover)
+    // Every copy must land before the CTA ends: the consumers wait for all of them, except
+    // after a stop, when the next tile's may still be in flight (commit them, then wait).
+    cp_async_commit();
     cp_async_wait<0>();
     return;
   }
@@ -272,6 +273,10 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   };
   const float scale_log2 = p.scale_log2;
   const float scale = p.scale;
+  // A hidden pair's P: -0, which no exponential gives (a visible pair's P is +0 at the least),
+  // so its dS can be told apart and made exactly 0 while a visible pair whose P underflowed
+  // keeps its 0 * (dP - delta) (NaN where that is non-finite, as dense attention)
+  const float kHiddenP = __uint_as_float(0x80000000u);
   const int d = p.headdim;
 
   mbarrier_wait(kv_full, 0);
@@ -378,7 +383,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
           for (int r = 0; r < 2; ++r) {
             const int delta = key_pos[r] - qp;
             const bool seen = kind == kTilePartial && key_ok[r] && delta >= lo && delta <= hi;
-            if (!seen) acc_s[j][2 * r + e] = 0.f;
+            if (!seen) acc_s[j][2 * r + e] = kHiddenP;
           }
         }
       }
@@ -402,7 +407,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       for (int j = 0; j < Tr::kQTiles; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          if (acc_s[j][e] == 0.f) acc_dp[j][e] = 0.f;
+          if (__float_as_uint(acc_s[j][e]) == __float_as_uint(kHiddenP)) acc_dp[j][e] = 0.f;
         }
       }
     }
@@ -421,8 +426,9 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     }
     // dS^T to shared memory from its packed pairs (dsa[kk][2 * jj + r]: row 16 wq + g + 8r,
     // columns 8j + 2t, +1 with j = 2kk + jj): chunk j of the row, swizzled by the row's low 3
-    // bits (the 128-byte swizzle the descriptor describes). The previous tile's dQ product read
-    // it before this warpgroup's last wgmma_wait<0>. Stored before the dK product is issued:
+    // bits (the 128-byte swizzle the descriptor describes). d = 128: the buffer was last read by
+    // both consumers' dQ two tiles ago, before the last tile's barrier 1; d <= 64: by this
+    // consumer's dQ of the last tile, before its last wgmma wait. Stored before dK is issued:
     // the A-fragment registers of a wgmma in flight must not be touched, read or written.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
