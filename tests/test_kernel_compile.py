@@ -86,6 +86,21 @@ def test_forward_family_choice(monkeypatch):
         loader.fwd_name(96, "bfloat16", "sm90")
 
 
+def test_redo_pass_instantiations():
+    """The sm80 kernel's redo pass for the sm90 backward: one instantiation per sm90 head dim and
+    dtype, compiled for Hopper only, on the same 128-key CTAs in one launch."""
+    names = loader.all_bwd_names("sm_90a")
+    redo = [n for n in names if n.endswith(f", {loader.BWD_REDO}>")]
+    assert len(redo) == len(loader.SM90_BWD_HEAD_DIMS) * len(loader.DTYPES)
+    assert not [n for n in loader.all_bwd_names("sm_80") if n.endswith(f", {loader.BWD_REDO}>")]
+    for d in loader.SM90_BWD_HEAD_DIMS:
+        cfg = loader.bwd_configs("sm_90a")[d]
+        assert cfg.block_n == loader.SM90_BWD_CONFIG.block_n and not cfg.split
+        assert 64 % cfg.block_m == 0  # the sm90 kernel's 64-row tiles start on its tiles
+    with pytest.raises(ValueError, match="redo"):
+        loader.get_bwd_redo_kernel(96, "bfloat16")
+
+
 def test_backward_family_choice(monkeypatch):
     monkeypatch.delenv("CUPARING_KERNELS", raising=False)
     monkeypatch.delenv("CUPARING_BWD", raising=False)

@@ -18,7 +18,9 @@ from cuparing.backends import launch_plans
 from cuparing.kernels import loader
 
 FWD_POINTERS = ("out", "lse", "q", "k", "v", "q_pos", "k_pos")
-BWD_POINTERS = ("dout", "lse", "delta", "dq", "dk", "dv", "q", "k", "v", "q_pos", "k_pos")
+BWD_POINTERS = (
+    "dout", "lse", "delta", "dq", "dk", "dv", "q", "k", "v", "q_pos", "k_pos", "redo",
+)  # fmt: skip
 
 
 class Function:
@@ -104,6 +106,29 @@ def test_extra_arguments_come_from_the_pointers():
         plan.launch(*range(first, first + 7))
         assert seen[-1] == tuple(range(first, first + 7))
         assert driver.calls[-1][2][1] == bytes([first]) * 8
+
+
+def test_a_launch_sequence_runs_each_kernel_in_order_with_the_same_pointers():
+    """The sm90 backward and the sm80 redo pass after it: different kernels and geometries, one
+    params struct, every pointer patched into both."""
+    rng = np.random.default_rng(0)
+    values = _fields(loader.BWD_PARAMS_DTYPE, rng)
+    params = loader.pack_bwd_params(**values)
+    driver = RecordingDriver([params.itemsize])
+    offsets = loader.pointer_offsets("bwd", BWD_POINTERS)
+    first = launch_plans.PackedLaunch(
+        (Function(1),), (8, 2, 16), (384,), 1000, params, offsets, driver=driver
+    )
+    second = launch_plans.PackedLaunch(
+        (Function(2),), (8, 2, 16), (256,), 500, params, offsets, driver=driver
+    )
+    pointers = [int(p) for p in rng.integers(0, 2**63, len(BWD_POINTERS))]
+    launch_plans.LaunchSequence((first, second)).launch(*pointers)
+    want = loader.pack_bwd_params(**{**values, **dict(zip(BWD_POINTERS, pointers, strict=True))})
+    assert [(f, g) for f, g, _ in driver.calls] == [
+        (1, (8, 2, 16, 384, 1, 1, 1000)), (2, (8, 2, 16, 256, 1, 1, 500)),
+    ]  # fmt: skip
+    assert all(args == [want.tobytes()] for _, _, args in driver.calls)
 
 
 def test_several_arguments_at_their_offsets():

@@ -664,10 +664,10 @@ def get_bwd_redo_kernel(head_dim: int, dtype: str):
     Raises:
         ValueError: no sm90 backward for ``head_dim``.
     """
-    import cupy
-
     if head_dim not in SM90_BWD_HEAD_DIMS:
         raise ValueError(f"no sm90 backward (so no redo pass) for {head_dim=}")
+    import cupy
+
     device = cupy.cuda.Device().id
     key = ("bwd_redo", device, head_dim, dtype)
     hit = _LAUNCHES.get(key)
