@@ -26,7 +26,7 @@
 // query heads of one group share.
 // Masks: each consumer classifies the tile against its 64 keys; PARTIAL and EMPTY tiles are
 // masked element by element (no wgmma sits under a data-dependent branch: ptxas would serialise
-// every wgmma of the kernel), keys past Sk always; there a hidden pair's P and dS are exact 0.
+// every wgmma of the kernel), keys past Sk always; there a hidden pair's P is -0 and its dS 0.
 // NaN / inf next to a mask edge: a CTA whose K, or a tile not FULL for it whose Q or dO, holds
 // one stops before that tile and marks itself for the sm80 kernel's redo pass (params.cuh
 // BwdParams::redo), launched after this kernel, which finishes it with its exact path.
@@ -221,7 +221,10 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       mbarrier_arrive(full(s));
     }
     // Every copy must land before the CTA ends: the consumers wait for all of them, except
-    // after a stop, when the next tile's may still be in flight (commit them, then wait).
+    // after a stop, when the next tile's may still be in flight. The commit takes in every copy
+    // of this thread so far (those the mbarriers track too); the wait then covers them all. (Not
+    // a wait on that stage's full barrier: after a stop, producer threads may differ in whether
+    // they loaded it, so its phase may never complete.)
     cp_async_commit();
     cp_async_wait<0>();
     return;
@@ -361,7 +364,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     }
     wgmma_wait<1>();
     fence_accumulator(acc_s);
-    // P^T: lse per query column; hidden pairs, keys past Sk and EMPTY tiles give exactly 0
+    // P^T: lse per query column; hidden pairs, keys past Sk and EMPTY tiles give P = -0
 #pragma unroll
     for (int j = 0; j < Tr::kQTiles; ++j) {
 #pragma unroll
