@@ -113,6 +113,22 @@ __device__ __forceinline__ bool magnitudes_nonfinite(u32 m) {
   return (m & 0xffffu) >= kMask || (m >> 16) >= kMask;
 }
 
+// One thread's share of a scan of [base, base + bytes) of shared memory, kThreads threads
+// (tid 0..kThreads-1) taking every kThreads-th 16-byte chunk: the running maximum of its
+// magnitudes (`magnitudes_nonfinite` tells whether it saw a NaN / inf; the caller ORs the
+// threads' answers).
+template <bool kBf16, int kThreads>
+__device__ __forceinline__ u32 region_magnitudes(u32 base, int bytes, int tid) {
+  u32 m = 0;
+#pragma unroll 1  // (a producer with 24 registers runs it too)
+  for (int chunk = tid; chunk < bytes / 16; chunk += kThreads) {
+    u32 x[4];
+    ld_shared_v4(base + 16 * chunk, x);
+    m = max_magnitudes<kBf16>(m, x);
+  }
+  return m;
+}
+
 // A 32-bit global load the compiler keeps in program order (asm volatile): the rare path below
 // reads up to 32 column pairs per row next to the accumulators, and hoisting those loads would
 // take as many registers.

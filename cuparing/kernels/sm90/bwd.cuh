@@ -112,18 +112,6 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
 CUPARING_SM90_BWD_SMEM(CUPARING_CHECK_SM90_BWD_SMEM)
 #undef CUPARING_CHECK_SM90_BWD_SMEM
 
-// Does [base, base + bytes) of shared memory hold a NaN / inf? This thread's 16-byte chunks
-// (ctid, ctid + kThreads, ...) only; the caller ORs the threads' answers.
-template <bool kBf16, int kThreads>
-__device__ __forceinline__ bool smem_nonfinite(u32 base, int bytes, int ctid) {
-  u32 bad = 0;
-#pragma unroll 1
-  for (int chunk = ctid; chunk < bytes / 16; chunk += kThreads) {
-    bad |= chunk_nonfinite<kBf16>(base + 16 * chunk);
-  }
-  return bad != 0;
-}
-
 template <class Tr, bool kBf16>
 __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -300,7 +288,8 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     cta_kmax = __ldg(p.k_pos + n0 + keys_valid - 1);
     k_nonfinite = named_barrier_or(
         kAgree, Tr::kConsumerThreads,
-        smem_nonfinite<kBf16, Tr::kConsumerThreads>(s_k, Tr::kKVBytes, ctid));
+        magnitudes_nonfinite<kBf16>(
+            region_magnitudes<kBf16, Tr::kConsumerThreads>(s_k, Tr::kKVBytes, ctid)));
   }
 
   for (int it = 0; it < m_count; ++it) {
@@ -323,8 +312,8 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       if (classify_tile(q_min, q_max, cta_kmin, cta_kmax, lo, hi) != kTileFull) {
         const bool bad =
             k_nonfinite ||
-            smem_nonfinite<kBf16, Tr::kConsumerThreads>(s_q(s), Tr::kQBytes, ctid) ||
-            smem_nonfinite<kBf16, Tr::kConsumerThreads>(s_do(s), Tr::kQBytes, ctid);
+            magnitudes_nonfinite<kBf16>(  // the stage: Q, then dO right after it
+                region_magnitudes<kBf16, Tr::kConsumerThreads>(s_q(s), Tr::kStageBytes, ctid));
         if (named_barrier_or(kAgree, Tr::kConsumerThreads, bad)) {
           if (ctid == 0) {  // lane 0 of its warp: written before that warp's release below
             p.redo[(blockIdx.z * gridDim.y + b) * gridDim.x + h] = m0 + 1;

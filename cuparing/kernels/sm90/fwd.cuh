@@ -49,15 +49,8 @@ template <class Tr, bool kBf16, int kThreads>
 __device__ __forceinline__ void check_v_tile(u32 s_v, u32 full_v, u32 parity, u32 checked,
                                              u32 flag, bool partial, int ctid, int bar_id) {
   mbarrier_wait(full_v, parity);
-  u32 magnitudes = 0;
-  if (partial) {  // the same for every checking thread
-#pragma unroll 1  // the producer has few registers (24 with TMA)
-    for (int c = ctid; c < Tr::kKVBytes / 16; c += kThreads) {
-      u32 x[4];
-      ld_shared_v4(s_v + 16 * c, x);
-      magnitudes = max_magnitudes<kBf16>(magnitudes, x);
-    }
-  }
+  // (partial: the same for every checking thread)
+  const u32 magnitudes = partial ? region_magnitudes<kBf16, kThreads>(s_v, Tr::kKVBytes, ctid) : 0u;
   // On every tile, FULL ones too: no checking warp may fall a whole pipeline turn behind the
   // first thread's arrivals (its full_v parity would then alias the next turn's).
   const bool found = named_barrier_or(bar_id, kThreads, magnitudes_nonfinite<kBf16>(magnitudes));
