@@ -390,13 +390,7 @@ class CupyBackend:
     def zeros_accum(self, shape, dtype):
         """A zeroed float32 gradient accumulator (zeroed by a memset on the current stream:
         ``zeros`` would launch an elementwise kernel through CuPy's slower path)."""
-        cp = self.xp
-        acc = cp.empty(shape, dtype=cp.float32)
-        if acc.nbytes:
-            cp.cuda.runtime.memsetAsync(
-                acc.data.ptr, 0, acc.nbytes, cp.cuda.get_current_stream().ptr
-            )
-        return acc
+        return _zeroed(self.xp, shape, self.xp.float32)
 
     def backward_block(
         self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale
@@ -439,10 +433,7 @@ class CupyBackend:
             _PLANS.put(key, plan)
         redo = 0
         if plan.redo_slots:  # the sm90 kernel's hand-over to the redo pass, zeroed per launch
-            flags = cp.empty(plan.redo_slots, dtype=cp.int32)
-            cp.cuda.runtime.memsetAsync(
-                flags.data.ptr, 0, flags.nbytes, cp.cuda.get_current_stream().ptr
-            )
+            flags = _zeroed(cp, (plan.redo_slots,), cp.int32)  # (kept until after the launch)
             redo = flags.data.ptr
         plan.launch.launch(dout.data.ptr, lse.data.ptr, delta.data.ptr, dq.data.ptr, dk.data.ptr,
                            dv.data.ptr, q.data.ptr, k.data.ptr, v.data.ptr, q_pos.data.ptr,
@@ -627,6 +618,17 @@ def _kernel_readable(x) -> bool:
         and all(s % 16 == 0 or n == 1 for s, n in zip(strides[:3], shape[:3], strict=True))
         and (shape[-1] <= 1 or strides[-1] == x.dtype.itemsize)
     )
+
+
+def _zeroed(cp, shape, dtype):
+    """A zeroed array, zeroed by a memset on the current stream (``zeros`` would launch an
+    elementwise kernel through CuPy's slower path)."""
+    array = cp.empty(shape, dtype=dtype)
+    if array.nbytes:
+        cp.cuda.runtime.memsetAsync(
+            array.data.ptr, 0, array.nbytes, cp.cuda.get_current_stream().ptr
+        )
+    return array
 
 
 def _kernel_operand(cp, x):
