@@ -240,6 +240,7 @@ def ring_attention_backward(
     dv: Any = None,
     dlse: Any = None,
     cu_seqlens: Any = None,
+    deterministic: bool = False,
 ) -> tuple[Any, Any, Any]:
     """Gradients of :func:`ring_attention` for this rank's shard.
 
@@ -252,6 +253,9 @@ def ring_attention_backward(
             q, k, v, a contiguous last axis, the inputs' framework and device).
         dlse: [B, H, S/C] gradient of the loss with respect to ``lse`` (float32, float64 for
             float64), when the loss uses the lse too; None means zero.
+        deterministic: bit-identical gradients on every run with the same inputs and world
+            size: the GPU kernels add partial gradients in a fixed order (README, "Deterministic
+            backward", states the cost and where the mode runs).
 
     Returns:
         (dq, dk, dv) with the shapes and dtypes of q, k, v: dq for this rank's queries, dk and dv
@@ -260,18 +264,20 @@ def ring_attention_backward(
 
     Raises:
         ValueError, TypeError, cuparing.RingError: as in :func:`ring_attention`.
+        NotImplementedError: ``deterministic`` where the backward runs GPU kernels without that
+            mode (raised before any work or transfer).
     """
     entry = "ring_attention_backward"
     arrays, dests = (dout, q, k, v, out, lse), (dq, dk, dv)
     key = None
     if cu_seqlens is None:
-        options = (causal, scale, window, layout)
+        options = (causal, scale, window, layout, deterministic)
         key = call_plans.signature(entry, (*arrays, dlse), options, dests, ring)
         decided = call_plans.recall(key, ring, arrays, dests)
         if decided is not None:  # a repeat of a checked call
             origin, plan, scale, fields = decided
             ring.agree(fields)
-            return _backward(origin, ring, plan, scale, arrays, dests, dlse)
+            return _backward(origin, ring, plan, scale, arrays, dests, dlse, bool(deterministic))
     with _refused_everywhere(ring, entry):
         origin, mask, scale, cu = validation.check_ring_call(
             q, k, v, ring, causal, scale, window, layout, cu_seqlens
@@ -279,10 +285,12 @@ def ring_attention_backward(
         validation.check_arrays(("q", "dout", "out"), (q, dout, out))
         validation.check_backward(dout, out, lse, q)
         validation.check_backward_extras(origin, arrays, dests, dlse)
+        deterministic = validation.check_flag("deterministic", deterministic)
+        _check_deterministic_runs(origin, q, deterministic)
     fields = validation.ring_call_fields(entry, q, k, ring, mask, scale, layout, cu)
     ring.agree(fields)
     plan = _unless_empty(_ring_plan(layout, ring, q, mask, cu), q)
-    grads = _backward(origin, ring, plan, scale, arrays, dests, dlse)
+    grads = _backward(origin, ring, plan, scale, arrays, dests, dlse, deterministic)
     decided = (origin, plan, scale, fields)
     call_plans.remember(key, decided, arrays, dests, untracked=False, ring=ring)
     return grads
@@ -303,6 +311,7 @@ def attention_backward(
     dv: Any = None,
     dlse: Any = None,
     cu_seqlens: Any = None,
+    deterministic: bool = False,
 ) -> tuple[Any, Any, Any]:
     """Gradients of :func:`attention` on one device.
 
@@ -312,31 +321,37 @@ def attention_backward(
         out, lse: its results (``return_lse=True``).
         dq, dk, dv: caller-owned arrays for the gradients, as in :func:`ring_attention_backward`.
         dlse: gradient of the loss with respect to ``lse``, as in :func:`ring_attention_backward`.
+        deterministic: bit-identical gradients on every run, as in
+            :func:`ring_attention_backward`.
 
     Returns:
         (dq, dk, dv) with the shapes and dtypes of q, k, v, accumulated in float32 (float64 for
         float64); the given arrays where passed.
 
     Raises:
-        ValueError, TypeError: as in :func:`attention` and :func:`ring_attention_backward`.
+        ValueError, TypeError, NotImplementedError: as in :func:`attention` and
+            :func:`ring_attention_backward`.
     """
     arrays, dests = (dout, q, k, v, out, lse), (dq, dk, dv)
     key = None
     if cu_seqlens is None:
-        options = (causal, scale, window)
+        options = (causal, scale, window, deterministic)
         key = call_plans.signature("attention_backward", (*arrays, dlse), options, dests)
         decided = call_plans.recall(key, None, arrays, dests)
         if decided is not None:  # a repeat of a checked call
             origin, plan, scale = decided
-            return _backward(origin, _ONE_DEVICE, plan, scale, arrays, dests, dlse)
+            deterministic = bool(deterministic)
+            return _backward(origin, _ONE_DEVICE, plan, scale, arrays, dests, dlse, deterministic)
     origin = validation.check_arrays(("q", "k", "v", "dout", "out"), (q, k, v, dout, out))
     validation.check_qkv(q, k, v, same_length=False)
     validation.check_backward(dout, out, lse, q)
     validation.check_backward_extras(origin, arrays, dests, dlse)
     mask = validation.check_mask(causal, window)
     scale = validation.check_scale(scale, q.shape[-1])
+    deterministic = validation.check_flag("deterministic", deterministic)
+    _check_deterministic_runs(origin, q, deterministic)
     plan = _unless_empty(_one_device_plan(q, k, mask, cu_seqlens), q)
-    grads = _backward(origin, _ONE_DEVICE, plan, scale, arrays, dests, dlse)
+    grads = _backward(origin, _ONE_DEVICE, plan, scale, arrays, dests, dlse, deterministic)
     call_plans.remember(key, (origin, plan, scale), arrays, dests, untracked=False)
     return grads
 
@@ -539,10 +554,11 @@ def _backward(
     arrays: tuple,
     dests: tuple,
     dlse: Any = None,
+    deterministic: bool = False,
 ) -> tuple[Any, Any, Any]:
     """The schedule's backward on the caller's (checked) (dout, q, k, v, out, lse) and optional
     ``dlse``: gradients in the caller-owned (checked) ``dests`` where given, else in the caller's
-    framework."""
+    framework; ``deterministic``: in a fixed order of adds (ring_backward)."""
     backend = backend_for(origin.backend)
     q, k, v = arrays[1:4]
     # torch CUDA gradients come from torch's allocator (Origin.empty), others from the backend
@@ -554,11 +570,21 @@ def _backward(
         arrays = [to_backend(x, origin) for x in arrays]
         into = tuple(None if d is None else to_backend(d, origin) for d in given)
         dlse_b = None if dlse is None else to_backend(dlse, origin)
-        grads = ring_backward(backend, ring, *arrays, plan, scale, grads_into=into, dlse=dlse_b)
+        grads = ring_backward(
+            backend, ring, *arrays, plan, scale, grads_into=into, dlse=dlse_b,
+            deterministic=deterministic,
+        )  # fmt: skip
         return tuple(
             mine if mine is not None else origin.export(g)
             for mine, g in zip(given, grads, strict=True)
         )
+
+
+def _check_deterministic_runs(origin: Origin, q: Any, deterministic: bool) -> None:
+    """Refuse ``deterministic`` where the backward would run GPU kernels that have no ordered
+    mode (before any work or transfer)."""
+    if deterministic and origin.backend == "cupy":
+        backend_for("cupy").check_deterministic(q.shape[-1], dtype_name(q))
 
 
 @contextlib.contextmanager

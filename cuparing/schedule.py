@@ -181,7 +181,7 @@ def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=None,
 
 def ring_backward(
     backend, ring, dout, q, k, v, out, lse, plan: RingPlan, scale: float, grads_into=None,
-    dlse=None,
+    dlse=None, deterministic: bool = False,
 ):  # fmt: skip
     """Run the backward ring for this rank.
 
@@ -193,6 +193,8 @@ def ring_backward(
             gradients into, or None.
         dlse: [B, H, Sq] gradient of the loss with respect to ``lse``, or None. Since
             d lse_i / d s_ij = P_ij, it enters as dS = P * (dP - (delta - dlse)).
+        deterministic: every block's adds in a fixed order (the backend's ``backward_block``);
+            the ring's own order of steps is fixed, so the gradients repeat bit for bit.
 
     Returns:
         (dq, dk, dv) in the dtypes of q, k, v; dk and dv are gradients of *this rank's* K/V
@@ -215,7 +217,7 @@ def ring_backward(
             with ring.trace_compute(f"bwd step {step}"):
                 backend.backward_block(
                     dq, dkv[0], dkv[1], dout, q, kv[0], kv[1], lse, delta,
-                    q_pos, k_pos, kind, plan.mask, scale,
+                    q_pos, k_pos, kind, plan.mask, scale, deterministic=deterministic,
                 )  # fmt: skip
         if more:
             pending_dkv = ring.exchange(dkv, 1, "dkv")

@@ -56,6 +56,8 @@ def skip_unless_backward_family_runs(backward_family, headdim):
     from cuparing.kernels import loader
 
     padded = loader.padded_head_dim(headdim)
+    if backward_family == "sm90" and not loader.device_arch().startswith("sm_9"):
+        pytest.skip("the sm90 (wgmma) kernels need a Hopper GPU")
     if backward_family == "sm90" and padded not in loader.SM90_BWD_HEAD_DIMS:
         pytest.skip("the sm80 backward runs this head dim; tested under backward_family=sm80")
     if backward_family == "sm90" and os.environ.get("CUPARING_KERNELS", "").lower() == "sm80":

@@ -57,6 +57,33 @@ def test_attention_backward_matches_dense(sq, sk, hkv, group, d, causal, dtype, 
     check_backward(grads, dout, q, k, v, causal=causal)
 
 
+@given(
+    world=st.integers(1, 4),
+    layout=st.sampled_from(["contiguous", "zigzag", "striped"]),
+    causal=st.booleans(),
+    dtype=st.sampled_from(["float64", "float32", "bfloat16"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_deterministic_backward_is_the_same_backward(world, layout, causal, dtype, seed):
+    """``deterministic=True`` on the CPU (whose array arithmetic has one order already): the
+    very same gradients, bit for bit, as the default, through the ring schedule."""
+    rng = np.random.default_rng(seed)
+    x = {n: rng.standard_normal((1, 4 * world, 2, 8)).astype(np_dtype(dtype)) for n in "qkvd"}
+
+    def rank_fn(ring, deterministic):
+        sh = {n: cr.shard(a, ring.rank, ring.size, layout=layout) for n, a in x.items()}
+        out, lse = cr.ring_attention(sh["q"], sh["k"], sh["v"], ring, causal=causal,
+                                     layout=layout, return_lse=True)  # fmt: skip
+        return cr.ring_attention_backward(sh["d"], sh["q"], sh["k"], sh["v"], out, lse, ring,
+                                          causal=causal, layout=layout,
+                                          deterministic=deterministic)  # fmt: skip
+
+    plain, ordered = (cr.simulate(world, lambda ring, d=d: rank_fn(ring, d)) for d in (False, True))
+    for a, b in zip(plain, ordered, strict=True):
+        for ga, gb in zip(a, b, strict=True):
+            assert ga.tobytes() == gb.tobytes()
+
+
 def test_causal_aligns_queries_to_the_end_of_the_keys():
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, 1, 1, 4))

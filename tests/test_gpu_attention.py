@@ -256,9 +256,11 @@ def test_kernel_resources_on_device():
 # ---- backward kernel (cuparing_bwd): several ring blocks accumulate into the float32 dq/dk/dv
 
 
-def _ring_backward_on_gpu(host, world, layout, causal, window, transposed=False):
+def _ring_backward_on_gpu(host, world, layout, causal, window, transposed=False,
+                          deterministic=False, cu_seqlens=None):  # fmt: skip
     """Forward + backward through ``cr.simulate`` (LocalRing .copy()s CuPy arrays) on one GPU;
     returns the unsharded (dq, dk, dv) on the host. ``host``: dict q, k, v, d of host arrays."""
+    docs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
 
     def upload(x):
         if not transposed:
@@ -267,17 +269,22 @@ def _ring_backward_on_gpu(host, world, layout, causal, window, transposed=False)
         return to_gpu(np.ascontiguousarray(x.transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
 
     def rank_fn(ring):
-        sh = {n: upload(cr.shard(x, ring.rank, ring.size, layout=layout)) for n, x in host.items()}
+        sh = {
+            n: upload(cr.shard(x, ring.rank, ring.size, layout=layout, **docs))
+            for n, x in host.items()
+        }
         if transposed:
             assert not sh["q"].flags.c_contiguous
         poison_pool()
         out, lse = cr.ring_attention(sh["q"], sh["k"], sh["v"], ring, causal=causal,
-                                     window=window, layout=layout, return_lse=True)  # fmt: skip
+                                     window=window, layout=layout, return_lse=True,
+                                     **docs)  # fmt: skip
         return cr.ring_attention_backward(sh["d"], sh["q"], sh["k"], sh["v"], out, lse, ring,
-                                          causal=causal, window=window, layout=layout)  # fmt: skip
+                                          causal=causal, window=window, layout=layout,
+                                          deterministic=deterministic, **docs)  # fmt: skip
 
     results = cr.simulate(world, rank_fn)
-    return [cr.unshard([to_host(r[i]) for r in results], layout=layout) for i in range(3)]
+    return [cr.unshard([to_host(r[i]) for r in results], layout=layout, **docs) for i in range(3)]
 
 
 # 40 -> padded 64; 112 -> 128 (the sm90 kernel's second dQ box partly filled); 200 -> 224 (split)
@@ -302,6 +309,52 @@ def test_backward_kernel_matches_reference(dtype, headdim, mask, backward_family
     for g, x in zip(grads, (q, k, v), strict=True):
         assert g.dtype == x.dtype and g.shape == x.shape
     check_backward(grads, dout, q, k, v, causal=causal, window=window)
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("mask", [*BWD_MASKS, "documents"])
+def test_deterministic_backward_repeats_bit_for_bit(dtype, mask, monkeypatch, fresh_rng):
+    """``deterministic=True`` (the Hopper kernels' ordered mode): three runs on the same inputs
+    give bit-identical gradients, and they are right (float64 reference). Drawn: head dim (40,
+    64, 112, 128), GQA or not, ring size and layout, and for "documents" packed documents (gaps
+    in the positions: the tiles a CTA walks must be the same seen from either side, or a turn
+    never comes)."""
+    monkeypatch.setenv("CUPARING_BWD", "sm90")
+    rng = fresh_rng
+    headdim = int(rng.choice([40, 64, 112, 128]))
+    skip_unless_backward_family_runs("sm90", headdim)
+    world, layout = [(1, "contiguous"), (2, "zigzag"), (3, "contiguous")][int(rng.integers(3))]
+    b, h, hkv = [(2, 4, 2), (1, 6, 6), (1, 8, 1)][int(rng.integers(3))]
+    s = world * 2 * int(rng.integers(70, 200))
+    causal, window = MASKS["causal" if mask == "documents" else mask]
+    cu_seqlens = None
+    if mask == "documents":
+        cuts = np.sort(rng.choice(np.arange(1, s), size=int(rng.integers(1, 8)), replace=False))
+        cu_seqlens = [0, *map(int, cuts), s]
+    q, dout = (random_array(rng, (b, s, h, headdim), dtype) for _ in range(2))
+    k, v = (random_array(rng, (b, s, hkv, headdim), dtype) for _ in range(2))
+    host = dict(q=q, k=k, v=v, d=dout)
+    runs = [
+        _ring_backward_on_gpu(host, world, layout, causal, window, deterministic=True,
+                              cu_seqlens=cu_seqlens)  # fmt: skip
+        for _ in range(3)
+    ]
+    for again in runs[1:]:
+        for name, first, g in zip(("dq", "dk", "dv"), runs[0], again, strict=True):
+            assert first.tobytes() == g.tobytes(), f"{name} differs between deterministic runs"
+    check_backward(runs[0], dout, q, k, v, causal=causal, window=window, cu_seqlens=cu_seqlens)
+
+
+@requires_gpu(1)
+def test_deterministic_backward_refused_where_no_ordered_kernel(monkeypatch, fresh_rng):
+    """The mma.sync backward has no ordered mode yet: ``deterministic=True`` there is a clear
+    NotImplementedError before any work, not silently unordered gradients."""
+    monkeypatch.setenv("CUPARING_BWD", "sm80")
+    q, k, v, dout = (to_gpu(random_array(fresh_rng, (1, 64, 2, 64), "bfloat16")) for _ in "qkvd")
+    out, lse = cr.attention(q, k, v, return_lse=True)
+    with pytest.raises(NotImplementedError, match="deterministic=True needs the Hopper backward"):
+        cr.attention_backward(dout, q, k, v, out, lse, deterministic=True)
 
 
 @requires_gpu(1)

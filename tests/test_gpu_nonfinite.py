@@ -171,6 +171,23 @@ def _one_plant(rng, case, names, row=None, qk_values=(np.nan,)):
     return name, tuple(index), value
 
 
+def _reaching_sign(rng, case, name, index, value):
+    """The plant (``name``, ``index``, +-inf) with a sign that makes some logit of a visible pair
+    +inf, so dense attention's gradients are reached: had every visible logit of its row gone to
+    -inf, the row would see no key (output and gradients 0) and the case would test nothing."""
+    q, k = case.arrays["q"], case.arrays["k"]
+    group = q.shape[2] // k.shape[2]
+    b, row, head, col = index
+    if name == "q":
+        meets = k[b][case.seen[row]][:, head // group, col]
+    else:
+        meets = q[b][case.seen[:, row]][:, head * group : (head + 1) * group, col]
+    meets = meets.astype(np.float64)
+    signs = [s for s in (1.0, -1.0) if (meets * s > 0).any()]
+    assert signs, f"the {name} row {row} meets only zeros in column {col}: no sign reaches"
+    return name, index, float(signs[int(rng.integers(len(signs)))] * np.inf)
+
+
 def _planted(case, plants, names):
     """The arrays with ``plants`` set, and ``nonfinite_reach`` of them (dout only when planted
     into: forward-only cases reach out and lse rows)."""
@@ -198,6 +215,8 @@ def _plant(rng, case, names, gap, infinite_qk=False):
         name = sorted(rows)[int(rng.integers(len(rows)))]
         infinite = (np.inf, -np.inf) if infinite_qk else (np.nan,)
         first = [_one_plant(rng, case, name, int(rng.choice(rows[name])), qk_values=infinite)]
+        if infinite_qk:
+            first = [_reaching_sign(rng, case, *first[0])]
     qk_values = (np.nan, np.inf, -np.inf) if infinite_qk else (np.nan,)
     count = int(rng.integers(0 if first else 1, 4))
     others = [_one_plant(rng, case, names, qk_values=qk_values) for _ in range(count)]
@@ -314,13 +333,15 @@ def _backward_head_dim(rng, backward_family) -> int:
     return headdim
 
 
-def _backward_on_gpu(case):
+def _backward_on_gpu(case, deterministic=False):
     """(dq, dk, dv) on the host: the GPU forward's own out and LSE, then the backward kernel on a
     ring of one, outputs poisoned first."""
     q, k, v, dout = (to_gpu(case.arrays[n]) for n in "qkvd")
     poison_pool()
     out, lse = cr.attention(q, k, v, return_lse=True, **case.mask)
-    grads = cr.ring_attention_backward(dout, q, k, v, out, lse, SoloRing(), **case.mask)
+    grads = cr.ring_attention_backward(
+        dout, q, k, v, out, lse, SoloRing(), deterministic=deterministic, **case.mask
+    )
     return [to_host(g) for g in grads]
 
 
@@ -337,6 +358,20 @@ def test_backward_nonfinite_as_dense(dtype, mask, backward_family, fresh_rng):
     case = _draw_case(rng, mask, dtype, _backward_head_dim(rng, backward_family))
     _plant(rng, case, "qkvd", gap="qkvd")
     _check_backward(_backward_on_gpu(case), case)
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("mask", [m for m in MASKS if m != "none"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_deterministic_backward_with_nonfinite_inputs(dtype, mask, monkeypatch, fresh_rng):
+    """Deterministic mode when a plant stops CTAs of the Hopper kernel: the stopped CTAs still
+    take their turns on the tiles they leave to the redo pass (else the CTAs after them would
+    wait forever), and the gradients are dense attention's as in the default mode."""
+    monkeypatch.setenv("CUPARING_BWD", "sm90")
+    rng = fresh_rng
+    case = _draw_case(rng, mask, dtype, _backward_head_dim(rng, "sm90"))
+    _plant(rng, case, "qkvd", gap="qkvd")
+    _check_backward(_backward_on_gpu(case, deterministic=True), case)
 
 
 @requires_gpu(1)

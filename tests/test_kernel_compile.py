@@ -117,7 +117,8 @@ def test_backward_family_choice(monkeypatch):
     monkeypatch.setenv("CUPARING_BWD", "fast")
     with pytest.raises(ValueError, match="CUPARING_BWD"):
         loader.backward_family(128, "sm_90")
-    assert loader.sm90_bwd_name(128, "bfloat16") == "cuparing_bwd_sm90<128, true>"
+    assert loader.sm90_bwd_name(128, "bfloat16") == "cuparing_bwd_sm90<128, true, false>"
+    assert loader.sm90_bwd_name(64, "float16", True) == "cuparing_bwd_sm90<64, false, true>"
     with pytest.raises(ValueError):
         loader.sm90_bwd_name(256, "bfloat16")
 
@@ -159,9 +160,9 @@ def test_every_kernel_compiles_without_spills():
         len(loader.HEAD_DIMS) * len(loader.DTYPES)  # forward
         + len(loader.all_bwd_names(arch))  # backward (split head dims: two modes)
         + 3 * len(loader.DTYPES)  # casts both ways, delta
-        # wgmma forward (TMA and cp.async producers) and backward
+        # wgmma forward (TMA and cp.async producers) and backward (plain and ordered)
         + (2 * len(loader.SM90_FWD_CONFIGS) * len(loader.DTYPES) if arch == "sm_90a" else 0)
-        + (len(loader.SM90_BWD_HEAD_DIMS) * len(loader.DTYPES) if arch == "sm_90a" else 0)
+        + (2 * len(loader.SM90_BWD_HEAD_DIMS) * len(loader.DTYPES) if arch == "sm_90a" else 0)
         for arch in check.ARCHS
     )
     assert len(reports) == expected

@@ -20,6 +20,7 @@ from cuparing.kernels import loader
 FWD_POINTERS = ("out", "lse", "q", "k", "v", "q_pos", "k_pos")
 BWD_POINTERS = (
     "dout", "lse", "delta", "dq", "dk", "dv", "q", "k", "v", "q_pos", "k_pos", "redo",
+    "dq_turns", "dkv_turns",
 )  # fmt: skip
 
 

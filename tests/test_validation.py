@@ -77,6 +77,17 @@ def test_bad_options_are_refused(kwargs, error, message):
     assert ring.calls == 0
 
 
+def test_non_bool_deterministic_is_refused_before_any_transfer():
+    q, k, v = arrays()
+    ring = Spy()
+    out, lse = np.zeros_like(q), np.zeros((q.shape[0], q.shape[2], q.shape[1]), np.float32)
+    with pytest.raises(TypeError, match="deterministic must be a bool, got 1"):
+        cr.ring_attention_backward(q, q, k, v, out, lse, ring, deterministic=1)
+    assert ring.calls == 0
+    with pytest.raises(TypeError, match="deterministic must be a bool, got 'yes'"):
+        cr.attention_backward(q, q, k, v, out, lse, deterministic="yes")
+
+
 def test_length_the_layout_cannot_split_names_what_would_work():
     q, k, v = arrays(s=3)
     ring = Spy(size=4)

@@ -4,8 +4,9 @@ cuDNN) on one GPU.
 Ours: ``cr.ring_attention_backward`` on a ring of one (``SoloRing``): the delta kernel, the
 backward launch(es) into float32 accumulators, and the final casts, once per kernel family asked
 for (``CUPARING_BWD`` set per row: sm90 = the wgmma backward, Hopper only, head dims 64 / 128;
-sm80 = mma.sync). Peers: ``torch.nn.functional.scaled_dot_product_attention`` with the FLASH and
-the CUDNN backend, timing only ``torch.autograd.grad`` of a retained graph (their backward
+sm80 = mma.sync; a family name ending in ``-det``, e.g. sm90-det, runs it with
+``deterministic=True``). Peers: ``torch.nn.functional.scaled_dot_product_attention`` with the
+FLASH and the CUDNN backend, timing only ``torch.autograd.grad`` of a retained graph (their backward
 kernels, no forward). All see the same bf16 inputs [B, S, H, D] (B=1, H=32, D=128 by default) in
 the same process, on the same card. Time: CUDA events (tools/timing.py: back-to-back calls),
 median of repeats. FLOPs = 2.5 * 4 * B * H * S^2 * D (five GEMMs against the forward's two),
@@ -13,7 +14,7 @@ halved for causal. The ratio columns compare the first family with each peer.
 
 Usage:
     python tools/bench_backward.py [--quick] [--json PATH] [--repeats N] [--headdim D]
-        [--families sm90,sm80]
+        [--families sm90,sm90-det,sm80]
 """
 
 from __future__ import annotations
@@ -72,15 +73,17 @@ def main(argv=None) -> int:
         result = {"card": card, "D": d, "S": s, "causal": causal}
 
         out, lse = cr.ring_attention(q, k, v, ring, causal=causal, return_lse=True)
-        ours = functools.partial(
-            cr.ring_attention_backward, dout, q, k, v, out, lse, ring, causal=causal
-        )
         padded, arch = loader.padded_head_dim(d), loader.device_arch()
         for family in reversed(families):  # the first family ends up active for the stats
-            os.environ["CUPARING_BWD"] = family
-            if loader.backward_family(padded, arch) != family:  # not on this card / head dim
+            kernels = family.removesuffix("-det")
+            os.environ["CUPARING_BWD"] = kernels
+            if loader.backward_family(padded, arch) != kernels:  # not on this card / head dim
                 result[f"{family}_ms"] = result[f"{family}_tflops"] = None
                 continue
+            ours = functools.partial(
+                cr.ring_attention_backward, dout, q, k, v, out, lse, ring, causal=causal,
+                deterministic=family.endswith("-det"),
+            )  # fmt: skip
             ms = time_ms(ours, args.repeats)
             result[f"{family}_ms"] = ms
             result[f"{family}_tflops"] = flops / ms / 1e9

@@ -279,9 +279,11 @@ def check_all(archs=ARCHS, jobs: int | None = None, nvrtc=None) -> list[KernelRe
                         work.append((sm90_source, name, arch, True, smem, required))
             for d in loader.SM90_BWD_HEAD_DIMS:
                 for dtype in loader.DTYPES:
-                    name = loader.sm90_bwd_name(d, dtype)
-                    smem = loader.sm90_bwd_smem_bytes(d)
-                    work.append((sm90_source, name, arch, True, smem, REQUIRED_PTX["sm90_bwd"]))
+                    for ordered in (False, True):
+                        name = loader.sm90_bwd_name(d, dtype, ordered)
+                        smem = loader.sm90_bwd_smem_bytes(d)
+                        required = REQUIRED_PTX["sm90_bwd"]
+                        work.append((sm90_source, name, arch, True, smem, required))
     jobs = jobs or max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(jobs) as pool:  # ctypes releases the GIL while NVRTC runs
         futures = [pool.submit(compile_one, nvrtc, *item) for item in work]

@@ -75,8 +75,10 @@ class ArrayBackend:
         return self.xp.zeros(shape, dtype=array_ops.accum_dtype(self.xp, dtype))
 
     def backward_block(
-        self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale
-    ):
+        self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale,
+        deterministic=False,
+    ):  # fmt: skip
+        """Array arithmetic in a fixed order: deterministic either way."""
         array_ops.block_backward(
             self.xp, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale
         )

@@ -52,15 +52,19 @@ _PLANS = launch_plans.PlanCache()
 _FWD_POINTERS = ("out", "lse", "q", "k", "v", "q_pos", "k_pos")
 _FWD_QKV = slice(2, 5)
 class _BackwardPlan(NamedTuple):
-    """A backward signature's launches, and how many CTAs may hand work to a redo pass (0: none,
-    no flags needed)."""
+    """A backward signature's launches; how many CTAs may hand work to a redo pass (0: none, no
+    flags needed); the deterministic mode's turn counters (params.cuh BwdParams: dq_turns,
+    dkv_turns; 0 and 0 outside that mode)."""
 
     launch: Any
     redo_slots: int
+    dq_turns: int = 0
+    dkv_turns: int = 0
 
 
 _BWD_POINTERS = (
     "dout", "lse", "delta", "dq", "dk", "dv", "q", "k", "v", "q_pos", "k_pos", "redo",
+    "dq_turns", "dkv_turns",
 )  # fmt: skip
 # separate-argument kernels, packed as PackedLaunch passes them: each argument at its offset
 _ELEMENTWISE_ARGS = struct.Struct("<QQq")  # (src, dst, n): the casts
@@ -392,14 +396,36 @@ class CupyBackend:
         ``zeros`` would launch an elementwise kernel through CuPy's slower path)."""
         return _zeroed(self.xp, shape, self.xp.float32)
 
+    def check_deterministic(self, headdim: int, dtype: str) -> None:
+        """Raise unless a backward of actual head dim ``headdim`` and ``dtype`` ('bfloat16', ...)
+        on the current device has a deterministic mode: the Hopper kernels (sm90 family) have
+        one; the mma.sync kernels do not yet. Float32 / float64 (array arithmetic) always do.
+
+        Raises:
+            NotImplementedError: that backward runs the mma.sync kernels.
+        """
+        if dtype not in _KERNEL_DTYPES or headdim % 8 or headdim > loader.MAX_HEAD_DIM:
+            return
+        padded = loader.padded_head_dim(headdim)
+        arch = loader.device_arch()
+        if loader.backward_family(padded, arch) != "sm90":
+            raise NotImplementedError(
+                f"deterministic=True needs the Hopper backward kernels (sm_90, head dims that pad "
+                f"to {loader.SM90_BWD_HEAD_DIMS}, CUPARING_BWD not 'sm80'); head dim {headdim} "
+                f"on {arch} runs the mma.sync kernels, which have no deterministic mode yet"
+            )
+
     def backward_block(
-        self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale
-    ):
-        """Add one block's gradients into the float32 dq, dk, dv (in place)."""
+        self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale,
+        deterministic=False,
+    ):  # fmt: skip
+        """Add one block's gradients into the float32 dq, dk, dv (in place); ``deterministic``:
+        the ordered kernels (:meth:`check_deterministic` says where they exist)."""
         if self._kernel_ok(q):
             self._launch_backward(
-                dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale
-            )
+                dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale,
+                deterministic,
+            )  # fmt: skip
             return
         array_ops.block_backward(
             self.xp, dq, dk, dv, self._to_f32(dout), self._to_f32(q), self._to_f32(k),
@@ -407,8 +433,9 @@ class CupyBackend:
         )  # fmt: skip
 
     def _launch_backward(
-        self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask: MaskSpec, scale
-    ):
+        self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask: MaskSpec, scale,
+        deterministic,
+    ):  # fmt: skip
         cp = self.xp
         batch, seqlen_q, nheads, _ = q.shape
         seqlen_k = k.shape[1]
@@ -423,35 +450,44 @@ class CupyBackend:
         q_pos, k_pos = self._device_positions(q_pos), self._device_positions(k_pos)
         key = (
             "bwd", cp.cuda.runtime.getDevice(), q.shape, q.strides, q.dtype, k.shape, k.strides,
-            v.strides, dout.strides, kind, mask, scale, loader.kernel_switches(),
+            v.strides, dout.strides, kind, mask, scale, loader.kernel_switches(), deterministic,
         )  # fmt: skip
         plan = _PLANS.get(key)
         if plan is None:
             plan = self._backward_plan(
-                dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale
-            )
+                dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale,
+                deterministic,
+            )  # fmt: skip
             _PLANS.put(key, plan)
-        redo = 0
-        if plan.redo_slots:  # the sm90 kernel's hand-over to the redo pass, zeroed per launch
-            flags = _zeroed(cp, (plan.redo_slots,), cp.int32)  # (kept until after the launch)
-            redo = flags.data.ptr
+        # the sm90 kernel's hand-over to the redo pass and the turn counters, zeroed per launch
+        # by one memset (kept until after the launch)
+        slots = (plan.redo_slots, plan.dq_turns, plan.dkv_turns)
+        redo = dq_turns = dkv_turns = 0
+        if any(slots):
+            flags = _zeroed(cp, (sum(slots),), cp.int32)
+            redo, dq_turns, dkv_turns = (
+                flags.data.ptr + 4 * start if n else 0
+                for start, n in zip((0, slots[0], slots[0] + slots[1]), slots, strict=True)
+            )
         plan.launch.launch(dout.data.ptr, lse.data.ptr, delta.data.ptr, dq.data.ptr, dk.data.ptr,
                            dv.data.ptr, q.data.ptr, k.data.ptr, v.data.ptr, q_pos.data.ptr,
-                           k_pos.data.ptr, redo)  # fmt: skip
+                           k_pos.data.ptr, redo, dq_turns, dkv_turns)  # fmt: skip
 
     def _backward_plan(self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask,
-                       scale):  # fmt: skip
+                       scale, deterministic):  # fmt: skip
         """The backward launch(es) for this signature (operands already kernel-ready)."""
-        batch, _, nheads, headdim = q.shape
+        batch, seqlen_q, nheads, headdim = q.shape
         padded = loader.padded_head_dim(headdim)
         name = dtype_name(q.dtype)
-        kernels, cfg, smem = loader.get_bwd_kernels(padded, name)
+        if deterministic:
+            self.check_deterministic(headdim, name)
+        kernels, cfg, smem = loader.get_bwd_kernels(padded, name, ordered=deterministic)
         params = loader.pack_bwd_params(
             dout=dout.data.ptr, lse=lse.data.ptr, delta=delta.data.ptr,
             dq=dq.data.ptr, dk=dk.data.ptr, dv=dv.data.ptr,
             **_stride_fields(q=q, k=k, v=v), **_strides("do", _element_strides(dout)),
             **self._block_fields(q, k, q_pos, k_pos, kind, mask, scale), scale=np.float32(scale),
-            redo=0,
+            redo=0, dq_turns=0, dkv_turns=0,
         )  # fmt: skip
         grid = (nheads, batch, math.ceil(k.shape[1] / cfg.block_n))
         offsets = loader.pointer_offsets("bwd", _BWD_POINTERS)
@@ -460,8 +496,13 @@ class CupyBackend:
             tuple(kernel for kernel, _ in kernels), grid, (cfg.threads,), smem, params, offsets
         )
         sm90 = loader.backward_family(padded, loader.device_arch()) == "sm90"
+        turns = (0, 0)
+        if deterministic:  # a counter per (batch, head, query tile) and per (batch, kv head, CTA)
+            kv_heads = k.shape[2]
+            turns = (batch * nheads * math.ceil(seqlen_q / cfg.block_m),
+                     batch * kv_heads * grid[2] if kv_heads != nheads else 0)  # fmt: skip
         if not sm90 or kind == BlockKind.FULL:  # (a FULL block has no mask edge)
-            return _BackwardPlan(launch, 0)
+            return _BackwardPlan(launch, 0, *turns)
         # the sm90 kernel leaves tiles with NaN / inf next to a mask edge to the sm80 kernel's
         # exact path: its redo pass runs the CTAs so marked (the others exit at once)
         redo_kernel, redo_cfg, redo_smem = loader.get_bwd_redo_kernel(padded, name)
@@ -469,7 +510,8 @@ class CupyBackend:
             (redo_kernel,), grid, (redo_cfg.threads,), redo_smem, params, offsets
         )
         slots = grid[0] * grid[1] * grid[2]
-        return _BackwardPlan(launch_plans.LaunchSequence((launch, redo_launch)), slots)
+        sequence = launch_plans.LaunchSequence((launch, redo_launch))
+        return _BackwardPlan(sequence, slots, *turns)
 
     # ---- dtype conversion
     def cast(self, x, dtype, out=None):

@@ -53,8 +53,15 @@ class Backend(Protocol):
     def backward_block(
         self, dq: Any, dk: Any, dv: Any, dout: Any, q: Any, k: Any, v: Any, lse: Any,
         delta: Any, q_pos: Any, k_pos: Any, kind: BlockKind, mask: MaskSpec, scale: float,
+        deterministic: bool = False,
     ) -> None:  # fmt: skip
-        """Add one block's gradients into the accumulators ``dq``, ``dk``, ``dv`` (in place)."""
+        """Add one block's gradients into the accumulators ``dq``, ``dk``, ``dv`` (in place);
+        ``deterministic``: in an order that does not change between runs, so the same inputs give
+        bit-identical accumulators.
+
+        Raises:
+            NotImplementedError: ``deterministic`` where this backend's kernels have no such mode.
+        """
 
     def cast(self, x: Any, dtype: Any, out: Any = None) -> Any:
         """``x`` as ``dtype`` (the accumulators' way back to the caller's dtype); written into

@@ -244,7 +244,8 @@ def sm90_bwd_smem_bytes(head_dim: int) -> int:
     box_row_bytes = 128 * -(-head_dim // 64)
     cfg, stages, barriers = SM90_BWD_CONFIG, 2, 64
     kv = 2 * cfg.block_n * box_row_bytes
-    stage = 2 * cfg.block_m * box_row_bytes + 3 * cfg.block_m * 4  # Q, dO; lse, delta, positions
+    # Q, dO; lse, delta, positions, the first key tile (deterministic mode) and padding
+    stage = 2 * cfg.block_m * box_row_bytes + 3 * cfg.block_m * 4 + 16
     # (the kernel places each stage's row info after the tiles: the total is the same)
     ds = 2 * 64 * cfg.block_m * 2  # dS^T of each consumer
     ds *= 2 if head_dim == 128 else 1  # d=128: double-buffered (Sm90BwdTraits::kSplitDq)
@@ -345,11 +346,13 @@ def bwd_name(head_dim: int, dtype: str, mode: int) -> str:
     return f"cuparing_bwd<{head_dim}, {'true' if dtype == 'bfloat16' else 'false'}, {mode}>"
 
 
-def sm90_bwd_name(head_dim: int, dtype: str) -> str:
-    """Name expression of the sm90 backward for a padded head dim and 'float16'/'bfloat16'."""
+def sm90_bwd_name(head_dim: int, dtype: str, ordered: bool = False) -> str:
+    """Name expression of the sm90 backward for a padded head dim and 'float16'/'bfloat16';
+    ``ordered``: the deterministic mode's instantiation (turn counters, sm90/bwd.cuh)."""
     if head_dim not in SM90_BWD_HEAD_DIMS or dtype not in DTYPES:
         raise ValueError(f"no sm90 backward kernel for {head_dim=} {dtype=}")
-    return f"cuparing_bwd_sm90<{head_dim}, {'true' if dtype == 'bfloat16' else 'false'}>"
+    bf16 = "true" if dtype == "bfloat16" else "false"
+    return f"cuparing_bwd_sm90<{head_dim}, {bf16}, {'true' if ordered else 'false'}>"
 
 
 def bwd_delta_name(dtype: str) -> str:
@@ -467,12 +470,13 @@ PARAMS_OFFSETS = {
 }  # fmt: skip
 PARAMS_SIZE = 200
 BWD_PARAMS_DTYPE = _params_dtype(
-    pointers=("q", "k", "v", "dout", "lse", "delta", "dq", "dk", "dv", "q_pos", "k_pos", "redo"),
+    pointers=("q", "k", "v", "dout", "lse", "delta", "dq", "dk", "dv", "q_pos", "k_pos", "redo",
+              "dq_turns", "dkv_turns"),
     strided=("q", "k", "v", "do"),
     ints=(*_SHAPE_INTS, "block_full"),
     floats=("scale_log2", "scale"),
 )
-BWD_PARAMS_SIZE = 240  # static_assert(sizeof(BwdParams) == 240) in params.cuh
+BWD_PARAMS_SIZE = 256  # static_assert(sizeof(BwdParams) == 256) in params.cuh
 
 
 _STRUCT_CODES = {np.dtype(np.uint64): "Q", np.dtype(np.int64): "q", np.dtype(np.int32): "i",
@@ -620,24 +624,28 @@ def get_cast_kernels(dtype: str):
     return module.get_function(names[0]), module.get_function(names[1])
 
 
-def get_bwd_kernels(head_dim: int, dtype: str):
+def get_bwd_kernels(head_dim: int, dtype: str, ordered: bool = False):
     """([(kernel, mode), ...] in launch order, config, shared memory bytes) of the backward for
     padded ``head_dim`` and 'float16'/'bfloat16' on the current device, from the family
-    :func:`backward_family` picks (``CUPARING_BWD``).
+    :func:`backward_family` picks (``CUPARING_BWD``); ``ordered``: the deterministic mode's
+    instantiation (sm90 family only).
 
     Raises:
         RuntimeError: the device cannot give a CTA that much shared memory.
+        ValueError: ``ordered`` where the family is the mma.sync one (no such mode yet).
     """
     import cupy
 
     device = cupy.cuda.Device().id
-    key = ("bwd", device, head_dim, dtype, kernel_switches())
+    key = ("bwd", device, head_dim, dtype, kernel_switches(), ordered)
     hit = _LAUNCHES.get(key)
     if hit is not None:
         return hit
     arch = device_arch()
+    if ordered and backward_family(head_dim, arch) != "sm90":
+        raise ValueError(f"no deterministic mode in the sm80 backward ({head_dim=}, {arch})")
     if backward_family(head_dim, arch) == "sm90":
-        name = sm90_bwd_name(head_dim, dtype)
+        name = sm90_bwd_name(head_dim, dtype, ordered)
         kernel = get_module((name,), "sm90").get_function(name)
         smem = sm90_bwd_smem_bytes(head_dim)
         _allow_smem(kernel, name, smem, device, arch)

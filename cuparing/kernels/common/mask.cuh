@@ -42,9 +42,12 @@ __device__ __forceinline__ int lower_bound_warp(const int* __restrict__ pos, int
 
 // The tiles (kTile entries each) of a sorted position array holding some value in
 // [begin_value, end_value) (kFrom: at an index >= from, a multiple of kTile): one contiguous
-// range [first, first + count); count 0 if none. Call with the whole warp converged
-// (lower_bound_warp).
-template <int kTile, bool kFrom = false>
+// range [first, first + count); count 0 if none. kEndpoints: the tiles whose first and last
+// positions bracket part of the range instead, which adds the one tile (if any) that straddles
+// a range holding no position: the set classify_tile on tile endpoints finds non-EMPTY, the
+// same seen from either side (deterministic mode counts on that). Call with the whole warp
+// converged (lower_bound_warp).
+template <int kTile, bool kFrom = false, bool kEndpoints = false>
 __device__ __forceinline__ void tiles_in_range(const int* __restrict__ pos, int n,
                                                i64 begin_value, i64 end_value, int lane,
                                                int& first, int& count, int from = 0) {
@@ -52,8 +55,11 @@ __device__ __forceinline__ void tiles_in_range(const int* __restrict__ pos, int 
   if constexpr (kFrom) begin = max(begin, from);
   const int end = lower_bound_warp(pos, n, end_value, lane);
   if (end <= begin) {
-    first = 0;
-    count = 0;
+    // (end == begin here: begin_value <= end_value) a tile straddles the gap iff the first
+    // position past it is not its tile's first
+    const bool straddles = kEndpoints && !kFrom && begin < n && begin % kTile != 0;
+    first = straddles ? begin / kTile : 0;
+    count = straddles ? 1 : 0;
   } else {
     first = begin / kTile;
     count = (end - 1) / kTile - first + 1;
@@ -70,13 +76,14 @@ __device__ __forceinline__ void visible_key_tiles(const int* __restrict__ k_pos,
 }
 
 // The query tiles that any key at positions [k_min, k_max] is seen by (queries at k - [lo, hi]);
-// kFrom: only from query index `from` (a multiple of kTile) on.
-template <int kTile, bool kFrom = false>
+// kFrom: only from query index `from` (a multiple of kTile) on; kEndpoints: as tiles_in_range.
+template <int kTile, bool kFrom = false, bool kEndpoints = false>
 __device__ __forceinline__ void seeing_query_tiles(const int* __restrict__ q_pos, int seqlen_q,
                                                    int k_min, int k_max, int lo, int hi, int lane,
                                                    int& first, int& count, int from = 0) {
-  tiles_in_range<kTile, kFrom>(q_pos, seqlen_q, static_cast<i64>(k_min) - hi,
-                               static_cast<i64>(k_max) - lo + 1, lane, first, count, from);
+  tiles_in_range<kTile, kFrom, kEndpoints>(q_pos, seqlen_q, static_cast<i64>(k_min) - hi,
+                                           static_cast<i64>(k_max) - lo + 1, lane, first, count,
+                                           from);
 }
 
 // Set S to -inf where the key is hidden or past the end (column >= seqlen_k).

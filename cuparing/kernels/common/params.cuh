@@ -61,6 +61,12 @@ struct BwdParams {
   // the rows before it; the sm80 kernel launched after it with the same parameters runs only
   // the CTAs so marked, from that row on. Null: the sm80 kernel runs every CTA whole.
   int* redo;
+  // Deterministic mode's turn counters (common/turns.cuh), zeroed before the launch; null in
+  // the other instantiations. dq_turns: one per (batch, query head, 64-query tile), [B, H,
+  // ceil(Sq / 64)]; dkv_turns: one per (batch, kv head, 128-key tile), [B, Hkv, ceil(Sk / 128)]
+  // (read with GQA only).
+  int* dq_turns;
+  int* dkv_turns;
   i64 q_batch_stride, q_row_stride, q_head_stride;  // in elements
   i64 k_batch_stride, k_row_stride, k_head_stride;
   i64 v_batch_stride, v_row_stride, v_head_stride;
@@ -72,6 +78,6 @@ struct BwdParams {
   float scale;        // softmax scale: dq, dk = scale * (dS K, dS^T Q)
 };
 
-static_assert(sizeof(BwdParams) == 240, "BwdParams layout changed: update loader.BWD_PARAMS_DTYPE");
+static_assert(sizeof(BwdParams) == 256, "BwdParams layout changed: update loader.BWD_PARAMS_DTYPE");
 
 }  // namespace cuparing

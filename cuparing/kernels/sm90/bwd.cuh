@@ -30,13 +30,20 @@
 // NaN / inf next to a mask edge: a CTA whose K, or a tile not FULL for it whose Q or dO, holds
 // one stops before that tile and marks itself for the sm80 kernel's redo pass (params.cuh
 // BwdParams::redo), launched after this kernel, which finishes it with its exact path.
-// Not yet here: TMA loads, overlap of one tile's products with the next tile's, a deterministic
-// order of the dQ reductions.
+// Deterministic mode (kOrdered, its own instantiation; common/turns.cuh): a query tile's dQ
+// partials are added in key-tile order and a GQA group's dK / dV in head order. The CTA then
+// walks every query tile whose endpoints classify non-EMPTY against its keys (the same set seen
+// from either side, so a tile's adders before key tile n are a known range); each consumer warp
+// waits for its turn before it stages its dQ rows, and counts itself once its reductions are
+// complete, a tile later (d = 128), so the wait for completion overlaps the next tile's products.
+// d <= 64: both consumers add into the same rows, consumer 0 first, which counts at once.
+// Not yet here: TMA loads, overlap of one tile's products with the next tile's.
 #pragma once
 #include "../common/mask.cuh"
 #include "../common/nonfinite.cuh"
 #include "../common/params.cuh"
 #include "../common/ptx.cuh"
+#include "../common/turns.cuh"
 #include "copy.cuh"
 #include "sync.cuh"
 #include "tma.cuh"
@@ -78,7 +85,8 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
   // box): each consumer its own dS^T and its own keys' partial.
   static constexpr bool kSplitDq = Boxes::kBoxes == 2;
   static constexpr int kDsRegionBytes = kSplitDq ? 2 * 2 * kDsBytes : 2 * kDsBytes;
-  static constexpr int kRowInfoBytes = 3 * kBlockM * 4;  // lse (log2), delta, q positions
+  // lse (log2), delta, q positions; then (deterministic mode) the tile's first key tile
+  static constexpr int kRowInfoBytes = 3 * kBlockM * 4 + 16;
   // dQ leaves through shared memory: each consumer warp stages its 16 query rows of one 64-column
   // box in float32 and its lanes add them into the accumulator by bulk reductions, one row each.
   // Rows 64 + 8 floats apart: 16-byte aligned for the copy engine, and the warp's 8-byte stores
@@ -112,7 +120,47 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
 CUPARING_SM90_BWD_SMEM(CUPARING_CHECK_SM90_BWD_SMEM)
 #undef CUPARING_CHECK_SM90_BWD_SMEM
 
-template <class Tr, bool kBf16>
+// Deterministic mode's dQ turns (common/turns.cuh). The counter of query tile m of this CTA's
+// (batch, head): every consumer warp of every CTA that walks the tile counts itself once.
+template <class Tr>
+__device__ __forceinline__ int* dq_turn(const BwdParams& p, int m) {
+  const int q_tiles = (p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM;
+  return p.dq_turns + (static_cast<i64>(blockIdx.y) * p.nheads + blockIdx.x) * q_tiles + m;
+}
+
+// The count consumer c's warp waits for on a query tile whose adders start at key tile `first`
+// (first_key_tile_seen; 0 in a FULL block, where every CTA walks every tile): the 8 warps of
+// each key tile before this CTA's; d <= 64, where both consumers add into the same rows,
+// consumer 0's warps go first.
+template <class Tr>
+__device__ __forceinline__ int dq_turn_target(int first, int c) {
+  return (Tr::kConsumerThreads / 32) * (static_cast<int>(blockIdx.z) - first) +
+         (Tr::kSplitDq ? 0 : 4 * c);
+}
+
+// first_key_tile_seen for a later query tile (first position q_min) of the CTA, from `first`,
+// the answer for an earlier one: the answers ascend with the tiles. One thread; never past the
+// CTA's own key tile, which walks the tile.
+template <int kKeyTile>
+__device__ __forceinline__ int next_key_tile_seen(const BwdParams& p, int first, int q_min) {
+  const int begin = q_min + p.lo;  // (positions and |lo| < 2^30: no overflow)
+  while (!p.block_full && first < static_cast<int>(blockIdx.z) &&
+         __ldg(p.k_pos + min(kKeyTile * (first + 1), p.seqlen_k) - 1) < begin) {
+    ++first;
+  }
+  return first;
+}
+
+// Counts the warp's turn on a tile a tile late: by then its reductions are complete, rarely with
+// a wait.
+__device__ __forceinline__ void end_dq_turn(int* turn, int lane) {
+  if (lane < 16) bulk_wait<0>();
+  fence_proxy_async_global();  // the copy engine's adds, before the counter says they are done
+  __syncwarp();
+  if (lane == 0) end_turn(turn);
+}
+
+template <class Tr, bool kBf16, bool kOrdered>
 __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const int tid = threadIdx.x;
@@ -135,7 +183,8 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   if (!p.block_full) {
     const int k_min = __ldg(p.k_pos + n0);
     const int k_max = __ldg(p.k_pos + n0 + keys_valid - 1);
-    seeing_query_tiles<Tr::kBlockM>(p.q_pos, sq, k_min, k_max, lo, hi, lane, m_first, m_count);
+    seeing_query_tiles<Tr::kBlockM, false, kOrdered>(p.q_pos, sq, k_min, k_max, lo, hi, lane,
+                                                      m_first, m_count);
   }
 
   // ---- shared memory: K, V, the stages, dS^T, the dQ staging rows, the row info, the mbarriers
@@ -152,6 +201,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   auto s_lse = [&](int s) { return s_info + s * Tr::kRowInfoBytes; };
   auto s_delta = [&](int s) { return s_lse(s) + 4 * Tr::kBlockM; };
   auto s_qpos = [&](int s) { return s_lse(s) + 8 * Tr::kBlockM; };
+  auto s_first_key_tile = [&](int s) { return s_lse(s) + 12 * Tr::kBlockM; };
   auto full = [&](int s) { return s_bar + 8u * s; };
   auto empty = [&](int s) { return s_bar + 8u * (Tr::kStages + s); };
   const u32 kv_full = s_bar + 8u * (2 * Tr::kStages);
@@ -185,6 +235,13 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
         s_v, p.v + b * p.v_batch_stride + kv_head() * p.v_head_stride + n0 * p.v_row_stride,
         p.v_row_stride, keys_valid, d_chunks, tid);
     cp_async_mbarrier_arrive(kv_full);
+    // deterministic mode: the first key tile that walks the query tile (first_key_tile_seen),
+    // searched for once and then advanced
+    int first_key = 0;
+    if (kOrdered && !p.block_full) {
+      first_key = first_key_tile_seen<Tr::kBlockN>(
+          p.k_pos, sk, __ldg(p.q_pos + m_first * Tr::kBlockM), lo, lane);
+    }
     for (int it = 0; it < m_count; ++it) {
       const int s = it % Tr::kStages;
       const int m0 = (m_first + it) * Tr::kBlockM;
@@ -205,6 +262,10 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
         const int i = tid - Tr::kBlockM;
         const int row = m0 + i;
         st_shared_u32(s_delta(s) + 4 * i, __float_as_uint(row < sq ? __ldg(delta_head + row) : 0.f));
+      }
+      if (kOrdered && tid == 0) {  // the tiles' first positions ascend, and so does this
+        first_key = next_key_tile_seen<Tr::kBlockN>(p, first_key, __ldg(p.q_pos + m0));
+        st_shared_u32(s_first_key_tile(s), first_key);
       }
       mbarrier_arrive(full(s));
     }
@@ -292,7 +353,11 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
             region_magnitudes<kBf16, Tr::kConsumerThreads>(s_k, Tr::kKVBytes, ctid)));
   }
 
-  for (int it = 0; it < m_count; ++it) {
+  // deterministic mode (dq_turn_*): the last tile's adds are issued, its turn not yet counted
+  // (d = 128: every tile adds)
+  bool dq_turn_pending = false;
+  int it = 0;  // after the loop: the tiles done (fewer than m_count after a stop)
+  for (; it < m_count; ++it) {
     const int s = it % Tr::kStages;
     const int m0 = (m_first + it) * Tr::kBlockM;
     const int rows = min(Tr::kBlockM, sq - m0);
@@ -443,6 +508,11 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       Wgmma<Tr::kHeadDim, kBf16>::rs_trans_b(acc_dv, pa[kk], do_mn + step, 1);
     }
     wgmma_commit();
+    if constexpr (kOrdered) {  // the last tile's turn: its adds have long been complete
+      if (Tr::kSplitDq ? it > 0 : dq_turn_pending) {
+        end_dq_turn(dq_turn<Tr>(p, m_first + it - 1), lane);
+      }
+    }
     fence_proxy_async();  // the dS^T stores, before wgmma reads them
     if constexpr (Tr::kSplitDq) {
       named_barrier_sync(1, Tr::kConsumerThreads);  // both consumers' dS^T rows are written
@@ -486,9 +556,21 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     // the other consumer's keys went into the same partial). Stage the warp's 16 rows (times
     // scale); lane i < 16 then adds row i with one bulk reduction. The staging rows are rewritten
     // once per tile, after the lanes' reductions of the previous tile have read them.
-    if (Tr::kSplitDq || kind != kTileEmpty) {
+    const bool adds_dq = Tr::kSplitDq || kind != kTileEmpty;
+    if constexpr (kOrdered) {  // (a warp with nothing to add takes its turn all the same)
+      int* turn = dq_turn<Tr>(p, m_first + it);
+      if (lane == 0) {
+        const int first = static_cast<int>(ld_shared_u32(s_first_key_tile(s)));
+        wait_turn(turn, dq_turn_target<Tr>(first, c));
+      }
+      __syncwarp();
+      fence_proxy_async_global();  // the turn, before this warp's adds by the copy engine
+      if constexpr (!Tr::kSplitDq) dq_turn_pending = adds_dq;
+      if (!adds_dq && lane == 0) end_turn(turn);
+    }
+    if (adds_dq) {
       const u32 dq_stage = s_dq0 + (4 * c + wq) * Tr::kDqWarpBytes;
-      if (lane < 16) bulk_wait_read<0>();
+      if (!kOrdered && lane < 16) bulk_wait_read<0>();  // ordered: complete since end_dq_turn
       __syncwarp();
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -510,12 +592,48 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
         bulk_commit();
       }
     }
+    if constexpr (kOrdered && !Tr::kSplitDq) {
+      // d <= 64: consumer 1 adds into the same rows right after consumer 0 of this CTA, so
+      // consumer 0 counts its turn at once: counted a tile late, it would come after the next
+      // tile's consumer barrier (kAgree), which waits for consumer 1, which waits for the count
+      if (c == 0 && dq_turn_pending) {
+        end_dq_turn(dq_turn<Tr>(p, m_first + it), lane);
+        dq_turn_pending = false;
+      }
+    }
     wgmma_wait<0>();  // dK done
     fence_accumulator(acc_dk);
     if (lane == 0) mbarrier_arrive(empty(s));  // Q, dO, row info of the stage are read
   }
   // every dQ reduction complete (its reads of shared memory and its adds) before the CTA ends
   if (lane < 16) bulk_wait<0>();
+  if constexpr (kOrdered) {
+    if (Tr::kSplitDq ? it > 0 : dq_turn_pending) {
+      end_dq_turn(dq_turn<Tr>(p, m_first + it - 1), lane);
+    }
+    // a stopped CTA still takes its turns on the tiles it left to the redo pass (rare: the
+    // first key tile of each is found by a plain scan)
+    if (lane == 0) {
+      int first = 0;
+      for (; it < m_count; ++it) {
+        const int m = m_first + it;
+        first = next_key_tile_seen<Tr::kBlockN>(p, first, __ldg(p.q_pos + m * Tr::kBlockM));
+        wait_turn(dq_turn<Tr>(p, m), dq_turn_target<Tr>(first, c));
+        end_turn(dq_turn<Tr>(p, m));
+      }
+    }
+    __syncwarp();
+  }
+  // Deterministic mode with GQA: the query heads of a group add into the same dK / dV rows, in
+  // head order (every consumer warp of a head counts itself)
+  const int group = p.nheads / p.nheads_kv;
+  int* kv_turn = nullptr;
+  if (kOrdered && group > 1) {
+    kv_turn = p.dkv_turns + (static_cast<i64>(b) * p.nheads_kv + kv_head()) * gridDim.z +
+              blockIdx.z;
+    if (lane == 0) wait_turn(kv_turn, (Tr::kConsumerThreads / 32) * (h % group));
+    __syncwarp();
+  }
 
   // dV and dK (times scale) of the consumer's keys into the float32 accumulators
   const i64 kv_row_stride = static_cast<i64>(p.nheads_kv) * d;  // dk, dv [B, Sk, Hkv, D]
@@ -534,6 +652,11 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
         red_add_f32x2(dk_row + col, acc_dk[j][2 * r] * scale, acc_dk[j][2 * r + 1] * scale);
       }
     }
+  }
+  if (kv_turn != nullptr) {
+    __threadfence();  // this lane's adds, before lane 0 counts the warp's
+    __syncwarp();
+    if (lane == 0) end_turn(kv_turn);
   }
 }
 

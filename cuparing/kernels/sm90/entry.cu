@@ -4,9 +4,10 @@
 //       dynamic smem Sm90FwdTraits<D, tma>::kSmemBytes; same FwdParams and results as the sm80
 //       family's cuparing_fwd, plus the Q/K/V tensor maps (read only when tma is true; the
 //       false instantiation copies with cp.async).
-//   cuparing_bwd_sm90<D, bf16>: grid (H, B, ceil(Sk / 128)), block 384, dynamic smem
+//   cuparing_bwd_sm90<D, bf16, ordered>: grid (H, B, ceil(Sk / 128)), block 384, dynamic smem
 //       Sm90BwdTraits<D>::kSmemBytes; the sm80 family's BwdParams and contract (adds one ring
-//       block's dq, dk, dv into the float32 accumulators), head dims 64 and 128.
+//       block's dq, dk, dv into the float32 accumulators), head dims 64 and 128; ordered: the
+//       deterministic mode (adds in a fixed order through BwdParams' turn counters).
 #include "bwd.cuh"
 #include "fwd.cuh"
 
@@ -17,8 +18,8 @@ __global__ void __launch_bounds__(cuparing::Sm90FwdTraits<kHeadDim, kTma>::kNThr
   cuparing::fwd_block_sm90<cuparing::Sm90FwdTraits<kHeadDim, kTma>, kBf16, kTma>(params, maps);
 }
 
-template <int kHeadDim, bool kBf16>
+template <int kHeadDim, bool kBf16, bool kOrdered>
 __global__ void __launch_bounds__(cuparing::Sm90BwdTraits<kHeadDim>::kNThreads, 1)
     cuparing_bwd_sm90(const __grid_constant__ cuparing::BwdParams params) {
-  cuparing::bwd_block_sm90<cuparing::Sm90BwdTraits<kHeadDim>, kBf16>(params);
+  cuparing::bwd_block_sm90<cuparing::Sm90BwdTraits<kHeadDim>, kBf16, kOrdered>(params);
 }
