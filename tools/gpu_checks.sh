@@ -2,8 +2,8 @@
 # On a GPU machine: install, compile check, GPU tests, benchmarks. Logs go to the directory named
 # by CUPARING_LOG_DIR if set, else ./out.
 # Usage: bash tools/gpu_checks.sh [single|multi|bench|bwd|all] [pytest -k expression]
-#   bwd: the backward kernel tests of both families (NaN / inf next to mask edges included) and
-#        bench_backward (sm90, sm80, SDPA peers)
+#   bwd: the backward kernel tests of both families (NaN / inf next to mask edges and the
+#        deterministic mode included) and bench_backward (sm90, sm90 deterministic, sm80, SDPA)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 out="${CUPARING_LOG_DIR:-out}"
@@ -25,10 +25,11 @@ if [[ $what == multi || $what == all ]]; then
 fi
 if [[ $what == bwd || $what == all ]]; then
   run timeout 300 python -m pytest -q -rf --maxfail=4 tests/test_gpu_attention.py \
-    -k "backward_kernel${filter:+ and ($filter)}" 2>&1 | tee "$out/bwd_tests.log" | tail -20
+    -k "(backward_kernel or deterministic)${filter:+ and ($filter)}" 2>&1 \
+    | tee "$out/bwd_tests.log" | tail -20
   run timeout 200 python -m pytest -q -rf --maxfail=4 tests/test_gpu_nonfinite.py \
     -k "backward${filter:+ and ($filter)}" 2>&1 | tee "$out/bwd_nonfinite.log" | tail -20
-  run timeout 200 python tools/bench_backward.py --quick --families sm90,sm80 \
+  run timeout 200 python tools/bench_backward.py --quick --families sm90,sm90-det,sm80 \
     --json "$out/bench_backward.json" 2>&1 | tee "$out/bench_backward.log"
 fi
 if [[ $what == bench || $what == all ]]; then
