@@ -190,8 +190,7 @@ class CupyBackend:
 
     # ---- forward
     def _kernel_ok(self, q) -> bool:
-        d = q.shape[-1]
-        return dtype_name(q.dtype) in _KERNEL_DTYPES and d % 8 == 0 and d <= loader.MAX_HEAD_DIM
+        return _kernels_take(q.shape[-1], dtype_name(q.dtype))
 
     def forward_state(self, q, blocks: int, out=None, lse=None) -> CupyForwardState:
         """Accumulators for queries q [B, Sq, H, D] that ``blocks`` non-empty blocks will fill.
@@ -404,7 +403,7 @@ class CupyBackend:
         Raises:
             NotImplementedError: that backward runs the mma.sync kernels.
         """
-        if dtype not in _KERNEL_DTYPES or headdim % 8 or headdim > loader.MAX_HEAD_DIM:
+        if not _kernels_take(headdim, dtype):
             return
         padded = loader.padded_head_dim(headdim)
         arch = loader.device_arch()
@@ -553,6 +552,12 @@ class CupyBackend:
         _, to_f32 = loader.get_cast_kernels(name)
         _elementwise(to_f32, bits, out)
         return out
+
+
+def _kernels_take(headdim: int, dtype: str) -> bool:
+    """Whether our CUDA kernels run operands of actual head dim ``headdim`` and ``dtype`` (else
+    the array arithmetic in float32 does)."""
+    return dtype in _KERNEL_DTYPES and headdim % 8 == 0 and headdim <= loader.MAX_HEAD_DIM
 
 
 def _elementwise(kernel, src, dst) -> None:
