@@ -205,7 +205,7 @@ def ring_backward(
     delta = backend.backward_delta(dout, out)
     if dlse is not None:
         delta = delta - dlse.astype(delta.dtype)
-    dq = backend.zeros_accum(q.shape, q.dtype)
+    dq = backend.dq_accum(q)
     dkv = [backend.zeros_accum(k.shape, k.dtype), backend.zeros_accum(v.shape, v.dtype)]
     kv = [k, v]
     for step in range(plan.last_step + 1):
@@ -230,7 +230,7 @@ def ring_backward(
     from_ring = plan.last_step > 0 or home_shift > 0
     dq_into, dk_into, dv_into = grads_into or (None, None, None)
     grads = (
-        backend.cast(dq, q.dtype, out=dq_into),
+        backend.dq_from_accum(dq, q.dtype, out=dq_into),
         _owned(backend, dkv[0], k.dtype, from_ring, dk_into),
         _owned(backend, dkv[1], v.dtype, from_ring, dv_into),
     )

@@ -266,7 +266,8 @@ def check_all(archs=ARCHS, jobs: int | None = None, nvrtc=None) -> list[KernelRe
             d = int(name.split("<")[1].split(",")[0])
             work.append((source, name, arch, True, loader.bwd_smem_bytes(d, arch)))
         for dtype in loader.DTYPES:
-            for name in (*loader.cast_names(dtype), loader.bwd_delta_name(dtype)):
+            for name in (*loader.cast_names(dtype), loader.bwd_delta_name(dtype),
+                         loader.dq_from_tiles_name(dtype)):
                 work.append((source, name, arch, False, 0))
         if arch.startswith("sm_9"):  # the wgmma family exists for the sm_90a target only
             sm90_source = loader.kernel_source(arch, "sm90")

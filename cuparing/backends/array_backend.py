@@ -74,6 +74,14 @@ class ArrayBackend:
         """A zeroed gradient accumulator (float32, float64 for float64)."""
         return self.xp.zeros(shape, dtype=array_ops.accum_dtype(self.xp, dtype))
 
+    def dq_accum(self, q):
+        """A zeroed dq accumulator for queries ``q``: q's shape, float32 (float64)."""
+        return self.zeros_accum(q.shape, q.dtype)
+
+    def dq_from_accum(self, acc, dtype, out=None):
+        """dq from its accumulator: ``acc`` as ``dtype`` (into ``out`` if given)."""
+        return self.cast(acc, dtype, out=out)
+
     def backward_block(
         self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale,
         deterministic=False,

@@ -43,6 +43,8 @@ from ..kernels import loader, tensor_maps
 from ..masks import UNBOUNDED, BlockKind, MaskSpec
 from . import array_ops, launch_plans
 from .array_backend import ArrayBackend
+from .dq_tiles import DqTiles
+from .dq_tiles import floats as dq_tile_floats
 
 _KERNEL_DTYPES = ("float16", "bfloat16")
 _LOG2E = 1.4426950408889634
@@ -70,6 +72,7 @@ _BWD_POINTERS = (
 _ELEMENTWISE_ARGS = struct.Struct("<QQq")  # (src, dst, n): the casts
 _DELTA_ARGS = struct.Struct("<QQQ6q4i")  # (dout, out, delta, strides, batch, seqlen, H, D)
 _DELTA_OFFSETS = (0, 8, 16, *range(24, 72, 8), *range(72, 88, 4))
+_DQ_TILES_ARGS = struct.Struct("<QQ4i")  # (tiles, dq, batch, seqlen, H, D)
 
 
 # Device copies of position arrays, keyed by (device, length, hash of the values). A host-to-device
@@ -395,6 +398,49 @@ class CupyBackend:
         ``zeros`` would launch an elementwise kernel through CuPy's slower path)."""
         return _zeroed(self.xp, shape, self.xp.float32)
 
+    def dq_accum(self, q):
+        """A zeroed float32 dq accumulator for queries ``q`` in the layout the backward kernels
+        add into: :class:`DqTiles` where the sm90 kernels run q's backward, else q's shape."""
+        if self._sm90_backward(q):
+            return DqTiles(_zeroed(self.xp, (dq_tile_floats(q.shape),), self.xp.float32), q.shape)
+        return self.zeros_accum(q.shape, q.dtype)
+
+    def dq_from_accum(self, acc, dtype, out=None):
+        """dq in ``dtype`` from :meth:`dq_accum`'s accumulator (into ``out`` if given: q's
+        shape, any strides)."""
+        if not isinstance(acc, DqTiles):
+            return self.cast(acc, dtype, out=out)
+        cp = self.xp
+        direct = (out is not None and out.flags.c_contiguous and out.data.ptr % 4 == 0
+                  and dtype_name(out.dtype) == dtype_name(dtype))  # fmt: skip
+        dq = out if direct else _empty(cp, acc.shape, dtype)
+        if dq.size:
+            batch, seqlen, heads, headdim = acc.shape
+            key = ("dq_tiles", cp.cuda.runtime.getDevice(), acc.shape, dtype_name(dtype))
+            plan = _PLANS.get(key)
+            if plan is None:
+                kernel = loader.get_dq_from_tiles_kernel(dtype_name(dtype))
+                threads = 256
+                blocks = min(math.ceil(acc.array.size // 2 / threads), 65536)
+                args = _DQ_TILES_ARGS.pack(0, 0, batch, seqlen, heads, headdim)
+                plan = _PLANS.put(key, launch_plans.PackedLaunch(
+                    (kernel,), (blocks,), (threads,), 0, args, (0, 8),
+                    arg_offsets=(0, 8, 16, 20, 24, 28),
+                ))  # fmt: skip
+            plan.launch(acc.array.data.ptr, dq.data.ptr)
+        if out is not None and not direct:
+            _as_bits(cp, out)[...] = _as_bits(cp, dq)
+            return out
+        return dq
+
+    def _sm90_backward(self, q) -> bool:
+        """Whether the sm90 (wgmma) kernels run the backward of queries ``q`` here."""
+        if not self._kernel_ok(q):
+            return False
+        return loader.backward_family(
+            loader.padded_head_dim(q.shape[-1]), loader.device_arch()
+        ) == "sm90"
+
     def check_deterministic(self, headdim: int, dtype: str) -> None:
         """Raise unless a backward of actual head dim ``headdim`` and ``dtype`` ('bfloat16', ...)
         on the current device has a deterministic mode: the Hopper kernels (sm90 family) have
@@ -440,8 +486,15 @@ class CupyBackend:
         seqlen_k = k.shape[1]
         if batch == 0 or seqlen_q == 0 or seqlen_k == 0 or nheads == 0:
             return
-        for name, acc, shape in (("dq", dq, q.shape), ("dk", dk, k.shape), ("dv", dv, k.shape)):
-            if acc.dtype != cp.float32 or not acc.flags.c_contiguous or acc.shape != shape:
+        tiles = isinstance(dq, DqTiles)
+        if tiles:  # (that the sm90 kernels run it: checked once, where the plan is made)
+            if dq.shape != q.shape:
+                raise ValueError(f"dq must be a dq tiles accumulator for {q.shape}")
+            dq = dq.array
+        for name, acc, shape in ((None if tiles else "dq", dq, q.shape), ("dk", dk, k.shape),
+                                 ("dv", dv, k.shape)):  # fmt: skip
+            if name and (acc.dtype != cp.float32 or not acc.flags.c_contiguous
+                         or acc.shape != shape):  # fmt: skip
                 raise ValueError(f"{name} must be a contiguous float32 accumulator of {shape}")
         q, k, v, dout = (_kernel_operand(cp, x) for x in (q, k, v, dout))
         lse = cp.ascontiguousarray(lse, dtype=cp.float32)
@@ -450,12 +503,13 @@ class CupyBackend:
         key = (
             "bwd", cp.cuda.runtime.getDevice(), q.shape, q.strides, q.dtype, k.shape, k.strides,
             v.strides, dout.strides, kind, mask, scale, loader.kernel_switches(), deterministic,
+            tiles,
         )  # fmt: skip
         plan = _PLANS.get(key)
         if plan is None:
             plan = self._backward_plan(
                 dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale,
-                deterministic,
+                deterministic, tiles,
             )  # fmt: skip
             _PLANS.put(key, plan)
         # the sm90 kernel's hand-over to the redo pass and the turn counters, zeroed per launch
@@ -473,11 +527,18 @@ class CupyBackend:
                            k_pos.data.ptr, redo, dq_turns, dkv_turns)  # fmt: skip
 
     def _backward_plan(self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask,
-                       scale, deterministic):  # fmt: skip
-        """The backward launch(es) for this signature (operands already kernel-ready)."""
+                       scale, deterministic, tiles):  # fmt: skip
+        """The backward launch(es) for this signature (operands already kernel-ready; ``dq``
+        the accumulator's array, ``tiles``: in the dq tiles layout)."""
         batch, seqlen_q, nheads, headdim = q.shape
         padded = loader.padded_head_dim(headdim)
         name = dtype_name(q.dtype)
+        sm90 = loader.backward_family(padded, loader.device_arch()) == "sm90"
+        if tiles != sm90:
+            raise ValueError(
+                f"dq must come from dq_accum: the {'sm90' if sm90 else 'sm80'} backward kernels "
+                f"add into {'dq tiles' if sm90 else 'an array of the queries shape'}"
+            )
         if deterministic:
             self.check_deterministic(headdim, name)
         kernels, cfg, smem = loader.get_bwd_kernels(padded, name, ordered=deterministic)
@@ -494,7 +555,6 @@ class CupyBackend:
         launch = launch_plans.PackedLaunch(
             tuple(kernel for kernel, _ in kernels), grid, (cfg.threads,), smem, params, offsets
         )
-        sm90 = loader.backward_family(padded, loader.device_arch()) == "sm90"
         turns = (0, 0)
         if deterministic:  # a counter per (batch, head, query tile) and per (batch, kv head, CTA)
             kv_heads = k.shape[2]

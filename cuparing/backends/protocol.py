@@ -50,12 +50,22 @@ class Backend(Protocol):
     def zeros_accum(self, shape: tuple, dtype: Any) -> Any:
         """A zeroed gradient accumulator of ``shape`` for inputs of ``dtype``."""
 
+    def dq_accum(self, q: Any) -> Any:
+        """A zeroed accumulator for the gradient of queries ``q``, in whatever layout this
+        backend's ``backward_block`` adds dq into (q's shape for the array backends; the Hopper
+        kernels add into a tiled layout). Read back only through :meth:`dq_from_accum`."""
+
+    def dq_from_accum(self, acc: Any, dtype: Any, out: Any = None) -> Any:
+        """dq [B, Sq, H, D] in ``dtype`` from the accumulator of :meth:`dq_accum`; written into
+        ``out`` (an array of this backend, q's shape, any strides) and returned, if given."""
+
     def backward_block(
         self, dq: Any, dk: Any, dv: Any, dout: Any, q: Any, k: Any, v: Any, lse: Any,
         delta: Any, q_pos: Any, k_pos: Any, kind: BlockKind, mask: MaskSpec, scale: float,
         deterministic: bool = False,
     ) -> None:  # fmt: skip
-        """Add one block's gradients into the accumulators ``dq``, ``dk``, ``dv`` (in place);
+        """Add one block's gradients into the accumulators ``dq`` (from :meth:`dq_accum`),
+        ``dk``, ``dv`` (from :meth:`zeros_accum`) in place;
         ``deterministic``: in an order that does not change between runs, so the same inputs give
         bit-identical accumulators.
 

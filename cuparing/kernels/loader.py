@@ -249,7 +249,7 @@ def sm90_bwd_smem_bytes(head_dim: int) -> int:
     # (the kernel places each stage's row info after the tiles: the total is the same)
     ds = 2 * 64 * cfg.block_m * 2  # dS^T of each consumer
     ds *= 2 if head_dim == 128 else 1  # d=128: double-buffered (Sm90BwdTraits::kSplitDq)
-    dq_staging = 8 * 16 * (64 + 8) * 4  # 16 float32 rows of 64 (+8 padding) per consumer warp
+    dq_staging = 8 * 16 * 64 * 4  # one 16 x 64 float32 piece of the dq tiles per consumer warp
     return kv + stages * stage + ds + dq_staging + barriers + 1024
 
 
@@ -371,6 +371,14 @@ def all_bwd_names(arch: str = "sm_80") -> list[str]:
     if arch.startswith("sm_9"):
         names += [bwd_name(d, dt, BWD_REDO) for d in SM90_BWD_HEAD_DIMS for dt in DTYPES]
     return names
+
+
+def dq_from_tiles_name(dtype: str) -> str:
+    """Name expression of the kernel that turns the sm90 backward's dq accumulator (dq tiles,
+    common/dq_tiles.cuh) into dq of 'float16'/'bfloat16'."""
+    if dtype not in DTYPES:
+        raise ValueError(f"no dq tiles kernel for {dtype=}")
+    return f"cuparing_dq_from_tiles<{'true' if dtype == 'bfloat16' else 'false'}>"
 
 
 def cast_names(dtype: str) -> tuple[str, str]:
@@ -691,6 +699,12 @@ def get_bwd_redo_kernel(head_dim: int, dtype: str):
         raise AssertionError("the redo pass needs the sm90 backward's CTAs: 128 keys, one launch")
     _LAUNCHES[key] = kernel, cfg, smem
     return _LAUNCHES[key]
+
+
+def get_dq_from_tiles_kernel(dtype: str):
+    """The dq tiles -> dq kernel for 'float16'/'bfloat16' (any grid; a grid-stride loop)."""
+    name = dq_from_tiles_name(dtype)
+    return get_module((name,)).get_function(name)
 
 
 def get_bwd_delta_kernel(dtype: str):

@@ -50,7 +50,8 @@ struct BwdParams {
   const u16* dout;    // [B, Sq, H, D]
   const float* lse;   // [B, H, Sq] contiguous: the final (merged) natural-log lse; -inf: no key
   const float* delta; // [B, H, Sq] contiguous: rowsum(dO * O)
-  float* dq;          // [B, Sq, H, D] contiguous (actual D), accumulated with atomics
+  float* dq;          // [B, Sq, H, D] contiguous (actual D), accumulated with atomics; the sm90
+                      // backward and its redo pass: dq tiles (common/dq_tiles.cuh)
   float* dk;          // [B, Sk, Hkv, D] contiguous, accumulated with atomics
   float* dv;          // [B, Sk, Hkv, D] contiguous, accumulated with atomics
   const int* q_pos;   // [Sq] global positions, ascending

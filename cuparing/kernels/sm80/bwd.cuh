@@ -44,6 +44,7 @@
 // A non-finite Q or K means the forward already met it; that path is slow (float32, one pair at
 // a time) but touches only the tiles next to a mask edge.
 #pragma once
+#include "../common/dq_tiles.cuh"
 #include "../common/mask.cuh"
 #include "../common/nonfinite.cuh"
 #include "../common/params.cuh"
@@ -476,7 +477,12 @@ __device__ void bwd_exact_tile(const BwdParams& p, float* smem, int b, int h, in
           const float x = from_half_bits<kBf16>(__ldg(k_col + key * p.k_row_stride));
           dq = seen ? fmaf(ds, x, dq) : dq;
         }
-        if (any) red_add_f32(dq_rows + (m0 + r0 + i) * q_grad_stride + e, dq * p.scale);
+        if (!any) continue;
+        if constexpr (kMode == kBwdRedo) {  // the sm90 backward's accumulator: dq tiles
+          red_add_f32(p.dq + DqTiles(p).element(b, h, m0 + r0 + i, e), dq * p.scale);
+        } else {
+          red_add_f32(dq_rows + (m0 + r0 + i) * q_grad_stride + e, dq * p.scale);
+        }
       }
     }
     __syncthreads();  // P and dS are read: the next pass (or the caller) may overwrite them
@@ -873,7 +879,10 @@ __device__ __forceinline__ void bwd_block(const BwdParams& p) {
                 for (int half = 0; half < 2; ++half) {
                   const int col = 16 * (dq_wn * Tr::kDqPairs + c0 + pp) + 8 * half + 2 * t;
                   if (col < d) {
-                    red_add_f32x2(dq_row + col, acc_dq[mf][2 * pp + half][2 * r] * scale,
+                    // the redo pass adds into the sm90 backward's dq tiles (a pair stays a pair)
+                    float* at = kMode == kBwdRedo ? p.dq + DqTiles(p).element(b, h, row, col)
+                                                  : dq_row + col;
+                    red_add_f32x2(at, acc_dq[mf][2 * pp + half][2 * r] * scale,
                                   acc_dq[mf][2 * pp + half][2 * r + 1] * scale);
                   }
                 }

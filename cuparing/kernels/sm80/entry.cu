@@ -8,6 +8,7 @@
 //                          the sm90 backward's redo pass, BwdMode kBwdRedo).
 //   cuparing_bwd_delta<bf16>: delta = rowsum(dO * O) float32 [B, H, S], one warp per row.
 //   cuparing_cast_*:       elementwise fp32 <-> fp16/bf16 over n contiguous elements.
+//   cuparing_dq_from_tiles<bf16>: the sm90 backward's dq accumulator -> dq (common/dq_tiles.cuh).
 #include "bwd.cuh"
 #include "fwd.cuh"
 
@@ -58,5 +59,28 @@ __global__ void cuparing_cast_to_f32(const cuparing::u16* __restrict__ x, float*
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
     y[i] = cuparing::from_half_bits<kBf16>(x[i]);
+  }
+}
+
+// The sm90 backward's dq accumulator (dq tiles, common/dq_tiles.cuh) -> dq [B, Sq, H, D] as
+// fp16/bf16 bits, contiguous (4-byte aligned), rounded to nearest even: one float pair per
+// thread, read in the tiles' order (coalesced); pairs past Sq or D are dropped.
+template <bool kBf16>
+__global__ void cuparing_dq_from_tiles(const float2* __restrict__ tiles, unsigned* __restrict__ dq,
+                                       int batch, int seqlen, int nheads, int headdim) {
+  const cuparing::DqTiles layout(nheads, seqlen, headdim);
+  const long long pairs = static_cast<long long>(batch) * nheads * layout.query_tiles *
+                          layout.boxes * (cuparing::kDqChunkFloats / 2);
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < pairs;
+       i += stride) {
+    int b, h, row, col;
+    layout.pair_position(i, b, h, row, col);
+    if (row < seqlen && col < headdim) {
+      const float2 x = tiles[i];
+      dq[((static_cast<long long>(b) * seqlen + row) * nheads + h) * (headdim / 2) + col / 2] =
+          cuparing::to_half_bits<kBf16>(x.x) |
+          (static_cast<unsigned>(cuparing::to_half_bits<kBf16>(x.y)) << 16);
+    }
   }
 }

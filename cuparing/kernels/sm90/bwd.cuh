@@ -18,10 +18,11 @@
 //                             [64c, 64c + 64) over all 128 keys (both consumers' dS^T, double-
 //                             buffered); d <= 64: each consumer over its own keys
 //   dK  += dS^T Q             wgmma RS, Q MN-major, issued last: it runs while dQ leaves
-// dQ (times scale) leaves through shared memory: each warp stages its 16 rows in float32 and its
-// lanes add them, a row each, into the float32 dq accumulator by bulk reductions of the copy
-// engine (cp.reduce.async.bulk), which cost the warps one instruction per row where per-element
-// atomics cost one per pair and were what limited the kernel (PERF.md "Hopper backward").
+// dQ (times scale) leaves through shared memory: each warp stages its 16 x 64 fragment in
+// float32 and one lane adds it into the float32 dq accumulator with one bulk reduction of the
+// copy engine (cp.reduce.async.bulk). The accumulator is laid out in those fragments (dq tiles,
+// common/dq_tiles.cuh), so the fragment is one contiguous 4 KB piece: per-element atomics, then
+// one bulk reduction per 256-byte row, were what limited the kernel (PERF.md "Hopper backward").
 // At the end dK (times scale) and dV are added into the float32 dk / dv accumulators, which GQA's
 // query heads of one group share.
 // Masks: each consumer classifies the tile against its 64 keys; PARTIAL and EMPTY tiles are
@@ -39,6 +40,7 @@
 // d <= 64: both consumers add into the same rows, consumer 0 first, which counts at once.
 // Not yet here: TMA loads, overlap of one tile's products with the next tile's.
 #pragma once
+#include "../common/dq_tiles.cuh"
 #include "../common/mask.cuh"
 #include "../common/nonfinite.cuh"
 #include "../common/params.cuh"
@@ -88,11 +90,9 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
   // lse (log2), delta, q positions; then (deterministic mode) the tile's first key tile
   static constexpr int kRowInfoBytes = 3 * kBlockM * 4 + 16;
   // dQ leaves through shared memory: each consumer warp stages its 16 query rows of one 64-column
-  // box in float32 and its lanes add them into the accumulator by bulk reductions, one row each.
-  // Rows 64 + 8 floats apart: 16-byte aligned for the copy engine, and the warp's 8-byte stores
-  // (row g, columns 8j + 2t) fall on distinct banks in each half-warp.
-  static constexpr int kDqRowBytes = (64 + 8) * 4;
-  static constexpr int kDqWarpBytes = 16 * kDqRowBytes;
+  // box in float32, in the dq tiles' piece order (common/dq_tiles.cuh: each 8-byte store of the
+  // warp lands in one 256-byte run, no bank conflicts), and one lane adds the piece.
+  static constexpr int kDqWarpBytes = kDqPieceFloats * 4;
   static constexpr int kDqStageBytes = (kConsumerThreads / 32) * kDqWarpBytes;
   // K, V; per stage Q and dO; dS^T (every tile a whole number of 1024-byte swizzle atoms, so all
   // stay aligned); the dQ staging rows; per stage the row info; the mbarriers (full, empty per
@@ -109,6 +109,8 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
   static_assert(Boxes::kProducerThreads == 2 * kBlockM,
                 "the producer's two halves copy a tile's lse (and positions) and its delta");
   static_assert(kBlockN == 2 * kConsumerKeys, "two consumer warpgroups share the key tile");
+  static_assert(kBlockM == kDqTileRows && kDqPieceRows == 16 && Boxes::kBoxRowBytes == 128,
+                "a consumer warp's dQ fragment (16 x 64) is one piece of the dq tiles");
 };
 
 #ifndef CUPARING_SM90_BWD_SMEM
@@ -154,7 +156,7 @@ __device__ __forceinline__ int next_key_tile_seen(const BwdParams& p, int first,
 // Counts the warp's turn on a tile a tile late: by then its reductions are complete, rarely with
 // a wait.
 __device__ __forceinline__ void end_dq_turn(int* turn, int lane) {
-  if (lane < 16) bulk_wait<0>();
+  if (lane == 0) bulk_wait<0>();
   fence_proxy_async_global();  // the copy engine's adds, before the counter says they are done
   __syncwarp();
   if (lane == 0) end_turn(turn);
@@ -570,25 +572,21 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     }
     if (adds_dq) {
       const u32 dq_stage = s_dq0 + (4 * c + wq) * Tr::kDqWarpBytes;
-      if (!kOrdered && lane < 16) bulk_wait_read<0>();  // ordered: complete since end_dq_turn
+      if (!kOrdered && lane == 0) bulk_wait_read<0>();  // ordered: complete since end_dq_turn
       __syncwarp();
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const u32 row_addr = dq_stage + (g + 8 * r) * Tr::kDqRowBytes + 8 * t;
+      for (int j = 0; j < 8; ++j) {
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          st_shared_v2_f32(row_addr + 32 * j, acc_dq[j][2 * r] * scale,
+        for (int r = 0; r < 2; ++r) {
+          st_shared_v2_f32(dq_stage + 8 * ((2 * j + r) * 32 + lane), acc_dq[j][2 * r] * scale,
                            acc_dq[j][2 * r + 1] * scale);
         }
       }
-      fence_proxy_async();  // the staged rows, before the copy engine (async proxy) reads them
+      fence_proxy_async();  // the staged piece, before the copy engine (async proxy) reads it
       __syncwarp();
-      const int row = m0 + 16 * wq + lane;
-      if (lane < 16 && row < sq) {
-        // dq [B, Sq, H, D] contiguous (built here from the parameters: no register held); the
-        // box's columns below d (a multiple of 8: whole 16-byte chunks)
-        float* dq_row = p.dq + ((static_cast<i64>(b) * sq + row) * p.nheads + h) * d + 64 * box;
-        bulk_reduce_add_f32(dq_row, dq_stage + lane * Tr::kDqRowBytes, 4 * min(64, d - 64 * box));
+      if (lane == 0) {  // (the tail tile's rows past Sq add zeros nobody reads)
+        const i64 piece = DqTiles(p).chunk(b, h, m0 / Tr::kBlockM, box) + wq * kDqPieceFloats;
+        bulk_reduce_add_f32(p.dq + piece, dq_stage, Tr::kDqWarpBytes);
         bulk_commit();
       }
     }
@@ -606,7 +604,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     if (lane == 0) mbarrier_arrive(empty(s));  // Q, dO, row info of the stage are read
   }
   // every dQ reduction complete (its reads of shared memory and its adds) before the CTA ends
-  if (lane < 16) bulk_wait<0>();
+  if (lane == 0) bulk_wait<0>();
   if constexpr (kOrdered) {
     if (Tr::kSplitDq ? it > 0 : dq_turn_pending) {
       end_dq_turn(dq_turn<Tr>(p, m_first + it - 1), lane);
