@@ -36,6 +36,7 @@ from .interop import cupy_view, dtype_name, external_cupy_stream
 from .validation import (
     FLOAT_DTYPES,
     check_cu_seqlens,
+    check_flag,
     check_layout,
     check_mask,
     check_qkv,
@@ -117,10 +118,11 @@ class _Options(NamedTuple):
     cu_seqlens: tuple | None
     ring: Any  # None: one device
     layout: str
+    deterministic: bool  # (the backward's)
 
 
 def attention(q, k, v, causal: bool = False, scale: float | None = None, window=None,
-              cu_seqlens=None):  # fmt: skip
+              cu_seqlens=None, deterministic: bool = False):  # fmt: skip
     """:func:`cuparing.attention` on JAX arrays, usable inside ``jax.jit`` and ``jax.grad``.
 
     Args:
@@ -128,18 +130,25 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, window=
             float32 (float64 on the CPU), one dtype.
         causal, scale, window: as :func:`cuparing.attention` (static).
         cu_seqlens: packed documents, static: a list, tuple or host array ``[0, ..., Sq]``.
+        deterministic: bit-identical gradients on every run (static;
+            :func:`cuparing.attention_backward`'s ``deterministic``).
 
     Returns:
         out [B, Sq, H, D] in q's dtype; gradients flow to q, k and v.
 
     Raises:
         ValueError, TypeError: at trace time, as :func:`cuparing.attention` would.
+        NotImplementedError: when the gradient runs, ``deterministic`` where the backward
+            kernels have no such mode.
     """
-    return _op(q, k, v, _options(q, k, v, causal, scale, window, cu_seqlens, None, "contiguous"))
+    options = _options(q, k, v, causal, scale, window, cu_seqlens, None, "contiguous",
+                       deterministic)  # fmt: skip
+    return _op(q, k, v, options)
 
 
 def ring_attention(q, k, v, ring, causal: bool = False, scale: float | None = None, window=None,
-                   layout: str = "contiguous", cu_seqlens=None):  # fmt: skip
+                   layout: str = "contiguous", cu_seqlens=None,
+                   deterministic: bool = False):  # fmt: skip
     """:func:`cuparing.ring_attention` on this process's shard (JAX arrays), usable inside
     ``jax.jit`` and ``jax.grad``.
 
@@ -148,6 +157,8 @@ def ring_attention(q, k, v, ring, causal: bool = False, scale: float | None = No
         ring: this process's :class:`cuparing.Ring` (static; every rank calls with its own).
         causal, scale, window, layout: as :func:`cuparing.ring_attention` (static).
         cu_seqlens: the global document boundaries, static (see :func:`cuparing.shard`).
+        deterministic: bit-identical gradients on every run with the same inputs and world
+            size (static; :func:`cuparing.ring_attention_backward`'s ``deterministic``).
 
     Returns:
         out, this rank's shard [B, S/C, H, D]; gradients flow to the local q, k and v (dK and dV
@@ -155,13 +166,17 @@ def ring_attention(q, k, v, ring, causal: bool = False, scale: float | None = No
 
     Raises:
         ValueError, TypeError: at trace time, for arguments the eager function would refuse.
+        NotImplementedError: as in :func:`attention`.
     """
-    return _op(q, k, v, _options(q, k, v, causal, scale, window, cu_seqlens, ring, layout))
+    options = _options(q, k, v, causal, scale, window, cu_seqlens, ring, layout, deterministic)
+    return _op(q, k, v, options)
 
 
-def _options(q, k, v, causal, scale, window, cu_seqlens, ring, layout) -> _Options:
+def _options(q, k, v, causal, scale, window, cu_seqlens, ring, layout,
+             deterministic) -> _Options:  # fmt: skip
     """The static options, checked at trace time with cuparing's own checks (shapes, dtype,
-    mask, scale, documents, ring, layout): a bad call fails before XLA compiles anything."""
+    mask, scale, documents, ring, layout, flags): a bad call fails before XLA compiles
+    anything."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if len(x.shape) != 4 or dtype_name(x) not in FLOAT_DTYPES:
             raise ValueError(
@@ -177,7 +192,8 @@ def _options(q, k, v, causal, scale, window, cu_seqlens, ring, layout) -> _Optio
     if cu_seqlens is not None:  # one device: the boundaries span the whole (local) sequence
         cu_seqlens = check_cu_seqlens(cu_seqlens, q.shape[1] if ring is None else None)
     window = None if window is None else tuple(window)
-    return _Options(causal, scale, window, cu_seqlens, ring, layout)
+    deterministic = check_flag("deterministic", deterministic)
+    return _Options(causal, scale, window, cu_seqlens, ring, layout, deterministic)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -224,7 +240,8 @@ def _backward(dout, q, k, v, out, lse, options: _Options):
         views = _BufferViews(ctx, dout, q, k, v, out, lse, *results)
         with views as (dout, q, k, v, out, lse, dq, dk, dv):
             mask = {"causal": options.causal, "scale": options.scale, "window": options.window,
-                    "cu_seqlens": options.cu_seqlens, "dq": dq, "dk": dk, "dv": dv}  # fmt: skip
+                    "cu_seqlens": options.cu_seqlens, "dq": dq, "dk": dk, "dv": dv,
+                    "deterministic": options.deterministic}  # fmt: skip
             if options.ring is None:
                 api.attention_backward(dout, q, k, v, out, lse, **mask)
             else:

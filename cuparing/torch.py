@@ -11,10 +11,12 @@ the NumPy backend, CUDA tensors our kernels, on the caller's current stream.
 
 The ops underneath, ``torch.ops.cuparing.attention_forward``, ``ring_attention_forward`` and
 ``attention_backward``, take plain values only: the options, and a ring as an integer handle
-(:func:`ring_handle`; -1 for one device). The ring forward and the backward are tagged
-``cudagraph_unsafe`` where this PyTorch has the tag: a ring step is watched from the host, and the
-backward allocates its float32 accumulators outside torch, so CUDA-graph trees leave them outside
-captured graphs. The single-device forward allocates through torch only and may be captured.
+(:func:`ring_handle`; -1 for one device). The forward ops carry ``deterministic`` for their
+backward (autograd's context sees only an op's arguments). The ring forward and the backward are
+tagged ``cudagraph_unsafe`` where this PyTorch has the tag: a ring step is watched from the
+host, and the backward allocates its float32 accumulators outside torch, so CUDA-graph trees
+leave them outside captured graphs. The single-device forward allocates through torch only
+and may be captured.
 
 This module imports PyTorch; ``import cuparing`` does not import it.
 """
@@ -104,7 +106,8 @@ _UNSAFE_FOR_GRAPHS = tuple(
 #
 # Options travel as plain values: the mask as (causal, window_left, window_right, windowed), where
 # ``windowed`` says whether the pair is a window at all (``window=None`` otherwise); packed
-# documents as a list of boundaries (or None); a ring as its handle.
+# documents as a list of boundaries (or None); then ``deterministic`` (for the backward); a ring
+# as its handle.
 
 
 @torch.library.custom_op("cuparing::attention_forward", mutates_args=())
@@ -118,9 +121,10 @@ def attention_forward(
     window_right: int | None,
     windowed: bool,
     cu_seqlens: list[int] | None,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of :func:`cuparing.attention` (one device; allocates through torch only, so it
-    may be captured in a CUDA graph)."""
+    may be captured in a CUDA graph); ``deterministic`` is for the backward."""
     window = _window(window_left, window_right, windowed)
     return api.attention(
         q, k, v, causal=causal, scale=scale, window=window, return_lse=True, cu_seqlens=cu_seqlens
@@ -140,10 +144,12 @@ def ring_attention_forward(
     window_right: int | None,
     windowed: bool,
     cu_seqlens: list[int] | None,
+    deterministic: bool,
     ring: int,
     layout: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of :func:`cuparing.ring_attention` on the ring with handle ``ring``."""
+    """(out, lse) of :func:`cuparing.ring_attention` on the ring with handle ``ring``;
+    ``deterministic`` is for the backward."""
     window = _window(window_left, window_right, windowed)
     return api.ring_attention(
         q, k, v, _ring_of(ring), causal=causal, scale=scale, window=window, layout=layout,
@@ -178,6 +184,7 @@ def attention_backward(
     window_right: int | None,
     windowed: bool,
     cu_seqlens: list[int] | None,
+    deterministic: bool,
     ring: int,
     layout: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -185,7 +192,8 @@ def attention_backward(
     :func:`cuparing.ring_attention_backward` on the ring with handle ``ring``; ``dlse`` the
     gradient with respect to lse, or None."""
     window = _window(window_left, window_right, windowed)
-    options = {"causal": causal, "scale": scale, "window": window, "cu_seqlens": cu_seqlens}
+    options = {"causal": causal, "scale": scale, "window": window, "cu_seqlens": cu_seqlens,
+               "deterministic": deterministic}  # fmt: skip
     if ring == ONE_DEVICE:
         return api.attention_backward(dout, q, k, v, out, lse, dlse=dlse, **options)
     return api.ring_attention_backward(
@@ -216,7 +224,8 @@ def _autograd_for(ring_of_options):
         q, k, v, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         dlse = None if dlse is None else dlse.contiguous()
-        mask = ctx.options[:6]  # causal, scale, window_left, window_right, windowed, cu_seqlens
+        # causal, scale, window_left, window_right, windowed, cu_seqlens, deterministic
+        mask = ctx.options[:7]
         grads = attention_backward(
             dout, q, k, v, out, lse, dlse, *mask, *ring_of_options(ctx.options)
         )
@@ -227,7 +236,7 @@ def _autograd_for(ring_of_options):
 
 _one_backward, _one_setup = _autograd_for(lambda options: (ONE_DEVICE, "contiguous"))
 attention_forward.register_autograd(_one_backward, setup_context=_one_setup)
-_ring_backward, _ring_setup = _autograd_for(lambda options: (options[6], options[7]))
+_ring_backward, _ring_setup = _autograd_for(lambda options: (options[7], options[8]))
 ring_attention_forward.register_autograd(_ring_backward, setup_context=_ring_setup)
 
 
@@ -242,16 +251,23 @@ def attention(
     scale: float | None = None,
     window: Window = None,
     cu_seqlens: Any = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """Differentiable, compilable :func:`cuparing.attention` for torch tensors.
 
     Args and raises: as :func:`cuparing.attention` (the options are checked here, at trace
-    time; the tensors when the op runs).
+    time; the tensors when the op runs), and
+        deterministic: bit-identical gradients on every run
+            (:func:`cuparing.attention_backward`'s ``deterministic``); None (default): whatever
+            ``torch.use_deterministic_algorithms`` asks for (warn-only included). Where the
+            backward kernels have no deterministic mode, ``.backward()`` raises
+            NotImplementedError.
 
     Returns:
         out [B, Sq, H, D] in q's dtype; gradients flow to q, k and v.
     """
-    out, _ = attention_forward(q, k, v, *_mask_options(q, causal, scale, window, cu_seqlens))
+    options = _mask_options(q, causal, scale, window, cu_seqlens)
+    out, _ = attention_forward(q, k, v, *options, _deterministic(deterministic))
     return out
 
 
@@ -265,10 +281,13 @@ def ring_attention(
     window: Window = None,
     layout: str = "contiguous",
     cu_seqlens: Any = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """Differentiable, compilable :func:`cuparing.ring_attention` for torch tensors.
 
-    Args and raises: as :func:`cuparing.ring_attention`.
+    Args and raises: as :func:`cuparing.ring_attention`; ``deterministic`` as in
+    :func:`attention` (the backward ring's gradients repeat bit for bit on the same inputs and
+    world size).
 
     Returns:
         out [B, S/C, H, D] for this rank's queries; the backward runs the backward ring, so the
@@ -281,8 +300,18 @@ def ring_attention(
     """
     options = _mask_options(q, causal, scale, window, cu_seqlens)
     handle = ring_handle(ring)
-    out, _ = ring_attention_forward(q, k, v, *options, handle, validation.check_layout(layout))
+    determinism = _deterministic(deterministic)
+    layout = validation.check_layout(layout)
+    out, _ = ring_attention_forward(q, k, v, *options, determinism, handle, layout)
     return out
+
+
+def _deterministic(flag: bool | None) -> bool:
+    """``flag`` checked as a bool; None: whether torch's deterministic algorithms are on (read at
+    trace time when compiled: a guard of the compiled graph)."""
+    if flag is None:
+        return torch.are_deterministic_algorithms_enabled()
+    return validation.check_flag("deterministic", flag)
 
 
 def _mask_options(q, causal, scale, window, cu_seqlens) -> tuple:

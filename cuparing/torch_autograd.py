@@ -17,13 +17,15 @@ def ring_attention_torch(*args: Any, **kwargs: Any) -> Any:
     :func:`cuparing.torch.ring_attention`).
 
     Takes :func:`cuparing.ring_attention`'s arguments, by position or keyword, except
-    ``return_lse``: ``ring_attention_torch(q, k, v, ring, causal=False, scale=None, window=None,
-    layout="contiguous")``.
+    ``return_lse`` and the caller-owned outputs, plus ``deterministic``:
+    ``ring_attention_torch(q, k, v, ring, causal=False, scale=None, window=None,
+    layout="contiguous", cu_seqlens=None, deterministic=None)``.
 
     Args:
         q: [B, S/C, H, D] this rank's query shard (``requires_grad`` as needed).
         k, v: [B, S/C, Hkv, D] this rank's key/value shards.
-        ring, causal, scale, window, layout: as in :func:`cuparing.ring_attention`.
+        ring, causal, scale, window, layout, cu_seqlens: as in :func:`cuparing.ring_attention`.
+        deterministic: as in :func:`cuparing.torch.ring_attention`.
 
     Returns:
         out [B, S/C, H, D], a tensor whose ``.backward()`` runs the backward ring; gradients of
@@ -46,12 +48,13 @@ def ring_attention_torch(*args: Any, **kwargs: Any) -> Any:
 
 
 # ring_attention's own signature less ``return_lse`` and the caller-owned outputs (autograd makes
-# its own results): one definition of the ring options (names, order, defaults) for both entry
-# points, so they cannot drift apart.
+# its own results), plus the backward's ``deterministic``: one definition of the ring options
+# (names, order, defaults) for both entry points, so they cannot drift apart.
 _SIGNATURE = inspect.signature(ring_attention)
 _SIGNATURE = _SIGNATURE.replace(
     parameters=[
-        p for p in _SIGNATURE.parameters.values() if p.name not in ("return_lse", "out", "lse")
+        *(p for p in _SIGNATURE.parameters.values() if p.name not in ("return_lse", "out", "lse")),
+        inspect.Parameter("deterministic", inspect.Parameter.KEYWORD_ONLY, default=None),
     ]
 )
 ring_attention_torch.__signature__ = _SIGNATURE  # what help() and inspect show

@@ -78,6 +78,23 @@ def record_plan_reuse(monkeypatch) -> list[bool]:
     return answers
 
 
+def record_deterministic_flags(monkeypatch) -> list[bool]:
+    """Make ``cuparing.api``'s backward entry points (one device and ring) record the
+    ``deterministic`` they are called with; returns the list the flags are appended to."""
+    from cuparing import api
+
+    flags: list[bool] = []
+    for name in ("attention_backward", "ring_attention_backward"):
+        real = getattr(api, name)
+
+        def recording(*args, real=real, **kwargs):
+            flags.append(kwargs["deterministic"])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(api, name, recording)
+    return flags
+
+
 @pytest.fixture
 def fresh_rng():
     """A NumPy generator on a new seed for every test run (GPU tests compare against the float64

@@ -448,6 +448,50 @@ def test_torch_autograd_ring_on_gpu(fresh_rng):
     check_backward(grads, dout, q, k, v, causal=True)
 
 
+@requires_gpu(1)
+@pytest.mark.parametrize("entry", ["attention", "ring_attention", "torch_flag"])
+def test_torch_autograd_deterministic_on_gpu(entry, monkeypatch, fresh_rng):
+    """``deterministic`` through torch autograd (``cuparing.torch``: the argument, or
+    ``torch.use_deterministic_algorithms``): three backward passes give bit-identical gradients
+    on the Hopper kernels, within the float64 reference's bounds (GQA, causal)."""
+    torch = torch_on_gpu()
+    crt = pytest.importorskip("cuparing.torch")
+    monkeypatch.setenv("CUPARING_BWD", "sm90")
+    headdim = int(fresh_rng.choice([64, 128]))
+    skip_unless_backward_family_runs("sm90", headdim)
+    s = int(fresh_rng.integers(300, 700))
+    q, dout = (random_array(fresh_rng, (2, s, 8, headdim), "bfloat16") for _ in range(2))
+    k, v = (random_array(fresh_rng, (2, s, 2, headdim), "bfloat16") for _ in range(2))
+
+    def to_torch(x):
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).cuda()
+
+    ring = cr.comm.local.SoloRing()
+    crt.ring_handle(ring)
+
+    def grads():
+        leaves = [to_torch(x).requires_grad_() for x in (q, k, v)]
+        if entry == "attention":
+            out = crt.attention(*leaves, causal=True, deterministic=True)
+        elif entry == "ring_attention":
+            out = crt.ring_attention(*leaves, ring, causal=True, deterministic=True)
+        else:
+            out = crt.attention(*leaves, causal=True)
+        out.backward(to_torch(dout))
+        return [t.grad.view(torch.int16).cpu().numpy().view(ml_dtypes.bfloat16) for t in leaves]
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(entry == "torch_flag")
+    try:
+        runs = [grads() for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for again in runs[1:]:
+        for name, a, b in zip(("dq", "dk", "dv"), runs[0], again, strict=True):
+            assert a.tobytes() == b.tobytes(), f"{name} differs between deterministic runs"
+    check_backward(runs[0], dout, q, k, v, causal=True)
+
+
 # ---- caller-owned outputs and CUDA graphs
 
 
@@ -640,7 +684,7 @@ def test_torch_ops_on_cuda(fresh_rng):
     q, k, v = (torch.randn(2, 200, 4, 64, device="cuda", dtype=torch.bfloat16, generator=gen,
                            requires_grad=True) for _ in range(3))  # fmt: skip
     dout = torch.randn(2, 200, 4, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-    mask = (True, 0.125, None, None, False, None)
+    mask = (True, 0.125, None, None, False, None, False)  # (not deterministic)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(crt.attention_forward, (q, k, v, *mask), test_utils=checks)
 

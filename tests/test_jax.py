@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import requires_gpu
+from conftest import record_deterministic_flags, requires_gpu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numerics import check_backward, check_forward, check_kernel_forward
@@ -112,6 +112,25 @@ def test_bad_calls_fail_at_trace_time_with_cuparing_messages():
         jax.jit(lambda q, k, v: crj.attention(q, k, v, causal=True, window=(-1, 0))).lower(q, k, v)
     with pytest.raises(ValueError, match="cu_seqlens"):
         crj.attention(q, k, v, cu_seqlens=[0, 3, 7])  # ends before S = 8
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        crj.attention(q, k, v, deterministic=1)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_reaches_the_backward(deterministic, monkeypatch):
+    """``deterministic`` travels from the jitted ops to cuparing's backward, one device and ring
+    (what it does to the kernels: the GPU test; the CPU backend is ordered anyway)."""
+    seen = record_deterministic_flags(monkeypatch)
+    from cuparing.comm.local import SoloRing
+
+    rng = np.random.default_rng(2)
+    q, k, v, dout = (rng.standard_normal((1, 10, 2, 8)).astype(np.float32) for _ in range(4))
+    ring = SoloRing()
+    for fn in (lambda q, k, v: crj.attention(q, k, v, causal=True, deterministic=deterministic),
+               lambda q, k, v: crj.ring_attention(q, k, v, ring, deterministic=deterministic)):
+        seen.clear()
+        _loss_and_grads(fn, q, k, v, dout)
+        assert seen == [deterministic]
 
 
 def _gpu_platform():
@@ -122,14 +141,25 @@ def _gpu_platform():
 
 
 @requires_gpu(1)
+@pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("mask", ["causal", "window", "documents"])
-def test_jitted_gradient_on_gpu(mask):
+def test_jitted_gradient_on_gpu(mask, deterministic):
     """On a GPU the callbacks view XLA's own buffers and run the kernels on XLA's stream: the
     output and gradients of jit(value_and_grad) in bfloat16 against the float64 reference, on
-    fresh random data (the results land in buffers XLA allocated, so nothing stale can pass)."""
+    fresh random data (the results land in buffers XLA allocated, so nothing stale can pass);
+    ``deterministic``: two more runs give bit-identical gradients (where the GPU's backward
+    kernels have that mode)."""
     platform = _gpu_platform()
     if platform is None:
         pytest.skip("JAX has no GPU backend here")
+    if deterministic:
+        import cupy
+
+        from cuparing.kernels import loader
+
+        with cupy.cuda.Device(0):
+            if loader.backward_family(64, loader.device_arch()) != "sm90":
+                pytest.skip("no deterministic backward kernels on this GPU")
     rng = np.random.default_rng()
     seqlen = int(rng.integers(200, 600))
     bf16 = np_dtype("bfloat16")
@@ -138,9 +168,16 @@ def test_jitted_gradient_on_gpu(mask):
     cut = sorted(int(x) for x in rng.integers(0, seqlen, 3))
     opts = {"causal": {"causal": True}, "window": {"window": (100, 20)},
             "documents": {"causal": True, "cu_seqlens": [0, *cut, seqlen]}}[mask]  # fmt: skip
-    out, grads = _loss_and_grads(
-        lambda q, k, v: crj.attention(q, k, v, **opts), q, k, v, dout, platform=platform
-    )
+    def run():
+        return _loss_and_grads(
+            lambda q, k, v: crj.attention(q, k, v, deterministic=deterministic, **opts),
+            q, k, v, dout, platform=platform,
+        )  # fmt: skip
+
+    out, grads = run()
+    for _ in range(2 if deterministic else 0):
+        _, again = run()
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(grads, again, strict=True))
     assert str(out.dtype) == "bfloat16" and all(str(g.dtype) == "bfloat16" for g in grads)
     check_kernel_forward(out, None, q, k, v, **opts)
     check_backward(grads, dout, q, k, v, **opts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import record_deterministic_flags
 from numerics import ARITHMETIC_FACTOR, UNIT_ROUNDOFF, check_backward, check_forward, gamma
 
 import cuparing as cr
@@ -27,7 +28,8 @@ def _tensors(seed, shapes, dtype=None, grad=False):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_opcheck(dtype):
     q, k, v = _tensors(0, [(2, 9, 4, 8), (2, 11, 2, 8), (2, 11, 2, 8)], dtype, grad=True)
-    mask = (True, 0.35, 3, None, True, None)  # causal, scale, window (3, None), no documents
+    # causal, scale, window (3, None), no documents, not deterministic
+    mask = (True, 0.35, 3, None, True, None, False)
     torch.library.opcheck(crt.attention_forward, (q, k, v, *mask))
     out, lse = crt.attention_forward(q.detach(), k.detach(), v.detach(), *mask)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
@@ -41,7 +43,7 @@ def test_ring_forward_opcheck():
     q, k, v = _tensors(1, [(1, 8, 2, 4)] * 3, grad=True)
     ring = cr.comm.local.SoloRing()  # handles hold rings weakly: keep it alive
     handle = crt.ring_handle(ring)
-    mask = (False, 0.5, None, None, False, [0, 3, 8])
+    mask = (False, 0.5, None, None, False, [0, 3, 8], True)
     torch.library.opcheck(crt.ring_attention_forward, (q, k, v, *mask, handle, "zigzag"))
 
 
@@ -133,6 +135,10 @@ def test_bad_options_are_refused_at_trace_time():
         crt.attention(np.zeros((1, 4, 2, 8)), q, q)
     with pytest.raises(TypeError, match="Ring"):
         crt.ring_attention(q, q, q, ring="not a ring")
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        crt.attention(q, q, q, deterministic=1)
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        crt.ring_attention(q, q, q, cr.comm.local.SoloRing(), deterministic="yes")
 
 
 def test_gradient_through_lse():
@@ -140,7 +146,7 @@ def test_gradient_through_lse():
     dense torch implementation."""
     q, k, v = _tensors(5, [(1, 7, 2, 4), (1, 9, 2, 4), (1, 9, 2, 4)], grad=True)
     w_out, w_lse = _tensors(8, [(1, 7, 2, 4), (1, 2, 7)])
-    out, lse = crt.attention_forward(q, k, v, True, 0.5, None, None, False, None)
+    out, lse = crt.attention_forward(q, k, v, True, 0.5, None, None, False, None, False)
     ((out * w_out).sum() + (lse * w_lse).sum()).backward()
     ours = [x.grad.clone() for x in (q, k, v)]
     for x in (q, k, v):
@@ -245,3 +251,37 @@ def test_packed_documents_compile_without_graph_breaks():
     step(q, k, v).backward()
     for g, x in zip(got, (q, k, v), strict=True):
         assert _close(g, x.grad)
+
+
+@pytest.mark.parametrize("torch_flag", [False, True])
+@pytest.mark.parametrize("asked", [None, False, True])
+def test_deterministic_reaches_the_backward(asked, torch_flag, monkeypatch):
+    """``deterministic`` travels from the autograd entry points to cuparing's backward: as given,
+    or (None) as ``torch.use_deterministic_algorithms`` says, eager and compiled, one device and
+    ring. (What the flag does to the kernels: the GPU tests; the CPU backend is ordered anyway.)"""
+    seen = record_deterministic_flags(monkeypatch)
+    want = torch_flag if asked is None else asked
+    ring = cr.comm.local.SoloRing()
+    crt.ring_handle(ring)
+    q, k, v = _tensors(12, [(1, 9, 2, 8)] * 3, grad=True)
+
+    def one_device(q, k, v):
+        return crt.attention(q, k, v, causal=True, deterministic=asked).sum()
+
+    def on_ring(q, k, v):
+        return crt.ring_attention(q, k, v, ring, deterministic=asked).sum()
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(torch_flag)
+    try:
+        for fn in (one_device, on_ring):
+            torch._dynamo.reset()
+            for run in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+                seen.clear()
+                run(q, k, v).backward()
+                assert seen == [want]
+        seen.clear()
+        cr.ring_attention_torch(q, k, v, ring, deterministic=asked).sum().backward()
+        assert seen == [want]
+    finally:
+        torch.use_deterministic_algorithms(before)
