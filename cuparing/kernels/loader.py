@@ -247,9 +247,8 @@ def sm90_bwd_smem_bytes(head_dim: int) -> int:
     # Q, dO; lse, delta, positions, the first key tile (deterministic mode) and padding
     stage = 2 * cfg.block_m * box_row_bytes + 3 * cfg.block_m * 4 + 16
     # (the kernel places each stage's row info after the tiles: the total is the same)
-    ds = 2 * 64 * cfg.block_m * 2  # dS^T of each consumer
-    ds *= 2 if head_dim == 128 else 1  # d=128: double-buffered (Sm90BwdTraits::kSplitDq)
-    dq_staging = 8 * 16 * 64 * 4  # one 16 x 64 float32 piece of the dq tiles per consumer warp
+    ds = 2 * 2 * 64 * cfg.block_m * 2  # dS^T of each consumer, double-buffered
+    dq_staging = 8 * 16 * (head_dim // 2) * 4  # 16 rows x d/2 float32 columns per consumer warp
     return kv + stages * stage + ds + dq_staging + barriers + 1024
 
 
@@ -443,7 +442,8 @@ def kernel_source(arch: str = "sm_80", family: str = "sm80") -> str:
     if family == "sm90":
         widths = set(SM90_FWD_CONFIGS)  # N of P V: the head dims; of Q K^T: keys per tile
         widths |= {c.keys(tma) for c in SM90_FWD_CONFIGS.values() for tma in (False, True)}
-        widths |= {SM90_BWD_CONFIG.block_m, *SM90_BWD_HEAD_DIMS}  # S^T, dP^T; dV, dK, dQ
+        widths |= {SM90_BWD_CONFIG.block_m, *SM90_BWD_HEAD_DIMS}  # S^T, dP^T; dV, dK
+        widths |= {d // 2 for d in SM90_BWD_HEAD_DIMS}  # dQ: each consumer half the columns
         prefix += wgmma.wrappers_source(widths)
     return prefix + "\n".join(_inline(KERNEL_DIR / ENTRY_FILES[family], set())) + "\n"
 

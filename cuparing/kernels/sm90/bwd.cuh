@@ -14,11 +14,11 @@
 //   P^T  = 2^(S^T scale log2e - lse log2e),  dS^T = P^T (dP^T - delta)   (registers)
 //   dV  += P^T dO             wgmma RS: P^T packed from the S^T accumulators, dO MN-major
 //   dQ   = dS K               dS^T stored to shared memory [key][query]; wgmma SS with both
-//                             operands MN-major. d = 128: consumer c computes dQ's columns
-//                             [64c, 64c + 64) over all 128 keys (both consumers' dS^T, double-
-//                             buffered); d <= 64: each consumer over its own keys
+//                             operands MN-major; consumer c computes dQ's columns
+//                             [c d/2, (c + 1) d/2) over all 128 keys (both consumers' dS^T,
+//                             double-buffered)
 //   dK  += dS^T Q             wgmma RS, Q MN-major, issued last: it runs while dQ leaves
-// dQ (times scale) leaves through shared memory: each warp stages its 16 x 64 fragment in
+// dQ (times scale) leaves through shared memory: each warp stages its 16 x d/2 fragment in
 // float32 and one lane adds it into the float32 dq accumulator with one bulk reduction of the
 // copy engine (cp.reduce.async.bulk). The accumulator is laid out in those fragments (dq tiles,
 // common/dq_tiles.cuh), so the fragment is one contiguous 4 KB piece: per-element atomics, then
@@ -36,8 +36,7 @@
 // walks every query tile whose endpoints classify non-EMPTY against its keys (the same set seen
 // from either side, so a tile's adders before key tile n are a known range); each consumer warp
 // waits for its turn before it stages its dQ rows, and counts itself once its reductions are
-// complete, a tile later (d = 128), so the wait for completion overlaps the next tile's products.
-// d <= 64: both consumers add into the same rows, consumer 0 first, which counts at once.
+// complete, a tile later, so the wait for completion overlaps the next tile's products.
 // Not yet here: TMA loads, overlap of one tile's products with the next tile's.
 #pragma once
 #include "../common/dq_tiles.cuh"
@@ -81,18 +80,20 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
   static constexpr int kKVBytes = Boxes::kBoxes * kBlockN * Boxes::kBoxRowBytes;  // K or V
   static constexpr int kQBytes = Boxes::kBoxes * kBlockM * Boxes::kBoxRowBytes;   // Q or dO
   static constexpr int kDsBytes = kConsumerKeys * kBlockM * 2;  // one consumer's dS^T, [key][query]
-  // d = 128: consumer c computes dQ's box c over all 128 keys (one float32 partial per CTA, half
-  // the reduction traffic of one per consumer), reading both consumers' dS^T, double-buffered so a
-  // consumer writing the next tile's never meets the other still reading this one's. d = 64 (one
-  // box): each consumer its own dS^T and its own keys' partial.
-  static constexpr bool kSplitDq = Boxes::kBoxes == 2;
-  static constexpr int kDsRegionBytes = kSplitDq ? 2 * 2 * kDsBytes : 2 * kDsBytes;
+  // dQ: consumer c computes columns [c kDqCols, (c + 1) kDqCols) (d = 128: box c; d = 64: half c
+  // of the one box) over all 128 keys, so a CTA tile adds one float32 partial (half the
+  // reduction traffic of one per consumer, and the consumers never add into the same rows). It
+  // reads both consumers' dS^T, double-buffered so a consumer writing the next tile's never
+  // meets the other still reading this one's.
+  static constexpr int kDqCols = kHeadDim / 2;
+  static constexpr int kDsRegionBytes = 2 * 2 * kDsBytes;
   // lse (log2), delta, q positions; then (deterministic mode) the tile's first key tile
   static constexpr int kRowInfoBytes = 3 * kBlockM * 4 + 16;
-  // dQ leaves through shared memory: each consumer warp stages its 16 query rows of one 64-column
-  // box in float32, in the dq tiles' piece order (common/dq_tiles.cuh: each 8-byte store of the
-  // warp lands in one 256-byte run, no bank conflicts), and one lane adds the piece.
-  static constexpr int kDqWarpBytes = kDqPieceFloats * 4;
+  // dQ leaves through shared memory: each consumer warp stages its 16 query rows of kDqCols
+  // columns in float32, in the dq tiles' piece order (common/dq_tiles.cuh: each 8-byte store of
+  // the warp lands in one 256-byte run, no bank conflicts; a half box is the contiguous half of
+  // a piece), and one lane adds them.
+  static constexpr int kDqWarpBytes = 16 * kDqCols * 4;
   static constexpr int kDqStageBytes = (kConsumerThreads / 32) * kDqWarpBytes;
   // K, V; per stage Q and dO; dS^T (every tile a whole number of 1024-byte swizzle atoms, so all
   // stay aligned); the dQ staging rows; per stage the row info; the mbarriers (full, empty per
@@ -109,8 +110,10 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
   static_assert(Boxes::kProducerThreads == 2 * kBlockM,
                 "the producer's two halves copy a tile's lse (and positions) and its delta");
   static_assert(kBlockN == 2 * kConsumerKeys, "two consumer warpgroups share the key tile");
-  static_assert(kBlockM == kDqTileRows && kDqPieceRows == 16 && Boxes::kBoxRowBytes == 128,
-                "a consumer warp's dQ fragment (16 x 64) is one piece of the dq tiles");
+  static_assert(kBlockM == kDqTileRows && kDqPieceRows == 16 && Boxes::kBoxRowBytes == 128 &&
+                    kDqTileCols % kDqCols == 0,
+                "a consumer warp's dQ fragment (16 x kDqCols) is one piece of the dq tiles, or "
+                "its contiguous half");
 };
 
 #ifndef CUPARING_SM90_BWD_SMEM
@@ -130,14 +133,12 @@ __device__ __forceinline__ int* dq_turn(const BwdParams& p, int m) {
   return p.dq_turns + (static_cast<i64>(blockIdx.y) * p.nheads + blockIdx.x) * q_tiles + m;
 }
 
-// The count consumer c's warp waits for on a query tile whose adders start at key tile `first`
+// The count a consumer warp waits for on a query tile whose adders start at key tile `first`
 // (first_key_tile_seen; 0 in a FULL block, where every CTA walks every tile): the 8 warps of
-// each key tile before this CTA's; d <= 64, where both consumers add into the same rows,
-// consumer 0's warps go first.
+// each key tile before this CTA's.
 template <class Tr>
-__device__ __forceinline__ int dq_turn_target(int first, int c) {
-  return (Tr::kConsumerThreads / 32) * (static_cast<int>(blockIdx.z) - first) +
-         (Tr::kSplitDq ? 0 : 4 * c);
+__device__ __forceinline__ int dq_turn_target(int first) {
+  return (Tr::kConsumerThreads / 32) * (static_cast<int>(blockIdx.z) - first);
 }
 
 // first_key_tile_seen for a later query tile (first position q_min) of the CTA, from `first`,
@@ -323,7 +324,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   const u32 v_rows = k_rows + Tr::kKVBytes;
   // where this consumer's dS^T goes, [key][query]: one 128-byte swizzled row per key
   const auto ds_tile = [&](int it) {
-    return Tr::kSplitDq ? s_ds0 + (it & 1) * 2 * Tr::kDsBytes : s_ds0;  // both consumers' rows
+    return s_ds0 + (it & 1) * 2 * Tr::kDsBytes;  // both consumers' rows
   };
   const float scale_log2 = p.scale_log2;
   const float scale = p.scale;
@@ -355,9 +356,6 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
             region_magnitudes<kBf16, Tr::kConsumerThreads>(s_k, Tr::kKVBytes, ctid)));
   }
 
-  // deterministic mode (dq_turn_*): the last tile's adds are issued, its turn not yet counted
-  // (d = 128: every tile adds)
-  bool dq_turn_pending = false;
   int it = 0;  // after the loop: the tiles done (fewer than m_count after a stop)
   for (; it < m_count; ++it) {
     const int s = it % Tr::kStages;
@@ -485,9 +483,8 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     }
     // dS^T to shared memory from its packed pairs (dsa[kk][2 * jj + r]: row 16 wq + g + 8r,
     // columns 8j + 2t, +1 with j = 2kk + jj): chunk j of the row, swizzled by the row's low 3
-    // bits (the 128-byte swizzle the descriptor describes). d = 128: the buffer was last read by
-    // both consumers' dQ two tiles ago, before the last tile's barrier 1; d <= 64: by this
-    // consumer's dQ of the last tile, before its last wgmma wait. Stored before dK is issued:
+    // bits (the 128-byte swizzle the descriptor describes). The buffer was last read by both
+    // consumers' dQ two tiles ago, before the last tile's barrier 1. Stored before dK is issued:
     // the A-fragment registers of a wgmma in flight must not be touched, read or written.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -511,34 +508,24 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     }
     wgmma_commit();
     if constexpr (kOrdered) {  // the last tile's turn: its adds have long been complete
-      if (Tr::kSplitDq ? it > 0 : dq_turn_pending) {
-        end_dq_turn(dq_turn<Tr>(p, m_first + it - 1), lane);
-      }
+      if (it > 0) end_dq_turn(dq_turn<Tr>(p, m_first + it - 1), lane);
     }
     fence_proxy_async();  // the dS^T stores, before wgmma reads them
-    if constexpr (Tr::kSplitDq) {
-      named_barrier_sync(1, Tr::kConsumerThreads);  // both consumers' dS^T rows are written
-    } else {
-      named_barrier_sync(1 + c, 128);  // all four warps' dS^T rows are written
-    }
-    // dQ's one 64-column box per consumer: split, box c over the CTA's 128 keys; else (d <= 64,
-    // one box) over the consumer's 64 keys
-    static_assert(Tr::kSplitDq || Tr::kBoxes == 1, "one dQ box per consumer");
-    constexpr int kDqKeys = Tr::kSplitDq ? Tr::kBlockN : Tr::kConsumerKeys;
-    const int box = Tr::kSplitDq ? c : 0;
-    float acc_dq[8][4];
+    named_barrier_sync(1, Tr::kConsumerThreads);  // both consumers' dS^T rows are written
+    // dQ's columns [col0, col0 + kDqCols) over the CTA's 128 keys: K's box col0 / 64, and at
+    // d = 64 half c of it, 64 bytes into its swizzled rows
+    const int col0 = c * Tr::kDqCols;
+    float acc_dq[Tr::kDqCols / 8][4];
     {
-      const u32 ds_rows =
-          ds_tile(it) + (Tr::kSplitDq ? 0 : Tr::kConsumerKeys * c * Tr::kBoxRowBytes);
-      const u64 ds_desc = smem_desc_sw128(ds_rows, Tr::kDsBytes, kSbo);
-      const u64 k_mn_desc = smem_desc_sw128(Tr::kSplitDq ? s_k : k_rows,
-                                            Tr::kBlockN * Tr::kBoxRowBytes, kSbo);
-      const u64 box_step = (box * Tr::kBlockN * Tr::kBoxRowBytes) >> 4;
+      const u64 ds_desc = smem_desc_sw128(ds_tile(it), Tr::kDsBytes, kSbo);
+      const u64 k_mn_desc = smem_desc_sw128(s_k, Tr::kBlockN * Tr::kBoxRowBytes, kSbo);
+      const u64 col_step =
+          ((col0 / 64) * Tr::kBlockN * Tr::kBoxRowBytes + (col0 % 64) * 2) >> 4;
 #pragma unroll
-      for (int kk = 0; kk < kDqKeys / 16; ++kk) {
+      for (int kk = 0; kk < Tr::kBlockN / 16; ++kk) {
         const u64 step = (kk * 16 * Tr::kBoxRowBytes) >> 4;
-        Wgmma<64, kBf16>::ss_trans_ab(acc_dq, ds_desc + step, k_mn_desc + box_step + step,
-                                      kk > 0);
+        Wgmma<Tr::kDqCols, kBf16>::ss_trans_ab(acc_dq, ds_desc + step,
+                                               k_mn_desc + col_step + step, kk > 0);
       }
       wgmma_commit();
     }
@@ -554,28 +541,24 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     wgmma_wait<1>();  // dV and dQ done; dK may still run (dS^T's registers stay untouched)
     fence_accumulator(acc_dv);
     fence_accumulator(acc_dq);
-    // dQ rows: queries 16 wq + g (+8) of the tile (nothing to add from an EMPTY tile, unless
-    // the other consumer's keys went into the same partial). Stage the warp's 16 rows (times
-    // scale); lane i < 16 then adds row i with one bulk reduction. The staging rows are rewritten
-    // once per tile, after the lanes' reductions of the previous tile have read them.
-    const bool adds_dq = Tr::kSplitDq || kind != kTileEmpty;
-    if constexpr (kOrdered) {  // (a warp with nothing to add takes its turn all the same)
-      int* turn = dq_turn<Tr>(p, m_first + it);
+    // dQ rows: queries 16 wq + g (+8) of the tile, columns col0 + 8j + 2t (+1) (every tile
+    // adds: an EMPTY tile for one consumer may not be for the other, whose keys go into the same
+    // partial). Stage the warp's part (times scale); lane 0 then adds it with one bulk
+    // reduction. The staging is rewritten once per tile, after the last reduction read it.
+    if constexpr (kOrdered) {
       if (lane == 0) {
         const int first = static_cast<int>(ld_shared_u32(s_first_key_tile(s)));
-        wait_turn(turn, dq_turn_target<Tr>(first, c));
+        wait_turn(dq_turn<Tr>(p, m_first + it), dq_turn_target<Tr>(first));
       }
       __syncwarp();
       fence_proxy_async_global();  // the turn, before this warp's adds by the copy engine
-      if constexpr (!Tr::kSplitDq) dq_turn_pending = adds_dq;
-      if (!adds_dq && lane == 0) end_turn(turn);
     }
-    if (adds_dq) {
+    {
       const u32 dq_stage = s_dq0 + (4 * c + wq) * Tr::kDqWarpBytes;
       if (!kOrdered && lane == 0) bulk_wait_read<0>();  // ordered: complete since end_dq_turn
       __syncwarp();
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < Tr::kDqCols / 8; ++j) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           st_shared_v2_f32(dq_stage + 8 * ((2 * j + r) * 32 + lane), acc_dq[j][2 * r] * scale,
@@ -585,18 +568,11 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       fence_proxy_async();  // the staged piece, before the copy engine (async proxy) reads it
       __syncwarp();
       if (lane == 0) {  // (the tail tile's rows past Sq add zeros nobody reads)
-        const i64 piece = DqTiles(p).chunk(b, h, m0 / Tr::kBlockM, box) + wq * kDqPieceFloats;
-        bulk_reduce_add_f32(p.dq + piece, dq_stage, Tr::kDqWarpBytes);
+        // the piece of box col0 / 64, from its column col0 % 64 on (n8 tile j = that / 8)
+        const i64 part = DqTiles(p).chunk(b, h, m0 / Tr::kBlockM, col0 / 64) +
+                         wq * kDqPieceFloats + (col0 % 64) * kDqPieceRows;
+        bulk_reduce_add_f32(p.dq + part, dq_stage, Tr::kDqWarpBytes);
         bulk_commit();
-      }
-    }
-    if constexpr (kOrdered && !Tr::kSplitDq) {
-      // d <= 64: consumer 1 adds into the same rows right after consumer 0 of this CTA, so
-      // consumer 0 counts its turn at once: counted a tile late, it would come after the next
-      // tile's consumer barrier (kAgree), which waits for consumer 1, which waits for the count
-      if (c == 0 && dq_turn_pending) {
-        end_dq_turn(dq_turn<Tr>(p, m_first + it), lane);
-        dq_turn_pending = false;
       }
     }
     wgmma_wait<0>();  // dK done
@@ -606,9 +582,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   // every dQ reduction complete (its reads of shared memory and its adds) before the CTA ends
   if (lane == 0) bulk_wait<0>();
   if constexpr (kOrdered) {
-    if (Tr::kSplitDq ? it > 0 : dq_turn_pending) {
-      end_dq_turn(dq_turn<Tr>(p, m_first + it - 1), lane);
-    }
+    if (it > 0) end_dq_turn(dq_turn<Tr>(p, m_first + it - 1), lane);
     // a stopped CTA still takes its turns on the tiles it left to the redo pass (rare: the
     // first key tile of each is found by a plain scan)
     if (lane == 0) {
@@ -616,7 +590,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       for (; it < m_count; ++it) {
         const int m = m_first + it;
         first = next_key_tile_seen<Tr::kBlockN>(p, first, __ldg(p.q_pos + m * Tr::kBlockM));
-        wait_turn(dq_turn<Tr>(p, m), dq_turn_target<Tr>(first, c));
+        wait_turn(dq_turn<Tr>(p, m), dq_turn_target<Tr>(first));
         end_turn(dq_turn<Tr>(p, m));
       }
     }
