@@ -594,7 +594,7 @@ def _refused_everywhere(ring: Any, entry: str):
     waiting for this one until the ring's timeout."""
     try:
         yield
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, NotImplementedError) as error:
         if isinstance(ring, Ring):
             ring.refuse(entry, error)
         raise

@@ -138,8 +138,10 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, window=
 
     Raises:
         ValueError, TypeError: at trace time, as :func:`cuparing.attention` would.
-        NotImplementedError: when the gradient runs, ``deterministic`` where the backward
-            kernels have no such mode.
+
+    When the gradient runs with ``deterministic`` where the GPU's backward kernels have no such
+    mode, cuparing's NotImplementedError is raised inside XLA's execution and reaches the caller
+    as JAX's runtime error carrying its message.
     """
     options = _options(q, k, v, causal, scale, window, cu_seqlens, None, "contiguous",
                        deterministic)  # fmt: skip
@@ -166,7 +168,8 @@ def ring_attention(q, k, v, ring, causal: bool = False, scale: float | None = No
 
     Raises:
         ValueError, TypeError: at trace time, for arguments the eager function would refuse.
-        NotImplementedError: as in :func:`attention`.
+
+    ``deterministic`` without deterministic kernels: as in :func:`attention`.
     """
     options = _options(q, k, v, causal, scale, window, cu_seqlens, ring, layout, deterministic)
     return _op(q, k, v, options)

@@ -12,11 +12,12 @@ the NumPy backend, CUDA tensors our kernels, on the caller's current stream.
 The ops underneath, ``torch.ops.cuparing.attention_forward``, ``ring_attention_forward`` and
 ``attention_backward``, take plain values only: the options, and a ring as an integer handle
 (:func:`ring_handle`; -1 for one device). The forward ops carry ``deterministic`` for their
-backward (autograd's context sees only an op's arguments). The ring forward and the backward are
-tagged ``cudagraph_unsafe`` where this PyTorch has the tag: a ring step is watched from the
-host, and the backward allocates its float32 accumulators outside torch, so CUDA-graph trees
-leave them outside captured graphs. The single-device forward allocates through torch only
-and may be captured.
+backward (autograd's context sees only an op's arguments), as an int: :data:`NONDETERMINISTIC`,
+:data:`DETERMINISTIC`, or :data:`DETERMINISTIC_BY_TORCH` (torch's deterministic mode).
+The ring forward and the backward are tagged ``cudagraph_unsafe`` where this PyTorch has the
+tag: a ring step is watched from the host, and the backward allocates its float32 accumulators
+outside torch, so CUDA-graph trees leave them outside captured graphs. The single-device
+forward allocates through torch only and may be captured.
 
 This module imports PyTorch; ``import cuparing`` does not import it.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import warnings
 import weakref
 from typing import Any
 
@@ -41,6 +43,14 @@ _RINGS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _RINGS_LOCK = threading.Lock()
 _NEXT_HANDLE = itertools.count()
 ONE_DEVICE = -1  # the handle of "no ring": cuparing.attention
+
+# the ops' ``deterministic``: the backward's order of adds
+NONDETERMINISTIC = 0  # whatever order is fastest
+DETERMINISTIC = 1  # a fixed order; NotImplementedError where the kernels have none
+# ``torch.use_deterministic_algorithms(True)`` asked for it: a fixed order; where the kernels
+# have none, torch's warn-only setting decides when the backward runs: NotImplementedError, or a
+# warning and the fastest order (what warn-only asks of an operator)
+DETERMINISTIC_BY_TORCH = 2
 
 
 def ring_handle(ring: Ring) -> int:
@@ -121,7 +131,7 @@ def attention_forward(
     window_right: int | None,
     windowed: bool,
     cu_seqlens: list[int] | None,
-    deterministic: bool,
+    deterministic: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of :func:`cuparing.attention` (one device; allocates through torch only, so it
     may be captured in a CUDA graph); ``deterministic`` is for the backward."""
@@ -144,7 +154,7 @@ def ring_attention_forward(
     window_right: int | None,
     windowed: bool,
     cu_seqlens: list[int] | None,
-    deterministic: bool,
+    deterministic: int,
     ring: int,
     layout: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +194,7 @@ def attention_backward(
     window_right: int | None,
     windowed: bool,
     cu_seqlens: list[int] | None,
-    deterministic: bool,
+    deterministic: int,
     ring: int,
     layout: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -192,13 +202,31 @@ def attention_backward(
     :func:`cuparing.ring_attention_backward` on the ring with handle ``ring``; ``dlse`` the
     gradient with respect to lse, or None."""
     window = _window(window_left, window_right, windowed)
-    options = {"causal": causal, "scale": scale, "window": window, "cu_seqlens": cu_seqlens,
-               "deterministic": deterministic}  # fmt: skip
-    if ring == ONE_DEVICE:
-        return api.attention_backward(dout, q, k, v, out, lse, dlse=dlse, **options)
-    return api.ring_attention_backward(
-        dout, q, k, v, out, lse, _ring_of(ring), layout=layout, dlse=dlse, **options
-    )
+    options = {"causal": causal, "scale": scale, "window": window, "cu_seqlens": cu_seqlens}
+
+    def run(ordered: bool):
+        if ring == ONE_DEVICE:
+            return api.attention_backward(
+                dout, q, k, v, out, lse, dlse=dlse, deterministic=ordered, **options
+            )
+        return api.ring_attention_backward(
+            dout, q, k, v, out, lse, _ring_of(ring), layout=layout, dlse=dlse,
+            deterministic=ordered, **options,
+        )  # fmt: skip
+
+    if deterministic != DETERMINISTIC_BY_TORCH:
+        return run(deterministic == DETERMINISTIC)
+    try:
+        return run(True)
+    except NotImplementedError as exc:  # raised before any work or transfer, on every rank
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise
+        warnings.warn(
+            f"{exc}. torch.use_deterministic_algorithms(True, warn_only=True) is on: the "
+            f"backward runs without a fixed order of adds",
+            stacklevel=2,
+        )
+        return run(False)
 
 
 @attention_backward.register_fake
@@ -258,10 +286,10 @@ def attention(
     Args and raises: as :func:`cuparing.attention` (the options are checked here, at trace
     time; the tensors when the op runs), and
         deterministic: bit-identical gradients on every run
-            (:func:`cuparing.attention_backward`'s ``deterministic``); None (default): whatever
-            ``torch.use_deterministic_algorithms`` asks for (warn-only included). Where the
-            backward kernels have no deterministic mode, ``.backward()`` raises
-            NotImplementedError.
+            (:func:`cuparing.attention_backward`'s ``deterministic``); where the backward
+            kernels have no deterministic mode, ``.backward()`` raises NotImplementedError.
+            None (default): what ``torch.use_deterministic_algorithms`` asks for; in its
+            warn-only mode, a warning instead of the error.
 
     Returns:
         out [B, Sq, H, D] in q's dtype; gradients flow to q, k and v.
@@ -306,12 +334,15 @@ def ring_attention(
     return out
 
 
-def _deterministic(flag: bool | None) -> bool:
-    """``flag`` checked as a bool; None: whether torch's deterministic algorithms are on (read at
-    trace time when compiled: a guard of the compiled graph)."""
+def _deterministic(flag: bool | None) -> int:
+    """The ops' ``deterministic`` for the API's ``flag`` (checked as a bool); None: from torch's
+    deterministic-algorithms setting (read at trace time when compiled: a guard of the compiled
+    graph; its warn-only part is read when the backward runs)."""
     if flag is None:
-        return torch.are_deterministic_algorithms_enabled()
-    return validation.check_flag("deterministic", flag)
+        flag, ordered = torch.are_deterministic_algorithms_enabled(), DETERMINISTIC_BY_TORCH
+    else:
+        flag, ordered = validation.check_flag("deterministic", flag), DETERMINISTIC
+    return ordered if flag else NONDETERMINISTIC
 
 
 def _mask_options(q, causal, scale, window, cu_seqlens) -> tuple:

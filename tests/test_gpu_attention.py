@@ -498,11 +498,14 @@ def test_torch_autograd_deterministic_on_gpu(entry, monkeypatch, fresh_rng):
 @requires_gpu(1)
 @pytest.mark.usefixtures("kernel_family")
 @pytest.mark.parametrize("causal", [False, True])
-def test_caller_owned_outputs_on_gpu(causal, fresh_rng):
+@pytest.mark.parametrize("dq_layout", ["contiguous", "transposed", "offset"])
+def test_caller_owned_outputs_on_gpu(causal, dq_layout, fresh_rng):
     """out= / lse= (a strided torch view) receive exactly what the call returns without them;
     dq= / dk= / dv= receive the gradients (within the float64 reference's bound: the backward
     kernel adds with atomics, so two runs differ in the last bits); every element written
-    (NaN-poisoned first)."""
+    (NaN-poisoned first). dq= also as a transposed view and one element into its storage (2-byte
+    aligned): the Hopper backward's dq leaves its tiled accumulator by 4-byte stores where it
+    can, through a copy where it cannot."""
     torch = torch_on_gpu()
     gen = torch.Generator(device="cuda").manual_seed(int(fresh_rng.integers(2**62)))
     b, s, h, hkv, d = 2, 300, 4, 2, 128
@@ -518,6 +521,12 @@ def test_caller_owned_outputs_on_gpu(causal, fresh_rng):
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
     dout = torch.randn_like(q)
     dests = [torch.full_like(x, float("nan")) for x in (q, k, v)]
+    if dq_layout == "transposed":
+        dests[0] = dests[0].transpose(1, 2).contiguous().transpose(1, 2)
+    elif dq_layout == "offset":
+        storage = torch.full((q.numel() + 1,), float("nan"), device="cuda", dtype=q.dtype)
+        dests[0] = storage[1:].view(q.shape)
+        assert dests[0].data_ptr() % 4 == 2
     into = dict(zip(("dq", "dk", "dv"), dests, strict=True))
     grads = cr.ring_attention_backward(
         dout, q, k, v, want_out, want_lse, SoloRing(), causal=causal, **into
@@ -684,7 +693,7 @@ def test_torch_ops_on_cuda(fresh_rng):
     q, k, v = (torch.randn(2, 200, 4, 64, device="cuda", dtype=torch.bfloat16, generator=gen,
                            requires_grad=True) for _ in range(3))  # fmt: skip
     dout = torch.randn(2, 200, 4, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-    mask = (True, 0.125, None, None, False, None, False)  # (not deterministic)
+    mask = (True, 0.125, None, None, False, None, crt.NONDETERMINISTIC)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(crt.attention_forward, (q, k, v, *mask), test_utils=checks)
 

@@ -106,3 +106,34 @@ def test_a_rank_whose_call_is_invalid_fails_every_rank_at_once():
     assert time.monotonic() - start < 10
     assert "rank 1 could not make this call" in got[0], got
     assert "dtype" in got[1] and "could not make" not in got[1], got
+
+
+def test_a_rank_without_the_deterministic_kernels_fails_every_rank_at_once(monkeypatch):
+    """Rank 1 cannot run ``deterministic=True`` (a NotImplementedError from its kernel check,
+    stood in for here, as a GPU without the ordered kernels raises it): rank 0 learns it inside
+    its agreement check and raises too, long before the ring's timeout."""
+    rng = np.random.default_rng(4)
+    q, k, v, dout = (rng.standard_normal((1, 8, 2, 4)).astype(np.float32) for _ in range(4))
+    q_of_rank_one = q.copy()  # (how the stand-in knows rank 1's call)
+    real = cr.api._check_deterministic_runs
+
+    def rank_one_lacks_them(origin, q, deterministic):
+        if deterministic and q is q_of_rank_one:
+            raise NotImplementedError("deterministic=True needs the Hopper backward kernels")
+        real(origin, q, deterministic)
+
+    def fn(ring):
+        q_here = q_of_rank_one if ring.rank == 1 else q
+        out, lse = cr.ring_attention(q_here, k, v, ring, return_lse=True)
+        try:
+            cr.ring_attention_backward(dout, q_here, k, v, out, lse, ring, deterministic=True)
+        except (NotImplementedError, ValueError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "no error"
+
+    monkeypatch.setattr(cr.api, "_check_deterministic_runs", rank_one_lacks_them)
+    start = time.monotonic()
+    got = cr.simulate(2, fn, timeout=30)
+    assert time.monotonic() - start < 10
+    assert "rank 1 could not make this call" in got[0], got
+    assert got[1].startswith("NotImplementedError"), got

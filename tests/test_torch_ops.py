@@ -8,6 +8,8 @@ and the same loss and gradients as eager execution and as PyTorch's own SDPA.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 from conftest import record_deterministic_flags
@@ -29,7 +31,7 @@ def _tensors(seed, shapes, dtype=None, grad=False):
 def test_opcheck(dtype):
     q, k, v = _tensors(0, [(2, 9, 4, 8), (2, 11, 2, 8), (2, 11, 2, 8)], dtype, grad=True)
     # causal, scale, window (3, None), no documents, not deterministic
-    mask = (True, 0.35, 3, None, True, None, False)
+    mask = (True, 0.35, 3, None, True, None, crt.NONDETERMINISTIC)
     torch.library.opcheck(crt.attention_forward, (q, k, v, *mask))
     out, lse = crt.attention_forward(q.detach(), k.detach(), v.detach(), *mask)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
@@ -43,7 +45,7 @@ def test_ring_forward_opcheck():
     q, k, v = _tensors(1, [(1, 8, 2, 4)] * 3, grad=True)
     ring = cr.comm.local.SoloRing()  # handles hold rings weakly: keep it alive
     handle = crt.ring_handle(ring)
-    mask = (False, 0.5, None, None, False, [0, 3, 8], True)
+    mask = (False, 0.5, None, None, False, [0, 3, 8], crt.DETERMINISTIC)
     torch.library.opcheck(crt.ring_attention_forward, (q, k, v, *mask, handle, "zigzag"))
 
 
@@ -146,7 +148,7 @@ def test_gradient_through_lse():
     dense torch implementation."""
     q, k, v = _tensors(5, [(1, 7, 2, 4), (1, 9, 2, 4), (1, 9, 2, 4)], grad=True)
     w_out, w_lse = _tensors(8, [(1, 7, 2, 4), (1, 2, 7)])
-    out, lse = crt.attention_forward(q, k, v, True, 0.5, None, None, False, None, False)
+    out, lse = crt.attention_forward(q, k, v, True, 0.5, None, None, False, None, 0)
     ((out * w_out).sum() + (lse * w_lse).sum()).backward()
     ours = [x.grad.clone() for x in (q, k, v)]
     for x in (q, k, v):
@@ -253,14 +255,31 @@ def test_packed_documents_compile_without_graph_breaks():
         assert _close(g, x.grad)
 
 
-@pytest.mark.parametrize("torch_flag", [False, True])
+# torch.use_deterministic_algorithms settings: (mode, warn_only)
+_TORCH_SETTINGS = {"off": (False, False), "on": (True, False), "warn-only": (True, True)}
+
+
+@contextlib.contextmanager
+def _torch_determinism(setting: str):
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())  # fmt: skip
+    mode, warn_only = _TORCH_SETTINGS[setting]
+    torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+@pytest.mark.parametrize("torch_setting", list(_TORCH_SETTINGS))
 @pytest.mark.parametrize("asked", [None, False, True])
-def test_deterministic_reaches_the_backward(asked, torch_flag, monkeypatch):
+def test_deterministic_reaches_the_backward(asked, torch_setting, monkeypatch):
     """``deterministic`` travels from the autograd entry points to cuparing's backward: as given,
-    or (None) as ``torch.use_deterministic_algorithms`` says, eager and compiled, one device and
-    ring. (What the flag does to the kernels: the GPU tests; the CPU backend is ordered anyway.)"""
+    or (None) as ``torch.use_deterministic_algorithms`` says (warn-only asks for the ordered
+    backward too), eager and compiled, one device and ring. (What the flag does to the kernels:
+    the GPU tests; the CPU backend is ordered anyway.)"""
     seen = record_deterministic_flags(monkeypatch)
-    want = torch_flag if asked is None else asked
+    want = _TORCH_SETTINGS[torch_setting][0] if asked is None else asked
     ring = cr.comm.local.SoloRing()
     crt.ring_handle(ring)
     q, k, v = _tensors(12, [(1, 9, 2, 8)] * 3, grad=True)
@@ -271,9 +290,7 @@ def test_deterministic_reaches_the_backward(asked, torch_flag, monkeypatch):
     def on_ring(q, k, v):
         return crt.ring_attention(q, k, v, ring, deterministic=asked).sum()
 
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(torch_flag)
-    try:
+    with _torch_determinism(torch_setting):
         for fn in (one_device, on_ring):
             torch._dynamo.reset()
             for run in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
@@ -283,5 +300,35 @@ def test_deterministic_reaches_the_backward(asked, torch_flag, monkeypatch):
         seen.clear()
         cr.ring_attention_torch(q, k, v, ring, deterministic=asked).sum().backward()
         assert seen == [want]
-    finally:
-        torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("torch_setting", ["on", "warn-only"])
+@pytest.mark.parametrize("asked", [None, True])
+def test_backward_without_an_ordered_kernel(asked, torch_setting, monkeypatch):
+    """Where the backward kernels have no deterministic mode (stood in for by a backward that
+    refuses ``deterministic=True`` as the mma.sync kernels do): an explicit request or torch's
+    strict mode raise NotImplementedError from ``.backward()``; torch's warn-only mode warns and
+    gives the (right) unordered gradients."""
+    real = cr.api.attention_backward
+
+    def without_ordered_kernels(*args, **kwargs):
+        if kwargs["deterministic"]:
+            raise NotImplementedError("deterministic=True needs the Hopper backward kernels")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cr.api, "attention_backward", without_ordered_kernels)
+    seen = record_deterministic_flags(monkeypatch)  # (around the refusing backward)
+    q, k, v = _tensors(13, [(1, 7, 2, 8)] * 3, grad=True)
+    dout = _tensors(14, [(1, 7, 2, 8)])[0]
+    with _torch_determinism(torch_setting):
+        out = crt.attention(q, k, v, causal=True, deterministic=asked)
+        if asked is None and torch_setting == "warn-only":
+            with pytest.warns(UserWarning, match="warn_only=True"):
+                out.backward(dout)
+            assert seen == [True, False]
+            host = [x.detach().numpy() for x in (q, k, v)]
+            grads = [x.grad.numpy() for x in (q, k, v)]
+            check_backward(grads, dout.numpy(), *host, causal=True)
+        else:
+            with pytest.raises(NotImplementedError, match="Hopper backward"):
+                out.backward(dout)

@@ -411,15 +411,21 @@ class CupyBackend:
         if not isinstance(acc, DqTiles):
             return self.cast(acc, dtype, out=out)
         cp = self.xp
-        direct = (out is not None and out.flags.c_contiguous and out.data.ptr % 4 == 0
-                  and dtype_name(out.dtype) == dtype_name(dtype))  # fmt: skip
+        name = dtype_name(dtype)
+        if out is not None and (out.shape != acc.shape or dtype_name(out.dtype) != name):
+            raise ValueError(
+                f"dq must be an array of shape {acc.shape} and dtype {name}, got "
+                f"{out.shape} {dtype_name(out.dtype)}"
+            )
+        # the kernel writes pairs as 4-byte words into a contiguous dq
+        direct = out is not None and out.flags.c_contiguous and out.data.ptr % 4 == 0
         dq = out if direct else _empty(cp, acc.shape, dtype)
         if dq.size:
             batch, seqlen, heads, headdim = acc.shape
-            key = ("dq_tiles", cp.cuda.runtime.getDevice(), acc.shape, dtype_name(dtype))
+            key = ("dq_tiles", cp.cuda.runtime.getDevice(), acc.shape, name)
             plan = _PLANS.get(key)
             if plan is None:
-                kernel = loader.get_dq_from_tiles_kernel(dtype_name(dtype))
+                kernel = loader.get_dq_from_tiles_kernel(name)
                 threads = 256
                 blocks = min(math.ceil(acc.array.size // 2 / threads), 65536)
                 args = _DQ_TILES_ARGS.pack(0, 0, batch, seqlen, heads, headdim)
@@ -534,10 +540,13 @@ class CupyBackend:
         padded = loader.padded_head_dim(headdim)
         name = dtype_name(q.dtype)
         sm90 = loader.backward_family(padded, loader.device_arch()) == "sm90"
-        if tiles != sm90:
+        if tiles != sm90:  # (CUPARING_BWD / CUPARING_KERNELS changed since dq_accum, say)
             raise ValueError(
-                f"dq must come from dq_accum: the {'sm90' if sm90 else 'sm80'} backward kernels "
-                f"add into {'dq tiles' if sm90 else 'an array of the queries shape'}"
+                f"dq must come from dq_accum under the same kernel switches: the "
+                f"{'sm90' if sm90 else 'sm80'} backward kernels add into "
+                f"{'dq tiles' if sm90 else 'an array of the queries shape'}, got "
+                f"{'dq tiles' if tiles else 'an array'} (CUPARING_BWD / CUPARING_KERNELS "
+                f"changed between them?)"
             )
         if deterministic:
             self.check_deterministic(headdim, name)
