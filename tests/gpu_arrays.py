@@ -55,15 +55,16 @@ def skip_unless_backward_family_runs(backward_family, headdim):
     variant tests it)."""
     from cuparing.kernels import loader
 
-    padded = loader.padded_head_dim(headdim)
-    if backward_family == "sm90" and not loader.device_arch().startswith("sm_9"):
+    arch = loader.device_arch()
+    if backward_family == "sm90" and not arch.startswith("sm_9"):
         pytest.skip("the sm90 (wgmma) kernels need a Hopper GPU")
-    if backward_family == "sm90" and padded not in loader.SM90_BWD_HEAD_DIMS:
-        pytest.skip("the sm80 backward runs this head dim; tested under backward_family=sm80")
     if backward_family == "sm90" and os.environ.get("CUPARING_KERNELS", "").lower() == "sm80":
         pytest.skip("CUPARING_KERNELS=sm80 is set: every kernel is the mma.sync family")
+    padded = loader.backward_head_dim(headdim, arch)
+    if backward_family == "sm90" and padded not in loader.SM90_BWD_HEAD_DIMS:
+        pytest.skip("the sm80 backward runs this head dim; tested under backward_family=sm80")
     # the case must run the family it is named for (not a silent fallback to the other one)
-    assert loader.backward_family(padded, loader.device_arch()) == backward_family
+    assert loader.backward_family(padded, arch) == backward_family
 
 
 def skip_unless_family_runs(kernel_family, dtype, headdim):

@@ -101,6 +101,21 @@ def test_redo_pass_instantiations():
         loader.get_bwd_redo_kernel(96, "bfloat16")
 
 
+def test_backward_head_dim(monkeypatch):
+    """The sm90 backward runs head dims that pad to 96 in its 128 instantiation; the mma.sync
+    family (other GPUs, or switched to) in its own 96 one; other head dims pad as always."""
+    monkeypatch.delenv("CUPARING_BWD", raising=False)
+    monkeypatch.delenv("CUPARING_KERNELS", raising=False)
+    dims = (8, 40, 64, 72, 96, 104, 128, 136, 256)
+    hopper = [loader.backward_head_dim(d, "sm_90") for d in dims]
+    assert hopper == [32, 64, 64, 128, 128, 128, 128, 160, 256]
+    assert [loader.backward_head_dim(d, "sm_80") for d in dims] == [
+        loader.padded_head_dim(d) for d in dims
+    ]
+    monkeypatch.setenv("CUPARING_BWD", "sm80")
+    assert loader.backward_head_dim(96, "sm_90") == 96
+
+
 def test_backward_family_choice(monkeypatch):
     monkeypatch.delenv("CUPARING_KERNELS", raising=False)
     monkeypatch.delenv("CUPARING_BWD", raising=False)

@@ -3,7 +3,7 @@ cuDNN) on one GPU.
 
 Ours: ``cr.ring_attention_backward`` on a ring of one (``SoloRing``): the delta kernel, the
 backward launch(es) into float32 accumulators, and the final casts, once per kernel family asked
-for (``CUPARING_BWD`` set per row: sm90 = the wgmma backward, Hopper only, head dims 64 / 128;
+for (``CUPARING_BWD`` set per row: sm90 = the wgmma backward, Hopper only, head dims 40 to 128;
 sm80 = mma.sync; a family name ending in ``-det``, e.g. sm90-det, runs it with
 ``deterministic=True``). Peers: ``torch.nn.functional.scaled_dot_product_attention`` with the
 FLASH and the CUDNN backend, timing only ``torch.autograd.grad`` of a retained graph (their backward
@@ -73,10 +73,11 @@ def main(argv=None) -> int:
         result = {"card": card, "D": d, "S": s, "causal": causal}
 
         out, lse = cr.ring_attention(q, k, v, ring, causal=causal, return_lse=True)
-        padded, arch = loader.padded_head_dim(d), loader.device_arch()
+        arch = loader.device_arch()
         for family in reversed(families):  # the first family ends up active for the stats
             kernels = family.removesuffix("-det")
             os.environ["CUPARING_BWD"] = kernels
+            padded = loader.backward_head_dim(d, arch)
             if loader.backward_family(padded, arch) != kernels:  # not on this card / head dim
                 result[f"{family}_ms"] = result[f"{family}_tflops"] = None
                 continue
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
                 result[f"{name}_tflops"] = None
                 result[f"{name}_error"] = str(exc).splitlines()[0]
 
-        kernels, _, _ = loader.get_bwd_kernels(loader.padded_head_dim(d), "bfloat16")
+        kernels, _, _ = loader.get_bwd_kernels(loader.backward_head_dim(d, arch), "bfloat16")
         result["regs"] = [kernel.num_regs for kernel, _ in kernels]
         result["local_bytes"] = [kernel.local_size_bytes for kernel, _ in kernels]
         rows.append(result)

@@ -443,9 +443,8 @@ class CupyBackend:
         """Whether the sm90 (wgmma) kernels run the backward of queries ``q`` here."""
         if not self._kernel_ok(q):
             return False
-        return loader.backward_family(
-            loader.padded_head_dim(q.shape[-1]), loader.device_arch()
-        ) == "sm90"
+        arch = loader.device_arch()
+        return loader.backward_family(loader.backward_head_dim(q.shape[-1], arch), arch) == "sm90"
 
     def check_deterministic(self, headdim: int, dtype: str) -> None:
         """Raise unless a backward of actual head dim ``headdim`` and ``dtype`` ('bfloat16', ...)
@@ -457,12 +456,11 @@ class CupyBackend:
         """
         if not _kernels_take(headdim, dtype):
             return
-        padded = loader.padded_head_dim(headdim)
         arch = loader.device_arch()
-        if loader.backward_family(padded, arch) != "sm90":
+        if loader.backward_family(loader.backward_head_dim(headdim, arch), arch) != "sm90":
             raise NotImplementedError(
-                f"deterministic=True needs the Hopper backward kernels (sm_90, head dims that pad "
-                f"to {loader.SM90_BWD_HEAD_DIMS}, CUPARING_BWD not 'sm80'); head dim {headdim} "
+                f"deterministic=True needs the Hopper backward kernels (sm_90, head dims 40 to "
+                f"{max(loader.SM90_BWD_HEAD_DIMS)}, CUPARING_BWD not 'sm80'); head dim {headdim} "
                 f"on {arch} runs the mma.sync kernels, which have no deterministic mode yet"
             )
 
@@ -537,7 +535,7 @@ class CupyBackend:
         """The backward launch(es) for this signature (operands already kernel-ready; ``dq``
         the accumulator's array, ``tiles``: in the dq tiles layout)."""
         batch, seqlen_q, nheads, headdim = q.shape
-        padded = loader.padded_head_dim(headdim)
+        padded = loader.backward_head_dim(headdim, loader.device_arch())
         name = dtype_name(q.dtype)
         sm90 = loader.backward_family(padded, loader.device_arch()) == "sm90"
         if tiles != sm90:  # (CUPARING_BWD / CUPARING_KERNELS changed since dq_accum, say)

@@ -236,6 +236,8 @@ def sm90_smem_bytes(head_dim: int, tma: bool = True) -> int:
 # The sm90 (wgmma) backward: head dims it has tiles for, 128 keys per CTA (64 per consumer
 # warpgroup), 64 queries per tile, 384 threads (sm90/bwd.cuh Sm90BwdTraits).
 SM90_BWD_HEAD_DIMS = (64, 128)
+# head dims (as padded_head_dim pads them) the sm90 backward runs in a wider instantiation
+SM90_BWD_WIDER = {96: 128}
 SM90_BWD_CONFIG = BwdConfig(block_m=64, block_n=128, warps=12, split=False, min_blocks=1)
 
 
@@ -315,6 +317,23 @@ def padded_head_dim(headdim: int) -> int:
             f"got D={headdim}"
         )
     return next(d for d in HEAD_DIMS if d >= headdim)
+
+
+def backward_head_dim(headdim: int, arch: str) -> int:
+    """The instantiation (a padded head dim) that runs the backward of actual head dim
+    ``headdim`` on ``arch``: :func:`padded_head_dim`'s, except where that is 96 and the sm90
+    family runs the backward (:func:`backward_family`): it has no 96 instantiation, and runs
+    those head dims in its 128 one (their zero columns cost a quarter of its products, which
+    wgmma's rate pays for: PERF.md "Hopper backward").
+
+    Raises:
+        ValueError: as :func:`padded_head_dim`, or a bad ``CUPARING_BWD``.
+    """
+    padded = padded_head_dim(headdim)
+    wider = SM90_BWD_WIDER.get(padded)
+    if wider is not None and backward_family(wider, arch) == "sm90":
+        return wider
+    return padded
 
 
 def smem_bytes(head_dim: int, arch: str = "sm_80") -> int:
