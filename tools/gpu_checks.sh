@@ -2,8 +2,9 @@
 # On a GPU machine: install, compile check, GPU tests, benchmarks. Logs go to the directory named
 # by CUPARING_LOG_DIR if set, else ./out.
 # Usage: bash tools/gpu_checks.sh [single|multi|bench|bwd|all] [pytest -k expression]
-#   bwd: the backward kernel tests of both families (NaN / inf next to mask edges and the
-#        deterministic mode included) and bench_backward (sm90, sm90 deterministic, sm80, SDPA)
+#   bwd: the backward kernel tests of both families (NaN / inf next to mask edges, the
+#        deterministic mode, caller-owned gradients, torch and JAX autograd included) and
+#        bench_backward (sm90, sm90 deterministic, sm80, SDPA; head dims 128 and 96)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 out="${CUPARING_LOG_DIR:-out}"
@@ -24,13 +25,17 @@ if [[ $what == multi || $what == all ]]; then
     ${filter:+-k "$filter"} 2>&1 | tee "$out/multigpu_tests.log" | tail -40
 fi
 if [[ $what == bwd || $what == all ]]; then
-  run timeout 300 python -m pytest -q -rf --maxfail=4 tests/test_gpu_attention.py \
-    -k "(backward_kernel or deterministic)${filter:+ and ($filter)}" 2>&1 \
+  run timeout 420 python -m pytest -q -rf --maxfail=4 tests/test_gpu_attention.py \
+    -k "(backward_kernel or deterministic or caller or torch)${filter:+ and ($filter)}" 2>&1 \
     | tee "$out/bwd_tests.log" | tail -20
+  run timeout 200 python -m pytest -q -rf --maxfail=4 tests/test_jax.py -k gpu 2>&1 \
+    | tee "$out/bwd_jax.log" | tail -8
   run timeout 200 python -m pytest -q -rf --maxfail=4 tests/test_gpu_nonfinite.py \
     -k "backward${filter:+ and ($filter)}" 2>&1 | tee "$out/bwd_nonfinite.log" | tail -20
   run timeout 200 python tools/bench_backward.py --quick --families sm90,sm90-det,sm80 \
     --json "$out/bench_backward.json" 2>&1 | tee "$out/bench_backward.log"
+  run timeout 120 python tools/bench_backward.py --quick --headdim 96 --families sm90,sm90-det,sm80 \
+    --json "$out/bench_backward96.json" 2>&1 | tee "$out/bench_backward96.log"
 fi
 if [[ $what == bench || $what == all ]]; then
   run timeout 300 python tools/bench_attention.py --quick --json "$out/bench_attention.json" \
