@@ -420,19 +420,12 @@ class CupyBackend:
         # the kernel writes pairs as 4-byte words into a contiguous dq
         direct = out is not None and out.flags.c_contiguous and out.data.ptr % 4 == 0
         dq = out if direct else _empty(cp, acc.shape, dtype)
-        if dq.size:
-            batch, seqlen, heads, headdim = acc.shape
+        if dq.size:  # (one float pair of the accumulator per work item)
             key = ("dq_tiles", cp.cuda.runtime.getDevice(), acc.shape, name)
-            plan = _PLANS.get(key)
-            if plan is None:
-                kernel = loader.get_dq_from_tiles_kernel(name)
-                threads = 256
-                blocks = min(math.ceil(acc.array.size // 2 / threads), 65536)
-                args = _DQ_TILES_ARGS.pack(0, 0, batch, seqlen, heads, headdim)
-                plan = _PLANS.put(key, launch_plans.PackedLaunch(
-                    (kernel,), (blocks,), (threads,), 0, args, (0, 8),
-                    arg_offsets=(0, 8, 16, 20, 24, 28),
-                ))  # fmt: skip
+            plan = _PLANS.get(key) or _PLANS.put(key, _grid_stride_launch(
+                loader.get_dq_from_tiles_kernel(name), acc.array.size // 2,
+                _DQ_TILES_ARGS.pack(0, 0, *acc.shape), (0, 8, 16, 20, 24, 28),
+            ))  # fmt: skip
             plan.launch(acc.array.data.ptr, dq.data.ptr)
         if out is not None and not direct:
             _as_bits(cp, out)[...] = _as_bits(cp, dq)
@@ -441,10 +434,7 @@ class CupyBackend:
 
     def _sm90_backward(self, q) -> bool:
         """Whether the sm90 (wgmma) kernels run the backward of queries ``q`` here."""
-        if not self._kernel_ok(q):
-            return False
-        arch = loader.device_arch()
-        return loader.backward_family(loader.backward_head_dim(q.shape[-1], arch), arch) == "sm90"
+        return self._kernel_ok(q) and _backward_kernels(q.shape[-1])[0] == "sm90"
 
     def check_deterministic(self, headdim: int, dtype: str) -> None:
         """Raise unless a backward of actual head dim ``headdim`` and ``dtype`` ('bfloat16', ...)
@@ -456,12 +446,12 @@ class CupyBackend:
         """
         if not _kernels_take(headdim, dtype):
             return
-        arch = loader.device_arch()
-        if loader.backward_family(loader.backward_head_dim(headdim, arch), arch) != "sm90":
+        if _backward_kernels(headdim)[0] != "sm90":
             raise NotImplementedError(
                 f"deterministic=True needs the Hopper backward kernels (sm_90, head dims 40 to "
                 f"{max(loader.SM90_BWD_HEAD_DIMS)}, CUPARING_BWD not 'sm80'); head dim {headdim} "
-                f"on {arch} runs the mma.sync kernels, which have no deterministic mode yet"
+                f"on {loader.device_arch()} runs the mma.sync kernels, which have no "
+                f"deterministic mode yet"
             )
 
     def backward_block(
@@ -535,9 +525,9 @@ class CupyBackend:
         """The backward launch(es) for this signature (operands already kernel-ready; ``dq``
         the accumulator's array, ``tiles``: in the dq tiles layout)."""
         batch, seqlen_q, nheads, headdim = q.shape
-        padded = loader.backward_head_dim(headdim, loader.device_arch())
+        family, padded = _backward_kernels(headdim)
         name = dtype_name(q.dtype)
-        sm90 = loader.backward_family(padded, loader.device_arch()) == "sm90"
+        sm90 = family == "sm90"
         if tiles != sm90:  # (CUPARING_BWD / CUPARING_KERNELS changed since dq_accum, say)
             raise ValueError(
                 f"dq must come from dq_accum under the same kernel switches: the "
@@ -627,6 +617,24 @@ def _kernels_take(headdim: int, dtype: str) -> bool:
     return dtype in _KERNEL_DTYPES and headdim % 8 == 0 and headdim <= loader.MAX_HEAD_DIM
 
 
+def _backward_kernels(headdim: int) -> tuple[str, int]:
+    """(family, instantiation head dim) of the backward kernels for actual head dim ``headdim``
+    on the current device (CUPARING_BWD / CUPARING_KERNELS as set now)."""
+    arch = loader.device_arch()
+    padded = loader.backward_head_dim(headdim, arch)
+    return loader.backward_family(padded, arch), padded
+
+
+def _grid_stride_launch(kernel, items: int, args: bytes, arg_offsets: tuple):
+    """The launch of a grid-stride kernel over ``items`` work items (256 threads a block, at
+    most 65536 blocks) whose first two arguments are the (source, destination) pointers."""
+    threads = 256
+    blocks = min(math.ceil(items / threads), 65536)
+    return launch_plans.PackedLaunch(
+        (kernel,), (blocks,), (threads,), 0, args, (0, 8), arg_offsets=arg_offsets
+    )
+
+
 def _elementwise(kernel, src, dst) -> None:
     """One of the cast kernels over ``src.size`` contiguous elements (a launch kept per kernel
     and size)."""
@@ -634,14 +642,9 @@ def _elementwise(kernel, src, dst) -> None:
     if n == 0:
         return
     key = ("elementwise", kernel.kernel.ptr, n)  # (a function handle belongs to one device)
-    plan = _PLANS.get(key)
-    if plan is None:
-        threads = 256
-        blocks = min(math.ceil(n / threads), 65536)
-        plan = _PLANS.put(key, launch_plans.PackedLaunch(
-            (kernel,), (blocks,), (threads,), 0, _ELEMENTWISE_ARGS.pack(0, 0, n), (0, 8),
-            arg_offsets=(0, 8, 16),
-        ))  # fmt: skip
+    plan = _PLANS.get(key) or _PLANS.put(
+        key, _grid_stride_launch(kernel, n, _ELEMENTWISE_ARGS.pack(0, 0, n), (0, 8, 16))
+    )
     plan.launch(src.data.ptr, dst.data.ptr)
 
 

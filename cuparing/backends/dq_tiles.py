@@ -25,8 +25,6 @@ class DqTiles:
         shape: the queries' shape [B, Sq, H, D] (dq's shape once converted).
     """
 
-    dtype_name = "float32"
-
     def __init__(self, array: Any, shape: tuple[int, int, int, int]):
         if array.size != floats(shape):
             raise ValueError(
