@@ -205,6 +205,11 @@ def ring_attention(
         key = call_plans.signature("ring_attention", (q, k, v), options, (out, lse), ring)
         decided = call_plans.recall(key, ring, (q, k, v), (out, lse))
         if decided is not None:  # a repeat of a checked call
+            known = call_plans.find(key)
+            if isinstance(known, call_plans.RingForwardPlan):
+                results = known.run(ring, q, k, v, out, lse)
+                if results is not None:
+                    return results if return_lse else results[0]
             origin, plan, scale, fields = decided
             ring.agree(fields)
             return _forward(origin, ring, plan, scale, (q, k, v), return_lse, (out, lse))
@@ -217,10 +222,33 @@ def ring_attention(
     fields = validation.ring_call_fields("ring_attention", q, k, ring, mask, scale, layout, cu)
     ring.agree(fields)
     plan = _unless_empty(_ring_plan(layout, ring, q, mask, cu), q)
-    results = _forward(origin, ring, plan, scale, (q, k, v), return_lse, (out, lse))
+    results = _forward(origin, ring, plan, scale, (q, k, v), True, (out, lse))
     decided = (origin, plan, scale, fields)
-    call_plans.remember(key, decided, (q, k, v), (out, lse), untracked=True, ring=ring)
-    return results
+    if call_plans.wanted(key, ring):
+        _keep_ring_plan(key, ring, decided, (q, k, v), (out, lse), results)
+    return results if return_lse else results[0]
+
+
+def _keep_ring_plan(key: tuple, ring: Ring, decided: tuple, qkv: tuple, dests: tuple, results):
+    """After a checked ring forward on torch CUDA tensors: keep its launches step by step for
+    repeats of ``key`` on ``ring`` when the backend can plan them (call_plans.RingForwardPlan),
+    else what its checks and plan decided (call_plans.CheckedCall)."""
+    origin, plan, scale, _ = decided
+    backend = backend_for(origin.backend)
+    with origin.stream():
+        q, k, v, out, lse = (to_backend(x, origin) for x in (*qkv, *results))
+        planned = backend.plan_forward(plan, q, k, v, out, lse, scale)
+    if planned is None:
+        call_plans.remember(key, decided, qkv, dests, untracked=True, ring=ring)
+        return
+    out, lse = results
+    guard = call_plans.Guard(qkv, dests, untracked=True)
+    call_plans.keep(
+        key,
+        call_plans.RingForwardPlan(
+            decided, guard, ring, planned, out.shape, lse.shape, out.dtype, out.device
+        ),
+    )
 
 
 def ring_attention_backward(
@@ -275,6 +303,11 @@ def ring_attention_backward(
         key = call_plans.signature(entry, (*arrays, dlse), options, dests, ring)
         decided = call_plans.recall(key, ring, arrays, dests)
         if decided is not None:  # a repeat of a checked call
+            known = call_plans.find(key)
+            if isinstance(known, call_plans.RingBackwardPlan):
+                grads = known.run(ring, arrays, dests)
+                if grads is not None:
+                    return grads
             origin, plan, scale, fields = decided
             ring.agree(fields)
             return _backward(origin, ring, plan, scale, arrays, dests, dlse, bool(deterministic))
@@ -292,8 +325,37 @@ def ring_attention_backward(
     plan = _unless_empty(_ring_plan(layout, ring, q, mask, cu), q)
     grads = _backward(origin, ring, plan, scale, arrays, dests, dlse, deterministic)
     decided = (origin, plan, scale, fields)
-    call_plans.remember(key, decided, arrays, dests, untracked=False, ring=ring)
+    if call_plans.wanted(key, ring):
+        _keep_ring_backward_plan(key, ring, decided, arrays, dests, grads, dlse, deterministic)
     return grads
+
+
+def _keep_ring_backward_plan(
+    key: tuple, ring: Ring, decided: tuple, arrays: tuple, dests: tuple, grads: tuple, dlse: Any,
+    deterministic: bool,
+):  # fmt: skip
+    """After a checked ring backward on torch CUDA tensors: keep its launches step by step for
+    repeats of ``key`` on ``ring`` when the backend can plan them and the call has no ``dlse``
+    (call_plans.RingBackwardPlan), else what its checks and plan decided
+    (call_plans.CheckedCall)."""
+    origin, plan, scale, _ = decided
+    planned = None
+    if dlse is None:
+        backend = backend_for(origin.backend)
+        with origin.stream():
+            views = [to_backend(x, origin) for x in (*arrays, *grads)]
+            planned = backend.plan_backward(
+                plan, *views[:6], tuple(views[6:]), scale, deterministic=deterministic
+            )
+    if planned is None:
+        call_plans.remember(key, decided, arrays, dests, untracked=False, ring=ring)
+        return
+    guard = call_plans.Guard(arrays, dests, untracked=False)
+    shapes, dtypes = [g.shape for g in grads], [g.dtype for g in grads]
+    call_plans.keep(
+        key,
+        call_plans.RingBackwardPlan(decided, guard, ring, planned, shapes, dtypes, grads[0].device),
+    )
 
 
 def attention_backward(

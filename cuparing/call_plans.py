@@ -30,8 +30,9 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from . import schedule
 from .backends.launch_plans import PlanCache
-from .interop import external_cupy_stream, may_overlap, memory_span
+from .interop import external_cupy_stream, may_overlap, memory_span, to_backend
 from .kernels import loader
 
 _PLANS = PlanCache()  # by signature, bounded
@@ -196,12 +197,8 @@ class CallPlan:
         """(out, lse), or None (nothing launched) when the :class:`Guard` or an address (q, k, v
         16-byte aligned, ``out`` 4-byte aligned) says the full path must decide."""
         torch = self._torch
-        pointers = q.data_ptr(), k.data_ptr(), v.data_ptr()
-        if (pointers[0] | pointers[1] | pointers[2]) & 15:
-            return None
-        if out is not None and out.data_ptr() & 3:
-            return None
-        if not self._guard.passes((q, k, v), (out, lse)):
+        pointers = _kernel_addresses((q, k, v), (out,))
+        if pointers is None or not self._guard.passes((q, k, v), (out, lse)):
             return None
         if out is None:
             out = torch.empty(self._out_shape, dtype=self._dtype, device=self._device)
@@ -213,6 +210,125 @@ class CallPlan:
         with self._cupy.cuda.Device(self._device.index), stream:
             self._launch.launch(out.data_ptr(), lse.data_ptr(), *pointers, self._q_pos, self._k_pos)
         return out, lse
+
+
+class RingForwardPlan(CheckedCall):
+    """A ring forward signature's launches, step by step (a
+    :class:`~cuparing.backends.planned_ring.PlannedForward`), besides what its checks decided.
+
+    A repeat agrees with the other ranks as every call does, allocates ``out``/``lse`` (unless
+    the caller's) and the float32 accumulator through torch, and runs the schedule's steps at
+    pointer level (:func:`cuparing.schedule.run_planned_forward`) on torch's current stream:
+    the same exchanges and launches as the full path, without its per-call checks, views and
+    lookups.
+
+    Args:
+        decided: (origin, plan, scale, fields) as a :class:`CheckedCall` of ``ring_attention``.
+        guard, ring: as :class:`CheckedCall`.
+        planned: the forward's launches.
+        out_shape, lse_shape, dtype, device: of the results (torch).
+    """
+
+    def __init__(self, decided: tuple, guard: Guard, ring: Any, planned, out_shape, lse_shape,
+                 dtype, device):  # fmt: skip
+        import torch
+
+        super().__init__(decided, guard, ring)
+        self._torch = torch
+        self._planned = planned
+        self._out_shape, self._lse_shape = tuple(out_shape), tuple(lse_shape)
+        self._dtype, self._device = dtype, device
+
+    def run(self, ring: Any, q: Any, k: Any, v: Any, out: Any = None, lse: Any = None):
+        """(out, lse) of this rank, or None (nothing done, no rank told) when an address (q, k,
+        v 16-byte aligned, ``out`` 4-byte aligned) says the full path must decide. The caller
+        has checked :meth:`ready`."""
+        torch = self._torch
+        pointers = _kernel_addresses((q, k, v), (out,))
+        if pointers is None:
+            return None
+        origin, _, _, fields = self.decided
+        ring.agree(fields)
+        if out is None:
+            out = torch.empty(self._out_shape, dtype=self._dtype, device=self._device)
+        if lse is None:
+            lse = torch.empty(self._lse_shape, dtype=torch.float32, device=self._device)
+        accumulator = 0
+        if self._planned.accumulates:
+            scratch = torch.empty(self._out_shape, dtype=torch.float32, device=self._device)
+            accumulator = scratch.data_ptr()
+        handle = torch.cuda.current_stream(self._device).cuda_stream
+        stream = external_cupy_stream(handle, self._device.index)
+        with _cupy_device(self._device.index), stream:
+            kv = [to_backend(k, origin), to_backend(v, origin)]
+            schedule.run_planned_forward(
+                ring, self._planned, pointers[0], kv, out.data_ptr(), lse.data_ptr(), accumulator
+            )
+        return out, lse
+
+
+class RingBackwardPlan(CheckedCall):
+    """A ring backward signature's launches, step by step (a
+    :class:`~cuparing.backends.planned_ring.PlannedBackward`), besides what its checks decided;
+    as :class:`RingForwardPlan` for ``ring_attention_backward`` (without ``dlse``).
+
+    Args:
+        decided, guard, ring: as :class:`RingForwardPlan`.
+        planned: the backward's launches.
+        shapes, dtypes: of (dq, dk, dv) (torch); device: theirs.
+    """
+
+    def __init__(self, decided: tuple, guard: Guard, ring: Any, planned, shapes, dtypes, device):
+        import torch
+
+        super().__init__(decided, guard, ring)
+        self._torch = torch
+        self._planned = planned
+        self._shapes, self._dtypes, self._device = tuple(map(tuple, shapes)), dtypes, device
+
+    def run(self, ring: Any, arrays: Sequence[Any], dests: Sequence[Any]):
+        """(dq, dk, dv) of this rank for ``arrays`` = (dout, q, k, v, out, lse) into ``dests``
+        (each given or None), or None (nothing done, no rank told) when an address (the inputs
+        16-byte aligned, the gradients 4-byte aligned) says the full path must decide. The
+        caller has checked :meth:`ready`."""
+        torch = self._torch
+        dout, q, k, v, out, lse = arrays
+        pointers = _kernel_addresses((dout, q, k, v, out), dests)
+        if pointers is None:
+            return None
+        origin, _, _, fields = self.decided
+        ring.agree(fields)
+        grads = tuple(
+            g if g is not None else torch.empty(shape, dtype=dtype, device=self._device)
+            for g, shape, dtype in zip(dests, self._shapes, self._dtypes, strict=True)
+        )
+        handle = torch.cuda.current_stream(self._device).cuda_stream
+        stream = external_cupy_stream(handle, self._device.index)
+        with _cupy_device(self._device.index), stream:
+            kv = [to_backend(k, origin), to_backend(v, origin)]
+            schedule.run_planned_backward(
+                ring, self._planned, (pointers[0], pointers[1], pointers[4], lse.data_ptr()), kv,
+                tuple(g.data_ptr() for g in grads),
+            )  # fmt: skip
+        return grads
+
+
+def _kernel_addresses(inputs: Sequence[Any], dests: Sequence[Any]) -> tuple | None:
+    """The data pointers of ``inputs``, or None when one is not 16-byte aligned or a given
+    destination not 4-byte aligned (what the kernels' loads and paired stores need; the full
+    path copies or converts instead)."""
+    pointers = tuple(x.data_ptr() for x in inputs)
+    if any(p & 15 for p in pointers) or any(d is not None and d.data_ptr() & 3 for d in dests):
+        return None
+    return pointers
+
+
+def _cupy_device(index: int):
+    """CuPy's device ``index`` as a context manager: a fresh object each time, because its
+    context keeps the previous device on the object itself."""
+    import cupy
+
+    return cupy.cuda.Device(index)
 
 
 def find(key: tuple | None) -> CallPlan | CheckedCall | None:

@@ -179,6 +179,36 @@ def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=None,
     return result
 
 
+def run_planned_forward(ring, planned, q: int, kv: list, out: int, lse: int, accumulator: int):
+    """:func:`ring_forward` at pointer level, for a repeat of a signature whose launches the
+    backend decided once (``planned``: a
+    :class:`~cuparing.backends.planned_ring.PlannedForward`): the same steps, exchanges and
+    order, with no per-block checks or lookups.
+
+    Args:
+        ring: the communicator, as in :func:`ring_forward`.
+        planned: the launches of this rank's plan.
+        q: address of this rank's queries; kv: [k, v] this rank's shard as backend arrays (what
+            ``ring.exchange`` sends).
+        out, lse: addresses of the results (out in q's dtype, lse float32, both written here).
+        accumulator: address of a float32 [B, Sq, H, D] contiguous scratch array when
+            ``planned.accumulates`` (else ignored).
+    """
+    dest = accumulator if planned.accumulates else out
+    k, v = kv[0].data.ptr, kv[1].data.ptr
+    last = planned.last_step
+    for step in range(last + 1):
+        pending = ring.exchange(kv, 1, "kv") if step < last else None
+        if planned.computes(step):
+            with ring.trace_compute(f"fwd step {step}"):
+                planned.launch_step(step, dest, lse, q, k, v)
+        if pending is not None:
+            kv = pending.wait()
+            k, v = kv[0].data.ptr, kv[1].data.ptr
+    planned.finish(accumulator, out)
+    ring.check()
+
+
 def ring_backward(
     backend, ring, dout, q, k, v, out, lse, plan: RingPlan, scale: float, grads_into=None,
     dlse=None, deterministic: bool = False,
@@ -236,6 +266,47 @@ def ring_backward(
     )
     ring.check()
     return grads
+
+
+def run_planned_backward(
+    ring, planned, pointers: tuple, kv: list, grads: tuple
+):  # fmt: skip
+    """:func:`ring_backward` at pointer level, for a repeat of a signature whose launches the
+    backend decided once (``planned``: a
+    :class:`~cuparing.backends.planned_ring.PlannedBackward`): the same steps, exchanges and
+    order, with no per-block checks or lookups.
+
+    Args:
+        ring: the communicator, as in :func:`ring_backward`.
+        planned: the launches of this rank's plan.
+        pointers: addresses of (dout, q, out, lse), as in :func:`ring_backward`.
+        kv: [k, v] this rank's shard as CuPy arrays (what ``ring.exchange`` sends).
+        grads: addresses of (dq, dk, dv), written here in the dtypes of q, k, v.
+    """
+    dout, q, out, lse = pointers
+    # (the scratch arrays stay referenced to the end: the launches read them)
+    delta_array, dq_array, dkv, flag_array = planned.scratch()
+    delta, dq_acc = delta_array.data.ptr, dq_array.data.ptr
+    flags = 0 if flag_array is None else flag_array.data.ptr
+    planned.launch_delta(dout, out, delta)
+    k, v = kv[0].data.ptr, kv[1].data.ptr
+    last = planned.last_step
+    for step in range(last + 1):
+        more = step < last
+        pending_kv = ring.exchange(kv, 1, "kv") if more else None
+        if planned.computes(step):
+            with ring.trace_compute(f"bwd step {step}"):
+                planned.launch_step(step, dout, lse, delta, dq_acc, dkv[0].data.ptr,
+                                    dkv[1].data.ptr, q, k, v, flags)  # fmt: skip
+        if more:
+            pending_dkv = ring.exchange(dkv, 1, "dkv")
+            kv = pending_kv.wait()
+            k, v = kv[0].data.ptr, kv[1].data.ptr
+            dkv = pending_dkv.wait()
+    if planned.home_shift:
+        dkv = ring.exchange(dkv, planned.home_shift, "dkv_home").wait()
+    planned.finish(dq_acc, dkv[0].data.ptr, dkv[1].data.ptr, *grads)
+    ring.check()
 
 
 def _owned(backend, x, dtype, from_ring: bool, into=None):

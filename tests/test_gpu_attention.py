@@ -883,6 +883,15 @@ def test_repeat_backward_and_ring_calls_skip_the_checks(world, monkeypatch, fres
 
     call_plans.clear()
     reused = record_plan_reuse(monkeypatch)
+    planned = []  # ring repeats run at pointer level (call_plans.RingForwardPlan, ...Backward)
+    for kind in (call_plans.RingForwardPlan, call_plans.RingBackwardPlan):
+
+        def counted_run(self, *args, real_run=kind.run):
+            result = real_run(self, *args)
+            planned.append(result is not None)
+            return result
+
+        monkeypatch.setattr(kind, "run", counted_run)
     rng = fresh_rng
     b, s, h, hkv, d = 2, 96 * world, 4, 2, 64
     opts = {"causal": True, "layout": "zigzag"} if world > 1 else {"causal": True}
@@ -900,6 +909,9 @@ def test_repeat_backward_and_ring_calls_skip_the_checks(world, monkeypatch, fres
                 torch.from_numpy(cr.shard(x, ring.rank, ring.size, layout=layout)).cuda()
                 for x in host
             )
+            # torch's allocator hands this NaN-filled memory to the next results
+            del_nan = torch.full((1 << 20,), float("nan"), device="cuda")
+            del del_nan
             if world == 1:
                 out, lse = cr.attention(q, k, v, return_lse=True, causal=True)
                 grads = cr.attention_backward(dout, q, k, v, out, lse, causal=True)
@@ -922,8 +934,10 @@ def test_repeat_backward_and_ring_calls_skip_the_checks(world, monkeypatch, fres
 
     host = draws()
     repeat = run([draws(), host])[1]
-    # every rank's forward and backward repeat used what its first call decided
+    # every rank's forward and backward repeat used what its first call decided, the ring's
+    # at pointer level
     assert reused == [True] * (2 * world if world > 1 else 1)
+    assert planned == ([True] * 2 * world if world > 1 else [])
     call_plans.clear()
     full = run([host])[0]
     assert np.array_equal(repeat[0], full[0]) and np.array_equal(repeat[1], full[1])
@@ -943,13 +957,33 @@ def test_repeat_backward_and_ring_calls_skip_the_checks(world, monkeypatch, fres
             with pytest.raises(ValueError, match="dq shares memory with dout"):
                 cr.attention_backward(dout, q, k, v, out, lse, causal=True, dq=dout)
         else:
-            cr.ring_attention(q, k, v, ring, out=torch.empty_like(q), **opts)
-            with pytest.raises(ValueError, match="out shares memory with q"):
-                cr.ring_attention(q, k, v, ring, out=q, **opts)
+            def poisoned():
+                # (contiguous: q is a zigzag shard, whose strides full_like would copy; a
+                # strided out takes the full path, whose cast writes it)
+                lse = torch.full((b, h, q.shape[1]), float("nan"), device="cuda")
+                return torch.full(q.shape, float("nan"), device="cuda", dtype=q.dtype), lse
 
+            want = cr.ring_attention(q, k, v, ring, return_lse=True, **opts)
+            out, lse = poisoned()
+            cr.ring_attention(q, k, v, ring, out=out, lse=lse, **opts)  # checked, kept
+            out, lse = poisoned()
+            got = cr.ring_attention(q, k, v, ring, out=out, lse=lse, return_lse=True, **opts)
+            # the repeat wrote the caller's (NaN-poisoned) arrays: the same bits
+            assert got[0] is out and got[1] is lse
+            assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+            with pytest.raises(ValueError, match="out shares memory with q"):
+                cr.ring_attention(q, k, v, ring, out=q, lse=lse, **opts)
+
+    call_plans.clear()  # (a kept plan of a ring since gone could meet a new ring's id)
     reused.clear()
+    planned.clear()
     cr.simulate(world, refused)
-    assert reused == [False] * world  # the plan was consulted, and said no
+    # per rank: the out= repeat at pointer level, then out=q, which the plan said no to
+    if world > 1:
+        assert sorted(reused) == [False] * world + [True] * world
+        assert planned == [True] * world
+    else:
+        assert reused == [False]
 
 
 @requires_gpu(1)

@@ -69,7 +69,8 @@ def test_ring_is_race_free_under_random_stream_delays(world, transport):
     _need(world)
     proc = _launch(world, "stress", 600, transport=transport)
     _assert_workers_ok(proc, world, transport, "stress")
-    assert len(re.findall(r"PASS stress", proc.stdout)) == 20 * world, _tail(proc)
+    # per rank and case: 10 disturbed runs, 6 of the planned forward and its count of runs
+    assert len(re.findall(r"PASS stress", proc.stdout)) == 2 * 17 * world, _tail(proc)
 
 
 @requires_gpu(2)

@@ -67,6 +67,14 @@ class ArrayBackend:
         where ``forward_state`` had them."""
         return self.cast(state.out, state.dtype, out=state.dest_out), state.lse
 
+    def plan_forward(self, plan, q, k, v, out, lse, scale):
+        """None: array arithmetic has no launches to keep (every call runs the schedule)."""
+        return None
+
+    def plan_backward(self, plan, dout, q, k, v, out, lse, grads, scale, deterministic=False):
+        """None, as :meth:`plan_forward`."""
+        return None
+
     def backward_delta(self, dout, out):
         return array_ops.backward_delta(self.xp, dout, out)
 

@@ -45,6 +45,7 @@ from . import array_ops, launch_plans
 from .array_backend import ArrayBackend
 from .dq_tiles import DqTiles
 from .dq_tiles import floats as dq_tile_floats
+from .planned_ring import PlannedBackward, PlannedForward
 
 _KERNEL_DTYPES = ("float16", "bfloat16")
 _LOG2E = 1.4426950408889634
@@ -334,6 +335,71 @@ class CupyBackend:
                                     loader.OUT_DIRECT)  # fmt: skip
         return plan, q_pos, k_pos
 
+    def plan_forward(self, plan, q, k, v, out, lse, scale) -> PlannedForward | None:
+        """The launches of ``plan``'s ring forward on operands like these, decided once
+        (:class:`~cuparing.backends.planned_ring.PlannedForward`), when the schedule's forward
+        comes to our kernels' launches and nothing else: kernel dtype and head dim, q, k, v the
+        kernels read in place, at least one non-EMPTY block, and an output the last launch can
+        write (one block: written in place, so ``_pair_aligned``; several: the cast kernel's
+        contiguous destination). Otherwise None.
+
+        Args:
+            plan: this rank's ``RingPlan``; q [B, Sq, H, D], k, v [B, Sk, Hkv, D]: the caller's
+                operands (K/V received from the ring at later steps are contiguous arrays of
+                k's shape); out, lse: the destinations (their strides are the plan's, their
+                pointers are not); scale: the softmax scale.
+
+        Returns:
+            The plan: ``launch_step`` / ``finish`` with pointers of arrays of these shapes and
+            strides (q, k, v 16-byte aligned, out 4-byte aligned) compute what ``forward_state``,
+            ``forward_block`` per step and ``forward_finish`` compute.
+        """
+        if plan.blocks == 0 or not self._kernel_ok(q) or not out.flags.c_contiguous:
+            return None
+        if not all(_kernel_readable(x) for x in (q, k, v)) or not _pair_aligned(out):
+            return None
+        q_pos, blocks = self._planned_blocks(plan, k, v)
+        direct = plan.blocks == 1
+        steps, keep, first = [], [q_pos], True
+        for block in blocks:
+            if block is None:
+                steps.append(None)
+                continue
+            kind, k_pos, kv = block
+            if direct:
+                mode = loader.OUT_DIRECT
+            else:
+                mode = loader.OUT_ACC_WRITE if first else loader.OUT_ACC_MERGE
+            first = False
+            launch = self._forward_launch(out, lse, q, *kv, q_pos, k_pos, kind, plan.mask, scale,
+                                          mode)  # fmt: skip
+            steps.append((launch, k_pos.data.ptr))
+            keep.append(k_pos)
+        cast = None
+        if not direct:
+            to_half, _ = loader.get_cast_kernels(dtype_name(q.dtype))
+            cast = _elementwise_launch(to_half, out.size)
+        return PlannedForward(plan.last_step, steps, q_pos.data.ptr, cast, tuple(keep))
+
+    def _planned_blocks(self, plan, k, v) -> tuple:
+        """What a planned ring call needs of ``plan``: (the queries' device positions, per step
+        None for an EMPTY block, else (kind, the K/V shard's device positions, (k, v) operands:
+        the caller's at step 0, arrays laid out as the ring's receive buffers after))."""
+        cp = self.xp
+        received = tuple(
+            cp.ndarray(x.shape, dtype=cp.uint16, memptr=_as_bits(cp, x).data).view(x.dtype)
+            for x in (k, v)
+        )  # the receive buffers' layout (contiguous), over any memory: for the templates only
+        blocks = []
+        for step in range(plan.last_step + 1):
+            kind = plan.kinds[step]
+            if kind == BlockKind.EMPTY:
+                blocks.append(None)
+                continue
+            k_pos = self._device_positions(self.positions(plan.positions[plan.source(step)]))
+            blocks.append((kind, k_pos, (k, v) if step == 0 else received))
+        return self._device_positions(self.positions(plan.q_positions)), blocks
+
     def _forward_plan(self, out, lse, q, k, v, q_pos, k_pos, kind, mask, scale, mode):
         """The forward launch for this signature (operands already kernel-ready)."""
         batch, seqlen_q, nheads, headdim = q.shape
@@ -377,21 +443,28 @@ class CupyBackend:
         if rows == 0:
             return delta
         dout, out = (_kernel_operand(cp, x) for x in (dout, out))
+        self._delta_launch(dout, out).launch(dout.data.ptr, out.data.ptr, delta.data.ptr)
+        return delta
+
+    def _delta_launch(self, dout, out):
+        """The (cached) launch (dout, out, delta pointers) of the delta kernel for kernel-ready
+        ``dout`` and ``out`` of these shapes and strides (at least one row)."""
+        cp = self.xp
         key = ("delta", cp.cuda.runtime.getDevice(), dout.shape, dout.strides, out.strides,
                dtype_name(dout.dtype))  # fmt: skip
         plan = _PLANS.get(key)
         if plan is None:
+            batch, seqlen, nheads, headdim = dout.shape
             kernel = loader.get_bwd_delta_kernel(dtype_name(dout.dtype))
             threads = 256  # 8 warps, one row each
-            blocks = min(math.ceil(rows / (threads // 32)), 65536)
+            blocks = min(math.ceil(batch * seqlen * nheads / (threads // 32)), 65536)
             # (dout, out, delta, 6 strides, batch, seqlen, nheads, headdim), naturally aligned
             args = _DELTA_ARGS.pack(0, 0, 0, *_element_strides(dout), *_element_strides(out),
                                     batch, seqlen, nheads, headdim)  # fmt: skip
             plan = _PLANS.put(key, launch_plans.PackedLaunch(
                 (kernel,), (blocks,), (threads,), 0, args, (0, 8, 16), arg_offsets=_DELTA_OFFSETS
             ))  # fmt: skip
-        plan.launch(dout.data.ptr, out.data.ptr, delta.data.ptr)
-        return delta
+        return plan
 
     def zeros_accum(self, shape, dtype):
         """A zeroed float32 gradient accumulator (zeroed by a memset on the current stream:
@@ -420,17 +493,89 @@ class CupyBackend:
         # the kernel writes pairs as 4-byte words into a contiguous dq
         direct = out is not None and out.flags.c_contiguous and out.data.ptr % 4 == 0
         dq = out if direct else _empty(cp, acc.shape, dtype)
-        if dq.size:  # (one float pair of the accumulator per work item)
-            key = ("dq_tiles", cp.cuda.runtime.getDevice(), acc.shape, name)
-            plan = _PLANS.get(key) or _PLANS.put(key, _grid_stride_launch(
-                loader.get_dq_from_tiles_kernel(name), acc.array.size // 2,
-                _DQ_TILES_ARGS.pack(0, 0, *acc.shape), (0, 8, 16, 20, 24, 28),
-            ))  # fmt: skip
-            plan.launch(acc.array.data.ptr, dq.data.ptr)
+        if dq.size:
+            self._dq_tiles_launch(acc.shape, name).launch(acc.array.data.ptr, dq.data.ptr)
         if out is not None and not direct:
             _as_bits(cp, out)[...] = _as_bits(cp, dq)
             return out
         return dq
+
+    def plan_backward(
+        self, plan, dout, q, k, v, out, lse, grads, scale, deterministic=False
+    ) -> PlannedBackward | None:  # fmt: skip
+        """The launches of ``plan``'s ring backward on operands like these, decided once
+        (:class:`~cuparing.backends.planned_ring.PlannedBackward`), when the schedule's backward
+        comes to our kernels' launches and nothing else: kernel dtype and head dim, no empty
+        extent, dout, q, k, v, out the kernels read in place, lse contiguous float32, and
+        gradients ``grads`` = (dq, dk, dv) contiguous and 4-byte aligned (written straight by
+        the last kernels). Otherwise None.
+
+        Args:
+            plan: this rank's ``RingPlan``; the arrays as ``ring_backward`` takes them (K/V
+                received from the ring at later steps are contiguous arrays of k's shape);
+                scale: the softmax scale; deterministic: the ordered kernels.
+        """
+        if not self._kernel_ok(q) or 0 in q.shape or 0 in k.shape:
+            return None
+        if dtype_name(out.dtype) != dtype_name(dout.dtype):
+            return None
+        if not all(_kernel_readable(x) for x in (dout, q, k, v, out)):
+            return None
+        if lse.dtype != np.float32 or not lse.flags.c_contiguous:
+            return None
+        if not all(g.flags.c_contiguous and g.data.ptr % 4 == 0 for g in grads):
+            return None
+        cp = self.xp
+        name = dtype_name(q.dtype)
+        tiles = self._sm90_backward(q)
+        batch, seqlen, nheads, _ = q.shape
+        flag_count = 0
+
+        def scratch():
+            delta = cp.empty((batch, nheads, seqlen), dtype=cp.float32)
+            dq_acc = _zeroed(cp, (dq_tile_floats(q.shape),) if tiles else q.shape, cp.float32)
+            dkv = [_zeroed(cp, k.shape, cp.float32), _zeroed(cp, v.shape, cp.float32)]
+            flags = _zeroed(cp, (flag_count,), cp.int32) if flag_count else None
+            return delta, dq_acc, dkv, flags
+
+        delta, dq_acc, dkv, _ = scratch()  # (their addresses only go into the templates)
+        q_pos, blocks = self._planned_blocks(plan, k, v)
+        steps, keep = [], [q_pos]
+        for block in blocks:
+            if block is None:
+                steps.append(None)
+                continue
+            kind, k_pos, kv = block
+            launch = self._backward_launch(
+                dq_acc, *dkv, dout, q, *kv, lse, delta, q_pos, k_pos, kind, plan.mask, scale,
+                deterministic, tiles,
+            )  # fmt: skip
+            offsets = tuple(
+                None if at is None else at + 4 * flag_count for at in _flag_offsets(launch)
+            )
+            flag_count += _flag_count(launch)
+            steps.append((launch.launch, k_pos.data.ptr, offsets))
+            keep.append(k_pos)
+        to_half, _ = loader.get_cast_kernels(name)
+        if tiles:
+            dq_out = self._dq_tiles_launch(q.shape, name)
+        else:
+            dq_out = _elementwise_launch(to_half, q.size)
+        return PlannedBackward(
+            plan.last_step, (-plan.last_step) % plan.world_size, self._delta_launch(dout, out),
+            steps, q_pos.data.ptr, dq_out, _elementwise_launch(to_half, k.size), scratch,
+            tuple(keep),
+        )  # fmt: skip
+
+    def _dq_tiles_launch(self, shape: tuple, dtype: str):
+        """The (cached) launch (tiles, dq pointers) that converts a :class:`DqTiles` accumulator
+        for queries of ``shape`` (not empty) into a contiguous dq of ``dtype``."""
+        key = ("dq_tiles", self.xp.cuda.runtime.getDevice(), shape, dtype)
+        # (one float pair of the accumulator per work item)
+        return _PLANS.get(key) or _PLANS.put(key, _grid_stride_launch(
+            loader.get_dq_from_tiles_kernel(dtype), dq_tile_floats(shape) // 2,
+            _DQ_TILES_ARGS.pack(0, 0, *shape), (0, 8, 16, 20, 24, 28),
+        ))  # fmt: skip
 
     def _sm90_backward(self, q) -> bool:
         """Whether the sm90 (wgmma) kernels run the backward of queries ``q`` here."""
@@ -494,10 +639,29 @@ class CupyBackend:
         lse = cp.ascontiguousarray(lse, dtype=cp.float32)
         delta = cp.ascontiguousarray(delta, dtype=cp.float32)
         q_pos, k_pos = self._device_positions(q_pos), self._device_positions(k_pos)
+        plan = self._backward_launch(dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind,
+                                     mask, scale, deterministic, tiles)  # fmt: skip
+        # the sm90 kernel's hand-over to the redo pass and the turn counters, zeroed per launch
+        # by one memset (kept until after the launch)
+        redo = dq_turns = dkv_turns = 0
+        offsets = _flag_offsets(plan)
+        if any(at is not None for at in offsets):
+            flags = _zeroed(cp, (_flag_count(plan),), cp.int32)
+            redo, dq_turns, dkv_turns = (
+                0 if at is None else flags.data.ptr + at for at in offsets
+            )
+        plan.launch.launch(dout.data.ptr, lse.data.ptr, delta.data.ptr, dq.data.ptr, dk.data.ptr,
+                           dv.data.ptr, q.data.ptr, k.data.ptr, v.data.ptr, q_pos.data.ptr,
+                           k_pos.data.ptr, redo, dq_turns, dkv_turns)  # fmt: skip
+
+    def _backward_launch(self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask,
+                         scale, deterministic, tiles) -> _BackwardPlan:  # fmt: skip
+        """The (cached) launches of this backward signature; operands kernel-ready, positions
+        on device, ``dq`` the raw accumulator array (``tiles``: a DqTiles one)."""
         key = (
-            "bwd", cp.cuda.runtime.getDevice(), q.shape, q.strides, q.dtype, k.shape, k.strides,
-            v.strides, dout.strides, kind, mask, scale, loader.kernel_switches(), deterministic,
-            tiles,
+            "bwd", self.xp.cuda.runtime.getDevice(), q.shape, q.strides, q.dtype, k.shape,
+            k.strides, v.strides, dout.strides, kind, mask, scale, loader.kernel_switches(),
+            deterministic, tiles,
         )  # fmt: skip
         plan = _PLANS.get(key)
         if plan is None:
@@ -506,19 +670,7 @@ class CupyBackend:
                 deterministic, tiles,
             )  # fmt: skip
             _PLANS.put(key, plan)
-        # the sm90 kernel's hand-over to the redo pass and the turn counters, zeroed per launch
-        # by one memset (kept until after the launch)
-        slots = (plan.redo_slots, plan.dq_turns, plan.dkv_turns)
-        redo = dq_turns = dkv_turns = 0
-        if any(slots):
-            flags = _zeroed(cp, (sum(slots),), cp.int32)
-            redo, dq_turns, dkv_turns = (
-                flags.data.ptr + 4 * start if n else 0
-                for start, n in zip((0, slots[0], slots[0] + slots[1]), slots, strict=True)
-            )
-        plan.launch.launch(dout.data.ptr, lse.data.ptr, delta.data.ptr, dq.data.ptr, dk.data.ptr,
-                           dv.data.ptr, q.data.ptr, k.data.ptr, v.data.ptr, q_pos.data.ptr,
-                           k_pos.data.ptr, redo, dq_turns, dkv_turns)  # fmt: skip
+        return plan
 
     def _backward_plan(self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask,
                        scale, deterministic, tiles):  # fmt: skip
@@ -625,6 +777,19 @@ def _backward_kernels(headdim: int) -> tuple[str, int]:
     return loader.backward_family(padded, arch), padded
 
 
+def _flag_offsets(plan: _BackwardPlan) -> tuple:
+    """Byte offsets of a backward launch's redo flags, dq turns and dK/dV turns in one zeroed
+    int32 array (None for those it has none of)."""
+    slots = (plan.redo_slots, plan.dq_turns, plan.dkv_turns)
+    starts = (0, slots[0], slots[0] + slots[1])
+    return tuple(4 * start if n else None for start, n in zip(starts, slots, strict=True))
+
+
+def _flag_count(plan: _BackwardPlan) -> int:
+    """How many int32 flags a backward launch needs (:func:`_flag_offsets`)."""
+    return plan.redo_slots + plan.dq_turns + plan.dkv_turns
+
+
 def _grid_stride_launch(kernel, items: int, args: bytes, arg_offsets: tuple):
     """The launch of a grid-stride kernel over ``items`` work items (256 threads a block, at
     most 65536 blocks) whose first two arguments are the (source, destination) pointers."""
@@ -638,14 +803,17 @@ def _grid_stride_launch(kernel, items: int, args: bytes, arg_offsets: tuple):
 def _elementwise(kernel, src, dst) -> None:
     """One of the cast kernels over ``src.size`` contiguous elements (a launch kept per kernel
     and size)."""
-    n = src.size
-    if n == 0:
-        return
+    if src.size:
+        _elementwise_launch(kernel, src.size).launch(src.data.ptr, dst.data.ptr)
+
+
+def _elementwise_launch(kernel, n: int):
+    """The launch (source, destination pointers) of a cast kernel over ``n`` >= 1 contiguous
+    elements, kept per kernel and size."""
     key = ("elementwise", kernel.kernel.ptr, n)  # (a function handle belongs to one device)
-    plan = _PLANS.get(key) or _PLANS.put(
+    return _PLANS.get(key) or _PLANS.put(
         key, _grid_stride_launch(kernel, n, _ELEMENTWISE_ARGS.pack(0, 0, n), (0, 8, 16))
     )
-    plan.launch(src.data.ptr, dst.data.ptr)
 
 
 def _host(positions) -> np.ndarray:

@@ -44,6 +44,25 @@ class Backend(Protocol):
         """(out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] float32, float64 for float64): the
         caller-owned arrays given to ``forward_state``, where given."""
 
+    def plan_forward(
+        self, plan: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, scale: float
+    ) -> Any:  # fmt: skip
+        """The launches of ``plan``'s whole forward decided once for operands and destinations
+        of these shapes, strides and dtypes (a
+        :class:`~cuparing.backends.planned_ring.PlannedForward` that
+        :func:`cuparing.schedule.run_planned_forward` runs with new addresses), or None where
+        this backend has no such plan (every call then runs the schedule's forward)."""
+
+    def plan_backward(
+        self, plan: Any, dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, grads: tuple,
+        scale: float, deterministic: bool = False,
+    ) -> Any:  # fmt: skip
+        """The launches of ``plan``'s whole backward decided once for operands and gradients
+        ``grads`` = (dq, dk, dv) of these shapes, strides and dtypes (a
+        :class:`~cuparing.backends.planned_ring.PlannedBackward` that
+        :func:`cuparing.schedule.run_planned_backward` runs with new addresses), or None where
+        this backend has no such plan."""
+
     def backward_delta(self, dout: Any, out: Any) -> Any:
         """``delta = rowsum(dout * out)``, [B, H, Sq] in the accumulator dtype."""
 

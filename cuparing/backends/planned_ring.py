@@ -1,0 +1,142 @@
+"""Ring calls of one signature at pointer level: the launches of every step decided once.
+
+The schedule (:func:`cuparing.schedule.ring_forward`, :func:`cuparing.schedule.ring_backward`)
+asks the backend, block by block, to check the operands, find the device positions, look up the
+launch of that signature and launch it; each costs tens of microseconds of Python per step. A
+training loop calls the same ring with the same shapes, strides, dtypes and plan layer after
+layer, so everything but the addresses is decided by the first call. :class:`PlannedForward` and
+:class:`PlannedBackward` keep what it decided: per step the block's packed launch (or none for an
+EMPTY block) and the device address of the K/V positions it reads, and the launches before and
+after the steps. A repeat only passes pointers (:func:`cuparing.schedule.run_planned_forward`,
+:func:`cuparing.schedule.run_planned_backward` drive the steps and the exchanges).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class PlannedForward:
+    """The launches of one rank's ring forward, by step.
+
+    Args:
+        last_step: the plan's last step (``RingPlan.last_step``).
+        steps: per step ``0..last_step``, ``(launch, k_pos)``: the block's
+            :class:`~cuparing.backends.launch_plans.PackedLaunch` (taking the forward's seven
+            pointers: destination, lse, q, k, v, q positions, k positions) and the device address
+            of the K/V shard's positions; None for an EMPTY block.
+        q_pos: device address of the queries' positions.
+        cast: the launch (source, destination pointers) that casts the float32 accumulator into
+            the output, or None when one block writes the output directly.
+        keep: objects the launches read (device position arrays): kept alive with the plan.
+
+    Attributes:
+        accumulates: whether the blocks merge into a float32 accumulator [B, Sq, H, D]
+            (contiguous) that :meth:`finish` casts into the output; otherwise the one block
+            writes the output itself.
+    """
+
+    def __init__(
+        self, last_step: int, steps: Sequence[tuple[Any, int] | None], q_pos: int, cast: Any,
+        keep: tuple = (),
+    ):  # fmt: skip
+        if len(steps) != last_step + 1:
+            raise ValueError(f"expected {last_step + 1} steps, got {len(steps)}")
+        self.last_step = last_step
+        self._steps = tuple(steps)
+        self._q_pos = q_pos
+        self._cast = cast
+        self.accumulates = cast is not None
+        self._keep = keep
+
+    def computes(self, step: int) -> bool:
+        """Whether ``step``'s block is not EMPTY."""
+        return self._steps[step] is not None
+
+    def launch_step(self, step: int, dest: int, lse: int, q: int, k: int, v: int) -> None:
+        """Launch ``step``'s block (nothing for an EMPTY one) on CuPy's current stream.
+
+        Args:
+            dest: the float32 accumulator if :attr:`accumulates`, else the output.
+            lse: the running (then final) lse, float32 [B, H, Sq] contiguous.
+            q, k, v: addresses of the queries and of the K/V shard held at ``step`` (the
+                caller's at step 0, the ring's receive buffers after).
+        """
+        planned = self._steps[step]
+        if planned is not None:
+            launch, k_pos = planned
+            launch.launch(dest, lse, q, k, v, self._q_pos, k_pos)
+
+    def finish(self, accumulator: int, out: int) -> None:
+        """Cast the accumulator into ``out`` (nothing to do when one block wrote it)."""
+        if self._cast is not None:
+            self._cast.launch(accumulator, out)
+
+
+class PlannedBackward:
+    """The launches of one rank's ring backward, by step.
+
+    Args:
+        last_step: the plan's last step; home_shift: how far the dK/dV accumulators travel home
+            after it (``ring_backward``'s ``(-last_step) mod C``).
+        delta: the launch (dout, out, delta pointers) of ``delta = rowsum(dout * out)``.
+        steps: per step ``0..last_step``, ``(launch, k_pos, flag_offsets)``: the block's launch
+            (taking the backward kernels' fourteen pointers), the device address of the K/V
+            positions, and the byte offsets into the flags array of its redo flags and turn
+            counters (None for those it has none of); None for an EMPTY block.
+        q_pos: device address of the queries' positions.
+        dq_out: the launch (accumulator, dq) that turns the dq accumulator into dq.
+        dkv_out: the launch (accumulator, destination) that casts a float32 dK or dV
+            accumulator into the gradient's dtype.
+        scratch: a callable giving, on the current stream, ``(delta, dq_acc, [dk_acc, dv_acc],
+            flags)``: float32 delta [B, H, Sq] (uninitialised), the zeroed dq accumulator, the
+            zeroed float32 dK/dV accumulators (arrays the ring can send) and the zeroed int32
+            flags of every step (or None when no step has any).
+        keep: objects the launches read (device position arrays): kept alive with the plan.
+    """
+
+    def __init__(
+        self, last_step: int, home_shift: int, delta: Any,
+        steps: Sequence[tuple[Any, int, tuple] | None], q_pos: int, dq_out: Any, dkv_out: Any,
+        scratch: Any, keep: tuple = (),
+    ):  # fmt: skip
+        if len(steps) != last_step + 1:
+            raise ValueError(f"expected {last_step + 1} steps, got {len(steps)}")
+        self.last_step, self.home_shift = last_step, home_shift
+        self._delta = delta
+        self._steps = tuple(steps)
+        self._q_pos = q_pos
+        self._dq_out, self._dkv_out = dq_out, dkv_out
+        self.scratch = scratch
+        self._keep = keep
+
+    def computes(self, step: int) -> bool:
+        """Whether ``step``'s block is not EMPTY."""
+        return self._steps[step] is not None
+
+    def launch_delta(self, dout: int, out: int, delta: int) -> None:
+        """``delta = rowsum(dout * out)`` (float32 [B, H, Sq]) on CuPy's current stream."""
+        self._delta.launch(dout, out, delta)
+
+    def launch_step(
+        self, step: int, dout: int, lse: int, delta: int, dq_acc: int, dk_acc: int, dv_acc: int,
+        q: int, k: int, v: int, flags: int,
+    ) -> None:  # fmt: skip
+        """Launch ``step``'s block (nothing for an EMPTY one): its gradients added into the
+        accumulators (``dk_acc`` / ``dv_acc``: those held at this step); ``flags``: the address
+        of the scratch flags array (0 when there is none)."""
+        planned = self._steps[step]
+        if planned is None:
+            return
+        launch, k_pos, offsets = planned
+        redo, dq_turns, dkv_turns = (0 if at is None else flags + at for at in offsets)
+        launch.launch(dout, lse, delta, dq_acc, dk_acc, dv_acc, q, k, v, self._q_pos, k_pos,
+                      redo, dq_turns, dkv_turns)  # fmt: skip
+
+    def finish(self, dq_acc: int, dk_acc: int, dv_acc: int, dq: int, dk: int, dv: int) -> None:
+        """The gradients from the accumulators: dq from the dq accumulator, dk / dv cast from the
+        accumulators held (after the trip home) by this rank."""
+        self._dq_out.launch(dq_acc, dq)
+        self._dkv_out.launch(dk_acc, dk)
+        self._dkv_out.launch(dv_acc, dv)

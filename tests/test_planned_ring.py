@@ -1,0 +1,167 @@
+"""The pointer-level ring calls (cuparing.schedule.run_planned_forward / run_planned_backward
+with cuparing.backends.planned_ring's plans) on the CPU, with recording stand-ins for the
+launches and the ring: the same exchanges in the same order as the schedule's forward and
+backward, each block launched with the addresses of the K/V shard (and dK/dV accumulators) held
+at its step, EMPTY blocks skipped, the results taken from what the ring holds at the end. The
+launches themselves run on GPUs (test_gpu_attention.py, tests/multigpu: repeats of ring
+calls)."""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cuparing.backends.planned_ring import PlannedBackward, PlannedForward
+from cuparing.schedule import run_planned_backward, run_planned_forward
+
+_addresses = itertools.count(1 << 20, 4096)
+
+
+def _array():
+    """A stand-in device array: only its address matters here."""
+    return SimpleNamespace(data=SimpleNamespace(ptr=next(_addresses)))
+
+
+class _Recorder:
+    """Launches and ring calls in the order they happen."""
+
+    def __init__(self):
+        self.events = []
+
+    def launch(self, name):
+        return SimpleNamespace(launch=lambda *ptrs: self.events.append((name, ptrs)))
+
+
+class _RecordingRing:
+    """exchange() hands back fresh arrays (the receive buffers) on wait()."""
+
+    def __init__(self, log: _Recorder):
+        self._log = log
+
+    def exchange(self, arrays, shift=1, tag="kv"):
+        sent = tuple(a.data.ptr for a in arrays)
+        self._log.events.append(("exchange", sent, shift, tag))
+        received = [_array(), _array()]
+        log = self._log
+
+        class Pending:
+            def wait(self):
+                log.events.append(("wait", tag, tuple(a.data.ptr for a in received)))
+                return received
+
+        return Pending()
+
+    def trace_compute(self, label):
+        import contextlib
+
+        self._log.events.append(("trace", label))
+        return contextlib.nullcontext()
+
+    def check(self):
+        self._log.events.append(("check",))
+
+
+@settings(max_examples=60, deadline=None)
+@given(kinds=st.lists(st.booleans(), min_size=1, max_size=8))
+def test_steps_exchanges_and_launches_follow_the_schedule(kinds):
+    """kinds[t]: whether step t's block is non-EMPTY. Each step exchanges first (but the last),
+    launches its block with the K/V held at that step, then waits; the cast ends it."""
+    log = _Recorder()
+    last = len(kinds) - 1
+    blocks = sum(kinds)
+    accumulates = blocks != 1
+    steps = [(log.launch(f"block {t}"), 7000 + t) if busy else None for t, busy in enumerate(kinds)]
+    cast = log.launch("cast") if accumulates else None
+    planned = PlannedForward(last, steps, q_pos=999, cast=cast)
+    assert planned.accumulates == accumulates
+    k, v = _array(), _array()
+    q, out, lse, acc = 11, 22, 33, 44
+    run_planned_forward(_RecordingRing(log), planned, q, [k, v], out, lse, acc)
+
+    want, held = [], (k.data.ptr, v.data.ptr)
+    dest = acc if accumulates else out
+    received = iter(e[2] for e in log.events if e[0] == "wait")
+    for t, busy in enumerate(kinds):
+        if t < last:
+            want.append(("exchange", held, 1, "kv"))
+        if busy:
+            want.append(("trace", f"fwd step {t}"))
+            want.append((f"block {t}", (dest, lse, q, *held, 999, 7000 + t)))
+        if t < last:
+            held = next(received)
+            want.append(("wait", "kv", held))
+    if accumulates:
+        want.append(("cast", (acc, out)))
+    want.append(("check",))
+    assert log.events == want
+
+
+def test_a_plan_needs_one_entry_per_step():
+    with pytest.raises(ValueError, match="expected 3 steps, got 2"):
+        PlannedForward(2, [None, None], q_pos=0, cast=None)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    kinds=st.lists(st.booleans(), min_size=1, max_size=8),
+    home=st.integers(0, 7),
+    flags=st.booleans(),
+)
+def test_backward_steps_follow_the_schedule(kinds, home, flags):
+    """Delta first; each step exchanges K/V (but the last), launches its block into the dK/dV
+    accumulators held at that step, then exchanges those and waits for both; the accumulators go
+    home if they must; dq, dk, dv come from what this rank holds at the end."""
+    log = _Recorder()
+    last = len(kinds) - 1
+    steps = [
+        (log.launch(f"block {t}"), 7000 + t, (16 * t, None, 16 * t + 4) if flags else (None,) * 3)
+        if busy else None
+        for t, busy in enumerate(kinds)
+    ]  # fmt: skip
+    scratch_arrays = (_array(), _array(), [_array(), _array()], _array() if flags else None)
+    planned = PlannedBackward(
+        last, home, log.launch("delta"), steps, q_pos=999, dq_out=log.launch("dq"),
+        dkv_out=log.launch("dkv"), scratch=lambda: scratch_arrays,
+    )  # fmt: skip
+    k, v = _array(), _array()
+    dout, q, out, lse, dq, dk, dv = 1, 2, 3, 4, 5, 6, 7
+    run_planned_backward(_RecordingRing(log), planned, (dout, q, out, lse), [k, v], (dq, dk, dv))
+
+    delta, dq_acc, dkv, flag_array = scratch_arrays
+    flag_base = flag_array.data.ptr if flags else 0
+    waits = iter(e for e in log.events if e[0] == "wait")
+    want = [("delta", (dout, out, delta.data.ptr))]
+    held = (k.data.ptr, v.data.ptr)
+    acc = (dkv[0].data.ptr, dkv[1].data.ptr)
+    for t, busy in enumerate(kinds):
+        if t < last:
+            want.append(("exchange", held, 1, "kv"))
+        if busy:
+            redo, dq_turns, dkv_turns = (
+                (flag_base + 16 * t, 0, flag_base + 16 * t + 4) if flags else (0, 0, 0)
+            )
+            want.append(("trace", f"bwd step {t}"))
+            want.append((f"block {t}", (dout, lse, delta.data.ptr, dq_acc.data.ptr, *acc, q,
+                                        *held, 999, 7000 + t, redo, dq_turns, dkv_turns)))
+        if t < last:
+            want.append(("exchange", acc, 1, "dkv"))
+            held = next(waits)[2]
+            want.append(("wait", "kv", held))
+            acc = next(waits)[2]
+            want.append(("wait", "dkv", acc))
+    if home:
+        want.append(("exchange", acc, home, "dkv_home"))
+        acc = next(waits)[2]
+        want.append(("wait", "dkv_home", acc))
+    want += [("dq", (dq_acc.data.ptr, dq)), ("dkv", (acc[0], dk)), ("dkv", (acc[1], dv))]
+    want.append(("check",))
+    assert log.events == want
+
+
+def test_a_backward_plan_needs_one_entry_per_step():
+    with pytest.raises(ValueError, match="expected 2 steps, got 1"):
+        PlannedBackward(1, 0, None, [None], 0, None, None, None)
