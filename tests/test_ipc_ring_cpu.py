@@ -212,7 +212,7 @@ def _count_messages(ring) -> dict:
     return counts
 
 
-def test_device_flags_send_no_host_message_after_setup(fake):
+def test_host_messages_per_exchange_none_with_device_flags(fake):
     """Per rank and channel the setup is two messages each way; after it, device flags need
     none, the host handshake one READY per exchange and one DONE per exchange from the third."""
     rings = fake(2)
