@@ -4,14 +4,19 @@ The fake keeps CUDA's stream semantics where they matter: each stream is a queue
 one "GPU" thread; ``record`` captures a generation; a stream wait on an event waits for the
 event's *latest record at the time of the wait call* (none: no wait), the very semantics that
 make the IPC ring's host handshake necessary; IPC handles alias the same event or memory across
-ranks (here threads). NCCL sends read their bytes when the GPU runs them and receives complete
-when the matching send has run, in order per (sender, receiver); an all-gather runs once every
-rank has posted its part. A scheduler policy can starve chosen streams, which turns a missing GPU
-wait into a deterministic wrong answer: negative controls use it to show that each wait a ring
-issues is needed.
+ranks (here threads). Stream memory operations (:func:`fake_driver`, a ``cuda.bindings.driver``)
+act on 32-bit words of that memory when the stream runs them: a wait blocks its stream until
+CUDA's cyclic comparison ``(int32)(word - value) >= 0`` holds, a write stores the value. New
+memory holds garbage, as after ``cudaMalloc``, so a flag that is used before it is cleared
+satisfies waits it should not. NCCL sends read their bytes when the GPU runs them and receives
+complete when the matching send has run, in order per (sender, receiver); an all-gather runs once
+every rank has posted its part. A scheduler policy can starve chosen streams, which turns a
+missing GPU wait into a deterministic wrong answer: negative controls use it to show that each
+wait a ring issues is needed.
 
-Use :class:`FakeStack`: ``stack.install(monkeypatch)`` puts its ``cupy`` and ``nccl`` in place of
-the real ones for :mod:`cuparing.comm.gpu_ring` and :mod:`cuparing.comm.nccl`;
+Use :class:`FakeStack`: ``stack.install(monkeypatch)`` puts its ``cupy``, ``nccl`` and driver in
+place of the real ones for :mod:`cuparing.comm.gpu_ring`, :mod:`cuparing.comm.nccl` and
+:mod:`cuparing.comm.ipc` (``stack.driver = None`` then stands for cuda-bindings not installed);
 ``stack.communicators(n)`` gives the NCCL communicators of one ring of ``n`` ranks.
 """
 
@@ -24,12 +29,16 @@ import struct
 import threading
 import time
 from collections import deque
+from enum import IntEnum
 from types import SimpleNamespace
 
 import numpy as np
 
 from cuparing.comm import gpu_ring as gpu_ring_mod
+from cuparing.comm import ipc as ipc_mod
 from cuparing.comm import nccl as nccl_mod
+
+GARBAGE = 0x5A  # every byte of new fake memory: a 32-bit word of it is far "ahead" of small values
 
 
 class FakeGpu:
@@ -43,7 +52,8 @@ class FakeGpu:
         self.next_ptr = 1 << 40
         self.rng = random.Random(seed)
         self.starve: set = set()  # streams that run only when nothing else can
-        self.paused = False
+        self.paused = False  # run nothing but streams a host is synchronising with
+        self.synchronising: set = set()
         self.opened_mem, self.closed_mem, self.destroyed = [], [], []
         self.errors: list[str] = []  # what the device found wrong (sizes that disagree)
         self._stop = False
@@ -65,13 +75,14 @@ class FakeGpu:
             return op[1].done_gen >= op[2]
         if op[0] in ("recv", "collective"):
             return op[1].ready(op)
+        if op[0] == "wait_value":  # CUDA's cyclic greater-or-equal on 32 bits
+            return (word(op[1]) - op[2]) % (1 << 32) < (1 << 31)
         return True
 
     def step(self) -> bool:
         with self.cond:
-            if self.paused:
-                return False
-            ready = [s for s in self.streams if s.ops and self._runnable(s.ops[0])]
+            ready = [s for s in self.streams if s.ops and self._runnable(s.ops[0])
+                     and (not self.paused or s in self.synchronising)]  # fmt: skip
             pick = [s for s in ready if s not in self.starve] or ready
             if not pick:
                 return False
@@ -84,6 +95,8 @@ class FakeGpu:
                 ctypes.memmove(op[1], op[2], op[3])
             elif kind == "fn":
                 op[1]()
+            elif kind == "write_value":
+                ctypes.c_uint32.from_address(op[1]).value = op[2]
             elif kind in ("send", "recv", "collective"):
                 op[1].execute(op, self)
             return True
@@ -117,8 +130,16 @@ class FakeStream:
         self.gpu.enqueue(self, ("fn", fn))
 
     def synchronize(self) -> None:
-        while self.ops:
-            time.sleep(0.0005)
+        """Wait until the queue is empty; a paused GPU still runs this stream meanwhile (a valid
+        schedule: the others are merely slow)."""
+        with self.gpu.cond:
+            self.gpu.synchronising.add(self)
+        try:
+            while self.ops:
+                time.sleep(0.0005)
+        finally:
+            with self.gpu.cond:
+                self.gpu.synchronising.discard(self)
 
 
 class FakeEvent:
@@ -140,9 +161,14 @@ class FakeEvent:
         return self.done_gen >= self.recorded
 
 
+def word(addr: int) -> int:
+    """The 32-bit word of fake memory at ``addr``."""
+    return ctypes.c_uint32.from_address(addr).value
+
+
 class FakeMemory:
     def __init__(self, gpu: FakeGpu, size: int):
-        self.buf = np.zeros(size, np.uint8)
+        self.buf = np.full(size, GARBAGE, np.uint8)  # cudaMalloc does not clear memory
         self.ptr, self.size = self.buf.ctypes.data, size
         gpu.memory[self.ptr] = self
 
@@ -220,6 +246,8 @@ def fake_cupy(gpu: FakeGpu) -> SimpleNamespace:
         ipcOpenMemHandle=open_mem, ipcCloseMemHandle=gpu.closed_mem.append,
         ipcGetEventHandle=lambda ptr: _handle(b"E", ptr), ipcOpenEventHandle=open_event,
         eventDestroy=destroy,
+        memsetAsync=lambda ptr, value, n, s: gpu.enqueue(
+            gpu.objects[s], ("fn", lambda: ctypes.memset(ptr, value, n))),
     )  # fmt: skip
     cuda = SimpleNamespace(
         Device=FakeDevice, Stream=lambda non_blocking=False: FakeStream(gpu, non_blocking),
@@ -235,6 +263,61 @@ def fake_cupy(gpu: FakeGpu) -> SimpleNamespace:
         asarray=dev, asnumpy=lambda a: np.array(a),
         ascontiguousarray=lambda a: np.ascontiguousarray(a).view(FakeArray),
     )  # fmt: skip
+
+
+class CUresult(IntEnum):
+    CUDA_SUCCESS = 0
+    CUDA_ERROR_NOT_SUPPORTED = 801
+
+
+class _Handle(int):
+    """A ``CUstream`` or ``CUdeviceptr``: ``int()`` gives the raw value, as in cuda-bindings."""
+
+
+def fake_driver(gpu: FakeGpu, version: int = 13000, v1_attribute: int = 0) -> SimpleNamespace:
+    """A ``cuda.bindings.driver`` with the stream memory operations, over ``gpu``.
+
+    ``version`` is what ``cuDriverGetVersion`` reports and ``v1_attribute`` the value of
+    ``CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1`` (0, as current drivers report it). The
+    operations check that their word lies in fake memory and is 4-byte aligned (else the device
+    records an error). Its set ``fail`` names operations (``"wait"``, ``"write"``) that return
+    ``CUDA_ERROR_NOT_SUPPORTED``.
+    """
+    geq, barrier, v1 = 0, 0, 92
+
+    def memory_op(kind: str, expected_flags: int):
+        """``cuStreamWaitValue32`` (``kind`` "wait") or ``cuStreamWriteValue32`` ("write")."""
+
+        def op(stream, addr, value, flags):
+            if kind in driver.fail:
+                return (CUresult.CUDA_ERROR_NOT_SUPPORTED,)
+            addr = int(addr)
+            inside = any(m.ptr <= addr <= m.ptr + m.size - 4 for m in list(gpu.memory.values()))
+            if addr % 4 or not inside or flags != expected_flags:
+                gpu.errors.append(f"{kind} at {addr:#x}, flags {flags}")
+            if not 0 <= value < 1 << 32:  # the binding's uint32 conversion raises
+                raise OverflowError("value too large to convert to uint32_t")
+            gpu.enqueue(gpu.objects[int(stream)], (f"{kind}_value", addr, value))
+            return (CUresult.CUDA_SUCCESS,)
+
+        return op
+
+    def attribute(attr, device):
+        return (CUresult.CUDA_SUCCESS, v1_attribute if attr == v1 else 0)
+
+    driver = SimpleNamespace(
+        fail=set(), CUresult=CUresult, CUstream=_Handle, CUdeviceptr=_Handle,
+        CUstreamWaitValue_flags=SimpleNamespace(CU_STREAM_WAIT_VALUE_GEQ=geq),
+        CUstreamWriteValue_flags=SimpleNamespace(CU_STREAM_WRITE_VALUE_DEFAULT=barrier),
+        CUdevice_attribute=SimpleNamespace(CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1=v1),
+        cuInit=lambda flags: (CUresult.CUDA_SUCCESS,),
+        cuDriverGetVersion=lambda: (CUresult.CUDA_SUCCESS, version),
+        cuDeviceGet=lambda ordinal: (CUresult.CUDA_SUCCESS, ordinal),
+        cuDeviceGetAttribute=attribute,
+        cuStreamWaitValue32=memory_op("wait", geq),
+        cuStreamWriteValue32=memory_op("write", barrier),
+    )  # fmt: skip
+    return driver
 
 
 def fake_nccl() -> SimpleNamespace:
@@ -317,18 +400,22 @@ class FakeComm:
 
 
 class FakeStack:
-    """A fake GPU with its ``cupy`` and ``nccl`` modules."""
+    """A fake GPU with its ``cupy``, ``nccl`` and driver modules (``driver``: None stands for
+    cuda-bindings not installed)."""
 
     def __init__(self, seed: int = 0):
         self.gpu = FakeGpu(seed)
         self.cupy = fake_cupy(self.gpu)
         self.nccl = fake_nccl()
+        self.driver = fake_driver(self.gpu)
 
     def install(self, monkeypatch) -> None:
-        """Make the ring modules import this stack instead of CuPy and NCCL."""
+        """Make the ring modules import this stack instead of CuPy, NCCL and cuda-bindings."""
         monkeypatch.setattr(gpu_ring_mod, "import_cupy", lambda: self.cupy)
         monkeypatch.setattr(nccl_mod, "import_nccl", lambda: self.nccl)
-        monkeypatch.delenv("CUPARING_TRACE", raising=False)
+        monkeypatch.setattr(ipc_mod, "import_driver", lambda: self.driver)
+        for name in ("CUPARING_TRACE", "CUPARING_IPC_FLAGS"):
+            monkeypatch.delenv(name, raising=False)
 
     def communicators(self, size: int) -> list[FakeComm]:
         """The communicators of one new ring of ``size`` ranks."""

@@ -1,10 +1,13 @@
-"""IpcRing's handshake and ordering on the CPU, against the fake GPU of ``fake_gpu.py``.
+"""IpcRing's ordering on the CPU, in both of its modes (device flags and host handshake), against
+the fake GPU of ``fake_gpu.py``.
 
 That fake runs queued stream work on a "GPU" thread with CUDA's event semantics (a wait refers to
-the event's latest record at the time of the call), and IPC handles alias the same event or
-memory across ranks (here threads). Starving chosen streams turns a missing GPU wait into a
-deterministic wrong answer; the negative controls below show that each wait the ring issues is
-needed. Links are real loopback TCP (:mod:`cuparing.comm.peerlink`).
+the event's latest record at the time of the call) and stream memory operations on 32-bit words
+(a fake ``cuda.bindings.driver``), and IPC handles alias the same event or memory across ranks
+(here threads). Starving chosen streams turns a missing GPU wait into a deterministic wrong
+answer; the negative controls below show that each wait the ring issues is needed. The ``fake``
+fixture runs a test once per mode; a test that concerns one mode pins it. Links are real loopback
+TCP (:mod:`cuparing.comm.peerlink`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from types import SimpleNamespace
 import ml_dtypes
 import numpy as np
 import pytest
-from fake_gpu import FakeStack
+from fake_gpu import FakeStack, fake_driver, word
 from fake_gpu import dev as _dev
 from fake_gpu import run_threads as _threads
 from wiretap import Wiretap, replay
@@ -38,21 +41,31 @@ def _mesh(size, timeout=10.0):
     return [links for links, _ in pairs]
 
 
-@pytest.fixture
-def fake(monkeypatch):
+SYNCS = ["device", "host"]
+
+
+@pytest.fixture(params=SYNCS)
+def fake(request, monkeypatch):
+    """``fake(size, ...)`` builds the IpcRings of one ring on one fake GPU, in the mode the
+    parameter names (the host handshake: cuda-bindings "not installed"); ``syncs`` gives each
+    rank its own mode instead."""
     stack = FakeStack()
     stack.install(monkeypatch)
+    driver = stack.driver
     made = []
 
-    def make(size=2, timeout=20.0, trace=False, links=True):
+    def make(size=2, timeout=20.0, trace=False, links=True, syncs=None):
         comms = stack.communicators(size)
         meshes = _mesh(size) if links else [None] * size
-        rings = [ipc_mod.IpcRing(r, size, comms[r], 0, timeout, trace, meshes[r])
-                 for r in range(size)]  # fmt: skip
+        rings = []
+        for r, sync in enumerate(syncs or [request.param] * size):
+            stack.driver = driver if sync == "device" else None
+            rings.append(ipc_mod.IpcRing(r, size, comms[r], 0, timeout, trace, meshes[r]))
+            assert rings[-1].sync == sync
         made.extend(rings)
         return rings
 
-    make.gpu, make.cupy = stack.gpu, stack.cupy
+    make.gpu, make.cupy, make.driver, make.sync = stack.gpu, stack.cupy, driver, request.param
     yield make
     for ring in made:
         ring._stop.set()
@@ -128,28 +141,85 @@ def test_rotation_delivers_every_rank_s_data_in_order(fake, size, starve):
     assert channel.received[0][0].ctypes.data != channel.received[1][0].ctypes.data
 
 
-def test_without_the_done_wait_a_slow_reader_is_overwritten(fake, monkeypatch):
-    """Negative control: the copy stream's wait on the receiver's *done* event is needed."""
+def _drop_gpu_wait(monkeypatch, sync: str, step: str) -> None:
+    """Take the GPU wait out of *await freed* or *await pushed* (``step``). The host handshake
+    keeps its host wait, so that its messages still pair up."""
+    if sync == "device":
+        monkeypatch.setattr(ipc_mod._DeviceFlags, step, lambda self, channel, k, flight: None)
+        return
+    peer, kind, back = ("dest", ipc_mod._DONE, 2) if step == "await_freed" else (
+        "source", ipc_mod._READY, 0)  # fmt: skip
 
     def host_wait_only(self, channel, k, flight):
-        self._await(channel.dest, ipc_mod._DONE, channel, k - 2, flight, "x")
+        self._ring._await(getattr(channel, peer), kind, channel, k - back, flight, "x")
 
-    monkeypatch.setattr(ipc_mod.IpcRing, "_after_peer_freed", host_wait_only)
+    monkeypatch.setattr(ipc_mod._HostHandshake, step, host_wait_only)
+
+
+def test_without_the_done_wait_a_slow_reader_is_overwritten(fake, monkeypatch):
+    """Negative control: the copy stream's wait for the receiver's *done* (flag or event) is
+    needed."""
+    _drop_gpu_wait(monkeypatch, fake.sync, "await_freed")
     rings = fake(3)
     logs = _rotate(fake, rings, steps=8, starve=("caller", 1))
     assert any(rank == 1 for rank, _ in _wrong_steps(logs, 3))
 
 
 def test_without_the_ready_wait_a_reader_sees_stale_data(fake, monkeypatch):
-    """Negative control: the side stream's wait on the sender's *ready* event is needed."""
-
-    def host_wait_only(self, channel, k, flight):
-        self._await(channel.source, ipc_mod._READY, channel, k, flight, "x")
-
-    monkeypatch.setattr(ipc_mod.IpcRing, "_after_peer_pushed", host_wait_only)
+    """Negative control: the side stream's wait for the sender's *ready* (flag or event) is
+    needed."""
+    _drop_gpu_wait(monkeypatch, fake.sync, "await_pushed")
     rings = fake(2)
     logs = _rotate(fake, rings, steps=4, starve=("copy", 0))
     assert any(rank == 1 for rank, _ in _wrong_steps(logs, 2))
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+def test_without_clearing_the_flags_a_reader_sees_garbage(fake, monkeypatch):
+    """Negative control: new memory holds garbage (as after cudaMalloc), which satisfies the
+    waits at once unless the flag words are cleared before the peers learn of them."""
+    monkeypatch.setattr(ipc_mod._DeviceFlags, "_clear", lambda self, channel: None)
+    rings = fake(2)
+    logs = _rotate(fake, rings, steps=4, starve=("copy", 0))
+    assert any(rank == 1 for rank, _ in _wrong_steps(logs, 2))
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+def test_flag_words_hold_the_last_push_and_the_last_read(fake):
+    """After exchanges k = 0..4 of one channel: ready[s] holds k + 1 of the last push into slot
+    s (5, 4), done[s] holds k - 1 of the reader's last exchange k >= 2 on slot s (3, 2)."""
+    rings = fake(2)
+    logs = _rotate(fake, rings, steps=5, pause=False)
+    assert _wrong_steps(logs, 2) == []
+    for ring in rings:
+        channel = next(iter(ring._channels.values()))
+        flags = channel.memory.ptr + channel.flags_at
+        assert [word(flags + 4 * i) for i in range(4)] == [5, 4, 3, 2]
+
+
+def _count_messages(ring) -> dict:
+    """Count the link messages ``ring`` sends and waits for from now on."""
+    counts = {"send": 0, "wait": 0}
+    links = ring._links
+    for name in counts:
+        real = getattr(links, name)
+
+        def counted(*args, name=name, real=real):
+            counts[name] += 1
+            return real(*args)
+
+        setattr(links, name, counted)
+    return counts
+
+
+def test_host_messages_per_exchange_none_with_device_flags(fake):
+    """Per rank and channel the setup is two messages each way; after it, device flags need
+    none, the host handshake one READY per exchange and one DONE per exchange from the third."""
+    rings = fake(2)
+    counts = [_count_messages(ring) for ring in rings]
+    _rotate(fake, rings, steps=5)
+    per_exchange = {"device": 0, "host": 5 + 3}[fake.sync]
+    assert counts == [{"send": 2 + per_exchange, "wait": 2 + per_exchange}] * 2
 
 
 def test_backward_pattern_two_tags_and_a_home_shift(fake):
@@ -205,7 +275,10 @@ def test_trace_records_the_pushes(fake):
 # --- failures ---
 
 
-def test_a_peer_that_never_comes_times_out_naming_rank_tag_exchange_and_peer(fake):
+def test_a_peer_that_stops_times_out_naming_rank_tag_exchange_and_peer(fake):
+    """Two exchanges together, then rank 1 stops. Host handshake: rank 0's third exchange waits
+    for rank 1's host in vain. Device flags: no exchange waits on the host; rank 0's GPU waits
+    for rank 1's flags in vain, and the watchdog turns that into RingTimeoutError."""
     ring0, ring1 = fake(2, timeout=0.4)
     reports = []
     ring0._health = SimpleNamespace(report=reports.append, close=lambda: None)
@@ -214,14 +287,22 @@ def test_a_peer_that_never_comes_times_out_naming_rank_tag_exchange_and_peer(fak
     def ranks_then_one_stops(ring, count):
         for _ in range(count):
             ring.exchange(x, 1, "kv").wait()
+        return time.monotonic()
 
-    # two exchanges together, then rank 1 stops: rank 0's third waits on rank 1 in vain
     results = _threads([lambda: ranks_then_one_stops(ring0, 3),
                         lambda: ranks_then_one_stops(ring1, 2)])  # fmt: skip
-    assert isinstance(results[0], cr.RingTimeoutError), results
-    message = str(results[0])
+    if fake.sync == "host":
+        error, why = results[0], "waited for rank 1 to finish reading"
+    else:
+        assert isinstance(results[0], float), results  # every exchange and wait() returned
+        with pytest.raises(cr.RingTimeoutError) as info:
+            ring0.synchronize()
+        assert time.monotonic() - results[0] < 0.4 + 2.0
+        error, why = info.value, "made no progress within 0.4 s"
+    assert isinstance(error, cr.RingTimeoutError), results
+    message = str(error)
     assert message.startswith("rank 0: exchange 'kv' #2 (shift 1: rank 0 sends to rank 1")
-    assert "waited for rank 1 to finish reading" in message
+    assert why in message
     assert reports and "'kv' #2" in reports[0]  # told the failure channel
     with pytest.raises(cr.RingTimeoutError, match="'kv' #2"):
         ring0.exchange(x)
@@ -255,8 +336,32 @@ def test_different_shapes_are_diagnosed(fake):
         assert "different exchange sequence" in str(results[r]), results[r]
 
 
-def test_close_waits_for_the_peers_then_frees_the_handles(fake):
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+def test_neighbours_in_different_modes_are_refused(fake):
+    ring0, ring1 = fake(2, syncs=["device", "host"])
+    x = _dev(np.ones(4, np.float32))
+    results = _threads([lambda: ring0.exchange([x]), lambda: ring1.exchange([x])])
+    assert all(isinstance(r, cr.RingError) for r in results), results
+    assert "rank 1 orders pushes by host sync, this rank by device" in str(results[0])
+    assert ("rank 0 orders pushes by device sync, this rank by host (cuda-bindings is not "
+            "installed") in str(results[1])  # fmt: skip
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+def test_a_failing_stream_memory_operation_fails_the_exchange(fake):
     rings = fake(2)
+    fake.driver.fail.add("wait")
+    x = _dev(np.ones(4, np.float32))
+    results = _threads([lambda ring=ring: ring.exchange([x]) for ring in rings])
+    for rank, result in enumerate(results):
+        assert isinstance(result, cr.RingError), results
+        assert str(result).startswith(f"rank {rank}: exchange 'kv' #0")
+        assert "cuStreamWaitValue32 for 1 failed" in str(result)
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_close_waits_for_the_peers_then_frees_the_handles(fake, size):
+    rings = fake(size)
     gpu = fake.gpu
     _rotate(fake, rings, steps=3, pause=False)
     comms = [ring._collective.comm for ring in rings]
@@ -265,11 +370,14 @@ def test_close_waits_for_the_peers_then_frees_the_handles(fake):
     closer.start()
     time.sleep(0.3)
     assert not closed.is_set() and gpu.closed_mem == []  # rank 1 may still use rank 0's buffers
-    rings[1].close()
+    _threads([ring.close for ring in rings[1:]])
     closer.join(5)
     assert closed.is_set()
-    assert sorted(gpu.closed_mem) == sorted(gpu.opened_mem) and len(gpu.opened_mem) == 2
-    assert len(gpu.destroyed) == 8  # each rank: 2 done + 2 ready events it had opened
+    # each rank maps dest's memory; with device flags also source's, once where it is dest
+    mapped = {"host": size, "device": size if size == 2 else 2 * size}[fake.sync]
+    assert sorted(gpu.closed_mem) == sorted(gpu.opened_mem) and len(gpu.opened_mem) == mapped
+    # with the host handshake each rank opened 2 done + 2 ready events
+    assert len(gpu.destroyed) == {"host": 4 * size, "device": 0}[fake.sync]
     assert all(comm.destroyed for comm in comms)
 
 
@@ -277,6 +385,18 @@ def test_links_are_set_up_through_the_all_gather(fake):
     rings = fake(3, links=False)
     results = _threads([lambda ring=ring: ring._connect_links(10.0) for ring in rings])
     assert all(r is None for r in results), results
+    logs = _rotate(fake, rings, steps=4)
+    assert _wrong_steps(logs, 3) == []
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+def test_ranks_agree_on_the_host_handshake_if_one_rank_must(fake):
+    rings = fake(3, links=False, syncs=["device", "host", "device"])
+    results = _threads([lambda ring=ring: ring._connect_links(10.0) for ring in rings])
+    assert all(r is None for r in results), results
+    assert [ring.sync for ring in rings] == ["host"] * 3
+    assert rings[0].sync_reason == rings[2].sync_reason == "ranks [1] cannot use device flags"
+    assert "cuda-bindings is not installed" in rings[1].sync_reason
     logs = _rotate(fake, rings, steps=4)
     assert _wrong_steps(logs, 3) == []
 
@@ -296,6 +416,33 @@ def test_ranks_on_different_hosts_are_refused(fake, monkeypatch):
 
 
 # --- selection ---
+
+
+@pytest.mark.parametrize(
+    ("bindings", "version", "v1_attribute", "env", "sync", "reason"),
+    [
+        (True, 13000, 0, None, "device", None),  # the v2 operations; V1's attribute reads 0
+        (True, 11040, 1, None, "device", None),  # an old driver with the V1 operations enabled
+        (True, 11040, 0, None, "host", "CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1 is 0"),
+        (False, 13000, 0, None, "host", "cuda-bindings is not installed"),
+        (True, 13000, 0, "0", "host", "CUPARING_IPC_FLAGS=0"),
+    ],
+)  # fmt: skip
+def test_the_mode_follows_bindings_driver_and_environment(
+    monkeypatch, bindings, version, v1_attribute, env, sync, reason
+):
+    stack = FakeStack()
+    stack.install(monkeypatch)
+    stack.driver = fake_driver(stack.gpu, version, v1_attribute) if bindings else None
+    if env is not None:
+        monkeypatch.setenv("CUPARING_IPC_FLAGS", env)
+    try:
+        ring = ipc_mod.IpcRing(0, 1, device=0)
+        assert ring.sync == sync
+        assert (ring.sync_reason is None) if reason is None else (reason in ring.sync_reason)
+        assert repr(ring) == f"IpcRing(rank=0, size=1, device=0, sync={sync!r})"
+    finally:
+        stack.close()
 
 
 def test_transport_is_chosen_by_argument_or_environment(monkeypatch):

@@ -2,8 +2,10 @@
 (race detector), and a rank killed mid-ring.
 
 Each test starts ``tests/multigpu/ring_worker.py`` on N GPUs through ``python -m cuparing.launch``
-and asserts on the exit code and the ranks' output lines, once per transport (``nccl``, and the
-copy-engine ``ipc`` ring through ``CUPARING_TRANSPORT=ipc``). Skipped with fewer than 2 GPUs.
+and asserts on the exit code and the ranks' output lines, once per transport: ``nccl``, the
+copy-engine ``ipc`` ring through ``CUPARING_TRANSPORT=ipc`` (device flags where cuda-bindings is
+installed), and ``ipc-host``, the same ring on its host handshake (``CUPARING_IPC_FLAGS=0``).
+Skipped with fewer than 2 GPUs.
 """
 
 from __future__ import annotations
@@ -18,16 +20,25 @@ from pathlib import Path
 import pytest
 from conftest import gpu_count, requires_gpu
 
+from cuparing.comm.ipc import import_driver
+
 WORKER = Path(__file__).parent / "multigpu" / "ring_worker.py"
 RING_TIMEOUT = 20.0  # killed mode's Ring.from_env(timeout=...)
 WORLDS = [pytest.param(n, id=f"C={n}") for n in (2, 4, 8)]  # each skips without n GPUs
-TRANSPORTS = {"nccl": "NcclRing", "ipc": "IpcRing"}  # CUPARING_TRANSPORT -> the ring's class
+# the IPC ring takes device flags where cuda-bindings is installed (and the driver has them)
+_IPC_SYNC = "host" if import_driver() is None else "device"
+# transport -> (its environment, the ring the workers must report)
+TRANSPORTS = {
+    "nccl": ({"CUPARING_TRANSPORT": "nccl"}, "NcclRing"),
+    "ipc": ({"CUPARING_TRANSPORT": "ipc"}, f"IpcRing sync={_IPC_SYNC}"),
+    "ipc-host": ({"CUPARING_TRANSPORT": "ipc", "CUPARING_IPC_FLAGS": "0"}, "IpcRing sync=host"),
+}
 
 
 def _launch(world: int, mode: str, job_timeout: float, *options: str, transport: str = "nccl"):
     command = [sys.executable, "-m", "cuparing.launch", "--nproc-per-node", str(world),
                "--timeout", str(job_timeout), *options, str(WORKER), mode]  # fmt: skip
-    env = dict(os.environ, CUPARING_TRANSPORT=transport)
+    env = dict(os.environ, **TRANSPORTS[transport][0])
     return subprocess.run(command, capture_output=True, text=True, timeout=job_timeout + 60,
                           env=env)  # fmt: skip
 
@@ -41,7 +52,8 @@ def _assert_workers_ok(proc, world: int, transport: str, what: str) -> None:
     assert proc.returncode == 0, _tail(proc)
     assert not re.search(r"^\[rank \d+\] FAIL", proc.stdout, re.M), _tail(proc)
     for rank in range(world):
-        ok = rf"^\[rank {rank}\] WORKER OK rank {rank} {what}.* ring={TRANSPORTS[transport]}$"
+        ring = TRANSPORTS[transport][1]
+        ok = rf"^\[rank {rank}\] WORKER OK rank {rank} {what}.* ring={ring}$"
         assert re.search(ok, proc.stdout, re.M), _tail(proc)
 
 

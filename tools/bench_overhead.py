@@ -11,7 +11,8 @@ Usage:
     python tools/bench_overhead.py [--calls N] [--json PATH]
     python -m cuparing.launch --nproc-per-node 2 tools/bench_overhead.py   # adds the ring rows
 
-The ring rows run on the transport ``CUPARING_TRANSPORT`` names (``nccl`` by default, ``ipc``).
+The ring rows run on the transport ``CUPARING_TRANSPORT`` names (``nccl`` by default, ``ipc``;
+``CUPARING_IPC_FLAGS=0`` puts the IPC ring on its host handshake instead of device flags).
 ``--profile DIR`` also writes a cProfile of each ring call, per rank, under DIR.
 """
 
@@ -109,7 +110,7 @@ def ring_rows(calls: int, profile_dir: str | None = None) -> list[dict]:
             cr.ring_attention_backward(dout, q, k, v, out, lse, ring, **opts)
 
         row = {"ranks": ring.size, "tokens_per_gpu": tokens, "H": h, "Hkv": hkv, "D": d,
-               "transport": type(ring).__name__}  # fmt: skip
+               "transport": type(ring).__name__, "sync": getattr(ring, "sync", None)}  # fmt: skip
         for name, fn in (("ours", ours), ("ours_out", ours_out), ("backward", backward)):
             ring.barrier()
             row[f"{name}_us"] = host_us(fn, calls)
@@ -150,7 +151,8 @@ def main(argv=None) -> int:
     if world > 1:
         result["ring"] = ring_rows(args.calls, args.profile)
         if rank == 0:
-            transport = result["ring"][0]["transport"]
+            first = result["ring"][0]
+            transport = first["transport"] + (f", sync={first['sync']}" if first["sync"] else "")
             print(f"ring ({transport}), {world} GPUs, causal zigzag, H/Hkv 32/8, D=128: host us "
                   "per call")  # fmt: skip
             for r in result["ring"]:

@@ -9,45 +9,100 @@ ring (:func:`cuparing.comm.nccl.join_from_env`) and keeps that NCCL communicator
 collective that sets the links up and for :meth:`IpcRing.release_buffers`.
 
 Per channel ``(tag, shift, shapes, dtypes)`` every rank allocates, at its first exchange, one
-``cudaMalloc`` holding two receive slots, and creates interprocess events: two *done* events (its
-slot is free again) and two *ready* events (it has written the destination's slot). It gives the
-rank that writes into it (``rank - shift``) its memory handle and done handles, and the rank it
-writes into (``rank + shift``) its ready handles, over :mod:`cuparing.comm.peerlink`.
+``cudaMalloc`` holding two receive slots and four 32-bit flag words, and gives its IPC memory
+handle to the rank that writes into it (``source = rank - shift``) and to the rank it writes into
+(``dest = rank + shift``) over :mod:`cuparing.comm.peerlink`. Exchange ``k`` of a channel uses
+slot ``s = k % 2``. The copy stream first waits for the caller's stream: the arrays to send are
+written, and everything queued before the call is done, which includes every read of this rank's
+slot ``s`` from exchange ``k - 2`` (the ownership rule of :mod:`cuparing.comm.base`). Then, in
+this order: if ``k >= 2``, this rank tells ``source`` that its slot ``s`` is free again
+(*freed*) and the copy stream waits until ``dest`` has said so of the slot it writes (*await
+freed*); the copy stream copies the arrays into ``dest``'s slot ``s`` and tells ``dest``
+(*pushed*); a side stream waits for those copies and until ``source`` has pushed into this rank's
+slot ``s`` (*await pushed*), then records the exchange's *received* event, which ``wait()`` hands
+to the caller's stream as on every GPU ring. ``ring.sync`` says how the four are carried:
 
-Exchange ``k`` of a channel uses slot ``s = k % 2``. On this rank, in this order:
+``"device"`` (device flags): by the GPUs alone, through ``cuStreamWriteValue32`` and
+``cuStreamWaitValue32`` (NVIDIA's cuda-bindings); after a channel's setup no exchange sends a host
+message or waits for another process. A rank's flag words are ``ready[s]`` and ``done[s]``. Each
+lives in the memory of the GPU whose stream waits on it, so every wait polls local memory and the
+only access to a peer's memory is a write through its IPC mapping, as the copies are:
 
-1. The copy stream waits for the caller's stream (the arrays to send are written; everything
-   queued before this call, which includes every read of the slot's previous contents, exchange
-   ``k - 2``, is done). If ``k >= 2``: record ``done[s]`` on the copy stream and send
-   ``DONE k-2`` to ``rank - shift``.
-2. If ``k >= 2``: wait (host) for ``DONE k-2`` from ``rank + shift``, then make the copy stream
-   wait on that rank's ``done[s]``. Copy the arrays into its slot ``s``, record ``ready[s]`` and a
-   local *sent* event on the copy stream, send ``READY k`` to ``rank + shift``.
-3. Wait (host) for ``READY k`` from ``rank - shift``; a side stream waits on *sent* and on that
-   rank's ``ready[s]``, then records the exchange's *received* event, which ``wait()`` hands to
-   the caller's stream as on every GPU ring.
+- ``ready[s]``, in the reader's memory: after its copies of exchange ``k`` the writer's copy
+  stream writes ``k + 1`` into ``dest``'s ``ready[s]`` (*pushed*); the reader's side stream waits
+  until its own ``ready[s] >= k + 1`` (*await pushed*).
+- ``done[s]``, in the writer's memory: the reader's copy stream, at the reader's exchange ``k``,
+  writes ``k - 1`` (the value exchange ``k - 2`` pushed) into ``source``'s ``done[s]`` (*freed*);
+  the writer's copy stream waits until its own ``done[s] >= k - 1`` (*await freed*).
 
-The host messages exist because ``cudaStreamWaitEvent`` waits for the event's *latest record at
-the time of the call*: waiting on a peer's event before the peer has recorded it for this step
-waits for nothing. A peer cannot re-record ``ready[s]`` (exchange ``k + 2``) before it has this
-rank's ``DONE k``, sent at this rank's exchange ``k + 2``, after step 3 of exchange ``k``; the
-same argument covers ``done[s]``. Every rank sends before it waits, so the host messages cannot
-deadlock; every GPU wait refers to a record issued earlier in the same exchange order on every
-rank, so the streams cannot either. The host never waits for the GPU: ``exchange`` returns once
-both neighbours' hosts have reached the same exchange (usually at once: hosts run ahead of their
-GPUs), and each of those waits gives up after ``timeout`` with :class:`RingTimeoutError` naming
-the rank, tag, exchange number and peer, reported through the failure channel. A peer whose
-process ends closes its link: waits on it raise :class:`RingError` at once.
+The values of a word only grow (``ready[s]``: ``s + 1, s + 3, ...``), so no flag is ever reset:
+they are cleared once, when the channel is set up and before any peer learns of the memory
+(``cudaMalloc`` does not clear, and a stale word would satisfy a wait). The comparison is CUDA's
+cyclic one, ``(int32)(word - value) >= 0``, which stays right after the values wrap at 2**32
+(a word and the value awaited on it differ by a few exchanges, far less than 2**31).
+
+No stale read: ``ready[s] >= k + 1`` holds only once the push of exchange ``k`` has been written
+(a writer's pushes follow each other on its copy stream), and a stream memory write is ordered
+after the copies queued before it on its stream and, by default, behind a system-wide memory
+barrier: the ordering an interprocess event recorded after the copies gives the host handshake.
+No early overwrite: the writer pushes exchange ``k + 2`` into slot ``s`` only after
+``done[s] >= k + 1``, which the reader writes at its exchange ``k + 2``, after every read of
+exchange ``k``'s data queued before that call. No deadlock: every rank issues the same
+exchanges in the same order, and within one exchange *freed* comes before *await freed* and
+*pushed* before *await pushed*. Each wait is thus satisfied by a peer's write issued at an
+earlier point of the common sequence, or by this rank's own earlier work, and no chain of waits
+leads back to itself, also where a GPU runs some streams' work behind others' (the caveat the
+driver's documentation gives for stream memory operations).
+
+A dead or stuck peer leaves an exchange's *received* event unfinished; the host never blocks on
+it, and the ring core's watchdog raises :class:`RingTimeoutError` after ``timeout`` (the failure
+channel of rings built by ``from_env`` tells every rank of a process's death within about a
+second). Unlike NCCL's abort, nothing releases a stream that waits on a dead peer's flag (nor, in
+the host handshake, on a dead peer's event once its host sent the message): work queued behind it
+never runs. After a failure, poll (``ring.synchronize()``, ``ring.check()``) rather than block
+in a CUDA synchronisation, and end the process; nothing is freed.
+
+The device mode needs cuda-bindings (the ``cuda12``/``cuda13`` extras) and stream memory
+operations: a driver with CUDA 11.7's v2 memory operations (available on every platform) or,
+before that, ``CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1``. It assumes what the copies
+already need: the GPUs are peers, so the mapping ``cudaIpcOpenMemHandle`` gives (peer access
+enabled) accepts a stream memory write. Without cuda-bindings or stream memory operations, or with
+``CUPARING_IPC_FLAGS=0``, the ring uses the host handshake and ``ring.sync_reason`` says why.
+Rings built by ``from_env`` agree: if one rank cannot use device flags, every rank uses the host
+handshake. Neighbours in different modes refuse the channel with :class:`RingError`.
+
+``"host"`` (host handshake): interprocess events and host messages over the links. Each rank
+creates two *done* events (its slot is free again) and two *ready* events (it has written
+``dest``'s slot) per channel, and gives ``source`` its done handles and ``dest`` its ready
+handles. *Freed* records ``done[s]`` on the copy stream and sends ``DONE k-2`` to ``source``;
+*await freed* waits (host) for ``DONE k-2`` from ``dest``, then makes the copy stream wait on
+``dest``'s ``done[s]``; *pushed* records ``ready[s]`` and sends ``READY k`` to ``dest``; *await
+pushed* waits (host) for ``READY k`` from ``source``, then makes the side stream wait on its
+``ready[s]``. The host messages exist because ``cudaStreamWaitEvent`` waits for the event's
+*latest record at the time of the call*: waiting on a peer's event before the peer has recorded it
+for this step waits for nothing. A peer cannot re-record ``ready[s]`` (exchange ``k + 2``) before
+it has this rank's ``DONE k``, sent at this rank's exchange ``k + 2``, after *await pushed* of
+exchange ``k``; the same argument covers ``done[s]``. Every rank sends before it waits, so the
+host messages cannot deadlock; every GPU wait refers to a record issued earlier in the same
+exchange order on every rank, so the streams cannot either. The host never waits for the GPU:
+``exchange`` returns once both neighbours' hosts have reached the same exchange (usually at once:
+hosts run ahead of their GPUs), and each of those waits gives up after ``timeout`` with
+:class:`RingTimeoutError` naming the rank, tag, exchange number and peer, reported through the
+failure channel. A peer whose process ends closes its link: waits on it raise :class:`RingError`
+at once. Those host waits were ~60% of a 2-GPU ring call's host time (PERF.md, "Call plans for
+every call"); the device mode has none.
 
 Teardown is collective in the sense that a rank frees the memory and events it exported only
 after every peer said it has left (:meth:`close` sends and awaits a BYE, bounded by the timeout),
-because a peer's queued copies and waits may still refer to them. After a failure nothing is
-freed (a stream may still wait on a dead peer's event; the process is about to end).
+because a peer's queued copies, flag writes and waits may still refer to them. After a failure
+nothing is freed (a stream may still wait on a dead peer's event or flag; the process is about to
+end).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import struct
 import time
@@ -61,9 +116,24 @@ from .peerlink import Address, LinkError, PeerLinks
 from .trace import COMM
 
 _READY, _DONE, _SETUP_RECV, _SETUP_SEND = 1, 2, 3, 4  # peerlink message kinds (0 is BYE)
-_ALIGN = 256  # byte alignment of each array inside a slot
+_ALIGN = 256  # byte alignment of each array inside a slot, and of the flag words after them
 _HANDLE = 64  # bytes of a cudaIpcMemHandle_t / cudaIpcEventHandle_t
 _DIGEST = 16
+_SLOT_BYTES = struct.Struct("!Q")
+# a setup message: the channel's digest, the sender's mode, its slot size, its memory handle
+_HEADER = _DIGEST + 1 + _SLOT_BYTES.size + _HANDLE
+_READY_AT, _DONE_AT = 0, 8  # byte offsets of ready[0..1] and done[0..1] in the flag words
+_WORD = 0xFFFFFFFF
+FLAGS_ENV = "CUPARING_IPC_FLAGS"  # "0": the host handshake even where device flags would work
+
+
+def import_driver():
+    """NVIDIA's ``cuda.bindings.driver``, or None where cuda-bindings is not installed."""
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        return None
+    return driver
 
 
 @dataclass
@@ -76,14 +146,34 @@ class _Channel:
     source: int  # rank - shift: it writes into ours
     offsets: list[int]  # of each array inside a slot
     slot_bytes: int
-    memory: Any  # our two receive slots (one cudaMalloc, exported to `source`)
+    memory: Any  # our two receive slots and flag words (one cudaMalloc, exported to both)
     received: list  # [slot 0 arrays, slot 1 arrays], views of `memory`
-    done: list  # our IPC events: our slot s is free again (opened by `source`)
-    ready: list  # our IPC events: we wrote dest's slot s (opened by `dest`)
     remote_base: int = 0  # dest's slots, opened
-    remote_done: list = field(default_factory=list)  # dest's done events, opened (raw handles)
-    remote_ready: list = field(default_factory=list)  # source's ready events, opened
     count: int = 0  # exchanges issued
+    # the host handshake's events: ours (done: opened by source; ready: opened by dest), and
+    # the raw handles of dest's done and source's ready events, opened
+    done: list = field(default_factory=list)
+    ready: list = field(default_factory=list)
+    remote_done: list = field(default_factory=list)
+    remote_ready: list = field(default_factory=list)
+    # device flags: source's memory, opened (remote_base where source is dest), and the words
+    source_base: int = 0
+    words: _Words | None = None
+
+    @property
+    def flags_at(self) -> int:
+        """Byte offset of the flag words in a channel's memory (the same on every rank)."""
+        return 2 * self.slot_bytes
+
+
+@dataclass
+class _Words:
+    """A channel's flag words, slot-indexed, as the driver takes addresses (``CUdeviceptr``)."""
+
+    ready: list  # ours: source pushed into our slot s (the side stream awaits it)
+    done: list  # ours: dest has read the slot s we write into (the copy stream awaits it)
+    dest_ready: list  # dest's ready words: written after our copies
+    source_done: list  # source's done words: written once our slot s is read
 
 
 class IpcRing(GpuRing):
@@ -91,7 +181,8 @@ class IpcRing(GpuRing):
 
     Build it with :meth:`from_env` (or ``Ring.from_env(transport="ipc")``). Same protocol,
     ownership rules, tracing and failure handling as every
-    :class:`~cuparing.comm.gpu_ring.GpuRing`; see the module doc for the handshake.
+    :class:`~cuparing.comm.gpu_ring.GpuRing`; see the module doc for the two ways pushes are
+    ordered, :attr:`sync`.
 
     Args:
         rank, size, device, timeout, trace: as in :class:`~cuparing.comm.gpu_ring.GpuRing`.
@@ -99,6 +190,10 @@ class IpcRing(GpuRing):
             ``size == 1``).
         links: this rank's connected :class:`~cuparing.comm.peerlink.PeerLinks` (``from_env``
             makes them; needed when ``size > 1``).
+
+    Attributes:
+        sync: ``"device"`` (device flags) or ``"host"`` (host handshake).
+        sync_reason: why the host handshake is used (``None`` with device flags).
     """
 
     def __init__(self, rank: int, size: int, comm: Any = None, device: int | None = None,
@@ -110,13 +205,29 @@ class IpcRing(GpuRing):
         super().__init__(rank, size, collective_of(comm), device, timeout, trace)
         with self.device:  # self.stream (the core's comm stream) is the copy stream
             self._join = self._cupy.cuda.Stream(non_blocking=True)
+            # recorded after each exchange's copies and waited on at once by the side stream: a
+            # wait takes the record current at the call, so one event serves every exchange
+            self._sent = self._cupy.cuda.Event(disable_timing=True)
+            self._sync = _choose_sync(self)
+
+    @property
+    def sync(self) -> str:
+        return self._sync.name
+
+    @property
+    def sync_reason(self) -> str | None:
+        return self._sync.reason
+
+    def __repr__(self) -> str:
+        return (f"IpcRing(rank={self.rank}, size={self.size}, device={self.device.id}, "
+                f"sync={self.sync!r})")  # fmt: skip
 
     @classmethod
     def from_env(cls, timeout: float = 300.0, init_file: str | None = None,
                  device: int | None = None, trace: bool = False,
                  health: bool | None = None) -> IpcRing:  # fmt: skip
         """As :meth:`cuparing.comm.nccl.NcclRing.from_env`, then connects the ranks' host links
-        (collective).
+        and agrees on :attr:`sync` (collective).
 
         Raises:
             RuntimeError: as :meth:`cuparing.comm.nccl.NcclRing.from_env`; or the ranks are not
@@ -133,20 +244,24 @@ class IpcRing(GpuRing):
         return ring
 
     def _connect_links(self, timeout: float) -> None:
+        """Connect the links; every rank takes the host handshake if one rank must."""
         links, address = PeerLinks.listen(self.rank, self.size)
         try:
-            records = self.allgather_bytes(_host_identity() + address.pack())
+            records = self.allgather_bytes(_host_identity() + address.pack() + self._sync.code)
             hosts = {r[:_DIGEST] for r in records}
             if len(hosts) != 1:
                 raise RuntimeError(
                     f"rank {self.rank}: transport='ipc' needs every rank on one host, but the "
                     f"{self.size} ranks run on {len(hosts)} hosts; use the default NCCL transport"
                 )
-            links.connect([Address.unpack(r[_DIGEST:]) for r in records], timeout)
+            links.connect([Address.unpack(r[_DIGEST:-1]) for r in records], timeout)
         except BaseException:
             links.close(0)
             raise
         self._links = links
+        hosts_only = [r for r, record in enumerate(records) if record[-1:] != _DeviceFlags.code]
+        if hosts_only and self.sync == "device":
+            self._sync = _HostHandshake(self, f"ranks {hosts_only} cannot use device flags")
 
     # --- the transfer ---
 
@@ -158,7 +273,8 @@ class IpcRing(GpuRing):
     def _push(self, flight: Flight, sends: list) -> list:
         """Push ``sends`` into ``rank + shift``'s slot, take ``rank - shift``'s push into ours.
 
-        Returns once both peers' hosts reached this exchange (see the module doc).
+        Returns at once with device flags; with the host handshake once both peers' hosts
+        reached this exchange (see the module doc).
         """
         step = flight.shift % self.size
         key = (flight.tag, step, tuple((tuple(a.shape), str(a.dtype)) for a in sends))
@@ -171,41 +287,27 @@ class IpcRing(GpuRing):
         return channel.received[k % 2]
 
     def _push_channel(self, channel: _Channel, k: int, flight: Flight, sends: list) -> None:
-        """Steps 1-3 of the module doc for exchange ``k`` of ``channel``."""
-        cupy, slot = self._cupy, k % 2
-        runtime = cupy.cuda.runtime
-        if k >= 2:  # 1. our slot's previous contents (exchange k-2) are read by now
-            channel.done[slot].record(self.stream)
-            self._send(channel.source, _DONE, channel, k - 2, flight)
-            self._after_peer_freed(channel, k, flight)  # 2. ... and so is dest's
+        """Exchange ``k`` of ``channel``, in the module doc's order."""
+        sync, slot = self._sync, k % 2
+        runtime = self._cupy.cuda.runtime
+        if k >= 2:  # our slot's previous contents (exchange k-2) are read by now
+            sync.freed(channel, k, flight)
+            sync.await_freed(channel, k, flight)  # ... and so are those of dest's slot
         start = self._mark(COMM)
         base = channel.remote_base + slot * channel.slot_bytes
         for send, offset in zip(sends, channel.offsets, strict=True):
             if send.nbytes:
                 runtime.memcpyAsync(base + offset, send.data.ptr, send.nbytes,
                                     runtime.memcpyDeviceToDevice, self.stream.ptr)  # fmt: skip
-        channel.ready[slot].record(self.stream)
-        sent = self._event_on(self.stream)
+        sync.pushed(channel, k, flight)
         self._trace_transfer(flight, start, sends)
-        self._send(channel.dest, _READY, channel, k, flight)
-        self._after_peer_pushed(channel, k, flight)  # 3. the source's push into our slot
-        self._join.wait_event(sent)
+        self._sent.record(self.stream)
+        self._join.wait_event(self._sent)
+        sync.await_pushed(channel, k, flight)  # the source's push into our slot
         flight.event = self._event_on(self._join)
-        # the watchdog takes over from here: the host waits above had their own timeout
+        # the watchdog takes over from here (host waits of the handshake had their own timeout)
         flight.issued_at = time.monotonic()
         self._arm(flight)
-
-    def _after_peer_freed(self, channel: _Channel, k: int, flight: Flight) -> None:
-        """The copy stream waits until ``dest`` has finished with its slot (exchange k-2)."""
-        self._await(channel.dest, _DONE, channel, k - 2, flight,
-                    "finish reading the buffer this rank writes into")  # fmt: skip
-        self._cupy.cuda.runtime.streamWaitEvent(self.stream.ptr, channel.remote_done[k % 2], 0)
-
-    def _after_peer_pushed(self, channel: _Channel, k: int, flight: Flight) -> None:
-        """The side stream waits until ``source`` has written our slot (exchange k)."""
-        self._await(channel.source, _READY, channel, k, flight,
-                    "push its data into this rank")  # fmt: skip
-        self._cupy.cuda.runtime.streamWaitEvent(self._join.ptr, channel.remote_ready[k % 2], 0)
 
     def _open_channel(self, key: tuple, sends: list, flight: Flight) -> _Channel:
         """Allocate, export and swap handles for a new channel (every rank does it in turn)."""
@@ -216,50 +318,51 @@ class IpcRing(GpuRing):
             offsets.append(total)
             total += -(-a.nbytes // _ALIGN) * _ALIGN
         slot_bytes = max(total, _ALIGN)
-        memory = cupy.cuda.Memory(2 * slot_bytes)  # its own cudaMalloc: exportable as a whole
+        # its own cudaMalloc (exportable as a whole): two slots, then the flag words
+        memory = cupy.cuda.Memory(2 * slot_bytes + _ALIGN)
         received = [
             [cupy.ndarray(a.shape, a.dtype, memptr=cupy.cuda.MemoryPointer(memory, s * slot_bytes
                                                                            + off))
              for a, off in zip(sends, offsets, strict=True)]
             for s in range(2)
         ]  # fmt: skip
-
-        def ipc_event():
-            return cupy.cuda.Event(block=False, disable_timing=True, interprocess=True)
-
         channel = _Channel(self._channel_count, key, flight.dest, flight.source, offsets,
-                           slot_bytes, memory, received, [ipc_event(), ipc_event()],
-                           [ipc_event(), ipc_event()])  # fmt: skip
+                           slot_bytes, memory, received)  # fmt: skip
         self._channel_count += 1
-        digest = hashlib.sha256(repr(key).encode()).digest()[:_DIGEST]
-        handles = lambda events: b"".join(runtime.ipcGetEventHandle(e.ptr) for e in events)  # noqa: E731
-        self._send(channel.source, _SETUP_RECV, channel, 0, flight, digest
-                   + struct.pack("!Q", slot_bytes) + runtime.ipcGetMemHandle(memory.ptr)
-                   + handles(channel.done))  # fmt: skip
-        self._send(channel.dest, _SETUP_SEND, channel, 0, flight, digest + handles(channel.ready))
-        theirs = self._await(channel.dest, _SETUP_RECV, channel, 0, flight,
-                             "set up the same exchange")  # fmt: skip
-        self._check_digest(theirs, digest, channel.dest, flight)
-        (their_slot,) = struct.unpack("!Q", theirs[_DIGEST : _DIGEST + 8])
-        if their_slot != slot_bytes:
-            self._mismatch(channel.dest, flight, f"its slots hold {their_slot} bytes, ours "
-                           f"{slot_bytes}")  # fmt: skip
-        handles_at = _DIGEST + 8
-        channel.remote_base = runtime.ipcOpenMemHandle(theirs[handles_at : handles_at + _HANDLE])
-        channel.remote_done = _open_events(runtime, theirs[handles_at + _HANDLE :])
-        theirs = self._await(channel.source, _SETUP_SEND, channel, 0, flight,
-                             "set up the same exchange")  # fmt: skip
-        self._check_digest(theirs, digest, channel.source, flight)
-        channel.remote_ready = _open_events(runtime, theirs[_DIGEST:])
+        to_source, to_dest = self._sync.exports(channel)
+        header = (hashlib.sha256(repr(key).encode()).digest()[:_DIGEST] + self._sync.code
+                  + _SLOT_BYTES.pack(slot_bytes) + runtime.ipcGetMemHandle(memory.ptr))  # fmt: skip
+        self._send(channel.source, _SETUP_RECV, channel, 0, flight, header + to_source)
+        self._send(channel.dest, _SETUP_SEND, channel, 0, flight, header + to_dest)
+        dest_handle, from_dest = self._setup_from(channel.dest, _SETUP_RECV, channel, flight,
+                                                  header)  # fmt: skip
+        channel.remote_base = runtime.ipcOpenMemHandle(dest_handle)
+        source_handle, from_source = self._setup_from(channel.source, _SETUP_SEND, channel,
+                                                      flight, header)  # fmt: skip
+        self._sync.open(channel, from_dest, source_handle, from_source)
         return channel
 
-    def _check_digest(self, payload: bytes, digest: bytes, peer: int, flight: Flight) -> None:
-        if payload[:_DIGEST] != digest:
-            self._mismatch(peer, flight, "its tag, shift, shapes or dtypes differ")
+    def _setup_from(self, peer: int, kind: int, channel: _Channel, flight: Flight,
+                    header: bytes) -> tuple[bytes, bytes]:  # fmt: skip
+        """``peer``'s setup message, checked against ours: its memory handle and the rest."""
+        theirs = self._await(peer, kind, channel, 0, flight, "set up the same exchange")
+        if theirs[:_DIGEST] != header[:_DIGEST]:
+            self._refuse(peer, flight, "issued a different exchange sequence (its tag, shift, "
+                         "shapes or dtypes differ)")  # fmt: skip
+        mode = theirs[_DIGEST : _DIGEST + 1]
+        if mode != self._sync.code:
+            their_mode = "device" if mode == _DeviceFlags.code else "host"
+            reason = f" ({self.sync_reason})" if self.sync_reason else ""
+            self._refuse(peer, flight, f"orders pushes by {their_mode} sync, this rank by "
+                         f"{self.sync}{reason}; see {FLAGS_ENV} in cuparing/comm/ipc.py")
+        (their_slot,) = _SLOT_BYTES.unpack(theirs[_DIGEST + 1 : _HEADER - _HANDLE])
+        if their_slot != channel.slot_bytes:
+            self._refuse(peer, flight, f"issued a different exchange sequence (its slots hold "
+                         f"{their_slot} bytes, ours {channel.slot_bytes})")  # fmt: skip
+        return theirs[_HEADER - _HANDLE : _HEADER], theirs[_HEADER:]
 
-    def _mismatch(self, peer: int, flight: Flight, what: str) -> None:
-        error = RingError(f"rank {self.rank}: {flight.describe(self.rank)}: rank {peer} issued a "
-                          f"different exchange sequence ({what})")  # fmt: skip
+    def _refuse(self, peer: int, flight: Flight, what: str) -> None:
+        error = RingError(f"rank {self.rank}: {flight.describe(self.rank)}: rank {peer} {what}")
         self._fail(error)
         raise fresh(error)
 
@@ -302,7 +405,7 @@ class IpcRing(GpuRing):
         it at the same point (two barriers keep a peer from writing into freed memory)."""
         self.synchronize()
         if self.size > 1:
-            self.barrier()  # every push has landed
+            self.barrier()  # every push and flag write has landed
         self._close_imports()
         if self.size > 1:
             self.barrier()  # nobody holds our exports open
@@ -322,12 +425,180 @@ class IpcRing(GpuRing):
     def _close_imports(self) -> None:
         runtime = self._cupy.cuda.runtime
         for channel in self._channels.values():
+            self._sync.close(channel)
             if channel.remote_base:
                 runtime.ipcCloseMemHandle(channel.remote_base)
                 channel.remote_base = 0
-            for event in channel.remote_done + channel.remote_ready:
-                runtime.eventDestroy(event)
-            channel.remote_done, channel.remote_ready = [], []
+
+
+class _HostHandshake:
+    """``sync == "host"``: interprocess events, ordered by host messages (the module doc)."""
+
+    name, code = "host", b"h"
+
+    def __init__(self, ring: IpcRing, reason: str):
+        self._ring, self.reason = ring, reason
+        self._runtime = ring._cupy.cuda.runtime
+
+    def exports(self, channel: _Channel) -> tuple[bytes, bytes]:
+        """Create the channel's events; their handles for ``source`` (done) and ``dest``
+        (ready)."""
+        cupy = self._ring._cupy
+
+        def ipc_events():
+            return [cupy.cuda.Event(block=False, disable_timing=True, interprocess=True)
+                    for _ in range(2)]  # fmt: skip
+
+        channel.done, channel.ready = ipc_events(), ipc_events()
+        handles = lambda events: b"".join(self._runtime.ipcGetEventHandle(e.ptr) for e in events)  # noqa: E731
+        return handles(channel.done), handles(channel.ready)
+
+    def open(self, channel: _Channel, from_dest: bytes, source_handle: bytes,
+             from_source: bytes) -> None:  # fmt: skip
+        """Open dest's done and source's ready events (source's memory is not needed)."""
+        channel.remote_done = _open_events(self._runtime, from_dest)
+        channel.remote_ready = _open_events(self._runtime, from_source)
+
+    def freed(self, channel: _Channel, k: int, flight: Flight) -> None:
+        ring = self._ring
+        channel.done[k % 2].record(ring.stream)
+        ring._send(channel.source, _DONE, channel, k - 2, flight)
+
+    def await_freed(self, channel: _Channel, k: int, flight: Flight) -> None:
+        ring = self._ring
+        ring._await(channel.dest, _DONE, channel, k - 2, flight,
+                    "finish reading the buffer this rank writes into")  # fmt: skip
+        self._runtime.streamWaitEvent(ring.stream.ptr, channel.remote_done[k % 2], 0)
+
+    def pushed(self, channel: _Channel, k: int, flight: Flight) -> None:
+        ring = self._ring
+        channel.ready[k % 2].record(ring.stream)
+        ring._send(channel.dest, _READY, channel, k, flight)
+
+    def await_pushed(self, channel: _Channel, k: int, flight: Flight) -> None:
+        ring = self._ring
+        ring._await(channel.source, _READY, channel, k, flight, "push its data into this rank")
+        self._runtime.streamWaitEvent(ring._join.ptr, channel.remote_ready[k % 2], 0)
+
+    def close(self, channel: _Channel) -> None:
+        for event in channel.remote_done + channel.remote_ready:
+            self._runtime.eventDestroy(event)
+        channel.remote_done, channel.remote_ready = [], []
+
+
+class _DeviceFlags:
+    """``sync == "device"``: flag words written and awaited by the streams (the module doc).
+
+    The driver's functions, the flags and the raw stream handles are looked up once: an exchange
+    costs four driver calls here and creates no Python object beyond their arguments.
+    """
+
+    name, code, reason = "device", b"d", None
+
+    def __init__(self, ring: IpcRing, driver: Any):
+        self._ring, self._driver = ring, driver
+        self._wait_value = driver.cuStreamWaitValue32
+        self._write_value = driver.cuStreamWriteValue32
+        self._geq = int(driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ)
+        # the default write is preceded by a system-wide memory barrier: the copies before it
+        # are visible to whoever sees the flag
+        self._fenced = int(driver.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
+        self._copy = driver.CUstream(ring.stream.ptr)
+        self._side = driver.CUstream(ring._join.ptr)
+
+    def exports(self, channel: _Channel) -> tuple[bytes, bytes]:
+        """Clear this rank's flag words; the memory handle in the header is all peers need."""
+        self._clear(channel)
+        return b"", b""
+
+    def _clear(self, channel: _Channel) -> None:
+        cupy = self._ring._cupy
+        # a fresh stream: the ring's own may be waiting on a peer. Synchronised before any peer,
+        # told of the memory only after this, can write a flag
+        stream = cupy.cuda.Stream(non_blocking=True)
+        cupy.cuda.runtime.memsetAsync(channel.memory.ptr + channel.flags_at, 0, _ALIGN,
+                                      stream.ptr)  # fmt: skip
+        stream.synchronize()
+
+    def open(self, channel: _Channel, from_dest: bytes, source_handle: bytes,
+             from_source: bytes) -> None:  # fmt: skip
+        """Map source's memory (where source is dest, its one mapping serves both) and
+        address the four pairs of words."""
+        if channel.source == channel.dest:
+            channel.source_base = channel.remote_base
+        else:
+            channel.source_base = self._ring._cupy.cuda.runtime.ipcOpenMemHandle(source_handle)
+        at = channel.flags_at
+
+        def words(base: int, offset: int) -> list:
+            return [self._driver.CUdeviceptr(base + at + offset + 4 * s) for s in range(2)]
+
+        ours = channel.memory.ptr
+        channel.words = _Words(words(ours, _READY_AT), words(ours, _DONE_AT),
+                               words(channel.remote_base, _READY_AT),
+                               words(channel.source_base, _DONE_AT))  # fmt: skip
+
+    def freed(self, channel: _Channel, k: int, flight: Flight) -> None:
+        self._write(self._copy, channel.words.source_done[k % 2], k - 1)
+
+    def await_freed(self, channel: _Channel, k: int, flight: Flight) -> None:
+        self._wait(self._copy, channel.words.done[k % 2], k - 1)
+
+    def pushed(self, channel: _Channel, k: int, flight: Flight) -> None:
+        self._write(self._copy, channel.words.dest_ready[k % 2], k + 1)
+
+    def await_pushed(self, channel: _Channel, k: int, flight: Flight) -> None:
+        self._wait(self._side, channel.words.ready[k % 2], k + 1)
+
+    def _write(self, stream: Any, word: Any, value: int) -> None:
+        (err,) = self._write_value(stream, word, value & _WORD, self._fenced)
+        if err:
+            raise RuntimeError(f"cuStreamWriteValue32 of {value & _WORD} failed: {err!r}")
+
+    def _wait(self, stream: Any, word: Any, value: int) -> None:
+        (err,) = self._wait_value(stream, word, value & _WORD, self._geq)
+        if err:
+            raise RuntimeError(f"cuStreamWaitValue32 for {value & _WORD} failed: {err!r}")
+
+    def close(self, channel: _Channel) -> None:
+        if channel.source_base and channel.source_base != channel.remote_base:
+            self._ring._cupy.cuda.runtime.ipcCloseMemHandle(channel.source_base)
+        channel.source_base, channel.words = 0, None
+
+
+def _choose_sync(ring: IpcRing) -> _HostHandshake | _DeviceFlags:
+    """Device flags where cuda-bindings and the device allow them (the module doc)."""
+    if os.environ.get(FLAGS_ENV, "1").strip() == "0":
+        return _HostHandshake(ring, f"{FLAGS_ENV}=0")
+    driver = import_driver()
+    if driver is None:
+        return _HostHandshake(ring, "cuda-bindings is not installed (the cuda12/cuda13 extras)")
+    missing = _stream_mem_ops_missing(driver, ring.device.id)
+    return _HostHandshake(ring, missing) if missing else _DeviceFlags(ring, driver)
+
+
+def _stream_mem_ops_missing(driver: Any, ordinal: int) -> str | None:
+    """Why GPU ``ordinal`` cannot run ``cuStreamWaitValue32``/``cuStreamWriteValue32``, or None.
+
+    The v2 stream memory operations (CUDA 11.7 on) are there on every platform and have no
+    attribute of their own; before them ``CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1`` says.
+    """
+    (err,) = driver.cuInit(0)
+    if err:
+        return f"cuInit failed: {err!r}"
+    err, version = driver.cuDriverGetVersion()
+    if err:
+        return f"cuDriverGetVersion failed: {err!r}"
+    if version >= 11070:
+        return None
+    err, device = driver.cuDeviceGet(ordinal)
+    attribute = driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1
+    enabled = 0 if err else driver.cuDeviceGetAttribute(attribute, device)[1]
+    if enabled:
+        return None
+    return (f"the CUDA driver ({version}) has no stream memory operations on GPU {ordinal} "
+            "(CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1 is 0; NVreg_EnableStreamMemOPs=1 "
+            "enables them)")  # fmt: skip
 
 
 def _open_events(runtime, data: bytes) -> list[int]:

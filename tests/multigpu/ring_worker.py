@@ -9,7 +9,7 @@ forward and backward, and compares its shard of out/lse/dq/dk/dv with the float6
 on the whole sequence. Prints ``PASS``/``FAIL`` per quantity and ``WORKER OK`` at the end.
 
 Both modes use the transport ``CUPARING_TRANSPORT`` names (``nccl``, the default, or ``ipc``); the
-ring's class is printed in the ``WORKER OK`` line.
+ring's class (and the IPC ring's ``sync`` mode) is printed in the ``WORKER OK`` line.
 
 ``stress``: the same ring, forward and backward, ten times with random GPU-side delays put in
 front of every exchange, on the caller's stream (compute late: a transfer must not overwrite a
@@ -220,7 +220,8 @@ def finish(ring, failures: int, what: str) -> int:
     if failures:
         print(f"WORKER FAILED rank {ring.rank}: {failures} failure(s)", flush=True)
         return 1
-    print(f"WORKER OK rank {ring.rank} {what} ring={type(ring).__name__}", flush=True)
+    sync = f" sync={ring.sync}" if hasattr(ring, "sync") else ""  # the IPC ring's mode
+    print(f"WORKER OK rank {ring.rank} {what} ring={type(ring).__name__}{sync}", flush=True)
     return 0
 
 
