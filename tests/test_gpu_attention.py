@@ -946,9 +946,10 @@ def test_repeat_backward_and_ring_calls_skip_the_checks(world, monkeypatch, fres
 
     def refused(ring):
         """A kept plan's signature, but a destination over an input's memory: the per-call
-        check refuses the repeat and the full path raises (on every rank)."""
+        check refuses the repeat and the full path raises (on every rank). (Contiguous shards
+        here, so that q itself has the kept out='s signature.)"""
         q, k, v, dout = (
-            torch.from_numpy(cr.shard(x, ring.rank, ring.size, layout=layout)).cuda()
+            torch.from_numpy(cr.shard(x, ring.rank, ring.size, layout=layout)).cuda().contiguous()
             for x in host
         )
         if world == 1:
@@ -958,10 +959,8 @@ def test_repeat_backward_and_ring_calls_skip_the_checks(world, monkeypatch, fres
                 cr.attention_backward(dout, q, k, v, out, lse, causal=True, dq=dout)
         else:
             def poisoned():
-                # (contiguous: q is a zigzag shard, whose strides full_like would copy; a
-                # strided out takes the full path, whose cast writes it)
                 lse = torch.full((b, h, q.shape[1]), float("nan"), device="cuda")
-                return torch.full(q.shape, float("nan"), device="cuda", dtype=q.dtype), lse
+                return torch.full_like(q, float("nan")), lse
 
             want = cr.ring_attention(q, k, v, ring, return_lse=True, **opts)
             out, lse = poisoned()
