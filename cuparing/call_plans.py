@@ -208,7 +208,9 @@ class CallPlan:
         stream = external_cupy_stream(handle, self._device.index)
         # a fresh Device: its context keeps the previous device on the object itself
         with self._cupy.cuda.Device(self._device.index), stream:
-            self._launch.launch(out.data_ptr(), lse.data_ptr(), *pointers, self._q_pos, self._k_pos)
+            self._launch.launch(
+                out.data_ptr(), lse.data_ptr(), *pointers, self._q_pos, self._k_pos, 0
+            )  # (no accumulator: one block)
         return out, lse
 
 

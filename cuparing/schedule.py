@@ -194,18 +194,16 @@ def run_planned_forward(ring, planned, q: int, kv: list, out: int, lse: int, acc
         accumulator: address of a float32 [B, Sq, H, D] contiguous scratch array when
             ``planned.accumulates`` (else ignored).
     """
-    dest = accumulator if planned.accumulates else out
     k, v = kv[0].data.ptr, kv[1].data.ptr
     last = planned.last_step
     for step in range(last + 1):
         pending = ring.exchange(kv, 1, "kv") if step < last else None
         if planned.computes(step):
             with ring.trace_compute(f"fwd step {step}"):
-                planned.launch_step(step, dest, lse, q, k, v)
+                planned.launch_step(step, out, accumulator, lse, q, k, v)
         if pending is not None:
             kv = pending.wait()
             k, v = kv[0].data.ptr, kv[1].data.ptr
-    planned.finish(accumulator, out)
     ring.check()
 
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from cuparing.backends import launch_plans
 from cuparing.kernels import loader
 
-FWD_POINTERS = ("out", "lse", "q", "k", "v", "q_pos", "k_pos")
+FWD_POINTERS = ("out", "lse", "q", "k", "v", "q_pos", "k_pos", "acc")
 BWD_POINTERS = (
     "dout", "lse", "delta", "dq", "dk", "dv", "q", "k", "v", "q_pos", "k_pos", "redo",
     "dq_turns", "dkv_turns",
@@ -104,8 +104,8 @@ def test_extra_arguments_come_from_the_pointers():
         extra, driver=driver,
     )  # fmt: skip
     for first in (7, 9, 7):
-        plan.launch(*range(first, first + 7))
-        assert seen[-1] == tuple(range(first, first + 7))
+        plan.launch(*range(first, first + len(FWD_POINTERS)))
+        assert seen[-1] == tuple(range(first, first + len(FWD_POINTERS)))
         assert driver.calls[-1][2][1] == bytes([first]) * 8
 
 

@@ -69,40 +69,40 @@ class _RecordingRing:
 @given(kinds=st.lists(st.booleans(), min_size=1, max_size=8))
 def test_steps_exchanges_and_launches_follow_the_schedule(kinds):
     """kinds[t]: whether step t's block is non-EMPTY. Each step exchanges first (but the last),
-    launches its block with the K/V held at that step, then waits; the cast ends it."""
+    launches its block with the K/V held at that step, then waits; the blocks write the
+    accumulator, but the last (or only) one, which writes the output."""
     log = _Recorder()
     last = len(kinds) - 1
-    blocks = sum(kinds)
-    accumulates = blocks != 1
-    steps = [(log.launch(f"block {t}"), 7000 + t) if busy else None for t, busy in enumerate(kinds)]
-    cast = log.launch("cast") if accumulates else None
-    planned = PlannedForward(last, steps, q_pos=999, cast=cast)
-    assert planned.accumulates == accumulates
+    busy = [t for t, b in enumerate(kinds) if b]
+    steps = [
+        (log.launch(f"block {t}"), 7000 + t, t == busy[-1]) if b else None
+        for t, b in enumerate(kinds)
+    ]
+    planned = PlannedForward(last, steps, q_pos=999, accumulates=len(busy) > 1)
     k, v = _array(), _array()
     q, out, lse, acc = 11, 22, 33, 44
     run_planned_forward(_RecordingRing(log), planned, q, [k, v], out, lse, acc)
 
     want, held = [], (k.data.ptr, v.data.ptr)
-    dest = acc if accumulates else out
     received = iter(e[2] for e in log.events if e[0] == "wait")
-    for t, busy in enumerate(kinds):
+    for t, b in enumerate(kinds):
         if t < last:
             want.append(("exchange", held, 1, "kv"))
-        if busy:
+        if b:
+            writes = t == busy[-1]
+            dest, reads = (out, acc) if writes else (acc, 0)
             want.append(("trace", f"fwd step {t}"))
-            want.append((f"block {t}", (dest, lse, q, *held, 999, 7000 + t)))
+            want.append((f"block {t}", (dest, lse, q, *held, 999, 7000 + t, reads)))
         if t < last:
             held = next(received)
             want.append(("wait", "kv", held))
-    if accumulates:
-        want.append(("cast", (acc, out)))
     want.append(("check",))
     assert log.events == want
 
 
 def test_a_plan_needs_one_entry_per_step():
     with pytest.raises(ValueError, match="expected 3 steps, got 2"):
-        PlannedForward(2, [None, None], q_pos=0, cast=None)
+        PlannedForward(2, [None, None], q_pos=0, accumulates=False)
 
 
 @settings(max_examples=60, deadline=None)

@@ -52,7 +52,7 @@ _LOG2E = 1.4426950408889634
 
 # Launches by signature (launch_plans): per call only these pointers change, in this order
 _PLANS = launch_plans.PlanCache()
-_FWD_POINTERS = ("out", "lse", "q", "k", "v", "q_pos", "k_pos")
+_FWD_POINTERS = ("out", "lse", "q", "k", "v", "q_pos", "k_pos", "acc")
 _FWD_QKV = slice(2, 5)
 class _BackwardPlan(NamedTuple):
     """A backward signature's launches; how many CTAs may hand work to a redo pass (0: none, no
@@ -135,6 +135,8 @@ class CupyForwardState:
         direct: DIRECT mode (``blocks == 1``): the kernel writes the final out and lse itself.
         generic: the float32 fallback state (``ForwardState`` of the array_ops path) or None.
         dest_out, dest_lse: caller-owned arrays the result goes into (None: fresh arrays).
+        final_out: several blocks: the output the last block writes in place (``dest_out`` or a
+            fresh array), or None when a cast writes it (a ``dest_out`` the kernel cannot).
     """
 
     out: Any
@@ -147,6 +149,7 @@ class CupyForwardState:
     generic: Any = None
     dest_out: Any = None
     dest_lse: Any = None
+    final_out: Any = None
 
 
 class CupyBackend:
@@ -201,7 +204,8 @@ class CupyBackend:
 
         Caller-owned ``out`` / ``lse`` are written by the kernel itself where it can: a single
         block writes both directly (``out`` with its own strides, if 4-byte aligned for the
-        kernel's paired stores), a ring merges into ``lse`` in place and casts into ``out``.
+        kernel's paired stores); a ring merges into a float32 accumulator and ``lse`` in place,
+        and its last block writes ``out`` the same way (else a cast does).
         """
         cp = self.xp
         b, s, h, d = q.shape
@@ -221,7 +225,11 @@ class CupyBackend:
         if blocks == 0:
             return CupyForwardState(None, lse, q.shape, q.dtype, blocks, **dests)
         acc = cp.empty((b, s, h, d), dtype=cp.float32)
-        return CupyForwardState(acc, running_lse, q.shape, q.dtype, blocks, **dests)
+        final_out = _empty(cp, (b, s, h, d), q.dtype) if out is None else out
+        return CupyForwardState(
+            acc, running_lse, q.shape, q.dtype, blocks,
+            final_out=final_out if _pair_aligned(final_out) else None, **dests,
+        )  # fmt: skip
 
     def forward_block(self, state: CupyForwardState, q, k, v, q_pos, k_pos, kind, mask, scale):
         """Compute one block and fold it into ``state`` (one kernel launch for fp16/bf16)."""
@@ -238,11 +246,13 @@ class CupyBackend:
                 f"forward_block called {state.done + 1} times but forward_state announced "
                 f"{state.blocks} block(s)"
             )
-        if state.direct:
-            mode = loader.OUT_DIRECT
+        mode = _forward_mode(state.blocks, state.done, state.final_out is not None)
+        if mode == loader.OUT_ACC_FINAL:
+            self._launch_forward(state.final_out, state.lse, q, k, v, q_pos, k_pos, kind, mask,
+                                 scale, mode, acc=state.out)  # fmt: skip
         else:
-            mode = loader.OUT_ACC_WRITE if state.done == 0 else loader.OUT_ACC_MERGE
-        self._launch_forward(state.out, state.lse, q, k, v, q_pos, k_pos, kind, mask, scale, mode)
+            self._launch_forward(state.out, state.lse, q, k, v, q_pos, k_pos, kind, mask, scale,
+                                 mode)  # fmt: skip
         state.done += 1
 
     def forward_finish(self, state: CupyForwardState):
@@ -271,6 +281,8 @@ class CupyBackend:
             raise RuntimeError(
                 f"forward_finish after {state.done} of {state.blocks} announced block(s)"
             )
+        if state.final_out is not None:  # the last block wrote it
+            return state.final_out, state.lse
         return self.cast(state.out, state.dtype, out=state.dest_out), state.lse
 
     def _block_fields(self, q, k, q_pos, k_pos, kind, mask: MaskSpec, scale) -> dict:
@@ -291,13 +303,15 @@ class CupyBackend:
             positions = self.positions(positions)
         return positions.device
 
-    def _launch_forward(self, out, lse, q, k, v, q_pos, k_pos, kind, mask: MaskSpec, scale, mode):
+    def _launch_forward(
+        self, out, lse, q, k, v, q_pos, k_pos, kind, mask: MaskSpec, scale, mode, acc=None
+    ):  # fmt: skip
         cp = self.xp
         q, k, v = (_kernel_operand(cp, x) for x in (q, k, v))
         q_pos, k_pos = self._device_positions(q_pos), self._device_positions(k_pos)
         plan = self._forward_launch(out, lse, q, k, v, q_pos, k_pos, kind, mask, scale, mode)
         plan.launch(out.data.ptr, lse.data.ptr, q.data.ptr, k.data.ptr, v.data.ptr,
-                    q_pos.data.ptr, k_pos.data.ptr)  # fmt: skip
+                    q_pos.data.ptr, k_pos.data.ptr, 0 if acc is None else acc.data.ptr)  # fmt: skip
 
     def _forward_launch(self, out, lse, q, k, v, q_pos, k_pos, kind, mask, scale, mode):
         """The (cached) launch of this signature; operands kernel-ready, positions on device."""
@@ -305,7 +319,7 @@ class CupyBackend:
         # writes it in place; accumulators are contiguous float32 of q's shape)
         key = (
             "fwd", self.xp.cuda.runtime.getDevice(), q.shape, q.strides, q.dtype, k.shape,
-            k.strides, v.strides, out.strides if mode == loader.OUT_DIRECT else None, kind, mask,
+            k.strides, v.strides, out.strides if _writes_output(mode) else None, kind, mask,
             scale, mode, loader.kernel_switches(),
         )  # fmt: skip
         plan = _PLANS.get(key)
@@ -339,9 +353,8 @@ class CupyBackend:
         """The launches of ``plan``'s ring forward on operands like these, decided once
         (:class:`~cuparing.backends.planned_ring.PlannedForward`), when the schedule's forward
         comes to our kernels' launches and nothing else: kernel dtype and head dim, q, k, v the
-        kernels read in place, at least one non-EMPTY block, and an output the last launch can
-        write (one block: written in place, so ``_pair_aligned``; several: the cast kernel's
-        contiguous destination). Otherwise None.
+        kernels read in place, at least one non-EMPTY block, and an output the last block can
+        write in place (``_pair_aligned``). Otherwise None.
 
         Args:
             plan: this rank's ``RingPlan``; q [B, Sq, H, D], k, v [B, Sk, Hkv, D]: the caller's
@@ -350,36 +363,28 @@ class CupyBackend:
                 pointers are not); scale: the softmax scale.
 
         Returns:
-            The plan: ``launch_step`` / ``finish`` with pointers of arrays of these shapes and
-            strides (q, k, v 16-byte aligned, out 4-byte aligned) compute what ``forward_state``,
+            The plan: ``launch_step`` with pointers of arrays of these shapes and strides (q, k,
+            v 16-byte aligned, out 4-byte aligned) computes what ``forward_state``,
             ``forward_block`` per step and ``forward_finish`` compute.
         """
-        if plan.blocks == 0 or not self._kernel_ok(q) or not out.flags.c_contiguous:
+        if plan.blocks == 0 or not self._kernel_ok(q):
             return None
         if not all(_kernel_readable(x) for x in (q, k, v)) or not _pair_aligned(out):
             return None
         q_pos, blocks = self._planned_blocks(plan, k, v)
-        direct = plan.blocks == 1
-        steps, keep, first = [], [q_pos], True
+        steps, keep, done = [], [q_pos], 0
         for block in blocks:
             if block is None:
                 steps.append(None)
                 continue
             kind, k_pos, kv = block
-            if direct:
-                mode = loader.OUT_DIRECT
-            else:
-                mode = loader.OUT_ACC_WRITE if first else loader.OUT_ACC_MERGE
-            first = False
+            mode = _forward_mode(plan.blocks, done, True)
+            done += 1
             launch = self._forward_launch(out, lse, q, *kv, q_pos, k_pos, kind, plan.mask, scale,
                                           mode)  # fmt: skip
-            steps.append((launch, k_pos.data.ptr))
+            steps.append((launch, k_pos.data.ptr, _writes_output(mode)))
             keep.append(k_pos)
-        cast = None
-        if not direct:
-            to_half, _ = loader.get_cast_kernels(dtype_name(q.dtype))
-            cast = _elementwise_launch(to_half, out.size)
-        return PlannedForward(plan.last_step, steps, q_pos.data.ptr, cast, tuple(keep))
+        return PlannedForward(plan.last_step, steps, q_pos.data.ptr, plan.blocks > 1, tuple(keep))
 
     def _planned_blocks(self, plan, k, v) -> tuple:
         """What a planned ring call needs of ``plan``: (the queries' device positions, per step
@@ -412,9 +417,9 @@ class CupyBackend:
             maps = _TensorMaps(q, k, v, dtype, loader.SM90_FWD_CONFIGS[padded])
             maps = maps if maps.available else None
         kernel, cfg, smem = loader.get_fwd_kernel(padded, dtype, tma=maps is not None)
-        out_strides = _element_strides(out) if mode == loader.OUT_DIRECT else (0, 0, 0)
+        out_strides = _element_strides(out) if _writes_output(mode) else (0, 0, 0)
         params = loader.pack_params(
-            out=out.data.ptr, lse=lse.data.ptr,
+            out=out.data.ptr, lse=lse.data.ptr, acc=0,
             **_stride_fields(q=q, k=k, v=v), **_strides("o", out_strides),
             **self._block_fields(q, k, q_pos, k_pos, kind, mask, scale), out_mode=mode,
         )  # fmt: skip
@@ -761,6 +766,25 @@ class CupyBackend:
         _, to_f32 = loader.get_cast_kernels(name)
         _elementwise(to_f32, bits, out)
         return out
+
+
+def _forward_mode(blocks: int, done: int, writes_output: bool) -> int:
+    """How forward block ``done`` (0-based) of ``blocks`` non-EMPTY ones writes its result: one
+    block straight into the output; else into the float32 accumulator (the first), merged into
+    it, and the last merged and written as the output where ``writes_output`` (an output the
+    kernel can write in place)."""
+    if blocks == 1:
+        return loader.OUT_DIRECT
+    if done == 0:
+        return loader.OUT_ACC_WRITE
+    if done == blocks - 1 and writes_output:
+        return loader.OUT_ACC_FINAL
+    return loader.OUT_ACC_MERGE
+
+
+def _writes_output(mode: int) -> bool:
+    """Whether a forward launch in ``mode`` writes the output (in the input dtype, strided)."""
+    return mode in (loader.OUT_DIRECT, loader.OUT_ACC_FINAL)
 
 
 def _kernels_take(headdim: int, dtype: str) -> bool:

@@ -6,8 +6,9 @@ launch of that signature and launch it; each costs tens of microseconds of Pytho
 training loop calls the same ring with the same shapes, strides, dtypes and plan layer after
 layer, so everything but the addresses is decided by the first call. :class:`PlannedForward` and
 :class:`PlannedBackward` keep what it decided: per step the block's packed launch (or none for an
-EMPTY block) and the device address of the K/V positions it reads, and the launches before and
-after the steps. A repeat only passes pointers (:func:`cuparing.schedule.run_planned_forward`,
+EMPTY block) and the device address of the K/V positions it reads, and the backward's launches
+before and after the steps (the forward's last block writes the output itself). A repeat only
+passes pointers (:func:`cuparing.schedule.run_planned_forward`,
 :func:`cuparing.schedule.run_planned_backward` drive the steps and the exchanges).
 """
 
@@ -22,56 +23,54 @@ class PlannedForward:
 
     Args:
         last_step: the plan's last step (``RingPlan.last_step``).
-        steps: per step ``0..last_step``, ``(launch, k_pos)``: the block's
-            :class:`~cuparing.backends.launch_plans.PackedLaunch` (taking the forward's seven
-            pointers: destination, lse, q, k, v, q positions, k positions) and the device address
-            of the K/V shard's positions; None for an EMPTY block.
+        steps: per step ``0..last_step``, ``(launch, k_pos, writes_output)``: the block's
+            :class:`~cuparing.backends.launch_plans.PackedLaunch` (taking the forward's eight
+            pointers: destination, lse, q, k, v, q positions, k positions, accumulator), the
+            device address of the K/V shard's positions, and whether the block writes the output
+            (one block alone, or the last of several: it reads the accumulator) rather than the
+            float32 accumulator; None for an EMPTY block.
         q_pos: device address of the queries' positions.
-        cast: the launch (source, destination pointers) that casts the float32 accumulator into
-            the output, or None when one block writes the output directly.
+        accumulates: whether the blocks are several, merged in a float32 accumulator [B, Sq, H,
+            D] (contiguous) before the last writes the output.
         keep: objects the launches read (device position arrays): kept alive with the plan.
-
-    Attributes:
-        accumulates: whether the blocks merge into a float32 accumulator [B, Sq, H, D]
-            (contiguous) that :meth:`finish` casts into the output; otherwise the one block
-            writes the output itself.
     """
 
     def __init__(
-        self, last_step: int, steps: Sequence[tuple[Any, int] | None], q_pos: int, cast: Any,
-        keep: tuple = (),
+        self, last_step: int, steps: Sequence[tuple[Any, int, bool] | None], q_pos: int,
+        accumulates: bool, keep: tuple = (),
     ):  # fmt: skip
         if len(steps) != last_step + 1:
             raise ValueError(f"expected {last_step + 1} steps, got {len(steps)}")
         self.last_step = last_step
         self._steps = tuple(steps)
         self._q_pos = q_pos
-        self._cast = cast
-        self.accumulates = cast is not None
+        self.accumulates = accumulates
         self._keep = keep
 
     def computes(self, step: int) -> bool:
         """Whether ``step``'s block is not EMPTY."""
         return self._steps[step] is not None
 
-    def launch_step(self, step: int, dest: int, lse: int, q: int, k: int, v: int) -> None:
+    def launch_step(
+        self, step: int, out: int, accumulator: int, lse: int, q: int, k: int, v: int
+    ) -> None:  # fmt: skip
         """Launch ``step``'s block (nothing for an EMPTY one) on CuPy's current stream.
 
         Args:
-            dest: the float32 accumulator if :attr:`accumulates`, else the output.
+            out: the output (q's dtype); accumulator: the float32 accumulator (when
+                :attr:`accumulates`; else ignored).
             lse: the running (then final) lse, float32 [B, H, Sq] contiguous.
             q, k, v: addresses of the queries and of the K/V shard held at ``step`` (the
                 caller's at step 0, the ring's receive buffers after).
         """
         planned = self._steps[step]
-        if planned is not None:
-            launch, k_pos = planned
-            launch.launch(dest, lse, q, k, v, self._q_pos, k_pos)
-
-    def finish(self, accumulator: int, out: int) -> None:
-        """Cast the accumulator into ``out`` (nothing to do when one block wrote it)."""
-        if self._cast is not None:
-            self._cast.launch(accumulator, out)
+        if planned is None:
+            return
+        launch, k_pos, writes_output = planned
+        if writes_output:
+            launch.launch(out, lse, q, k, v, self._q_pos, k_pos, accumulator)
+        else:
+            launch.launch(accumulator, lse, q, k, v, self._q_pos, k_pos, 0)
 
 
 class PlannedBackward:

@@ -307,6 +307,7 @@ DTYPES = ("float16", "bfloat16")
 OUT_DIRECT = 0
 OUT_ACC_WRITE = 1
 OUT_ACC_MERGE = 2
+OUT_ACC_FINAL = 3  # the ring's last block: merged into the accumulator, written as the output
 
 
 def padded_head_dim(headdim: int) -> int:
@@ -484,7 +485,7 @@ def _params_dtype(pointers, strided, ints, floats) -> np.dtype:
 
 _SHAPE_INTS = ("batch", "seqlen_q", "seqlen_k", "nheads", "nheads_kv", "headdim", "lo", "hi")
 PARAMS_DTYPE = _params_dtype(
-    pointers=("q", "k", "v", "out", "lse", "q_pos", "k_pos"),
+    pointers=("q", "k", "v", "out", "lse", "q_pos", "k_pos", "acc"),
     strided=("q", "k", "v", "o"),
     ints=(*_SHAPE_INTS, "out_mode", "block_full"),
     floats=("scale_log2",),
@@ -492,10 +493,10 @@ PARAMS_DTYPE = _params_dtype(
 # Offsets of the C struct, worked out by hand from params.cuh (tests/test_kernel_compile.py
 # checks them against PARAMS_DTYPE; the kernel side asserts the size).
 PARAMS_OFFSETS = {
-    "q_pos": 40, "q_batch_stride": 56, "o_head_stride": 144, "batch": 152, "lo": 176,
-    "block_full": 188, "scale_log2": 192,
+    "q_pos": 40, "acc": 56, "q_batch_stride": 64, "o_head_stride": 152, "batch": 160, "lo": 184,
+    "block_full": 196, "scale_log2": 200,
 }  # fmt: skip
-PARAMS_SIZE = 200
+PARAMS_SIZE = 208
 BWD_PARAMS_DTYPE = _params_dtype(
     pointers=("q", "k", "v", "dout", "lse", "delta", "dq", "dk", "dv", "q_pos", "k_pos", "redo",
               "dq_turns", "dkv_turns"),

@@ -4,7 +4,8 @@
 // accumulator layout (columns 8j + 2t + {0, 1}) that mma.sync and wgmma's m64 accumulators share.
 // OutMode decides what is written: the output in the input dtype and the float32 LSE (kOutDirect),
 // or the ring's float32 running (out, lse), written (kOutAccWrite) or merged in with
-// lse = max + log(exp(a - max) + exp(b - max)) (kOutAccMerge).
+// lse = max + log(exp(a - max) + exp(b - max)) (kOutAccMerge), or for the ring's last block
+// merged in and written as the output in the input dtype (kOutAccFinal: no separate cast).
 #pragma once
 #include "params.cuh"
 #include "ptx.cuh"
@@ -13,32 +14,40 @@
 namespace cuparing {
 
 // The ring's float32 running result for one row: written (first block, lse_old = -inf) or
-// merged with the block's (lse = max + log(exp(a - max) + exp(b - max))). The previous partial's
-// loads for a chunk of columns are issued together before any store: interleaved one load, one
-// store per column pair, each load waited for its full latency, and with one CTA per SM nothing
-// hid it (a ring step of short blocks spent a third of its time here).
-template <class Tr>
+// merged with the block's (lse = max + log(exp(a - max) + exp(b - max))); for the last block the
+// merged row goes to the output in the input dtype instead (kOutAccFinal), rounded once as the
+// cast kernel would have. The previous partial's loads for a chunk of columns are issued
+// together before any store: interleaved one load, one store per column pair, each load waited
+// for its full latency, and with one CTA per SM nothing hid it (a ring step of short blocks spent
+// a third of its time here).
+template <class Tr, bool kBf16>
 __device__ __forceinline__ void merge_row_into_accumulator(const FwdParams& p,
                                                            const float (&acc)[Tr::kDTiles][4],
                                                            int r, int row, float inv,
                                                            float lse_blk, float lse_old,
                                                            i64 lse_idx, int b, int h, int t) {
   const int d = p.headdim;
-  float* acc_row =
-      static_cast<float*>(p.out) + ((static_cast<i64>(b) * p.seqlen_q + row) * p.nheads + h) * d;
+  const bool final_out = p.out_mode == kOutAccFinal;
+  const i64 acc_offset = ((static_cast<i64>(b) * p.seqlen_q + row) * p.nheads + h) * d;
+  float* acc_row = static_cast<float*>(p.out) + acc_offset;  // (the modes but kOutAccFinal)
+  const float* old_row = final_out ? p.acc + acc_offset : acc_row;
   float w_old = 0.f, w_blk = inv, lse_new = lse_blk;
   bool keep_old = false;
-  if (p.out_mode == kOutAccMerge) {
+  if (p.out_mode != kOutAccWrite) {
     const float a = lse_old;
     const float mx = max_nan(a, lse_blk);  // a NaN on either side stays NaN
-    if (mx == neg_inf()) return;  // neither side saw a key: stays (0, -inf)
-    const float ea = expf(a - mx);  // exactly 0 when a == -inf
-    const float eb = expf(lse_blk - mx);
-    const float total = ea + eb;
-    lse_new = mx + logf(total);
-    w_old = ea / total;
-    w_blk = eb / total * inv;
-    keep_old = a != neg_inf();  // never read an accumulator row with weight 0 (NaN-safe)
+    if (mx == neg_inf()) {  // neither side saw a key: (0, -inf)
+      if (!final_out) return;  // the accumulator row holds it already
+      w_blk = 0.f;  // (the output row is written: 0)
+    } else {
+      const float ea = expf(a - mx);  // exactly 0 when a == -inf
+      const float eb = expf(lse_blk - mx);
+      const float total = ea + eb;
+      lse_new = mx + logf(total);
+      w_old = ea / total;
+      w_blk = eb / total * inv;
+      keep_old = a != neg_inf();  // never read an accumulator row with weight 0 (NaN-safe)
+    }
   }
   // up to 8 column pairs (16 registers) of loads in flight; a chunk size that divides kDTiles
   constexpr int kChunk = Tr::kDTiles % 8 == 0 ? 8 : Tr::kDTiles % 4 == 0 ? 4 : 1;
@@ -48,7 +57,7 @@ __device__ __forceinline__ void merge_row_into_accumulator(const FwdParams& p,
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) {
       const int col = 8 * (j0 + j) + 2 * t;
-      prev[j] = keep_old && col < d ? *reinterpret_cast<const float2*>(acc_row + col)
+      prev[j] = keep_old && col < d ? *reinterpret_cast<const float2*>(old_row + col)
                                     : make_float2(0.f, 0.f);
     }
 #pragma unroll
@@ -60,7 +69,13 @@ __device__ __forceinline__ void merge_row_into_accumulator(const FwdParams& p,
           o.x = fmaf(prev[j].x, w_old, o.x);
           o.y = fmaf(prev[j].y, w_old, o.y);
         }
-        *reinterpret_cast<float2*>(acc_row + col) = o;
+        if (final_out) {
+          u16* out_row = static_cast<u16*>(p.out) + b * p.o_batch_stride +
+                         row * p.o_row_stride + h * p.o_head_stride;
+          *reinterpret_cast<u32*>(out_row + col) = pack2<kBf16>(o.x, o.y);
+        } else {
+          *reinterpret_cast<float2*>(acc_row + col) = o;
+        }
       }
     }
   }
@@ -82,7 +97,8 @@ __device__ __forceinline__ void write_block_output(const FwdParams& p,
   const int d = p.headdim;
 
   float lse_old[Tr::kMFrags][2];
-  if (p.out_mode == kOutAccMerge) {
+  const bool merges = p.out_mode == kOutAccMerge || p.out_mode == kOutAccFinal;
+  if (merges) {
     // every lane of a quad reads the row's running lse before lane t==0 overwrites it
 #pragma unroll
     for (int mf = 0; mf < Tr::kMFrags; ++mf) {
@@ -121,9 +137,9 @@ __device__ __forceinline__ void write_block_output(const FwdParams& p,
         }
         if (t == 0) p.lse[lse_idx] = lse_blk;
       } else {
-        merge_row_into_accumulator<Tr>(p, acc_o[mf], r, row, inv, lse_blk,
-                                       p.out_mode == kOutAccMerge ? lse_old[mf][r] : neg_inf(),
-                                       lse_idx, b, h, t);
+        merge_row_into_accumulator<Tr, kBf16>(p, acc_o[mf], r, row, inv, lse_blk,
+                                              merges ? lse_old[mf][r] : neg_inf(), lse_idx, b, h,
+                                              t);
       }
     }
   }

@@ -18,20 +18,24 @@ enum OutMode : int {
   kOutDirect = 0,    // out in the input dtype with its own strides; lse float32 [B, H, Sq]
   kOutAccWrite = 1,  // out float32 [B, Sq, H, D] contiguous and lse overwritten (first block)
   kOutAccMerge = 2,  // read the running float32 (out, lse), merge this block in, write back
+  kOutAccFinal = 3,  // the ring's last block: read the running float32 (acc, lse), merge this
+                     // block in, write out in the input dtype with its own strides, and lse
 };
 
 struct FwdParams {
   const u16* q;     // [B, Sq, H, D]   fp16/bf16 bits, element strides below, last axis contiguous
   const u16* k;     // [B, Sk, Hkv, D]
   const u16* v;     // [B, Sk, Hkv, D]
-  void* out;        // kOutDirect: u16 [B, Sq, H, D] strided; else float [B, Sq, H, D] contiguous
+  void* out;        // kOutDirect, kOutAccFinal: u16 [B, Sq, H, D] strided; else float
+                    // [B, Sq, H, D] contiguous (the running accumulator)
   float* lse;       // [B, H, Sq] contiguous, natural log
   const int* q_pos;  // [Sq] global positions, ascending
   const int* k_pos;  // [Sk] global positions, ascending
+  const float* acc;  // kOutAccFinal: the running float32 [B, Sq, H, D] contiguous; else unused
   i64 q_batch_stride, q_row_stride, q_head_stride;  // in elements
   i64 k_batch_stride, k_row_stride, k_head_stride;
   i64 v_batch_stride, v_row_stride, v_head_stride;
-  i64 o_batch_stride, o_row_stride, o_head_stride;  // kOutDirect only
+  i64 o_batch_stride, o_row_stride, o_head_stride;  // kOutDirect, kOutAccFinal
   int batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim;  // headdim: the actual D
   int lo, hi;        // key j visible to query i iff lo <= k_pos[j] - q_pos[i] <= hi
   int out_mode;      // OutMode
@@ -39,7 +43,7 @@ struct FwdParams {
   float scale_log2;  // softmax scale * log2(e)
 };
 
-static_assert(sizeof(FwdParams) == 200, "FwdParams layout changed: update loader.PARAMS_DTYPE");
+static_assert(sizeof(FwdParams) == 208, "FwdParams layout changed: update loader.PARAMS_DTYPE");
 
 // Launch parameters of the backward kernel (one ring block; loader.BWD_PARAMS_DTYPE).
 // The kernel ADDS this block's contributions into the float32 accumulators dq, dk, dv.
