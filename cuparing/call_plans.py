@@ -13,6 +13,10 @@ with the same signature skips them:
   A repeat allocates the outputs through torch (or takes the caller's ``out``/``lse``), patches
   the addresses into the launch's packed parameters and launches on torch's current stream:
   nothing else runs, so it costs what a framework's own attention call costs.
+- :class:`RingForwardPlan` / :class:`RingBackwardPlan` (a ring call, forward or backward without
+  ``dlse``, on our kernels): the launches of every ring step
+  (``cuparing.backends.planned_ring``). A repeat agrees with the other ranks and runs the same
+  exchanges and launches at pointer level (``schedule.run_planned_forward`` / ``_backward``).
 
 The signature holds everything the checks and plans depend on besides the addresses: each
 array's type, shape, strides, dtype and device (caller-owned destinations included), the options
@@ -32,7 +36,7 @@ from typing import Any
 
 from . import schedule
 from .backends.launch_plans import PlanCache
-from .interop import external_cupy_stream, may_overlap, memory_span, to_backend
+from .interop import may_overlap, memory_span, to_backend, torch_call_context
 from .kernels import loader
 
 _PLANS = PlanCache()  # by signature, bounded
@@ -181,7 +185,6 @@ class CallPlan:
     stream."""
 
     def __init__(self, launch, q_pos, k_pos, out_shape, lse_shape, dtype, device, guard: Guard):
-        import cupy
         import torch
 
         self._torch = torch
@@ -191,7 +194,6 @@ class CallPlan:
         self._q_pos, self._k_pos = q_pos.data.ptr, k_pos.data.ptr
         self._out_shape, self._lse_shape = tuple(out_shape), tuple(lse_shape)
         self._dtype, self._device = dtype, device
-        self._cupy = cupy
 
     def run(self, q: Any, k: Any, v: Any, out: Any = None, lse: Any = None) -> tuple | None:
         """(out, lse), or None (nothing launched) when the :class:`Guard` or an address (q, k, v
@@ -204,10 +206,7 @@ class CallPlan:
             out = torch.empty(self._out_shape, dtype=self._dtype, device=self._device)
         if lse is None:
             lse = torch.empty(self._lse_shape, dtype=torch.float32, device=self._device)
-        handle = torch.cuda.current_stream(self._device).cuda_stream
-        stream = external_cupy_stream(handle, self._device.index)
-        # a fresh Device: its context keeps the previous device on the object itself
-        with self._cupy.cuda.Device(self._device.index), stream:
+        with torch_call_context(self._device.index):
             self._launch.launch(
                 out.data_ptr(), lse.data_ptr(), *pointers, self._q_pos, self._k_pos, 0
             )  # (no accumulator: one block)
@@ -259,9 +258,7 @@ class RingForwardPlan(CheckedCall):
         if self._planned.accumulates:
             scratch = torch.empty(self._out_shape, dtype=torch.float32, device=self._device)
             accumulator = scratch.data_ptr()
-        handle = torch.cuda.current_stream(self._device).cuda_stream
-        stream = external_cupy_stream(handle, self._device.index)
-        with _cupy_device(self._device.index), stream:
+        with torch_call_context(self._device.index):
             kv = [to_backend(k, origin), to_backend(v, origin)]
             schedule.run_planned_forward(
                 ring, self._planned, pointers[0], kv, out.data_ptr(), lse.data_ptr(), accumulator
@@ -298,18 +295,17 @@ class RingBackwardPlan(CheckedCall):
         pointers = _kernel_addresses((dout, q, k, v, out), dests)
         if pointers is None:
             return None
+        dout_ptr, q_ptr, _, _, out_ptr = pointers
         origin, _, _, fields = self.decided
         ring.agree(fields)
         grads = tuple(
             g if g is not None else torch.empty(shape, dtype=dtype, device=self._device)
             for g, shape, dtype in zip(dests, self._shapes, self._dtypes, strict=True)
         )
-        handle = torch.cuda.current_stream(self._device).cuda_stream
-        stream = external_cupy_stream(handle, self._device.index)
-        with _cupy_device(self._device.index), stream:
+        with torch_call_context(self._device.index):
             kv = [to_backend(k, origin), to_backend(v, origin)]
             schedule.run_planned_backward(
-                ring, self._planned, (pointers[0], pointers[1], pointers[4], lse.data_ptr()), kv,
+                ring, self._planned, (dout_ptr, q_ptr, out_ptr, lse.data_ptr()), kv,
                 tuple(g.data_ptr() for g in grads),
             )  # fmt: skip
         return grads
@@ -323,14 +319,6 @@ def _kernel_addresses(inputs: Sequence[Any], dests: Sequence[Any]) -> tuple | No
     if any(p & 15 for p in pointers) or any(d is not None and d.data_ptr() & 3 for d in dests):
         return None
     return pointers
-
-
-def _cupy_device(index: int):
-    """CuPy's device ``index`` as a context manager: a fresh object each time, because its
-    context keeps the previous device on the object itself."""
-    import cupy
-
-    return cupy.cuda.Device(index)
 
 
 def find(key: tuple | None) -> CallPlan | CheckedCall | None:

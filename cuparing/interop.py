@@ -266,14 +266,7 @@ class Origin:
         stream-ordered allocator (allocation and free become nodes of the graph). Otherwise
         CuPy's memory pool."""
         if self.framework == "torch" and self.gpu:
-            import cupy
-            import torch
-
-            index = self.device_index
-            external = external_cupy_stream(torch.cuda.current_stream(index).cuda_stream, index)
-            # a fresh Device: its context keeps the previous device on the object itself
-            allocator = cupy.cuda.using_allocator(_torch_allocator(index))
-            return _Entered(cupy.cuda.Device(index), external, allocator)
+            return torch_call_context(self.device_index)
         if self.gpu:
             import cupy
 
@@ -406,6 +399,23 @@ class _Entered:
 
 
 @functools.lru_cache(maxsize=16)
+def torch_call_context(device_index: int):
+    """The context of GPU work for a torch caller on device ``device_index`` (what
+    :meth:`Origin.stream` gives torch CUDA callers; call plans enter it without an Origin): the
+    device, torch's current stream there as CuPy's current stream, and CuPy's allocations from
+    torch's caching allocator."""
+    import cupy
+    import torch
+
+    external = external_cupy_stream(
+        torch.cuda.current_stream(device_index).cuda_stream, device_index
+    )
+    # a fresh Device: its context keeps the previous device on the object itself
+    allocator = cupy.cuda.using_allocator(_torch_allocator(device_index))
+    return _Entered(cupy.cuda.Device(device_index), external, allocator)
+
+
+@functools.lru_cache(maxsize=64)
 def _torch_allocator(device_index: int):
     """A CuPy allocator handing out torch's caching-allocator memory on ``device_index`` (each
     block owned by a uint8 tensor that lives as long as CuPy's memory object): blocks belong to

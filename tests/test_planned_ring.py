@@ -22,8 +22,9 @@ _addresses = itertools.count(1 << 20, 4096)
 
 
 def _array():
-    """A stand-in device array: only its address matters here."""
-    return SimpleNamespace(data=SimpleNamespace(ptr=next(_addresses)))
+    """A stand-in device array: only its address matters here (a shape and dtype for what
+    reads them)."""
+    return SimpleNamespace(data=SimpleNamespace(ptr=next(_addresses)), shape=(1,), dtype="float32")
 
 
 class _Recorder:
@@ -165,3 +166,91 @@ def test_backward_steps_follow_the_schedule(kinds, home, flags):
 def test_a_backward_plan_needs_one_entry_per_step():
     with pytest.raises(ValueError, match="expected 2 steps, got 1"):
         PlannedBackward(1, 0, None, [None], 0, None, None, None)
+
+
+class _ScheduleBackend:
+    """The backend protocol's calls that the schedule makes, doing nothing: only the ring's log
+    of exchanges and compute spans matters here."""
+
+    def positions(self, host_positions):
+        return host_positions
+
+    def forward_state(self, q, blocks, out=None, lse=None):
+        return None
+
+    def forward_block(self, *args):
+        pass
+
+    def forward_finish(self, state):
+        return None, None
+
+    def backward_delta(self, dout, out):
+        return _array()
+
+    def dq_accum(self, q):
+        return _array()
+
+    def zeros_accum(self, shape, dtype):
+        return _array()
+
+    def backward_block(self, *args, **kwargs):
+        pass
+
+    def dq_from_accum(self, acc, dtype, out=None):
+        return out
+
+    def cast(self, x, dtype, out=None):
+        return out
+
+
+class _LoggingRing(_RecordingRing):
+    """Logs what a peer sees of a rank's ring call (exchanges by tag and shift, waits, compute
+    spans), not the addresses, which differ between the two paths."""
+
+    def __init__(self, size):
+        super().__init__(_Recorder())
+        self.size = size
+
+    def events(self):
+        return [e[:1] + e[2:] if e[0] == "exchange" else e[:2] for e in self._log.events]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    world=st.integers(1, 8),
+    layout=st.sampled_from(["contiguous", "zigzag", "striped"]),
+    causal=st.booleans(),
+    window=st.one_of(st.none(), st.tuples(st.integers(0, 40), st.integers(0, 40))),
+)
+def test_planned_calls_exchange_as_the_schedule_does(world, layout, causal, window):
+    """For every rank of a ring, the pointer-level forward and backward make the schedule's
+    exchanges (tags, shifts, order) and compute the same steps: within one call some ranks may
+    take the full path (a misaligned address) and others the planned one, so the two must never
+    differ in what their peers see."""
+    from cuparing import validation
+    from cuparing.masks import BlockKind
+    from cuparing.schedule import plan_ring, ring_backward, ring_forward
+
+    mask = validation.check_mask(causal, window)
+    noop = SimpleNamespace(launch=lambda *pointers: None)
+    for rank in range(world):
+        plan = plan_ring(layout, rank, world, 16, mask)
+        kinds = plan.kinds[: plan.last_step + 1]
+
+        full, planned = _LoggingRing(world), _LoggingRing(world)
+        ring_forward(_ScheduleBackend(), full, _array(), _array(), _array(), plan, 1.0)
+        steps = [None if kind == BlockKind.EMPTY else (noop, 0, False) for kind in kinds]
+        forward = PlannedForward(plan.last_step, steps, 0, accumulates=plan.blocks > 1)
+        run_planned_forward(planned, forward, 0, [_array(), _array()], 0, 0, 0)
+        assert planned.events() == full.events()
+
+        full, planned = _LoggingRing(world), _LoggingRing(world)
+        ring_backward(_ScheduleBackend(), full, *(_array() for _ in range(6)), plan, 1.0,
+                      grads_into=(_array(), _array(), _array()))  # fmt: skip
+        steps = [None if kind == BlockKind.EMPTY else (noop, 0, (None,) * 3) for kind in kinds]
+        backward = PlannedBackward(
+            plan.last_step, (-plan.last_step) % world, noop, steps, 0, noop, noop,
+            scratch=lambda: (_array(), _array(), [_array(), _array()], None),
+        )  # fmt: skip
+        run_planned_backward(planned, backward, (0, 0, 0, 0), [_array(), _array()], (0, 0, 0))
+        assert planned.events() == full.events()

@@ -534,16 +534,18 @@ class CupyBackend:
         name = dtype_name(q.dtype)
         tiles = self._sm90_backward(q)
         batch, seqlen, nheads, _ = q.shape
+        # (shapes only in the closure: the arrays would keep the first call's tensors alive)
+        delta_shape, kv_shape = (batch, nheads, seqlen), tuple(k.shape)
+        dq_shape = (dq_tile_floats(q.shape),) if tiles else tuple(q.shape)
         flag_count = 0
 
         def scratch():
-            delta = cp.empty((batch, nheads, seqlen), dtype=cp.float32)
-            dq_acc = _zeroed(cp, (dq_tile_floats(q.shape),) if tiles else q.shape, cp.float32)
-            dkv = [_zeroed(cp, k.shape, cp.float32), _zeroed(cp, v.shape, cp.float32)]
+            delta = cp.empty(delta_shape, dtype=cp.float32)
+            dq_acc = _zeroed(cp, dq_shape, cp.float32)
+            dkv = [_zeroed(cp, kv_shape, cp.float32), _zeroed(cp, kv_shape, cp.float32)]
             flags = _zeroed(cp, (flag_count,), cp.int32) if flag_count else None
             return delta, dq_acc, dkv, flags
 
-        delta, dq_acc, dkv, _ = scratch()  # (their addresses only go into the templates)
         q_pos, blocks = self._planned_blocks(plan, k, v)
         steps, keep = [], [q_pos]
         for block in blocks:
@@ -551,9 +553,11 @@ class CupyBackend:
                 steps.append(None)
                 continue
             kind, k_pos, kv = block
+            # the accumulators' and delta's fields are addresses only, patched per call: any
+            # array stands in for them in the template (the caller's dq, dk, dv, lse)
             launch = self._backward_launch(
-                dq_acc, *dkv, dout, q, *kv, lse, delta, q_pos, k_pos, kind, plan.mask, scale,
-                deterministic, tiles,
+                grads[0], grads[1], grads[2], dout, q, *kv, lse, lse, q_pos, k_pos, kind,
+                plan.mask, scale, deterministic, tiles,
             )  # fmt: skip
             offsets = tuple(
                 None if at is None else at + 4 * flag_count for at in _flag_offsets(launch)

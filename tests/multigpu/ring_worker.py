@@ -40,20 +40,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from numerics import Reference, ring_vs_solo_limit  # noqa: E402
 
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
-PLANNED_RUNS = [0]  # ring forwards run at pointer level (call_plans.RingForwardPlan.run)
+# ring calls run at pointer level (call_plans.RingForwardPlan.run, RingBackwardPlan.run)
+PLANNED_RUNS = {"forward": 0, "backward": 0}
 
 
 def _count_planned_runs() -> None:
     from cuparing import call_plans
 
-    real_run = call_plans.RingForwardPlan.run
+    for kind, plan in (("forward", call_plans.RingForwardPlan),
+                       ("backward", call_plans.RingBackwardPlan)):  # fmt: skip
 
-    def counted(self, *args):
-        result = real_run(self, *args)
-        PLANNED_RUNS[0] += result is not None
-        return result
+        def counted(self, *args, real_run=plan.run, kind=kind):
+            result = real_run(self, *args)
+            PLANNED_RUNS[kind] += result is not None
+            return result
 
-    call_plans.RingForwardPlan.run = counted
+        plan.run = counted
 
 
 _count_planned_runs()
@@ -138,13 +140,13 @@ def run_case(ring, index, case, report) -> None:
         # a repeat runs the kept launches at pointer level (call_plans.RingForwardPlan), into
         # memory torch's allocator hands out NaN-filled: the same bits as the checked call
         torch.full((1 << 22,), float("nan"), device="cuda")
-        planned_before = PLANNED_RUNS[0]
+        planned_before = PLANNED_RUNS["forward"]
         again = cr.ring_attention(q_l, k_l, v_l, ring, causal=causal, window=window,
                                   layout=layout, return_lse=True)  # fmt: skip
         same = torch.equal(again[0], out_l) and torch.equal(again[1], lse_l)
-        report(same and PLANNED_RUNS[0] == planned_before + 1,
-               f"{name} repeat at pointer level: bit-identical={same}, "
-               f"planned runs {PLANNED_RUNS[0] - planned_before}")  # fmt: skip
+        planned = PLANNED_RUNS["forward"] - planned_before
+        report(same and planned == 1,
+               f"{name} repeat at pointer level: bit-identical={same}, planned runs {planned}")
     grads = cr.ring_attention_backward(dout_l, q_l, k_l, v_l, out_l, lse_l, ring, causal=causal,
                                        window=window, layout=layout)  # fmt: skip
     out_bound = ref.kernel_out_bound(select=local)
@@ -155,6 +157,19 @@ def run_case(ring, index, case, report) -> None:
     ]
     checks += [(label, got, want, bound)
                for (label, want, bound), got in zip(grad_checks, grads, strict=True)]  # fmt: skip
+    if framework == "torch":
+        # the backward's repeat at pointer level (call_plans.RingBackwardPlan: its dK/dV travel
+        # and go home through this transport), into NaN-filled memory from torch's allocator
+        torch.full((1 << 22,), float("nan"), device="cuda")
+        planned_before = PLANNED_RUNS["backward"]
+        again = cr.ring_attention_backward(dout_l, q_l, k_l, v_l, out_l, lse_l, ring,
+                                           causal=causal, window=window, layout=layout)  # fmt: skip
+        planned = PLANNED_RUNS["backward"] - planned_before
+        report(planned == 1, f"{name} backward repeat at pointer level: planned runs {planned}")
+        checks += [
+            (f"repeat {label}", got, want, bound)
+            for (label, want, bound), got in zip(grad_checks, again, strict=True)
+        ]
     if framework == "torch":
         # the same ring through PyTorch autograd (cuparing.ring_attention_torch)
         leaves = [x.detach().clone().requires_grad_() for x in (q_l, k_l, v_l)]
@@ -300,7 +315,7 @@ def stress_planned(ring, q_l, k_l, v_l, mask, want_out, want_lse) -> int:
     import torch
 
     q_t, k_t, v_t = (torch.from_dlpack(x) for x in (q_l, k_l, v_l))
-    planned_before, failures = PLANNED_RUNS[0], 0
+    planned_before, failures = PLANNED_RUNS["forward"], 0
     for trial in range(6):
         out, lse = cr.ring_attention(q_t, k_t, v_t, ring, return_lse=True, **mask)
         same = np.array_equal(out.cpu().view(torch.int16).numpy(), want_out.view(np.int16))
@@ -308,7 +323,7 @@ def stress_planned(ring, q_l, k_l, v_l, mask, want_out, want_lse) -> int:
         failures += not same
         print(f"{'PASS' if same else 'FAIL'} stress planned {mask} trial {trial}: forward "
               f"bit-identical={same}", flush=True)  # fmt: skip
-    planned = PLANNED_RUNS[0] - planned_before
+    planned = PLANNED_RUNS["forward"] - planned_before
     failures += planned != 5  # the first call is checked, the others run the kept launches
     print(f"{'PASS' if planned == 5 else 'FAIL'} stress planned runs {planned} of 5", flush=True)
     return failures
