@@ -570,3 +570,30 @@ def test_links_do_not_trust_a_listener_that_cannot_prove_the_key():
             links._dial(0, posing, time.monotonic() + 5)
         thread.join(5)
     links.close(0)
+
+
+def test_after_a_failure_streams_waiting_on_a_dead_peer_drain(fake):
+    """Device flags: rank 1 stops after two exchanges; rank 0's third leaves its copy and side
+    streams waiting on flags only rank 1 would write, and its caller's stream waits behind them
+    (wait()). The failure (the watchdog's timeout) releases them, so a blocking sync of the
+    caller's stream returns instead of hanging. The host handshake cannot (module doc)."""
+    if fake.sync != "device":
+        pytest.skip("the host handshake's waits on a peer's events cannot be released")
+    ring0, ring1 = fake(2, timeout=0.4)
+    ring0._health = SimpleNamespace(report=lambda message: None, close=lambda: None)
+    x = [_dev(np.ones(3, np.float32))]
+    callers = {}
+
+    def ranks_then_one_stops(ring, count):
+        callers[ring.rank] = fake.cupy.cuda.get_current_stream()
+        for _ in range(count):
+            ring.exchange(x, 1, "kv").wait()
+
+    results = _threads([lambda: ranks_then_one_stops(ring0, 3),
+                        lambda: ranks_then_one_stops(ring1, 2)])  # fmt: skip
+    assert results == [None, None], results
+    with pytest.raises(cr.RingTimeoutError):
+        ring0.synchronize()
+    drained = threading.Event()
+    threading.Thread(target=lambda: (callers[0].synchronize(), drained.set()), daemon=True).start()
+    assert drained.wait(5), "the caller's stream still waits on the dead peer"

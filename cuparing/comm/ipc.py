@@ -57,10 +57,14 @@ driver's documentation gives for stream memory operations).
 A dead or stuck peer leaves an exchange's *received* event unfinished; the host never blocks on
 it, and the ring core's watchdog raises :class:`RingTimeoutError` after ``timeout`` (the failure
 channel of rings built by ``from_env`` tells every rank of a process's death within about a
-second). Unlike NCCL's abort, nothing releases a stream that waits on a dead peer's flag (nor, in
-the host handshake, on a dead peer's event once its host sent the message): work queued behind it
-never runs. After a failure, poll (``ring.synchronize()``, ``ring.check()``) rather than block
-in a CUDA synchronisation, and end the process; nothing is freed.
+second). On that failure the device mode releases its own streams, as NCCL's abort ends its
+kernels: it writes values far ahead of any awaited one into this rank's own flag words, so the
+copy and side streams' waits end and work queued behind them (the caller's stream) runs on void
+data instead of never (a blocking synchronisation, a loss's ``.item()``, returns; the next call
+of the ring raises). The host handshake cannot: a stream waiting on a dead peer's event (once
+its host sent the message) waits for good, and work queued behind it never runs. With it, after
+a failure poll (``ring.synchronize()``, ``ring.check()``) rather than block in a CUDA
+synchronisation, and end the process. After a failure nothing is freed.
 
 The device mode needs cuda-bindings (the ``cuda12``/``cuda13`` extras) and stream memory
 operations: a driver with CUDA 11.7's v2 memory operations (available on every platform) or,
@@ -101,6 +105,7 @@ end).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -399,6 +404,11 @@ class IpcRing(GpuRing):
     def _interrupt(self, reason: str) -> None:
         if self._links is not None:
             self._links.interrupt(reason)  # wake an exchange waiting on a peer
+        # end this rank's streams' waits on its peers: the caller's stream waits behind them,
+        # and a blocking sync of it (a loss's .item()) would hang on a dead peer (no abort ends
+        # a stream wait as it ends NCCL's kernels)
+        with contextlib.suppress(Exception), self.device:
+            self._sync.release(list(self._channels.values()))
 
     def release_buffers(self) -> None:
         """Drop every channel's buffers, events and opened handles. Collective: every rank calls
@@ -480,6 +490,10 @@ class _HostHandshake:
         ring._await(channel.source, _READY, channel, k, flight, "push its data into this rank")
         self._runtime.streamWaitEvent(ring._join.ptr, channel.remote_ready[k % 2], 0)
 
+    def release(self, channels: list) -> None:
+        """Nothing to release: a stream's wait on a peer's event cannot be ended from here (the
+        module doc)."""
+
     def close(self, channel: _Channel) -> None:
         for event in channel.remote_done + channel.remote_ready:
             self._runtime.eventDestroy(event)
@@ -559,6 +573,22 @@ class _DeviceFlags:
         (err,) = self._wait_value(stream, word, value & _WORD, self._geq)
         if err:
             raise RuntimeError(f"cuStreamWaitValue32 for {value & _WORD} failed: {err!r}")
+
+    def release(self, channels: list) -> None:
+        """After a failure: write values far ahead of any awaited one into this rank's own flag
+        words, so every wait of its streams ends. What they then read is void (every call of
+        the failed ring raises), and a peer that is in fact alive has been told of the failure
+        by the failure channel; this rank's pushes that the release lets through land in slots
+        only a failed ring reads."""
+        stream = self._ring._cupy.cuda.Stream(non_blocking=True)  # the ring's are waiting
+        self._release_stream = stream  # kept until the ring goes: its writes may be queued
+        handle = self._driver.CUstream(stream.ptr)
+        for channel in channels:
+            if channel.words is None:
+                continue
+            ahead = channel.count + (1 << 30)  # (cyclic comparison: "ahead" of every wait)
+            for word in (*channel.words.ready, *channel.words.done):
+                self._write(handle, word, ahead)
 
     def close(self, channel: _Channel) -> None:
         if channel.source_base and channel.source_base != channel.remote_base:
