@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # On a GPU machine: install, compile check, GPU tests, benchmarks. Logs go to the directory named
 # by CUPARING_LOG_DIR if set, else ./out.
-# Usage: bash tools/gpu_checks.sh [single|multi|bench|bwd|all] [pytest -k expression]
+# Usage: bash tools/gpu_checks.sh [single|multi|bench|bwd|ring|all] [pytest -k expression]
 #   bwd: the backward kernel tests of both families (NaN / inf next to mask edges, the
 #        deterministic mode, caller-owned gradients, torch and JAX autograd included) and
 #        bench_backward (sm90, sm90 deterministic, sm80, SDPA; head dims 128 and 96)
+#   ring: (2+ GPUs) ring calls at pointer level and the IPC ring's device flags: the repeat and
+#        ring tests on one GPU, the multi-GPU suite (NCCL, IPC with device flags and with the
+#        host handshake: killed rank included), and the host cost per ring call on both
+#        transports
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 out="${CUPARING_LOG_DIR:-out}"
@@ -36,6 +40,17 @@ if [[ $what == bwd || $what == all ]]; then
     --json "$out/bench_backward.json" 2>&1 | tee "$out/bench_backward.log"
   run timeout 120 python tools/bench_backward.py --quick --headdim 96 --families sm90,sm90-det,sm80 \
     --json "$out/bench_backward96.json" 2>&1 | tee "$out/bench_backward96.log"
+fi
+if [[ $what == ring || $what == all ]]; then
+  run timeout 420 python -m pytest -q -rf --maxfail=4 tests/test_gpu_attention.py \
+    -k "(repeat or ring or caller)${filter:+ and ($filter)}" 2>&1 | tee "$out/ring_single.log" | tail -8
+  run timeout 560 python -m pytest -q -rf --maxfail=4 tests/test_multigpu.py 2>&1 \
+    | tee "$out/ring_multi.log" | tail -12
+  for transport in nccl ipc; do
+    run env CUPARING_TRANSPORT=$transport timeout 120 python -m cuparing.launch --nproc-per-node 2 \
+      tools/bench_overhead.py --ring-only --calls 300 2>&1 | tee "$out/ring_overhead_$transport.log" \
+      | grep -A3 "ring ("
+  done
 fi
 if [[ $what == bench || $what == all ]]; then
   run timeout 300 python tools/bench_attention.py --quick --json "$out/bench_attention.json" \
