@@ -164,19 +164,37 @@ def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=None,
     positions = [backend.positions(p) for p in plan.positions]
     q_pos = backend.positions(plan.q_positions)
     state = backend.forward_state(q, plan.blocks, out=out, lse=lse)
-    kv = [k, v]
-    for step in range(plan.last_step + 1):
-        pending = ring.exchange(kv, 1, "kv") if step < plan.last_step else None
+
+    def block(step, kv):
+        k_pos = positions[plan.source(step)]
         kind = plan.kinds[step]
-        if kind != BlockKind.EMPTY:
-            k_pos = positions[plan.source(step)]
-            with ring.trace_compute(f"fwd step {step}"):
-                backend.forward_block(state, q, kv[0], kv[1], q_pos, k_pos, kind, plan.mask, scale)
-        if pending is not None:
-            kv = pending.wait()
+        backend.forward_block(state, q, kv[0], kv[1], q_pos, k_pos, kind, plan.mask, scale)
+
+    forward_rotation(ring, [k, v], busy_steps(plan), block)
     result = backend.forward_finish(state)
     ring.check()
     return result
+
+
+def busy_steps(plan: RingPlan) -> tuple[bool, ...]:
+    """Per step ``0..plan.last_step``, whether this rank's block is not EMPTY."""
+    return tuple(kind != BlockKind.EMPTY for kind in plan.kinds[: plan.last_step + 1])
+
+
+def forward_rotation(ring, kv: list, busy, compute) -> None:
+    """The forward's order of exchanges and compute, whatever computes: at each step ``t`` of
+    ``busy`` (one flag per step, whether it computes) the exchange that brings step ``t + 1``'s
+    K/V is started (none after the last), ``compute(t, kv)`` runs on the K/V held at ``t`` where
+    ``busy[t]``, then the exchange is waited for. ``kv``: this rank's [k, v] as the ring sends
+    them."""
+    last = len(busy) - 1
+    for step, computes in enumerate(busy):
+        pending = ring.exchange(kv, 1, "kv") if step < last else None
+        if computes:
+            with ring.trace_compute(f"fwd step {step}"):
+                compute(step, kv)
+        if pending is not None:
+            kv = pending.wait()
 
 
 def run_planned_forward(ring, planned, q: int, kv: list, out: int, lse: int, accumulator: int):
@@ -194,16 +212,11 @@ def run_planned_forward(ring, planned, q: int, kv: list, out: int, lse: int, acc
         accumulator: address of a float32 [B, Sq, H, D] contiguous scratch array when
             ``planned.accumulates`` (else ignored).
     """
-    k, v = kv[0].data.ptr, kv[1].data.ptr
-    last = planned.last_step
-    for step in range(last + 1):
-        pending = ring.exchange(kv, 1, "kv") if step < last else None
-        if planned.computes(step):
-            with ring.trace_compute(f"fwd step {step}"):
-                planned.launch_step(step, out, accumulator, lse, q, k, v)
-        if pending is not None:
-            kv = pending.wait()
-            k, v = kv[0].data.ptr, kv[1].data.ptr
+
+    def block(step, kv):
+        planned.launch_step(step, out, accumulator, lse, q, kv[0].data.ptr, kv[1].data.ptr)
+
+    forward_rotation(ring, kv, planned.busy, block)
     ring.check()
 
 
@@ -235,26 +248,16 @@ def ring_backward(
         delta = delta - dlse.astype(delta.dtype)
     dq = backend.dq_accum(q)
     dkv = [backend.zeros_accum(k.shape, k.dtype), backend.zeros_accum(v.shape, v.dtype)]
-    kv = [k, v]
-    for step in range(plan.last_step + 1):
-        more = step < plan.last_step
-        pending_kv = ring.exchange(kv, 1, "kv") if more else None
-        kind = plan.kinds[step]
-        if kind != BlockKind.EMPTY:
-            k_pos = positions[plan.source(step)]
-            with ring.trace_compute(f"bwd step {step}"):
-                backend.backward_block(
-                    dq, dkv[0], dkv[1], dout, q, kv[0], kv[1], lse, delta,
-                    q_pos, k_pos, kind, plan.mask, scale, deterministic=deterministic,
-                )  # fmt: skip
-        if more:
-            pending_dkv = ring.exchange(dkv, 1, "dkv")
-            kv = pending_kv.wait()
-            dkv = pending_dkv.wait()
-    # dK/dV now held here belong to rank (rank - last_step): one more exchange takes them home
-    home_shift = (-plan.last_step) % plan.world_size
-    if home_shift:
-        dkv = ring.exchange(dkv, home_shift, "dkv_home").wait()
+
+    def block(step, kv, dkv):
+        k_pos = positions[plan.source(step)]
+        backend.backward_block(
+            dq, dkv[0], dkv[1], dout, q, kv[0], kv[1], lse, delta, q_pos, k_pos,
+            plan.kinds[step], plan.mask, scale, deterministic=deterministic,
+        )  # fmt: skip
+
+    home_shift = home_shift_of(plan)
+    dkv = backward_rotation(ring, [k, v], dkv, busy_steps(plan), home_shift, block)
     from_ring = plan.last_step > 0 or home_shift > 0
     dq_into, dk_into, dv_into = grads_into or (None, None, None)
     grads = (
@@ -287,24 +290,43 @@ def run_planned_backward(
     delta, dq_acc = delta_array.data.ptr, dq_array.data.ptr
     flags = 0 if flag_array is None else flag_array.data.ptr
     planned.launch_delta(dout, out, delta)
-    k, v = kv[0].data.ptr, kv[1].data.ptr
-    last = planned.last_step
-    for step in range(last + 1):
+
+    def block(step, kv, dkv):
+        planned.launch_step(step, dout, lse, delta, dq_acc, dkv[0].data.ptr, dkv[1].data.ptr,
+                            q, kv[0].data.ptr, kv[1].data.ptr, flags)  # fmt: skip
+
+    dkv = backward_rotation(ring, kv, dkv, planned.busy, planned.home_shift, block)
+    planned.finish(dq_acc, dkv[0].data.ptr, dkv[1].data.ptr, *grads)
+    ring.check()
+
+
+def home_shift_of(plan: RingPlan) -> int:
+    """How far the travelling dK/dV go home after the backward's last step: what this rank
+    holds then belongs to rank ``rank - last_step``."""
+    return (-plan.last_step) % plan.world_size
+
+
+def backward_rotation(ring, kv: list, dkv: list, busy, home_shift: int, compute) -> list:
+    """The backward's order of exchanges and compute, whatever computes: at each step ``t`` of
+    ``busy`` the exchange bringing step ``t + 1``'s K/V is started (none after the last),
+    ``compute(t, kv, dkv)`` adds into the dK/dV accumulators held at ``t`` where ``busy[t]``,
+    then those accumulators travel on, and both exchanges are waited for; after the last step
+    the accumulators go ``home_shift`` ranks on. Returns the dK/dV accumulators of this rank's
+    own shard."""
+    last = len(busy) - 1
+    for step, computes in enumerate(busy):
         more = step < last
         pending_kv = ring.exchange(kv, 1, "kv") if more else None
-        if planned.computes(step):
+        if computes:
             with ring.trace_compute(f"bwd step {step}"):
-                planned.launch_step(step, dout, lse, delta, dq_acc, dkv[0].data.ptr,
-                                    dkv[1].data.ptr, q, k, v, flags)  # fmt: skip
+                compute(step, kv, dkv)
         if more:
             pending_dkv = ring.exchange(dkv, 1, "dkv")
             kv = pending_kv.wait()
-            k, v = kv[0].data.ptr, kv[1].data.ptr
             dkv = pending_dkv.wait()
-    if planned.home_shift:
-        dkv = ring.exchange(dkv, planned.home_shift, "dkv_home").wait()
-    planned.finish(dq_acc, dkv[0].data.ptr, dkv[1].data.ptr, *grads)
-    ring.check()
+    if home_shift:
+        dkv = ring.exchange(dkv, home_shift, "dkv_home").wait()
+    return dkv
 
 
 def _owned(backend, x, dtype, from_ring: bool, into=None):

@@ -41,6 +41,7 @@ import numpy as np
 from ..interop import dtype_name, element_strides
 from ..kernels import loader, tensor_maps
 from ..masks import UNBOUNDED, BlockKind, MaskSpec
+from ..schedule import home_shift_of
 from . import array_ops, launch_plans
 from .array_backend import ArrayBackend
 from .dq_tiles import DqTiles
@@ -571,7 +572,7 @@ class CupyBackend:
         else:
             dq_out = _elementwise_launch(to_half, q.size)
         return PlannedBackward(
-            plan.last_step, (-plan.last_step) % plan.world_size, self._delta_launch(dout, out),
+            plan.last_step, home_shift_of(plan), self._delta_launch(dout, out),
             steps, q_pos.data.ptr, dq_out, _elementwise_launch(to_half, k.size), scratch,
             tuple(keep),
         )  # fmt: skip

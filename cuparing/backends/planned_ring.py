@@ -33,6 +33,9 @@ class PlannedForward:
         accumulates: whether the blocks are several, merged in a float32 accumulator [B, Sq, H,
             D] (contiguous) before the last writes the output.
         keep: objects the launches read (device position arrays): kept alive with the plan.
+
+    Attributes:
+        busy: per step, whether its block is not EMPTY (``schedule.forward_rotation`` takes it).
     """
 
     def __init__(
@@ -45,11 +48,8 @@ class PlannedForward:
         self._steps = tuple(steps)
         self._q_pos = q_pos
         self.accumulates = accumulates
+        self.busy = tuple(planned is not None for planned in self._steps)
         self._keep = keep
-
-    def computes(self, step: int) -> bool:
-        """Whether ``step``'s block is not EMPTY."""
-        return self._steps[step] is not None
 
     def launch_step(
         self, step: int, out: int, accumulator: int, lse: int, q: int, k: int, v: int
@@ -78,7 +78,7 @@ class PlannedBackward:
 
     Args:
         last_step: the plan's last step; home_shift: how far the dK/dV accumulators travel home
-            after it (``ring_backward``'s ``(-last_step) mod C``).
+            after it (``schedule.home_shift_of``).
         delta: the launch (dout, out, delta pointers) of ``delta = rowsum(dout * out)``.
         steps: per step ``0..last_step``, ``(launch, k_pos, flag_offsets)``: the block's launch
             (taking the backward kernels' fourteen pointers), the device address of the K/V
@@ -93,6 +93,10 @@ class PlannedBackward:
             zeroed float32 dK/dV accumulators (arrays the ring can send) and the zeroed int32
             flags of every step (or None when no step has any).
         keep: objects the launches read (device position arrays): kept alive with the plan.
+
+    Attributes:
+        busy: per step, whether its block is not EMPTY (``schedule.backward_rotation`` takes
+            it).
     """
 
     def __init__(
@@ -105,14 +109,11 @@ class PlannedBackward:
         self.last_step, self.home_shift = last_step, home_shift
         self._delta = delta
         self._steps = tuple(steps)
+        self.busy = tuple(planned is not None for planned in self._steps)
         self._q_pos = q_pos
         self._dq_out, self._dkv_out = dq_out, dkv_out
         self.scratch = scratch
         self._keep = keep
-
-    def computes(self, step: int) -> bool:
-        """Whether ``step``'s block is not EMPTY."""
-        return self._steps[step] is not None
 
     def launch_delta(self, dout: int, out: int, delta: int) -> None:
         """``delta = rowsum(dout * out)`` (float32 [B, H, Sq]) on CuPy's current stream."""
