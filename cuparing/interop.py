@@ -398,12 +398,14 @@ class _Entered:
                 self._leave(count - 1, exc)
 
 
-@functools.lru_cache(maxsize=16)
 def torch_call_context(device_index: int):
     """The context of GPU work for a torch caller on device ``device_index`` (what
     :meth:`Origin.stream` gives torch CUDA callers; call plans enter it without an Origin): the
     device, torch's current stream there as CuPy's current stream, and CuPy's allocations from
-    torch's caching allocator."""
+    torch's caching allocator.
+
+    Made per call, never kept: torch's current stream may differ from one call to the next,
+    and CuPy's ``using_allocator`` is a one-shot context manager."""
     import cupy
     import torch
 
