@@ -30,12 +30,15 @@ subclasses, options that cannot be hashed and packed documents always take the f
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
 from . import schedule
+from .backends import ring_graphs
 from .backends.launch_plans import PlanCache
+from .comm.base import RingError
 from .interop import may_overlap, memory_span, to_backend, torch_call_context
 from .kernels import loader
 
@@ -237,6 +240,7 @@ class RingForwardPlan(CheckedCall):
         super().__init__(decided, guard, ring)
         self._torch = torch
         self._planned = planned
+        self._graph = GraphSlot()
         self._out_shape, self._lse_shape = tuple(out_shape), tuple(lse_shape)
         self._dtype, self._device = dtype, device
 
@@ -254,15 +258,23 @@ class RingForwardPlan(CheckedCall):
             out = torch.empty(self._out_shape, dtype=self._dtype, device=self._device)
         if lse is None:
             lse = torch.empty(self._lse_shape, dtype=torch.float32, device=self._device)
-        accumulator = 0
-        if self._planned.accumulates:
-            scratch = torch.empty(self._out_shape, dtype=torch.float32, device=self._device)
-            accumulator = scratch.data_ptr()
+        planned = self._planned
+        addresses = (pointers[0], out.data_ptr(), lse.data_ptr())
         with torch_call_context(self._device.index):
-            kv = [to_backend(k, origin), to_backend(v, origin)]
-            schedule.run_planned_forward(
-                ring, self._planned, pointers[0], kv, out.data_ptr(), lse.data_ptr(), accumulator
-            )
+            if self._graph.replay(ring, addresses, (k, v)):
+                return out, lse
+
+            def run(kv):  # the call at pointer level, as a replay's graph captures it
+                scratch = None
+                if planned.accumulates:
+                    scratch = torch.empty(self._out_shape, dtype=torch.float32,
+                                          device=self._device)  # fmt: skip
+                schedule.run_planned_forward(ring, planned, addresses[0], kv, addresses[1],
+                                             addresses[2], 0 if scratch is None else
+                                             scratch.data_ptr())  # fmt: skip
+                return scratch
+
+            self._graph.run(ring, run, [to_backend(k, origin), to_backend(v, origin)], addresses)
         return out, lse
 
 
@@ -283,6 +295,7 @@ class RingBackwardPlan(CheckedCall):
         super().__init__(decided, guard, ring)
         self._torch = torch
         self._planned = planned
+        self._graph = GraphSlot()
         self._shapes, self._dtypes, self._device = tuple(map(tuple, shapes)), dtypes, device
 
     def run(self, ring: Any, arrays: Sequence[Any], dests: Sequence[Any]):
@@ -302,13 +315,79 @@ class RingBackwardPlan(CheckedCall):
             g if g is not None else torch.empty(shape, dtype=dtype, device=self._device)
             for g, shape, dtype in zip(dests, self._shapes, self._dtypes, strict=True)
         )
+        planned = self._planned
+        inputs = (dout_ptr, q_ptr, out_ptr, lse.data_ptr())
+        outputs = tuple(g.data_ptr() for g in grads)
         with torch_call_context(self._device.index):
-            kv = [to_backend(k, origin), to_backend(v, origin)]
-            schedule.run_planned_backward(
-                ring, self._planned, (dout_ptr, q_ptr, out_ptr, lse.data_ptr()), kv,
-                tuple(g.data_ptr() for g in grads),
-            )  # fmt: skip
+            if self._graph.replay(ring, inputs + outputs, (k, v)):
+                return grads
+
+            def run(kv):  # the call at pointer level, as a replay's graph captures it
+                return schedule.run_planned_backward(ring, planned, inputs, kv, outputs)
+
+            self._graph.run(ring, run, [to_backend(k, origin), to_backend(v, origin)],
+                            inputs + outputs)  # fmt: skip
         return grads
+
+
+class GraphSlot:
+    """Where a ring plan keeps its call captured as a CUDA graph
+    (:mod:`cuparing.backends.ring_graphs`), on rings whose exchanges can be captured: the first
+    repeat that runs eagerly captures itself (and replays at once), later repeats only replay.
+    A graph the ring released (``release_buffers``) is captured again by the next repeat; a
+    capture that fails (the driver refused: its message is warned once) leaves the plan eager
+    for good."""
+
+    def __init__(self):
+        self._captured = None
+        self._tried = False
+
+    def replay(self, ring: Any, addresses: tuple[int, ...], kv: tuple) -> bool:
+        """Replay the captured call with the caller's ``addresses`` and K/V tensors ``kv`` on the
+        current stream, arming the ring's watchdog on it; False (nothing done) when there is no
+        graph, the ring cannot be captured now (it is tracing), or ``kv`` are not C-contiguous
+        (the replay copies them as flat bytes)."""
+        captured = self._captured
+        if captured is not None and not captured.live:
+            # the ring released it (its receive buffers dropped, or closed): capture again
+            self._captured, self._tried = None, False
+            return False
+        if captured is None or not ring.capturable:  # (a traced call shows its exchanges)
+            return False
+        if not (kv[0].is_contiguous() and kv[1].is_contiguous()):
+            return False
+        captured.replay(addresses, (kv[0].data_ptr(), kv[1].data_ptr()), _current_stream())
+        ring.watch("ring call (CUDA graph)")
+        return True
+
+    def run(self, ring: Any, run: Any, kv: list, addresses: tuple[int, ...]) -> None:
+        """``run(kv)`` (the call at pointer level, queueing on the current stream): captured
+        and replayed when graphs are enabled on ``ring`` and not yet tried here, else run as
+        it is."""
+        if self._tried or not ring_graphs.enabled(ring) or not all(
+            a.flags.c_contiguous for a in kv
+        ) or len(set(addresses)) != len(addresses):  # fmt: skip
+            run(kv)
+            return
+        self._tried = True
+        try:
+            self._captured = ring_graphs.capture(ring, run, kv, addresses)
+        except RingError:
+            raise
+        except RuntimeError as exc:
+            warnings.warn(f"cuparing: a ring call could not be captured as a CUDA graph ({exc}); "
+                          "it runs without one", RuntimeWarning, stacklevel=4)  # fmt: skip
+            run(kv)
+            return
+        self._captured.replay(addresses, tuple(a.data.ptr for a in kv), _current_stream())
+        ring.watch("ring call (CUDA graph)")
+
+
+def _current_stream() -> int:
+    """The handle of CuPy's current stream (inside ``torch_call_context``: torch's)."""
+    import cupy
+
+    return cupy.cuda.get_current_stream().ptr
 
 
 def _kernel_addresses(inputs: Sequence[Any], dests: Sequence[Any]) -> tuple | None:

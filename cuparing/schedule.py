@@ -283,10 +283,14 @@ def run_planned_backward(
         pointers: addresses of (dout, q, out, lse), as in :func:`ring_backward`.
         kv: [k, v] this rank's shard as CuPy arrays (what ``ring.exchange`` sends).
         grads: addresses of (dq, dk, dv), written here in the dtypes of q, k, v.
+
+    Returns:
+        The call's scratch arrays (``planned.scratch()``), which its queued launches read: a
+        captured call keeps them as long as its graph.
     """
     dout, q, out, lse = pointers
-    # (the scratch arrays stay referenced to the end: the launches read them)
-    delta_array, dq_array, dkv, flag_array = planned.scratch()
+    scratch = planned.scratch()
+    delta_array, dq_array, dkv, flag_array = scratch
     delta, dq_acc = delta_array.data.ptr, dq_array.data.ptr
     flags = 0 if flag_array is None else flag_array.data.ptr
     planned.launch_delta(dout, out, delta)
@@ -298,6 +302,7 @@ def run_planned_backward(
     dkv = backward_rotation(ring, kv, dkv, planned.busy, planned.home_shift, block)
     planned.finish(dq_acc, dkv[0].data.ptr, dkv[1].data.ptr, *grads)
     ring.check()
+    return scratch
 
 
 def home_shift_of(plan: RingPlan) -> int:

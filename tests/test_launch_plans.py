@@ -132,6 +132,33 @@ def test_a_launch_sequence_runs_each_kernel_in_order_with_the_same_pointers():
     assert all(args == [want.tobytes()] for _, _, args in driver.calls)
 
 
+def test_observed_launches_and_updates_hand_over_the_same_arguments():
+    """What a stream capture relies on: the observer hears of each kernel after it launched, and
+    ``update`` packs new pointers exactly as a launch would, into a node instead of a launch."""
+    rng = np.random.default_rng(1)
+    values = _fields(loader.PARAMS_DTYPE, rng)
+    params = loader.pack_params(**values)
+    driver = RecordingDriver([params.itemsize])
+    offsets = loader.pointer_offsets("fwd", FWD_POINTERS)
+    plan = launch_plans.PackedLaunch((Function(1), Function(2)), (4,), (128,), 0, params, offsets,
+                                     driver=driver)  # fmt: skip
+    heard = []
+    pointers = tuple(int(p) for p in rng.integers(0, 2**63, len(FWD_POINTERS)))
+    with launch_plans.observe(lambda launch, ptrs, index: heard.append(
+            (launch, ptrs, index, len(driver.calls)))):  # fmt: skip
+        plan.launch(*pointers)
+        with pytest.raises(RuntimeError, match="already being observed"):
+            with launch_plans.observe(lambda *a: None):
+                pass
+    assert heard == [(plan, pointers, 0, 1), (plan, pointers, 1, 2)]
+    plan.launch(*pointers)  # outside the block nobody hears
+    assert len(heard) == 2
+    moved = tuple(int(p) for p in rng.integers(0, 2**63, len(FWD_POINTERS)))
+    plan.update(moved, 1, driver.launch)
+    want = loader.pack_params(**{**values, **dict(zip(FWD_POINTERS, moved, strict=True))})
+    assert driver.calls[-1] == (2, (4, 1, 1, 128, 1, 1, 0), [want.tobytes()])
+
+
 def test_several_arguments_at_their_offsets():
     """A kernel of separate arguments (the casts: source, destination, count)."""
     driver = RecordingDriver([8, 8, 8])

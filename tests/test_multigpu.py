@@ -90,10 +90,25 @@ def test_ring_is_race_free_under_random_stream_delays(world, transport):
 @pytest.mark.parametrize("transport", list(TRANSPORTS))
 @pytest.mark.parametrize("world", WORLDS)
 def test_killed_rank_is_diagnosed_not_hung(world, transport):
+    _assert_survivors_raise(world, "killed", transport)
+
+
+@requires_gpu(2)
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", WORLDS)
+def test_killed_rank_ends_replayed_graphs(world):
+    """A peer dying while the others replay a ring call captured as a CUDA graph (NCCL)."""
+    if import_driver() is None:
+        pytest.skip("ring calls are captured as CUDA graphs only with cuda-bindings")
+    _assert_survivors_raise(world, "killed-graph", "nccl")
+
+
+def _assert_survivors_raise(world: int, mode: str, transport: str) -> None:
+    """Rank 1 of ``mode`` dies; every other rank raises within the ring timeout."""
     _need(world)
     start = time.monotonic()
     # --grace: the survivors get time to find the failure themselves before the launcher stops them
-    proc = _launch(world, "killed", 300, "--grace", str(4 * RING_TIMEOUT), transport=transport)
+    proc = _launch(world, mode, 300, "--grace", str(4 * RING_TIMEOUT), transport=transport)
     elapsed = time.monotonic() - start
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0, _tail(proc)

@@ -397,3 +397,59 @@ def test_interpreter_exit_leaves_cleanly_unless_crashing(env_rings, monkeypatch)
     for rank in (0, 1):
         error = _wait_error(rings[rank], time.monotonic() + 1.0)
         assert "because rank 2 failed: rank 2: the process exits on KeyError" in str(error)
+
+
+def test_captured_exchanges_arm_nothing_and_a_replay_is_watched(rings):
+    ring0, _ = rings(2, timeout=0.3)
+    assert ring0.capturable
+    with ring0.capturing():
+        # the peer never answers: armed, this exchange would time out
+        ring0.exchange([_dev(np.ones(3, np.float32))], 1, "kv").wait()
+    time.sleep(0.6)
+    ring0.synchronize()  # nothing armed: returns at once, nothing failed
+    ring0.check()
+    # a replay arms one flight on the caller's stream, which waits on that exchange forever
+    ring0.watch("ring call (CUDA graph)")
+    with pytest.raises(cr.RingTimeoutError, match=r"'ring call \(CUDA graph\)' #0"):
+        ring0.synchronize()
+
+
+def test_a_tracing_ring_is_not_captured(rings):
+    ring0, _ = rings(2, trace=True)
+    assert not ring0.capturable
+    with pytest.raises(RuntimeError, match="cannot be captured"):
+        with ring0.capturing():
+            pass
+
+
+def test_close_releases_captured_graphs_before_destroying_the_communicator(rings):
+    ring0, _ = rings(2)
+    comm = _comm(ring0)
+    released = []
+
+    class Captured:  # what ring_graphs.CapturedRingCall offers the ring
+        def release(self):
+            released.append(comm.destroyed)
+
+    kept = Captured()
+    ring0.adopt_capture(kept)
+    ring0.adopt_capture(Captured())  # held weakly: gone before close, never released
+    ring0.close()
+    assert released == [False] and comm.destroyed
+
+
+def test_release_buffers_releases_the_graphs_that_point_at_them(rings):
+    ring0, ring1 = rings(2)
+    released = []
+
+    class Captured:
+        def release(self):
+            released.append(len(ring0._buffers))  # the buffers are still there
+
+    kept = Captured()
+    pending = [ring.exchange([_dev(np.ones(3, np.float32))], 1, "kv") for ring in (ring0, ring1)]
+    for p in pending:
+        p.wait()
+    ring0.adopt_capture(kept)
+    ring0.release_buffers()
+    assert released == [1] and not ring0._buffers

@@ -100,14 +100,19 @@ def gather(ring, values: list[float]) -> list[list[float]]:
     return rows
 
 
-def bench_ours(ring, cfg, repeats, warmup, backward):
+def bench_ours(ring, cfg, repeats, warmup, backward, inputs="cupy"):
     import cupy
 
     heads, heads_kv, headdim, tokens, layout, causal = cfg
     shape_q, shape_kv = (1, tokens, heads, headdim), (1, tokens, heads_kv, headdim)
 
     def rand(shape):
-        return cupy.random.standard_normal(shape, dtype=cupy.float32).astype(ml_dtypes.bfloat16)
+        x = cupy.random.standard_normal(shape, dtype=cupy.float32).astype(ml_dtypes.bfloat16)
+        if inputs == "torch":  # torch callers' repeats run kept plans (CUDA graphs on NCCL)
+            import torch
+
+            return torch.from_dlpack(x.view(cupy.uint16)).view(torch.bfloat16)
+        return x
 
     q, k, v, dout = rand(shape_q), rand(shape_kv), rand(shape_kv), rand(shape_q)
     nocomm = NoCommRing(ring.rank, ring.size)
@@ -259,6 +264,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", help="tokens per GPU, e.g. 8192 (comma list)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternate ours and PyTorch's ring R times per row (medians)")
+    parser.add_argument("--inputs", choices=["cupy", "torch"], default="cupy",
+                        help="what our ring is called with (torch: repeats run kept plans)")
     parser.add_argument("--transport", choices=["nccl", "ipc"], default=None,
                         help="how K/V move (default: CUPARING_TRANSPORT, else nccl)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -279,7 +286,7 @@ def main(argv=None) -> int:
         # in both (the medians over rounds are what the table reports)
         rounds, peer_ms, why = [], [], "skipped (--no-torch)"
         for _ in range(max(args.rounds, 1)):
-            rounds.append(bench_ours(ring, cfg, repeats, warmup, args.backward))
+            rounds.append(bench_ours(ring, cfg, repeats, warmup, args.backward, args.inputs))
             if not args.no_torch:
                 ms, why = bench_torch_cp(ring, local_rank, cfg, repeats, warmup, args.backward)
                 if ms is not None:
@@ -317,7 +324,7 @@ def main(argv=None) -> int:
                 "B": 1,
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
                 "command": " ".join(sys.argv), "repeats": repeats, "rounds": args.rounds,
-                "transport": transport}  # fmt: skip
+                "transport": transport, "inputs": args.inputs}  # fmt: skip
         print_table(meta, rows)
         if args.json:
             with open(args.json, "w") as f:

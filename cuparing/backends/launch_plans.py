@@ -15,6 +15,7 @@ depends on except the pointers.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
 from collections.abc import Callable, Hashable
@@ -80,21 +81,38 @@ class PackedLaunch:
 
     def launch(self, *pointers: int) -> None:
         """Launch on CuPy's current stream with ``pointers`` patched in (``pointer_offsets``
-        order)."""
+        order). While a :func:`observe` context is active in this thread, its observer hears of
+        each kernel launched (after the launch)."""
+        with self._lock:
+            arguments = self._pack(pointers)
+            for index, function in enumerate(self._functions):
+                self._driver.launch(function, self._geometry, arguments)
+                if _observing.observer is not None:
+                    _observing.observer(self, pointers, index)
+
+    def update(self, pointers: tuple, index: int, set_node: Callable) -> None:
+        """Instead of launching kernel ``index`` with ``pointers``, hand what a launch would get
+        to ``set_node(function, geometry, arguments)`` (a captured graph's kernel node updated
+        to these pointers; ``arguments``: the address of the ``void*`` array, read before
+        ``set_node`` returns)."""
+        with self._lock:
+            set_node(self._functions[index], self._geometry, self._pack(pointers))
+
+    def _pack(self, pointers: tuple) -> int:
+        """Write ``pointers`` (and the extra arguments made from them) into the argument buffer;
+        the address of the ``void*`` array. The caller holds the lock."""
         if len(pointers) != len(self._offsets):
             raise TypeError(f"expected {len(self._offsets)} pointers, got {len(pointers)}")
-        with self._lock:
-            buffer = self._buffer
-            for offset, ptr in zip(self._offsets, pointers, strict=True):
-                _POINTER.pack_into(buffer, offset, ptr)
-            if self._extra is not None:
-                extras = self._extra(pointers)
-                if len(extras) > _EXTRA_SLOTS:
-                    raise ValueError(f"at most {_EXTRA_SLOTS} extra arguments, got {len(extras)}")
-                for i, arg in enumerate(extras, start=self._first_extra):
-                    self._arg_pointers[i] = self._address_of(arg)
-            for function in self._functions:
-                self._driver.launch(function, self._geometry, self._arg_pointers_address)
+        buffer = self._buffer
+        for offset, ptr in zip(self._offsets, pointers, strict=True):
+            _POINTER.pack_into(buffer, offset, ptr)
+        if self._extra is not None:
+            extras = self._extra(pointers)
+            if len(extras) > _EXTRA_SLOTS:
+                raise ValueError(f"at most {_EXTRA_SLOTS} extra arguments, got {len(extras)}")
+            for i, arg in enumerate(extras, start=self._first_extra):
+                self._arg_pointers[i] = self._address_of(arg)
+        return self._arg_pointers_address
 
     def _address_of(self, arg: np.ndarray) -> int:
         # the extra arguments are the same few cached arrays call after call
@@ -104,6 +122,27 @@ class PackedLaunch:
                 self._extra_addresses.clear()
             known = self._extra_addresses[id(arg)] = (arg, arg.ctypes.data)
         return known[1]
+
+
+class _Observing(threading.local):
+    observer: Callable[[PackedLaunch, tuple, int], None] | None = None
+
+
+_observing = _Observing()
+
+
+@contextlib.contextmanager
+def observe(observer: Callable[[PackedLaunch, tuple, int], None]):
+    """Within the block, every :meth:`PackedLaunch.launch` of this thread calls
+    ``observer(launch, pointers, index)`` after launching its kernel ``index`` (how a stream
+    capture learns which graph node each launch became). Not reentrant."""
+    if _observing.observer is not None:
+        raise RuntimeError("launches are already being observed in this thread")
+    _observing.observer = observer
+    try:
+        yield
+    finally:
+        _observing.observer = None
 
 
 class LaunchSequence:

@@ -40,6 +40,12 @@ of a rank's process) to every rank, and each aborts its communicator and raises
 :meth:`GpuRing.close` or by the interpreter's normal exit is no failure; leaving a ``with ring:``
 block or the program on an exception is reported as one.
 
+A ring whose transport can be captured into a CUDA graph (:attr:`GpuRing.capturable`: NCCL's
+send/recv can) lets a repeated ring call run as one graph (:mod:`cuparing.backends.ring_graphs`):
+exchanges issued inside :meth:`GpuRing.capturing` become graph nodes and are kept off the
+watchdog (their events exist only in the graph); each replay is one flight,
+:meth:`GpuRing.watch`, so a dead peer still ends a replayed call within the timeout.
+
 What a transport supplies: ``_push(flight, sends)`` (queue one exchange on :attr:`stream`, set
 ``flight.event`` and arm the flight with :meth:`_arm`; return the arrays that will hold what
 arrives) and, where it has state of its own, ``_require_connected``, ``_interrupt`` and
@@ -196,6 +202,8 @@ class GpuRing(Ring):
         self._progress_at = time.monotonic()
         self._error: RingError | None = None
         self._closed = False
+        self._capturing = False
+        self._captures: weakref.WeakSet = weakref.WeakSet()  # see adopt_capture
         self._trace_path = os.environ.get("CUPARING_TRACE") or None
         self._trace: tracing.TraceRecorder | None = None
         self._stopped_trace: tracing.TraceRecorder | None = None
@@ -323,9 +331,62 @@ class GpuRing(Ring):
         return event
 
     def _arm(self, flight: Flight) -> None:
-        """Hand ``flight`` to the watchdog (from now on it must make progress in time)."""
+        """Hand ``flight`` to the watchdog (from now on it must make progress in time); not
+        while capturing: a captured exchange runs only when its graph is replayed."""
+        if self._capturing:
+            return
         with self._lock:
             self._flights.append(flight)
+
+    # --- CUDA graphs ---
+
+    _transport_capturable = False  # a transport whose exchanges can be captured sets it
+
+    @property
+    def capturable(self) -> bool:
+        """Whether this ring's exchanges can be captured into a CUDA graph now: the transport
+        allows it and the ring is not tracing (the trace's events would be captured)."""
+        return self._transport_capturable and self._trace is None
+
+    @contextlib.contextmanager
+    def capturing(self):
+        """Within the block the caller's stream is being captured into a CUDA graph: exchanges
+        are queued as usual (the comm stream joins the capture through the events that order
+        it) but arm no flight.
+
+        Raises:
+            RuntimeError: the ring is not :attr:`capturable`.
+        """
+        if not self.capturable:
+            raise RuntimeError(f"{type(self).__name__} exchanges cannot be captured now "
+                               "(transport, or tracing)")  # fmt: skip
+        self._capturing = True
+        try:
+            yield
+        finally:
+            self._capturing = False
+
+    def adopt_capture(self, captured: Any) -> None:
+        """Remember a graph captured on this ring (anything with a ``release()`` method, held
+        weakly): :meth:`close` releases it before destroying the communicator (whose destroy
+        waits for every graph that holds its operations), :meth:`release_buffers` before
+        freeing the receive buffers its nodes point at."""
+        self._captures.add(captured)
+
+    def watch(self, tag: str) -> None:
+        """Arm one flight on the work queued so far on CuPy's current stream (a replayed graph
+        of ring calls): the watchdog aborts the ring if it makes no progress in time.
+
+        Raises:
+            RingTimeoutError, RingError: the ring has failed.
+        """
+        self._raise_if_failed()
+        seq = self._seq[tag]
+        self._seq[tag] += 1
+        flight = Flight(tag, seq, 0, -1, -1, time.monotonic())
+        with self.device:
+            flight.event = self._event_on(self._cupy.cuda.get_current_stream())
+        self._arm(flight)
 
     def synchronize(self) -> None:
         """Block until every exchange issued so far has completed; raise if one timed out.
@@ -405,9 +466,15 @@ class GpuRing(Ring):
 
     def release_buffers(self) -> None:
         """Drop the cached receive buffers (after :meth:`synchronize`, when no buffer returned
-        by ``wait()`` is still in use)."""
+        by ``wait()`` is still in use), and the graphs captured on them (a later repeat captures
+        again)."""
         self.synchronize()
+        self._release_captures()
         self._buffers.clear()
+
+    def _release_captures(self) -> None:
+        for captured in list(self._captures):
+            captured.release()
 
     def close(self) -> None:
         """Finish outstanding exchanges (bounded by the timeout), write the trace if
@@ -425,6 +492,7 @@ class GpuRing(Ring):
                 stem, ext = os.path.splitext(path)
                 path = f"{stem}.rank{{rank}}{ext or '.json'}"
             self.write_trace(path)
+        self._release_captures()
         self._leave_health(linger=True)
         self._stop.set()
         if self._watchdog is not None:

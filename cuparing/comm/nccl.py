@@ -114,6 +114,8 @@ class NcclRing(GpuRing):
         """
         return join_from_env(timeout, init_file, device, health).build(cls, timeout, trace)
 
+    _transport_capturable = True  # NCCL's grouped send/recv can be captured into a CUDA graph
+
     def _push(self, flight: Flight, sends: list) -> list:
         received = self._receive_buffers(flight.tag, sends)
         self._arm(flight)  # before NCCL is called: groupEnd itself may block on a peer

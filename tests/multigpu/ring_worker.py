@@ -19,7 +19,8 @@ undisturbed output and LSE bit for bit; a missing wait anywhere shows up as a mo
 
 ``killed``: rank 1 dies (``os._exit(1)``) in the middle of the ring; every other rank must print
 ``CAUGHT`` with a ``RingTimeoutError``/``RingError`` within the ring timeout (20 s) instead of
-hanging (the failure channel tells them within about a second).
+hanging (the failure channel tells them within about a second). ``killed-graph``: the same while
+the survivors replay a ring call captured as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -59,6 +60,29 @@ def _count_planned_runs() -> None:
 
 
 _count_planned_runs()
+# repeats replayed as CUDA graphs (call_plans.GraphSlot.replay, on rings that can be captured)
+GRAPH_REPLAYS = {"count": 0}
+
+
+def _count_graph_replays() -> None:
+    from cuparing import call_plans
+
+    def counted(self, *args, real_replay=call_plans.GraphSlot.replay):
+        replayed = real_replay(self, *args)
+        GRAPH_REPLAYS["count"] += replayed
+        return replayed
+
+    call_plans.GraphSlot.replay = counted
+
+
+_count_graph_replays()
+
+
+def graphs_expected(ring) -> bool:
+    """Whether this ring's repeats should replay CUDA graphs (NCCL, graphs not switched off)."""
+    from cuparing.backends import ring_graphs
+
+    return ring_graphs.enabled(ring)
 LOCAL_LEN = 128  # tokens per rank: global S = 128 * C, divisible by 2C for zigzag
 
 
@@ -147,6 +171,20 @@ def run_case(ring, index, case, report) -> None:
         planned = PLANNED_RUNS["forward"] - planned_before
         report(same and planned == 1,
                f"{name} repeat at pointer level: bit-identical={same}, planned runs {planned}")
+        # later repeats replay the captured graph where the ring can be captured: inputs and
+        # outputs at other addresses each time (fresh copies, NaN-filled memory), same bits
+        replays_before = GRAPH_REPLAYS["count"]
+        for trial in range(2):
+            torch.full((1 << 22,), float("nan"), device="cuda")
+            copies = [x.clone() for x in (q_l, k_l, v_l)]
+            again = cr.ring_attention(*copies, ring, causal=causal, window=window,
+                                      layout=layout, return_lse=True)  # fmt: skip
+            same = torch.equal(again[0], out_l) and torch.equal(again[1], lse_l)
+            report(same, f"{name} repeat {trial + 2} (new addresses): bit-identical={same}")
+        replays = GRAPH_REPLAYS["count"] - replays_before
+        want_replays = 2 if graphs_expected(ring) else 0
+        report(replays == want_replays,
+               f"{name} forward graph replays {replays} (expected {want_replays})")
     grads = cr.ring_attention_backward(dout_l, q_l, k_l, v_l, out_l, lse_l, ring, causal=causal,
                                        window=window, layout=layout)  # fmt: skip
     out_bound = ref.kernel_out_bound(select=local)
@@ -168,6 +206,20 @@ def run_case(ring, index, case, report) -> None:
         report(planned == 1, f"{name} backward repeat at pointer level: planned runs {planned}")
         checks += [
             (f"repeat {label}", got, want, bound)
+            for (label, want, bound), got in zip(grad_checks, again, strict=True)
+        ]
+        # and its graph replay (where the ring can be captured), every array somewhere else
+        replays_before = GRAPH_REPLAYS["count"]
+        torch.full((1 << 22,), float("nan"), device="cuda")
+        copies = [x.clone() for x in (dout_l, q_l, k_l, v_l, out_l, lse_l)]
+        again = cr.ring_attention_backward(*copies, ring, causal=causal, window=window,
+                                           layout=layout)  # fmt: skip
+        replays = GRAPH_REPLAYS["count"] - replays_before
+        want_replays = 1 if graphs_expected(ring) else 0
+        report(replays == want_replays,
+               f"{name} backward graph replays {replays} (expected {want_replays})")
+        checks += [
+            (f"repeat 2 {label}", got, want, bound)
             for (label, want, bound), got in zip(grad_checks, again, strict=True)
         ]
     if framework == "torch":
@@ -403,6 +455,40 @@ def killed() -> int:
     return 0
 
 
+def killed_graph() -> int:
+    """``killed`` for repeats replayed as CUDA graphs (torch tensors): rank 1 dies before its
+    fourth forward, when every rank has captured the call; the others' replays wait on a peer
+    that never sends, and the flight each replay arms must end them."""
+    import torch
+
+    ring = cr.Ring.from_env(timeout=20)
+    q, k, v, _ = global_inputs(8, ring.size, (8, 2), 128, "bfloat16")
+    q_l, k_l, v_l = (
+        torch.from_numpy(np.ascontiguousarray(
+            cr.shard(x, ring.rank, ring.size, layout="zigzag").view(np.uint16)
+        )).cuda().view(torch.bfloat16)
+        for x in (q, k, v)
+    )  # fmt: skip
+    if not graphs_expected(ring):
+        print("NO GRAPHS on this ring", flush=True)
+        return 0
+    try:
+        for call in range(8):
+            if ring.rank == 1 and call == 3:
+                print(f"DYING at {time.time():.3f}", flush=True)
+                os._exit(1)
+            cr.ring_attention(q_l, k_l, v_l, ring, causal=True, layout="zigzag")
+            ring.synchronize()
+        settle(ring)
+    except cr.RingError as exc:
+        print(f"CAUGHT {type(exc).__name__} at {time.time():.3f} after {GRAPH_REPLAYS['count']} "
+              f"graph replays: {exc}", flush=True)  # fmt: skip
+        return 2
+    print("NO ERROR: the ring finished although rank 1 died", flush=True)
+    return 0
+
+
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else "check"
-    sys.exit({"check": check, "stress": stress, "killed": killed}[mode]())
+    modes = {"check": check, "stress": stress, "killed": killed, "killed-graph": killed_graph}
+    sys.exit(modes[mode]())

@@ -1,0 +1,263 @@
+"""A repeated ring call as one CUDA graph: captured once, replayed with the caller's addresses.
+
+A pointer-level repeat (:mod:`cuparing.call_plans`) still spends tens of microseconds of Python
+per exchange (events, NCCL's group calls, the watchdog's flight) and per launch, every call. On a
+ring whose exchanges can be captured (:attr:`cuparing.comm.gpu_ring.GpuRing.capturable`: NCCL's
+send/recv) the repeat runs once inside a stream capture instead, and its exchanges, memsets and
+launches become one graph. A replay then
+
+1. copies the caller's K/V into the graph's own copies: the ring sends K/V at step 0, and NCCL's
+   graph nodes cannot be pointed at other memory (their parameters are NCCL's own);
+2. rewrites the kernel nodes whose addresses changed since the last replay: each launch seen
+   during the capture is packed again by its :class:`~cuparing.backends.launch_plans.PackedLaunch`
+   with the caller's addresses in place of the captured call's (tensor maps included), and the
+   node takes those arguments (``cuGraphExecKernelNodeSetParams``);
+3. launches the graph on the caller's stream; the ring's :meth:`watch` then arms one flight on
+   it, so a dead peer still ends the call within the ring's timeout.
+
+The graph owns its K/V copies and every scratch array of the captured call (accumulators,
+flags) for as long as it lives; replays on one stream reuse them in stream order. Driver calls go
+through NVIDIA's cuda-bindings (an optional dependency, as for the tensor maps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import launch_plans
+
+
+def enabled(ring: Any) -> bool:
+    """Whether ring calls on ``ring`` may run as CUDA graphs: the ring can be captured, the
+    environment variable ``CUPARING_RING_GRAPHS`` is not ``0``, and cuda-bindings is
+    installed."""
+    if not getattr(ring, "capturable", False):
+        return False
+    if os.environ.get("CUPARING_RING_GRAPHS", "1").strip().lower() in ("0", "false", "off"):
+        return False
+    return _graph_driver() is not None
+
+
+class CapturedRingCall:
+    """One ring call captured as a CUDA graph (made by :func:`capture`).
+
+    Args:
+        driver: the :class:`GraphDriver` that captured it.
+        graph, executable: the captured graph and its instantiation.
+        launches: per kernel node, ``[packed launch, captured pointers, kernel index, node]``.
+        addresses: the captured call's caller addresses (what :meth:`replay` replaces).
+        kv: the graph's own K/V copies (CuPy arrays); keep: what the graph's nodes read.
+    """
+
+    def __init__(self, driver: GraphDriver, graph: Any, executable: Any, launches: list,
+                 addresses: tuple[int, ...], kv: Sequence[Any], keep: Any):  # fmt: skip
+        self._driver = driver
+        self._graph, self._executable = graph, executable
+        self._launches = [[*entry, tuple(entry[1]), None] for entry in launches]
+        self._captured = addresses
+        self._applied = addresses
+        self._kv = [(copy.data.ptr, copy.nbytes) for copy in kv]
+        self._keep = (kv, keep)
+
+    def replay(self, addresses: tuple[int, ...], kv: Sequence[int], stream: int) -> None:
+        """Run the captured call on ``stream`` (a CUDA stream handle) with the caller's
+        ``addresses`` (in the order the capture took them) and K/V at the addresses ``kv``
+        (C-contiguous, of the captured shapes and dtypes).
+
+        Raises:
+            RuntimeError: it was released, or a driver call failed.
+        """
+        if self._executable is None:
+            raise RuntimeError("this captured ring call was released (its ring closed)")
+        for (destination, nbytes), source in zip(self._kv, kv, strict=True):
+            self._driver.copy(destination, source, nbytes, stream)
+        if addresses != self._applied:
+            self._repoint(dict(zip(self._captured, addresses, strict=True)))
+            self._applied = addresses
+        self._driver.launch(self._executable, stream)
+
+    def _repoint(self, remap: dict[int, int]) -> None:
+        """Each kernel node whose arguments change under ``remap`` takes the new ones."""
+        for entry in self._launches:
+            packed, pointers, index, node, applied, params = entry
+            wanted = tuple(remap.get(p, p) for p in pointers)
+            if wanted == applied:
+                continue
+
+            def set_node(function, geometry, arguments, entry=entry, node=node, params=params):
+                if params is None:
+                    params = entry[5] = self._driver.kernel_params(function, geometry, arguments)
+                self._driver.set_kernel_node(self._executable, node, params)
+
+            packed.update(wanted, index, set_node)
+            entry[4] = wanted
+
+    @property
+    def live(self) -> bool:
+        """Whether it can still be replayed (not yet released)."""
+        return self._executable is not None
+
+    def release(self) -> None:
+        """Free the graph (idempotent); an executable graph still running is freed when it
+        completes. Rings release their graphs before destroying the communicator."""
+        executable, self._executable = self._executable, None
+        if executable is not None:
+            with contextlib.suppress(Exception):  # (at interpreter exit the driver may be gone)
+                self._driver.destroy(executable, self._graph)
+
+    def __del__(self):
+        if getattr(self, "_driver", None) is not None:
+            self.release()
+
+
+def capture(ring: Any, run: Callable[[list], Any], kv: Sequence[Any],
+            addresses: tuple[int, ...]) -> CapturedRingCall:  # fmt: skip
+    """Capture one ring call into a CUDA graph.
+
+    ``run(kv_copies)`` queues the call on CuPy's current stream exactly as an eager repeat
+    would (exchanges on ``ring``, :class:`~cuparing.backends.launch_plans.PackedLaunch`
+    launches), sending and reading the graph's own K/V copies; whatever it returns (its scratch
+    arrays) lives as long as the graph. Nothing runs during the capture: the caller replays it.
+
+    Args:
+        ring: a capturable ring (:func:`enabled`); it adopts the graph (releases it when it
+            closes).
+        run: the call, as above.
+        kv: the caller's K/V (CuPy arrays, C-contiguous): the shapes of the copies.
+        addresses: the caller's addresses ``run`` hands its launches (non-zero and distinct:
+            replays find them in the captured arguments by value).
+
+    Raises:
+        ValueError: ``addresses`` hold zero or a repeated address.
+        RuntimeError: the capture failed (what the driver said); the ring is unharmed, nothing
+            was queued.
+    """
+    if 0 in addresses or len(set(addresses)) != len(addresses):
+        raise ValueError(f"addresses must be distinct and non-zero, got {addresses}")
+    import cupy
+
+    driver = _graph_driver()
+    if driver is None:
+        raise RuntimeError("capturing a ring call needs cuda-bindings")
+    copies = [cupy.empty(a.shape, a.dtype) for a in kv]
+    stream = cupy.cuda.Stream(non_blocking=True)
+    launches = []
+
+    def observed(packed, pointers, index):
+        launches.append([packed, pointers, index, driver.last_node(stream.ptr)])
+
+    with stream:
+        driver.begin(stream.ptr)
+        try:
+            with ring.capturing(), launch_plans.observe(observed):
+                keep = run(copies)
+        except BaseException:
+            with contextlib.suppress(RuntimeError):
+                driver.destroy(None, driver.end(stream.ptr))
+            raise
+        graph = driver.end(stream.ptr)
+    try:
+        executable = driver.instantiate(graph)
+    except RuntimeError:
+        driver.destroy(None, graph)
+        raise
+    captured = CapturedRingCall(driver, graph, executable, launches, addresses, copies, keep)
+    ring.adopt_capture(captured)
+    return captured
+
+
+class GraphDriver:
+    """The driver calls of :func:`capture` and :class:`CapturedRingCall` (cuda-bindings)."""
+
+    def __init__(self, driver: Any):
+        self._d = driver
+        self._ok = driver.CUresult.CUDA_SUCCESS
+        self._relaxed = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED
+        self._streams: dict[int, Any] = {}
+
+    def _stream(self, handle: int) -> Any:
+        stream = self._streams.get(handle)
+        if stream is None:
+            if len(self._streams) >= 64:
+                self._streams.clear()
+            stream = self._streams[handle] = self._d.CUstream(handle)
+        return stream
+
+    def _check(self, what: str, result: Any) -> Any:
+        error = result[0] if isinstance(result, tuple) else result
+        if error != self._ok:
+            raise RuntimeError(f"{what} failed: {error!r}")
+        return result
+
+    def begin(self, stream: int) -> None:
+        """Start capturing ``stream`` (relaxed: other threads, the watchdog's event queries
+        among them, go on as usual)."""
+        self._check("cuStreamBeginCapture",
+                    self._d.cuStreamBeginCapture(self._stream(stream), self._relaxed))  # fmt: skip
+
+    def end(self, stream: int) -> Any:
+        """End the capture of ``stream``; the graph."""
+        result = self._d.cuStreamEndCapture(self._stream(stream))
+        return self._check("cuStreamEndCapture", result)[1]
+
+    def instantiate(self, graph: Any) -> Any:
+        """The executable graph of ``graph``."""
+        return self._check("cuGraphInstantiate", self._d.cuGraphInstantiate(graph, 0))[1]
+
+    def last_node(self, stream: int) -> Any:
+        """The node the capture of ``stream`` added last (the kernel just launched)."""
+        result = self._check("cuStreamGetCaptureInfo", self._d.cuStreamGetCaptureInfo(
+            self._stream(stream)))  # fmt: skip
+        nodes = result[4]  # (error, status, id, graph, dependencies, ...)
+        if len(nodes) != 1:
+            raise RuntimeError(f"expected one node at the captured stream's end, got {len(nodes)}")
+        return nodes[0]
+
+    def kernel_params(self, function: int, geometry: tuple, arguments: int) -> Any:
+        """A kernel node's parameters: ``function`` with ``geometry`` (grid x, y, z, block x,
+        y, z, dynamic shared memory) and the ``void*`` array at ``arguments``."""
+        params = self._d.CUDA_KERNEL_NODE_PARAMS()
+        params.func = self._d.CUfunction(function)
+        (params.gridDimX, params.gridDimY, params.gridDimZ, params.blockDimX, params.blockDimY,
+         params.blockDimZ, params.sharedMemBytes) = geometry  # fmt: skip
+        params.kernelParams = arguments
+        return params
+
+    def set_kernel_node(self, executable: Any, node: Any, params: Any) -> None:
+        """Point ``node`` of ``executable`` at ``params`` (the argument values are read now)."""
+        self._check("cuGraphExecKernelNodeSetParams",
+                    self._d.cuGraphExecKernelNodeSetParams(executable, node, params))  # fmt: skip
+
+    def copy(self, destination: int, source: int, nbytes: int, stream: int) -> None:
+        """Queue a device-to-device copy of ``nbytes`` on ``stream``."""
+        import cupy
+
+        runtime = cupy.cuda.runtime
+        runtime.memcpyAsync(destination, source, nbytes, runtime.memcpyDeviceToDevice, stream)
+
+    def launch(self, executable: Any, stream: int) -> None:
+        """Launch ``executable`` on ``stream``."""
+        self._check("cuGraphLaunch", self._d.cuGraphLaunch(executable, self._stream(stream)))
+
+    def destroy(self, executable: Any, graph: Any) -> None:
+        """Free ``executable`` (unless None) and ``graph``."""
+        if executable is not None:
+            self._d.cuGraphExecDestroy(executable)
+        self._d.cuGraphDestroy(graph)
+
+
+_DRIVER: list = []
+
+
+def _graph_driver() -> GraphDriver | None:
+    """The process's :class:`GraphDriver`, or None without cuda-bindings."""
+    if not _DRIVER:
+        try:
+            from cuda.bindings import driver
+        except ImportError:
+            driver = None
+        _DRIVER.append(GraphDriver(driver) if driver is not None else None)
+    return _DRIVER[0]
