@@ -334,9 +334,11 @@ class GraphSlot:
     """Where a ring plan keeps its call captured as a CUDA graph
     (:mod:`cuparing.backends.ring_graphs`), on rings whose exchanges can be captured: the first
     repeat that runs eagerly captures itself (and replays at once), later repeats only replay.
-    A graph the ring released (``release_buffers``) is captured again by the next repeat; a
-    capture that fails (the driver refused: its message is warned once) leaves the plan eager
-    for good."""
+    A graph the ring released (``release_buffers``) is captured again by the next repeat. A
+    capture or replay the driver refuses is warned about once and leaves the plan eager for
+    good (nothing of the refused graph ran, so the ranks still issue the same exchanges).
+    ``CUPARING_RING_GRAPHS`` is read when a plan would capture: graphs captured before it was
+    set to 0 go on replaying."""
 
     def __init__(self):
         self._captured = None
@@ -345,20 +347,26 @@ class GraphSlot:
     def replay(self, ring: Any, addresses: tuple[int, ...], kv: tuple) -> bool:
         """Replay the captured call with the caller's ``addresses`` and K/V tensors ``kv`` on the
         current stream, arming the ring's watchdog on it; False (nothing done) when there is no
-        graph, the ring cannot be captured now (it is tracing), or ``kv`` are not C-contiguous
-        (the replay copies them as flat bytes)."""
+        graph, the ring cannot be captured now (it is tracing), ``kv`` are not C-contiguous
+        (the replay copies them as flat bytes), or the driver refused the replay.
+
+        Raises:
+            RingTimeoutError, RingError: the ring has failed (before anything is queued: a
+                replay would run an aborted communicator's operations).
+        """
         captured = self._captured
-        if captured is not None and not captured.live:
+        if captured is None:
+            return False
+        ring.check()
+        if not captured.live:
             # the ring released it (its receive buffers dropped, or closed): capture again
             self._captured, self._tried = None, False
             return False
-        if captured is None or not ring.capturable:  # (a traced call shows its exchanges)
+        if not ring.capturable:  # (tracing: a traced call shows its exchanges)
             return False
         if not (kv[0].is_contiguous() and kv[1].is_contiguous()):
             return False
-        captured.replay(addresses, (kv[0].data_ptr(), kv[1].data_ptr()), _current_stream())
-        ring.watch("ring call (CUDA graph)")
-        return True
+        return self._replayed(ring, addresses, (kv[0].data_ptr(), kv[1].data_ptr()))
 
     def run(self, ring: Any, run: Any, kv: list, addresses: tuple[int, ...]) -> None:
         """``run(kv)`` (the call at pointer level, queueing on the current stream): captured
@@ -370,17 +378,34 @@ class GraphSlot:
             run(kv)
             return
         self._tried = True
+        ring.check()
         try:
             self._captured = ring_graphs.capture(ring, run, kv, addresses)
         except RingError:
             raise
         except RuntimeError as exc:
-            warnings.warn(f"cuparing: a ring call could not be captured as a CUDA graph ({exc}); "
-                          "it runs without one", RuntimeWarning, stacklevel=4)  # fmt: skip
+            _warn_eager(f"could not be captured as a CUDA graph ({exc})")
             run(kv)
             return
-        self._captured.replay(addresses, tuple(a.data.ptr for a in kv), _current_stream())
+        if not self._replayed(ring, addresses, tuple(a.data.ptr for a in kv)):
+            run(kv)
+
+    def _replayed(self, ring: Any, addresses: tuple[int, ...], kv: tuple[int, int]) -> bool:
+        """Replay and watch; on a refusal of the driver release the graph, warn, False."""
+        try:
+            self._captured.replay(addresses, kv, _current_stream())
+        except RuntimeError as exc:
+            self._captured.release()
+            self._captured = None  # (and _tried stays set: no second capture)
+            _warn_eager(f"could not be replayed as a CUDA graph ({exc})")
+            return False
         ring.watch("ring call (CUDA graph)")
+        return True
+
+
+def _warn_eager(why: str) -> None:
+    warnings.warn(f"cuparing: a ring call {why}; it runs without one", RuntimeWarning,
+                  stacklevel=5)  # fmt: skip
 
 
 def _current_stream() -> int:

@@ -303,6 +303,11 @@ def test_a_peer_that_stops_times_out_naming_rank_tag_exchange_and_peer(fake):
     message = str(error)
     assert message.startswith("rank 0: exchange 'kv' #2 (shift 1: rank 0 sends to rank 1")
     assert why in message
+    # _fail records the error (which the raise above saw) before it tells the failure channel,
+    # from the watchdog's thread: wait for the whole of it
+    deadline = time.monotonic() + 10
+    while not reports and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert reports and "'kv' #2" in reports[0]  # told the failure channel
     with pytest.raises(cr.RingTimeoutError, match="'kv' #2"):
         ring0.exchange(x)

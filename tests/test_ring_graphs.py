@@ -23,6 +23,7 @@ class RecordingGraphDriver:
 
     def __init__(self, fields: int):
         self.fields, self.updates, self.copies, self.launches = fields, [], [], []
+        self.orders, self.destroyed = [], []
 
     def kernel_params(self, function, geometry, arguments):
         return SimpleNamespace(function=function, geometry=geometry, arguments=arguments)
@@ -35,11 +36,14 @@ class RecordingGraphDriver:
     def copy(self, destination, source, nbytes, stream):
         self.copies.append((destination, source, nbytes, stream))
 
+    def order(self, first, then):
+        self.orders.append((first, then))
+
     def launch(self, executable, stream):
         self.launches.append((executable, stream))
 
     def destroy(self, executable, graph):
-        pass
+        self.destroyed.append((executable, graph))
 
 
 FIELDS = 4  # pointers per launch in these tests: a struct of four addresses
@@ -57,7 +61,8 @@ def _captured(driver, entries, addresses):
     launches = [[packed, pointers, 0, f"n{i}"] for i, (packed, pointers) in enumerate(entries)]
     kv = [SimpleNamespace(data=SimpleNamespace(ptr=0xA000), nbytes=64),
           SimpleNamespace(data=SimpleNamespace(ptr=0xB000), nbytes=32)]  # fmt: skip
-    return ring_graphs.CapturedRingCall(driver, "graph", "exec", launches, addresses, kv, None)
+    return ring_graphs.CapturedRingCall(driver, "graph", "exec", launches, addresses, kv,
+                                        keep=["scratch"], home_stream=5)  # fmt: skip
 
 
 def test_replay_repoints_only_what_the_caller_moved():
@@ -85,10 +90,28 @@ def test_replay_repoints_only_what_the_caller_moved():
     assert driver.updates == [("n1", (out0, q1, received, lse0), 12)]
     assert len(driver.launches) == 4
 
+    assert driver.orders == []  # every replay on the stream the graph's memory came from
+
     graph.release()
-    assert not graph.live
+    graph.release()
+    assert not graph.live and driver.destroyed == [("exec", "graph")]
     with pytest.raises(RuntimeError, match="released"):
         graph.replay((q1, out0, lse0), (0x7000, 0x8000), stream=5)
+
+
+def test_replays_on_another_stream_wait_for_the_last_and_release_waits_for_them():
+    """The K/V copies and the scratch are one set: a replay on a new stream first waits for the
+    last replay's stream, and releasing hands the memory back in its home stream's order only
+    after the last replay."""
+    driver = RecordingGraphDriver(FIELDS)
+    graph = _captured(driver, [(_launch(1), (0x1000, 0, 0, 0))], (0x1000,))
+    for stream in (5, 7, 7, 9, 5):
+        graph.replay((0x1000,), (0x10, 0x20), stream=stream)
+    assert driver.orders == [(5, 7), (7, 9), (9, 5)]
+    graph.replay((0x1000,), (0x10, 0x20), stream=8)
+    graph.release()
+    assert driver.orders[-2:] == [(5, 8), (8, 5)]
+    assert graph._keep is None  # the graph's memory is handed back with it
 
 
 @settings(max_examples=60, deadline=None)
@@ -132,3 +155,141 @@ def test_capture_refuses_addresses_it_could_not_tell_apart():
     for addresses in ((0x10, 0x10), (0x10, 0)):
         with pytest.raises(ValueError, match="distinct and non-zero"):
             ring_graphs.capture(None, lambda kv: None, [], addresses)
+
+
+# --- call_plans.GraphSlot: when a plan captures, replays, falls back --------------------------
+
+
+class SlotRing:
+    """A ring as GraphSlot sees it."""
+
+    def __init__(self):
+        self.capturable, self.failed, self.watched = True, None, 0
+
+    def check(self):
+        if self.failed is not None:
+            raise self.failed
+
+    def watch(self, tag):
+        self.watched += 1
+
+
+class SlotGraph:
+    """A captured call as GraphSlot sees it."""
+
+    def __init__(self, refuse=False):
+        self.live, self.refuse, self.replays = True, refuse, []
+
+    def replay(self, addresses, kv, stream):
+        if self.refuse:
+            raise RuntimeError("cuGraphLaunch failed: CUDA_ERROR_INVALID_VALUE")
+        self.replays.append((addresses, kv, stream))
+
+    def release(self):
+        self.live = False
+
+
+class Tensor:  # torch-like K/V for replay, CuPy-like for run
+    def __init__(self, ptr, contiguous=True):
+        self.ptr, self.contiguous = ptr, contiguous
+        self.flags = SimpleNamespace(c_contiguous=contiguous)
+        self.data = SimpleNamespace(ptr=ptr)
+
+    def is_contiguous(self):
+        return self.contiguous
+
+    def data_ptr(self):
+        return self.ptr
+
+
+@pytest.fixture
+def slot_env(monkeypatch):
+    from cuparing import call_plans
+
+    env = SimpleNamespace(captures=[], graphs=[], eager=0, capture_error=None)
+
+    def capture(ring, run, kv, addresses):
+        env.captures.append(addresses)
+        if env.capture_error is not None:
+            raise env.capture_error
+        env.graphs.append(SlotGraph(refuse=env.refuse_replay))
+        return env.graphs[-1]
+
+    def run(kv):
+        env.eager += 1
+
+    env.refuse_replay = False
+    env.run = run
+    monkeypatch.setattr(ring_graphs, "enabled", lambda ring: ring.capturable)
+    monkeypatch.setattr(ring_graphs, "capture", capture)
+    monkeypatch.setattr(call_plans, "_current_stream", lambda: 3)
+    env.slot = call_plans.GraphSlot()
+    return env
+
+
+KV = (Tensor(0x100), Tensor(0x200))
+
+
+def test_a_slot_captures_once_then_only_replays(slot_env):
+    env, ring = slot_env, SlotRing()
+    assert not env.slot.replay(ring, (1, 2), KV)  # nothing captured yet: the caller runs eagerly
+    env.slot.run(ring, env.run, list(KV), (1, 2))
+    assert env.captures == [(1, 2)] and env.eager == 0 and ring.watched == 1
+    assert env.graphs[0].replays == [((1, 2), (0x100, 0x200), 3)]  # the capturing call itself
+    assert env.slot.replay(ring, (4, 5), KV) and ring.watched == 2
+    assert env.graphs[0].replays[-1] == ((4, 5), (0x100, 0x200), 3)
+    assert not env.slot.replay(ring, (4, 5), (Tensor(0x100, contiguous=False), KV[1]))
+    ring.capturable = False  # tracing: the call shows its exchanges
+    assert not env.slot.replay(ring, (4, 5), KV)
+    assert len(env.captures) == 1
+
+
+def test_a_failed_ring_raises_before_a_replay_queues_anything(slot_env):
+    env, ring = slot_env, SlotRing()
+    env.slot.run(ring, env.run, list(KV), (1, 2))
+    ring.failed = RuntimeError("rank 0: ring aborted because rank 1 failed")
+    with pytest.raises(RuntimeError, match="rank 1 failed"):
+        env.slot.replay(ring, (1, 2), KV)
+    assert len(env.graphs[0].replays) == 1 and ring.watched == 1
+
+
+def test_a_released_graph_is_captured_again(slot_env):
+    env, ring = slot_env, SlotRing()
+    env.slot.run(ring, env.run, list(KV), (1, 2))
+    env.graphs[0].release()  # the ring dropped its receive buffers
+    assert not env.slot.replay(ring, (1, 2), KV)
+    env.slot.run(ring, env.run, list(KV), (1, 2))
+    assert len(env.captures) == 2 and env.slot.replay(ring, (1, 2), KV)
+    assert env.graphs[1].replays and env.eager == 0
+
+
+def test_refusals_fall_back_to_eager_for_good_and_ring_errors_propagate(slot_env):
+    env, ring = slot_env, SlotRing()
+    env.capture_error = RuntimeError("cuStreamBeginCapture failed")
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        env.slot.run(ring, env.run, list(KV), (1, 2))
+    env.slot.run(ring, env.run, list(KV), (1, 2))
+    assert env.eager == 2 and len(env.captures) == 1 and ring.watched == 0
+
+    from cuparing import call_plans
+    from cuparing.comm.base import RingError
+
+    env.slot = call_plans.GraphSlot()
+    env.capture_error = RingError("rank 0: exchange 'kv' on a closed ring")
+    with pytest.raises(RingError):
+        env.slot.run(ring, env.run, list(KV), (1, 2))
+
+    env.slot, env.capture_error, env.refuse_replay = call_plans.GraphSlot(), None, True
+    with pytest.warns(RuntimeWarning, match="could not be replayed"):
+        env.slot.run(ring, env.run, list(KV), (1, 2))
+    assert env.eager == 3 and not env.graphs[-1].live  # released, the call ran eagerly
+    assert not env.slot.replay(ring, (1, 2), KV)
+    env.slot.run(ring, env.run, list(KV), (1, 2))
+    assert env.eager == 4 and len(env.captures) == 3  # no second capture
+
+
+def test_repeated_or_non_contiguous_operands_are_not_captured(slot_env):
+    env, ring = slot_env, SlotRing()
+    env.slot.run(ring, env.run, list(KV), (1, 1))
+    env.slot.run(ring, env.run, [Tensor(0x100, contiguous=False), KV[1]], (1, 2))
+    assert env.eager == 2 and env.captures == []

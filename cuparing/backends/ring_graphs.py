@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,10 +51,12 @@ class CapturedRingCall:
         launches: per kernel node, ``[packed launch, captured pointers, kernel index, node]``.
         addresses: the captured call's caller addresses (what :meth:`replay` replaces).
         kv: the graph's own K/V copies (CuPy arrays); keep: what the graph's nodes read.
+        home_stream: the stream current when its memory was allocated (the caller's).
     """
 
     def __init__(self, driver: GraphDriver, graph: Any, executable: Any, launches: list,
-                 addresses: tuple[int, ...], kv: Sequence[Any], keep: Any):  # fmt: skip
+                 addresses: tuple[int, ...], kv: Sequence[Any], keep: Any,
+                 home_stream: int):  # fmt: skip
         self._driver = driver
         self._graph, self._executable = graph, executable
         self._launches = [[*entry, tuple(entry[1]), None] for entry in launches]
@@ -61,6 +64,9 @@ class CapturedRingCall:
         self._applied = addresses
         self._kv = [(copy.data.ptr, copy.nbytes) for copy in kv]
         self._keep = (kv, keep)
+        # the stream the graph's memory was allocated on (its allocator reuses it in that
+        # stream's order) and the stream of the last replay
+        self._home_stream = self._last_stream = home_stream
 
     def replay(self, addresses: tuple[int, ...], kv: Sequence[int], stream: int) -> None:
         """Run the captured call on ``stream`` (a CUDA stream handle) with the caller's
@@ -72,6 +78,11 @@ class CapturedRingCall:
         """
         if self._executable is None:
             raise RuntimeError("this captured ring call was released (its ring closed)")
+        if stream != self._last_stream:
+            # the K/V copies and the scratch are one set: the last replay must be done with
+            # them before this one's copies land
+            self._driver.order(self._last_stream, stream)
+            self._last_stream = stream
         for (destination, nbytes), source in zip(self._kv, kv, strict=True):
             self._driver.copy(destination, source, nbytes, stream)
         if addresses != self._applied:
@@ -101,16 +112,30 @@ class CapturedRingCall:
         return self._executable is not None
 
     def release(self) -> None:
-        """Free the graph (idempotent); an executable graph still running is freed when it
-        completes. Rings release their graphs before destroying the communicator."""
+        """Free the graph and hand its memory back (idempotent). An executable graph still
+        running is destroyed when it completes; its memory goes back to the allocator in the
+        order of the stream it was allocated on, which first waits for the last replay when
+        that ran on another stream. Rings release their graphs before destroying the
+        communicator (whose destroy waits for them) and before dropping the receive buffers
+        the graphs point at.
+
+        Warns (RuntimeWarning) when the driver refuses the destroy."""
         executable, self._executable = self._executable, None
-        if executable is not None:
-            with contextlib.suppress(Exception):  # (at interpreter exit the driver may be gone)
-                self._driver.destroy(executable, self._graph)
+        if executable is None:
+            return
+        try:
+            if self._last_stream != self._home_stream:
+                self._driver.order(self._last_stream, self._home_stream)
+            self._driver.destroy(executable, self._graph)
+        except RuntimeError as exc:
+            warnings.warn(f"cuparing: releasing a captured ring call: {exc}", RuntimeWarning,
+                          stacklevel=2)  # fmt: skip
+        self._keep = self._kv = self._launches = None
 
     def __del__(self):
         if getattr(self, "_driver", None) is not None:
-            self.release()
+            with contextlib.suppress(Exception):  # at interpreter exit the driver may be gone
+                self.release()
 
 
 def capture(ring: Any, run: Callable[[list], Any], kv: Sequence[Any],
@@ -132,8 +157,9 @@ def capture(ring: Any, run: Callable[[list], Any], kv: Sequence[Any],
 
     Raises:
         ValueError: ``addresses`` hold zero or a repeated address.
-        RuntimeError: the capture failed (what the driver said); the ring is unharmed, nothing
-            was queued.
+        RuntimeError: the capture failed (what the driver or the transport said); nothing was
+            queued and the ring stays usable.
+        RingError: the ring had failed before (as an eager call would raise).
     """
     if 0 in addresses or len(set(addresses)) != len(addresses):
         raise ValueError(f"addresses must be distinct and non-zero, got {addresses}")
@@ -143,6 +169,7 @@ def capture(ring: Any, run: Callable[[list], Any], kv: Sequence[Any],
     if driver is None:
         raise RuntimeError("capturing a ring call needs cuda-bindings")
     copies = [cupy.empty(a.shape, a.dtype) for a in kv]
+    home = cupy.cuda.get_current_stream().ptr
     stream = cupy.cuda.Stream(non_blocking=True)
     launches = []
 
@@ -164,7 +191,8 @@ def capture(ring: Any, run: Callable[[list], Any], kv: Sequence[Any],
     except RuntimeError:
         driver.destroy(None, graph)
         raise
-    captured = CapturedRingCall(driver, graph, executable, launches, addresses, copies, keep)
+    captured = CapturedRingCall(driver, graph, executable, launches, addresses, copies, keep,
+                                home)  # fmt: skip
     ring.adopt_capture(captured)
     return captured
 
@@ -238,6 +266,18 @@ class GraphDriver:
         runtime = cupy.cuda.runtime
         runtime.memcpyAsync(destination, source, nbytes, runtime.memcpyDeviceToDevice, stream)
 
+    def order(self, first: int, then: int) -> None:
+        """Make stream ``then`` wait for the work queued so far on stream ``first``."""
+        import cupy
+
+        runtime = cupy.cuda.runtime
+        event = runtime.eventCreateWithFlags(runtime.eventDisableTiming)
+        try:
+            runtime.eventRecord(event, first)
+            runtime.streamWaitEvent(then, event, 0)
+        finally:
+            runtime.eventDestroy(event)  # (freed once the wait no longer needs it)
+
     def launch(self, executable: Any, stream: int) -> None:
         """Launch ``executable`` on ``stream``."""
         self._check("cuGraphLaunch", self._d.cuGraphLaunch(executable, self._stream(stream)))
@@ -245,8 +285,8 @@ class GraphDriver:
     def destroy(self, executable: Any, graph: Any) -> None:
         """Free ``executable`` (unless None) and ``graph``."""
         if executable is not None:
-            self._d.cuGraphExecDestroy(executable)
-        self._d.cuGraphDestroy(graph)
+            self._check("cuGraphExecDestroy", self._d.cuGraphExecDestroy(executable))
+        self._check("cuGraphDestroy", self._d.cuGraphDestroy(graph))
 
 
 _DRIVER: list = []

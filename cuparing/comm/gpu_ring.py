@@ -111,15 +111,16 @@ class Flight:
     tag: str
     seq: int
     shift: int
-    dest: int  # -1 for a collective
+    dest: int  # -1 for a collective or a replayed graph
     source: int
     issued_at: float
     event: Any = None  # the 'received' event; None while the transfer is being issued
     keep: list = field(default_factory=list)  # arrays the transfer reads, alive until it is done
+    kind: str = "collective"  # what a flight without a peer is (see GpuRing.watch)
 
     def describe(self, rank: int) -> str:
         if self.dest < 0:
-            return f"collective {self.tag!r} #{self.seq}"
+            return f"{self.kind} {self.tag!r} #{self.seq}"
         return (
             f"exchange {self.tag!r} #{self.seq} (shift {self.shift}: rank {rank} sends to rank "
             f"{self.dest}, receives from rank {self.source})"
@@ -282,7 +283,12 @@ class GpuRing(Ring):
                 received = self._push(flight, sends)
             except RingError:
                 raise
-            except Exception as exc:  # NcclError, a CUDA error: the ring is unusable
+            except Exception as exc:
+                if self._capturing:
+                    # nothing ran: the transport refused to be captured, the ring is intact
+                    raise RuntimeError(f"{flight.describe(self.rank)} could not be captured: "
+                                       f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
+                # NcclError, a CUDA error: the ring is unusable
                 error = self._error or RingError(
                     f"rank {self.rank}: {flight.describe(self.rank)} failed: "
                     f"{type(exc).__name__}: {exc}"
@@ -345,8 +351,10 @@ class GpuRing(Ring):
     @property
     def capturable(self) -> bool:
         """Whether this ring's exchanges can be captured into a CUDA graph now: the transport
-        allows it and the ring is not tracing (the trace's events would be captured)."""
-        return self._transport_capturable and self._trace is None
+        allows it, the ring has peers, and it is not tracing (the trace's events would be
+        captured). A ring is driven from one thread at a time: an exchange of another thread
+        during a capture would be captured too."""
+        return self._transport_capturable and self.size > 1 and self._trace is None
 
     @contextlib.contextmanager
     def capturing(self):
@@ -375,15 +383,19 @@ class GpuRing(Ring):
 
     def watch(self, tag: str) -> None:
         """Arm one flight on the work queued so far on CuPy's current stream (a replayed graph
-        of ring calls): the watchdog aborts the ring if it makes no progress in time.
+        of ring calls): the watchdog aborts the ring if it makes no progress in time. The whole
+        replayed call is one flight, so the call (not each of its exchanges) must fit in the
+        timeout. Nothing to watch on a ring without a watchdog (a ring of one).
 
         Raises:
             RingTimeoutError, RingError: the ring has failed.
         """
         self._raise_if_failed()
+        if self._watchdog is None:
+            return
         seq = self._seq[tag]
         self._seq[tag] += 1
-        flight = Flight(tag, seq, 0, -1, -1, time.monotonic())
+        flight = Flight(tag, seq, 0, -1, -1, time.monotonic(), kind="replayed graph")
         with self.device:
             flight.event = self._event_on(self._cupy.cuda.get_current_stream())
         self._arm(flight)
