@@ -394,7 +394,7 @@ class GraphSlot:
         """Replay and watch; on a refusal of the driver release the graph, warn, False."""
         try:
             self._captured.replay(addresses, kv, _current_stream())
-        except RuntimeError as exc:
+        except (RuntimeError, TypeError, ValueError) as exc:  # the driver binding refused
             self._captured.release()
             self._captured = None  # (and _tried stays set: no second capture)
             _warn_eager(f"could not be replayed as a CUDA graph ({exc})")

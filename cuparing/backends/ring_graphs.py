@@ -127,7 +127,7 @@ class CapturedRingCall:
             if self._last_stream != self._home_stream:
                 self._driver.order(self._last_stream, self._home_stream)
             self._driver.destroy(executable, self._graph)
-        except RuntimeError as exc:
+        except (RuntimeError, TypeError, ValueError) as exc:  # the driver binding refused
             warnings.warn(f"cuparing: releasing a captured ring call: {exc}", RuntimeWarning,
                           stacklevel=2)  # fmt: skip
         self._keep = self._kv = self._launches = None
@@ -268,15 +268,14 @@ class GraphDriver:
 
     def order(self, first: int, then: int) -> None:
         """Make stream ``then`` wait for the work queued so far on stream ``first``."""
-        import cupy
-
-        runtime = cupy.cuda.runtime
-        event = runtime.eventCreateWithFlags(runtime.eventDisableTiming)
+        d = self._d
+        created = d.cuEventCreate(int(d.CUevent_flags.CU_EVENT_DISABLE_TIMING))
+        event = self._check("cuEventCreate", created)[1]
         try:
-            runtime.eventRecord(event, first)
-            runtime.streamWaitEvent(then, event, 0)
+            self._check("cuEventRecord", d.cuEventRecord(event, self._stream(first)))
+            self._check("cuStreamWaitEvent", d.cuStreamWaitEvent(self._stream(then), event, 0))
         finally:
-            runtime.eventDestroy(event)  # (freed once the wait no longer needs it)
+            d.cuEventDestroy(event)  # (freed once the wait no longer needs it)
 
     def launch(self, executable: Any, stream: int) -> None:
         """Launch ``executable`` on ``stream``."""
