@@ -181,8 +181,25 @@ def run_case(ring, index, case, report) -> None:
                                       layout=layout, return_lse=True)  # fmt: skip
             same = torch.equal(again[0], out_l) and torch.equal(again[1], lse_l)
             report(same, f"{name} repeat {trial + 2} (new addresses): bit-identical={same}")
+        # on another stream (a replay there waits for the last one), then after the ring
+        # dropped its receive buffers (the graph is released; the next repeat captures again)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            copies = [x.clone() for x in (q_l, k_l, v_l)]
+            again = cr.ring_attention(*copies, ring, causal=causal, window=window,
+                                      layout=layout, return_lse=True)  # fmt: skip
+        torch.cuda.current_stream().wait_stream(side)
+        same = torch.equal(again[0], out_l) and torch.equal(again[1], lse_l)
+        report(same, f"{name} repeat on another stream: bit-identical={same}")
+        ring.release_buffers()
+        for trial in ("captured again", "replayed"):
+            again = cr.ring_attention(q_l, k_l, v_l, ring, causal=causal, window=window,
+                                      layout=layout, return_lse=True)  # fmt: skip
+            same = torch.equal(again[0], out_l) and torch.equal(again[1], lse_l)
+            report(same, f"{name} repeat after release_buffers ({trial}): bit-identical={same}")
         replays = GRAPH_REPLAYS["count"] - replays_before
-        want_replays = 2 if graphs_expected(ring) else 0
+        want_replays = 4 if graphs_expected(ring) else 0
         report(replays == want_replays,
                f"{name} forward graph replays {replays} (expected {want_replays})")
     grads = cr.ring_attention_backward(dout_l, q_l, k_l, v_l, out_l, lse_l, ring, causal=causal,
