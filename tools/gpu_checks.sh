@@ -8,7 +8,7 @@
 #   ring: (2+ GPUs) ring calls at pointer level and the IPC ring's device flags: the repeat and
 #        ring tests on one GPU, the multi-GPU suite (NCCL, IPC with device flags and with the
 #        host handshake: killed rank included), and the host cost per ring call on both
-#        transports
+#        transports (NCCL with and without its CUDA graphs)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 out="${CUPARING_LOG_DIR:-out}"
@@ -46,10 +46,12 @@ if [[ $what == ring || $what == all ]]; then
     -k "(repeat or ring or caller)${filter:+ and ($filter)}" 2>&1 | tee "$out/ring_single.log" | tail -8
   run timeout 560 python -m pytest -q -rf --maxfail=4 tests/test_multigpu.py 2>&1 \
     | tee "$out/ring_multi.log" | tail -12
-  for transport in nccl ipc; do
-    run env CUPARING_TRANSPORT=$transport timeout 120 python -m cuparing.launch --nproc-per-node 2 \
-      tools/bench_overhead.py --ring-only --calls 300 2>&1 | tee "$out/ring_overhead_$transport.log" \
-      | grep -A3 "ring ("
+  # nccl: repeats replay CUDA graphs; nccl-eager: the same without (CUPARING_RING_GRAPHS=0)
+  for transport in nccl nccl-eager ipc; do
+    run env CUPARING_TRANSPORT=${transport%-eager} \
+      CUPARING_RING_GRAPHS=$([[ $transport == *-eager ]] && echo 0 || echo 1) \
+      timeout 120 python -m cuparing.launch --nproc-per-node 2 tools/bench_overhead.py \
+      --ring-only --calls 300 2>&1 | tee "$out/ring_overhead_$transport.log" | grep -A3 "ring ("
   done
 fi
 if [[ $what == bench || $what == all ]]; then
