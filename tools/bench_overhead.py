@@ -119,6 +119,7 @@ def ring_rows(calls: int, profile_dir: str | None = None) -> list[dict]:
                 label = f"{row['transport']} {name} {tokens} rank{ring.rank}"
                 profile(fn, label, calls, profile_dir, echo=False)
         rows.append(row)
+    ring.close()  # (its captured graphs first, then the communicator: not left to exit)
     return rows
 
 
