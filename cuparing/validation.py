@@ -18,8 +18,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from numbers import Integral, Real
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -561,16 +562,17 @@ def check_ring_call(
 def ring_call_fields(
     entry: str, q: Any, k: Any, ring: Any, mask: MaskSpec, scale: float, layout: str,
     cu_seqlens: tuple | None = None,
-) -> dict[str, str]:  # fmt: skip
+) -> Mapping[str, str]:  # fmt: skip
     """What every rank's ring call must have alike, for :meth:`cuparing.Ring.agree`.
 
     A rank that passes another layout, mask, scale, dtype or local shape than its peers would
     otherwise get a wrong answer silently (or a timeout): each of these is a field, so a mismatch
     is named on every rank before the first transfer. Arguments are the checked ones of
     :func:`check_ring_call`; ``entry`` names the public function (a forward on one rank against
-    a backward on another is a mismatch too). Returns names to ``str`` values.
+    a backward on another is a mismatch too). Returns names to ``str`` values, read-only (a kept
+    plan passes the same mapping on every repeat, which ``agree`` then need not read again).
     """
-    return {
+    return MappingProxyType({
         "call": entry,
         "q_shape": str(tuple(q.shape)),
         "kv_shape": str(tuple(k.shape)),
@@ -584,7 +586,7 @@ def ring_call_fields(
         "global_seqlen": str(q.shape[1] * int(ring.size) if cu_seqlens is None else cu_seqlens[-1]),
         # the documents, as a digest: long boundary lists stay out of error messages
         "cu_seqlens": "none" if cu_seqlens is None else _boundaries_digest(cu_seqlens),
-    }
+    })
 
 
 @functools.lru_cache(maxsize=32)

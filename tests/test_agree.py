@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import pytest
 from fake_gpu import FakeStack, run_threads
@@ -206,3 +207,37 @@ def test_gpu_rings_agree_once_and_raise_everywhere_on_a_mismatch(gpu_rings, ring
     )
     assert "rank 1: the ranks disagree on causal: this rank has causal='False', rank 0" in got[1]
     assert all(ring._error is None for ring in rings)  # a disagreement is no ring failure
+
+
+def test_a_read_only_call_agreed_last_is_not_read_again(gathers, monkeypatch):
+    """A kept plan passes the same read-only fields on every repeat: after they agreed, agree
+    returns without making their key; any other mapping, a call in between or a refusal makes
+    the next call read (and, where it changed, check) again."""
+    from types import MappingProxyType
+
+    from cuparing.comm import agreement
+
+    keys = {}
+    real = agreement.call_key
+
+    def counting(fields):
+        keys[threading.get_ident()] = keys.get(threading.get_ident(), 0) + 1
+        return real(fields)
+
+    monkeypatch.setattr(agreement, "call_key", counting)
+    kept, other = MappingProxyType(dict(CALL)), MappingProxyType(dict(CALL, causal="False"))
+
+    def fn(ring):
+        me = threading.get_ident()
+        made = []
+        for fields in (kept, kept, dict(CALL), kept, other, kept):
+            ring.agree(fields)
+            made.append(keys.get(me, 0))
+        ring.refuse("ring_attention", ValueError("q must be 4-D"))
+        ring.agree(kept)  # after a refusal: checked again
+        return made + [keys.get(me, 0)], gathers[ring.rank]
+
+    got = cr.simulate(2, fn, timeout=20)
+    # keys made: kept (1), kept again (none), an equal dict (1: no collective), kept again
+    # (1: another mapping came between), other (1), kept (1), after the refusal (2: its own)
+    assert got == [([1, 1, 2, 3, 4, 5, 7], 5)] * 2

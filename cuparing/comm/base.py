@@ -20,6 +20,7 @@ import abc
 import contextlib
 import os
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from . import agreement
@@ -115,7 +116,9 @@ class Ring(abc.ABC):
 
         Args:
             fields: what every rank must have alike, names to values, both ``str`` (e.g.
-                ``{"layout": "zigzag", "dtype": "bfloat16", "q": "(1, 4096, 32, 128)"}``).
+                ``{"layout": "zigzag", "dtype": "bfloat16", "q": "(1, 4096, 32, 128)"}``). A
+                ``types.MappingProxyType`` passed again after it agreed is taken as the same
+                call without reading it (the library's own fields are such read-only views).
 
         Raises:
             TypeError: ``fields`` is not a mapping of ``str`` to ``str`` (nothing is exchanged).
@@ -125,18 +128,23 @@ class Ring(abc.ABC):
             RingTimeoutError, RingError: a rank did not take part: it died, or it repeated its
                 previous call while this rank changed its own.
         """
-        key = agreement.call_key(fields)
-        # Ring has no __init__ of its own, so the previous call lives in the instance dict
-        if key == self.__dict__.get("_previous_call"):
+        # Ring has no __init__ of its own, so the previous call lives in the instance dict.
+        # The very read-only mapping agreed last time (a kept plan's) is the same call: its key
+        # need not be made again (sorting and checking the fields, every call of a layer)
+        if type(fields) is MappingProxyType and fields is self.__dict__.get("_previous_fields"):
             return
-        if self.size > 1:
-            why = agreement.disagreement(
-                self.rank, key, self.allgather_bytes(agreement.encode(key))
-            )
-            if why is not None:
-                self._previous_call = None  # the next call checks again, on every rank
-                raise ValueError(why)
-        self._previous_call = key
+        key = agreement.call_key(fields)
+        if key != self.__dict__.get("_previous_call"):
+            if self.size > 1:
+                why = agreement.disagreement(
+                    self.rank, key, self.allgather_bytes(agreement.encode(key))
+                )
+                if why is not None:
+                    # the next call checks again, on every rank
+                    self._previous_call = self._previous_fields = None
+                    raise ValueError(why)
+            self._previous_call = key
+        self._previous_fields = fields
 
     def refuse(self, entry: str, error: BaseException) -> None:
         """Take part in the other ranks' :meth:`agree` of a call this rank cannot make.
@@ -149,7 +157,8 @@ class Ring(abc.ABC):
             entry: the function that was called (``"ring_attention"``, ...).
             error: why this rank's call is invalid.
         """
-        self._previous_call = None  # the next call is checked again, on every rank
+        # the next call is checked again, on every rank
+        self._previous_call = self._previous_fields = None
         if self.size <= 1:
             return
         fields = {"entry": entry, agreement.REFUSED: f"{type(error).__name__}: {error}"}
