@@ -453,3 +453,12 @@ def test_release_buffers_releases_the_graphs_that_point_at_them(rings):
     ring0.adopt_capture(kept)
     ring0.release_buffers()
     assert released == [1] and not ring0._buffers
+
+
+def test_a_ring_of_one_is_not_captured_and_watches_nothing(stack):
+    solo = nccl_mod.NcclRing(0, 1, None, 0)  # what from_env builds for a world of one
+    assert not solo.capturable
+    for _ in range(3):
+        solo.watch("ring call (CUDA graph)")  # no watchdog would ever retire a flight
+    assert not solo._flights
+    solo.close()
