@@ -405,7 +405,7 @@ class GraphSlot:
 
 def _warn_eager(why: str) -> None:
     warnings.warn(f"cuparing: a ring call {why}; it runs without one", RuntimeWarning,
-                  stacklevel=5)  # fmt: skip
+                  stacklevel=2)  # fmt: skip
 
 
 def _current_stream() -> int:

@@ -20,12 +20,12 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from numbers import Integral, Real
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
 from . import documents
+from .comm.agreement import CallFields
 from .interop import (
     Origin,
     dtype_name,
@@ -569,10 +569,10 @@ def ring_call_fields(
     otherwise get a wrong answer silently (or a timeout): each of these is a field, so a mismatch
     is named on every rank before the first transfer. Arguments are the checked ones of
     :func:`check_ring_call`; ``entry`` names the public function (a forward on one rank against
-    a backward on another is a mismatch too). Returns names to ``str`` values, read-only (a kept
-    plan passes the same mapping on every repeat, which ``agree`` then need not read again).
+    a backward on another is a mismatch too). Returns names to ``str`` values, frozen (a kept plan
+    passes the same object on every repeat, which ``agree`` then need not read again).
     """
-    return MappingProxyType({
+    return CallFields({
         "call": entry,
         "q_shape": str(tuple(q.shape)),
         "kv_shape": str(tuple(k.shape)),

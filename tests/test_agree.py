@@ -210,9 +210,10 @@ def test_gpu_rings_agree_once_and_raise_everywhere_on_a_mismatch(gpu_rings, ring
 
 
 def test_a_read_only_call_agreed_last_is_not_read_again(gathers, monkeypatch):
-    """A kept plan passes the same read-only fields on every repeat: after they agreed, agree
+    """A kept plan passes the same frozen fields on every repeat: after they agreed, agree
     returns without making their key; any other mapping, a call in between or a refusal makes
-    the next call read (and, where it changed, check) again."""
+    the next call read (and, where it changed, check) again. A read-only view of a dict the
+    caller may change is no such promise."""
     from types import MappingProxyType
 
     from cuparing.comm import agreement
@@ -225,7 +226,9 @@ def test_a_read_only_call_agreed_last_is_not_read_again(gathers, monkeypatch):
         return real(fields)
 
     monkeypatch.setattr(agreement, "call_key", counting)
-    kept, other = MappingProxyType(dict(CALL)), MappingProxyType(dict(CALL, causal="False"))
+    kept = agreement.CallFields(CALL)
+    other = agreement.CallFields(dict(CALL, causal="False"))
+    view = MappingProxyType(dict(CALL))
 
     def fn(ring):
         me = threading.get_ident()
@@ -235,9 +238,14 @@ def test_a_read_only_call_agreed_last_is_not_read_again(gathers, monkeypatch):
             made.append(keys.get(me, 0))
         ring.refuse("ring_attention", ValueError("q must be 4-D"))
         ring.agree(kept)  # after a refusal: checked again
-        return made + [keys.get(me, 0)], gathers[ring.rank]
+        made.append(keys.get(me, 0))
+        ring.agree(view)
+        ring.agree(view)  # a read-only view is read every time
+        made.append(keys.get(me, 0))
+        return made, gathers[ring.rank]
 
     got = cr.simulate(2, fn, timeout=20)
     # keys made: kept (1), kept again (none), an equal dict (1: no collective), kept again
-    # (1: another mapping came between), other (1), kept (1), after the refusal (2: its own)
-    assert got == [([1, 1, 2, 3, 4, 5, 7], 5)] * 2
+    # (1: another mapping came between), other (1), kept (1), after the refusal (2: its own),
+    # the view twice (2)
+    assert got == [([1, 1, 2, 3, 4, 5, 7, 9], 5)] * 2

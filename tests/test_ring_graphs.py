@@ -6,6 +6,7 @@ The driver is a recording stand-in that reads the arguments the way the CUDA dri
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import struct
 from types import SimpleNamespace
@@ -23,7 +24,7 @@ class RecordingGraphDriver:
 
     def __init__(self, fields: int):
         self.fields, self.updates, self.copies, self.launches = fields, [], [], []
-        self.orders, self.destroyed = [], []
+        self.orders, self.destroyed, self.refuse_wait = [], [], False
 
     def kernel_params(self, function, geometry, arguments):
         return SimpleNamespace(function=function, geometry=geometry, arguments=arguments)
@@ -36,8 +37,22 @@ class RecordingGraphDriver:
     def copy(self, destination, source, nbytes, stream):
         self.copies.append((destination, source, nbytes, stream))
 
-    def order(self, first, then):
-        self.orders.append((first, then))
+    def new_event(self):
+        return "done"
+
+    def record(self, event, stream):
+        self.orders.append(("record", stream))
+
+    def wait_event(self, stream, event):
+        if self.refuse_wait:
+            raise RuntimeError("cuStreamWaitEvent failed: CUDA_ERROR_INVALID_HANDLE")
+        self.orders.append(("wait", stream))
+
+    def destroy_event(self, event):
+        self.destroyed.append(event)
+
+    def on_device(self, device):
+        return contextlib.nullcontext()
 
     def launch(self, executable, stream):
         self.launches.append((executable, stream))
@@ -62,7 +77,7 @@ def _captured(driver, entries, addresses):
     kv = [SimpleNamespace(data=SimpleNamespace(ptr=0xA000), nbytes=64),
           SimpleNamespace(data=SimpleNamespace(ptr=0xB000), nbytes=32)]  # fmt: skip
     return ring_graphs.CapturedRingCall(driver, "graph", "exec", launches, addresses, kv,
-                                        keep=["scratch"], home_stream=5)  # fmt: skip
+                                        keep=["scratch"], home_stream=5, device=0)  # fmt: skip
 
 
 def test_replay_repoints_only_what_the_caller_moved():
@@ -90,11 +105,13 @@ def test_replay_repoints_only_what_the_caller_moved():
     assert driver.updates == [("n1", (out0, q1, received, lse0), 12)]
     assert len(driver.launches) == 4
 
-    assert driver.orders == []  # every replay on the stream the graph's memory came from
+    # every replay on the stream the graph's memory came from: no waits, a record after each
+    assert driver.orders == [("record", 5)] * 4
 
     graph.release()
     graph.release()
-    assert not graph.live and driver.destroyed == [("exec", "graph")]
+    assert not graph.live
+    assert driver.destroyed == [("exec", None), (None, "graph"), "done"]
     with pytest.raises(RuntimeError, match="released"):
         graph.replay((q1, out0, lse0), (0x7000, 0x8000), stream=5)
 
@@ -105,13 +122,23 @@ def test_replays_on_another_stream_wait_for_the_last_and_release_waits_for_them(
     after the last replay."""
     driver = RecordingGraphDriver(FIELDS)
     graph = _captured(driver, [(_launch(1), (0x1000, 0, 0, 0))], (0x1000,))
-    for stream in (5, 7, 7, 9, 5):
+    for stream in (5, 7, 7, 9):
         graph.replay((0x1000,), (0x10, 0x20), stream=stream)
-    assert driver.orders == [(5, 7), (7, 9), (9, 5)]
-    graph.replay((0x1000,), (0x10, 0x20), stream=8)
+    assert driver.orders == [("record", 5), ("wait", 7), ("record", 7), ("record", 7),
+                             ("wait", 9), ("record", 9)]  # fmt: skip
     graph.release()
-    assert driver.orders[-2:] == [(5, 8), (8, 5)]
-    assert graph._keep is None  # the graph's memory is handed back with it
+    assert driver.orders[-1] == ("wait", 5)  # the home stream waits for the replay on 9
+    assert graph._keep is None  # then the graph's memory is handed back
+
+    # a refused wait: the memory stays allocated (a replay may still use it), the rest is freed
+    driver = RecordingGraphDriver(FIELDS)
+    graph = _captured(driver, [(_launch(1), (0x1000, 0, 0, 0))], (0x1000,))
+    graph.replay((0x1000,), (0x10, 0x20), stream=6)
+    driver.refuse_wait = True
+    with pytest.warns(RuntimeWarning, match="memory stays allocated"):
+        graph.release()
+    assert graph._keep is not None and not graph.live
+    assert driver.destroyed == [("exec", None), (None, "graph"), "done"]
 
 
 @settings(max_examples=60, deadline=None)

@@ -52,11 +52,12 @@ class CapturedRingCall:
         addresses: the captured call's caller addresses (what :meth:`replay` replaces).
         kv: the graph's own K/V copies (CuPy arrays); keep: what the graph's nodes read.
         home_stream: the stream current when its memory was allocated (the caller's).
+        device: the GPU it lives on.
     """
 
     def __init__(self, driver: GraphDriver, graph: Any, executable: Any, launches: list,
-                 addresses: tuple[int, ...], kv: Sequence[Any], keep: Any,
-                 home_stream: int):  # fmt: skip
+                 addresses: tuple[int, ...], kv: Sequence[Any], keep: Any, home_stream: int,
+                 device: int):  # fmt: skip
         self._driver = driver
         self._graph, self._executable = graph, executable
         self._launches = [[*entry, tuple(entry[1]), None] for entry in launches]
@@ -64,9 +65,12 @@ class CapturedRingCall:
         self._applied = addresses
         self._kv = [(copy.data.ptr, copy.nbytes) for copy in kv]
         self._keep = (kv, keep)
+        self._device = device
         # the stream the graph's memory was allocated on (its allocator reuses it in that
-        # stream's order) and the stream of the last replay
+        # stream's order), the stream of the last replay, and an event recorded after each
+        # replay (made now, in the graph's device's context)
         self._home_stream = self._last_stream = home_stream
+        self._done = driver.new_event()
 
     def replay(self, addresses: tuple[int, ...], kv: Sequence[int], stream: int) -> None:
         """Run the captured call on ``stream`` (a CUDA stream handle) with the caller's
@@ -81,7 +85,7 @@ class CapturedRingCall:
         if stream != self._last_stream:
             # the K/V copies and the scratch are one set: the last replay must be done with
             # them before this one's copies land
-            self._driver.order(self._last_stream, stream)
+            self._driver.wait_event(stream, self._done)
             self._last_stream = stream
         for (destination, nbytes), source in zip(self._kv, kv, strict=True):
             self._driver.copy(destination, source, nbytes, stream)
@@ -89,6 +93,7 @@ class CapturedRingCall:
             self._repoint(dict(zip(self._captured, addresses, strict=True)))
             self._applied = addresses
         self._driver.launch(self._executable, stream)
+        self._driver.record(self._done, stream)
 
     def _repoint(self, remap: dict[int, int]) -> None:
         """Each kernel node whose arguments change under ``remap`` takes the new ones."""
@@ -123,19 +128,37 @@ class CapturedRingCall:
         executable, self._executable = self._executable, None
         if executable is None:
             return
-        try:
+        driver, handed_back = self._driver, True
+        with driver.on_device(self._device):
             if self._last_stream != self._home_stream:
-                self._driver.order(self._last_stream, self._home_stream)
-            self._driver.destroy(executable, self._graph)
-        except (RuntimeError, TypeError, ValueError) as exc:  # the driver binding refused
-            warnings.warn(f"cuparing: releasing a captured ring call: {exc}", RuntimeWarning,
-                          stacklevel=2)  # fmt: skip
-        self._keep = self._kv = self._launches = None
+                try:
+                    driver.wait_event(self._home_stream, self._done)
+                except _DRIVER_ERRORS as exc:
+                    # a replay may still use the memory: keep it rather than hand it back
+                    handed_back = False
+                    _warn(f"its memory stays allocated ({exc})")
+            for what, free in (("executable graph", lambda: driver.destroy(executable, None)),
+                               ("graph", lambda: driver.destroy(None, self._graph)),
+                               ("event", lambda: driver.destroy_event(self._done))):  # fmt: skip
+                try:
+                    free()
+                except _DRIVER_ERRORS as exc:
+                    _warn(f"its {what} was not freed ({exc})")
+        if handed_back:
+            self._keep = self._kv = self._launches = None
 
     def __del__(self):
-        if getattr(self, "_driver", None) is not None:
+        if getattr(self, "_done", None) is not None:
             with contextlib.suppress(Exception):  # at interpreter exit the driver may be gone
                 self.release()
+
+
+_DRIVER_ERRORS = (RuntimeError, TypeError, ValueError)  # what a refusing driver binding raises
+
+
+def _warn(what: str) -> None:
+    warnings.warn(f"cuparing: releasing a captured ring call: {what}", RuntimeWarning,
+                  stacklevel=3)  # fmt: skip
 
 
 def capture(ring: Any, run: Callable[[list], Any], kv: Sequence[Any],
@@ -169,7 +192,7 @@ def capture(ring: Any, run: Callable[[list], Any], kv: Sequence[Any],
     if driver is None:
         raise RuntimeError("capturing a ring call needs cuda-bindings")
     copies = [cupy.empty(a.shape, a.dtype) for a in kv]
-    home = cupy.cuda.get_current_stream().ptr
+    home, device = cupy.cuda.get_current_stream().ptr, cupy.cuda.Device().id
     stream = cupy.cuda.Stream(non_blocking=True)
     launches = []
 
@@ -191,8 +214,12 @@ def capture(ring: Any, run: Callable[[list], Any], kv: Sequence[Any],
     except RuntimeError:
         driver.destroy(None, graph)
         raise
-    captured = CapturedRingCall(driver, graph, executable, launches, addresses, copies, keep,
-                                home)  # fmt: skip
+    try:
+        captured = CapturedRingCall(driver, graph, executable, launches, addresses, copies,
+                                    keep, home, device)  # fmt: skip
+    except RuntimeError:
+        driver.destroy(executable, graph)
+        raise
     ring.adopt_capture(captured)
     return captured
 
@@ -211,7 +238,10 @@ class GraphDriver:
         if stream is None:
             if len(self._streams) >= 64:
                 self._streams.clear()
-            stream = self._streams[handle] = self._d.CUstream(handle)
+            # handle 0 (torch's and CuPy's default stream) is the legacy default stream; say
+            # so, as the driver API's NULL would follow the per-thread default if configured
+            raw = handle if handle else int(self._d.CU_STREAM_LEGACY)
+            stream = self._streams[handle] = self._d.CUstream(raw)
         return stream
 
     def _check(self, what: str, result: Any) -> Any:
@@ -266,26 +296,42 @@ class GraphDriver:
         runtime = cupy.cuda.runtime
         runtime.memcpyAsync(destination, source, nbytes, runtime.memcpyDeviceToDevice, stream)
 
-    def order(self, first: int, then: int) -> None:
-        """Make stream ``then`` wait for the work queued so far on stream ``first``."""
-        d = self._d
-        created = d.cuEventCreate(int(d.CUevent_flags.CU_EVENT_DISABLE_TIMING))
-        event = self._check("cuEventCreate", created)[1]
-        try:
-            self._check("cuEventRecord", d.cuEventRecord(event, self._stream(first)))
-            self._check("cuStreamWaitEvent", d.cuStreamWaitEvent(self._stream(then), event, 0))
-        finally:
-            d.cuEventDestroy(event)  # (freed once the wait no longer needs it)
+    def new_event(self) -> Any:
+        """An event (no timing) in the current context."""
+        created = self._d.cuEventCreate(int(self._d.CUevent_flags.CU_EVENT_DISABLE_TIMING))
+        return self._check("cuEventCreate", created)[1]
+
+    def record(self, event: Any, stream: int) -> None:
+        """Record ``event`` on ``stream`` (after what is queued there so far)."""
+        self._check("cuEventRecord", self._d.cuEventRecord(event, self._stream(stream)))
+
+    def wait_event(self, stream: int, event: Any) -> None:
+        """Make ``stream`` wait for ``event``'s last recording (none yet: no wait)."""
+        self._check("cuStreamWaitEvent", self._d.cuStreamWaitEvent(self._stream(stream), event, 0))
+
+    def destroy_event(self, event: Any) -> None:
+        """Free ``event`` (a wait queued on it still completes)."""
+        self._check("cuEventDestroy", self._d.cuEventDestroy(event))
+
+    def on_device(self, device: int) -> Any:
+        """A context manager making ``device`` current (its primary context)."""
+        import cupy
+
+        return cupy.cuda.Device(device)
 
     def launch(self, executable: Any, stream: int) -> None:
         """Launch ``executable`` on ``stream``."""
         self._check("cuGraphLaunch", self._d.cuGraphLaunch(executable, self._stream(stream)))
 
     def destroy(self, executable: Any, graph: Any) -> None:
-        """Free ``executable`` (unless None) and ``graph``."""
-        if executable is not None:
-            self._check("cuGraphExecDestroy", self._d.cuGraphExecDestroy(executable))
-        self._check("cuGraphDestroy", self._d.cuGraphDestroy(graph))
+        """Free ``executable`` and ``graph`` (each unless None; the graph even if freeing the
+        executable failed)."""
+        try:
+            if executable is not None:
+                self._check("cuGraphExecDestroy", self._d.cuGraphExecDestroy(executable))
+        finally:
+            if graph is not None:
+                self._check("cuGraphDestroy", self._d.cuGraphDestroy(graph))
 
 
 _DRIVER: list = []

@@ -12,6 +12,34 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
+
+class CallFields(Mapping):
+    """One call's fields, frozen (what the library's ring calls hand to ``Ring.agree``): since
+    nothing can change them, ``agree`` takes the very object it agreed on last as the same call
+    without reading it again (a kept plan passes its own on every repeat).
+
+    Args:
+        fields: names to values, both ``str``.
+    """
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, fields: Mapping[str, str]):
+        self._fields = dict(fields)
+
+    def __getitem__(self, name: str) -> str:
+        return self._fields[name]
+
+    def __iter__(self):
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __repr__(self) -> str:
+        return f"CallFields({self._fields!r})"
+
+
 _ABSENT = "<absent>"
 REFUSED = "refused"  # field of a call a rank could not make (Ring.refuse): reported first
 

@@ -20,7 +20,6 @@ import abc
 import contextlib
 import os
 from collections.abc import Mapping, Sequence
-from types import MappingProxyType
 from typing import Any
 
 from . import agreement
@@ -117,8 +116,8 @@ class Ring(abc.ABC):
         Args:
             fields: what every rank must have alike, names to values, both ``str`` (e.g.
                 ``{"layout": "zigzag", "dtype": "bfloat16", "q": "(1, 4096, 32, 128)"}``). A
-                ``types.MappingProxyType`` passed again after it agreed is taken as the same
-                call without reading it (the library's own fields are such read-only views).
+                frozen :class:`~cuparing.comm.agreement.CallFields` passed again after it
+                agreed is taken as the same call without reading it.
 
         Raises:
             TypeError: ``fields`` is not a mapping of ``str`` to ``str`` (nothing is exchanged).
@@ -129,9 +128,10 @@ class Ring(abc.ABC):
                 previous call while this rank changed its own.
         """
         # Ring has no __init__ of its own, so the previous call lives in the instance dict.
-        # The very read-only mapping agreed last time (a kept plan's) is the same call: its key
+        # The very frozen fields agreed last time (a kept plan's) are the same call: their key
         # need not be made again (sorting and checking the fields, every call of a layer)
-        if type(fields) is MappingProxyType and fields is self.__dict__.get("_previous_fields"):
+        previous = self.__dict__.get("_previous_fields")
+        if type(fields) is agreement.CallFields and fields is previous:
             return
         key = agreement.call_key(fields)
         if key != self.__dict__.get("_previous_call"):

@@ -485,8 +485,9 @@ class GpuRing(Ring):
         self._buffers.clear()
 
     def _release_captures(self) -> None:
-        for captured in list(self._captures):
-            captured.release()
+        with self.device:
+            for captured in list(self._captures):
+                captured.release()
 
     def close(self) -> None:
         """Finish outstanding exchanges (bounded by the timeout), write the trace if

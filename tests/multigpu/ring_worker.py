@@ -121,6 +121,41 @@ def cases():
                framework="torch")  # fmt: skip
 
 
+def mixed_replays(ring, name, report, call, want) -> None:
+    """``call()`` three times while rank 1's graph driver refuses to launch: every rank's result
+    bit-identical to ``want``, rank 1 warned once and ran eagerly, the others replayed."""
+    import warnings
+
+    import torch
+
+    from cuparing.backends import ring_graphs
+
+    real = ring_graphs.GraphDriver.launch
+
+    def refusing(self, executable, stream):
+        raise RuntimeError("cuGraphLaunch refused (a test's stand-in)")
+
+    if ring.rank == 1:
+        ring_graphs.GraphDriver.launch = refusing
+    before = GRAPH_REPLAYS["count"]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for trial in range(3):
+                got = call()
+                same = all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+                report(same, f"{name} graphs refused on rank 1, call {trial}: "
+                             f"bit-identical={same}")  # fmt: skip
+    finally:
+        ring_graphs.GraphDriver.launch = real
+    replays = GRAPH_REPLAYS["count"] - before
+    refusals = sum("could not be replayed" in str(w.message) for w in caught)
+    want_counts = (0, 1) if ring.rank == 1 else (3, 0)
+    report((replays, refusals) == want_counts,
+           f"{name} graphs refused on rank 1: replays {replays}, warnings {refusals} "
+           f"(expected {want_counts})")
+
+
 def global_inputs(seed, world, heads, headdim, dtype):
     rng = np.random.default_rng(seed)
     nheads, nheads_kv = heads
@@ -202,6 +237,13 @@ def run_case(ring, index, case, report) -> None:
         want_replays = 4 if graphs_expected(ring) else 0
         report(replays == want_replays,
                f"{name} forward graph replays {replays} (expected {want_replays})")
+        if graphs_expected(ring):
+            # the driver refuses a replay on rank 1 only: that rank runs the call without its
+            # graph from then on while the others replay theirs (captured and eager NCCL
+            # send/recv of one call must pair)
+            mixed_replays(ring, name, report, lambda: cr.ring_attention(
+                q_l, k_l, v_l, ring, causal=causal, window=window, layout=layout,
+                return_lse=True), (out_l, lse_l))  # fmt: skip
     grads = cr.ring_attention_backward(dout_l, q_l, k_l, v_l, out_l, lse_l, ring, causal=causal,
                                        window=window, layout=layout)  # fmt: skip
     out_bound = ref.kernel_out_bound(select=local)
