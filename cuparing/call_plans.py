@@ -383,7 +383,7 @@ class GraphSlot:
             self._captured = ring_graphs.capture(ring, run, kv, addresses)
         except RingError:
             raise
-        except RuntimeError as exc:
+        except (RuntimeError, TypeError, ValueError) as exc:  # the driver binding refused
             _warn_eager(f"could not be captured as a CUDA graph ({exc})")
             run(kv)
             return

@@ -24,7 +24,7 @@ class RecordingGraphDriver:
 
     def __init__(self, fields: int):
         self.fields, self.updates, self.copies, self.launches = fields, [], [], []
-        self.orders, self.destroyed, self.refuse_wait = [], [], False
+        self.orders, self.destroyed, self.refuse_wait, self.refuse_record = [], [], False, False
 
     def kernel_params(self, function, geometry, arguments):
         return SimpleNamespace(function=function, geometry=geometry, arguments=arguments)
@@ -41,6 +41,8 @@ class RecordingGraphDriver:
         return "done"
 
     def record(self, event, stream):
+        if self.refuse_record:
+            raise RuntimeError("cuEventRecord failed: CUDA_ERROR_INVALID_HANDLE")
         self.orders.append(("record", stream))
 
     def wait_event(self, stream, event):
@@ -320,3 +322,24 @@ def test_repeated_or_non_contiguous_operands_are_not_captured(slot_env):
     env.slot.run(ring, env.run, list(KV), (1, 1))
     env.slot.run(ring, env.run, [Tensor(0x100, contiguous=False), KV[1]], (1, 2))
     assert env.eager == 2 and env.captures == []
+
+
+def test_a_replay_that_ran_never_raises_and_then_keeps_to_its_stream():
+    """Once the graph is launched the call has run: a failure to record its end must not send
+    the caller to run it again; later replays keep to that stream, and a release keeps the
+    memory it cannot order."""
+    driver = RecordingGraphDriver(FIELDS)
+    graph = _captured(driver, [(_launch(1), (0x1000, 0, 0, 0))], (0x1000,))
+    graph.replay((0x1000,), (0x10, 0x20), stream=6)  # (waits for nothing: none recorded yet)
+    driver.refuse_record = True
+    with pytest.warns(RuntimeWarning, match="recording"):
+        graph.replay((0x1000,), (0x10, 0x20), stream=6)
+    assert len(driver.launches) == 2
+    with pytest.warns(RuntimeWarning, match="recording"):
+        graph.replay((0x1000,), (0x10, 0x20), stream=6)  # the same stream: fine
+    with pytest.raises(RuntimeError, match="cannot wait for the last"):
+        graph.replay((0x1000,), (0x10, 0x20), stream=7)
+    assert len(driver.launches) == 3  # refused before anything was queued
+    with pytest.warns(RuntimeWarning, match="memory stays allocated"):
+        graph.release()
+    assert graph._keep is not None

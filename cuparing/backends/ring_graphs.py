@@ -71,6 +71,7 @@ class CapturedRingCall:
         # replay (made now, in the graph's device's context)
         self._home_stream = self._last_stream = home_stream
         self._done = driver.new_event()
+        self._ordered = True  # every replay so far recorded the event
 
     def replay(self, addresses: tuple[int, ...], kv: Sequence[int], stream: int) -> None:
         """Run the captured call on ``stream`` (a CUDA stream handle) with the caller's
@@ -82,6 +83,9 @@ class CapturedRingCall:
         """
         if self._executable is None:
             raise RuntimeError("this captured ring call was released (its ring closed)")
+        if stream != self._last_stream and not self._ordered:
+            raise RuntimeError("a replay on another stream cannot wait for the last one (its "
+                               "event was not recorded)")  # fmt: skip
         if stream != self._last_stream:
             # the K/V copies and the scratch are one set: the last replay must be done with
             # them before this one's copies land
@@ -93,7 +97,13 @@ class CapturedRingCall:
             self._repoint(dict(zip(self._captured, addresses, strict=True)))
             self._applied = addresses
         self._driver.launch(self._executable, stream)
-        self._driver.record(self._done, stream)
+        # from here the call has run: a failure must not send the caller to run it again
+        try:
+            self._driver.record(self._done, stream)
+        except _DRIVER_ERRORS as exc:
+            self._ordered = False  # later replays keep to this stream
+            warnings.warn(f"cuparing: recording a replayed ring call's end failed ({exc})",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
 
     def _repoint(self, remap: dict[int, int]) -> None:
         """Each kernel node whose arguments change under ``remap`` takes the new ones."""
@@ -132,6 +142,8 @@ class CapturedRingCall:
         with driver.on_device(self._device):
             if self._last_stream != self._home_stream:
                 try:
+                    if not self._ordered:
+                        raise RuntimeError("the last replay's end was not recorded")
                     driver.wait_event(self._home_stream, self._done)
                 except _DRIVER_ERRORS as exc:
                     # a replay may still use the memory: keep it rather than hand it back
@@ -217,7 +229,7 @@ def capture(ring: Any, run: Callable[[list], Any], kv: Sequence[Any],
     try:
         captured = CapturedRingCall(driver, graph, executable, launches, addresses, copies,
                                     keep, home, device)  # fmt: skip
-    except RuntimeError:
+    except BaseException:
         driver.destroy(executable, graph)
         raise
     ring.adopt_capture(captured)
