@@ -79,10 +79,13 @@ class CapturedRingCall:
         (C-contiguous, of the captured shapes and dtypes).
 
         Raises:
-            RuntimeError: it was released, or a driver call failed.
+            RuntimeError: it was released, or a driver call failed, before the graph was
+                launched (nothing of the call ran: the caller may run it another way). A
+                failure after the launch only warns.
         """
         if self._executable is None:
-            raise RuntimeError("this captured ring call was released (its ring closed)")
+            raise RuntimeError("this captured ring call was released (its ring closed or "
+                               "dropped its receive buffers)")  # fmt: skip
         if stream != self._last_stream and not self._ordered:
             raise RuntimeError("a replay on another stream cannot wait for the last one (its "
                                "event was not recorded)")  # fmt: skip
