@@ -53,6 +53,9 @@ if [[ $what == ring || $what == all ]]; then
       timeout 120 python -m cuparing.launch --nproc-per-node 2 tools/bench_overhead.py \
       --ring-only --calls 300 2>&1 | tee "$out/ring_overhead_$transport.log" | grep -A3 "ring ("
   done
+  # the ring forward at 2k tokens/GPU against its kernels back to back on one GPU (keff)
+  run timeout 150 python -m cuparing.launch --nproc-per-node 2 tools/bench_ring.py --tokens 2048 \
+    --heads 32/8 --no-torch --inputs torch 2>&1 | tee "$out/ring_2k.log" | tail -6
 fi
 if [[ $what == bench || $what == all ]]; then
   run timeout 300 python tools/bench_attention.py --quick --json "$out/bench_attention.json" \
