@@ -260,21 +260,18 @@ class RingForwardPlan(CheckedCall):
             lse = torch.empty(self._lse_shape, dtype=torch.float32, device=self._device)
         planned = self._planned
         addresses = (pointers[0], out.data_ptr(), lse.data_ptr())
+
+        def run(kv):  # the call at pointer level, as a replay's graph captures it
+            scratch = None
+            if planned.accumulates:
+                scratch = torch.empty(self._out_shape, dtype=torch.float32, device=self._device)
+            schedule.run_planned_forward(ring, planned, addresses[0], kv, addresses[1],
+                                         addresses[2], 0 if scratch is None else
+                                         scratch.data_ptr())  # fmt: skip
+            return scratch
+
         with torch_call_context(self._device.index):
-            if self._graph.replay(ring, addresses, (k, v)):
-                return out, lse
-
-            def run(kv):  # the call at pointer level, as a replay's graph captures it
-                scratch = None
-                if planned.accumulates:
-                    scratch = torch.empty(self._out_shape, dtype=torch.float32,
-                                          device=self._device)  # fmt: skip
-                schedule.run_planned_forward(ring, planned, addresses[0], kv, addresses[1],
-                                             addresses[2], 0 if scratch is None else
-                                             scratch.data_ptr())  # fmt: skip
-                return scratch
-
-            self._graph.run(ring, run, [to_backend(k, origin), to_backend(v, origin)], addresses)
+            self._graph.call(ring, run, origin, (k, v), addresses)
         return out, lse
 
 
@@ -318,15 +315,12 @@ class RingBackwardPlan(CheckedCall):
         planned = self._planned
         inputs = (dout_ptr, q_ptr, out_ptr, lse.data_ptr())
         outputs = tuple(g.data_ptr() for g in grads)
+
+        def run(kv):  # the call at pointer level, as a replay's graph captures it
+            return schedule.run_planned_backward(ring, planned, inputs, kv, outputs)
+
         with torch_call_context(self._device.index):
-            if self._graph.replay(ring, inputs + outputs, (k, v)):
-                return grads
-
-            def run(kv):  # the call at pointer level, as a replay's graph captures it
-                return schedule.run_planned_backward(ring, planned, inputs, kv, outputs)
-
-            self._graph.run(ring, run, [to_backend(k, origin), to_backend(v, origin)],
-                            inputs + outputs)  # fmt: skip
+            self._graph.call(ring, run, origin, (k, v), inputs + outputs)
         return grads
 
 
@@ -343,6 +337,13 @@ class GraphSlot:
     def __init__(self):
         self._captured = None
         self._tried = False
+
+    def call(self, ring: Any, run: Any, origin: Any, kv: tuple, addresses: tuple[int, ...]):
+        """One repeat on the current stream: the captured graph replayed with the caller's
+        ``addresses`` and K/V tensors ``kv`` (:meth:`replay`), else ``run`` on CuPy views of
+        ``kv`` (made through ``origin``), captured first where it can be (:meth:`run`)."""
+        if not self.replay(ring, addresses, kv):
+            self.run(ring, run, [to_backend(x, origin) for x in kv], addresses)
 
     def replay(self, ring: Any, addresses: tuple[int, ...], kv: tuple) -> bool:
         """Replay the captured call with the caller's ``addresses`` and K/V tensors ``kv`` on the

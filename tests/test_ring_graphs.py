@@ -343,3 +343,15 @@ def test_a_replay_that_ran_never_raises_and_then_keeps_to_its_stream():
     with pytest.warns(RuntimeWarning, match="memory stays allocated"):
         graph.release()
     assert graph._keep is not None
+
+
+def test_a_call_replays_or_else_runs_on_backend_views(slot_env, monkeypatch):
+    from cuparing import call_plans
+
+    views = []
+    monkeypatch.setattr(call_plans, "to_backend", lambda x, origin: views.append(x) or x)
+    env, ring = slot_env, SlotRing()
+    env.slot.call(ring, env.run, "origin", KV, (1, 2))  # captures (from the views), replays
+    assert views == list(KV) and env.captures == [(1, 2)] and ring.watched == 1
+    env.slot.call(ring, env.run, "origin", KV, (3, 4))  # replays: no views made
+    assert len(views) == 2 and env.graphs[0].replays[-1][0] == (3, 4) and env.eager == 0
