@@ -334,8 +334,9 @@ def _keep_ring_backward_plan(
     key: tuple, ring: Ring, decided: tuple, arrays: tuple, dests: tuple, grads: tuple, dlse: Any,
     deterministic: bool,
 ):  # fmt: skip
-    """After a checked ring backward on torch CUDA tensors: keep its launches step by step for
-    repeats of ``key`` on ``ring`` when the backend can plan them and the call has no ``dlse``
+    """After a checked ring backward (or one-device backward: ``ring`` the ring of one) on torch
+    CUDA tensors: keep its launches step by step for repeats of ``key`` on ``ring`` when the
+    backend can plan them and the call has no ``dlse``
     (call_plans.RingBackwardPlan), else what its checks and plan decided
     (call_plans.CheckedCall)."""
     origin, plan, scale, _ = decided
@@ -399,9 +400,14 @@ def attention_backward(
     if cu_seqlens is None:
         options = (causal, scale, window, deterministic)
         key = call_plans.signature("attention_backward", (*arrays, dlse), options, dests)
-        decided = call_plans.recall(key, None, arrays, dests)
+        decided = call_plans.recall(key, _ONE_DEVICE, arrays, dests)
         if decided is not None:  # a repeat of a checked call
-            origin, plan, scale = decided
+            known = call_plans.find(key)
+            if isinstance(known, call_plans.RingBackwardPlan):  # its launches, at pointer level
+                grads = known.run(_ONE_DEVICE, arrays, dests)
+                if grads is not None:
+                    return grads
+            origin, plan, scale, _ = decided
             deterministic = bool(deterministic)
             return _backward(origin, _ONE_DEVICE, plan, scale, arrays, dests, dlse, deterministic)
     origin = validation.check_arrays(("q", "k", "v", "dout", "out"), (q, k, v, dout, out))
@@ -414,7 +420,10 @@ def attention_backward(
     _check_deterministic_runs(origin, q, deterministic)
     plan = _unless_empty(_one_device_plan(q, k, mask, cu_seqlens), q)
     grads = _backward(origin, _ONE_DEVICE, plan, scale, arrays, dests, dlse, deterministic)
-    call_plans.remember(key, (origin, plan, scale), arrays, dests, untracked=False)
+    if call_plans.wanted(key, _ONE_DEVICE):  # (a ring of one: no fields to agree on)
+        decided = (origin, plan, scale, None)
+        _keep_ring_backward_plan(key, _ONE_DEVICE, decided, arrays, dests, grads, dlse,
+                                 deterministic)  # fmt: skip
     return grads
 
 

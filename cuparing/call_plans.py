@@ -14,9 +14,10 @@ with the same signature skips them:
   the addresses into the launch's packed parameters and launches on torch's current stream:
   nothing else runs, so it costs what a framework's own attention call costs.
 - :class:`RingForwardPlan` / :class:`RingBackwardPlan` (a ring call, forward or backward without
-  ``dlse``, on our kernels): the launches of every ring step
-  (``cuparing.backends.planned_ring``). A repeat agrees with the other ranks and runs the same
-  exchanges and launches at pointer level (``schedule.run_planned_forward`` / ``_backward``).
+  ``dlse``, on our kernels; also the one-device backward, a ring of one): the launches of every
+  ring step (``cuparing.backends.planned_ring``). A repeat agrees with the other ranks and runs
+  the same exchanges and launches at pointer level (``schedule.run_planned_forward`` /
+  ``_backward``); on an NCCL ring as a replayed CUDA graph (:class:`GraphSlot`).
 
 The signature holds everything the checks and plans depend on besides the addresses: each
 array's type, shape, strides, dtype and device (caller-owned destinations included), the options
@@ -39,7 +40,13 @@ from . import schedule
 from .backends import ring_graphs
 from .backends.launch_plans import PlanCache
 from .comm.base import RingError
-from .interop import may_overlap, memory_span, to_backend, torch_call_context
+from .interop import (
+    may_overlap,
+    memory_span,
+    to_backend,
+    torch_call_context,
+    torch_current_stream,
+)
 from .kernels import loader
 
 _PLANS = PlanCache()  # by signature, bounded
@@ -270,18 +277,19 @@ class RingForwardPlan(CheckedCall):
                                          scratch.data_ptr())  # fmt: skip
             return scratch
 
-        with torch_call_context(self._device.index):
-            self._graph.call(ring, run, origin, (k, v), addresses)
+        self._graph.call(ring, run, origin, (k, v), addresses)
         return out, lse
 
 
 class RingBackwardPlan(CheckedCall):
     """A ring backward signature's launches, step by step (a
     :class:`~cuparing.backends.planned_ring.PlannedBackward`), besides what its checks decided;
-    as :class:`RingForwardPlan` for ``ring_attention_backward`` (without ``dlse``).
+    as :class:`RingForwardPlan` for ``ring_attention_backward`` (without ``dlse``), and for
+    ``attention_backward`` on its ring of one.
 
     Args:
-        decided, guard, ring: as :class:`RingForwardPlan`.
+        decided, guard, ring: as :class:`RingForwardPlan` (``fields`` None on a ring of one,
+            which has nobody to agree with).
         planned: the backward's launches.
         shapes, dtypes: of (dq, dk, dv) (torch); device: theirs.
     """
@@ -319,8 +327,7 @@ class RingBackwardPlan(CheckedCall):
         def run(kv):  # the call at pointer level, as a replay's graph captures it
             return schedule.run_planned_backward(ring, planned, inputs, kv, outputs)
 
-        with torch_call_context(self._device.index):
-            self._graph.call(ring, run, origin, (k, v), inputs + outputs)
+        self._graph.call(ring, run, origin, (k, v), inputs + outputs)
         return grads
 
 
@@ -339,17 +346,27 @@ class GraphSlot:
         self._tried = False
 
     def call(self, ring: Any, run: Any, origin: Any, kv: tuple, addresses: tuple[int, ...]):
-        """One repeat on the current stream: the captured graph replayed with the caller's
-        ``addresses`` and K/V tensors ``kv`` (:meth:`replay`), else ``run`` on CuPy views of
-        ``kv`` (made through ``origin``), captured first where it can be (:meth:`run`)."""
-        if not self.replay(ring, addresses, kv):
-            self.run(ring, run, [to_backend(x, origin) for x in kv], addresses)
+        """One repeat of a torch caller (``origin``: its device) on torch's current stream: the
+        captured graph replayed with the caller's ``addresses`` and K/V tensors ``kv``
+        (:meth:`replay`; only the device and the stream are entered: a replay allocates
+        nothing), else ``run`` on CuPy views of ``kv`` inside the caller's call context
+        (:meth:`run`: captured first where it can be)."""
+        if self._captured is not None:
+            device = origin.device_index
+            stream = torch_current_stream(device)
+            with _on_device(device):
+                if self.replay(ring, addresses, kv, stream):
+                    return
+        with origin.stream():
+            self.run(ring, run, [to_backend(x, origin) for x in kv], addresses,
+                     _current_stream())  # fmt: skip
 
-    def replay(self, ring: Any, addresses: tuple[int, ...], kv: tuple) -> bool:
-        """Replay the captured call with the caller's ``addresses`` and K/V tensors ``kv`` on the
-        current stream, arming the ring's watchdog on it; False (nothing done) when there is no
-        graph, the ring cannot be captured now (it is tracing), ``kv`` are not C-contiguous
-        (the replay copies them as flat bytes), or the driver refused the replay.
+    def replay(self, ring: Any, addresses: tuple[int, ...], kv: tuple, stream: int) -> bool:
+        """Replay the captured call with the caller's ``addresses`` and K/V tensors ``kv`` on
+        ``stream`` (a raw handle on the current device), arming the ring's watchdog on it;
+        False (nothing done) when there is no graph, the ring cannot be captured now (it is
+        tracing), ``kv`` are not C-contiguous (the replay copies them as flat bytes), or the
+        driver refused the replay.
 
         Raises:
             RingTimeoutError, RingError: the ring has failed (before anything is queued: a
@@ -367,12 +384,12 @@ class GraphSlot:
             return False
         if not (kv[0].is_contiguous() and kv[1].is_contiguous()):
             return False
-        return self._replayed(ring, addresses, (kv[0].data_ptr(), kv[1].data_ptr()))
+        return self._replayed(ring, addresses, (kv[0].data_ptr(), kv[1].data_ptr()), stream)
 
-    def run(self, ring: Any, run: Any, kv: list, addresses: tuple[int, ...]) -> None:
-        """``run(kv)`` (the call at pointer level, queueing on the current stream): captured
-        and replayed when graphs are enabled on ``ring`` and not yet tried here, else run as
-        it is."""
+    def run(self, ring: Any, run: Any, kv: list, addresses: tuple[int, ...], stream: int) -> None:
+        """``run(kv)`` (the call at pointer level, queueing on CuPy's current stream, whose
+        handle is ``stream``): captured and replayed when graphs are enabled on ``ring`` and
+        not yet tried here, else run as it is."""
         if self._tried or not ring_graphs.enabled(ring) or not all(
             a.flags.c_contiguous for a in kv
         ) or len(set(addresses)) != len(addresses):  # fmt: skip
@@ -388,19 +405,20 @@ class GraphSlot:
             _warn_eager(f"could not be captured as a CUDA graph ({exc})")
             run(kv)
             return
-        if not self._replayed(ring, addresses, tuple(a.data.ptr for a in kv)):
+        if not self._replayed(ring, addresses, tuple(a.data.ptr for a in kv), stream):
             run(kv)
 
-    def _replayed(self, ring: Any, addresses: tuple[int, ...], kv: tuple[int, int]) -> bool:
+    def _replayed(self, ring: Any, addresses: tuple[int, ...], kv: tuple[int, int],
+                  stream: int) -> bool:  # fmt: skip
         """Replay and watch; on a refusal of the driver release the graph, warn, False."""
         try:
-            self._captured.replay(addresses, kv, _current_stream())
+            self._captured.replay(addresses, kv, stream)
         except (RuntimeError, TypeError, ValueError) as exc:  # the driver binding refused
             self._captured.release()
             self._captured = None  # (and _tried stays set: no second capture)
             _warn_eager(f"could not be replayed as a CUDA graph ({exc})")
             return False
-        ring.watch("ring call (CUDA graph)")
+        ring.watch("ring call (CUDA graph)", stream)
         return True
 
 
@@ -414,6 +432,13 @@ def _current_stream() -> int:
     import cupy
 
     return cupy.cuda.get_current_stream().ptr
+
+
+def _on_device(device: int) -> Any:
+    """A context manager making ``device`` current (what a replay's copies and event need)."""
+    import cupy
+
+    return cupy.cuda.Device(device)
 
 
 def _kernel_addresses(inputs: Sequence[Any], dests: Sequence[Any]) -> tuple | None:

@@ -407,14 +407,18 @@ def torch_call_context(device_index: int):
     Made per call, never kept: torch's current stream may differ from one call to the next,
     and CuPy's ``using_allocator`` is a one-shot context manager."""
     import cupy
-    import torch
 
-    external = external_cupy_stream(
-        torch.cuda.current_stream(device_index).cuda_stream, device_index
-    )
+    external = external_cupy_stream(torch_current_stream(device_index), device_index)
     # a fresh Device: its context keeps the previous device on the object itself
     allocator = cupy.cuda.using_allocator(_torch_allocator(device_index))
     return _Entered(cupy.cuda.Device(device_index), external, allocator)
+
+
+def torch_current_stream(device_index: int) -> int:
+    """The raw ``cudaStream_t`` handle of torch's current stream on device ``device_index``."""
+    import torch
+
+    return torch.cuda.current_stream(device_index).cuda_stream
 
 
 @functools.lru_cache(maxsize=64)

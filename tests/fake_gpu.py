@@ -246,6 +246,7 @@ def fake_cupy(gpu: FakeGpu) -> SimpleNamespace:
         ipcOpenMemHandle=open_mem, ipcCloseMemHandle=gpu.closed_mem.append,
         ipcGetEventHandle=lambda ptr: _handle(b"E", ptr), ipcOpenEventHandle=open_event,
         eventDestroy=destroy,
+        eventRecord=lambda e, s: gpu.objects[e].record(gpu.objects[s]),
         memsetAsync=lambda ptr, value, n, s: gpu.enqueue(
             gpu.objects[s], ("fn", lambda: ctypes.memset(ptr, value, n))),
     )  # fmt: skip

@@ -399,7 +399,8 @@ def test_interpreter_exit_leaves_cleanly_unless_crashing(env_rings, monkeypatch)
         assert "because rank 2 failed: rank 2: the process exits on KeyError" in str(error)
 
 
-def test_captured_exchanges_arm_nothing_and_a_replay_is_watched(rings):
+@pytest.mark.parametrize("by_handle", [False, True])
+def test_captured_exchanges_arm_nothing_and_a_replay_is_watched(rings, by_handle):
     ring0, _ = rings(2, timeout=0.3)
     assert ring0.capturable
     with ring0.capturing():
@@ -408,8 +409,11 @@ def test_captured_exchanges_arm_nothing_and_a_replay_is_watched(rings):
     time.sleep(0.6)
     ring0.synchronize()  # nothing armed: returns at once, nothing failed
     ring0.check()
-    # a replay arms one flight on the caller's stream, which waits on that exchange forever
-    ring0.watch("ring call (CUDA graph)")
+    # a replay arms one flight on the caller's stream (CuPy's current one, or named by its raw
+    # handle), which waits on that exchange forever
+    caller = ring0._cupy.cuda.get_current_stream()
+    ring0.watch("ring call (CUDA graph)", caller.ptr if by_handle else None)
+    assert ring0._flights[-1].event.stream is caller
     with pytest.raises(cr.RingTimeoutError, match=r"'ring call \(CUDA graph\)' #0"):
         ring0.synchronize()
 

@@ -199,8 +199,9 @@ class SlotRing:
         if self.failed is not None:
             raise self.failed
 
-    def watch(self, tag):
+    def watch(self, tag, stream=None):
         self.watched += 1
+        self.watched_on = stream
 
 
 class SlotGraph:
@@ -252,6 +253,8 @@ def slot_env(monkeypatch):
     monkeypatch.setattr(ring_graphs, "enabled", lambda ring: ring.capturable)
     monkeypatch.setattr(ring_graphs, "capture", capture)
     monkeypatch.setattr(call_plans, "_current_stream", lambda: 3)
+    monkeypatch.setattr(call_plans, "torch_current_stream", lambda device: 3)
+    monkeypatch.setattr(call_plans, "_on_device", lambda device: contextlib.nullcontext())
     env.slot = call_plans.GraphSlot()
     return env
 
@@ -261,34 +264,35 @@ KV = (Tensor(0x100), Tensor(0x200))
 
 def test_a_slot_captures_once_then_only_replays(slot_env):
     env, ring = slot_env, SlotRing()
-    assert not env.slot.replay(ring, (1, 2), KV)  # nothing captured yet: the caller runs eagerly
-    env.slot.run(ring, env.run, list(KV), (1, 2))
+    # nothing captured yet: the caller runs eagerly
+    assert not env.slot.replay(ring, (1, 2), KV, 3)
+    env.slot.run(ring, env.run, list(KV), (1, 2), 3)
     assert env.captures == [(1, 2)] and env.eager == 0 and ring.watched == 1
     assert env.graphs[0].replays == [((1, 2), (0x100, 0x200), 3)]  # the capturing call itself
-    assert env.slot.replay(ring, (4, 5), KV) and ring.watched == 2
+    assert env.slot.replay(ring, (4, 5), KV, 3) and ring.watched == 2
     assert env.graphs[0].replays[-1] == ((4, 5), (0x100, 0x200), 3)
-    assert not env.slot.replay(ring, (4, 5), (Tensor(0x100, contiguous=False), KV[1]))
+    assert not env.slot.replay(ring, (4, 5), (Tensor(0x100, contiguous=False), KV[1]), 3)
     ring.capturable = False  # tracing: the call shows its exchanges
-    assert not env.slot.replay(ring, (4, 5), KV)
+    assert not env.slot.replay(ring, (4, 5), KV, 3)
     assert len(env.captures) == 1
 
 
 def test_a_failed_ring_raises_before_a_replay_queues_anything(slot_env):
     env, ring = slot_env, SlotRing()
-    env.slot.run(ring, env.run, list(KV), (1, 2))
+    env.slot.run(ring, env.run, list(KV), (1, 2), 3)
     ring.failed = RuntimeError("rank 0: ring aborted because rank 1 failed")
     with pytest.raises(RuntimeError, match="rank 1 failed"):
-        env.slot.replay(ring, (1, 2), KV)
+        env.slot.replay(ring, (1, 2), KV, 3)
     assert len(env.graphs[0].replays) == 1 and ring.watched == 1
 
 
 def test_a_released_graph_is_captured_again(slot_env):
     env, ring = slot_env, SlotRing()
-    env.slot.run(ring, env.run, list(KV), (1, 2))
+    env.slot.run(ring, env.run, list(KV), (1, 2), 3)
     env.graphs[0].release()  # the ring dropped its receive buffers
-    assert not env.slot.replay(ring, (1, 2), KV)
-    env.slot.run(ring, env.run, list(KV), (1, 2))
-    assert len(env.captures) == 2 and env.slot.replay(ring, (1, 2), KV)
+    assert not env.slot.replay(ring, (1, 2), KV, 3)
+    env.slot.run(ring, env.run, list(KV), (1, 2), 3)
+    assert len(env.captures) == 2 and env.slot.replay(ring, (1, 2), KV, 3)
     assert env.graphs[1].replays and env.eager == 0
 
 
@@ -296,8 +300,8 @@ def test_refusals_fall_back_to_eager_for_good_and_ring_errors_propagate(slot_env
     env, ring = slot_env, SlotRing()
     env.capture_error = RuntimeError("cuStreamBeginCapture failed")
     with pytest.warns(RuntimeWarning, match="could not be captured"):
-        env.slot.run(ring, env.run, list(KV), (1, 2))
-    env.slot.run(ring, env.run, list(KV), (1, 2))
+        env.slot.run(ring, env.run, list(KV), (1, 2), 3)
+    env.slot.run(ring, env.run, list(KV), (1, 2), 3)
     assert env.eager == 2 and len(env.captures) == 1 and ring.watched == 0
 
     from cuparing import call_plans
@@ -306,21 +310,21 @@ def test_refusals_fall_back_to_eager_for_good_and_ring_errors_propagate(slot_env
     env.slot = call_plans.GraphSlot()
     env.capture_error = RingError("rank 0: exchange 'kv' on a closed ring")
     with pytest.raises(RingError):
-        env.slot.run(ring, env.run, list(KV), (1, 2))
+        env.slot.run(ring, env.run, list(KV), (1, 2), 3)
 
     env.slot, env.capture_error, env.refuse_replay = call_plans.GraphSlot(), None, True
     with pytest.warns(RuntimeWarning, match="could not be replayed"):
-        env.slot.run(ring, env.run, list(KV), (1, 2))
+        env.slot.run(ring, env.run, list(KV), (1, 2), 3)
     assert env.eager == 3 and not env.graphs[-1].live  # released, the call ran eagerly
-    assert not env.slot.replay(ring, (1, 2), KV)
-    env.slot.run(ring, env.run, list(KV), (1, 2))
+    assert not env.slot.replay(ring, (1, 2), KV, 3)
+    env.slot.run(ring, env.run, list(KV), (1, 2), 3)
     assert env.eager == 4 and len(env.captures) == 3  # no second capture
 
 
 def test_repeated_or_non_contiguous_operands_are_not_captured(slot_env):
     env, ring = slot_env, SlotRing()
-    env.slot.run(ring, env.run, list(KV), (1, 1))
-    env.slot.run(ring, env.run, [Tensor(0x100, contiguous=False), KV[1]], (1, 2))
+    env.slot.run(ring, env.run, list(KV), (1, 1), 3)
+    env.slot.run(ring, env.run, [Tensor(0x100, contiguous=False), KV[1]], (1, 2), 3)
     assert env.eager == 2 and env.captures == []
 
 
@@ -348,10 +352,19 @@ def test_a_replay_that_ran_never_raises_and_then_keeps_to_its_stream():
 def test_a_call_replays_or_else_runs_on_backend_views(slot_env, monkeypatch):
     from cuparing import call_plans
 
-    views = []
+    views, entered = [], []
     monkeypatch.setattr(call_plans, "to_backend", lambda x, origin: views.append(x) or x)
+
+    @contextlib.contextmanager
+    def call_context():  # the caller's allocator and stream: only what runs eagerly needs it
+        entered.append(True)
+        yield
+
+    origin = SimpleNamespace(device_index=0, stream=call_context)
     env, ring = slot_env, SlotRing()
-    env.slot.call(ring, env.run, "origin", KV, (1, 2))  # captures (from the views), replays
+    env.slot.call(ring, env.run, origin, KV, (1, 2))  # captures (from the views), replays
     assert views == list(KV) and env.captures == [(1, 2)] and ring.watched == 1
-    env.slot.call(ring, env.run, "origin", KV, (3, 4))  # replays: no views made
-    assert len(views) == 2 and env.graphs[0].replays[-1][0] == (3, 4) and env.eager == 0
+    assert entered == [True] and ring.watched_on == 3
+    env.slot.call(ring, env.run, origin, KV, (3, 4))  # replays: no views, no call context
+    assert len(views) == 2 and env.graphs[0].replays[-1] == ((3, 4), (0x100, 0x200), 3)
+    assert entered == [True] and env.eager == 0 and ring.watched == 2

@@ -1,6 +1,7 @@
 """Host cost per call: ``cr.attention`` (with and without caller-owned outputs, and replayed as
 a CUDA graph) beside PyTorch SDPA (flash) in the same process, and ``cr.attention_backward``
-into caller-owned gradients; ``ring_attention`` (forward, and backward) when launched on several
+into caller-owned gradients beside SDPA flash's backward (``torch.autograd.grad`` from its
+output); ``ring_attention`` (forward, and backward) when launched on several
 GPUs.
 
 Host microseconds per call are ``time.perf_counter`` over ``--calls`` calls after warm-up, one
@@ -66,6 +67,16 @@ def single_device_rows(calls: int) -> list[dict]:
             dq, dk, dv = grads
             cr.attention_backward(dout, q, k, v, out, lse, causal=True, dq=dq, dk=dk, dv=dv)
 
+        # SDPA flash's backward as a training step reaches it: autograd from its output (the
+        # graph kept for repeats); GQA through enable_gqa as in the forward above
+        qg, kg, vg = (x.detach().requires_grad_() for x in (qt, kt, vt))
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            sdpa_out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=True)
+        sdpa_dout = dout.transpose(1, 2)
+
+        def sdpa_backward(out=sdpa_out, inputs=(qg, kg, vg), dout=sdpa_dout):
+            torch.autograd.grad(out, inputs, dout, retain_graph=True)
+
         ours_out()  # compile, cache positions and tensor maps before capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -74,7 +85,8 @@ def single_device_rows(calls: int) -> list[dict]:
 
         row = {"B": b, "S": s, "H": h, "Hkv": h // 4, "D": d}
         for name, fn in (("ours", ours), ("ours_out", ours_out), ("graph", graph.replay),
-                         ("sdpa_flash", sdpa), ("backward", backward)):  # fmt: skip
+                         ("sdpa_flash", sdpa), ("backward", backward),
+                         ("sdpa_backward", sdpa_backward)):  # fmt: skip
             row[f"{name}_us"] = host_us(fn, calls)
         rows.append(row)
     return rows
@@ -143,12 +155,12 @@ def main(argv=None) -> int:
         result["single"] = single_device_rows(args.calls)
         print(f"card: {card}; torch {torch.__version__}; bf16, causal, Hkv = H/4; host us per call")
         print(f"{'B':>2} {'S':>6} {'H':>3} {'D':>4} {'ours':>8} {'out=':>8} {'graph':>8} "
-              f"{'sdpa':>8} {'ours/sdpa':>9} {'backward':>9}")  # fmt: skip
+              f"{'sdpa':>8} {'ours/sdpa':>9} {'backward':>9} {'sdpa bwd':>9}")  # fmt: skip
         for r in result["single"]:
             print(f"{r['B']:>2} {r['S']:>6} {r['H']:>3} {r['D']:>4} {r['ours_us']:>8.1f} "
                   f"{r['ours_out_us']:>8.1f} {r['graph_us']:>8.1f} {r['sdpa_flash_us']:>8.1f} "
                   f"{r['ours_us'] / r['sdpa_flash_us']:>9.1f} "
-                  f"{r['backward_us']:>9.1f}")  # fmt: skip
+                  f"{r['backward_us']:>9.1f} {r['sdpa_backward_us']:>9.1f}")  # fmt: skip
     if world > 1:
         result["ring"] = ring_rows(args.calls, args.profile)
         if rank == 0:

@@ -381,11 +381,12 @@ class GpuRing(Ring):
         freeing the receive buffers its nodes point at."""
         self._captures.add(captured)
 
-    def watch(self, tag: str) -> None:
-        """Arm one flight on the work queued so far on CuPy's current stream (a replayed graph
-        of ring calls): the watchdog aborts the ring if it makes no progress in time. The whole
-        replayed call is one flight, so the call (not each of its exchanges) must fit in the
-        timeout. Nothing to watch on a ring without a watchdog (a ring of one).
+    def watch(self, tag: str, stream: int | None = None) -> None:
+        """Arm one flight on the work queued so far on ``stream`` (a raw CUDA stream handle;
+        None: CuPy's current stream), a replayed graph of ring calls: the watchdog aborts the
+        ring if it makes no progress in time. The whole replayed call is one flight, so the
+        call (not each of its exchanges) must fit in the timeout. Nothing to watch on a ring
+        without a watchdog (a ring of one).
 
         Raises:
             RingTimeoutError, RingError: the ring has failed.
@@ -396,8 +397,13 @@ class GpuRing(Ring):
         seq = self._seq[tag]
         self._seq[tag] += 1
         flight = Flight(tag, seq, 0, -1, -1, time.monotonic(), kind="replayed graph")
+        cuda = self._cupy.cuda
         with self.device:
-            flight.event = self._event_on(self._cupy.cuda.get_current_stream())
+            if stream is None:
+                flight.event = self._event_on(cuda.get_current_stream())
+            else:  # (no stream object: a replay runs on the caller's raw handle)
+                flight.event = cuda.Event(disable_timing=True)
+                cuda.runtime.eventRecord(flight.event.ptr, stream)
         self._arm(flight)
 
     def synchronize(self) -> None:
