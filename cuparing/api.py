@@ -89,8 +89,10 @@ def attention(
         (1, 16, 2, 8)
     """
     key = None
-    if cu_seqlens is None:
-        key = call_plans.signature("attention", (q, k, v), (causal, scale, window), (out, lse))
+    documents = call_plans.documents_key(cu_seqlens)
+    if documents is not None:
+        options = (causal, scale, window, documents)
+        key = call_plans.signature("attention", (q, k, v), options, (out, lse))
         results = _repeat_attention(key, q, k, v, out, lse)
         if results is not None:  # a repeat of a checked call (call_plans)
             return results if return_lse else results[0]
@@ -200,8 +202,9 @@ def ring_attention(
         True
     """
     key = None
-    if cu_seqlens is None:
-        options = (causal, scale, window, layout)
+    documents = call_plans.documents_key(cu_seqlens)
+    if documents is not None:
+        options = (causal, scale, window, layout, documents)
         key = call_plans.signature("ring_attention", (q, k, v), options, (out, lse), ring)
         decided = call_plans.recall(key, ring, (q, k, v), (out, lse))
         if decided is not None:  # a repeat of a checked call
@@ -298,8 +301,9 @@ def ring_attention_backward(
     entry = "ring_attention_backward"
     arrays, dests = (dout, q, k, v, out, lse), (dq, dk, dv)
     key = None
-    if cu_seqlens is None:
-        options = (causal, scale, window, layout, deterministic)
+    documents = call_plans.documents_key(cu_seqlens)
+    if documents is not None:
+        options = (causal, scale, window, layout, deterministic, documents)
         key = call_plans.signature(entry, (*arrays, dlse), options, dests, ring)
         decided = call_plans.recall(key, ring, arrays, dests)
         if decided is not None:  # a repeat of a checked call
@@ -397,8 +401,9 @@ def attention_backward(
     """
     arrays, dests = (dout, q, k, v, out, lse), (dq, dk, dv)
     key = None
-    if cu_seqlens is None:
-        options = (causal, scale, window, deterministic)
+    documents = call_plans.documents_key(cu_seqlens)
+    if documents is not None:
+        options = (causal, scale, window, deterministic, documents)
         key = call_plans.signature("attention_backward", (*arrays, dlse), options, dests)
         decided = call_plans.recall(key, _ONE_DEVICE, arrays, dests)
         if decided is not None:  # a repeat of a checked call

@@ -25,8 +25,10 @@ exactly as passed, the ring, and the kernel switches of the environment. What de
 addresses is checked per call (:class:`Guard`): tensors autograd tracks and destinations that
 share memory with an input (by byte range, then exactly where ranges meet), which go to the full
 path to be refused there, and for a kept launch, 16-byte aligned inputs. A call the per-call
-checks send to the full path keeps the plan already kept. Arrays of other frameworks, tensor
-subclasses, options that cannot be hashed and packed documents always take the full path.
+checks send to the full path keeps the plan already kept. Packed documents are part of the
+signature by their boundaries' values (:func:`documents_key`) where those are on the host; on a
+GPU, and for arrays of other frameworks, tensor subclasses and options that cannot be hashed,
+every call takes the full path.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from . import schedule
 from .backends import ring_graphs
@@ -95,6 +99,28 @@ def signature(
     except TypeError:
         return None
     return key
+
+
+def documents_key(cu_seqlens: Any) -> tuple | None:
+    """What a signature holds of a call's ``cu_seqlens``: ``()`` when there is none; for
+    boundaries on the host (a list or tuple, a NumPy array, a CPU torch tensor) their type,
+    dtype, shape and values, read in O(documents); None for boundaries on a GPU (reading them
+    waits for the device: such calls take the full path, which reads them once) or of any
+    other kind. Values are typed (``[0, 4.0]`` is not ``[0, 4]``: the checks tell them apart).
+    """
+    if cu_seqlens is None:
+        return ()
+    if isinstance(cu_seqlens, (list, tuple)):
+        return type(cu_seqlens), _typed(tuple(cu_seqlens))
+    if isinstance(cu_seqlens, np.ndarray):
+        if cu_seqlens.dtype.hasobject:
+            return None
+        return np.ndarray, cu_seqlens.dtype.str, cu_seqlens.shape, cu_seqlens.tobytes()
+    kind = type(cu_seqlens)
+    if kind.__name__ == "Tensor" and kind.__module__ == "torch" and cu_seqlens.device.type == "cpu":
+        values = tuple(cu_seqlens.reshape(-1).tolist())
+        return kind, str(cu_seqlens.dtype), tuple(cu_seqlens.shape), values
+    return None
 
 
 def _typed(option: Any) -> Any:

@@ -135,3 +135,90 @@ def test_repeats_reuse_the_first_calls_decisions_through_the_api(monkeypatch):
     assert reused == [True]
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
     call_plans.clear()
+
+
+def test_documents_key_reads_host_boundaries_by_type_and_value():
+    import numpy as np
+
+    key = call_plans.documents_key
+    assert key(None) == ()
+    assert key([0, 3, 7]) == key([0, 3, 7]) != key((0, 3, 7))
+    assert key([0, 3, 7]) != key([0, 3.0, 7])  # the checks refuse one, not the other
+    assert key([0, 3, 7]) != key([0, 4, 7])
+    as_array = np.array([0, 3, 7])
+    assert key(as_array) == key(np.array([0, 3, 7])) != key(as_array.astype(np.int32))
+    assert key(as_array) != key(np.array([0, 4, 7]))
+    assert key(np.array([0, 3, 7], dtype=object)) is None  # (its bytes are object addresses)
+    as_tensor = torch.tensor([0, 3, 7])
+    assert key(as_tensor) == key(torch.tensor([0, 3, 7])) != key(as_tensor.int())
+    assert key(as_tensor) != key(torch.tensor([0, 4, 7]))
+    assert key(torch.tensor([[0, 3, 7]])) != key(as_tensor)  # 2-D: the checks refuse it
+    assert key("0,3,7") is None
+    # each key is hashable, so a signature holding it exists
+    assert all(hash(key(x)) is not None for x in ([0, 3], as_array, as_tensor))
+
+
+def test_packed_document_repeats_reuse_the_first_calls_decisions(monkeypatch, fresh_rng):
+    """Calls with ``cu_seqlens`` on the host keep plans by the boundaries' values: a repeat with
+    the same boundaries reuses them and gives exactly what the full path gave, one with other
+    boundaries (or the same ones as another type) does not, and every result matches the
+    float64 reference (ring forward / backward on two simulated ranks, one-device backward; the
+    one-device forward keeps a launch, which only GPUs have: test_gpu_attention.py)."""
+    import numpy as np
+    from numerics import check_backward, check_forward
+
+    import cuparing as cr
+
+    seqlen = 40
+    cuts = np.sort(fresh_rng.choice(np.arange(1, seqlen), size=3, replace=False))
+    first = [0, *map(int, cuts), seqlen]
+    other = [0, *map(int, np.sort(fresh_rng.choice(np.arange(1, seqlen), 4, replace=False))),
+             seqlen]  # fmt: skip
+    gen = torch.Generator().manual_seed(int(fresh_rng.integers(2**31)))
+    q, dout = (torch.randn(1, seqlen, 4, 8, generator=gen, dtype=torch.float64) for _ in "qd")
+    k, v = (torch.randn(1, seqlen, 2, 8, generator=gen, dtype=torch.float64) for _ in "kv")
+    out, lse = cr.attention(q, k, v, causal=True, cu_seqlens=first, return_lse=True)
+    call_plans.clear()
+    monkeypatch.setattr(call_plans, "_is_cuda_tensor", lambda x: isinstance(x, torch.Tensor))
+    reused = record_plan_reuse(monkeypatch)
+    layout = "zigzag"
+
+    def rank_fn(ring, boundaries):
+        results = []
+        for cu in boundaries:  # on one ring: a kept plan is the ring's
+            opts = {"causal": True, "layout": layout, "cu_seqlens": cu}
+            shards = [cr.shard(x, ring.rank, ring.size, layout=layout, cu_seqlens=list(cu))
+                      for x in (q, k, v, dout)]  # fmt: skip
+            out, lse = cr.ring_attention(*shards[:3], ring, return_lse=True, **opts)
+            grads = cr.ring_attention_backward(shards[3], *shards[:3], out, lse, ring, **opts)
+            results.append([out, lse, *grads])
+        return results
+
+    def checked(results, cu):
+        host = [x.numpy() for x in (q, k, v)]
+        check_forward(results[0], results[1], *host, causal=True, cu_seqlens=cu)
+        check_backward(results[2:], dout.numpy(), *host, causal=True, cu_seqlens=cu)
+
+    # the same boundaries again, then as another type, then others of the same length
+    boundaries = [first, first, np.array(first), other]
+    per_rank = cr.simulate(2, lambda ring: rank_fn(ring, boundaries))
+    calls = [
+        [cr.unshard([r[n][i] for r in per_rank], layout=layout, axis=2 if i == 1 else 1,
+                    cu_seqlens=list(cu)).numpy() for i in range(5)]
+        for n, cu in enumerate(boundaries)
+    ]  # fmt: skip
+    # only the second call repeated (both ranks' forward and backward): the others had no plan
+    assert sorted(reused) == [True] * 4
+    assert all(np.array_equal(a, b) for a, b in zip(calls[0], calls[1], strict=True))
+    for results, cu in zip(calls[1:], boundaries[1:], strict=True):
+        checked(results, list(cu))
+
+    reused.clear()
+    grads = [cr.attention_backward(dout, q, k, v, out, lse, causal=True, cu_seqlens=first)
+             for _ in range(2)]  # fmt: skip
+    assert reused == [True]
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    host = [x.numpy() for x in (q, k, v)]
+    check_backward([g.numpy() for g in grads[1]], dout.numpy(), *host, causal=True,
+                   cu_seqlens=first)  # fmt: skip
+    call_plans.clear()

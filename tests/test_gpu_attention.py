@@ -988,6 +988,75 @@ def test_repeat_backward_and_ring_calls_skip_the_checks(world, monkeypatch, fres
 
 
 @requires_gpu(1)
+@pytest.mark.parametrize("world", [1, 2])
+def test_packed_document_repeats_run_kept_plans(world, monkeypatch, fresh_rng):
+    """Calls with the same ``cu_seqlens`` (on the host) repeat by their kept plans (one device:
+    the forward's launch and the backward's launches; a ring: every step's launches) on fresh
+    data in NaN-poisoned memory, within the float64 reference's bounds; other boundaries of
+    the same length get their own plan, not the kept one."""
+    torch = torch_on_gpu()
+    from cuparing import call_plans
+
+    call_plans.clear()
+    planned = []
+    for kind in (call_plans.CallPlan, call_plans.RingForwardPlan, call_plans.RingBackwardPlan):
+
+        def counted_run(self, *args, real_run=kind.run):
+            result = real_run(self, *args)
+            planned.append(result is not None)
+            return result
+
+        monkeypatch.setattr(kind, "run", counted_run)
+    rng = fresh_rng
+    b, s, h, hkv, d = 1, 160 * world, 4, 2, 64
+
+    def boundaries():
+        cuts = np.sort(rng.choice(np.arange(1, s), size=int(rng.integers(1, 6)), replace=False))
+        return [0, *map(int, cuts), s]
+
+    def draws():
+        shapes = [(b, s, h, d), (b, s, hkv, d), (b, s, hkv, d), (b, s, h, d)]
+        return [random_array(rng, shape, "bfloat16") for shape in shapes]
+
+    layout = "zigzag"
+    first, other = boundaries(), boundaries()
+    calls = [(first, draws()), (first, draws()), (other, draws())]
+
+    def rank_fn(ring):
+        results = []
+        for cu, host in calls:
+            q, k, v, dout = (
+                torch.from_numpy(cr.shard(x.view(np.int16), ring.rank, ring.size, layout=layout,
+                                          cu_seqlens=cu)).cuda().view(torch.bfloat16)
+                for x in host
+            )  # fmt: skip
+            poison = torch.full((1 << 20,), float("nan"), device="cuda")
+            del poison  # torch's allocator hands this NaN-filled memory to the results
+            if world == 1:
+                out, lse = cr.attention(q, k, v, causal=True, cu_seqlens=cu, return_lse=True)
+                grads = cr.attention_backward(dout, q, k, v, out, lse, causal=True,
+                                              cu_seqlens=cu)  # fmt: skip
+            else:
+                opts = {"causal": True, "layout": layout, "cu_seqlens": cu}
+                out, lse = cr.ring_attention(q, k, v, ring, return_lse=True, **opts)
+                grads = cr.ring_attention_backward(dout, q, k, v, out, lse, ring, **opts)
+            torch.cuda.synchronize()
+            results.append([x.float().cpu().numpy() for x in (out, lse, *grads)])
+        return results
+
+    per_rank = cr.simulate(world, rank_fn)
+    # only the second call repeats: per rank its forward and its backward
+    assert planned == [True] * 2 * world
+    for n, (cu, host) in enumerate(calls):
+        got = [cr.unshard([r[n][i] for r in per_rank], layout=layout, axis=2 if i == 1 else 1,
+                          cu_seqlens=cu) for i in range(5)]  # fmt: skip
+        check_kernel_forward(got[0].astype(ml_dtypes.bfloat16), got[1], *host[:3], causal=True,
+                             cu_seqlens=cu)  # fmt: skip
+        check_backward([g.astype(ml_dtypes.bfloat16) for g in got[2:]], host[3], *host[:3],
+                       causal=True, cu_seqlens=cu)  # fmt: skip
+
+
+@requires_gpu(1)
 @pytest.mark.parametrize("headdim", [64, 128])
 def test_inputs_at_misaligned_addresses_are_copied(headdim, kernel_family, fresh_rng):
     """q, k, v, dout whose base address is 2 bytes off a 16-byte boundary (contiguous, so only

@@ -6,7 +6,9 @@ GPUs.
 
 Host microseconds per call are ``time.perf_counter`` over ``--calls`` calls after warm-up, one
 synchronisation at the end (tools/timing.py ``host_us``); the sizes are small enough that the GPU
-keeps up, so the figure is what the caller pays per call. torch bf16 CUDA tensors, causal.
+keeps up, so the figure is what the caller pays per call. torch bf16 CUDA tensors, causal. The
+ring rows add each call timed alone (``host_us_alone``: the median call after a
+synchronisation), the caller's cost where a ring's exchanges make the GPU the slower side.
 
 Usage:
     python tools/bench_overhead.py [--calls N] [--json PATH]
@@ -28,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import host_us  # noqa: E402
+from timing import host_us, host_us_alone  # noqa: E402
 
 SIZES = [(1, 128, 8, 64), (1, 1024, 16, 128), (2, 2048, 32, 128)]  # (B, S, H, D), Hkv = H / 4
 
@@ -126,6 +128,8 @@ def ring_rows(calls: int, profile_dir: str | None = None) -> list[dict]:
         for name, fn in (("ours", ours), ("ours_out", ours_out), ("backward", backward)):
             ring.barrier()
             row[f"{name}_us"] = host_us(fn, calls)
+            ring.barrier()
+            row[f"{name}_alone_us"] = host_us_alone(fn, calls)
             if profile_dir:
                 ring.barrier()
                 label = f"{row['transport']} {name} {tokens} rank{ring.rank}"
@@ -167,10 +171,12 @@ def main(argv=None) -> int:
             first = result["ring"][0]
             transport = first["transport"] + (f", sync={first['sync']}" if first["sync"] else "")
             print(f"ring ({transport}), {world} GPUs, causal zigzag, H/Hkv 32/8, D=128: host us "
-                  "per call")  # fmt: skip
+                  "per call, queued / alone")  # fmt: skip
             for r in result["ring"]:
-                print(f"  {r['tokens_per_gpu']:>6} tokens/GPU: {r['ours_us']:8.1f} (out=: "
-                      f"{r['ours_out_us']:8.1f}, backward: {r['backward_us']:8.1f})")  # fmt: skip
+                print(f"  {r['tokens_per_gpu']:>6} tokens/GPU: {r['ours_us']:7.1f} / "
+                      f"{r['ours_alone_us']:7.1f} (out=: {r['ours_out_us']:7.1f} / "
+                      f"{r['ours_out_alone_us']:7.1f}, backward: {r['backward_us']:7.1f} / "
+                      f"{r['backward_alone_us']:7.1f})")  # fmt: skip
     if args.json and rank == 0:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

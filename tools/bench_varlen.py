@@ -2,7 +2,7 @@
 
     python -m cuparing.launch --nproc-per-node N tools/bench_varlen.py [--tokens-per-gpu 8192]
         [--layouts zigzag,striped,contiguous,packed] [--backward] [--seed 0] [--short]
-        [--json PATH]
+        [--inputs cupy|torch] [--json PATH]
 
 The batch: document lengths drawn log-uniformly from 256 to 32k tokens (``--short``: 64 to 2048;
 ``--seed``, default 0) until they fill ``S = C * tokens_per_gpu`` tokens (the last one cut to
@@ -70,9 +70,20 @@ def global_inputs(seqlen: int, seed: int):
     return rand(HEADS), rand(HEADS_KV), rand(HEADS_KV), rand(HEADS)
 
 
-def bench_one_gpu(ring, inputs, cu, repeats, warmup, backward):
+def as_inputs(arrays, kind: str) -> list:
+    """``arrays`` (CuPy bf16) as the calls take them: CuPy, or torch CUDA tensors over the same
+    memory (``torch``: repeats then run the plans kept by the first call)."""
+    if kind == "cupy":
+        return list(arrays)
+    import cupy
+    import torch
+
+    return [torch.from_dlpack(x.view(cupy.uint16)).view(torch.bfloat16) for x in arrays]
+
+
+def bench_one_gpu(ring, inputs, cu, repeats, warmup, backward, kind="cupy"):
     """The whole packed sequence on this rank's GPU: (forward ms, backward ms)."""
-    q, k, v, dout = inputs
+    q, k, v, dout = as_inputs(inputs, kind)
     opts = {"causal": True, "cu_seqlens": cu}
     out, lse = cr.attention(q, k, v, return_lse=True, **opts)
     fwd = time_ms(lambda: cr.attention(q, k, v, **opts), ring, repeats, warmup)
@@ -83,10 +94,10 @@ def bench_one_gpu(ring, inputs, cu, repeats, warmup, backward):
     return fwd, bwd
 
 
-def bench_layout(ring, inputs, cu, layout, repeats, warmup, backward):
+def bench_layout(ring, inputs, cu, layout, repeats, warmup, backward, kind="cupy"):
     """This rank's ring times for ``layout``: [fwd, fwd no-comm, bwd, bwd no-comm] ms."""
     shards = [cr.shard(x, ring.rank, ring.size, layout=layout, cu_seqlens=cu) for x in inputs]
-    q, k, v, dout = shards
+    q, k, v, dout = as_inputs(shards, kind)
     opts = {"causal": True, "layout": layout, "cu_seqlens": cu}
     nocomm = NoCommRing(ring.rank, ring.size)
     out, lse = cr.ring_attention(q, k, v, ring, return_lse=True, **opts)
@@ -166,6 +177,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch's verdict")
     parser.add_argument("--json", metavar="PATH", help="write rows and metadata (rank 0)")
+    parser.add_argument("--inputs", choices=("cupy", "torch"), default="cupy",
+                        help="what the calls take (torch: repeats run the kept plans)")
     args = parser.parse_args(argv)
     warmup = 3
 
@@ -180,13 +193,15 @@ def main(argv=None) -> int:
     inputs = global_inputs(seqlen, args.seed)
     work = visible_flops(cu)
 
-    one_fwd, one_bwd = bench_one_gpu(ring, inputs, cu, args.repeats, warmup, args.backward)
+    one_fwd, one_bwd = bench_one_gpu(ring, inputs, cu, args.repeats, warmup, args.backward,
+                                     args.inputs)  # fmt: skip
     one = gather(ring, [one_fwd, one_bwd])
     one_fwd = statistics.median(r[0] for r in one)
     one_bwd = statistics.median(r[1] for r in one)
     rows = []
     for layout in args.layouts.split(","):
-        mine = bench_layout(ring, inputs, cu, layout, args.repeats, warmup, args.backward)
+        mine = bench_layout(ring, inputs, cu, layout, args.repeats, warmup, args.backward,
+                            args.inputs)  # fmt: skip
         per_rank = gather(ring, mine)
         fwd, fwd_nc, bwd, bwd_nc = (max(r[i] for r in per_rank) for i in range(4))
         rows.append({
@@ -205,7 +220,8 @@ def main(argv=None) -> int:
             "one_gpu_bwd_ms": one_bwd, "one_gpu_fwd_tflops": work / one_fwd / 1e9,
             "one_gpu_bwd_tflops": 2.5 * work / one_bwd / 1e9,
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv), "repeats": args.repeats}  # fmt: skip
+            "command": " ".join(sys.argv), "repeats": args.repeats,
+            "inputs": args.inputs}  # fmt: skip
     if ring.rank == 0:  # our table first: PyTorch's attempt below may fail in any way
         print_table(meta, rows)
     meta["torch_cp"] = "skipped (--no-torch)"
@@ -223,7 +239,7 @@ def main(argv=None) -> int:
 def print_table(meta, rows) -> None:
     print(f"{meta['card']} x {meta['C']}, bf16, causal packed documents, H/Hkv "
           f"{meta['H']}/{meta['Hkv']}, D={meta['D']}, S={meta['S']}, commit {meta['commit']}, "
-          f"{meta['date']}")  # fmt: skip
+          f"{meta['date']}, {meta.get('inputs', 'cupy')} inputs")  # fmt: skip
     print(f"documents: {meta['documents']}")
     print(f"one GPU, whole sequence: fwd {meta['one_gpu_fwd_ms']:.2f} ms "
           f"({meta['one_gpu_fwd_tflops']:.0f} TF/s), bwd {meta['one_gpu_bwd_ms']:.2f} ms "

@@ -52,6 +52,26 @@ def host_us(fn, calls: int = 300, warmup: int = 20) -> float:
     return elapsed / calls * 1e6
 
 
+def host_us_alone(fn, calls: int = 300, warmup: int = 20) -> float:
+    """Host microseconds of one call of ``fn()`` made alone: the median over ``calls`` calls,
+    each timed by ``time.perf_counter`` after a synchronisation (nothing queued ahead of it).
+    Where the GPU is slower than the host (a ring whose exchanges' latency exceeds the call's
+    Python), :func:`host_us` measures the GPU, as the queue fills and launches wait; this is
+    the caller's own cost either way."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return statistics.median(samples) * 1e6
+
+
 def checkout_commit() -> str:
     """The checkout's commit (for a benchmark's record); ``CUPARING_COMMIT`` names it in a copy
     of the tree without .git."""
