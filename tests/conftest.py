@@ -62,6 +62,22 @@ def torch_has_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def record_plan_runs(monkeypatch, kinds) -> list[bool]:
+    """Make ``run`` of each plan class in ``kinds`` (``call_plans.CallPlan``,
+    ``RingForwardPlan``, ...) record whether it ran the call (True) or left it to the full path
+    (None returned: False); returns the list the answers are appended to."""
+    answers: list[bool] = []
+    for kind in kinds:
+
+        def counted_run(self, *args, real_run=kind.run):
+            result = real_run(self, *args)
+            answers.append(result is not None)
+            return result
+
+        monkeypatch.setattr(kind, "run", counted_run)
+    return answers
+
+
 def record_plan_reuse(monkeypatch) -> list[bool]:
     """Make ``call_plans.CheckedCall.ready`` record each of its answers (True: a repeat reused
     what its first call decided); returns the list the answers are appended to."""

@@ -18,7 +18,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import record_plan_reuse, requires_gpu, torch_on_gpu
+from conftest import record_plan_reuse, record_plan_runs, requires_gpu, torch_on_gpu
 from gpu_arrays import (
     poison_pool,
     random_array,
@@ -884,15 +884,9 @@ def test_repeat_backward_and_ring_calls_skip_the_checks(world, monkeypatch, fres
 
     call_plans.clear()
     reused = record_plan_reuse(monkeypatch)
-    planned = []  # ring repeats run at pointer level (call_plans.RingForwardPlan, ...Backward)
-    for kind in (call_plans.RingForwardPlan, call_plans.RingBackwardPlan):
-
-        def counted_run(self, *args, real_run=kind.run):
-            result = real_run(self, *args)
-            planned.append(result is not None)
-            return result
-
-        monkeypatch.setattr(kind, "run", counted_run)
+    # ring repeats run at pointer level (call_plans.RingForwardPlan, ...Backward)
+    planned = record_plan_runs(monkeypatch, (call_plans.RingForwardPlan,
+                                             call_plans.RingBackwardPlan))  # fmt: skip
     rng = fresh_rng
     b, s, h, hkv, d = 2, 96 * world, 4, 2, 64
     opts = {"causal": True, "layout": "zigzag"} if world > 1 else {"causal": True}
@@ -998,15 +992,8 @@ def test_packed_document_repeats_run_kept_plans(world, monkeypatch, fresh_rng):
     from cuparing import call_plans
 
     call_plans.clear()
-    planned = []
-    for kind in (call_plans.CallPlan, call_plans.RingForwardPlan, call_plans.RingBackwardPlan):
-
-        def counted_run(self, *args, real_run=kind.run):
-            result = real_run(self, *args)
-            planned.append(result is not None)
-            return result
-
-        monkeypatch.setattr(kind, "run", counted_run)
+    planned = record_plan_runs(monkeypatch, (call_plans.CallPlan, call_plans.RingForwardPlan,
+                                             call_plans.RingBackwardPlan))  # fmt: skip
     rng = fresh_rng
     b, s, h, hkv, d = 1, 160 * world, 4, 2, 64
 
