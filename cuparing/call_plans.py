@@ -358,26 +358,31 @@ class RingBackwardPlan(CheckedCall):
 
 
 class GraphSlot:
-    """Where a ring plan keeps its call captured as a CUDA graph
-    (:mod:`cuparing.backends.ring_graphs`), on rings whose exchanges can be captured: the first
-    repeat that runs eagerly captures itself (and replays at once), later repeats only replay.
-    A graph the ring released (``release_buffers``) is captured again by the next repeat. A
-    capture or replay the driver refuses is warned about once and leaves the plan eager for
-    good (nothing of the refused graph ran, so the ranks still issue the same exchanges).
-    ``CUPARING_RING_GRAPHS`` is read when a plan would capture: graphs captured before it was
-    set to 0 go on replaying."""
+    """Where a ring plan keeps its call captured as CUDA graphs
+    (:mod:`cuparing.backends.ring_graphs`), on rings whose exchanges can be captured: a repeat
+    that no kept graph can replay runs eagerly inside a capture (and replays it at once), later
+    repeats only replay. One graph serves every repeat on NCCL; the copy-engine ring's graphs
+    are bound to its channels' slot parity, so a call that makes an odd number of exchanges on
+    a channel keeps two (at most :attr:`VARIANTS`; a repeat none of them matches then runs
+    eagerly). Graphs the ring released (``release_buffers``) are captured again by the next
+    repeats. A capture or replay the driver refuses is warned about once and leaves the plan
+    eager for good (nothing of the refused graph ran, so the ranks still issue the same
+    exchanges). ``CUPARING_RING_GRAPHS`` is read when a plan would capture: graphs captured
+    before it was set to 0 go on replaying."""
+
+    VARIANTS = 4
 
     def __init__(self):
-        self._captured = None
-        self._tried = False
+        self._captured: list = []
+        self._refused = False
 
     def call(self, ring: Any, run: Any, origin: Any, kv: tuple, addresses: tuple[int, ...]):
-        """One repeat of a torch caller (``origin``: its device) on torch's current stream: the
+        """One repeat of a torch caller (``origin``: its device) on torch's current stream: a
         captured graph replayed with the caller's ``addresses`` and K/V tensors ``kv``
         (:meth:`replay`; only the device and the stream are entered: a replay allocates
         nothing), else ``run`` on CuPy views of ``kv`` inside the caller's call context
         (:meth:`run`: captured first where it can be)."""
-        if self._captured is not None:
+        if self._captured:
             device = origin.device_index
             stream = torch_current_stream(device)
             with _on_device(device):
@@ -388,60 +393,67 @@ class GraphSlot:
                      _current_stream())  # fmt: skip
 
     def replay(self, ring: Any, addresses: tuple[int, ...], kv: tuple, stream: int) -> bool:
-        """Replay the captured call with the caller's ``addresses`` and K/V tensors ``kv`` on
-        ``stream`` (a raw handle on the current device), arming the ring's watchdog on it;
-        False (nothing done) when there is no graph, the ring cannot be captured now (it is
-        tracing), ``kv`` are not C-contiguous (the replay copies them as flat bytes), or the
-        driver refused the replay.
+        """Replay a captured call that matches the ring's state with the caller's ``addresses``
+        and K/V tensors ``kv`` on ``stream`` (a raw handle on the current device), arming the
+        ring's watchdog on it; False (nothing done) when no graph matches, the ring cannot be
+        captured now (it is tracing), ``kv`` are not C-contiguous (the replay copies them as
+        flat bytes), or the driver refused the replay.
 
         Raises:
             RingTimeoutError, RingError: the ring has failed (before anything is queued: a
                 replay would run an aborted communicator's operations).
         """
-        captured = self._captured
-        if captured is None:
+        if not self._captured:
             return False
         ring.check()
-        if not captured.live:
-            # the ring released it (its receive buffers dropped, or closed): capture again
-            self._captured, self._tried = None, False
+        if not all(c.live for c in self._captured):
+            # the ring released them (its receive buffers dropped, or closed): capture again
+            self._captured = []
             return False
         if not ring.capturable:  # (tracing: a traced call shows its exchanges)
             return False
         if not (kv[0].is_contiguous() and kv[1].is_contiguous()):
             return False
-        return self._replayed(ring, addresses, (kv[0].data_ptr(), kv[1].data_ptr()), stream)
+        for captured in self._captured:
+            if captured.matches:
+                pointers = (kv[0].data_ptr(), kv[1].data_ptr())
+                return self._replayed(captured, ring, addresses, pointers, stream)
+        return False
 
     def run(self, ring: Any, run: Any, kv: list, addresses: tuple[int, ...], stream: int) -> None:
         """``run(kv)`` (the call at pointer level, queueing on CuPy's current stream, whose
-        handle is ``stream``): captured and replayed when graphs are enabled on ``ring`` and
-        not yet tried here, else run as it is."""
-        if self._tried or not ring_graphs.enabled(ring) or not all(
-            a.flags.c_contiguous for a in kv
-        ) or len(set(addresses)) != len(addresses):  # fmt: skip
+        handle is ``stream``): captured and replayed when graphs are enabled on ``ring``, none
+        was refused here and there is room for another, else run as it is."""
+        if self._refused or len(self._captured) >= self.VARIANTS or not ring_graphs.enabled(
+            ring
+        ) or not all(a.flags.c_contiguous for a in kv) or len(set(addresses)) != len(
+            addresses
+        ):  # fmt: skip
             run(kv)
             return
-        self._tried = True
         ring.check()
         try:
-            self._captured = ring_graphs.capture(ring, run, kv, addresses)
+            captured = ring_graphs.capture(ring, run, kv, addresses)
         except RingError:
             raise
         except (RuntimeError, TypeError, ValueError) as exc:  # the driver binding refused
+            self._refused = True
             _warn_eager(f"could not be captured as a CUDA graph ({exc})")
             run(kv)
             return
-        if not self._replayed(ring, addresses, tuple(a.data.ptr for a in kv), stream):
+        self._captured.append(captured)
+        if not self._replayed(captured, ring, addresses, tuple(a.data.ptr for a in kv), stream):
             run(kv)
 
-    def _replayed(self, ring: Any, addresses: tuple[int, ...], kv: tuple[int, int],
-                  stream: int) -> bool:  # fmt: skip
-        """Replay and watch; on a refusal of the driver release the graph, warn, False."""
+    def _replayed(self, captured: Any, ring: Any, addresses: tuple[int, ...],
+                  kv: tuple[int, int], stream: int) -> bool:  # fmt: skip
+        """Replay ``captured`` and watch; on a refusal of the driver release it, warn, False."""
         try:
-            self._captured.replay(addresses, kv, stream)
+            captured.replay(addresses, kv, stream)
         except (RuntimeError, TypeError, ValueError) as exc:  # the driver binding refused
-            self._captured.release()
-            self._captured = None  # (and _tried stays set: no second capture)
+            captured.release()
+            self._captured.remove(captured)
+            self._refused = True  # (no capture again)
             _warn_eager(f"could not be replayed as a CUDA graph ({exc})")
             return False
         ring.watch("ring call (CUDA graph)", stream)

@@ -22,6 +22,7 @@ place of the real ones for :mod:`cuparing.comm.gpu_ring`, :mod:`cuparing.comm.nc
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import os
 import random
@@ -306,6 +307,19 @@ def fake_driver(gpu: FakeGpu, version: int = 13000, v1_attribute: int = 0) -> Si
     def attribute(attr, device):
         return (CUresult.CUDA_SUCCESS, v1_attribute if attr == v1 else 0)
 
+    def capture_info(stream):
+        """The stream's last queued operation stands for the node a capture would have added
+        (this fake captures nothing: operations run as they would eagerly)."""
+        ops = gpu.objects[int(stream)].ops
+        last = ops[-1] if ops else None
+        return (CUresult.CUDA_SUCCESS, 1, 0, None, [("node", id(last), last)], 1)
+
+    def set_memop_node(executable, node, params):
+        (op,) = params.paramArray
+        value = op.writeValue.value if op.operation == WRITE else op.waitValue.value
+        driver.node_values.append((executable, node, int(value)))
+        return (CUresult.CUDA_SUCCESS,)
+
     driver = SimpleNamespace(
         fail=set(), CUresult=CUresult, CUstream=_Handle, CUdeviceptr=_Handle,
         CUstreamWaitValue_flags=SimpleNamespace(CU_STREAM_WAIT_VALUE_GEQ=geq),
@@ -317,8 +331,46 @@ def fake_driver(gpu: FakeGpu, version: int = 13000, v1_attribute: int = 0) -> Si
         cuDeviceGetAttribute=attribute,
         cuStreamWaitValue32=memory_op("wait", geq),
         cuStreamWriteValue32=memory_op("write", barrier),
+        # what recording captured flag operations and patching their graph nodes use
+        node_values=[], cuCtxGetCurrent=lambda: (CUresult.CUDA_SUCCESS, "context"),
+        cuStreamGetCaptureInfo=capture_info,
+        CUstreamBatchMemOpType=SimpleNamespace(CU_STREAM_MEM_OP_WAIT_VALUE_32=WAIT,
+                                               CU_STREAM_MEM_OP_WRITE_VALUE_32=WRITE),
+        CUstreamBatchMemOpParams=_MemOp, CUDA_BATCH_MEM_OP_NODE_PARAMS=_MemOpNodeParams,
+        cuGraphExecBatchMemOpNodeSetParams=set_memop_node,
     )  # fmt: skip
     return driver
+
+
+WAIT, WRITE = 1, 2  # CUstreamBatchMemOpType
+
+
+class _MemOp:
+    """``CUstreamBatchMemOpParams``: a union of wait and write operands (one object here)."""
+
+    def __init__(self):
+        self.waitValue = self.writeValue = SimpleNamespace(operation=0, address=0, value=0,
+                                                           flags=0)  # fmt: skip
+
+    @property
+    def operation(self):
+        return self.writeValue.operation
+
+
+class _MemOpNodeParams:
+    """``CUDA_BATCH_MEM_OP_NODE_PARAMS``: setting ``paramArray`` copies the operations, as the
+    binding does (later changes to the given objects do not reach the node's parameters)."""
+
+    def __init__(self):
+        self.ctx, self.count, self.flags, self._ops = None, 0, 0, []
+
+    @property
+    def paramArray(self):
+        return self._ops
+
+    @paramArray.setter
+    def paramArray(self, ops):
+        self._ops = [copy.deepcopy(op) for op in ops]
 
 
 def fake_nccl() -> SimpleNamespace:

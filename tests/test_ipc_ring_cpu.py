@@ -18,6 +18,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import fake_gpu
 import ml_dtypes
 import numpy as np
 import pytest
@@ -151,6 +152,8 @@ def _drop_gpu_wait(monkeypatch, sync: str, step: str) -> None:
         "source", ipc_mod._READY, 0)  # fmt: skip
 
     def host_wait_only(self, channel, k, flight):
+        if step == "await_freed" and k < 2:  # (no message before exchange 2, as in the ring)
+            return
         self._ring._await(getattr(channel, peer), kind, channel, k - back, flight, "x")
 
     monkeypatch.setattr(ipc_mod._HostHandshake, step, host_wait_only)
@@ -361,7 +364,8 @@ def test_a_failing_stream_memory_operation_fails_the_exchange(fake):
     for rank, result in enumerate(results):
         assert isinstance(result, cr.RingError), results
         assert str(result).startswith(f"rank {rank}: exchange 'kv' #0")
-        assert "cuStreamWaitValue32 for 1 failed" in str(result)
+        # the exchange's first wait: await freed, k - 1 = -1 as a 32-bit word
+        assert "cuStreamWaitValue32 for 4294967295 failed" in str(result)
 
 
 @pytest.mark.parametrize("size", [2, 3])
@@ -602,3 +606,96 @@ def test_after_a_failure_streams_waiting_on_a_dead_peer_drain(fake):
     drained = threading.Event()
     threading.Thread(target=lambda: (callers[0].synchronize(), drained.set()), daemon=True).start()
     assert drained.wait(5), "the caller's stream still waits on the dead peer"
+
+
+# --- capture into CUDA graphs (device flags) ---
+
+
+def test_only_device_flags_can_be_captured(fake):
+    rings = fake(2)
+    assert rings[0].capturable == (fake.sync == "device")
+    if fake.sync == "host":
+        with pytest.raises(RuntimeError, match="cannot be captured"):
+            with rings[0].capturing():
+                pass
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+def test_a_capture_records_each_flag_operation_and_leaves_the_counts(fake):
+    """Inside ``capturing()`` an exchange's four flag operations are recorded with their nodes
+    and values (k - 1, k - 1, k + 1, k + 1 for exchange k: freed, await freed, pushed, await
+    pushed), and the channel's count is back where it was when the capture ends (nothing of a
+    capture runs; replays move it on). A channel is never set up inside a capture."""
+    rings = fake(2)
+    x = _dev(np.ones(4, np.float32))
+    for result in _threads([lambda ring=ring: ring.exchange([x]).wait() for ring in rings]):
+        assert not isinstance(result, BaseException), result
+    ring = rings[0]
+    channel = next(iter(ring._channels.values()))
+    assert channel.count == 1
+    fake.gpu.paused = True  # (this fake runs what a capture queues: keep it from running)
+    with ring.capturing() as record:
+        ring.exchange([x])
+        with pytest.raises(RuntimeError, match="could not be captured.*eager exchange"):
+            ring.exchange([_dev(np.ones(3, np.float32))], tag="new")
+    assert channel.count == 1 and len(ring._channels) == 1
+    assert [op[4] for op in record._ops] == [0, 0, 2, 2]
+    write, wait = fake_gpu.WRITE, fake_gpu.WAIT
+    assert [op[2].paramArray[0].operation for op in record._ops] == [write, wait, write, wait]
+    # each node is the operation just queued on its stream (the copy stream's three, then the
+    # side stream's wait), with the value the node holds
+    queued = [op[1][2] for op in record._ops]
+    assert [q[0] for q in queued] == ["write_value", "wait_value", "write_value", "wait_value"]
+    assert [q[2] for q in queued] == [0, 0, 2, 2]
+    assert record._made == {id(channel): 1} and not ring._capturing
+    assert ring._sync.capture is None
+
+
+def _channel(count):
+    return SimpleNamespace(count=count)
+
+
+def test_captured_exchanges_move_their_values_with_the_channels_counts():
+    """A replay d exchanges after the capture writes and awaits the captured values plus d; it
+    matches only at even d on every channel it uses; each replay moves the counts on by the
+    exchanges the graph makes."""
+    driver = fake_driver(None)
+    nodes = []
+    driver.cuStreamGetCaptureInfo = lambda stream: (driver.CUresult.CUDA_SUCCESS, 1, 0, None,
+                                                    [f"node{len(nodes)}"], 1)  # fmt: skip
+    kv, dkv, idle = _channel(5), _channel(2), _channel(9)
+    record = ipc_mod._CapturedExchanges(driver, [kv, dkv, idle])
+    for channel, write, value in ((kv, True, 4), (kv, False, 6), (dkv, True, 1)):
+        nodes.append(value)
+        record.add(7, channel, write, 0x100, value, 0)
+    kv.count, dkv.count = 6, 4  # the captured call made one kv and two dkv exchanges
+    record.finish()
+    assert (kv.count, dkv.count, idle.count) == (5, 2, 9) and record.matches()
+    record.patch("exec")
+    assert driver.node_values == [("exec", "node1", 4), ("exec", "node2", 6),
+                                  ("exec", "node3", 1)]  # fmt: skip
+    record.advance()
+    assert (kv.count, dkv.count) == (6, 4) and not record.matches()  # kv: the other parity
+    kv.count += 1  # an eager call of one kv exchange: the parity is the captured one again
+    idle.count += 3  # (a channel the graph does not use has no say)
+    assert record.matches()
+    driver.node_values.clear()
+    record.patch("exec")
+    assert [v for _, _, v in driver.node_values] == [4 + 2, 6 + 2, 1 + 2]
+    kv.count = 5 + (1 << 32)  # values wrap at 32 bits, as the flag words do
+    dkv.count = 2 + (1 << 32)
+    driver.node_values.clear()
+    record.patch("exec")
+    assert [v for _, _, v in driver.node_values] == [4, 6, 1]
+
+
+def test_a_failed_capture_leaves_every_count_where_it_was():
+    driver = fake_driver(None)
+    driver.cuStreamGetCaptureInfo = lambda stream: (driver.CUresult.CUDA_SUCCESS, 1, 0, None,
+                                                    ["node"], 1)  # fmt: skip
+    kv, dkv = _channel(3), _channel(8)
+    record = ipc_mod._CapturedExchanges(driver, [kv, dkv])
+    record.add(7, kv, True, 0x100, 2, 0)
+    kv.count, dkv.count = 4, 9  # dkv's exchange failed before its first flag operation
+    record.finish()
+    assert (kv.count, dkv.count) == (3, 8)

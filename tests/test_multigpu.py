@@ -95,12 +95,14 @@ def test_killed_rank_is_diagnosed_not_hung(world, transport):
 
 @requires_gpu(2)
 @pytest.mark.gpu
+@pytest.mark.parametrize("transport", ["nccl", "ipc"])
 @pytest.mark.parametrize("world", WORLDS)
-def test_killed_rank_ends_replayed_graphs(world):
-    """A peer dying while the others replay a ring call captured as a CUDA graph (NCCL)."""
+def test_killed_rank_ends_replayed_graphs(world, transport):
+    """A peer dying while the others replay a ring call captured as a CUDA graph (NCCL, and
+    the copy-engine ring's device flags)."""
     if import_driver() is None:
         pytest.skip("ring calls are captured as CUDA graphs only with cuda-bindings")
-    _assert_survivors_raise(world, "killed-graph", "nccl")
+    _assert_survivors_raise(world, "killed-graph", transport)
 
 
 def _assert_survivors_raise(world: int, mode: str, transport: str) -> None:

@@ -209,6 +209,7 @@ class SlotGraph:
 
     def __init__(self, refuse=False):
         self.live, self.refuse, self.replays = True, refuse, []
+        self.matches = True  # (a copy-engine ring's graph: its channels at the captured parity)
 
     def replay(self, addresses, kv, stream):
         if self.refuse:
@@ -368,3 +369,29 @@ def test_a_call_replays_or_else_runs_on_backend_views(slot_env, monkeypatch):
     env.slot.call(ring, env.run, origin, KV, (3, 4))  # replays: no views, no call context
     assert len(views) == 2 and env.graphs[0].replays[-1] == ((3, 4), (0x100, 0x200), 3)
     assert entered == [True] and env.eager == 0 and ring.watched == 2
+
+
+def test_a_slot_keeps_a_graph_per_transport_state_up_to_its_bound(slot_env):
+    """A copy-engine ring's graph replays only at its channels' captured slot parity: a repeat
+    no kept graph matches captures another (up to GraphSlot.VARIANTS), then replays whichever
+    matches; past the bound it runs eagerly."""
+    env, ring = slot_env, SlotRing()
+    env.slot.run(ring, env.run, list(KV), (1, 2), 3)
+    first = env.graphs[0]
+    first.matches = False  # the call made an odd number of exchanges: the other parity now
+    assert not env.slot.replay(ring, (1, 2), KV, 3)
+    env.slot.run(ring, env.run, list(KV), (1, 2), 3)  # captures the second parity's graph
+    second = env.graphs[1]
+    assert len(env.captures) == 2 and len(second.replays) == 1 and env.eager == 0
+    first.matches, second.matches = True, False
+    assert env.slot.replay(ring, (5, 6), KV, 3) and first.replays[-1][0] == (5, 6)
+    first.matches = False
+    for _ in range(env.slot.VARIANTS - 2):  # states no graph matches fill the slot
+        env.slot.run(ring, env.run, list(KV), (1, 2), 3)
+        env.graphs[-1].matches = False
+    env.slot.run(ring, env.run, list(KV), (1, 2), 3)
+    assert len(env.captures) == env.slot.VARIANTS and env.eager == 1
+    second.release()  # the ring released its graphs: all of them go, and are captured anew
+    assert not env.slot.replay(ring, (1, 2), KV, 3)
+    env.slot.run(ring, env.run, list(KV), (1, 2), 3)
+    assert len(env.captures) == env.slot.VARIANTS + 1 and env.eager == 1

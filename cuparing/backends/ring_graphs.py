@@ -3,8 +3,8 @@
 A pointer-level repeat (:mod:`cuparing.call_plans`) still spends tens of microseconds of Python
 per exchange (events, NCCL's group calls, the watchdog's flight) and per launch, every call. On a
 ring whose exchanges can be captured (:attr:`cuparing.comm.gpu_ring.GpuRing.capturable`: NCCL's
-send/recv) the repeat runs once inside a stream capture instead, and its exchanges, memsets and
-launches become one graph. A replay then
+send/recv, the copy-engine ring's copies and device flags) the repeat runs once inside a stream
+capture instead, and its exchanges, memsets and launches become one graph. A replay then
 
 1. copies the caller's K/V into the graph's own copies: the ring sends K/V at step 0, and NCCL's
    graph nodes cannot be pointed at other memory (their parameters are NCCL's own);
@@ -12,7 +12,9 @@ launches become one graph. A replay then
    during the capture is packed again by its :class:`~cuparing.backends.launch_plans.PackedLaunch`
    with the caller's addresses in place of the captured call's (tensor maps included), and the
    node takes those arguments (``cuGraphExecKernelNodeSetParams``);
-3. launches the graph on the caller's stream; the ring's :meth:`watch` then arms one flight on
+3. gives the transport's captured operations what this replay needs (the copy-engine ring's
+   flag values, which count exchanges; what the ring's capture yielded does it);
+4. launches the graph on the caller's stream; the ring's :meth:`watch` then arms one flight on
    it, so a dead peer still ends the call within the ring's timeout.
 
 The graph owns its K/V copies and every scratch array of the captured call (accumulators,
@@ -53,12 +55,15 @@ class CapturedRingCall:
         kv: the graph's own K/V copies (CuPy arrays); keep: what the graph's nodes read.
         home_stream: the stream current when its memory was allocated (the caller's).
         device: the GPU it lives on.
+        exchanges: what the ring's capture yielded (:meth:`GpuRing.capturing`): None, or
+            what each replay changes in the transport's captured operations.
     """
 
     def __init__(self, driver: GraphDriver, graph: Any, executable: Any, launches: list,
                  addresses: tuple[int, ...], kv: Sequence[Any], keep: Any, home_stream: int,
-                 device: int):  # fmt: skip
+                 device: int, exchanges: Any = None):  # fmt: skip
         self._driver = driver
+        self._exchanges = exchanges
         self._graph, self._executable = graph, executable
         self._launches = [[*entry, tuple(entry[1]), None] for entry in launches]
         self._captured = addresses
@@ -99,8 +104,12 @@ class CapturedRingCall:
         if addresses != self._applied:
             self._repoint(dict(zip(self._captured, addresses, strict=True)))
             self._applied = addresses
+        if self._exchanges is not None:
+            self._exchanges.patch(self._executable)
         self._driver.launch(self._executable, stream)
         # from here the call has run: a failure must not send the caller to run it again
+        if self._exchanges is not None:
+            self._exchanges.advance()
         try:
             self._driver.record(self._done, stream)
         except _DRIVER_ERRORS as exc:
@@ -128,6 +137,12 @@ class CapturedRingCall:
     def live(self) -> bool:
         """Whether it can still be replayed (not yet released)."""
         return self._executable is not None
+
+    @property
+    def matches(self) -> bool:
+        """Whether the ring's transport is where this graph can replay (a copy-engine ring's
+        channels at the captured slot parity; always, on NCCL)."""
+        return self._exchanges is None or self._exchanges.matches()
 
     def release(self) -> None:
         """Free the graph and hand its memory back (idempotent). An executable graph still
@@ -217,7 +232,7 @@ def capture(ring: Any, run: Callable[[list], Any], kv: Sequence[Any],
     with stream:
         driver.begin(stream.ptr)
         try:
-            with ring.capturing(), launch_plans.observe(observed):
+            with ring.capturing() as exchanges, launch_plans.observe(observed):
                 keep = run(copies)
         except BaseException:
             with contextlib.suppress(RuntimeError):
@@ -231,7 +246,7 @@ def capture(ring: Any, run: Callable[[list], Any], kv: Sequence[Any],
         raise
     try:
         captured = CapturedRingCall(driver, graph, executable, launches, addresses, copies,
-                                    keep, home, device)  # fmt: skip
+                                    keep, home, device, exchanges)  # fmt: skip
     except BaseException:
         driver.destroy(executable, graph)
         raise

@@ -362,17 +362,32 @@ class GpuRing(Ring):
         are queued as usual (the comm stream joins the capture through the events that order
         it) but arm no flight.
 
+        Yields:
+            What a replay of the graph must change in the transport's captured operations, or
+            None (nothing: NCCL's). Otherwise an object with ``matches()`` (whether the graph
+            may replay now), ``patch(executable)`` (before a launch; raises RuntimeError if
+            the driver refuses) and ``advance()`` (after it).
+
         Raises:
             RuntimeError: the ring is not :attr:`capturable`.
         """
         if not self.capturable:
             raise RuntimeError(f"{type(self).__name__} exchanges cannot be captured now "
                                "(transport, or tracing)")  # fmt: skip
+        record = self._start_capture()
         self._capturing = True
         try:
-            yield
+            yield record
         finally:
             self._capturing = False
+            self._end_capture(record)
+
+    def _start_capture(self) -> Any:
+        """The transport's record of a capture about to start (see :meth:`capturing`)."""
+        return None
+
+    def _end_capture(self, record: Any) -> None:
+        """The capture ended (whether or not it succeeded): nothing it queued ran."""
 
     def adopt_capture(self, captured: Any) -> None:
         """Remember a graph captured on this ring (anything with a ``release()`` method, held

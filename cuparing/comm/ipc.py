@@ -15,12 +15,13 @@ handle to the rank that writes into it (``source = rank - shift``) and to the ra
 slot ``s = k % 2``. The copy stream first waits for the caller's stream: the arrays to send are
 written, and everything queued before the call is done, which includes every read of this rank's
 slot ``s`` from exchange ``k - 2`` (the ownership rule of :mod:`cuparing.comm.base`). Then, in
-this order: if ``k >= 2``, this rank tells ``source`` that its slot ``s`` is free again
-(*freed*) and the copy stream waits until ``dest`` has said so of the slot it writes (*await
-freed*); the copy stream copies the arrays into ``dest``'s slot ``s`` and tells ``dest``
-(*pushed*); a side stream waits for those copies and until ``source`` has pushed into this rank's
-slot ``s`` (*await pushed*), then records the exchange's *received* event, which ``wait()`` hands
-to the caller's stream as on every GPU ring. ``ring.sync`` says how the four are carried:
+this order: this rank tells ``source`` that its slot ``s`` is free again (*freed*) and the copy
+stream waits until ``dest`` has said so of the slot it writes (*await freed*), both trivially
+true for ``k < 2`` (the host handshake skips them there); the copy stream copies the arrays into
+``dest``'s slot ``s`` and tells ``dest`` (*pushed*); a side stream waits for those copies and
+until ``source`` has pushed into this rank's slot ``s`` (*await pushed*), then records the
+exchange's *received* event, which ``wait()`` hands to the caller's stream as on every GPU ring.
+``ring.sync`` says how the four are carried:
 
 ``"device"`` (device flags): by the GPUs alone, through ``cuStreamWriteValue32`` and
 ``cuStreamWaitValue32`` (NVIDIA's cuda-bindings); after a channel's setup no exchange sends a host
@@ -33,7 +34,12 @@ only access to a peer's memory is a write through its IPC mapping, as the copies
   until its own ``ready[s] >= k + 1`` (*await pushed*).
 - ``done[s]``, in the writer's memory: the reader's copy stream, at the reader's exchange ``k``,
   writes ``k - 1`` (the value exchange ``k - 2`` pushed) into ``source``'s ``done[s]`` (*freed*);
-  the writer's copy stream waits until its own ``done[s] >= k - 1`` (*await freed*).
+  the writer's copy stream waits until its own ``done[s] >= k - 1`` (*await freed*). For
+  ``k < 2`` these are ``-1`` and ``0``: the cleared word satisfies the wait at once, and the
+  written value is behind every later awaited one (``-1`` is ``2**32 - 1``, which the cyclic
+  comparison below puts before ``1``). Issuing them anyway gives every exchange the same
+  operations, which a captured call relies on (:mod:`cuparing.backends.ring_graphs`: a graph
+  of exchanges replays them with their values moved on, :class:`_CapturedExchanges`).
 
 The values of a word only grow (``ready[s]``: ``s + 1, s + 3, ...``), so no flag is ever reset:
 they are cleared once, when the channel is set up and before any peer learns of the memory
@@ -220,6 +226,23 @@ class IpcRing(GpuRing):
         return self._sync.name
 
     @property
+    def _transport_capturable(self) -> bool:
+        # device flags: the exchange is copies and stream memory operations, which a graph
+        # holds (their values patched per replay: _CapturedExchanges); the host handshake's
+        # host messages are not GPU work
+        return self._sync.name == "device"
+
+    def _start_capture(self) -> _CapturedExchanges:
+        with self.device:
+            record = _CapturedExchanges(self._sync.driver, list(self._channels.values()))
+        self._sync.capture = record
+        return record
+
+    def _end_capture(self, record: _CapturedExchanges) -> None:
+        self._sync.capture = None
+        record.finish()
+
+    @property
     def sync_reason(self) -> str | None:
         return self._sync.reason
 
@@ -285,6 +308,8 @@ class IpcRing(GpuRing):
         key = (flight.tag, step, tuple((tuple(a.shape), str(a.dtype)) for a in sends))
         channel = self._channels.get(key)
         if channel is None:
+            if self._capturing:  # (its setup messages and allocation cannot be captured)
+                raise RuntimeError("a channel is set up by an eager exchange, not in a capture")
             channel = self._channels[key] = self._open_channel(key, sends, flight)
         k = channel.count
         channel.count += 1
@@ -295,9 +320,11 @@ class IpcRing(GpuRing):
         """Exchange ``k`` of ``channel``, in the module doc's order."""
         sync, slot = self._sync, k % 2
         runtime = self._cupy.cuda.runtime
-        if k >= 2:  # our slot's previous contents (exchange k-2) are read by now
-            sync.freed(channel, k, flight)
-            sync.await_freed(channel, k, flight)  # ... and so are those of dest's slot
+        # our slot's previous contents (exchange k-2) are read by now, and so are those of
+        # dest's slot (for k < 2 there were none: the host handshake says nothing, the device
+        # flags write and await values every word already holds; see the module doc)
+        sync.freed(channel, k, flight)
+        sync.await_freed(channel, k, flight)
         start = self._mark(COMM)
         base = channel.remote_base + slot * channel.slot_bytes
         for send, offset in zip(sends, channel.offsets, strict=True):
@@ -414,6 +441,7 @@ class IpcRing(GpuRing):
         """Drop every channel's buffers, events and opened handles. Collective: every rank calls
         it at the same point (two barriers keep a peer from writing into freed memory)."""
         self.synchronize()
+        self._release_captures()  # (their nodes point at the channels' memory)
         if self.size > 1:
             self.barrier()  # every push and flag write has landed
         self._close_imports()
@@ -470,11 +498,15 @@ class _HostHandshake:
         channel.remote_ready = _open_events(self._runtime, from_source)
 
     def freed(self, channel: _Channel, k: int, flight: Flight) -> None:
+        if k < 2:  # nothing was read from slot k yet
+            return
         ring = self._ring
         channel.done[k % 2].record(ring.stream)
         ring._send(channel.source, _DONE, channel, k - 2, flight)
 
     def await_freed(self, channel: _Channel, k: int, flight: Flight) -> None:
+        if k < 2:
+            return
         ring = self._ring
         ring._await(channel.dest, _DONE, channel, k - 2, flight,
                     "finish reading the buffer this rank writes into")  # fmt: skip
@@ -510,7 +542,7 @@ class _DeviceFlags:
     name, code, reason = "device", b"d", None
 
     def __init__(self, ring: IpcRing, driver: Any):
-        self._ring, self._driver = ring, driver
+        self._ring, self.driver = ring, driver
         self._wait_value = driver.cuStreamWaitValue32
         self._write_value = driver.cuStreamWriteValue32
         self._geq = int(driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ)
@@ -519,6 +551,7 @@ class _DeviceFlags:
         self._fenced = int(driver.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
         self._copy = driver.CUstream(ring.stream.ptr)
         self._side = driver.CUstream(ring._join.ptr)
+        self.capture: _CapturedExchanges | None = None  # while the ring's exchanges are captured
 
     def exports(self, channel: _Channel) -> tuple[bytes, bytes]:
         """Clear this rank's flag words; the memory handle in the header is all peers need."""
@@ -545,7 +578,7 @@ class _DeviceFlags:
         at = channel.flags_at
 
         def words(base: int, offset: int) -> list:
-            return [self._driver.CUdeviceptr(base + at + offset + 4 * s) for s in range(2)]
+            return [self.driver.CUdeviceptr(base + at + offset + 4 * s) for s in range(2)]
 
         ours = channel.memory.ptr
         channel.words = _Words(words(ours, _READY_AT), words(ours, _DONE_AT),
@@ -553,26 +586,30 @@ class _DeviceFlags:
                                words(channel.source_base, _DONE_AT))  # fmt: skip
 
     def freed(self, channel: _Channel, k: int, flight: Flight) -> None:
-        self._write(self._copy, channel.words.source_done[k % 2], k - 1)
+        self._write(self._copy, channel.words.source_done[k % 2], k - 1, channel)
 
     def await_freed(self, channel: _Channel, k: int, flight: Flight) -> None:
-        self._wait(self._copy, channel.words.done[k % 2], k - 1)
+        self._wait(self._copy, channel.words.done[k % 2], k - 1, channel)
 
     def pushed(self, channel: _Channel, k: int, flight: Flight) -> None:
-        self._write(self._copy, channel.words.dest_ready[k % 2], k + 1)
+        self._write(self._copy, channel.words.dest_ready[k % 2], k + 1, channel)
 
     def await_pushed(self, channel: _Channel, k: int, flight: Flight) -> None:
-        self._wait(self._side, channel.words.ready[k % 2], k + 1)
+        self._wait(self._side, channel.words.ready[k % 2], k + 1, channel)
 
-    def _write(self, stream: Any, word: Any, value: int) -> None:
+    def _write(self, stream: Any, word: Any, value: int, channel: _Channel | None = None) -> None:
         (err,) = self._write_value(stream, word, value & _WORD, self._fenced)
         if err:
             raise RuntimeError(f"cuStreamWriteValue32 of {value & _WORD} failed: {err!r}")
+        if self.capture is not None:
+            self.capture.add(stream, channel, True, word, value, self._fenced)
 
-    def _wait(self, stream: Any, word: Any, value: int) -> None:
+    def _wait(self, stream: Any, word: Any, value: int, channel: _Channel | None = None) -> None:
         (err,) = self._wait_value(stream, word, value & _WORD, self._geq)
         if err:
             raise RuntimeError(f"cuStreamWaitValue32 for {value & _WORD} failed: {err!r}")
+        if self.capture is not None:
+            self.capture.add(stream, channel, False, word, value, self._geq)
 
     def release(self, channels: list) -> None:
         """After a failure: write values far ahead of any awaited one into this rank's own flag
@@ -582,7 +619,7 @@ class _DeviceFlags:
         only a failed ring reads."""
         stream = self._ring._cupy.cuda.Stream(non_blocking=True)  # the ring's are waiting
         self._release_stream = stream  # kept until the ring goes: its writes may be queued
-        handle = self._driver.CUstream(stream.ptr)
+        handle = self.driver.CUstream(stream.ptr)
         for channel in channels:
             if channel.words is None:
                 continue
@@ -594,6 +631,87 @@ class _DeviceFlags:
         if channel.source_base and channel.source_base != channel.remote_base:
             self._ring._cupy.cuda.runtime.ipcCloseMemHandle(channel.source_base)
         channel.source_base, channel.words = 0, None
+
+
+class _CapturedExchanges:
+    """The device flags' stream memory operations of the exchanges captured into one CUDA graph
+    (one node each), and what a replay changes in them.
+
+    The flag values of exchange ``k`` are ``k - 1`` and ``k + 1`` (the module doc), so a replay
+    that comes ``d`` exchanges after the captured ones on a channel writes and awaits every
+    captured value plus ``d``: each node takes its new value before the launch
+    (``cuGraphExecBatchMemOpNodeSetParams``, read at launch), and the channel's count moves on
+    by the exchanges the graph makes, so eager exchanges continue the sequence. The graph's
+    copies and the arrays its kernels read are fixed to the captured slots ``k % 2``: it
+    replays only where ``d`` is even on every channel it uses (:meth:`matches`; a call that
+    makes an odd number of exchanges on a channel has a second graph for the other parity).
+
+    Args:
+        driver: cuda-bindings' driver module.
+        channels: every channel of the ring (their counts now are the captured call's start).
+    """
+
+    def __init__(self, driver: Any, channels: list[_Channel]):
+        self._driver = driver
+        self._ctx = driver.cuCtxGetCurrent()[1]
+        self._all = channels
+        self._start = {id(c): c.count for c in channels}
+        self._channels: dict[int, _Channel] = {}  # those the call exchanged on
+        self._made: dict[int, int] = {}  # exchanges per call, by channel
+        self._ops: list[tuple] = []  # (channel id, node, params, value field, captured value)
+
+    def add(self, stream: Any, channel: _Channel, write: bool, word: Any, value: int,
+            flags: int) -> None:  # fmt: skip
+        """Record the operation just captured on ``stream`` (its node is the stream's last)."""
+        d = self._driver
+        result = d.cuStreamGetCaptureInfo(stream)
+        if result[0] != d.CUresult.CUDA_SUCCESS or len(result[4]) != 1:
+            raise RuntimeError(f"cannot find the captured flag operation's node ({result[0]!r})")
+        op = d.CUstreamBatchMemOpParams()
+        operand = op.writeValue if write else op.waitValue
+        kinds = d.CUstreamBatchMemOpType
+        operand.operation = kinds.CU_STREAM_MEM_OP_WRITE_VALUE_32 if write else (
+            kinds.CU_STREAM_MEM_OP_WAIT_VALUE_32)  # fmt: skip
+        operand.address, operand.value, operand.flags = word, value & _WORD, flags
+        params = d.CUDA_BATCH_MEM_OP_NODE_PARAMS()
+        params.ctx, params.count, params.paramArray, params.flags = self._ctx, 1, [op], 0
+        # the node's operation as the params hold it (setting paramArray copied ``op``): a
+        # replay sets its value there
+        kept = params.paramArray[0]
+        operand = kept.writeValue if write else kept.waitValue
+        self._channels[id(channel)] = channel
+        self._ops.append((id(channel), result[4][0], params, operand, value))
+
+    def finish(self) -> None:
+        """At the capture's end (whether or not it succeeded): nothing ran, so every channel's
+        count goes back to the start (the replays move them on)."""
+        for channel in self._all:
+            key = id(channel)
+            if key in self._channels:
+                self._made[key] = channel.count - self._start[key]
+            channel.count = self._start[key]
+
+    def matches(self) -> bool:
+        """Whether every channel the graph uses is at the captured slot parity."""
+        return all((c.count - self._start[key]) % 2 == 0 for key, c in self._channels.items())
+
+    def patch(self, executable: Any) -> None:
+        """Give each recorded node of ``executable`` its values for the channels' counts now.
+
+        Raises:
+            RuntimeError: the driver refused (nothing was launched).
+        """
+        d = self._driver
+        for key, node, params, operand, value in self._ops:
+            operand.value = (value + self._channels[key].count - self._start[key]) & _WORD
+            (err,) = d.cuGraphExecBatchMemOpNodeSetParams(executable, node, params)
+            if err != d.CUresult.CUDA_SUCCESS:
+                raise RuntimeError(f"cuGraphExecBatchMemOpNodeSetParams failed: {err!r}")
+
+    def advance(self) -> None:
+        """After a launch: each channel has made the graph's exchanges."""
+        for key, made in self._made.items():
+            self._channels[key].count += made
 
 
 def _choose_sync(ring: IpcRing) -> _HostHandshake | _DeviceFlags:
