@@ -43,7 +43,7 @@ import numpy as np
 from . import schedule
 from .backends import ring_graphs
 from .backends.launch_plans import PlanCache
-from .comm.base import RingError
+from .comm.base import CaptureDeferred, RingError
 from .interop import (
     may_overlap,
     memory_span,
@@ -436,6 +436,9 @@ class GraphSlot:
             captured = ring_graphs.capture(ring, run, kv, addresses)
         except RingError:
             raise
+        except CaptureDeferred:  # (a transport sets up what the capture needs: a later repeat)
+            run(kv)
+            return
         except (RuntimeError, TypeError, ValueError) as exc:  # the driver binding refused
             self._refused = True
             _warn_eager(f"could not be captured as a CUDA graph ({exc})")

@@ -395,3 +395,22 @@ def test_a_slot_keeps_a_graph_per_transport_state_up_to_its_bound(slot_env):
     assert not env.slot.replay(ring, (1, 2), KV, 3)
     env.slot.run(ring, env.run, list(KV), (1, 2), 3)
     assert len(env.captures) == env.slot.VARIANTS + 1 and env.eager == 1
+
+
+def test_a_deferred_capture_runs_eagerly_and_captures_on_a_later_repeat(slot_env):
+    """A transport that must set something up first (the copy-engine ring's channels, after
+    ``release_buffers``) defers the capture: that repeat runs eagerly, with no warning, and the
+    next one captures."""
+    import warnings
+
+    from cuparing.comm.base import CaptureDeferred
+
+    env, ring = slot_env, SlotRing()
+    env.capture_error = CaptureDeferred("rank 0: exchange 'kv' #3 sets up a channel")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        env.slot.run(ring, env.run, list(KV), (1, 2), 3)
+    assert env.eager == 1 and env.graphs == []
+    env.capture_error = None
+    env.slot.run(ring, env.run, list(KV), (1, 2), 3)
+    assert env.eager == 1 and len(env.graphs) == 1 and env.graphs[0].replays

@@ -33,6 +33,13 @@ class RingTimeoutError(RingError):
     """An exchange did not complete within the ring's timeout."""
 
 
+class CaptureDeferred(RuntimeError):
+    """An exchange inside a CUDA-graph capture that must first run eagerly (its transport sets
+    something up on the first exchange of a kind, e.g. the copy-engine ring's channels): the
+    call runs without a graph this time and may be captured on a later repeat. Nothing was
+    queued; the ring is intact."""
+
+
 class PendingExchange(abc.ABC):
     """Handle of an exchange in flight."""
 

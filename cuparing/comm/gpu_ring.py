@@ -70,7 +70,14 @@ from typing import Any, Protocol
 
 from . import health as health_channel
 from . import trace as tracing
-from .base import PendingExchange, ReadyExchange, Ring, RingError, RingTimeoutError
+from .base import (
+    CaptureDeferred,
+    PendingExchange,
+    ReadyExchange,
+    Ring,
+    RingError,
+    RingTimeoutError,
+)
 
 POLL_S = 0.02  # watchdog period: one cudaEventQuery per poll, far below any sane timeout
 _LENGTH = struct.Struct("!Q")  # allgather_bytes: each rank's length, gathered first
@@ -281,7 +288,7 @@ class GpuRing(Ring):
             self.stream.wait_event(self._event_on(caller))
             try:
                 received = self._push(flight, sends)
-            except RingError:
+            except (RingError, CaptureDeferred):
                 raise
             except Exception as exc:
                 if self._capturing:

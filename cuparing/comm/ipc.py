@@ -120,7 +120,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import RingError, RingTimeoutError
+from .base import CaptureDeferred, RingError, RingTimeoutError
 from .gpu_ring import Flight, GpuRing, fresh
 from .nccl import collective_of, join_from_env
 from .peerlink import Address, LinkError, PeerLinks
@@ -309,7 +309,8 @@ class IpcRing(GpuRing):
         channel = self._channels.get(key)
         if channel is None:
             if self._capturing:  # (its setup messages and allocation cannot be captured)
-                raise RuntimeError("a channel is set up by an eager exchange, not in a capture")
+                raise CaptureDeferred(f"rank {self.rank}: {flight.describe(self.rank)} sets up "
+                                      "a channel: an eager call does it first")  # fmt: skip
             channel = self._channels[key] = self._open_channel(key, sends, flight)
         k = channel.count
         channel.count += 1

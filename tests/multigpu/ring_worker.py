@@ -236,7 +236,11 @@ def run_case(ring, index, case, report) -> None:
             same = torch.equal(again[0], out_l) and torch.equal(again[1], lse_l)
             report(same, f"{name} repeat after release_buffers ({trial}): bit-identical={same}")
         replays = GRAPH_REPLAYS["count"] - replays_before
-        want_replays = 5 if graphs_expected(ring) else 0
+        want_replays = 0
+        if graphs_expected(ring):
+            # every repeat but the copy-engine ring's first after release_buffers, which sets
+            # its channels up again eagerly
+            want_replays = 4 if type(ring).__name__ == "IpcRing" else 5
         report(replays == want_replays,
                f"{name} forward graph replays {replays} (expected {want_replays})")
         if graphs_expected(ring):
