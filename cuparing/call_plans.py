@@ -450,12 +450,14 @@ class GraphSlot:
 
     def _replayed(self, captured: Any, ring: Any, addresses: tuple[int, ...],
                   kv: tuple[int, int], stream: int) -> bool:  # fmt: skip
-        """Replay ``captured`` and watch; on a refusal of the driver release it, warn, False."""
+        """Replay ``captured`` and watch; on a refusal of the driver release every graph of
+        the plan, warn (once: the plan runs eagerly from then on), False."""
         try:
             captured.replay(addresses, kv, stream)
         except (RuntimeError, TypeError, ValueError) as exc:  # the driver binding refused
-            captured.release()
-            self._captured.remove(captured)
+            for kept in self._captured:  # (every graph of the plan: the others would be too)
+                kept.release()
+            self._captured = []
             self._refused = True  # (no capture again)
             _warn_eager(f"could not be replayed as a CUDA graph ({exc})")
             return False

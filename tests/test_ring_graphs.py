@@ -414,3 +414,23 @@ def test_a_deferred_capture_runs_eagerly_and_captures_on_a_later_repeat(slot_env
     env.capture_error = None
     env.slot.run(ring, env.run, list(KV), (1, 2), 3)
     assert env.eager == 1 and len(env.graphs) == 1 and env.graphs[0].replays
+
+
+def test_a_refused_replay_releases_every_graph_of_the_plan(slot_env):
+    """Where the driver refuses a replay the plan runs eagerly from then on, with one warning:
+    its other graphs (the other slot parity's) are released too, not tried in turn."""
+    env, ring = slot_env, SlotRing()
+    env.slot.run(ring, env.run, list(KV), (1, 2), 3)
+    env.graphs[0].matches = False
+    env.slot.run(ring, env.run, list(KV), (1, 2), 3)
+    first, second = env.graphs
+    first.matches, second.refuse = True, True
+    second.matches = False
+    first.refuse = True
+    with pytest.warns(RuntimeWarning, match="could not be replayed") as caught:
+        assert not env.slot.replay(ring, (1, 2), KV, 3)
+        for _ in range(3):
+            assert not env.slot.replay(ring, (1, 2), KV, 3)
+            env.slot.run(ring, env.run, list(KV), (1, 2), 3)
+    assert len(caught) == 1 and not first.live and not second.live
+    assert env.eager == 3 and len(env.captures) == 2
