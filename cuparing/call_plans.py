@@ -365,9 +365,10 @@ class GraphSlot:
     are bound to its channels' slot parity, so a call that makes an odd number of exchanges on
     a channel keeps two (at most :attr:`VARIANTS`; a repeat none of them matches then runs
     eagerly). Graphs the ring released (``release_buffers``) are captured again by the next
-    repeats. A capture or replay the driver refuses is warned about once and leaves the plan
-    eager for good (nothing of the refused graph ran, so the ranks still issue the same
-    exchanges). ``CUPARING_RING_GRAPHS`` is read when a plan would capture: graphs captured
+    repeats. A capture or replay the driver refuses is warned about once, releases every graph
+    of the plan and leaves it eager for good (nothing of the refused graph ran, so the ranks
+    still issue the same exchanges). Each graph holds its own K/V copies and scratch.
+    ``CUPARING_RING_GRAPHS`` is read when a plan would capture: graphs captured
     before it was set to 0 go on replaying."""
 
     VARIANTS = 4
@@ -440,13 +441,21 @@ class GraphSlot:
             run(kv)
             return
         except (RuntimeError, TypeError, ValueError) as exc:  # the driver binding refused
-            self._refused = True
+            self._drop_all()
             _warn_eager(f"could not be captured as a CUDA graph ({exc})")
             run(kv)
             return
         self._captured.append(captured)
         if not self._replayed(captured, ring, addresses, tuple(a.data.ptr for a in kv), stream):
             run(kv)
+
+    def _drop_all(self) -> None:
+        """After the driver refused a capture or a replay: release every graph of the plan (the
+        others would be refused too) and run eagerly for good."""
+        for kept in self._captured:
+            kept.release()
+        self._captured = []
+        self._refused = True
 
     def _replayed(self, captured: Any, ring: Any, addresses: tuple[int, ...],
                   kv: tuple[int, int], stream: int) -> bool:  # fmt: skip
@@ -455,10 +464,7 @@ class GraphSlot:
         try:
             captured.replay(addresses, kv, stream)
         except (RuntimeError, TypeError, ValueError) as exc:  # the driver binding refused
-            for kept in self._captured:  # (every graph of the plan: the others would be too)
-                kept.release()
-            self._captured = []
-            self._refused = True  # (no capture again)
+            self._drop_all()
             _warn_eager(f"could not be replayed as a CUDA graph ({exc})")
             return False
         ring.watch("ring call (CUDA graph)", stream)

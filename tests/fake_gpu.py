@@ -126,6 +126,9 @@ class FakeStream:
             if event.recorded:  # the latest record now, or nothing at all
                 self.ops.append(("wait", event, event.recorded))
 
+    def is_capturing(self) -> bool:
+        return False  # (this fake captures nothing)
+
     def launch(self, fn) -> None:
         """Queue ``fn()`` as a "kernel" on this stream."""
         self.gpu.enqueue(self, ("fn", fn))

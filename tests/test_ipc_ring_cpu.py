@@ -637,8 +637,11 @@ def test_a_capture_records_each_flag_operation_and_leaves_the_counts(fake):
     fake.gpu.paused = True  # (this fake runs what a capture queues: keep it from running)
     with ring.capturing() as record:
         ring.exchange([x])
+        queued = [len(s.ops) for s in (ring.stream, ring._join)]
         with pytest.raises(CaptureDeferred, match="sets up a channel: an eager call"):
             ring.exchange([_dev(np.ones(3, np.float32))], tag="new")
+        # the deferred exchange queued nothing on the ring's streams
+        assert [len(s.ops) for s in (ring.stream, ring._join)] == queued
     assert channel.count == 1 and len(ring._channels) == 1
     assert [op[4] for op in record._ops] == [0, 0, 2, 2]
     write, wait = fake_gpu.WRITE, fake_gpu.WAIT
@@ -700,3 +703,37 @@ def test_a_failed_capture_leaves_every_count_where_it_was():
     kv.count, dkv.count = 4, 9  # dkv's exchange failed before its first flag operation
     record.finish()
     assert (kv.count, dkv.count) == (3, 8)
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+def test_a_failure_during_a_capture_still_releases_every_flag_word(fake):
+    """The watchdog or the failure channel may fail the ring while the main thread captures
+    exchanges: the release's far-ahead writes go to the driver on their own stream, all of
+    them, and none is taken for a captured operation."""
+    rings = fake(2)
+    x = _dev(np.ones(4, np.float32))
+    for result in _threads([lambda ring=ring: ring.exchange([x]).wait() for ring in rings]):
+        assert not isinstance(result, BaseException), result
+    ring = rings[0]
+    fake.gpu.paused = True
+    with ring.capturing() as record:
+        ring.exchange([x])
+        captured = len(record._ops)
+        ring._fail(cr.RingError("rank 1 died (a test's stand-in)"))
+        assert len(record._ops) == captured == 4
+    writes = [op for op in ring._sync._release_stream.ops if op[0] == "write_value"]
+    assert len(writes) == 4  # ready[0..1] and done[0..1]
+    assert all(value >= 1 << 30 for _, _, value in writes)
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+def test_a_failed_capture_that_left_a_stream_capturing_fails_the_ring(fake, monkeypatch):
+    rings = fake(2)
+    ring = rings[0]
+    ring.capture_failed()  # every stream left the capture: nothing to say
+    ring.check()
+    monkeypatch.setattr(type(ring._join), "is_capturing", lambda self: self is ring._join)
+    with pytest.raises(cr.RingError, match="left 1 of the ring's streams capturing"):
+        ring.capture_failed()
+    with pytest.raises(cr.RingError):
+        ring.check()

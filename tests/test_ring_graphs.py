@@ -424,9 +424,8 @@ def test_a_refused_replay_releases_every_graph_of_the_plan(slot_env):
     env.graphs[0].matches = False
     env.slot.run(ring, env.run, list(KV), (1, 2), 3)
     first, second = env.graphs
-    first.matches, second.refuse = True, True
+    first.matches, first.refuse = True, True  # (second no longer matches: first is tried)
     second.matches = False
-    first.refuse = True
     with pytest.warns(RuntimeWarning, match="could not be replayed") as caught:
         assert not env.slot.replay(ring, (1, 2), KV, 3)
         for _ in range(3):
@@ -434,3 +433,64 @@ def test_a_refused_replay_releases_every_graph_of_the_plan(slot_env):
             env.slot.run(ring, env.run, list(KV), (1, 2), 3)
     assert len(caught) == 1 and not first.live and not second.live
     assert env.eager == 3 and len(env.captures) == 2
+
+
+class RecordedExchanges:
+    """What a copy-engine ring's capture yields, as CapturedRingCall uses it."""
+
+    def __init__(self, refuse=False):
+        self.refuse, self.patched, self.advanced, self.released = refuse, 0, 0, False
+
+    def matches(self):
+        return not self.released
+
+    def patch(self, executable):
+        if self.refuse:
+            raise RuntimeError("cuGraphExecBatchMemOpNodeSetParams failed: NOT_SUPPORTED")
+        self.patched += 1
+
+    def advance(self):
+        self.advanced += 1
+
+    def release(self):
+        self.released = True
+
+
+def test_a_replay_patches_the_transport_before_anything_is_queued():
+    """The transport's values are patched before the stream switch, the K/V copies and the
+    launch, and its counts move on only after the launch: a refused patch leaves nothing of
+    the call queued (the caller may run it eagerly) and nothing advanced. A release drops the
+    transport's record too."""
+    driver = RecordingGraphDriver(FIELDS)
+    exchanges = RecordedExchanges()
+    graph = ring_graphs.CapturedRingCall(
+        driver, "graph", "exec", [], (0x1000,), [SimpleNamespace(data=SimpleNamespace(ptr=0xA000),
+        nbytes=64)], keep=None, home_stream=5, device=0, exchanges=exchanges,
+    )  # fmt: skip
+    graph.replay((0x1000,), (0x10,), stream=5)
+    assert (exchanges.patched, exchanges.advanced, len(driver.launches)) == (1, 1, 1)
+    assert graph.matches
+    exchanges.refuse = True
+    copies, orders = list(driver.copies), list(driver.orders)
+    with pytest.raises(RuntimeError, match="SetParams failed"):
+        graph.replay((0x1000,), (0x10,), stream=7)  # (another stream: it would wait first)
+    assert driver.copies == copies and driver.orders == orders and len(driver.launches) == 1
+    assert exchanges.advanced == 1
+    graph.release()
+    assert exchanges.released and not graph.matches
+
+
+def test_a_refused_capture_releases_the_graphs_already_kept(slot_env):
+    """A refused capture leaves the plan eager for good, as a refused replay does: graphs of
+    other slot parities captured before are released, not replayed on."""
+    env, ring = slot_env, SlotRing()
+    env.slot.run(ring, env.run, list(KV), (1, 2), 3)
+    env.graphs[0].matches = False
+    env.capture_error = RuntimeError("cuStreamBeginCapture failed")
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        env.slot.run(ring, env.run, list(KV), (1, 2), 3)
+    assert not env.graphs[0].live and env.eager == 1
+    env.graphs[0].matches = True
+    assert not env.slot.replay(ring, (1, 2), KV, 3)
+    env.slot.run(ring, env.run, list(KV), (1, 2), 3)
+    assert env.eager == 2 and len(env.captures) == 2

@@ -6,14 +6,14 @@ ring whose exchanges can be captured (:attr:`cuparing.comm.gpu_ring.GpuRing.capt
 send/recv, the copy-engine ring's copies and device flags) the repeat runs once inside a stream
 capture instead, and its exchanges, memsets and launches become one graph. A replay then
 
-1. copies the caller's K/V into the graph's own copies: the ring sends K/V at step 0, and NCCL's
-   graph nodes cannot be pointed at other memory (their parameters are NCCL's own);
-2. rewrites the kernel nodes whose addresses changed since the last replay: each launch seen
+1. rewrites the kernel nodes whose addresses changed since the last replay: each launch seen
    during the capture is packed again by its :class:`~cuparing.backends.launch_plans.PackedLaunch`
    with the caller's addresses in place of the captured call's (tensor maps included), and the
    node takes those arguments (``cuGraphExecKernelNodeSetParams``);
-3. gives the transport's captured operations what this replay needs (the copy-engine ring's
+2. gives the transport's captured operations what this replay needs (the copy-engine ring's
    flag values, which count exchanges; what the ring's capture yielded does it);
+3. copies the caller's K/V into the graph's own copies: the ring sends K/V at step 0, and NCCL's
+   graph nodes cannot be pointed at other memory (their parameters are NCCL's own);
 4. launches the graph on the caller's stream; the ring's :meth:`watch` then arms one flight on
    it, so a dead peer still ends the call within the ring's timeout.
 
@@ -94,6 +94,13 @@ class CapturedRingCall:
         if stream != self._last_stream and not self._ordered:
             raise RuntimeError("a replay on another stream cannot wait for the last one (its "
                                "event was not recorded)")  # fmt: skip
+        # the node updates first: they change only launches to come, so a refusal here leaves
+        # nothing of this call queued
+        if addresses != self._applied:
+            self._repoint(dict(zip(self._captured, addresses, strict=True)))
+            self._applied = addresses
+        if self._exchanges is not None:
+            self._exchanges.patch(self._executable)
         if stream != self._last_stream:
             # the K/V copies and the scratch are one set: the last replay must be done with
             # them before this one's copies land
@@ -101,11 +108,6 @@ class CapturedRingCall:
             self._last_stream = stream
         for (destination, nbytes), source in zip(self._kv, kv, strict=True):
             self._driver.copy(destination, source, nbytes, stream)
-        if addresses != self._applied:
-            self._repoint(dict(zip(self._captured, addresses, strict=True)))
-            self._applied = addresses
-        if self._exchanges is not None:
-            self._exchanges.patch(self._executable)
         self._driver.launch(self._executable, stream)
         # from here the call has run: a failure must not send the caller to run it again
         if self._exchanges is not None:
@@ -176,6 +178,8 @@ class CapturedRingCall:
                     _warn(f"its {what} was not freed ({exc})")
         if handed_back:
             self._keep = self._kv = self._launches = None
+        if self._exchanges is not None:  # (the transport's channels it referred to)
+            self._exchanges.release()
 
     def __del__(self):
         if getattr(self, "_done", None) is not None:
@@ -237,6 +241,7 @@ def capture(ring: Any, run: Callable[[list], Any], kv: Sequence[Any],
         except BaseException:
             with contextlib.suppress(RuntimeError):
                 driver.destroy(None, driver.end(stream.ptr))
+            ring.capture_failed()  # (raises RingError if the ring's streams stayed captured)
             raise
         graph = driver.end(stream.ptr)
     try:

@@ -36,8 +36,9 @@ class RingTimeoutError(RingError):
 class CaptureDeferred(RuntimeError):
     """An exchange inside a CUDA-graph capture that must first run eagerly (its transport sets
     something up on the first exchange of a kind, e.g. the copy-engine ring's channels): the
-    call runs without a graph this time and may be captured on a later repeat. Nothing was
-    queued; the ring is intact."""
+    call runs without a graph this time and may be captured on a later repeat. Nothing of that
+    exchange was queued; the capture is dropped (what earlier exchanges queued into it never
+    runs) and the ring is intact."""
 
 
 class PendingExchange(abc.ABC):

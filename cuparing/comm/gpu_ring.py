@@ -284,6 +284,8 @@ class GpuRing(Ring):
                 tag, seq, shift, (self.rank + step) % self.size, (self.rank - step) % self.size,
                 time.monotonic(), keep=sends,
             )  # fmt: skip
+            if self._capturing:
+                self._check_capturable(flight, sends)  # (before anything is queued)
             window_start = self._mark(tracing.COMPUTE)
             self.stream.wait_event(self._event_on(caller))
             try:
@@ -310,6 +312,10 @@ class GpuRing(Ring):
 
     def _require_connected(self) -> None:
         """Raise if the transport cannot move data yet (called before each real exchange)."""
+
+    def _check_capturable(self, flight: Flight, sends: list) -> None:
+        """Inside a capture, before anything of the exchange is queued: raise
+        :class:`CaptureDeferred` if the transport must run this exchange eagerly first."""
 
     def _contiguous(self, a: Any, index: int, tag: str) -> Any:
         cupy = self._cupy
@@ -388,6 +394,33 @@ class GpuRing(Ring):
         finally:
             self._capturing = False
             self._end_capture(record)
+
+    def capture_failed(self) -> None:
+        """After a capture that failed (its graph dropped by the caller): a stream of this ring
+        that the capture had drawn in and that did not leave it would capture (and never run)
+        every later exchange, so the ring fails now instead, with a clear error.
+
+        Raises:
+            RingError: one of the ring's streams is still capturing.
+        """
+        with self.device:
+            stuck = []
+            for stream in self._own_streams():
+                try:
+                    capturing = stream.is_capturing()
+                except Exception:  # (an invalidated capture may be reported as an error)
+                    capturing = True
+                if capturing:
+                    stuck.append(stream)
+        if stuck:
+            error = RingError(f"rank {self.rank}: a failed CUDA-graph capture left "
+                              f"{len(stuck)} of the ring's streams capturing")  # fmt: skip
+            self._fail(error)
+            raise fresh(error)
+
+    def _own_streams(self) -> list:
+        """The streams this ring queues exchanges on (a capture can draw them in)."""
+        return [self.stream]
 
     def _start_capture(self) -> Any:
         """The transport's record of a capture about to start (see :meth:`capturing`)."""

@@ -304,18 +304,27 @@ class IpcRing(GpuRing):
         Returns at once with device flags; with the host handshake once both peers' hosts
         reached this exchange (see the module doc).
         """
-        step = flight.shift % self.size
-        key = (flight.tag, step, tuple((tuple(a.shape), str(a.dtype)) for a in sends))
+        key = self._channel_key(flight, sends)
         channel = self._channels.get(key)
         if channel is None:
-            if self._capturing:  # (its setup messages and allocation cannot be captured)
-                raise CaptureDeferred(f"rank {self.rank}: {flight.describe(self.rank)} sets up "
-                                      "a channel: an eager call does it first")  # fmt: skip
             channel = self._channels[key] = self._open_channel(key, sends, flight)
         k = channel.count
         channel.count += 1
         self._push_channel(channel, k, flight, sends)
         return channel.received[k % 2]
+
+    def _channel_key(self, flight: Flight, sends: list) -> tuple:
+        step = flight.shift % self.size
+        return flight.tag, step, tuple((tuple(a.shape), str(a.dtype)) for a in sends)
+
+    def _check_capturable(self, flight: Flight, sends: list) -> None:
+        if self._channel_key(flight, sends) not in self._channels:
+            # a channel's setup (host messages, an allocation) cannot be captured
+            raise CaptureDeferred(f"rank {self.rank}: {flight.describe(self.rank)} sets up a "
+                                  "channel: an eager call does it first")  # fmt: skip
+
+    def _own_streams(self) -> list:
+        return [self.stream, self._join]
 
     def _push_channel(self, channel: _Channel, k: int, flight: Flight, sends: list) -> None:
         """Exchange ``k`` of ``channel``, in the module doc's order."""
@@ -598,14 +607,16 @@ class _DeviceFlags:
     def await_pushed(self, channel: _Channel, k: int, flight: Flight) -> None:
         self._wait(self._side, channel.words.ready[k % 2], k + 1, channel)
 
-    def _write(self, stream: Any, word: Any, value: int, channel: _Channel | None = None) -> None:
+    def _write(self, stream: Any, word: Any, value: int, channel: _Channel) -> None:
+        """An exchange's flag write on one of the ring's streams (recorded while captured)."""
         (err,) = self._write_value(stream, word, value & _WORD, self._fenced)
         if err:
             raise RuntimeError(f"cuStreamWriteValue32 of {value & _WORD} failed: {err!r}")
         if self.capture is not None:
             self.capture.add(stream, channel, True, word, value, self._fenced)
 
-    def _wait(self, stream: Any, word: Any, value: int, channel: _Channel | None = None) -> None:
+    def _wait(self, stream: Any, word: Any, value: int, channel: _Channel) -> None:
+        """An exchange's flag wait on one of the ring's streams (recorded while captured)."""
         (err,) = self._wait_value(stream, word, value & _WORD, self._geq)
         if err:
             raise RuntimeError(f"cuStreamWaitValue32 for {value & _WORD} failed: {err!r}")
@@ -621,12 +632,16 @@ class _DeviceFlags:
         stream = self._ring._cupy.cuda.Stream(non_blocking=True)  # the ring's are waiting
         self._release_stream = stream  # kept until the ring goes: its writes may be queued
         handle = self.driver.CUstream(stream.ptr)
+        # straight to the driver, each word on its own: a failure may come while the main
+        # thread captures exchanges, and these writes belong to no capture (nor does one refused
+        # write stop the others)
         for channel in channels:
             if channel.words is None:
                 continue
-            ahead = channel.count + (1 << 30)  # (cyclic comparison: "ahead" of every wait)
+            ahead = (channel.count + (1 << 30)) & _WORD  # (cyclic: "ahead" of every wait)
             for word in (*channel.words.ready, *channel.words.done):
-                self._write(handle, word, ahead)
+                with contextlib.suppress(Exception):
+                    self._write_value(handle, word, ahead, self._fenced)
 
     def close(self, channel: _Channel) -> None:
         if channel.source_base and channel.source_base != channel.remote_base:
@@ -660,6 +675,7 @@ class _CapturedExchanges:
         self._channels: dict[int, _Channel] = {}  # those the call exchanged on
         self._made: dict[int, int] = {}  # exchanges per call, by channel
         self._ops: list[tuple] = []  # (channel id, node, params, value field, captured value)
+        self._released = False
 
     def add(self, stream: Any, channel: _Channel, write: bool, word: Any, value: int,
             flags: int) -> None:  # fmt: skip
@@ -691,10 +707,10 @@ class _CapturedExchanges:
             if key in self._channels:
                 self._made[key] = channel.count - self._start[key]
             channel.count = self._start[key]
-
-    def matches(self) -> bool:
-        """Whether every channel the graph uses is at the captured slot parity."""
-        return all((c.count - self._start[key]) % 2 == 0 for key, c in self._channels.items())
+        # from here only the channels the graph uses (the others, and their memory, are not
+        # the graph's to keep alive)
+        self._all = []
+        self._start = {key: self._start[key] for key in self._channels}
 
     def patch(self, executable: Any) -> None:
         """Give each recorded node of ``executable`` its values for the channels' counts now.
@@ -713,6 +729,19 @@ class _CapturedExchanges:
         """After a launch: each channel has made the graph's exchanges."""
         for key, made in self._made.items():
             self._channels[key].count += made
+
+    def release(self) -> None:
+        """Drop the channels and nodes (the graph is gone): their memory is the ring's to free
+        (``release_buffers``, ``close``). Matches nothing from then on."""
+        self._all, self._channels, self._ops, self._made = [], {}, [], {}
+        self._released = True
+
+    def matches(self) -> bool:
+        """Whether every channel the graph uses is at the captured slot parity (never once
+        released)."""
+        if self._released:
+            return False
+        return all((c.count - self._start[key]) % 2 == 0 for key, c in self._channels.items())
 
 
 def _choose_sync(ring: IpcRing) -> _HostHandshake | _DeviceFlags:

@@ -243,6 +243,24 @@ def run_case(ring, index, case, report) -> None:
             want_replays = 4 if type(ring).__name__ == "IpcRing" else 5
         report(replays == want_replays,
                f"{name} forward graph replays {replays} (expected {want_replays})")
+        # two input sets in turn through the kept plan: a replay that read a slot before the
+        # peer's push landed would show the other set's K/V, which repeats of identical inputs
+        # cannot reveal. The second set's reference: the same call with the scale passed
+        # explicitly (another signature, so the checked path, eagerly; the same kernels)
+        from cuparing.validation import check_scale
+
+        other = [x.flip(1).contiguous() for x in (q_l, k_l, v_l)]
+        want_other = cr.ring_attention(*other, ring, causal=causal, window=window,
+                                       layout=layout, return_lse=True,
+                                       scale=check_scale(None, q_l.shape[-1]))  # fmt: skip
+        for trial in range(4):
+            inputs, want = ((q_l, k_l, v_l), (out_l, lse_l)) if trial % 2 == 0 else (
+                other, want_other)  # fmt: skip
+            torch.full((1 << 22,), float("nan"), device="cuda")
+            got = cr.ring_attention(*inputs, ring, causal=causal, window=window, layout=layout,
+                                    return_lse=True)  # fmt: skip
+            same = torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+            report(same, f"{name} alternating inputs, call {trial}: bit-identical={same}")
         if graphs_expected(ring):
             # the driver refuses a replay on rank 1 only: that rank runs the call without its
             # graph from then on while the others replay theirs (captured and eager exchanges
