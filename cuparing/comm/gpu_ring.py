@@ -404,14 +404,7 @@ class GpuRing(Ring):
             RingError: one of the ring's streams is still capturing.
         """
         with self.device:
-            stuck = []
-            for stream in self._own_streams():
-                try:
-                    capturing = stream.is_capturing()
-                except Exception:  # (an invalidated capture may be reported as an error)
-                    capturing = True
-                if capturing:
-                    stuck.append(stream)
+            stuck = [stream for stream in self._own_streams() if stream.is_capturing()]
         if stuck:
             error = RingError(f"rank {self.rank}: a failed CUDA-graph capture left "
                               f"{len(stuck)} of the ring's streams capturing")  # fmt: skip
