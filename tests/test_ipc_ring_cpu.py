@@ -12,6 +12,7 @@ TCP (:mod:`cuparing.comm.peerlink`).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import threading
@@ -607,6 +608,15 @@ def test_after_a_failure_streams_waiting_on_a_dead_peer_drain(fake):
     drained = threading.Event()
     threading.Thread(target=lambda: (callers[0].synchronize(), drained.set()), daemon=True).start()
     assert drained.wait(5), "the caller's stream still waits on the dead peer"
+    # a neighbour's write queued before the failure lands after the release and undoes it: the
+    # watchdog writes the release again (a stream waiting then would otherwise wait for good)
+    channel = next(iter(ring0._channels.values()))
+    ready0 = channel.memory.ptr + channel.flags_at
+    ctypes.c_uint32.from_address(ready0).value = 0
+    deadline = time.monotonic() + 5
+    while word(ready0) < 1 << 30 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert word(ready0) >= 1 << 30, "the release was not renewed after a late write undid it"
 
 
 # --- capture into CUDA graphs (device flags) ---

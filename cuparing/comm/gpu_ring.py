@@ -80,6 +80,7 @@ from .base import (
 )
 
 POLL_S = 0.02  # watchdog period: one cudaEventQuery per poll, far below any sane timeout
+RENEW_POLLS = 5  # after a failure, the transport renews its release every this many polls
 _LENGTH = struct.Struct("!Q")  # allgather_bytes: each rank's length, gathered first
 
 
@@ -654,9 +655,16 @@ class GpuRing(Ring):
 
     def _watch(self) -> None:
         self.device.use()  # CUDA calls from this thread must target this rank's device
+        polls = 0
         while not self._stop.wait(POLL_S):
             if self._error is not None:
-                return
+                # after a failure, until close(): the transport may need to renew what ended
+                # its streams' waits (a peer's late write can undo it)
+                polls += 1
+                if polls % RENEW_POLLS == 0:
+                    with contextlib.suppress(Exception):
+                        self._renew_after_failure()
+                continue
             try:
                 self._poll()
                 collective = self._collective
@@ -713,6 +721,9 @@ class GpuRing(Ring):
 
     def _interrupt(self, reason: str) -> None:
         """Wake host waits of the transport's own (called on every failure)."""
+
+    def _renew_after_failure(self) -> None:
+        """Called by the watchdog every ``RENEW_POLLS`` polls after a failure, until close."""
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

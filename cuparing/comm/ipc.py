@@ -67,7 +67,9 @@ second). On that failure the device mode releases its own streams, as NCCL's abo
 kernels: it writes values far ahead of any awaited one into this rank's own flag words, so the
 copy and side streams' waits end and work queued behind them (the caller's stream) runs on void
 data instead of never (a blocking synchronisation, a loss's ``.item()``, returns; the next call
-of the ring raises). The host handshake cannot: a stream waiting on a dead peer's event (once
+of the ring raises). The watchdog writes them again every few polls until the ring closes, since
+a neighbour's flag write queued before the failure may land after the release and undo it. The
+host handshake cannot: a stream waiting on a dead peer's event (once
 its host sent the message) waits for good, and work queued behind it never runs. With it, after
 a failure poll (``ring.synchronize()``, ``ring.check()``) rather than block in a CUDA
 synchronisation, and end the process. After a failure nothing is freed.
@@ -116,6 +118,7 @@ import hashlib
 import os
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -447,6 +450,12 @@ class IpcRing(GpuRing):
         with contextlib.suppress(Exception), self.device:
             self._sync.release(list(self._channels.values()))
 
+    def _renew_after_failure(self) -> None:
+        # a peer's flag write queued before the failure can land after the release and undo it
+        # (a stream that then polls would wait again): write the release again
+        with self.device:
+            self._sync.release(list(self._channels.values()))
+
     def release_buffers(self) -> None:
         """Drop every channel's buffers, events and opened handles. Collective: every rank calls
         it at the same point (two barriers keep a peer from writing into freed memory)."""
@@ -562,6 +571,8 @@ class _DeviceFlags:
         self._copy = driver.CUstream(ring.stream.ptr)
         self._side = driver.CUstream(ring._join.ptr)
         self.capture: _CapturedExchanges | None = None  # while the ring's exchanges are captured
+        self._release_stream = None
+        self._release_lock = threading.Lock()
 
     def exports(self, channel: _Channel) -> tuple[bytes, bytes]:
         """Clear this rank's flag words; the memory handle in the header is all peers need."""
@@ -628,10 +639,14 @@ class _DeviceFlags:
         words, so every wait of its streams ends. What they then read is void (every call of
         the failed ring raises), and a peer that is in fact alive has been told of the failure
         by the failure channel; this rank's pushes that the release lets through land in slots
-        only a failed ring reads."""
-        stream = self._ring._cupy.cuda.Stream(non_blocking=True)  # the ring's are waiting
-        self._release_stream = stream  # kept until the ring goes: its writes may be queued
-        handle = self.driver.CUstream(stream.ptr)
+        only a failed ring reads. The watchdog writes it again every few polls until the ring
+        closes: a peer's write queued before the failure may land after it."""
+        with self._release_lock:  # (the failing thread and the watchdog's renewals)
+            if self._release_stream is None:
+                # a stream of its own (the ring's are waiting), kept until the ring goes: its
+                # writes may be queued; it only ever holds writes, so it never blocks
+                self._release_stream = self._ring._cupy.cuda.Stream(non_blocking=True)
+            handle = self.driver.CUstream(self._release_stream.ptr)
         # straight to the driver, each word on its own: a failure may come while the main
         # thread captures exchanges, and these writes belong to no capture (nor does one refused
         # write stop the others)
