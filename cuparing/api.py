@@ -89,9 +89,9 @@ def attention(
         (1, 16, 2, 8)
     """
     key = None
-    documents = call_plans.documents_key(cu_seqlens)
-    if documents is not None:
-        options = (causal, scale, window, documents)
+    boundaries = call_plans.documents_key(cu_seqlens) if call_plans.plannable(q) else None
+    if boundaries is not None:
+        options = (causal, scale, window, boundaries)
         key = call_plans.signature("attention", (q, k, v), options, (out, lse))
         results = _repeat_attention(key, q, k, v, out, lse)
         if results is not None:  # a repeat of a checked call (call_plans)
@@ -202,9 +202,9 @@ def ring_attention(
         True
     """
     key = None
-    documents = call_plans.documents_key(cu_seqlens)
-    if documents is not None:
-        options = (causal, scale, window, layout, documents)
+    boundaries = call_plans.documents_key(cu_seqlens) if call_plans.plannable(q) else None
+    if boundaries is not None:
+        options = (causal, scale, window, layout, boundaries)
         key = call_plans.signature("ring_attention", (q, k, v), options, (out, lse), ring)
         decided = call_plans.recall(key, ring, (q, k, v), (out, lse))
         if decided is not None:  # a repeat of a checked call
@@ -301,9 +301,9 @@ def ring_attention_backward(
     entry = "ring_attention_backward"
     arrays, dests = (dout, q, k, v, out, lse), (dq, dk, dv)
     key = None
-    documents = call_plans.documents_key(cu_seqlens)
-    if documents is not None:
-        options = (causal, scale, window, layout, deterministic, documents)
+    boundaries = call_plans.documents_key(cu_seqlens) if call_plans.plannable(q) else None
+    if boundaries is not None:
+        options = (causal, scale, window, layout, deterministic, boundaries)
         key = call_plans.signature(entry, (*arrays, dlse), options, dests, ring)
         decided = call_plans.recall(key, ring, arrays, dests)
         if decided is not None:  # a repeat of a checked call
@@ -401,9 +401,9 @@ def attention_backward(
     """
     arrays, dests = (dout, q, k, v, out, lse), (dq, dk, dv)
     key = None
-    documents = call_plans.documents_key(cu_seqlens)
-    if documents is not None:
-        options = (causal, scale, window, deterministic, documents)
+    boundaries = call_plans.documents_key(cu_seqlens) if call_plans.plannable(q) else None
+    if boundaries is not None:
+        options = (causal, scale, window, deterministic, boundaries)
         key = call_plans.signature("attention_backward", (*arrays, dlse), options, dests)
         decided = call_plans.recall(key, _ONE_DEVICE, arrays, dests)
         if decided is not None:  # a repeat of a checked call

@@ -110,17 +110,29 @@ def documents_key(cu_seqlens: Any) -> tuple | None:
     """
     if cu_seqlens is None:
         return ()
-    if isinstance(cu_seqlens, (list, tuple)):
-        return type(cu_seqlens), _typed(tuple(cu_seqlens))
-    if isinstance(cu_seqlens, np.ndarray):
+    kind = type(cu_seqlens)
+    if kind is list or kind is tuple:
+        values = tuple(cu_seqlens)
+        if all(type(x) is int for x in values):  # (the common case: no per-element types)
+            return kind, values
+        return kind, _typed(values)
+    if kind is np.ndarray:  # (exactly: a subclass, e.g. a masked array, reads otherwise)
         if cu_seqlens.dtype.hasobject:
             return None
-        return np.ndarray, cu_seqlens.dtype.str, cu_seqlens.shape, cu_seqlens.tobytes()
-    kind = type(cu_seqlens)
+        return kind, cu_seqlens.dtype.str, cu_seqlens.shape, cu_seqlens.tobytes()
     if kind.__name__ == "Tensor" and kind.__module__ == "torch" and cu_seqlens.device.type == "cpu":
-        values = tuple(cu_seqlens.reshape(-1).tolist())
+        try:
+            values = tuple(cu_seqlens.reshape(-1).tolist())
+        except (RuntimeError, TypeError):  # (sparse, nested, quantized: the full path says why)
+            return None
         return kind, str(cu_seqlens.dtype), tuple(cu_seqlens.shape), values
     return None
+
+
+def plannable(x: Any) -> bool:
+    """Whether a call whose first array is ``x`` can have a signature (a plain torch CUDA
+    tensor): callers skip building the parts of a key (:func:`documents_key`) otherwise."""
+    return _is_cuda_tensor(x)
 
 
 def _typed(option: Any) -> Any:
@@ -483,11 +495,30 @@ def _current_stream() -> int:
     return cupy.cuda.get_current_stream().ptr
 
 
-def _on_device(device: int) -> Any:
-    """A context manager making ``device`` current (what a replay's copies and event need)."""
-    import cupy
+class _OnDevice:
+    """Makes ``device`` current for a replay, with its primary context bound: the replay's
+    first CUDA calls are driver calls (node updates), and a thread that has made no runtime
+    call yet (torch's autograd thread) has no current context, which ``cupy.cuda.Device``
+    does not bind when the device is already the current one."""
 
-    return cupy.cuda.Device(device)
+    def __init__(self, device: int):
+        import cupy
+
+        self._device, self._runtime = cupy.cuda.Device(device), cupy.cuda.runtime
+        self._index = device
+
+    def __enter__(self) -> None:
+        self._device.__enter__()
+        self._runtime.setDevice(self._index)  # (the device is current now: binds its context)
+
+    def __exit__(self, *exc) -> None:
+        self._device.__exit__(*exc)
+
+
+def _on_device(device: int) -> Any:
+    """A context manager making ``device`` current (what a replay's driver calls, copies and
+    event need)."""
+    return _OnDevice(device)
 
 
 def _kernel_addresses(inputs: Sequence[Any], dests: Sequence[Any]) -> tuple | None:

@@ -154,8 +154,15 @@ def test_documents_key_reads_host_boundaries_by_type_and_value():
     assert key(as_tensor) != key(torch.tensor([0, 4, 7]))
     assert key(torch.tensor([[0, 3, 7]])) != key(as_tensor)  # 2-D: the checks refuse it
     assert key("0,3,7") is None
-    # each key is hashable, so a signature holding it exists
-    assert all(hash(key(x)) is not None for x in ([0, 3], as_array, as_tensor))
+    # the same bytes read in another byte order are other values
+    little = np.array([0, 3, 7], dtype="<i4")
+    assert key(little.view(">i4")) != key(little)
+    # a masked array reads its masked entries as given, its bytes hold the fill value there:
+    # only a plain ndarray is keyed, the rest keeps the full path
+    assert key(np.ma.array([0, 9, 16], mask=[0, 1, 0], fill_value=5)) is None
+    assert key(torch.tensor([0, 3, 7]).to_sparse()) is None  # (the full path says why not)
+    for x in ([0, 3], (0, True), as_array, as_tensor):
+        hash(key(x))  # (raises if a key could not be hashed: no signature could hold it)
 
 
 def test_packed_document_repeats_reuse_the_first_calls_decisions(monkeypatch, fresh_rng):

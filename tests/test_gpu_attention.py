@@ -1007,6 +1007,8 @@ def test_packed_document_repeats_run_kept_plans(world, monkeypatch, fresh_rng):
 
     layout = "zigzag"
     first, other = boundaries(), boundaries()
+    while other == first:  # (the third call must be another signature)
+        other = boundaries()
     calls = [(first, draws()), (first, draws()), (other, draws())]
 
     def rank_fn(ring):

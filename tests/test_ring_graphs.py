@@ -253,9 +253,18 @@ def slot_env(monkeypatch):
     env.run = run
     monkeypatch.setattr(ring_graphs, "enabled", lambda ring: ring.capturable)
     monkeypatch.setattr(ring_graphs, "capture", capture)
-    monkeypatch.setattr(call_plans, "_current_stream", lambda: 3)
-    monkeypatch.setattr(call_plans, "torch_current_stream", lambda device: 3)
-    monkeypatch.setattr(call_plans, "_on_device", lambda device: contextlib.nullcontext())
+    # CuPy's current stream (inside the caller's call context) and torch's are the same CUDA
+    # stream in a real call; distinct handles here show which one each path takes
+    env.on_device = []
+
+    @contextlib.contextmanager
+    def on_device(device):
+        env.on_device.append(device)
+        yield
+
+    monkeypatch.setattr(call_plans, "_current_stream", lambda: 4)
+    monkeypatch.setattr(call_plans, "torch_current_stream", lambda device: 3 + 10 * device)
+    monkeypatch.setattr(call_plans, "_on_device", on_device)
     env.slot = call_plans.GraphSlot()
     return env
 
@@ -361,14 +370,17 @@ def test_a_call_replays_or_else_runs_on_backend_views(slot_env, monkeypatch):
         entered.append(True)
         yield
 
-    origin = SimpleNamespace(device_index=0, stream=call_context)
+    origin = SimpleNamespace(device_index=1, stream=call_context)
     env, ring = slot_env, SlotRing()
     env.slot.call(ring, env.run, origin, KV, (1, 2))  # captures (from the views), replays
     assert views == list(KV) and env.captures == [(1, 2)] and ring.watched == 1
-    assert entered == [True] and ring.watched_on == 3
+    # inside the call context: on CuPy's current stream (there, torch's)
+    assert entered == [True] and ring.watched_on == 4 and env.on_device == []
     env.slot.call(ring, env.run, origin, KV, (3, 4))  # replays: no views, no call context
-    assert len(views) == 2 and env.graphs[0].replays[-1] == ((3, 4), (0x100, 0x200), 3)
-    assert entered == [True] and env.eager == 0 and ring.watched == 2
+    # on torch's current stream of the caller's device, that device entered
+    assert len(views) == 2 and env.graphs[0].replays[-1] == ((3, 4), (0x100, 0x200), 13)
+    assert entered == [True] and env.eager == 0 and ring.watched == 2 and ring.watched_on == 13
+    assert env.on_device == [1]
 
 
 def test_a_slot_keeps_a_graph_per_transport_state_up_to_its_bound(slot_env):
