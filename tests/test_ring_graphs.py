@@ -506,3 +506,37 @@ def test_a_refused_capture_releases_the_graphs_already_kept(slot_env):
     assert not env.slot.replay(ring, (1, 2), KV, 3)
     env.slot.run(ring, env.run, list(KV), (1, 2), 3)
     assert env.eager == 2 and len(env.captures) == 2
+
+
+class Held:
+    """A captured call as the budget sees it."""
+
+    def __init__(self, budget):
+        self.budget, self.released = budget, False
+
+    def release(self):
+        self.released = True
+        self.budget.forget(self)
+
+
+def test_the_graph_budget_releases_the_least_recently_replayed(monkeypatch):
+    """Past ``CUPARING_RING_GRAPHS_MAX`` live captured calls, a new capture releases the one
+    replayed least recently (its plan captures again at its next repeat); released ones leave
+    the count."""
+    monkeypatch.setenv("CUPARING_RING_GRAPHS_MAX", "3")
+    budget = ring_graphs.GraphBudget()
+    calls = [Held(budget) for _ in range(5)]
+    for call in calls[:3]:
+        budget.admit(call)
+    budget.used(calls[0])  # replayed: now the most recent
+    budget.admit(calls[3])
+    assert [c.released for c in calls[:4]] == [False, True, False, False]
+    calls[2].release()  # released by its ring: no longer counted
+    budget.admit(calls[4])
+    assert [c.released for c in calls] == [False, True, True, False, False]
+    monkeypatch.setenv("CUPARING_RING_GRAPHS_MAX", "1")  # (read at each capture)
+    newest = Held(budget)
+    budget.admit(newest)
+    assert not newest.released and all(c.released for c in calls)
+    monkeypatch.setenv("CUPARING_RING_GRAPHS_MAX", "many")  # unreadable: the default
+    assert ring_graphs.GraphBudget.limit() == ring_graphs.GraphBudget.DEFAULT

@@ -26,11 +26,70 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import launch_plans
+
+
+class GraphBudget:
+    """At most ``limit()`` captured ring calls alive in the process, least recently replayed
+    released first. Each holds its K/V copies and its call's float32 scratch (a ring
+    forward's accumulator alone is 4 bytes per output element) for as long as it lives, and
+    calls of ever new signatures (sequence lengths that change, packed documents whose
+    boundaries change every step) would otherwise pin one set per signature until their plans
+    are dropped. ``CUPARING_RING_GRAPHS_MAX`` sets the limit (default 16), read at each
+    capture. A plan whose graph was released captures again at its next repeat."""
+
+    DEFAULT = 16
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._order: OrderedDict = OrderedDict()  # id -> weak reference, oldest first
+
+    @classmethod
+    def limit(cls) -> int:
+        raw = os.environ.get("CUPARING_RING_GRAPHS_MAX", "").strip()
+        try:
+            return max(1, int(raw)) if raw else cls.DEFAULT
+        except ValueError:
+            return cls.DEFAULT
+
+    def admit(self, captured: Any) -> None:
+        """Count ``captured`` (just made) in, releasing the least recently used beyond the
+        limit."""
+        evicted = []
+        with self._lock:
+            self._order[id(captured)] = weakref.ref(captured)
+            self._order.move_to_end(id(captured))
+            limit = self.limit()
+            while len(self._order) > limit:
+                _, ref = self._order.popitem(last=False)
+                old = ref()
+                if old is not None and old is not captured:
+                    evicted.append(old)
+        for old in evicted:  # (outside the lock: a release waits on events and frees memory)
+            old.release()
+
+    def used(self, captured: Any) -> None:
+        """``captured`` was just replayed: the most recently used now."""
+        with self._lock:
+            if id(captured) in self._order:
+                self._order.move_to_end(id(captured))
+
+    def forget(self, captured: Any) -> None:
+        """``captured`` was released."""
+        with self._lock:
+            ref = self._order.get(id(captured))
+            if ref is not None and (ref() is captured or ref() is None):
+                del self._order[id(captured)]
+
+
+LIVE = GraphBudget()
 
 
 def enabled(ring: Any) -> bool:
@@ -112,6 +171,7 @@ class CapturedRingCall:
         # from here the call has run: a failure must not send the caller to run it again
         if self._exchanges is not None:
             self._exchanges.advance()
+        LIVE.used(self)
         try:
             self._driver.record(self._done, stream)
         except _DRIVER_ERRORS as exc:
@@ -158,6 +218,7 @@ class CapturedRingCall:
         executable, self._executable = self._executable, None
         if executable is None:
             return
+        LIVE.forget(self)
         driver, handed_back = self._driver, True
         with driver.on_device(self._device):
             if self._last_stream != self._home_stream:
@@ -256,6 +317,7 @@ def capture(ring: Any, run: Callable[[list], Any], kv: Sequence[Any],
         driver.destroy(executable, graph)
         raise
     ring.adopt_capture(captured)
+    LIVE.admit(captured)
     return captured
 
 
