@@ -5,10 +5,10 @@
 #   bwd: the backward kernel tests of both families (NaN / inf next to mask edges, the
 #        deterministic mode, caller-owned gradients, torch and JAX autograd included) and
 #        bench_backward (sm90, sm90 deterministic, sm80, SDPA; head dims 128 and 96)
-#   ring: (2+ GPUs) ring calls at pointer level and the IPC ring's device flags: the repeat and
-#        ring tests on one GPU, the multi-GPU suite (NCCL, IPC with device flags and with the
-#        host handshake: killed rank included), and the host cost per ring call on both
-#        transports (NCCL with and without its CUDA graphs)
+#   ring: (2+ GPUs) ring calls at pointer level and as CUDA graphs: the repeat and ring tests
+#        on one GPU, the multi-GPU suite (NCCL, IPC with device flags and with the host
+#        handshake: killed rank included), the host cost per ring call on both transports with
+#        and without graphs (a cProfile of the IPC ring's), and keff at 2k tokens/GPU on both
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 out="${CUPARING_LOG_DIR:-out}"
@@ -46,16 +46,21 @@ if [[ $what == ring || $what == all ]]; then
     -k "(repeat or ring or caller)${filter:+ and ($filter)}" 2>&1 | tee "$out/ring_single.log" | tail -8
   run timeout 560 python -m pytest -q -rf --maxfail=4 tests/test_multigpu.py 2>&1 \
     | tee "$out/ring_multi.log" | tail -12
-  # nccl: repeats replay CUDA graphs; nccl-eager: the same without (CUPARING_RING_GRAPHS=0)
-  for transport in nccl nccl-eager ipc; do
+  # repeats replay CUDA graphs (NCCL, and the copy-engine ring's device flags); *-eager: the
+  # same without (CUPARING_RING_GRAPHS=0); the ipc run also writes a cProfile of each call
+  for transport in nccl nccl-eager ipc ipc-eager; do
     run env CUPARING_TRANSPORT=${transport%-eager} \
       CUPARING_RING_GRAPHS=$([[ $transport == *-eager ]] && echo 0 || echo 1) \
-      timeout 120 python -m cuparing.launch --nproc-per-node 2 tools/bench_overhead.py \
-      --ring-only --calls 300 2>&1 | tee "$out/ring_overhead_$transport.log" | grep -A3 "ring ("
+      timeout 150 python -m cuparing.launch --nproc-per-node 2 tools/bench_overhead.py \
+      --ring-only --calls 300 $([[ $transport == ipc ]] && echo --profile "$out/prof_ipc") \
+      2>&1 | tee "$out/ring_overhead_$transport.log" | grep -A3 "ring ("
   done
-  # the ring forward at 2k tokens/GPU against its kernels back to back on one GPU (keff)
-  run timeout 150 python -m cuparing.launch --nproc-per-node 2 tools/bench_ring.py --tokens 2048 \
-    --heads 32/8 --no-torch --inputs torch 2>&1 | tee "$out/ring_2k.log" | tail -6
+  # the ring forward at 2k tokens/GPU against its kernels back to back on one GPU (keff, keff5)
+  for transport in nccl ipc; do
+    run timeout 150 python -m cuparing.launch --nproc-per-node 2 tools/bench_ring.py \
+      --tokens 2048 --heads 32/8 --no-torch --inputs torch --transport $transport 2>&1 \
+      | tee "$out/ring_2k_$transport.log" | tail -6
+  done
 fi
 if [[ $what == bench || $what == all ]]; then
   run timeout 300 python tools/bench_attention.py --quick --json "$out/bench_attention.json" \
