@@ -17,7 +17,8 @@ with the same signature skips them:
   ``dlse``, on our kernels; also the one-device backward, a ring of one): the launches of every
   ring step (``cuparing.backends.planned_ring``). A repeat agrees with the other ranks and runs
   the same exchanges and launches at pointer level (``schedule.run_planned_forward`` /
-  ``_backward``); on an NCCL ring as a replayed CUDA graph (:class:`GraphSlot`).
+  ``_backward``); on rings that can be captured (NCCL, the copy-engine ring's device flags) as
+  replayed CUDA graphs (:class:`GraphSlot`).
 
 The signature holds everything the checks and plans depend on besides the addresses: each
 array's type, shape, strides, dtype and device (caller-owned destinations included), the options
