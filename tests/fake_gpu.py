@@ -22,6 +22,7 @@ place of the real ones for :mod:`cuparing.comm.gpu_ring`, :mod:`cuparing.comm.nc
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import os
@@ -57,6 +58,7 @@ class FakeGpu:
         self.synchronising: set = set()
         self.opened_mem, self.closed_mem, self.destroyed = [], [], []
         self.errors: list[str] = []  # what the device found wrong (sizes that disagree)
+        self.capture: FakeCapture | None = None
         self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -69,7 +71,29 @@ class FakeGpu:
 
     def enqueue(self, stream, op) -> None:
         with self.cond:
+            self.put(stream, op)
+
+    def put(self, stream, op) -> None:
+        """Queue ``op`` on ``stream`` (the lock held), or record it where a capture holds the
+        stream (:meth:`capturing`)."""
+        if self.capture is not None and stream in self.capture.streams:
+            self.capture.add(stream, op)
+        else:
             stream.ops.append(op)
+
+    @contextlib.contextmanager
+    def capturing(self, streams):
+        """Within the block, what is queued on ``streams`` is recorded instead of queued (a
+        stream capture, as the driver's capture of those streams into one graph); the
+        :class:`FakeCapture` replays it."""
+        capture = FakeCapture(self, set(streams))
+        with self.cond:
+            self.capture = capture
+        try:
+            yield capture
+        finally:
+            with self.cond:
+                self.capture = None
 
     def _runnable(self, op) -> bool:
         if op[0] == "wait":
@@ -112,6 +136,40 @@ class FakeGpu:
         self._thread.join(2)
 
 
+class FakeCapture:
+    """What a capture recorded, in the order the host issued it (one graph): each operation
+    with its stream. A replay queues it all again: event records as new records (waits on
+    them wait for the replay's), flag operations with the values the graph's nodes were last
+    given (``node_values``: node -> value), copies and "kernels" as they were."""
+
+    def __init__(self, gpu: FakeGpu, streams: set):
+        self.gpu, self.streams, self.ops = gpu, streams, []
+
+    def add(self, stream, op) -> None:
+        self.ops.append((stream, op))
+
+    def node_of_last(self, stream):
+        """The node standing for the last operation recorded on ``stream`` (None: none)."""
+        for index in range(len(self.ops) - 1, -1, -1):
+            if self.ops[index][0] is stream:
+                return ("node", id(self), index)
+        return None
+
+    def replay(self, node_values: dict) -> None:
+        with self.gpu.cond:
+            for index, (stream, op) in enumerate(self.ops):
+                kind = op[0]
+                if kind == "record":
+                    event = op[1]
+                    event.recorded += 1
+                    op = ("record", event, event.recorded)
+                elif kind == "wait":
+                    op = ("wait", op[1], op[1].recorded)
+                elif kind in ("write_value", "wait_value"):
+                    op = (kind, op[1], node_values.get(("node", id(self), index), op[2]))
+                stream.ops.append(op)
+
+
 class FakeStream:
     def __init__(self, gpu: FakeGpu, non_blocking: bool = False):
         self.gpu, self.ops = gpu, deque()
@@ -124,7 +182,7 @@ class FakeStream:
         with self.gpu.cond:
             self.waited.append(event)
             if event.recorded:  # the latest record now, or nothing at all
-                self.ops.append(("wait", event, event.recorded))
+                self.gpu.put(self, ("wait", event, event.recorded))
 
     def is_capturing(self) -> bool:
         return False  # (this fake captures nothing)
@@ -157,7 +215,7 @@ class FakeEvent:
         with self.gpu.cond:
             self.recorded += 1
             self.stream = stream
-            stream.ops.append(("record", self, self.recorded))
+            self.gpu.put(stream, ("record", self, self.recorded))
         self.t = time.perf_counter()
 
     @property
@@ -311,9 +369,14 @@ def fake_driver(gpu: FakeGpu, version: int = 13000, v1_attribute: int = 0) -> Si
         return (CUresult.CUDA_SUCCESS, v1_attribute if attr == v1 else 0)
 
     def capture_info(stream):
-        """The stream's last queued operation stands for the node a capture would have added
-        (this fake captures nothing: operations run as they would eagerly)."""
-        ops = gpu.objects[int(stream)].ops
+        """The node a capture added last on ``stream``: the last operation a
+        :meth:`FakeGpu.capturing` recorded there; outside one, the stream's last queued
+        operation stands for it (the operations then run as they would eagerly)."""
+        target = gpu.objects[int(stream)]
+        if gpu.capture is not None and target in gpu.capture.streams:
+            node = gpu.capture.node_of_last(target)
+            return (CUresult.CUDA_SUCCESS, 1, 0, None, [] if node is None else [node], 1)
+        ops = target.ops
         last = ops[-1] if ops else None
         return (CUresult.CUDA_SUCCESS, 1, 0, None, [("node", id(last), last)], 1)
 
