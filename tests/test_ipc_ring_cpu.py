@@ -749,55 +749,70 @@ def test_a_failed_capture_that_left_a_stream_capturing_fails_the_ring(fake, monk
         ring.check()
 
 
+# ring calls as (tag, exchanges) lists; a pattern's calls take them in turn
+REPLAY_PATTERNS = {
+    "one exchange": [[("kv", 1)]],
+    "two exchanges": [[("kv", 2)]],
+    "two channels": [[("kv", 1), ("dkv", 2)]],
+    # a training step: the forward's exchange and the backward's, which shares its channel
+    "forward and backward": [[("kv", 1)], [("kv", 1), ("dkv", 1), ("home", 1)]],
+}
+
+
 @pytest.mark.parametrize("fake", ["device"], indirect=True)
-@pytest.mark.parametrize("exchanges", [1, 2])
+@pytest.mark.parametrize("pattern", list(REPLAY_PATTERNS))
 @pytest.mark.parametrize("graph_ranks", [(0,), (0, 1)])
 @pytest.mark.parametrize("starved", [False, True])
 def test_replayed_exchanges_pair_with_eager_ones_and_with_each_other(
-    fake, exchanges, graph_ranks, starved
+    fake, pattern, graph_ranks, starved
 ):
-    """Ring calls replayed as CUDA graphs, on the fake GPU: a call of ``exchanges`` exchanges
-    (fresh data per call and exchange) is captured by the ranks in ``graph_ranks``
-    (``FakeGpu.capturing`` records its operations as one graph, the ring's capture records its
-    flag operations) and replayed with the values ``_CapturedExchanges.patch`` gives them, one
-    graph per slot parity as ``GraphSlot`` keeps them; the other ranks call eagerly. At every
-    call every rank must receive what its neighbour sent at that call: a replay's flag values
-    must pair with an eager peer's and with another replaying peer's, call after call
-    (``starved``: rank 0's copy stream and rank 1's side stream run only when nothing else can,
-    so pushes and reads lag behind everything else)."""
+    """Ring calls replayed as CUDA graphs, on the fake GPU: each call of the pattern (its
+    exchanges by tag, fresh data per call and exchange) is captured by the ranks in
+    ``graph_ranks`` (``FakeGpu.capturing`` records its operations as one graph, the ring's
+    capture records its flag operations) and replayed with the values
+    ``_CapturedExchanges.patch`` gives them, graphs per slot parity as ``GraphSlot`` keeps
+    them; the other ranks call eagerly. At every call every rank must receive what its
+    neighbour sent at that call: a replay's flag values must pair with an eager peer's and with
+    another replaying peer's, call after call, also where two kinds of call share a channel
+    (``starved``: rank 0's copy stream and rank 1's side stream run only when nothing else
+    can, so pushes and reads lag behind everything else)."""
     rings = fake(2)
     if starved:
         fake.gpu.starve.update({rings[0].stream, rings[1]._join})
-    calls = 7
+    plans = REPLAY_PATTERNS[pattern]
+    calls = 4 * len(plans) + 3
     gpu, driver = fake.gpu, fake.driver
     logs = {0: [], 1: []}
 
     def rank_main(ring):
         caller = fake.cupy.cuda.get_current_stream()
-        sends = [_dev(np.zeros(4, np.float32)) for _ in range(exchanges)]
         now = {"call": 0}
+        buffers = {}  # (plan, tag, e) -> the array that exchange sends
 
-        def one_call():
-            for e, buf in enumerate(sends):
-                caller.launch(lambda buf=buf, e=e: buf.__setitem__(
-                    slice(None), now["call"] * 100 + e * 10 + ring.rank))  # fmt: skip
-                got = ring.exchange([buf], 1, "kv").wait()[0]
-                caller.launch(lambda got=got, e=e: logs[ring.rank].append(
-                    (now["call"], e, float(got[0]))))  # fmt: skip
+        def one_call(index):
+            for tag, count in plans[index]:
+                for e in range(count):
+                    buf = buffers.setdefault((index, tag, e), _dev(np.zeros(4, np.float32)))
+                    caller.launch(lambda buf=buf, e=e: buf.__setitem__(
+                        slice(None), now["call"] * 100 + e * 10 + ring.rank))  # fmt: skip
+                    got = ring.exchange([buf], 1, tag).wait()[0]
+                    caller.launch(lambda got=got, tag=tag, e=e: logs[ring.rank].append(
+                        (now["call"], tag, e, float(got[0]))))  # fmt: skip
 
-        graphs = []
+        graphs = {index: [] for index in range(len(plans))}
         for call in range(calls):
             now["call"] = call
-            if ring.rank not in graph_ranks or call == 0:  # (the first call sets the channel)
-                one_call()
+            index = call % len(plans)
+            if ring.rank not in graph_ranks or call < len(plans):  # (first calls: channels)
+                one_call(index)
             else:
-                kept = next((g for g in graphs if g[1].matches()), None)
+                kept = next((g for g in graphs[index] if g[1].matches()), None)
                 if kept is None:  # a new slot parity: capture (nothing runs), then replay
                     with gpu.capturing({caller, ring.stream, ring._join}) as graph:
                         with ring.capturing() as record:
-                            one_call()
+                            one_call(index)
                     kept = (graph, record)
-                    graphs.append(kept)
+                    graphs[index].append(kept)
                 graph, record = kept
                 record.patch(id(graph))
                 values = {node: value for executable, node, value in list(driver.node_values)
@@ -806,13 +821,17 @@ def test_replayed_exchanges_pair_with_eager_ones_and_with_each_other(
                 record.advance()
             caller.synchronize()
         ring.synchronize()
-        return len(graphs)
+        return [len(g) for g in graphs.values()]
 
     results = _threads([lambda ring=ring: rank_main(ring) for ring in rings], timeout=60)
     for rank, result in enumerate(results):
         assert not isinstance(result, BaseException), result
-        want_graphs = (2 if exchanges % 2 else 1) if rank in graph_ranks else 0
-        assert result == want_graphs
-        want = [(c, e, float(c * 100 + e * 10 + 1 - rank)) for c in range(calls)
-                for e in range(exchanges)]  # fmt: skip
+        if rank not in graph_ranks:
+            assert result == [0] * len(plans)
+        else:  # one graph per slot parity its channels take at the call's start
+            assert all(1 <= n <= 2 for n in result), result
+            if pattern in ("one exchange", "two exchanges"):
+                assert result == [2 if pattern == "one exchange" else 1]
+        want = [(c, tag, e, float(c * 100 + e * 10 + 1 - rank)) for c in range(calls)
+                for tag, count in plans[c % len(plans)] for e in range(count)]  # fmt: skip
         assert logs[rank] == want
