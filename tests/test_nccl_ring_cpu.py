@@ -399,8 +399,7 @@ def test_interpreter_exit_leaves_cleanly_unless_crashing(env_rings, monkeypatch)
         assert "because rank 2 failed: rank 2: the process exits on KeyError" in str(error)
 
 
-@pytest.mark.parametrize("by_handle", [False, True])
-def test_captured_exchanges_arm_nothing_and_a_replay_is_watched(rings, by_handle):
+def test_captured_exchanges_arm_nothing_and_a_replay_is_watched(rings):
     ring0, _ = rings(2, timeout=0.3)
     assert ring0.capturable
     with ring0.capturing():
@@ -409,10 +408,10 @@ def test_captured_exchanges_arm_nothing_and_a_replay_is_watched(rings, by_handle
     time.sleep(0.6)
     ring0.synchronize()  # nothing armed: returns at once, nothing failed
     ring0.check()
-    # a replay arms one flight on the caller's stream (CuPy's current one, or named by its raw
-    # handle), which waits on that exchange forever
+    # a replay arms one flight on the caller's stream (by its raw handle), which waits on that
+    # exchange forever
     caller = ring0._cupy.cuda.get_current_stream()
-    ring0.watch("ring call (CUDA graph)", caller.ptr if by_handle else None)
+    ring0.watch("ring call (CUDA graph)", caller.ptr)
     assert ring0._flights[-1].event.stream is caller
     with pytest.raises(cr.RingTimeoutError, match=r"'ring call \(CUDA graph\)' #0"):
         ring0.synchronize()
@@ -463,6 +462,6 @@ def test_a_ring_of_one_is_not_captured_and_watches_nothing(stack):
     solo = nccl_mod.NcclRing(0, 1, None, 0)  # what from_env builds for a world of one
     assert not solo.capturable
     for _ in range(3):
-        solo.watch("ring call (CUDA graph)")  # no watchdog would ever retire a flight
+        solo.watch("ring call (CUDA graph)", 0)  # no watchdog would ever retire a flight
     assert not solo._flights
     solo.close()

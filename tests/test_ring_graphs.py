@@ -199,7 +199,7 @@ class SlotRing:
         if self.failed is not None:
             raise self.failed
 
-    def watch(self, tag, stream=None):
+    def watch(self, tag, stream):
         self.watched += 1
         self.watched_on = stream
 

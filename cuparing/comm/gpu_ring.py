@@ -41,10 +41,11 @@ of a rank's process) to every rank, and each aborts its communicator and raises
 block or the program on an exception is reported as one.
 
 A ring whose transport can be captured into a CUDA graph (:attr:`GpuRing.capturable`: NCCL's
-send/recv can) lets a repeated ring call run as one graph (:mod:`cuparing.backends.ring_graphs`):
-exchanges issued inside :meth:`GpuRing.capturing` become graph nodes and are kept off the
-watchdog (their events exist only in the graph); each replay is one flight,
-:meth:`GpuRing.watch`, so a dead peer still ends a replayed call within the timeout.
+send/recv can, and the copy-engine ring's device flags) lets a repeated ring call run as one
+graph (:mod:`cuparing.backends.ring_graphs`): exchanges issued inside
+:meth:`GpuRing.capturing` become graph nodes and are kept off the watchdog (their events exist
+only in the graph); each replay is one flight, :meth:`GpuRing.watch`, so a dead peer still ends
+a replayed call within the timeout.
 
 What a transport supplies: ``_push(flight, sends)`` (queue one exchange on :attr:`stream`, set
 ``flight.event`` and arm the flight with :meth:`_arm`; return the arrays that will hold what
@@ -80,7 +81,7 @@ from .base import (
 )
 
 POLL_S = 0.02  # watchdog period: one cudaEventQuery per poll, far below any sane timeout
-RENEW_POLLS = 5  # after a failure, the transport renews its release every this many polls
+RENEW_POLLS = 5  # after a failure, the transport is interrupted again every this many polls
 _LENGTH = struct.Struct("!Q")  # allgather_bytes: each rank's length, gathered first
 
 
@@ -430,9 +431,9 @@ class GpuRing(Ring):
         freeing the receive buffers its nodes point at."""
         self._captures.add(captured)
 
-    def watch(self, tag: str, stream: int | None = None) -> None:
-        """Arm one flight on the work queued so far on ``stream`` (a raw CUDA stream handle;
-        None: CuPy's current stream), a replayed graph of ring calls: the watchdog aborts the
+    def watch(self, tag: str, stream: int) -> None:
+        """Arm one flight on the work queued so far on ``stream`` (a raw CUDA stream handle),
+        a replayed graph of ring calls: the watchdog aborts the
         ring if it makes no progress in time. The whole replayed call is one flight, so the
         call (not each of its exchanges) must fit in the timeout. Nothing to watch on a ring
         without a watchdog (a ring of one).
@@ -448,11 +449,8 @@ class GpuRing(Ring):
         flight = Flight(tag, seq, 0, -1, -1, time.monotonic(), kind="replayed graph")
         cuda = self._cupy.cuda
         with self.device:
-            if stream is None:
-                flight.event = self._event_on(cuda.get_current_stream())
-            else:  # (no stream object: a replay runs on the caller's raw handle)
-                flight.event = cuda.Event(disable_timing=True)
-                cuda.runtime.eventRecord(flight.event.ptr, stream)
+            flight.event = cuda.Event(disable_timing=True)
+            cuda.runtime.eventRecord(flight.event.ptr, stream)
         self._arm(flight)
 
     def synchronize(self) -> None:
@@ -658,12 +656,12 @@ class GpuRing(Ring):
         polls = 0
         while not self._stop.wait(POLL_S):
             if self._error is not None:
-                # after a failure, until close(): the transport may need to renew what ended
-                # its streams' waits (a peer's late write can undo it)
+                # after a failure, until close(): interrupt the transport again (what ended its
+                # streams' waits, a peer's late write can undo)
                 polls += 1
                 if polls % RENEW_POLLS == 0:
                     with contextlib.suppress(Exception):
-                        self._renew_after_failure()
+                        self._interrupt(str(self._error))
                 continue
             try:
                 self._poll()
@@ -720,10 +718,9 @@ class GpuRing(Ring):
         self._interrupt(str(self._error))
 
     def _interrupt(self, reason: str) -> None:
-        """Wake host waits of the transport's own (called on every failure)."""
-
-    def _renew_after_failure(self) -> None:
-        """Called by the watchdog every ``RENEW_POLLS`` polls after a failure, until close."""
+        """Wake host waits and end device waits of the transport's own: called on every
+        failure, then again by the watchdog every ``RENEW_POLLS`` polls until close (so it
+        must be idempotent)."""
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

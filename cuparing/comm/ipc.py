@@ -450,12 +450,6 @@ class IpcRing(GpuRing):
         with contextlib.suppress(Exception), self.device:
             self._sync.release(list(self._channels.values()))
 
-    def _renew_after_failure(self) -> None:
-        # a peer's flag write queued before the failure can land after the release and undo it
-        # (a stream that then polls would wait again): write the release again
-        with self.device:
-            self._sync.release(list(self._channels.values()))
-
     def release_buffers(self) -> None:
         """Drop every channel's buffers, events and opened handles. Collective: every rank calls
         it at the same point (two barriers keep a peer from writing into freed memory)."""
