@@ -399,7 +399,7 @@ class GraphSlot:
         if self._captured:
             device = origin.device_index
             stream = torch_current_stream(device)
-            with _on_device(device):
+            with ring_graphs.on_device(device):
                 if self.replay(ring, addresses, kv, stream):
                     return
         with origin.stream():
@@ -495,31 +495,6 @@ def _current_stream() -> int:
 
     return cupy.cuda.get_current_stream().ptr
 
-
-class _OnDevice:
-    """Makes ``device`` current for a replay, with its primary context bound: the replay's
-    first CUDA calls are driver calls (node updates), and a thread that has made no runtime
-    call yet (torch's autograd thread) has no current context, which ``cupy.cuda.Device``
-    does not bind when the device is already the current one."""
-
-    def __init__(self, device: int):
-        import cupy
-
-        self._device, self._runtime = cupy.cuda.Device(device), cupy.cuda.runtime
-        self._index = device
-
-    def __enter__(self) -> None:
-        self._device.__enter__()
-        self._runtime.setDevice(self._index)  # (the device is current now: binds its context)
-
-    def __exit__(self, *exc) -> None:
-        self._device.__exit__(*exc)
-
-
-def _on_device(device: int) -> Any:
-    """A context manager making ``device`` current (what a replay's driver calls, copies and
-    event need)."""
-    return _OnDevice(device)
 
 
 def _kernel_addresses(inputs: Sequence[Any], dests: Sequence[Any]) -> tuple | None:

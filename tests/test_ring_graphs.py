@@ -264,7 +264,7 @@ def slot_env(monkeypatch):
 
     monkeypatch.setattr(call_plans, "_current_stream", lambda: 4)
     monkeypatch.setattr(call_plans, "torch_current_stream", lambda device: 3 + 10 * device)
-    monkeypatch.setattr(call_plans, "_on_device", on_device)
+    monkeypatch.setattr(ring_graphs, "on_device", on_device)
     env.slot = call_plans.GraphSlot()
     return env
 

@@ -111,6 +111,18 @@ def gather(ring, values: list[float]) -> list[list[float]]:
     return rows
 
 
+def as_inputs(arrays, kind: str) -> list:
+    """``arrays`` (CuPy bf16) as the calls take them: CuPy, or torch CUDA tensors over the same
+    memory (``torch``: repeats then run the plans kept by the first call, CUDA graphs on rings
+    that can be captured)."""
+    if kind == "cupy":
+        return list(arrays)
+    import cupy
+    import torch
+
+    return [torch.from_dlpack(x.view(cupy.uint16)).view(torch.bfloat16) for x in arrays]
+
+
 def bench_ours(ring, cfg, repeats, warmup, backward, inputs="cupy"):
     import cupy
 
@@ -119,11 +131,7 @@ def bench_ours(ring, cfg, repeats, warmup, backward, inputs="cupy"):
 
     def rand(shape):
         x = cupy.random.standard_normal(shape, dtype=cupy.float32).astype(ml_dtypes.bfloat16)
-        if inputs == "torch":  # torch callers' repeats run kept plans (CUDA graphs on NCCL)
-            import torch
-
-            return torch.from_dlpack(x.view(cupy.uint16)).view(torch.bfloat16)
-        return x
+        return as_inputs([x], inputs)[0]
 
     q, k, v, dout = rand(shape_q), rand(shape_kv), rand(shape_kv), rand(shape_q)
     nocomm = NoCommRing(ring.rank, ring.size)

@@ -33,7 +33,7 @@ import sys
 
 import ml_dtypes
 import numpy as np
-from bench_ring import NoCommRing, gather, time_ms
+from bench_ring import NoCommRing, as_inputs, gather, time_ms
 from timing import checkout_commit
 
 import cuparing as cr
@@ -68,17 +68,6 @@ def global_inputs(seqlen: int, seed: int):
         return x.astype(ml_dtypes.bfloat16)
 
     return rand(HEADS), rand(HEADS_KV), rand(HEADS_KV), rand(HEADS)
-
-
-def as_inputs(arrays, kind: str) -> list:
-    """``arrays`` (CuPy bf16) as the calls take them: CuPy, or torch CUDA tensors over the same
-    memory (``torch``: repeats then run the plans kept by the first call)."""
-    if kind == "cupy":
-        return list(arrays)
-    import cupy
-    import torch
-
-    return [torch.from_dlpack(x.view(cupy.uint16)).view(torch.bfloat16) for x in arrays]
 
 
 def bench_one_gpu(ring, inputs, cu, repeats, warmup, backward, kind="cupy"):

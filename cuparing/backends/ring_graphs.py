@@ -411,10 +411,8 @@ class GraphDriver:
         self._check("cuEventDestroy", self._d.cuEventDestroy(event))
 
     def on_device(self, device: int) -> Any:
-        """A context manager making ``device`` current (its primary context)."""
-        import cupy
-
-        return cupy.cuda.Device(device)
+        """A context manager making ``device`` current (:func:`on_device`)."""
+        return on_device(device)
 
     def launch(self, executable: Any, stream: int) -> None:
         """Launch ``executable`` on ``stream``."""
@@ -429,6 +427,32 @@ class GraphDriver:
         finally:
             if graph is not None:
                 self._check("cuGraphDestroy", self._d.cuGraphDestroy(graph))
+
+
+class _OnDevice:
+    """``device`` current with its primary context bound: a replay's or a release's first CUDA
+    calls are driver calls (node updates, destroys), and a thread that has made no runtime call
+    yet (torch's autograd thread) has no current context, which ``cupy.cuda.Device`` does not
+    bind when the device is already the current one."""
+
+    def __init__(self, device: int):
+        import cupy
+
+        self._device, self._runtime = cupy.cuda.Device(device), cupy.cuda.runtime
+        self._index = device
+
+    def __enter__(self) -> None:
+        self._device.__enter__()
+        self._runtime.setDevice(self._index)  # (the device is current now: binds its context)
+
+    def __exit__(self, *exc) -> None:
+        self._device.__exit__(*exc)
+
+
+def on_device(device: int) -> Any:
+    """A context manager making ``device`` current, its primary context bound (what a replay's
+    and a release's driver calls, copies and events need)."""
+    return _OnDevice(device)
 
 
 _DRIVER: list = []
