@@ -15,7 +15,7 @@ import types
 import pytest
 from wiretap import Wiretap, replay
 
-from cuparing.comm import rendezvous
+from cuparing.comm import rendezvous, sockets
 from cuparing.comm.rendezvous import (
     MAGIC,
     UNIQUE_ID_BYTES,
@@ -259,8 +259,57 @@ def test_server_times_out_naming_missing_ranks():
 def test_port_in_use_is_a_clear_error():
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
+        start = time.monotonic()
         with pytest.raises(RuntimeError, match=f"cannot listen on 127.0.0.1:{port}"):
-            exchange_payload(_info(0, 2, port), lambda: os.urandom(128), timeout=1)
+            exchange_payload(_info(0, 2, port), lambda: os.urandom(128), timeout=60)
+        # a port held for good fails after the bind's patience, not the rendezvous' timeout
+        assert time.monotonic() - start < rendezvous._BIND_PATIENCE + 5
+
+
+def test_rank0_takes_a_port_held_for_a_moment():
+    # a rank's dial may hold MASTER_PORT for a moment before rank 0 listens (a connection to
+    # itself, which the dial closes at once): rank 0 binds once it is let go
+    uid = os.urandom(UNIQUE_ID_BYTES)
+    busy = socket.create_server(("127.0.0.1", 0))
+    port = busy.getsockname()[1]
+    threading.Timer(0.3, busy.close).start()
+    results, errors = _run_ranks(
+        2, lambda rank: exchange_payload(_info(rank, 2, port), lambda: uid, timeout=20)
+    )
+    assert not errors, errors
+    assert [results[0], results[1]] == [uid, uid]
+
+
+def _self_connected_socket() -> socket.socket:
+    """A TCP socket connected to itself (Linux: TCP's simultaneous open on a bound port)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.connect(sock.getsockname())
+    return sock
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="simultaneous open: Linux")
+def test_dial_counts_a_connection_to_itself_as_a_failed_attempt(monkeypatch):
+    selfish = _self_connected_socket()
+    assert sockets.is_self_connection(selfish)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        address = listener.getsockname()
+        real = socket.create_connection
+        attempts = []
+
+        def connect(where, timeout=None):
+            attempts.append(where)
+            return selfish if len(attempts) == 1 else real(where, timeout=timeout)
+
+        monkeypatch.setattr(sockets.socket, "create_connection", connect)
+        seen = []
+        sock, result = sockets.dial(address, time.monotonic() + 10, lambda s: seen.append(
+            s.getsockname()) or "done", first_delay=0.01)  # fmt: skip
+        with sock:
+            assert result == "done" and len(attempts) == 2
+            assert not sockets.is_self_connection(sock)
+            assert seen == [sock.getsockname()]  # the handshake never ran on the first
+    assert selfish.fileno() == -1  # closed by the dial
 
 
 def test_missing_address_without_init_file():

@@ -27,6 +27,7 @@ needs neither CuPy nor a GPU.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hmac
 import os
 import re
@@ -328,15 +329,28 @@ def bind_host(addr: str | None) -> str:
     return addr if loopback else ""
 
 
-def _listen(info: RankInfo) -> socket.socket:
+# how long rank 0 retries a MASTER_PORT that is in use: long enough for a brief holder to let
+# go (a rank's dial that connected to itself before rank 0 listened, closed at once by
+# ``dial``), short enough that a port another job holds fails fast
+_BIND_PATIENCE = 3.0
+
+
+def _listen(info: RankInfo, patience: float = _BIND_PATIENCE) -> socket.socket:
     host = bind_host(info.master_addr)
-    try:
-        return socket.create_server((host, info.master_port), backlog=max(16, info.world_size))
-    except OSError as exc:
-        raise RuntimeError(
-            f"rank 0: cannot listen on {host or '*'}:{info.master_port} for the NCCL unique-id "
-            f"rendezvous ({exc}); another job may hold the port: pick another MASTER_PORT"
-        ) from exc
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return socket.create_server((host, info.master_port),
+                                        backlog=max(16, info.world_size))  # fmt: skip
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            raise RuntimeError(
+                f"rank 0: cannot listen on {host or '*'}:{info.master_port} for the NCCL "
+                f"unique-id rendezvous ({exc}); another job may hold the port: pick another "
+                "MASTER_PORT"
+            ) from exc
 
 
 def _serve(info: RankInfo, payload: bytes, timeout: float) -> None:

@@ -63,14 +63,27 @@ def tune(sock: socket.socket, keepalive: bool = False) -> None:
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
+def is_self_connection(sock: socket.socket) -> bool:
+    """Whether ``sock`` is connected to itself. Dialling a port of this host on which nothing
+    listens yet can end in TCP's simultaneous open when the kernel picks that same port as the
+    local end (the port is in the ephemeral range, as a free port handed out by the kernel is):
+    the connection then "succeeds", and while it lives the listener meant for the port cannot
+    bind it."""
+    try:
+        return sock.getsockname() == sock.getpeername()
+    except OSError:
+        return False
+
+
 def dial(address: tuple[str, int], deadline: float, handshake: Callable[[socket.socket], T],
          keepalive: bool = False, first_delay: float = 0.05,
          max_delay: float = 1.0) -> tuple[socket.socket, T]:  # fmt: skip
     """Connect to ``address`` and run ``handshake`` on the socket, retrying until ``deadline``.
 
-    A listener that is not up yet, a reset, a timeout, a malformed answer or :class:`Retry` from
-    ``handshake`` counts as a failed attempt: the socket is closed and the next attempt follows
-    after a delay that doubles from ``first_delay`` up to ``max_delay``. Any other exception from
+    A listener that is not up yet, a reset, a timeout, a malformed answer, :class:`Retry` from
+    ``handshake`` or a connection to itself counts as a failed attempt: the socket is closed and
+    the next attempt follows after a delay that doubles from ``first_delay`` up to
+    ``max_delay``. Any other exception from
     ``handshake`` (a refusal it decided on) closes the socket and propagates at once.
 
     Args:
@@ -95,6 +108,8 @@ def dial(address: tuple[str, int], deadline: float, handshake: Callable[[socket.
         sock = None
         try:
             sock = socket.create_connection(address, timeout=min(left, 5.0))
+            if is_self_connection(sock):
+                raise ConnectionRefusedError("connected to itself: nothing listens there yet")
             tune(sock, keepalive)
             return sock, handshake(sock)
         except (OSError, struct.error) as exc:  # ConnectionError and Retry included
