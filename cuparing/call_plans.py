@@ -410,7 +410,7 @@ class GraphSlot:
         """Replay a captured call that matches the ring's state with the caller's ``addresses``
         and K/V tensors ``kv`` on ``stream`` (a raw handle on the current device), arming the
         ring's watchdog on it; False (nothing done) when no graph matches, the ring cannot be
-        captured now (it is tracing), ``kv`` are not C-contiguous (the replay copies them as
+        captured now (it is tracing), ``kv`` are not C-contiguous (the graph copies them as
         flat bytes), or the driver refused the replay.
 
         Raises:
@@ -438,11 +438,12 @@ class GraphSlot:
         """``run(kv)`` (the call at pointer level, queueing on CuPy's current stream, whose
         handle is ``stream``): captured and replayed when graphs are enabled on ``ring``, none
         was refused here and there is room for another, else run as it is."""
+        everything = (*addresses, *(a.data.ptr for a in kv))
         if self._refused or len(self._captured) >= self.VARIANTS or not ring_graphs.enabled(
             ring
-        ) or not all(a.flags.c_contiguous for a in kv) or len(set(addresses)) != len(
-            addresses
-        ):  # fmt: skip
+        ) or not all(a.flags.c_contiguous and a.data.ptr % 16 == 0 for a in kv) or len(
+            set(everything)
+        ) != len(everything):  # fmt: skip
             run(kv)
             return
         ring.check()

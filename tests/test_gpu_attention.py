@@ -540,6 +540,28 @@ def test_caller_owned_outputs_on_gpu(causal, dq_layout, fresh_rng):
 
 
 @requires_gpu(1)
+def test_pair_copy_copies_exactly_the_bytes_asked(fresh_rng):
+    """The kernel node that copies a replayed ring call's K/V into its graph: two copies of any
+    byte counts (16-byte words, then the tail) in one launch, nothing written past either."""
+    import cupy
+
+    from cuparing.backends import ring_graphs
+
+    sizes = [0, 1, 15, 16, 17, 4096 + 5, int(fresh_rng.integers(1, 3 << 20))]
+    for a_bytes, b_bytes in [tuple(fresh_rng.choice(sizes, 2)) for _ in range(6)]:
+        a_bytes, b_bytes = int(a_bytes), int(b_bytes)
+        a, b = (cupy.asarray(fresh_rng.integers(0, 256, n + 64, dtype=np.uint8))
+                for n in (a_bytes, b_bytes))  # fmt: skip
+        a_out, b_out = (cupy.full(n + 64, 0xA5, dtype=np.uint8) for n in (a_bytes, b_bytes))
+        ring_graphs.copy_pair_launch(a_bytes, b_bytes).launch(a.data.ptr, a_out.data.ptr,
+                                                              b.data.ptr, b_out.data.ptr)
+        for src, dst, n in ((a, a_out, a_bytes), (b, b_out, b_bytes)):
+            got = cupy.asnumpy(dst)
+            np.testing.assert_array_equal(got[:n], cupy.asnumpy(src[:n]), err_msg=f"{n} bytes")
+            assert (got[n:] == 0xA5).all(), f"written past {n} bytes"
+
+
+@requires_gpu(1)
 @pytest.mark.usefixtures("kernel_family")
 def test_forward_replays_in_a_torch_cuda_graph(fresh_rng):
     """With out= and lse=, a forward call allocates nothing and syncs nothing: it can be captured

@@ -1,7 +1,8 @@
 """Ring calls replayed as CUDA graphs (cuparing.backends.ring_graphs), on the CPU: a replay hands
 each captured kernel node exactly the arguments a fresh launch with the caller's addresses would
 get (captured addresses replaced by value, everything else as captured), rewrites only nodes
-whose arguments changed since the last replay, copies K/V first and launches the graph once.
+whose arguments changed since the last replay (the K/V copy node's sources among them: K and V
+are caller addresses like the others) and launches the graph once.
 The driver is a recording stand-in that reads the arguments the way the CUDA driver does."""
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from cuparing.backends import launch_plans, ring_graphs
 
 
 class RecordingGraphDriver:
-    """Records the node updates (the pointer fields read through the ``void*`` array), the K/V
-    copies and the launches of a replay."""
+    """Records the node updates (the pointer fields read through the ``void*`` array) and the
+    launches of a replay."""
 
     def __init__(self, fields: int):
-        self.fields, self.updates, self.copies, self.launches = fields, [], [], []
+        self.fields, self.updates, self.launches = fields, [], []
         self.orders, self.destroyed, self.refuse_wait, self.refuse_record = [], [], False, False
 
     def kernel_params(self, function, geometry, arguments):
@@ -33,9 +34,6 @@ class RecordingGraphDriver:
         struct_address = ctypes.c_uint64.from_address(params.arguments).value
         packed = ctypes.string_at(struct_address, 8 * self.fields)
         self.updates.append((node, struct.unpack(f"<{self.fields}Q", packed), params.function))
-
-    def copy(self, destination, source, nbytes, stream):
-        self.copies.append((destination, source, nbytes, stream))
 
     def new_event(self):
         return "done"
@@ -73,13 +71,18 @@ def _launch(function: int) -> launch_plans.PackedLaunch:
                                      tuple(range(0, 8 * FIELDS, 8)), driver=never)  # fmt: skip
 
 
+CAPTURED_KV = (0x7000, 0x8000)  # the caller's K and V when the tests' graphs were captured
+COPIES = (0xA000, 0xB000)  # the graph's own K/V copies
+
+
 def _captured(driver, entries, addresses):
-    """A CapturedRingCall over ``entries`` = [(launch, captured pointers)], node i = "n{i}"."""
+    """A CapturedRingCall over ``entries`` = [(launch, captured pointers)], node i = "n{i}",
+    captured with the caller's ``addresses`` and K/V at ``CAPTURED_KV``."""
     launches = [[packed, pointers, 0, f"n{i}"] for i, (packed, pointers) in enumerate(entries)]
-    kv = [SimpleNamespace(data=SimpleNamespace(ptr=0xA000), nbytes=64),
-          SimpleNamespace(data=SimpleNamespace(ptr=0xB000), nbytes=32)]  # fmt: skip
-    return ring_graphs.CapturedRingCall(driver, "graph", "exec", launches, addresses, kv,
-                                        keep=["scratch"], home_stream=5, device=0)  # fmt: skip
+    kv = [SimpleNamespace(data=SimpleNamespace(ptr=p)) for p in COPIES]
+    return ring_graphs.CapturedRingCall(driver, "graph", "exec", launches,
+                                        (*addresses, *CAPTURED_KV), kv, keep=["scratch"],
+                                        home_stream=5, device=0)  # fmt: skip
 
 
 def test_replay_repoints_only_what_the_caller_moved():
@@ -91,19 +94,18 @@ def test_replay_repoints_only_what_the_caller_moved():
     driver = RecordingGraphDriver(FIELDS)
     graph = _captured(driver, entries, (q0, out0, lse0))
 
-    graph.replay((q0, out0, lse0), (0x7000, 0x8000), stream=5)  # the captured call's addresses
+    graph.replay((q0, out0, lse0), CAPTURED_KV, stream=5)  # the captured call's addresses
     assert driver.updates == []
-    assert driver.copies == [(0xA000, 0x7000, 64, 5), (0xB000, 0x8000, 32, 5)]
     assert driver.launches == [("exec", 5)]
 
     q1, out1 = 0x5000, 0x6000
-    graph.replay((q1, out1, lse0), (0x7000, 0x8000), stream=5)
+    graph.replay((q1, out1, lse0), CAPTURED_KV, stream=5)
     assert driver.updates == [("n0", (scratch, q1, own_kv, lse0), 11),
                               ("n1", (out1, q1, received, lse0), 12)]  # fmt: skip
     driver.updates.clear()
-    graph.replay((q1, out1, lse0), (0x7000, 0x8000), stream=5)  # nothing moved since
+    graph.replay((q1, out1, lse0), CAPTURED_KV, stream=5)  # nothing moved since
     assert driver.updates == []
-    graph.replay((q1, out0, lse0), (0x7000, 0x8000), stream=5)  # only the output moved back
+    graph.replay((q1, out0, lse0), CAPTURED_KV, stream=5)  # only the output moved back
     assert driver.updates == [("n1", (out0, q1, received, lse0), 12)]
     assert len(driver.launches) == 4
 
@@ -115,7 +117,28 @@ def test_replay_repoints_only_what_the_caller_moved():
     assert not graph.live
     assert driver.destroyed == [("exec", None), (None, "graph"), "done"]
     with pytest.raises(RuntimeError, match="released"):
-        graph.replay((q1, out0, lse0), (0x7000, 0x8000), stream=5)
+        graph.replay((q1, out0, lse0), CAPTURED_KV, stream=5)
+
+
+def test_the_kv_copy_node_follows_the_callers_kv():
+    """The graph's first node copies the caller's K/V into its own copies: a replay rewrites it
+    only when K or V moved since the last replay, and nothing else reads the caller's K/V."""
+    q0 = 0x1000
+    copy, step0 = _launch(13), _launch(11)
+    entries = [(copy, (CAPTURED_KV[0], COPIES[0], CAPTURED_KV[1], COPIES[1])),
+               (step0, (0xD000, q0, COPIES[0], COPIES[1]))]  # fmt: skip
+    driver = RecordingGraphDriver(FIELDS)
+    graph = _captured(driver, entries, (q0,))
+    graph.replay((q0,), CAPTURED_KV, stream=5)
+    assert driver.updates == []
+    graph.replay((q0,), (0x7100, CAPTURED_KV[1]), stream=5)  # K moved
+    assert driver.updates == [("n0", (0x7100, COPIES[0], CAPTURED_KV[1], COPIES[1]), 13)]
+    driver.updates.clear()
+    graph.replay((q0,), (0x7100, CAPTURED_KV[1]), stream=5)
+    assert driver.updates == []
+    graph.replay((0x1100,), CAPTURED_KV, stream=5)  # back where captured; q moved
+    assert driver.updates == [("n0", entries[0][1], 13), ("n1", (0xD000, 0x1100, *COPIES), 11)]
+    assert len(driver.launches) == 4
 
 
 def test_replays_on_another_stream_wait_for_the_last_and_release_waits_for_them():
@@ -125,7 +148,7 @@ def test_replays_on_another_stream_wait_for_the_last_and_release_waits_for_them(
     driver = RecordingGraphDriver(FIELDS)
     graph = _captured(driver, [(_launch(1), (0x1000, 0, 0, 0))], (0x1000,))
     for stream in (5, 7, 7, 9):
-        graph.replay((0x1000,), (0x10, 0x20), stream=stream)
+        graph.replay((0x1000,), CAPTURED_KV, stream=stream)
     assert driver.orders == [("record", 5), ("wait", 7), ("record", 7), ("record", 7),
                              ("wait", 9), ("record", 9)]  # fmt: skip
     graph.release()
@@ -135,7 +158,7 @@ def test_replays_on_another_stream_wait_for_the_last_and_release_waits_for_them(
     # a refused wait: the memory stays allocated (a replay may still use it), the rest is freed
     driver = RecordingGraphDriver(FIELDS)
     graph = _captured(driver, [(_launch(1), (0x1000, 0, 0, 0))], (0x1000,))
-    graph.replay((0x1000,), (0x10, 0x20), stream=6)
+    graph.replay((0x1000,), CAPTURED_KV, stream=6)
     driver.refuse_wait = True
     with pytest.warns(RuntimeWarning, match="memory stays allocated"):
         graph.release()
@@ -168,7 +191,7 @@ def test_every_replay_leaves_each_node_as_a_fresh_launch_would(data):
             continue
         remap = dict(zip(caller, moved, strict=True))
         driver.updates.clear()
-        graph.replay(moved, (0x10, 0x20), stream=1)
+        graph.replay(moved, CAPTURED_KV, stream=1)
         updated = set()
         for node, pointers, _ in driver.updates:
             assert node not in updated  # one update per node and replay
@@ -181,9 +204,16 @@ def test_every_replay_leaves_each_node_as_a_fresh_launch_would(data):
 
 
 def test_capture_refuses_addresses_it_could_not_tell_apart():
-    for addresses in ((0x10, 0x10), (0x10, 0)):
+    def at(p):
+        return SimpleNamespace(data=SimpleNamespace(ptr=p))
+
+    kv = [at(0x100), at(0x200)]
+    for addresses, arrays in (((0x10, 0x10), kv), ((0x10, 0), kv), ((0x100,), kv),
+                              ((0x10,), [at(0x100), at(0x100)])):  # fmt: skip
         with pytest.raises(ValueError, match="distinct and non-zero"):
-            ring_graphs.capture(None, lambda kv: None, [], addresses)
+            ring_graphs.capture(None, lambda kv: None, arrays, addresses)
+    with pytest.raises(ValueError, match="K and V"):
+        ring_graphs.capture(None, lambda kv: None, kv[:1], (0x10,))
 
 
 # --- call_plans.GraphSlot: when a plan captures, replays, falls back --------------------------
@@ -344,13 +374,13 @@ def test_a_replay_that_ran_never_raises_and_then_keeps_to_its_stream():
     memory it cannot order."""
     driver = RecordingGraphDriver(FIELDS)
     graph = _captured(driver, [(_launch(1), (0x1000, 0, 0, 0))], (0x1000,))
-    graph.replay((0x1000,), (0x10, 0x20), stream=6)  # (waits for nothing: none recorded yet)
+    graph.replay((0x1000,), CAPTURED_KV, stream=6)  # (waits for nothing: none recorded yet)
     driver.refuse_record = True
     with pytest.warns(RuntimeWarning, match="recording"):
-        graph.replay((0x1000,), (0x10, 0x20), stream=6)
+        graph.replay((0x1000,), CAPTURED_KV, stream=6)
     assert len(driver.launches) == 2
     with pytest.warns(RuntimeWarning, match="recording"):
-        graph.replay((0x1000,), (0x10, 0x20), stream=6)  # the same stream: fine
+        graph.replay((0x1000,), CAPTURED_KV, stream=6)  # the same stream: fine
     with pytest.raises(RuntimeError, match="cannot wait for the last"):
         graph.replay((0x1000,), (0x10, 0x20), stream=7)
     assert len(driver.launches) == 3  # refused before anything was queued
@@ -469,24 +499,24 @@ class RecordedExchanges:
 
 
 def test_a_replay_patches_the_transport_before_anything_is_queued():
-    """The transport's values are patched before the stream switch, the K/V copies and the
-    launch, and its counts move on only after the launch: a refused patch leaves nothing of
-    the call queued (the caller may run it eagerly) and nothing advanced. A release drops the
-    transport's record too."""
+    """The transport's values are patched before the stream switch and the launch, and its
+    counts move on only after the launch: a refused patch leaves nothing of the call queued
+    (the caller may run it eagerly) and nothing advanced. A release drops the transport's
+    record too."""
     driver = RecordingGraphDriver(FIELDS)
     exchanges = RecordedExchanges()
     graph = ring_graphs.CapturedRingCall(
-        driver, "graph", "exec", [], (0x1000,), [SimpleNamespace(data=SimpleNamespace(ptr=0xA000),
-        nbytes=64)], keep=None, home_stream=5, device=0, exchanges=exchanges,
+        driver, "graph", "exec", [], (0x1000, 0x10), [SimpleNamespace(data=SimpleNamespace(
+        ptr=0xA000))], keep=None, home_stream=5, device=0, exchanges=exchanges,
     )  # fmt: skip
     graph.replay((0x1000,), (0x10,), stream=5)
     assert (exchanges.patched, exchanges.advanced, len(driver.launches)) == (1, 1, 1)
     assert graph.matches
     exchanges.refuse = True
-    copies, orders = list(driver.copies), list(driver.orders)
+    orders = list(driver.orders)
     with pytest.raises(RuntimeError, match="SetParams failed"):
         graph.replay((0x1000,), (0x10,), stream=7)  # (another stream: it would wait first)
-    assert driver.copies == copies and driver.orders == orders and len(driver.launches) == 1
+    assert driver.orders == orders and len(driver.launches) == 1
     assert exchanges.advanced == 1
     graph.release()
     assert exchanges.released and not graph.matches

@@ -12,10 +12,14 @@ capture instead, and its exchanges, memsets and launches become one graph. A rep
    node takes those arguments (``cuGraphExecKernelNodeSetParams``);
 2. gives the transport's captured operations what this replay needs (the copy-engine ring's
    flag values, which count exchanges; what the ring's capture yielded does it);
-3. copies the caller's K/V into the graph's own copies: the ring sends K/V at step 0, and NCCL's
-   graph nodes cannot be pointed at other memory (their parameters are NCCL's own);
-4. launches the graph on the caller's stream; the ring's :meth:`watch` then arms one flight on
+3. launches the graph on the caller's stream; the ring's :meth:`watch` then arms one flight on
    it, so a dead peer still ends the call within the ring's timeout.
+
+The graph's first node copies the caller's K/V into the graph's own copies, which the rest of
+it sends and reads: NCCL's graph nodes cannot be pointed at other memory (their parameters are
+NCCL's own). The copy is a kernel node (``cuparing_copy_pair``) whose source addresses are
+caller addresses like the others (step 1 rewrites it when K/V moved), so a replay makes one
+driver call, the launch, where the caller's K/V stayed where they were.
 
 The graph owns its K/V copies and every scratch array of the captured call (accumulators,
 flags) for as long as it lives; replays on one stream reuse them in stream order. Driver calls go
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import threading
 import warnings
 import weakref
@@ -33,6 +38,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..kernels import loader
 from . import launch_plans
 
 
@@ -110,7 +116,8 @@ class CapturedRingCall:
         driver: the :class:`GraphDriver` that captured it.
         graph, executable: the captured graph and its instantiation.
         launches: per kernel node, ``[packed launch, captured pointers, kernel index, node]``.
-        addresses: the captured call's caller addresses (what :meth:`replay` replaces).
+        addresses: the captured call's caller addresses, its K/V's last (what :meth:`replay`
+            replaces).
         kv: the graph's own K/V copies (CuPy arrays); keep: what the graph's nodes read.
         home_stream: the stream current when its memory was allocated (the caller's).
         device: the GPU it lives on.
@@ -127,7 +134,6 @@ class CapturedRingCall:
         self._launches = [[*entry, tuple(entry[1]), None] for entry in launches]
         self._captured = addresses
         self._applied = addresses
-        self._kv = [(copy.data.ptr, copy.nbytes) for copy in kv]
         self._keep = (kv, keep)
         self._device = device
         # the stream the graph's memory was allocated on (its allocator reuses it in that
@@ -140,7 +146,7 @@ class CapturedRingCall:
     def replay(self, addresses: tuple[int, ...], kv: Sequence[int], stream: int) -> None:
         """Run the captured call on ``stream`` (a CUDA stream handle) with the caller's
         ``addresses`` (in the order the capture took them) and K/V at the addresses ``kv``
-        (C-contiguous, of the captured shapes and dtypes).
+        (C-contiguous, of the captured shapes and dtypes, 16-byte aligned).
 
         Raises:
             RuntimeError: it was released, or a driver call failed, before the graph was
@@ -155,6 +161,7 @@ class CapturedRingCall:
                                "event was not recorded)")  # fmt: skip
         # the node updates first: they change only launches to come, so a refusal here leaves
         # nothing of this call queued
+        addresses = (*addresses, *kv)
         if addresses != self._applied:
             self._repoint(dict(zip(self._captured, addresses, strict=True)))
             self._applied = addresses
@@ -165,8 +172,6 @@ class CapturedRingCall:
             # them before this one's copies land
             self._driver.wait_event(stream, self._done)
             self._last_stream = stream
-        for (destination, nbytes), source in zip(self._kv, kv, strict=True):
-            self._driver.copy(destination, source, nbytes, stream)
         self._driver.launch(self._executable, stream)
         # from here the call has run: a failure must not send the caller to run it again
         if self._exchanges is not None:
@@ -238,7 +243,7 @@ class CapturedRingCall:
                 except _DRIVER_ERRORS as exc:
                     _warn(f"its {what} was not freed ({exc})")
         if handed_back:
-            self._keep = self._kv = self._launches = None
+            self._keep = self._launches = None
         if self._exchanges is not None:  # (the transport's channels it referred to)
             self._exchanges.release()
 
@@ -262,31 +267,39 @@ def capture(ring: Any, run: Callable[[list], Any], kv: Sequence[Any],
 
     ``run(kv_copies)`` queues the call on CuPy's current stream exactly as an eager repeat
     would (exchanges on ``ring``, :class:`~cuparing.backends.launch_plans.PackedLaunch`
-    launches), sending and reading the graph's own K/V copies; whatever it returns (its scratch
-    arrays) lives as long as the graph. Nothing runs during the capture: the caller replays it.
+    launches), sending and reading the graph's own K/V copies, which the graph's first node
+    fills from ``kv``; whatever it returns (its scratch arrays) lives as long as the graph.
+    Nothing runs during the capture: the caller replays it.
 
     Args:
         ring: a capturable ring (:func:`enabled`); it adopts the graph (releases it when it
             closes).
         run: the call, as above.
-        kv: the caller's K/V (CuPy arrays, C-contiguous): the shapes of the copies.
-        addresses: the caller's addresses ``run`` hands its launches (non-zero and distinct:
-            replays find them in the captured arguments by value).
+        kv: the caller's K and V (CuPy arrays, C-contiguous, 16-byte aligned): the shapes of
+            the copies, and where the graph's copy reads.
+        addresses: the caller's addresses ``run`` hands its launches (non-zero, distinct, and
+            distinct from K's and V's: replays find them in the captured arguments by value).
 
     Raises:
-        ValueError: ``addresses`` hold zero or a repeated address.
+        ValueError: ``addresses`` and K/V's hold zero or a repeated address, or ``kv`` is not
+            two arrays.
         RuntimeError: the capture failed (what the driver or the transport said); nothing was
             queued and the ring stays usable.
         RingError: the ring had failed before (as an eager call would raise).
     """
+    if len(kv) != 2:
+        raise ValueError(f"kv must be K and V, got {len(kv)} arrays")
+    addresses = (*addresses, *(a.data.ptr for a in kv))
     if 0 in addresses or len(set(addresses)) != len(addresses):
-        raise ValueError(f"addresses must be distinct and non-zero, got {addresses}")
+        raise ValueError(f"addresses (K's and V's last) must be distinct and non-zero, got "
+                         f"{addresses}")  # fmt: skip
     import cupy
 
     driver = _graph_driver()
     if driver is None:
         raise RuntimeError("capturing a ring call needs cuda-bindings")
     copies = [cupy.empty(a.shape, a.dtype) for a in kv]
+    copy_kv = copy_pair_launch(kv[0].nbytes, kv[1].nbytes)
     home, device = cupy.cuda.get_current_stream().ptr, cupy.cuda.Device().id
     stream = cupy.cuda.Stream(non_blocking=True)
     launches = []
@@ -298,6 +311,8 @@ def capture(ring: Any, run: Callable[[list], Any], kv: Sequence[Any],
         driver.begin(stream.ptr)
         try:
             with ring.capturing() as exchanges, launch_plans.observe(observed):
+                copy_kv.launch(kv[0].data.ptr, copies[0].data.ptr, kv[1].data.ptr,
+                               copies[1].data.ptr)  # fmt: skip
                 keep = run(copies)
         except BaseException:
             with contextlib.suppress(RuntimeError):
@@ -319,6 +334,19 @@ def capture(ring: Any, run: Callable[[list], Any], kv: Sequence[Any],
     ring.adopt_capture(captured)
     LIVE.admit(captured)
     return captured
+
+
+_COPY_PAIR_ARGS = struct.Struct("<QQqQQq")  # a_src, a_dst, a_bytes, b_src, b_dst, b_bytes
+
+
+def copy_pair_launch(a_bytes: int, b_bytes: int) -> launch_plans.PackedLaunch:
+    """Two device-to-device copies of ``a_bytes`` and ``b_bytes`` in one kernel launch on the
+    current device; ``launch(a_src, a_dst, b_src, b_dst)`` (16-byte aligned addresses)."""
+    words = max(a_bytes, b_bytes, 16) // 16
+    blocks = min((words + 255) // 256, 1024)
+    params = _COPY_PAIR_ARGS.pack(0, 0, a_bytes, 0, 0, b_bytes)
+    return launch_plans.PackedLaunch((loader.get_copy_pair_kernel(),), (blocks, 2), (256,), 0,
+                                     params, (0, 8, 24, 32), arg_offsets=(0, 8, 16, 24, 32, 40))
 
 
 class GraphDriver:
@@ -385,13 +413,6 @@ class GraphDriver:
         """Point ``node`` of ``executable`` at ``params`` (the argument values are read now)."""
         self._check("cuGraphExecKernelNodeSetParams",
                     self._d.cuGraphExecKernelNodeSetParams(executable, node, params))  # fmt: skip
-
-    def copy(self, destination: int, source: int, nbytes: int, stream: int) -> None:
-        """Queue a device-to-device copy of ``nbytes`` on ``stream``."""
-        import cupy
-
-        runtime = cupy.cuda.runtime
-        runtime.memcpyAsync(destination, source, nbytes, runtime.memcpyDeviceToDevice, stream)
 
     def new_event(self) -> Any:
         """An event (no timing) in the current context."""

@@ -400,6 +400,9 @@ def dq_from_tiles_name(dtype: str) -> str:
     return f"cuparing_dq_from_tiles<{'true' if dtype == 'bfloat16' else 'false'}>"
 
 
+COPY_PAIR_NAME = "cuparing_copy_pair"
+
+
 def cast_names(dtype: str) -> tuple[str, str]:
     """Name expressions of (fp32 -> dtype, dtype -> fp32) for 'float16'/'bfloat16'."""
     flag = "true" if dtype == "bfloat16" else "false"
@@ -725,6 +728,13 @@ def get_dq_from_tiles_kernel(dtype: str):
     """The dq tiles -> dq kernel for 'float16'/'bfloat16' (any grid; a grid-stride loop)."""
     name = dq_from_tiles_name(dtype)
     return get_module((name,)).get_function(name)
+
+
+def get_copy_pair_kernel():
+    """The kernel making two device-to-device copies in one launch (``cuparing_copy_pair``:
+    grid (x, 2), 256 threads; arguments a_src, a_dst, a_bytes, b_src, b_dst, b_bytes, every
+    pointer 16-byte aligned)."""
+    return get_module((COPY_PAIR_NAME,)).get_function(COPY_PAIR_NAME)
 
 
 def get_bwd_delta_kernel(dtype: str):

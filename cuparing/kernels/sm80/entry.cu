@@ -9,6 +9,7 @@
 //   cuparing_bwd_delta<bf16>: delta = rowsum(dO * O) float32 [B, H, S], one warp per row.
 //   cuparing_cast_*:       elementwise fp32 <-> fp16/bf16 over n contiguous elements.
 //   cuparing_dq_from_tiles<bf16>: the sm90 backward's dq accumulator -> dq (common/dq_tiles.cuh).
+//   cuparing_copy_pair:    two device-to-device copies in one launch (grid (x, 2)).
 #include "bwd.cuh"
 #include "fwd.cuh"
 
@@ -48,6 +49,29 @@ __global__ void cuparing_cast_from_f32(const float* __restrict__ x, cuparing::u1
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
     y[i] = cuparing::to_half_bits<kBf16>(x[i]);
+  }
+}
+
+// Two copies in one launch: blockIdx.y 0 copies a_bytes from a_src to a_dst, 1 copies b_bytes
+// from b_src to b_dst (a replayed ring call's K/V into its graph's own copies, one graph node
+// whose source addresses a replay rewrites). Every pointer 16-byte aligned; 16-byte words, then
+// the tail bytes.
+__global__ void __launch_bounds__(256)
+    cuparing_copy_pair(const uint4* __restrict__ a_src, uint4* __restrict__ a_dst,
+                       long long a_bytes, const uint4* __restrict__ b_src,
+                       uint4* __restrict__ b_dst, long long b_bytes) {
+  const uint4* src = blockIdx.y == 0 ? a_src : b_src;
+  uint4* dst = blockIdx.y == 0 ? a_dst : b_dst;
+  const long long bytes = blockIdx.y == 0 ? a_bytes : b_bytes;
+  const long long words = bytes / 16;
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  const long long first = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (long long i = first; i < words; i += stride) {
+    dst[i] = src[i];
+  }
+  const long long tail = words * 16 + first;
+  if (tail < bytes && first < 16) {
+    reinterpret_cast<unsigned char*>(dst)[tail] = reinterpret_cast<const unsigned char*>(src)[tail];
   }
 }
 
