@@ -410,8 +410,8 @@ class GraphSlot:
         """Replay a captured call that matches the ring's state with the caller's ``addresses``
         and K/V tensors ``kv`` on ``stream`` (a raw handle on the current device), arming the
         ring's watchdog on it; False (nothing done) when no graph matches, the ring cannot be
-        captured now (it is tracing), ``kv`` are not C-contiguous (the graph copies them as
-        flat bytes), or the driver refused the replay.
+        captured now (it is tracing), ``kv`` are not C-contiguous and 16-byte aligned (the graph
+        copies them as flat 16-byte words), or the driver refused the replay.
 
         Raises:
             RingTimeoutError, RingError: the ring has failed (before anything is queued: a
@@ -426,7 +426,9 @@ class GraphSlot:
             return False
         if not ring.capturable:  # (tracing: a traced call shows its exchanges)
             return False
-        if not (kv[0].is_contiguous() and kv[1].is_contiguous()):
+        if not (kv[0].is_contiguous() and kv[1].is_contiguous()) or (
+            kv[0].data_ptr() | kv[1].data_ptr()
+        ) & 15:  # fmt: skip
             return False
         for captured in self._captured:
             if captured.matches:
@@ -437,13 +439,14 @@ class GraphSlot:
     def run(self, ring: Any, run: Any, kv: list, addresses: tuple[int, ...], stream: int) -> None:
         """``run(kv)`` (the call at pointer level, queueing on CuPy's current stream, whose
         handle is ``stream``): captured and replayed when graphs are enabled on ``ring``, none
-        was refused here and there is room for another, else run as it is."""
-        everything = (*addresses, *(a.data.ptr for a in kv))
+        was refused here, there is room for another, ``kv`` are C-contiguous and 16-byte
+        aligned (the graph copies them) and ``addresses`` are non-zero and distinct (a replay
+        finds them by value), else run as it is."""
         if self._refused or len(self._captured) >= self.VARIANTS or not ring_graphs.enabled(
             ring
-        ) or not all(a.flags.c_contiguous and a.data.ptr % 16 == 0 for a in kv) or len(
-            set(everything)
-        ) != len(everything):  # fmt: skip
+        ) or not all(a.flags.c_contiguous and a.data.ptr % 16 == 0 for a in kv) or (
+            0 in addresses
+        ) or len(set(addresses)) != len(addresses):  # fmt: skip
             run(kv)
             return
         ring.check()

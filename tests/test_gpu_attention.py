@@ -547,7 +547,8 @@ def test_pair_copy_copies_exactly_the_bytes_asked(fresh_rng):
 
     from cuparing.backends import ring_graphs
 
-    sizes = [0, 1, 15, 16, 17, 4096 + 5, int(fresh_rng.integers(1, 3 << 20))]
+    # (past 4 MiB the grid's 1024 blocks stride)
+    sizes = [0, 1, 15, 16, 17, 4096 + 5, int(fresh_rng.integers(1, 3 << 20)), (5 << 20) + 7]
     for a_bytes, b_bytes in [tuple(fresh_rng.choice(sizes, 2)) for _ in range(6)]:
         a_bytes, b_bytes = int(a_bytes), int(b_bytes)
         a, b = (cupy.asarray(fresh_rng.integers(0, 256, n + 64, dtype=np.uint8))

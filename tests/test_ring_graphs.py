@@ -1,8 +1,8 @@
 """Ring calls replayed as CUDA graphs (cuparing.backends.ring_graphs), on the CPU: a replay hands
 each captured kernel node exactly the arguments a fresh launch with the caller's addresses would
 get (captured addresses replaced by value, everything else as captured), rewrites only nodes
-whose arguments changed since the last replay (the K/V copy node's sources among them: K and V
-are caller addresses like the others) and launches the graph once.
+whose arguments changed since the last replay (the K/V copy node's two sources by position:
+K and V may be the caller's other arrays) and launches the graph once.
 The driver is a recording stand-in that reads the arguments the way the CUDA driver does."""
 
 from __future__ import annotations
@@ -75,14 +75,18 @@ CAPTURED_KV = (0x7000, 0x8000)  # the caller's K and V when the tests' graphs we
 COPIES = (0xA000, 0xB000)  # the graph's own K/V copies
 
 
-def _captured(driver, entries, addresses):
+def _captured(driver, entries, addresses, copy=None):
     """A CapturedRingCall over ``entries`` = [(launch, captured pointers)], node i = "n{i}",
-    captured with the caller's ``addresses`` and K/V at ``CAPTURED_KV``."""
+    captured with the caller's ``addresses``; with ``copy`` (a launch), node "kv" copies K/V,
+    captured at ``CAPTURED_KV``, into ``COPIES``."""
     launches = [[packed, pointers, 0, f"n{i}"] for i, (packed, pointers) in enumerate(entries)]
     kv = [SimpleNamespace(data=SimpleNamespace(ptr=p)) for p in COPIES]
-    return ring_graphs.CapturedRingCall(driver, "graph", "exec", launches,
-                                        (*addresses, *CAPTURED_KV), kv, keep=["scratch"],
-                                        home_stream=5, device=0)  # fmt: skip
+    kv_copy = None
+    if copy is not None:
+        kv_copy = [copy, (CAPTURED_KV[0], COPIES[0], CAPTURED_KV[1], COPIES[1]), 0, "kv"]
+    return ring_graphs.CapturedRingCall(driver, "graph", "exec", launches, addresses, kv,
+                                        keep=["scratch"], home_stream=5, device=0,
+                                        kv_copy=kv_copy)  # fmt: skip
 
 
 def test_replay_repoints_only_what_the_caller_moved():
@@ -121,24 +125,28 @@ def test_replay_repoints_only_what_the_caller_moved():
 
 
 def test_the_kv_copy_node_follows_the_callers_kv():
-    """The graph's first node copies the caller's K/V into its own copies: a replay rewrites it
-    only when K or V moved since the last replay, and nothing else reads the caller's K/V."""
+    """The graph's first node copies the caller's K/V into its own copies: a replay rewrites its
+    two source fields (by position) only when K or V moved since the last replay; K and V may
+    be other caller arrays (``q is k``), and nothing else reads them."""
     q0 = 0x1000
-    copy, step0 = _launch(13), _launch(11)
-    entries = [(copy, (CAPTURED_KV[0], COPIES[0], CAPTURED_KV[1], COPIES[1])),
-               (step0, (0xD000, q0, COPIES[0], COPIES[1]))]  # fmt: skip
+    step0 = _launch(11)
     driver = RecordingGraphDriver(FIELDS)
-    graph = _captured(driver, entries, (q0,))
+    graph = _captured(driver, [(step0, (0xD000, q0, *COPIES))], (q0,), copy=_launch(13))
     graph.replay((q0,), CAPTURED_KV, stream=5)
     assert driver.updates == []
     graph.replay((q0,), (0x7100, CAPTURED_KV[1]), stream=5)  # K moved
-    assert driver.updates == [("n0", (0x7100, COPIES[0], CAPTURED_KV[1], COPIES[1]), 13)]
+    assert driver.updates == [("kv", (0x7100, COPIES[0], CAPTURED_KV[1], COPIES[1]), 13)]
     driver.updates.clear()
     graph.replay((q0,), (0x7100, CAPTURED_KV[1]), stream=5)
     assert driver.updates == []
-    graph.replay((0x1100,), CAPTURED_KV, stream=5)  # back where captured; q moved
-    assert driver.updates == [("n0", entries[0][1], 13), ("n1", (0xD000, 0x1100, *COPIES), 11)]
-    assert len(driver.launches) == 4
+    graph.replay((0x1100,), (0x1100, 0x1100), stream=5)  # q, k and v one array
+    assert driver.updates == [("n0", (0xD000, 0x1100, *COPIES), 11),
+                              ("kv", (0x1100, COPIES[0], 0x1100, COPIES[1]), 13)]  # fmt: skip
+    driver.updates.clear()
+    graph.replay((CAPTURED_KV[0],), CAPTURED_KV, stream=5)  # q where K was captured
+    assert driver.updates == [("n0", (0xD000, CAPTURED_KV[0], *COPIES), 11),
+                              ("kv", (CAPTURED_KV[0], COPIES[0], CAPTURED_KV[1], COPIES[1]), 13)]
+    assert len(driver.launches) == 5
 
 
 def test_replays_on_another_stream_wait_for_the_last_and_release_waits_for_them():
@@ -181,17 +189,20 @@ def test_every_replay_leaves_each_node_as_a_fresh_launch_would(data):
     entries = [(draw(st.sampled_from(launches)), tuple(draw(pool) for _ in range(FIELDS)))
                for _ in range(count)]  # fmt: skip
     driver = RecordingGraphDriver(FIELDS)
-    graph = _captured(driver, entries, tuple(caller))
+    graph = _captured(driver, entries, tuple(caller), copy=_launch(99))
     state = {f"n{i}": pointers for i, (_, pointers) in enumerate(entries)}  # what each node holds
+    state["kv"] = (CAPTURED_KV[0], COPIES[0], CAPTURED_KV[1], COPIES[1])
     for _ in range(draw(st.integers(1, 5))):
-        # new caller addresses, distinct (they are live tensors), some unchanged
+        # new caller addresses, distinct (they are live tensors), some unchanged; K and V
+        # anywhere, the caller's other arrays included
         moved = tuple(draw(st.sampled_from([a, a + 2**45 + 16 * draw(st.integers(0, 3))]))
                       for a in caller)  # fmt: skip
         if len(set(moved)) != len(moved):
             continue
+        kv = tuple(draw(st.sampled_from([*CAPTURED_KV, *caller, *moved])) for _ in range(2))
         remap = dict(zip(caller, moved, strict=True))
         driver.updates.clear()
-        graph.replay(moved, CAPTURED_KV, stream=1)
+        graph.replay(moved, kv, stream=1)
         updated = set()
         for node, pointers, _ in driver.updates:
             assert node not in updated  # one update per node and replay
@@ -201,6 +212,7 @@ def test_every_replay_leaves_each_node_as_a_fresh_launch_would(data):
         for i, (_, pointers) in enumerate(entries):
             want = tuple(remap.get(p, p) for p in pointers)
             assert state[f"n{i}"] == want
+        assert state["kv"] == (kv[0], COPIES[0], kv[1], COPIES[1])
 
 
 def test_capture_refuses_addresses_it_could_not_tell_apart():
@@ -208,10 +220,9 @@ def test_capture_refuses_addresses_it_could_not_tell_apart():
         return SimpleNamespace(data=SimpleNamespace(ptr=p))
 
     kv = [at(0x100), at(0x200)]
-    for addresses, arrays in (((0x10, 0x10), kv), ((0x10, 0), kv), ((0x100,), kv),
-                              ((0x10,), [at(0x100), at(0x100)])):  # fmt: skip
+    for addresses in ((0x10, 0x10), (0x10, 0)):
         with pytest.raises(ValueError, match="distinct and non-zero"):
-            ring_graphs.capture(None, lambda kv: None, arrays, addresses)
+            ring_graphs.capture(None, lambda kv: None, kv, addresses)
     with pytest.raises(ValueError, match="K and V"):
         ring_graphs.capture(None, lambda kv: None, kv[:1], (0x10,))
 
@@ -364,8 +375,14 @@ def test_refusals_fall_back_to_eager_for_good_and_ring_errors_propagate(slot_env
 def test_repeated_or_non_contiguous_operands_are_not_captured(slot_env):
     env, ring = slot_env, SlotRing()
     env.slot.run(ring, env.run, list(KV), (1, 1), 3)
+    env.slot.run(ring, env.run, list(KV), (1, 0), 3)
     env.slot.run(ring, env.run, [Tensor(0x100, contiguous=False), KV[1]], (1, 2), 3)
-    assert env.eager == 2 and env.captures == []
+    env.slot.run(ring, env.run, [KV[0], Tensor(0x208)], (1, 2), 3)  # (the copy's 16-byte words)
+    assert env.eager == 4 and env.captures == []
+    env.slot.run(ring, env.run, [KV[0], KV[0]], (0x100, 2), 3)  # K is V is an address: fine
+    assert env.eager == 4 and env.captures == [(0x100, 2)]
+    assert not env.slot.replay(ring, (1, 2), (KV[0], Tensor(0x208)), 3)
+    assert env.slot.replay(ring, (1, 2), KV, 3)
 
 
 def test_a_replay_that_ran_never_raises_and_then_keeps_to_its_stream():
@@ -382,7 +399,7 @@ def test_a_replay_that_ran_never_raises_and_then_keeps_to_its_stream():
     with pytest.warns(RuntimeWarning, match="recording"):
         graph.replay((0x1000,), CAPTURED_KV, stream=6)  # the same stream: fine
     with pytest.raises(RuntimeError, match="cannot wait for the last"):
-        graph.replay((0x1000,), (0x10, 0x20), stream=7)
+        graph.replay((0x1000,), CAPTURED_KV, stream=7)
     assert len(driver.launches) == 3  # refused before anything was queued
     with pytest.warns(RuntimeWarning, match="memory stays allocated"):
         graph.release()
@@ -506,7 +523,7 @@ def test_a_replay_patches_the_transport_before_anything_is_queued():
     driver = RecordingGraphDriver(FIELDS)
     exchanges = RecordedExchanges()
     graph = ring_graphs.CapturedRingCall(
-        driver, "graph", "exec", [], (0x1000, 0x10), [SimpleNamespace(data=SimpleNamespace(
+        driver, "graph", "exec", [], (0x1000,), [SimpleNamespace(data=SimpleNamespace(
         ptr=0xA000))], keep=None, home_stream=5, device=0, exchanges=exchanges,
     )  # fmt: skip
     graph.replay((0x1000,), (0x10,), stream=5)

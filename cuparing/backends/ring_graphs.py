@@ -17,9 +17,10 @@ capture instead, and its exchanges, memsets and launches become one graph. A rep
 
 The graph's first node copies the caller's K/V into the graph's own copies, which the rest of
 it sends and reads: NCCL's graph nodes cannot be pointed at other memory (their parameters are
-NCCL's own). The copy is a kernel node (``cuparing_copy_pair``) whose source addresses are
-caller addresses like the others (step 1 rewrites it when K/V moved), so a replay makes one
-driver call, the launch, where the caller's K/V stayed where they were.
+NCCL's own). The copy is a kernel node (``cuparing_copy_pair``) whose two source fields step 1
+rewrites by position when K or V moved (not by value: K and V may be the caller's other
+arrays, e.g. ``q is k``), so where nothing moved a replay queues only the launch and the event
+that orders the next replay after it.
 
 The graph owns its K/V copies and every scratch array of the captured call (accumulators,
 flags) for as long as it lives; replays on one stream reuse them in stream order. Driver calls go
@@ -116,9 +117,10 @@ class CapturedRingCall:
         driver: the :class:`GraphDriver` that captured it.
         graph, executable: the captured graph and its instantiation.
         launches: per kernel node, ``[packed launch, captured pointers, kernel index, node]``.
-        addresses: the captured call's caller addresses, its K/V's last (what :meth:`replay`
-            replaces).
+        addresses: the captured call's caller addresses (what :meth:`replay` replaces).
         kv: the graph's own K/V copies (CuPy arrays); keep: what the graph's nodes read.
+        kv_copy: the node that fills the copies, as an entry of ``launches``, its pointers
+            (K, K's copy, V, V's copy); None: no such node (K/V left as captured).
         home_stream: the stream current when its memory was allocated (the caller's).
         device: the GPU it lives on.
         exchanges: what the ring's capture yielded (:meth:`GpuRing.capturing`): None, or
@@ -127,11 +129,12 @@ class CapturedRingCall:
 
     def __init__(self, driver: GraphDriver, graph: Any, executable: Any, launches: list,
                  addresses: tuple[int, ...], kv: Sequence[Any], keep: Any, home_stream: int,
-                 device: int, exchanges: Any = None):  # fmt: skip
+                 device: int, exchanges: Any = None, kv_copy: list | None = None):  # fmt: skip
         self._driver = driver
         self._exchanges = exchanges
         self._graph, self._executable = graph, executable
         self._launches = [[*entry, tuple(entry[1]), None] for entry in launches]
+        self._kv_copy = None if kv_copy is None else [*kv_copy, tuple(kv_copy[1]), None]
         self._captured = addresses
         self._applied = addresses
         self._keep = (kv, keep)
@@ -161,10 +164,12 @@ class CapturedRingCall:
                                "event was not recorded)")  # fmt: skip
         # the node updates first: they change only launches to come, so a refusal here leaves
         # nothing of this call queued
-        addresses = (*addresses, *kv)
         if addresses != self._applied:
             self._repoint(dict(zip(self._captured, addresses, strict=True)))
             self._applied = addresses
+        if self._kv_copy is not None:
+            k_copy, v_copy = self._kv_copy[1][1], self._kv_copy[1][3]
+            self._set_node(self._kv_copy, (kv[0], k_copy, kv[1], v_copy))
         if self._exchanges is not None:
             self._exchanges.patch(self._executable)
         if stream != self._last_stream:
@@ -187,18 +192,23 @@ class CapturedRingCall:
     def _repoint(self, remap: dict[int, int]) -> None:
         """Each kernel node whose arguments change under ``remap`` takes the new ones."""
         for entry in self._launches:
-            packed, pointers, index, node, applied, params = entry
-            wanted = tuple(remap.get(p, p) for p in pointers)
-            if wanted == applied:
-                continue
+            self._set_node(entry, tuple(remap.get(p, p) for p in entry[1]))
 
-            def set_node(function, geometry, arguments, entry=entry, node=node, params=params):
-                if params is None:
-                    params = entry[5] = self._driver.kernel_params(function, geometry, arguments)
-                self._driver.set_kernel_node(self._executable, node, params)
+    def _set_node(self, entry: list, wanted: tuple) -> None:
+        """The kernel node of ``entry`` (``[packed, captured pointers, kernel index, node,
+        pointers applied, node params]``) takes the pointers ``wanted``, unless it has them."""
+        packed, _, index, node, applied, params = entry
+        if wanted == applied:
+            return
 
-            packed.update(wanted, index, set_node)
-            entry[4] = wanted
+        def set_node(function, geometry, arguments):
+            nonlocal params
+            if params is None:
+                params = entry[5] = self._driver.kernel_params(function, geometry, arguments)
+            self._driver.set_kernel_node(self._executable, node, params)
+
+        packed.update(wanted, index, set_node)
+        entry[4] = wanted
 
     @property
     def live(self) -> bool:
@@ -243,7 +253,7 @@ class CapturedRingCall:
                 except _DRIVER_ERRORS as exc:
                     _warn(f"its {what} was not freed ({exc})")
         if handed_back:
-            self._keep = self._launches = None
+            self._keep = self._launches = self._kv_copy = None
         if self._exchanges is not None:  # (the transport's channels it referred to)
             self._exchanges.release()
 
@@ -277,22 +287,20 @@ def capture(ring: Any, run: Callable[[list], Any], kv: Sequence[Any],
         run: the call, as above.
         kv: the caller's K and V (CuPy arrays, C-contiguous, 16-byte aligned): the shapes of
             the copies, and where the graph's copy reads.
-        addresses: the caller's addresses ``run`` hands its launches (non-zero, distinct, and
-            distinct from K's and V's: replays find them in the captured arguments by value).
+        addresses: the caller's addresses ``run`` hands its launches (non-zero and distinct:
+            replays find them in the captured arguments by value).
 
     Raises:
-        ValueError: ``addresses`` and K/V's hold zero or a repeated address, or ``kv`` is not
-            two arrays.
+        ValueError: ``addresses`` hold zero or a repeated address, or ``kv`` is not two
+            arrays.
         RuntimeError: the capture failed (what the driver or the transport said); nothing was
             queued and the ring stays usable.
         RingError: the ring had failed before (as an eager call would raise).
     """
     if len(kv) != 2:
         raise ValueError(f"kv must be K and V, got {len(kv)} arrays")
-    addresses = (*addresses, *(a.data.ptr for a in kv))
     if 0 in addresses or len(set(addresses)) != len(addresses):
-        raise ValueError(f"addresses (K's and V's last) must be distinct and non-zero, got "
-                         f"{addresses}")  # fmt: skip
+        raise ValueError(f"addresses must be distinct and non-zero, got {addresses}")
     import cupy
 
     driver = _graph_driver()
@@ -326,8 +334,9 @@ def capture(ring: Any, run: Callable[[list], Any], kv: Sequence[Any],
         driver.destroy(None, graph)
         raise
     try:
-        captured = CapturedRingCall(driver, graph, executable, launches, addresses, copies,
-                                    keep, home, device, exchanges)  # fmt: skip
+        # the copy node is the first launch observed; its K/V sources are rewritten by position
+        captured = CapturedRingCall(driver, graph, executable, launches[1:], addresses, copies,
+                                    keep, home, device, exchanges, kv_copy=launches[0])  # fmt: skip
     except BaseException:
         driver.destroy(executable, graph)
         raise
