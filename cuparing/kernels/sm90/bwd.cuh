@@ -170,6 +170,9 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const int wg = warp >> 2;  // 0: producer; 1, 2: consumers
+#ifdef CUPARING_TURN_PROFILE
+  if (tid == 0) turn_profile_start();
+#endif
 
   const int n0 = blockIdx.z * Tr::kBlockN;  // the CTA's first key
   const int h = blockIdx.x;
@@ -630,6 +633,9 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     __syncwarp();
     if (lane == 0) end_turn(kv_turn);
   }
+#ifdef CUPARING_TURN_PROFILE
+  if (lane == 0) turn_profile_end();
+#endif
 }
 
 }  // namespace cuparing
