@@ -15,6 +15,10 @@ work: only its time counts.
 Usage:
     python tools/ablate.py VARIANTS_FILE [--rounds 2] [--out DIR] [--lines 2] \\
         -- tools/bench_backward.py --quick --families sm90
+    python tools/ablate.py VARIANTS_FILE --apply NAME
+
+``--apply NAME`` writes variant NAME's replacements into this checkout instead (to run the
+tests on it; ``git checkout`` undoes it).
 
 Prints, per round and variant, the last ``--lines`` lines of the benchmark's output; the full
 outputs go to DIR (default: a temporary directory, printed).
@@ -42,6 +46,20 @@ def make_variant(where: Path, replacements: list[tuple[str, str, str]]) -> Path:
     """
     for name in COPIED:
         shutil.copytree(ROOT / name, where / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return apply(where, replacements)
+
+
+def apply(where: Path, replacements: list[tuple[str, str, str]]) -> Path:
+    """``replacements`` written into the files under ``where``, each checked first.
+
+    Raises:
+        ValueError: an ``old`` text that does not occur exactly once in its file (found before
+            any file is written, unless an earlier replacement of the same file made it so).
+    """
+    for path, old, _ in replacements:
+        count = (where / path).read_text().count(old)
+        if count != 1:
+            raise ValueError(f"{path}: the text to replace occurs {count} times, not once:\n{old}")
     for path, old, new in replacements:
         target = where / path
         text = target.read_text()
@@ -62,7 +80,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", help="directory for the copies and the full outputs")
     parser.add_argument("--lines", type=int, default=2, help="output lines shown per run")
+    parser.add_argument("--apply", metavar="NAME", help="write variant NAME into this checkout")
     args = parser.parse_args(argv)
+    if args.apply:
+        apply(ROOT, runpy.run_path(args.variants)["VARIANTS"][args.apply])
+        print(f"applied {args.apply} to {ROOT}")
+        return 0
     if not bench or not bench[0].startswith("tools/"):
         parser.error("give the benchmark after --, as a path under tools/ and its arguments")
     variants = {"base": [], **runpy.run_path(args.variants)["VARIANTS"]}
