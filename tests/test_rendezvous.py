@@ -267,8 +267,8 @@ def test_port_in_use_is_a_clear_error():
 
 
 def test_rank0_takes_a_port_held_for_a_moment():
-    # a rank's dial may hold MASTER_PORT for a moment before rank 0 listens (a connection to
-    # itself, which the dial closes at once): rank 0 binds once it is let go
+    # something may hold MASTER_PORT for a moment before rank 0 listens: rank 0 binds once it
+    # is let go
     uid = os.urandom(UNIQUE_ID_BYTES)
     busy = socket.create_server(("127.0.0.1", 0))
     port = busy.getsockname()[1]
@@ -310,6 +310,37 @@ def test_dial_counts_a_connection_to_itself_as_a_failed_attempt(monkeypatch):
             assert not sockets.is_self_connection(sock)
             assert seen == [sock.getsockname()]  # the handshake never ran on the first
     assert selfish.fileno() == -1  # closed by the dial
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="simultaneous open: Linux")
+def test_a_dial_that_connected_to_itself_leaves_the_port_to_rank0(monkeypatch):
+    """The dial lets go of the port at once (a reset, no TIME_WAIT): rank 0 binds it at its
+    first try, and the ranks meet there."""
+    selfish = _self_connected_socket()
+    port = selfish.getsockname()[1]
+    uid = os.urandom(UNIQUE_ID_BYTES)
+    real, handed = socket.create_connection, []
+
+    def connect(where, timeout=None):
+        if not handed:  # the first attempt connects to itself, as TCP may when nothing listens
+            handed.append(selfish)
+            return selfish
+        return real(where, timeout=timeout)
+
+    monkeypatch.setattr(sockets.socket, "create_connection", connect)
+    monkeypatch.setattr(rendezvous, "_BIND_PATIENCE", 0.0)  # a port still held fails at once
+    results = {}
+    client = threading.Thread(target=lambda: results.update(
+        {1: exchange_payload(_info(1, 2, port), lambda: b"", timeout=20)}))  # fmt: skip
+    client.start()
+    deadline = time.monotonic() + 10
+    while not handed:  # rank 0 comes after the self-connected attempt
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.1)  # (the dial has closed it by now)
+    assert exchange_payload(_info(0, 2, port), lambda: uid, timeout=20) == uid
+    client.join(20)
+    assert results == {1: uid}
 
 
 def test_missing_address_without_init_file():

@@ -45,8 +45,15 @@ def main(argv=None) -> int:
     src = cupy.arange(1 << 18, dtype=cupy.float32)
     dst = cupy.zeros_like(src)
 
+    def check(result):
+        """The call's values after its status, which must be success."""
+        status = result[0] if isinstance(result, tuple) else result
+        if status != ok:
+            raise RuntimeError(f"driver call failed: {status!r}")
+        return result
+
     def last_node(stream):
-        return d.cuStreamGetCaptureInfo(stream)[4][0]
+        return check(d.cuStreamGetCaptureInfo(stream))[4][0]
 
     def operation(kind, address, value, flags):
         op = d.CUstreamBatchMemOpParams()
@@ -56,27 +63,24 @@ def main(argv=None) -> int:
         return op
 
     def instantiate():
-        err, graph = d.cuStreamEndCapture(cs)
-        assert err == ok, err
-        err, executable = d.cuGraphInstantiate(graph, 0)
-        assert err == ok, err
-        return executable
+        graph = check(d.cuStreamEndCapture(cs))[1]
+        return check(d.cuGraphInstantiate(graph, 0))[1]
 
     def two_streams(pairs, memops):
         """(executable, [(node, params, value field, captured value)])."""
         recorded = []
-        d.cuStreamBeginCapture(cs, relaxed)
+        check(d.cuStreamBeginCapture(cs, relaxed))
         for i in range(pairs):
             with main_stream:
                 cupy.add(x, 1, out=x)
             if memops:
-                d.cuStreamWriteValue32(cs, at[i], i + 1, fenced)
+                check(d.cuStreamWriteValue32(cs, at[i], i + 1, fenced))
                 recorded.append((last_node(cs), "write", at[i], i + 1, fenced))
             event = cupy.cuda.Event(disable_timing=True)
             event.record(main_stream)
             side.wait_event(event)
             if memops:
-                d.cuStreamWaitValue32(cside, at[i], i + 1, geq)
+                check(d.cuStreamWaitValue32(cside, at[i], i + 1, geq))
                 recorded.append((last_node(cside), "wait", at[i], i + 1, geq))
             cupy.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, src.nbytes, 3, side.ptr)
             joined = cupy.cuda.Event(disable_timing=True)
@@ -94,17 +98,17 @@ def main(argv=None) -> int:
         return executable, nodes
 
     def one_stream(pairs, batched):
-        d.cuStreamBeginCapture(cs, relaxed)
+        check(d.cuStreamBeginCapture(cs, relaxed))
         for i in range(pairs):
             with main_stream:
                 cupy.add(x, 1, out=x)
             word = at[32 + i]
             if batched:
                 ops = [operation("write", word, i + 1, fenced), operation("wait", word, i + 1, geq)]
-                assert d.cuStreamBatchMemOp(cs, 2, ops, 0)[0] == ok
+                check(d.cuStreamBatchMemOp(cs, 2, ops, 0))
             else:
-                d.cuStreamWriteValue32(cs, word, i + 1, fenced)
-                d.cuStreamWaitValue32(cs, word, i + 1, geq)
+                check(d.cuStreamWriteValue32(cs, word, i + 1, fenced))
+                check(d.cuStreamWaitValue32(cs, word, i + 1, geq))
         return instantiate()
 
     bias = [0]
@@ -115,15 +119,18 @@ def main(argv=None) -> int:
         for i in range(args.launches + 20):
             if alone:
                 main_stream.synchronize()
+            statuses = []
             t0 = time.perf_counter()
             if update:
                 bias[0] += 64  # (every wait stays satisfied by its own graph's write)
                 for node, params, field, value in nodes:
                     field.value = value + bias[0]
-                    d.cuGraphExecBatchMemOpNodeSetParams(executable, node, params)
+                    statuses.append(d.cuGraphExecBatchMemOpNodeSetParams(executable, node, params))
             t1 = time.perf_counter()
-            d.cuGraphLaunch(executable, cs)
+            statuses.append(d.cuGraphLaunch(executable, cs))
             t2 = time.perf_counter()
+            for status in statuses:
+                check(status)  # (after the clock: the checks are not what is timed)
             if i >= 20:
                 updates.append(t1 - t0)
                 launches.append(t2 - t1)

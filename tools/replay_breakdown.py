@@ -6,10 +6,12 @@
 For the ring forward (``out=`` given) and backward at 512 and 2048 tokens per GPU (causal zigzag,
 H/Hkv 32/8, D=128, bf16 torch tensors: repeats replay CUDA graphs), rank 0 prints the median host
 microseconds of one call made after a synchronisation and, per call, the time spent inside each
-piece of the replay path: the graph launch, the copy-engine ring's flag-value patch, the
-watchdog's flight (``watch``), the call's signature, the replay as a whole. The pieces are timed
-by wrapping the functions with ``time.perf_counter``; a piece a tree lacks is left out, so the
-script times older trees too (``PYTHONPATH=<tree>``: the cuparing it imports is named first).
+piece of the replay path (means over the calls): the graph launch, the copy-engine ring's
+flag-value patch, the watchdog's flight (``watch``), the call's signature, the replay as a
+whole ("replay (all)"). The pieces are timed by wrapping the functions, private ones included
+(a diagnostic of this package's internals), with ``time.perf_counter``; a piece a tree lacks is
+left out, so the script times other trees of the graph-replay era too (``PYTHONPATH=<tree>``:
+the cuparing it imports is named first).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def wrap_pieces(spent: dict) -> None:
 
     for module_name, owner_name, name, label in PIECES:
         module = importlib.import_module(module_name)
-        owner = getattr(module, owner_name) if owner_name else module
+        owner = getattr(module, owner_name, None) if owner_name else module
         inner = getattr(owner, name, None)
         if inner is None:
             continue

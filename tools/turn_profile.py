@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
                      for _ in range(4))  # fmt: skip
     props = cupy.cuda.runtime.getDeviceProperties(0)
-    clock_ghz = props["clockRate"] / 1e6  # (kHz: the rated clock; waits are converted with it)
+    # (kHz: the rated clock; waits are converted with it, so a throttled clock understates them)
+    clock_ghz = props["clockRate"] / 1e6
     sms = props["multiProcessorCount"]
     print(f"card: {props['name'].decode()}, {sms} SMs; B={b} S={s} H={h} D={d} bf16; "
           f"cycles -> ns at {clock_ghz:.2f} GHz")
@@ -78,6 +79,8 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
             got = {n: cupy.asnumpy(a) for n, a in arrays.items()}
             ctas = h * b * ((s + 127) // 128)
+            if ctas > SLOTS:
+                raise SystemExit(f"{ctas} CTAs: the profile holds {SLOTS} (smaller --seqlen)")
             start = got["cuparing_turn_start_ns"][:ctas].astype(np.float64)
             end = got["cuparing_turn_end_ns"][:ctas].astype(np.float64)
             ran = end > 0  # (a CTA whose keys no query sees ends before recording)
@@ -87,7 +90,8 @@ def main(argv=None) -> int:
             waited_ns = got["cuparing_turn_wait_cycles"][:ctas].astype(np.float64) / clock_ghz
             busy_ns = float(np.sum(end[ran] - start[ran])) * 8  # consumer warps
             wait_share = 100 * float(waited_ns.sum()) / busy_ns
-            # launch order: CTAs that started before some CTA of lower index
+            # launch order: CTAs that started after some CTA of higher index (timer jitter
+            # within a wave counts too: an upper bound of the out-of-order starts)
             order = start[start > 0]
             later_min = np.minimum.accumulate(order[::-1])[::-1]
             early = 100 * float(np.mean(order[:-1] > later_min[1:]))

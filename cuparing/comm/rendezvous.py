@@ -329,9 +329,9 @@ def bind_host(addr: str | None) -> str:
     return addr if loopback else ""
 
 
-# how long rank 0 retries a MASTER_PORT that is in use: long enough for a brief holder to let
-# go (a rank's dial that connected to itself before rank 0 listened, closed at once by
-# ``dial``), short enough that a port another job holds fails fast
+# how long rank 0 retries a MASTER_PORT that is in use (at most the rendezvous' timeout): long
+# enough for a brief holder to let go (a rank's dial that connected to itself before rank 0
+# listened, reset at once by ``dial``), short enough that a port another job holds fails fast
 _BIND_PATIENCE = 3.0
 
 
@@ -357,7 +357,7 @@ def _serve(info: RankInfo, payload: bytes, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     waiting = set(range(1, info.world_size))
     where = f"{info.master_addr}:{info.master_port}"
-    with _listen(info) as server:
+    with _listen(info, min(_BIND_PATIENCE, timeout)) as server:
         while waiting:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -16,6 +16,8 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
+
 # seconds, seconds, probes: a peer host that vanished without closing its sockets (power loss, a
 # cut cable) is noticed after about 10 + 5 * 3 = 25 s
 _KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}
@@ -67,8 +69,8 @@ def is_self_connection(sock: socket.socket) -> bool:
     """Whether ``sock`` is connected to itself. Dialling a port of this host on which nothing
     listens yet can end in TCP's simultaneous open when the kernel picks that same port as the
     local end (the port is in the ephemeral range, as a free port handed out by the kernel is):
-    the connection then "succeeds", and while it lives the listener meant for the port cannot
-    bind it."""
+    the connection then "succeeds", and while it lives, or lingers in TIME_WAIT after an
+    orderly close, the listener meant for the port cannot bind it."""
     try:
         return sock.getsockname() == sock.getpeername()
     except OSError:
@@ -109,6 +111,9 @@ def dial(address: tuple[str, int], deadline: float, handshake: Callable[[socket.
         try:
             sock = socket.create_connection(address, timeout=min(left, 5.0))
             if is_self_connection(sock):
+                # closed with a reset, not the orderly close whose TIME_WAIT would keep the
+                # port from the listener for a minute
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
                 raise ConnectionRefusedError("connected to itself: nothing listens there yet")
             tune(sock, keepalive)
             return sock, handshake(sock)
