@@ -95,37 +95,21 @@ def single_device_rows(calls: int) -> list[dict]:
 
 
 def ring_rows(calls: int, profile_dir: str | None = None) -> list[dict]:
-    import torch
     from profile_host import profile
+    from ring_calls import SHAPE, ring_calls
 
     import cuparing as cr
 
     ring = cr.Ring.from_env()
-    opts = {"causal": True, "layout": "zigzag"}
     rows = []
     for tokens in (512, 2048):
-        b, h, hkv, d = 1, 32, 8, 128
-        gen = torch.Generator(device="cuda").manual_seed(ring.rank)
-        q = torch.randn(b, tokens, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k, v = (torch.randn(b, tokens, hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-                for _ in range(2))  # fmt: skip
-        out, lse = torch.empty_like(q), torch.empty(b, h, tokens, device="cuda")
-
-        def ours(q=q, k=k, v=v):
-            cr.ring_attention(q, k, v, ring, **opts)
-
-        def ours_out(q=q, k=k, v=v, out=out, lse=lse):
-            cr.ring_attention(q, k, v, ring, out=out, lse=lse, **opts)
-
-        out, lse = cr.ring_attention(q, k, v, ring, return_lse=True, **opts)
-        dout = torch.randn_like(out)
-
-        def backward(dout=dout, q=q, k=k, v=v, out=out, lse=lse):
-            cr.ring_attention_backward(dout, q, k, v, out, lse, ring, **opts)
-
+        b, h, hkv, d = SHAPE
+        fns = ring_calls(ring, tokens)
         row = {"ranks": ring.size, "tokens_per_gpu": tokens, "H": h, "Hkv": hkv, "D": d,
                "transport": type(ring).__name__, "sync": getattr(ring, "sync", None)}  # fmt: skip
-        for name, fn in (("ours", ours), ("ours_out", ours_out), ("backward", backward)):
+        for name, call in (("ours", "forward"), ("ours_out", "forward_out"),
+                           ("backward", "backward")):  # fmt: skip
+            fn = fns[call]
             ring.barrier()
             row[f"{name}_us"] = host_us(fn, calls)
             ring.barrier()
