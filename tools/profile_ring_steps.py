@@ -21,11 +21,15 @@ import argparse
 import functools
 import sys
 import time
+from pathlib import Path
 
-from bench_ring import NoCommRing
-from bench_varlen import global_inputs, packed_batch
+# this checkout's package first (tools/ablate.py times copies of the tree)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cuparing as cr
+from bench_ring import NoCommRing  # noqa: E402
+from bench_varlen import global_inputs, packed_batch  # noqa: E402
+
+import cuparing as cr  # noqa: E402
 
 
 def profile_call(fn, label: str) -> None:

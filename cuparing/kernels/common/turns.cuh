@@ -73,10 +73,12 @@ __device__ __forceinline__ void wait_turn(const int* counter, int target) {
 #endif
 }
 
-// Count one finished adder. Call after the adds are complete and, for the other threads of the
-// warp, after a fence and a __syncwarp (release is cumulative over what this thread observed).
-__device__ __forceinline__ void end_turn(int* counter) {
-  asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(counter) : "memory");
+// Count `adders` finished adders. Call after their adds are complete and visible to this thread
+// (its own, or others' through a fence and a barrier or an mbarrier: release is cumulative over
+// what this thread observed). The release is a memory barrier at GPU scope, which waits for this
+// thread's outstanding memory operations: microseconds under heavy traffic.
+__device__ __forceinline__ void end_turn(int* counter, int adders) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(counter), "r"(adders) : "memory");
 }
 
 // The first key tile (kKeyTile keys each) that shares a non-EMPTY endpoint classification with

@@ -35,8 +35,10 @@
 // partials are added in key-tile order and a GQA group's dK / dV in head order. The CTA then
 // walks every query tile whose endpoints classify non-EMPTY against its keys (the same set seen
 // from either side, so a tile's adders before key tile n are a known range); each consumer warp
-// waits for its turn before it stages its dQ rows, and counts itself once its reductions are
-// complete, a tile later, so the wait for completion overlaps the next tile's products.
+// waits for its turn before it stages its dQ rows, and a tile later, once its reductions are
+// complete, tells the producer (an mbarrier per tile, CTA scope). One producer thread counts the
+// CTA's turn on the tile once all eight warps did: the count's release at GPU scope (a memory
+// barrier that waits ~1.6 us under the reductions' traffic) then stalls no consumer.
 // Not yet here: TMA loads, overlap of one tile's products with the next tile's.
 #pragma once
 #include "../common/dq_tiles.cuh"
@@ -99,13 +101,24 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
   // stay aligned); the dQ staging rows; per stage the row info; the mbarriers (full, empty per
   // stage, K/V)
   static constexpr int kStageBytes = 2 * kQBytes;
-  static constexpr int kBarrierBytes = 64;
+  // deterministic mode: the producer counts the CTA's turn on query tile j when it starts loading
+  // tile j + kCountLag (the consumer warps arrive on tile j's "added" mbarrier a tile after their
+  // adds, during tile j + 1, before they release its stage: the producer's wait for that stage,
+  // before tile j + 3, covers the arrivals). The mbarriers (slot j % kAddedSlots) are waited on
+  // only for the last tiles, after the loop: a slot's previous phase is then complete and its
+  // next never starts
+  static constexpr int kCountLag = 3;
+  static constexpr int kAddedSlots = 4;
+  static constexpr int kConsumerWarps = kConsumerThreads / 32;
+  static constexpr int kBarrierBytes = 96;
   static constexpr int kSmemBytes = 2 * kKVBytes + kStages * kStageBytes + kDsRegionBytes +
                                     kDqStageBytes + kStages * kRowInfoBytes + kBarrierBytes + 1024;
   static_assert(kQBytes % 1024 == 0 && kKVBytes % 1024 == 0 && kDsBytes % 1024 == 0,
                 "tiles must keep the 1024-byte alignment of the swizzle atoms");
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128");
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
+  static_assert(8 * (2 * kStages + 2 + kAddedSlots) <= kBarrierBytes, "room for the mbarriers");
+  static_assert(kAddedSlots > kCountLag, "the tiles counted after the loop share no slot");
   static_assert(kBlockM * 2 == Boxes::kBoxRowBytes, "a dS^T row is one swizzled 128-byte row");
   static_assert(Boxes::kProducerThreads == 2 * kBlockM,
                 "the producer's two halves copy a tile's lse (and positions) and its delta");
@@ -154,13 +167,15 @@ __device__ __forceinline__ int next_key_tile_seen(const BwdParams& p, int first,
   return first;
 }
 
-// Counts the warp's turn on a tile a tile late: by then its reductions are complete, rarely with
-// a wait.
-__device__ __forceinline__ void end_dq_turn(int* turn, int lane) {
-  if (lane == 0) bulk_wait<0>();
-  fence_proxy_async_global();  // the copy engine's adds, before the counter says they are done
-  __syncwarp();
-  if (lane == 0) end_turn(turn);
+// The warp's dQ adds into a query tile are complete (lane 0 issued them; called a tile later, so
+// rarely with a wait): one arrival on the tile's "added" mbarrier, whose release (CTA scope)
+// the producer's count extends to the GPU.
+__device__ __forceinline__ void arrive_dq_added(u32 added, int lane) {
+  if (lane == 0) {
+    bulk_wait<0>();
+    fence_proxy_async_global();  // the copy engine's adds, before the count that says they are done
+    mbarrier_arrive(added);
+  }
 }
 
 template <class Tr, bool kBf16, bool kOrdered>
@@ -211,7 +226,10 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   auto full = [&](int s) { return s_bar + 8u * s; };
   auto empty = [&](int s) { return s_bar + 8u * (Tr::kStages + s); };
   const u32 kv_full = s_bar + 8u * (2 * Tr::kStages);
-  const u32 stop_flag = kv_full + 8u;  // the consumers left the rest to the redo pass
+  // nonzero: the consumers left query tiles (stop flag - 1) on to the redo pass
+  const u32 stop_flag = kv_full + 8u;
+  // deterministic mode: every consumer warp's dQ adds into query tile j are complete
+  auto dq_added = [&](int j) { return stop_flag + 8u + 8u * (j % Tr::kAddedSlots); };
   if (tid == 0) {
     for (int s = 0; s < Tr::kStages; ++s) {
       // every producer thread: one cp.async arrival (noinc) and one after its row-info stores
@@ -220,6 +238,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     }
     mbarrier_init(kv_full, Tr::kProducerThreads);
     st_shared_u32(stop_flag, 0);
+    for (int j = 0; j < Tr::kAddedSlots; ++j) mbarrier_init(dq_added(j), Tr::kConsumerWarps);
     mbarrier_init_fence();
   }
   __syncthreads();
@@ -248,12 +267,22 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       first_key = first_key_tile_seen<Tr::kBlockN>(
           p.k_pos, sk, __ldg(p.q_pos + m_first * Tr::kBlockM), lo, lane);
     }
-    for (int it = 0; it < m_count; ++it) {
+    // deterministic mode: the CTA's turns on its query tiles (all eight consumer warps' at once:
+    // the counters' targets count warps)
+    int* const turns = kOrdered ? dq_turn<Tr>(p, m_first) : nullptr;
+    int it = 0;  // after the loop: the tiles loaded
+    for (; it < m_count; ++it) {
       const int s = it % Tr::kStages;
       const int m0 = (m_first + it) * Tr::kBlockM;
       const int rows = min(Tr::kBlockM, sq - m0);
       mbarrier_wait(empty(s), ((it / Tr::kStages) & 1) ^ 1);
       if (ld_shared_u32(stop_flag)) break;  // set before the release that ended the wait
+      // Tile it - kCountLag: each consumer warp arrived on its "added" mbarrier (its adds
+      // complete) before it released the stage of tile it - 2, which the wait above acquired;
+      // so no wait here (one spilled the producer's 24 registers)
+      if (kOrdered && tid == 0 && it >= Tr::kCountLag) {
+        end_turn(turns + it - Tr::kCountLag, Tr::kConsumerWarps);
+      }
       load_tile_sm90<Tr, Tr::kBlockM>(s_q(s), q_head + m0 * p.q_row_stride, p.q_row_stride, rows,
                                       d_chunks, tid);
       load_tile_sm90<Tr, Tr::kBlockM>(s_do(s), do_head + m0 * p.do_row_stride, p.do_row_stride,
@@ -282,6 +311,18 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     // they loaded it, so its phase may never complete.)
     cp_async_commit();
     cp_async_wait<0>();
+    if (kOrdered && tid == 0) {
+      // The turns not yet counted: tiles the consumers added into, once their adds are complete;
+      // after a stop, the tiles left to the redo pass at once (nothing added: a count says only
+      // that this CTA's adds come before the next one's)
+      for (int j = max(it - Tr::kCountLag, 0); j < m_count; ++j) {
+        while (!mbarrier_test(dq_added(j), (j / Tr::kAddedSlots) & 1)) {
+          const int stop = static_cast<int>(ld_shared_u32(stop_flag));
+          if (stop != 0 && j >= stop - 1) break;
+        }
+        end_turn(turns + j, Tr::kConsumerWarps);
+      }
+    }
     return;
   }
 
@@ -385,7 +426,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
         if (named_barrier_or(kAgree, Tr::kConsumerThreads, bad)) {
           if (ctid == 0) {  // lane 0 of its warp: written before that warp's release below
             p.redo[(blockIdx.z * gridDim.y + b) * gridDim.x + h] = m0 + 1;
-            st_shared_u32(stop_flag, 1);
+            st_shared_u32(stop_flag, it + 1);
           }
           // the producer waits for this stage (it is one stage ahead): released, it reads the
           // stop flag and loads no more
@@ -510,8 +551,8 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       Wgmma<Tr::kHeadDim, kBf16>::rs_trans_b(acc_dv, pa[kk], do_mn + step, 1);
     }
     wgmma_commit();
-    if constexpr (kOrdered) {  // the last tile's turn: its adds have long been complete
-      if (it > 0) end_dq_turn(dq_turn<Tr>(p, m_first + it - 1), lane);
+    if constexpr (kOrdered) {  // the last tile's adds: long complete by now
+      if (it > 0) arrive_dq_added(dq_added(it - 1), lane);
     }
     fence_proxy_async();  // the dS^T stores, before wgmma reads them
     named_barrier_sync(1, Tr::kConsumerThreads);  // both consumers' dS^T rows are written
@@ -558,7 +599,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     }
     {
       const u32 dq_stage = s_dq0 + (4 * c + wq) * Tr::kDqWarpBytes;
-      if (!kOrdered && lane == 0) bulk_wait_read<0>();  // ordered: complete since end_dq_turn
+      if (!kOrdered && lane == 0) bulk_wait_read<0>();  // ordered: complete since arrive_dq_added
       __syncwarp();
 #pragma unroll
       for (int j = 0; j < Tr::kDqCols / 8; ++j) {
@@ -584,20 +625,9 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   }
   // every dQ reduction complete (its reads of shared memory and its adds) before the CTA ends
   if (lane == 0) bulk_wait<0>();
+  // (a stopped CTA's turns on the tiles it left to the redo pass: the producer counts them)
   if constexpr (kOrdered) {
-    if (it > 0) end_dq_turn(dq_turn<Tr>(p, m_first + it - 1), lane);
-    // a stopped CTA still takes its turns on the tiles it left to the redo pass (rare: the
-    // first key tile of each is found by a plain scan)
-    if (lane == 0) {
-      int first = 0;
-      for (; it < m_count; ++it) {
-        const int m = m_first + it;
-        first = next_key_tile_seen<Tr::kBlockN>(p, first, __ldg(p.q_pos + m * Tr::kBlockM));
-        wait_turn(dq_turn<Tr>(p, m), dq_turn_target<Tr>(first));
-        end_turn(dq_turn<Tr>(p, m));
-      }
-    }
-    __syncwarp();
+    if (it > 0) arrive_dq_added(dq_added(it - 1), lane);
   }
   // Deterministic mode with GQA: the query heads of a group add into the same dK / dV rows, in
   // head order (every consumer warp of a head counts itself)
@@ -631,7 +661,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   if (kv_turn != nullptr) {
     __threadfence();  // this lane's adds, before lane 0 counts the warp's
     __syncwarp();
-    if (lane == 0) end_turn(kv_turn);
+    if (lane == 0) end_turn(kv_turn, 1);
   }
 #ifdef CUPARING_TURN_PROFILE
   if (lane == 0) turn_profile_end();

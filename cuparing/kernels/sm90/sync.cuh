@@ -43,6 +43,18 @@ __device__ __forceinline__ void mbarrier_wait(u32 bar, u32 parity) {
   }
 }
 
+// Whether the phase of parity `parity` has completed, without blocking (one test).
+__device__ __forceinline__ bool mbarrier_test(u32 bar, u32 parity) {
+  u32 done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
 // ---- named barriers (ids 1..15; 0 is __syncthreads)
 
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
