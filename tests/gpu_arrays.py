@@ -72,7 +72,7 @@ def skip_unless_family_runs(kernel_family, dtype, headdim):
     head dims without sm90 tiles run sm80): the sm80 variant already tests exactly that."""
     from cuparing.kernels import loader
 
-    padded = loader.padded_head_dim(headdim)
+    padded = loader.forward_head_dim(headdim, "sm_90a")
     if kernel_family.startswith("sm90") and (
         dtype == "float32" or loader.forward_family(padded, "sm_90a") != "sm90"
     ):

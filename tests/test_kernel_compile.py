@@ -101,19 +101,26 @@ def test_redo_pass_instantiations():
         loader.get_bwd_redo_kernel(96, "bfloat16")
 
 
-def test_backward_head_dim(monkeypatch):
-    """The sm90 backward runs head dims that pad to 96 in its 128 instantiation; the mma.sync
-    family (other GPUs, or switched to) in its own 96 one; other head dims pad as always."""
+@pytest.mark.parametrize(
+    "routing, family, switch",
+    [("forward_head_dim", "forward_family", "CUPARING_KERNELS"),
+     ("backward_head_dim", "backward_family", "CUPARING_BWD")],
+)  # fmt: skip
+def test_head_dims_that_pad_to_96_run_the_sm90_128_instantiation(
+    routing, family, switch, monkeypatch
+):
+    """The sm90 forward and backward run head dims that pad to 96 in their 128 instantiation
+    (zero columns); the mma.sync family (other GPUs, or switched to) in its own 96 one; other
+    head dims pad as always."""
+    route, family_of = getattr(loader, routing), getattr(loader, family)
     monkeypatch.delenv("CUPARING_BWD", raising=False)
     monkeypatch.delenv("CUPARING_KERNELS", raising=False)
     dims = (8, 40, 64, 72, 96, 104, 128, 136, 256)
-    hopper = [loader.backward_head_dim(d, "sm_90") for d in dims]
-    assert hopper == [32, 64, 64, 128, 128, 128, 128, 160, 256]
-    assert [loader.backward_head_dim(d, "sm_80") for d in dims] == [
-        loader.padded_head_dim(d) for d in dims
-    ]
-    monkeypatch.setenv("CUPARING_BWD", "sm80")
-    assert loader.backward_head_dim(96, "sm_90") == 96
+    assert [route(d, "sm_90") for d in dims] == [32, 64, 64, 128, 128, 128, 128, 160, 256]
+    assert [route(d, "sm_80") for d in dims] == [loader.padded_head_dim(d) for d in dims]
+    assert all(family_of(route(d, "sm_90"), "sm_90") == "sm90" for d in (40, 72, 96, 104, 128))
+    monkeypatch.setenv(switch, "sm80")
+    assert route(96, "sm_90") == 96
 
 
 def test_backward_family_choice(monkeypatch):

@@ -30,6 +30,7 @@ from timing import time_ms  # noqa: E402
 
 FULL_SHAPES = [(128, s, c) for s in (4096, 8192, 16384, 32768) for c in (False, True)] + [
     (64, 16384, False), (64, 16384, True), (256, 16384, False), (256, 16384, True),
+    (96, 8192, False), (96, 8192, True),
 ]  # fmt: skip
 QUICK_SHAPES = [(128, 8192, False), (128, 8192, True), (64, 16384, False), (256, 16384, True)]
 
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
             result[f"{name}_tflops"] = statistics.median(values) if values else None
             result[f"{name}_samples"] = len(values)  # rounds it ran in (a peer may refuse)
         result["ours_tflops"] = result[f"{families[0]}_tflops"]
-        kernel, _, _ = loader.get_fwd_kernel(loader.padded_head_dim(d), args.dtype)
+        kernel, _, _ = loader.get_fwd_kernel(
+            loader.forward_head_dim(d, loader.device_arch()), args.dtype)
         result["regs"], result["local_bytes"] = kernel.num_regs, kernel.local_size_bytes
         rows.append(result)
         cells = []

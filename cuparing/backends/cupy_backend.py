@@ -410,8 +410,9 @@ class CupyBackend:
         """The forward launch for this signature (operands already kernel-ready)."""
         batch, seqlen_q, nheads, headdim = q.shape
         dtype = dtype_name(q.dtype)
-        padded = loader.padded_head_dim(headdim)
-        sm90 = loader.forward_family(padded, loader.device_arch()) == "sm90"
+        arch = loader.device_arch()
+        padded = loader.forward_head_dim(headdim, arch)
+        sm90 = loader.forward_family(padded, arch) == "sm90"
         # the sm90 kernel copies with TMA when all three operands have tensor maps
         maps = None
         if sm90:

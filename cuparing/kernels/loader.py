@@ -216,6 +216,8 @@ SM90_FWD_CONFIGS: dict[int, Sm90FwdConfig] = {
     128: Sm90FwdConfig(block_n=176, stages=2, cp_async_block_n=128, softmax_chains=2),
     256: Sm90FwdConfig(block_n=80, stages=2, cp_async_block_n=32, softmax_chains=2),
 }
+# head dims (as padded_head_dim pads them) the sm90 forward runs in a wider instantiation
+SM90_FWD_WIDER = {96: 128}
 # CUPARING_SM90_TILES="256:64,2,32;128:128,3" (head dim: block_n, stages[, cp.async block_n[,
 # softmax chains]]) overrides rows, for tuning.
 _SM90_ENV = os.environ.get("CUPARING_SM90_TILES", "")
@@ -320,6 +322,29 @@ def padded_head_dim(headdim: int) -> int:
     return next(d for d in HEAD_DIMS if d >= headdim)
 
 
+def _instantiation_head_dim(headdim: int, arch: str, wider: dict, family) -> int:
+    """:func:`padded_head_dim`'s, or the wider sm90 instantiation ``wider`` names for it where
+    ``family(wider head dim, arch)`` picks the sm90 family."""
+    padded = padded_head_dim(headdim)
+    wide = wider.get(padded)
+    if wide is not None and family(wide, arch) == "sm90":
+        return wide
+    return padded
+
+
+def forward_head_dim(headdim: int, arch: str) -> int:
+    """The instantiation (a padded head dim) that runs the forward of actual head dim
+    ``headdim`` on ``arch``: :func:`padded_head_dim`'s, except where that is 96 and the sm90
+    family runs (:func:`forward_family`): it has no 96 instantiation, and runs those head dims
+    in its 128 one, whose extra columns are zeros in shared memory (a quarter of its products
+    wasted, which wgmma's rate pays for, as in the backward).
+
+    Raises:
+        ValueError: as :func:`padded_head_dim`, or a bad ``CUPARING_KERNELS``.
+    """
+    return _instantiation_head_dim(headdim, arch, SM90_FWD_WIDER, forward_family)
+
+
 def backward_head_dim(headdim: int, arch: str) -> int:
     """The instantiation (a padded head dim) that runs the backward of actual head dim
     ``headdim`` on ``arch``: :func:`padded_head_dim`'s, except where that is 96 and the sm90
@@ -330,11 +355,7 @@ def backward_head_dim(headdim: int, arch: str) -> int:
     Raises:
         ValueError: as :func:`padded_head_dim`, or a bad ``CUPARING_BWD``.
     """
-    padded = padded_head_dim(headdim)
-    wider = SM90_BWD_WIDER.get(padded)
-    if wider is not None and backward_family(wider, arch) == "sm90":
-        return wider
-    return padded
+    return _instantiation_head_dim(headdim, arch, SM90_BWD_WIDER, backward_family)
 
 
 def smem_bytes(head_dim: int, arch: str = "sm_80") -> int:
