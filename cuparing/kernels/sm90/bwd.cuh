@@ -105,8 +105,8 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
   // tile j + kCountLag (the consumer warps arrive on tile j's "added" mbarrier a tile after their
   // adds, during tile j + 1, before they release its stage: the producer's wait for that stage,
   // before tile j + 3, covers the arrivals). The mbarriers (slot j % kAddedSlots) are waited on
-  // only for the last tiles, after the loop: a slot's previous phase is then complete and its
-  // next never starts
+  // only for the last tiles the consumers added into, after the loop: a slot's previous phase is
+  // then complete and its next never starts
   static constexpr int kCountLag = 3;
   static constexpr int kAddedSlots = 4;
   static constexpr int kConsumerWarps = kConsumerThreads / 32;
@@ -313,12 +313,25 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     cp_async_wait<0>();
     if (kOrdered && tid == 0) {
       // The turns not yet counted: tiles the consumers added into, once their adds are complete;
-      // after a stop, the tiles left to the redo pass at once (nothing added: a count says only
-      // that this CTA's adds come before the next one's)
+      // after a stop, the tiles left to the redo pass, after the adders before this CTA as in
+      // any turn (counts add up: one taken early would stand in for an earlier CTA's). The stop
+      // flag is read first: a left tile's slot may still be in the phase of a left tile four
+      // before it, which the parity test would take as complete.
+      int first = 0;  // first_key_tile_seen of the left tiles (a plain scan, rare)
       for (int j = max(it - Tr::kCountLag, 0); j < m_count; ++j) {
-        while (!mbarrier_test(dq_added(j), (j / Tr::kAddedSlots) & 1)) {
+        bool left = false;
+        for (;;) {
           const int stop = static_cast<int>(ld_shared_u32(stop_flag));
-          if (stop != 0 && j >= stop - 1) break;
+          if (stop != 0 && j >= stop - 1) {
+            left = true;
+            break;
+          }
+          if (mbarrier_try_wait(dq_added(j), (j / Tr::kAddedSlots) & 1)) break;
+        }
+        if (left) {
+          first = next_key_tile_seen<Tr::kBlockN>(p, first,
+                                                  __ldg(p.q_pos + (m_first + j) * Tr::kBlockM));
+          wait_turn(turns + j, dq_turn_target<Tr>(first));
         }
         end_turn(turns + j, Tr::kConsumerWarps);
       }

@@ -28,31 +28,25 @@ __device__ __forceinline__ void cp_async_mbarrier_arrive(u32 bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 
-// Block until the phase of parity `parity` has completed. A fresh barrier is in phase 0, and
+// Whether the phase of parity `parity` has completed, after waiting for it a while (one
+// try_wait, which the hardware suspends for a bounded time). A fresh barrier is in phase 0, and
 // the phase "before" it (parity 1) counts as completed: a producer's first wait on an empty
 // slot passes at once.
-__device__ __forceinline__ void mbarrier_wait(u32 bar, u32 parity) {
-  u32 done = 0;
-  while (!done) {  // try_wait itself blocks for a while before it gives up
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  }
-}
-
-// Whether the phase of parity `parity` has completed, without blocking (one test).
-__device__ __forceinline__ bool mbarrier_test(u32 bar, u32 parity) {
+__device__ __forceinline__ bool mbarrier_try_wait(u32 bar, u32 parity) {
   u32 done;
   asm volatile(
-      "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
       "selp.u32 %0, 1, 0, p;\n}\n"
       : "=r"(done)
       : "r"(bar), "r"(parity)
       : "memory");
   return done != 0;
+}
+
+// Block until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait(u32 bar, u32 parity) {
+  while (!mbarrier_try_wait(bar, parity)) {
+  }
 }
 
 // ---- named barriers (ids 1..15; 0 is __syncthreads)
