@@ -2,9 +2,10 @@
 
     python tools/turn_profile.py [--seqlen 8192] [--heads 32] [--headdim 128]
 
-Compiles the sm90 backward with ``CUPARING_TURN_PROFILE`` (common/turns.cuh: per CTA, the cycles
-its warps waited in ``wait_turn``, its start and end on ``%globaltimer`` and its SM; nothing of
-it exists in the library's own build) and runs one ``ring_attention_backward`` on a ring of one,
+Compiles the sm90 backward with ``CUPARING_CTA_PROFILE`` (common/cta_profile.cuh and
+common/turns.cuh: per CTA, the cycles its warps waited in ``wait_turn``, its start and end on
+``%globaltimer`` and its SM; nothing of it exists in the library's own build; read with
+tools/cta_profile.py's helpers) and runs one ``ring_attention_backward`` on a ring of one,
 bf16, B=1, Hkv = H, full and causal, default and ``deterministic=True``. Per case it prints the
 kernel's span (first CTA start to last CTA end), the mean CTA time, the share of the consumer
 warps' time spent waiting for turns (8 consumer warps per CTA), and the launch order as the
@@ -21,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PROFILE_DEFINE = "-DCUPARING_TURN_PROFILE"
-ARRAYS = {"cuparing_turn_wait_cycles": "uint64", "cuparing_turn_start_ns": "uint64",
-          "cuparing_turn_end_ns": "uint64", "cuparing_turn_sm": "uint32"}  # fmt: skip
-SLOTS = 1 << 16  # kTurnProfileCtas
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cta_profile import enable_profile, read_profile  # noqa: E402
+
+WAITS = {"cuparing_turn_wait_cycles": "uint64"}
 
 
 def main(argv=None) -> int:
@@ -42,8 +43,7 @@ def main(argv=None) -> int:
     from cuparing.comm.local import SoloRing
     from cuparing.kernels import loader
 
-    # the backward's module is compiled (and cached) with the profile's macro from here on
-    loader.SM90_OPTIONS = (*loader.SM90_OPTIONS, PROFILE_DEFINE)
+    enable_profile()  # the backward's module is compiled (and cached) with the profile
     b, s, h, d = 1, args.seqlen, args.heads, args.headdim
     ring = SoloRing()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -69,20 +69,10 @@ def main(argv=None) -> int:
 
             backward()  # compiles, warms up
             module = loader.get_module((name,), "sm90")
-            arrays = {n: cupy.ndarray((SLOTS,), dtype=t, memptr=module.get_global(n))
-                      for n, t in ARRAYS.items()}  # fmt: skip
-            torch.cuda.synchronize()
-            for a in arrays.values():
-                a.fill(0)
-            cupy.cuda.runtime.deviceSynchronize()
-            backward()
-            torch.cuda.synchronize()
-            got = {n: cupy.asnumpy(a) for n, a in arrays.items()}
             ctas = h * b * ((s + 127) // 128)
-            if ctas > SLOTS:
-                raise SystemExit(f"{ctas} CTAs: the profile holds {SLOTS} (smaller --seqlen)")
-            start = got["cuparing_turn_start_ns"][:ctas].astype(np.float64)
-            end = got["cuparing_turn_end_ns"][:ctas].astype(np.float64)
+            got = read_profile(module, backward, ctas, WAITS)
+            start = got["cuparing_cta_start_ns"].astype(np.float64)
+            end = got["cuparing_cta_end_ns"].astype(np.float64)
             ran = end > 0  # (a CTA whose keys no query sees ends before recording)
             t0 = start[start > 0].min()
             span = (end[ran].max() - t0) / 1e6

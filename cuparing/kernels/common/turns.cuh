@@ -11,6 +11,7 @@
 // Waits only ever point at CTAs earlier in launch order (a lower key tile, or a lower head of
 // the same key tile), which are running or done by then: the wait ends.
 #pragma once
+#include "cta_profile.cuh"
 #include "mask.cuh"
 #include "ptx.cuh"
 
@@ -22,53 +23,22 @@ __device__ __forceinline__ int ld_acquire_gpu(const int* p) {
   return v;
 }
 
-#ifdef CUPARING_TURN_PROFILE
-// A profile of the turns (tools/turn_profile.py compiles the backward with this macro; nothing
-// of it exists otherwise): per CTA, by linear block index, the cycles its warps spent waiting
-// for turns, its start and end (%globaltimer, ns) and its SM.
-constexpr int kTurnProfileCtas = 1 << 16;
+#ifdef CUPARING_CTA_PROFILE
+// The profile build (common/cta_profile.cuh) also counts, per CTA, the cycles its warps spent
+// waiting for turns.
 }  // namespace cuparing
-extern "C" {  // (unmangled: the host finds them by name)
-__device__ unsigned long long cuparing_turn_wait_cycles[cuparing::kTurnProfileCtas];
-__device__ unsigned long long cuparing_turn_start_ns[cuparing::kTurnProfileCtas];
-__device__ unsigned long long cuparing_turn_end_ns[cuparing::kTurnProfileCtas];
-__device__ unsigned int cuparing_turn_sm[cuparing::kTurnProfileCtas];
-}
+extern "C" __device__ unsigned long long cuparing_turn_wait_cycles[cuparing::kCtaProfileSlots];
 namespace cuparing {
-
-__device__ __forceinline__ int turn_profile_cta() {
-  return ((blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) %
-         kTurnProfileCtas;
-}
-
-__device__ __forceinline__ unsigned long long globaltimer_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-// The CTA starts (one thread).
-__device__ __forceinline__ void turn_profile_start() {
-  unsigned sm;
-  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-  cuparing_turn_start_ns[turn_profile_cta()] = globaltimer_ns();
-  cuparing_turn_sm[turn_profile_cta()] = sm;
-}
-
-// A warp of the CTA is done (its last one gives the CTA's end).
-__device__ __forceinline__ void turn_profile_end() {
-  atomicMax(&cuparing_turn_end_ns[turn_profile_cta()], globaltimer_ns());
-}
 #endif
 
 // Until *counter >= target (one thread; the others of its warp wait at a __syncwarp after it).
 __device__ __forceinline__ void wait_turn(const int* counter, int target) {
-#ifdef CUPARING_TURN_PROFILE
+#ifdef CUPARING_CTA_PROFILE
   const long long waited_from = clock64();
 #endif
   while (ld_acquire_gpu(counter) < target) __nanosleep(64);
-#ifdef CUPARING_TURN_PROFILE
-  atomicAdd(&cuparing_turn_wait_cycles[turn_profile_cta()],
+#ifdef CUPARING_CTA_PROFILE
+  atomicAdd(&cuparing_turn_wait_cycles[cta_profile_slot()],
             static_cast<unsigned long long>(clock64() - waited_from));
 #endif
 }

@@ -41,6 +41,7 @@
 // barrier that waits ~1.6 us under the reductions' traffic) then stalls no consumer.
 // Not yet here: TMA loads, overlap of one tile's products with the next tile's.
 #pragma once
+#include "../common/cta_profile.cuh"
 #include "../common/dq_tiles.cuh"
 #include "../common/mask.cuh"
 #include "../common/nonfinite.cuh"
@@ -185,8 +186,8 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const int wg = warp >> 2;  // 0: producer; 1, 2: consumers
-#ifdef CUPARING_TURN_PROFILE
-  if (tid == 0) turn_profile_start();
+#ifdef CUPARING_CTA_PROFILE
+  if (tid == 0) cta_profile_start();
 #endif
 
   const int n0 = blockIdx.z * Tr::kBlockN;  // the CTA's first key
@@ -393,6 +394,9 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
 
   mbarrier_wait(kv_full, 0);
   fence_proxy_async();  // cp.async data, read by wgmma (the async proxy)
+#ifdef CUPARING_CTA_PROFILE
+  if (lane == 0) cta_profile_first();
+#endif
 
   // NaN / inf where a tile is partly masked: the products multiply a hidden pair's exact zero
   // (P, dS) by its operands, and 0 * NaN is NaN. P and dS of hidden pairs are made exactly 0
@@ -638,6 +642,9 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   }
   // every dQ reduction complete (its reads of shared memory and its adds) before the CTA ends
   if (lane == 0) bulk_wait<0>();
+#ifdef CUPARING_CTA_PROFILE
+  if (lane == 0) cta_profile_last();
+#endif
   // (a stopped CTA's turns on the tiles it left to the redo pass: the producer counts them)
   if constexpr (kOrdered) {
     if (it > 0) arrive_dq_added(dq_added(it - 1), lane);
@@ -676,8 +683,8 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     __syncwarp();
     if (lane == 0) end_turn(kv_turn, 1);
   }
-#ifdef CUPARING_TURN_PROFILE
-  if (lane == 0) turn_profile_end();
+#ifdef CUPARING_CTA_PROFILE
+  if (lane == 0) cta_profile_end();
 #endif
 }
 

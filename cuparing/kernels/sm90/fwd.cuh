@@ -26,6 +26,7 @@
 // values its rows see. The epilogue
 // (common/epilogue.cuh) is the sm80 family's: direct output, or the ring's float32 write / merge.
 #pragma once
+#include "../common/cta_profile.cuh"
 #include "../common/epilogue.cuh"
 #include "../common/mask.cuh"
 #include "../common/nonfinite.cuh"
@@ -89,6 +90,9 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
   const int m0 = m_block * Tr::kBlockM;
   const int rows_valid = min(Tr::kBlockM, sq - m0);
   const int lo = p.lo, hi = p.hi;
+#ifdef CUPARING_CTA_PROFILE
+  if (tid == 0) cta_profile_start();
+#endif
 
   // ---- which key tiles can any query of this CTA see? (a contiguous range, see mask.cuh)
   const int n_tiles_total = (sk + Tr::kBlockN - 1) / Tr::kBlockN;
@@ -314,6 +318,9 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
         mbarrier_wait(full_k(0), 0);
         if constexpr (!kTma) fence_proxy_async();  // cp.async data, read by the async proxy
         my_turn();
+#ifdef CUPARING_CTA_PROFILE
+        if (lane == 0) cta_profile_first();
+#endif
         wgmma_fence();
         issue_qk(acc_s[0], 0);
         hand_over();
@@ -359,6 +366,9 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
         wgmma_wait<0>();
         fence_accumulator(acc_o[0]);
         mbarrier_arrive(empty_v(last));
+#ifdef CUPARING_CTA_PROFILE
+        if (lane == 0) cta_profile_last();
+#endif
       }
 
       // Rare: add, per row, the NaN / inf values of the keys it sees in the tiles whose values
@@ -383,6 +393,9 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
 
     // ---- epilogue: normalise and write (common/epilogue.cuh)
     write_block_output<Tr, kBf16>(p, acc_o, row_max, row_sum, warp_row0, b, h, lane);
+#ifdef CUPARING_CTA_PROFILE
+    if (lane == 0) cta_profile_end();
+#endif
   }
 }
 

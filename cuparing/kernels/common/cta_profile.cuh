@@ -1,0 +1,56 @@
+// A timeline of a kernel's CTAs, for tools/cta_profile.py and tools/turn_profile.py, which
+// compile the sm90 kernels with CUPARING_CTA_PROFILE: nothing of it exists in the library's own
+// build. Per CTA, by linear block index (x fastest, then y, then z: the hardware's launch
+// order): its SM, its start and end, and when its consumers began their first tile and finished
+// their last product (%globaltimer, ns), so a CTA's time splits into prologue, main loop and
+// epilogue, and an SM's into CTAs and the gaps between them.
+#pragma once
+
+#ifdef CUPARING_CTA_PROFILE
+namespace cuparing {
+constexpr int kCtaProfileSlots = 1 << 16;
+}  // namespace cuparing
+extern "C" {  // (unmangled: the host finds them by name)
+__device__ unsigned long long cuparing_cta_start_ns[cuparing::kCtaProfileSlots];
+__device__ unsigned long long cuparing_cta_first_ns[cuparing::kCtaProfileSlots];
+__device__ unsigned long long cuparing_cta_last_ns[cuparing::kCtaProfileSlots];
+__device__ unsigned long long cuparing_cta_end_ns[cuparing::kCtaProfileSlots];
+__device__ unsigned int cuparing_cta_sm[cuparing::kCtaProfileSlots];
+}
+namespace cuparing {
+
+__device__ __forceinline__ int cta_profile_slot() {
+  return ((blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) % kCtaProfileSlots;
+}
+
+__device__ __forceinline__ unsigned long long globaltimer_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// The CTA starts (one thread).
+__device__ __forceinline__ void cta_profile_start() {
+  unsigned sm;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+  cuparing_cta_start_ns[cta_profile_slot()] = globaltimer_ns();
+  cuparing_cta_sm[cta_profile_slot()] = sm;
+}
+
+// A consumer warp begins its first tile (the earliest counts).
+__device__ __forceinline__ void cta_profile_first() {
+  atomicMin(&cuparing_cta_first_ns[cta_profile_slot()], globaltimer_ns());
+}
+
+// A consumer warp finished its last product (the latest counts).
+__device__ __forceinline__ void cta_profile_last() {
+  atomicMax(&cuparing_cta_last_ns[cta_profile_slot()], globaltimer_ns());
+}
+
+// A warp of the CTA is done (its last one gives the CTA's end).
+__device__ __forceinline__ void cta_profile_end() {
+  atomicMax(&cuparing_cta_end_ns[cta_profile_slot()], globaltimer_ns());
+}
+
+}  // namespace cuparing
+#endif

@@ -1,0 +1,64 @@
+"""tools/cta_profile.py, the Hopper kernels' CTA timeline: its summary of a known timeline, and
+the profile build (``CUPARING_CTA_PROFILE``) of both sm90 kernels still compiles, spill-free
+(NVRTC wheel; skipped without it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cuparing.kernels import loader
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_of_a_known_timeline():
+    """Two SMs, three CTAs (ns): SM 0 runs CTA 0 over [0, 1000] and CTA 2 over [1100, 2000]; SM 1
+    runs CTA 1 over [0, 1500]; each CTA's first tile 100 ns after its start, its last product
+    200 ns before its end; a fourth slot never ran."""
+    profile = _tool("cta_profile")
+    got = {
+        "cuparing_cta_start_ns": np.array([0, 0, 1100, 0], np.uint64),
+        "cuparing_cta_first_ns": np.array([100, 100, 1200, np.iinfo(np.uint64).max], np.uint64),
+        "cuparing_cta_last_ns": np.array([800, 1300, 1800, 0], np.uint64),
+        "cuparing_cta_end_ns": np.array([1000, 1500, 2000, 0], np.uint64),
+        "cuparing_cta_sm": np.array([0, 1, 0, 0], np.uint32),
+    }
+    r = profile.summarize(got, sms=2)
+    assert r["ctas"] == 3
+    assert r["span_ms"] == pytest.approx(2000 / 1e6)
+    assert r["cta_us"] == pytest.approx((1000 + 1500 + 900) / 3 / 1e3)
+    assert r["prologue_us"] == pytest.approx(0.1)
+    assert r["epilogue_us"] == pytest.approx(0.2)
+    assert r["main_us"] == pytest.approx((700 + 1200 + 600) / 3 / 1e3)
+    assert r["gap_us"] == pytest.approx(0.1)  # SM 0's one gap, 1000 -> 1100
+    assert r["tail_pct"] == pytest.approx(100 * 500 / (2 * 2000))  # SM 1 idle from 1500
+
+
+@pytest.mark.parametrize("kernel", ["forward", "backward ordered"])
+def test_profile_build_compiles_without_spills(kernel):
+    check = _tool("compile_check")
+    nvrtc = check.get_nvrtc()
+    if nvrtc is None:
+        pytest.skip("NVRTC not importable: pip install nvidia-cuda-nvrtc")
+    profile = _tool("cta_profile")
+    if kernel == "forward":
+        name, smem = loader.fwd_name(128, "bfloat16", "sm90", True), loader.sm90_smem_bytes(128)
+    else:
+        name = loader.sm90_bwd_name(128, "bfloat16", True)
+        smem = loader.sm90_bwd_smem_bytes(128)
+    source = f"#define {profile.PROFILE_DEFINE[2:]}\n" + loader.kernel_source("sm_90a", "sm90")
+    report = check.compile_one(nvrtc, source, name, "sm_90a", True, smem)
+    assert report.spill_stores == 0 and report.spill_loads == 0 and report.stack == 0, report
