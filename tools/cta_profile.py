@@ -2,11 +2,17 @@
 gaps between CTAs on one SM, and the idle SMs of the last wave.
 
     python tools/cta_profile.py [--seqlen 8192] [--heads 32] [--headdim 128] [--backward]
+        [--ring RANKS [--documents]]
 
 Compiles the sm90 kernels with ``CUPARING_CTA_PROFILE`` (common/cta_profile.cuh: per CTA its
 SM, its start and end, its consumers' first tile and last product on ``%globaltimer``; nothing
 of it exists in the library's own build) and runs one forward (``--backward``: one
 ``ring_attention_backward`` on a ring of one) on one GPU, bf16, B=1, Hkv = H, full and causal.
+``--ring RANKS``: instead, rank 0's forward of a causal zigzag ring of that many simulated ranks
+whose exchanges hand K/V back (bench_ring.NoCommRing), ``--seqlen`` tokens per rank of
+bench_varlen's inputs (H/Hkv 32/8, D=128; ``--documents``: its packed batch); the profile then
+shows the call's last ring step (each launch overwrites the one before), whose epilogue merges
+into the running result.
 Per case it prints the kernel's span (first CTA start to last CTA end), the CTAs' mean time and
 its parts: prologue (start to the consumers' first tile: barriers, the first loads), main loop,
 epilogue (last product to the end: the output's normalisation and stores, the backward's dK / dV
@@ -42,15 +48,13 @@ def enable_profile() -> None:
 
 
 def read_profile(module, run, ctas: int, extra: dict | None = None) -> dict:
-    """The profile arrays of ``module`` (and ``extra``: name -> dtype) after one call of ``run``,
-    as NumPy arrays of the first ``ctas`` slots (the first-tile times start at the largest value,
-    since CTAs take the minimum; a CTA that never began a tile keeps it).
+    """The profile arrays of ``module`` (and ``extra``: name -> dtype), zeroed, after one call of
+    ``run``, as NumPy arrays of the first ``ctas`` slots.
 
     Raises:
         SystemExit: more CTAs than the profile has slots.
     """
     import cupy
-    import numpy as np
 
     if ctas > SLOTS:
         raise SystemExit(f"{ctas} CTAs: the profile holds {SLOTS} (a smaller --seqlen)")
@@ -58,8 +62,8 @@ def read_profile(module, run, ctas: int, extra: dict | None = None) -> dict:
     arrays = {n: cupy.ndarray((SLOTS,), dtype=t, memptr=module.get_global(n))
               for n, t in names.items()}  # fmt: skip
     cupy.cuda.runtime.deviceSynchronize()
-    for name, array in arrays.items():
-        array.fill(np.iinfo(array.dtype).max if name == "cuparing_cta_first_ns" else 0)
+    for array in arrays.values():
+        array.fill(0)
     cupy.cuda.runtime.deviceSynchronize()
     run()
     cupy.cuda.runtime.deviceSynchronize()
@@ -78,7 +82,8 @@ def summarize(got: dict, sms: int) -> dict:
         raise SystemExit("no CTA recorded: the call ran another kernel than the one read")
     first = got["cuparing_cta_first_ns"].astype(np.float64)
     last = got["cuparing_cta_last_ns"].astype(np.float64)
-    worked = ran & (last > 0) & (first < np.iinfo(np.uint64).max)
+    # (a CTA with no tile keeps an earlier launch's marks, from before its start)
+    worked = ran & (first >= start) & (last >= first)
     t0, t1 = start[ran].min(), end[ran].max()
     sm = got["cuparing_cta_sm"]
     gaps, idle = [], 0.0
@@ -105,7 +110,12 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--headdim", type=int, default=128)
     parser.add_argument("--backward", action="store_true")
+    parser.add_argument("--ring", type=int, default=0, metavar="RANKS",
+                        help="rank 0's last step of a simulated causal zigzag ring")
+    parser.add_argument("--documents", action="store_true", help="with --ring: packed documents")
     args = parser.parse_args(argv)
+    if args.ring and args.backward:
+        parser.error("--ring profiles the forward")
 
     import cupy
     import torch
@@ -123,11 +133,32 @@ def main(argv=None) -> int:
     props = cupy.cuda.runtime.getDeviceProperties(0)
     sms = props["multiProcessorCount"]
     kind = "backward" if args.backward else "forward"
-    print(f"card: {props['name'].decode()}, {sms} SMs; {kind}, B={b} S={s} H={h} D={d} bf16")
+    if args.ring:
+        kind = (f"rank 0's last ring step of {args.ring}, zigzag, {s} tokens per rank, "
+                f"H/Hkv 32/8 D=128 (bench_varlen's inputs)")
+        kind += ", packed documents" if args.documents else ""
+    else:
+        kind += f", B={b} S={s} H={h} D={d}"
+    print(f"card: {props['name'].decode()}, {sms} SMs; {kind}, bf16")
     print(f"{'causal':>6} {'span ms':>8} {'CTA us':>7} {'prolog':>7} {'main':>7} {'epilog':>7} "
           f"{'gap us':>7} {'tail %':>7} {'CTAs':>6} {'waves':>6}")
-    for causal in (False, True):
-        if args.backward:
+    for causal in (True,) if args.ring else (False, True):
+        if args.ring:
+            from bench_ring import NoCommRing
+            from bench_varlen import global_inputs, packed_batch
+
+            world = args.ring
+            cu = packed_batch(s * world, 0) if args.documents else None
+            docs = {"cu_seqlens": cu} if cu is not None else {}
+            whole = global_inputs(s * world, 0)[:3]
+            shards = [cr.shard(x, 0, world, layout="zigzag", **docs) for x in whole]
+            name = loader.fwd_name(loader.forward_head_dim(d, arch), "bfloat16", "sm90", True)
+            ctas = shards[0].shape[2] * b * -(-shards[0].shape[1] // 128)
+
+            def run(shards=shards, docs=docs, world=world):
+                cr.ring_attention(*shards, NoCommRing(0, world), causal=True, layout="zigzag",
+                                  **docs)  # fmt: skip
+        elif args.backward:
             ring = SoloRing()
             out, lse = cr.ring_attention(q, k, v, ring, causal=causal, return_lse=True)
             name = loader.sm90_bwd_name(loader.backward_head_dim(d, arch), "bfloat16", False)

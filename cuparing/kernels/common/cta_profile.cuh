@@ -1,9 +1,11 @@
 // A timeline of a kernel's CTAs, for tools/cta_profile.py and tools/turn_profile.py, which
 // compile the sm90 kernels with CUPARING_CTA_PROFILE: nothing of it exists in the library's own
 // build. Per CTA, by linear block index (x fastest, then y, then z: the hardware's launch
-// order): its SM, its start and end, and when its consumers began their first tile and finished
-// their last product (%globaltimer, ns), so a CTA's time splits into prologue, main loop and
-// epilogue, and an SM's into CTAs and the gaps between them.
+// order): its SM, its start and end, and when its first consumer warp began its first tile and
+// the consumers finished their last product (%globaltimer, ns), so a CTA's time splits into
+// prologue, main loop and epilogue, and an SM's into CTAs and the gaps between them. Every field
+// is a later launch's over an earlier one's (stores, or the maximum of times), so after several
+// launches of one kernel (a ring call's steps) the slots the last launch used hold its timeline.
 #pragma once
 
 #ifdef CUPARING_CTA_PROFILE
@@ -37,9 +39,9 @@ __device__ __forceinline__ void cta_profile_start() {
   cuparing_cta_sm[cta_profile_slot()] = sm;
 }
 
-// A consumer warp begins its first tile (the earliest counts).
+// The first consumer warp begins its first tile (one thread).
 __device__ __forceinline__ void cta_profile_first() {
-  atomicMin(&cuparing_cta_first_ns[cta_profile_slot()], globaltimer_ns());
+  cuparing_cta_first_ns[cta_profile_slot()] = globaltimer_ns();
 }
 
 // A consumer warp finished its last product (the latest counts).

@@ -395,7 +395,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   mbarrier_wait(kv_full, 0);
   fence_proxy_async();  // cp.async data, read by wgmma (the async proxy)
 #ifdef CUPARING_CTA_PROFILE
-  if (lane == 0) cta_profile_first();
+  if (tid == Tr::kProducerThreads) cta_profile_first();  // the first consumer thread
 #endif
 
   // NaN / inf where a tile is partly masked: the products multiply a hidden pair's exact zero

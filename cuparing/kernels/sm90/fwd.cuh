@@ -319,7 +319,7 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
         if constexpr (!kTma) fence_proxy_async();  // cp.async data, read by the async proxy
         my_turn();
 #ifdef CUPARING_CTA_PROFILE
-        if (lane == 0) cta_profile_first();
+        if (c == 0 && cwarp == 0 && lane == 0) cta_profile_first();
 #endif
         wgmma_fence();
         issue_qk(acc_s[0], 0);
