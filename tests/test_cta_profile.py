@@ -47,6 +47,23 @@ def test_summary_of_a_known_timeline():
     assert r["tail_pct"] == pytest.approx(100 * 500 / (2 * 2000))  # SM 1 idle from 1500
 
 
+def test_summary_counts_idle_sms_and_drops_an_earlier_launchs_marks():
+    """One CTA on SM 0 of two over [1000, 2000], whose tile ran [1100, 1800]; slot 1 ran in this
+    launch too but began no tile: its marks are an earlier launch's, before its start."""
+    profile = _tool("cta_profile")
+    got = {
+        "cuparing_cta_start_ns": np.array([1000, 1000], np.uint64),
+        "cuparing_cta_first_ns": np.array([1100, 50], np.uint64),
+        "cuparing_cta_last_ns": np.array([1800, 90], np.uint64),
+        "cuparing_cta_end_ns": np.array([2000, 1200], np.uint64),
+        "cuparing_cta_sm": np.array([0, 0], np.uint32),
+    }
+    r = profile.summarize(got, sms=2)
+    assert r["prologue_us"] == pytest.approx(0.1) and r["epilogue_us"] == pytest.approx(0.2)
+    # SM 1 ran nothing: idle the whole span (1000 ns); SM 0 idle from 2000: none
+    assert r["tail_pct"] == pytest.approx(100 * 1000 / (2 * 1000))
+
+
 @pytest.mark.parametrize("kernel", ["forward", "backward ordered"])
 def test_profile_build_compiles_without_spills(kernel):
     check = _tool("compile_check")

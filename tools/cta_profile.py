@@ -40,7 +40,8 @@ SLOTS = 1 << 16  # kCtaProfileSlots
 
 
 def enable_profile() -> None:
-    """Compile the sm90 modules with the profile from here on (their cache keys change too)."""
+    """Compile the sm90 modules with the profile from here on: call before the process compiles
+    any (loader's in-process module cache does not key on options; CuPy's disk cache does)."""
     from cuparing.kernels import loader
 
     if PROFILE_DEFINE not in loader.SM90_OPTIONS:
@@ -86,12 +87,16 @@ def summarize(got: dict, sms: int) -> dict:
     worked = ran & (first >= start) & (last >= first)
     t0, t1 = start[ran].min(), end[ran].max()
     sm = got["cuparing_cta_sm"]
-    gaps, idle = [], 0.0
-    for s in np.unique(sm[ran]):
+    used = np.unique(sm[ran])
+    idle = (sms - len(used)) * (t1 - t0)  # SMs that ran no CTA idle the whole span
+    gaps = []
+    for s in used:
         on = np.nonzero(ran & (sm == s))[0]
         order = on[np.argsort(start[on])]
         gaps.extend(np.maximum(start[order[1:]] - end[order[:-1]], 0.0))
         idle += t1 - end[order].max()
+    if not worked.any():
+        raise SystemExit("no CTA of the last launch began a tile")
     return {
         "span_ms": (t1 - t0) / 1e6,
         "cta_us": float(np.mean(end[ran] - start[ran])) / 1e3,
@@ -122,11 +127,12 @@ def main(argv=None) -> int:
 
     import cuparing as cr
     from cuparing.comm.local import SoloRing
-    from cuparing.kernels import loader
+    from cuparing.kernels import loader, tensor_maps
 
     enable_profile()
     b, s, h, d = 1, args.seqlen, args.heads, args.headdim
     arch = loader.device_arch()
+    tma = tensor_maps.available()  # which forward producer the calls run (bench inputs align)
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
                      for _ in range(4))  # fmt: skip
@@ -152,8 +158,9 @@ def main(argv=None) -> int:
             docs = {"cu_seqlens": cu} if cu is not None else {}
             whole = global_inputs(s * world, 0)[:3]
             shards = [cr.shard(x, 0, world, layout="zigzag", **docs) for x in whole]
-            name = loader.fwd_name(loader.forward_head_dim(d, arch), "bfloat16", "sm90", True)
-            ctas = shards[0].shape[2] * b * -(-shards[0].shape[1] // 128)
+            rows_b, rows, heads, dim = shards[0].shape  # [B, S_local, H, D]
+            name = loader.fwd_name(loader.forward_head_dim(dim, arch), "bfloat16", "sm90", tma)
+            ctas = heads * rows_b * -(-rows // 128)
 
             def run(shards=shards, docs=docs, world=world):
                 cr.ring_attention(*shards, NoCommRing(0, world), causal=True, layout="zigzag",
@@ -167,7 +174,7 @@ def main(argv=None) -> int:
             def run(causal=causal, out=out, lse=lse, ring=ring):
                 cr.ring_attention_backward(dout, q, k, v, out, lse, ring, causal=causal)
         else:
-            name = loader.fwd_name(loader.forward_head_dim(d, arch), "bfloat16", "sm90", True)
+            name = loader.fwd_name(loader.forward_head_dim(d, arch), "bfloat16", "sm90", tma)
             ctas = h * b * -(-s // 128)
 
             def run(causal=causal):

@@ -5,7 +5,9 @@
 // the consumers finished their last product (%globaltimer, ns), so a CTA's time splits into
 // prologue, main loop and epilogue, and an SM's into CTAs and the gaps between them. Every field
 // is a later launch's over an earlier one's (stores, or the maximum of times), so after several
-// launches of one kernel (a ring call's steps) the slots the last launch used hold its timeline.
+// launches of one kernel (a ring call's steps) the slots the last launch used hold its timeline,
+// except the first / last marks of a CTA that began no tile in it: an earlier launch's, older
+// than its start (which is how a reader tells them).
 #pragma once
 
 #ifdef CUPARING_CTA_PROFILE

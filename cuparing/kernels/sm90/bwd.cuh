@@ -394,9 +394,6 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
 
   mbarrier_wait(kv_full, 0);
   fence_proxy_async();  // cp.async data, read by wgmma (the async proxy)
-#ifdef CUPARING_CTA_PROFILE
-  if (tid == Tr::kProducerThreads) cta_profile_first();  // the first consumer thread
-#endif
 
   // NaN / inf where a tile is partly masked: the products multiply a hidden pair's exact zero
   // (P, dS) by its operands, and 0 * NaN is NaN. P and dS of hidden pairs are made exactly 0
@@ -424,6 +421,9 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     const int rows = min(Tr::kBlockM, sq - m0);
     mbarrier_wait(full(s), (it / Tr::kStages) & 1);
     fence_proxy_async();
+#ifdef CUPARING_CTA_PROFILE
+    if (it == 0 && tid == Tr::kProducerThreads) cta_profile_first();  // the first consumer thread
+#endif
     const u32 lse_s = s_lse(s), delta_s = s_delta(s), qpos_s = s_qpos(s);
     int kind = kTileEmpty;
     if (c_has_keys) {
