@@ -53,7 +53,7 @@ SHAPES = [  # (B, Sq, Sk, H, Hkv)
     (1, 1025, 1025, 2, 1),
     (3, 128, 200, 4, 4),
 ]
-HEADDIMS = [32, 64, 96, 128, 256, 40, 136, 200]
+HEADDIMS = [32, 64, 96, 128, 256, 40, 80, 136, 200]  # 40, 80: sm90 runs them with zero columns
 
 
 @requires_gpu(1)
