@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # On a GPU machine: install, compile check, GPU tests, benchmarks. Logs go to the directory named
 # by CUPARING_LOG_DIR if set, else ./out.
-# Usage: bash tools/gpu_checks.sh [single|multi|bench|bwd|ring|all] [pytest -k expression]
+# Usage: bash tools/gpu_checks.sh [single|multi|bench|bwd|ring|profile|all] [pytest -k expression]
+#   profile: where the Hopper kernels' time goes around their main loops: the CTA timelines of
+#        the forward, the backward and a packed batch's last ring step (cta_profile.py), the
+#        deterministic backward's turns (turn_profile.py), and the forward epilogue's ablations
+#        (ablate.py with variants/epilogue_cost.py) on a packed ring step and the quick table
 #   bwd: the backward kernel tests of both families (NaN / inf next to mask edges, the
 #        deterministic mode, caller-owned gradients, torch and JAX autograd included) and
 #        bench_backward (sm90, sm90 deterministic, sm80, SDPA; head dims 128 and 96)
@@ -65,4 +69,17 @@ fi
 if [[ $what == bench || $what == all ]]; then
   run timeout 300 python tools/bench_attention.py --quick --json "$out/bench_attention.json" \
     2>&1 | tee "$out/bench_attention.log"
+fi
+if [[ $what == profile || $what == all ]]; then
+  run timeout 120 python tools/cta_profile.py 2>&1 | tee "$out/cta_profile_fwd.log"
+  run timeout 120 python tools/cta_profile.py --backward 2>&1 | tee "$out/cta_profile_bwd.log"
+  run timeout 120 python tools/cta_profile.py --ring 2 --documents 2>&1 \
+    | tee "$out/cta_profile_ring.log"
+  run timeout 120 python tools/turn_profile.py 2>&1 | tee "$out/turn_profile.log"
+  run timeout 300 python tools/ablate.py tools/variants/epilogue_cost.py --lines 4 \
+    --out "$out/ablate_epilogue_ring" -- tools/profile_ring_steps.py --documents --ranks 2 \
+    --layouts zigzag 2>&1 | grep -v -i warn | tee "$out/ablate_epilogue_ring.log"
+  run timeout 400 python tools/ablate.py tools/variants/epilogue_cost.py --lines 6 \
+    --out "$out/ablate_epilogue_quick" -- tools/bench_attention.py --quick --families sm90 2>&1 \
+    | tee "$out/ablate_epilogue_quick.log"
 fi
