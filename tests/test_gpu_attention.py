@@ -347,6 +347,30 @@ def test_deterministic_backward_repeats_bit_for_bit(dtype, mask, monkeypatch, fr
 
 
 @requires_gpu(1)
+@pytest.mark.parametrize("causal", [False, True])
+def test_deterministic_backward_long_turn_chains_repeat_bit_for_bit(causal, monkeypatch,
+                                                                    fresh_rng):  # fmt: skip
+    """Few heads and a long sequence: tens of key-tile CTAs of one head run at once, each waiting
+    for the one before it on every query tile (the producer counts a CTA's turns, three tiles
+    behind its loads), so the turns' order is exercised where the other deterministic test's
+    short sequences barely reach it. Three runs give bit-identical gradients (their values are
+    the other test's business)."""
+    monkeypatch.setenv("CUPARING_BWD", "sm90")
+    rng = fresh_rng
+    headdim = int(rng.choice([64, 128]))
+    h, hkv = [(2, 2), (2, 1), (1, 1)][int(rng.integers(3))]
+    s = 64 * int(rng.integers(48, 72)) + int(rng.integers(0, 64))  # 3k-4.6k tokens
+    host = {n: random_array(rng, (1, s, heads, headdim), "bfloat16")
+            for n, heads in (("q", h), ("k", hkv), ("v", hkv), ("d", h))}  # fmt: skip
+    runs = [_ring_backward_on_gpu(host, 1, "contiguous", causal, None, deterministic=True)
+            for _ in range(3)]  # fmt: skip
+    for again in runs[1:]:
+        for name, first, g in zip(("dq", "dk", "dv"), runs[0], again, strict=True):
+            assert first.tobytes() == g.tobytes(), f"{name} differs between deterministic runs"
+    assert all(np.isfinite(x).all() for x in runs[0])
+
+
+@requires_gpu(1)
 def test_deterministic_backward_refused_where_no_ordered_kernel(monkeypatch, fresh_rng):
     """The mma.sync backward has no ordered mode yet: ``deterministic=True`` there is a clear
     NotImplementedError before any work, not silently unordered gradients."""
