@@ -7,7 +7,7 @@
 #        deterministic backward's turns (turn_profile.py), and the forward epilogue's ablations
 #        (ablate.py with variants/epilogue_cost.py) on a packed ring step and the quick table,
 #        with the merge's L2 prefetch (variants/fwd_merge_prefetch.py) on the ring step, and the
-#        backward's CTAs in L2-sized sections of heads (variants/bwd_sections.py)
+#        kernels' CTAs in L2-sized sections of heads (variants/sections.py)
 #   bwd: the backward kernel tests of both families (NaN / inf next to mask edges, the
 #        deterministic mode, caller-owned gradients, torch and JAX autograd included) and
 #        bench_backward (sm90, sm90 deterministic, sm80, SDPA; head dims 128 and 96)
@@ -84,9 +84,12 @@ if [[ $what == profile || $what == all ]]; then
   run timeout 200 python tools/ablate.py tools/variants/fwd_merge_prefetch.py --lines 4 \
     --out "$out/ablate_prefetch_ring" -- tools/profile_ring_steps.py --documents --ranks 2 \
     --layouts zigzag 2>&1 | grep -v -i warn | tee "$out/ablate_prefetch_ring.log"
-  run timeout 300 python tools/ablate.py tools/variants/bwd_sections.py --lines 4 \
-    --out "$out/ablate_bwd_sections" -- tools/bench_backward.py --quick --families sm90 2>&1 \
-    | tee "$out/ablate_bwd_sections.log"
+  run timeout 400 python tools/ablate.py tools/variants/sections.py --lines 4 \
+    --out "$out/ablate_sections_bwd" -- tools/bench_backward.py --quick --families sm90 2>&1 \
+    | tee "$out/ablate_sections_bwd.log"
+  run timeout 500 python tools/ablate.py tools/variants/sections.py --lines 6 \
+    --out "$out/ablate_sections_fwd" -- tools/bench_attention.py --quick --families sm90 2>&1 \
+    | tee "$out/ablate_sections_fwd.log"
   run timeout 400 python tools/ablate.py tools/variants/epilogue_cost.py --lines 6 \
     --out "$out/ablate_epilogue_quick" -- tools/bench_attention.py --quick --families sm90 2>&1 \
     | tee "$out/ablate_epilogue_quick.log"
