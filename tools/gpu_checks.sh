@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # On a GPU machine: install, compile check, GPU tests, benchmarks. Logs go to the directory named
 # by CUPARING_LOG_DIR if set, else ./out.
-# Usage: bash tools/gpu_checks.sh [single|multi|bench|bwd|ring|profile|all] [pytest -k expression]
+# Usage: bash tools/gpu_checks.sh [single|multi|bench|bwd|ring|profile|sections|epilogue|all]
+#            [pytest -k expression]
 #   profile: where the Hopper kernels' time goes around their main loops: the CTA timelines of
-#        the forward, the backward and a packed batch's last ring step (cta_profile.py), the
-#        deterministic backward's turns (turn_profile.py), and the forward epilogue's ablations
-#        (ablate.py with variants/epilogue_cost.py) on a packed ring step and the quick table,
-#        with the merge's L2 prefetch (variants/fwd_merge_prefetch.py) on the ring step, and the
-#        kernels' CTAs in L2-sized sections of heads (variants/sections.py)
+#        the forward, the backward and a packed batch's last ring step (cta_profile.py) and the
+#        deterministic backward's turns (turn_profile.py) (~5 min)
+#   sections: ablate.py timings of variants/sections.py (CTAs in L2-sized sections of heads):
+#        the backward (bench_backward --quick), the forward (bench_attention --quick) (~9 min)
+#   epilogue: the forward epilogue's ablations (variants/epilogue_cost.py) on a packed ring step
+#        and the quick table, and the merge's L2 prefetch (variants/fwd_merge_prefetch.py) on the
+#        ring step (~9 min)
 #   bwd: the backward kernel tests of both families (NaN / inf next to mask edges, the
 #        deterministic mode, caller-owned gradients, torch and JAX autograd included) and
 #        bench_backward (sm90, sm90 deterministic, sm80, SDPA; head dims 128 and 96)
@@ -23,6 +26,8 @@ what="${1:-single}"
 filter="${2:-}"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
 pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning | tail -2
+# (and importable without the install: worker processes import the package by name)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python -m cuparing
 run() { echo "== $*"; "$@"; echo "== rc=$?"; }
 if [[ $what == single || $what == all ]]; then
@@ -78,19 +83,23 @@ if [[ $what == profile || $what == all ]]; then
   run timeout 120 python tools/cta_profile.py --ring 2 --documents 2>&1 \
     | tee "$out/cta_profile_ring.log"
   run timeout 120 python tools/turn_profile.py 2>&1 | tee "$out/turn_profile.log"
-  run timeout 300 python tools/ablate.py tools/variants/epilogue_cost.py --lines 4 \
-    --out "$out/ablate_epilogue_ring" -- tools/profile_ring_steps.py --documents --ranks 2 \
-    --layouts zigzag 2>&1 | grep -v -i warn | tee "$out/ablate_epilogue_ring.log"
-  run timeout 200 python tools/ablate.py tools/variants/fwd_merge_prefetch.py --lines 4 \
-    --out "$out/ablate_prefetch_ring" -- tools/profile_ring_steps.py --documents --ranks 2 \
-    --layouts zigzag 2>&1 | grep -v -i warn | tee "$out/ablate_prefetch_ring.log"
-  run timeout 400 python tools/ablate.py tools/variants/sections.py --lines 4 \
+fi
+if [[ $what == sections || $what == all ]]; then
+  run timeout 240 python tools/ablate.py tools/variants/sections.py --lines 4 \
     --out "$out/ablate_sections_bwd" -- tools/bench_backward.py --quick --families sm90 2>&1 \
     | tee "$out/ablate_sections_bwd.log"
-  run timeout 500 python tools/ablate.py tools/variants/sections.py --lines 6 \
+  run timeout 330 python tools/ablate.py tools/variants/sections.py --lines 6 --rounds 1 \
     --out "$out/ablate_sections_fwd" -- tools/bench_attention.py --quick --families sm90 2>&1 \
     | tee "$out/ablate_sections_fwd.log"
-  run timeout 400 python tools/ablate.py tools/variants/epilogue_cost.py --lines 6 \
+fi
+if [[ $what == epilogue || $what == all ]]; then
+  run timeout 200 python tools/ablate.py tools/variants/epilogue_cost.py --lines 4 \
+    --out "$out/ablate_epilogue_ring" -- tools/profile_ring_steps.py --documents --ranks 2 \
+    --layouts zigzag 2>&1 | grep -v -i warn | tee "$out/ablate_epilogue_ring.log"
+  run timeout 150 python tools/ablate.py tools/variants/fwd_merge_prefetch.py --lines 4 \
+    --out "$out/ablate_prefetch_ring" -- tools/profile_ring_steps.py --documents --ranks 2 \
+    --layouts zigzag 2>&1 | grep -v -i warn | tee "$out/ablate_prefetch_ring.log"
+  run timeout 240 python tools/ablate.py tools/variants/epilogue_cost.py --lines 6 --rounds 1 \
     --out "$out/ablate_epilogue_quick" -- tools/bench_attention.py --quick --families sm90 2>&1 \
     | tee "$out/ablate_epilogue_quick.log"
 fi
