@@ -4,24 +4,11 @@ the profile build (``CUPARING_CTA_PROFILE``) of both sm90 kernels still compiles
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from tool_modules import load_tool as _tool
 
 from cuparing.kernels import loader
-
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_summary_of_a_known_timeline():

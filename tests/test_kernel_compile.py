@@ -6,24 +6,15 @@ the compile test is skipped, the pure-Python checks of the loader still run.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from tool_modules import load_tool
 
 from cuparing.kernels import loader
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-
 
 def _compile_check():
-    spec = importlib.util.spec_from_file_location("compile_check", TOOLS / "compile_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("compile_check", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("compile_check")
 
 
 def test_params_layout_matches_params_cuh():
