@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cta_profile import enable_profile, read_profile  # noqa: E402
+from cta_profile import enable_profile, read_profile, summarize  # noqa: E402
 
 WAITS = {"cuparing_turn_wait_cycles": "uint64"}
 
@@ -71,13 +71,13 @@ def main(argv=None) -> int:
             module = loader.get_module((name,), "sm90")
             ctas = h * b * ((s + 127) // 128)
             got = read_profile(module, backward, ctas, WAITS)
+            timeline = summarize(got, sms)
+            span, cta_us = timeline["span_ms"], timeline["cta_us"]
             start = got["cuparing_cta_start_ns"].astype(np.float64)
             end = got["cuparing_cta_end_ns"].astype(np.float64)
             ran = end > 0  # (a CTA whose keys no query sees ends before recording)
-            t0 = start[start > 0].min()
-            span = (end[ran].max() - t0) / 1e6
-            cta_us = float(np.mean(end[ran] - start[ran])) / 1e3
-            waited_ns = got["cuparing_turn_wait_cycles"][:ctas].astype(np.float64) / clock_ghz
+            t0 = start[ran].min()
+            waited_ns = got["cuparing_turn_wait_cycles"].astype(np.float64) / clock_ghz
             busy_ns = float(np.sum(end[ran] - start[ran])) * 8  # consumer warps
             wait_share = 100 * float(waited_ns.sum()) / busy_ns
             # launch order: CTAs that started after some CTA of higher index (timer jitter
