@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
 # On a GPU machine: install, compile check, GPU tests, benchmarks. Logs go to the directory named
 # by CUPARING_LOG_DIR if set, else ./out.
-# Usage: bash tools/gpu_checks.sh [single|multi|bench|bwd|ring|profile|sections|epilogue|all]
+# Usage: bash tools/gpu_checks.sh [single|multi|bench|bwd|ring|profile|epilogue|all]
 #            [pytest -k expression]
 #   profile: where the Hopper kernels' time goes around their main loops: the CTA timelines of
 #        the forward, the backward and a packed batch's last ring step (cta_profile.py) and the
 #        deterministic backward's turns (turn_profile.py) (~5 min)
-#   sections: ablate.py timings of variants/sections.py (CTAs in L2-sized sections of heads):
-#        the backward (bench_backward --quick), the forward (bench_attention --quick) (~9 min)
 #   epilogue: the forward epilogue's ablations (variants/epilogue_cost.py) on a packed ring step
 #        and the quick table, and the merge's L2 prefetch (variants/fwd_merge_prefetch.py) on the
 #        ring step (~9 min)
@@ -83,14 +81,6 @@ if [[ $what == profile || $what == all ]]; then
   run timeout 120 python tools/cta_profile.py --ring 2 --documents 2>&1 \
     | tee "$out/cta_profile_ring.log"
   run timeout 120 python tools/turn_profile.py 2>&1 | tee "$out/turn_profile.log"
-fi
-if [[ $what == sections || $what == all ]]; then
-  run timeout 240 python tools/ablate.py tools/variants/sections.py --lines 4 \
-    --out "$out/ablate_sections_bwd" -- tools/bench_backward.py --quick --families sm90 2>&1 \
-    | tee "$out/ablate_sections_bwd.log"
-  run timeout 330 python tools/ablate.py tools/variants/sections.py --lines 6 --rounds 1 \
-    --out "$out/ablate_sections_fwd" -- tools/bench_attention.py --quick --families sm90 2>&1 \
-    | tee "$out/ablate_sections_fwd.log"
 fi
 if [[ $what == epilogue || $what == all ]]; then
   run timeout 200 python tools/ablate.py tools/variants/epilogue_cost.py --lines 4 \

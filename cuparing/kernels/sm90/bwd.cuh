@@ -43,6 +43,7 @@
 #pragma once
 #include "../common/cta_profile.cuh"
 #include "../common/dq_tiles.cuh"
+#include "../common/launch_order.cuh"
 #include "../common/mask.cuh"
 #include "../common/nonfinite.cuh"
 #include "../common/params.cuh"
@@ -190,9 +191,17 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   if (tid == 0) cta_profile_start();
 #endif
 
-  const int n0 = blockIdx.z * Tr::kBlockN;  // the CTA's first key
-  const int h = blockIdx.x;
-  const int b = blockIdx.y;
+  // The unordered kernel deals (batch, head) pairs in sections whose Q, dO and float32 dq tiles
+  // share L2 (sectioned_work); the ordered one keeps the grid's order, whose waits point only at
+  // CTAs started before (and a section's long key-tile chains would wait in turn).
+  const CtaWork work =
+      kOrdered ? CtaWork{static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.y),
+                         static_cast<int>(blockIdx.x)}
+               : sectioned_work(section_pairs(static_cast<i64>(p.seqlen_q) * Tr::kHeadDim * 8,
+                                              gridDim.x * gridDim.y, p.nheads / p.nheads_kv));
+  const int n0 = work.tile * Tr::kBlockN;  // the CTA's first key
+  const int h = work.h;
+  const int b = work.b;
   // the key/value head (computed where used: kept, it would be spilled across the loop)
   const auto kv_head = [&]() { return h / (p.nheads / p.nheads_kv); };
   const int sq = p.seqlen_q;
@@ -442,7 +451,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
                 region_magnitudes<kBf16, Tr::kConsumerThreads>(s_q(s), Tr::kStageBytes, ctid));
         if (named_barrier_or(kAgree, Tr::kConsumerThreads, bad)) {
           if (ctid == 0) {  // lane 0 of its warp: written before that warp's release below
-            p.redo[(blockIdx.z * gridDim.y + b) * gridDim.x + h] = m0 + 1;
+            p.redo[(n0 / Tr::kBlockN * gridDim.y + b) * gridDim.x + h] = m0 + 1;
             st_shared_u32(stop_flag, it + 1);
           }
           // the producer waits for this stage (it is one stage ahead): released, it reads the

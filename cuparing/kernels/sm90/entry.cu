@@ -8,6 +8,8 @@
 //       Sm90BwdTraits<D>::kSmemBytes; the sm80 family's BwdParams and contract (adds one ring
 //       block's dq, dk, dv into the float32 accumulators), head dims 64 and 128; ordered: the
 //       deterministic mode (adds in a fixed order through BwdParams' turn counters).
+// Both deal their CTAs' (batch, head) pairs in L2-sized sections (common/launch_order.cuh); the
+// ordered backward and the forward at head dim 64 keep the grid's order.
 #include "bwd.cuh"
 #include "fwd.cuh"
 

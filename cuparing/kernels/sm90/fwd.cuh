@@ -28,6 +28,7 @@
 #pragma once
 #include "../common/cta_profile.cuh"
 #include "../common/epilogue.cuh"
+#include "../common/launch_order.cuh"
 #include "../common/mask.cuh"
 #include "../common/nonfinite.cuh"
 #include "../common/params.cuh"
@@ -80,11 +81,22 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
   const int warp = tid >> 5;
   const int wg = warp >> 2;  // 0: producer; 1, 2: consumers
 
-  // heaviest query tiles first: under causal masks later positions see more keys
-  const int m_block = gridDim.z - 1 - blockIdx.z;
-  const int h = blockIdx.x;
-  const int b = blockIdx.y;
-  const int hk = h / (p.nheads / p.nheads_kv);
+  // (batch, head) pairs dealt in sections whose K and V share L2 (sectioned_work; a GQA group's
+  // query heads read the same); within one, the heaviest query tiles first: under causal masks
+  // later positions see more keys. Derived by division, the CTA's coordinates would stay live in
+  // registers where blockIdx is re-read for free, and spill: after the prologue they are read
+  // back from shared memory (work_at below).
+  const int group = p.nheads / p.nheads_kv;
+  const CtaWork work =
+      Tr::kHeadDim >= 128
+          ? sectioned_work(section_pairs(static_cast<i64>(p.seqlen_k) * Tr::kHeadDim * 4 / group,
+                                         gridDim.x * gridDim.y, group))
+          : CtaWork{static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.y),
+                    static_cast<int>(blockIdx.x)};  // (d = 64: the sections spilled)
+  const int m_block = gridDim.z - 1 - work.tile;
+  const int h = work.h;
+  const int b = work.b;
+  const int hk = h / group;
   const int sq = p.seqlen_q;
   const int sk = p.seqlen_k;
   const int m0 = m_block * Tr::kBlockM;
@@ -102,19 +114,6 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
     const int q_max = __ldg(p.q_pos + m0 + rows_valid - 1);
     visible_key_tiles<Tr::kBlockN>(p.k_pos, sk, q_min, q_max, lo, hi, lane, n_first, n_count);
   }
-  // Does some query of the CTA see key tile i only in part? (Then its V is checked for NaN/inf.)
-  // Positions are re-read and the fields taken from the parameters rather than kept: neither the
-  // consumers' main loop nor the producer (24 registers with TMA) has a register to spare.
-  const auto partial_for_cta = [&](int i) {
-    if (p.block_full) return false;
-    const int n0 = (n_first + i) * Tr::kBlockN;
-    const int first_q = (gridDim.z - 1 - blockIdx.z) * Tr::kBlockM;
-    return classify_tile(__ldg(p.q_pos + first_q),
-                         __ldg(p.q_pos + min(first_q + Tr::kBlockM, p.seqlen_q) - 1),
-                         __ldg(p.k_pos + n0), __ldg(p.k_pos + min(n0 + Tr::kBlockN, p.seqlen_k) - 1),
-                         p.lo, p.hi) != kTileFull;
-  };
-
   // ---- shared memory: Q, kStages x (K, V), then the mbarriers
   const u32 s_q = (smem_addr(smem_raw) + 1023u) & ~1023u;  // swizzle atoms are 1024 bytes
   const u32 s_kv = s_q + Tr::kQBytes;
@@ -126,6 +125,24 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
   auto checked_v = [&](int s) { return s_bar + 8u * (4 * Tr::kStages + s); };
   const u32 q_full = s_bar + 8u * (5 * Tr::kStages);
   auto v_flag = [&](int s) { return s_bar + 8u * (5 * Tr::kStages + 1) + 4u * s; };
+  // the CTA's first query row, batch, head and K/V head (written before the barrier below)
+  constexpr int kWorkQueryRow = 0, kWorkBatch = 1, kWorkHead = 2, kWorkKvHead = 3;
+  const u32 s_work = s_bar + Tr::kBarrierBytes - 16;
+  static_assert(8 * (5 * Tr::kStages + 1) + 4 * Tr::kStages <= Tr::kBarrierBytes - 16,
+                "the mbarriers and flags end before the work slot");
+  const auto work_at = [&](int field) { return static_cast<int>(ld_shared_u32(s_work + 4 * field)); };
+  // Does some query of the CTA see key tile i only in part? (Then its V is checked for NaN/inf.)
+  // Positions are re-read and the fields taken from the parameters rather than kept: neither the
+  // consumers' main loop nor the producer (24 registers with TMA) has a register to spare.
+  const auto partial_for_cta = [&](int i) {
+    if (p.block_full) return false;
+    const int n0 = (n_first + i) * Tr::kBlockN;
+    const int first_q = work_at(kWorkQueryRow);
+    return classify_tile(__ldg(p.q_pos + first_q),
+                         __ldg(p.q_pos + min(first_q + Tr::kBlockM, p.seqlen_q) - 1),
+                         __ldg(p.k_pos + n0), __ldg(p.k_pos + min(n0 + Tr::kBlockN, p.seqlen_k) - 1),
+                         p.lo, p.hi) != kTileFull;
+  };
   constexpr int kCheckBarrier = 3;  // named barrier of the V checkers (1, 2: consumer turns)
   if (tid == 0) {
     for (int s = 0; s < Tr::kStages; ++s) {
@@ -136,6 +153,10 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
       mbarrier_init(checked_v(s), 1);  // the first checking thread, after the others
     }
     mbarrier_init(q_full, kFullArrivals);
+    st_shared_u32(s_work + 4 * kWorkQueryRow, m0);
+    st_shared_u32(s_work + 4 * kWorkBatch, b);
+    st_shared_u32(s_work + 4 * kWorkHead, h);
+    st_shared_u32(s_work + 4 * kWorkKvHead, hk);
     mbarrier_init_fence();
   }
   __syncthreads();
@@ -172,14 +193,14 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
 #pragma unroll
         for (int box = 0; box < Tr::kBoxes; ++box) {
           tma_load_4d(s_k + box * Tr::kBlockN * Tr::kBoxRowBytes, &maps.k, full_k(s), box * 64, n0,
-                      hk, b);
+                      work_at(kWorkKvHead), work_at(kWorkBatch));
         }
         mbarrier_wait(empty_v(s), phase ^ 1);
         mbarrier_arrive_expect_tx(full_v(s), Tr::kKVBytes);
 #pragma unroll
         for (int box = 0; box < Tr::kBoxes; ++box) {
           tma_load_4d(s_k + Tr::kKVBytes + box * Tr::kBlockN * Tr::kBoxRowBytes, &maps.v,
-                      full_v(s), box * 64, n0, hk, b);
+                      full_v(s), box * 64, n0, work_at(kWorkKvHead), work_at(kWorkBatch));
         }
       }
     } else {
@@ -375,7 +396,8 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
       // were zeroed (walking every tile the CTA sees in part: adding a non-finite value the row
       // already holds changes nothing; common/nonfinite.cuh), after the last correction.
       if (values_zeroed) {
-        const u16* v_head = p.v + b * p.v_batch_stride + hk * p.v_head_stride;
+        const u16* v_head = p.v + work_at(kWorkBatch) * p.v_batch_stride +
+                            work_at(kWorkKvHead) * p.v_head_stride;
 #pragma unroll 1
         for (int it = 0; it < n_count; ++it) {
           if (!partial_for_cta(it)) continue;
@@ -392,7 +414,9 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
     }
 
     // ---- epilogue: normalise and write (common/epilogue.cuh)
-    write_block_output<Tr, kBf16>(p, acc_o, row_max, row_sum, warp_row0, b, h, lane);
+    write_block_output<Tr, kBf16>(p, acc_o, row_max, row_sum,
+                                  work_at(kWorkQueryRow) + cwarp * Tr::kRowsPerWarp,
+                                  work_at(kWorkBatch), work_at(kWorkHead), lane);
 #ifdef CUPARING_CTA_PROFILE
     if (lane == 0) cta_profile_end();
 #endif
