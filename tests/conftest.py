@@ -27,6 +27,30 @@ settings.load_profile(
 )
 
 
+def pytest_collection_modifyitems(config, items):
+    """``CUPARING_TEST_SHARD=i/n`` keeps every n-th collected test from the i-th (0-based):
+    tools/sharded_pytest.py runs n such processes at once, so GPU test runs, whose time goes
+    mostly to the float64 references and first-call compiles on the host, take a fraction of
+    the wall time. Dealt in collection order, neighbouring (similar) tests go to different
+    shards."""
+    shard = os.environ.get("CUPARING_TEST_SHARD")
+    if not shard:
+        return
+    try:
+        index, count = (int(part) for part in shard.split("/"))
+        if not 0 <= index < count:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(
+            f"CUPARING_TEST_SHARD must be 'i/n' with 0 <= i < n, got {shard!r}"
+        ) from None
+    kept = items[index::count]
+    dropped = [item for position, item in enumerate(items) if position % count != index]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = kept
+
+
 def gpu_count() -> int:
     """Number of CUDA GPUs CuPy can see (0 without CuPy or a driver)."""
     try:
