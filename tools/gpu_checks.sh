@@ -5,7 +5,8 @@
 #            [pytest -k expression]
 #   profile: where the Hopper kernels' time goes around their main loops: the CTA timelines of
 #        the forward, the backward and a packed batch's last ring step (cta_profile.py) and the
-#        deterministic backward's turns (turn_profile.py) (~5 min)
+#        deterministic backward's turns (turn_profile.py); the backward calls' launches one by
+#        one (profile_ring_steps.py --backward: one GPU, full and causal; a packed ring) (~7 min)
 #   epilogue: the forward epilogue's ablations (variants/epilogue_cost.py) on a packed ring step
 #        and the quick table, and the merge's L2 prefetch (variants/fwd_merge_prefetch.py) on the
 #        ring step (~9 min)
@@ -83,6 +84,13 @@ if [[ $what == profile || $what == all ]]; then
   run timeout 120 python tools/cta_profile.py --ring 2 --documents 2>&1 \
     | tee "$out/cta_profile_ring.log"
   run timeout 120 python tools/turn_profile.py 2>&1 | tee "$out/turn_profile.log"
+  # the one-GPU backward call's launches (bench_backward's shape) and a packed ring backward's
+  for mask in --full ""; do
+    run timeout 120 python tools/profile_ring_steps.py --backward --ranks 1 --heads 32/32 \
+      --layouts contiguous $mask 2>&1 | grep -v -i warn | tee -a "$out/backward_launches.log"
+  done
+  run timeout 120 python tools/profile_ring_steps.py --backward --documents --ranks 2 \
+    --layouts zigzag 2>&1 | grep -v -i warn | tee -a "$out/backward_launches.log"
 fi
 if [[ $what == epilogue || $what == all ]]; then
   run timeout 200 python tools/ablate.py tools/variants/epilogue_cost.py --lines 4 \

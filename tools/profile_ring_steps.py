@@ -1,7 +1,7 @@
 """Per-kernel GPU time of every rank's ring call, on one GPU, beside the whole sequence.
 
     python tools/profile_ring_steps.py [--ranks 4] [--tokens-per-gpu 8192] [--documents]
-        [--layouts zigzag,contiguous]
+        [--layouts zigzag,contiguous] [--backward] [--heads 32/8] [--full]
 
 For each rank ``r`` of a ring of ``--ranks``, one ``ring_attention`` call on a ring that hands
 K/V straight back (bench_ring.NoCommRing: the same plan, kernels and merges, no transfer) runs
@@ -10,9 +10,15 @@ line per call: host wall time of the call (after warm-up, synchronised), the sum
 GPU time, and each kernel's time in launch order (one forward kernel per ring step, then the
 cast). The first lines run the whole sequence on one GPU, for comparison.
 
+``--backward``: the backward calls instead (``attention_backward`` on one GPU,
+``ring_attention_backward`` per rank, after a forward that is not profiled): the delta kernel,
+the accumulators' clearing, one backward launch per step (and the redo pass's, under masks),
+the dq conversion and the casts, each with its time.
+
 The batch is bench_varlen's (``--documents``: its packed causal documents) or one causal
-sequence; bf16, B=1, H/Hkv 32/8, D=128. Answers "which step is slow, and is the GPU or the host
-the limit" without a multi-GPU machine.
+sequence (``--full``: one sequence, no mask); bf16, B=1, D=128, H/Hkv 32/8 (``--heads``).
+Answers "which step or which launch is slow, and is the GPU or the host the limit" without a
+multi-GPU machine.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_ring import NoCommRing  # noqa: E402
-from bench_varlen import global_inputs, packed_batch  # noqa: E402
+from bench_varlen import HEADDIM, packed_batch  # noqa: E402
 
 import cuparing as cr  # noqa: E402
 
@@ -54,27 +60,60 @@ def profile_call(fn, label: str) -> None:
     print(f"{label:<24} wall {wall:6.2f} ms  GPU {total:6.2f} ms | {each}", flush=True)
 
 
+def random_inputs(seqlen: int, heads: int, heads_kv: int, seed: int):
+    """q, k, v, dout: [1, seqlen, heads (kv: heads_kv), HEADDIM] bf16 CuPy arrays."""
+    import cupy
+    import ml_dtypes
+
+    rng = cupy.random.default_rng(seed)
+    shapes = ((seqlen, heads), (seqlen, heads_kv), (seqlen, heads_kv), (seqlen, heads))
+    return tuple(rng.standard_normal((1, s, n, HEADDIM), dtype=cupy.float32)
+                 .astype(ml_dtypes.bfloat16) for s, n in shapes)  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--tokens-per-gpu", type=int, default=8192)
     parser.add_argument("--documents", action="store_true", help="bench_varlen's packed batch")
+    parser.add_argument("--full", action="store_true", help="no mask (one sequence)")
     parser.add_argument("--layouts", default="zigzag,contiguous")
+    parser.add_argument("--backward", action="store_true", help="profile the backward calls")
+    parser.add_argument("--heads", default="32/8", help="query heads / key-value heads")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.full and args.documents:
+        parser.error("--full is one unmasked sequence; --documents a packed causal batch")
+    heads, heads_kv = (int(n) for n in args.heads.split("/"))
     world = args.ranks
     seqlen = args.tokens_per_gpu * world
     cu = packed_batch(seqlen, args.seed) if args.documents else None
-    q, k, v, _ = global_inputs(seqlen, args.seed)
-    docs = {"cu_seqlens": cu} if cu is not None else {}
-    batch = "one sequence" if cu is None else f"documents {[int(x) for x in cu[1:] - cu[:-1]]}"
-    print(f"S={seqlen}, {world} simulated ranks, causal, {batch}")
-    profile_call(lambda: cr.attention(q, k, v, causal=True, **docs), "one GPU")
+    q, k, v, dout = random_inputs(seqlen, heads, heads_kv, args.seed)
+    opts = {"causal": not args.full}
+    if cu is not None:
+        opts["cu_seqlens"] = cu
+    batch = ("one sequence" + (", no mask" if args.full else ", causal") if cu is None
+             else f"causal documents {[int(x) for x in cu[1:] - cu[:-1]]}")  # fmt: skip
+    what = "backward" if args.backward else "forward"
+    print(f"S={seqlen}, {world} simulated ranks, H/Hkv {heads}/{heads_kv}, {batch}, {what}")
+    if args.backward:
+        out, lse = cr.attention(q, k, v, return_lse=True, **opts)
+        call = functools.partial(cr.attention_backward, dout, q, k, v, out, lse, **opts)
+    else:
+        call = functools.partial(cr.attention, q, k, v, **opts)
+    profile_call(call, "one GPU")
     for layout in args.layouts.split(","):
         for rank in range(world):
-            shards = [cr.shard(x, rank, world, layout=layout, **docs) for x in (q, k, v)]
-            call = functools.partial(cr.ring_attention, *shards, NoCommRing(rank, world),
-                                     causal=True, layout=layout, **docs)  # fmt: skip
+            ring = NoCommRing(rank, world)
+            docs = {"cu_seqlens": cu} if cu is not None else {}
+            shards = [cr.shard(x, rank, world, layout=layout, **docs) for x in (q, k, v, dout)]
+            ring_opts = {**opts, "layout": layout}
+            if args.backward:
+                out_r, lse_r = cr.ring_attention(*shards[:3], ring, return_lse=True, **ring_opts)
+                call = functools.partial(cr.ring_attention_backward, shards[3], *shards[:3],
+                                         out_r, lse_r, ring, **ring_opts)  # fmt: skip
+            else:
+                call = functools.partial(cr.ring_attention, *shards[:3], ring, **ring_opts)
             profile_call(call, f"{layout} rank {rank}")
     return 0
 
