@@ -56,5 +56,21 @@ __device__ __forceinline__ void cta_profile_end() {
   atomicMax(&cuparing_cta_end_ns[cta_profile_slot()], globaltimer_ns());
 }
 
+// cta_profile_last through a zeroed 8-byte shared-memory slot at `slot` (for a kernel whose
+// consumers have no registers to spare for a global address there): the warp's mark, kept as
+// the slot's maximum ...
+__device__ __forceinline__ void cta_profile_last_shared(unsigned slot) {
+  asm volatile("atom.shared.max.u64 _, [%0], %1;" ::"r"(slot), "l"(globaltimer_ns()) : "memory");
+}
+
+// ... and cta_profile_end, which also hands the slot on (each warp after its own mark: the
+// CTA's maximum reaches the global record).
+__device__ __forceinline__ void cta_profile_end_shared(unsigned slot) {
+  unsigned long long last;
+  asm volatile("ld.shared.u64 %0, [%1];" : "=l"(last) : "r"(slot) : "memory");
+  atomicMax(&cuparing_cta_last_ns[cta_profile_slot()], last);
+  cta_profile_end();
+}
+
 }  // namespace cuparing
 #endif

@@ -128,8 +128,12 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
   // the CTA's first query row, batch, head and K/V head (written before the barrier below)
   constexpr int kWorkQueryRow = 0, kWorkBatch = 1, kWorkHead = 2, kWorkKvHead = 3;
   const u32 s_work = s_bar + Tr::kBarrierBytes - 16;
-  static_assert(8 * (5 * Tr::kStages + 1) + 4 * Tr::kStages <= Tr::kBarrierBytes - 16,
-                "the mbarriers and flags end before the work slot");
+  static_assert(8 * (5 * Tr::kStages + 1) + 4 * Tr::kStages <= Tr::kBarrierBytes - 24,
+                "the mbarriers and flags end before the profile's and the work slots");
+#ifdef CUPARING_CTA_PROFILE
+  // the consumers' last product (cta_profile_last_shared: a global address spilled them)
+  const u32 s_profile_last = s_work - 8;
+#endif
   const auto work_at = [&](int field) { return static_cast<int>(ld_shared_u32(s_work + 4 * field)); };
   // Does some query of the CTA see key tile i only in part? (Then its V is checked for NaN/inf.)
   // Positions are re-read and the fields taken from the parameters rather than kept: neither the
@@ -157,6 +161,10 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
     st_shared_u32(s_work + 4 * kWorkBatch, b);
     st_shared_u32(s_work + 4 * kWorkHead, h);
     st_shared_u32(s_work + 4 * kWorkKvHead, hk);
+#ifdef CUPARING_CTA_PROFILE
+    st_shared_u32(s_profile_last, 0);
+    st_shared_u32(s_profile_last + 4, 0);
+#endif
     mbarrier_init_fence();
   }
   __syncthreads();
@@ -387,9 +395,6 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
         wgmma_wait<0>();
         fence_accumulator(acc_o[0]);
         mbarrier_arrive(empty_v(last));
-#ifdef CUPARING_CTA_PROFILE
-        if (lane == 0) cta_profile_last();
-#endif
       }
 
       // Rare: add, per row, the NaN / inf values of the keys it sees in the tiles whose values
@@ -413,12 +418,15 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
       }
     }
 
+#ifdef CUPARING_CTA_PROFILE
+    if (lane == 0) cta_profile_last_shared(s_profile_last);
+#endif
     // ---- epilogue: normalise and write (common/epilogue.cuh)
     write_block_output<Tr, kBf16>(p, acc_o, row_max, row_sum,
                                   work_at(kWorkQueryRow) + cwarp * Tr::kRowsPerWarp,
                                   work_at(kWorkBatch), work_at(kWorkHead), lane);
 #ifdef CUPARING_CTA_PROFILE
-    if (lane == 0) cta_profile_end();
+    if (lane == 0) cta_profile_end_shared(s_profile_last);
 #endif
   }
 }
