@@ -53,3 +53,24 @@ def test_summary_counts_add_up():
     found = [tool.SUMMARY.findall(line)[0] for line in lines]
     assert tool.summed(found) == {"passed": 7, "skipped": 2, "deselected": 10, "failed": 1,
                                   "errors": 1, "warnings": 3}  # fmt: skip
+
+
+def test_timeout_kills_the_shards_still_running(tmp_path):
+    """No shard outlives ``--timeout``: the slow one is killed (a failure, its summary
+    missing), the others report as usual."""
+    # (outside tests/, the shard hook of tests/conftest.py is loaded by a conftest of its own)
+    (tmp_path / "conftest.py").write_text(
+        "import runpy\n\npytest_collection_modifyitems = runpy.run_path("
+        f"{str(ROOT / 'tests' / 'conftest.py')!r})['pytest_collection_modifyitems']\n"
+    )
+    slow = tmp_path / "test_slow_and_fast.py"
+    slow.write_text("import time\n\n\ndef test_slow():\n    time.sleep(300)\n\n\n"
+                    "def test_fast():\n    pass\n")  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "sharded_pytest.py"), "--shards", "2",
+         "--timeout", "15", "--", str(slow)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "shard 0/2: killed after 15 s" in done.stdout
+    assert "shard 1/2: 1 passed" in done.stdout

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # On a GPU machine: install, compile check, GPU tests, benchmarks. Logs go to the directory named
 # by CUPARING_LOG_DIR if set, else ./out.
-# Usage: bash tools/gpu_checks.sh [single|multi|bench|bwd|ring|profile|epilogue|all]
+# Usage: bash tools/gpu_checks.sh [single|multi|bench|bwd|ring|profile|epilogue|candidate|all]
 #            [pytest -k expression]
+#   candidate: a kernel change (a branch checked out here) against the tree in .snap/main (made
+#        beside it: git archive main | tar -x -C .snap/main; carried): the compile check, the
+#        sm90 kernel tests forward and backward in four shards and the NaN / inf tests, then
+#        bench_attention --quick and bench_backward --quick of both trees, interleaved (~9 min)
 #   profile: where the Hopper kernels' time goes around their main loops: the CTA timelines of
 #        the forward, the backward and a packed batch's last ring step (cta_profile.py) and the
 #        deterministic backward's turns (turn_profile.py); the backward calls' launches one by
@@ -32,7 +36,7 @@ run() { echo "== $*"; "$@"; echo "== rc=$?"; }
 if [[ $what == single || $what == all ]]; then
   run python tools/compile_check.py 2>&1 | tail -14
   # four processes at once: the tests' time goes mostly to host work (float64 references)
-  run timeout 420 python tools/sharded_pytest.py --shards 4 --log-dir "$out/gpu_tests" -- \
+  run python tools/sharded_pytest.py --shards 4 --timeout 420 --log-dir "$out/gpu_tests" -- \
     --maxfail=8 tests/test_gpu_attention.py ${filter:+-k "$filter"} 2>&1 | tee "$out/gpu_tests.log"
 fi
 if [[ $what == multi || $what == all ]]; then
@@ -40,7 +44,7 @@ if [[ $what == multi || $what == all ]]; then
     ${filter:+-k "$filter"} 2>&1 | tee "$out/multigpu_tests.log" | tail -40
 fi
 if [[ $what == bwd || $what == all ]]; then
-  run timeout 420 python tools/sharded_pytest.py --shards 4 --log-dir "$out/bwd_tests" -- \
+  run python tools/sharded_pytest.py --shards 4 --timeout 420 --log-dir "$out/bwd_tests" -- \
     --maxfail=4 tests/test_gpu_attention.py \
     -k "(backward_kernel or deterministic or caller or torch)${filter:+ and ($filter)}" 2>&1 \
     | tee "$out/bwd_tests.log"
@@ -91,6 +95,24 @@ if [[ $what == profile || $what == all ]]; then
   done
   run timeout 120 python tools/profile_ring_steps.py --backward --documents --ranks 2 \
     --layouts zigzag 2>&1 | grep -v -i warn | tee -a "$out/backward_launches.log"
+fi
+if [[ $what == candidate ]]; then
+  run python tools/compile_check.py 2>&1 | tail -4
+  run python tools/sharded_pytest.py --shards 4 --timeout 300 --log-dir "$out/candidate_tests" \
+    -- --maxfail=8 tests/test_gpu_attention.py \
+    -k "${filter:-sm90 or direct or deterministic or caller or replays or packed_documents}" \
+    2>&1 | tee "$out/candidate_tests.log"
+  run python tools/sharded_pytest.py --shards 4 --timeout 150 \
+    --log-dir "$out/candidate_nonfinite" -- --maxfail=8 tests/test_gpu_nonfinite.py -k "sm90 or direct or forward or ring" 2>&1 \
+    | tee "$out/candidate_nonfinite.log"
+  if [[ -d .snap/main/cuparing ]]; then
+    run timeout 200 python tools/ablate.py --tree main=.snap/main --lines 6 --rounds 1 \
+      --out "$out/candidate_fwd" -- tools/bench_attention.py --quick --families sm90 2>&1 \
+      | tee "$out/candidate_fwd.log"
+    run timeout 200 python tools/ablate.py --tree main=.snap/main --lines 4 \
+      --out "$out/candidate_bwd" -- tools/bench_backward.py --quick --families sm90,sm90-det \
+      2>&1 | tee "$out/candidate_bwd.log"
+  fi
 fi
 if [[ $what == epilogue || $what == all ]]; then
   run timeout 200 python tools/ablate.py tools/variants/epilogue_cost.py --lines 4 \

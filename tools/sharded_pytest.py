@@ -2,12 +2,14 @@
 and sum their results: for the GPU tests, whose time goes mostly to host work (the float64
 references, first-call compiles), on a machine with cores to spare.
 
-    python tools/sharded_pytest.py [--shards 4] [--log-dir DIR] -- tests/test_gpu_attention.py \\
-        -k "sm90 and matches_reference"
+    python tools/sharded_pytest.py [--shards 4] [--log-dir DIR] [--timeout S] -- \\
+        tests/test_gpu_attention.py -k "sm90 and matches_reference"
 
 Each shard's output goes to DIR/shard_<i>.log (default: a temporary directory); prints each
 shard's summary line, the failures' names, and the summed counts last (pytest's wording). Exit
 status: 0 when every shard passed (pytest's 0, or 5: nothing selected in that shard), else 1.
+``--timeout``: shards still running that many seconds after the start are killed (their
+summaries then missing: a failure), so that no test process outlives the call.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +47,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--log-dir", help="where the shards' outputs go")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds before shards die")
     args = parser.parse_args(argv[:split])
     if args.shards < 1:
         parser.error(f"--shards must be at least 1, got {args.shards}")
@@ -58,8 +62,15 @@ def main(argv=None) -> int:
         processes.append((subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
                                            stderr=subprocess.STDOUT), log))  # fmt: skip
     ok, summaries = True, []
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
     for index, (process, log) in enumerate(processes):
-        status = process.wait()
+        try:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            status = process.wait(timeout=left)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            status = process.wait()
+            print(f"shard {index}/{args.shards}: killed after {args.timeout:g} s")
         log.close()
         text = (log_dir / f"shard_{index}.log").read_text()
         found = SUMMARY.findall(text)
