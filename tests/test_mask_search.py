@@ -1,0 +1,70 @@
+"""The warp-wide searches of kernels/common/mask.cuh, modelled lane by lane: lower_bound_warp
+(32 probes per round) and the paired form of tools/variants/paired_bounds.py (two values per
+round, both chains at once) give numpy's searchsorted answers for any sorted positions."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+
+def lower_bound_warp(pos, value):
+    lo, hi = 0, len(pos)
+    while lo < hi:
+        step = (hi - lo + 31) >> 5
+        count = sum(
+            1 for lane in range(32)
+            if (probe := lo + (lane + 1) * step - 1) < hi and pos[probe] < value
+        )  # fmt: skip
+        hi, lo = min(hi, lo + (count + 1) * step - 1), lo + count * step
+    return lo
+
+
+def lower_bounds_warp(pos, value0, value1):
+    bounds = [[0, len(pos)], [0, len(pos)]]
+    values = (value0, value1)
+    rounds = 0
+    while any(lo < hi for lo, hi in bounds):
+        rounds += 1
+        counts = []
+        for (lo, hi), value in zip(bounds, values, strict=True):
+            step = (hi - lo + 31) >> 5
+            counts.append(sum(
+                1 for lane in range(32)
+                if lo < hi and (probe := lo + (lane + 1) * step - 1) < hi and pos[probe] < value
+            ))  # fmt: skip
+        for bound, count in zip(bounds, counts, strict=True):
+            lo, hi = bound
+            if lo < hi:
+                step = (hi - lo + 31) >> 5
+                bound[:] = [lo + count * step, min(hi, lo + (count + 1) * step - 1)]
+    return bounds[0][0], bounds[1][0], rounds
+
+
+@given(
+    pos=st.lists(st.integers(-50, 5000), max_size=3000).map(sorted),
+    values=st.tuples(st.integers(-60, 5100), st.integers(-60, 5100)),
+)
+def test_searches_find_numpys_lower_bounds(pos, values):
+    want = [int(np.searchsorted(np.asarray(pos, dtype=np.int64), v, side="left")) for v in values]
+    assert [lower_bound_warp(pos, v) for v in values] == want
+    first, second, rounds = lower_bounds_warp(pos, *values)
+    assert [first, second] == want
+    # the rounds of the longer chain, not of both: 32 ** rounds covers the positions
+    assert rounds <= max(1, int(np.ceil(np.log(max(len(pos), 1)) / np.log(32))) + 1)
+
+
+@given(
+    length=st.integers(0, 40000), spread=st.integers(1, 100000), seed=st.integers(0, 2**32 - 1),
+    picks=st.tuples(st.floats(-0.1, 1.1), st.floats(-0.1, 1.1)),
+)  # fmt: skip
+def test_searches_on_long_positions_with_repeats(length, spread, seed, picks):
+    """Long arrays (several rounds of 32 probes) with repeated values (padding, documents)."""
+    rng = np.random.default_rng(seed)
+    pos = np.sort(rng.integers(0, spread, size=length)).tolist()
+    values = tuple(int(p * spread) for p in picks)
+    want = [int(np.searchsorted(np.asarray(pos, dtype=np.int64), v, side="left")) for v in values]
+    first, second, _ = lower_bounds_warp(pos, *values)
+    assert [first, second] == want
+    assert lower_bound_warp(pos, values[0]) == want[0]
