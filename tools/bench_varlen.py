@@ -58,7 +58,9 @@ def visible_flops(cu: np.ndarray) -> float:
     return 4.0 * HEADS * HEADDIM * float(np.sum(lengths * (lengths + 1) / 2))
 
 
-def global_inputs(seqlen: int, seed: int):
+def global_inputs(seqlen: int, seed: int, heads: int = HEADS, heads_kv: int = HEADS_KV):
+    """q, k, v, dout of the whole sequence: [1, seqlen, heads (k, v: heads_kv), HEADDIM] bf16
+    CuPy arrays drawn from ``seed``."""
     import cupy
 
     rng = cupy.random.default_rng(seed)
@@ -67,7 +69,7 @@ def global_inputs(seqlen: int, seed: int):
         x = rng.standard_normal((1, seqlen, heads, HEADDIM), dtype=cupy.float32)
         return x.astype(ml_dtypes.bfloat16)
 
-    return rand(HEADS), rand(HEADS_KV), rand(HEADS_KV), rand(HEADS)
+    return rand(heads), rand(heads_kv), rand(heads_kv), rand(heads)
 
 
 def bench_one_gpu(ring, inputs, cu, repeats, warmup, backward, kind="cupy"):

@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_ring import NoCommRing  # noqa: E402
-from bench_varlen import HEADDIM, packed_batch  # noqa: E402
+from bench_varlen import global_inputs, packed_batch  # noqa: E402
 
 import cuparing as cr  # noqa: E402
 
@@ -60,17 +60,6 @@ def profile_call(fn, label: str) -> None:
     print(f"{label:<24} wall {wall:6.2f} ms  GPU {total:6.2f} ms | {each}", flush=True)
 
 
-def random_inputs(seqlen: int, heads: int, heads_kv: int, seed: int):
-    """q, k, v, dout: [1, seqlen, heads (kv: heads_kv), HEADDIM] bf16 CuPy arrays."""
-    import cupy
-    import ml_dtypes
-
-    rng = cupy.random.default_rng(seed)
-    shapes = ((seqlen, heads), (seqlen, heads_kv), (seqlen, heads_kv), (seqlen, heads))
-    return tuple(rng.standard_normal((1, s, n, HEADDIM), dtype=cupy.float32)
-                 .astype(ml_dtypes.bfloat16) for s, n in shapes)  # fmt: skip
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=4)
@@ -88,7 +77,7 @@ def main(argv=None) -> int:
     world = args.ranks
     seqlen = args.tokens_per_gpu * world
     cu = packed_batch(seqlen, args.seed) if args.documents else None
-    q, k, v, dout = random_inputs(seqlen, heads, heads_kv, args.seed)
+    q, k, v, dout = global_inputs(seqlen, args.seed, heads, heads_kv)
     opts = {"causal": not args.full}
     if cu is not None:
         opts["cu_seqlens"] = cu
