@@ -9,36 +9,33 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 
+def search_round(pos, lo, hi, value):
+    """One round of the warp's search in [lo, hi]: 32 lanes probe evenly spaced indices, and
+    the count of probes before the answer narrows the range."""
+    step = (hi - lo + 31) >> 5
+    count = sum(
+        1 for lane in range(32)
+        if (probe := lo + (lane + 1) * step - 1) < hi and pos[probe] < value
+    )  # fmt: skip
+    return lo + count * step, min(hi, lo + (count + 1) * step - 1)
+
+
 def lower_bound_warp(pos, value):
     lo, hi = 0, len(pos)
     while lo < hi:
-        step = (hi - lo + 31) >> 5
-        count = sum(
-            1 for lane in range(32)
-            if (probe := lo + (lane + 1) * step - 1) < hi and pos[probe] < value
-        )  # fmt: skip
-        hi, lo = min(hi, lo + (count + 1) * step - 1), lo + count * step
+        lo, hi = search_round(pos, lo, hi, value)
     return lo
 
 
 def lower_bounds_warp(pos, value0, value1):
-    bounds = [[0, len(pos)], [0, len(pos)]]
-    values = (value0, value1)
+    """The paired form: each round narrows both ranges (a finished one stays); returns both
+    answers and the rounds taken."""
+    bounds = [(0, len(pos)), (0, len(pos))]
     rounds = 0
     while any(lo < hi for lo, hi in bounds):
         rounds += 1
-        counts = []
-        for (lo, hi), value in zip(bounds, values, strict=True):
-            step = (hi - lo + 31) >> 5
-            counts.append(sum(
-                1 for lane in range(32)
-                if lo < hi and (probe := lo + (lane + 1) * step - 1) < hi and pos[probe] < value
-            ))  # fmt: skip
-        for bound, count in zip(bounds, counts, strict=True):
-            lo, hi = bound
-            if lo < hi:
-                step = (hi - lo + 31) >> 5
-                bound[:] = [lo + count * step, min(hi, lo + (count + 1) * step - 1)]
+        bounds = [search_round(pos, lo, hi, value) if lo < hi else (lo, hi)
+                  for (lo, hi), value in zip(bounds, (value0, value1), strict=True)]  # fmt: skip
     return bounds[0][0], bounds[1][0], rounds
 
 
