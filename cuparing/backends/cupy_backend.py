@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..interop import dtype_name, element_strides
-from ..kernels import loader, tensor_maps
+from ..kernels import launch_order, loader, tensor_maps
 from ..masks import UNBOUNDED, BlockKind, MaskSpec
 from ..schedule import home_shift_of
 from . import array_ops, launch_plans
@@ -425,7 +425,14 @@ class CupyBackend:
             **_stride_fields(q=q, k=k, v=v), **_strides("o", out_strides),
             **self._block_fields(q, k, q_pos, k_pos, kind, mask, scale), out_mode=mode,
         )  # fmt: skip
-        grid = (nheads, batch, math.ceil(seqlen_q / cfg.block_m))
+        tiles = math.ceil(seqlen_q / cfg.block_m)
+        grid = (nheads, batch, tiles)
+        if sm90:  # (batch, head) pairs in sections sharing K / V in L2 (kernels/launch_order.py)
+            group = nheads // k.shape[2]
+            section = launch_order.section_pairs(
+                batch * nheads, group, k.shape[1] * padded * 4 // group, loader.device_l2_bytes()
+            )
+            grid = launch_order.sectioned_grid(batch, nheads, tiles, section)
         extra = None
         if sm90:  # the sm90 kernel takes the maps too (zeros for its cp.async producer)
             if maps is not None:
@@ -709,7 +716,15 @@ class CupyBackend:
             **self._block_fields(q, k, q_pos, k_pos, kind, mask, scale), scale=np.float32(scale),
             redo=0, dq_turns=0, dkv_turns=0,
         )  # fmt: skip
-        grid = (nheads, batch, math.ceil(k.shape[1] / cfg.block_n))
+        tiles = math.ceil(k.shape[1] / cfg.block_n)
+        plain = (nheads, batch, tiles)  # the sm80 kernels' grid, the redo pass's too
+        grid = plain
+        if sm90:  # pairs in sections sharing Q, dO and dq tiles in L2; ordered: one section
+            pairs = batch * nheads
+            section = pairs if deterministic else launch_order.section_pairs(
+                pairs, nheads // k.shape[2], seqlen_q * padded * 8, loader.device_l2_bytes()
+            )  # fmt: skip
+            grid = launch_order.sectioned_grid(batch, nheads, tiles, section)
         offsets = loader.pointer_offsets("bwd", _BWD_POINTERS)
         # one launch (all of dq, dk, dv) or two (dv, then dk + dq)
         launch = launch_plans.PackedLaunch(
@@ -719,16 +734,16 @@ class CupyBackend:
         if deterministic:  # a counter per (batch, head, query tile) and per (batch, kv head, CTA)
             kv_heads = k.shape[2]
             turns = (batch * nheads * math.ceil(seqlen_q / cfg.block_m),
-                     batch * kv_heads * grid[2] if kv_heads != nheads else 0)  # fmt: skip
+                     batch * kv_heads * tiles if kv_heads != nheads else 0)  # fmt: skip
         if not sm90 or kind == BlockKind.FULL:  # (a FULL block has no mask edge)
             return _BackwardPlan(launch, 0, *turns)
         # the sm90 kernel leaves tiles with NaN / inf next to a mask edge to the sm80 kernel's
         # exact path: its redo pass runs the CTAs so marked (the others exit at once)
         redo_kernel, redo_cfg, redo_smem = loader.get_bwd_redo_kernel(padded, name)
         redo_launch = launch_plans.PackedLaunch(
-            (redo_kernel,), grid, (redo_cfg.threads,), redo_smem, params, offsets
+            (redo_kernel,), plain, (redo_cfg.threads,), redo_smem, params, offsets
         )
-        slots = grid[0] * grid[1] * grid[2]
+        slots = batch * nheads * tiles
         sequence = launch_plans.LaunchSequence((launch, redo_launch))
         return _BackwardPlan(sequence, slots, *turns)
 

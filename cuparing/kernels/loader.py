@@ -607,6 +607,19 @@ def _allow_smem(kernel, name: str, smem: int, device: int, arch: str) -> None:
         ) from exc
 
 
+_L2_BYTES: dict[int, int] = {}
+
+
+def device_l2_bytes() -> int:
+    """L2 cache bytes of CuPy's current device (cached per device)."""
+    import cupy
+
+    device = cupy.cuda.Device()
+    if device.id not in _L2_BYTES:
+        _L2_BYTES[device.id] = int(device.attributes["L2CacheSize"])
+    return _L2_BYTES[device.id]
+
+
 def device_arch() -> str:
     """Compute capability of CuPy's current device as 'sm_XY'."""
     import cupy

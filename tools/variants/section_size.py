@@ -1,5 +1,6 @@
 """Candidates for tools/ablate.py: the L2 budget of the Hopper kernels' CTA sections
-(common/launch_order.cuh kL2SectionBytes, 32 MB in the tree; PERF.md backward v0.7).
+(kernels/launch_order.py L2_SHARE: 0.64 of the device's L2 in the tree, 32 MB of an H100's or
+H200's 50; PERF.md backward v0.7).
 
 At 8k tokens, d=128, a backward (batch, head) pair's Q, dO and float32 dq take 8 MB: 32 MB deals
 4 heads per section (256 CTAs: a wave of 132 holds about half of each head's 64 key tiles),
@@ -12,10 +13,10 @@ predicted 10-20%: whether a smaller section keeps more of the shared operands in
         --families sm90
 """
 
-ORDER = "cuparing/kernels/common/launch_order.cuh"
-OLD = "constexpr long long kL2SectionBytes = 32ll << 20;\n"
+ORDER = "cuparing/kernels/launch_order.py"
+OLD = "L2_SHARE = 0.64\n"
 
 VARIANTS = {
-    f"{mb}MB": [(ORDER, OLD, f"constexpr long long kL2SectionBytes = {mb}ll << 20;\n")]
+    f"{mb}MB": [(ORDER, OLD, f"L2_SHARE = {mb / 50}\n")]
     for mb in (16, 48)
 }

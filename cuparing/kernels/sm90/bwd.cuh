@@ -145,7 +145,7 @@ CUPARING_SM90_BWD_SMEM(CUPARING_CHECK_SM90_BWD_SMEM)
 template <class Tr>
 __device__ __forceinline__ int* dq_turn(const BwdParams& p, int m) {
   const int q_tiles = (p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM;
-  return p.dq_turns + (static_cast<i64>(blockIdx.y) * p.nheads + blockIdx.x) * q_tiles + m;
+  return p.dq_turns + static_cast<i64>(cta_pair()) * q_tiles + m;
 }
 
 // The count a consumer warp waits for on a query tile whose adders start at key tile `first`
@@ -153,7 +153,7 @@ __device__ __forceinline__ int* dq_turn(const BwdParams& p, int m) {
 // each key tile before this CTA's.
 template <class Tr>
 __device__ __forceinline__ int dq_turn_target(int first) {
-  return (Tr::kConsumerThreads / 32) * (static_cast<int>(blockIdx.z) - first);
+  return (Tr::kConsumerThreads / 32) * (cta_tile() - first);
 }
 
 // first_key_tile_seen for a later query tile (first position q_min) of the CTA, from `first`,
@@ -162,7 +162,7 @@ __device__ __forceinline__ int dq_turn_target(int first) {
 template <int kKeyTile>
 __device__ __forceinline__ int next_key_tile_seen(const BwdParams& p, int first, int q_min) {
   const int begin = q_min + p.lo;  // (positions and |lo| < 2^30: no overflow)
-  while (!p.block_full && first < static_cast<int>(blockIdx.z) &&
+  while (!p.block_full && first < cta_tile() &&
          __ldg(p.k_pos + min(kKeyTile * (first + 1), p.seqlen_k) - 1) < begin) {
     ++first;
   }
@@ -191,14 +191,11 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   if (tid == 0) cta_profile_start();
 #endif
 
-  // The unordered kernel deals (batch, head) pairs in sections whose Q, dO and float32 dq tiles
-  // share L2 (sectioned_work); the ordered one keeps the grid's order, whose waits point only at
-  // CTAs started before (and a section's long key-tile chains would wait in turn).
-  const CtaWork work =
-      kOrdered ? CtaWork{static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.y),
-                         static_cast<int>(blockIdx.x)}
-               : sectioned_work(section_pairs(static_cast<i64>(p.seqlen_q) * Tr::kHeadDim * 8,
-                                              gridDim.x * gridDim.y, p.nheads / p.nheads_kv));
+  // (batch, head) pairs dealt in sections whose Q, dO and float32 dq tiles share L2
+  // (common/launch_order.cuh); the ordered kernel's host gives it one section of every pair
+  // (the plain order: its waits point only at CTAs started before, and a section's long
+  // key-tile chains would wait in turn)
+  const CtaWork work = cta_work(p.nheads);
   const int n0 = work.tile * Tr::kBlockN;  // the CTA's first key
   const int h = work.h;
   const int b = work.b;
@@ -451,7 +448,7 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
                 region_magnitudes<kBf16, Tr::kConsumerThreads>(s_q(s), Tr::kStageBytes, ctid));
         if (named_barrier_or(kAgree, Tr::kConsumerThreads, bad)) {
           if (ctid == 0) {  // lane 0 of its warp: written before that warp's release below
-            p.redo[(n0 / Tr::kBlockN * gridDim.y + b) * gridDim.x + h] = m0 + 1;
+            p.redo[(static_cast<i64>(n0 / Tr::kBlockN) * p.batch + b) * p.nheads + h] = m0 + 1;
             st_shared_u32(stop_flag, it + 1);
           }
           // the producer waits for this stage (it is one stage ahead): released, it reads the
@@ -663,8 +660,8 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   const int group = p.nheads / p.nheads_kv;
   int* kv_turn = nullptr;
   if (kOrdered && group > 1) {
-    kv_turn = p.dkv_turns + (static_cast<i64>(b) * p.nheads_kv + kv_head()) * gridDim.z +
-              blockIdx.z;
+    kv_turn = p.dkv_turns + (static_cast<i64>(b) * p.nheads_kv + kv_head()) * cta_tiles() +
+              cta_tile();
     if (lane == 0) wait_turn(kv_turn, (Tr::kConsumerThreads / 32) * (h % group));
     __syncwarp();
   }

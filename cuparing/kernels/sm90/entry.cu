@@ -1,15 +1,17 @@
 // __global__ entry points of the sm_90a family (compiled only for sm_90a; loader.py names every
 // instantiation):
-//   cuparing_fwd_sm90<D, bf16, tma>: grid (H, B, ceil(Sq / 128)), block 384 (three warpgroups),
-//       dynamic smem Sm90FwdTraits<D, tma>::kSmemBytes; same FwdParams and results as the sm80
-//       family's cuparing_fwd, plus the Q/K/V tensor maps (read only when tma is true; the
-//       false instantiation copies with cp.async).
-//   cuparing_bwd_sm90<D, bf16, ordered>: grid (H, B, ceil(Sk / 128)), block 384, dynamic smem
-//       Sm90BwdTraits<D>::kSmemBytes; the sm80 family's BwdParams and contract (adds one ring
-//       block's dq, dk, dv into the float32 accumulators), head dims 64 and 128; ordered: the
-//       deterministic mode (adds in a fixed order through BwdParams' turn counters).
-// Both deal their CTAs' (batch, head) pairs in L2-sized sections (common/launch_order.cuh); the
-// ordered backward and the forward at head dim 64 keep the grid's order.
+//   cuparing_fwd_sm90<D, bf16, tma>: grid (section, ceil(Sq / 128), B H / section) (below),
+//       block 384 (three warpgroups), dynamic smem Sm90FwdTraits<D, tma>::kSmemBytes; same
+//       FwdParams and results as the sm80 family's cuparing_fwd, plus the Q/K/V tensor maps
+//       (read only when tma is true; the false instantiation copies with cp.async).
+//   cuparing_bwd_sm90<D, bf16, ordered>: grid (section, ceil(Sk / 128), B H / section), block
+//       384, dynamic smem Sm90BwdTraits<D>::kSmemBytes; the sm80 family's BwdParams and
+//       contract (adds one ring block's dq, dk, dv into the float32 accumulators), head dims 64
+//       and 128; ordered: the deterministic mode (adds in a fixed order through BwdParams' turn
+//       counters).
+// Both deal their CTAs' (batch, head) pairs in L2-sized sections of `section` pairs
+// (common/launch_order.cuh, kernels/launch_order.py); the ordered backward gets one section of
+// every pair (the plain order).
 #include "bwd.cuh"
 #include "fwd.cuh"
 

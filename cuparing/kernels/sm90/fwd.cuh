@@ -81,19 +81,14 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
   const int warp = tid >> 5;
   const int wg = warp >> 2;  // 0: producer; 1, 2: consumers
 
-  // (batch, head) pairs dealt in sections whose K and V share L2 (sectioned_work; a GQA group's
-  // query heads read the same); within one, the heaviest query tiles first: under causal masks
-  // later positions see more keys. Derived by division, the CTA's coordinates would stay live in
-  // registers where blockIdx is re-read for free, and spill: after the prologue they are read
-  // back from shared memory (work_at below).
+  // (batch, head) pairs dealt in sections whose K and V share L2 (common/launch_order.cuh; a GQA
+  // group's query heads read the same); within one, the heaviest query tiles first: under
+  // causal masks later positions see more keys. The batch and heads, derived by division, would
+  // stay live in registers and spill: after the prologue they are read back from shared memory
+  // (work_at below).
   const int group = p.nheads / p.nheads_kv;
-  const CtaWork work =
-      Tr::kHeadDim >= 128
-          ? sectioned_work(section_pairs(static_cast<i64>(p.seqlen_k) * Tr::kHeadDim * 4 / group,
-                                         gridDim.x * gridDim.y, group))
-          : CtaWork{static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.y),
-                    static_cast<int>(blockIdx.x)};  // (d = 64: the sections spilled)
-  const int m_block = gridDim.z - 1 - work.tile;
+  const CtaWork work = cta_work(p.nheads);
+  const int m_block = cta_tiles() - 1 - work.tile;
   const int h = work.h;
   const int b = work.b;
   const int hk = h / group;
