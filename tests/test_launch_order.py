@@ -36,12 +36,27 @@ def test_sections_divide_the_pairs_in_whole_groups_that_fit(batch, kv_heads, gro
     section = launch_order.section_pairs(pairs, group, pair_bytes, l2_mb * MB)
     fit = max(1, int(launch_order.L2_SHARE * l2_mb * MB) // pair_bytes)
     assert pairs % section == 0 and 1 <= section <= max(1, min(pairs, fit))
-    assert section % group == 0 or group % section == 0
+    if group <= fit:  # whole groups where one fits
+        assert section % group == 0
+
+    def qualifies(d):
+        return pairs % d == 0 and (d % group == 0 or group > fit)
+
     # the largest such: no bigger divisor of the pairs qualifies
-    assert not any(
-        pairs % d == 0 and (d % group == 0 or group % d == 0)
-        for d in range(section + 1, min(pairs, fit) + 1)
-    )
+    assert not any(qualifies(d) for d in range(section + 1, min(pairs, fit) + 1))
+
+
+def test_sections_stay_within_the_grid_limit(monkeypatch):
+    """So many pairs that sections of what fits would outnumber the z limit: the fewest pairs a
+    section may hold to stay within it (here a divisor of 2 x 3 x 5 x 7 x 11 x 13 x 17 x 19)."""
+    monkeypatch.setattr(launch_order, "MAX_SECTIONS", 100)
+    pairs = 2 * 3 * 5 * 7 * 11 * 13 * 17 * 19
+    section = launch_order.section_pairs(pairs, 1, 64 * MB, 50 * MB)  # 1 pair fits
+    assert pairs // section <= 100 and pairs % section == 0
+    assert not any(pairs % d == 0 and pairs // d <= 100 for d in range(1, section))
+    launch_order.sectioned_grid(1, pairs, 3, section)
+    with pytest.raises(ValueError, match="at most 100 sections"):
+        launch_order.sectioned_grid(1, pairs, 3, 1)
 
 
 @given(batch=st.integers(1, 3), heads=st.integers(1, 12), tiles=st.integers(1, 9),

@@ -10,9 +10,9 @@ bf16, B=1, Hkv = H, full and causal, default and ``deterministic=True``. Per cas
 kernel's span (first CTA start to last CTA end), the mean CTA time, the share of the consumer
 warps' time spent waiting for turns (8 consumer warps per CTA), and the launch order as the
 hardware took it: the share of CTAs that started after some CTA of higher linear index (``x``
-fastest, then ``y``, then ``z``: its (batch, head) pairs, then key tiles; the order the turns
-assume is 0), and the mean start of each of the first "waves" of as many CTAs as there are
-SMs. Hopper only.
+fastest, then ``y``, then ``z``: the ordered kernel's grid is its (batch, head) pairs, then key
+tiles; the order the turns assume is 0), and the mean start of each of the first "waves" of as
+many CTAs as there are SMs. Hopper only.
 """
 
 from __future__ import annotations

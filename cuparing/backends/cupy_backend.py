@@ -716,15 +716,15 @@ class CupyBackend:
             **self._block_fields(q, k, q_pos, k_pos, kind, mask, scale), scale=np.float32(scale),
             redo=0, dq_turns=0, dkv_turns=0,
         )  # fmt: skip
-        tiles = math.ceil(k.shape[1] / cfg.block_n)
-        plain = (nheads, batch, tiles)  # the sm80 kernels' grid, the redo pass's too
+        key_tiles = math.ceil(k.shape[1] / cfg.block_n)
+        plain = (nheads, batch, key_tiles)  # the sm80 kernels' grid, the redo pass's too
         grid = plain
         if sm90:  # pairs in sections sharing Q, dO and dq tiles in L2; ordered: one section
             pairs = batch * nheads
             section = pairs if deterministic else launch_order.section_pairs(
                 pairs, nheads // k.shape[2], seqlen_q * padded * 8, loader.device_l2_bytes()
             )  # fmt: skip
-            grid = launch_order.sectioned_grid(batch, nheads, tiles, section)
+            grid = launch_order.sectioned_grid(batch, nheads, key_tiles, section)
         offsets = loader.pointer_offsets("bwd", _BWD_POINTERS)
         # one launch (all of dq, dk, dv) or two (dv, then dk + dq)
         launch = launch_plans.PackedLaunch(
@@ -734,7 +734,7 @@ class CupyBackend:
         if deterministic:  # a counter per (batch, head, query tile) and per (batch, kv head, CTA)
             kv_heads = k.shape[2]
             turns = (batch * nheads * math.ceil(seqlen_q / cfg.block_m),
-                     batch * kv_heads * tiles if kv_heads != nheads else 0)  # fmt: skip
+                     batch * kv_heads * key_tiles if kv_heads != nheads else 0)  # fmt: skip
         if not sm90 or kind == BlockKind.FULL:  # (a FULL block has no mask edge)
             return _BackwardPlan(launch, 0, *turns)
         # the sm90 kernel leaves tiles with NaN / inf next to a mask edge to the sm80 kernel's
@@ -743,7 +743,7 @@ class CupyBackend:
         redo_launch = launch_plans.PackedLaunch(
             (redo_kernel,), plain, (redo_cfg.threads,), redo_smem, params, offsets
         )
-        slots = batch * nheads * tiles
+        slots = batch * nheads * key_tiles
         sequence = launch_plans.LaunchSequence((launch, redo_launch))
         return _BackwardPlan(sequence, slots, *turns)
 

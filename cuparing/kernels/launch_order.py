@@ -13,12 +13,16 @@ from __future__ import annotations
 # streams through (the backward's K / V and dq reductions, the forward's Q and outputs).
 L2_SHARE = 0.64
 
+# The most sections a grid may have (its z dimension's limit).
+MAX_SECTIONS = 65535
+
 
 def section_pairs(pairs: int, group: int, pair_bytes: int, l2_bytes: int) -> int:
     """How many (batch, head) pairs a section holds: the most that divides ``pairs`` and whose
-    shared operands (``pair_bytes`` each) fit in ``L2_SHARE`` of ``l2_bytes``, in whole GQA
-    groups of ``group`` consecutive pairs where a group fits (else a divisor of the group, its
-    query heads then in consecutive sections); 1 at the least.
+    shared operands (``pair_bytes`` each) fit in ``L2_SHARE`` of ``l2_bytes``: in whole GQA
+    groups of ``group`` consecutive pairs where a group fits, else any divisor (a group's query
+    heads then span consecutive sections); 1 at the least, and never so few that the sections
+    outnumber the grid's z limit (then the fewest pairs that keep them within it).
 
     Raises:
         ValueError: ``pairs`` or ``group`` below 1, or ``group`` not dividing ``pairs``.
@@ -26,11 +30,11 @@ def section_pairs(pairs: int, group: int, pair_bytes: int, l2_bytes: int) -> int
     if pairs < 1 or group < 1 or pairs % group:
         raise ValueError(f"pairs ({pairs}) must be a positive multiple of group ({group})")
     fit = max(1, int(L2_SHARE * l2_bytes) // max(pair_bytes, 1))
-    fitting = [
-        d for d in range(1, min(pairs, fit) + 1)
-        if pairs % d == 0 and (d % group == 0 or group % d == 0)
-    ]  # fmt: skip
-    return max(fitting)
+    least = -(-pairs // MAX_SECTIONS)
+    divisors = [d for d in range(1, pairs + 1) if pairs % d == 0 and d >= least]
+    whole = [d for d in divisors if d % group == 0] if group <= fit else divisors
+    fitting = [d for d in whole if d <= fit]
+    return max(fitting) if fitting else min(whole)
 
 
 def sectioned_grid(batch: int, heads: int, tiles: int, section: int) -> tuple[int, int, int]:
@@ -41,6 +45,9 @@ def sectioned_grid(batch: int, heads: int, tiles: int, section: int) -> tuple[in
         ValueError: ``section`` does not divide the pairs.
     """
     pairs = batch * heads
-    if section < 1 or pairs % section:
-        raise ValueError(f"a section of {section} pairs does not divide {pairs} pairs")
+    if section < 1 or pairs % section or pairs // section > MAX_SECTIONS:
+        raise ValueError(
+            f"a section of {section} pairs does not divide {pairs} pairs into at most "
+            f"{MAX_SECTIONS} sections"
+        )
     return (section, tiles, pairs // section)
