@@ -261,7 +261,7 @@ def ring_backward(
         )  # fmt: skip
 
     dkv = backward_rotation(ring, [k, v], dkv, busy_steps(plan), home_shift, block)
-    from_ring = not whole
+    from_ring = plan.last_step > 0 or home_shift > 0
     grads = (
         backend.dq_from_accum(dq, q.dtype, out=dq_into),
         _owned(backend, dkv[0], k.dtype, from_ring, dk_into),

@@ -172,7 +172,7 @@ def test_a_backward_whose_block_writes_dk_dv_casts_only_dq(flags):
     scratch_arrays = (_array(), _array(), [_array(), _array()], _array() if flags else None)
     planned = PlannedBackward(
         0, 0, log.launch("delta"), [(log.launch("block 0"), 7000, offsets)], q_pos=999,
-        dq_out=log.launch("dq"), dkv_out=None, scratch=lambda: scratch_arrays,
+        dq_out=log.launch("dq"), dkv_out=None, scratch=lambda: scratch_arrays, direct=True,
     )  # fmt: skip
     assert planned.direct
     k, v = _array(), _array()
@@ -193,6 +193,15 @@ def test_a_backward_whose_block_writes_dk_dv_casts_only_dq(flags):
 def test_a_backward_plan_needs_one_entry_per_step():
     with pytest.raises(ValueError, match="expected 2 steps, got 1"):
         PlannedBackward(1, 0, None, [None], 0, None, None, None)
+
+
+@pytest.mark.parametrize("last_step,home", [(1, 0), (0, 1)])
+def test_direct_gradients_need_one_step_and_no_trip_home(last_step, home):
+    steps = [None] * (last_step + 1)
+    with pytest.raises(ValueError, match="one step, no trip home"):
+        PlannedBackward(last_step, home, None, steps, 0, None, None, None, direct=True)
+    with pytest.raises(ValueError, match="needs their cast"):
+        PlannedBackward(0, 0, None, [None], 0, None, None, None)
 
 
 class _ScheduleBackend:

@@ -611,7 +611,7 @@ class CupyBackend:
         return PlannedBackward(
             plan.last_step, home_shift_of(plan), self._delta_launch(dout, out),
             steps, q_pos.data.ptr, dq_out, None if direct else _elementwise_launch(to_half, k.size),
-            scratch, tuple(keep),
+            scratch, tuple(keep), direct=direct,
         )  # fmt: skip
 
     def _dq_tiles_launch(self, shape: tuple, dtype: str):

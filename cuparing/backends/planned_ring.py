@@ -87,9 +87,10 @@ class PlannedBackward:
         q_pos: device address of the queries' positions.
         dq_out: the launch (accumulator, dq) that turns the dq accumulator into dq.
         dkv_out: the launch (accumulator, destination) that casts a float32 dK or dV
-            accumulator into the gradient's dtype; None where the steps' kernels write dK / dV
-            straight (one block makes them whole: ``backends.direct_grads``), the float32 pair
-            then being their uninitialised scratch.
+            accumulator into the gradient's dtype; None where ``direct``.
+        direct: the step's kernels write dK / dV straight (``backends.direct_grads``: one
+            step, no trip home), the float32 pair of ``scratch`` being their uninitialised
+            scratch.
         scratch: a callable giving, on the current stream, ``(delta, dq_acc, [dk_acc, dv_acc],
             flags)``: float32 delta [B, H, Sq] (uninitialised), the zeroed dq accumulator, the
             zeroed float32 dK/dV accumulators (arrays the ring can send; uninitialised scratch
@@ -106,17 +107,24 @@ class PlannedBackward:
     def __init__(
         self, last_step: int, home_shift: int, delta: Any,
         steps: Sequence[tuple[Any, int, tuple] | None], q_pos: int, dq_out: Any, dkv_out: Any,
-        scratch: Any, keep: tuple = (),
+        scratch: Any, keep: tuple = (), direct: bool = False,
     ):  # fmt: skip
         if len(steps) != last_step + 1:
             raise ValueError(f"expected {last_step + 1} steps, got {len(steps)}")
+        if direct and (last_step != 0 or home_shift != 0 or dkv_out is not None):
+            raise ValueError(
+                "direct dK / dV need one step, no trip home and no dK / dV cast, got "
+                f"{last_step=}, {home_shift=}, a cast {'given' if dkv_out else 'missing'}"
+            )
+        if not direct and dkv_out is None:
+            raise ValueError("a backward that adds into float32 dK / dV needs their cast")
         self.last_step, self.home_shift = last_step, home_shift
         self._delta = delta
         self._steps = tuple(steps)
         self.busy = tuple(planned is not None for planned in self._steps)
         self._q_pos = q_pos
         self._dq_out, self._dkv_out = dq_out, dkv_out
-        self.direct = dkv_out is None
+        self.direct = direct
         self.scratch = scratch
         self._keep = keep
 
@@ -139,6 +147,8 @@ class PlannedBackward:
         redo, dq_turns, dkv_turns = (0 if at is None else flags + at for at in offsets)
         if not self.direct:
             dk = dv = 0
+        elif not (dk and dv):
+            raise ValueError("a direct backward step needs the dK / dV addresses")
         launch.launch(dout, lse, delta, dq_acc, dk_acc, dv_acc, q, k, v, self._q_pos, k_pos,
                       redo, dq_turns, dkv_turns, dk, dv)  # fmt: skip
 

@@ -76,7 +76,8 @@ struct BwdParams {
   // dK / dV are the whole gradients (one block, a query head per kv head), each CTA writes its
   // rows' dK / dV straight into these fp16/bf16 [B, Sk, Hkv, D] contiguous arrays, and dk / dv
   // above are uninitialised float32 scratch: a CTA that stops for the redo pass stores its part
-  // there, the redo pass adds the rest and writes the CTA's rows here.
+  // there, the redo pass adds the rest, and cuparing_direct_rows (launched after it) writes
+  // those CTAs' rows here.
   u16* dk_out;
   u16* dv_out;
   i64 q_batch_stride, q_row_stride, q_head_stride;  // in elements

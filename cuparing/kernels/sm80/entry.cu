@@ -12,7 +12,7 @@
 //   cuparing_copy_pair:    two device-to-device copies in one launch (grid (x, 2)).
 //   cuparing_direct_rows<bf16>: after the sm90 backward's redo pass, with direct gradients, the
 //                          dK / dV rows of the CTAs it finished into the gradients (common/
-//                          direct_grads.cuh): grid (H, B, ceil(Sk / 128)), any block.
+//                          direct_grads.cuh): grid (H, B, ceil(Sk / 128)), up to 256 threads.
 #include "../common/direct_grads.cuh"
 #include "bwd.cuh"
 #include "fwd.cuh"
