@@ -18,7 +18,13 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import record_plan_reuse, record_plan_runs, requires_gpu, torch_on_gpu
+from conftest import (
+    record_direct_grads,
+    record_plan_reuse,
+    record_plan_runs,
+    requires_gpu,
+    torch_on_gpu,
+)
 from gpu_arrays import (
     poison_pool,
     random_array,
@@ -321,21 +327,12 @@ def test_direct_kv_gradients_match_reference(dtype, mask, monkeypatch, fresh_rng
     keys, a window of 5 each way: those CTAs write zeros), with packed documents, into
     caller-owned contiguous dk / dv (written in place) or strided ones (through a copy), in
     either mode (deterministic drawn). Gradients poisoned first."""
-    from cuparing.backends.direct_grads import DirectGrad
-
     monkeypatch.setenv("CUPARING_BWD", "sm90")
     torch = torch_on_gpu()
     rng = fresh_rng
     headdim = int(rng.choice([64, 96, 128]))
     skip_unless_backward_family_runs("sm90", headdim)
-    made = []
-    original = DirectGrad.__init__
-
-    def recording(self, out, scratch):
-        made.append(tuple(out.shape))
-        original(self, out, scratch)
-
-    monkeypatch.setattr(DirectGrad, "__init__", recording)
+    made = record_direct_grads(monkeypatch)
     b, h = int(rng.integers(1, 3)), int(rng.integers(1, 5))
     sq = sk = int(rng.integers(130, 600))
     causal, window, docs = mask in ("causal", "documents"), None, {}

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from conftest import requires_gpu
+from conftest import record_direct_grads, requires_gpu
 from gpu_arrays import (
     poison_pool,
     random_array,
@@ -384,18 +384,9 @@ def test_direct_gradients_with_nonfinite_inputs(dtype, mask, monkeypatch, fresh_
     (backends.direct_grads). A plant next to a mask edge stops CTAs, which store their part as
     float32 scratch; the redo pass adds the rest there and cuparing_direct_rows converts those
     rows: the gradients are still dense attention's, in either mode (drawn)."""
-    from cuparing.backends.direct_grads import DirectGrad
-
     monkeypatch.setenv("CUPARING_BWD", "sm90")
     monkeypatch.setitem(globals(), "HEADS", tuple((h, h) for h in (1, 2, 3, 4)))
-    made = []
-    original = DirectGrad.__init__
-
-    def recording(self, out, scratch):
-        made.append(tuple(out.shape))
-        original(self, out, scratch)
-
-    monkeypatch.setattr(DirectGrad, "__init__", recording)
+    made = record_direct_grads(monkeypatch)
     rng = fresh_rng
     case = _draw_case(rng, mask, dtype, _backward_head_dim(rng, "sm90"))
     _plant(rng, case, "qkvd", gap="qkvd")
