@@ -247,7 +247,11 @@ def ring_backward(
     if dlse is not None:
         delta = delta - dlse.astype(delta.dtype)
     dq = backend.dq_accum(q)
-    dkv = [backend.zeros_accum(k.shape, k.dtype), backend.zeros_accum(v.shape, v.dtype)]
+    dq_into, dk_into, dv_into = grads_into or (None, None, None)
+    home_shift = home_shift_of(plan)
+    # one block makes dK / dV whole (nothing travels): the backend may write them straight
+    whole = plan.last_step == 0 and home_shift == 0 and busy_steps(plan)[0]
+    dkv = [backend.kv_accum(q, k, whole, dk_into), backend.kv_accum(q, v, whole, dv_into)]
 
     def block(step, kv, dkv):
         k_pos = positions[plan.source(step)]
@@ -256,10 +260,8 @@ def ring_backward(
             plan.kinds[step], plan.mask, scale, deterministic=deterministic,
         )  # fmt: skip
 
-    home_shift = home_shift_of(plan)
     dkv = backward_rotation(ring, [k, v], dkv, busy_steps(plan), home_shift, block)
     from_ring = plan.last_step > 0 or home_shift > 0
-    dq_into, dk_into, dv_into = grads_into or (None, None, None)
     grads = (
         backend.dq_from_accum(dq, q.dtype, out=dq_into),
         _owned(backend, dkv[0], k.dtype, from_ring, dk_into),
@@ -296,8 +298,10 @@ def run_planned_backward(
     planned.launch_delta(dout, out, delta)
 
     def block(step, kv, dkv):
-        planned.launch_step(step, dout, lse, delta, dq_acc, dkv[0].data.ptr, dkv[1].data.ptr,
-                            q, kv[0].data.ptr, kv[1].data.ptr, flags)  # fmt: skip
+        planned.launch_step(
+            step, dout, lse, delta, dq_acc, dkv[0].data.ptr, dkv[1].data.ptr, q, kv[0].data.ptr,
+            kv[1].data.ptr, flags, grads[1], grads[2],
+        )  # fmt: skip
 
     dkv = backward_rotation(ring, kv, dkv, planned.busy, planned.home_shift, block)
     planned.finish(dq_acc, dkv[0].data.ptr, dkv[1].data.ptr, *grads)
@@ -335,9 +339,9 @@ def backward_rotation(ring, kv: list, dkv: list, busy, home_shift: int, compute)
 
 
 def _owned(backend, x, dtype, from_ring: bool, into=None):
-    """``x`` cast to ``dtype`` in an array the caller owns (``into`` if given): ring receive
-    buffers get reused."""
+    """The dK / dV accumulator ``x`` (``backend.kv_accum``) as ``dtype`` in an array the caller
+    owns (``into`` if given): ring receive buffers get reused."""
     if into is not None:
-        return backend.cast(x, dtype, out=into)
-    y = backend.cast(x, dtype)
+        return backend.kv_from_accum(x, dtype, out=into)
+    y = backend.kv_from_accum(x, dtype)
     return y.copy() if from_ring and y is x else y

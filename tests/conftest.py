@@ -86,6 +86,22 @@ def torch_has_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def record_direct_grads(monkeypatch) -> list[tuple]:
+    """Record the shape of every dK / dV the backward kernels are set to write straight
+    (``backends.direct_grads.DirectGrad`` made); returns the list the shapes are appended to."""
+    from cuparing.backends.direct_grads import DirectGrad
+
+    shapes: list[tuple] = []
+    original = DirectGrad.__init__
+
+    def recording(self, out, scratch):
+        shapes.append(tuple(out.shape))
+        original(self, out, scratch)
+
+    monkeypatch.setattr(DirectGrad, "__init__", recording)
+    return shapes
+
+
 def record_plan_runs(monkeypatch, kinds) -> list[bool]:
     """Make ``run`` of each plan class in ``kinds`` (``call_plans.CallPlan``,
     ``RingForwardPlan``, ...) record whether it ran the call (True) or left it to the full path

@@ -18,7 +18,13 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import record_plan_reuse, record_plan_runs, requires_gpu, torch_on_gpu
+from conftest import (
+    record_direct_grads,
+    record_plan_reuse,
+    record_plan_runs,
+    requires_gpu,
+    torch_on_gpu,
+)
 from gpu_arrays import (
     poison_pool,
     random_array,
@@ -309,6 +315,57 @@ def test_backward_kernel_matches_reference(dtype, headdim, mask, backward_family
     for g, x in zip(grads, (q, k, v), strict=True):
         assert g.dtype == x.dtype and g.shape == x.shape
     check_backward(grads, dout, q, k, v, causal=causal, window=window)
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("mask", ["none", "causal", "unseen_keys", "documents"])
+def test_direct_kv_gradients_match_reference(dtype, mask, monkeypatch, fresh_rng):
+    """One device and one query head per K/V head: the Hopper backward writes dK / dV straight
+    in the inputs' dtype (backends.direct_grads: no float32 accumulators, no casts), and they
+    are dense attention's: where whole key tiles see no query ("unseen_keys": 100 queries, 700
+    keys, a window of 5 each way: those CTAs write zeros), with packed documents, into
+    caller-owned contiguous dk / dv (written in place) or strided ones (through a copy), in
+    either mode (deterministic drawn). Gradients poisoned first."""
+    monkeypatch.setenv("CUPARING_BWD", "sm90")
+    torch = torch_on_gpu()
+    rng = fresh_rng
+    headdim = int(rng.choice([64, 96, 128]))
+    skip_unless_backward_family_runs("sm90", headdim)
+    made = record_direct_grads(monkeypatch)
+    b, h = int(rng.integers(1, 3)), int(rng.integers(1, 5))
+    sq = sk = int(rng.integers(130, 600))
+    causal, window, docs = mask in ("causal", "documents"), None, {}
+    if mask == "unseen_keys":
+        sq, sk, window = 100, 700, (5, 5)
+    if mask == "documents":
+        cuts = np.sort(rng.choice(np.arange(1, sq), size=int(rng.integers(1, 8)), replace=False))
+        docs = {"cu_seqlens": [0, *map(int, cuts), sq]}
+    q, dout = (random_array(rng, (b, sq, h, headdim), dtype) for _ in range(2))
+    k, v = (random_array(rng, (b, sk, h, headdim), dtype) for _ in range(2))
+    tdtype, ndtype = getattr(torch, dtype), q.dtype
+
+    def device(x):
+        return torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).cuda().view(tdtype)
+
+    def host(x):
+        return x.cpu().view(torch.int16).numpy().view(ndtype)
+
+    qg, kg, vg, dg = map(device, (q, k, v, dout))
+    out, lse = cr.attention(qg, kg, vg, causal=causal, window=window, return_lse=True, **docs)
+    into = {}
+    if rng.integers(2):  # caller-owned dk / dv: contiguous, or a strided view of [B, H, S, D]
+        strided = bool(rng.integers(2))
+        for name, x in (("dk", kg), ("dv", vg)):
+            dest = torch.full_like(x, float("nan"))
+            into[name] = dest.transpose(1, 2).contiguous().transpose(1, 2) if strided else dest
+    poison_pool()
+    grads = cr.attention_backward(dg, qg, kg, vg, out, lse, causal=causal, window=window,
+                                  deterministic=bool(rng.integers(2)), **into, **docs)  # fmt: skip
+    assert made == [tuple(k.shape), tuple(v.shape)], "the direct gradients were not used"
+    for name, dest in into.items():
+        assert grads[("dq", "dk", "dv").index(name)] is dest
+    check_backward([host(g) for g in grads], dout, q, k, v, causal=causal, window=window, **docs)
 
 
 @requires_gpu(1)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from conftest import requires_gpu
+from conftest import record_direct_grads, requires_gpu
 from gpu_arrays import (
     poison_pool,
     random_array,
@@ -374,6 +374,24 @@ def test_deterministic_backward_with_nonfinite_inputs(dtype, mask, monkeypatch, 
     case = _draw_case(rng, mask, dtype, _backward_head_dim(rng, "sm90"))
     _plant(rng, case, "qkvd", gap="qkvd")
     _check_backward(_backward_on_gpu(case, deterministic=True), case)
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("mask", [m for m in MASKS if m != "none"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_direct_gradients_with_nonfinite_inputs(dtype, mask, monkeypatch, fresh_rng):
+    """One device, one query head per K/V head: the Hopper backward writes dK / dV straight
+    (backends.direct_grads). A plant next to a mask edge stops CTAs, which store their part as
+    float32 scratch; the redo pass adds the rest there and cuparing_direct_rows converts those
+    rows: the gradients are still dense attention's, in either mode (drawn)."""
+    monkeypatch.setenv("CUPARING_BWD", "sm90")
+    monkeypatch.setitem(globals(), "HEADS", tuple((h, h) for h in (1, 2, 3, 4)))
+    made = record_direct_grads(monkeypatch)
+    rng = fresh_rng
+    case = _draw_case(rng, mask, dtype, _backward_head_dim(rng, "sm90"))
+    _plant(rng, case, "qkvd", gap="qkvd")
+    _check_backward(_backward_on_gpu(case, deterministic=bool(rng.integers(2))), case)
+    assert len(made) == 2, "the direct gradients were not used"
 
 
 @requires_gpu(1)

@@ -147,7 +147,7 @@ def test_backward_steps_follow_the_schedule(kinds, home, flags):
             )
             want.append(("trace", f"bwd step {t}"))
             want.append((f"block {t}", (dout, lse, delta.data.ptr, dq_acc.data.ptr, *acc, q,
-                                        *held, 999, 7000 + t, redo, dq_turns, dkv_turns)))
+                                        *held, 999, 7000 + t, redo, dq_turns, dkv_turns, 0, 0)))
         if t < last:
             want.append(("exchange", acc, 1, "dkv"))
             held = next(waits)[2]
@@ -163,9 +163,45 @@ def test_backward_steps_follow_the_schedule(kinds, home, flags):
     assert log.events == want
 
 
+@pytest.mark.parametrize("flags", [False, True])
+def test_a_backward_whose_block_writes_dk_dv_casts_only_dq(flags):
+    """Without a dK / dV cast (one block makes them whole: the kernels write them), the block
+    gets the gradients' addresses beside its float32 scratch, and only dq is converted."""
+    log = _Recorder()
+    offsets = (16, None, None) if flags else (None,) * 3
+    scratch_arrays = (_array(), _array(), [_array(), _array()], _array() if flags else None)
+    planned = PlannedBackward(
+        0, 0, log.launch("delta"), [(log.launch("block 0"), 7000, offsets)], q_pos=999,
+        dq_out=log.launch("dq"), dkv_out=None, scratch=lambda: scratch_arrays, direct=True,
+    )  # fmt: skip
+    assert planned.direct
+    k, v = _array(), _array()
+    dout, q, out, lse, dq, dk, dv = 1, 2, 3, 4, 5, 6, 7
+    run_planned_backward(_RecordingRing(log), planned, (dout, q, out, lse), [k, v], (dq, dk, dv))
+    delta, dq_acc, dkv, flag_array = scratch_arrays
+    redo = flag_array.data.ptr + 16 if flags else 0
+    assert log.events == [
+        ("delta", (dout, out, delta.data.ptr)),
+        ("trace", "bwd step 0"),
+        ("block 0", (dout, lse, delta.data.ptr, dq_acc.data.ptr, dkv[0].data.ptr,
+                     dkv[1].data.ptr, q, k.data.ptr, v.data.ptr, 999, 7000, redo, 0, 0, dk, dv)),
+        ("dq", (dq_acc.data.ptr, dq)),
+        ("check",),
+    ]  # fmt: skip
+
+
 def test_a_backward_plan_needs_one_entry_per_step():
     with pytest.raises(ValueError, match="expected 2 steps, got 1"):
         PlannedBackward(1, 0, None, [None], 0, None, None, None)
+
+
+@pytest.mark.parametrize("last_step,home", [(1, 0), (0, 1)])
+def test_direct_gradients_need_one_step_and_no_trip_home(last_step, home):
+    steps = [None] * (last_step + 1)
+    with pytest.raises(ValueError, match="one step, no trip home"):
+        PlannedBackward(last_step, home, None, steps, 0, None, None, None, direct=True)
+    with pytest.raises(ValueError, match="needs their cast"):
+        PlannedBackward(0, 0, None, [None], 0, None, None, None)
 
 
 class _ScheduleBackend:
@@ -190,7 +226,7 @@ class _ScheduleBackend:
     def dq_accum(self, q):
         return _array()
 
-    def zeros_accum(self, shape, dtype):
+    def kv_accum(self, q, k, whole=False, into=None):
         return _array()
 
     def backward_block(self, *args, **kwargs):
@@ -199,7 +235,7 @@ class _ScheduleBackend:
     def dq_from_accum(self, acc, dtype, out=None):
         return out
 
-    def cast(self, x, dtype, out=None):
+    def kv_from_accum(self, acc, dtype, out=None):
         return out
 
 

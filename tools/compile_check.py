@@ -267,7 +267,7 @@ def check_all(archs=ARCHS, jobs: int | None = None, nvrtc=None) -> list[KernelRe
             work.append((source, name, arch, True, loader.bwd_smem_bytes(d, arch)))
         for dtype in loader.DTYPES:
             for name in (*loader.cast_names(dtype), loader.bwd_delta_name(dtype),
-                         loader.dq_from_tiles_name(dtype)):
+                         loader.dq_from_tiles_name(dtype), loader.direct_rows_name(dtype)):
                 work.append((source, name, arch, False, 0))
         work.append((source, loader.COPY_PAIR_NAME, arch, False, 0))
         if arch.startswith("sm_9"):  # the wgmma family exists for the sm_90a target only

@@ -82,6 +82,14 @@ class ArrayBackend:
         """A zeroed gradient accumulator (float32, float64 for float64)."""
         return self.xp.zeros(shape, dtype=array_ops.accum_dtype(self.xp, dtype))
 
+    def kv_accum(self, q, k, whole=False, into=None):
+        """A zeroed dK / dV accumulator: k's shape, float32 (float64); the same when ``whole``."""
+        return self.zeros_accum(k.shape, k.dtype)
+
+    def kv_from_accum(self, acc, dtype, out=None):
+        """dK / dV from its accumulator: ``acc`` as ``dtype`` (into ``out`` if given)."""
+        return self.cast(acc, dtype, out=out)
+
     def dq_accum(self, q):
         """A zeroed dq accumulator for queries ``q``: q's shape, float32 (float64)."""
         return self.zeros_accum(q.shape, q.dtype)

@@ -44,6 +44,7 @@ from ..masks import UNBOUNDED, BlockKind, MaskSpec
 from ..schedule import home_shift_of
 from . import array_ops, launch_plans
 from .array_backend import ArrayBackend
+from .direct_grads import DirectGrad
 from .dq_tiles import DqTiles
 from .dq_tiles import floats as dq_tile_floats
 from .planned_ring import PlannedBackward, PlannedForward
@@ -68,7 +69,7 @@ class _BackwardPlan(NamedTuple):
 
 _BWD_POINTERS = (
     "dout", "lse", "delta", "dq", "dk", "dv", "q", "k", "v", "q_pos", "k_pos", "redo",
-    "dq_turns", "dkv_turns",
+    "dq_turns", "dkv_turns", "dk_out", "dv_out",
 )  # fmt: skip
 # separate-argument kernels, packed as PackedLaunch passes them: each argument at its offset
 _ELEMENTWISE_ARGS = struct.Struct("<QQq")  # (src, dst, n): the casts
@@ -485,6 +486,36 @@ class CupyBackend:
         ``zeros`` would launch an elementwise kernel through CuPy's slower path)."""
         return _zeroed(self.xp, shape, self.xp.float32)
 
+    def kv_accum(self, q, k, whole=False, into=None):
+        """A zeroed float32 dK / dV accumulator of k's shape; where ``whole`` (one block makes
+        the whole gradient), the sm90 kernels run q's backward and each query head has its own
+        K / V head, a :class:`DirectGrad` instead: the kernels write the gradient straight in
+        k's dtype, into ``into`` when it is C-contiguous, k's dtype and 4-byte aligned."""
+        if not (whole and self._writes_kv_grads(q, k)):
+            return self.zeros_accum(k.shape, k.dtype)
+        cp = self.xp
+        usable = (into is not None and into.flags.c_contiguous and into.data.ptr % 4 == 0
+                  and dtype_name(into.dtype) == dtype_name(k.dtype))  # fmt: skip
+        out = into if usable else _empty(cp, k.shape, k.dtype)
+        return DirectGrad(out, cp.empty(k.shape, dtype=cp.float32))
+
+    def _writes_kv_grads(self, q, k) -> bool:
+        """Whether the backward kernels can write the dK / dV of queries ``q`` and keys ``k``
+        straight (:class:`DirectGrad`), given one block makes them whole: the sm90 kernels,
+        one query head per K / V head, one dtype."""
+        return (self._sm90_backward(q) and k.shape[2] == q.shape[2]
+                and dtype_name(k.dtype) == dtype_name(q.dtype))  # fmt: skip
+
+    def kv_from_accum(self, acc, dtype, out=None):
+        """dK / dV in ``dtype`` (k's) from :meth:`kv_accum`'s accumulator (into ``out`` if
+        given: k's shape, any strides): a :class:`DirectGrad` already holds it."""
+        if not isinstance(acc, DirectGrad):
+            return self.cast(acc, dtype, out=out)
+        if out is None or out is acc.out:
+            return acc.out
+        _as_bits(self.xp, out)[...] = _as_bits(self.xp, acc.out)
+        return out
+
     def dq_accum(self, q):
         """A zeroed float32 dq accumulator for queries ``q`` in the layout the backward kernels
         add into: :class:`DqTiles` where the sm90 kernels run q's backward, else q's shape."""
@@ -547,11 +578,16 @@ class CupyBackend:
         delta_shape, kv_shape = (batch, nheads, seqlen), tuple(k.shape)
         dq_shape = (dq_tile_floats(q.shape),) if tiles else tuple(q.shape)
         flag_count = 0
+        # one block makes dK / dV whole: the kernels write them straight (DirectGrad), the
+        # float32 pair is the redo pass's scratch, uninitialised
+        direct = (plan.last_step == 0 and home_shift_of(plan) == 0
+                  and plan.kinds[0] != BlockKind.EMPTY and self._writes_kv_grads(q, k))  # fmt: skip
 
         def scratch():
             delta = cp.empty(delta_shape, dtype=cp.float32)
             dq_acc = _zeroed(cp, dq_shape, cp.float32)
-            dkv = [_zeroed(cp, kv_shape, cp.float32), _zeroed(cp, kv_shape, cp.float32)]
+            dkv = [cp.empty(kv_shape, dtype=cp.float32) if direct
+                   else _zeroed(cp, kv_shape, cp.float32) for _ in range(2)]  # fmt: skip
             flags = _zeroed(cp, (flag_count,), cp.int32) if flag_count else None
             return delta, dq_acc, dkv, flags
 
@@ -566,7 +602,7 @@ class CupyBackend:
             # array stands in for them in the template (the caller's dq, dk, dv, lse)
             launch = self._backward_launch(
                 grads[0], grads[1], grads[2], dout, q, *kv, lse, lse, q_pos, k_pos, kind,
-                plan.mask, scale, deterministic, tiles,
+                plan.mask, scale, deterministic, tiles, direct,
             )  # fmt: skip
             offsets = tuple(
                 None if at is None else at + 4 * flag_count for at in _flag_offsets(launch)
@@ -581,8 +617,8 @@ class CupyBackend:
             dq_out = _elementwise_launch(to_half, q.size)
         return PlannedBackward(
             plan.last_step, home_shift_of(plan), self._delta_launch(dout, out),
-            steps, q_pos.data.ptr, dq_out, _elementwise_launch(to_half, k.size), scratch,
-            tuple(keep),
+            steps, q_pos.data.ptr, dq_out, None if direct else _elementwise_launch(to_half, k.size),
+            scratch, tuple(keep), direct=direct,
         )  # fmt: skip
 
     def _dq_tiles_launch(self, shape: tuple, dtype: str):
@@ -648,6 +684,14 @@ class CupyBackend:
             if dq.shape != q.shape:
                 raise ValueError(f"dq must be a dq tiles accumulator for {q.shape}")
             dq = dq.array
+        # direct gradients (kv_accum): the kernels write dk_out / dv_out, dk / dv are scratch
+        direct = isinstance(dk, DirectGrad)
+        dk_out = dv_out = 0
+        if direct:
+            if not (tiles and isinstance(dv, DirectGrad) and dk.shape == dv.shape == k.shape):
+                raise ValueError(f"direct dk and dv need dq tiles and k's shape {k.shape}")
+            dk_out, dv_out = dk.out.data.ptr, dv.out.data.ptr
+            dk, dv = dk.scratch, dv.scratch
         for name, acc, shape in ((None if tiles else "dq", dq, q.shape), ("dk", dk, k.shape),
                                  ("dv", dv, k.shape)):  # fmt: skip
             if name and (acc.dtype != cp.float32 or not acc.flags.c_contiguous
@@ -658,7 +702,7 @@ class CupyBackend:
         delta = cp.ascontiguousarray(delta, dtype=cp.float32)
         q_pos, k_pos = self._device_positions(q_pos), self._device_positions(k_pos)
         plan = self._backward_launch(dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind,
-                                     mask, scale, deterministic, tiles)  # fmt: skip
+                                     mask, scale, deterministic, tiles, direct)  # fmt: skip
         # the sm90 kernel's hand-over to the redo pass and the turn counters, zeroed per launch
         # by one memset (kept until after the launch)
         redo = dq_turns = dkv_turns = 0
@@ -670,30 +714,32 @@ class CupyBackend:
             )
         plan.launch.launch(dout.data.ptr, lse.data.ptr, delta.data.ptr, dq.data.ptr, dk.data.ptr,
                            dv.data.ptr, q.data.ptr, k.data.ptr, v.data.ptr, q_pos.data.ptr,
-                           k_pos.data.ptr, redo, dq_turns, dkv_turns)  # fmt: skip
+                           k_pos.data.ptr, redo, dq_turns, dkv_turns, dk_out, dv_out)  # fmt: skip
 
     def _backward_launch(self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask,
-                         scale, deterministic, tiles) -> _BackwardPlan:  # fmt: skip
+                         scale, deterministic, tiles, direct=False) -> _BackwardPlan:  # fmt: skip
         """The (cached) launches of this backward signature; operands kernel-ready, positions
-        on device, ``dq`` the raw accumulator array (``tiles``: a DqTiles one)."""
+        on device, ``dq`` the raw accumulator array (``tiles``: a DqTiles one); ``direct``: the
+        kernels write dK / dV straight (:class:`DirectGrad`)."""
         key = (
             "bwd", self.xp.cuda.runtime.getDevice(), q.shape, q.strides, q.dtype, k.shape,
             k.strides, v.strides, dout.strides, kind, mask, scale, loader.kernel_switches(),
-            deterministic, tiles,
+            deterministic, tiles, direct,
         )  # fmt: skip
         plan = _PLANS.get(key)
         if plan is None:
             plan = self._backward_plan(
                 dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask, scale,
-                deterministic, tiles,
+                deterministic, tiles, direct,
             )  # fmt: skip
             _PLANS.put(key, plan)
         return plan
 
     def _backward_plan(self, dq, dk, dv, dout, q, k, v, lse, delta, q_pos, k_pos, kind, mask,
-                       scale, deterministic, tiles):  # fmt: skip
+                       scale, deterministic, tiles, direct=False):  # fmt: skip
         """The backward launch(es) for this signature (operands already kernel-ready; ``dq``
-        the accumulator's array, ``tiles``: in the dq tiles layout)."""
+        the accumulator's array, ``tiles``: in the dq tiles layout; ``direct``: dK / dV written
+        straight, the redo pass's rows converted by a launch after it)."""
         batch, seqlen_q, nheads, headdim = q.shape
         family, padded = _backward_kernels(headdim)
         name = dtype_name(q.dtype)
@@ -714,7 +760,7 @@ class CupyBackend:
             dq=dq.data.ptr, dk=dk.data.ptr, dv=dv.data.ptr,
             **_stride_fields(q=q, k=k, v=v), **_strides("do", _element_strides(dout)),
             **self._block_fields(q, k, q_pos, k_pos, kind, mask, scale), scale=np.float32(scale),
-            redo=0, dq_turns=0, dkv_turns=0,
+            redo=0, dq_turns=0, dkv_turns=0, dk_out=0, dv_out=0,
         )  # fmt: skip
         key_tiles = math.ceil(k.shape[1] / cfg.block_n)
         plain = (nheads, batch, key_tiles)  # the sm80 kernels' grid, the redo pass's too
@@ -744,8 +790,13 @@ class CupyBackend:
             (redo_kernel,), plain, (redo_cfg.threads,), redo_smem, params, offsets
         )
         slots = batch * nheads * key_tiles
-        sequence = launch_plans.LaunchSequence((launch, redo_launch))
-        return _BackwardPlan(sequence, slots, *turns)
+        launches = (launch, redo_launch)
+        if direct:  # the rows of the CTAs the redo pass finished, into dK / dV (plain grid)
+            rows_launch = launch_plans.PackedLaunch(
+                (loader.get_direct_rows_kernel(name),), plain, (256,), 0, params, offsets
+            )
+            launches += (rows_launch,)
+        return _BackwardPlan(launch_plans.LaunchSequence(launches), slots, *turns)
 
     # ---- dtype conversion
     def cast(self, x, dtype, out=None):

@@ -87,31 +87,44 @@ class PlannedBackward:
         q_pos: device address of the queries' positions.
         dq_out: the launch (accumulator, dq) that turns the dq accumulator into dq.
         dkv_out: the launch (accumulator, destination) that casts a float32 dK or dV
-            accumulator into the gradient's dtype.
+            accumulator into the gradient's dtype; None where ``direct``.
+        direct: the step's kernels write dK / dV straight (``backends.direct_grads``: one
+            step, no trip home), the float32 pair of ``scratch`` being their uninitialised
+            scratch.
         scratch: a callable giving, on the current stream, ``(delta, dq_acc, [dk_acc, dv_acc],
             flags)``: float32 delta [B, H, Sq] (uninitialised), the zeroed dq accumulator, the
-            zeroed float32 dK/dV accumulators (arrays the ring can send) and the zeroed int32
-            flags of every step (or None when no step has any).
+            zeroed float32 dK/dV accumulators (arrays the ring can send; uninitialised scratch
+            where ``dkv_out`` is None) and the zeroed int32 flags of every step (or None when no
+            step has any).
         keep: objects the launches read (device position arrays): kept alive with the plan.
 
     Attributes:
         busy: per step, whether its block is not EMPTY (``schedule.backward_rotation`` takes
             it).
+        direct: whether the steps write dK / dV straight (``dkv_out`` None).
     """
 
     def __init__(
         self, last_step: int, home_shift: int, delta: Any,
         steps: Sequence[tuple[Any, int, tuple] | None], q_pos: int, dq_out: Any, dkv_out: Any,
-        scratch: Any, keep: tuple = (),
+        scratch: Any, keep: tuple = (), direct: bool = False,
     ):  # fmt: skip
         if len(steps) != last_step + 1:
             raise ValueError(f"expected {last_step + 1} steps, got {len(steps)}")
+        if direct and (last_step != 0 or home_shift != 0 or dkv_out is not None):
+            raise ValueError(
+                "direct dK / dV need one step, no trip home and no dK / dV cast, got "
+                f"{last_step=}, {home_shift=}, a cast {'given' if dkv_out else 'missing'}"
+            )
+        if not direct and dkv_out is None:
+            raise ValueError("a backward that adds into float32 dK / dV needs their cast")
         self.last_step, self.home_shift = last_step, home_shift
         self._delta = delta
         self._steps = tuple(steps)
         self.busy = tuple(planned is not None for planned in self._steps)
         self._q_pos = q_pos
         self._dq_out, self._dkv_out = dq_out, dkv_out
+        self.direct = direct
         self.scratch = scratch
         self._keep = keep
 
@@ -121,22 +134,29 @@ class PlannedBackward:
 
     def launch_step(
         self, step: int, dout: int, lse: int, delta: int, dq_acc: int, dk_acc: int, dv_acc: int,
-        q: int, k: int, v: int, flags: int,
+        q: int, k: int, v: int, flags: int, dk: int = 0, dv: int = 0,
     ) -> None:  # fmt: skip
         """Launch ``step``'s block (nothing for an EMPTY one): its gradients added into the
         accumulators (``dk_acc`` / ``dv_acc``: those held at this step); ``flags``: the address
-        of the scratch flags array (0 when there is none)."""
+        of the scratch flags array (0 when there is none); where :attr:`direct`, ``dk`` / ``dv``:
+        the gradients, which the block writes."""
         planned = self._steps[step]
         if planned is None:
             return
         launch, k_pos, offsets = planned
         redo, dq_turns, dkv_turns = (0 if at is None else flags + at for at in offsets)
+        if not self.direct:
+            dk = dv = 0
+        elif not (dk and dv):
+            raise ValueError("a direct backward step needs the dK / dV addresses")
         launch.launch(dout, lse, delta, dq_acc, dk_acc, dv_acc, q, k, v, self._q_pos, k_pos,
-                      redo, dq_turns, dkv_turns)  # fmt: skip
+                      redo, dq_turns, dkv_turns, dk, dv)  # fmt: skip
 
     def finish(self, dq_acc: int, dk_acc: int, dv_acc: int, dq: int, dk: int, dv: int) -> None:
         """The gradients from the accumulators: dq from the dq accumulator, dk / dv cast from the
-        accumulators held (after the trip home) by this rank."""
+        accumulators held (after the trip home) by this rank (where :attr:`direct`, the step
+        wrote them)."""
         self._dq_out.launch(dq_acc, dq)
-        self._dkv_out.launch(dk_acc, dk)
-        self._dkv_out.launch(dv_acc, dv)
+        if not self.direct:
+            self._dkv_out.launch(dk_acc, dk)
+            self._dkv_out.launch(dv_acc, dv)

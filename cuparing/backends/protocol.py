@@ -69,6 +69,17 @@ class Backend(Protocol):
     def zeros_accum(self, shape: tuple, dtype: Any) -> Any:
         """A zeroed gradient accumulator of ``shape`` for inputs of ``dtype``."""
 
+    def kv_accum(self, q: Any, k: Any, whole: bool = False, into: Any = None) -> Any:
+        """An accumulator for the gradient of keys (or values) ``k`` of queries ``q``: zeroed,
+        in the accumulator dtype, of k's shape. ``whole``: one ``backward_block`` will make the
+        whole gradient (one block, nothing travels); a backend may then hand back one its kernels
+        write straight in k's dtype (into ``into``, the caller's destination, where it can).
+        Read back only through :meth:`kv_from_accum`."""
+
+    def kv_from_accum(self, acc: Any, dtype: Any, out: Any = None) -> Any:
+        """The gradient in ``dtype`` from the accumulator of :meth:`kv_accum`; written into
+        ``out`` (an array of this backend, k's shape, any strides) and returned, if given."""
+
     def dq_accum(self, q: Any) -> Any:
         """A zeroed accumulator for the gradient of queries ``q``, in whatever layout this
         backend's ``backward_block`` adds dq into (q's shape for the array backends; the Hopper
@@ -84,7 +95,7 @@ class Backend(Protocol):
         deterministic: bool = False,
     ) -> None:  # fmt: skip
         """Add one block's gradients into the accumulators ``dq`` (from :meth:`dq_accum`),
-        ``dk``, ``dv`` (from :meth:`zeros_accum`) in place;
+        ``dk``, ``dv`` (from :meth:`kv_accum`) in place;
         ``deterministic``: in an order that does not change between runs, so the same inputs give
         bit-identical accumulators.
 

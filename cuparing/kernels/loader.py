@@ -424,6 +424,14 @@ def dq_from_tiles_name(dtype: str) -> str:
 COPY_PAIR_NAME = "cuparing_copy_pair"
 
 
+def direct_rows_name(dtype: str) -> str:
+    """Name expression of the kernel that, after the sm90 backward's redo pass, converts the
+    dK / dV rows of the CTAs it finished into direct gradients (common/direct_grads.cuh)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"no direct rows kernel for {dtype=}")
+    return f"cuparing_direct_rows<{'true' if dtype == 'bfloat16' else 'false'}>"
+
+
 def cast_names(dtype: str) -> tuple[str, str]:
     """Name expressions of (fp32 -> dtype, dtype -> fp32) for 'float16'/'bfloat16'."""
     flag = "true" if dtype == "bfloat16" else "false"
@@ -523,12 +531,12 @@ PARAMS_OFFSETS = {
 PARAMS_SIZE = 208
 BWD_PARAMS_DTYPE = _params_dtype(
     pointers=("q", "k", "v", "dout", "lse", "delta", "dq", "dk", "dv", "q_pos", "k_pos", "redo",
-              "dq_turns", "dkv_turns"),
+              "dq_turns", "dkv_turns", "dk_out", "dv_out"),
     strided=("q", "k", "v", "do"),
     ints=(*_SHAPE_INTS, "block_full"),
     floats=("scale_log2", "scale"),
 )
-BWD_PARAMS_SIZE = 256  # static_assert(sizeof(BwdParams) == 256) in params.cuh
+BWD_PARAMS_SIZE = 272  # static_assert(sizeof(BwdParams) == 272) in params.cuh
 
 
 _STRUCT_CODES = {np.dtype(np.uint64): "Q", np.dtype(np.int64): "q", np.dtype(np.int32): "i",
@@ -761,6 +769,15 @@ def get_bwd_redo_kernel(head_dim: int, dtype: str):
 def get_dq_from_tiles_kernel(dtype: str):
     """The dq tiles -> dq kernel for 'float16'/'bfloat16' (any grid; a grid-stride loop)."""
     name = dq_from_tiles_name(dtype)
+    return get_module((name,)).get_function(name)
+
+
+def get_direct_rows_kernel(dtype: str):
+    """The kernel of :func:`direct_rows_name` for 'float16'/'bfloat16' (BwdParams; grid: the
+    sm90 backward's, whose key tiles of 128 it assumes; 256 threads)."""
+    if SM90_BWD_CONFIG.block_n != 128:
+        raise AssertionError("cuparing_direct_rows assumes the sm90 backward's 128-key tiles")
+    name = direct_rows_name(dtype)
     return get_module((name,)).get_function(name)
 
 

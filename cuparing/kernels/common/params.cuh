@@ -56,8 +56,8 @@ struct BwdParams {
   const float* delta; // [B, H, Sq] contiguous: rowsum(dO * O)
   float* dq;          // [B, Sq, H, D] contiguous (actual D), accumulated with atomics; the sm90
                       // backward and its redo pass: dq tiles (common/dq_tiles.cuh)
-  float* dk;          // [B, Sk, Hkv, D] contiguous, accumulated with atomics
-  float* dv;          // [B, Sk, Hkv, D] contiguous, accumulated with atomics
+  float* dk;          // [B, Sk, Hkv, D] contiguous, accumulated with atomics (but dk_out below)
+  float* dv;          // [B, Sk, Hkv, D] contiguous, accumulated with atomics (but dv_out below)
   const int* q_pos;   // [Sq] global positions, ascending
   const int* k_pos;   // [Sk] global positions, ascending
   // The sm90 backward's hand-over to the sm80 one, one int per CTA (h fastest, then b, then the
@@ -72,6 +72,14 @@ struct BwdParams {
   // (read with GQA only).
   int* dq_turns;
   int* dkv_turns;
+  // Direct gradients (the sm90 backward with its redo pass; null elsewhere): when this launch's
+  // dK / dV are the whole gradients (one block, a query head per kv head), each CTA writes its
+  // rows' dK / dV straight into these fp16/bf16 [B, Sk, Hkv, D] contiguous arrays, and dk / dv
+  // above are uninitialised float32 scratch: a CTA that stops for the redo pass stores its part
+  // there, the redo pass adds the rest, and cuparing_direct_rows (launched after it) writes
+  // those CTAs' rows here.
+  u16* dk_out;
+  u16* dv_out;
   i64 q_batch_stride, q_row_stride, q_head_stride;  // in elements
   i64 k_batch_stride, k_row_stride, k_head_stride;
   i64 v_batch_stride, v_row_stride, v_head_stride;
@@ -83,6 +91,6 @@ struct BwdParams {
   float scale;        // softmax scale: dq, dk = scale * (dS K, dS^T Q)
 };
 
-static_assert(sizeof(BwdParams) == 256, "BwdParams layout changed: update loader.BWD_PARAMS_DTYPE");
+static_assert(sizeof(BwdParams) == 272, "BwdParams layout changed: update loader.BWD_PARAMS_DTYPE");
 
 }  // namespace cuparing

@@ -10,6 +10,10 @@
 //   cuparing_cast_*:       elementwise fp32 <-> fp16/bf16 over n contiguous elements.
 //   cuparing_dq_from_tiles<bf16>: the sm90 backward's dq accumulator -> dq (common/dq_tiles.cuh).
 //   cuparing_copy_pair:    two device-to-device copies in one launch (grid (x, 2)).
+//   cuparing_direct_rows<bf16>: after the sm90 backward's redo pass, with direct gradients, the
+//                          dK / dV rows of the CTAs it finished into the gradients (common/
+//                          direct_grads.cuh): grid (H, B, ceil(Sk / 128)), up to 256 threads.
+#include "../common/direct_grads.cuh"
 #include "bwd.cuh"
 #include "fwd.cuh"
 
@@ -50,6 +54,12 @@ __global__ void cuparing_cast_from_f32(const float* __restrict__ x, cuparing::u1
        i += stride) {
     y[i] = cuparing::to_half_bits<kBf16>(x[i]);
   }
+}
+
+template <bool kBf16>
+__global__ void __launch_bounds__(256)
+    cuparing_direct_rows(const cuparing::BwdParams params) {
+  cuparing::direct_rows_after_redo<kBf16, 128>(params);
 }
 
 // Two copies in one launch: blockIdx.y 0 copies a_bytes from a_src to a_dst, 1 copies b_bytes

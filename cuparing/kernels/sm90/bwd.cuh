@@ -42,6 +42,7 @@
 // Not yet here: TMA loads, overlap of one tile's products with the next tile's.
 #pragma once
 #include "../common/cta_profile.cuh"
+#include "../common/direct_grads.cuh"
 #include "../common/dq_tiles.cuh"
 #include "../common/launch_order.cuh"
 #include "../common/mask.cuh"
@@ -249,7 +250,9 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     mbarrier_init_fence();
   }
   __syncthreads();
-  if (m_count == 0) return;  // no query of the sequence sees these keys: nothing to add
+  // No query of the sequence sees these keys: nothing to add (with direct gradients the CTA
+  // goes on, through no tile, to write its rows' zeros)
+  if (m_count == 0 && p.dk_out == nullptr) return;
 
   if (wg == 0) {
     // ================= producer =================
@@ -666,21 +669,33 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     __syncwarp();
   }
 
-  // dV and dK (times scale) of the consumer's keys into the float32 accumulators
+  // dV and dK (times scale) of the consumer's keys: added into the float32 accumulators; with
+  // direct gradients (params.cuh dk_out) written in the gradients' dtype, or, where the CTA
+  // stopped for the redo pass, stored into the float32 scratch that pass adds the rest to
   const i64 kv_row_stride = static_cast<i64>(p.nheads_kv) * d;  // dk, dv [B, Sk, Hkv, D]
   const i64 kv_base = static_cast<i64>(b) * sk * kv_row_stride + kv_head() * d;
+  const bool direct = p.dk_out != nullptr;
+  const bool direct_half = direct && it == m_count;  // (it < m_count: stopped)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int key = c_key0 + 16 * wq + g + 8 * r;
     if (!key_ok[r]) continue;
-    float* dv_row = p.dv + kv_base + key * kv_row_stride;
-    float* dk_row = p.dk + kv_base + key * kv_row_stride;
+    const i64 row = kv_base + key * kv_row_stride;
 #pragma unroll
     for (int j = 0; j < Tr::kDTiles; ++j) {
       const int col = 8 * j + 2 * t;
-      if (col < d) {
-        red_add_f32x2(dv_row + col, acc_dv[j][2 * r], acc_dv[j][2 * r + 1]);
-        red_add_f32x2(dk_row + col, acc_dk[j][2 * r] * scale, acc_dk[j][2 * r + 1] * scale);
+      if (col >= d) continue;
+      const float dv0 = acc_dv[j][2 * r], dv1 = acc_dv[j][2 * r + 1];
+      const float dk0 = acc_dk[j][2 * r] * scale, dk1 = acc_dk[j][2 * r + 1] * scale;
+      if (direct_half) {
+        st_global_u32(p.dv_out + row + col, pack2<kBf16>(dv0, dv1));
+        st_global_u32(p.dk_out + row + col, pack2<kBf16>(dk0, dk1));
+      } else if (direct) {
+        st_global_f32x2(p.dv + row + col, dv0, dv1);
+        st_global_f32x2(p.dk + row + col, dk0, dk1);
+      } else {
+        red_add_f32x2(p.dv + row + col, dv0, dv1);
+        red_add_f32x2(p.dk + row + col, dk0, dk1);
       }
     }
   }
