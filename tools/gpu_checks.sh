@@ -6,7 +6,7 @@
 #   candidate: a kernel change (a branch checked out here) against the tree in .snap/main (made
 #        beside it: git archive main | tar -x -C .snap/main; carried): the compile check, the
 #        sm90 kernel tests forward and backward in four shards and the NaN / inf tests, then
-#        bench_attention --quick and bench_backward --quick of both trees, interleaved (~9 min)
+#        bench_attention --quick and bench_backward --quick of both trees, interleaved (~9.5 min)
 #   profile: where the Hopper kernels' time goes around their main loops: the CTA timelines of
 #        the forward, the backward and a packed batch's last ring step (cta_profile.py) and the
 #        deterministic backward's turns (turn_profile.py); the backward calls' launches one by
@@ -97,19 +97,19 @@ if [[ $what == profile || $what == all ]]; then
     --layouts zigzag 2>&1 | grep -v -i warn | tee -a "$out/backward_launches.log"
 fi
 if [[ $what == candidate ]]; then
-  run python tools/compile_check.py 2>&1 | tail -4
-  run python tools/sharded_pytest.py --shards 4 --timeout 300 --log-dir "$out/candidate_tests" \
+  # (no compile check: the CPU suite builds every instantiation; the steps fit one 600 s call)
+  run python tools/sharded_pytest.py --shards 4 --timeout 250 --log-dir "$out/candidate_tests" \
     -- --maxfail=8 tests/test_gpu_attention.py \
     -k "${filter:-sm90 or direct or deterministic or caller or replays or packed_documents}" \
     2>&1 | tee "$out/candidate_tests.log"
-  run python tools/sharded_pytest.py --shards 4 --timeout 150 \
+  run python tools/sharded_pytest.py --shards 4 --timeout 90 \
     --log-dir "$out/candidate_nonfinite" -- --maxfail=8 tests/test_gpu_nonfinite.py -k "sm90 or direct or forward or ring" 2>&1 \
     | tee "$out/candidate_nonfinite.log"
   if [[ -d .snap/main/cuparing ]]; then
-    run timeout 200 python tools/ablate.py --tree main=.snap/main --lines 6 --rounds 1 \
+    run timeout 110 python tools/ablate.py --tree main=.snap/main --lines 6 --rounds 1 \
       --out "$out/candidate_fwd" -- tools/bench_attention.py --quick --families sm90 2>&1 \
       | tee "$out/candidate_fwd.log"
-    run timeout 200 python tools/ablate.py --tree main=.snap/main --lines 4 \
+    run timeout 120 python tools/ablate.py --tree main=.snap/main --lines 4 \
       --out "$out/candidate_bwd" -- tools/bench_backward.py --quick --families sm90,sm90-det \
       2>&1 | tee "$out/candidate_bwd.log"
   fi
