@@ -10,7 +10,7 @@ the first family's ratio to each peer, and its registers and local memory (spill
 
 Usage:
     python tools/bench_attention.py [--quick] [--json PATH] [--repeats N] [--families sm90,sm80]
-        [--rounds R]
+        [--rounds R] [--shapes D:S:causal|full,...]
 """
 
 from __future__ import annotations
@@ -35,6 +35,17 @@ FULL_SHAPES = [(128, s, c) for s in (4096, 8192, 16384, 32768) for c in (False, 
 QUICK_SHAPES = [(128, 8192, False), (128, 8192, True), (64, 16384, False), (256, 16384, True)]
 
 
+def parse_shapes(text: str) -> list[tuple[int, int, bool]]:
+    """``"128:8192:causal,64:16384:full"`` as [(128, 8192, True), (64, 16384, False)]."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 3 or parts[2] not in ("causal", "full"):
+            raise argparse.ArgumentTypeError(f"a shape is D:S:causal or D:S:full, got {item!r}")
+        shapes.append((int(parts[0]), int(parts[1]), parts[2] == "causal"))
+    return shapes
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="four shapes only")
@@ -49,6 +60,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="time every kernel R times per shape, alternating (medians)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--shapes", type=parse_shapes, default=None,
+                        help="these rows only, e.g. 128:8192:causal,64:16384:full")
     args = parser.parse_args(argv)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
 
@@ -72,7 +85,8 @@ def main(argv=None) -> int:
         + " ".join(f"{n:>7} {'ratio':>6}" for n in peers)
     )
     print(header + f" {'regs':>5} {'local':>5}")
-    for d, s, causal in QUICK_SHAPES if args.quick else FULL_SHAPES:
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES)
+    for d, s, causal in shapes:
         gen = torch.Generator(device="cuda").manual_seed(0)
         dtype = getattr(torch, args.dtype)
         q, k, v = (
