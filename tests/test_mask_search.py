@@ -1,6 +1,7 @@
 """The warp-wide searches of kernels/common/mask.cuh, modelled lane by lane: lower_bound_warp
-(32 probes per round) and the paired form of tools/variants/paired_bounds.py (two values per
-round, both chains at once) give numpy's searchsorted answers for any sorted positions."""
+(32 probes per round), the paired form of tools/variants/paired_bounds.py (two values per round,
+both chains at once) and the forward's checked guesses (guessed_lower_bound, the search where a
+check fails) give numpy's searchsorted answers for any sorted positions."""
 
 from __future__ import annotations
 
@@ -65,3 +66,47 @@ def test_searches_on_long_positions_with_repeats(length, spread, seed, picks):
     first, second, _ = lower_bounds_warp(pos, *values)
     assert [first, second] == want
     assert lower_bound_warp(pos, values[0]) == want[0]
+
+
+def guessed_lower_bound(pos, value):
+    """mask.cuh's guess for positions without gaps from pos[0]: the index value - pos[0],
+    clamped to [0, n], if pos[g - 1] < value <= pos[g] holds there, else -1."""
+    n = len(pos)
+    base = pos[0] if n else 0
+    g = min(max(value - base, 0), n)
+    above_previous = g == 0 or pos[g - 1] < value
+    at_or_past = g == n or pos[g] >= value
+    return g if above_previous and at_or_past else -1
+
+
+def guessed_then_searched(pos, value):
+    """tiles_in_range<..., kGuess>'s lower bound: the guess, or the search where it fails."""
+    found = guessed_lower_bound(pos, value)
+    return found if found >= 0 else lower_bound_warp(pos, value)
+
+
+@given(
+    length=st.integers(0, 20000), base=st.integers(-(2**30) + 1, 2**30 - 20001),
+    gaps=st.lists(st.tuples(st.integers(0, 19999), st.integers(-1, 7)), max_size=4),
+    values=st.lists(st.integers(-(2**31), 2**31), min_size=1, max_size=6),
+    near=st.lists(st.integers(-3, 20003), max_size=6),
+)  # fmt: skip
+def test_guessed_bounds_equal_numpys(length, base, gaps, values, near):
+    """Positions without gaps from a random base (a device's, a contiguous block's), then the
+    same with a few gaps or repeats put in (padding, documents, zigzag's second piece): the
+    guess, or the search behind a failed check, is numpy's lower bound every time; with no gap
+    the guess itself holds for every value."""
+    gapless = list(range(base, base + length))
+    probes = values + [base + offset for offset in near]
+    for value in probes:
+        want = int(np.searchsorted(np.asarray(gapless, dtype=np.int64), value, side="left"))
+        assert guessed_lower_bound(gapless, value) == want
+    # a step of -1 repeats the previous position (the sentinels of padding rows); others skip
+    steps = np.ones(length, dtype=np.int64)
+    for at, step in gaps:
+        if 0 < at < length:
+            steps[at] = 0 if step == -1 else step + 1
+    gapped = (base + np.concatenate([[0], np.cumsum(steps[1:])])).tolist() if length else []
+    for value in probes:
+        want = int(np.searchsorted(np.asarray(gapped, dtype=np.int64), value, side="left"))
+        assert guessed_then_searched(gapped, value) == want

@@ -40,6 +40,19 @@ __device__ __forceinline__ int lower_bound_warp(const int* __restrict__ pos, int
   return lo;
 }
 
+// lower_bound_warp's answer for `value` when the positions run without gaps from `base` ==
+// pos[0] (pos[i] == base + i: one device's positions, a contiguous layout's blocks): the index
+// value - base, clamped to [0, n], is checked (pos[g - 1] < value <= pos[g] defines the lower
+// bound of any sorted array, so a passed check is exact whatever the positions); -1 where the
+// check fails. Its two loads depend only on `base`, not on a chain of search rounds.
+__device__ __forceinline__ int guessed_lower_bound(const int* __restrict__ pos, int n,
+                                                   i64 value, i64 base) {
+  const int g = static_cast<int>(min(max(value - base, 0ll), static_cast<i64>(n)));
+  const bool above_previous = g == 0 || static_cast<i64>(__ldg(pos + g - 1)) < value;
+  const bool at_or_past = g == n || static_cast<i64>(__ldg(pos + g)) >= value;
+  return above_previous && at_or_past ? g : -1;
+}
+
 // The tiles (kTile entries each) of a sorted position array holding some value in
 // [begin_value, end_value) (kFrom: at an index >= from, a multiple of kTile): one contiguous
 // range [first, first + count); count 0 if none. kEndpoints: the tiles whose first and last
@@ -47,13 +60,21 @@ __device__ __forceinline__ int lower_bound_warp(const int* __restrict__ pos, int
 // a range holding no position: the set classify_tile on tile endpoints finds non-EMPTY, the
 // same seen from either side (deterministic mode counts on that). Call with the whole warp
 // converged (lower_bound_warp).
-template <int kTile, bool kFrom = false, bool kEndpoints = false>
+template <int kTile, bool kFrom = false, bool kEndpoints = false, bool kGuess = false>
 __device__ __forceinline__ void tiles_in_range(const int* __restrict__ pos, int n,
                                                i64 begin_value, i64 end_value, int lane,
                                                int& first, int& count, int from = 0) {
-  int begin = lower_bound_warp(pos, n, begin_value, lane);
+  // kGuess: positions without gaps take two checked guesses (two dependent loads), the others
+  // the searches (six dependent loads at 8k positions)
+  int begin = -1, end = -1;
+  if constexpr (kGuess) {
+    const i64 base = n > 0 ? __ldg(pos) : 0;
+    begin = guessed_lower_bound(pos, n, begin_value, base);
+    end = guessed_lower_bound(pos, n, end_value, base);
+  }
+  if (begin < 0) begin = lower_bound_warp(pos, n, begin_value, lane);
+  if (end < 0) end = lower_bound_warp(pos, n, end_value, lane);
   if constexpr (kFrom) begin = max(begin, from);
-  const int end = lower_bound_warp(pos, n, end_value, lane);
   if (end <= begin) {
     // (end == begin here: begin_value <= end_value) a tile straddles the gap iff the first
     // position past it is not its tile's first
@@ -67,11 +88,14 @@ __device__ __forceinline__ void tiles_in_range(const int* __restrict__ pos, int 
 }
 
 // The key tiles that any query at positions [q_min, q_max] can see (keys at q + [lo, hi]).
+// With the checked guesses first: a forward CTA's search delays its first K/V load, which
+// weighs on short (causal) CTAs; the backward's kernels keep the plain searches (the guesses'
+// registers spill the Hopper one at head dim 128, and its CTAs are three times longer).
 template <int kTile>
 __device__ __forceinline__ void visible_key_tiles(const int* __restrict__ k_pos, int seqlen_k,
                                                   int q_min, int q_max, int lo, int hi, int lane,
                                                   int& first, int& count) {
-  tiles_in_range<kTile>(k_pos, seqlen_k, static_cast<i64>(q_min) + lo,
+  tiles_in_range<kTile, false, false, true>(k_pos, seqlen_k, static_cast<i64>(q_min) + lo,
                         static_cast<i64>(q_max) + hi + 1, lane, first, count);
 }
 
