@@ -2,7 +2,8 @@
 """Candidate for tools/ablate.py: both lower bounds of ``tiles_in_range`` (common/mask.cuh) in
 one warp loop (PERF.md, forward next step 1).
 
-A CTA of a masked launch finds its visible key tiles (the backward: its query tiles) before its
+A CTA of a masked launch whose positions have gaps (the forward's checked guesses fail there;
+the backward always) finds its visible key tiles (the backward: its query tiles) before its
 first K/V load with two warp-wide searches, each a chain of dependent loads (3 at 8k positions,
 one per round of 32 probes), one after the other: with them, the causal forward's prologue is
 3.4 us against the full mask's 1.7. Here every lane probes for both values each round and both
@@ -56,13 +57,16 @@ __device__ __forceinline__ void lower_bounds_warp(const int* __restrict__ pos, i
         ),
         (
             MASK,
-            """  int begin = lower_bound_warp(pos, n, begin_value, lane);
-  if constexpr (kFrom) begin = max(begin, from);
-  const int end = lower_bound_warp(pos, n, end_value, lane);
+            """  if (begin < 0) begin = lower_bound_warp(pos, n, begin_value, lane);
+  if (end < 0) end = lower_bound_warp(pos, n, end_value, lane);
 """,
-            """  int begin, end;
-  lower_bounds_warp(pos, n, begin_value, end_value, lane, begin, end);
-  if constexpr (kFrom) begin = max(begin, from);
+            """  if (begin < 0 && end < 0) {
+    lower_bounds_warp(pos, n, begin_value, end_value, lane, begin, end);
+  } else if (begin < 0) {
+    begin = lower_bound_warp(pos, n, begin_value, lane);
+  } else if (end < 0) {
+    end = lower_bound_warp(pos, n, end_value, lane);
+  }
 """,
         ),
     ],
