@@ -1,8 +1,12 @@
 """Forward attention throughput: cuparing's kernel families vs PyTorch SDPA (flash and cuDNN).
 
 All runs share the process, the card and the inputs (bf16 or ``--dtype float16``, [B, S, H, D],
-B=1, H=32). Time is
-measured with CUDA events (tools/timing.py: back-to-back calls), median of repeats.
+B=1, H=32). Time is measured with CUDA events (tools/timing.py: back-to-back calls). Every
+kernel is timed in turn, one sample each, for ``--rounds`` rounds (default 10), and the medians
+are taken over rounds: the card's clock drifts by up to 10% within seconds, and a table that
+timed each kernel's samples in one block (as this one did before) moved short causal rows'
+ratios by as much (tools/run_spread.py shows it: per alternating sample the ratio stays within
+a few %).
 FLOPs = 4 * B * H * S^2 * D, halved for causal. Prints TFLOP/s of each kernel family asked for
 (``CUPARING_KERNELS`` set per row: sm90 = wgmma with TMA loads, Hopper only; sm90-cp.async = its
 cp.async producer; sm80 = mma.sync) and of each peer,
@@ -50,14 +54,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="four shapes only")
     parser.add_argument("--json", help="write results as JSON to this path")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1, help="samples per kernel and round")
     parser.add_argument(
         "--calls", type=int, default=5, help="calls per timed sample (1: one call at a time)"
     )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--families", default="sm90,sm80", help="kernel families, first is 'ours'")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=int, default=10,
                         help="time every kernel R times per shape, alternating (medians)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     parser.add_argument("--shapes", type=parse_shapes, default=None,
