@@ -8,13 +8,15 @@ sm80 = mma.sync; a family name ending in ``-det``, e.g. sm90-det, runs it with
 ``deterministic=True``). Peers: ``torch.nn.functional.scaled_dot_product_attention`` with the
 FLASH and the CUDNN backend, timing only ``torch.autograd.grad`` of a retained graph (their backward
 kernels, no forward). All see the same bf16 inputs [B, S, H, D] (B=1, H=32, D=128 by default) in
-the same process, on the same card. Time: CUDA events (tools/timing.py: back-to-back calls),
-median of repeats. FLOPs = 2.5 * 4 * B * H * S^2 * D (five GEMMs against the forward's two),
-halved for causal. The ratio columns compare the first family with each peer.
+the same process, on the same card. Time: CUDA events (tools/timing.py: back-to-back calls); every
+kernel timed in turn, one sample each, for ``--rounds`` rounds (default 10), medians over rounds
+(the card's clock drifts within seconds: bench_attention.py says more). FLOPs = 2.5 * 4 * B * H *
+S^2 * D (five GEMMs against the forward's two), halved for causal. The ratio columns compare the
+first family with each peer.
 
 Usage:
-    python tools/bench_backward.py [--quick] [--json PATH] [--repeats N] [--headdim D]
-        [--families sm90,sm90-det,sm80]
+    python tools/bench_backward.py [--quick] [--json PATH] [--repeats N] [--rounds R]
+        [--headdim D] [--families sm90,sm90-det,sm80]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import functools
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -39,7 +42,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="S=8k only")
     parser.add_argument("--json", help="write results as JSON to this path")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1, help="samples per kernel and round")
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="time every kernel R times per shape, alternating (medians)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--headdim", type=int, default=128)
@@ -74,21 +79,17 @@ def main(argv=None) -> int:
 
         out, lse = cr.ring_attention(q, k, v, ring, causal=causal, return_lse=True)
         arch = loader.device_arch()
-        for family in reversed(families):  # the first family ends up active for the stats
+        runs = {}  # name -> (CUPARING_BWD or None, the call)
+        for family in families:
             kernels = family.removesuffix("-det")
-            os.environ["CUPARING_BWD"] = kernels
             padded = loader.backward_head_dim(d, arch)
             if loader.backward_family(padded, arch) != kernels:  # not on this card / head dim
                 result[f"{family}_ms"] = result[f"{family}_tflops"] = None
                 continue
-            ours = functools.partial(
+            runs[family] = (kernels, functools.partial(
                 cr.ring_attention_backward, dout, q, k, v, out, lse, ring, causal=causal,
                 deterministic=family.endswith("-det"),
-            )  # fmt: skip
-            ms = time_ms(ours, args.repeats)
-            result[f"{family}_ms"] = ms
-            result[f"{family}_tflops"] = flops / ms / 1e9
-        result["ours_tflops"] = result[f"{families[0]}_tflops"]
+            ))  # fmt: skip
 
         qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
         dout_t = dout.transpose(1, 2)
@@ -102,11 +103,27 @@ def main(argv=None) -> int:
                 def peer(out_t=out_t, inputs=(qt, kt, vt), dout_t=dout_t):
                     return torch.autograd.grad(out_t, inputs, dout_t, retain_graph=True)
 
-                peer_ms = time_ms(peer, args.repeats)
-                result[f"{name}_tflops"] = flops / peer_ms / 1e9
+                peer()
+                runs[name] = (None, peer)
             except RuntimeError as exc:  # backend not available for this shape/card
                 result[f"{name}_tflops"] = None
                 result[f"{name}_error"] = str(exc).splitlines()[0]
+
+        # rounds alternate every kernel, so a drift of the card's clock reaches all of them
+        samples = {name: [] for name in runs}
+        for _ in range(max(args.rounds, 1)):
+            for name in reversed(list(runs)):  # the first family ends up active for the stats
+                kernels, call = runs[name]
+                if kernels is not None:
+                    os.environ["CUPARING_BWD"] = kernels
+                samples[name].append(time_ms(call, args.repeats))
+        for name, values in samples.items():
+            ms = statistics.median(values)
+            if name in families:
+                result[f"{name}_ms"] = ms
+            result[f"{name}_tflops"] = flops / ms / 1e9
+        result["ours_tflops"] = result[f"{families[0]}_tflops"]
+        os.environ["CUPARING_BWD"] = families[0].removesuffix("-det")
 
         kernels, _, _ = loader.get_bwd_kernels(loader.backward_head_dim(d, arch), "bfloat16")
         result["regs"] = [kernel.num_regs for kernel, _ in kernels]
