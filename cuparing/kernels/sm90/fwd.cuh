@@ -14,8 +14,9 @@
 //                                     and    O += P_{j-1} V_{j-1}  (wgmma RS, P from registers)
 //   hand the turn to the other consumer, wait for S_j (release K_j), then for P_{j-1} V_{j-1}
 //   (release V_{j-1}: P_{j-1}'s registers are free), then mask, softmax and convert S_j to P_j
-//   while the tensor cores run the other consumer's products (ping-pong). The running output is
-//   rescaled by tile j's correction only when P_j V_j is issued.
+//   while the tensor cores run the other consumer's products (ping-pong); at head dim 64 the
+//   mask and softmax of S_j come before the wait for P_{j-1} V_{j-1}, only the conversion after.
+//   The running output is rescaled by tile j's correction only when P_j V_j is issued.
 // Masks: tiles classified per consumer (64 rows); PARTIAL tiles and the Sk tail are masked, EMPTY
 // ones skipped (they still pass through the turn-taking and release their stage).
 // NaN / inf in V (common/nonfinite.cuh): the producer checks every V tile the mask does not leave
@@ -300,10 +301,10 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
         wgmma_commit();
       };
       // Mask (every tile this consumer does not see whole: PARTIAL, the Sk tail, and EMPTY ones,
-      // whose scores all become -inf and add nothing), softmax, and convert to P.
+      // whose scores all become -inf and add nothing) and softmax; then convert to P.
       u32 pa[Tr::kPSteps][4];
       float corr[1][2];
-      auto scores_to_p = [&](float (&acc_s)[1][Tr::kNTiles][4], int it) {
+      auto softmax_scores = [&](float (&acc_s)[1][Tr::kNTiles][4], int it) {
         const int n0 = (n_first + it) * Tr::kBlockN;
         const int keys = min(Tr::kBlockN, sk - n0);
         int kind = kTileFull;
@@ -316,6 +317,8 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
         }
         if (kind != kTileFull) apply_mask<Tr>(acc_s, q_pos_row, p.k_pos, n0, sk, lo, hi, lane);
         softmax_tile<Tr>(acc_s, row_max, row_sum, p.scale_log2, corr);
+      };
+      auto pack_p = [&](float (&acc_s)[1][Tr::kNTiles][4]) {
 #pragma unroll
         for (int kk = 0; kk < Tr::kPSteps; ++kk) {
           pa[kk][0] = pack2<kBf16>(acc_s[0][2 * kk][0], acc_s[0][2 * kk][1]);
@@ -324,6 +327,12 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
           pa[kk][3] = pack2<kBf16>(acc_s[0][2 * kk + 1][2], acc_s[0][2 * kk + 1][3]);
         }
       };
+      // Head dim 64: the softmax of S_j runs while P_{j-1} V_{j-1} may still be on the tensor
+      // cores (its correction `corr` was applied to O when that product was issued, so only P's
+      // registers wait for the product). Half the product per exponential of head dim 128 leaves
+      // the softmax exposed behind the other consumer's turn; at 128 the longer register life
+      // of P cost more than it hid (PERF.md).
+      constexpr bool kSoftmaxUnderPv = Tr::kHeadDim == 64;
       // Turns alternate between the consumers (named barriers kTurnBarrier + c); consumer 0
       // takes the first. Each consumer takes n_count + 1 turns; consumer 1 skips its last
       // hand-over, which consumer 0 never waits for.
@@ -351,7 +360,8 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
         wgmma_wait<0>();
         fence_accumulator(acc_s[0]);
         mbarrier_arrive(empty_k(0));
-        scores_to_p(acc_s, 0);
+        softmax_scores(acc_s, 0);
+        pack_p(acc_s);
       }
       // turns 1 .. n_count - 1: S_j, and P_{j-1} V_{j-1} behind it
       for (int it = 1; it < n_count; ++it) {
@@ -371,10 +381,13 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
         wgmma_wait<1>();  // S_j has landed; P_{j-1} V_{j-1} may still run
         fence_accumulator(acc_s[0]);
         mbarrier_arrive(empty_k(s));
+        if constexpr (kSoftmaxUnderPv) softmax_scores(acc_s, it);
         wgmma_wait<0>();  // P_{j-1} V_{j-1} done: pa and V_{j-1} are free
         fence_accumulator(acc_o[0]);
+        fence_operand(pa);  // (the softmax above must not have taken pa's registers)
         mbarrier_arrive(empty_v(prev));
-        scores_to_p(acc_s, it);
+        if constexpr (!kSoftmaxUnderPv) softmax_scores(acc_s, it);
+        pack_p(acc_s);
       }
       // last turn: P V of the last tile
       {

@@ -47,6 +47,17 @@ __device__ __forceinline__ void fence_accumulator(float (&acc)[kRows][kCols]) {
   }
 }
 
+// The same for a register operand (wgmma's A from registers): placed after the wait, it keeps
+// the operand's registers holding their values, unreused, while the product may still read them.
+template <int kRows, int kCols>
+__device__ __forceinline__ void fence_operand(u32 (&a)[kRows][kCols]) {
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+  }
+}
+
 // Make this thread's ordinary (generic-proxy) shared-memory writes, cp.async included once waited
 // for, visible to the async proxy that wgmma and TMA read through.
 __device__ __forceinline__ void fence_proxy_async() {
