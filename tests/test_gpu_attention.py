@@ -257,6 +257,35 @@ def test_kernel_resources_on_device():
             where = (d, tma, kernel.num_regs, smem)
             assert kernel.num_regs <= 255 and kernel.local_size_bytes == 0, where
             assert smem <= limit, where
+            if isinstance(cfg, loader.Sm90FwdConfig):  # the launch's allocation fits one SM
+                assert kernel.num_regs * cfg.threads <= 65536, (*where, cfg.threads)
+
+
+# (Sq, Sk) at the edges of the sm90 forward's tiles (head dim 64: 192 query rows in three
+# consumers of 64, 112 keys): consumers with no rows, a last tile of 2, 141 or 65 rows, one key
+# tile, a one-key tail
+TILE_EDGES = [(59, 300), (130, 113), (333, 112), (1025, 1025), (200, 1)]
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("edge", TILE_EDGES, ids=[f"{q}x{k}" for q, k in TILE_EDGES])
+@pytest.mark.parametrize("mask", ["none", "causal", "window"])
+def test_forward_at_tile_edges(dtype, edge, mask, kernel_family, fresh_rng):
+    """Query and key counts that leave consumers without rows and tiles part-filled, and
+    windows that leave whole CTAs without keys, against the float64 reference (head dim 64;
+    40 runs the same instantiation with zero columns, in test_attention_matches_reference)."""
+    headdim = 64
+    skip_unless_family_runs(kernel_family, dtype, headdim)
+    causal, window = MASKS[mask]
+    sq, sk = edge
+    q = random_array(fresh_rng, (1, sq, 4, headdim), dtype)
+    k = random_array(fresh_rng, (1, sk, 2, headdim), dtype)
+    v = random_array(fresh_rng, (1, sk, 2, headdim), dtype)
+    poison_pool()
+    out, lse = cr.attention(*map(to_gpu, (q, k, v)), causal=causal, window=window,
+                            return_lse=True)  # fmt: skip
+    check_kernel_forward(to_host(out), to_host(lse), q, k, v, causal=causal, window=window)
 
 
 # ---- backward kernel (cuparing_bwd): several ring blocks accumulate into the float32 dq/dk/dv

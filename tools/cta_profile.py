@@ -159,8 +159,9 @@ def main(argv=None) -> int:
             whole = global_inputs(s * world, 0)[:3]
             shards = [cr.shard(x, 0, world, layout="zigzag", **docs) for x in whole]
             rows_b, rows, heads, dim = shards[0].shape  # [B, S_local, H, D]
-            name = loader.fwd_name(loader.forward_head_dim(dim, arch), "bfloat16", "sm90", tma)
-            ctas = heads * rows_b * -(-rows // 128)
+            padded = loader.forward_head_dim(dim, arch)
+            name = loader.fwd_name(padded, "bfloat16", "sm90", tma)
+            ctas = heads * rows_b * -(-rows // loader.SM90_FWD_CONFIGS[padded].block_m)
 
             def run(shards=shards, docs=docs, world=world):
                 cr.ring_attention(*shards, NoCommRing(0, world), causal=True, layout="zigzag",
@@ -174,8 +175,9 @@ def main(argv=None) -> int:
             def run(causal=causal, out=out, lse=lse, ring=ring):
                 cr.ring_attention_backward(dout, q, k, v, out, lse, ring, causal=causal)
         else:
-            name = loader.fwd_name(loader.forward_head_dim(d, arch), "bfloat16", "sm90", tma)
-            ctas = h * b * -(-s // 128)
+            padded = loader.forward_head_dim(d, arch)
+            name = loader.fwd_name(padded, "bfloat16", "sm90", tma)
+            ctas = h * b * -(-s // loader.SM90_FWD_CONFIGS[padded].block_m)
 
             def run(causal=causal):
                 cr.attention(q, k, v, causal=causal)

@@ -937,8 +937,8 @@ def _element_strides(x) -> tuple[int, int, int]:
 
 
 class _TensorMaps:
-    """The packed Q, K, V tensor maps of one sm90 forward signature (boxes of 128 query rows and
-    of the config's keys per tile), one packed argument per (q, k, v) address triple: a ring's
+    """The packed Q, K, V tensor maps of one sm90 forward signature (boxes of the config's query
+    rows and keys per tile), one packed argument per (q, k, v) address triple: a ring's
     K/V rotate between a few buffers, so the triples repeat and each is encoded once.
 
     Attributes:

@@ -187,7 +187,8 @@ def bwd_smem_bytes(head_dim: int, arch: str = "sm_80") -> int:
 @dataclass(frozen=True)
 class Sm90FwdConfig:
     """Tile configuration of the sm90 (wgmma) forward kernel for one head dim: a producer
-    warpgroup and two consumer warpgroups of 64 query rows each (block_m = 128, 384 threads),
+    warpgroup and ``block_m / 64`` consumer warpgroups of 64 query rows each (two by default:
+    block_m = 128, 384 threads; three: 192 rows, 512 threads, fewer registers per consumer),
     ``block_n`` keys per stage with the TMA producer (``cp_async_block_n`` with the cp.async one,
     whose consumers have fewer registers; default ``block_n``), ``stages`` K/V tiles in flight,
     ``softmax_chains`` independent max/sum chains per row in the softmax."""
@@ -197,7 +198,21 @@ class Sm90FwdConfig:
     cp_async_block_n: int | None = None
     softmax_chains: int = 1
     block_m: int = 128
-    threads: int = 384
+
+    def __post_init__(self):
+        if self.block_m not in (128, 192):
+            raise ValueError(f"sm90 forward block_m must be 128 or 192 (two or three consumer "
+                             f"warpgroups), got {self.block_m}")  # fmt: skip
+
+    @property
+    def consumers(self) -> int:
+        """Consumer warpgroups (64 query rows each)."""
+        return self.block_m // 64
+
+    @property
+    def threads(self) -> int:
+        """Threads per CTA: the producer warpgroup and the consumers."""
+        return 128 * (self.consumers + 1)
 
     def keys(self, tma: bool) -> int:
         """Keys per tile for the TMA (``tma``) or the cp.async producer."""
@@ -206,11 +221,13 @@ class Sm90FwdConfig:
 
 # S (block_n / 2 floats) + O (d / 2) + P (block_n / 4) registers per consumer thread; shared
 # memory Q + stages * (K + V) under 227 KB (sm90/traits.cuh asserts both). The widest key tiles
-# that compile without spills under the TMA consumers' 240 registers; the cp.async consumers
-# (232) take 128 keys (d=256: 32; 64 and 48 spill). Measured on an H200 (PERF.md, sm90 v3):
-# d=128 x176 beat x128 by 6% full and lost 1% causal; d=64 x192 +2%, d=256 x80 +3%.
-# Two softmax chains per row (v4): +10% at d=128 full over one, the same causal; four chains
-# were no better.
+# that compile without spills under the TMA consumers' registers (240 for two consumers); the
+# cp.async consumers (232) take 128 keys (d=256: 32; 64 and 48 spill). Measured on an H200
+# (PERF.md, sm90 v3): d=128 x176 beat x128 by 6% full and lost 1% causal; d=64 x192 +2%, d=256
+# x80 +3%. Two softmax chains per row (v4): +10% at d=128 full over one, the same causal; four
+# chains were no better. Three consumers (block_m 192, 160 registers each) compile spill-free at
+# head dim 64 with 112 keys (128 spilled): `CUPARING_SM90_TILES="64:112,2,112,2,192"`, to be
+# measured against this row (PERF.md v8).
 SM90_FWD_CONFIGS: dict[int, Sm90FwdConfig] = {
     64: Sm90FwdConfig(block_n=192, stages=2, cp_async_block_n=128, softmax_chains=2),
     128: Sm90FwdConfig(block_n=176, stages=2, cp_async_block_n=128, softmax_chains=2),
@@ -218,8 +235,8 @@ SM90_FWD_CONFIGS: dict[int, Sm90FwdConfig] = {
 }
 # head dims (as padded_head_dim pads them) the sm90 forward runs in a wider instantiation
 SM90_FWD_WIDER = {96: 128}
-# CUPARING_SM90_TILES="256:64,2,32;128:128,3" (head dim: block_n, stages[, cp.async block_n[,
-# softmax chains]]) overrides rows, for tuning.
+# CUPARING_SM90_TILES="256:64,2,32;64:128,2,128,2,192" (head dim: block_n, stages[, cp.async
+# block_n[, softmax chains[, block_m]]]) overrides rows, for tuning.
 _SM90_ENV = os.environ.get("CUPARING_SM90_TILES", "")
 for _item in filter(None, (x.strip() for x in _SM90_ENV.split(";"))):
     _d, _fields = _item.split(":")
@@ -453,7 +470,7 @@ def configs_macro(arch: str = "sm_80") -> str:
     )
     sm90_rows = " ".join(
         f"X({d}, {str(tma).lower()}, {c.keys(tma)}, {c.stages}, {c.softmax_chains}, "
-        f"{sm90_smem_bytes(d, tma)})"
+        f"{c.consumers}, {sm90_smem_bytes(d, tma)})"
         for d, c in sorted(SM90_FWD_CONFIGS.items())
         for tma in (False, True)
     )
@@ -681,7 +698,7 @@ def get_fwd_kernel(head_dim: int, dtype: str, tma: bool = False):
     kernel = get_module((name,), family).get_function(name)
     if family == "sm90":
         base = SM90_FWD_CONFIGS[head_dim]
-        cfg = Sm90FwdConfig(block_n=base.keys(tma), stages=base.stages)
+        cfg = Sm90FwdConfig(block_n=base.keys(tma), stages=base.stages, block_m=base.block_m)
         smem = sm90_smem_bytes(head_dim, tma)
     else:
         cfg, smem = fwd_configs(arch)[head_dim], smem_bytes(head_dim, arch)

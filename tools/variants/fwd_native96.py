@@ -30,8 +30,8 @@ VARIANTS = {
         ),
         (
             LOADER,
-            "    64: Sm90FwdConfig(block_n=192, stages=2, cp_async_block_n=128, softmax_chains=2),\n",
-            "    64: Sm90FwdConfig(block_n=192, stages=2, cp_async_block_n=128, softmax_chains=2),\n    96: Sm90FwdConfig(block_n=176, stages=2, cp_async_block_n=128, softmax_chains=2),\n",
+            "    128: Sm90FwdConfig(block_n=176, stages=2, cp_async_block_n=128, softmax_chains=2),\n",
+            "    96: Sm90FwdConfig(block_n=176, stages=2, cp_async_block_n=128, softmax_chains=2),\n    128: Sm90FwdConfig(block_n=176, stages=2, cp_async_block_n=128, softmax_chains=2),\n",
         ),
         (LOADER, "SM90_FWD_WIDER = {96: 128}\n", "SM90_FWD_WIDER: dict[int, int] = {}\n"),
     ],

@@ -1,7 +1,8 @@
 // __global__ entry points of the sm_90a family (compiled only for sm_90a; loader.py names every
 // instantiation):
-//   cuparing_fwd_sm90<D, bf16, tma>: grid (section, ceil(Sq / 128), B H / section) (below),
-//       block 384 (three warpgroups), dynamic smem Sm90FwdTraits<D, tma>::kSmemBytes; same
+//   cuparing_fwd_sm90<D, bf16, tma>: grid (section, ceil(Sq / kBlockM), B H / section) (below),
+//       block Sm90FwdTraits<D, tma>::kNThreads (a producer warpgroup and two or three consumers:
+//       kBlockM 128 or 192 query rows), dynamic smem Sm90FwdTraits<D, tma>::kSmemBytes; same
 //       FwdParams and results as the sm80 family's cuparing_fwd, plus the Q/K/V tensor maps
 //       (read only when tma is true; the false instantiation copies with cp.async).
 //   cuparing_bwd_sm90<D, bf16, ordered>: grid (section, ceil(Sk / 128), B H / section), block

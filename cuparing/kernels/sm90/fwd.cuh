@@ -1,21 +1,24 @@
-// Forward attention on Hopper (sm_90a): one (query tile, head, batch) per CTA of three
-// warpgroups, FlashAttention-3's structure on our own PTX.
+// Forward attention on Hopper (sm_90a): one (query tile, head, batch) per CTA of three or four
+// warpgroups (a producer and two or three consumers, traits.cuh), FlashAttention-3's structure
+// on our own PTX.
 //
 // Producer (warpgroup 0): copies Q once and K, V tile by tile into kStages shared-memory stages,
-// each completing on the stage's "full" mbarrier; a stage is refilled only after both consumers
+// each completing on the stage's "full" mbarrier; a stage is refilled only after every consumer
 // released it on its "empty" mbarrier. K and V have separate barriers: K of a stage is free
 // after Q K^T, V only after P V, one tile later. Two ways to copy (template kTma):
 //   TMA: one thread issues a bulk tensor load per 64-column box (tensor maps from the host),
-//        the barrier counts the bytes (24 registers for the producer, 240 for the consumers);
+//        the barrier counts the bytes (24 registers for the producer; 240 for each of two
+//        consumers, 160 for each of three);
 //   cp.async: all 128 threads copy 16-byte chunks and arrive through cp.async.mbarrier.arrive
-//        (40 / 232 registers), for operands the copy engine cannot address.
-// Consumers (warpgroups 1 and 2, 64 query rows each), per key tile j:
+//        (40 / 232 or 152 registers), for operands the copy engine cannot address.
+// Consumers (warpgroups 1 .. kConsumers, 64 query rows each; traits.cuh), per key tile j:
 //   wait for my turn (named barrier), issue  S_j = Q K_j^T   (wgmma SS, both from shared memory)
 //                                     and    O += P_{j-1} V_{j-1}  (wgmma RS, P from registers)
-//   hand the turn to the other consumer, wait for S_j (release K_j), then for P_{j-1} V_{j-1}
+//   hand the turn to the next consumer, wait for S_j (release K_j), then for P_{j-1} V_{j-1}
 //   (release V_{j-1}: P_{j-1}'s registers are free), then mask, softmax and convert S_j to P_j
-//   while the tensor cores run the other consumer's products (ping-pong); at head dim 64 the
-//   mask and softmax of S_j come before the wait for P_{j-1} V_{j-1}, only the conversion after.
+//   while the tensor cores run the other consumers' products (the turns go round); at head dim
+//   64 the mask and softmax of S_j come before the wait for P_{j-1} V_{j-1}, only the
+//   conversion after.
 //   The running output is rescaled by tile j's correction only when P_j V_j is issued.
 // Masks: tiles classified per consumer (64 rows); PARTIAL tiles and the Sk tail are masked, EMPTY
 // ones skipped (they still pass through the turn-taking and release their stage).
@@ -80,7 +83,7 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int wg = warp >> 2;  // 0: producer; 1, 2: consumers
+  const int wg = warp >> 2;  // 0: producer; 1 .. kConsumers: consumers
 
   // (batch, head) pairs dealt in sections whose K and V share L2 (common/launch_order.cuh; a GQA
   // group's query heads read the same); within one, the heaviest query tiles first: under
@@ -143,7 +146,8 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
                          __ldg(p.k_pos + n0), __ldg(p.k_pos + min(n0 + Tr::kBlockN, p.seqlen_k) - 1),
                          p.lo, p.hi) != kTileFull;
   };
-  constexpr int kCheckBarrier = 3;  // named barrier of the V checkers (1, 2: consumer turns)
+  // named barrier of the V checkers (1 .. kConsumers: the consumers' turns)
+  constexpr int kCheckBarrier = Tr::kConsumers + 1;
   if (tid == 0) {
     for (int s = 0; s < Tr::kStages; ++s) {
       mbarrier_init(full_k(s), kFullArrivals);
@@ -247,7 +251,10 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
     const int c = wg - 1;          // consumer: query rows [64c, 64c + 64) of the tile
     const int cwarp = warp - 4;    // warp among the consumers: rows [16 cwarp, 16 cwarp + 16)
     const int g = lane >> 2;
-    constexpr int kTurnBarrier = 1;  // named barriers 1, 2: consumer c's turn on the tensor cores
+    // named barriers 1 .. kConsumers: consumer c's turn on the tensor cores, each synced by the
+    // consumer and arrived at by the one before it (128 threads each)
+    constexpr int kTurnBarrier = 1;
+    constexpr int kTurnThreads = 256;
 
     const int wg_row0 = m0 + c * 64;  // global query index
     const bool wg_has_rows = wg_row0 < sq;
@@ -333,17 +340,18 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
       // the softmax exposed behind the other consumer's turn; at 128 the longer register life
       // of P cost more than it hid (PERF.md).
       constexpr bool kSoftmaxUnderPv = Tr::kHeadDim == 64;
-      // Turns alternate between the consumers (named barriers kTurnBarrier + c); consumer 0
-      // takes the first. Each consumer takes n_count + 1 turns; consumer 1 skips its last
-      // hand-over, which consumer 0 never waits for.
-      auto my_turn = [&]() { named_barrier_sync(kTurnBarrier + c, Tr::kConsumerThreads); };
+      // Turns go round the consumers (named barriers kTurnBarrier + c), consumer 0 first. Each
+      // takes n_count + 1 turns; the last consumer starts the round with a hand-over to consumer
+      // 0 and skips its own last one, which consumer 0 never waits for.
+      constexpr int kLast = Tr::kConsumers - 1;
+      auto my_turn = [&]() { named_barrier_sync(kTurnBarrier + c, kTurnThreads); };
       auto hand_over = [&]() {
-        named_barrier_arrive(kTurnBarrier + (1 - c), Tr::kConsumerThreads);
+        named_barrier_arrive(kTurnBarrier + (c == kLast ? 0 : c + 1), kTurnThreads);
       };
 
       u32 values_zeroed = 0;  // some P V of the CTA ran with V's NaN / inf zeroed (rare)
       mbarrier_wait(q_full, 0);
-      if (c == 1) hand_over();
+      if (c == kLast) hand_over();
 
       // turn 0: S_0 only
       {
@@ -399,7 +407,7 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
         rescale_output<Tr>(acc_o, corr);
         wgmma_fence();
         issue_pv(pa, last);
-        if (c == 0) hand_over();
+        if (c != kLast) hand_over();
         wgmma_wait<0>();
         fence_accumulator(acc_o[0]);
         mbarrier_arrive(empty_v(last));

@@ -1,14 +1,17 @@
 // Tile shapes and shared-memory layout of the Hopper (sm_90a) forward kernel, per head dim.
 //
 // The table lives in Python (loader.SM90_FWD_CONFIGS) and arrives as the X-macro
-// CUPARING_SM90_FWD_CONFIGS(X), X(head_dim, tma, block_n, stages, chains, smem_bytes) (one row per
-// producer: the TMA consumers have more registers, so wide head dims get wider key tiles), so the
-// host's launch numbers and the device's layout are one table.
+// CUPARING_SM90_FWD_CONFIGS(X), X(head_dim, tma, block_n, stages, chains, consumers, smem_bytes)
+// (one row per producer: the TMA consumers have more registers, so wide head dims get wider key
+// tiles), so the host's launch numbers and the device's layout are one table.
 //
-// CTA = three warpgroups (384 threads): warpgroup 0 produces (copies Q, K, V into shared memory),
-// warpgroups 1 and 2 consume a 128-row query tile: consumer c owns rows [64c, 64c + 64), its warp
-// i the 16 rows [16i, 16i + 16) (one m16 fragment in the accumulator layout mma.sync also uses,
-// so kMFrags = 1 and the shared mask/softmax/epilogue code applies).
+// CTA = 1 + kConsumers warpgroups (384 threads with two consumers, 512 with three): warpgroup 0
+// produces (copies Q, K, V into shared memory), warpgroups 1 .. kConsumers consume a
+// (64 kConsumers)-row query tile: consumer c owns rows [64c, 64c + 64), its warp i the 16 rows
+// [16i, 16i + 16) (one m16 fragment in the accumulator layout mma.sync also uses, so kMFrags = 1
+// and the shared mask/softmax/epilogue code applies). Three consumers share an SM's registers
+// three ways (160 each instead of 240): for narrow head dims, whose softmax is long against its
+// products, a third consumer keeps the tensor cores fed where two take turns.
 //
 // Shared memory holds every (rows, kHeadDim) tile as kHeadDim/64 "boxes" of (rows, 64) elements:
 // one 128-byte row per tile row, 16-byte chunk c of row r stored at chunk c ^ (r % 8), each box
@@ -46,7 +49,8 @@ struct Sm90Boxes {
   }
 };
 
-template <int kHeadDim_, bool kTma, int kBlockN_, int kStages_, int kSoftmaxChains_>
+template <int kHeadDim_, bool kTma, int kBlockN_, int kStages_, int kSoftmaxChains_,
+          int kConsumers_>
 struct Sm90FwdTraitsBase : Sm90Boxes<kHeadDim_> {
   using Boxes = Sm90Boxes<kHeadDim_>;
   using Boxes::kBoxes;
@@ -55,17 +59,27 @@ struct Sm90FwdTraitsBase : Sm90Boxes<kHeadDim_> {
   using Boxes::kProducerThreads;
   static constexpr int kSoftmaxChains = kSoftmaxChains_;  // independent max/sum chains per row
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = 128;         // query rows per CTA, 64 per warpgroup
+  static constexpr int kConsumers = kConsumers_;   // consumer warpgroups (2 or 3)
+  static constexpr int kBlockM = 64 * kConsumers;  // query rows per CTA, 64 per warpgroup
   static constexpr int kBlockN = kBlockN_;    // keys per pipeline stage (the N of S = Q K^T)
   static constexpr int kStages = kStages_;    // K/V tiles in flight (cp.async groups)
-  static constexpr int kNThreads = 384;
-  static constexpr int kConsumerThreads = 256;  // warpgroups 1 and 2
-  // setmaxnreg budgets of the producer and of each consumer thread: the TMA producer is one
-  // issuing thread (24 registers); the cp.async one computes 128 threads' addresses (40)
+  static constexpr int kConsumerThreads = 128 * kConsumers;  // warpgroups 1 .. kConsumers
+  static constexpr int kNThreads = kProducerThreads + kConsumerThreads;
+  // setmaxnreg moves registers inside the CTA's allocation at launch (kLaunchRegs per thread,
+  // the bound __launch_bounds__(kNThreads, 1) gives: 168 for 384 threads, 128 for 512), so the
+  // consumers may take only what the producer gives up, or their setmaxnreg.inc waits forever.
+  // The TMA producer is one issuing thread (24 registers); the cp.async one computes 128
+  // threads' addresses (40); the consumers share the rest in multiples of 8, at most 240 (two
+  // consumers: 240 with TMA, 232 with cp.async; three: 160, 152).
+  static constexpr int kLaunchRegs = 65536 / kNThreads / 8 * 8;
   static constexpr int kProducerRegs = kTma ? 24 : 40;
-  static constexpr int kConsumerRegs = kTma ? 240 : 232;
-  static_assert(kProducerThreads * kProducerRegs + kConsumerThreads * kConsumerRegs <= 65536,
-                "more registers than an SM has");
+  static constexpr int kConsumerShare =
+      (kNThreads * kLaunchRegs - kProducerThreads * kProducerRegs) / kConsumerThreads / 8 * 8;
+  static constexpr int kConsumerRegs = kConsumerShare < 240 ? kConsumerShare : 240;
+  static_assert(kConsumers == 2 || kConsumers == 3, "two or three consumer warpgroups");
+  static_assert(kProducerThreads * (kLaunchRegs - kProducerRegs) >=
+                    kConsumerThreads * (kConsumerRegs - kLaunchRegs),
+                "the consumers would wait for registers the producer does not release");
   static constexpr int kRowsPerWarp = 16;
   static constexpr int kMFrags = 1;
   static constexpr int kNTiles = kBlockN / 8;   // n8 tiles of S per thread
@@ -87,16 +101,18 @@ struct Sm90FwdTraitsBase : Sm90Boxes<kHeadDim_> {
   static_assert(kStages >= 2 && kStages <= 4, "2..4 stages");
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
   static_assert(8 * (5 * kStages + 1) + 4 * kStages <= kBarrierBytes, "room for the mbarriers");
-  // accumulators per thread: S (kBlockN / 2) + O (kHeadDim / 2) + P (kBlockN / 4 packed pairs)
-  static_assert(kBlockN / 2 + kHeadDim / 2 + kBlockN / 4 <= 200, "accumulators exceed registers");
+  // accumulators per thread: S (kBlockN / 2) + O (kHeadDim / 2) + P (kBlockN / 4 packed pairs),
+  // at most five sixths of the consumer's registers (200 of 240)
+  static_assert(6 * (kBlockN / 2 + kHeadDim / 2 + kBlockN / 4) <= 5 * kConsumerRegs,
+                "accumulators exceed registers");
 };
 
 template <int kHeadDim, bool kTma>
 struct Sm90FwdTraits;  // only the rows of CUPARING_SM90_FWD_CONFIGS exist
 
-#define CUPARING_DEFINE_SM90_TRAITS(D, TMA, BN, ST, CHAINS, SMEM)                        \
+#define CUPARING_DEFINE_SM90_TRAITS(D, TMA, BN, ST, CHAINS, CONSUMERS, SMEM)             \
   template <>                                                                            \
-  struct Sm90FwdTraits<D, TMA> : Sm90FwdTraitsBase<D, TMA, BN, ST, CHAINS> {};           \
+  struct Sm90FwdTraits<D, TMA> : Sm90FwdTraitsBase<D, TMA, BN, ST, CHAINS, CONSUMERS> {}; \
   static_assert(Sm90FwdTraits<D, TMA>::kSmemBytes == (SMEM),                             \
                 "loader smem formula disagrees (D=" #D ")");
 CUPARING_SM90_FWD_CONFIGS(CUPARING_DEFINE_SM90_TRAITS)
