@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine: install, compile check, GPU tests, benchmarks. Logs go to the directory named
 # by CUPARING_LOG_DIR if set, else ./out.
-# Usage: bash tools/gpu_checks.sh [single|multi|bench|bwd|ring|profile|epilogue|candidate|all]
+# Usage: bash tools/gpu_checks.sh
+#            [single|multi|bench|bwd|ring|profile|epilogue|candidate|consumers|all]
 #            [pytest -k expression]
 #   candidate: a kernel change (a branch checked out here) against the tree in .snap/main (made
 #        beside it: git archive main | tar -x -C .snap/main; carried): the compile check, the
@@ -14,6 +15,9 @@
 #   epilogue: the forward epilogue's ablations (variants/epilogue_cost.py) on a packed ring step
 #        and the quick table, and the merge's L2 prefetch (variants/fwd_merge_prefetch.py) on the
 #        ring step (~9 min)
+#   consumers: the forward's three-consumer tile (CUPARING_SM90_TILES, PERF.md v8): its kernel
+#        tests in four shards and the NaN / inf forward tests, then the head-dim-64 rows with
+#        two consumers, three (2 and 3 stages) and a 96-key tile, one process each (~6 min)
 #   bwd: the backward kernel tests of both families (NaN / inf next to mask edges, the
 #        deterministic mode, caller-owned gradients, torch and JAX autograd included) and
 #        bench_backward (sm90, sm90 deterministic, sm80, SDPA; head dims 128 and 96)
@@ -113,6 +117,21 @@ if [[ $what == candidate ]]; then
       --out "$out/candidate_bwd" -- tools/bench_backward.py --quick --families sm90,sm90-det \
       2>&1 | tee "$out/candidate_bwd.log"
   fi
+fi
+if [[ $what == consumers ]]; then
+  three="64:112,2,112,2,192"
+  run env CUPARING_SM90_TILES=$three python tools/sharded_pytest.py --shards 4 --timeout 240 \
+    --log-dir "$out/consumers_tests" -- --maxfail=8 tests/test_gpu_attention.py \
+    -k "sm90 and (tile_edges or matches_reference or resources or ring_on_one_gpu or fully_masked or packed_documents)" \
+    2>&1 | tee "$out/consumers_tests.log"
+  run env CUPARING_SM90_TILES=$three timeout 120 python -m pytest -q -rf --maxfail=4 \
+    tests/test_gpu_nonfinite.py -k forward 2>&1 | tee "$out/consumers_nonfinite.log" | tail -4
+  for tiles in "" "$three" "64:112,3,112,2,192" "64:96,2,96,2,192" ""; do
+    echo "== CUPARING_SM90_TILES=$tiles"
+    CUPARING_SM90_TILES=$tiles timeout 90 python tools/bench_attention.py --families sm90 \
+      --shapes 64:16384:full,64:16384:causal,64:8192:causal 2>&1 | grep -v -i warn \
+      | tee -a "$out/consumers_rows.log" | tail -3
+  done
 fi
 if [[ $what == epilogue || $what == all ]]; then
   run timeout 200 python tools/ablate.py tools/variants/epilogue_cost.py --lines 4 \
