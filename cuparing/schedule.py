@@ -250,7 +250,7 @@ def ring_backward(
     dq_into, dk_into, dv_into = grads_into or (None, None, None)
     home_shift = home_shift_of(plan)
     # one block makes dK / dV whole (nothing travels): the backend may write them straight
-    whole = plan.last_step == 0 and home_shift == 0 and busy_steps(plan)[0]
+    whole = kv_grads_whole(plan)
     dkv = [backend.kv_accum(q, k, whole, dk_into), backend.kv_accum(q, v, whole, dv_into)]
 
     def block(step, kv, dkv):
@@ -313,6 +313,12 @@ def home_shift_of(plan: RingPlan) -> int:
     """How far the travelling dK/dV go home after the backward's last step: what this rank
     holds then belongs to rank ``rank - last_step``."""
     return (-plan.last_step) % plan.world_size
+
+
+def kv_grads_whole(plan: RingPlan) -> bool:
+    """Whether this rank's one backward block makes its dK / dV whole: one step, not EMPTY,
+    and nothing to send home (a backend may then write them straight, ``kv_accum``)."""
+    return plan.last_step == 0 and home_shift_of(plan) == 0 and busy_steps(plan)[0]
 
 
 def backward_rotation(ring, kv: list, dkv: list, busy, home_shift: int, compute) -> list:

@@ -41,7 +41,7 @@ import numpy as np
 from ..interop import dtype_name, element_strides
 from ..kernels import launch_order, loader, tensor_maps
 from ..masks import UNBOUNDED, BlockKind, MaskSpec
-from ..schedule import home_shift_of
+from ..schedule import home_shift_of, kv_grads_whole
 from . import array_ops, launch_plans
 from .array_backend import ArrayBackend
 from .direct_grads import DirectGrad
@@ -580,8 +580,7 @@ class CupyBackend:
         flag_count = 0
         # one block makes dK / dV whole: the kernels write them straight (DirectGrad), the
         # float32 pair is the redo pass's scratch, uninitialised
-        direct = (plan.last_step == 0 and home_shift_of(plan) == 0
-                  and plan.kinds[0] != BlockKind.EMPTY and self._writes_kv_grads(q, k))  # fmt: skip
+        direct = kv_grads_whole(plan) and self._writes_kv_grads(q, k)
 
         def scratch():
             delta = cp.empty(delta_shape, dtype=cp.float32)

@@ -791,7 +791,8 @@ def get_dq_from_tiles_kernel(dtype: str):
 
 def get_direct_rows_kernel(dtype: str):
     """The kernel of :func:`direct_rows_name` for 'float16'/'bfloat16' (BwdParams; grid: the
-    sm90 backward's, whose key tiles of 128 it assumes; 256 threads)."""
+    plain (heads, batch, key tiles) of the sm90 backward's 128-key tiles, which the redo pass
+    also runs on; 256 threads)."""
     if SM90_BWD_CONFIG.block_n != 128:
         raise AssertionError("cuparing_direct_rows assumes the sm90 backward's 128-key tiles")
     name = direct_rows_name(dtype)
