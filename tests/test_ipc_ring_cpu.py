@@ -29,6 +29,7 @@ from fake_gpu import run_threads as _threads
 from wiretap import Wiretap, replay
 
 import cuparing as cr
+from cuparing.backends.ring_graphs import CapturedRingCall
 from cuparing.comm import ipc as ipc_mod
 from cuparing.comm import nccl as nccl_mod
 from cuparing.comm import peerlink
@@ -89,10 +90,12 @@ def _origin_arrays(rank):
     ]
 
 
-def _rotate(fake, rings, steps, starve=None, pause=True):
+def _rotate(fake, rings, steps, starve=None, pause=True, results=None):
     """Every rank forwards what it received (the forward schedule) ``steps`` times; a "kernel"
     on the caller's stream snapshots the K/V it holds at each step. With ``pause`` every host
-    issues all its steps before the GPU runs anything. Returns {rank: [snapshot per step]}."""
+    issues all its steps before the GPU runs anything. Returns {rank: [snapshot per step]};
+    each rank's exception goes into the list ``results`` where one is given (else none may
+    occur)."""
     gpu, size = fake.gpu, len(rings)
     gpu.paused = pause
     gate = threading.Barrier(size, action=lambda: setattr(gpu, "paused", False))
@@ -114,8 +117,11 @@ def _rotate(fake, rings, steps, starve=None, pause=True):
 
     if starve is not None and starve[0] == "copy":
         gpu.starve.add(rings[starve[1]].stream)
-    results = _threads([lambda ring=ring: rank_main(ring) for ring in rings])
-    assert all(r is None for r in results), results
+    outcome = _threads([lambda ring=ring: rank_main(ring) for ring in rings])
+    if results is None:
+        assert all(r is None for r in outcome), outcome
+    else:
+        results.extend(outcome)
     return logs
 
 
@@ -172,34 +178,117 @@ def test_without_the_done_wait_a_slow_reader_is_overwritten(fake, monkeypatch):
 
 def test_without_the_ready_wait_a_reader_sees_stale_data(fake, monkeypatch):
     """Negative control: the side stream's wait for the sender's *ready* (flag or event) is
-    needed."""
+    needed. With the host handshake rank 1 reads its slot before rank 0's push lands. With
+    device flags rank 1, never held back, also frees slot 0 for exchange 2 (``done[0] =
+    flag_phase(0)``) before rank 0's starved copy stream has evaluated its wait for exchange
+    0's ``flag_phase(-2)``, which then never comes: the ring hangs (the phases' argument in the
+    module doc rests on this wait)."""
     _drop_gpu_wait(monkeypatch, fake.sync, "await_pushed")
-    rings = fake(2)
-    logs = _rotate(fake, rings, steps=4, starve=("copy", 0))
-    assert any(rank == 1 for rank, _ in _wrong_steps(logs, 2))
+    if fake.sync == "host":
+        rings = fake(2)
+        logs = _rotate(fake, rings, steps=4, starve=("copy", 0))
+        assert any(rank == 1 for rank, _ in _wrong_steps(logs, 2))
+        return
+    rings = fake(2, timeout=1.0)
+    results = []
+    _rotate(fake, rings, steps=4, starve=("copy", 0), results=results)
+    assert isinstance(results[0], cr.RingTimeoutError), results
+    assert "'kv' #0" in str(results[0])
 
 
 @pytest.mark.parametrize("fake", ["device"], indirect=True)
 def test_without_clearing_the_flags_a_reader_sees_garbage(fake, monkeypatch):
     """Negative control: new memory holds garbage (as after cudaMalloc), which satisfies the
-    waits at once unless the flag words are cleared before the peers learn of them."""
-    monkeypatch.setattr(ipc_mod._DeviceFlags, "_clear", lambda self, channel: None)
+    waits at once unless the flag words are set up before the peers learn of them. (Two
+    exchanges: rank 1 reads the first before rank 0's push lands. A third would hang instead:
+    rank 1, never held back, would free slot 0 for exchange 2 before rank 0's held-back copy
+    stream evaluated its wait for exchange 0.)"""
+    monkeypatch.setattr(ipc_mod._DeviceFlags, "_initialise", lambda self, channel: None)
     rings = fake(2)
-    logs = _rotate(fake, rings, steps=4, starve=("copy", 0))
-    assert any(rank == 1 for rank, _ in _wrong_steps(logs, 2))
+    logs = _rotate(fake, rings, steps=2, starve=("copy", 0))
+    assert (1, 1) in _wrong_steps(logs, 2)
+
+
+def test_flag_phases_are_one_hot_and_differ_two_exchanges_apart():
+    """The values a slot's word takes in turn never satisfy each other's AND wait, repeat every
+    four exchanges, and the setup's words (0 for ready, phase(-2) for done) and the failure
+    release (all ones) sit where the module doc puts them."""
+    phase = ipc_mod.flag_phase
+    assert [phase(k) for k in range(-2, 8)] == [2, 2, 1, 1, 2, 2, 1, 1, 2, 2]
+    for k in range(-2, 200):
+        assert phase(k) in (1, 2) and phase(k) == phase(k + 4)
+        assert not fake_gpu.wait_satisfied(phase(k - 2), phase(k), fake_gpu.WAIT_AND)
+        assert fake_gpu.wait_satisfied(phase(k), phase(k), fake_gpu.WAIT_AND)
+        assert not fake_gpu.wait_satisfied(0, phase(k), fake_gpu.WAIT_AND)
+        assert fake_gpu.wait_satisfied(0xFFFFFFFF, phase(k), fake_gpu.WAIT_AND)
+    assert phase(1 << 40) == phase(0) and phase((1 << 40) + 2) == phase(2)
 
 
 @pytest.mark.parametrize("fake", ["device"], indirect=True)
-def test_flag_words_hold_the_last_push_and_the_last_read(fake):
-    """After exchanges k = 0..4 of one channel: ready[s] holds k + 1 of the last push into slot
-    s (5, 4), done[s] holds k - 1 of the reader's last exchange k >= 2 on slot s (3, 2)."""
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 8, 11])
+def test_flag_words_hold_the_last_push_and_the_last_read(fake, steps):
+    """After exchanges k = 0..steps-1 of one channel: ready[s] holds phase(k) of the last push
+    into slot s (0 where none), done[s] phase(k - 2) of the reader's last exchange k on slot s
+    (phase(-2) where none: the setup's)."""
     rings = fake(2)
-    logs = _rotate(fake, rings, steps=5, pause=False)
+    logs = _rotate(fake, rings, steps=steps, pause=False)
     assert _wrong_steps(logs, 2) == []
+    phase = ipc_mod.flag_phase
+    last = [max((k for k in range(steps) if k % 2 == s), default=None) for s in range(2)]
+    want = [0 if k is None else phase(k) for k in last]
+    want += [phase(-2) if k is None else phase(k - 2) for k in last]
     for ring in rings:
         channel = next(iter(ring._channels.values()))
         flags = channel.memory.ptr + channel.flags_at
-        assert [word(flags + 4 * i) for i in range(4)] == [5, 4, 3, 2]
+        assert [word(flags + 4 * i) for i in range(4)] == want
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+def test_values_that_do_not_alternate_let_a_stale_word_satisfy_a_wait(fake, monkeypatch):
+    """Negative control: with one value for every exchange, rank 1's ready[0] still holds
+    exchange 0's push when it awaits exchange 2's, so with rank 0's copies held back it reads
+    slot 0 before exchange 2's data lands (three ranks: exchanges 0 and 2 carry different
+    data)."""
+    monkeypatch.setattr(ipc_mod, "flag_phase", lambda k: 1)
+    rings = fake(3)
+    logs = _rotate(fake, rings, steps=4, starve=("copy", 0))
+    assert (1, 3) in _wrong_steps(logs, 3)  # (step 3 reads what exchange 2 delivered)
+
+
+def _unwaited(fake, rings, steps):
+    """Each rank issues ``steps`` exchanges of one channel without ever calling ``wait()`` (the
+    hosts first, then the GPU; rank 1's side stream runs only when nothing else can), then
+    synchronises; each rank's outcome and the last exchange's arrays."""
+    gpu = fake.gpu
+    gpu.paused = True
+    gate = threading.Barrier(len(rings), action=lambda: setattr(gpu, "paused", False))
+    gpu.starve.add(rings[1]._join)
+
+    def rank_main(ring):
+        kv = [_dev(np.full(4, 10 * ring.rank + step, np.float32)) for step in range(steps)]
+        pending = [ring.exchange([kv[step]], 1, "kv") for step in range(steps)]
+        gate.wait(20)
+        ring.synchronize()
+        got = pending[-1].wait()[0]
+        fake.cupy.cuda.get_current_stream().synchronize()
+        return float(got[0])
+
+    return _threads([lambda ring=ring: rank_main(ring) for ring in rings])
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+def test_an_exchange_never_waited_for_is_ordered_before_its_slot_is_freed(fake, monkeypatch):
+    """Exchanges whose ``wait()`` is never called: rank 1's side stream has not yet evaluated
+    its wait for exchange 0 when its copy stream would free slot 0 for exchange 2. The copy
+    stream waits for exchange 0's *received* event first, so rank 0 cannot push exchange 2
+    (whose phase the pending wait would not accept) before it; without that wait (negative
+    control) the wait for exchange 0 never ends."""
+    results = _unwaited(fake, fake(2), steps=3)
+    assert results == [12.0, 2.0], results
+    monkeypatch.setattr(ipc_mod._DeviceFlags, "_order_unwaited", lambda self, channel, k: None)
+    results = _unwaited(fake, fake(2, timeout=1.0), steps=3)
+    assert isinstance(results[1], cr.RingTimeoutError), results
+    assert "'kv' #0" in str(results[1])
 
 
 def _count_messages(ring) -> dict:
@@ -366,8 +455,8 @@ def test_a_failing_stream_memory_operation_fails_the_exchange(fake):
     for rank, result in enumerate(results):
         assert isinstance(result, cr.RingError), results
         assert str(result).startswith(f"rank {rank}: exchange 'kv' #0")
-        # the exchange's first wait: await freed, k - 1 = -1 as a 32-bit word
-        assert "cuStreamWaitValue32 for 4294967295 failed" in str(result)
+        # the exchange's first wait: await freed, for flag_phase(0 - 2)
+        assert "cuStreamWaitValue32 for 2 failed" in str(result)
 
 
 @pytest.mark.parametrize("size", [2, 3])
@@ -612,11 +701,12 @@ def test_after_a_failure_streams_waiting_on_a_dead_peer_drain(fake):
     # watchdog writes the release again (a stream waiting then would otherwise wait for good)
     channel = next(iter(ring0._channels.values()))
     ready0 = channel.memory.ptr + channel.flags_at
-    ctypes.c_uint32.from_address(ready0).value = 0
+    assert word(ready0) == 0xFFFFFFFF
+    ctypes.c_uint32.from_address(ready0).value = ipc_mod.flag_phase(0)  # a late push
     deadline = time.monotonic() + 5
-    while word(ready0) < 1 << 30 and time.monotonic() < deadline:
+    while word(ready0) != 0xFFFFFFFF and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert word(ready0) >= 1 << 30, "the release was not renewed after a late write undid it"
+    assert word(ready0) == 0xFFFFFFFF, "the release was not renewed after a late write undid it"
 
 
 # --- capture into CUDA graphs (device flags) ---
@@ -634,9 +724,10 @@ def test_only_device_flags_can_be_captured(fake):
 @pytest.mark.parametrize("fake", ["device"], indirect=True)
 def test_a_capture_records_each_flag_operation_and_leaves_the_counts(fake):
     """Inside ``capturing()`` an exchange's four flag operations are recorded with their nodes
-    and values (k - 1, k - 1, k + 1, k + 1 for exchange k: freed, await freed, pushed, await
-    pushed), and the channel's count is back where it was when the capture ends (nothing of a
-    capture runs; replays move it on). A channel is never set up inside a capture."""
+    and the exchanges whose phases they carry (k - 2, k - 2, k, k for exchange k: freed, await
+    freed, pushed, await pushed), and the channel's count is back where it was when the capture
+    ends (nothing of a capture runs; replays move it on). A channel is never set up inside a
+    capture."""
     rings = fake(2)
     x = _dev(np.ones(4, np.float32))
     for result in _threads([lambda ring=ring: ring.exchange([x]).wait() for ring in rings]):
@@ -653,54 +744,72 @@ def test_a_capture_records_each_flag_operation_and_leaves_the_counts(fake):
         # the deferred exchange queued nothing on the ring's streams
         assert [len(s.ops) for s in (ring.stream, ring._join)] == queued
     assert channel.count == 1 and len(ring._channels) == 1
-    assert [op[4] for op in record._ops] == [0, 0, 2, 2]
+    assert [op[4] for op in record._ops] == [-1, -1, 1, 1]
     write, wait = fake_gpu.WRITE, fake_gpu.WAIT
     assert [op[2].paramArray[0].operation for op in record._ops] == [write, wait, write, wait]
     # each node is the operation just queued on its stream (the copy stream's three, then the
     # side stream's wait), with the value the node holds
     queued = [op[1][2] for op in record._ops]
     assert [q[0] for q in queued] == ["write_value", "wait_value", "write_value", "wait_value"]
-    assert [q[2] for q in queued] == [0, 0, 2, 2]
+    assert [q[2] for q in queued] == [2, 2, 1, 1]  # flag_phase(-1), flag_phase(1)
+    assert [q[3] for q in queued] == [0, fake_gpu.WAIT_AND, 0, fake_gpu.WAIT_AND]
     assert record._made == {id(channel): 1} and not ring._capturing
     assert ring._sync.capture is None
 
 
 def _channel(count):
-    return SimpleNamespace(count=count)
+    return SimpleNamespace(count=count, last=[(None, None), (None, None)])
 
 
-def test_captured_exchanges_move_their_values_with_the_channels_counts():
-    """A replay d exchanges after the capture writes and awaits the captured values plus d; it
-    matches only at even d on every channel it uses; each replay moves the counts on by the
-    exchanges the graph makes."""
+def test_captured_exchanges_take_the_values_of_the_channels_counts_modulo_4():
+    """A replay d exchanges after the capture writes and awaits flag_phase(step + d) for each
+    captured step: the captured values where d % 4 == 0 on a channel, the other phase where
+    d % 4 == 2, as ``key()`` tells; it matches only at even d on every channel it uses; each
+    replay moves the counts on by the exchanges the graph makes."""
+    phase = ipc_mod.flag_phase
     driver = fake_driver(None)
     nodes = []
     driver.cuStreamGetCaptureInfo = lambda stream: (driver.CUresult.CUDA_SUCCESS, 1, 0, None,
                                                     [f"node{len(nodes)}"], 1)  # fmt: skip
     kv, dkv, idle = _channel(5), _channel(2), _channel(9)
     record = ipc_mod._CapturedExchanges(driver, [kv, dkv, idle])
-    for channel, write, value in ((kv, True, 4), (kv, False, 6), (dkv, True, 1)):
-        nodes.append(value)
-        record.add(7, channel, write, 0x100, value, 0)
+    steps = ((kv, True, 3), (kv, False, 5), (dkv, True, 0))
+    for channel, write, step in steps:
+        nodes.append(step)
+        record.add(7, channel, write, 0x100, step, 0)
+    captured = [phase(step) for _, _, step in steps]
+    assert captured == [2, 1, 1]
+    assert [op[2].paramArray[0].writeValue.value for op in record._ops] == captured
     kv.count, dkv.count = 6, 4  # the captured call made one kv and two dkv exchanges
     record.finish()
     assert (kv.count, dkv.count, idle.count) == (5, 2, 9) and record.matches()
+    assert record.key() == (0, 0)  # the capture's own values
     record.patch("exec")
-    assert driver.node_values == [("exec", "node1", 4), ("exec", "node2", 6),
+    assert driver.node_values == [("exec", "node1", 2), ("exec", "node2", 1),
                                   ("exec", "node3", 1)]  # fmt: skip
     record.advance()
     assert (kv.count, dkv.count) == (6, 4) and not record.matches()  # kv: the other parity
+    assert record.key() == (1, 2)
     kv.count += 1  # an eager call of one kv exchange: the parity is the captured one again
     idle.count += 3  # (a channel the graph does not use has no say)
-    assert record.matches()
-    driver.node_values.clear()
-    record.patch("exec")
-    assert [v for _, _, v in driver.node_values] == [4 + 2, 6 + 2, 1 + 2]
-    kv.count = 5 + (1 << 32)  # values wrap at 32 bits, as the flag words do
-    dkv.count = 2 + (1 << 32)
-    driver.node_values.clear()
-    record.patch("exec")
-    assert [v for _, _, v in driver.node_values] == [4, 6, 1]
+    assert record.matches() and record.key() == (2, 2)
+
+    def patched():
+        driver.node_values.clear()
+        record.patch("exec")
+        return [value for _, _, value in driver.node_values]
+
+    assert patched() == [1, 2, 2]  # both channels two exchanges on: the other phase
+    seen = []
+    for _ in range(12):  # the keys come round: the same key, the same values
+        record.advance()
+        kv.count += 1
+        seen.append((record.key(), patched()))
+    assert seen[:2] == [((0, 0), captured), ((2, 2), [1, 2, 2])]
+    assert all(entry == seen[i % 2] for i, entry in enumerate(seen))
+    kv.count = 5 + (1 << 34)  # far on: only the counts modulo 4 matter
+    dkv.count = 2 + 2 + (1 << 33)
+    assert record.key() == (0, 2) and patched() == captured[:2] + [2]
 
 
 def test_a_failed_capture_leaves_every_count_where_it_was():
@@ -733,7 +842,7 @@ def test_a_failure_during_a_capture_still_releases_every_flag_word(fake):
         assert len(record._ops) == captured == 4
     writes = [op for op in ring._sync._release_stream.ops if op[0] == "write_value"]
     assert len(writes) == 4  # ready[0..1] and done[0..1]
-    assert all(value >= 1 << 30 for _, _, value in writes)
+    assert all(op[2] == 0xFFFFFFFF for op in writes)  # shares a bit with every phase
 
 
 @pytest.mark.parametrize("fake", ["device"], indirect=True)
@@ -769,23 +878,28 @@ def test_replayed_exchanges_pair_with_eager_ones_and_with_each_other(
     """Ring calls replayed as CUDA graphs, on the fake GPU: each call of the pattern (its
     exchanges by tag, fresh data per call and exchange) is captured by the ranks in
     ``graph_ranks`` (``FakeGpu.capturing`` records its operations as one graph, the ring's
-    capture records its flag operations) and replayed with the values
-    ``_CapturedExchanges.patch`` gives them, graphs per slot parity as ``GraphSlot`` keeps
-    them; the other ranks call eagerly. At every call every rank must receive what its
-    neighbour sent at that call: a replay's flag values must pair with an eager peer's and with
-    another replaying peer's, call after call, also where two kinds of call share a channel
-    (``starved``: rank 0's copy stream and rank 1's side stream run only when nothing else
-    can, so pushes and reads lag behind everything else)."""
+    capture records its flag operations) and replayed by ``ring_graphs.CapturedRingCall``:
+    one graph per slot parity as ``GraphSlot`` keeps them, each instantiated once per state of
+    its channels' counts modulo 4 and given that state's flag values once; the other ranks call
+    eagerly. At every call every rank must receive what its neighbour sent at that call: a
+    replay's flag values must pair with an eager peer's and with another replaying peer's, call
+    after call, round the cycle of values several times, also where two kinds of call share a
+    channel (``starved``: rank 0's copy stream and rank 1's side stream run only when nothing
+    else can, so pushes and reads lag behind everything else). Once each graph has met its
+    states (within the first cycles), no replay gives a flag node a value (counted at the
+    driver)."""
     rings = fake(2)
     if starved:
         fake.gpu.starve.update({rings[0].stream, rings[1]._join})
     plans = REPLAY_PATTERNS[pattern]
-    calls = 4 * len(plans) + 3
+    calls = 10 * len(plans) + 3
+    steady = calls - 4 * len(plans)  # every state has been met by then (at most 2 per graph)
     gpu, driver = fake.gpu, fake.driver
     logs = {0: [], 1: []}
 
     def rank_main(ring):
         caller = fake.cupy.cuda.get_current_stream()
+        graph_driver = fake_gpu.FakeGraphDriver(driver)
         now = {"call": 0}
         buffers = {}  # (plan, tag, e) -> the array that exchange sends
 
@@ -800,38 +914,56 @@ def test_replayed_exchanges_pair_with_eager_ones_and_with_each_other(
                         (now["call"], tag, e, float(got[0]))))  # fmt: skip
 
         graphs = {index: [] for index in range(len(plans))}
+        patched_before_steady = None
         for call in range(calls):
             now["call"] = call
             index = call % len(plans)
+            if call == steady:
+                patched_before_steady = graph_driver.patches()
             if ring.rank not in graph_ranks or call < len(plans):  # (first calls: channels)
                 one_call(index)
             else:
-                kept = next((g for g in graphs[index] if g[1].matches()), None)
+                kept = next((g for g in graphs[index] if g.matches), None)
                 if kept is None:  # a new slot parity: capture (nothing runs), then replay
                     with gpu.capturing({caller, ring.stream, ring._join}) as graph:
                         with ring.capturing() as record:
                             one_call(index)
-                    kept = (graph, record)
+                    kept = CapturedRingCall(graph_driver, graph, graph_driver.instantiate(graph),
+                                            [], (1,), [], None, caller.ptr, 0, record)  # fmt: skip
                     graphs[index].append(kept)
-                graph, record = kept
-                record.patch(id(graph))
-                values = {node: value for executable, node, value in list(driver.node_values)
-                          if executable == id(graph)}  # fmt: skip
-                graph.replay(values)
-                record.advance()
+                kept.replay((1,), (), caller.ptr)
             caller.synchronize()
         ring.synchronize()
-        return [len(g) for g in graphs.values()]
+        counts = {"graphs": [len(g) for g in graphs.values()],
+                  "instantiated": len(graph_driver.instantiated),
+                  "launched": graph_driver.launched, "patched": graph_driver.patches(),
+                  "patched before steady": patched_before_steady}  # fmt: skip
+        for captured in (g for kept in graphs.values() for g in kept):
+            captured.release()
+        # each instantiation, and each graph
+        assert len(graph_driver.destroyed) == counts["instantiated"] + sum(counts["graphs"])
+        return counts
 
     results = _threads([lambda ring=ring: rank_main(ring) for ring in rings], timeout=60)
     for rank, result in enumerate(results):
         assert not isinstance(result, BaseException), result
         if rank not in graph_ranks:
-            assert result == [0] * len(plans)
+            assert result["graphs"] == [0] * len(plans) and result["launched"] == 0
         else:  # one graph per slot parity its channels take at the call's start
-            assert all(1 <= n <= 2 for n in result), result
+            assert all(1 <= n <= 2 for n in result["graphs"]), result
+            assert result["launched"] == calls - len(plans)
+            # each graph meets at most two states here (its counts move by an even number),
+            # and every pattern moves some channel by 2 between two replays of one graph
+            assert sum(result["graphs"]) < result["instantiated"] <= 2 * sum(result["graphs"])
+            assert result["patched"] > 0
+            assert result["patched"] == result["patched before steady"], result
             if pattern in ("one exchange", "two exchanges"):
-                assert result == [2 if pattern == "one exchange" else 1]
+                assert result["graphs"] == [2 if pattern == "one exchange" else 1]
+                assert result["instantiated"] == 2 * result["graphs"][0]
+                # four flag operations per exchange, one exchange per call, given values once
+                # per instantiation beyond each graph's first
+                per_graph = 4 * (1 if pattern == "one exchange" else 2)
+                assert result["patched"] == per_graph * result["graphs"][0]
         want = [(c, tag, e, float(c * 100 + e * 10 + 1 - rank)) for c in range(calls)
                 for tag, count in plans[c % len(plans)] for e in range(count)]  # fmt: skip
         assert logs[rank] == want

@@ -26,6 +26,11 @@ class RecordingGraphDriver:
     def __init__(self, fields: int):
         self.fields, self.updates, self.launches = fields, [], []
         self.orders, self.destroyed, self.refuse_wait, self.refuse_record = [], [], False, False
+        self.instantiated = 0
+
+    def instantiate(self, graph):
+        self.instantiated += 1
+        return f"exec{self.instantiated}"
 
     def kernel_params(self, function, geometry, arguments):
         return SimpleNamespace(function=function, geometry=geometry, arguments=arguments)
@@ -495,18 +500,24 @@ def test_a_refused_replay_releases_every_graph_of_the_plan(slot_env):
 
 
 class RecordedExchanges:
-    """What a copy-engine ring's capture yields, as CapturedRingCall uses it."""
+    """What a copy-engine ring's capture yields, as CapturedRingCall uses it: ``state`` stands
+    for where the ring's channels are (``key()``); ``patched`` lists the executables given
+    values, in order."""
 
     def __init__(self, refuse=False):
-        self.refuse, self.patched, self.advanced, self.released = refuse, 0, 0, False
+        self.refuse, self.patched, self.advanced, self.released = refuse, [], 0, False
+        self.state = (0,)
 
     def matches(self):
         return not self.released
 
+    def key(self):
+        return self.state
+
     def patch(self, executable):
         if self.refuse:
             raise RuntimeError("cuGraphExecBatchMemOpNodeSetParams failed: NOT_SUPPORTED")
-        self.patched += 1
+        self.patched.append(executable)
 
     def advance(self):
         self.advanced += 1
@@ -515,28 +526,108 @@ class RecordedExchanges:
         self.released = True
 
 
+def _with_exchanges(driver, exchanges, entries=(), copy=None):
+    """A CapturedRingCall over ``entries`` (as :func:`_captured`) whose transport is
+    ``exchanges``."""
+    launches = [[packed, pointers, 0, f"n{i}"] for i, (packed, pointers) in enumerate(entries)]
+    kv = [SimpleNamespace(data=SimpleNamespace(ptr=p)) for p in COPIES]
+    kv_copy = None
+    if copy is not None:
+        kv_copy = [copy, (CAPTURED_KV[0], COPIES[0], CAPTURED_KV[1], COPIES[1]), 0, "kv"]
+    return ring_graphs.CapturedRingCall(driver, "graph", "exec", launches, (0x1000,), kv,
+                                        keep=None, home_stream=5, device=0,
+                                        exchanges=exchanges, kv_copy=kv_copy)  # fmt: skip
+
+
 def test_a_replay_patches_the_transport_before_anything_is_queued():
-    """The transport's values are patched before the stream switch and the launch, and its
-    counts move on only after the launch: a refused patch leaves nothing of the call queued
-    (the caller may run it eagerly) and nothing advanced. A release drops the transport's
-    record too."""
+    """A state of the transport no instantiation has yet is given its values before the
+    stream switch and the launch, and the counts move on only after the launch: a refused
+    patch leaves nothing of the call queued (the caller may run it eagerly), nothing advanced
+    and no half-patched instantiation kept. A release drops the transport's record too."""
     driver = RecordingGraphDriver(FIELDS)
     exchanges = RecordedExchanges()
-    graph = ring_graphs.CapturedRingCall(
-        driver, "graph", "exec", [], (0x1000,), [SimpleNamespace(data=SimpleNamespace(
-        ptr=0xA000))], keep=None, home_stream=5, device=0, exchanges=exchanges,
-    )  # fmt: skip
-    graph.replay((0x1000,), (0x10,), stream=5)
-    assert (exchanges.patched, exchanges.advanced, len(driver.launches)) == (1, 1, 1)
+    graph = _with_exchanges(driver, exchanges)
+    graph.replay((0x1000,), (0x10,), stream=5)  # the capture's state: its own nodes
+    assert (exchanges.patched, exchanges.advanced, driver.launches) == ([], 1, [("exec", 5)])
     assert graph.matches
-    exchanges.refuse = True
+    exchanges.refuse, exchanges.state = True, (2,)
     orders = list(driver.orders)
     with pytest.raises(RuntimeError, match="SetParams failed"):
         graph.replay((0x1000,), (0x10,), stream=7)  # (another stream: it would wait first)
     assert driver.orders == orders and len(driver.launches) == 1
     assert exchanges.advanced == 1
+    assert driver.destroyed == [("exec1", None)]  # the refused instantiation
+    exchanges.refuse = False
+    graph.replay((0x1000,), (0x10,), stream=5)
+    assert exchanges.patched == ["exec2"] and driver.launches[-1] == ("exec2", 5)
     graph.release()
     assert exchanges.released and not graph.matches
+    assert driver.destroyed[1:] == [("exec", None), ("exec2", None), (None, "graph"), "done"]
+
+
+def test_each_transport_state_replays_its_own_instantiation_patched_once():
+    """The copy-engine ring's flag values repeat every four exchanges: each state met gets its
+    own instantiation, given its values once, and every later replay at that state launches it
+    unpatched. Past ``EXECUTABLES`` states the least recently replayed instantiation takes the
+    new state's values (and its old state, met again, is patched again)."""
+    driver = RecordingGraphDriver(FIELDS)
+    exchanges = RecordedExchanges()
+    graph = _with_exchanges(driver, exchanges)
+    loop = [(0,), (2,), (0,), (2,)] * 5  # one channel, two exchanges per call: 0, 2, 0, 2 ...
+    for state in loop:
+        exchanges.state = state
+        graph.replay((0x1000,), (0x10,), stream=5)
+    assert exchanges.patched == ["exec1"]  # once, when the second state's copy was made
+    assert [e for e, _ in driver.launches] == ["exec", "exec1"] * 10
+    assert ring_graphs.CapturedRingCall.EXECUTABLES == 4
+    for state in [(0, 2), (2, 2)]:  # (two channels: up to four states)
+        exchanges.state = state
+        graph.replay((0x1000,), (0x10,), stream=5)
+    assert exchanges.patched == ["exec1", "exec2", "exec3"]
+    exchanges.state = (1, 3)  # a fifth state: the least recently replayed, (0,) on "exec"
+    graph.replay((0x1000,), (0x10,), stream=5)
+    assert exchanges.patched[-1] == "exec" and driver.launches[-1][0] == "exec"
+    exchanges.state = (0,)  # its old state: the least recent now, "exec1", takes it
+    graph.replay((0x1000,), (0x10,), stream=5)
+    assert exchanges.patched[-1] == "exec1" and driver.launches[-1][0] == "exec1"
+    assert len(exchanges.patched) == 5
+    for state in [(2, 2), (1, 3), (0,), (0, 2)]:  # all kept: no patch
+        exchanges.state = state
+        graph.replay((0x1000,), (0x10,), stream=5)
+    assert len(exchanges.patched) == 5 and exchanges.advanced == len(driver.launches)
+
+
+def test_each_instantiation_keeps_its_own_record_of_the_kernel_nodes():
+    """Kernel node updates reach one instantiation only: a new instantiation holds the
+    captured pointers and takes the caller's moved addresses and K/V itself, and returning to
+    an instantiation that has them already rewrites nothing."""
+    q0, q1, k1 = 0x1000, 0x5000, 0x7100
+    step0 = _launch(11)
+    driver = RecordingGraphDriver(FIELDS)
+    exchanges = RecordedExchanges()
+    graph = _with_exchanges(driver, exchanges, [(step0, (0xD000, q0, *COPIES))], _launch(13))
+    moved_kv = (k1, CAPTURED_KV[1])
+    graph.replay((q1,), moved_kv, stream=5)
+    first = [("n0", (0xD000, q1, *COPIES), 11),
+             ("kv", (k1, COPIES[0], CAPTURED_KV[1], COPIES[1]), 13)]  # fmt: skip
+    assert driver.updates == first
+    driver.updates.clear()
+    exchanges.state = (2,)  # a new instantiation: its nodes as captured
+    graph.replay((q1,), moved_kv, stream=5)
+    assert driver.updates == first
+    driver.updates.clear()
+    for state in [(0,), (2,), (0,)]:  # both have them now
+        exchanges.state = state
+        graph.replay((q1,), moved_kv, stream=5)
+    assert driver.updates == []
+    graph.replay((q0,), CAPTURED_KV, stream=5)  # back to the captured ones, on "exec" only
+    assert driver.updates == [("n0", (0xD000, q0, *COPIES), 11),
+                              ("kv", (*CAPTURED_KV[:1], COPIES[0], CAPTURED_KV[1], COPIES[1]),
+                               13)]  # fmt: skip
+    driver.updates.clear()
+    exchanges.state = (2,)
+    graph.replay((q1,), moved_kv, stream=5)  # "exec1" still holds q1 and k1
+    assert driver.updates == []
 
 
 def test_a_refused_capture_releases_the_graphs_already_kept(slot_env):

@@ -6,18 +6,21 @@ ring whose exchanges can be captured (:attr:`cuparing.comm.gpu_ring.GpuRing.capt
 send/recv, the copy-engine ring's copies and device flags) the repeat runs once inside a stream
 capture instead, and its exchanges, memsets and launches become one graph. A replay then
 
-1. rewrites the kernel nodes whose addresses changed since the last replay: each launch seen
-   during the capture is packed again by its :class:`~cuparing.backends.launch_plans.PackedLaunch`
-   with the caller's addresses in place of the captured call's (tensor maps included), and the
-   node takes those arguments (``cuGraphExecKernelNodeSetParams``);
-2. gives the transport's captured operations what this replay needs (the copy-engine ring's
-   flag values, which count exchanges; what the ring's capture yielded does it);
+1. picks the instantiation of the graph whose transport values fit the ring's state (the
+   copy-engine ring's flag values, which repeat every four exchanges of a channel: one
+   instantiation per state met, given its values once when it is made, so that in a steady
+   loop a replay changes none; what the ring's capture yielded says which state and values);
+2. rewrites that instantiation's kernel nodes whose addresses changed since it last ran: each
+   launch seen during the capture is packed again by its
+   :class:`~cuparing.backends.launch_plans.PackedLaunch` with the caller's addresses in place of
+   the captured call's (tensor maps included), and the node takes those arguments
+   (``cuGraphExecKernelNodeSetParams``);
 3. launches the graph on the caller's stream; the ring's :meth:`watch` then arms one flight on
    it, so a dead peer still ends the call within the ring's timeout.
 
 The graph's first node copies the caller's K/V into the graph's own copies, which the rest of
 it sends and reads: NCCL's graph nodes cannot be pointed at other memory (their parameters are
-NCCL's own). The copy is a kernel node (``cuparing_copy_pair``) whose two source fields step 1
+NCCL's own). The copy is a kernel node (``cuparing_copy_pair``) whose two source fields step 2
 rewrites by position when K or V moved (not by value: K and V may be the caller's other
 arrays, e.g. ``q is k``), so where nothing moved a replay queues only the launch and the event
 that orders the next replay after it.
@@ -110,12 +113,27 @@ def enabled(ring: Any) -> bool:
     return _graph_driver() is not None
 
 
+class _Executable:
+    """One instantiation of a captured graph and what its kernel nodes were last given: the
+    caller's addresses, and per kernel node its pointers (the K/V copy node's last)."""
+
+    def __init__(self, handle: Any, addresses: tuple[int, ...], pointers: list[tuple]):
+        self.handle, self.addresses, self.pointers = handle, addresses, pointers
+
+
 class CapturedRingCall:
     """One ring call captured as a CUDA graph (made by :func:`capture`).
 
+    Where the transport's captured operations need other values at other states of the ring
+    (the copy-engine ring's flag values, which repeat every four exchanges of a channel), the
+    graph is instantiated once per state met (``exchanges.key()``) and each instantiation is
+    given that state's values once (``exchanges.patch``): a replay picks the instantiation of
+    the state now and patches nothing. At most :attr:`EXECUTABLES` are kept; a state beyond
+    them takes over the least recently replayed one, whose values it rewrites.
+
     Args:
         driver: the :class:`GraphDriver` that captured it.
-        graph, executable: the captured graph and its instantiation.
+        graph, executable: the captured graph and its instantiation (for the capture's state).
         launches: per kernel node, ``[packed launch, captured pointers, kernel index, node]``.
         addresses: the captured call's caller addresses (what :meth:`replay` replaces).
         kv: the graph's own K/V copies (CuPy arrays); keep: what the graph's nodes read.
@@ -124,19 +142,26 @@ class CapturedRingCall:
         home_stream: the stream current when its memory was allocated (the caller's).
         device: the GPU it lives on.
         exchanges: what the ring's capture yielded (:meth:`GpuRing.capturing`): None, or
-            what each replay changes in the transport's captured operations.
+            the transport's captured operations (their ``key``, ``patch``, ``advance``).
     """
+
+    EXECUTABLES = 4  # the copy-engine ring's states in a steady loop: its counts modulo 4
 
     def __init__(self, driver: GraphDriver, graph: Any, executable: Any, launches: list,
                  addresses: tuple[int, ...], kv: Sequence[Any], keep: Any, home_stream: int,
                  device: int, exchanges: Any = None, kv_copy: list | None = None):  # fmt: skip
         self._driver = driver
         self._exchanges = exchanges
-        self._graph, self._executable = graph, executable
-        self._launches = [[*entry, tuple(entry[1]), None] for entry in launches]
-        self._kv_copy = None if kv_copy is None else [*kv_copy, tuple(kv_copy[1]), None]
+        self._graph = graph
+        # the kernel nodes; the K/V copy node, where there is one, last
+        self._nodes = [[*entry, None] for entry in launches]  # (+ node params, made once)
+        self._repointed = len(self._nodes)  # the nodes the caller's addresses reach
+        if kv_copy is not None:
+            self._nodes.append([*kv_copy, None])
         self._captured = addresses
-        self._applied = addresses
+        # the state the capture left the transport in: what the captured nodes hold
+        self._executables: OrderedDict = OrderedDict()
+        self._executables[self._key()] = self._fresh(executable)
         self._keep = (kv, keep)
         self._device = device
         # the stream the graph's memory was allocated on (its allocator reuses it in that
@@ -156,7 +181,7 @@ class CapturedRingCall:
                 launched (nothing of the call ran: the caller may run it another way). A
                 failure after the launch only warns.
         """
-        if self._executable is None:
+        if not self._executables:
             raise RuntimeError("this captured ring call was released (its ring closed or "
                                "dropped its receive buffers)")  # fmt: skip
         if stream != self._last_stream and not self._ordered:
@@ -164,20 +189,21 @@ class CapturedRingCall:
                                "event was not recorded)")  # fmt: skip
         # the node updates first: they change only launches to come, so a refusal here leaves
         # nothing of this call queued
-        if addresses != self._applied:
-            self._repoint(dict(zip(self._captured, addresses, strict=True)))
-            self._applied = addresses
-        if self._kv_copy is not None:
-            k_copy, v_copy = self._kv_copy[1][1], self._kv_copy[1][3]
-            self._set_node(self._kv_copy, (kv[0], k_copy, kv[1], v_copy))
-        if self._exchanges is not None:
-            self._exchanges.patch(self._executable)
+        target = self._executable_now()
+        if addresses != target.addresses:
+            remap = dict(zip(self._captured, addresses, strict=True))
+            for i in range(self._repointed):
+                self._set_node(target, i, tuple(remap.get(p, p) for p in self._nodes[i][1]))
+            target.addresses = addresses
+        if self._repointed < len(self._nodes):  # the K/V copy node: its two sources
+            _, (_, k_copy, _, v_copy), *_ = self._nodes[-1]
+            self._set_node(target, self._repointed, (kv[0], k_copy, kv[1], v_copy))
         if stream != self._last_stream:
             # the K/V copies and the scratch are one set: the last replay must be done with
             # them before this one's copies land
             self._driver.wait_event(stream, self._done)
             self._last_stream = stream
-        self._driver.launch(self._executable, stream)
+        self._driver.launch(target.handle, stream)
         # from here the call has run: a failure must not send the caller to run it again
         if self._exchanges is not None:
             self._exchanges.advance()
@@ -189,31 +215,62 @@ class CapturedRingCall:
             warnings.warn(f"cuparing: recording a replayed ring call's end failed ({exc})",
                           RuntimeWarning, stacklevel=2)  # fmt: skip
 
-    def _repoint(self, remap: dict[int, int]) -> None:
-        """Each kernel node whose arguments change under ``remap`` takes the new ones."""
-        for entry in self._launches:
-            self._set_node(entry, tuple(remap.get(p, p) for p in entry[1]))
+    def _key(self) -> Any:
+        """The transport's state now, as far as the graph's values go (None: one state)."""
+        return None if self._exchanges is None else self._exchanges.key()
 
-    def _set_node(self, entry: list, wanted: tuple) -> None:
-        """The kernel node of ``entry`` (``[packed, captured pointers, kernel index, node,
-        pointers applied, node params]``) takes the pointers ``wanted``, unless it has them."""
-        packed, _, index, node, applied, params = entry
-        if wanted == applied:
+    def _fresh(self, handle: Any) -> _Executable:
+        """The record of a new instantiation: its nodes hold what the capture gave them."""
+        return _Executable(handle, self._captured, [tuple(node[1]) for node in self._nodes])
+
+    def _executable_now(self) -> _Executable:
+        """The instantiation whose transport values fit the ring's state now: a kept one, else
+        a new one (or, with :attr:`EXECUTABLES` kept, the least recently replayed) given the
+        values once.
+
+        Raises:
+            RuntimeError: the driver refused (an instantiation it made is destroyed).
+        """
+        key = self._key()
+        kept = self._executables.get(key)
+        if kept is not None:
+            self._executables.move_to_end(key)
+            return kept
+        if len(self._executables) < self.EXECUTABLES:
+            target = self._fresh(self._driver.instantiate(self._graph))
+        else:  # (its kernel nodes keep what they hold; the transport's values change)
+            target = self._executables.popitem(last=False)[1]
+        try:
+            self._exchanges.patch(target.handle)
+        except BaseException:
+            # its values may be half rewritten: it serves no state
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                self._driver.destroy(target.handle, None)
+            raise
+        self._executables[key] = target
+        return target
+
+    def _set_node(self, target: _Executable, index: int, wanted: tuple) -> None:
+        """Kernel node ``index`` of ``target`` (``[packed, captured pointers, kernel index,
+        node, node params]``) takes the pointers ``wanted``, unless it has them."""
+        if wanted == target.pointers[index]:
             return
+        entry = self._nodes[index]
+        packed, _, kernel, node, params = entry
 
         def set_node(function, geometry, arguments):
             nonlocal params
             if params is None:
-                params = entry[5] = self._driver.kernel_params(function, geometry, arguments)
-            self._driver.set_kernel_node(self._executable, node, params)
+                params = entry[4] = self._driver.kernel_params(function, geometry, arguments)
+            self._driver.set_kernel_node(target.handle, node, params)
 
-        packed.update(wanted, index, set_node)
-        entry[4] = wanted
+        packed.update(wanted, kernel, set_node)
+        target.pointers[index] = wanted
 
     @property
     def live(self) -> bool:
         """Whether it can still be replayed (not yet released)."""
-        return self._executable is not None
+        return bool(self._executables)
 
     @property
     def matches(self) -> bool:
@@ -222,16 +279,16 @@ class CapturedRingCall:
         return self._exchanges is None or self._exchanges.matches()
 
     def release(self) -> None:
-        """Free the graph and hand its memory back (idempotent). An executable graph still
-        running is destroyed when it completes; its memory goes back to the allocator in the
-        order of the stream it was allocated on, which first waits for the last replay when
-        that ran on another stream. Rings release their graphs before destroying the
-        communicator (whose destroy waits for them) and before dropping the receive buffers
-        the graphs point at.
+        """Free the graph and its instantiations and hand its memory back (idempotent). An
+        executable graph still running is destroyed when it completes; its memory goes back to
+        the allocator in the order of the stream it was allocated on, which first waits for the
+        last replay when that ran on another stream. Rings release their graphs before
+        destroying the communicator (whose destroy waits for them) and before dropping the
+        receive buffers the graphs point at.
 
         Warns (RuntimeWarning) when the driver refuses the destroy."""
-        executable, self._executable = self._executable, None
-        if executable is None:
+        executables, self._executables = list(self._executables.values()), OrderedDict()
+        if not executables:
             return
         LIVE.forget(self)
         driver, handed_back = self._driver, True
@@ -245,15 +302,17 @@ class CapturedRingCall:
                     # a replay may still use the memory: keep it rather than hand it back
                     handed_back = False
                     _warn(f"its memory stays allocated ({exc})")
-            for what, free in (("executable graph", lambda: driver.destroy(executable, None)),
-                               ("graph", lambda: driver.destroy(None, self._graph)),
-                               ("event", lambda: driver.destroy_event(self._done))):  # fmt: skip
+            frees = [("executable graph", lambda h=e.handle: driver.destroy(h, None))
+                     for e in executables]  # fmt: skip
+            frees += [("graph", lambda: driver.destroy(None, self._graph)),
+                      ("event", lambda: driver.destroy_event(self._done))]  # fmt: skip
+            for what, free in frees:
                 try:
                     free()
                 except _DRIVER_ERRORS as exc:
                     _warn(f"its {what} was not freed ({exc})")
         if handed_back:
-            self._keep = self._launches = self._kv_copy = None
+            self._keep = self._nodes = None
         if self._exchanges is not None:  # (the transport's channels it referred to)
             self._exchanges.release()
 

@@ -126,6 +126,7 @@ class Flight:
     event: Any = None  # the 'received' event; None while the transfer is being issued
     keep: list = field(default_factory=list)  # arrays the transfer reads, alive until it is done
     kind: str = "collective"  # what a flight without a peer is (see GpuRing.watch)
+    waited: bool = False  # wait() ordered a caller's stream after it (the copy-engine ring asks)
 
     def describe(self, rank: int) -> str:
         if self.dest < 0:
@@ -165,6 +166,7 @@ class GpuPending(PendingExchange):
                 )  # fmt: skip
                 self._window_start = None
             caller.wait_event(self._flight.event)
+            self._flight.waited = True
         return list(self._received)
 
 
@@ -378,10 +380,12 @@ class GpuRing(Ring):
         it) but arm no flight.
 
         Yields:
-            What a replay of the graph must change in the transport's captured operations, or
-            None (nothing: NCCL's). Otherwise an object with ``matches()`` (whether the graph
-            may replay now), ``patch(executable)`` (before a launch; raises RuntimeError if
-            the driver refuses) and ``advance()`` (after it).
+            What replays of the graph need of the transport's captured operations, or None
+            (nothing: NCCL's). Otherwise an object with ``matches()`` (whether the graph may
+            replay now), ``key()`` (the transport's state now: instantiations of the graph
+            given one state's values replay alike), ``patch(executable)`` (gives an
+            instantiation the values of the state now, before its launch; raises RuntimeError
+            if the driver refuses) and ``advance()`` (after a launch).
 
         Raises:
             RuntimeError: the ring is not :attr:`capturable`.
