@@ -64,6 +64,7 @@ class FakeGpu:
         self.opened_mem, self.closed_mem, self.destroyed = [], [], []
         self.errors: list[str] = []  # what the device found wrong (sizes that disagree)
         self.capture: FakeCapture | None = None
+        self.local = threading.local()  # each host thread's current stream (``stack``)
         self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -192,6 +193,15 @@ class FakeStream:
     def is_capturing(self) -> bool:
         return False  # (this fake captures nothing)
 
+    def __enter__(self):
+        """The current stream of this thread within the block, as ``with stream:`` in CuPy."""
+        local = self.gpu.local
+        local.stack = [*getattr(local, "stack", []), self]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.gpu.local.stack.pop()
+
     def launch(self, fn) -> None:
         """Queue ``fn()`` as a "kernel" on this stream."""
         self.gpu.enqueue(self, ("fn", fn))
@@ -299,9 +309,11 @@ def _handle(tag: bytes, ptr: int) -> bytes:
 
 def fake_cupy(gpu: FakeGpu) -> SimpleNamespace:
     """A ``cupy`` module over ``gpu``: the current stream is per thread, as on one device."""
-    local = threading.local()
+    local = gpu.local
 
     def current():
+        if getattr(local, "stack", None):
+            return local.stack[-1]
         if not hasattr(local, "stream"):
             local.stream = FakeStream(gpu)
         return local.stream
@@ -479,8 +491,10 @@ class FakeGraphDriver:
     """The graph calls :class:`cuparing.backends.ring_graphs.CapturedRingCall` makes, over
     captures of the fake GPU (no kernel nodes). ``launch`` queues the capture's operations
     again, each on the stream it was captured on, with the instantiation's flag values from
-    ``driver`` (a :func:`fake_driver`); the stream it is given only orders replays, which the
-    tests make on the captured caller's stream anyway."""
+    ``driver`` (a :func:`fake_driver`), then makes the stream it is given wait for the other
+    captured streams (a graph ends once all its nodes have: what follows its launch on that
+    stream comes after every one of them). The tests launch on the captured caller's stream;
+    a launch on another stream is ordered only by the stream waits made before it."""
 
     def __init__(self, driver: SimpleNamespace):
         self.driver = driver
@@ -497,7 +511,13 @@ class FakeGraphDriver:
         assert executable in self.instantiated and executable not in self.destroyed
         values = {node: value for made, node, value in list(self.driver.node_values)
                   if made is executable}  # fmt: skip
-        executable.graph.replay(values)
+        graph = executable.graph
+        graph.replay(values)
+        target = graph.gpu.objects[int(stream)]
+        for captured in graph.streams - {target}:
+            end = FakeEvent(graph.gpu)
+            end.record(captured)
+            target.wait_event(end)
         self.launched += 1
 
     def patches(self) -> int:

@@ -13,10 +13,12 @@ TCP (:mod:`cuparing.comm.peerlink`).
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import socket
 import threading
 import time
+import weakref
 from types import SimpleNamespace
 
 import fake_gpu
@@ -255,18 +257,26 @@ def test_values_that_do_not_alternate_let_a_stale_word_satisfy_a_wait(fake, monk
     assert (1, 3) in _wrong_steps(logs, 3)  # (step 3 reads what exchange 2 delivered)
 
 
-def _unwaited(fake, rings, steps):
+def _unwaited(fake, rings, steps, elsewhere=False):
     """Each rank issues ``steps`` exchanges of one channel without ever calling ``wait()`` (the
     hosts first, then the GPU; rank 1's side stream runs only when nothing else can), then
-    synchronises; each rank's outcome and the last exchange's arrays."""
+    synchronises; each rank's outcome and the last exchange's arrays. ``elsewhere``: each
+    exchange but the last is waited for, on a stream of its own that the caller's stream, from
+    which the exchanges are issued, never joins."""
     gpu = fake.gpu
     gpu.paused = True
     gate = threading.Barrier(len(rings), action=lambda: setattr(gpu, "paused", False))
     gpu.starve.add(rings[1]._join)
 
     def rank_main(ring):
+        other = fake.cupy.cuda.Stream(non_blocking=True)
         kv = [_dev(np.full(4, 10 * ring.rank + step, np.float32)) for step in range(steps)]
-        pending = [ring.exchange([kv[step]], 1, "kv") for step in range(steps)]
+        pending = []
+        for step in range(steps):
+            pending.append(ring.exchange([kv[step]], 1, "kv"))
+            if elsewhere and step < steps - 1:
+                with other:
+                    pending[-1].wait()
         gate.wait(20)
         ring.synchronize()
         got = pending[-1].wait()[0]
@@ -276,19 +286,62 @@ def _unwaited(fake, rings, steps):
     return _threads([lambda ring=ring: rank_main(ring) for ring in rings])
 
 
+def _no_previous_wait(monkeypatch):
+    """Negative control: the copy stream no longer waits for exchange k - 2's *received* event
+    before *freed* of exchange k."""
+    monkeypatch.setattr(ipc_mod._DeviceFlags, "_after_previous", lambda self, channel, slot: None)
+
+
 @pytest.mark.parametrize("fake", ["device"], indirect=True)
-def test_an_exchange_never_waited_for_is_ordered_before_its_slot_is_freed(fake, monkeypatch):
-    """Exchanges whose ``wait()`` is never called: rank 1's side stream has not yet evaluated
+@pytest.mark.parametrize("elsewhere", [False, True])
+def test_an_exchange_is_ordered_before_its_slot_is_freed_however_it_was_waited_for(
+    fake, monkeypatch, elsewhere
+):
+    """Exchanges whose ``wait()`` is never called, or called on another stream than the one the
+    next exchanges are issued from (``elsewhere``): rank 1's side stream has not yet evaluated
     its wait for exchange 0 when its copy stream would free slot 0 for exchange 2. The copy
-    stream waits for exchange 0's *received* event first, so rank 0 cannot push exchange 2
-    (whose phase the pending wait would not accept) before it; without that wait (negative
-    control) the wait for exchange 0 never ends."""
-    results = _unwaited(fake, fake(2), steps=3)
+    stream waits for exchange 0's *received* event first, whatever the caller did, so rank 0
+    cannot push exchange 2 (whose phase the pending wait would not accept) before it; without
+    that wait (negative control) the wait for exchange 0 never ends."""
+    results = _unwaited(fake, fake(2), steps=3, elsewhere=elsewhere)
     assert results == [12.0, 2.0], results
-    monkeypatch.setattr(ipc_mod._DeviceFlags, "_order_unwaited", lambda self, channel, k: None)
-    results = _unwaited(fake, fake(2, timeout=1.0), steps=3)
+    _no_previous_wait(monkeypatch)
+    results = _unwaited(fake, fake(2, timeout=1.0), steps=3, elsewhere=elsewhere)
     assert isinstance(results[1], cr.RingTimeoutError), results
     assert "'kv' #0" in str(results[1])
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+def test_every_exchange_waits_for_its_slot_s_previous_one_and_keeps_no_arrays(fake):
+    """Device flags: the copy stream waits for the *received* event of exchange k - 2 of the
+    channel (none for k < 2), waited for or not; the channel keeps that event per slot, not the
+    exchange's flight: the arrays it sent are dropped once the transfer is done (the watchdog
+    lets go of its flight)."""
+    rings = fake(2)
+    events = {0: [], 1: []}
+    sent = []
+
+    def rank_main(ring):
+        for step in range(5):
+            x = _dev(np.full(4, step, np.float32))
+            sent.append(weakref.ref(x))
+            pending = ring.exchange([x])
+            events[ring.rank].append(pending._flight.event)
+            if step % 2:
+                pending.wait()
+        del x, pending
+        fake.cupy.cuda.get_current_stream().synchronize()
+        ring.synchronize()
+
+    assert _threads([lambda ring=ring: rank_main(ring) for ring in rings]) == [None, None]
+    gc.collect()
+    assert [i for i, ref in enumerate(sent) if ref() is not None] == []  # (none alive)
+    ring, received = rings[0], events[0]
+    waited = [e for e in ring.stream.waited if any(e is r for r in received)]
+    assert waited == received[:3]  # exchanges 2, 3 and 4 waited for 0, 1 and 2
+    channel = next(iter(ring._channels.values()))
+    assert [p.event for p in channel.previous] == [received[4], received[3]]
+    assert all(p.capture is None and p.stream == ring._join.ptr for p in channel.previous)
 
 
 def _count_messages(ring) -> dict:
@@ -758,7 +811,29 @@ def test_a_capture_records_each_flag_operation_and_leaves_the_counts(fake):
 
 
 def _channel(count):
-    return SimpleNamespace(count=count, last=[(None, None), (None, None)])
+    return SimpleNamespace(count=count, previous=[None, None])
+
+
+class _Cuda:
+    """``cupy.cuda`` as ``_CapturedExchanges`` uses it: events, and stream waits and event
+    records on raw handles, logged as ("wait", stream, event) and ("record", event, stream);
+    the runtime refuses the calls ``refuse`` names."""
+
+    def __init__(self):
+        self.log, self.refuse, self.events = [], set(), 0
+
+        def call(what, *args):
+            if what in self.refuse:
+                raise RuntimeError(f"{what} refused: cudaErrorInvalidResourceHandle")
+            self.log.append((what, *args))
+
+        self.runtime = SimpleNamespace(
+            streamWaitEvent=lambda stream, event, flags: call("wait", stream, event),
+            eventRecord=lambda event, stream: call("record", event, stream))  # fmt: skip
+
+    def Event(self, disable_timing=False):  # noqa: N802 (cupy's name)
+        self.events += 1
+        return SimpleNamespace(ptr=0xE000 + self.events)
 
 
 def test_captured_exchanges_take_the_values_of_the_channels_counts_modulo_4():
@@ -772,7 +847,7 @@ def test_captured_exchanges_take_the_values_of_the_channels_counts_modulo_4():
     driver.cuStreamGetCaptureInfo = lambda stream: (driver.CUresult.CUDA_SUCCESS, 1, 0, None,
                                                     [f"node{len(nodes)}"], 1)  # fmt: skip
     kv, dkv, idle = _channel(5), _channel(2), _channel(9)
-    record = ipc_mod._CapturedExchanges(driver, [kv, dkv, idle])
+    record = ipc_mod._CapturedExchanges(driver, [kv, dkv, idle], _Cuda())
     steps = ((kv, True, 3), (kv, False, 5), (dkv, True, 0))
     for channel, write, step in steps:
         nodes.append(step)
@@ -787,7 +862,7 @@ def test_captured_exchanges_take_the_values_of_the_channels_counts_modulo_4():
     record.patch("exec")
     assert driver.node_values == [("exec", "node1", 2), ("exec", "node2", 1),
                                   ("exec", "node3", 1)]  # fmt: skip
-    record.advance()
+    record.advance(3)
     assert (kv.count, dkv.count) == (6, 4) and not record.matches()  # kv: the other parity
     assert record.key() == (1, 2)
     kv.count += 1  # an eager call of one kv exchange: the parity is the captured one again
@@ -802,7 +877,7 @@ def test_captured_exchanges_take_the_values_of_the_channels_counts_modulo_4():
     assert patched() == [1, 2, 2]  # both channels two exchanges on: the other phase
     seen = []
     for _ in range(12):  # the keys come round: the same key, the same values
-        record.advance()
+        record.advance(3)
         kv.count += 1
         seen.append((record.key(), patched()))
     assert seen[:2] == [((0, 0), captured), ((2, 2), [1, 2, 2])]
@@ -812,16 +887,66 @@ def test_captured_exchanges_take_the_values_of_the_channels_counts_modulo_4():
     assert record.key() == (0, 2) and patched() == captured[:2] + [2]
 
 
-def test_a_failed_capture_leaves_every_count_where_it_was():
+def test_a_failed_capture_leaves_every_count_and_predecessor_where_it_was():
     driver = fake_driver(None)
     driver.cuStreamGetCaptureInfo = lambda stream: (driver.CUresult.CUDA_SUCCESS, 1, 0, None,
                                                     ["node"], 1)  # fmt: skip
     kv, dkv = _channel(3), _channel(8)
-    record = ipc_mod._CapturedExchanges(driver, [kv, dkv])
+    before = [ipc_mod._Received(f"event{i}", 77) for i in range(4)]
+    kv.previous, dkv.previous = before[:2], before[2:]
+    record = ipc_mod._CapturedExchanges(driver, [kv, dkv], _Cuda())
     record.add(7, kv, True, 0x100, 2, 0)
+    kv.previous[1] = ipc_mod._Received("captured", 9, record)  # (as the captured exchange does)
     kv.count, dkv.count = 4, 9  # dkv's exchange failed before its first flag operation
+    dkv.previous[0] = None
     record.finish()
     assert (kv.count, dkv.count) == (3, 8)
+    assert kv.previous + dkv.previous == before
+
+
+def test_a_launch_waits_for_the_slots_previous_exchanges_and_stands_for_them_after():
+    """Before a launch the stream waits for the last exchange on each slot the graph uses
+    (once per event, none where it was recorded on the launch stream itself: a steady loop
+    of replays on one stream waits for nothing); after it an event recorded on the launch
+    stream is those slots' predecessor. Where that record is refused, the slots have none
+    (their next exchange is ordered by the caller's stream only)."""
+    driver = fake_driver(None)
+    driver.cuStreamGetCaptureInfo = lambda stream: (driver.CUresult.CUDA_SUCCESS, 1, 0, None,
+                                                    ["node"], 1)  # fmt: skip
+    cuda = _Cuda()
+    eager = [ipc_mod._Received(SimpleNamespace(ptr=0xA0 + i), 77) for i in range(4)]
+    kv, dkv, idle = _channel(5), _channel(1), _channel(4)
+    kv.previous, dkv.previous, idle.previous = eager[:2], [eager[2], None], [eager[3]] * 2
+    record = ipc_mod._CapturedExchanges(driver, [kv, dkv, idle], cuda)
+    # the call: kv exchange 5 (slot 1), dkv exchanges 1 and 2 (slots 1 and 0)
+    for channel, step in ((kv, 5), (dkv, 1), (dkv, 2)):
+        record.add(7, channel, True, 0x100, step, 0)
+    kv.count, dkv.count = 6, 3
+    record.finish()
+    assert kv.previous == eager[:2] and dkv.previous == [eager[2], None]
+    launched = ipc_mod._Received(SimpleNamespace(ptr=0xE001), 3)
+    record.before_launch(3)
+    assert cuda.log == [("wait", 3, 0xA1), ("wait", 3, 0xA2)]  # (dkv's slot 1: none yet)
+    record.advance(3)
+    assert cuda.log[2:] == [("record", 0xE001, 3)]
+    assert (kv.count, dkv.count, idle.count) == (6, 3, 4)
+    assert kv.previous == [eager[0], launched] and dkv.previous == [launched, launched]
+    assert idle.previous == [eager[3]] * 2  # (not the graph's)
+    kv.count, kv.previous[0] = 7, eager[0]._replace(stream=78)  # an eager kv exchange (slot 0)
+    del cuda.log[:]
+    record.before_launch(3)  # its slots' last exchanges are the last launch, on stream 3
+    assert cuda.log == []
+    record.advance(3)
+    record.before_launch(4)  # another stream: one wait for them all
+    assert cuda.log == [("record", 0xE001, 3), ("wait", 4, 0xE001)]
+    cuda.refuse.add("record")
+    with pytest.raises(RuntimeError, match="record refused"):
+        record.advance(4)
+    assert (kv.count, dkv.count) == (9, 7)  # the graph ran: the counts moved on
+    assert kv.previous[1] is None and dkv.previous == [None, None]
+    record.release()
+    record.before_launch(5)
+    assert cuda.log[-1] == ("wait", 4, 0xE001)  # (released: nothing to order)
 
 
 @pytest.mark.parametrize("fake", ["device"], indirect=True)
@@ -856,6 +981,187 @@ def test_a_failed_capture_that_left_a_stream_capturing_fails_the_ring(fake, monk
         ring.capture_failed()
     with pytest.raises(cr.RingError):
         ring.check()
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+def test_a_capture_after_an_unwaited_exchange_leaves_its_order_to_the_launches(fake):
+    """An exchange never waited for before a capture: the captured exchange that frees its slot
+    does not wait for it (a captured stream cannot wait for work outside its graph) and the
+    capture goes on (no refusal, no driver error); each launch of the graph waits for it
+    instead (``before_launch``). A captured exchange whose slot's previous exchange was
+    captured too waits for it inside the graph. When the capture ends, whether or not it
+    failed, the channel's count and its slots' predecessors are where they were."""
+    rings = fake(2)
+    x = _dev(np.ones(4, np.float32))
+    # exchange 0, never waited for
+    for result in _threads([lambda ring=ring: ring.exchange([x]) for ring in rings]):
+        assert not isinstance(result, BaseException), result
+    ring = rings[0]
+    channel = next(iter(ring._channels.values()))
+    before = list(channel.previous)
+    eager = before[0].event
+    assert before[1] is None
+    fake.gpu.paused = True  # (this fake runs what a capture queues: keep it from running)
+    waits = len(ring.stream.waited)
+    with ring.capturing() as record:
+        first = ring.exchange([x])  # exchange 1: slot 1, nothing before it
+        first.wait()
+        ring.exchange([x]).wait()  # 2: slot 0, after the eager exchange 0
+        ring.exchange([x]).wait()  # 3: slot 1, after exchange 1 of this capture
+        captured_waits = ring.stream.waited[waits:]
+        assert channel.previous[1].capture is record
+    assert not any(e is eager for e in captured_waits)
+    assert any(e is first._flight.event for e in captured_waits)
+    assert channel.count == 1 and channel.previous == before
+    assert record._slots == [(id(channel), 1), (id(channel), 0)]
+    caller = fake.cupy.cuda.get_current_stream()
+    record.before_launch(caller.ptr)  # (what a replay does first)
+    assert caller.waited[-1] is eager
+    with pytest.raises(ZeroDivisionError), ring.capturing():
+        ring.exchange([x])
+        1 / 0  # noqa: B018 (a failure inside the captured call)
+    assert channel.count == 1 and channel.previous == before
+
+
+def _replay_after_eager(fake, rings, unwaited):
+    """Rank 1 captures a call of two exchanges of one channel and replays it (exchanges 2 and
+    3); then both ranks issue exchanges 4 and 5 eagerly, which rank 1 never waits for where
+    ``unwaited`` (an exception between exchange and wait, the call then retried); then rank 1
+    replays the graph (6 and 7) while its side stream runs only when nothing else can (the
+    hosts first, then the GPU). Rank 0 calls eagerly throughout. Each rank's outcome."""
+    gpu = fake.gpu
+    gate = threading.Barrier(2, action=lambda: setattr(gpu, "paused", False))
+
+    def rank_main(ring):
+        caller = fake.cupy.cuda.get_current_stream()
+        graph_driver = fake_gpu.FakeGraphDriver(fake.driver)
+        buf = _dev(np.full(4, ring.rank, np.float32))
+
+        def call():
+            return [ring.exchange([buf], 1, "kv").wait()[0] for _ in range(2)]
+
+        call()  # exchanges 0 and 1: the channel's setup
+        caller.synchronize()
+        ring.synchronize()
+        if ring.rank == 1:
+            with gpu.capturing({caller, ring.stream, ring._join}) as graph:
+                with ring.capturing() as record:
+                    got = call()
+            replayed = CapturedRingCall(graph_driver, graph, graph_driver.instantiate(graph),
+                                        [], (1,), [], None, caller.ptr, 0, record)  # fmt: skip
+            replayed.replay((1,), (), caller.ptr)
+        else:
+            got = call()
+        caller.synchronize()
+        ring.synchronize()
+        gpu.paused = True
+        pending = [ring.exchange([buf], 1, "kv") for _ in range(2)]
+        if ring.rank == 0 or not unwaited:
+            for p in pending:
+                p.wait()
+        del pending
+        if ring.rank == 1:
+            gpu.starve.add(ring._join)
+            replayed.replay((1,), (), caller.ptr)
+            ring.watch("ring call (CUDA graph)", caller.ptr)
+        else:
+            call()
+        gate.wait(20)
+        ring.synchronize()
+        caller.synchronize()
+        return [float(g[0]) for g in got]
+
+    return _threads([lambda ring=ring: rank_main(ring) for ring in rings])
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+@pytest.mark.parametrize("unwaited", [False, True])
+def test_a_replay_after_an_unwaited_exchange_is_ordered_after_it(fake, monkeypatch, unwaited):
+    """Eager exchanges 4 and 5, never waited for (or waited for), then a replay whose first
+    exchanges (6 and 7) free their slots: the launch stream waits for exchanges 4 and 5 first,
+    so rank 0 cannot push exchange 6 before rank 1's starved side stream has evaluated its
+    wait for exchange 4. Without that wait (negative control) that wait never ends."""
+    results = _replay_after_eager(fake, fake(2), unwaited)
+    assert results == [[1.0, 1.0], [0.0, 0.0]], results
+    if not unwaited:
+        return
+    monkeypatch.setattr(ipc_mod._CapturedExchanges, "before_launch", lambda self, stream: None)
+    results = _replay_after_eager(fake, fake(2, timeout=1.0), unwaited)
+    assert isinstance(results[1], cr.RingTimeoutError), results
+    assert "'kv' #4" in str(results[1])
+
+
+def _unwaited_inside_a_capture(fake, rings):
+    """Calls of four exchanges of one channel whose first two are waited for only after the
+    last two were issued (so that exchanges 2 and 3 of the call free the slots of exchanges 0
+    and 1, which nothing waited for yet). Rank 1 captures the second call and replays it twice,
+    its side stream run only when nothing else can; rank 0 calls eagerly. Each rank's outcome:
+    what the last two exchanges of each call received."""
+    gpu = fake.gpu
+    gate = threading.Barrier(2, action=lambda: setattr(gpu, "paused", False))
+
+    def rank_main(ring):
+        caller = fake.cupy.cuda.get_current_stream()
+        graph_driver = fake_gpu.FakeGraphDriver(fake.driver)
+        bufs = [_dev(np.zeros(4, np.float32)) for _ in range(4)]
+        seen = []
+
+        def call():
+            pending = [ring.exchange([buf], 1, "kv") for buf in bufs]
+            return [p.wait()[0] for p in pending[2:]]
+
+        replayed = None
+        for number in range(3):
+            for e, buf in enumerate(bufs):  # (the GPU is done with the last call)
+                buf[:] = 100 * number + 10 * e + ring.rank
+            if ring.rank == 1 and number == 1:
+                with gpu.capturing({caller, ring.stream, ring._join}) as graph:
+                    with ring.capturing() as record:
+                        got = call()
+                replayed = CapturedRingCall(graph_driver, graph,
+                                            graph_driver.instantiate(graph), [], (1,), [], None,
+                                            caller.ptr, 0, record)  # fmt: skip
+            gpu.paused = number > 0
+            if replayed is not None:
+                gpu.starve.add(ring._join)
+                replayed.replay((1,), (), caller.ptr)
+                ring.watch("ring call (CUDA graph)", caller.ptr)
+            else:
+                got = call()
+            if number > 0:
+                gate.wait(20)
+            try:
+                ring.synchronize()
+            except cr.RingError:
+                gate.abort()  # (the other rank: no next call)
+                raise
+            caller.synchronize()
+            seen.append([float(g[0]) for g in got])
+        return seen
+
+    return _threads([lambda ring=ring: rank_main(ring) for ring in rings])
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+def test_an_exchange_unwaited_inside_a_capture_is_ordered_inside_the_graph(fake, monkeypatch):
+    """Inside a capture, an exchange not yet waited for when its slot is freed again is waited
+    for by the copy stream within the graph (an edge between captured nodes), so each replay
+    delivers every exchange even with rank 1's side stream lagging behind everything else;
+    without that wait in the graph (negative control: eager exchanges keep theirs) the replay
+    never ends and the watchdog fails it."""
+    results = _unwaited_inside_a_capture(fake, fake(2))
+    want = [[[100 * n + 20 + 1 - r, 100 * n + 30 + 1 - r] for n in range(3)] for r in range(2)]
+    assert results == want, results
+    eager_only = ipc_mod._DeviceFlags._after_previous
+
+    def not_captured(self, channel, slot):
+        if self.capture is None:
+            eager_only(self, channel, slot)
+
+    monkeypatch.setattr(ipc_mod._DeviceFlags, "_after_previous", not_captured)
+    results = _unwaited_inside_a_capture(fake, fake(2, timeout=1.0))
+    assert isinstance(results[1], cr.RingTimeoutError), results
+    assert "ring call (CUDA graph)" in str(results[1])
 
 
 # ring calls as (tag, exchanges) lists; a pattern's calls take them in turn

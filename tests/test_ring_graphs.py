@@ -20,8 +20,8 @@ from cuparing.backends import launch_plans, ring_graphs
 
 
 class RecordingGraphDriver:
-    """Records the node updates (the pointer fields read through the ``void*`` array) and the
-    launches of a replay."""
+    """Records the node updates (the instantiation, the node, the pointer fields read through
+    the ``void*`` array, the function) and the launches of a replay."""
 
     def __init__(self, fields: int):
         self.fields, self.updates, self.launches = fields, [], []
@@ -38,7 +38,8 @@ class RecordingGraphDriver:
     def set_kernel_node(self, executable, node, params):
         struct_address = ctypes.c_uint64.from_address(params.arguments).value
         packed = ctypes.string_at(struct_address, 8 * self.fields)
-        self.updates.append((node, struct.unpack(f"<{self.fields}Q", packed), params.function))
+        self.updates.append((executable, node, struct.unpack(f"<{self.fields}Q", packed),
+                             params.function))  # fmt: skip
 
     def new_event(self):
         return "done"
@@ -109,13 +110,13 @@ def test_replay_repoints_only_what_the_caller_moved():
 
     q1, out1 = 0x5000, 0x6000
     graph.replay((q1, out1, lse0), CAPTURED_KV, stream=5)
-    assert driver.updates == [("n0", (scratch, q1, own_kv, lse0), 11),
-                              ("n1", (out1, q1, received, lse0), 12)]  # fmt: skip
+    assert driver.updates == [("exec", "n0", (scratch, q1, own_kv, lse0), 11),
+                              ("exec", "n1", (out1, q1, received, lse0), 12)]  # fmt: skip
     driver.updates.clear()
     graph.replay((q1, out1, lse0), CAPTURED_KV, stream=5)  # nothing moved since
     assert driver.updates == []
     graph.replay((q1, out0, lse0), CAPTURED_KV, stream=5)  # only the output moved back
-    assert driver.updates == [("n1", (out0, q1, received, lse0), 12)]
+    assert driver.updates == [("exec", "n1", (out0, q1, received, lse0), 12)]
     assert len(driver.launches) == 4
 
     # every replay on the stream the graph's memory came from: no waits, a record after each
@@ -140,17 +141,20 @@ def test_the_kv_copy_node_follows_the_callers_kv():
     graph.replay((q0,), CAPTURED_KV, stream=5)
     assert driver.updates == []
     graph.replay((q0,), (0x7100, CAPTURED_KV[1]), stream=5)  # K moved
-    assert driver.updates == [("kv", (0x7100, COPIES[0], CAPTURED_KV[1], COPIES[1]), 13)]
+    assert driver.updates == [("exec", "kv", (0x7100, COPIES[0], CAPTURED_KV[1], COPIES[1]),
+                               13)]  # fmt: skip
     driver.updates.clear()
     graph.replay((q0,), (0x7100, CAPTURED_KV[1]), stream=5)
     assert driver.updates == []
     graph.replay((0x1100,), (0x1100, 0x1100), stream=5)  # q, k and v one array
-    assert driver.updates == [("n0", (0xD000, 0x1100, *COPIES), 11),
-                              ("kv", (0x1100, COPIES[0], 0x1100, COPIES[1]), 13)]  # fmt: skip
+    assert driver.updates == [("exec", "n0", (0xD000, 0x1100, *COPIES), 11),
+                              ("exec", "kv", (0x1100, COPIES[0], 0x1100, COPIES[1]),
+                               13)]  # fmt: skip
     driver.updates.clear()
     graph.replay((CAPTURED_KV[0],), CAPTURED_KV, stream=5)  # q where K was captured
-    assert driver.updates == [("n0", (0xD000, CAPTURED_KV[0], *COPIES), 11),
-                              ("kv", (CAPTURED_KV[0], COPIES[0], CAPTURED_KV[1], COPIES[1]), 13)]
+    assert driver.updates == [("exec", "n0", (0xD000, CAPTURED_KV[0], *COPIES), 11),
+                              ("exec", "kv", (CAPTURED_KV[0], COPIES[0], CAPTURED_KV[1],
+                                              COPIES[1]), 13)]  # fmt: skip
     assert len(driver.launches) == 5
 
 
@@ -209,7 +213,8 @@ def test_every_replay_leaves_each_node_as_a_fresh_launch_would(data):
         driver.updates.clear()
         graph.replay(moved, kv, stream=1)
         updated = set()
-        for node, pointers, _ in driver.updates:
+        for executable, node, pointers, _ in driver.updates:
+            assert executable == "exec"
             assert node not in updated  # one update per node and replay
             assert state[node] != pointers  # and only where its arguments change
             updated.add(node)
@@ -502,11 +507,17 @@ def test_a_refused_replay_releases_every_graph_of_the_plan(slot_env):
 class RecordedExchanges:
     """What a copy-engine ring's capture yields, as CapturedRingCall uses it: ``state`` stands
     for where the ring's channels are (``key()``); ``patched`` lists the executables given
-    values, in order."""
+    values, in order; ``calls`` the orderings before a launch and the advances after it, with
+    their streams and how many launches ``driver`` (a RecordingGraphDriver) had seen then."""
 
-    def __init__(self, refuse=False):
+    def __init__(self, refuse=False, driver=None):
         self.refuse, self.patched, self.advanced, self.released = refuse, [], 0, False
         self.state = (0,)
+        self.refuse_order = self.refuse_advance = False
+        self.driver, self.calls = driver, []
+
+    def _call(self, what, stream):
+        self.calls.append((what, stream, len(self.driver.launches) if self.driver else None))
 
     def matches(self):
         return not self.released
@@ -519,8 +530,16 @@ class RecordedExchanges:
             raise RuntimeError("cuGraphExecBatchMemOpNodeSetParams failed: NOT_SUPPORTED")
         self.patched.append(executable)
 
-    def advance(self):
+    def before_launch(self, stream):
+        if self.refuse_order:
+            raise RuntimeError("cudaStreamWaitEvent failed: cudaErrorInvalidResourceHandle")
+        self._call("before launch", stream)
+
+    def advance(self, stream):
         self.advanced += 1
+        self._call("advance", stream)
+        if self.refuse_advance:
+            raise RuntimeError("cudaEventRecord failed: cudaErrorInvalidResourceHandle")
 
     def release(self):
         self.released = True
@@ -563,6 +582,29 @@ def test_a_replay_patches_the_transport_before_anything_is_queued():
     graph.release()
     assert exchanges.released and not graph.matches
     assert driver.destroyed[1:] == [("exec", None), ("exec2", None), (None, "graph"), "done"]
+
+
+def test_the_transport_orders_each_launch_and_moves_on_after_it():
+    """Each replay hands the transport its stream before the launch (``before_launch``: the
+    launch must follow the exchanges issued before it) and after (``advance``). A refused
+    ordering leaves nothing launched and nothing advanced (the caller may run the call
+    eagerly); a refused advance comes after the launch: it only warns."""
+    driver = RecordingGraphDriver(FIELDS)
+    exchanges = RecordedExchanges(driver=driver)
+    graph = _with_exchanges(driver, exchanges)
+    graph.replay((0x1000,), (0x10,), stream=5)
+    graph.replay((0x1000,), (0x10,), stream=7)
+    assert exchanges.calls == [("before launch", 5, 0), ("advance", 5, 1),
+                               ("before launch", 7, 1), ("advance", 7, 2)]  # fmt: skip
+    exchanges.refuse_order = True
+    with pytest.raises(RuntimeError, match="cudaStreamWaitEvent failed"):
+        graph.replay((0x1000,), (0x10,), stream=7)
+    assert len(driver.launches) == 2 and exchanges.advanced == 2
+    exchanges.refuse_order, exchanges.refuse_advance = False, True
+    with pytest.warns(RuntimeWarning, match="issue the next ones from its stream"):
+        graph.replay((0x1000,), (0x10,), stream=7)
+    assert len(driver.launches) == 3 and exchanges.calls[-1] == ("advance", 7, 3)
+    assert driver.orders[-1] == ("record", 7)  # (the replay's own end is still recorded)
 
 
 def test_each_transport_state_replays_its_own_instantiation_patched_once():
@@ -608,22 +650,23 @@ def test_each_instantiation_keeps_its_own_record_of_the_kernel_nodes():
     graph = _with_exchanges(driver, exchanges, [(step0, (0xD000, q0, *COPIES))], _launch(13))
     moved_kv = (k1, CAPTURED_KV[1])
     graph.replay((q1,), moved_kv, stream=5)
-    first = [("n0", (0xD000, q1, *COPIES), 11),
+    moved = [("n0", (0xD000, q1, *COPIES), 11),
              ("kv", (k1, COPIES[0], CAPTURED_KV[1], COPIES[1]), 13)]  # fmt: skip
-    assert driver.updates == first
+    assert driver.updates == [("exec", *update) for update in moved]
     driver.updates.clear()
     exchanges.state = (2,)  # a new instantiation: its nodes as captured
     graph.replay((q1,), moved_kv, stream=5)
-    assert driver.updates == first
+    assert driver.updates == [("exec1", *update) for update in moved]
+    assert [e for e, _ in driver.launches] == ["exec", "exec1"]
     driver.updates.clear()
     for state in [(0,), (2,), (0,)]:  # both have them now
         exchanges.state = state
         graph.replay((q1,), moved_kv, stream=5)
     assert driver.updates == []
     graph.replay((q0,), CAPTURED_KV, stream=5)  # back to the captured ones, on "exec" only
-    assert driver.updates == [("n0", (0xD000, q0, *COPIES), 11),
-                              ("kv", (*CAPTURED_KV[:1], COPIES[0], CAPTURED_KV[1], COPIES[1]),
-                               13)]  # fmt: skip
+    assert driver.updates == [("exec", "n0", (0xD000, q0, *COPIES), 11),
+                              ("exec", "kv", (*CAPTURED_KV[:1], COPIES[0], CAPTURED_KV[1],
+                                              COPIES[1]), 13)]  # fmt: skip
     driver.updates.clear()
     exchanges.state = (2,)
     graph.replay((q1,), moved_kv, stream=5)  # "exec1" still holds q1 and k1

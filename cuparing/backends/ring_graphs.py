@@ -15,8 +15,10 @@ capture instead, and its exchanges, memsets and launches become one graph. A rep
    :class:`~cuparing.backends.launch_plans.PackedLaunch` with the caller's addresses in place of
    the captured call's (tensor maps included), and the node takes those arguments
    (``cuGraphExecKernelNodeSetParams``);
-3. launches the graph on the caller's stream; the ring's :meth:`watch` then arms one flight on
-   it, so a dead peer still ends the call within the ring's timeout.
+3. launches the graph on the caller's stream (on the copy-engine ring, once that stream waits
+   for the exchanges issued before on the slots the graph uses, which its first flag writes
+   need: :class:`cuparing.comm.ipc._CapturedExchanges`); the ring's :meth:`watch` then arms
+   one flight on it, so a dead peer still ends the call within the ring's timeout.
 
 The graph's first node copies the caller's K/V into the graph's own copies, which the rest of
 it sends and reads: NCCL's graph nodes cannot be pointed at other memory (their parameters are
@@ -40,6 +42,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..kernels import loader
@@ -113,6 +116,20 @@ def enabled(ring: Any) -> bool:
     return _graph_driver() is not None
 
 
+@dataclass
+class _Node:
+    """A kernel node of the graph: the launch seen during the capture (``packed``), the
+    pointers it was captured with, its kernel's index in ``packed``, the graph's node, and the
+    node parameters a rewrite hands the driver (made at the first rewrite, then reused: the
+    driver reads the argument values at each call)."""
+
+    packed: Any
+    pointers: tuple
+    kernel: int
+    node: Any
+    params: Any = None
+
+
 class _Executable:
     """One instantiation of a captured graph and what its kernel nodes were last given: the
     caller's addresses, and per kernel node its pointers (the K/V copy node's last)."""
@@ -129,7 +146,9 @@ class CapturedRingCall:
     graph is instantiated once per state met (``exchanges.key()``) and each instantiation is
     given that state's values once (``exchanges.patch``): a replay picks the instantiation of
     the state now and patches nothing. At most :attr:`EXECUTABLES` are kept; a state beyond
-    them takes over the least recently replayed one, whose values it rewrites.
+    them takes over the least recently replayed one, whose values it rewrites. Around each
+    launch the transport orders it (``exchanges.before_launch``) and moves its state on
+    (``exchanges.advance``).
 
     Args:
         driver: the :class:`GraphDriver` that captured it.
@@ -142,22 +161,29 @@ class CapturedRingCall:
         home_stream: the stream current when its memory was allocated (the caller's).
         device: the GPU it lives on.
         exchanges: what the ring's capture yielded (:meth:`GpuRing.capturing`): None, or
-            the transport's captured operations (their ``key``, ``patch``, ``advance``).
+            the transport's captured operations (their ``key``, ``patch``, ``before_launch``,
+            ``advance``).
     """
 
-    EXECUTABLES = 4  # the copy-engine ring's states in a steady loop: its counts modulo 4
+    # instantiations kept at most (a cap, not the number of states). A state is a tuple over
+    # the channels the graph uses of their counts since the capture modulo 4, each 0 or 2 where
+    # the graph replays: a steady loop meets one or two states per channel whose count moves
+    # by 2 between replays, up to 2 ** channels in all; beyond the cap the least recently
+    # replayed instantiation is re-patched
+    EXECUTABLES = 4
 
     def __init__(self, driver: GraphDriver, graph: Any, executable: Any, launches: list,
                  addresses: tuple[int, ...], kv: Sequence[Any], keep: Any, home_stream: int,
                  device: int, exchanges: Any = None, kv_copy: list | None = None):  # fmt: skip
         self._driver = driver
+        self._released = False  # (release() sets it: the graph and its instantiations are gone)
         self._exchanges = exchanges
         self._graph = graph
         # the kernel nodes; the K/V copy node, where there is one, last
-        self._nodes = [[*entry, None] for entry in launches]  # (+ node params, made once)
+        self._nodes = [_Node(*entry) for entry in launches]
         self._repointed = len(self._nodes)  # the nodes the caller's addresses reach
         if kv_copy is not None:
-            self._nodes.append([*kv_copy, None])
+            self._nodes.append(_Node(*kv_copy))
         self._captured = addresses
         # the state the capture left the transport in: what the captured nodes hold
         self._executables: OrderedDict = OrderedDict()
@@ -181,7 +207,7 @@ class CapturedRingCall:
                 launched (nothing of the call ran: the caller may run it another way). A
                 failure after the launch only warns.
         """
-        if not self._executables:
+        if self._released:
             raise RuntimeError("this captured ring call was released (its ring closed or "
                                "dropped its receive buffers)")  # fmt: skip
         if stream != self._last_stream and not self._ordered:
@@ -193,20 +219,28 @@ class CapturedRingCall:
         if addresses != target.addresses:
             remap = dict(zip(self._captured, addresses, strict=True))
             for i in range(self._repointed):
-                self._set_node(target, i, tuple(remap.get(p, p) for p in self._nodes[i][1]))
+                pointers = self._nodes[i].pointers
+                self._set_node(target, i, tuple(remap.get(p, p) for p in pointers))
             target.addresses = addresses
         if self._repointed < len(self._nodes):  # the K/V copy node: its two sources
-            _, (_, k_copy, _, v_copy), *_ = self._nodes[-1]
+            _, k_copy, _, v_copy = self._nodes[-1].pointers
             self._set_node(target, self._repointed, (kv[0], k_copy, kv[1], v_copy))
         if stream != self._last_stream:
             # the K/V copies and the scratch are one set: the last replay must be done with
             # them before this one's copies land
             self._driver.wait_event(stream, self._done)
             self._last_stream = stream
+        if self._exchanges is not None:
+            self._exchanges.before_launch(stream)
         self._driver.launch(target.handle, stream)
         # from here the call has run: a failure must not send the caller to run it again
         if self._exchanges is not None:
-            self._exchanges.advance()
+            try:
+                self._exchanges.advance(stream)
+            except _DRIVER_ERRORS as exc:
+                warnings.warn(f"cuparing: ordering the exchanges after a replayed ring call "
+                              f"failed ({exc}); issue the next ones from its stream",
+                              RuntimeWarning, stacklevel=2)  # fmt: skip
         LIVE.used(self)
         try:
             self._driver.record(self._done, stream)
@@ -221,7 +255,7 @@ class CapturedRingCall:
 
     def _fresh(self, handle: Any) -> _Executable:
         """The record of a new instantiation: its nodes hold what the capture gave them."""
-        return _Executable(handle, self._captured, [tuple(node[1]) for node in self._nodes])
+        return _Executable(handle, self._captured, [tuple(node.pointers) for node in self._nodes])
 
     def _executable_now(self) -> _Executable:
         """The instantiation whose transport values fit the ring's state now: a kept one, else
@@ -251,26 +285,24 @@ class CapturedRingCall:
         return target
 
     def _set_node(self, target: _Executable, index: int, wanted: tuple) -> None:
-        """Kernel node ``index`` of ``target`` (``[packed, captured pointers, kernel index,
-        node, node params]``) takes the pointers ``wanted``, unless it has them."""
+        """Kernel node ``index`` of ``target`` takes the pointers ``wanted``, unless it has
+        them."""
         if wanted == target.pointers[index]:
             return
         entry = self._nodes[index]
-        packed, _, kernel, node, params = entry
 
         def set_node(function, geometry, arguments):
-            nonlocal params
-            if params is None:
-                params = entry[4] = self._driver.kernel_params(function, geometry, arguments)
-            self._driver.set_kernel_node(target.handle, node, params)
+            if entry.params is None:
+                entry.params = self._driver.kernel_params(function, geometry, arguments)
+            self._driver.set_kernel_node(target.handle, entry.node, entry.params)
 
-        packed.update(wanted, kernel, set_node)
+        entry.packed.update(wanted, entry.kernel, set_node)
         target.pointers[index] = wanted
 
     @property
     def live(self) -> bool:
         """Whether it can still be replayed (not yet released)."""
-        return bool(self._executables)
+        return not self._released
 
     @property
     def matches(self) -> bool:
@@ -287,9 +319,10 @@ class CapturedRingCall:
         receive buffers the graphs point at.
 
         Warns (RuntimeWarning) when the driver refuses the destroy."""
-        executables, self._executables = list(self._executables.values()), OrderedDict()
-        if not executables:
+        if self._released:
             return
+        self._released = True
+        executables, self._executables = list(self._executables.values()), OrderedDict()
         LIVE.forget(self)
         driver, handed_back = self._driver, True
         with driver.on_device(self._device):

@@ -126,7 +126,6 @@ class Flight:
     event: Any = None  # the 'received' event; None while the transfer is being issued
     keep: list = field(default_factory=list)  # arrays the transfer reads, alive until it is done
     kind: str = "collective"  # what a flight without a peer is (see GpuRing.watch)
-    waited: bool = False  # wait() ordered a caller's stream after it (the copy-engine ring asks)
 
     def describe(self, rank: int) -> str:
         if self.dest < 0:
@@ -166,7 +165,6 @@ class GpuPending(PendingExchange):
                 )  # fmt: skip
                 self._window_start = None
             caller.wait_event(self._flight.event)
-            self._flight.waited = True
         return list(self._received)
 
 
@@ -385,7 +383,10 @@ class GpuRing(Ring):
             replay now), ``key()`` (the transport's state now: instantiations of the graph
             given one state's values replay alike), ``patch(executable)`` (gives an
             instantiation the values of the state now, before its launch; raises RuntimeError
-            if the driver refuses) and ``advance()`` (after a launch).
+            if the driver refuses), ``before_launch(stream)`` (orders the launch stream, a raw
+            handle, after what the graph's exchanges depend on outside it; raises
+            RuntimeError if the driver refuses) and ``advance(stream)`` (after a launch on
+            ``stream``).
 
         Raises:
             RuntimeError: the ring is not :attr:`capturable`.

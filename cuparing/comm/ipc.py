@@ -52,23 +52,33 @@ only, a graph of exchanges replays with the values it was given once: one instan
 graph per channel count modulo 4 (:class:`_CapturedExchanges`).
 
 One rule more than the host handshake needs: exchange ``k``'s *await pushed* must have been
-evaluated before the reader's exchange ``k + 2`` on the channel frees the slot. A caller that
-called ``wait()`` of exchange ``k`` (on the stream it issues exchange ``k + 2`` from, as
-reading its arrays requires anyway) has ordered it so; for an exchange whose ``wait()`` was
-never called the copy stream waits for its *received* event itself, before *freed*.
+evaluated before the reader's exchange ``k + 2`` on the channel frees the slot (the argument below
+rests on it). The copy stream therefore waits for exchange ``k``'s *received* event (recorded on
+the side stream after *await pushed*) before *freed* of exchange ``k + 2``, always: one stream wait
+per exchange (about a microsecond of host time), already satisfied on the GPU where the caller
+waited for exchange ``k`` on the stream it issues from. A caller's ``wait()`` is not relied on: it
+may come on another stream, late, or never (an exception between exchange and wait, then a retry),
+and the ring would otherwise have to track which exchanges were waited for where, through captures
+and replays, keeping their flights alive. Each channel keeps per slot only an event that follows
+its last exchange's *await pushed*. Inside a CUDA-graph capture (:class:`_CapturedExchanges`) the
+wait is an edge of the graph where exchange ``k`` was captured too; where it was issued before the
+capture, each launch of the graph first makes the launch stream wait for the last exchange on every
+slot the graph uses, and after the launch an event recorded on that stream stands for the graph's
+exchanges (a graph ends only when all its nodes have, the side stream's waits included), which the
+next exchange on the slot waits for in turn.
 
 Which values a word can hold when a wait is evaluated (on one channel; ``s = k % 2``; the writes
 into one word come from one peer's copy stream, in order, and a word holds the last of them):
 
 - *await freed* of exchange ``k`` (the writer's ``done[s]``): the reader's *freed* of exchange
-  ``k + 2`` comes after the reader's ``wait()`` of exchange ``k``, hence after the writer's push
-  of ``k``, hence after this wait ended; so the word holds a value the reader wrote at an
-  exchange ``<= k``. The writer's *await freed* of exchange ``k - 2`` ended earlier (its copy
-  stream runs them in order), and by the same argument one step back only once the reader's
-  *freed* of ``k - 2`` had landed (for ``k < 4`` that is the setup's value or one equal to it).
-  So the word holds ``phase(k - 4)`` (*freed* of ``k - 2``, not yet that of ``k``) or
-  ``phase(k - 2)`` (*freed* of ``k``): two different one-hot values, of which only the second
-  satisfies the wait.
+  ``k + 2`` comes after the reader's *await pushed* of exchange ``k`` ended (the rule above),
+  hence after the writer's push of ``k``, hence after this wait ended; so the word holds a value
+  the reader wrote at an exchange ``<= k``. The writer's *await freed* of exchange ``k - 2``
+  ended earlier (its copy stream runs them in order), and by the same argument one step back
+  only once the reader's *freed* of ``k - 2`` had landed (for ``k < 4`` that is the setup's
+  value or one equal to it). So the word holds ``phase(k - 4)`` (*freed* of ``k - 2``, not yet
+  that of ``k``) or ``phase(k - 2)`` (*freed* of ``k``): two different one-hot values, of which
+  only the second satisfies the wait.
 - *await pushed* of exchange ``k`` (the reader's ``ready[s]``): the writer pushes exchange
   ``k + 2`` only after its *await freed* of ``k + 2`` ended, which by the above needs the
   reader's *freed* of ``k + 2``, which comes after this wait was evaluated (the rule above).
@@ -78,17 +88,17 @@ into one word come from one peer's copy stream, in order, and a word holds the l
   the wait.
 
 No stale read: *await pushed* of ``k`` thus ends only once the push of exchange ``k`` has been
-written, and a stream memory write is ordered after the copies queued before it on its stream
-and, by default, behind a system-wide memory barrier: the ordering an interprocess event
-recorded after the copies gives the host handshake. No early overwrite: the writer pushes
-exchange ``k + 2`` into slot ``s`` only after *await freed* of ``k + 2``, which by the above
-ends only on the reader's *freed* of exchange ``k + 2``, issued after every read of exchange
-``k``'s data queued before that call. No deadlock: every rank issues the same exchanges in the
-same order, and within one exchange *freed* comes before *await freed* and *pushed* before
-*await pushed*. Each wait is thus satisfied by a peer's write issued at an earlier point of the
-common sequence, or by this rank's own earlier work (the copy stream's wait for an unwaited
-exchange's *received* event refers to an earlier exchange too), and no chain of waits leads back
-to itself, also where a GPU runs some streams' work behind others' (the caveat the driver's
+written, and a stream memory write is ordered after the copies queued before it on its stream and,
+by default, behind a system-wide memory barrier: the ordering an interprocess event recorded after
+the copies gives the host handshake. No early overwrite: the writer pushes exchange ``k + 2`` into
+slot ``s`` only after *await freed* of ``k + 2``, which by the above ends only on the reader's
+*freed* of exchange ``k + 2``, issued after every read of exchange ``k``'s data queued before that
+call. No deadlock: every rank issues the same exchanges in the same order, and within one exchange
+*freed* comes before *await freed* and *pushed* before *await pushed*. Each wait is thus satisfied
+by a peer's write issued at an earlier point of the common sequence, or by this rank's own earlier
+work (the copy stream's wait for the *received* event of exchange ``k - 2``, and a launch's wait
+for the exchanges before the graph, refer to earlier exchanges too), and no chain of waits leads
+back to itself, also where a GPU runs some streams' work behind others' (the caveat the driver's
 documentation gives for stream memory operations).
 
 A dead or stuck peer leaves an exchange's *received* event unfinished; the host never blocks on
@@ -153,7 +163,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .base import CaptureDeferred, RingError, RingTimeoutError
 from .gpu_ring import Flight, GpuRing, fresh
@@ -213,15 +223,25 @@ class _Channel:
     # device flags: source's memory, opened (remote_base where source is dest), and the words
     source_base: int = 0
     words: _Words | None = None
-    # per slot, the flight of the last exchange issued on it and the capture it was issued in
-    # (None: eager): device flags order an exchange that was never waited for before the slot
-    # is freed again (the module doc)
-    last: list = field(default_factory=lambda: [(None, None), (None, None)])
+    # device flags, per slot: where the last exchange on it has evaluated its *await pushed*
+    # (a _Received; None: no exchange on the slot yet), which the copy stream waits for before
+    # the slot's next *freed* (the module doc)
+    previous: list = field(default_factory=lambda: [None, None])
 
     @property
     def flags_at(self) -> int:
         """Byte offset of the flag words in a channel's memory (the same on every rank)."""
         return 2 * self.slot_bytes
+
+
+class _Received(NamedTuple):
+    """A point on the GPU after which a slot's last exchange has evaluated its *await pushed*:
+    ``event``'s latest record, on the stream whose raw handle is ``stream``, recorded inside
+    the capture ``capture`` (None: outside any; it ran or will run)."""
+
+    event: Any
+    stream: int
+    capture: _CapturedExchanges | None = None
 
 
 @dataclass
@@ -281,7 +301,8 @@ class IpcRing(GpuRing):
 
     def _start_capture(self) -> _CapturedExchanges:
         with self.device:
-            record = _CapturedExchanges(self._sync.driver, list(self._channels.values()))
+            record = _CapturedExchanges(self._sync.driver, list(self._channels.values()),
+                                        self._cupy.cuda)  # fmt: skip
         self._sync.capture = record
         return record
 
@@ -394,7 +415,7 @@ class IpcRing(GpuRing):
         self._join.wait_event(self._sent)
         sync.await_pushed(channel, k, flight)  # the source's push into our slot
         flight.event = self._event_on(self._join)
-        channel.last[slot] = (flight, self._sync.capture)
+        sync.received(channel, k, flight)
         # the watchdog takes over from here (host waits of the handshake had their own timeout)
         flight.issued_at = time.monotonic()
         self._arm(flight)
@@ -531,7 +552,6 @@ class _HostHandshake:
     """``sync == "host"``: interprocess events, ordered by host messages (the module doc)."""
 
     name, code = "host", b"h"
-    capture = None  # (its exchanges are never captured)
 
     def __init__(self, ring: IpcRing, reason: str):
         self._ring, self.reason = ring, reason
@@ -581,6 +601,9 @@ class _HostHandshake:
         ring._await(channel.source, _READY, channel, k, flight, "push its data into this rank")
         self._runtime.streamWaitEvent(ring._join.ptr, channel.remote_ready[k % 2], 0)
 
+    def received(self, channel: _Channel, k: int, flight: Flight) -> None:
+        """Nothing to note: the host messages order a slot's reuse (the module doc)."""
+
     def release(self, channels: list) -> None:
         """Nothing to release: a stream's wait on a peer's event cannot be ended from here (the
         module doc)."""
@@ -595,7 +618,8 @@ class _DeviceFlags:
     """``sync == "device"``: flag words written and awaited by the streams (the module doc).
 
     The driver's functions, the flags and the raw stream handles are looked up once: an exchange
-    costs four driver calls here and creates no Python object beyond their arguments.
+    costs four driver calls here, and one stream wait for the slot's previous exchange, and
+    creates no Python object beyond their arguments and that exchange's note (``received``).
     """
 
     name, code, reason = "device", b"d", None
@@ -612,6 +636,7 @@ class _DeviceFlags:
         self._fenced = int(driver.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
         self._copy = driver.CUstream(ring.stream.ptr)
         self._side = driver.CUstream(ring._join.ptr)
+        self._side_handle = ring._join.ptr
         self.capture: _CapturedExchanges | None = None  # while the ring's exchanges are captured
         self._release_stream = None
         self._release_lock = threading.Lock()
@@ -655,7 +680,7 @@ class _DeviceFlags:
                                words(channel.source_base, _DONE_AT))  # fmt: skip
 
     def freed(self, channel: _Channel, k: int, flight: Flight) -> None:
-        self._order_unwaited(channel, k)
+        self._after_previous(channel, k % 2)
         self._write(self._copy, channel.words.source_done[k % 2], k - 2, channel)
 
     def await_freed(self, channel: _Channel, k: int, flight: Flight) -> None:
@@ -667,23 +692,22 @@ class _DeviceFlags:
     def await_pushed(self, channel: _Channel, k: int, flight: Flight) -> None:
         self._wait(self._side, channel.words.ready[k % 2], k, channel)
 
-    def _order_unwaited(self, channel: _Channel, k: int) -> None:
-        """Before *freed* of exchange ``k``: where the caller never called ``wait()`` of
-        exchange ``k - 2`` on this channel, the copy stream waits for its *received* event, so
-        that its *await pushed* was evaluated before the writer may push exchange ``k`` (whose
-        phase it would not accept: the module doc).
+    def received(self, channel: _Channel, k: int, flight: Flight) -> None:
+        """Exchange ``k`` is issued (``flight.event``, on the side stream, follows its *await
+        pushed*): the copy stream's *freed* of exchange ``k + 2`` waits for it."""
+        channel.previous[k % 2] = _Received(flight.event, self._side_handle, self.capture)
 
-        Raises:
-            RuntimeError: that exchange was issued outside the capture now running (or inside
-                another), whose events this stream cannot wait on: the capture is refused.
-        """
-        previous, captured_in = channel.last[k % 2]
-        if previous is None or previous.waited:
+    def _after_previous(self, channel: _Channel, slot: int) -> None:
+        """Before *freed* of exchange ``k`` (``slot = k % 2``): the copy stream waits for the
+        *received* event of exchange ``k - 2``, so that its *await pushed* was evaluated before
+        the writer may push exchange ``k`` (whose phase that wait would not accept: the module
+        doc). Inside a capture the wait is a graph edge where exchange ``k - 2`` was captured
+        too; one issued before the capture is waited for by each launch of the graph instead
+        (:meth:`_CapturedExchanges.before_launch`): a captured stream cannot wait for work
+        outside its graph."""
+        previous = channel.previous[slot]
+        if previous is None or previous.capture is not self.capture:
             return
-        if captured_in is not self.capture:
-            raise RuntimeError(f"exchange {previous.tag!r} #{previous.seq} was never waited for "
-                               "(wait()) and was issued outside this capture: it cannot be "
-                               "ordered before its slot is freed")  # fmt: skip
         self._ring.stream.wait_event(previous.event)
 
     def _write(self, stream: Any, word: Any, step: int, channel: _Channel) -> None:
@@ -755,20 +779,33 @@ class _CapturedExchanges:
     it uses (:meth:`matches`; a call that makes an odd number of exchanges on a channel has a
     second graph for the other parity).
 
+    Each launch is ordered after the exchanges issued before it on the slots the graph uses
+    (:meth:`before_launch`: the first *freed* of each slot in the graph needs them, the module
+    doc), and after it an event recorded on the launch stream stands for the graph's exchanges
+    on those slots (:meth:`advance`): the graph ends only once every captured stream is done
+    (a capture joins them back into the caller's stream), so the next exchange on the slot,
+    eager or replayed, waits for that.
+
     Args:
         driver: cuda-bindings' driver module.
-        channels: every channel of the ring (their counts now are the captured call's start).
+        channels: every channel of the ring (their counts and slots' predecessors now are the
+            captured call's start).
+        cuda: ``cupy.cuda`` (the launches' events and stream waits).
     """
 
-    def __init__(self, driver: Any, channels: list[_Channel]):
+    def __init__(self, driver: Any, channels: list[_Channel], cuda: Any):
         self._driver = driver
         self._ctx = driver.cuCtxGetCurrent()[1]
+        self._runtime = cuda.runtime
         self._all = channels
         self._start = {id(c): c.count for c in channels}
-        self._last = {id(c): list(c.last) for c in channels}
+        self._previous = {id(c): list(c.previous) for c in channels}
         self._channels: dict[int, _Channel] = {}  # those the call exchanged on
         self._made: dict[int, int] = {}  # exchanges per call, by channel
+        self._slots: list[tuple[int, int]] = []  # (channel id, slot) the call exchanged on
         self._ops: list[tuple] = []  # (channel id, node, params, value field, captured step)
+        # recorded on the launch stream after each launch (made now, in the ring's device)
+        self._launched = cuda.Event(disable_timing=True)
         self._released = False
 
     def add(self, stream: Any, channel: _Channel, write: bool, word: Any, step: int,
@@ -796,16 +833,19 @@ class _CapturedExchanges:
 
     def finish(self) -> None:
         """At the capture's end (whether or not it succeeded): nothing ran, so every channel's
-        count and last flights go back to the start (the replays move the counts on)."""
+        count and slots' predecessors go back to the start (the replays move them on)."""
         for channel in self._all:
             key = id(channel)
             if key in self._channels:
-                self._made[key] = channel.count - self._start[key]
+                self._made[key] = made = channel.count - self._start[key]
+                # (a replay starts at the captured parity: the same slots)
+                start = self._start[key]
+                self._slots += [(key, s % 2) for s in range(start, start + min(made, 2))]
             channel.count = self._start[key]
-            channel.last = self._last[key]
+            channel.previous = self._previous[key]
         # from here only the channels the graph uses (the others, and their memory, are not
         # the graph's to keep alive)
-        self._all, self._last = [], {}
+        self._all, self._previous = [], {}
         self._start = {key: self._start[key] for key in self._channels}
 
     def key(self) -> tuple[int, ...]:
@@ -828,15 +868,44 @@ class _CapturedExchanges:
             if err != d.CUresult.CUDA_SUCCESS:
                 raise RuntimeError(f"cuGraphExecBatchMemOpNodeSetParams failed: {err!r}")
 
-    def advance(self) -> None:
-        """After a launch: each channel has made the graph's exchanges."""
+    def before_launch(self, stream: int) -> None:
+        """Before a launch on ``stream`` (a raw handle): ``stream`` waits for the last exchange
+        on each slot the graph uses (once per event; none where it was recorded on ``stream``,
+        whose order covers it: a steady loop of replays on one stream waits for nothing).
+
+        Raises:
+            RuntimeError: the runtime refused a wait (nothing was launched).
+        """
+        waited = []
+        for key, slot in self._slots:
+            previous = self._channels[key].previous[slot]
+            if previous is None or previous.stream == stream or previous.event in waited:
+                continue
+            waited.append(previous.event)
+            self._runtime.streamWaitEvent(stream, previous.event.ptr, 0)
+
+    def advance(self, stream: int) -> None:
+        """After a launch on ``stream``: each channel has made the graph's exchanges, and an
+        event recorded on ``stream`` now is the slots' predecessor for the next exchange.
+
+        Raises:
+            RuntimeError: the runtime refused the record. The slots then have no predecessor
+                to wait for: the next exchange is ordered after the graph only if it is issued
+                from ``stream`` (its copy stream waits for the caller's stream).
+        """
         for key, made in self._made.items():
             self._channels[key].count += made
+        for key, slot in self._slots:
+            self._channels[key].previous[slot] = None
+        self._runtime.eventRecord(self._launched.ptr, stream)
+        launched = _Received(self._launched, stream)
+        for key, slot in self._slots:
+            self._channels[key].previous[slot] = launched
 
     def release(self) -> None:
         """Drop the channels and nodes (the graph is gone): their memory is the ring's to free
         (``release_buffers``, ``close``). Matches nothing from then on."""
-        self._all, self._channels, self._ops, self._made = [], {}, [], {}
+        self._all, self._channels, self._ops, self._made, self._slots = [], {}, [], {}, []
         self._released = True
 
     def matches(self) -> bool:
