@@ -35,7 +35,7 @@ from cuparing.backends.ring_graphs import CapturedRingCall
 from cuparing.comm import ipc as ipc_mod
 from cuparing.comm import nccl as nccl_mod
 from cuparing.comm import peerlink
-from cuparing.comm.base import CaptureDeferred
+from cuparing.comm.base import CaptureDeferred, RingError
 from cuparing.comm.peerlink import Address, LinkError, PeerLinks
 
 
@@ -836,6 +836,10 @@ class _Cuda:
         return SimpleNamespace(ptr=0xE000 + self.events)
 
 
+def _no_failure(why):
+    raise AssertionError(f"the ring failed: {why}")
+
+
 def test_captured_exchanges_take_the_values_of_the_channels_counts_modulo_4():
     """A replay d exchanges after the capture writes and awaits flag_phase(step + d) for each
     captured step: the captured values where d % 4 == 0 on a channel, the other phase where
@@ -847,7 +851,7 @@ def test_captured_exchanges_take_the_values_of_the_channels_counts_modulo_4():
     driver.cuStreamGetCaptureInfo = lambda stream: (driver.CUresult.CUDA_SUCCESS, 1, 0, None,
                                                     [f"node{len(nodes)}"], 1)  # fmt: skip
     kv, dkv, idle = _channel(5), _channel(2), _channel(9)
-    record = ipc_mod._CapturedExchanges(driver, [kv, dkv, idle], _Cuda())
+    record = ipc_mod._CapturedExchanges(driver, [kv, dkv, idle], _Cuda(), _no_failure)
     steps = ((kv, True, 3), (kv, False, 5), (dkv, True, 0))
     for channel, write, step in steps:
         nodes.append(step)
@@ -894,7 +898,7 @@ def test_a_failed_capture_leaves_every_count_and_predecessor_where_it_was():
     kv, dkv = _channel(3), _channel(8)
     before = [ipc_mod._Received(f"event{i}", 77) for i in range(4)]
     kv.previous, dkv.previous = before[:2], before[2:]
-    record = ipc_mod._CapturedExchanges(driver, [kv, dkv], _Cuda())
+    record = ipc_mod._CapturedExchanges(driver, [kv, dkv], _Cuda(), _no_failure)
     record.add(7, kv, True, 0x100, 2, 0)
     kv.previous[1] = ipc_mod._Received("captured", 9, record)  # (as the captured exchange does)
     kv.count, dkv.count = 4, 9  # dkv's exchange failed before its first flag operation
@@ -917,7 +921,9 @@ def test_a_launch_waits_for_the_slots_previous_exchanges_and_stands_for_them_aft
     eager = [ipc_mod._Received(SimpleNamespace(ptr=0xA0 + i), 77) for i in range(4)]
     kv, dkv, idle = _channel(5), _channel(1), _channel(4)
     kv.previous, dkv.previous, idle.previous = eager[:2], [eager[2], None], [eager[3]] * 2
-    record = ipc_mod._CapturedExchanges(driver, [kv, dkv, idle], cuda)
+    failures = []
+    record = ipc_mod._CapturedExchanges(driver, [kv, dkv, idle], cuda,
+                                        lambda why: failures.append(why) or RingError(why))
     # the call: kv exchange 5 (slot 1), dkv exchanges 1 and 2 (slots 1 and 0)
     for channel, step in ((kv, 5), (dkv, 1), (dkv, 2)):
         record.add(7, channel, True, 0x100, step, 0)
@@ -939,14 +945,18 @@ def test_a_launch_waits_for_the_slots_previous_exchanges_and_stands_for_them_aft
     record.advance(3)
     record.before_launch(4)  # another stream: one wait for them all
     assert cuda.log == [("record", 0xE001, 3), ("wait", 4, 0xE001)]
+    record.before_launch(4, after_last=True)  # (the caller waited for the launch already)
+    assert len(cuda.log) == 2  # (every slot's last exchange is that launch)
     cuda.refuse.add("record")
-    with pytest.raises(RuntimeError, match="record refused"):
+    with pytest.raises(RingError, match="record refused"):  # (later exchanges could hang)
         record.advance(4)
+    assert len(failures) == 1 and "record refused" in failures[0]
     assert (kv.count, dkv.count) == (9, 7)  # the graph ran: the counts moved on
     assert kv.previous[1] is None and dkv.previous == [None, None]
     record.release()
     record.before_launch(5)
     assert cuda.log[-1] == ("wait", 4, 0xE001)  # (released: nothing to order)
+    assert record.launched.ptr == 0xE001  # (the event outlives the release)
 
 
 @pytest.mark.parametrize("fake", ["device"], indirect=True)
@@ -1023,6 +1033,25 @@ def test_a_capture_after_an_unwaited_exchange_leaves_its_order_to_the_launches(f
     assert channel.count == 1 and channel.previous == before
 
 
+def _set_up_and_replay_on_rank_1(fake, ring, caller, call):
+    """``call()`` (exchanges 0 and 1: the channel's setup), then on rank 1 ``call()`` captured
+    and replayed once on ``caller`` (2 and 3), elsewhere ``call()`` again: rank 1's captured
+    call (None elsewhere) and what ``call()`` got."""
+    call()
+    caller.synchronize()
+    ring.synchronize()
+    if ring.rank != 1:
+        return None, call()
+    graph_driver = fake_gpu.FakeGraphDriver(fake.driver)
+    with fake.gpu.capturing({caller, ring.stream, ring._join}) as graph:
+        with ring.capturing() as record:
+            got = call()
+    replayed = CapturedRingCall(graph_driver, graph, graph_driver.instantiate(graph),
+                                [], (1,), [], None, caller.ptr, 0, record)  # fmt: skip
+    replayed.replay((1,), (), caller.ptr)
+    return replayed, got
+
+
 def _replay_after_eager(fake, rings, unwaited):
     """Rank 1 captures a call of two exchanges of one channel and replays it (exchanges 2 and
     3); then both ranks issue exchanges 4 and 5 eagerly, which rank 1 never waits for where
@@ -1034,24 +1063,12 @@ def _replay_after_eager(fake, rings, unwaited):
 
     def rank_main(ring):
         caller = fake.cupy.cuda.get_current_stream()
-        graph_driver = fake_gpu.FakeGraphDriver(fake.driver)
         buf = _dev(np.full(4, ring.rank, np.float32))
 
         def call():
             return [ring.exchange([buf], 1, "kv").wait()[0] for _ in range(2)]
 
-        call()  # exchanges 0 and 1: the channel's setup
-        caller.synchronize()
-        ring.synchronize()
-        if ring.rank == 1:
-            with gpu.capturing({caller, ring.stream, ring._join}) as graph:
-                with ring.capturing() as record:
-                    got = call()
-            replayed = CapturedRingCall(graph_driver, graph, graph_driver.instantiate(graph),
-                                        [], (1,), [], None, caller.ptr, 0, record)  # fmt: skip
-            replayed.replay((1,), (), caller.ptr)
-        else:
-            got = call()
+        replayed, got = _set_up_and_replay_on_rank_1(fake, ring, caller, call)
         caller.synchronize()
         ring.synchronize()
         gpu.paused = True
@@ -1085,10 +1102,70 @@ def test_a_replay_after_an_unwaited_exchange_is_ordered_after_it(fake, monkeypat
     assert results == [[1.0, 1.0], [0.0, 0.0]], results
     if not unwaited:
         return
-    monkeypatch.setattr(ipc_mod._CapturedExchanges, "before_launch", lambda self, stream: None)
+    monkeypatch.setattr(ipc_mod._CapturedExchanges, "before_launch",
+                        lambda self, stream, after_last=False: None)
     results = _replay_after_eager(fake, fake(2, timeout=1.0), unwaited)
     assert isinstance(results[1], cr.RingTimeoutError), results
     assert "'kv' #4" in str(results[1])
+
+
+def _eager_after_replay_elsewhere(fake, rings):
+    """Rank 1 captures a call of two exchanges and replays it on the caller's stream (exchanges
+    2 and 3), then, with its side stream starved and the GPU paused for the hosts, replays it
+    again (4 and 5) and issues two exchanges from another stream (6 and 7), never waited for;
+    rank 0 calls eagerly throughout. Each rank's outcome."""
+    gpu = fake.gpu
+    gate = threading.Barrier(2, action=lambda: setattr(gpu, "paused", False))
+
+    def rank_main(ring):
+        caller = fake.cupy.cuda.get_current_stream()
+        other = fake.cupy.cuda.Stream(non_blocking=True)
+        buf = _dev(np.full(4, ring.rank, np.float32))
+
+        def call():
+            return [ring.exchange([buf], 1, "kv").wait()[0] for _ in range(2)]
+
+        replayed, _ = _set_up_and_replay_on_rank_1(fake, ring, caller, call)
+        caller.synchronize()
+        ring.synchronize()
+        gpu.paused = True
+        if ring.rank == 1:
+            gpu.starve.add(ring._join)
+            replayed.replay((1,), (), caller.ptr)
+            ring.watch("ring call (CUDA graph)", caller.ptr)
+            with other:
+                pending = [ring.exchange([buf], 1, "kv") for _ in range(2)]
+            del pending
+        else:
+            call()
+            call()
+        gate.wait(20)
+        ring.synchronize()
+        caller.synchronize()
+        return "done"
+
+    return _threads([lambda ring=ring: rank_main(ring) for ring in rings])
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+def test_an_eager_exchange_from_another_stream_is_ordered_after_a_replay(fake, monkeypatch):
+    """After a replay the event recorded on its stream is the slots' last exchange: the *freed*
+    of exchange 6, issued from another stream, waits for it, so rank 0 cannot push exchange 6
+    before rank 1's starved side stream has evaluated the graph's wait for exchange 4. Where
+    the replay leaves the slots' predecessors as they were before it (negative control), that
+    wait never ends and rank 1 times out."""
+    assert _eager_after_replay_elsewhere(fake, fake(2, timeout=2.0)) == ["done", "done"]
+    advance = ipc_mod._CapturedExchanges.advance
+
+    def counts_only(self, stream):
+        before = {key: list(c.previous) for key, c in self._channels.items()}
+        advance(self, stream)
+        for key, c in self._channels.items():
+            c.previous[:] = before[key]
+
+    monkeypatch.setattr(ipc_mod._CapturedExchanges, "advance", counts_only)
+    results = _eager_after_replay_elsewhere(fake, fake(2, timeout=2.0))
+    assert isinstance(results[1], cr.RingTimeoutError), results
 
 
 def _unwaited_inside_a_capture(fake, rings):

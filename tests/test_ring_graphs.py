@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import struct
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cuparing.backends import launch_plans, ring_graphs
+from cuparing.comm.base import RingError
 
 
 class RecordingGraphDriver:
@@ -513,8 +515,9 @@ class RecordedExchanges:
     def __init__(self, refuse=False, driver=None):
         self.refuse, self.patched, self.advanced, self.released = refuse, [], 0, False
         self.state = (0,)
-        self.refuse_order = self.refuse_advance = False
+        self.refuse_order = self.refuse_advance = self.fail_advance = False
         self.driver, self.calls = driver, []
+        self.launched = "transport event"
 
     def _call(self, what, stream):
         self.calls.append((what, stream, len(self.driver.launches) if self.driver else None))
@@ -530,16 +533,18 @@ class RecordedExchanges:
             raise RuntimeError("cuGraphExecBatchMemOpNodeSetParams failed: NOT_SUPPORTED")
         self.patched.append(executable)
 
-    def before_launch(self, stream):
+    def before_launch(self, stream, after_last=False):
         if self.refuse_order:
             raise RuntimeError("cudaStreamWaitEvent failed: cudaErrorInvalidResourceHandle")
-        self._call("before launch", stream)
+        self._call("before launch" + " after last" * after_last, stream)
 
     def advance(self, stream):
         self.advanced += 1
         self._call("advance", stream)
         if self.refuse_advance:
             raise RuntimeError("cudaEventRecord failed: cudaErrorInvalidResourceHandle")
+        if self.fail_advance:
+            raise RingError("rank 0: recording the end of a replayed CUDA graph failed")
 
     def release(self):
         self.released = True
@@ -581,7 +586,8 @@ def test_a_replay_patches_the_transport_before_anything_is_queued():
     assert exchanges.patched == ["exec2"] and driver.launches[-1] == ("exec2", 5)
     graph.release()
     assert exchanges.released and not graph.matches
-    assert driver.destroyed[1:] == [("exec", None), ("exec2", None), (None, "graph"), "done"]
+    # (not the event: the transport's, which its channels may still wait for)
+    assert driver.destroyed[1:] == [("exec", None), ("exec2", None), (None, "graph")]
 
 
 def test_the_transport_orders_each_launch_and_moves_on_after_it():
@@ -595,16 +601,38 @@ def test_the_transport_orders_each_launch_and_moves_on_after_it():
     graph.replay((0x1000,), (0x10,), stream=5)
     graph.replay((0x1000,), (0x10,), stream=7)
     assert exchanges.calls == [("before launch", 5, 0), ("advance", 5, 1),
-                               ("before launch", 7, 1), ("advance", 7, 2)]  # fmt: skip
+                               ("before launch after last", 7, 1), ("advance", 7, 2)]  # fmt: skip
+    # one event per replay, the transport's: waited for on the new stream, never recorded here
+    assert driver.orders == [("wait", 7)]
     exchanges.refuse_order = True
     with pytest.raises(RuntimeError, match="cudaStreamWaitEvent failed"):
         graph.replay((0x1000,), (0x10,), stream=7)
     assert len(driver.launches) == 2 and exchanges.advanced == 2
     exchanges.refuse_order, exchanges.refuse_advance = False, True
-    with pytest.warns(RuntimeWarning, match="issue the next ones from its stream"):
+    with pytest.warns(RuntimeWarning, match="issue the next exchanges from its stream"):
         graph.replay((0x1000,), (0x10,), stream=7)
     assert len(driver.launches) == 3 and exchanges.calls[-1] == ("advance", 7, 3)
-    assert driver.orders[-1] == ("record", 7)  # (the replay's own end is still recorded)
+    with pytest.raises(RuntimeError, match="cannot wait for the last one"):
+        graph.replay((0x1000,), (0x10,), stream=5)  # (its end was not recorded)
+    with pytest.warns(RuntimeWarning, match="its memory stays allocated"):
+        graph.release()  # (on stream 7, its end not recorded)
+    assert "transport event" not in driver.destroyed  # (the transport's to free)
+
+
+def test_a_transport_that_fails_the_ring_after_a_launch_does_not_warn():
+    """Where recording the launch's end fails the ring (the copy-engine ring: its next
+    exchanges could otherwise wait for good), the replay returns quietly (the ring's next call
+    raises) and keeps to its stream."""
+    driver = RecordingGraphDriver(FIELDS)
+    exchanges = RecordedExchanges(driver=driver)
+    exchanges.fail_advance = True
+    graph = _with_exchanges(driver, exchanges)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph.replay((0x1000,), (0x10,), stream=5)
+    assert len(driver.launches) == 1
+    with pytest.raises(RuntimeError, match="cannot wait for the last one"):
+        graph.replay((0x1000,), (0x10,), stream=7)
 
 
 def test_each_transport_state_replays_its_own_instantiation_patched_once():

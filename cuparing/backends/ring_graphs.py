@@ -17,15 +17,18 @@ capture instead, and its exchanges, memsets and launches become one graph. A rep
    (``cuGraphExecKernelNodeSetParams``);
 3. launches the graph on the caller's stream (on the copy-engine ring, once that stream waits
    for the exchanges issued before on the slots the graph uses, which its first flag writes
-   need: :class:`cuparing.comm.ipc._CapturedExchanges`); the ring's :meth:`watch` then arms
-   one flight on it, so a dead peer still ends the call within the ring's timeout.
+   need, unless they were issued from that stream) and records one event after it, which
+   orders the next replay on another stream after it and, on the copy-engine ring, is the
+   slots' last exchange for the next one; the ring's :meth:`watch` then arms one flight on it,
+   so a dead peer still ends the call within the ring's timeout.
 
 The graph's first node copies the caller's K/V into the graph's own copies, which the rest of
 it sends and reads: NCCL's graph nodes cannot be pointed at other memory (their parameters are
 NCCL's own). The copy is a kernel node (``cuparing_copy_pair``) whose two source fields step 2
 rewrites by position when K or V moved (not by value: K and V may be the caller's other
-arrays, e.g. ``q is k``), so where nothing moved a replay queues only the launch and the event
-that orders the next replay after it.
+arrays, e.g. ``q is k``): that node's update where they did. A replay on the stream of the
+last one, with K and V and the caller's arrays where they were, queues only the launch and
+that one event.
 
 The graph owns its K/V copies and every scratch array of the captured call (accumulators,
 flags) for as long as it lives; replays on one stream reuse them in stream order. Driver calls go
@@ -45,6 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..comm.base import RingError
 from ..kernels import loader
 from . import launch_plans
 
@@ -148,7 +152,8 @@ class CapturedRingCall:
     the state now and patches nothing. At most :attr:`EXECUTABLES` are kept; a state beyond
     them takes over the least recently replayed one, whose values it rewrites. Around each
     launch the transport orders it (``exchanges.before_launch``) and moves its state on
-    (``exchanges.advance``).
+    (``exchanges.advance``), recording its event (``exchanges.launched``), which serves as the
+    replay's end too: one event per replay.
 
     Args:
         driver: the :class:`GraphDriver` that captured it.
@@ -162,7 +167,7 @@ class CapturedRingCall:
         device: the GPU it lives on.
         exchanges: what the ring's capture yielded (:meth:`GpuRing.capturing`): None, or
             the transport's captured operations (their ``key``, ``patch``, ``before_launch``,
-            ``advance``).
+            ``advance``, ``launched``).
     """
 
     # instantiations kept at most (a cap, not the number of states). A state is a tuple over
@@ -192,9 +197,12 @@ class CapturedRingCall:
         self._device = device
         # the stream the graph's memory was allocated on (its allocator reuses it in that
         # stream's order), the stream of the last replay, and an event recorded after each
-        # replay (made now, in the graph's device's context)
+        # replay: the transport's, where it records one after each launch (its slots'
+        # predecessor for the next exchanges: one record serves both; the transport's to free),
+        # else one of its own (made now, in the graph's device's context)
         self._home_stream = self._last_stream = home_stream
-        self._done = driver.new_event()
+        self._owns_done = exchanges is None
+        self._done = driver.new_event() if exchanges is None else exchanges.launched
         self._ordered = True  # every replay so far recorded the event
 
     def replay(self, addresses: tuple[int, ...], kv: Sequence[int], stream: int) -> None:
@@ -205,7 +213,8 @@ class CapturedRingCall:
         Raises:
             RuntimeError: it was released, or a driver call failed, before the graph was
                 launched (nothing of the call ran: the caller may run it another way). A
-                failure after the launch only warns.
+                failure after the launch only warns, or fails the ring where the transport
+                says so (the ring's next call raises).
         """
         if self._released:
             raise RuntimeError("this captured ring call was released (its ring closed or "
@@ -225,29 +234,30 @@ class CapturedRingCall:
         if self._repointed < len(self._nodes):  # the K/V copy node: its two sources
             _, k_copy, _, v_copy = self._nodes[-1].pointers
             self._set_node(target, self._repointed, (kv[0], k_copy, kv[1], v_copy))
-        if stream != self._last_stream:
+        after_last = stream != self._last_stream
+        if after_last:
             # the K/V copies and the scratch are one set: the last replay must be done with
             # them before this one's copies land
             self._driver.wait_event(stream, self._done)
             self._last_stream = stream
-        if self._exchanges is not None:
-            self._exchanges.before_launch(stream)
+        exchanges = self._exchanges
+        if exchanges is not None:
+            exchanges.before_launch(stream, after_last)
         self._driver.launch(target.handle, stream)
         # from here the call has run: a failure must not send the caller to run it again
-        if self._exchanges is not None:
-            try:
-                self._exchanges.advance(stream)
-            except _DRIVER_ERRORS as exc:
-                warnings.warn(f"cuparing: ordering the exchanges after a replayed ring call "
-                              f"failed ({exc}); issue the next ones from its stream",
-                              RuntimeWarning, stacklevel=2)  # fmt: skip
         LIVE.used(self)
         try:
-            self._driver.record(self._done, stream)
+            if exchanges is None:
+                self._driver.record(self._done, stream)
+            else:
+                exchanges.advance(stream)
+        except RingError:  # the transport failed the ring: its next call (watch) raises
+            self._ordered = False
         except _DRIVER_ERRORS as exc:
             self._ordered = False  # later replays keep to this stream
-            warnings.warn(f"cuparing: recording a replayed ring call's end failed ({exc})",
-                          RuntimeWarning, stacklevel=2)  # fmt: skip
+            warnings.warn(f"cuparing: recording a replayed ring call's end failed ({exc}); "
+                          "issue the next exchanges from its stream", RuntimeWarning,
+                          stacklevel=2)  # fmt: skip
 
     def _key(self) -> Any:
         """The transport's state now, as far as the graph's values go (None: one state)."""
@@ -337,8 +347,9 @@ class CapturedRingCall:
                     _warn(f"its memory stays allocated ({exc})")
             frees = [("executable graph", lambda h=e.handle: driver.destroy(h, None))
                      for e in executables]  # fmt: skip
-            frees += [("graph", lambda: driver.destroy(None, self._graph)),
-                      ("event", lambda: driver.destroy_event(self._done))]  # fmt: skip
+            frees.append(("graph", lambda: driver.destroy(None, self._graph)))
+            if self._owns_done:  # (the transport's event may still order its next exchange)
+                frees.append(("event", lambda: driver.destroy_event(self._done)))
             for what, free in frees:
                 try:
                     free()
@@ -521,12 +532,17 @@ class GraphDriver:
         return self._check("cuEventCreate", created)[1]
 
     def record(self, event: Any, stream: int) -> None:
-        """Record ``event`` on ``stream`` (after what is queued there so far)."""
+        """Record ``event`` (:meth:`new_event`'s) on ``stream`` (after what is queued there
+        so far)."""
         self._check("cuEventRecord", self._d.cuEventRecord(event, self._stream(stream)))
 
     def wait_event(self, stream: int, event: Any) -> None:
-        """Make ``stream`` wait for ``event``'s last recording (none yet: no wait)."""
-        self._check("cuStreamWaitEvent", self._d.cuStreamWaitEvent(self._stream(stream), event, 0))
+        """Make ``stream`` wait for ``event``'s last recording (none yet: no wait); ``event``
+        is :meth:`new_event`'s or a CuPy event (a transport's)."""
+        ptr = getattr(event, "ptr", None)
+        handle = event if ptr is None else self._d.CUevent(ptr)
+        self._check("cuStreamWaitEvent",
+                    self._d.cuStreamWaitEvent(self._stream(stream), handle, 0))  # fmt: skip
 
     def destroy_event(self, event: Any) -> None:
         """Free ``event`` (a wait queued on it still completes)."""

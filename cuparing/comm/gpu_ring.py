@@ -383,10 +383,13 @@ class GpuRing(Ring):
             replay now), ``key()`` (the transport's state now: instantiations of the graph
             given one state's values replay alike), ``patch(executable)`` (gives an
             instantiation the values of the state now, before its launch; raises RuntimeError
-            if the driver refuses), ``before_launch(stream)`` (orders the launch stream, a raw
-            handle, after what the graph's exchanges depend on outside it; raises
-            RuntimeError if the driver refuses) and ``advance(stream)`` (after a launch on
-            ``stream``).
+            if the driver refuses), ``before_launch(stream, after_last)`` (orders the launch
+            stream, a raw handle, after what the graph's exchanges depend on outside it, but
+            for the last launch where ``after_last`` says the stream waits for it already;
+            raises RuntimeError if the driver refuses), ``advance(stream)`` (after a launch on
+            ``stream``: records ``launched``; where the record is refused the ring fails and
+            it raises RingError) and ``launched`` (an event, the last launch's end, which the
+            caller's replays wait for on another stream; it outlives ``release()``).
 
         Raises:
             RuntimeError: the ring is not :attr:`capturable`.

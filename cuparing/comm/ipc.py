@@ -162,6 +162,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -302,9 +303,15 @@ class IpcRing(GpuRing):
     def _start_capture(self) -> _CapturedExchanges:
         with self.device:
             record = _CapturedExchanges(self._sync.driver, list(self._channels.values()),
-                                        self._cupy.cuda)  # fmt: skip
+                                        self._cupy.cuda, self._fail_replay)  # fmt: skip
         self._sync.capture = record
         return record
+
+    def _fail_replay(self, why: str) -> RingError:
+        """A replay's driver call after its launch failed: the ring is unusable; the error to
+        raise."""
+        self._fail(self._error or RingError(f"rank {self.rank}: {why}"))
+        return fresh(self._error)
 
     def _end_capture(self, record: _CapturedExchanges) -> None:
         self._sync.capture = None
@@ -781,19 +788,26 @@ class _CapturedExchanges:
 
     Each launch is ordered after the exchanges issued before it on the slots the graph uses
     (:meth:`before_launch`: the first *freed* of each slot in the graph needs them, the module
-    doc), and after it an event recorded on the launch stream stands for the graph's exchanges
-    on those slots (:meth:`advance`): the graph ends only once every captured stream is done
-    (a capture joins them back into the caller's stream), so the next exchange on the slot,
-    eager or replayed, waits for that.
+    doc), and after it one event recorded on the launch stream (:attr:`launched`) stands for the
+    graph's exchanges on those slots (:meth:`advance`): the graph ends only once every captured
+    stream is done (a capture joins them back into the caller's stream), so the next exchange
+    on the slot, eager or replayed, waits for that. The caller's replays take the same event as
+    the launch's end (a replay on another stream waits for it), so a replay records one event.
 
     Args:
         driver: cuda-bindings' driver module.
         channels: every channel of the ring (their counts and slots' predecessors now are the
             captured call's start).
         cuda: ``cupy.cuda`` (the launches' events and stream waits).
+        fail: fails the ring, given why (a refused record after a launch); the error to
+            raise.
+
+    Attributes:
+        launched: the event (a CuPy event) :meth:`advance` records after each launch.
     """
 
-    def __init__(self, driver: Any, channels: list[_Channel], cuda: Any):
+    def __init__(self, driver: Any, channels: list[_Channel], cuda: Any,
+                 fail: Callable[[str], RingError]):  # fmt: skip
         self._driver = driver
         self._ctx = driver.cuCtxGetCurrent()[1]
         self._runtime = cuda.runtime
@@ -804,8 +818,12 @@ class _CapturedExchanges:
         self._made: dict[int, int] = {}  # exchanges per call, by channel
         self._slots: list[tuple[int, int]] = []  # (channel id, slot) the call exchanged on
         self._ops: list[tuple] = []  # (channel id, node, params, value field, captured step)
-        # recorded on the launch stream after each launch (made now, in the ring's device)
-        self._launched = cuda.Event(disable_timing=True)
+        # recorded on the launch stream after each launch (made now, in the ring's device); the
+        # caller's replays use it as their end too. A cupy Event: it lives as long as a
+        # channel's slot still refers to it, after release() too
+        self.launched = cuda.Event(disable_timing=True)
+        self._record: _Received | None = None  # (launched, the last launch's stream)
+        self._fail = fail
         self._released = False
 
     def add(self, stream: Any, channel: _Channel, write: bool, word: Any, step: int,
@@ -868,39 +886,54 @@ class _CapturedExchanges:
             if err != d.CUresult.CUDA_SUCCESS:
                 raise RuntimeError(f"cuGraphExecBatchMemOpNodeSetParams failed: {err!r}")
 
-    def before_launch(self, stream: int) -> None:
+    def before_launch(self, stream: int, after_last: bool = False) -> None:
         """Before a launch on ``stream`` (a raw handle): ``stream`` waits for the last exchange
         on each slot the graph uses (once per event; none where it was recorded on ``stream``,
         whose order covers it: a steady loop of replays on one stream waits for nothing).
 
+        Args:
+            after_last: ``stream`` already waits for :attr:`launched` (the caller's wait for
+                the last launch, on another stream): a slot whose last exchange is that launch
+                needs no wait of its own.
+
         Raises:
             RuntimeError: the runtime refused a wait (nothing was launched).
         """
-        waited = []
+        waited = (self.launched,) if after_last else ()  # (no allocation in a steady loop)
         for key, slot in self._slots:
             previous = self._channels[key].previous[slot]
             if previous is None or previous.stream == stream or previous.event in waited:
                 continue
-            waited.append(previous.event)
             self._runtime.streamWaitEvent(stream, previous.event.ptr, 0)
+            waited += (previous.event,)
 
     def advance(self, stream: int) -> None:
-        """After a launch on ``stream``: each channel has made the graph's exchanges, and an
-        event recorded on ``stream`` now is the slots' predecessor for the next exchange.
+        """After a launch on ``stream``: each channel has made the graph's exchanges, and
+        :attr:`launched`, recorded on ``stream`` now, is the slots' predecessor for the next
+        exchange (and the launch's end for the caller's next launch on another stream).
+
+        Where the runtime refuses the record the slots have no predecessor to wait for (the
+        next exchange issued from another stream would not be ordered after the graph, and
+        could leave a peer waiting for good): the ring fails.
 
         Raises:
-            RuntimeError: the runtime refused the record. The slots then have no predecessor
-                to wait for: the next exchange is ordered after the graph only if it is issued
-                from ``stream`` (its copy stream waits for the caller's stream).
+            RingError: the runtime refused the record (the ring has failed).
         """
+        channels = self._channels
         for key, made in self._made.items():
-            self._channels[key].count += made
+            channels[key].count += made
+        try:
+            self._runtime.eventRecord(self.launched.ptr, stream)
+        except Exception as exc:
+            for key, slot in self._slots:
+                channels[key].previous[slot] = None
+            raise self._fail(f"recording the end of a replayed CUDA graph failed: "
+                             f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
+        record = self._record
+        if record is None or record.stream != stream:  # (one record per launch stream)
+            record = self._record = _Received(self.launched, stream)
         for key, slot in self._slots:
-            self._channels[key].previous[slot] = None
-        self._runtime.eventRecord(self._launched.ptr, stream)
-        launched = _Received(self._launched, stream)
-        for key, slot in self._slots:
-            self._channels[key].previous[slot] = launched
+            channels[key].previous[slot] = record
 
     def release(self) -> None:
         """Drop the channels and nodes (the graph is gone): their memory is the ring's to free
