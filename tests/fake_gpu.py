@@ -6,13 +6,16 @@ event's *latest record at the time of the wait call* (none: no wait), the very s
 make the IPC ring's host handshake necessary; IPC handles alias the same event or memory across
 ranks (here threads). Stream memory operations (:func:`fake_driver`, a ``cuda.bindings.driver``)
 act on 32-bit words of that memory when the stream runs them: a wait blocks its stream until
-CUDA's cyclic comparison ``(int32)(word - value) >= 0`` holds, a write stores the value. New
-memory holds garbage, as after ``cudaMalloc``, so a flag that is used before it is cleared
-satisfies waits it should not. NCCL sends read their bytes when the GPU runs them and receives
-complete when the matching send has run, in order per (sender, receiver); an all-gather runs once
-every rank has posted its part. A scheduler policy can starve chosen streams, which turns a
-missing GPU wait into a deterministic wrong answer: negative controls use it to show that each
-wait a ring issues is needed.
+its condition holds (``CU_STREAM_WAIT_VALUE_AND``: ``word & value != 0``; also GEQ, CUDA's
+cyclic ``(int32)(word - value) >= 0``, EQ and NOR), a write stores the value. New memory holds
+garbage, as after ``cudaMalloc``, so a flag that is used before it is set up satisfies waits it
+should not. Captured operations (:meth:`FakeGpu.capturing`) replay as graphs:
+:class:`FakeGraphDriver` instantiates them, each instantiation with its own flag values. NCCL
+sends read their bytes when the GPU runs them and receives complete when the matching send has
+run, in order per (sender, receiver); an all-gather runs once every rank has posted its part.
+A scheduler policy can starve chosen streams, which turns a missing GPU wait into a
+deterministic wrong answer: negative controls use it to show that each wait a ring issues is
+needed.
 
 Use :class:`FakeStack`: ``stack.install(monkeypatch)`` puts its ``cupy``, ``nccl`` and driver in
 place of the real ones for :mod:`cuparing.comm.gpu_ring`, :mod:`cuparing.comm.nccl` and
@@ -40,7 +43,9 @@ from cuparing.comm import gpu_ring as gpu_ring_mod
 from cuparing.comm import ipc as ipc_mod
 from cuparing.comm import nccl as nccl_mod
 
-GARBAGE = 0x5A  # every byte of new fake memory: a 32-bit word of it is far "ahead" of small values
+# every byte of new fake memory: a 32-bit word of it shares a bit with every one-hot flag value
+# below 4 and is far "ahead" of small values in a cyclic comparison
+GARBAGE = 0x5B
 
 
 class FakeGpu:
@@ -59,6 +64,7 @@ class FakeGpu:
         self.opened_mem, self.closed_mem, self.destroyed = [], [], []
         self.errors: list[str] = []  # what the device found wrong (sizes that disagree)
         self.capture: FakeCapture | None = None
+        self.local = threading.local()  # each host thread's current stream (``stack``)
         self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -100,8 +106,8 @@ class FakeGpu:
             return op[1].done_gen >= op[2]
         if op[0] in ("recv", "collective"):
             return op[1].ready(op)
-        if op[0] == "wait_value":  # CUDA's cyclic greater-or-equal on 32 bits
-            return (word(op[1]) - op[2]) % (1 << 32) < (1 << 31)
+        if op[0] == "wait_value":
+            return wait_satisfied(word(op[1]), op[2], op[3])
         return True
 
     def step(self) -> bool:
@@ -165,8 +171,8 @@ class FakeCapture:
                     op = ("record", event, event.recorded)
                 elif kind == "wait":
                     op = ("wait", op[1], op[1].recorded)
-                elif kind in ("write_value", "wait_value"):
-                    op = (kind, op[1], node_values.get(("node", id(self), index), op[2]))
+                elif kind in ("write_value", "wait_value"):  # (a node's flags stay)
+                    op = (kind, op[1], node_values.get(("node", id(self), index), op[2]), *op[3:])
                 stream.ops.append(op)
 
 
@@ -186,6 +192,15 @@ class FakeStream:
 
     def is_capturing(self) -> bool:
         return False  # (this fake captures nothing)
+
+    def __enter__(self):
+        """The current stream of this thread within the block, as ``with stream:`` in CuPy."""
+        local = self.gpu.local
+        local.stack = [*getattr(local, "stack", []), self]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.gpu.local.stack.pop()
 
     def launch(self, fn) -> None:
         """Queue ``fn()`` as a "kernel" on this stream."""
@@ -226,6 +241,23 @@ class FakeEvent:
 def word(addr: int) -> int:
     """The 32-bit word of fake memory at ``addr``."""
     return ctypes.c_uint32.from_address(addr).value
+
+
+WAIT_GEQ, WAIT_EQ, WAIT_AND, WAIT_NOR = 0, 1, 2, 3  # CUstreamWaitValue_flags
+
+
+def wait_satisfied(current: int, value: int, flags: int) -> bool:
+    """Whether ``cuStreamWaitValue32(.., value, flags)`` ends on a word holding ``current``
+    (the driver's documented conditions)."""
+    if flags == WAIT_GEQ:  # cyclic: (int32)(current - value) >= 0
+        return (current - value) % (1 << 32) < (1 << 31)
+    if flags == WAIT_EQ:
+        return current == value
+    if flags == WAIT_AND:
+        return current & value != 0
+    if flags == WAIT_NOR:
+        return ~(current | value) & 0xFFFFFFFF != 0
+    raise ValueError(f"no such wait: flags {flags}")
 
 
 class FakeMemory:
@@ -277,9 +309,11 @@ def _handle(tag: bytes, ptr: int) -> bytes:
 
 def fake_cupy(gpu: FakeGpu) -> SimpleNamespace:
     """A ``cupy`` module over ``gpu``: the current stream is per thread, as on one device."""
-    local = threading.local()
+    local = gpu.local
 
     def current():
+        if getattr(local, "stack", None):
+            return local.stack[-1]
         if not hasattr(local, "stream"):
             local.stream = FakeStream(gpu)
         return local.stream
@@ -342,11 +376,13 @@ def fake_driver(gpu: FakeGpu, version: int = 13000, v1_attribute: int = 0) -> Si
 
     ``version`` is what ``cuDriverGetVersion`` reports and ``v1_attribute`` the value of
     ``CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1`` (0, as current drivers report it). The
-    operations check that their word lies in fake memory and is 4-byte aligned (else the device
-    records an error). Its set ``fail`` names operations (``"wait"``, ``"write"``) that return
-    ``CUDA_ERROR_NOT_SUPPORTED``.
+    operations check that their word lies in fake memory and is 4-byte aligned, and that a wait
+    is the ring's AND and a write the fenced default (else the device records an error). Its set
+    ``fail`` names operations (``"wait"``, ``"write"``) that return
+    ``CUDA_ERROR_NOT_SUPPORTED``. ``node_values`` lists every
+    ``cuGraphExecBatchMemOpNodeSetParams`` as ``(executable, node, value)``.
     """
-    geq, barrier, v1 = 0, 0, 92
+    barrier, v1 = 0, 92
 
     def memory_op(kind: str, expected_flags: int):
         """``cuStreamWaitValue32`` (``kind`` "wait") or ``cuStreamWriteValue32`` ("write")."""
@@ -360,7 +396,7 @@ def fake_driver(gpu: FakeGpu, version: int = 13000, v1_attribute: int = 0) -> Si
                 gpu.errors.append(f"{kind} at {addr:#x}, flags {flags}")
             if not 0 <= value < 1 << 32:  # the binding's uint32 conversion raises
                 raise OverflowError("value too large to convert to uint32_t")
-            gpu.enqueue(gpu.objects[int(stream)], (f"{kind}_value", addr, value))
+            gpu.enqueue(gpu.objects[int(stream)], (f"{kind}_value", addr, value, flags))
             return (CUresult.CUDA_SUCCESS,)
 
         return op
@@ -388,14 +424,16 @@ def fake_driver(gpu: FakeGpu, version: int = 13000, v1_attribute: int = 0) -> Si
 
     driver = SimpleNamespace(
         fail=set(), CUresult=CUresult, CUstream=_Handle, CUdeviceptr=_Handle,
-        CUstreamWaitValue_flags=SimpleNamespace(CU_STREAM_WAIT_VALUE_GEQ=geq),
+        CUstreamWaitValue_flags=SimpleNamespace(
+            CU_STREAM_WAIT_VALUE_GEQ=WAIT_GEQ, CU_STREAM_WAIT_VALUE_EQ=WAIT_EQ,
+            CU_STREAM_WAIT_VALUE_AND=WAIT_AND, CU_STREAM_WAIT_VALUE_NOR=WAIT_NOR),
         CUstreamWriteValue_flags=SimpleNamespace(CU_STREAM_WRITE_VALUE_DEFAULT=barrier),
         CUdevice_attribute=SimpleNamespace(CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1=v1),
         cuInit=lambda flags: (CUresult.CUDA_SUCCESS,),
         cuDriverGetVersion=lambda: (CUresult.CUDA_SUCCESS, version),
         cuDeviceGet=lambda ordinal: (CUresult.CUDA_SUCCESS, ordinal),
         cuDeviceGetAttribute=attribute,
-        cuStreamWaitValue32=memory_op("wait", geq),
+        cuStreamWaitValue32=memory_op("wait", WAIT_AND),
         cuStreamWriteValue32=memory_op("write", barrier),
         # what recording captured flag operations and patching their graph nodes use
         node_values=[], cuCtxGetCurrent=lambda: (CUresult.CUDA_SUCCESS, "context"),
@@ -437,6 +475,73 @@ class _MemOpNodeParams:
     @paramArray.setter
     def paramArray(self, ops):
         self._ops = [copy.deepcopy(op) for op in ops]
+
+
+class FakeExecutable:
+    """An instantiation of a :class:`FakeCapture` made by ``owner`` (a
+    :class:`FakeGraphDriver`): its flag nodes hold the values
+    ``cuGraphExecBatchMemOpNodeSetParams`` last gave this instantiation, the others the
+    captured ones."""
+
+    def __init__(self, graph: FakeCapture, owner):
+        self.graph, self.owner = graph, owner
+
+
+class FakeGraphDriver:
+    """The graph calls :class:`cuparing.backends.ring_graphs.CapturedRingCall` makes, over
+    captures of the fake GPU (no kernel nodes). ``launch`` queues the capture's operations
+    again, each on the stream it was captured on, with the instantiation's flag values from
+    ``driver`` (a :func:`fake_driver`), then makes the stream it is given wait for the other
+    captured streams (a graph ends once all its nodes have: what follows its launch on that
+    stream comes after every one of them). The tests launch on the captured caller's stream;
+    a launch on another stream is ordered only by the stream waits made before it."""
+
+    def __init__(self, driver: SimpleNamespace):
+        self.driver = driver
+        self.instantiated: list[FakeExecutable] = []
+        self.destroyed: list = []
+        self.launched = 0
+
+    def instantiate(self, graph: FakeCapture) -> FakeExecutable:
+        executable = FakeExecutable(graph, self)
+        self.instantiated.append(executable)
+        return executable
+
+    def launch(self, executable: FakeExecutable, stream: int) -> None:
+        assert executable in self.instantiated and executable not in self.destroyed
+        values = {node: value for made, node, value in list(self.driver.node_values)
+                  if made is executable}  # fmt: skip
+        graph = executable.graph
+        graph.replay(values)
+        target = graph.gpu.objects[int(stream)]
+        for captured in graph.streams - {target}:
+            end = FakeEvent(graph.gpu)
+            end.record(captured)
+            target.wait_event(end)
+        self.launched += 1
+
+    def patches(self) -> int:
+        """How many flag nodes of this driver's instantiations were given values so far."""
+        return sum(getattr(made, "owner", None) is self
+                   for made, _, _ in list(self.driver.node_values))  # fmt: skip
+
+    def new_event(self):
+        return object()
+
+    def record(self, event, stream) -> None:
+        pass
+
+    def wait_event(self, stream, event) -> None:
+        pass
+
+    def destroy(self, executable, graph) -> None:
+        self.destroyed += [x for x in (executable, graph) if x is not None]
+
+    def destroy_event(self, event) -> None:
+        pass
+
+    def on_device(self, device):
+        return contextlib.nullcontext()
 
 
 def fake_nccl() -> SimpleNamespace:

@@ -13,10 +13,12 @@ TCP (:mod:`cuparing.comm.peerlink`).
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import socket
 import threading
 import time
+import weakref
 from types import SimpleNamespace
 
 import fake_gpu
@@ -29,10 +31,11 @@ from fake_gpu import run_threads as _threads
 from wiretap import Wiretap, replay
 
 import cuparing as cr
+from cuparing.backends.ring_graphs import CapturedRingCall
 from cuparing.comm import ipc as ipc_mod
 from cuparing.comm import nccl as nccl_mod
 from cuparing.comm import peerlink
-from cuparing.comm.base import CaptureDeferred
+from cuparing.comm.base import CaptureDeferred, RingError
 from cuparing.comm.peerlink import Address, LinkError, PeerLinks
 
 
@@ -89,10 +92,12 @@ def _origin_arrays(rank):
     ]
 
 
-def _rotate(fake, rings, steps, starve=None, pause=True):
+def _rotate(fake, rings, steps, starve=None, pause=True, results=None):
     """Every rank forwards what it received (the forward schedule) ``steps`` times; a "kernel"
     on the caller's stream snapshots the K/V it holds at each step. With ``pause`` every host
-    issues all its steps before the GPU runs anything. Returns {rank: [snapshot per step]}."""
+    issues all its steps before the GPU runs anything. Returns {rank: [snapshot per step]};
+    each rank's exception goes into the list ``results`` where one is given (else none may
+    occur)."""
     gpu, size = fake.gpu, len(rings)
     gpu.paused = pause
     gate = threading.Barrier(size, action=lambda: setattr(gpu, "paused", False))
@@ -114,8 +119,11 @@ def _rotate(fake, rings, steps, starve=None, pause=True):
 
     if starve is not None and starve[0] == "copy":
         gpu.starve.add(rings[starve[1]].stream)
-    results = _threads([lambda ring=ring: rank_main(ring) for ring in rings])
-    assert all(r is None for r in results), results
+    outcome = _threads([lambda ring=ring: rank_main(ring) for ring in rings])
+    if results is None:
+        assert all(r is None for r in outcome), outcome
+    else:
+        results.extend(outcome)
     return logs
 
 
@@ -172,34 +180,168 @@ def test_without_the_done_wait_a_slow_reader_is_overwritten(fake, monkeypatch):
 
 def test_without_the_ready_wait_a_reader_sees_stale_data(fake, monkeypatch):
     """Negative control: the side stream's wait for the sender's *ready* (flag or event) is
-    needed."""
+    needed. With the host handshake rank 1 reads its slot before rank 0's push lands. With
+    device flags rank 1, never held back, also frees slot 0 for exchange 2 (``done[0] =
+    flag_phase(0)``) before rank 0's starved copy stream has evaluated its wait for exchange
+    0's ``flag_phase(-2)``, which then never comes: the ring hangs (the phases' argument in the
+    module doc rests on this wait)."""
     _drop_gpu_wait(monkeypatch, fake.sync, "await_pushed")
-    rings = fake(2)
-    logs = _rotate(fake, rings, steps=4, starve=("copy", 0))
-    assert any(rank == 1 for rank, _ in _wrong_steps(logs, 2))
+    if fake.sync == "host":
+        rings = fake(2)
+        logs = _rotate(fake, rings, steps=4, starve=("copy", 0))
+        assert any(rank == 1 for rank, _ in _wrong_steps(logs, 2))
+        return
+    rings = fake(2, timeout=1.0)
+    results = []
+    _rotate(fake, rings, steps=4, starve=("copy", 0), results=results)
+    assert isinstance(results[0], cr.RingTimeoutError), results
+    assert "'kv' #0" in str(results[0])
 
 
 @pytest.mark.parametrize("fake", ["device"], indirect=True)
 def test_without_clearing_the_flags_a_reader_sees_garbage(fake, monkeypatch):
     """Negative control: new memory holds garbage (as after cudaMalloc), which satisfies the
-    waits at once unless the flag words are cleared before the peers learn of them."""
-    monkeypatch.setattr(ipc_mod._DeviceFlags, "_clear", lambda self, channel: None)
+    waits at once unless the flag words are set up before the peers learn of them. (Two
+    exchanges: rank 1 reads the first before rank 0's push lands. A third would hang instead:
+    rank 1, never held back, would free slot 0 for exchange 2 before rank 0's held-back copy
+    stream evaluated its wait for exchange 0.)"""
+    monkeypatch.setattr(ipc_mod._DeviceFlags, "_initialise", lambda self, channel: None)
     rings = fake(2)
-    logs = _rotate(fake, rings, steps=4, starve=("copy", 0))
-    assert any(rank == 1 for rank, _ in _wrong_steps(logs, 2))
+    logs = _rotate(fake, rings, steps=2, starve=("copy", 0))
+    assert (1, 1) in _wrong_steps(logs, 2)
+
+
+def test_flag_phases_are_one_hot_and_differ_two_exchanges_apart():
+    """The values a slot's word takes in turn never satisfy each other's AND wait, repeat every
+    four exchanges, and the setup's words (0 for ready, phase(-2) for done) and the failure
+    release (all ones) sit where the module doc puts them."""
+    phase = ipc_mod.flag_phase
+    assert [phase(k) for k in range(-2, 8)] == [2, 2, 1, 1, 2, 2, 1, 1, 2, 2]
+    for k in range(-2, 200):
+        assert phase(k) in (1, 2) and phase(k) == phase(k + 4)
+        assert not fake_gpu.wait_satisfied(phase(k - 2), phase(k), fake_gpu.WAIT_AND)
+        assert fake_gpu.wait_satisfied(phase(k), phase(k), fake_gpu.WAIT_AND)
+        assert not fake_gpu.wait_satisfied(0, phase(k), fake_gpu.WAIT_AND)
+        assert fake_gpu.wait_satisfied(0xFFFFFFFF, phase(k), fake_gpu.WAIT_AND)
+    assert phase(1 << 40) == phase(0) and phase((1 << 40) + 2) == phase(2)
 
 
 @pytest.mark.parametrize("fake", ["device"], indirect=True)
-def test_flag_words_hold_the_last_push_and_the_last_read(fake):
-    """After exchanges k = 0..4 of one channel: ready[s] holds k + 1 of the last push into slot
-    s (5, 4), done[s] holds k - 1 of the reader's last exchange k >= 2 on slot s (3, 2)."""
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 8, 11])
+def test_flag_words_hold_the_last_push_and_the_last_read(fake, steps):
+    """After exchanges k = 0..steps-1 of one channel: ready[s] holds phase(k) of the last push
+    into slot s (0 where none), done[s] phase(k - 2) of the reader's last exchange k on slot s
+    (phase(-2) where none: the setup's)."""
     rings = fake(2)
-    logs = _rotate(fake, rings, steps=5, pause=False)
+    logs = _rotate(fake, rings, steps=steps, pause=False)
     assert _wrong_steps(logs, 2) == []
+    phase = ipc_mod.flag_phase
+    last = [max((k for k in range(steps) if k % 2 == s), default=None) for s in range(2)]
+    want = [0 if k is None else phase(k) for k in last]
+    want += [phase(-2) if k is None else phase(k - 2) for k in last]
     for ring in rings:
         channel = next(iter(ring._channels.values()))
         flags = channel.memory.ptr + channel.flags_at
-        assert [word(flags + 4 * i) for i in range(4)] == [5, 4, 3, 2]
+        assert [word(flags + 4 * i) for i in range(4)] == want
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+def test_values_that_do_not_alternate_let_a_stale_word_satisfy_a_wait(fake, monkeypatch):
+    """Negative control: with one value for every exchange, rank 1's ready[0] still holds
+    exchange 0's push when it awaits exchange 2's, so with rank 0's copies held back it reads
+    slot 0 before exchange 2's data lands (three ranks: exchanges 0 and 2 carry different
+    data)."""
+    monkeypatch.setattr(ipc_mod, "flag_phase", lambda k: 1)
+    rings = fake(3)
+    logs = _rotate(fake, rings, steps=4, starve=("copy", 0))
+    assert (1, 3) in _wrong_steps(logs, 3)  # (step 3 reads what exchange 2 delivered)
+
+
+def _unwaited(fake, rings, steps, elsewhere=False):
+    """Each rank issues ``steps`` exchanges of one channel without ever calling ``wait()`` (the
+    hosts first, then the GPU; rank 1's side stream runs only when nothing else can), then
+    synchronises; each rank's outcome and the last exchange's arrays. ``elsewhere``: each
+    exchange but the last is waited for, on a stream of its own that the caller's stream, from
+    which the exchanges are issued, never joins."""
+    gpu = fake.gpu
+    gpu.paused = True
+    gate = threading.Barrier(len(rings), action=lambda: setattr(gpu, "paused", False))
+    gpu.starve.add(rings[1]._join)
+
+    def rank_main(ring):
+        other = fake.cupy.cuda.Stream(non_blocking=True)
+        kv = [_dev(np.full(4, 10 * ring.rank + step, np.float32)) for step in range(steps)]
+        pending = []
+        for step in range(steps):
+            pending.append(ring.exchange([kv[step]], 1, "kv"))
+            if elsewhere and step < steps - 1:
+                with other:
+                    pending[-1].wait()
+        gate.wait(20)
+        ring.synchronize()
+        got = pending[-1].wait()[0]
+        fake.cupy.cuda.get_current_stream().synchronize()
+        return float(got[0])
+
+    return _threads([lambda ring=ring: rank_main(ring) for ring in rings])
+
+
+def _no_previous_wait(monkeypatch):
+    """Negative control: the copy stream no longer waits for exchange k - 2's *received* event
+    before *freed* of exchange k."""
+    monkeypatch.setattr(ipc_mod._DeviceFlags, "_after_previous", lambda self, channel, slot: None)
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+@pytest.mark.parametrize("elsewhere", [False, True])
+def test_an_exchange_is_ordered_before_its_slot_is_freed_however_it_was_waited_for(
+    fake, monkeypatch, elsewhere
+):
+    """Exchanges whose ``wait()`` is never called, or called on another stream than the one the
+    next exchanges are issued from (``elsewhere``): rank 1's side stream has not yet evaluated
+    its wait for exchange 0 when its copy stream would free slot 0 for exchange 2. The copy
+    stream waits for exchange 0's *received* event first, whatever the caller did, so rank 0
+    cannot push exchange 2 (whose phase the pending wait would not accept) before it; without
+    that wait (negative control) the wait for exchange 0 never ends."""
+    results = _unwaited(fake, fake(2), steps=3, elsewhere=elsewhere)
+    assert results == [12.0, 2.0], results
+    _no_previous_wait(monkeypatch)
+    results = _unwaited(fake, fake(2, timeout=1.0), steps=3, elsewhere=elsewhere)
+    assert isinstance(results[1], cr.RingTimeoutError), results
+    assert "'kv' #0" in str(results[1])
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+def test_every_exchange_waits_for_its_slot_s_previous_one_and_keeps_no_arrays(fake):
+    """Device flags: the copy stream waits for the *received* event of exchange k - 2 of the
+    channel (none for k < 2), waited for or not; the channel keeps that event per slot, not the
+    exchange's flight: the arrays it sent are dropped once the transfer is done (the watchdog
+    lets go of its flight)."""
+    rings = fake(2)
+    events = {0: [], 1: []}
+    sent = []
+
+    def rank_main(ring):
+        for step in range(5):
+            x = _dev(np.full(4, step, np.float32))
+            sent.append(weakref.ref(x))
+            pending = ring.exchange([x])
+            events[ring.rank].append(pending._flight.event)
+            if step % 2:
+                pending.wait()
+        del x, pending
+        fake.cupy.cuda.get_current_stream().synchronize()
+        ring.synchronize()
+
+    assert _threads([lambda ring=ring: rank_main(ring) for ring in rings]) == [None, None]
+    gc.collect()
+    assert [i for i, ref in enumerate(sent) if ref() is not None] == []  # (none alive)
+    ring, received = rings[0], events[0]
+    waited = [e for e in ring.stream.waited if any(e is r for r in received)]
+    assert waited == received[:3]  # exchanges 2, 3 and 4 waited for 0, 1 and 2
+    channel = next(iter(ring._channels.values()))
+    assert [p.event for p in channel.previous] == [received[4], received[3]]
+    assert all(p.capture is None and p.stream == ring._join.ptr for p in channel.previous)
 
 
 def _count_messages(ring) -> dict:
@@ -366,8 +508,8 @@ def test_a_failing_stream_memory_operation_fails_the_exchange(fake):
     for rank, result in enumerate(results):
         assert isinstance(result, cr.RingError), results
         assert str(result).startswith(f"rank {rank}: exchange 'kv' #0")
-        # the exchange's first wait: await freed, k - 1 = -1 as a 32-bit word
-        assert "cuStreamWaitValue32 for 4294967295 failed" in str(result)
+        # the exchange's first wait: await freed, for flag_phase(0 - 2)
+        assert "cuStreamWaitValue32 for 2 failed" in str(result)
 
 
 @pytest.mark.parametrize("size", [2, 3])
@@ -612,11 +754,12 @@ def test_after_a_failure_streams_waiting_on_a_dead_peer_drain(fake):
     # watchdog writes the release again (a stream waiting then would otherwise wait for good)
     channel = next(iter(ring0._channels.values()))
     ready0 = channel.memory.ptr + channel.flags_at
-    ctypes.c_uint32.from_address(ready0).value = 0
+    assert word(ready0) == 0xFFFFFFFF
+    ctypes.c_uint32.from_address(ready0).value = ipc_mod.flag_phase(0)  # a late push
     deadline = time.monotonic() + 5
-    while word(ready0) < 1 << 30 and time.monotonic() < deadline:
+    while word(ready0) != 0xFFFFFFFF and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert word(ready0) >= 1 << 30, "the release was not renewed after a late write undid it"
+    assert word(ready0) == 0xFFFFFFFF, "the release was not renewed after a late write undid it"
 
 
 # --- capture into CUDA graphs (device flags) ---
@@ -634,9 +777,10 @@ def test_only_device_flags_can_be_captured(fake):
 @pytest.mark.parametrize("fake", ["device"], indirect=True)
 def test_a_capture_records_each_flag_operation_and_leaves_the_counts(fake):
     """Inside ``capturing()`` an exchange's four flag operations are recorded with their nodes
-    and values (k - 1, k - 1, k + 1, k + 1 for exchange k: freed, await freed, pushed, await
-    pushed), and the channel's count is back where it was when the capture ends (nothing of a
-    capture runs; replays move it on). A channel is never set up inside a capture."""
+    and the exchanges whose phases they carry (k - 2, k - 2, k, k for exchange k: freed, await
+    freed, pushed, await pushed), and the channel's count is back where it was when the capture
+    ends (nothing of a capture runs; replays move it on). A channel is never set up inside a
+    capture."""
     rings = fake(2)
     x = _dev(np.ones(4, np.float32))
     for result in _threads([lambda ring=ring: ring.exchange([x]).wait() for ring in rings]):
@@ -653,66 +797,166 @@ def test_a_capture_records_each_flag_operation_and_leaves_the_counts(fake):
         # the deferred exchange queued nothing on the ring's streams
         assert [len(s.ops) for s in (ring.stream, ring._join)] == queued
     assert channel.count == 1 and len(ring._channels) == 1
-    assert [op[4] for op in record._ops] == [0, 0, 2, 2]
+    assert [op[4] for op in record._ops] == [-1, -1, 1, 1]
     write, wait = fake_gpu.WRITE, fake_gpu.WAIT
     assert [op[2].paramArray[0].operation for op in record._ops] == [write, wait, write, wait]
     # each node is the operation just queued on its stream (the copy stream's three, then the
     # side stream's wait), with the value the node holds
     queued = [op[1][2] for op in record._ops]
     assert [q[0] for q in queued] == ["write_value", "wait_value", "write_value", "wait_value"]
-    assert [q[2] for q in queued] == [0, 0, 2, 2]
+    assert [q[2] for q in queued] == [2, 2, 1, 1]  # flag_phase(-1), flag_phase(1)
+    assert [q[3] for q in queued] == [0, fake_gpu.WAIT_AND, 0, fake_gpu.WAIT_AND]
     assert record._made == {id(channel): 1} and not ring._capturing
     assert ring._sync.capture is None
 
 
 def _channel(count):
-    return SimpleNamespace(count=count)
+    return SimpleNamespace(count=count, previous=[None, None])
 
 
-def test_captured_exchanges_move_their_values_with_the_channels_counts():
-    """A replay d exchanges after the capture writes and awaits the captured values plus d; it
-    matches only at even d on every channel it uses; each replay moves the counts on by the
-    exchanges the graph makes."""
+class _Cuda:
+    """``cupy.cuda`` as ``_CapturedExchanges`` uses it: events, and stream waits and event
+    records on raw handles, logged as ("wait", stream, event) and ("record", event, stream);
+    the runtime refuses the calls ``refuse`` names."""
+
+    def __init__(self):
+        self.log, self.refuse, self.events = [], set(), 0
+
+        def call(what, *args):
+            if what in self.refuse:
+                raise RuntimeError(f"{what} refused: cudaErrorInvalidResourceHandle")
+            self.log.append((what, *args))
+
+        self.runtime = SimpleNamespace(
+            streamWaitEvent=lambda stream, event, flags: call("wait", stream, event),
+            eventRecord=lambda event, stream: call("record", event, stream))  # fmt: skip
+
+    def Event(self, disable_timing=False):  # noqa: N802 (cupy's name)
+        self.events += 1
+        return SimpleNamespace(ptr=0xE000 + self.events)
+
+
+def _no_failure(why):
+    raise AssertionError(f"the ring failed: {why}")
+
+
+def test_captured_exchanges_take_the_values_of_the_channels_counts_modulo_4():
+    """A replay d exchanges after the capture writes and awaits flag_phase(step + d) for each
+    captured step: the captured values where d % 4 == 0 on a channel, the other phase where
+    d % 4 == 2, as ``key()`` tells; it matches only at even d on every channel it uses; each
+    replay moves the counts on by the exchanges the graph makes."""
+    phase = ipc_mod.flag_phase
     driver = fake_driver(None)
     nodes = []
     driver.cuStreamGetCaptureInfo = lambda stream: (driver.CUresult.CUDA_SUCCESS, 1, 0, None,
                                                     [f"node{len(nodes)}"], 1)  # fmt: skip
     kv, dkv, idle = _channel(5), _channel(2), _channel(9)
-    record = ipc_mod._CapturedExchanges(driver, [kv, dkv, idle])
-    for channel, write, value in ((kv, True, 4), (kv, False, 6), (dkv, True, 1)):
-        nodes.append(value)
-        record.add(7, channel, write, 0x100, value, 0)
+    record = ipc_mod._CapturedExchanges(driver, [kv, dkv, idle], _Cuda(), _no_failure)
+    steps = ((kv, True, 3), (kv, False, 5), (dkv, True, 0))
+    for channel, write, step in steps:
+        nodes.append(step)
+        record.add(7, channel, write, 0x100, step, 0)
+    captured = [phase(step) for _, _, step in steps]
+    assert captured == [2, 1, 1]
+    assert [op[2].paramArray[0].writeValue.value for op in record._ops] == captured
     kv.count, dkv.count = 6, 4  # the captured call made one kv and two dkv exchanges
     record.finish()
     assert (kv.count, dkv.count, idle.count) == (5, 2, 9) and record.matches()
+    assert record.key() == (0, 0)  # the capture's own values
     record.patch("exec")
-    assert driver.node_values == [("exec", "node1", 4), ("exec", "node2", 6),
+    assert driver.node_values == [("exec", "node1", 2), ("exec", "node2", 1),
                                   ("exec", "node3", 1)]  # fmt: skip
-    record.advance()
+    record.advance(3)
     assert (kv.count, dkv.count) == (6, 4) and not record.matches()  # kv: the other parity
+    assert record.key() == (1, 2)
     kv.count += 1  # an eager call of one kv exchange: the parity is the captured one again
     idle.count += 3  # (a channel the graph does not use has no say)
-    assert record.matches()
-    driver.node_values.clear()
-    record.patch("exec")
-    assert [v for _, _, v in driver.node_values] == [4 + 2, 6 + 2, 1 + 2]
-    kv.count = 5 + (1 << 32)  # values wrap at 32 bits, as the flag words do
-    dkv.count = 2 + (1 << 32)
-    driver.node_values.clear()
-    record.patch("exec")
-    assert [v for _, _, v in driver.node_values] == [4, 6, 1]
+    assert record.matches() and record.key() == (2, 2)
+
+    def patched():
+        driver.node_values.clear()
+        record.patch("exec")
+        return [value for _, _, value in driver.node_values]
+
+    assert patched() == [1, 2, 2]  # both channels two exchanges on: the other phase
+    seen = []
+    for _ in range(12):  # the keys come round: the same key, the same values
+        record.advance(3)
+        kv.count += 1
+        seen.append((record.key(), patched()))
+    assert seen[:2] == [((0, 0), captured), ((2, 2), [1, 2, 2])]
+    assert all(entry == seen[i % 2] for i, entry in enumerate(seen))
+    kv.count = 5 + (1 << 34)  # far on: only the counts modulo 4 matter
+    dkv.count = 2 + 2 + (1 << 33)
+    assert record.key() == (0, 2) and patched() == captured[:2] + [2]
 
 
-def test_a_failed_capture_leaves_every_count_where_it_was():
+def test_a_failed_capture_leaves_every_count_and_predecessor_where_it_was():
     driver = fake_driver(None)
     driver.cuStreamGetCaptureInfo = lambda stream: (driver.CUresult.CUDA_SUCCESS, 1, 0, None,
                                                     ["node"], 1)  # fmt: skip
     kv, dkv = _channel(3), _channel(8)
-    record = ipc_mod._CapturedExchanges(driver, [kv, dkv])
+    before = [ipc_mod._Received(f"event{i}", 77) for i in range(4)]
+    kv.previous, dkv.previous = before[:2], before[2:]
+    record = ipc_mod._CapturedExchanges(driver, [kv, dkv], _Cuda(), _no_failure)
     record.add(7, kv, True, 0x100, 2, 0)
+    kv.previous[1] = ipc_mod._Received("captured", 9, record)  # (as the captured exchange does)
     kv.count, dkv.count = 4, 9  # dkv's exchange failed before its first flag operation
+    dkv.previous[0] = None
     record.finish()
     assert (kv.count, dkv.count) == (3, 8)
+    assert kv.previous + dkv.previous == before
+
+
+def test_a_launch_waits_for_the_slots_previous_exchanges_and_stands_for_them_after():
+    """Before a launch the stream waits for the last exchange on each slot the graph uses
+    (once per event, none where it was recorded on the launch stream itself: a steady loop
+    of replays on one stream waits for nothing); after it an event recorded on the launch
+    stream is those slots' predecessor. Where that record is refused, the slots have none
+    (their next exchange is ordered by the caller's stream only)."""
+    driver = fake_driver(None)
+    driver.cuStreamGetCaptureInfo = lambda stream: (driver.CUresult.CUDA_SUCCESS, 1, 0, None,
+                                                    ["node"], 1)  # fmt: skip
+    cuda = _Cuda()
+    eager = [ipc_mod._Received(SimpleNamespace(ptr=0xA0 + i), 77) for i in range(4)]
+    kv, dkv, idle = _channel(5), _channel(1), _channel(4)
+    kv.previous, dkv.previous, idle.previous = eager[:2], [eager[2], None], [eager[3]] * 2
+    failures = []
+    record = ipc_mod._CapturedExchanges(driver, [kv, dkv, idle], cuda,
+                                        lambda why: failures.append(why) or RingError(why))
+    # the call: kv exchange 5 (slot 1), dkv exchanges 1 and 2 (slots 1 and 0)
+    for channel, step in ((kv, 5), (dkv, 1), (dkv, 2)):
+        record.add(7, channel, True, 0x100, step, 0)
+    kv.count, dkv.count = 6, 3
+    record.finish()
+    assert kv.previous == eager[:2] and dkv.previous == [eager[2], None]
+    launched = ipc_mod._Received(SimpleNamespace(ptr=0xE001), 3)
+    record.before_launch(3)
+    assert cuda.log == [("wait", 3, 0xA1), ("wait", 3, 0xA2)]  # (dkv's slot 1: none yet)
+    record.advance(3)
+    assert cuda.log[2:] == [("record", 0xE001, 3)]
+    assert (kv.count, dkv.count, idle.count) == (6, 3, 4)
+    assert kv.previous == [eager[0], launched] and dkv.previous == [launched, launched]
+    assert idle.previous == [eager[3]] * 2  # (not the graph's)
+    kv.count, kv.previous[0] = 7, eager[0]._replace(stream=78)  # an eager kv exchange (slot 0)
+    del cuda.log[:]
+    record.before_launch(3)  # its slots' last exchanges are the last launch, on stream 3
+    assert cuda.log == []
+    record.advance(3)
+    record.before_launch(4)  # another stream: one wait for them all
+    assert cuda.log == [("record", 0xE001, 3), ("wait", 4, 0xE001)]
+    record.before_launch(4, after_last=True)  # (the caller waited for the launch already)
+    assert len(cuda.log) == 2  # (every slot's last exchange is that launch)
+    cuda.refuse.add("record")
+    with pytest.raises(RingError, match="record refused"):  # (later exchanges could hang)
+        record.advance(4)
+    assert len(failures) == 1 and "record refused" in failures[0]
+    assert (kv.count, dkv.count) == (9, 7)  # the graph ran: the counts moved on
+    assert kv.previous[1] is None and dkv.previous == [None, None]
+    record.release()
+    record.before_launch(5)
+    assert cuda.log[-1] == ("wait", 4, 0xE001)  # (released: nothing to order)
+    assert record.launched.ptr == 0xE001  # (the event outlives the release)
 
 
 @pytest.mark.parametrize("fake", ["device"], indirect=True)
@@ -733,7 +977,7 @@ def test_a_failure_during_a_capture_still_releases_every_flag_word(fake):
         assert len(record._ops) == captured == 4
     writes = [op for op in ring._sync._release_stream.ops if op[0] == "write_value"]
     assert len(writes) == 4  # ready[0..1] and done[0..1]
-    assert all(value >= 1 << 30 for _, _, value in writes)
+    assert all(op[2] == 0xFFFFFFFF for op in writes)  # shares a bit with every phase
 
 
 @pytest.mark.parametrize("fake", ["device"], indirect=True)
@@ -747,6 +991,254 @@ def test_a_failed_capture_that_left_a_stream_capturing_fails_the_ring(fake, monk
         ring.capture_failed()
     with pytest.raises(cr.RingError):
         ring.check()
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+def test_a_capture_after_an_unwaited_exchange_leaves_its_order_to_the_launches(fake):
+    """An exchange never waited for before a capture: the captured exchange that frees its slot
+    does not wait for it (a captured stream cannot wait for work outside its graph) and the
+    capture goes on (no refusal, no driver error); each launch of the graph waits for it
+    instead (``before_launch``). A captured exchange whose slot's previous exchange was
+    captured too waits for it inside the graph. When the capture ends, whether or not it
+    failed, the channel's count and its slots' predecessors are where they were."""
+    rings = fake(2)
+    x = _dev(np.ones(4, np.float32))
+    # exchange 0, never waited for
+    for result in _threads([lambda ring=ring: ring.exchange([x]) for ring in rings]):
+        assert not isinstance(result, BaseException), result
+    ring = rings[0]
+    channel = next(iter(ring._channels.values()))
+    before = list(channel.previous)
+    eager = before[0].event
+    assert before[1] is None
+    fake.gpu.paused = True  # (this fake runs what a capture queues: keep it from running)
+    waits = len(ring.stream.waited)
+    with ring.capturing() as record:
+        first = ring.exchange([x])  # exchange 1: slot 1, nothing before it
+        first.wait()
+        ring.exchange([x]).wait()  # 2: slot 0, after the eager exchange 0
+        ring.exchange([x]).wait()  # 3: slot 1, after exchange 1 of this capture
+        captured_waits = ring.stream.waited[waits:]
+        assert channel.previous[1].capture is record
+    assert not any(e is eager for e in captured_waits)
+    assert any(e is first._flight.event for e in captured_waits)
+    assert channel.count == 1 and channel.previous == before
+    assert record._slots == [(id(channel), 1), (id(channel), 0)]
+    caller = fake.cupy.cuda.get_current_stream()
+    record.before_launch(caller.ptr)  # (what a replay does first)
+    assert caller.waited[-1] is eager
+    with pytest.raises(ZeroDivisionError), ring.capturing():
+        ring.exchange([x])
+        1 / 0  # noqa: B018 (a failure inside the captured call)
+    assert channel.count == 1 and channel.previous == before
+
+
+def _set_up_and_replay_on_rank_1(fake, ring, caller, call):
+    """``call()`` (exchanges 0 and 1: the channel's setup), then on rank 1 ``call()`` captured
+    and replayed once on ``caller`` (2 and 3), elsewhere ``call()`` again: rank 1's captured
+    call (None elsewhere) and what ``call()`` got."""
+    call()
+    caller.synchronize()
+    ring.synchronize()
+    if ring.rank != 1:
+        return None, call()
+    graph_driver = fake_gpu.FakeGraphDriver(fake.driver)
+    with fake.gpu.capturing({caller, ring.stream, ring._join}) as graph:
+        with ring.capturing() as record:
+            got = call()
+    replayed = CapturedRingCall(graph_driver, graph, graph_driver.instantiate(graph),
+                                [], (1,), [], None, caller.ptr, 0, record)  # fmt: skip
+    replayed.replay((1,), (), caller.ptr)
+    return replayed, got
+
+
+def _replay_after_eager(fake, rings, unwaited):
+    """Rank 1 captures a call of two exchanges of one channel and replays it (exchanges 2 and
+    3); then both ranks issue exchanges 4 and 5 eagerly, which rank 1 never waits for where
+    ``unwaited`` (an exception between exchange and wait, the call then retried); then rank 1
+    replays the graph (6 and 7) while its side stream runs only when nothing else can (the
+    hosts first, then the GPU). Rank 0 calls eagerly throughout. Each rank's outcome."""
+    gpu = fake.gpu
+    gate = threading.Barrier(2, action=lambda: setattr(gpu, "paused", False))
+
+    def rank_main(ring):
+        caller = fake.cupy.cuda.get_current_stream()
+        buf = _dev(np.full(4, ring.rank, np.float32))
+
+        def call():
+            return [ring.exchange([buf], 1, "kv").wait()[0] for _ in range(2)]
+
+        replayed, got = _set_up_and_replay_on_rank_1(fake, ring, caller, call)
+        caller.synchronize()
+        ring.synchronize()
+        gpu.paused = True
+        pending = [ring.exchange([buf], 1, "kv") for _ in range(2)]
+        if ring.rank == 0 or not unwaited:
+            for p in pending:
+                p.wait()
+        del pending
+        if ring.rank == 1:
+            gpu.starve.add(ring._join)
+            replayed.replay((1,), (), caller.ptr)
+            ring.watch("ring call (CUDA graph)", caller.ptr)
+        else:
+            call()
+        gate.wait(20)
+        ring.synchronize()
+        caller.synchronize()
+        return [float(g[0]) for g in got]
+
+    return _threads([lambda ring=ring: rank_main(ring) for ring in rings])
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+@pytest.mark.parametrize("unwaited", [False, True])
+def test_a_replay_after_an_unwaited_exchange_is_ordered_after_it(fake, monkeypatch, unwaited):
+    """Eager exchanges 4 and 5, never waited for (or waited for), then a replay whose first
+    exchanges (6 and 7) free their slots: the launch stream waits for exchanges 4 and 5 first,
+    so rank 0 cannot push exchange 6 before rank 1's starved side stream has evaluated its
+    wait for exchange 4. Without that wait (negative control) that wait never ends."""
+    results = _replay_after_eager(fake, fake(2), unwaited)
+    assert results == [[1.0, 1.0], [0.0, 0.0]], results
+    if not unwaited:
+        return
+    monkeypatch.setattr(ipc_mod._CapturedExchanges, "before_launch",
+                        lambda self, stream, after_last=False: None)
+    results = _replay_after_eager(fake, fake(2, timeout=1.0), unwaited)
+    assert isinstance(results[1], cr.RingTimeoutError), results
+    assert "'kv' #4" in str(results[1])
+
+
+def _eager_after_replay_elsewhere(fake, rings):
+    """Rank 1 captures a call of two exchanges and replays it on the caller's stream (exchanges
+    2 and 3), then, with its side stream starved and the GPU paused for the hosts, replays it
+    again (4 and 5) and issues two exchanges from another stream (6 and 7), never waited for;
+    rank 0 calls eagerly throughout. Each rank's outcome."""
+    gpu = fake.gpu
+    gate = threading.Barrier(2, action=lambda: setattr(gpu, "paused", False))
+
+    def rank_main(ring):
+        caller = fake.cupy.cuda.get_current_stream()
+        other = fake.cupy.cuda.Stream(non_blocking=True)
+        buf = _dev(np.full(4, ring.rank, np.float32))
+
+        def call():
+            return [ring.exchange([buf], 1, "kv").wait()[0] for _ in range(2)]
+
+        replayed, _ = _set_up_and_replay_on_rank_1(fake, ring, caller, call)
+        caller.synchronize()
+        ring.synchronize()
+        gpu.paused = True
+        if ring.rank == 1:
+            gpu.starve.add(ring._join)
+            replayed.replay((1,), (), caller.ptr)
+            ring.watch("ring call (CUDA graph)", caller.ptr)
+            with other:
+                pending = [ring.exchange([buf], 1, "kv") for _ in range(2)]
+            del pending
+        else:
+            call()
+            call()
+        gate.wait(20)
+        ring.synchronize()
+        caller.synchronize()
+        return "done"
+
+    return _threads([lambda ring=ring: rank_main(ring) for ring in rings])
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+def test_an_eager_exchange_from_another_stream_is_ordered_after_a_replay(fake, monkeypatch):
+    """After a replay the event recorded on its stream is the slots' last exchange: the *freed*
+    of exchange 6, issued from another stream, waits for it, so rank 0 cannot push exchange 6
+    before rank 1's starved side stream has evaluated the graph's wait for exchange 4. Where
+    the replay leaves the slots' predecessors as they were before it (negative control), that
+    wait never ends and rank 1 times out."""
+    assert _eager_after_replay_elsewhere(fake, fake(2, timeout=2.0)) == ["done", "done"]
+    advance = ipc_mod._CapturedExchanges.advance
+
+    def counts_only(self, stream):
+        before = {key: list(c.previous) for key, c in self._channels.items()}
+        advance(self, stream)
+        for key, c in self._channels.items():
+            c.previous[:] = before[key]
+
+    monkeypatch.setattr(ipc_mod._CapturedExchanges, "advance", counts_only)
+    results = _eager_after_replay_elsewhere(fake, fake(2, timeout=2.0))
+    assert isinstance(results[1], cr.RingTimeoutError), results
+
+
+def _unwaited_inside_a_capture(fake, rings):
+    """Calls of four exchanges of one channel whose first two are waited for only after the
+    last two were issued (so that exchanges 2 and 3 of the call free the slots of exchanges 0
+    and 1, which nothing waited for yet). Rank 1 captures the second call and replays it twice,
+    its side stream run only when nothing else can; rank 0 calls eagerly. Each rank's outcome:
+    what the last two exchanges of each call received."""
+    gpu = fake.gpu
+    gate = threading.Barrier(2, action=lambda: setattr(gpu, "paused", False))
+
+    def rank_main(ring):
+        caller = fake.cupy.cuda.get_current_stream()
+        graph_driver = fake_gpu.FakeGraphDriver(fake.driver)
+        bufs = [_dev(np.zeros(4, np.float32)) for _ in range(4)]
+        seen = []
+
+        def call():
+            pending = [ring.exchange([buf], 1, "kv") for buf in bufs]
+            return [p.wait()[0] for p in pending[2:]]
+
+        replayed = None
+        for number in range(3):
+            for e, buf in enumerate(bufs):  # (the GPU is done with the last call)
+                buf[:] = 100 * number + 10 * e + ring.rank
+            if ring.rank == 1 and number == 1:
+                with gpu.capturing({caller, ring.stream, ring._join}) as graph:
+                    with ring.capturing() as record:
+                        got = call()
+                replayed = CapturedRingCall(graph_driver, graph,
+                                            graph_driver.instantiate(graph), [], (1,), [], None,
+                                            caller.ptr, 0, record)  # fmt: skip
+            gpu.paused = number > 0
+            if replayed is not None:
+                gpu.starve.add(ring._join)
+                replayed.replay((1,), (), caller.ptr)
+                ring.watch("ring call (CUDA graph)", caller.ptr)
+            else:
+                got = call()
+            if number > 0:
+                gate.wait(20)
+            try:
+                ring.synchronize()
+            except cr.RingError:
+                gate.abort()  # (the other rank: no next call)
+                raise
+            caller.synchronize()
+            seen.append([float(g[0]) for g in got])
+        return seen
+
+    return _threads([lambda ring=ring: rank_main(ring) for ring in rings])
+
+
+@pytest.mark.parametrize("fake", ["device"], indirect=True)
+def test_an_exchange_unwaited_inside_a_capture_is_ordered_inside_the_graph(fake, monkeypatch):
+    """Inside a capture, an exchange not yet waited for when its slot is freed again is waited
+    for by the copy stream within the graph (an edge between captured nodes), so each replay
+    delivers every exchange even with rank 1's side stream lagging behind everything else;
+    without that wait in the graph (negative control: eager exchanges keep theirs) the replay
+    never ends and the watchdog fails it."""
+    results = _unwaited_inside_a_capture(fake, fake(2))
+    want = [[[100 * n + 20 + 1 - r, 100 * n + 30 + 1 - r] for n in range(3)] for r in range(2)]
+    assert results == want, results
+    eager_only = ipc_mod._DeviceFlags._after_previous
+
+    def not_captured(self, channel, slot):
+        if self.capture is None:
+            eager_only(self, channel, slot)
+
+    monkeypatch.setattr(ipc_mod._DeviceFlags, "_after_previous", not_captured)
+    results = _unwaited_inside_a_capture(fake, fake(2, timeout=1.0))
+    assert isinstance(results[1], cr.RingTimeoutError), results
+    assert "ring call (CUDA graph)" in str(results[1])
 
 
 # ring calls as (tag, exchanges) lists; a pattern's calls take them in turn
@@ -769,23 +1261,28 @@ def test_replayed_exchanges_pair_with_eager_ones_and_with_each_other(
     """Ring calls replayed as CUDA graphs, on the fake GPU: each call of the pattern (its
     exchanges by tag, fresh data per call and exchange) is captured by the ranks in
     ``graph_ranks`` (``FakeGpu.capturing`` records its operations as one graph, the ring's
-    capture records its flag operations) and replayed with the values
-    ``_CapturedExchanges.patch`` gives them, graphs per slot parity as ``GraphSlot`` keeps
-    them; the other ranks call eagerly. At every call every rank must receive what its
-    neighbour sent at that call: a replay's flag values must pair with an eager peer's and with
-    another replaying peer's, call after call, also where two kinds of call share a channel
-    (``starved``: rank 0's copy stream and rank 1's side stream run only when nothing else
-    can, so pushes and reads lag behind everything else)."""
+    capture records its flag operations) and replayed by ``ring_graphs.CapturedRingCall``:
+    one graph per slot parity as ``GraphSlot`` keeps them, each instantiated once per state of
+    its channels' counts modulo 4 and given that state's flag values once; the other ranks call
+    eagerly. At every call every rank must receive what its neighbour sent at that call: a
+    replay's flag values must pair with an eager peer's and with another replaying peer's, call
+    after call, round the cycle of values several times, also where two kinds of call share a
+    channel (``starved``: rank 0's copy stream and rank 1's side stream run only when nothing
+    else can, so pushes and reads lag behind everything else). Once each graph has met its
+    states (within the first cycles), no replay gives a flag node a value (counted at the
+    driver)."""
     rings = fake(2)
     if starved:
         fake.gpu.starve.update({rings[0].stream, rings[1]._join})
     plans = REPLAY_PATTERNS[pattern]
-    calls = 4 * len(plans) + 3
+    calls = 10 * len(plans) + 3
+    steady = calls - 4 * len(plans)  # every state has been met by then (at most 2 per graph)
     gpu, driver = fake.gpu, fake.driver
     logs = {0: [], 1: []}
 
     def rank_main(ring):
         caller = fake.cupy.cuda.get_current_stream()
+        graph_driver = fake_gpu.FakeGraphDriver(driver)
         now = {"call": 0}
         buffers = {}  # (plan, tag, e) -> the array that exchange sends
 
@@ -800,38 +1297,56 @@ def test_replayed_exchanges_pair_with_eager_ones_and_with_each_other(
                         (now["call"], tag, e, float(got[0]))))  # fmt: skip
 
         graphs = {index: [] for index in range(len(plans))}
+        patched_before_steady = None
         for call in range(calls):
             now["call"] = call
             index = call % len(plans)
+            if call == steady:
+                patched_before_steady = graph_driver.patches()
             if ring.rank not in graph_ranks or call < len(plans):  # (first calls: channels)
                 one_call(index)
             else:
-                kept = next((g for g in graphs[index] if g[1].matches()), None)
+                kept = next((g for g in graphs[index] if g.matches), None)
                 if kept is None:  # a new slot parity: capture (nothing runs), then replay
                     with gpu.capturing({caller, ring.stream, ring._join}) as graph:
                         with ring.capturing() as record:
                             one_call(index)
-                    kept = (graph, record)
+                    kept = CapturedRingCall(graph_driver, graph, graph_driver.instantiate(graph),
+                                            [], (1,), [], None, caller.ptr, 0, record)  # fmt: skip
                     graphs[index].append(kept)
-                graph, record = kept
-                record.patch(id(graph))
-                values = {node: value for executable, node, value in list(driver.node_values)
-                          if executable == id(graph)}  # fmt: skip
-                graph.replay(values)
-                record.advance()
+                kept.replay((1,), (), caller.ptr)
             caller.synchronize()
         ring.synchronize()
-        return [len(g) for g in graphs.values()]
+        counts = {"graphs": [len(g) for g in graphs.values()],
+                  "instantiated": len(graph_driver.instantiated),
+                  "launched": graph_driver.launched, "patched": graph_driver.patches(),
+                  "patched before steady": patched_before_steady}  # fmt: skip
+        for captured in (g for kept in graphs.values() for g in kept):
+            captured.release()
+        # each instantiation, and each graph
+        assert len(graph_driver.destroyed) == counts["instantiated"] + sum(counts["graphs"])
+        return counts
 
     results = _threads([lambda ring=ring: rank_main(ring) for ring in rings], timeout=60)
     for rank, result in enumerate(results):
         assert not isinstance(result, BaseException), result
         if rank not in graph_ranks:
-            assert result == [0] * len(plans)
+            assert result["graphs"] == [0] * len(plans) and result["launched"] == 0
         else:  # one graph per slot parity its channels take at the call's start
-            assert all(1 <= n <= 2 for n in result), result
+            assert all(1 <= n <= 2 for n in result["graphs"]), result
+            assert result["launched"] == calls - len(plans)
+            # each graph meets at most two states here (its counts move by an even number),
+            # and every pattern moves some channel by 2 between two replays of one graph
+            assert sum(result["graphs"]) < result["instantiated"] <= 2 * sum(result["graphs"])
+            assert result["patched"] > 0
+            assert result["patched"] == result["patched before steady"], result
             if pattern in ("one exchange", "two exchanges"):
-                assert result == [2 if pattern == "one exchange" else 1]
+                assert result["graphs"] == [2 if pattern == "one exchange" else 1]
+                assert result["instantiated"] == 2 * result["graphs"][0]
+                # four flag operations per exchange, one exchange per call, given values once
+                # per instantiation beyond each graph's first
+                per_graph = 4 * (1 if pattern == "one exchange" else 2)
+                assert result["patched"] == per_graph * result["graphs"][0]
         want = [(c, tag, e, float(c * 100 + e * 10 + 1 - rank)) for c in range(calls)
                 for tag, count in plans[c % len(plans)] for e in range(count)]  # fmt: skip
         assert logs[rank] == want

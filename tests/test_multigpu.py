@@ -105,6 +105,29 @@ def test_killed_rank_ends_replayed_graphs(world, transport):
     _assert_survivors_raise(world, "killed-graph", transport)
 
 
+@requires_gpu(2)
+@pytest.mark.gpu
+@pytest.mark.parametrize("transport", ["nccl", "ipc"])
+@pytest.mark.parametrize("world", WORLDS)
+def test_replays_cycle_through_the_flag_states_without_patching(world, transport):
+    """A training loop's ring calls (forward and backward) replayed as CUDA graphs for 16 steps,
+    two input sets in turn: every step right, and once the copy-engine ring's graphs have an
+    instantiation for each state of their channels' counts modulo 4, no replay gives a flag
+    node a value (the worker counts ``_CapturedExchanges.patch``)."""
+    if import_driver() is None:
+        pytest.skip("ring calls are captured as CUDA graphs only with cuda-bindings")
+    _need(world)
+    proc = _launch(world, "replay-cycle", 600, transport=transport)
+    _assert_workers_ok(proc, world, transport, "replay-cycle")
+    steps = len(re.findall(r"^\[rank \d+\] PASS step \d+ \(set \d\) forward", proc.stdout, re.M))
+    assert steps == 16 * world, _tail(proc)
+    assert len(re.findall(r"PASS graph replays in the last 8 steps: 16$", proc.stdout, re.M)) \
+        == world, _tail(proc)
+    if transport == "ipc":
+        late = re.findall(r"PASS flag values given in the last 8 steps: 0 ", proc.stdout)
+        assert len(late) == world, _tail(proc)
+
+
 def _assert_survivors_raise(world: int, mode: str, transport: str) -> None:
     """Rank 1 of ``mode`` dies; every other rank raises within the ring timeout."""
     _need(world)

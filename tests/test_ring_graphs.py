@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import struct
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -17,15 +18,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cuparing.backends import launch_plans, ring_graphs
+from cuparing.comm.base import RingError
 
 
 class RecordingGraphDriver:
-    """Records the node updates (the pointer fields read through the ``void*`` array) and the
-    launches of a replay."""
+    """Records the node updates (the instantiation, the node, the pointer fields read through
+    the ``void*`` array, the function) and the launches of a replay."""
 
     def __init__(self, fields: int):
         self.fields, self.updates, self.launches = fields, [], []
         self.orders, self.destroyed, self.refuse_wait, self.refuse_record = [], [], False, False
+        self.instantiated = 0
+
+    def instantiate(self, graph):
+        self.instantiated += 1
+        return f"exec{self.instantiated}"
 
     def kernel_params(self, function, geometry, arguments):
         return SimpleNamespace(function=function, geometry=geometry, arguments=arguments)
@@ -33,7 +40,8 @@ class RecordingGraphDriver:
     def set_kernel_node(self, executable, node, params):
         struct_address = ctypes.c_uint64.from_address(params.arguments).value
         packed = ctypes.string_at(struct_address, 8 * self.fields)
-        self.updates.append((node, struct.unpack(f"<{self.fields}Q", packed), params.function))
+        self.updates.append((executable, node, struct.unpack(f"<{self.fields}Q", packed),
+                             params.function))  # fmt: skip
 
     def new_event(self):
         return "done"
@@ -104,13 +112,13 @@ def test_replay_repoints_only_what_the_caller_moved():
 
     q1, out1 = 0x5000, 0x6000
     graph.replay((q1, out1, lse0), CAPTURED_KV, stream=5)
-    assert driver.updates == [("n0", (scratch, q1, own_kv, lse0), 11),
-                              ("n1", (out1, q1, received, lse0), 12)]  # fmt: skip
+    assert driver.updates == [("exec", "n0", (scratch, q1, own_kv, lse0), 11),
+                              ("exec", "n1", (out1, q1, received, lse0), 12)]  # fmt: skip
     driver.updates.clear()
     graph.replay((q1, out1, lse0), CAPTURED_KV, stream=5)  # nothing moved since
     assert driver.updates == []
     graph.replay((q1, out0, lse0), CAPTURED_KV, stream=5)  # only the output moved back
-    assert driver.updates == [("n1", (out0, q1, received, lse0), 12)]
+    assert driver.updates == [("exec", "n1", (out0, q1, received, lse0), 12)]
     assert len(driver.launches) == 4
 
     # every replay on the stream the graph's memory came from: no waits, a record after each
@@ -135,17 +143,20 @@ def test_the_kv_copy_node_follows_the_callers_kv():
     graph.replay((q0,), CAPTURED_KV, stream=5)
     assert driver.updates == []
     graph.replay((q0,), (0x7100, CAPTURED_KV[1]), stream=5)  # K moved
-    assert driver.updates == [("kv", (0x7100, COPIES[0], CAPTURED_KV[1], COPIES[1]), 13)]
+    assert driver.updates == [("exec", "kv", (0x7100, COPIES[0], CAPTURED_KV[1], COPIES[1]),
+                               13)]  # fmt: skip
     driver.updates.clear()
     graph.replay((q0,), (0x7100, CAPTURED_KV[1]), stream=5)
     assert driver.updates == []
     graph.replay((0x1100,), (0x1100, 0x1100), stream=5)  # q, k and v one array
-    assert driver.updates == [("n0", (0xD000, 0x1100, *COPIES), 11),
-                              ("kv", (0x1100, COPIES[0], 0x1100, COPIES[1]), 13)]  # fmt: skip
+    assert driver.updates == [("exec", "n0", (0xD000, 0x1100, *COPIES), 11),
+                              ("exec", "kv", (0x1100, COPIES[0], 0x1100, COPIES[1]),
+                               13)]  # fmt: skip
     driver.updates.clear()
     graph.replay((CAPTURED_KV[0],), CAPTURED_KV, stream=5)  # q where K was captured
-    assert driver.updates == [("n0", (0xD000, CAPTURED_KV[0], *COPIES), 11),
-                              ("kv", (CAPTURED_KV[0], COPIES[0], CAPTURED_KV[1], COPIES[1]), 13)]
+    assert driver.updates == [("exec", "n0", (0xD000, CAPTURED_KV[0], *COPIES), 11),
+                              ("exec", "kv", (CAPTURED_KV[0], COPIES[0], CAPTURED_KV[1],
+                                              COPIES[1]), 13)]  # fmt: skip
     assert len(driver.launches) == 5
 
 
@@ -204,7 +215,8 @@ def test_every_replay_leaves_each_node_as_a_fresh_launch_would(data):
         driver.updates.clear()
         graph.replay(moved, kv, stream=1)
         updated = set()
-        for node, pointers, _ in driver.updates:
+        for executable, node, pointers, _ in driver.updates:
+            assert executable == "exec"
             assert node not in updated  # one update per node and replay
             assert state[node] != pointers  # and only where its arguments change
             updated.add(node)
@@ -495,48 +507,198 @@ def test_a_refused_replay_releases_every_graph_of_the_plan(slot_env):
 
 
 class RecordedExchanges:
-    """What a copy-engine ring's capture yields, as CapturedRingCall uses it."""
+    """What a copy-engine ring's capture yields, as CapturedRingCall uses it: ``state`` stands
+    for where the ring's channels are (``key()``); ``patched`` lists the executables given
+    values, in order; ``calls`` the orderings before a launch and the advances after it, with
+    their streams and how many launches ``driver`` (a RecordingGraphDriver) had seen then."""
 
-    def __init__(self, refuse=False):
-        self.refuse, self.patched, self.advanced, self.released = refuse, 0, 0, False
+    def __init__(self, refuse=False, driver=None):
+        self.refuse, self.patched, self.advanced, self.released = refuse, [], 0, False
+        self.state = (0,)
+        self.refuse_order = self.refuse_advance = self.fail_advance = False
+        self.driver, self.calls = driver, []
+        self.launched = "transport event"
+
+    def _call(self, what, stream):
+        self.calls.append((what, stream, len(self.driver.launches) if self.driver else None))
 
     def matches(self):
         return not self.released
 
+    def key(self):
+        return self.state
+
     def patch(self, executable):
         if self.refuse:
             raise RuntimeError("cuGraphExecBatchMemOpNodeSetParams failed: NOT_SUPPORTED")
-        self.patched += 1
+        self.patched.append(executable)
 
-    def advance(self):
+    def before_launch(self, stream, after_last=False):
+        if self.refuse_order:
+            raise RuntimeError("cudaStreamWaitEvent failed: cudaErrorInvalidResourceHandle")
+        self._call("before launch" + " after last" * after_last, stream)
+
+    def advance(self, stream):
         self.advanced += 1
+        self._call("advance", stream)
+        if self.refuse_advance:
+            raise RuntimeError("cudaEventRecord failed: cudaErrorInvalidResourceHandle")
+        if self.fail_advance:
+            raise RingError("rank 0: recording the end of a replayed CUDA graph failed")
 
     def release(self):
         self.released = True
 
 
+def _with_exchanges(driver, exchanges, entries=(), copy=None):
+    """A CapturedRingCall over ``entries`` (as :func:`_captured`) whose transport is
+    ``exchanges``."""
+    launches = [[packed, pointers, 0, f"n{i}"] for i, (packed, pointers) in enumerate(entries)]
+    kv = [SimpleNamespace(data=SimpleNamespace(ptr=p)) for p in COPIES]
+    kv_copy = None
+    if copy is not None:
+        kv_copy = [copy, (CAPTURED_KV[0], COPIES[0], CAPTURED_KV[1], COPIES[1]), 0, "kv"]
+    return ring_graphs.CapturedRingCall(driver, "graph", "exec", launches, (0x1000,), kv,
+                                        keep=None, home_stream=5, device=0,
+                                        exchanges=exchanges, kv_copy=kv_copy)  # fmt: skip
+
+
 def test_a_replay_patches_the_transport_before_anything_is_queued():
-    """The transport's values are patched before the stream switch and the launch, and its
-    counts move on only after the launch: a refused patch leaves nothing of the call queued
-    (the caller may run it eagerly) and nothing advanced. A release drops the transport's
-    record too."""
+    """A state of the transport no instantiation has yet is given its values before the
+    stream switch and the launch, and the counts move on only after the launch: a refused
+    patch leaves nothing of the call queued (the caller may run it eagerly), nothing advanced
+    and no half-patched instantiation kept. A release drops the transport's record too."""
     driver = RecordingGraphDriver(FIELDS)
     exchanges = RecordedExchanges()
-    graph = ring_graphs.CapturedRingCall(
-        driver, "graph", "exec", [], (0x1000,), [SimpleNamespace(data=SimpleNamespace(
-        ptr=0xA000))], keep=None, home_stream=5, device=0, exchanges=exchanges,
-    )  # fmt: skip
-    graph.replay((0x1000,), (0x10,), stream=5)
-    assert (exchanges.patched, exchanges.advanced, len(driver.launches)) == (1, 1, 1)
+    graph = _with_exchanges(driver, exchanges)
+    graph.replay((0x1000,), (0x10,), stream=5)  # the capture's state: its own nodes
+    assert (exchanges.patched, exchanges.advanced, driver.launches) == ([], 1, [("exec", 5)])
     assert graph.matches
-    exchanges.refuse = True
+    exchanges.refuse, exchanges.state = True, (2,)
     orders = list(driver.orders)
     with pytest.raises(RuntimeError, match="SetParams failed"):
         graph.replay((0x1000,), (0x10,), stream=7)  # (another stream: it would wait first)
     assert driver.orders == orders and len(driver.launches) == 1
     assert exchanges.advanced == 1
+    assert driver.destroyed == [("exec1", None)]  # the refused instantiation
+    exchanges.refuse = False
+    graph.replay((0x1000,), (0x10,), stream=5)
+    assert exchanges.patched == ["exec2"] and driver.launches[-1] == ("exec2", 5)
     graph.release()
     assert exchanges.released and not graph.matches
+    # (not the event: the transport's, which its channels may still wait for)
+    assert driver.destroyed[1:] == [("exec", None), ("exec2", None), (None, "graph")]
+
+
+def test_the_transport_orders_each_launch_and_moves_on_after_it():
+    """Each replay hands the transport its stream before the launch (``before_launch``: the
+    launch must follow the exchanges issued before it) and after (``advance``). A refused
+    ordering leaves nothing launched and nothing advanced (the caller may run the call
+    eagerly); a refused advance comes after the launch: it only warns."""
+    driver = RecordingGraphDriver(FIELDS)
+    exchanges = RecordedExchanges(driver=driver)
+    graph = _with_exchanges(driver, exchanges)
+    graph.replay((0x1000,), (0x10,), stream=5)
+    graph.replay((0x1000,), (0x10,), stream=7)
+    assert exchanges.calls == [("before launch", 5, 0), ("advance", 5, 1),
+                               ("before launch after last", 7, 1), ("advance", 7, 2)]  # fmt: skip
+    # one event per replay, the transport's: waited for on the new stream, never recorded here
+    assert driver.orders == [("wait", 7)]
+    exchanges.refuse_order = True
+    with pytest.raises(RuntimeError, match="cudaStreamWaitEvent failed"):
+        graph.replay((0x1000,), (0x10,), stream=7)
+    assert len(driver.launches) == 2 and exchanges.advanced == 2
+    exchanges.refuse_order, exchanges.refuse_advance = False, True
+    with pytest.warns(RuntimeWarning, match="issue the next exchanges from its stream"):
+        graph.replay((0x1000,), (0x10,), stream=7)
+    assert len(driver.launches) == 3 and exchanges.calls[-1] == ("advance", 7, 3)
+    with pytest.raises(RuntimeError, match="cannot wait for the last one"):
+        graph.replay((0x1000,), (0x10,), stream=5)  # (its end was not recorded)
+    with pytest.warns(RuntimeWarning, match="its memory stays allocated"):
+        graph.release()  # (on stream 7, its end not recorded)
+    assert "transport event" not in driver.destroyed  # (the transport's to free)
+
+
+def test_a_transport_that_fails_the_ring_after_a_launch_does_not_warn():
+    """Where recording the launch's end fails the ring (the copy-engine ring: its next
+    exchanges could otherwise wait for good), the replay returns quietly (the ring's next call
+    raises) and keeps to its stream."""
+    driver = RecordingGraphDriver(FIELDS)
+    exchanges = RecordedExchanges(driver=driver)
+    exchanges.fail_advance = True
+    graph = _with_exchanges(driver, exchanges)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph.replay((0x1000,), (0x10,), stream=5)
+    assert len(driver.launches) == 1
+    with pytest.raises(RuntimeError, match="cannot wait for the last one"):
+        graph.replay((0x1000,), (0x10,), stream=7)
+
+
+def test_each_transport_state_replays_its_own_instantiation_patched_once():
+    """The copy-engine ring's flag values repeat every four exchanges: each state met gets its
+    own instantiation, given its values once, and every later replay at that state launches it
+    unpatched. Past ``EXECUTABLES`` states the least recently replayed instantiation takes the
+    new state's values (and its old state, met again, is patched again)."""
+    driver = RecordingGraphDriver(FIELDS)
+    exchanges = RecordedExchanges()
+    graph = _with_exchanges(driver, exchanges)
+    loop = [(0,), (2,), (0,), (2,)] * 5  # one channel, two exchanges per call: 0, 2, 0, 2 ...
+    for state in loop:
+        exchanges.state = state
+        graph.replay((0x1000,), (0x10,), stream=5)
+    assert exchanges.patched == ["exec1"]  # once, when the second state's copy was made
+    assert [e for e, _ in driver.launches] == ["exec", "exec1"] * 10
+    assert ring_graphs.CapturedRingCall.EXECUTABLES == 4
+    for state in [(0, 2), (2, 2)]:  # (two channels: up to four states)
+        exchanges.state = state
+        graph.replay((0x1000,), (0x10,), stream=5)
+    assert exchanges.patched == ["exec1", "exec2", "exec3"]
+    exchanges.state = (1, 3)  # a fifth state: the least recently replayed, (0,) on "exec"
+    graph.replay((0x1000,), (0x10,), stream=5)
+    assert exchanges.patched[-1] == "exec" and driver.launches[-1][0] == "exec"
+    exchanges.state = (0,)  # its old state: the least recent now, "exec1", takes it
+    graph.replay((0x1000,), (0x10,), stream=5)
+    assert exchanges.patched[-1] == "exec1" and driver.launches[-1][0] == "exec1"
+    assert len(exchanges.patched) == 5
+    for state in [(2, 2), (1, 3), (0,), (0, 2)]:  # all kept: no patch
+        exchanges.state = state
+        graph.replay((0x1000,), (0x10,), stream=5)
+    assert len(exchanges.patched) == 5 and exchanges.advanced == len(driver.launches)
+
+
+def test_each_instantiation_keeps_its_own_record_of_the_kernel_nodes():
+    """Kernel node updates reach one instantiation only: a new instantiation holds the
+    captured pointers and takes the caller's moved addresses and K/V itself, and returning to
+    an instantiation that has them already rewrites nothing."""
+    q0, q1, k1 = 0x1000, 0x5000, 0x7100
+    step0 = _launch(11)
+    driver = RecordingGraphDriver(FIELDS)
+    exchanges = RecordedExchanges()
+    graph = _with_exchanges(driver, exchanges, [(step0, (0xD000, q0, *COPIES))], _launch(13))
+    moved_kv = (k1, CAPTURED_KV[1])
+    graph.replay((q1,), moved_kv, stream=5)
+    moved = [("n0", (0xD000, q1, *COPIES), 11),
+             ("kv", (k1, COPIES[0], CAPTURED_KV[1], COPIES[1]), 13)]  # fmt: skip
+    assert driver.updates == [("exec", *update) for update in moved]
+    driver.updates.clear()
+    exchanges.state = (2,)  # a new instantiation: its nodes as captured
+    graph.replay((q1,), moved_kv, stream=5)
+    assert driver.updates == [("exec1", *update) for update in moved]
+    assert [e for e, _ in driver.launches] == ["exec", "exec1"]
+    driver.updates.clear()
+    for state in [(0,), (2,), (0,)]:  # both have them now
+        exchanges.state = state
+        graph.replay((q1,), moved_kv, stream=5)
+    assert driver.updates == []
+    graph.replay((q0,), CAPTURED_KV, stream=5)  # back to the captured ones, on "exec" only
+    assert driver.updates == [("exec", "n0", (0xD000, q0, *COPIES), 11),
+                              ("exec", "kv", (*CAPTURED_KV[:1], COPIES[0], CAPTURED_KV[1],
+                                              COPIES[1]), 13)]  # fmt: skip
+    driver.updates.clear()
+    exchanges.state = (2,)
+    graph.replay((q1,), moved_kv, stream=5)  # "exec1" still holds q1 and k1
+    assert driver.updates == []
 
 
 def test_a_refused_capture_releases_the_graphs_already_kept(slot_env):

@@ -7,7 +7,8 @@ For the ring forward (``out=`` given) and backward at 512 and 2048 tokens per GP
 causal zigzag, H/Hkv 32/8, D=128, bf16 torch tensors; repeats replay CUDA graphs), rank 0 prints
 the median host microseconds of one call made after a synchronisation (timing.host_us_alone)
 and, per call, the time spent inside each piece of the replay path (means over the calls): the
-graph launch, the copy-engine ring's flag-value patch, the watchdog's flight (``watch``), the
+graph launch, the copy-engine ring's flag-value patch, its ordering of the launch after the
+exchanges before it and its record after the launch, the watchdog's flight (``watch``), the
 call's signature, the replay as a whole ("replay (all)"). The pieces are timed by wrapping the
 functions, private ones included (a diagnostic of this package's internals), with
 ``time.perf_counter``; a piece a tree lacks is left out, so the script times other trees of the
@@ -28,6 +29,8 @@ PIECES = [  # (module path, attribute owner, function, label)
     ("cuparing.backends.ring_graphs", "GraphDriver", "launch", "cuGraphLaunch"),
     ("cuparing.backends.ring_graphs", "GraphDriver", "copy", "K/V copies"),
     ("cuparing.comm.ipc", "_CapturedExchanges", "patch", "flag patch"),
+    ("cuparing.comm.ipc", "_CapturedExchanges", "before_launch", "launch ordering"),
+    ("cuparing.comm.ipc", "_CapturedExchanges", "advance", "after launch"),
     ("cuparing.comm.gpu_ring", "GpuRing", "watch", "watch"),
     ("cuparing.call_plans", None, "signature", "signature"),
     ("cuparing.backends.ring_graphs", "CapturedRingCall", "replay", "replay (all)"),

@@ -6,21 +6,29 @@ ring whose exchanges can be captured (:attr:`cuparing.comm.gpu_ring.GpuRing.capt
 send/recv, the copy-engine ring's copies and device flags) the repeat runs once inside a stream
 capture instead, and its exchanges, memsets and launches become one graph. A replay then
 
-1. rewrites the kernel nodes whose addresses changed since the last replay: each launch seen
-   during the capture is packed again by its :class:`~cuparing.backends.launch_plans.PackedLaunch`
-   with the caller's addresses in place of the captured call's (tensor maps included), and the
-   node takes those arguments (``cuGraphExecKernelNodeSetParams``);
-2. gives the transport's captured operations what this replay needs (the copy-engine ring's
-   flag values, which count exchanges; what the ring's capture yielded does it);
-3. launches the graph on the caller's stream; the ring's :meth:`watch` then arms one flight on
-   it, so a dead peer still ends the call within the ring's timeout.
+1. picks the instantiation of the graph whose transport values fit the ring's state (the
+   copy-engine ring's flag values, which repeat every four exchanges of a channel: one
+   instantiation per state met, given its values once when it is made, so that in a steady
+   loop a replay changes none; what the ring's capture yielded says which state and values);
+2. rewrites that instantiation's kernel nodes whose addresses changed since it last ran: each
+   launch seen during the capture is packed again by its
+   :class:`~cuparing.backends.launch_plans.PackedLaunch` with the caller's addresses in place of
+   the captured call's (tensor maps included), and the node takes those arguments
+   (``cuGraphExecKernelNodeSetParams``);
+3. launches the graph on the caller's stream (on the copy-engine ring, once that stream waits
+   for the exchanges issued before on the slots the graph uses, which its first flag writes
+   need, unless they were issued from that stream) and records one event after it, which
+   orders the next replay on another stream after it and, on the copy-engine ring, is the
+   slots' last exchange for the next one; the ring's :meth:`watch` then arms one flight on it,
+   so a dead peer still ends the call within the ring's timeout.
 
 The graph's first node copies the caller's K/V into the graph's own copies, which the rest of
 it sends and reads: NCCL's graph nodes cannot be pointed at other memory (their parameters are
-NCCL's own). The copy is a kernel node (``cuparing_copy_pair``) whose two source fields step 1
+NCCL's own). The copy is a kernel node (``cuparing_copy_pair``) whose two source fields step 2
 rewrites by position when K or V moved (not by value: K and V may be the caller's other
-arrays, e.g. ``q is k``), so where nothing moved a replay queues only the launch and the event
-that orders the next replay after it.
+arrays, e.g. ``q is k``): that node's update where they did. A replay on the stream of the
+last one, with K and V and the caller's arrays where they were, queues only the launch and
+that one event.
 
 The graph owns its K/V copies and every scratch array of the captured call (accumulators,
 flags) for as long as it lives; replays on one stream reuse them in stream order. Driver calls go
@@ -37,8 +45,10 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from ..comm.base import RingError
 from ..kernels import loader
 from . import launch_plans
 
@@ -110,12 +120,44 @@ def enabled(ring: Any) -> bool:
     return _graph_driver() is not None
 
 
+@dataclass
+class _Node:
+    """A kernel node of the graph: the launch seen during the capture (``packed``), the
+    pointers it was captured with, its kernel's index in ``packed``, the graph's node, and the
+    node parameters a rewrite hands the driver (made at the first rewrite, then reused: the
+    driver reads the argument values at each call)."""
+
+    packed: Any
+    pointers: tuple
+    kernel: int
+    node: Any
+    params: Any = None
+
+
+class _Executable:
+    """One instantiation of a captured graph and what its kernel nodes were last given: the
+    caller's addresses, and per kernel node its pointers (the K/V copy node's last)."""
+
+    def __init__(self, handle: Any, addresses: tuple[int, ...], pointers: list[tuple]):
+        self.handle, self.addresses, self.pointers = handle, addresses, pointers
+
+
 class CapturedRingCall:
     """One ring call captured as a CUDA graph (made by :func:`capture`).
 
+    Where the transport's captured operations need other values at other states of the ring
+    (the copy-engine ring's flag values, which repeat every four exchanges of a channel), the
+    graph is instantiated once per state met (``exchanges.key()``) and each instantiation is
+    given that state's values once (``exchanges.patch``): a replay picks the instantiation of
+    the state now and patches nothing. At most :attr:`EXECUTABLES` are kept; a state beyond
+    them takes over the least recently replayed one, whose values it rewrites. Around each
+    launch the transport orders it (``exchanges.before_launch``) and moves its state on
+    (``exchanges.advance``), recording its event (``exchanges.launched``), which serves as the
+    replay's end too: one event per replay.
+
     Args:
         driver: the :class:`GraphDriver` that captured it.
-        graph, executable: the captured graph and its instantiation.
+        graph, executable: the captured graph and its instantiation (for the capture's state).
         launches: per kernel node, ``[packed launch, captured pointers, kernel index, node]``.
         addresses: the captured call's caller addresses (what :meth:`replay` replaces).
         kv: the graph's own K/V copies (CuPy arrays); keep: what the graph's nodes read.
@@ -124,26 +166,43 @@ class CapturedRingCall:
         home_stream: the stream current when its memory was allocated (the caller's).
         device: the GPU it lives on.
         exchanges: what the ring's capture yielded (:meth:`GpuRing.capturing`): None, or
-            what each replay changes in the transport's captured operations.
+            the transport's captured operations (their ``key``, ``patch``, ``before_launch``,
+            ``advance``, ``launched``).
     """
+
+    # instantiations kept at most (a cap, not the number of states). A state is a tuple over
+    # the channels the graph uses of their counts since the capture modulo 4, each 0 or 2 where
+    # the graph replays: a steady loop meets one or two states per channel whose count moves
+    # by 2 between replays, up to 2 ** channels in all; beyond the cap the least recently
+    # replayed instantiation is re-patched
+    EXECUTABLES = 4
 
     def __init__(self, driver: GraphDriver, graph: Any, executable: Any, launches: list,
                  addresses: tuple[int, ...], kv: Sequence[Any], keep: Any, home_stream: int,
                  device: int, exchanges: Any = None, kv_copy: list | None = None):  # fmt: skip
         self._driver = driver
+        self._released = False  # (release() sets it: the graph and its instantiations are gone)
         self._exchanges = exchanges
-        self._graph, self._executable = graph, executable
-        self._launches = [[*entry, tuple(entry[1]), None] for entry in launches]
-        self._kv_copy = None if kv_copy is None else [*kv_copy, tuple(kv_copy[1]), None]
+        self._graph = graph
+        # the kernel nodes; the K/V copy node, where there is one, last
+        self._nodes = [_Node(*entry) for entry in launches]
+        self._repointed = len(self._nodes)  # the nodes the caller's addresses reach
+        if kv_copy is not None:
+            self._nodes.append(_Node(*kv_copy))
         self._captured = addresses
-        self._applied = addresses
+        # the state the capture left the transport in: what the captured nodes hold
+        self._executables: OrderedDict = OrderedDict()
+        self._executables[self._key()] = self._fresh(executable)
         self._keep = (kv, keep)
         self._device = device
         # the stream the graph's memory was allocated on (its allocator reuses it in that
         # stream's order), the stream of the last replay, and an event recorded after each
-        # replay (made now, in the graph's device's context)
+        # replay: the transport's, where it records one after each launch (its slots'
+        # predecessor for the next exchanges: one record serves both; the transport's to free),
+        # else one of its own (made now, in the graph's device's context)
         self._home_stream = self._last_stream = home_stream
-        self._done = driver.new_event()
+        self._owns_done = exchanges is None
+        self._done = driver.new_event() if exchanges is None else exchanges.launched
         self._ordered = True  # every replay so far recorded the event
 
     def replay(self, addresses: tuple[int, ...], kv: Sequence[int], stream: int) -> None:
@@ -154,9 +213,10 @@ class CapturedRingCall:
         Raises:
             RuntimeError: it was released, or a driver call failed, before the graph was
                 launched (nothing of the call ran: the caller may run it another way). A
-                failure after the launch only warns.
+                failure after the launch only warns, or fails the ring where the transport
+                says so (the ring's next call raises).
         """
-        if self._executable is None:
+        if self._released:
             raise RuntimeError("this captured ring call was released (its ring closed or "
                                "dropped its receive buffers)")  # fmt: skip
         if stream != self._last_stream and not self._ordered:
@@ -164,56 +224,95 @@ class CapturedRingCall:
                                "event was not recorded)")  # fmt: skip
         # the node updates first: they change only launches to come, so a refusal here leaves
         # nothing of this call queued
-        if addresses != self._applied:
-            self._repoint(dict(zip(self._captured, addresses, strict=True)))
-            self._applied = addresses
-        if self._kv_copy is not None:
-            k_copy, v_copy = self._kv_copy[1][1], self._kv_copy[1][3]
-            self._set_node(self._kv_copy, (kv[0], k_copy, kv[1], v_copy))
-        if self._exchanges is not None:
-            self._exchanges.patch(self._executable)
-        if stream != self._last_stream:
+        target = self._executable_now()
+        if addresses != target.addresses:
+            remap = dict(zip(self._captured, addresses, strict=True))
+            for i in range(self._repointed):
+                pointers = self._nodes[i].pointers
+                self._set_node(target, i, tuple(remap.get(p, p) for p in pointers))
+            target.addresses = addresses
+        if self._repointed < len(self._nodes):  # the K/V copy node: its two sources
+            _, k_copy, _, v_copy = self._nodes[-1].pointers
+            self._set_node(target, self._repointed, (kv[0], k_copy, kv[1], v_copy))
+        after_last = stream != self._last_stream
+        if after_last:
             # the K/V copies and the scratch are one set: the last replay must be done with
             # them before this one's copies land
             self._driver.wait_event(stream, self._done)
             self._last_stream = stream
-        self._driver.launch(self._executable, stream)
+        exchanges = self._exchanges
+        if exchanges is not None:
+            exchanges.before_launch(stream, after_last)
+        self._driver.launch(target.handle, stream)
         # from here the call has run: a failure must not send the caller to run it again
-        if self._exchanges is not None:
-            self._exchanges.advance()
         LIVE.used(self)
         try:
-            self._driver.record(self._done, stream)
+            if exchanges is None:
+                self._driver.record(self._done, stream)
+            else:
+                exchanges.advance(stream)
+        except RingError:  # the transport failed the ring: its next call (watch) raises
+            self._ordered = False
         except _DRIVER_ERRORS as exc:
             self._ordered = False  # later replays keep to this stream
-            warnings.warn(f"cuparing: recording a replayed ring call's end failed ({exc})",
-                          RuntimeWarning, stacklevel=2)  # fmt: skip
+            warnings.warn(f"cuparing: recording a replayed ring call's end failed ({exc}); "
+                          "issue the next exchanges from its stream", RuntimeWarning,
+                          stacklevel=2)  # fmt: skip
 
-    def _repoint(self, remap: dict[int, int]) -> None:
-        """Each kernel node whose arguments change under ``remap`` takes the new ones."""
-        for entry in self._launches:
-            self._set_node(entry, tuple(remap.get(p, p) for p in entry[1]))
+    def _key(self) -> Any:
+        """The transport's state now, as far as the graph's values go (None: one state)."""
+        return None if self._exchanges is None else self._exchanges.key()
 
-    def _set_node(self, entry: list, wanted: tuple) -> None:
-        """The kernel node of ``entry`` (``[packed, captured pointers, kernel index, node,
-        pointers applied, node params]``) takes the pointers ``wanted``, unless it has them."""
-        packed, _, index, node, applied, params = entry
-        if wanted == applied:
+    def _fresh(self, handle: Any) -> _Executable:
+        """The record of a new instantiation: its nodes hold what the capture gave them."""
+        return _Executable(handle, self._captured, [tuple(node.pointers) for node in self._nodes])
+
+    def _executable_now(self) -> _Executable:
+        """The instantiation whose transport values fit the ring's state now: a kept one, else
+        a new one (or, with :attr:`EXECUTABLES` kept, the least recently replayed) given the
+        values once.
+
+        Raises:
+            RuntimeError: the driver refused (an instantiation it made is destroyed).
+        """
+        key = self._key()
+        kept = self._executables.get(key)
+        if kept is not None:
+            self._executables.move_to_end(key)
+            return kept
+        if len(self._executables) < self.EXECUTABLES:
+            target = self._fresh(self._driver.instantiate(self._graph))
+        else:  # (its kernel nodes keep what they hold; the transport's values change)
+            target = self._executables.popitem(last=False)[1]
+        try:
+            self._exchanges.patch(target.handle)
+        except BaseException:
+            # its values may be half rewritten: it serves no state
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                self._driver.destroy(target.handle, None)
+            raise
+        self._executables[key] = target
+        return target
+
+    def _set_node(self, target: _Executable, index: int, wanted: tuple) -> None:
+        """Kernel node ``index`` of ``target`` takes the pointers ``wanted``, unless it has
+        them."""
+        if wanted == target.pointers[index]:
             return
+        entry = self._nodes[index]
 
         def set_node(function, geometry, arguments):
-            nonlocal params
-            if params is None:
-                params = entry[5] = self._driver.kernel_params(function, geometry, arguments)
-            self._driver.set_kernel_node(self._executable, node, params)
+            if entry.params is None:
+                entry.params = self._driver.kernel_params(function, geometry, arguments)
+            self._driver.set_kernel_node(target.handle, entry.node, entry.params)
 
-        packed.update(wanted, index, set_node)
-        entry[4] = wanted
+        entry.packed.update(wanted, entry.kernel, set_node)
+        target.pointers[index] = wanted
 
     @property
     def live(self) -> bool:
         """Whether it can still be replayed (not yet released)."""
-        return self._executable is not None
+        return not self._released
 
     @property
     def matches(self) -> bool:
@@ -222,17 +321,18 @@ class CapturedRingCall:
         return self._exchanges is None or self._exchanges.matches()
 
     def release(self) -> None:
-        """Free the graph and hand its memory back (idempotent). An executable graph still
-        running is destroyed when it completes; its memory goes back to the allocator in the
-        order of the stream it was allocated on, which first waits for the last replay when
-        that ran on another stream. Rings release their graphs before destroying the
-        communicator (whose destroy waits for them) and before dropping the receive buffers
-        the graphs point at.
+        """Free the graph and its instantiations and hand its memory back (idempotent). An
+        executable graph still running is destroyed when it completes; its memory goes back to
+        the allocator in the order of the stream it was allocated on, which first waits for the
+        last replay when that ran on another stream. Rings release their graphs before
+        destroying the communicator (whose destroy waits for them) and before dropping the
+        receive buffers the graphs point at.
 
         Warns (RuntimeWarning) when the driver refuses the destroy."""
-        executable, self._executable = self._executable, None
-        if executable is None:
+        if self._released:
             return
+        self._released = True
+        executables, self._executables = list(self._executables.values()), OrderedDict()
         LIVE.forget(self)
         driver, handed_back = self._driver, True
         with driver.on_device(self._device):
@@ -245,15 +345,18 @@ class CapturedRingCall:
                     # a replay may still use the memory: keep it rather than hand it back
                     handed_back = False
                     _warn(f"its memory stays allocated ({exc})")
-            for what, free in (("executable graph", lambda: driver.destroy(executable, None)),
-                               ("graph", lambda: driver.destroy(None, self._graph)),
-                               ("event", lambda: driver.destroy_event(self._done))):  # fmt: skip
+            frees = [("executable graph", lambda h=e.handle: driver.destroy(h, None))
+                     for e in executables]  # fmt: skip
+            frees.append(("graph", lambda: driver.destroy(None, self._graph)))
+            if self._owns_done:  # (the transport's event may still order its next exchange)
+                frees.append(("event", lambda: driver.destroy_event(self._done)))
+            for what, free in frees:
                 try:
                     free()
                 except _DRIVER_ERRORS as exc:
                     _warn(f"its {what} was not freed ({exc})")
         if handed_back:
-            self._keep = self._launches = self._kv_copy = None
+            self._keep = self._nodes = None
         if self._exchanges is not None:  # (the transport's channels it referred to)
             self._exchanges.release()
 
@@ -429,12 +532,17 @@ class GraphDriver:
         return self._check("cuEventCreate", created)[1]
 
     def record(self, event: Any, stream: int) -> None:
-        """Record ``event`` on ``stream`` (after what is queued there so far)."""
+        """Record ``event`` (:meth:`new_event`'s) on ``stream`` (after what is queued there
+        so far)."""
         self._check("cuEventRecord", self._d.cuEventRecord(event, self._stream(stream)))
 
     def wait_event(self, stream: int, event: Any) -> None:
-        """Make ``stream`` wait for ``event``'s last recording (none yet: no wait)."""
-        self._check("cuStreamWaitEvent", self._d.cuStreamWaitEvent(self._stream(stream), event, 0))
+        """Make ``stream`` wait for ``event``'s last recording (none yet: no wait); ``event``
+        is :meth:`new_event`'s or a CuPy event (a transport's)."""
+        ptr = getattr(event, "ptr", None)
+        handle = event if ptr is None else self._d.CUevent(ptr)
+        self._check("cuStreamWaitEvent",
+                    self._d.cuStreamWaitEvent(self._stream(stream), handle, 0))  # fmt: skip
 
     def destroy_event(self, event: Any) -> None:
         """Free ``event`` (a wait queued on it still completes)."""

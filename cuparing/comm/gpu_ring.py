@@ -378,10 +378,18 @@ class GpuRing(Ring):
         it) but arm no flight.
 
         Yields:
-            What a replay of the graph must change in the transport's captured operations, or
-            None (nothing: NCCL's). Otherwise an object with ``matches()`` (whether the graph
-            may replay now), ``patch(executable)`` (before a launch; raises RuntimeError if
-            the driver refuses) and ``advance()`` (after it).
+            What replays of the graph need of the transport's captured operations, or None
+            (nothing: NCCL's). Otherwise an object with ``matches()`` (whether the graph may
+            replay now), ``key()`` (the transport's state now: instantiations of the graph
+            given one state's values replay alike), ``patch(executable)`` (gives an
+            instantiation the values of the state now, before its launch; raises RuntimeError
+            if the driver refuses), ``before_launch(stream, after_last)`` (orders the launch
+            stream, a raw handle, after what the graph's exchanges depend on outside it, but
+            for the last launch where ``after_last`` says the stream waits for it already;
+            raises RuntimeError if the driver refuses), ``advance(stream)`` (after a launch on
+            ``stream``: records ``launched``; where the record is refused the ring fails and
+            it raises RingError) and ``launched`` (an event, the last launch's end, which the
+            caller's replays wait for on another stream; it outlives ``release()``).
 
         Raises:
             RuntimeError: the ring is not :attr:`capturable`.

@@ -27,50 +27,92 @@ exchange's *received* event, which ``wait()`` hands to the caller's stream as on
 ``cuStreamWaitValue32`` (NVIDIA's cuda-bindings); after a channel's setup no exchange sends a host
 message or waits for another process. A rank's flag words are ``ready[s]`` and ``done[s]``. Each
 lives in the memory of the GPU whose stream waits on it, so every wait polls local memory and the
-only access to a peer's memory is a write through its IPC mapping, as the copies are:
+only access to a peer's memory is a write through its IPC mapping, as the copies are.
+
+The words hold one-hot *phases*, which repeat every four exchanges of a channel: exchange
+``k`` has ``phase(k) = 1 << ((k >> 1) & 1)``, 1 or 2, so the exchanges that use one slot take 1
+and 2 in turn (``phase(-2) = phase(-1) = 2``). A wait is CUDA's ``CU_STREAM_WAIT_VALUE_AND``:
+it ends once ``word & phase != 0``.
 
 - ``ready[s]``, in the reader's memory: after its copies of exchange ``k`` the writer's copy
-  stream writes ``k + 1`` into ``dest``'s ``ready[s]`` (*pushed*); the reader's side stream waits
-  until its own ``ready[s] >= k + 1`` (*await pushed*).
+  stream writes ``phase(k)`` into ``dest``'s ``ready[s]`` (*pushed*); the reader's side stream
+  waits until its own ``ready[s] & phase(k)`` (*await pushed*).
 - ``done[s]``, in the writer's memory: the reader's copy stream, at the reader's exchange ``k``,
-  writes ``k - 1`` (the value exchange ``k - 2`` pushed) into ``source``'s ``done[s]`` (*freed*);
-  the writer's copy stream waits until its own ``done[s] >= k - 1`` (*await freed*). For
-  ``k < 2`` these are ``-1`` and ``0``: the cleared word satisfies the wait at once, and the
-  written value is behind every later awaited one (``-1`` is ``2**32 - 1``, which the cyclic
-  comparison below puts before ``1``). Issuing them anyway gives every exchange the same
-  operations, which a captured call relies on (:mod:`cuparing.backends.ring_graphs`: a graph
-  of exchanges replays them with their values moved on, :class:`_CapturedExchanges`).
+  writes ``phase(k - 2)`` (the phase exchange ``k - 2`` pushed) into ``source``'s ``done[s]``
+  (*freed*); the writer's copy stream waits until its own ``done[s] & phase(k - 2)`` (*await
+  freed*).
 
-The values of a word only grow (``ready[s]``: ``s + 1, s + 3, ...``), so no flag is ever reset:
-they are cleared once, when the channel is set up and before any peer learns of the memory
-(``cudaMalloc`` does not clear, and a stale word would satisfy a wait). The comparison is CUDA's
-cyclic one, ``(int32)(word - value) >= 0``, which stays right after the values wrap at 2**32
-(a word and the value awaited on it differ by a few exchanges, far less than 2**31).
+A channel's setup writes 0 into its ``ready`` words, which no wait accepts, and ``phase(-2) =
+2`` into its ``done`` words, so that *await freed* of exchanges 0 and 1 (``phase(-2)``,
+``phase(-1)``) holds at once and their *freed* writes the value the word already holds; both
+before any peer learns of the memory (``cudaMalloc`` does not clear, and a stale word would
+satisfy a wait). Issuing them anyway gives every exchange the same operations, which a captured
+call relies on (:mod:`cuparing.backends.ring_graphs`). Since the values depend on ``k mod 4``
+only, a graph of exchanges replays with the values it was given once: one instantiation of the
+graph per channel count modulo 4 (:class:`_CapturedExchanges`).
 
-No stale read: ``ready[s] >= k + 1`` holds only once the push of exchange ``k`` has been written
-(a writer's pushes follow each other on its copy stream), and a stream memory write is ordered
-after the copies queued before it on its stream and, by default, behind a system-wide memory
-barrier: the ordering an interprocess event recorded after the copies gives the host handshake.
-No early overwrite: the writer pushes exchange ``k + 2`` into slot ``s`` only after
-``done[s] >= k + 1``, which the reader writes at its exchange ``k + 2``, after every read of
-exchange ``k``'s data queued before that call. No deadlock: every rank issues the same
-exchanges in the same order, and within one exchange *freed* comes before *await freed* and
-*pushed* before *await pushed*. Each wait is thus satisfied by a peer's write issued at an
-earlier point of the common sequence, or by this rank's own earlier work, and no chain of waits
-leads back to itself, also where a GPU runs some streams' work behind others' (the caveat the
-driver's documentation gives for stream memory operations).
+One rule more than the host handshake needs: exchange ``k``'s *await pushed* must have been
+evaluated before the reader's exchange ``k + 2`` on the channel frees the slot (the argument below
+rests on it). The copy stream therefore waits for exchange ``k``'s *received* event (recorded on
+the side stream after *await pushed*) before *freed* of exchange ``k + 2``, always: one stream wait
+per exchange (about a microsecond of host time), already satisfied on the GPU where the caller
+waited for exchange ``k`` on the stream it issues from. A caller's ``wait()`` is not relied on: it
+may come on another stream, late, or never (an exception between exchange and wait, then a retry),
+and the ring would otherwise have to track which exchanges were waited for where, through captures
+and replays, keeping their flights alive. Each channel keeps per slot only an event that follows
+its last exchange's *await pushed*. Inside a CUDA-graph capture (:class:`_CapturedExchanges`) the
+wait is an edge of the graph where exchange ``k`` was captured too; where it was issued before the
+capture, each launch of the graph first makes the launch stream wait for the last exchange on every
+slot the graph uses, and after the launch an event recorded on that stream stands for the graph's
+exchanges (a graph ends only when all its nodes have, the side stream's waits included), which the
+next exchange on the slot waits for in turn.
+
+Which values a word can hold when a wait is evaluated (on one channel; ``s = k % 2``; the writes
+into one word come from one peer's copy stream, in order, and a word holds the last of them):
+
+- *await freed* of exchange ``k`` (the writer's ``done[s]``): the reader's *freed* of exchange
+  ``k + 2`` comes after the reader's *await pushed* of exchange ``k`` ended (the rule above),
+  hence after the writer's push of ``k``, hence after this wait ended; so the word holds a value
+  the reader wrote at an exchange ``<= k``. The writer's *await freed* of exchange ``k - 2``
+  ended earlier (its copy stream runs them in order), and by the same argument one step back
+  only once the reader's *freed* of ``k - 2`` had landed (for ``k < 4`` that is the setup's
+  value or one equal to it). So the word holds ``phase(k - 4)`` (*freed* of ``k - 2``, not yet
+  that of ``k``) or ``phase(k - 2)`` (*freed* of ``k``): two different one-hot values, of which
+  only the second satisfies the wait.
+- *await pushed* of exchange ``k`` (the reader's ``ready[s]``): the writer pushes exchange
+  ``k + 2`` only after its *await freed* of ``k + 2`` ended, which by the above needs the
+  reader's *freed* of ``k + 2``, which comes after this wait was evaluated (the rule above).
+  The reader's *await pushed* of ``k - 2`` ended before (its side stream runs them in order)
+  and, by induction, only on the push of ``k - 2``. So the word holds ``phase(k - 2)`` (0 for
+  ``k < 2``: the setup's value) or ``phase(k)``, and only the push of exchange ``k`` satisfies
+  the wait.
+
+No stale read: *await pushed* of ``k`` thus ends only once the push of exchange ``k`` has been
+written, and a stream memory write is ordered after the copies queued before it on its stream and,
+by default, behind a system-wide memory barrier: the ordering an interprocess event recorded after
+the copies gives the host handshake. No early overwrite: the writer pushes exchange ``k + 2`` into
+slot ``s`` only after *await freed* of ``k + 2``, which by the above ends only on the reader's
+*freed* of exchange ``k + 2``, issued after every read of exchange ``k``'s data queued before that
+call. No deadlock: every rank issues the same exchanges in the same order, and within one exchange
+*freed* comes before *await freed* and *pushed* before *await pushed*. Each wait is thus satisfied
+by a peer's write issued at an earlier point of the common sequence, or by this rank's own earlier
+work (the copy stream's wait for the *received* event of exchange ``k - 2``, and a launch's wait
+for the exchanges before the graph, refer to earlier exchanges too), and no chain of waits leads
+back to itself, also where a GPU runs some streams' work behind others' (the caveat the driver's
+documentation gives for stream memory operations).
 
 A dead or stuck peer leaves an exchange's *received* event unfinished; the host never blocks on
 it, and the ring core's watchdog raises :class:`RingTimeoutError` after ``timeout`` (the failure
 channel of rings built by ``from_env`` tells every rank of a process's death within about a
 second). On that failure the device mode releases its own streams, as NCCL's abort ends its
-kernels: it writes values far ahead of any awaited one into this rank's own flag words, so the
-copy and side streams' waits end and work queued behind them (the caller's stream) runs on void
-data instead of never (a blocking synchronisation, a loss's ``.item()``, returns; the next call
-of the ring raises). The watchdog writes them again every few polls until the ring closes, since
-a neighbour's flag write queued before the failure may land after the release and undo it. The
-host handshake cannot: a stream waiting on a dead peer's event (once
-its host sent the message) waits for good, and work queued behind it never runs. With it, after
+kernels: it writes all ones (``0xFFFFFFFF``, which satisfies every AND wait) into this rank's
+own flag words, so the copy and side streams' waits end and work queued behind them (the
+caller's stream) runs on void data instead of never (a blocking synchronisation, a loss's
+``.item()``, returns; the next call of the ring raises). The watchdog writes them again every
+few polls until the ring closes, since a neighbour's flag write queued before the failure may
+land after the release and undo it. The host handshake cannot: a stream waiting on a dead
+peer's event (once its host sent the message) waits for good, and work queued behind it never
+runs. With it, after
 a failure poll (``ring.synchronize()``, ``ring.check()``) rather than block in a CUDA
 synchronisation, and end the process. After a failure nothing is freed.
 
@@ -120,8 +162,9 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .base import CaptureDeferred, RingError, RingTimeoutError
 from .gpu_ring import Flight, GpuRing, fresh
@@ -137,8 +180,16 @@ _SLOT_BYTES = struct.Struct("!Q")
 # a setup message: the channel's digest, the sender's mode, its slot size, its memory handle
 _HEADER = _DIGEST + 1 + _SLOT_BYTES.size + _HANDLE
 _READY_AT, _DONE_AT = 0, 8  # byte offsets of ready[0..1] and done[0..1] in the flag words
-_WORD = 0xFFFFFFFF
+_WORD = 0xFFFFFFFF  # all ones: satisfies every AND wait (the failure release)
+_KEYS = 4  # flag values repeat every four exchanges of a channel
 FLAGS_ENV = "CUPARING_IPC_FLAGS"  # "0": the host handshake even where device flags would work
+
+
+def flag_phase(k: int) -> int:
+    """The one-hot value exchange ``k`` of a channel writes and awaits (the module doc): 1 or 2,
+    the same for ``k`` and ``k + 4``, different for ``k`` and ``k + 2``; ``flag_phase(-2) ==
+    flag_phase(-1) == 2``."""
+    return 1 << ((k >> 1) & 1)
 
 
 def import_driver():
@@ -173,11 +224,25 @@ class _Channel:
     # device flags: source's memory, opened (remote_base where source is dest), and the words
     source_base: int = 0
     words: _Words | None = None
+    # device flags, per slot: where the last exchange on it has evaluated its *await pushed*
+    # (a _Received; None: no exchange on the slot yet), which the copy stream waits for before
+    # the slot's next *freed* (the module doc)
+    previous: list = field(default_factory=lambda: [None, None])
 
     @property
     def flags_at(self) -> int:
         """Byte offset of the flag words in a channel's memory (the same on every rank)."""
         return 2 * self.slot_bytes
+
+
+class _Received(NamedTuple):
+    """A point on the GPU after which a slot's last exchange has evaluated its *await pushed*:
+    ``event``'s latest record, on the stream whose raw handle is ``stream``, recorded inside
+    the capture ``capture`` (None: outside any; it ran or will run)."""
+
+    event: Any
+    stream: int
+    capture: _CapturedExchanges | None = None
 
 
 @dataclass
@@ -231,15 +296,22 @@ class IpcRing(GpuRing):
     @property
     def _transport_capturable(self) -> bool:
         # device flags: the exchange is copies and stream memory operations, which a graph
-        # holds (their values patched per replay: _CapturedExchanges); the host handshake's
-        # host messages are not GPU work
+        # holds (their values set per instantiation: _CapturedExchanges); the host
+        # handshake's host messages are not GPU work
         return self._sync.name == "device"
 
     def _start_capture(self) -> _CapturedExchanges:
         with self.device:
-            record = _CapturedExchanges(self._sync.driver, list(self._channels.values()))
+            record = _CapturedExchanges(self._sync.driver, list(self._channels.values()),
+                                        self._cupy.cuda, self._fail_replay)  # fmt: skip
         self._sync.capture = record
         return record
+
+    def _fail_replay(self, why: str) -> RingError:
+        """A replay's driver call after its launch failed: the ring is unusable; the error to
+        raise."""
+        self._fail(self._error or RingError(f"rank {self.rank}: {why}"))
+        return fresh(self._error)
 
     def _end_capture(self, record: _CapturedExchanges) -> None:
         self._sync.capture = None
@@ -335,7 +407,7 @@ class IpcRing(GpuRing):
         runtime = self._cupy.cuda.runtime
         # our slot's previous contents (exchange k-2) are read by now, and so are those of
         # dest's slot (for k < 2 there were none: the host handshake says nothing, the device
-        # flags write and await values every word already holds; see the module doc)
+        # flags write and await the value the setup gave the words; see the module doc)
         sync.freed(channel, k, flight)
         sync.await_freed(channel, k, flight)
         start = self._mark(COMM)
@@ -350,6 +422,7 @@ class IpcRing(GpuRing):
         self._join.wait_event(self._sent)
         sync.await_pushed(channel, k, flight)  # the source's push into our slot
         flight.event = self._event_on(self._join)
+        sync.received(channel, k, flight)
         # the watchdog takes over from here (host waits of the handshake had their own timeout)
         flight.issued_at = time.monotonic()
         self._arm(flight)
@@ -535,6 +608,9 @@ class _HostHandshake:
         ring._await(channel.source, _READY, channel, k, flight, "push its data into this rank")
         self._runtime.streamWaitEvent(ring._join.ptr, channel.remote_ready[k % 2], 0)
 
+    def received(self, channel: _Channel, k: int, flight: Flight) -> None:
+        """Nothing to note: the host messages order a slot's reuse (the module doc)."""
+
     def release(self, channels: list) -> None:
         """Nothing to release: a stream's wait on a peer's event cannot be ended from here (the
         module doc)."""
@@ -549,7 +625,8 @@ class _DeviceFlags:
     """``sync == "device"``: flag words written and awaited by the streams (the module doc).
 
     The driver's functions, the flags and the raw stream handles are looked up once: an exchange
-    costs four driver calls here and creates no Python object beyond their arguments.
+    costs four driver calls here, and one stream wait for the slot's previous exchange, and
+    creates no Python object beyond their arguments and that exchange's note (``received``).
     """
 
     name, code, reason = "device", b"d", None
@@ -558,28 +635,37 @@ class _DeviceFlags:
         self._ring, self.driver = ring, driver
         self._wait_value = driver.cuStreamWaitValue32
         self._write_value = driver.cuStreamWriteValue32
-        self._geq = int(driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ)
+        # a wait ends once the word and the awaited phase share a bit: all ones (the failure
+        # release) satisfies every wait, 0 (a ready word before the first push) none
+        self._and = int(driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_AND)
         # the default write is preceded by a system-wide memory barrier: the copies before it
         # are visible to whoever sees the flag
         self._fenced = int(driver.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
         self._copy = driver.CUstream(ring.stream.ptr)
         self._side = driver.CUstream(ring._join.ptr)
+        self._side_handle = ring._join.ptr
         self.capture: _CapturedExchanges | None = None  # while the ring's exchanges are captured
         self._release_stream = None
         self._release_lock = threading.Lock()
 
     def exports(self, channel: _Channel) -> tuple[bytes, bytes]:
-        """Clear this rank's flag words; the memory handle in the header is all peers need."""
-        self._clear(channel)
+        """Give this rank's flag words their first values; the memory handle in the header is
+        all peers need."""
+        self._initialise(channel)
         return b"", b""
 
-    def _clear(self, channel: _Channel) -> None:
-        cupy = self._ring._cupy
+    def _initialise(self, channel: _Channel) -> None:
+        """``ready`` words 0 (no push yet), ``done`` words ``flag_phase(-2)`` (nothing to read
+        yet: the module doc)."""
+        cupy, driver = self._ring._cupy, self.driver
         # a fresh stream: the ring's own may be waiting on a peer. Synchronised before any peer,
         # told of the memory only after this, can write a flag
         stream = cupy.cuda.Stream(non_blocking=True)
-        cupy.cuda.runtime.memsetAsync(channel.memory.ptr + channel.flags_at, 0, _ALIGN,
-                                      stream.ptr)  # fmt: skip
+        flags = channel.memory.ptr + channel.flags_at
+        cupy.cuda.runtime.memsetAsync(flags, 0, _ALIGN, stream.ptr)
+        for s in range(2):
+            word = driver.CUdeviceptr(flags + _DONE_AT + 4 * s)
+            self._issue_write(driver.CUstream(stream.ptr), word, flag_phase(s - 2))
         stream.synchronize()
 
     def open(self, channel: _Channel, from_dest: bytes, source_handle: bytes,
@@ -601,40 +687,66 @@ class _DeviceFlags:
                                words(channel.source_base, _DONE_AT))  # fmt: skip
 
     def freed(self, channel: _Channel, k: int, flight: Flight) -> None:
-        self._write(self._copy, channel.words.source_done[k % 2], k - 1, channel)
+        self._after_previous(channel, k % 2)
+        self._write(self._copy, channel.words.source_done[k % 2], k - 2, channel)
 
     def await_freed(self, channel: _Channel, k: int, flight: Flight) -> None:
-        self._wait(self._copy, channel.words.done[k % 2], k - 1, channel)
+        self._wait(self._copy, channel.words.done[k % 2], k - 2, channel)
 
     def pushed(self, channel: _Channel, k: int, flight: Flight) -> None:
-        self._write(self._copy, channel.words.dest_ready[k % 2], k + 1, channel)
+        self._write(self._copy, channel.words.dest_ready[k % 2], k, channel)
 
     def await_pushed(self, channel: _Channel, k: int, flight: Flight) -> None:
-        self._wait(self._side, channel.words.ready[k % 2], k + 1, channel)
+        self._wait(self._side, channel.words.ready[k % 2], k, channel)
 
-    def _write(self, stream: Any, word: Any, value: int, channel: _Channel) -> None:
-        """An exchange's flag write on one of the ring's streams (recorded while captured)."""
-        (err,) = self._write_value(stream, word, value & _WORD, self._fenced)
-        if err:
-            raise RuntimeError(f"cuStreamWriteValue32 of {value & _WORD} failed: {err!r}")
-        if self.capture is not None:
-            self.capture.add(stream, channel, True, word, value, self._fenced)
+    def received(self, channel: _Channel, k: int, flight: Flight) -> None:
+        """Exchange ``k`` is issued (``flight.event``, on the side stream, follows its *await
+        pushed*): the copy stream's *freed* of exchange ``k + 2`` waits for it."""
+        channel.previous[k % 2] = _Received(flight.event, self._side_handle, self.capture)
 
-    def _wait(self, stream: Any, word: Any, value: int, channel: _Channel) -> None:
-        """An exchange's flag wait on one of the ring's streams (recorded while captured)."""
-        (err,) = self._wait_value(stream, word, value & _WORD, self._geq)
-        if err:
-            raise RuntimeError(f"cuStreamWaitValue32 for {value & _WORD} failed: {err!r}")
+    def _after_previous(self, channel: _Channel, slot: int) -> None:
+        """Before *freed* of exchange ``k`` (``slot = k % 2``): the copy stream waits for the
+        *received* event of exchange ``k - 2``, so that its *await pushed* was evaluated before
+        the writer may push exchange ``k`` (whose phase that wait would not accept: the module
+        doc). Inside a capture the wait is a graph edge where exchange ``k - 2`` was captured
+        too; one issued before the capture is waited for by each launch of the graph instead
+        (:meth:`_CapturedExchanges.before_launch`): a captured stream cannot wait for work
+        outside its graph."""
+        previous = channel.previous[slot]
+        if previous is None or previous.capture is not self.capture:
+            return
+        self._ring.stream.wait_event(previous.event)
+
+    def _write(self, stream: Any, word: Any, step: int, channel: _Channel) -> None:
+        """An exchange's flag write of ``flag_phase(step)`` on one of the ring's streams
+        (recorded while captured)."""
+        self._issue_write(stream, word, flag_phase(step))
         if self.capture is not None:
-            self.capture.add(stream, channel, False, word, value, self._geq)
+            self.capture.add(stream, channel, True, word, step, self._fenced)
+
+    def _issue_write(self, stream: Any, word: Any, value: int) -> None:
+        (err,) = self._write_value(stream, word, value, self._fenced)
+        if err:
+            raise RuntimeError(f"cuStreamWriteValue32 of {value} failed: {err!r}")
+
+    def _wait(self, stream: Any, word: Any, step: int, channel: _Channel) -> None:
+        """An exchange's wait for ``flag_phase(step)`` on one of the ring's streams (recorded
+        while captured)."""
+        value = flag_phase(step)
+        (err,) = self._wait_value(stream, word, value, self._and)
+        if err:
+            raise RuntimeError(f"cuStreamWaitValue32 for {value} failed: {err!r}")
+        if self.capture is not None:
+            self.capture.add(stream, channel, False, word, step, self._and)
 
     def release(self, channels: list) -> None:
-        """After a failure: write values far ahead of any awaited one into this rank's own flag
-        words, so every wait of its streams ends. What they then read is void (every call of
-        the failed ring raises), and a peer that is in fact alive has been told of the failure
-        by the failure channel; this rank's pushes that the release lets through land in slots
-        only a failed ring reads. The watchdog writes it again every few polls until the ring
-        closes: a peer's write queued before the failure may land after it."""
+        """After a failure: write all ones into this rank's own flag words, so every wait of its
+        streams ends (an AND wait accepts any word that shares a bit with its phase). What they
+        then read is void (every call of the failed ring raises), and a peer that is in fact
+        alive has been told of the failure by the failure channel; this rank's pushes that the
+        release lets through land in slots only a failed ring reads. The watchdog writes it
+        again every few polls until the ring closes: a peer's write queued before the failure
+        may land after it."""
         with self._release_lock:  # (the failing thread and the watchdog's renewals)
             if self._release_stream is None:
                 # a stream of its own (the ring's are waiting), kept until the ring goes: its
@@ -647,10 +759,9 @@ class _DeviceFlags:
         for channel in channels:
             if channel.words is None:
                 continue
-            ahead = (channel.count + (1 << 30)) & _WORD  # (cyclic: "ahead" of every wait)
             for word in (*channel.words.ready, *channel.words.done):
                 with contextlib.suppress(Exception):
-                    self._write_value(handle, word, ahead, self._fenced)
+                    self._write_value(handle, word, _WORD, self._fenced)
 
     def close(self, channel: _Channel) -> None:
         if channel.source_base and channel.source_base != channel.remote_base:
@@ -660,35 +771,65 @@ class _DeviceFlags:
 
 class _CapturedExchanges:
     """The device flags' stream memory operations of the exchanges captured into one CUDA graph
-    (one node each), and what a replay changes in them.
+    (one node each), and what replays need of them.
 
-    The flag values of exchange ``k`` are ``k - 1`` and ``k + 1`` (the module doc), so a replay
-    that comes ``d`` exchanges after the captured ones on a channel writes and awaits every
-    captured value plus ``d``: each node takes its new value before the launch
-    (``cuGraphExecBatchMemOpNodeSetParams``, read at launch), and the channel's count moves on
-    by the exchanges the graph makes, so eager exchanges continue the sequence. The graph's
-    copies and the arrays its kernels read are fixed to the captured slots ``k % 2``: it
-    replays only where ``d`` is even on every channel it uses (:meth:`matches`; a call that
-    makes an odd number of exchanges on a channel has a second graph for the other parity).
+    The flag values of exchange ``k`` are ``flag_phase(k)`` and ``flag_phase(k - 2)`` (the
+    module doc), which repeat every four exchanges: a replay that comes ``d`` exchanges after
+    the captured ones on a channel needs the captured values where ``d % 4 == 0`` and the other
+    phase where ``d % 4 == 2``. An instantiation of the graph whose nodes were given the values
+    of one :meth:`key` (:meth:`patch`, once, when it is made; the captured nodes hold those of
+    the capture's own key) thus serves every replay at that key unchanged, and the caller keeps
+    one per key (:class:`cuparing.backends.ring_graphs.CapturedRingCall`). The channels' counts
+    move on by the exchanges the graph makes at each launch (:meth:`advance`), so eager
+    exchanges continue the sequence. The graph's copies and the arrays its kernels read are
+    fixed to the captured slots ``k % 2``: it replays only where ``d`` is even on every channel
+    it uses (:meth:`matches`; a call that makes an odd number of exchanges on a channel has a
+    second graph for the other parity).
+
+    Each launch is ordered after the exchanges issued before it on the slots the graph uses
+    (:meth:`before_launch`: the first *freed* of each slot in the graph needs them, the module
+    doc), and after it one event recorded on the launch stream (:attr:`launched`) stands for the
+    graph's exchanges on those slots (:meth:`advance`): the graph ends only once every captured
+    stream is done (a capture joins them back into the caller's stream), so the next exchange
+    on the slot, eager or replayed, waits for that. The caller's replays take the same event as
+    the launch's end (a replay on another stream waits for it), so a replay records one event.
 
     Args:
         driver: cuda-bindings' driver module.
-        channels: every channel of the ring (their counts now are the captured call's start).
+        channels: every channel of the ring (their counts and slots' predecessors now are the
+            captured call's start).
+        cuda: ``cupy.cuda`` (the launches' events and stream waits).
+        fail: fails the ring, given why (a refused record after a launch); the error to
+            raise.
+
+    Attributes:
+        launched: the event (a CuPy event) :meth:`advance` records after each launch.
     """
 
-    def __init__(self, driver: Any, channels: list[_Channel]):
+    def __init__(self, driver: Any, channels: list[_Channel], cuda: Any,
+                 fail: Callable[[str], RingError]):  # fmt: skip
         self._driver = driver
         self._ctx = driver.cuCtxGetCurrent()[1]
+        self._runtime = cuda.runtime
         self._all = channels
         self._start = {id(c): c.count for c in channels}
+        self._previous = {id(c): list(c.previous) for c in channels}
         self._channels: dict[int, _Channel] = {}  # those the call exchanged on
         self._made: dict[int, int] = {}  # exchanges per call, by channel
-        self._ops: list[tuple] = []  # (channel id, node, params, value field, captured value)
+        self._slots: list[tuple[int, int]] = []  # (channel id, slot) the call exchanged on
+        self._ops: list[tuple] = []  # (channel id, node, params, value field, captured step)
+        # recorded on the launch stream after each launch (made now, in the ring's device); the
+        # caller's replays use it as their end too. A cupy Event: it lives as long as a
+        # channel's slot still refers to it, after release() too
+        self.launched = cuda.Event(disable_timing=True)
+        self._record: _Received | None = None  # (launched, the last launch's stream)
+        self._fail = fail
         self._released = False
 
-    def add(self, stream: Any, channel: _Channel, write: bool, word: Any, value: int,
+    def add(self, stream: Any, channel: _Channel, write: bool, word: Any, step: int,
             flags: int) -> None:  # fmt: skip
-        """Record the operation just captured on ``stream`` (its node is the stream's last)."""
+        """Record the operation just captured on ``stream`` (its node is the stream's last),
+        which writes or awaits ``flag_phase(step)``."""
         d = self._driver
         result = d.cuStreamGetCaptureInfo(stream)
         if result[0] != d.CUresult.CUDA_SUCCESS or len(result[4]) != 1:
@@ -698,51 +839,106 @@ class _CapturedExchanges:
         kinds = d.CUstreamBatchMemOpType
         operand.operation = kinds.CU_STREAM_MEM_OP_WRITE_VALUE_32 if write else (
             kinds.CU_STREAM_MEM_OP_WAIT_VALUE_32)  # fmt: skip
-        operand.address, operand.value, operand.flags = word, value & _WORD, flags
+        operand.address, operand.value, operand.flags = word, flag_phase(step), flags
         params = d.CUDA_BATCH_MEM_OP_NODE_PARAMS()
         params.ctx, params.count, params.paramArray, params.flags = self._ctx, 1, [op], 0
-        # the node's operation as the params hold it (setting paramArray copied ``op``): a
-        # replay sets its value there
+        # the node's operation as the params hold it (setting paramArray copied ``op``): an
+        # instantiation for another key sets its value there
         kept = params.paramArray[0]
         operand = kept.writeValue if write else kept.waitValue
         self._channels[id(channel)] = channel
-        self._ops.append((id(channel), result[4][0], params, operand, value))
+        self._ops.append((id(channel), result[4][0], params, operand, step))
 
     def finish(self) -> None:
         """At the capture's end (whether or not it succeeded): nothing ran, so every channel's
-        count goes back to the start (the replays move them on)."""
+        count and slots' predecessors go back to the start (the replays move them on)."""
         for channel in self._all:
             key = id(channel)
             if key in self._channels:
-                self._made[key] = channel.count - self._start[key]
+                self._made[key] = made = channel.count - self._start[key]
+                # (a replay starts at the captured parity: the same slots)
+                start = self._start[key]
+                self._slots += [(key, s % 2) for s in range(start, start + min(made, 2))]
             channel.count = self._start[key]
+            channel.previous = self._previous[key]
         # from here only the channels the graph uses (the others, and their memory, are not
         # the graph's to keep alive)
-        self._all = []
+        self._all, self._previous = [], {}
         self._start = {key: self._start[key] for key in self._channels}
 
+    def key(self) -> tuple[int, ...]:
+        """Where the channels the graph uses stand in the flag values' cycle: their counts
+        since the capture, modulo 4 (each 0 or 2 where :meth:`matches`); the capture's own is
+        all zeros. Instantiations given the values of one key (:meth:`patch`) replay alike."""
+        return tuple((c.count - self._start[key]) % _KEYS for key, c in self._channels.items())
+
     def patch(self, executable: Any) -> None:
-        """Give each recorded node of ``executable`` its values for the channels' counts now.
+        """Give each recorded node of ``executable`` its value for the channels' counts now
+        (for the current :meth:`key`).
 
         Raises:
             RuntimeError: the driver refused (nothing was launched).
         """
         d = self._driver
-        for key, node, params, operand, value in self._ops:
-            operand.value = (value + self._channels[key].count - self._start[key]) & _WORD
+        for key, node, params, operand, step in self._ops:
+            operand.value = flag_phase(step + self._channels[key].count - self._start[key])
             (err,) = d.cuGraphExecBatchMemOpNodeSetParams(executable, node, params)
             if err != d.CUresult.CUDA_SUCCESS:
                 raise RuntimeError(f"cuGraphExecBatchMemOpNodeSetParams failed: {err!r}")
 
-    def advance(self) -> None:
-        """After a launch: each channel has made the graph's exchanges."""
+    def before_launch(self, stream: int, after_last: bool = False) -> None:
+        """Before a launch on ``stream`` (a raw handle): ``stream`` waits for the last exchange
+        on each slot the graph uses (once per event; none where it was recorded on ``stream``,
+        whose order covers it: a steady loop of replays on one stream waits for nothing).
+
+        Args:
+            after_last: ``stream`` already waits for :attr:`launched` (the caller's wait for
+                the last launch, on another stream): a slot whose last exchange is that launch
+                needs no wait of its own.
+
+        Raises:
+            RuntimeError: the runtime refused a wait (nothing was launched).
+        """
+        waited = (self.launched,) if after_last else ()  # (no allocation in a steady loop)
+        for key, slot in self._slots:
+            previous = self._channels[key].previous[slot]
+            if previous is None or previous.stream == stream or previous.event in waited:
+                continue
+            self._runtime.streamWaitEvent(stream, previous.event.ptr, 0)
+            waited += (previous.event,)
+
+    def advance(self, stream: int) -> None:
+        """After a launch on ``stream``: each channel has made the graph's exchanges, and
+        :attr:`launched`, recorded on ``stream`` now, is the slots' predecessor for the next
+        exchange (and the launch's end for the caller's next launch on another stream).
+
+        Where the runtime refuses the record the slots have no predecessor to wait for (the
+        next exchange issued from another stream would not be ordered after the graph, and
+        could leave a peer waiting for good): the ring fails.
+
+        Raises:
+            RingError: the runtime refused the record (the ring has failed).
+        """
+        channels = self._channels
         for key, made in self._made.items():
-            self._channels[key].count += made
+            channels[key].count += made
+        try:
+            self._runtime.eventRecord(self.launched.ptr, stream)
+        except Exception as exc:
+            for key, slot in self._slots:
+                channels[key].previous[slot] = None
+            raise self._fail(f"recording the end of a replayed CUDA graph failed: "
+                             f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
+        record = self._record
+        if record is None or record.stream != stream:  # (one record per launch stream)
+            record = self._record = _Received(self.launched, stream)
+        for key, slot in self._slots:
+            channels[key].previous[slot] = record
 
     def release(self) -> None:
         """Drop the channels and nodes (the graph is gone): their memory is the ring's to free
         (``release_buffers``, ``close``). Matches nothing from then on."""
-        self._all, self._channels, self._ops, self._made = [], {}, [], {}
+        self._all, self._channels, self._ops, self._made, self._slots = [], {}, [], {}, []
         self._released = True
 
     def matches(self) -> bool:

@@ -17,6 +17,10 @@ buffer still being read) or on the ring's transfer stream (data late: compute mu
 buffer still being written). The forward has no atomics, so every disturbed run must reproduce the
 undisturbed output and LSE bit for bit; a missing wait anywhere shows up as a moved bit.
 
+``replay-cycle``: a training loop's ring calls replayed as CUDA graphs for many steps, two input
+sets in turn: every step right, and the copy-engine ring's replays give no flag node a value once
+its graphs have met each state of their channels' counts modulo 4.
+
 ``killed``: rank 1 dies (``os._exit(1)``) in the middle of the ring; every other rank must print
 ``CAUGHT`` with a ``RingTimeoutError``/``RingError`` within the ring timeout (20 s) instead of
 hanging (the failure channel tells them within about a second). ``killed-graph``: the same while
@@ -342,14 +346,22 @@ def run_case(ring, index, case, report) -> None:
            f"{solo_lse_err:.2e} (limit {lse_limit:.2e})")  # fmt: skip
 
 
-def check() -> int:
-    ring = cr.Ring.from_env(timeout=120)
+def reporter():
+    """``report(ok, line)``, which prints a ``PASS``/``FAIL`` line, and the list of the failed
+    lines it fills."""
     failures = []
 
     def report(ok: bool, line: str) -> None:
         print(("PASS " if ok else "FAIL ") + line, flush=True)
         if not ok:
             failures.append(line)
+
+    return report, failures
+
+
+def check() -> int:
+    ring = cr.Ring.from_env(timeout=120)
+    report, failures = reporter()
 
     count = 0
     for index, case in enumerate(cases()):
@@ -571,7 +583,92 @@ def killed_graph() -> int:
     return 0
 
 
+def replay_cycle() -> int:
+    """``replay-cycle``: a training loop's ring calls (forward, then backward, torch tensors)
+    for 16 steps, two input sets in turn, replayed as CUDA graphs from the second step where
+    the ring can be captured. Every step: the forward bit-identical to its set's first, the
+    gradients within the float64 reference's bounds (a replay that read a slot before the
+    peer's push landed would show the other set's K/V). The copy-engine ring's graphs take one
+    instantiation per state of their channels' counts modulo 4, each given its flag values
+    once: after the first 8 steps (every state met) no replay gives a flag node a value."""
+    import torch
+
+    from cuparing.backends import ring_graphs
+    from cuparing.comm import ipc
+
+    ring = cr.Ring.from_env(timeout=120)
+    report, failures = reporter()
+
+    counts = {"patch": 0, "instantiate": 0, "capture": 0}
+
+    def counting(name, real):
+        def counted(*args):
+            counts[name] += 1
+            return real(*args)
+
+        return counted
+
+    ipc._CapturedExchanges.patch = counting("patch", ipc._CapturedExchanges.patch)
+    ring_graphs.GraphDriver.instantiate = counting("instantiate",
+                                                   ring_graphs.GraphDriver.instantiate)
+    ring_graphs.capture = counting("capture", ring_graphs.capture)
+    world, rank = ring.size, ring.rank
+
+    def local(x, axis=1):
+        return cr.shard(x, rank, world, layout="zigzag", axis=axis)
+
+    def device(x):
+        bits = np.ascontiguousarray(local(x).view(np.uint16))
+        return torch.from_numpy(bits).cuda().view(torch.bfloat16)
+
+    sets = []
+    for seed in (31, 32):
+        q, k, v, dout = global_inputs(seed, world, (8, 2), 128, "bfloat16")
+        sets.append((Reference(q, k, v, dout, causal=True), [device(x) for x in (q, k, v, dout)]))
+    steps, tail = 16, 8
+    first = [None, None]
+    for step in range(steps):
+        if step == steps - tail:
+            patched, replays = counts["patch"], GRAPH_REPLAYS["count"]
+        which = step % 2
+        ref, (q_l, k_l, v_l, dout_l) = sets[which]
+        torch.full((1 << 22,), float("nan"), device="cuda")
+        out, lse = cr.ring_attention(q_l, k_l, v_l, ring, causal=True, layout="zigzag",
+                                     return_lse=True)  # fmt: skip
+        grads = cr.ring_attention_backward(dout_l, q_l, k_l, v_l, out, lse, ring, causal=True,
+                                           layout="zigzag")  # fmt: skip
+        name = f"step {step} (set {which})"
+        if first[which] is None:
+            first[which] = (out.clone(), lse.clone())
+            err, bound = norm_error(to_host(out), local(ref.out)), ref.kernel_out_bound(
+                select=local)  # fmt: skip
+            report(err <= bound, f"{name} out: err {err:.2e} (bound {bound:.2e})")
+        same = torch.equal(out, first[which][0]) and torch.equal(lse, first[which][1])
+        report(same, f"{name} forward bit-identical to the set's first: {same}")
+        for i, (label, got) in enumerate(zip(("dq", "dk", "dv"), grads, strict=True)):
+            err = norm_error(to_host(got), local(ref.grads[i]))
+            bound = ref.bound(label, i, select=local)
+            report(err <= bound, f"{name} {label}: err {err:.2e} (bound {bound:.2e})")
+    ring.synchronize()
+    graphs = graphs_expected(ring)
+    replayed = GRAPH_REPLAYS["count"] - replays
+    report(replayed == (2 * tail if graphs else 0),
+           f"graph replays in the last {tail} steps: {replayed}")  # fmt: skip
+    print(f"INFO captures {counts['capture']}, instantiations {counts['instantiate']}, flag "
+          f"values given {counts['patch']} times", flush=True)  # fmt: skip
+    if graphs and type(ring).__name__ == "IpcRing":
+        late = counts["patch"] - patched
+        report(late == 0, f"flag values given in the last {tail} steps: {late} (expected 0)")
+        # each instantiation beyond a graph's first is given its state's values once
+        extra = counts["instantiate"] - counts["capture"]
+        report(counts["patch"] == extra and extra <= 3 * counts["capture"],
+               f"flag values given {counts['patch']} times for {extra} instantiations beyond "
+               f"the {counts['capture']} graphs' first")  # fmt: skip
+    return finish(ring, len(failures), f"replay-cycle steps={steps}")
+
+
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else "check"
-    modes = {"check": check, "stress": stress, "killed": killed, "killed-graph": killed_graph}
+    modes = {"check": check, "stress": stress, "killed": killed, "killed-graph": killed_graph,
+             "replay-cycle": replay_cycle}
     sys.exit(modes[mode]())
