@@ -36,12 +36,13 @@ class RecordingDriver:
     through the ``void*`` array as the driver reads them (``sizes``: each argument's bytes)."""
 
     def __init__(self, sizes):
-        self.sizes, self.calls = list(sizes), []
+        self.sizes, self.calls, self.streams = list(sizes), [], []
 
-    def launch(self, function, geometry, arguments):
+    def launch(self, function, geometry, arguments, stream=None):
         addresses = (ctypes.c_uint64 * len(self.sizes)).from_address(arguments)
         args = [ctypes.string_at(int(a), n) for a, n in zip(addresses, self.sizes, strict=True)]
         self.calls.append((function, geometry, args))
+        self.streams.append(stream)
 
 
 def _fields(dtype: np.dtype, rng) -> dict:
@@ -169,6 +170,9 @@ def test_several_arguments_at_their_offsets():
     plan.launch(2**40, 2**41 + 16)
     want = [struct.pack("<Q", 2**40), struct.pack("<Q", 2**41 + 16), struct.pack("<q", 1000)]
     assert driver.calls == [(3, (4, 1, 1, 256, 1, 1, 0), want)]
+    # a caller's stream handle reaches the driver as is; without one the driver's current
+    plan.launch(2**40, 2**41 + 16, stream=0x7F00)
+    assert driver.calls[1] == driver.calls[0] and driver.streams == [None, 0x7F00]
 
 
 def test_threads_sharing_a_plan_each_launch_their_own_pointers():

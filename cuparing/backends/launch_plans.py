@@ -79,14 +79,15 @@ class PackedLaunch:
         self._extra_addresses: dict[int, tuple[Any, int]] = {}
         self._driver = driver if driver is not None else cupy_driver()
 
-    def launch(self, *pointers: int) -> None:
-        """Launch on CuPy's current stream with ``pointers`` patched in (``pointer_offsets``
-        order). While a :func:`observe` context is active in this thread, its observer hears of
-        each kernel launched (after the launch)."""
+    def launch(self, *pointers: int, stream: int | None = None) -> None:
+        """Launch with ``pointers`` patched in (``pointer_offsets`` order) on ``stream`` (a raw
+        handle on the current device; default CuPy's current stream). While a :func:`observe`
+        context is active in this thread, its observer hears of each kernel launched (after the
+        launch)."""
         with self._lock:
             arguments = self._pack(pointers)
             for index, function in enumerate(self._functions):
-                self._driver.launch(function, self._geometry, arguments)
+                self._driver.launch(function, self._geometry, arguments, stream)
                 if _observing.observer is not None:
                     _observing.observer(self, pointers, index)
 
@@ -171,10 +172,13 @@ class CupyDriver:
         self._runtime = cupy.cuda.runtime
         self._current_stream = cupy.cuda.get_current_stream
 
-    def launch(self, function: int, geometry: tuple, arguments: int) -> None:
+    def launch(self, function: int, geometry: tuple, arguments: int,
+               stream: int | None = None) -> None:  # fmt: skip
         """Launch ``function`` (a ``CUfunction``) with ``geometry`` = (grid x, y, z, block x, y,
-        z, dynamic shared memory) and ``arguments`` the address of its ``void*`` array."""
-        stream = self._current_stream().ptr
+        z, dynamic shared memory) and ``arguments`` the address of its ``void*`` array, on
+        ``stream`` (a raw handle; default CuPy's current stream)."""
+        if stream is None:
+            stream = self._current_stream().ptr
         try:
             self._launch_kernel(function, *geometry, stream, arguments, 0)
         except self._driver_error as error:
