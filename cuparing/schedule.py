@@ -260,10 +260,15 @@ def ring_backward(
             plan.kinds[step], plan.mask, scale, deterministic=deterministic,
         )  # fmt: skip
 
-    dkv = backward_rotation(ring, [k, v], dkv, busy_steps(plan), home_shift, block)
+    dq_done = []
+
+    def queries_done():
+        dq_done.append(backend.dq_from_accum(dq, q.dtype, out=dq_into))
+
+    dkv = backward_rotation(ring, [k, v], dkv, busy_steps(plan), home_shift, block, queries_done)
     from_ring = plan.last_step > 0 or home_shift > 0
     grads = (
-        backend.dq_from_accum(dq, q.dtype, out=dq_into),
+        dq_done[0],
         _owned(backend, dkv[0], k.dtype, from_ring, dk_into),
         _owned(backend, dkv[1], v.dtype, from_ring, dv_into),
     )
@@ -303,8 +308,11 @@ def run_planned_backward(
             kv[1].data.ptr, flags, grads[1], grads[2],
         )  # fmt: skip
 
-    dkv = backward_rotation(ring, kv, dkv, planned.busy, planned.home_shift, block)
-    planned.finish(dq_acc, dkv[0].data.ptr, dkv[1].data.ptr, *grads)
+    def queries_done():
+        planned.finish_queries(dq_acc, grads[0])
+
+    dkv = backward_rotation(ring, kv, dkv, planned.busy, planned.home_shift, block, queries_done)
+    planned.finish_keys(dkv[0].data.ptr, dkv[1].data.ptr, grads[1], grads[2])
     ring.check()
     return scratch
 
@@ -321,13 +329,17 @@ def kv_grads_whole(plan: RingPlan) -> bool:
     return plan.last_step == 0 and home_shift_of(plan) == 0 and busy_steps(plan)[0]
 
 
-def backward_rotation(ring, kv: list, dkv: list, busy, home_shift: int, compute) -> list:
+def backward_rotation(
+    ring, kv: list, dkv: list, busy, home_shift: int, compute, queries_done=None
+) -> list:  # fmt: skip
     """The backward's order of exchanges and compute, whatever computes: at each step ``t`` of
     ``busy`` the exchange bringing step ``t + 1``'s K/V is started (none after the last),
     ``compute(t, kv, dkv)`` adds into the dK/dV accumulators held at ``t`` where ``busy[t]``,
     then those accumulators travel on, and both exchanges are waited for; after the last step
-    the accumulators go ``home_shift`` ranks on. Returns the dK/dV accumulators of this rank's
-    own shard."""
+    the accumulators go ``home_shift`` ranks on, and ``queries_done()`` (if given: work that
+    needs every step's dQ but no dK / dV, e.g. dQ's conversion) runs before that trip is waited
+    for, so a GPU does it while the accumulators are on their way. Returns the dK/dV
+    accumulators of this rank's own shard."""
     last = len(busy) - 1
     for step, computes in enumerate(busy):
         more = step < last
@@ -339,9 +351,10 @@ def backward_rotation(ring, kv: list, dkv: list, busy, home_shift: int, compute)
             pending_dkv = ring.exchange(dkv, 1, "dkv")
             kv = pending_kv.wait()
             dkv = pending_dkv.wait()
-    if home_shift:
-        dkv = ring.exchange(dkv, home_shift, "dkv_home").wait()
-    return dkv
+    pending_home = ring.exchange(dkv, home_shift, "dkv_home") if home_shift else None
+    if queries_done is not None:
+        queries_done()
+    return dkv if pending_home is None else pending_home.wait()
 
 
 def _owned(backend, x, dtype, from_ring: bool, into=None):

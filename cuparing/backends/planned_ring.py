@@ -152,11 +152,14 @@ class PlannedBackward:
         launch.launch(dout, lse, delta, dq_acc, dk_acc, dv_acc, q, k, v, self._q_pos, k_pos,
                       redo, dq_turns, dkv_turns, dk, dv)  # fmt: skip
 
-    def finish(self, dq_acc: int, dk_acc: int, dv_acc: int, dq: int, dk: int, dv: int) -> None:
-        """The gradients from the accumulators: dq from the dq accumulator, dk / dv cast from the
-        accumulators held (after the trip home) by this rank (where :attr:`direct`, the step
-        wrote them)."""
+    def finish_queries(self, dq_acc: int, dq: int) -> None:
+        """dq from the dq accumulator (complete after the last step: it may run while dK / dV
+        travel home)."""
         self._dq_out.launch(dq_acc, dq)
+
+    def finish_keys(self, dk_acc: int, dv_acc: int, dk: int, dv: int) -> None:
+        """dk / dv cast from the accumulators held (after the trip home) by this rank (where
+        :attr:`direct`, the step wrote them)."""
         if not self.direct:
             self._dkv_out.launch(dk_acc, dk)
             self._dkv_out.launch(dv_acc, dv)
