@@ -15,6 +15,12 @@ same and transfers were free), its lockstep variant ``tiles of the one-GPU launc
 over steps of the busiest rank's tiles at that step)`` (the ring's steps wait for each other),
 and the last ring step any rank needs. The defaults are the sm90 d=128 forward tiles
 (loader.SM90_FWD_CONFIGS).
+
+``walked``: the key tiles the forward kernel actually runs. A CTA walks one contiguous range of
+key tiles per query tile, every key whose position lies in ``[q_min + lo, q_max + hi]``
+(``visible_key_tiles``), EMPTY tiles inside it included (masked whole); a query tile whose rows
+come from two distant pieces of a shard (zigzag's pieces r and 2C-1-r of a document, or the
+ends of two documents) walks everything between them. ``walked / counted`` is what that costs.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import numpy as np
 from bench_varlen import packed_batch
 
 from cuparing import documents, schedule
-from cuparing.masks import MaskSpec
+from cuparing.masks import BlockKind, MaskSpec
 
 
 def tiles(q_pos, k_pos, mask: MaskSpec, block_m: int, block_n: int) -> np.ndarray:
@@ -40,6 +46,20 @@ def tiles(q_pos, k_pos, mask: MaskSpec, block_m: int, block_n: int) -> np.ndarra
     return counts
 
 
+def walked(q_pos, k_pos, mask: MaskSpec, block_m: int, block_n: int) -> int:
+    """Key tiles the kernel walks over all query tiles: per query tile, the tiles of the keys
+    with positions in [q_min + lo, q_max + hi] (one contiguous range; k_pos ascending)."""
+    lo, hi = -mask.left_bound, mask.right_bound
+    total = 0
+    for a in range(0, len(q_pos), block_m):
+        q = q_pos[a : a + block_m]
+        first = int(np.searchsorted(k_pos, int(q[0]) + lo, side="left"))
+        end = int(np.searchsorted(k_pos, int(q[-1]) + hi, side="right"))
+        if end > first:
+            total += (end - 1) // block_n - first // block_n + 1
+    return total
+
+
 def rank_tiles(layout, rank, world, seqlen, cu, block_m, block_n) -> np.ndarray:
     """[steps, query tiles, 3] tile counts of ``rank``'s blocks, ring step by ring step."""
     mask = MaskSpec(True, None, None)
@@ -50,14 +70,16 @@ def rank_tiles(layout, rank, world, seqlen, cu, block_m, block_n) -> np.ndarray:
     else:
         plan = schedule.plan_ring(layout, rank, world, seqlen // world, mask)
         q_pos = plan.q_positions
-    per_step = []
+    per_step, walks = [], 0
     for step in range(world):
         source = plan.source(step)
         k_pos = plan.positions[source]
         if cu is not None:
             k_pos = k_pos[: len(documents.held_tokens(layout, source, world, cu))]
         per_step.append(tiles(q_pos, k_pos, plan.mask, block_m, block_n))
-    return np.stack(per_step)
+        if plan.kinds[step] != BlockKind.EMPTY:
+            walks += walked(q_pos, k_pos, plan.mask, block_m, block_n)
+    return np.stack(per_step), walks
 
 
 def main(argv=None) -> int:
@@ -79,30 +101,33 @@ def main(argv=None) -> int:
         cu = packed_batch(seqlen, args.seed)
     elif args.short:
         cu = packed_batch(seqlen, args.seed, shortest=64, longest=2048)
-    one = rank_tiles("contiguous", 0, 1, seqlen, cu, bm, bn)
+    one, one_walked = rank_tiles("contiguous", 0, 1, seqlen, cu, bm, bn)
     one_total = int(one[..., 1:].sum())
     batch = "one sequence" if cu is None else f"documents {np.diff(cu).tolist()}"
     print(f"S={seqlen}, C={world}, causal, {batch}; tiles {bm}x{bn}")
-    print(f"one GPU: {one_total} tiles, {one[..., 1].sum() / max(one_total, 1):.0%} PARTIAL")
+    print(f"one GPU: {one_total} tiles, {one[..., 1].sum() / max(one_total, 1):.0%} PARTIAL, "
+          f"{one_walked} walked")  # fmt: skip
     print(f"{'layout':<11}{'rank':>5}{'FULL':>7}{'PARTIAL':>8}{'partial%':>9}"
-          f"{'median':>7}{'<=3':>5}")  # fmt: skip
+          f"{'median':>7}{'<=3':>5}{'walked':>8}")  # fmt: skip
     for layout in args.layouts.split(","):
-        busiest, per_step = 0, []
+        busiest, busiest_walked, per_step = 0, 0, []
         for rank in range(world):
-            counts = rank_tiles(layout, rank, world, seqlen, cu, bm, bn)
+            counts, walks = rank_tiles(layout, rank, world, seqlen, cu, bm, bn)
             full, partial = int(counts[..., 2].sum()), int(counts[..., 1].sum())
             per_query_tile = counts[..., 1:].sum(axis=-1).reshape(-1)
             busiest = max(busiest, full + partial)
+            busiest_walked = max(busiest_walked, walks)
             per_step.append(counts[..., 1:].sum(axis=(1, 2)))  # [steps]
             print(f"{layout:<11}{rank:>5}{full:>7}{partial:>8}"
                   f"{partial / max(full + partial, 1):>9.0%}{np.median(per_query_tile):>7.0f}"
-                  f"{int((per_query_tile <= 3).sum()):>5}")  # fmt: skip
+                  f"{int((per_query_tile <= 3).sum()):>5}{walks:>8}")  # fmt: skip
         steps = np.stack(per_step)  # [rank, step]
         busy_steps = np.flatnonzero(steps.any(axis=0))
         last = int(busy_steps[-1]) if len(busy_steps) else 0
         lockstep = one_total / (world * max(int(steps.max(axis=0).sum()), 1))
         print(f"{layout:<11} tile-count efficiency {one_total / (world * busiest):.2f}, "
-              f"lockstep {lockstep:.2f}, last ring step {last}")  # fmt: skip
+              f"lockstep {lockstep:.2f}, walked {one_walked / (world * busiest_walked):.2f}, "
+              f"last ring step {last}")  # fmt: skip
     return 0
 
 
