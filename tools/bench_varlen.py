@@ -16,6 +16,8 @@ batch.
 - one-GPU time: the same kernels on the whole packed sequence on one GPU
   (``cr.attention(..., cu_seqlens=cu)``), timed on every rank's GPU at once; the median rank.
 - parallel efficiency = one-GPU time / (C x ring time): 1.0 means C GPUs are C times as fast.
+  ``par5``: the same for the forward with five calls queued back to back on each side (the
+  host's per-call cost then hides behind the GPU's work, as a model's layers queue them).
 - no-comm efficiency = no-comm time / ring time (tools/bench_ring.py): how much of the loss is
   communication rather than how the layout cuts the documents into kernel tiles.
 - torch CP: PyTorch's ``context_parallel`` asked for the same batch (SDPA with the document mask,
@@ -33,7 +35,7 @@ import sys
 
 import ml_dtypes
 import numpy as np
-from bench_ring import NoCommRing, as_inputs, gather, time_ms
+from bench_ring import NoCommRing, as_inputs, back_to_back_ms, gather, time_ms
 from timing import checkout_commit
 
 import cuparing as cr
@@ -73,20 +75,23 @@ def global_inputs(seqlen: int, seed: int, heads: int = HEADS, heads_kv: int = HE
 
 
 def bench_one_gpu(ring, inputs, cu, repeats, warmup, backward, kind="cupy"):
-    """The whole packed sequence on this rank's GPU: (forward ms, backward ms)."""
+    """The whole packed sequence on this rank's GPU: (forward ms, backward ms, forward ms per
+    call with five queued)."""
     q, k, v, dout = as_inputs(inputs, kind)
     opts = {"causal": True, "cu_seqlens": cu}
     out, lse = cr.attention(q, k, v, return_lse=True, **opts)
     fwd = time_ms(lambda: cr.attention(q, k, v, **opts), ring, repeats, warmup)
+    fwd5 = back_to_back_ms(lambda: cr.attention(q, k, v, **opts), ring, repeats, warmup)
     bwd = float("nan")
     if backward:
         bwd = time_ms(lambda: cr.attention_backward(dout, q, k, v, out, lse, **opts), ring,
                       repeats, warmup)  # fmt: skip
-    return fwd, bwd
+    return fwd, bwd, fwd5
 
 
 def bench_layout(ring, inputs, cu, layout, repeats, warmup, backward, kind="cupy"):
-    """This rank's ring times for ``layout``: [fwd, fwd no-comm, bwd, bwd no-comm] ms."""
+    """This rank's ring times for ``layout``: [fwd, fwd no-comm, bwd, bwd no-comm, fwd with
+    five calls queued (per call)] ms."""
     shards = [cr.shard(x, ring.rank, ring.size, layout=layout, cu_seqlens=cu) for x in inputs]
     q, k, v, dout = as_inputs(shards, kind)
     opts = {"causal": True, "layout": layout, "cu_seqlens": cu}
@@ -105,6 +110,7 @@ def bench_layout(ring, inputs, cu, layout, repeats, warmup, backward, kind="cupy
                   time_ms(bwd(nocomm), ring, repeats, warmup)]  # fmt: skip
     else:
         times += [float("nan"), float("nan")]
+    times.append(back_to_back_ms(fwd(ring), ring, repeats, warmup))
     return times
 
 
@@ -184,21 +190,20 @@ def main(argv=None) -> int:
     inputs = global_inputs(seqlen, args.seed)
     work = visible_flops(cu)
 
-    one_fwd, one_bwd = bench_one_gpu(ring, inputs, cu, args.repeats, warmup, args.backward,
-                                     args.inputs)  # fmt: skip
-    one = gather(ring, [one_fwd, one_bwd])
-    one_fwd = statistics.median(r[0] for r in one)
-    one_bwd = statistics.median(r[1] for r in one)
+    one = bench_one_gpu(ring, inputs, cu, args.repeats, warmup, args.backward, args.inputs)
+    one = gather(ring, list(one))
+    one_fwd, one_bwd, one_fwd5 = (statistics.median(r[i] for r in one) for i in range(3))
     rows = []
     for layout in args.layouts.split(","):
         mine = bench_layout(ring, inputs, cu, layout, args.repeats, warmup, args.backward,
                             args.inputs)  # fmt: skip
         per_rank = gather(ring, mine)
-        fwd, fwd_nc, bwd, bwd_nc = (max(r[i] for r in per_rank) for i in range(4))
+        fwd, fwd_nc, bwd, bwd_nc, fwd5 = (max(r[i] for r in per_rank) for i in range(5))
         rows.append({
             "layout": layout, "fwd_ms": fwd, "fwd_tflops_per_gpu": work / ring.size / fwd / 1e9,
             "fwd_parallel_efficiency": one_fwd / (ring.size * fwd),
             "fwd_nocomm_efficiency": fwd_nc / fwd,
+            "fwd_queued_ms": fwd5, "fwd_queued_parallel_efficiency": one_fwd5 / (ring.size * fwd5),
             "bwd_ms": bwd, "bwd_tflops_per_gpu": 2.5 * work / ring.size / bwd / 1e9,
             "bwd_parallel_efficiency": one_bwd / (ring.size * bwd),
             "bwd_nocomm_efficiency": bwd_nc / bwd,
@@ -208,7 +213,8 @@ def main(argv=None) -> int:
     meta = {"card": card, "C": ring.size, "commit": checkout_commit(), "dtype": "bfloat16",
             "H": HEADS, "Hkv": HEADS_KV, "D": HEADDIM, "S": seqlen,
             "documents": np.diff(cu).tolist(), "one_gpu_fwd_ms": one_fwd,
-            "one_gpu_bwd_ms": one_bwd, "one_gpu_fwd_tflops": work / one_fwd / 1e9,
+            "one_gpu_bwd_ms": one_bwd, "one_gpu_fwd_queued_ms": one_fwd5,
+            "one_gpu_fwd_tflops": work / one_fwd / 1e9,
             "one_gpu_bwd_tflops": 2.5 * work / one_bwd / 1e9,
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join(sys.argv), "repeats": args.repeats,
@@ -236,15 +242,16 @@ def print_table(meta, rows) -> None:
           f"({meta['one_gpu_fwd_tflops']:.0f} TF/s), bwd {meta['one_gpu_bwd_ms']:.2f} ms "
           f"({meta['one_gpu_bwd_tflops']:.0f} TF/s)")  # fmt: skip
     print("TFLOP/s per GPU on visible work; par = 1-GPU time / (C x ring time); "
-          "nc = no-comm / ring time")
-    header = (f"{'layout':<11}{'rows':>6}  {'fwd ms':>8}{'TF/s':>6}{'par':>6}{'nc':>6}  "
-              f"{'bwd ms':>8}{'TF/s':>6}{'par':>6}{'nc':>6}")  # fmt: skip
+          "nc = no-comm / ring time; par5 = par with five calls queued")
+    header = (f"{'layout':<11}{'rows':>6}  {'fwd ms':>8}{'TF/s':>6}{'par':>6}{'nc':>6}"
+              f"{'par5':>6}  {'bwd ms':>8}{'TF/s':>6}{'par':>6}{'nc':>6}")  # fmt: skip
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['layout']:<11}{r['shard_rows']:>6}  {r['fwd_ms']:>8.2f}"
               f"{r['fwd_tflops_per_gpu']:>6.0f}{r['fwd_parallel_efficiency']:>6.2f}"
-              f"{r['fwd_nocomm_efficiency']:>6.2f}  {r['bwd_ms']:>8.2f}"
+              f"{r['fwd_nocomm_efficiency']:>6.2f}"
+              f"{r['fwd_queued_parallel_efficiency']:>6.2f}  {r['bwd_ms']:>8.2f}"
               f"{r['bwd_tflops_per_gpu']:>6.0f}{r['bwd_parallel_efficiency']:>6.2f}"
               f"{r['bwd_nocomm_efficiency']:>6.2f}")  # fmt: skip
 
