@@ -63,7 +63,9 @@ class FakeGpu:
         self.synchronising: set = set()
         self.opened_mem, self.closed_mem, self.destroyed = [], [], []
         self.errors: list[str] = []  # what the device found wrong (sizes that disagree)
-        self.capture: FakeCapture | None = None
+        # the captures in progress (several host threads may each capture their own streams,
+        # as the driver allows: a stream belongs to at most one)
+        self.captures: list[FakeCapture] = []
         self.local = threading.local()  # each host thread's current stream (``stack``)
         self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -82,10 +84,15 @@ class FakeGpu:
     def put(self, stream, op) -> None:
         """Queue ``op`` on ``stream`` (the lock held), or record it where a capture holds the
         stream (:meth:`capturing`)."""
-        if self.capture is not None and stream in self.capture.streams:
-            self.capture.add(stream, op)
+        capture = self.capture_of(stream)
+        if capture is not None:
+            capture.add(stream, op)
         else:
             stream.ops.append(op)
+
+    def capture_of(self, stream):
+        """The capture in progress that holds ``stream``, or None (the lock held)."""
+        return next((c for c in self.captures if stream in c.streams), None)
 
     @contextlib.contextmanager
     def capturing(self, streams):
@@ -94,12 +101,14 @@ class FakeGpu:
         :class:`FakeCapture` replays it."""
         capture = FakeCapture(self, set(streams))
         with self.cond:
-            self.capture = capture
+            if any(self.capture_of(s) is not None for s in capture.streams):
+                raise RuntimeError("a stream is already being captured")
+            self.captures.append(capture)
         try:
             yield capture
         finally:
             with self.cond:
-                self.capture = None
+                self.captures.remove(capture)
 
     def _runnable(self, op) -> bool:
         if op[0] == "wait":
@@ -409,8 +418,10 @@ def fake_driver(gpu: FakeGpu, version: int = 13000, v1_attribute: int = 0) -> Si
         :meth:`FakeGpu.capturing` recorded there; outside one, the stream's last queued
         operation stands for it (the operations then run as they would eagerly)."""
         target = gpu.objects[int(stream)]
-        if gpu.capture is not None and target in gpu.capture.streams:
-            node = gpu.capture.node_of_last(target)
+        with gpu.cond:
+            capture = gpu.capture_of(target)
+        if capture is not None:
+            node = capture.node_of_last(target)
             return (CUresult.CUDA_SUCCESS, 1, 0, None, [] if node is None else [node], 1)
         ops = target.ops
         last = ops[-1] if ops else None

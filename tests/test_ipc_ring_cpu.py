@@ -1350,3 +1350,25 @@ def test_replayed_exchanges_pair_with_eager_ones_and_with_each_other(
         want = [(c, tag, e, float(c * 100 + e * 10 + 1 - rank)) for c in range(calls)
                 for tag, count in plans[c % len(plans)] for e in range(count)]  # fmt: skip
         assert logs[rank] == want
+
+
+def test_the_fake_gpu_keeps_concurrent_captures_apart():
+    """As the driver does, each capture records only its own streams' operations, whatever
+    other captures run beside it or end before it; a stream is captured by one at a time."""
+    gpu = fake_gpu.FakeGpu()
+    try:
+        first, second, plain = (fake_gpu.FakeStream(gpu) for _ in range(3))
+        with gpu.capturing({first}) as a:
+            with gpu.capturing({second}) as b:
+                first.launch(lambda: None)
+                second.launch(lambda: None)
+                with pytest.raises(RuntimeError, match="already being captured"):
+                    with gpu.capturing({first}):
+                        pass
+            first.launch(lambda: None)  # after the other capture ended: still recorded here
+            plain.launch(lambda: None)
+        assert [s for s, _ in a.ops] == [first, first] and [s for s, _ in b.ops] == [second]
+        assert not first.ops and not second.ops
+        plain.synchronize()
+    finally:
+        gpu.close()
