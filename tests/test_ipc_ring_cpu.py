@@ -33,8 +33,8 @@ from wiretap import Wiretap, replay
 import cuparing as cr
 from cuparing.backends.ring_graphs import CapturedRingCall
 from cuparing.comm import ipc as ipc_mod
+from cuparing.comm import ipc_capture, peerlink
 from cuparing.comm import nccl as nccl_mod
-from cuparing.comm import peerlink
 from cuparing.comm.base import CaptureDeferred, RingError
 from cuparing.comm.peerlink import Address, LinkError, PeerLinks
 
@@ -215,7 +215,7 @@ def test_flag_phases_are_one_hot_and_differ_two_exchanges_apart():
     """The values a slot's word takes in turn never satisfy each other's AND wait, repeat every
     four exchanges, and the setup's words (0 for ready, phase(-2) for done) and the failure
     release (all ones) sit where the module doc puts them."""
-    phase = ipc_mod.flag_phase
+    phase = ipc_capture.flag_phase
     assert [phase(k) for k in range(-2, 8)] == [2, 2, 1, 1, 2, 2, 1, 1, 2, 2]
     for k in range(-2, 200):
         assert phase(k) in (1, 2) and phase(k) == phase(k + 4)
@@ -235,7 +235,7 @@ def test_flag_words_hold_the_last_push_and_the_last_read(fake, steps):
     rings = fake(2)
     logs = _rotate(fake, rings, steps=steps, pause=False)
     assert _wrong_steps(logs, 2) == []
-    phase = ipc_mod.flag_phase
+    phase = ipc_capture.flag_phase
     last = [max((k for k in range(steps) if k % 2 == s), default=None) for s in range(2)]
     want = [0 if k is None else phase(k) for k in last]
     want += [phase(-2) if k is None else phase(k - 2) for k in last]
@@ -251,7 +251,7 @@ def test_values_that_do_not_alternate_let_a_stale_word_satisfy_a_wait(fake, monk
     exchange 0's push when it awaits exchange 2's, so with rank 0's copies held back it reads
     slot 0 before exchange 2's data lands (three ranks: exchanges 0 and 2 carry different
     data)."""
-    monkeypatch.setattr(ipc_mod, "flag_phase", lambda k: 1)
+    monkeypatch.setattr(ipc_mod, "flag_phase", lambda k: 1)  # (the name ipc.py's flags call)
     rings = fake(3)
     logs = _rotate(fake, rings, steps=4, starve=("copy", 0))
     assert (1, 3) in _wrong_steps(logs, 3)  # (step 3 reads what exchange 2 delivered)
@@ -755,7 +755,7 @@ def test_after_a_failure_streams_waiting_on_a_dead_peer_drain(fake):
     channel = next(iter(ring0._channels.values()))
     ready0 = channel.memory.ptr + channel.flags_at
     assert word(ready0) == 0xFFFFFFFF
-    ctypes.c_uint32.from_address(ready0).value = ipc_mod.flag_phase(0)  # a late push
+    ctypes.c_uint32.from_address(ready0).value = ipc_capture.flag_phase(0)  # a late push
     deadline = time.monotonic() + 5
     while word(ready0) != 0xFFFFFFFF and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -815,7 +815,7 @@ def _channel(count):
 
 
 class _Cuda:
-    """``cupy.cuda`` as ``_CapturedExchanges`` uses it: events, and stream waits and event
+    """``cupy.cuda`` as ``CapturedExchanges`` uses it: events, and stream waits and event
     records on raw handles, logged as ("wait", stream, event) and ("record", event, stream);
     the runtime refuses the calls ``refuse`` names."""
 
@@ -845,13 +845,13 @@ def test_captured_exchanges_take_the_values_of_the_channels_counts_modulo_4():
     captured step: the captured values where d % 4 == 0 on a channel, the other phase where
     d % 4 == 2, as ``key()`` tells; it matches only at even d on every channel it uses; each
     replay moves the counts on by the exchanges the graph makes."""
-    phase = ipc_mod.flag_phase
+    phase = ipc_capture.flag_phase
     driver = fake_driver(None)
     nodes = []
     driver.cuStreamGetCaptureInfo = lambda stream: (driver.CUresult.CUDA_SUCCESS, 1, 0, None,
                                                     [f"node{len(nodes)}"], 1)  # fmt: skip
     kv, dkv, idle = _channel(5), _channel(2), _channel(9)
-    record = ipc_mod._CapturedExchanges(driver, [kv, dkv, idle], _Cuda(), _no_failure)
+    record = ipc_capture.CapturedExchanges(driver, [kv, dkv, idle], _Cuda(), _no_failure)
     steps = ((kv, True, 3), (kv, False, 5), (dkv, True, 0))
     for channel, write, step in steps:
         nodes.append(step)
@@ -896,11 +896,11 @@ def test_a_failed_capture_leaves_every_count_and_predecessor_where_it_was():
     driver.cuStreamGetCaptureInfo = lambda stream: (driver.CUresult.CUDA_SUCCESS, 1, 0, None,
                                                     ["node"], 1)  # fmt: skip
     kv, dkv = _channel(3), _channel(8)
-    before = [ipc_mod._Received(f"event{i}", 77) for i in range(4)]
+    before = [ipc_capture.Received(f"event{i}", 77) for i in range(4)]
     kv.previous, dkv.previous = before[:2], before[2:]
-    record = ipc_mod._CapturedExchanges(driver, [kv, dkv], _Cuda(), _no_failure)
+    record = ipc_capture.CapturedExchanges(driver, [kv, dkv], _Cuda(), _no_failure)
     record.add(7, kv, True, 0x100, 2, 0)
-    kv.previous[1] = ipc_mod._Received("captured", 9, record)  # (as the captured exchange does)
+    kv.previous[1] = ipc_capture.Received("captured", 9, record)  # (as the captured exchange does)
     kv.count, dkv.count = 4, 9  # dkv's exchange failed before its first flag operation
     dkv.previous[0] = None
     record.finish()
@@ -918,19 +918,19 @@ def test_a_launch_waits_for_the_slots_previous_exchanges_and_stands_for_them_aft
     driver.cuStreamGetCaptureInfo = lambda stream: (driver.CUresult.CUDA_SUCCESS, 1, 0, None,
                                                     ["node"], 1)  # fmt: skip
     cuda = _Cuda()
-    eager = [ipc_mod._Received(SimpleNamespace(ptr=0xA0 + i), 77) for i in range(4)]
+    eager = [ipc_capture.Received(SimpleNamespace(ptr=0xA0 + i), 77) for i in range(4)]
     kv, dkv, idle = _channel(5), _channel(1), _channel(4)
     kv.previous, dkv.previous, idle.previous = eager[:2], [eager[2], None], [eager[3]] * 2
     failures = []
-    record = ipc_mod._CapturedExchanges(driver, [kv, dkv, idle], cuda,
-                                        lambda why: failures.append(why) or RingError(why))
+    record = ipc_capture.CapturedExchanges(driver, [kv, dkv, idle], cuda,
+                                           lambda why: failures.append(why) or RingError(why))
     # the call: kv exchange 5 (slot 1), dkv exchanges 1 and 2 (slots 1 and 0)
     for channel, step in ((kv, 5), (dkv, 1), (dkv, 2)):
         record.add(7, channel, True, 0x100, step, 0)
     kv.count, dkv.count = 6, 3
     record.finish()
     assert kv.previous == eager[:2] and dkv.previous == [eager[2], None]
-    launched = ipc_mod._Received(SimpleNamespace(ptr=0xE001), 3)
+    launched = ipc_capture.Received(SimpleNamespace(ptr=0xE001), 3)
     record.before_launch(3)
     assert cuda.log == [("wait", 3, 0xA1), ("wait", 3, 0xA2)]  # (dkv's slot 1: none yet)
     record.advance(3)
@@ -1102,7 +1102,7 @@ def test_a_replay_after_an_unwaited_exchange_is_ordered_after_it(fake, monkeypat
     assert results == [[1.0, 1.0], [0.0, 0.0]], results
     if not unwaited:
         return
-    monkeypatch.setattr(ipc_mod._CapturedExchanges, "before_launch",
+    monkeypatch.setattr(ipc_capture.CapturedExchanges, "before_launch",
                         lambda self, stream, after_last=False: None)
     results = _replay_after_eager(fake, fake(2, timeout=1.0), unwaited)
     assert isinstance(results[1], cr.RingTimeoutError), results
@@ -1155,7 +1155,7 @@ def test_an_eager_exchange_from_another_stream_is_ordered_after_a_replay(fake, m
     the replay leaves the slots' predecessors as they were before it (negative control), that
     wait never ends and rank 1 times out."""
     assert _eager_after_replay_elsewhere(fake, fake(2, timeout=2.0)) == ["done", "done"]
-    advance = ipc_mod._CapturedExchanges.advance
+    advance = ipc_capture.CapturedExchanges.advance
 
     def counts_only(self, stream):
         before = {key: list(c.previous) for key, c in self._channels.items()}
@@ -1163,7 +1163,7 @@ def test_an_eager_exchange_from_another_stream_is_ordered_after_a_replay(fake, m
         for key, c in self._channels.items():
             c.previous[:] = before[key]
 
-    monkeypatch.setattr(ipc_mod._CapturedExchanges, "advance", counts_only)
+    monkeypatch.setattr(ipc_capture.CapturedExchanges, "advance", counts_only)
     results = _eager_after_replay_elsewhere(fake, fake(2, timeout=2.0))
     assert isinstance(results[1], cr.RingTimeoutError), results
 

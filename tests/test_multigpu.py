@@ -113,7 +113,7 @@ def test_replays_cycle_through_the_flag_states_without_patching(world, transport
     """A training loop's ring calls (forward and backward) replayed as CUDA graphs for 16 steps,
     two input sets in turn: every step right, and once the copy-engine ring's graphs have an
     instantiation for each state of their channels' counts modulo 4, no replay gives a flag
-    node a value (the worker counts ``_CapturedExchanges.patch``)."""
+    node a value (the worker counts ``CapturedExchanges.patch``)."""
     if import_driver() is None:
         pytest.skip("ring calls are captured as CUDA graphs only with cuda-bindings")
     _need(world)

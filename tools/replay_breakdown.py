@@ -11,8 +11,9 @@ graph launch, the copy-engine ring's flag-value patch, its ordering of the launc
 exchanges before it and its record after the launch, the watchdog's flight (``watch``), the
 call's signature, the replay as a whole ("replay (all)"). The pieces are timed by wrapping the
 functions, private ones included (a diagnostic of this package's internals), with
-``time.perf_counter``; a piece a tree lacks is left out, so the script times other trees of the
-graph-replay era too (``PYTHONPATH=<tree>``: the cuparing it imports is named first).
+``time.perf_counter``; a piece a tree lacks (its function or its module) is left out, so the
+script times other trees of the graph-replay era too (``PYTHONPATH=<tree>``: the cuparing it
+imports is named first).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from timing import host_us_alone
 PIECES = [  # (module path, attribute owner, function, label)
     ("cuparing.backends.ring_graphs", "GraphDriver", "launch", "cuGraphLaunch"),
     ("cuparing.backends.ring_graphs", "GraphDriver", "copy", "K/V copies"),
+    ("cuparing.comm.ipc_capture", "CapturedExchanges", "patch", "flag patch"),
+    ("cuparing.comm.ipc_capture", "CapturedExchanges", "before_launch", "launch ordering"),
+    ("cuparing.comm.ipc_capture", "CapturedExchanges", "advance", "after launch"),
+    # the same three in trees where they were still part of cuparing/comm/ipc.py
     ("cuparing.comm.ipc", "_CapturedExchanges", "patch", "flag patch"),
     ("cuparing.comm.ipc", "_CapturedExchanges", "before_launch", "launch ordering"),
     ("cuparing.comm.ipc", "_CapturedExchanges", "advance", "after launch"),
@@ -42,7 +47,12 @@ def wrap_pieces(spent: dict) -> None:
     import importlib
 
     for module_name, owner_name, name, label in PIECES:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
         owner = getattr(module, owner_name, None) if owner_name else module
         inner = getattr(owner, name, None)
         if inner is None:

@@ -167,7 +167,8 @@ class CapturedRingCall:
         device: the GPU it lives on.
         exchanges: what the ring's capture yielded (:meth:`GpuRing.capturing`): None, or
             the transport's captured operations (their ``key``, ``patch``, ``before_launch``,
-            ``advance``, ``launched``).
+            ``advance``, ``launched``; the copy-engine ring's are a
+            :class:`cuparing.comm.ipc_capture.CapturedExchanges`).
     """
 
     # instantiations kept at most (a cap, not the number of states). A state is a tuple over

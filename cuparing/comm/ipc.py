@@ -49,7 +49,7 @@ before any peer learns of the memory (``cudaMalloc`` does not clear, and a stale
 satisfy a wait). Issuing them anyway gives every exchange the same operations, which a captured
 call relies on (:mod:`cuparing.backends.ring_graphs`). Since the values depend on ``k mod 4``
 only, a graph of exchanges replays with the values it was given once: one instantiation of the
-graph per channel count modulo 4 (:class:`_CapturedExchanges`).
+graph per channel count modulo 4 (:class:`cuparing.comm.ipc_capture.CapturedExchanges`).
 
 One rule more than the host handshake needs: exchange ``k``'s *await pushed* must have been
 evaluated before the reader's exchange ``k + 2`` on the channel frees the slot (the argument below
@@ -60,12 +60,13 @@ waited for exchange ``k`` on the stream it issues from. A caller's ``wait()`` is
 may come on another stream, late, or never (an exception between exchange and wait, then a retry),
 and the ring would otherwise have to track which exchanges were waited for where, through captures
 and replays, keeping their flights alive. Each channel keeps per slot only an event that follows
-its last exchange's *await pushed*. Inside a CUDA-graph capture (:class:`_CapturedExchanges`) the
-wait is an edge of the graph where exchange ``k`` was captured too; where it was issued before the
-capture, each launch of the graph first makes the launch stream wait for the last exchange on every
-slot the graph uses, and after the launch an event recorded on that stream stands for the graph's
-exchanges (a graph ends only when all its nodes have, the side stream's waits included), which the
-next exchange on the slot waits for in turn.
+its last exchange's *await pushed*. Inside a CUDA-graph capture
+(:class:`cuparing.comm.ipc_capture.CapturedExchanges`) the wait is an edge of the graph where
+exchange ``k`` was captured too; where it was issued before the capture, each launch of the graph
+first makes the launch stream wait for the last exchange on every slot the graph uses, and after the
+launch an event recorded on that stream stands for the graph's exchanges (a graph ends only when all
+its nodes have, the side stream's waits included), which the next exchange on the slot waits for in
+turn.
 
 Which values a word can hold when a wait is evaluated (on one channel; ``s = k % 2``; the writes
 into one word come from one peer's copy stream, in order, and a word holds the last of them):
@@ -162,12 +163,12 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from .base import CaptureDeferred, RingError, RingTimeoutError
 from .gpu_ring import Flight, GpuRing, fresh
+from .ipc_capture import CapturedExchanges, Received, flag_phase
 from .nccl import collective_of, join_from_env
 from .peerlink import Address, LinkError, PeerLinks
 from .trace import COMM
@@ -181,15 +182,7 @@ _SLOT_BYTES = struct.Struct("!Q")
 _HEADER = _DIGEST + 1 + _SLOT_BYTES.size + _HANDLE
 _READY_AT, _DONE_AT = 0, 8  # byte offsets of ready[0..1] and done[0..1] in the flag words
 _WORD = 0xFFFFFFFF  # all ones: satisfies every AND wait (the failure release)
-_KEYS = 4  # flag values repeat every four exchanges of a channel
 FLAGS_ENV = "CUPARING_IPC_FLAGS"  # "0": the host handshake even where device flags would work
-
-
-def flag_phase(k: int) -> int:
-    """The one-hot value exchange ``k`` of a channel writes and awaits (the module doc): 1 or 2,
-    the same for ``k`` and ``k + 4``, different for ``k`` and ``k + 2``; ``flag_phase(-2) ==
-    flag_phase(-1) == 2``."""
-    return 1 << ((k >> 1) & 1)
 
 
 def import_driver():
@@ -225,7 +218,7 @@ class _Channel:
     source_base: int = 0
     words: _Words | None = None
     # device flags, per slot: where the last exchange on it has evaluated its *await pushed*
-    # (a _Received; None: no exchange on the slot yet), which the copy stream waits for before
+    # (a Received; None: no exchange on the slot yet), which the copy stream waits for before
     # the slot's next *freed* (the module doc)
     previous: list = field(default_factory=lambda: [None, None])
 
@@ -233,16 +226,6 @@ class _Channel:
     def flags_at(self) -> int:
         """Byte offset of the flag words in a channel's memory (the same on every rank)."""
         return 2 * self.slot_bytes
-
-
-class _Received(NamedTuple):
-    """A point on the GPU after which a slot's last exchange has evaluated its *await pushed*:
-    ``event``'s latest record, on the stream whose raw handle is ``stream``, recorded inside
-    the capture ``capture`` (None: outside any; it ran or will run)."""
-
-    event: Any
-    stream: int
-    capture: _CapturedExchanges | None = None
 
 
 @dataclass
@@ -296,14 +279,14 @@ class IpcRing(GpuRing):
     @property
     def _transport_capturable(self) -> bool:
         # device flags: the exchange is copies and stream memory operations, which a graph
-        # holds (their values set per instantiation: _CapturedExchanges); the host
+        # holds (their values set per instantiation: CapturedExchanges); the host
         # handshake's host messages are not GPU work
         return self._sync.name == "device"
 
-    def _start_capture(self) -> _CapturedExchanges:
+    def _start_capture(self) -> CapturedExchanges:
         with self.device:
-            record = _CapturedExchanges(self._sync.driver, list(self._channels.values()),
-                                        self._cupy.cuda, self._fail_replay)  # fmt: skip
+            record = CapturedExchanges(self._sync.driver, list(self._channels.values()),
+                                       self._cupy.cuda, self._fail_replay)  # fmt: skip
         self._sync.capture = record
         return record
 
@@ -313,7 +296,7 @@ class IpcRing(GpuRing):
         self._fail(self._error or RingError(f"rank {self.rank}: {why}"))
         return fresh(self._error)
 
-    def _end_capture(self, record: _CapturedExchanges) -> None:
+    def _end_capture(self, record: CapturedExchanges) -> None:
         self._sync.capture = None
         record.finish()
 
@@ -644,7 +627,7 @@ class _DeviceFlags:
         self._copy = driver.CUstream(ring.stream.ptr)
         self._side = driver.CUstream(ring._join.ptr)
         self._side_handle = ring._join.ptr
-        self.capture: _CapturedExchanges | None = None  # while the ring's exchanges are captured
+        self.capture: CapturedExchanges | None = None  # while the ring's exchanges are captured
         self._release_stream = None
         self._release_lock = threading.Lock()
 
@@ -702,7 +685,7 @@ class _DeviceFlags:
     def received(self, channel: _Channel, k: int, flight: Flight) -> None:
         """Exchange ``k`` is issued (``flight.event``, on the side stream, follows its *await
         pushed*): the copy stream's *freed* of exchange ``k + 2`` waits for it."""
-        channel.previous[k % 2] = _Received(flight.event, self._side_handle, self.capture)
+        channel.previous[k % 2] = Received(flight.event, self._side_handle, self.capture)
 
     def _after_previous(self, channel: _Channel, slot: int) -> None:
         """Before *freed* of exchange ``k`` (``slot = k % 2``): the copy stream waits for the
@@ -710,8 +693,8 @@ class _DeviceFlags:
         the writer may push exchange ``k`` (whose phase that wait would not accept: the module
         doc). Inside a capture the wait is a graph edge where exchange ``k - 2`` was captured
         too; one issued before the capture is waited for by each launch of the graph instead
-        (:meth:`_CapturedExchanges.before_launch`): a captured stream cannot wait for work
-        outside its graph."""
+        (:meth:`cuparing.comm.ipc_capture.CapturedExchanges.before_launch`): a captured stream
+        cannot wait for work outside its graph."""
         previous = channel.previous[slot]
         if previous is None or previous.capture is not self.capture:
             return
@@ -767,186 +750,6 @@ class _DeviceFlags:
         if channel.source_base and channel.source_base != channel.remote_base:
             self._ring._cupy.cuda.runtime.ipcCloseMemHandle(channel.source_base)
         channel.source_base, channel.words = 0, None
-
-
-class _CapturedExchanges:
-    """The device flags' stream memory operations of the exchanges captured into one CUDA graph
-    (one node each), and what replays need of them.
-
-    The flag values of exchange ``k`` are ``flag_phase(k)`` and ``flag_phase(k - 2)`` (the
-    module doc), which repeat every four exchanges: a replay that comes ``d`` exchanges after
-    the captured ones on a channel needs the captured values where ``d % 4 == 0`` and the other
-    phase where ``d % 4 == 2``. An instantiation of the graph whose nodes were given the values
-    of one :meth:`key` (:meth:`patch`, once, when it is made; the captured nodes hold those of
-    the capture's own key) thus serves every replay at that key unchanged, and the caller keeps
-    one per key (:class:`cuparing.backends.ring_graphs.CapturedRingCall`). The channels' counts
-    move on by the exchanges the graph makes at each launch (:meth:`advance`), so eager
-    exchanges continue the sequence. The graph's copies and the arrays its kernels read are
-    fixed to the captured slots ``k % 2``: it replays only where ``d`` is even on every channel
-    it uses (:meth:`matches`; a call that makes an odd number of exchanges on a channel has a
-    second graph for the other parity).
-
-    Each launch is ordered after the exchanges issued before it on the slots the graph uses
-    (:meth:`before_launch`: the first *freed* of each slot in the graph needs them, the module
-    doc), and after it one event recorded on the launch stream (:attr:`launched`) stands for the
-    graph's exchanges on those slots (:meth:`advance`): the graph ends only once every captured
-    stream is done (a capture joins them back into the caller's stream), so the next exchange
-    on the slot, eager or replayed, waits for that. The caller's replays take the same event as
-    the launch's end (a replay on another stream waits for it), so a replay records one event.
-
-    Args:
-        driver: cuda-bindings' driver module.
-        channels: every channel of the ring (their counts and slots' predecessors now are the
-            captured call's start).
-        cuda: ``cupy.cuda`` (the launches' events and stream waits).
-        fail: fails the ring, given why (a refused record after a launch); the error to
-            raise.
-
-    Attributes:
-        launched: the event (a CuPy event) :meth:`advance` records after each launch.
-    """
-
-    def __init__(self, driver: Any, channels: list[_Channel], cuda: Any,
-                 fail: Callable[[str], RingError]):  # fmt: skip
-        self._driver = driver
-        self._ctx = driver.cuCtxGetCurrent()[1]
-        self._runtime = cuda.runtime
-        self._all = channels
-        self._start = {id(c): c.count for c in channels}
-        self._previous = {id(c): list(c.previous) for c in channels}
-        self._channels: dict[int, _Channel] = {}  # those the call exchanged on
-        self._made: dict[int, int] = {}  # exchanges per call, by channel
-        self._slots: list[tuple[int, int]] = []  # (channel id, slot) the call exchanged on
-        self._ops: list[tuple] = []  # (channel id, node, params, value field, captured step)
-        # recorded on the launch stream after each launch (made now, in the ring's device); the
-        # caller's replays use it as their end too. A cupy Event: it lives as long as a
-        # channel's slot still refers to it, after release() too
-        self.launched = cuda.Event(disable_timing=True)
-        self._record: _Received | None = None  # (launched, the last launch's stream)
-        self._fail = fail
-        self._released = False
-
-    def add(self, stream: Any, channel: _Channel, write: bool, word: Any, step: int,
-            flags: int) -> None:  # fmt: skip
-        """Record the operation just captured on ``stream`` (its node is the stream's last),
-        which writes or awaits ``flag_phase(step)``."""
-        d = self._driver
-        result = d.cuStreamGetCaptureInfo(stream)
-        if result[0] != d.CUresult.CUDA_SUCCESS or len(result[4]) != 1:
-            raise RuntimeError(f"cannot find the captured flag operation's node ({result[0]!r})")
-        op = d.CUstreamBatchMemOpParams()
-        operand = op.writeValue if write else op.waitValue
-        kinds = d.CUstreamBatchMemOpType
-        operand.operation = kinds.CU_STREAM_MEM_OP_WRITE_VALUE_32 if write else (
-            kinds.CU_STREAM_MEM_OP_WAIT_VALUE_32)  # fmt: skip
-        operand.address, operand.value, operand.flags = word, flag_phase(step), flags
-        params = d.CUDA_BATCH_MEM_OP_NODE_PARAMS()
-        params.ctx, params.count, params.paramArray, params.flags = self._ctx, 1, [op], 0
-        # the node's operation as the params hold it (setting paramArray copied ``op``): an
-        # instantiation for another key sets its value there
-        kept = params.paramArray[0]
-        operand = kept.writeValue if write else kept.waitValue
-        self._channels[id(channel)] = channel
-        self._ops.append((id(channel), result[4][0], params, operand, step))
-
-    def finish(self) -> None:
-        """At the capture's end (whether or not it succeeded): nothing ran, so every channel's
-        count and slots' predecessors go back to the start (the replays move them on)."""
-        for channel in self._all:
-            key = id(channel)
-            if key in self._channels:
-                self._made[key] = made = channel.count - self._start[key]
-                # (a replay starts at the captured parity: the same slots)
-                start = self._start[key]
-                self._slots += [(key, s % 2) for s in range(start, start + min(made, 2))]
-            channel.count = self._start[key]
-            channel.previous = self._previous[key]
-        # from here only the channels the graph uses (the others, and their memory, are not
-        # the graph's to keep alive)
-        self._all, self._previous = [], {}
-        self._start = {key: self._start[key] for key in self._channels}
-
-    def key(self) -> tuple[int, ...]:
-        """Where the channels the graph uses stand in the flag values' cycle: their counts
-        since the capture, modulo 4 (each 0 or 2 where :meth:`matches`); the capture's own is
-        all zeros. Instantiations given the values of one key (:meth:`patch`) replay alike."""
-        return tuple((c.count - self._start[key]) % _KEYS for key, c in self._channels.items())
-
-    def patch(self, executable: Any) -> None:
-        """Give each recorded node of ``executable`` its value for the channels' counts now
-        (for the current :meth:`key`).
-
-        Raises:
-            RuntimeError: the driver refused (nothing was launched).
-        """
-        d = self._driver
-        for key, node, params, operand, step in self._ops:
-            operand.value = flag_phase(step + self._channels[key].count - self._start[key])
-            (err,) = d.cuGraphExecBatchMemOpNodeSetParams(executable, node, params)
-            if err != d.CUresult.CUDA_SUCCESS:
-                raise RuntimeError(f"cuGraphExecBatchMemOpNodeSetParams failed: {err!r}")
-
-    def before_launch(self, stream: int, after_last: bool = False) -> None:
-        """Before a launch on ``stream`` (a raw handle): ``stream`` waits for the last exchange
-        on each slot the graph uses (once per event; none where it was recorded on ``stream``,
-        whose order covers it: a steady loop of replays on one stream waits for nothing).
-
-        Args:
-            after_last: ``stream`` already waits for :attr:`launched` (the caller's wait for
-                the last launch, on another stream): a slot whose last exchange is that launch
-                needs no wait of its own.
-
-        Raises:
-            RuntimeError: the runtime refused a wait (nothing was launched).
-        """
-        waited = (self.launched,) if after_last else ()  # (no allocation in a steady loop)
-        for key, slot in self._slots:
-            previous = self._channels[key].previous[slot]
-            if previous is None or previous.stream == stream or previous.event in waited:
-                continue
-            self._runtime.streamWaitEvent(stream, previous.event.ptr, 0)
-            waited += (previous.event,)
-
-    def advance(self, stream: int) -> None:
-        """After a launch on ``stream``: each channel has made the graph's exchanges, and
-        :attr:`launched`, recorded on ``stream`` now, is the slots' predecessor for the next
-        exchange (and the launch's end for the caller's next launch on another stream).
-
-        Where the runtime refuses the record the slots have no predecessor to wait for (the
-        next exchange issued from another stream would not be ordered after the graph, and
-        could leave a peer waiting for good): the ring fails.
-
-        Raises:
-            RingError: the runtime refused the record (the ring has failed).
-        """
-        channels = self._channels
-        for key, made in self._made.items():
-            channels[key].count += made
-        try:
-            self._runtime.eventRecord(self.launched.ptr, stream)
-        except Exception as exc:
-            for key, slot in self._slots:
-                channels[key].previous[slot] = None
-            raise self._fail(f"recording the end of a replayed CUDA graph failed: "
-                             f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
-        record = self._record
-        if record is None or record.stream != stream:  # (one record per launch stream)
-            record = self._record = _Received(self.launched, stream)
-        for key, slot in self._slots:
-            channels[key].previous[slot] = record
-
-    def release(self) -> None:
-        """Drop the channels and nodes (the graph is gone): their memory is the ring's to free
-        (``release_buffers``, ``close``). Matches nothing from then on."""
-        self._all, self._channels, self._ops, self._made, self._slots = [], {}, [], {}, []
-        self._released = True
-
-    def matches(self) -> bool:
-        """Whether every channel the graph uses is at the captured slot parity (never once
-        released)."""
-        if self._released:
-            return False
-        return all((c.count - self._start[key]) % 2 == 0 for key, c in self._channels.items())
 
 
 def _choose_sync(ring: IpcRing) -> _HostHandshake | _DeviceFlags:

@@ -594,7 +594,7 @@ def replay_cycle() -> int:
     import torch
 
     from cuparing.backends import ring_graphs
-    from cuparing.comm import ipc
+    from cuparing.comm import ipc_capture
 
     ring = cr.Ring.from_env(timeout=120)
     report, failures = reporter()
@@ -608,7 +608,7 @@ def replay_cycle() -> int:
 
         return counted
 
-    ipc._CapturedExchanges.patch = counting("patch", ipc._CapturedExchanges.patch)
+    ipc_capture.CapturedExchanges.patch = counting("patch", ipc_capture.CapturedExchanges.patch)
     ring_graphs.GraphDriver.instantiate = counting("instantiate",
                                                    ring_graphs.GraphDriver.instantiate)
     ring_graphs.capture = counting("capture", ring_graphs.capture)
