@@ -400,7 +400,7 @@ class _Entered:
 
 def torch_call_context(device_index: int):
     """The context of GPU work for a torch caller on device ``device_index`` (what
-    :meth:`Origin.stream` gives torch CUDA callers; call plans enter it without an Origin): the
+    :meth:`Origin.stream` gives torch CUDA callers): the
     device, torch's current stream there as CuPy's current stream, and CuPy's allocations from
     torch's caching allocator.
 

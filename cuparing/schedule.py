@@ -260,15 +260,16 @@ def ring_backward(
             plan.kinds[step], plan.mask, scale, deterministic=deterministic,
         )  # fmt: skip
 
-    dq_done = []
+    dq_result = None
 
     def queries_done():
-        dq_done.append(backend.dq_from_accum(dq, q.dtype, out=dq_into))
+        nonlocal dq_result
+        dq_result = backend.dq_from_accum(dq, q.dtype, out=dq_into)
 
     dkv = backward_rotation(ring, [k, v], dkv, busy_steps(plan), home_shift, block, queries_done)
     from_ring = plan.last_step > 0 or home_shift > 0
     grads = (
-        dq_done[0],
+        dq_result,
         _owned(backend, dkv[0], k.dtype, from_ring, dk_into),
         _owned(backend, dkv[1], v.dtype, from_ring, dv_into),
     )

@@ -229,3 +229,42 @@ def test_packed_document_repeats_reuse_the_first_calls_decisions(monkeypatch, fr
     check_backward([g.numpy() for g in grads[1]], dout.numpy(), *host, causal=True,
                    cu_seqlens=first)  # fmt: skip
     call_plans.clear()
+
+
+def test_a_kept_launch_runs_on_torchs_stream_inside_its_device(monkeypatch):
+    """``CallPlan.run`` (a one-device repeat) launches on the raw handle of torch's current
+    stream of the plan's device, with that device made current around the launch, into the
+    caller's destinations: the launch and its pointers, seen through recording stand-ins (CPU
+    tensors stand for the caller's)."""
+    from types import SimpleNamespace
+
+    from cuparing.backends import ring_graphs
+
+    seen = []
+
+    class Entered:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            seen.append(("enter", self.device))
+
+        def __exit__(self, *exc):
+            seen.append(("exit", self.device))
+
+    monkeypatch.setattr(ring_graphs, "on_device", Entered)
+    monkeypatch.setattr(call_plans, "torch_current_stream", lambda device: 0x5000 + device)
+    launch = SimpleNamespace(launch=lambda *pointers, stream: seen.append((pointers, stream)))
+    q = torch.zeros(1, 8, 2, 8)  # 16-byte aligned data, as the kernels need
+    k = v = torch.zeros(1, 8, 1, 8)
+    out, lse = torch.zeros_like(q), torch.zeros(1, 2, 8)
+    plan = call_plans.CallPlan(
+        launch, SimpleNamespace(data=SimpleNamespace(ptr=0x100)),
+        SimpleNamespace(data=SimpleNamespace(ptr=0x200)), q.shape, lse.shape, q.dtype,
+        SimpleNamespace(index=3, type="cuda"),  # (a CUDA device: its index is all run reads)
+        call_plans.Guard((q, k, v), (out, lse), untracked=True),
+    )  # fmt: skip
+    assert plan.run(q, k, v, out, lse) == (out, lse)
+    pointers = (out.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), 0x100,
+                0x200, 0)  # fmt: skip
+    assert seen == [("enter", 3), (pointers, 0x5003), ("exit", 3)]

@@ -293,3 +293,26 @@ def test_planned_calls_exchange_as_the_schedule_does(world, layout, causal, wind
         )  # fmt: skip
         run_planned_backward(planned, backward, (0, 0, 0, 0), [_array(), _array()], (0, 0, 0))
         assert planned.events() == full.events()
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_the_schedule_converts_dq_while_dk_dv_travel_home(world):
+    """The full path's backward (``schedule.ring_backward``) queues dQ's conversion after the
+    dK / dV trip home has started and before it is waited for, as the planned one does."""
+    from cuparing import validation
+    from cuparing.schedule import home_shift_of, plan_ring, ring_backward
+
+    plan = plan_ring("zigzag", 1, world, 16, validation.check_mask(True, None))
+    ring = _LoggingRing(world)
+
+    class LoggingBackend(_ScheduleBackend):
+        def dq_from_accum(self, acc, dtype, out=None):
+            ring._log.events.append(("dq",))
+            return out
+
+    ring_backward(LoggingBackend(), ring, *(_array() for _ in range(6)), plan, 1.0,
+                  grads_into=(_array(), _array(), _array()))  # fmt: skip
+    events = ring.events()
+    home = ("exchange", home_shift_of(plan), "dkv_home")
+    assert home_shift_of(plan) > 0
+    assert events.index(home) < events.index(("dq",)) < events.index(("wait", "dkv_home"))

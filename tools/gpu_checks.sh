@@ -15,9 +15,9 @@
 #   epilogue: the forward epilogue's ablations (variants/epilogue_cost.py) on a packed ring step
 #        and the quick table, and the merge's L2 prefetch (variants/fwd_merge_prefetch.py) on the
 #        ring step (~9 min)
-#   consumers: the forward's three-consumer tile (CUPARING_SM90_TILES, PERF.md v8): its kernel
-#        tests in four shards and the NaN / inf forward tests, then the head-dim-64 rows with
-#        two consumers, three (2 and 3 stages) and a 96-key tile, one process each (~6 min)
+#   consumers: head dim 64's three-consumer default (PERF.md v8): its kernel tests in four
+#        shards and the NaN / inf forward tests, then its rows beside the two-consumer tile
+#        and the two-stage variant, one process each (~6 min)
 #   bwd: the backward kernel tests of both families (NaN / inf next to mask edges, the
 #        deterministic mode, caller-owned gradients, torch and JAX autograd included) and
 #        bench_backward (sm90, sm90 deterministic, sm80, SDPA; head dims 128 and 96)
@@ -119,14 +119,15 @@ if [[ $what == candidate ]]; then
   fi
 fi
 if [[ $what == consumers ]]; then
-  three="64:112,2,112,2,192"
-  run env CUPARING_SM90_TILES=$three python tools/sharded_pytest.py --shards 4 --timeout 240 \
+  # head dim 64's default is the three-consumer tile (192x112, three stages: PERF.md v8); its
+  # tests, then its rows beside the two-consumer tile it replaced and its two-stage variant
+  run python tools/sharded_pytest.py --shards 4 --timeout 240 \
     --log-dir "$out/consumers_tests" -- --maxfail=8 tests/test_gpu_attention.py \
     -k "sm90 and (tile_edges or matches_reference or resources or ring_on_one_gpu or fully_masked or packed_documents)" \
     2>&1 | tee "$out/consumers_tests.log"
-  run env CUPARING_SM90_TILES=$three timeout 120 python -m pytest -q -rf --maxfail=4 \
+  run timeout 120 python -m pytest -q -rf --maxfail=4 \
     tests/test_gpu_nonfinite.py -k forward 2>&1 | tee "$out/consumers_nonfinite.log" | tail -4
-  for tiles in "" "$three" "64:112,3,112,2,192" "64:96,2,96,2,192" ""; do
+  for tiles in "" "64:192,2,128,2" "64:112,2,112,2,192" ""; do
     echo "== CUPARING_SM90_TILES=$tiles"
     CUPARING_SM90_TILES=$tiles timeout 90 python tools/bench_attention.py --families sm90 \
       --shapes 64:16384:full,64:16384:causal,64:8192:causal 2>&1 | grep -v -i warn \

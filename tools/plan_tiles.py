@@ -60,8 +60,10 @@ def walked(q_pos, k_pos, mask: MaskSpec, block_m: int, block_n: int) -> int:
     return total
 
 
-def rank_tiles(layout, rank, world, seqlen, cu, block_m, block_n) -> np.ndarray:
-    """[steps, query tiles, 3] tile counts of ``rank``'s blocks, ring step by ring step."""
+def rank_tiles(layout, rank, world, seqlen, cu, block_m, block_n) -> tuple[np.ndarray, int]:
+    """([steps, query tiles, 3] tile counts of ``rank``'s blocks, ring step by ring step, on its
+    real rows and keys; the key tiles its kernels walk over all steps, padding included as the
+    kernel takes it: a query tile holding padding rows reaches their position)."""
     mask = MaskSpec(True, None, None)
     if cu is not None:
         plan = schedule.plan_documents(layout, rank, world, tuple(int(x) for x in cu), mask)
@@ -78,7 +80,7 @@ def rank_tiles(layout, rank, world, seqlen, cu, block_m, block_n) -> np.ndarray:
             k_pos = k_pos[: len(documents.held_tokens(layout, source, world, cu))]
         per_step.append(tiles(q_pos, k_pos, plan.mask, block_m, block_n))
         if plan.kinds[step] != BlockKind.EMPTY:
-            walks += walked(q_pos, k_pos, plan.mask, block_m, block_n)
+            walks += walked(plan.q_positions, plan.positions[source], plan.mask, block_m, block_n)
     return np.stack(per_step), walks
 
 

@@ -160,7 +160,8 @@ class LaunchSequence:
 
 
 class CupyDriver:
-    """``cuLaunchKernel`` through CuPy's driver binding, on CuPy's current stream."""
+    """``cuLaunchKernel`` through CuPy's driver binding, on a given stream or CuPy's current
+    one."""
 
     _INVALID_CONTEXT = 201  # CUDA_ERROR_INVALID_CONTEXT
 

@@ -590,7 +590,8 @@ class _OnDevice:
 
 def on_device(device: int) -> Any:
     """A context manager making ``device`` current, its primary context bound (what a replay's
-    and a release's driver calls, copies and events need)."""
+    and a release's driver calls, copies and events need, and a kept one-device launch on a
+    raw stream handle: ``call_plans.CallPlan``)."""
     return _OnDevice(device)
 
 

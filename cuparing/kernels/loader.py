@@ -225,9 +225,10 @@ class Sm90FwdConfig:
 # cp.async consumers (232) take 128 keys (d=256: 32; 64 and 48 spill). Measured on an H200
 # (PERF.md, sm90 v3): d=128 x176 beat x128 by 6% full and lost 1% causal; d=64 x192 +2%, d=256
 # x80 +3%. Two softmax chains per row (v4): +10% at d=128 full over one, the same causal; four
-# chains were no better. Head dim 64 runs three consumers (block_m 192, 160 registers each; 112
-# keys, 128 spilled) with three stages: against two consumers x192 on an H100 (PERF.md v8) +5-7%
-# at 16k full, +3% at 8k causal, the same at 16k causal; two stages lost 3% at 8k causal.
+# chains were no better. Head dim 64 runs three consumers (block_m 192; 160 registers each with
+# the TMA producer, 152 with cp.async; 112 keys, 128 spilled) with three stages: against two
+# consumers x192 on an H100 (PERF.md v8) +5-7% at 16k full, +3% at 8k causal, the same at 16k
+# causal; two stages lost 3% at 8k causal.
 SM90_FWD_CONFIGS: dict[int, Sm90FwdConfig] = {
     64: Sm90FwdConfig(block_n=112, stages=3, cp_async_block_n=112, softmax_chains=2, block_m=192),
     128: Sm90FwdConfig(block_n=176, stages=2, cp_async_block_n=128, softmax_chains=2),
@@ -235,7 +236,7 @@ SM90_FWD_CONFIGS: dict[int, Sm90FwdConfig] = {
 }
 # head dims (as padded_head_dim pads them) the sm90 forward runs in a wider instantiation
 SM90_FWD_WIDER = {96: 128}
-# CUPARING_SM90_TILES="256:64,2,32;64:128,2,128,2,192" (head dim: block_n, stages[, cp.async
+# CUPARING_SM90_TILES="256:64,2,32;64:192,2,128,2" (head dim: block_n, stages[, cp.async
 # block_n[, softmax chains[, block_m]]]) overrides rows, for tuning.
 _SM90_ENV = os.environ.get("CUPARING_SM90_TILES", "")
 for _item in filter(None, (x.strip() for x in _SM90_ENV.split(";"))):
