@@ -50,6 +50,17 @@ def poison_pool():
     del junk
 
 
+def poison_torch_pools():
+    """Fill memory torch's caching allocator is about to hand out with NaN: blocks of several
+    sizes freed into both of its pools (allocations of at most 1 MB come from the small one),
+    so results a call leaves unwritten cannot pass."""
+    import torch
+
+    sizes = (1 << 10, 1 << 13, 1 << 16, *(1 << 17,) * 8, 1 << 22)  # float32s: 4 KB .. 16 MB
+    junk = [torch.full((n,), float("nan"), device="cuda") for n in sizes]
+    del junk
+
+
 def skip_unless_backward_family_runs(backward_family, headdim):
     """Skip an sm90 variant of a backward case the sm90 backward has no kernel for (the sm80
     variant tests it)."""

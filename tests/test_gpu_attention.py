@@ -27,6 +27,7 @@ from conftest import (
 )
 from gpu_arrays import (
     poison_pool,
+    poison_torch_pools,
     random_array,
     ring_on_gpu,
     skip_unless_backward_family_runs,
@@ -907,15 +908,11 @@ def test_repeat_torch_calls_run_the_kept_launch(monkeypatch, fresh_rng):
     def fresh():
         return [torch.randn(s, device="cuda", dtype=torch.bfloat16, generator=gen) for s in shapes]
 
-    def poison():  # torch's allocator hands this NaN-filled memory to the next outputs
-        junk = torch.full((1 << 22,), float("nan"), device="cuda")
-        del junk
-
     opts = {"causal": True, "window": (200, 0)}
     cr.attention(*fresh(), **opts)  # the full path, which keeps its launch
     assert runs == []
     q, k, v = fresh()
-    poison()
+    poison_torch_pools()
     out, lse = cr.attention(q, k, v, return_lse=True, **opts)
     assert len(runs) == 1
     call_plans.clear()
@@ -931,7 +928,7 @@ def test_repeat_torch_calls_run_the_kept_launch(monkeypatch, fresh_rng):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        poison()
+        poison_torch_pools()
         on_side = cr.attention(q, k, v, **opts)
     side.synchronize()
     assert len(runs) == 2 and torch.equal(on_side, want_out)
@@ -1037,9 +1034,7 @@ def test_repeat_backward_and_ring_calls_skip_the_checks(world, monkeypatch, fres
                 torch.from_numpy(cr.shard(x, ring.rank, ring.size, layout=layout)).cuda()
                 for x in host
             )
-            # torch's allocator hands this NaN-filled memory to the next results
-            del_nan = torch.full((1 << 20,), float("nan"), device="cuda")
-            del del_nan
+            poison_torch_pools()
             if world == 1:
                 out, lse = cr.attention(q, k, v, return_lse=True, causal=True)
                 grads = cr.attention_backward(dout, q, k, v, out, lse, causal=True)
@@ -1152,8 +1147,7 @@ def test_packed_document_repeats_run_kept_plans(world, monkeypatch, fresh_rng):
                                           cu_seqlens=cu)).cuda().view(torch.bfloat16)
                 for x in host
             )  # fmt: skip
-            poison = torch.full((1 << 20,), float("nan"), device="cuda")
-            del poison  # torch's allocator hands this NaN-filled memory to the results
+            poison_torch_pools()
             if world == 1:
                 out, lse = cr.attention(q, k, v, causal=True, cu_seqlens=cu, return_lse=True)
                 grads = cr.attention_backward(dout, q, k, v, out, lse, causal=True,

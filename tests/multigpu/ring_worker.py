@@ -42,6 +42,7 @@ from cuparing.comm.local import SoloRing
 # the one tolerance table (tests/numerics.py): bounds from the arithmetic, checked on this
 # rank's rows, and the ring-vs-one-device limit
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gpu_arrays import poison_torch_pools  # noqa: E402
 from numerics import Reference, ring_vs_solo_limit  # noqa: E402
 
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
@@ -204,7 +205,7 @@ def run_case(ring, index, case, report) -> None:
     if framework == "torch":
         # a repeat runs the kept launches at pointer level (call_plans.RingForwardPlan), into
         # memory torch's allocator hands out NaN-filled: the same bits as the checked call
-        torch.full((1 << 22,), float("nan"), device="cuda")
+        poison_torch_pools()
         planned_before = PLANNED_RUNS["forward"]
         again = cr.ring_attention(q_l, k_l, v_l, ring, causal=causal, window=window,
                                   layout=layout, return_lse=True)  # fmt: skip
@@ -216,7 +217,7 @@ def run_case(ring, index, case, report) -> None:
         # outputs at other addresses each time (fresh copies, NaN-filled memory), same bits
         replays_before = GRAPH_REPLAYS["count"]
         for trial in range(2):
-            torch.full((1 << 22,), float("nan"), device="cuda")
+            poison_torch_pools()
             copies = [x.clone() for x in (q_l, k_l, v_l)]
             again = cr.ring_attention(*copies, ring, causal=causal, window=window,
                                       layout=layout, return_lse=True)  # fmt: skip
@@ -260,7 +261,7 @@ def run_case(ring, index, case, report) -> None:
         for trial in range(4):
             inputs, want = ((q_l, k_l, v_l), (out_l, lse_l)) if trial % 2 == 0 else (
                 other, want_other)  # fmt: skip
-            torch.full((1 << 22,), float("nan"), device="cuda")
+            poison_torch_pools()
             got = cr.ring_attention(*inputs, ring, causal=causal, window=window, layout=layout,
                                     return_lse=True)  # fmt: skip
             same = torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -285,7 +286,7 @@ def run_case(ring, index, case, report) -> None:
     if framework == "torch":
         # the backward's repeat at pointer level (call_plans.RingBackwardPlan: its dK/dV travel
         # and go home through this transport), into NaN-filled memory from torch's allocator
-        torch.full((1 << 22,), float("nan"), device="cuda")
+        poison_torch_pools()
         planned_before = PLANNED_RUNS["backward"]
         again = cr.ring_attention_backward(dout_l, q_l, k_l, v_l, out_l, lse_l, ring,
                                            causal=causal, window=window, layout=layout)  # fmt: skip
@@ -297,7 +298,7 @@ def run_case(ring, index, case, report) -> None:
         ]
         # and its graph replay (where the ring can be captured), every array somewhere else
         replays_before = GRAPH_REPLAYS["count"]
-        torch.full((1 << 22,), float("nan"), device="cuda")
+        poison_torch_pools()
         copies = [x.clone() for x in (dout_l, q_l, k_l, v_l, out_l, lse_l)]
         again = cr.ring_attention_backward(*copies, ring, causal=causal, window=window,
                                            layout=layout)  # fmt: skip
@@ -632,7 +633,7 @@ def replay_cycle() -> int:
             patched, replays = counts["patch"], GRAPH_REPLAYS["count"]
         which = step % 2
         ref, (q_l, k_l, v_l, dout_l) = sets[which]
-        torch.full((1 << 22,), float("nan"), device="cuda")
+        poison_torch_pools()
         out, lse = cr.ring_attention(q_l, k_l, v_l, ring, causal=True, layout="zigzag",
                                      return_lse=True)  # fmt: skip
         grads = cr.ring_attention_backward(dout_l, q_l, k_l, v_l, out, lse, ring, causal=True,
