@@ -18,7 +18,9 @@ Definitions (S = global sequence length, C = ranks, B = batch):
   keff5: the same over the ring call's time when five ring calls are queued back to back (as
   the layers of a model call it: the host's cost hides behind the previous call's kernels).
 - hidden transfer: fraction of the traced transfer time (comm-stream events around each NCCL
-  group) that overlapped compute windows on the calling stream, from one extra traced forward.
+  group) that overlapped compute windows on the calling stream, from one extra traced forward
+  (``hidden``) and, with ``--backward``, one traced backward (``hid bwd``: its dK / dV
+  transfers too).
 - transport: ``nccl`` (NCCL send/recv, SM-driven) or ``ipc`` (copy-engine pushes between the GPUs
   of one host, :class:`cuparing.comm.ipc.IpcRing`); default ``CUPARING_TRANSPORT``, else nccl.
 - torch CP: ``torch.distributed.tensor.experimental.context_parallel`` with SDPA pinned to its
@@ -152,15 +154,22 @@ def bench_ours(ring, cfg, repeats, warmup, backward, inputs="cupy"):
         "bwd_ms": time_ms(bwd(ring), ring, repeats, warmup) if backward else float("nan"),
         "bwd_nocomm_ms": time_ms(bwd(nocomm), ring, repeats, warmup) if backward else float("nan"),
     }
-    hidden = float("nan")
-    if ring.size > 1:
-        ring.barrier()
-        ring.start_trace()
-        fwd(ring)()
-        hidden = ring.hidden_transfer_fraction()
-        ring.stop_trace()
-    result["hidden"] = hidden
+    result["hidden"] = traced_hidden(ring, fwd(ring))
+    result["hidden_bwd"] = traced_hidden(ring, bwd(ring)) if backward else float("nan")
     return result
+
+
+def traced_hidden(ring, call) -> float:
+    """The fraction of one traced ``call``'s transfer time that overlapped its compute on the
+    calling stream (NaN on a ring of one, which moves nothing)."""
+    if ring.size == 1:
+        return float("nan")
+    ring.barrier()
+    ring.start_trace()
+    call()
+    hidden = ring.hidden_transfer_fraction()
+    ring.stop_trace()
+    return hidden
 
 
 def bench_torch_cp(ring, local_rank, cfg, repeats, warmup, backward=False):
@@ -317,14 +326,15 @@ def main(argv=None) -> int:
         torch_ms = [float(np.median([m[i] for m in peer_ms])) if peer_ms else float("nan")
                     for i in range(2)]  # fmt: skip
         keys = ["fwd_ms", "fwd_nocomm_ms", "bwd_ms", "bwd_nocomm_ms", "hidden", "fwd_kernels_ms",
-                "fwd_queued_ms"]
+                "fwd_queued_ms", "hidden_bwd"]
         values = [ours[k] for k in keys] + torch_ms
         per_rank = gather(ring, values)
         slowest = [max(r[i] for r in per_rank) for i in range(len(values))]
-        fwd_ms, fwd_nc, bwd_ms, bwd_nc, _, fwd_kernels, fwd_queued, torch_slow, torch_step = (
+        fwd_ms, fwd_nc, bwd_ms, bwd_nc, _, fwd_kernels, fwd_queued, _, torch_slow, torch_step = (
             slowest
         )
         hidden = statistics.fmean(r[4] for r in per_rank)
+        hidden_bwd = statistics.fmean(r[7] for r in per_rank)
         seqlen = tokens * ring.size
         fwd_flops = flops(1, heads, seqlen, headdim, ring.size, causal)
         rows.append({
@@ -336,6 +346,7 @@ def main(argv=None) -> int:
             "fwd_queued_ms": fwd_queued, "fwd_queued_kernel_efficiency": fwd_kernels / fwd_queued,
             "bwd_ms": bwd_ms, "bwd_tflops_per_gpu": 2.5 * fwd_flops / bwd_ms / 1e9,
             "bwd_efficiency": bwd_nc / bwd_ms, "hidden_transfer": hidden,
+            "hidden_transfer_bwd": hidden_bwd,
             "torch_cp_fwd_ms": torch_slow,
             "torch_cp_fwd_tflops_per_gpu": fwd_flops / torch_slow / 1e9,
             "step_ms": fwd_ms + bwd_ms,
@@ -366,8 +377,8 @@ def print_table(meta, rows) -> None:
           " same / ring time with five ring calls queued back to back")
     header = (f"{'mask':<7}{'layout':<11}{'H/Hkv':>6}{'D':>5}{'tok/GPU':>8}  "
               f"{'fwd ms':>8}{'TF/s':>7}{'eff':>6}{'keff':>6}{'keff5':>6}"
-              f"  {'bwd ms':>8}{'TF/s':>7}{'eff':>6}"
-              f"{'hidden':>8}  {'torchCP ms':>10}{'TF/s':>7}{'ours/CP':>8}")  # fmt: skip
+              f"  {'bwd ms':>8}{'TF/s':>7}{'eff':>6}{'hidden':>8}{'hid bwd':>8}"
+              f"  {'torchCP ms':>10}{'TF/s':>7}{'ours/CP':>8}")  # fmt: skip
     print(header)
     print("-" * len(header))
     notes = set()
@@ -379,7 +390,8 @@ def print_table(meta, rows) -> None:
               f"{r['fwd_efficiency']:>6.2f}{r['fwd_kernel_efficiency']:>6.2f}"
               f"{r['fwd_queued_kernel_efficiency']:>6.2f}  "
               f"{r['bwd_ms']:>8.2f}{r['bwd_tflops_per_gpu']:>7.0f}"
-              f"{r['bwd_efficiency']:>6.2f}{r['hidden_transfer']:>8.2f}  "
+              f"{r['bwd_efficiency']:>6.2f}{r['hidden_transfer']:>8.2f}"
+              f"{r.get('hidden_transfer_bwd', float('nan')):>8.2f}  "
               f"{r['torch_cp_fwd_ms']:>10.2f}{r['torch_cp_fwd_tflops_per_gpu']:>7.0f}"
               f"{ratio:>8.2f}")  # fmt: skip
         if r["torch_cp_note"]:
