@@ -400,9 +400,8 @@ class _Entered:
 
 def torch_call_context(device_index: int):
     """The context of GPU work for a torch caller on device ``device_index`` (what
-    :meth:`Origin.stream` gives torch CUDA callers): the
-    device, torch's current stream there as CuPy's current stream, and CuPy's allocations from
-    torch's caching allocator.
+    :meth:`Origin.stream` gives torch CUDA callers): the device, torch's current stream there as
+    CuPy's current stream, and CuPy's allocations from torch's caching allocator.
 
     Made per call, never kept: torch's current stream may differ from one call to the next,
     and CuPy's ``using_allocator`` is a one-shot context manager."""

@@ -391,7 +391,7 @@ def print_table(meta, rows) -> None:
               f"{r['fwd_queued_kernel_efficiency']:>6.2f}  "
               f"{r['bwd_ms']:>8.2f}{r['bwd_tflops_per_gpu']:>7.0f}"
               f"{r['bwd_efficiency']:>6.2f}{r['hidden_transfer']:>8.2f}"
-              f"{r.get('hidden_transfer_bwd', float('nan')):>8.2f}  "
+              f"{r['hidden_transfer_bwd']:>8.2f}  "
               f"{r['torch_cp_fwd_ms']:>10.2f}{r['torch_cp_fwd_tflops_per_gpu']:>7.0f}"
               f"{ratio:>8.2f}")  # fmt: skip
         if r["torch_cp_note"]:
