@@ -17,6 +17,8 @@ This module never touches q, k, v or the results itself: the ``backend`` does al
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -160,7 +162,11 @@ def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=None,
     Returns:
         (out, lse): out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] float32 (float64 for float64);
         the given ``out`` / ``lse`` where given.
+
+    With ``CUPARING_KV_GATHER=1`` a plan of more than one step runs :func:`gathered_forward`.
     """
+    if plan.last_step > 0 and gather_requested():
+        return gathered_forward(backend, ring, q, k, v, plan, scale, out=out, lse=lse)
     positions = [backend.positions(p) for p in plan.positions]
     q_pos = backend.positions(plan.q_positions)
     state = backend.forward_state(q, plan.blocks, out=out, lse=lse)
@@ -171,6 +177,92 @@ def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=None,
         backend.forward_block(state, q, kv[0], kv[1], q_pos, k_pos, kind, plan.mask, scale)
 
     forward_rotation(ring, [k, v], busy_steps(plan), block)
+    result = backend.forward_finish(state)
+    ring.check()
+    return result
+
+
+# CUPARING_KV_GATHER=1: ring forwards gather every rank's K/V first and run one block over all
+# of them (experimental; gathered_forward says when that pays)
+GATHER_ENV = "CUPARING_KV_GATHER"
+
+
+def gather_requested() -> bool:
+    """Whether ``CUPARING_KV_GATHER=1`` asks ring forwards to gather K/V first
+    (:func:`gathered_forward`)."""
+    return os.environ.get(GATHER_ENV, "").strip() == "1"
+
+
+@dataclass(frozen=True)
+class GatheredKeys:
+    """Every rank's keys of one plan in one ascending order (:func:`gathered_keys`).
+
+    Attributes:
+        positions: the global positions of the key rows this rank's steps ``0 .. last_step``
+            hold (rank ``plan.source(t)``'s at step t), ascending (padding keys last).
+        rows: ``rows[t]``: where step ``t``'s key rows go in that order (int64, read-only).
+        kind: the block of this rank's queries against all of them: EMPTY where every step's
+            block is, FULL where every one is FULL, else PARTIAL.
+    """
+
+    positions: np.ndarray
+    rows: tuple
+    kind: BlockKind
+
+
+_GATHERED: dict = {}  # id(plan) -> (plan, GatheredKeys): plans are cached and live long
+_GATHERED_LOCK = threading.Lock()
+
+
+def gathered_keys(plan: RingPlan) -> GatheredKeys:
+    """The (cached) :class:`GatheredKeys` of ``plan``."""
+    hit = _GATHERED.get(id(plan))
+    if hit is not None and hit[0] is plan:
+        return hit[1]
+    held = [plan.positions[plan.source(t)] for t in range(plan.last_step + 1)]
+    joined = np.concatenate(held)
+    order = np.argsort(joined, kind="stable")
+    where = np.empty_like(order)
+    where[order] = np.arange(len(order))
+    bounds = np.cumsum([0] + [len(p) for p in held])
+    rows = tuple(_frozen(where[a:b].copy()) for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    kinds = set(plan.kinds[: plan.last_step + 1])
+    if kinds == {BlockKind.EMPTY}:
+        kind = BlockKind.EMPTY
+    elif kinds == {BlockKind.FULL}:
+        kind = BlockKind.FULL
+    else:
+        kind = BlockKind.PARTIAL
+    made = GatheredKeys(_frozen(joined[order]), rows, kind)
+    with _GATHERED_LOCK:
+        if len(_GATHERED) >= 256:
+            _GATHERED.clear()
+        _GATHERED[id(plan)] = (plan, made)
+    return made
+
+
+def gathered_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=None, lse=None):
+    """:func:`ring_forward`'s result another way: the K/V of every step's rank first
+    (``plan.last_step`` exchanges at once, shifts 1 .. last_step), put in one ascending order
+    of positions (:func:`gathered_keys`), then one block of this rank's queries against all of
+    them: no per-step launches and no float32 partials to merge, at the price of (last_step +
+    1) times the K/V memory and a transfer that no compute hides. It pays where ring steps are
+    mostly fixed costs: shards cut into many pieces (packed documents) on several GPUs (PERF.md,
+    "Packed documents on 4x H200"). Same arguments and returns; the caller has checked that
+    the plan has more than one step."""
+    keys = gathered_keys(plan)
+    pending = [
+        ring.exchange([k, v], shift, f"kv_gather_{shift}")
+        for shift in range(1, plan.last_step + 1)
+    ]
+    parts = [(k, v)] + [tuple(exchange.wait()) for exchange in pending]
+    state = backend.forward_state(q, 0 if keys.kind == BlockKind.EMPTY else 1, out=out, lse=lse)
+    if keys.kind != BlockKind.EMPTY:
+        k_all, v_all = backend.gathered(parts, keys.rows, len(keys.positions))
+        q_pos, k_pos = backend.positions(plan.q_positions), backend.positions(keys.positions)
+        with ring.trace_compute("fwd gathered"):
+            backend.forward_block(state, q, k_all, v_all, q_pos, k_pos, keys.kind, plan.mask,
+                                  scale)  # fmt: skip
     result = backend.forward_finish(state)
     ring.check()
     return result

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numerics import check_backward, check_forward
 from strategies import np_dtype
+from switches import kv_gather
 
 import cuparing as cr
 from cuparing.masks import BlockKind, MaskSpec
@@ -34,6 +35,7 @@ def packed_cases(draw):
         "window": draw(st.one_of(st.none(), st.tuples(st.integers(0, 6), st.integers(0, 6)))),
         "dtype": draw(st.sampled_from(["float64", "float32", "bfloat16"])),
         "seed": draw(st.integers(0, 2**32 - 1)),
+        "gather": draw(st.booleans()),  # CUPARING_KV_GATHER: the forward gathers K/V first
     }
 
 
@@ -63,7 +65,8 @@ def test_packed_ring_matches_the_document_masked_reference(case):
             assert np.all(np.asarray(g, dtype=np.float64)[:, pad] == 0)
         return out, lse, *grads
 
-    results = cr.simulate(world, rank_fn)
+    with kv_gather(case["gather"]):
+        results = cr.simulate(world, rank_fn)
 
     def whole(i, axis=1):
         return cr.unshard([r[i] for r in results], layout=layout, axis=axis, cu_seqlens=cu)

@@ -880,6 +880,55 @@ def test_packed_documents_on_gpu(layout, world, causal, kernel_family, fresh_rng
     check_backward(grads, dout, q, k, v, causal=causal, cu_seqlens=cu)
 
 
+GATHERED_CASES = list(
+    itertools.product(["contiguous", "zigzag", "packed"], [2, 3], [True, False], [False, True])
+)
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("layout,world,causal,documents", GATHERED_CASES)
+def test_gathered_forward_on_gpu(layout, world, causal, documents, kernel_family, monkeypatch,
+                                 fresh_rng):  # fmt: skip
+    """``CUPARING_KV_GATHER=1``: the forward gathers K/V into one ascending order and runs one
+    launch per rank (the backward keeps the ring), on packed documents (fresh random lengths)
+    and on plain sequences, against the float64 reference; padding rows come out 0 / -inf; the
+    gathered path ran on every rank."""
+    from cuparing import schedule, validation
+
+    monkeypatch.setenv(schedule.GATHER_ENV, "1")
+    ran = []
+    inner = schedule.gathered_forward
+
+    def counted(*args, **kwargs):
+        ran.append(args[5].rank)  # (backend, ring, q, k, v, plan, ...)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(schedule, "gathered_forward", counted)
+    rng = fresh_rng
+    d = 128 if kernel_family.startswith("sm90") else 64
+    cu = None
+    if documents:
+        lengths = rng.integers(0, 300, size=int(rng.integers(2, 9)))
+        lengths[rng.integers(len(lengths))] = 1
+        cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        seqlen = int(cu[-1])
+    else:
+        seqlen = 2 * world * int(rng.integers(20, 90))
+        layout = "zigzag" if layout == "packed" else layout  # (packed: documents only)
+    q, dout = (random_array(rng, (1, seqlen, 4, d), "bfloat16") for _ in range(2))
+    k, v = (random_array(rng, (1, seqlen, 2, d), "bfloat16") for _ in range(2))
+    mask = {"causal": causal} if cu is None else {"causal": causal, "cu_seqlens": cu}
+    out, lse, *grads = ring_on_gpu((q, k, v, dout), world, layout, **mask)
+    check_kernel_forward(out, lse, q, k, v, **mask)
+    check_backward(grads, dout, q, k, v, **mask)
+    spec = validation.check_mask(causal, None)
+    plan = (
+        schedule.plan_documents(layout, 0, world, tuple(int(x) for x in cu), spec) if documents
+        else schedule.plan_ring(layout, 0, world, seqlen // world, spec)
+    )  # fmt: skip
+    assert sorted(ran) == (list(range(world)) if plan.last_step > 0 else [])
+
+
 # ---- call plans: repeats of a checked call on torch CUDA tensors
 
 

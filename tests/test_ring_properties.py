@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from numerics import check_backward, check_forward
 from strategies import LOW_PRECISION, RingCase, ring_cases
+from switches import kv_gather
 
 import cuparing as cr
+from cuparing import schedule, validation
 
 
 def run_ring(case):
@@ -50,3 +52,28 @@ def test_ring_matches_dense_float64(case):
                   seed=0))  # fmt: skip
 def test_ring_matches_dense_low_precision(case):
     check_case(case)
+
+
+@settings(deadline=None)
+@given(ring_cases(dtypes=("float64", *LOW_PRECISION)))
+def test_gathered_forward_matches_dense(case):
+    """With ``CUPARING_KV_GATHER=1`` the forward gathers K/V and runs one block per rank (the
+    backward keeps the ring): the same results within the same bounds, and the gathered path
+    ran on every rank wherever the plan has more than one step."""
+    ran = []
+    inner = schedule.gathered_forward
+
+    def counted(*args, **kwargs):
+        ran.append(args[5].rank)  # (backend, ring, q, k, v, plan, ...)
+        return inner(*args, **kwargs)
+
+    schedule.gathered_forward = counted
+    try:
+        with kv_gather(True):
+            check_case(case)
+    finally:
+        schedule.gathered_forward = inner
+    spec = validation.check_mask(case.causal, case.window)
+    local = case.seqlen // case.world_size
+    plan = schedule.plan_ring(case.layout, 0, case.world_size, local, spec)
+    assert sorted(ran) == (list(range(case.world_size)) if plan.last_step > 0 else [])

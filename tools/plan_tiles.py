@@ -21,6 +21,12 @@ key tiles per query tile, every key whose position lies in ``[q_min + lo, q_max 
 (``visible_key_tiles``), EMPTY tiles inside it included (masked whole); a query tile whose rows
 come from two distant pieces of a shard (zigzag's pieces r and 2C-1-r of a document, or the
 ends of two documents) walks everything between them. ``walked / counted`` is what that costs.
+
+Each layout's summary also counts query-tile launches (CTAs per head: a ring step launches
+every query tile of the rank, a busy one or not, and each pays a CTA's fixed costs) and the
+same for a *gathered* forward: K/V of every rank gathered into global order and one launch per
+rank over all of them (its queries' tiles against the one-GPU key tiles; no per-step launches,
+no float32 partials to merge), with that launch's tile-count efficiency.
 """
 
 from __future__ import annotations
@@ -84,6 +90,22 @@ def rank_tiles(layout, rank, world, seqlen, cu, block_m, block_n) -> tuple[np.nd
     return np.stack(per_step), walks
 
 
+def gathered_tiles(layout, rank, world, seqlen, cu, block_m, block_n) -> np.ndarray:
+    """[query tiles, 3] tile counts of one launch of ``rank``'s queries against every rank's
+    keys in global order (the one-GPU launch's key tiles)."""
+    mask = MaskSpec(True, None, None)
+    one = schedule.plan_documents("contiguous", 0, 1, tuple(int(x) for x in cu), mask) if (
+        cu is not None) else schedule.plan_ring("contiguous", 0, 1, seqlen, mask)  # fmt: skip
+    k_pos = one.positions[0]
+    if cu is not None:
+        plan = schedule.plan_documents(layout, rank, world, tuple(int(x) for x in cu), mask)
+        q_pos = plan.q_positions[: len(documents.held_tokens(layout, rank, world, cu))]
+        k_pos = k_pos[: len(documents.held_tokens("contiguous", 0, 1, cu))]
+    else:
+        q_pos = schedule.plan_ring(layout, rank, world, seqlen // world, mask).q_positions
+    return tiles(q_pos, k_pos, one.mask, block_m, block_n)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=4)
@@ -130,6 +152,15 @@ def main(argv=None) -> int:
         print(f"{layout:<11} tile-count efficiency {one_total / (world * busiest):.2f}, "
               f"lockstep {lockstep:.2f}, walked {one_walked / (world * busiest_walked):.2f}, "
               f"last ring step {last}")  # fmt: skip
+        gathered = [gathered_tiles(layout, r, world, seqlen, cu, bm, bn) for r in range(world)]
+        ring_ctas = max(len(counts_q) * (last + 1) for counts_q in gathered)
+        busiest_gathered = max(int(g[:, 1:].sum()) for g in gathered)
+        partial = sum(int(g[:, 1].sum()) for g in gathered)
+        total = sum(int(g[:, 1:].sum()) for g in gathered)
+        print(f"{layout:<11} query-tile launches per rank: ring {ring_ctas}, gathered "
+              f"{max(len(g) for g in gathered)} (one GPU {len(one[0])}); gathered tile-count "
+              f"efficiency {one_total / (world * max(busiest_gathered, 1)):.2f}, "
+              f"{partial / max(total, 1):.0%} PARTIAL")  # fmt: skip
     return 0
 
 

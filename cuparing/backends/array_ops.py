@@ -287,3 +287,16 @@ def block_backward(
             dv_t = masked_matmul(xp, probs.swapaxes(-1, -2), do_t, keep_t, do_finite)
             dv[:, start:stop] += dv_t.sum(axis=2).transpose(0, 2, 1, 3)
     dq += _ungrouped(dq_g)
+
+
+def gather_rows(xp, parts, rows, length: int):
+    """(K, V) [B, length, Hkv, D]: ``parts[t]`` = (k_t, v_t) [B, n_t, Hkv, D] with their rows
+    at the indices ``rows[t]`` (arrays of ``xp``, together covering ``0 .. length - 1``)."""
+    k0 = parts[0][0]
+    shape = (k0.shape[0], length, *k0.shape[2:])
+    k_all, v_all = xp.empty(shape, dtype=k0.dtype), xp.empty(shape, dtype=parts[0][1].dtype)
+    for (k, v), at in zip(parts, rows, strict=True):
+        k_all[:, at] = k
+        v_all[:, at] = v
+    return k_all, v_all
+

@@ -41,7 +41,7 @@ import numpy as np
 from ..interop import dtype_name, element_strides
 from ..kernels import launch_order, loader, tensor_maps
 from ..masks import UNBOUNDED, BlockKind, MaskSpec
-from ..schedule import home_shift_of, kv_grads_whole
+from ..schedule import gather_requested, home_shift_of, kv_grads_whole
 from . import array_ops, launch_plans
 from .array_backend import ArrayBackend
 from .direct_grads import DirectGrad
@@ -85,6 +85,7 @@ _DQ_TILES_ARGS = struct.Struct("<QQ4i")  # (tiles, dq, batch, seqlen, H, D)
 _DEVICE_POSITIONS: dict[tuple, Any] = {}
 _DEVICE_POSITIONS_LOCK = threading.Lock()
 _DEVICE_POSITIONS_MAX = 256
+_ROWS_BY_ARRAY: dict = {}  # (id(host), device) -> (weakref(host), device row indices)
 # DevicePositions of read-only host arrays, by (id(array), device) with a weak reference that
 # proves the id still names that array (CupyBackend.positions)
 _POSITIONS_BY_ARRAY: dict[tuple[int, int], tuple[weakref.ref, Any]] = {}
@@ -257,6 +258,33 @@ class CupyBackend:
                                  mode)  # fmt: skip
         state.done += 1
 
+    def gathered(self, parts, rows, length):
+        """(K, V) with ``parts[t]``'s rows at ``rows[t]`` (the protocol's contract), moved as
+        16-bit words where the dtype is a 16-bit float (CuPy's indexing kernels have no
+        bfloat16); the row indices' device copies are kept like positions' (one copy per
+        read-only host array)."""
+        cp = self.xp
+        k0, v0 = parts[0]
+        shape = (k0.shape[0], length, *k0.shape[2:])
+        k_all, v_all = _empty(cp, shape, k0.dtype), _empty(cp, shape, v0.dtype)
+        for (k, v), at in zip(parts, rows, strict=True):
+            index = self._device_rows(at)
+            _as_bits(cp, k_all)[:, index] = _as_bits(cp, k)
+            _as_bits(cp, v_all)[:, index] = _as_bits(cp, v)
+        return k_all, v_all
+
+    def _device_rows(self, host: np.ndarray):
+        key = (id(host), self.xp.cuda.runtime.getDevice())
+        hit = _ROWS_BY_ARRAY.get(key)
+        if hit is not None and hit[0]() is host:
+            return hit[1]
+        made = self.xp.asarray(host)
+        with _DEVICE_POSITIONS_LOCK:
+            if len(_ROWS_BY_ARRAY) >= _DEVICE_POSITIONS_MAX:
+                _ROWS_BY_ARRAY.clear()
+            _ROWS_BY_ARRAY[key] = (weakref.ref(host), made)
+        return made
+
     def forward_finish(self, state: CupyForwardState):
         """(out [B, Sq, H, D] in the caller's dtype, lse float32 [B, H, Sq]): the caller-owned
         arrays of ``forward_state`` where given."""
@@ -370,6 +398,8 @@ class CupyBackend:
             ``forward_block`` per step and ``forward_finish`` compute.
         """
         if plan.blocks == 0 or not self._kernel_ok(q):
+            return None
+        if plan.last_step > 0 and gather_requested():  # (the schedule's gathered forward runs)
             return None
         if not all(_kernel_readable(x) for x in (q, k, v)) or not _pair_aligned(out):
             return None
