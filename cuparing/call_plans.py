@@ -271,16 +271,18 @@ class RingForwardPlan(CheckedCall):
     :class:`~cuparing.backends.planned_ring.PlannedForward`), besides what its checks decided.
 
     A repeat agrees with the other ranks as every call does, allocates ``out``/``lse`` (unless
-    the caller's) and the float32 accumulator through torch, and runs the schedule's steps at
-    pointer level (:func:`cuparing.schedule.run_planned_forward`) on torch's current stream:
+    the caller's) and the float32 accumulator (or a gathered forward's K/V:
+    :class:`~cuparing.backends.planned_ring.PlannedGather`) through torch, and runs the
+    schedule's steps at pointer level (:func:`cuparing.schedule.run_planned_forward`,
+    :func:`cuparing.schedule.run_planned_gathered_forward`) on torch's current stream:
     the same exchanges and launches as the full path, without its per-call checks, views and
     lookups.
 
     Args:
         decided: (origin, plan, scale, fields) as a :class:`CheckedCall` of ``ring_attention``.
         guard, ring: as :class:`CheckedCall`.
-        planned: the forward's launches.
-        out_shape, lse_shape, dtype, device: of the results (torch).
+        planned: the forward's launches (a ``PlannedForward`` or ``PlannedGather``).
+        out_shape, lse_shape, dtype, device: of the results (torch); K/V have q's dtype.
     """
 
     def __init__(self, decided: tuple, guard: Guard, ring: Any, planned, out_shape, lse_shape,
@@ -312,6 +314,14 @@ class RingForwardPlan(CheckedCall):
         addresses = (pointers[0], out.data_ptr(), lse.data_ptr())
 
         def run(kv):  # the call at pointer level, as a replay's graph captures it
+            if planned.gathers:  # every step's K/V at once, in position order
+                gathered = [torch.empty(planned.gathered_shape, dtype=self._dtype,
+                                        device=self._device) for _ in range(2)]  # fmt: skip
+                schedule.run_planned_gathered_forward(
+                    ring, planned, addresses[0], kv, addresses[1], addresses[2],
+                    (gathered[0].data_ptr(), gathered[1].data_ptr()),
+                )
+                return gathered
             scratch = None
             if planned.accumulates:
                 scratch = torch.empty(self._out_shape, dtype=torch.float32, device=self._device)

@@ -163,9 +163,10 @@ def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=None,
         (out, lse): out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] float32 (float64 for float64);
         the given ``out`` / ``lse`` where given.
 
-    With ``CUPARING_KV_GATHER=1`` a plan of more than one step runs :func:`gathered_forward`.
+    With ``CUPARING_KV_GATHER=1`` a plan of 2..``GATHER_MAX_STEPS`` steps runs
+    :func:`gathered_forward`.
     """
-    if plan.last_step > 0 and gather_requested():
+    if gathers(plan):
         return gathered_forward(backend, ring, q, k, v, plan, scale, out=out, lse=lse)
     positions = [backend.positions(p) for p in plan.positions]
     q_pos = backend.positions(plan.q_positions)
@@ -185,12 +186,19 @@ def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=None,
 # CUPARING_KV_GATHER=1: ring forwards gather every rank's K/V first and run one block over all
 # of them (experimental; gathered_forward says when that pays)
 GATHER_ENV = "CUPARING_KV_GATHER"
+GATHER_MAX_STEPS = 8  # shards one gathered forward holds (the GPU kernel's GatherRowsParams)
 
 
 def gather_requested() -> bool:
     """Whether ``CUPARING_KV_GATHER=1`` asks ring forwards to gather K/V first
     (:func:`gathered_forward`)."""
     return os.environ.get(GATHER_ENV, "").strip() == "1"
+
+
+def gathers(plan: RingPlan) -> bool:
+    """Whether this rank's forward of ``plan`` gathers K/V (:func:`gathered_forward`): asked
+    for, and 2..``GATHER_MAX_STEPS`` steps (one step has nothing to gather)."""
+    return 0 < plan.last_step < GATHER_MAX_STEPS and gather_requested()
 
 
 @dataclass(frozen=True)
@@ -201,12 +209,15 @@ class GatheredKeys:
         positions: the global positions of the key rows this rank's steps ``0 .. last_step``
             hold (rank ``plan.source(t)``'s at step t), ascending (padding keys last).
         rows: ``rows[t]``: where step ``t``'s key rows go in that order (int64, read-only).
+        sources: the inverse map, int32 [len(positions), 2] (read-only): (step, row of that
+            step's shard) of every gathered row.
         kind: the block of this rank's queries against all of them: EMPTY where every step's
             block is, FULL where every one is FULL, else PARTIAL.
     """
 
     positions: np.ndarray
     rows: tuple
+    sources: np.ndarray
     kind: BlockKind
 
 
@@ -226,6 +237,10 @@ def gathered_keys(plan: RingPlan) -> GatheredKeys:
     where[order] = np.arange(len(order))
     bounds = np.cumsum([0] + [len(p) for p in held])
     rows = tuple(_frozen(where[a:b].copy()) for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    sources = np.empty((len(order), 2), dtype=np.int32)
+    for t, at in enumerate(rows):
+        sources[at, 0] = t
+        sources[at, 1] = np.arange(len(at))
     kinds = set(plan.kinds[: plan.last_step + 1])
     if kinds == {BlockKind.EMPTY}:
         kind = BlockKind.EMPTY
@@ -233,7 +248,7 @@ def gathered_keys(plan: RingPlan) -> GatheredKeys:
         kind = BlockKind.FULL
     else:
         kind = BlockKind.PARTIAL
-    made = GatheredKeys(_frozen(joined[order]), rows, kind)
+    made = GatheredKeys(_frozen(joined[order]), rows, _frozen(sources), kind)
     with _GATHERED_LOCK:
         if len(_GATHERED) >= 256:
             _GATHERED.clear()
@@ -251,14 +266,10 @@ def gathered_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=N
     "Packed documents on 4x H200"). Same arguments and returns; the caller has checked that
     the plan has more than one step."""
     keys = gathered_keys(plan)
-    pending = [
-        ring.exchange([k, v], shift, f"kv_gather_{shift}")
-        for shift in range(1, plan.last_step + 1)
-    ]
-    parts = [(k, v)] + [tuple(exchange.wait()) for exchange in pending]
+    parts = gathered_shards(ring, [k, v], plan.last_step)
     state = backend.forward_state(q, 0 if keys.kind == BlockKind.EMPTY else 1, out=out, lse=lse)
     if keys.kind != BlockKind.EMPTY:
-        k_all, v_all = backend.gathered(parts, keys.rows, len(keys.positions))
+        k_all, v_all = backend.gathered(parts, keys)
         q_pos, k_pos = backend.positions(plan.q_positions), backend.positions(keys.positions)
         with ring.trace_compute("fwd gathered"):
             backend.forward_block(state, q, k_all, v_all, q_pos, k_pos, keys.kind, plan.mask,
@@ -266,6 +277,33 @@ def gathered_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=N
     result = backend.forward_finish(state)
     ring.check()
     return result
+
+
+def gathered_shards(ring, kv: list, last_step: int) -> list:
+    """Every step's K/V shard at once: ``[kv] +`` what ``last_step`` exchanges of shifts 1 ..
+    ``last_step`` deliver (each on its own channel, all issued before the first wait, so the
+    transfers overlap), as (k, v) per step."""
+    pending = [ring.exchange(kv, shift, f"kv_gather_{shift}") for shift in range(1, last_step + 1)]
+    return [tuple(kv)] + [tuple(exchange.wait()) for exchange in pending]
+
+
+def run_planned_gathered_forward(ring, planned, q: int, kv: list, out: int, lse: int,
+                                 gathered: tuple[int, int]) -> None:  # fmt: skip
+    """:func:`gathered_forward` at pointer level, for a repeat of a signature whose launches the
+    backend decided once (``planned``: a
+    :class:`~cuparing.backends.planned_ring.PlannedGather`): the same exchanges, then the
+    rows put in order and the one forward block.
+
+    Args:
+        ring: the communicator; kv: [k, v] this rank's shard as backend arrays.
+        q, out, lse: addresses of the queries and of the results (written here).
+        gathered: addresses of the gathered K and V, contiguous [B, L, Hkv, D] of k's dtype
+            (``planned.gathered_shape``).
+    """
+    parts = gathered_shards(ring, kv, planned.last_step)
+    with ring.trace_compute("fwd gathered"):
+        planned.launch([(k.data.ptr, v.data.ptr) for k, v in parts], *gathered, q, out, lse)
+    ring.check()
 
 
 def busy_steps(plan: RingPlan) -> tuple[bool, ...]:

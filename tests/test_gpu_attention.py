@@ -929,6 +929,68 @@ def test_gathered_forward_on_gpu(layout, world, causal, documents, kernel_family
     assert sorted(ran) == (list(range(world)) if plan.last_step > 0 else [])
 
 
+def bf16_shards_in_poisoned_memory(torch, ring, host, layout, cu_seqlens):
+    """This rank's shards (``cr.shard`` with ``cu_seqlens``) of the bfloat16 host arrays
+    ``host`` as torch CUDA tensors, then torch's pools poisoned (``poison_torch_pools``) for
+    the results of the call that follows."""
+    shards = [
+        torch.from_numpy(cr.shard(x.view(np.int16), ring.rank, ring.size, layout=layout,
+                                  cu_seqlens=cu_seqlens)).cuda().view(torch.bfloat16)
+        for x in host
+    ]  # fmt: skip
+    poison_torch_pools()
+    return shards
+
+
+@requires_gpu(1)
+@pytest.mark.parametrize("world,layout", [(2, "zigzag"), (4, "zigzag"), (4, "packed")])
+def test_gathered_forward_repeats_run_the_kept_gather(world, layout, monkeypatch, fresh_rng):
+    """``CUPARING_KV_GATHER=1`` with torch tensors: a repeat of a packed-document ring forward
+    runs the kept gather and forward launches (``PlannedGather``, pointer level) on every rank,
+    on fresh data in NaN-poisoned memory, within the float64 reference's bounds."""
+    torch = torch_on_gpu()
+    from cuparing import call_plans, schedule
+
+    call_plans.clear()
+    monkeypatch.setenv(schedule.GATHER_ENV, "1")
+    planned = record_plan_runs(monkeypatch, (call_plans.RingForwardPlan,))
+    gathered = []
+    inner = schedule.run_planned_gathered_forward
+
+    def counted(ring, *args):
+        gathered.append(ring.rank)
+        return inner(ring, *args)
+
+    monkeypatch.setattr(schedule, "run_planned_gathered_forward", counted)
+    rng = fresh_rng
+    s, h, hkv, d = 150 * world + int(rng.integers(0, 40)), 4, 2, 128
+    cuts = np.sort(rng.choice(np.arange(1, s), size=int(rng.integers(1, 7)), replace=False))
+    cu = [0, *map(int, cuts), s]
+    calls = [
+        [random_array(rng, shape, "bfloat16") for shape in ((1, s, h, d), (1, s, hkv, d),
+                                                           (1, s, hkv, d))]
+        for _ in range(2)
+    ]  # fmt: skip
+
+    def rank_fn(ring):
+        results = []
+        for host in calls:
+            q, k, v = bf16_shards_in_poisoned_memory(torch, ring, host, layout, cu)
+            out, lse = cr.ring_attention(q, k, v, ring, return_lse=True, causal=True,
+                                         layout=layout, cu_seqlens=cu)  # fmt: skip
+            torch.cuda.synchronize()
+            results.append([x.float().cpu().numpy() for x in (out, lse)])
+        return results
+
+    per_rank = cr.simulate(world, rank_fn)
+    assert planned == [True] * world and sorted(gathered) == list(range(world))
+    for n, host in enumerate(calls):
+        got = [cr.unshard([r[n][i] for r in per_rank], layout=layout, axis=2 if i == 1 else 1,
+                          cu_seqlens=cu) for i in range(2)]  # fmt: skip
+        check_kernel_forward(got[0].astype(ml_dtypes.bfloat16), got[1], *host, causal=True,
+                             cu_seqlens=cu)  # fmt: skip
+
+
 # ---- call plans: repeats of a checked call on torch CUDA tensors
 
 
@@ -1191,12 +1253,7 @@ def test_packed_document_repeats_run_kept_plans(world, monkeypatch, fresh_rng):
     def rank_fn(ring):
         results = []
         for cu, host in calls:
-            q, k, v, dout = (
-                torch.from_numpy(cr.shard(x.view(np.int16), ring.rank, ring.size, layout=layout,
-                                          cu_seqlens=cu)).cuda().view(torch.bfloat16)
-                for x in host
-            )  # fmt: skip
-            poison_torch_pools()
+            q, k, v, dout = bf16_shards_in_poisoned_memory(torch, ring, host, layout, cu)
             if world == 1:
                 out, lse = cr.attention(q, k, v, causal=True, cu_seqlens=cu, return_lse=True)
                 grads = cr.attention_backward(dout, q, k, v, out, lse, causal=True,

@@ -15,8 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cuparing.backends.planned_ring import PlannedBackward, PlannedForward
-from cuparing.schedule import run_planned_backward, run_planned_forward
+from cuparing.backends.planned_ring import PlannedBackward, PlannedForward, PlannedGather
+from cuparing.schedule import (
+    run_planned_backward,
+    run_planned_forward,
+    run_planned_gathered_forward,
+)
 
 _addresses = itertools.count(1 << 20, 4096)
 
@@ -223,6 +227,9 @@ class _ScheduleBackend:
     def forward_finish(self, state):
         return None, None
 
+    def gathered(self, parts, keys):
+        return _array(), _array()
+
     def backward_delta(self, dout, out):
         return _array()
 
@@ -293,6 +300,67 @@ def test_planned_calls_exchange_as_the_schedule_does(world, layout, causal, wind
         )  # fmt: skip
         run_planned_backward(planned, backward, (0, 0, 0, 0), [_array(), _array()], (0, 0, 0))
         assert planned.events() == full.events()
+
+
+@settings(max_examples=30, deadline=None)
+@given(last=st.integers(1, 7))
+def test_a_gathered_forward_issues_every_exchange_then_gathers_then_runs_one_block(last):
+    """Exchanges of shifts 1 .. last_step on their own channels, all issued before the first
+    wait; then, with every shard held, the gather (the caller's K/V first, each step's received
+    pair after, the sources map last) and one forward block writing the output from the
+    gathered K/V, no accumulator."""
+    log = _Recorder()
+    planned = PlannedGather(last, log.launch("gather"), log.launch("forward"), q_pos=999,
+                            k_pos=888, sources=777, gathered_shape=(1, 64, 2, 8))  # fmt: skip
+    k, v = _array(), _array()
+    q, out, lse, k_all, v_all = 11, 22, 33, 44, 55
+    run_planned_gathered_forward(_RecordingRing(log), planned, q, [k, v], out, lse,
+                                 (k_all, v_all))  # fmt: skip
+    sent = (k.data.ptr, v.data.ptr)
+    exchanges = [("exchange", sent, shift, f"kv_gather_{shift}") for shift in range(1, last + 1)]
+    assert log.events[:last] == exchanges
+    waits = log.events[last : 2 * last]
+    assert [w[:2] for w in waits] == [("wait", f"kv_gather_{s}") for s in range(1, last + 1)]
+    held = [sent] + [w[2] for w in waits]
+    assert log.events[2 * last :] == [
+        ("trace", "fwd gathered"),
+        ("gather", (k_all, v_all, *(h[0] for h in held), *(h[1] for h in held), 777)),
+        ("forward", (out, lse, q, k_all, v_all, 999, 888, 0)),
+        ("check",),
+    ]
+    with pytest.raises(ValueError, match=f"expected {last + 1} shards, got {last}"):
+        planned.launch([(1, 2)] * last, k_all, v_all, q, out, lse)
+    with pytest.raises(ValueError, match="at least two steps"):
+        PlannedGather(0, None, None, 0, 0, 0, (1, 1, 1, 8))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    world=st.integers(2, 8),
+    layout=st.sampled_from(["contiguous", "zigzag", "striped"]),
+    causal=st.booleans(),
+)
+def test_planned_gathered_calls_exchange_as_the_schedule_does(world, layout, causal):
+    """With the gather switch on, each rank's pointer-level gathered forward makes the full
+    path's exchanges (tags, shifts, order) and compute span, rank by rank: ranks of one call
+    may take either path."""
+    from switches import kv_gather
+
+    from cuparing import validation
+    from cuparing.schedule import gathers, plan_ring, ring_forward
+
+    mask = validation.check_mask(causal, None)
+    noop = SimpleNamespace(launch=lambda *pointers: None)
+    with kv_gather(True):
+        for rank in range(world):
+            plan = plan_ring(layout, rank, world, 16, mask)
+            full, planned = _LoggingRing(world), _LoggingRing(world)
+            ring_forward(_ScheduleBackend(), full, _array(), _array(), _array(), plan, 1.0)
+            if not gathers(plan):  # (one step: the ring's own forward, tested above)
+                continue
+            forward = PlannedGather(plan.last_step, noop, noop, 0, 0, 0, (1, 1, 1, 8))
+            run_planned_gathered_forward(planned, forward, 0, [_array(), _array()], 0, 0, (0, 0))
+            assert planned.events() == full.events()
 
 
 @pytest.mark.parametrize("world", [2, 3, 5])

@@ -62,9 +62,10 @@ class ArrayBackend:
         out, lse = array_ops.block_forward(self.xp, q, k, v, q_pos, k_pos, kind, mask, scale)
         array_ops.merge_into(self.xp, state.out, state.lse, out, lse)
 
-    def gathered(self, parts, rows, length):
-        """(K, V) with ``parts[t]``'s rows at ``rows[t]`` (the protocol's contract)."""
-        return array_ops.gather_rows(self.xp, parts, [self.xp.asarray(r) for r in rows], length)
+    def gathered(self, parts, keys):
+        """(K, V) with ``parts[t]``'s rows at ``keys.rows[t]`` (the protocol's contract)."""
+        rows = [self.xp.asarray(r) for r in keys.rows]
+        return array_ops.gather_rows(self.xp, parts, rows, len(keys.positions))
 
     def forward_finish(self, state):
         """(out in the caller's dtype, lse in float32 or float64), in the caller-owned arrays

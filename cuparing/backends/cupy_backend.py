@@ -41,13 +41,13 @@ import numpy as np
 from ..interop import dtype_name, element_strides
 from ..kernels import launch_order, loader, tensor_maps
 from ..masks import UNBOUNDED, BlockKind, MaskSpec
-from ..schedule import gather_requested, home_shift_of, kv_grads_whole
-from . import array_ops, launch_plans
+from ..schedule import gathered_keys, gathers, home_shift_of, kv_grads_whole
+from . import array_ops, kv_gather, launch_plans
 from .array_backend import ArrayBackend
 from .direct_grads import DirectGrad
 from .dq_tiles import DqTiles
 from .dq_tiles import floats as dq_tile_floats
-from .planned_ring import PlannedBackward, PlannedForward
+from .planned_ring import PlannedBackward, PlannedForward, PlannedGather
 
 _KERNEL_DTYPES = ("float16", "bfloat16")
 _LOG2E = 1.4426950408889634
@@ -258,22 +258,27 @@ class CupyBackend:
                                  mode)  # fmt: skip
         state.done += 1
 
-    def gathered(self, parts, rows, length):
-        """(K, V) with ``parts[t]``'s rows at ``rows[t]`` (the protocol's contract), moved as
-        16-bit words where the dtype is a 16-bit float (CuPy's indexing kernels have no
-        bfloat16); the row indices' device copies are kept like positions' (one copy per
-        read-only host array)."""
+    def gathered(self, parts, keys):
+        """(K, V) with ``parts[t]``'s rows at ``keys.rows[t]`` (the protocol's contract): one
+        ``cuparing_gather_rows`` launch for kernel dtypes and head dims (parts the kernels
+        cannot read in place copied first), the generic row copies otherwise."""
         cp = self.xp
         k0, v0 = parts[0]
-        shape = (k0.shape[0], length, *k0.shape[2:])
+        if not self._kernel_ok(k0):
+            return self._generic.gathered(parts, keys)
+        parts = [tuple(_kernel_operand(cp, x) for x in pair) for pair in parts]
+        shape = (k0.shape[0], len(keys.positions), *k0.shape[2:])
         k_all, v_all = _empty(cp, shape, k0.dtype), _empty(cp, shape, v0.dtype)
-        for (k, v), at in zip(parts, rows, strict=True):
-            index = self._device_rows(at)
-            _as_bits(cp, k_all)[:, index] = _as_bits(cp, k)
-            _as_bits(cp, v_all)[:, index] = _as_bits(cp, v)
+        sources = self._device_rows(keys.sources)
+        kv_gather.gather_launch(k_all, v_all, parts, sources).launch(
+            k_all.data.ptr, v_all.data.ptr, *(k.data.ptr for k, _ in parts),
+            *(v.data.ptr for _, v in parts), sources.data.ptr,
+        )  # fmt: skip
         return k_all, v_all
 
     def _device_rows(self, host: np.ndarray):
+        """The device copy of a read-only host array (a gather's sources), kept like
+        positions' (one copy per array and device)."""
         key = (id(host), self.xp.cuda.runtime.getDevice())
         hit = _ROWS_BY_ARRAY.get(key)
         if hit is not None and hit[0]() is host:
@@ -399,10 +404,10 @@ class CupyBackend:
         """
         if plan.blocks == 0 or not self._kernel_ok(q):
             return None
-        if plan.last_step > 0 and gather_requested():  # (the schedule's gathered forward runs)
-            return None
         if not all(_kernel_readable(x) for x in (q, k, v)) or not _pair_aligned(out):
             return None
+        if gathers(plan):  # (the schedule's gathered forward runs)
+            return self._plan_gathered(plan, q, k, v, out, lse, scale)
         q_pos, blocks = self._planned_blocks(plan, k, v)
         steps, keep, done = [], [q_pos], 0
         for block in blocks:
@@ -418,15 +423,38 @@ class CupyBackend:
             keep.append(k_pos)
         return PlannedForward(plan.last_step, steps, q_pos.data.ptr, plan.blocks > 1, tuple(keep))
 
+    def _plan_gathered(self, plan, q, k, v, out, lse, scale) -> PlannedGather:
+        """:meth:`plan_forward` for a plan the schedule gathers (``schedule.gathers``)."""
+        cp = self.xp
+        keys = gathered_keys(plan)
+        q_pos = self._device_positions(self.positions(plan.q_positions))
+        received = self._received_layout(k, v)
+        k_pos = self._device_positions(self.positions(keys.positions))
+        sources = self._device_rows(keys.sources)
+        shape = (k.shape[0], len(keys.positions), *k.shape[2:])
+        # real memory for the templates (the forward's tensor maps are encoded from them)
+        k_all, v_all = _empty(cp, shape, k.dtype), _empty(cp, shape, v.dtype)
+        gather = kv_gather.gather_launch(k_all, v_all, [(k, v)] + [received] * plan.last_step,
+                                         sources)  # fmt: skip
+        forward = self._forward_launch(out, lse, q, k_all, v_all, q_pos, k_pos, keys.kind,
+                                       plan.mask, scale, loader.OUT_DIRECT)  # fmt: skip
+        return PlannedGather(plan.last_step, gather, forward, q_pos.data.ptr, k_pos.data.ptr,
+                             sources.data.ptr, shape, (q_pos, k_pos, sources))  # fmt: skip
+
+    def _received_layout(self, k, v) -> tuple:
+        """Arrays laid out as the ring's receive buffers of K/V like ``k``, ``v`` (contiguous),
+        over any memory: templates of launches only."""
+        cp = self.xp
+        return tuple(
+            cp.ndarray(x.shape, dtype=cp.uint16, memptr=_as_bits(cp, x).data).view(x.dtype)
+            for x in (k, v)
+        )
+
     def _planned_blocks(self, plan, k, v) -> tuple:
         """What a planned ring call needs of ``plan``: (the queries' device positions, per step
         None for an EMPTY block, else (kind, the K/V shard's device positions, (k, v) operands:
         the caller's at step 0, arrays laid out as the ring's receive buffers after))."""
-        cp = self.xp
-        received = tuple(
-            cp.ndarray(x.shape, dtype=cp.uint16, memptr=_as_bits(cp, x).data).view(x.dtype)
-            for x in (k, v)
-        )  # the receive buffers' layout (contiguous), over any memory: for the templates only
+        received = self._received_layout(k, v)
         blocks = []
         for step in range(plan.last_step + 1):
             kind = plan.kinds[step]

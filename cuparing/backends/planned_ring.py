@@ -36,7 +36,10 @@ class PlannedForward:
 
     Attributes:
         busy: per step, whether its block is not EMPTY (``schedule.forward_rotation`` takes it).
+        gathers: False (the steps rotate K/V; :class:`PlannedGather` gathers them).
     """
+
+    gathers = False
 
     def __init__(
         self, last_step: int, steps: Sequence[tuple[Any, int, bool] | None], q_pos: int,
@@ -71,6 +74,49 @@ class PlannedForward:
             launch.launch(out, lse, q, k, v, self._q_pos, k_pos, accumulator)
         else:
             launch.launch(accumulator, lse, q, k, v, self._q_pos, k_pos, 0)
+
+
+class PlannedGather:
+    """The launches of one rank's gathered ring forward (``schedule.gathered_forward``): every
+    step's K/V shard held at once, their rows put in position order, one forward block.
+
+    Args:
+        last_step: the plan's last step (``last_step`` exchanges deliver the other shards).
+        gather: the launch putting the rows in order (``backends.kv_gather.gather_launch``:
+            pointers k_all, v_all, every step's k, every step's v, sources).
+        forward: the forward block's launch over all of them (the forward's eight pointers, as
+            :class:`PlannedForward`'s; it writes the output, no accumulator).
+        q_pos, k_pos, sources: device addresses of the queries' positions, the gathered keys'
+            positions and the gather's (step, row) map.
+        gathered_shape: [B, L, Hkv, D] of the gathered K and V (contiguous, k's dtype).
+        keep: objects the launches read (device arrays): kept alive with the plan.
+
+    Attributes:
+        gathers: True (``schedule.run_planned_gathered_forward`` runs it).
+    """
+
+    gathers = True
+
+    def __init__(self, last_step: int, gather: Any, forward: Any, q_pos: int, k_pos: int,
+                 sources: int, gathered_shape: tuple, keep: tuple = ()):  # fmt: skip
+        if last_step < 1:
+            raise ValueError(f"a gathered forward needs at least two steps, got {last_step=}")
+        self.last_step = last_step
+        self._gather, self._forward = gather, forward
+        self._q_pos, self._k_pos, self._sources = q_pos, k_pos, sources
+        self.gathered_shape = tuple(gathered_shape)
+        self._keep = keep
+
+    def launch(self, parts: Sequence[tuple[int, int]], k_all: int, v_all: int, q: int, out: int,
+               lse: int) -> None:  # fmt: skip
+        """On CuPy's current stream: the rows of ``parts`` (per step, the (k, v) addresses held
+        at it: the caller's at step 0) into ``k_all`` / ``v_all``, then the forward block
+        writing ``out`` (q's dtype) and ``lse`` (float32 [B, H, Sq])."""
+        if len(parts) != self.last_step + 1:
+            raise ValueError(f"expected {self.last_step + 1} shards, got {len(parts)}")
+        self._gather.launch(k_all, v_all, *(k for k, _ in parts), *(v for _, v in parts),
+                            self._sources)  # fmt: skip
+        self._forward.launch(out, lse, q, k_all, v_all, self._q_pos, self._k_pos, 0)
 
 
 class PlannedBackward:

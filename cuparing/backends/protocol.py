@@ -40,10 +40,11 @@ class Backend(Protocol):
         """Compute one block (``kind`` PARTIAL or FULL) and merge it into ``state`` in the
         accumulator dtype."""
 
-    def gathered(self, parts: list, rows: tuple, length: int) -> tuple[Any, Any]:
-        """(K, V) [B, length, Hkv, D] in the parts' dtype: ``parts[t]`` = (k_t, v_t) of this
-        backend [B, n_t, Hkv, D] (any strides), their rows put at ``rows[t]`` (read-only NumPy
-        int64 indices that together cover ``0 .. length - 1`` once)."""
+    def gathered(self, parts: list, keys: Any) -> tuple[Any, Any]:
+        """(K, V) [B, L, Hkv, D] in the parts' dtype, L = ``len(keys.positions)``: ``parts[t]``
+        = (k_t, v_t) of this backend [B, n_t, Hkv, D] (any strides), their rows put at
+        ``keys.rows[t]`` (``keys``: the plan's ``schedule.GatheredKeys``; ``keys.sources`` is
+        the inverse map)."""
 
     def forward_finish(self, state: Any) -> tuple[Any, Any]:
         """(out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] float32, float64 for float64): the

@@ -440,6 +440,17 @@ def dq_from_tiles_name(dtype: str) -> str:
 
 
 COPY_PAIR_NAME = "cuparing_copy_pair"
+GATHER_ROWS_NAME = "cuparing_gather_rows"
+# common/gather_rows.cuh's GatherRowsParams: (field, byte offset, count, struct code); its size
+GATHER_MAX_PARTS = 8
+GATHER_ROWS_THREADS = 128  # one warp per gathered row, four rows a CTA
+GATHER_ROWS_PER_CTA = 4
+GATHER_ROWS_LAYOUT = (
+    ("k_dst", 0, 1, "Q"), ("v_dst", 8, 1, "Q"), ("k_src", 16, 8, "Q"), ("v_src", 80, 8, "Q"),
+    ("sources", 144, 1, "Q"), ("k_strides", 152, 24, "q"), ("v_strides", 344, 24, "q"),
+    ("ints", 536, 4, "i"),
+)
+GATHER_ROWS_SIZE = 552
 
 
 def direct_rows_name(dtype: str) -> str:
@@ -805,6 +816,13 @@ def get_copy_pair_kernel():
     grid (x, 2), 256 threads; arguments a_src, a_dst, a_bytes, b_src, b_dst, b_bytes, every
     pointer 16-byte aligned)."""
     return get_module((COPY_PAIR_NAME,)).get_function(COPY_PAIR_NAME)
+
+
+def get_gather_rows_kernel():
+    """The kernel putting a gathered ring forward's K/V rows in position order
+    (``cuparing_gather_rows``: one ``GATHER_ROWS_LAYOUT`` struct argument; grid (ceil(L /
+    ``GATHER_ROWS_PER_CTA``), B), ``GATHER_ROWS_THREADS`` threads)."""
+    return get_module((GATHER_ROWS_NAME,)).get_function(GATHER_ROWS_NAME)
 
 
 def get_bwd_delta_kernel(dtype: str):

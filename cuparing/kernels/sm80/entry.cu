@@ -13,7 +13,10 @@
 //   cuparing_direct_rows<bf16>: after the sm90 backward's redo pass, with direct gradients, the
 //                          dK / dV rows of the CTAs it finished into the gradients (common/
 //                          direct_grads.cuh): grid (H, B, ceil(Sk / 128)), up to 256 threads.
+//   cuparing_gather_rows:  a gathered ring forward's K/V rows in position order (common/
+//                          gather_rows.cuh): grid (ceil(L / 4), B), 128 threads.
 #include "../common/direct_grads.cuh"
+#include "../common/gather_rows.cuh"
 #include "bwd.cuh"
 #include "fwd.cuh"
 
@@ -117,4 +120,9 @@ __global__ void cuparing_dq_from_tiles(const float2* __restrict__ tiles, unsigne
           (static_cast<unsigned>(cuparing::to_half_bits<kBf16>(x.y)) << 16);
     }
   }
+}
+
+__global__ void __launch_bounds__(cuparing::kGatherThreads)
+    cuparing_gather_rows(const __grid_constant__ cuparing::GatherRowsParams params) {
+  cuparing::gather_rows(params);
 }

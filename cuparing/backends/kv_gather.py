@@ -1,0 +1,105 @@
+"""The gathered ring forward's K/V rows put in position order by one kernel launch.
+
+A gathered forward (:func:`cuparing.schedule.gathered_forward`) holds every step's K/V shard at
+once (this rank's and those the ring delivered) and runs one forward block over all of them in
+ascending order of global position (:class:`cuparing.schedule.GatheredKeys`). The order mixes
+rows of every shard (zigzag and packed layouts cut each document into pieces on every rank), so
+the rows are moved by ``cuparing_gather_rows`` (``kernels/common/gather_rows.cuh``): one launch
+for K and V of every shard, reading each shard in place with its own strides, from a device
+map of (shard, row) per gathered row. The launch is a :class:`PackedLaunch`, so a planned
+repeat patches only the addresses.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+from ..kernels import loader
+from . import launch_plans
+
+_FIELDS = {name: (offset, count, code) for name, offset, count, code in loader.GATHER_ROWS_LAYOUT}
+
+
+def gather_launch(k_dst: Any, v_dst: Any, parts: Sequence[tuple[Any, Any]], sources: Any,
+                  kernel: Any = None, driver: Any = None) -> launch_plans.PackedLaunch:  # fmt: skip
+    """The launch putting ``parts``' rows into ``k_dst`` / ``v_dst`` by ``sources``.
+
+    Args:
+        k_dst, v_dst: CuPy arrays [B, L, Hkv, D] of a 16-bit dtype, C-contiguous, 16-byte
+            aligned: the gathered K / V (their addresses are the plan's; a launch takes any).
+        parts: per ring step (at most ``loader.GATHER_MAX_PARTS``), the (k, v) CuPy arrays
+            [B, n_t, Hkv, D] held at that step, each readable in place by the kernels (the
+            caller's check: 16-byte aligned base and strides, contiguous last axis); a launch
+            may take other addresses of arrays with these strides.
+        sources: int32 CuPy array [L, 2] contiguous: (part, row within it) of every gathered row,
+            every part row named once.
+        kernel, driver: the kernel (default ``loader.get_gather_rows_kernel()``) and what
+            launches it (default :class:`~cuparing.backends.launch_plans.PackedLaunch`'s).
+
+    Returns:
+        The launch; its pointers, in order: k_dst, v_dst, k of every part, v of every part,
+        sources.
+
+    Raises:
+        ValueError: more parts than the kernel holds, shapes or dtypes that disagree, or a head
+            dim whose rows are not whole 16-byte words.
+    """
+    parts = [tuple(pair) for pair in parts]
+    n = len(parts)
+    if not 1 <= n <= loader.GATHER_MAX_PARTS:
+        raise ValueError(f"a gathered forward holds 1..{loader.GATHER_MAX_PARTS} shards, got {n}")
+    batch, length, heads, headdim = k_dst.shape
+    if v_dst.shape != k_dst.shape or tuple(sources.shape) != (length, 2) or (
+        sources.dtype.name != "int32"
+    ):  # fmt: skip
+        raise ValueError(
+            f"gathered K / V and their sources must be [B, L, Hkv, D], [B, L, Hkv, D] and int32 "
+            f"[L, 2]; got {k_dst.shape}, {v_dst.shape}, {sources.dtype} {sources.shape}"
+        )
+    if (headdim * k_dst.dtype.itemsize) % 16 or k_dst.dtype.itemsize != 2:
+        raise ValueError(f"rows of whole 16-byte words of a 16-bit dtype, got D={headdim} of "
+                         f"{k_dst.dtype}")  # fmt: skip
+    for x in (k_dst, v_dst):
+        if not x.flags.c_contiguous or x.data.ptr % 16:
+            raise ValueError("the gathered K / V must be C-contiguous and 16-byte aligned")
+    for t, (k, v) in enumerate(parts):
+        for name, x in (("k", k), ("v", v)):
+            if x.shape[0] != batch or tuple(x.shape[2:]) != (heads, headdim) or (
+                x.dtype != k_dst.dtype
+            ):  # fmt: skip
+                raise ValueError(
+                    f"part {t}'s {name} must be [{batch}, n, {heads}, {headdim}] of "
+                    f"{k_dst.dtype}, got {x.shape} of {x.dtype}"
+                )
+    params = bytearray(loader.GATHER_ROWS_SIZE)
+    _put(params, "k_dst", [k_dst.data.ptr])
+    _put(params, "v_dst", [v_dst.data.ptr])
+    _put(params, "k_src", [k.data.ptr for k, _ in parts])
+    _put(params, "v_src", [v.data.ptr for _, v in parts])
+    _put(params, "sources", [sources.data.ptr])
+    _put(params, "k_strides", [s for k, _ in parts for s in k.strides[:3]])
+    _put(params, "v_strides", [s for _, v in parts for s in v.strides[:3]])
+    _put(params, "ints", [batch, length, heads, headdim * k_dst.dtype.itemsize // 16])
+    pointer = lambda name, i=0: _FIELDS[name][0] + 8 * i  # noqa: E731
+    offsets = (
+        pointer("k_dst"), pointer("v_dst"),
+        *(pointer("k_src", t) for t in range(n)), *(pointer("v_src", t) for t in range(n)),
+        pointer("sources"),
+    )  # fmt: skip
+    grid = (math.ceil(length / loader.GATHER_ROWS_PER_CTA), batch)
+    kernel = kernel if kernel is not None else loader.get_gather_rows_kernel()
+    return launch_plans.PackedLaunch(
+        (kernel,), grid, (loader.GATHER_ROWS_THREADS,), 0, bytes(params), offsets, driver=driver
+    )
+
+
+def _put(params: bytearray, name: str, values: Sequence[int]) -> None:
+    """Write ``values`` into field ``name`` (the rest of an array field stays zero)."""
+    offset, count, code = _FIELDS[name]
+    if len(values) > count:
+        raise ValueError(f"{name} holds {count} values, got {len(values)}")
+    struct.pack_into(f"<{len(values)}{code}", params, offset, *values)
+

@@ -1,0 +1,135 @@
+"""The gathered ring forward's pieces on the CPU: the plan's gathered key order and its inverse
+(cuparing.schedule.gathered_keys), and the gather kernel's packed arguments
+(cuparing.backends.kv_gather), read back through a recording stand-in for the driver. The kernel
+itself runs on GPUs (test_gpu_attention.py: gathered forwards against the float64 reference)."""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_launch_plans import Function, RecordingDriver
+
+from cuparing import schedule
+from cuparing.backends import kv_gather
+from cuparing.kernels import loader
+from cuparing.masks import MaskSpec
+
+_addresses = itertools.count(1 << 24, 1 << 16)
+
+
+class _DeviceArray:
+    """What gather_launch reads of a CuPy array: shape, byte strides, dtype, address, flags."""
+
+    def __init__(self, shape, dtype="bfloat16", strides=None, ptr=None):
+        self.shape = tuple(shape)
+        self.dtype = SimpleNamespace(itemsize=2, name=dtype) if dtype != "int32" else np.dtype(
+            np.int32
+        )  # fmt: skip
+        itemsize = self.dtype.itemsize
+        contiguous = tuple(int(np.prod(self.shape[i + 1 :])) * itemsize for i in range(len(shape)))
+        self.strides = tuple(strides) if strides is not None else contiguous
+        self.flags = SimpleNamespace(c_contiguous=self.strides == contiguous)
+        self.data = SimpleNamespace(ptr=next(_addresses) if ptr is None else ptr)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    world=st.integers(2, 8), layout=st.sampled_from(["contiguous", "zigzag", "striped"]),
+    local=st.integers(1, 40), causal=st.booleans(), rank=st.integers(0, 7),
+)  # fmt: skip
+def test_gathered_keys_sort_every_steps_keys_and_invert_their_rows(world, layout, local, causal,
+                                                                    rank):  # fmt: skip
+    """Every key row of steps 0 .. last_step lands once, in ascending position order, and
+    ``sources`` names for each gathered row the step and row it came from."""
+    local = local * 2 if layout == "zigzag" else local
+    plan = schedule.plan_ring(layout, rank % world, world, local, MaskSpec(causal=causal))
+    keys = schedule.gathered_keys(plan)
+    held = [plan.positions[plan.source(t)] for t in range(plan.last_step + 1)]
+    assert len(keys.positions) == sum(len(p) for p in held)
+    assert np.all(np.diff(keys.positions) >= 0)
+    for t, at in enumerate(keys.rows):
+        np.testing.assert_array_equal(keys.positions[at], held[t])
+        np.testing.assert_array_equal(keys.sources[at], np.stack([np.full(len(at), t),
+                                                                  np.arange(len(at))], axis=1))
+    assert keys.sources.dtype == np.int32 and not keys.sources.flags.writeable
+
+
+def _decode(raw: bytes) -> dict:
+    """GatherRowsParams' fields from the bytes a launch handed the driver."""
+    assert len(raw) == loader.GATHER_ROWS_SIZE
+    return {
+        name: struct.unpack_from(f"<{count}{code}", raw, offset)
+        for name, offset, count, code in loader.GATHER_ROWS_LAYOUT
+    }
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    parts=st.integers(1, loader.GATHER_MAX_PARTS), batch=st.integers(1, 3),
+    heads=st.integers(1, 8), words=st.integers(1, 32), pad=st.integers(0, 3),
+    lengths=st.lists(st.integers(1, 50), min_size=8, max_size=8), seed=st.integers(0, 2**31),
+)  # fmt: skip
+def test_the_launch_packs_every_part_with_its_own_strides(parts, batch, heads, words, pad,
+                                                           lengths, seed):  # fmt: skip
+    """Each launch hands the kernel its pointers in their fields (the plan's templates' and
+    then any other addresses), every part's byte strides (the caller's shard strided, the
+    received ones contiguous), the shapes, and the grid of four rows per CTA by batch."""
+    headdim = 8 * words
+    rows = lengths[:parts]
+    length = sum(rows)
+    head_stride = 2 * headdim + 16 * pad
+    row_stride = heads * head_stride + 16 * pad
+    first = [
+        _DeviceArray((batch, rows[0], heads, headdim),
+                     strides=(rows[0] * row_stride + 32, row_stride, head_stride, 2))
+        for _ in range(2)
+    ]  # fmt: skip
+    shards = [tuple(first)] + [
+        tuple(_DeviceArray((batch, n, heads, headdim)) for _ in range(2)) for n in rows[1:]
+    ]
+    k_all, v_all = (_DeviceArray((batch, length, heads, headdim)) for _ in range(2))
+    sources = _DeviceArray((length, 2), dtype="int32")
+    driver = RecordingDriver([loader.GATHER_ROWS_SIZE])
+    launch = kv_gather.gather_launch(k_all, v_all, shards, sources, kernel=Function(77),
+                                     driver=driver)  # fmt: skip
+    rng = np.random.default_rng(seed)
+    for _ in range(2):
+        pointers = [int(p) for p in rng.integers(1, 2**48, size=3 + 2 * parts) * 16]
+        launch.launch(*pointers)
+        function, geometry, (raw,) = driver.calls[-1]
+        fields = _decode(raw)
+        assert function == 77
+        assert geometry == (-(-length // loader.GATHER_ROWS_PER_CTA), batch, 1,
+                            loader.GATHER_ROWS_THREADS, 1, 1, 0)  # fmt: skip
+        assert fields["k_dst"] == (pointers[0],) and fields["v_dst"] == (pointers[1],)
+        pad_slots = (0,) * (loader.GATHER_MAX_PARTS - parts)
+        assert fields["k_src"] == (*pointers[2 : 2 + parts], *pad_slots)
+        assert fields["v_src"] == (*pointers[2 + parts : 2 + 2 * parts], *pad_slots)
+        assert fields["sources"] == (pointers[-1],)
+        strides = [s for k, _ in shards for s in k.strides[:3]]
+        assert fields["k_strides"] == (*strides, *(0,) * (24 - len(strides)))
+        assert fields["v_strides"] == fields["k_strides"]
+        assert fields["ints"] == (batch, length, heads, headdim * 2 // 16)
+
+
+def test_what_the_kernel_cannot_hold_is_refused_by_name():
+    k_all, v_all = (_DeviceArray((1, 9, 2, 64)) for _ in range(2))
+    sources = _DeviceArray((9, 2), dtype="int32")
+    part = tuple(_DeviceArray((1, 1, 2, 64)) for _ in range(2))
+    common = {"kernel": Function(1), "driver": RecordingDriver([loader.GATHER_ROWS_SIZE])}
+    with pytest.raises(ValueError, match="1..8 shards, got 9"):
+        kv_gather.gather_launch(k_all, v_all, [part] * 9, sources, **common)
+    with pytest.raises(ValueError, match="int32"):
+        kv_gather.gather_launch(k_all, v_all, [part], _DeviceArray((9, 2)), **common)
+    wrong = (_DeviceArray((1, 1, 3, 64)), part[1])
+    with pytest.raises(ValueError, match="part 1's k must be"):
+        kv_gather.gather_launch(k_all, v_all, [part, wrong], sources, **common)
+    odd = tuple(_DeviceArray((1, 9, 2, 4)) for _ in range(2))
+    with pytest.raises(ValueError, match="16-byte words"):
+        kv_gather.gather_launch(*odd, [part], sources, **common)
