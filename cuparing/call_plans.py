@@ -93,7 +93,9 @@ def signature(
             return None
     if arrays[0] is None:
         return None
-    key = (entry, tuple(described), _typed(options), id(ring), loader.kernel_switches())
+    # (the gather switch decides a ring call's exchanges: a kept plan serves calls under it)
+    key = (entry, tuple(described), _typed(options), id(ring), loader.kernel_switches(),
+           schedule.gather_requested())  # fmt: skip
     try:
         hash(key)
     except TypeError:
@@ -336,7 +338,8 @@ class RingForwardPlan(CheckedCall):
 
 class RingBackwardPlan(CheckedCall):
     """A ring backward signature's launches, step by step (a
-    :class:`~cuparing.backends.planned_ring.PlannedBackward`), besides what its checks decided;
+    :class:`~cuparing.backends.planned_ring.PlannedBackward`, or a ``PlannedGatherBackward``
+    for a gathered plan), besides what its checks decided;
     as :class:`RingForwardPlan` for ``ring_attention_backward`` (without ``dlse``), and for
     ``attention_backward`` on its ring of one.
 
@@ -378,6 +381,8 @@ class RingBackwardPlan(CheckedCall):
         outputs = tuple(g.data_ptr() for g in grads)
 
         def run(kv):  # the call at pointer level, as a replay's graph captures it
+            if planned.gathers:
+                return schedule.run_planned_gathered_backward(ring, planned, inputs, kv, outputs)
             return schedule.run_planned_backward(ring, planned, inputs, kv, outputs)
 
         self._graph.call(ring, run, origin, (k, v), inputs + outputs)

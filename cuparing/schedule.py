@@ -211,6 +211,9 @@ class GatheredKeys:
         rows: ``rows[t]``: where step ``t``'s key rows go in that order (int64, read-only).
         sources: the inverse map, int32 [len(positions), 2] (read-only): (step, row of that
             step's shard) of every gathered row.
+        step_sources: per step t, ``rows[t]`` as a map of the same form, int32 [n_t, 2]
+            (read-only): (0, its row in the gathered order) for each of step t's rows, which
+            takes them back out of one gathered array (the backward's dK / dV).
         kind: the block of this rank's queries against all of them: EMPTY where every step's
             block is, FULL where every one is FULL, else PARTIAL.
     """
@@ -218,6 +221,7 @@ class GatheredKeys:
     positions: np.ndarray
     rows: tuple
     sources: np.ndarray
+    step_sources: tuple
     kind: BlockKind
 
 
@@ -248,7 +252,11 @@ def gathered_keys(plan: RingPlan) -> GatheredKeys:
         kind = BlockKind.FULL
     else:
         kind = BlockKind.PARTIAL
-    made = GatheredKeys(_frozen(joined[order]), rows, _frozen(sources), kind)
+    step_sources = tuple(
+        _frozen(np.stack([np.zeros(len(at), dtype=np.int32), at.astype(np.int32)], axis=1))
+        for at in rows
+    )
+    made = GatheredKeys(_frozen(joined[order]), rows, _frozen(sources), step_sources, kind)
     with _GATHERED_LOCK:
         if len(_GATHERED) >= 256:
             _GATHERED.clear()
@@ -279,10 +287,56 @@ def gathered_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=N
     return result
 
 
+def gathered_backward(backend, ring, dout, q, k, v, out, lse, plan: RingPlan, scale: float,
+                      grads_into=None, dlse=None, deterministic: bool = False):  # fmt: skip
+    """:func:`ring_backward`'s result another way, as :func:`gathered_forward` computes the
+    forward: every step's K/V at once in position order, one backward block of this rank's
+    queries against all of them (dQ whole at once; float32 dK / dV partials of every gathered
+    key), then each step's rows of those partials sent back to the rank that owns them (shift
+    ``C - t`` for step ``t``'s shard, all issued at once) and the owner adds what it receives
+    to its own rows in step order (a fixed order: ``deterministic`` holds). It moves (last_step)
+    shards of float32 dK / dV where the ring moves them once per step, and no step waits for
+    another. Same arguments and returns; the caller has checked :func:`gathers`."""
+    keys = gathered_keys(plan)
+    parts = gathered_shards(ring, [k, v], plan.last_step)
+    delta = backend.backward_delta(dout, out)
+    if dlse is not None:
+        delta = delta - dlse.astype(delta.dtype)
+    dq = backend.dq_accum(q)
+    dq_into, dk_into, dv_into = grads_into or (None, None, None)
+    k_all, v_all = backend.gathered(parts, keys)
+    dk_all, dv_all = backend.kv_accum(q, k_all), backend.kv_accum(q, v_all)
+    if keys.kind != BlockKind.EMPTY:
+        q_pos, k_pos = backend.positions(plan.q_positions), backend.positions(keys.positions)
+        with ring.trace_compute("bwd gathered"):
+            backend.backward_block(dq, dk_all, dv_all, dout, q, k_all, v_all, lse, delta, q_pos,
+                                   k_pos, keys.kind, plan.mask, scale,
+                                   deterministic=deterministic)  # fmt: skip
+    pieces = backend.rows_of_steps(dk_all, dv_all, keys)
+    pending = [
+        ring.exchange(list(pieces[t]), ring.size - t, f"dkv_gather_{t}")
+        for t in range(1, plan.last_step + 1)
+    ]
+    dq_result = backend.dq_from_accum(dq, q.dtype, out=dq_into)
+    dk_own, dv_own = pieces[0]
+    for exchange in pending:  # (in step order: the sum repeats bit for bit)
+        dk_part, dv_part = exchange.wait()
+        backend.add_into(dk_own, dk_part)
+        backend.add_into(dv_own, dv_part)
+    grads = (
+        dq_result,
+        _owned(backend, dk_own, k.dtype, False, dk_into),
+        _owned(backend, dv_own, v.dtype, False, dv_into),
+    )
+    ring.check()
+    return grads
+
+
 def gathered_shards(ring, kv: list, last_step: int) -> list:
     """Every step's K/V shard at once: ``[kv] +`` what ``last_step`` exchanges of shifts 1 ..
-    ``last_step`` deliver (each on its own channel, all issued before the first wait, so the
-    transfers overlap), as (k, v) per step."""
+    ``last_step`` deliver (each on its own channel, all issued before the first wait), as (k, v)
+    per step. The GPU rings queue exchanges on one communication stream, so the transfers run
+    one after another (an all-gather in one NCCL group would run them at once)."""
     pending = [ring.exchange(kv, shift, f"kv_gather_{shift}") for shift in range(1, last_step + 1)]
     return [tuple(kv)] + [tuple(exchange.wait()) for exchange in pending]
 
@@ -304,6 +358,52 @@ def run_planned_gathered_forward(ring, planned, q: int, kv: list, out: int, lse:
     with ring.trace_compute("fwd gathered"):
         planned.launch([(k.data.ptr, v.data.ptr) for k, v in parts], *gathered, q, out, lse)
     ring.check()
+
+
+def run_planned_gathered_backward(ring, planned, pointers: tuple, kv: list,
+                                  grads: tuple) -> tuple:  # fmt: skip
+    """:func:`gathered_backward` at pointer level, for a repeat of a signature whose launches
+    the backend decided once (``planned``: a
+    :class:`~cuparing.backends.planned_ring.PlannedGatherBackward`): the same exchanges in the
+    same order.
+
+    Args:
+        ring: the communicator; kv: [k, v] this rank's shard as backend arrays.
+        pointers: addresses of (dout, q, out, lse); grads: of (dq, dk, dv), written here.
+
+    Returns:
+        The call's scratch arrays (``planned.scratch()``), which its queued launches read.
+    """
+    dout, q, out, lse = pointers
+    scratch = planned.scratch()
+    (delta_array, dq_array, dkv_all, flag_array), gathered, pieces = scratch
+    delta, dq_acc = delta_array.data.ptr, dq_array.data.ptr
+    dk_all, dv_all = (x.data.ptr for x in dkv_all)
+    k_all, v_all = (x.data.ptr for x in gathered)
+    flags = 0 if flag_array is None else flag_array.data.ptr
+    block = planned.block
+    parts = gathered_shards(ring, kv, planned.last_step)
+    block.launch_delta(dout, out, delta)
+    planned.launch_gather([(k.data.ptr, v.data.ptr) for k, v in parts], k_all, v_all)
+    if block.busy[0]:  # (as the full path: no block where no query sees a gathered key)
+        with ring.trace_compute("bwd gathered"):
+            block.launch_step(0, dout, lse, delta, dq_acc, dk_all, dv_all, q, k_all, v_all,
+                              flags)  # fmt: skip
+    for step, (dk, dv) in enumerate(pieces):
+        planned.launch_return(step, dk_all, dv_all, dk.data.ptr, dv.data.ptr)
+    pending = [
+        ring.exchange(list(pieces[t]), ring.size - t, f"dkv_gather_{t}")
+        for t in range(1, planned.last_step + 1)
+    ]
+    block.finish_queries(dq_acc, grads[0])
+    dk_own, dv_own = (x.data.ptr for x in pieces[0])
+    for exchange in pending:  # (in step order, as the full path adds)
+        dk_part, dv_part = exchange.wait()
+        planned.add(dk_part.data.ptr, dk_own)
+        planned.add(dv_part.data.ptr, dv_own)
+    block.finish_keys(dk_own, dv_own, grads[1], grads[2])
+    ring.check()
+    return scratch
 
 
 def busy_steps(plan: RingPlan) -> tuple[bool, ...]:
@@ -370,7 +470,13 @@ def ring_backward(
     Returns:
         (dq, dk, dv) in the dtypes of q, k, v; dk and dv are gradients of *this rank's* K/V
         shard, summed over every rank's queries; the given arrays where given.
+
+    With ``CUPARING_KV_GATHER=1`` a plan of 2..``GATHER_MAX_STEPS`` steps runs
+    :func:`gathered_backward`.
     """
+    if gathers(plan):
+        return gathered_backward(backend, ring, dout, q, k, v, out, lse, plan, scale,
+                                 grads_into, dlse, deterministic)  # fmt: skip
     positions = [backend.positions(p) for p in plan.positions]
     q_pos = backend.positions(plan.q_positions)
     delta = backend.backward_delta(dout, out)

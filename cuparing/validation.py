@@ -39,6 +39,7 @@ from .interop import (
 )
 from .layouts import LAYOUTS, plain_geometry, split_factor
 from .masks import MaskSpec
+from .schedule import gather_requested
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 GPU_DTYPES = ("float16", "bfloat16", "float32")
@@ -586,6 +587,8 @@ def ring_call_fields(
         "global_seqlen": str(q.shape[1] * int(ring.size) if cu_seqlens is None else cu_seqlens[-1]),
         # the documents, as a digest: long boundary lists stay out of error messages
         "cu_seqlens": "none" if cu_seqlens is None else _boundaries_digest(cu_seqlens),
+        # CUPARING_KV_GATHER decides the call's exchanges (schedule.gathers)
+        "kv_gather": str(gather_requested()),
     })
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+from cuparing import schedule
 from cuparing.schedule import GATHER_ENV
 
 
@@ -24,3 +25,27 @@ def kv_gather(on: bool):
             os.environ.pop(GATHER_ENV, None)
         else:
             os.environ[GATHER_ENV] = before
+
+
+@contextlib.contextmanager
+def ranks_calling(names=("gathered_forward", "gathered_backward"), ring_at: int = 1):
+    """Inside the block, every call of the ``cuparing.schedule`` functions ``names`` (simulated
+    ranks' included) records the rank of its ring, positional argument ``ring_at``; yields
+    ``{name: [ranks]}``."""
+    ran: dict[str, list[int]] = {name: [] for name in names}
+    inner = {name: getattr(schedule, name) for name in ran}
+
+    def counting(name):
+        def counted(*args, **kwargs):
+            ran[name].append(args[ring_at].rank)
+            return inner[name](*args, **kwargs)
+
+        return counted
+
+    try:
+        for name in ran:
+            setattr(schedule, name, counting(name))
+        yield ran
+    finally:
+        for name, function in inner.items():
+            setattr(schedule, name, function)

@@ -889,21 +889,15 @@ GATHERED_CASES = list(
 @pytest.mark.parametrize("layout,world,causal,documents", GATHERED_CASES)
 def test_gathered_forward_on_gpu(layout, world, causal, documents, kernel_family, monkeypatch,
                                  fresh_rng):  # fmt: skip
-    """``CUPARING_KV_GATHER=1``: the forward gathers K/V into one ascending order and runs one
-    launch per rank (the backward keeps the ring), on packed documents (fresh random lengths)
-    and on plain sequences, against the float64 reference; padding rows come out 0 / -inf; the
-    gathered path ran on every rank."""
+    """``CUPARING_KV_GATHER=1``: the forward and the backward gather K/V into one ascending
+    order and run one launch per rank (the backward's dK / dV rows sent back to their owners),
+    on packed documents (fresh random lengths) and on plain sequences, against the float64
+    reference; padding rows come out 0 / -inf; both gathered paths ran on every rank."""
+    from switches import ranks_calling
+
     from cuparing import schedule, validation
 
     monkeypatch.setenv(schedule.GATHER_ENV, "1")
-    ran = []
-    inner = schedule.gathered_forward
-
-    def counted(*args, **kwargs):
-        ran.append(args[5].rank)  # (backend, ring, q, k, v, plan, ...)
-        return inner(*args, **kwargs)
-
-    monkeypatch.setattr(schedule, "gathered_forward", counted)
     rng = fresh_rng
     d = 128 if kernel_family.startswith("sm90") else 64
     cu = None
@@ -915,10 +909,12 @@ def test_gathered_forward_on_gpu(layout, world, causal, documents, kernel_family
     else:
         seqlen = 2 * world * int(rng.integers(20, 90))
         layout = "zigzag" if layout == "packed" else layout  # (packed: documents only)
-    q, dout = (random_array(rng, (1, seqlen, 4, d), "bfloat16") for _ in range(2))
-    k, v = (random_array(rng, (1, seqlen, 2, d), "bfloat16") for _ in range(2))
+    batch = int(rng.integers(1, 3))
+    q, dout = (random_array(rng, (batch, seqlen, 4, d), "bfloat16") for _ in range(2))
+    k, v = (random_array(rng, (batch, seqlen, 2, d), "bfloat16") for _ in range(2))
     mask = {"causal": causal} if cu is None else {"causal": causal, "cu_seqlens": cu}
-    out, lse, *grads = ring_on_gpu((q, k, v, dout), world, layout, **mask)
+    with ranks_calling() as ran:
+        out, lse, *grads = ring_on_gpu((q, k, v, dout), world, layout, **mask)
     check_kernel_forward(out, lse, q, k, v, **mask)
     check_backward(grads, dout, q, k, v, **mask)
     spec = validation.check_mask(causal, None)
@@ -926,7 +922,8 @@ def test_gathered_forward_on_gpu(layout, world, causal, documents, kernel_family
         schedule.plan_documents(layout, 0, world, tuple(int(x) for x in cu), spec) if documents
         else schedule.plan_ring(layout, 0, world, seqlen // world, spec)
     )  # fmt: skip
-    assert sorted(ran) == (list(range(world)) if plan.last_step > 0 else [])
+    expected = list(range(world)) if schedule.gathers(plan) else []
+    assert sorted(ran["gathered_forward"]) == sorted(ran["gathered_backward"]) == expected
 
 
 def bf16_shards_in_poisoned_memory(torch, ring, host, layout, cu_seqlens):
@@ -944,51 +941,52 @@ def bf16_shards_in_poisoned_memory(torch, ring, host, layout, cu_seqlens):
 
 @requires_gpu(1)
 @pytest.mark.parametrize("world,layout", [(2, "zigzag"), (4, "zigzag"), (4, "packed")])
-def test_gathered_forward_repeats_run_the_kept_gather(world, layout, monkeypatch, fresh_rng):
+def test_gathered_repeats_run_the_kept_gathers(world, layout, monkeypatch, fresh_rng):
     """``CUPARING_KV_GATHER=1`` with torch tensors: a repeat of a packed-document ring forward
-    runs the kept gather and forward launches (``PlannedGather``, pointer level) on every rank,
-    on fresh data in NaN-poisoned memory, within the float64 reference's bounds."""
+    and backward runs the kept gathered launches (``PlannedGather``,
+    ``PlannedGatherBackward``: pointer level) on every rank, on fresh data in NaN-poisoned
+    memory, within the float64 reference's bounds; two batch rows, and the caller's K / V
+    strided (views into one packed K/V tensor), as the gather reads them."""
     torch = torch_on_gpu()
+    from switches import ranks_calling
+
     from cuparing import call_plans, schedule
 
     call_plans.clear()
     monkeypatch.setenv(schedule.GATHER_ENV, "1")
-    planned = record_plan_runs(monkeypatch, (call_plans.RingForwardPlan,))
-    gathered = []
-    inner = schedule.run_planned_gathered_forward
-
-    def counted(ring, *args):
-        gathered.append(ring.rank)
-        return inner(ring, *args)
-
-    monkeypatch.setattr(schedule, "run_planned_gathered_forward", counted)
+    planned = record_plan_runs(monkeypatch, (call_plans.RingForwardPlan,
+                                             call_plans.RingBackwardPlan))  # fmt: skip
     rng = fresh_rng
     s, h, hkv, d = 150 * world + int(rng.integers(0, 40)), 4, 2, 128
     cuts = np.sort(rng.choice(np.arange(1, s), size=int(rng.integers(1, 7)), replace=False))
     cu = [0, *map(int, cuts), s]
-    calls = [
-        [random_array(rng, shape, "bfloat16") for shape in ((1, s, h, d), (1, s, hkv, d),
-                                                           (1, s, hkv, d))]
-        for _ in range(2)
-    ]  # fmt: skip
+    shapes = ((2, s, h, d), (2, s, hkv, d), (2, s, hkv, d), (2, s, h, d))
+    calls = [[random_array(rng, shape, "bfloat16") for shape in shapes] for _ in range(2)]
+    opts = {"causal": True, "layout": layout, "cu_seqlens": cu}
 
     def rank_fn(ring):
         results = []
         for host in calls:
-            q, k, v = bf16_shards_in_poisoned_memory(torch, ring, host, layout, cu)
-            out, lse = cr.ring_attention(q, k, v, ring, return_lse=True, causal=True,
-                                         layout=layout, cu_seqlens=cu)  # fmt: skip
+            q, k, v, dout = bf16_shards_in_poisoned_memory(torch, ring, host, layout, cu)
+            k, v = torch.stack([k, v], dim=2).unbind(2)  # rows 2 x Hkv x D apart
+            out, lse = cr.ring_attention(q, k, v, ring, return_lse=True, **opts)
+            grads = cr.ring_attention_backward(dout, q, k, v, out, lse, ring, **opts)
             torch.cuda.synchronize()
-            results.append([x.float().cpu().numpy() for x in (out, lse)])
+            results.append([x.float().cpu().numpy() for x in (out, lse, *grads)])
         return results
 
-    per_rank = cr.simulate(world, rank_fn)
-    assert planned == [True] * world and sorted(gathered) == list(range(world))
+    names = ("run_planned_gathered_forward", "run_planned_gathered_backward")
+    with ranks_calling(names, ring_at=0) as ran:
+        per_rank = cr.simulate(world, rank_fn)
+    assert planned == [True] * 2 * world
+    assert all(sorted(ranks) == list(range(world)) for ranks in ran.values())
     for n, host in enumerate(calls):
         got = [cr.unshard([r[n][i] for r in per_rank], layout=layout, axis=2 if i == 1 else 1,
-                          cu_seqlens=cu) for i in range(2)]  # fmt: skip
-        check_kernel_forward(got[0].astype(ml_dtypes.bfloat16), got[1], *host, causal=True,
+                          cu_seqlens=cu) for i in range(5)]  # fmt: skip
+        check_kernel_forward(got[0].astype(ml_dtypes.bfloat16), got[1], *host[:3], causal=True,
                              cu_seqlens=cu)  # fmt: skip
+        check_backward([g.astype(ml_dtypes.bfloat16) for g in got[2:]], host[3], *host[:3],
+                       causal=True, cu_seqlens=cu)  # fmt: skip
 
 
 # ---- call plans: repeats of a checked call on torch CUDA tensors

@@ -29,6 +29,39 @@ def test_params_layout_matches_params_cuh():
         loader.pack_params(q=0)
 
 
+def test_the_gather_params_struct_has_the_python_layout():
+    """GatherRowsParams' field offsets as the CUDA compiler lays them out (NVRTC has no
+    offsetof: a probe kernel stores each field's offset, which the PTX shows as a constant)
+    are loader.GATHER_ROWS_LAYOUT's, and its size GATHER_ROWS_SIZE."""
+    import re
+
+    check = _compile_check()
+    nvrtc = check.get_nvrtc()
+    if nvrtc is None:
+        pytest.skip("NVRTC not importable: pip install nvidia-cuda-nvrtc")
+    header = (loader.KERNEL_DIR / "common" / "gather_rows.cuh").read_text()
+    layout = loader.GATHER_ROWS_LAYOUT
+    fields = [(name, count) for name, _, count, _ in layout[:-1]]
+    fields += [("batch", 1), ("length", 1), ("heads", 1), ("head_words", 1)]  # (the ints)
+    stores = "".join(
+        f"  out[{i}] = ((const char*)&p.{name} - (const char*)&p) * 1000 + {i};\n"
+        for i, (name, _) in enumerate(fields)
+    )  # (each constant unique: offset * 1000 + the field's index)
+    probe = (f"{header}\nextern \"C\" __global__ void probe(const __grid_constant__ "
+             f"cuparing::GatherRowsParams p, long long* out) {{\n{stores}  out[{len(fields)}] = "
+             f"sizeof(p) * 1000 + {len(fields)};\n}}\n")  # fmt: skip
+    _, _, _, ptx = nvrtc.compile(probe, [], ["--gpu-architecture=compute_80", "-std=c++17"])
+    # (the constants are stored directly or moved into a register first)
+    stored = [int(x) for x in re.findall(r"(?:st\.global|mov)\.u64\s+[^,]+,\s*(\d+);", ptx)]
+    offsets = {value % 1000: value // 1000 for value in stored}
+    assert len(offsets) == len(fields) + 1, ptx[-2000:]
+    assert offsets[len(fields)] == loader.GATHER_ROWS_SIZE
+    for (name, offset, _, _), i in zip(layout[:-1], range(len(fields)), strict=False):
+        assert offsets[i] == offset, name
+    ints_at = layout[-1][1]
+    assert [offsets[len(fields) - 4 + j] for j in range(4)] == [ints_at + 4 * j for j in range(4)]
+
+
 def test_bwd_params_layout():
     # sizeof(BwdParams) is static_asserted in params.cuh (NVRTC 13.0 has no offsetof)
     assert loader.BWD_PARAMS_DTYPE.itemsize == loader.BWD_PARAMS_SIZE
@@ -174,7 +207,7 @@ def test_every_kernel_compiles_without_spills():
         + len(loader.all_bwd_names(arch))  # backward (split head dims: two modes)
         + 5 * len(loader.DTYPES)  # casts both ways, delta, dq tiles -> dq, direct rows
         + 1  # the pair copy (a replayed ring call's K/V into its graph)
-        + 1  # the gathered forward's K/V rows in position order
+        + 2  # a gathered ring call's row copies, and its float32 adds
         # wgmma forward (TMA and cp.async producers) and backward (plain and ordered)
         + (2 * len(loader.SM90_FWD_CONFIGS) * len(loader.DTYPES) if arch == "sm_90a" else 0)
         + (2 * len(loader.SM90_BWD_HEAD_DIMS) * len(loader.DTYPES) if arch == "sm_90a" else 0)

@@ -6,7 +6,9 @@ itself runs on GPUs (test_gpu_attention.py: gathered forwards against the float6
 from __future__ import annotations
 
 import itertools
+import re
 import struct
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -83,13 +85,13 @@ def test_the_launch_packs_every_part_with_its_own_strides(parts, batch, heads, w
     headdim = 8 * words
     rows = lengths[:parts]
     length = sum(rows)
-    head_stride = 2 * headdim + 16 * pad
-    row_stride = heads * head_stride + 16 * pad
-    first = [
-        _DeviceArray((batch, rows[0], heads, headdim),
-                     strides=(rows[0] * row_stride + 32, row_stride, head_stride, 2))
-        for _ in range(2)
-    ]  # fmt: skip
+    def strided(extra):  # (the caller's K and V padded differently: a swap would show)
+        head_stride = 2 * headdim + 16 * (pad + extra)
+        row_stride = heads * head_stride + 16 * pad
+        return _DeviceArray((batch, rows[0], heads, headdim),
+                            strides=(rows[0] * row_stride + 32, row_stride, head_stride, 2))
+
+    first = [strided(0), strided(1)]
     shards = [tuple(first)] + [
         tuple(_DeviceArray((batch, n, heads, headdim)) for _ in range(2)) for n in rows[1:]
     ]
@@ -112,9 +114,9 @@ def test_the_launch_packs_every_part_with_its_own_strides(parts, batch, heads, w
         assert fields["k_src"] == (*pointers[2 : 2 + parts], *pad_slots)
         assert fields["v_src"] == (*pointers[2 + parts : 2 + 2 * parts], *pad_slots)
         assert fields["sources"] == (pointers[-1],)
-        strides = [s for k, _ in shards for s in k.strides[:3]]
-        assert fields["k_strides"] == (*strides, *(0,) * (24 - len(strides)))
-        assert fields["v_strides"] == fields["k_strides"]
+        for i, name in enumerate(("k_strides", "v_strides")):
+            strides = [s for pair in shards for s in pair[i].strides[:3]]
+            assert fields[name] == (*strides, *(0,) * (24 - len(strides)))
         assert fields["ints"] == (batch, length, heads, headdim * 2 // 16)
 
 
@@ -133,3 +135,17 @@ def test_what_the_kernel_cannot_hold_is_refused_by_name():
     odd = tuple(_DeviceArray((1, 9, 2, 4)) for _ in range(2))
     with pytest.raises(ValueError, match="16-byte words"):
         kv_gather.gather_launch(*odd, [part], sources, **common)
+    wide = tuple(_DeviceArray((65536, 9, 2, 64)) for _ in range(2))
+    with pytest.raises(ValueError, match="1..65535 batch rows, got 65536"):
+        kv_gather.gather_launch(*wide, [part], sources, **common)
+
+
+def test_the_limits_agree_across_python_and_cuda():
+    """The shards a gathered call holds and the kernel's rows and threads per CTA: one value
+    each in the schedule, the loader and gather_rows.cuh."""
+    header = (Path(loader.KERNEL_DIR) / "common" / "gather_rows.cuh").read_text()
+    constants = dict(re.findall(r"constexpr int (kGather\w+) = ([^;]+);", header))
+    assert schedule.GATHER_MAX_STEPS == loader.GATHER_MAX_PARTS == int(constants["kGatherMaxParts"])
+    assert loader.GATHER_ROWS_PER_CTA == int(constants["kGatherRowsPerCta"])
+    assert constants["kGatherThreads"] == "32 * kGatherRowsPerCta"
+    assert loader.GATHER_ROWS_THREADS == 32 * loader.GATHER_ROWS_PER_CTA

@@ -35,10 +35,11 @@ TRANSPORTS = {
 }
 
 
-def _launch(world: int, mode: str, job_timeout: float, *options: str, transport: str = "nccl"):
+def _launch(world: int, mode: str, job_timeout: float, *options: str, transport: str = "nccl",
+            switches: dict | None = None):  # fmt: skip
     command = [sys.executable, "-m", "cuparing.launch", "--nproc-per-node", str(world),
                "--timeout", str(job_timeout), *options, str(WORKER), mode]  # fmt: skip
-    env = dict(os.environ, **TRANSPORTS[transport][0])
+    env = dict(os.environ, **TRANSPORTS[transport][0], **(switches or {}))
     return subprocess.run(command, capture_output=True, text=True, timeout=job_timeout + 60,
                           env=env)  # fmt: skip
 
@@ -82,6 +83,23 @@ def test_ring_is_race_free_under_random_stream_delays(world, transport):
     proc = _launch(world, "stress", 600, transport=transport)
     _assert_workers_ok(proc, world, transport, "stress")
     # per rank and case: 10 disturbed runs, 6 of the planned forward and its count of runs
+    assert len(re.findall(r"PASS stress", proc.stdout)) == 2 * 17 * world, _tail(proc)
+
+
+@requires_gpu(2)
+@pytest.mark.gpu
+@pytest.mark.parametrize("transport", ["nccl", "ipc"])
+@pytest.mark.parametrize("world", WORLDS)
+def test_gathered_ring_matches_and_is_race_free(world, transport):
+    """``CUPARING_KV_GATHER=1`` (every shard's K/V at once, one launch; the backward sends
+    dK / dV rows back to their owners): the reference checks, then the stress run's random
+    stream delays, whose planned forward repeats are the gathered plans."""
+    _need(world)
+    switches = {"CUPARING_KV_GATHER": "1"}
+    proc = _launch(world, "check", 1200, transport=transport, switches=switches)
+    _assert_workers_ok(proc, world, transport, "cases=")
+    proc = _launch(world, "stress", 600, transport=transport, switches=switches)
+    _assert_workers_ok(proc, world, transport, "stress")
     assert len(re.findall(r"PASS stress", proc.stdout)) == 2 * 17 * world, _tail(proc)
 
 

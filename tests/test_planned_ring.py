@@ -15,10 +15,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cuparing.backends.planned_ring import PlannedBackward, PlannedForward, PlannedGather
+from cuparing.backends.planned_ring import (
+    PlannedBackward,
+    PlannedForward,
+    PlannedGather,
+    PlannedGatherBackward,
+)
 from cuparing.schedule import (
     run_planned_backward,
     run_planned_forward,
+    run_planned_gathered_backward,
     run_planned_gathered_forward,
 )
 
@@ -230,6 +236,12 @@ class _ScheduleBackend:
     def gathered(self, parts, keys):
         return _array(), _array()
 
+    def rows_of_steps(self, dk, dv, keys):
+        return [(_array(), _array()) for _ in keys.rows]
+
+    def add_into(self, acc, x):
+        pass
+
     def backward_delta(self, dout, out):
         return _array()
 
@@ -341,13 +353,14 @@ def test_a_gathered_forward_issues_every_exchange_then_gathers_then_runs_one_blo
     causal=st.booleans(),
 )
 def test_planned_gathered_calls_exchange_as_the_schedule_does(world, layout, causal):
-    """With the gather switch on, each rank's pointer-level gathered forward makes the full
-    path's exchanges (tags, shifts, order) and compute span, rank by rank: ranks of one call
-    may take either path."""
+    """With the gather switch on, each rank's pointer-level gathered forward and backward make
+    the full path's exchanges (tags, shifts, order) and compute spans, rank by rank: ranks of
+    one call may take either path."""
     from switches import kv_gather
 
     from cuparing import validation
-    from cuparing.schedule import gathers, plan_ring, ring_forward
+    from cuparing.masks import BlockKind
+    from cuparing.schedule import gathered_keys, gathers, plan_ring, ring_backward, ring_forward
 
     mask = validation.check_mask(causal, None)
     noop = SimpleNamespace(launch=lambda *pointers: None)
@@ -361,6 +374,98 @@ def test_planned_gathered_calls_exchange_as_the_schedule_does(world, layout, cau
             forward = PlannedGather(plan.last_step, noop, noop, 0, 0, 0, (1, 1, 1, 8))
             run_planned_gathered_forward(planned, forward, 0, [_array(), _array()], 0, 0, (0, 0))
             assert planned.events() == full.events()
+
+            full, planned = _LoggingRing(world), _LoggingRing(world)
+            ring_backward(_ScheduleBackend(), full, *(_array() for _ in range(6)), plan, 1.0,
+                          grads_into=(_array(), _array(), _array()))  # fmt: skip
+            busy = gathered_keys(plan).kind != BlockKind.EMPTY
+            backward = _gathered_backward_plan(plan.last_step, None, busy)
+            run_planned_gathered_backward(planned, backward, (0, 0, 0, 0), [_array(), _array()],
+                                          (0, 0, 0))  # fmt: skip
+            assert planned.events() == full.events()
+
+
+def _gathered_backward_plan(last: int, log: _Recorder | None, busy: bool = True):
+    """A PlannedGatherBackward of ``last`` + 1 steps whose launches record into ``log`` (or do
+    nothing) and whose scratch arrays are fresh stand-ins."""
+    launch = log.launch if log is not None else lambda name: SimpleNamespace(
+        launch=lambda *pointers: None
+    )  # fmt: skip
+    block = PlannedBackward(
+        0, 0, launch("delta"), [(launch("block"), 5000, (None,) * 3) if busy else None],
+        q_pos=999, dq_out=launch("dq"), dkv_out=launch("dkv"),
+        scratch=lambda: (_array(), _array(), [_array(), _array()], None),
+    )  # fmt: skip
+    return PlannedGatherBackward(
+        last, launch("gather"), block, tuple(launch(f"back {t}") for t in range(last + 1)),
+        launch("add"), sources=777, step_sources=tuple(600 + t for t in range(last + 1)),
+        scratch=lambda: (block.scratch(), (_array(), _array()),
+                         [(_array(), _array()) for _ in range(last + 1)]),
+    )  # fmt: skip
+
+
+@settings(max_examples=30, deadline=None)
+@given(last=st.integers(1, 7))
+def test_a_gathered_backward_sends_each_shards_rows_home_and_adds_them_in_step_order(last):
+    """Exchanges of every shard's K/V first (shifts 1 .. last_step); delta, the gather, one
+    backward block into the gathered float32 dK / dV, each step's rows copied out of them, the
+    rows of step t sent to their owner (shift C - t, channel ``dkv_gather_t``, all issued
+    before any wait), dq converted, then what arrives added into this rank's own rows in step
+    order, and those cast into dk / dv."""
+    log = _Recorder()
+    planned = _gathered_backward_plan(last, log)
+    scratch_of = planned.scratch
+
+    def recorded_scratch():
+        made = scratch_of()
+        recorded.append(made)
+        return made
+
+    recorded = []
+    planned.scratch = recorded_scratch
+    ring = _RecordingRing(log)
+    ring.size = last + 3
+    k, v = _array(), _array()
+    dout, q, out, lse, dq, dk, dv = 1, 2, 3, 4, 5, 6, 7
+    returned = run_planned_gathered_backward(ring, planned, (dout, q, out, lse), [k, v],
+                                             (dq, dk, dv))  # fmt: skip
+    ((delta, dq_acc, dkv_all, _), gathered, pieces), = recorded
+    assert returned is recorded[0]
+    events = log.events
+    sent = (k.data.ptr, v.data.ptr)
+    assert events[:last] == [("exchange", sent, s, f"kv_gather_{s}") for s in range(1, last + 1)]
+    held = [sent] + [e[2] for e in events[last : 2 * last]]
+    ptr = lambda x: x.data.ptr  # noqa: E731
+    k_all, v_all = map(ptr, gathered)
+    dk_all, dv_all = map(ptr, dkv_all)
+    rest = events[2 * last :]
+    want = [
+        ("delta", (dout, out, ptr(delta))),
+        ("gather", (k_all, v_all, *(h[0] for h in held), *(h[1] for h in held), 777)),
+        ("trace", "bwd gathered"),
+        ("block", (dout, lse, ptr(delta), ptr(dq_acc), dk_all, dv_all, q, k_all, v_all, 999,
+                   5000, 0, 0, 0, 0, 0)),
+        *((f"back {t}", (*map(ptr, pieces[t]), dk_all, dv_all, 600 + t))
+          for t in range(last + 1)),
+        *(("exchange", tuple(map(ptr, pieces[t])), ring.size - t, f"dkv_gather_{t}")
+          for t in range(1, last + 1)),
+        ("dq", (ptr(dq_acc), dq)),
+    ]  # fmt: skip
+    assert rest[: len(want)] == want
+    rest = rest[len(want) :]
+    own = tuple(map(ptr, pieces[0]))
+    for t in range(1, last + 1):
+        wait, add_k, add_v, *rest = rest
+        assert wait[:2] == ("wait", f"dkv_gather_{t}")
+        assert add_k == ("add", (wait[2][0], own[0])) and add_v == ("add", (wait[2][1], own[1]))
+    assert rest == [("dkv", (own[0], dk)), ("dkv", (own[1], dv)), ("check",)]
+
+
+def test_a_gathered_backward_plan_needs_a_way_back_for_every_step():
+    with pytest.raises(ValueError, match="at least two steps and a way back for each"):
+        PlannedGatherBackward(2, None, None, (None,) * 2, None, 0, (0,) * 3, None)
+    with pytest.raises(ValueError, match="at least two steps"):
+        PlannedGatherBackward(0, None, None, (None,), None, 0, (0,), None)
 
 
 @pytest.mark.parametrize("world", [2, 3, 5])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import example, given, settings
 from numerics import check_backward, check_forward
 from strategies import LOW_PRECISION, RingCase, ring_cases
-from switches import kv_gather
+from switches import kv_gather, ranks_calling
 
 import cuparing as cr
 from cuparing import schedule, validation
@@ -56,24 +56,17 @@ def test_ring_matches_dense_low_precision(case):
 
 @settings(deadline=None)
 @given(ring_cases(dtypes=("float64", *LOW_PRECISION)))
-def test_gathered_forward_matches_dense(case):
-    """With ``CUPARING_KV_GATHER=1`` the forward gathers K/V and runs one block per rank (the
-    backward keeps the ring): the same results within the same bounds, and the gathered path
-    ran on every rank wherever the plan has more than one step."""
-    ran = []
-    inner = schedule.gathered_forward
-
-    def counted(*args, **kwargs):
-        ran.append(args[5].rank)  # (backend, ring, q, k, v, plan, ...)
-        return inner(*args, **kwargs)
-
-    schedule.gathered_forward = counted
-    try:
-        with kv_gather(True):
-            check_case(case)
-    finally:
-        schedule.gathered_forward = inner
+def test_gathered_ring_matches_dense(case):
+    """With ``CUPARING_KV_GATHER=1`` the forward and the backward gather K/V and run one block
+    per rank (the backward sends each shard's dK / dV rows back to its owner): the same results
+    within the same bounds, and both gathered paths ran on every rank wherever the plan has more
+    than one step."""
+    with ranks_calling() as ran, kv_gather(True):
+        check_case(case)
     spec = validation.check_mask(case.causal, case.window)
     local = case.seqlen // case.world_size
     plan = schedule.plan_ring(case.layout, 0, case.world_size, local, spec)
-    assert sorted(ran) == (list(range(case.world_size)) if plan.last_step > 0 else [])
+    with kv_gather(True):
+        expected = list(range(case.world_size)) if schedule.gathers(plan) else []
+    assert sorted(ran["gathered_forward"]) == expected
+    assert sorted(ran["gathered_backward"]) == expected

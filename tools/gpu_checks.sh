@@ -2,7 +2,7 @@
 # On a GPU machine: install, compile check, GPU tests, benchmarks. Logs go to the directory named
 # by CUPARING_LOG_DIR if set, else ./out.
 # Usage: bash tools/gpu_checks.sh
-#            [single|multi|bench|bwd|ring|profile|epilogue|candidate|consumers|all]
+#            [single|multi|bench|bwd|ring|profile|epilogue|candidate|consumers|gather|all]
 #            [pytest -k expression]
 #   candidate: a kernel change (a branch checked out here) against the tree in .snap/main (made
 #        beside it: git archive main | tar -x -C .snap/main; carried): the compile check, the
@@ -18,6 +18,11 @@
 #   consumers: head dim 64's three-consumer default (PERF.md v8): its kernel tests in four
 #        shards and the NaN / inf forward tests, then its rows beside the two-consumer tile
 #        and the two-stage variant, one process each (~6 min)
+#   gather: the gathered ring (CUPARING_KV_GATHER=1: every shard's K/V at once, one launch a
+#        rank): its GPU tests, the kernels of each simulated rank against the ring's (one GPU:
+#        profile_ring_steps, packed documents, forward and backward, 4 ranks), and with 2+
+#        GPUs its multi-GPU tests and bench_varlen with and without it (torch inputs, so repeats
+#        run the kept plans; NCCL and the copy engines) (~8 min on 2 GPUs)
 #   bwd: the backward kernel tests of both families (NaN / inf next to mask edges, the
 #        deterministic mode, caller-owned gradients, torch and JAX autograd included) and
 #        bench_backward (sm90, sm90 deterministic, sm80, SDPA; head dims 128 and 96)
@@ -144,4 +149,33 @@ if [[ $what == epilogue || $what == all ]]; then
   run timeout 240 python tools/ablate.py tools/variants/epilogue_cost.py --lines 6 --rounds 1 \
     --out "$out/ablate_epilogue_quick" -- tools/bench_attention.py --quick --families sm90 2>&1 \
     | tee "$out/ablate_epilogue_quick.log"
+fi
+if [[ $what == gather ]]; then
+  run python tools/compile_check.py 2>&1 | grep -E "gather|add_f32|FAIL" | head -6
+  run timeout 300 python -m pytest -q -rf --maxfail=4 tests/test_gpu_attention.py \
+    -k "gathered${filter:+ and ($filter)}" 2>&1 | tee "$out/gather_tests.log" | tail -6
+  for switch in 0 1 0 1; do
+    for direction in "" --backward; do
+      echo "== CUPARING_KV_GATHER=$switch $direction"
+      CUPARING_KV_GATHER=$switch timeout 120 python tools/profile_ring_steps.py --documents \
+        --ranks 4 --layouts zigzag $direction 2>&1 | grep -v -i warn \
+        | tee -a "$out/gather_profile_$switch.log" | tail -7
+    done
+  done
+  if (( $(nvidia-smi -L | wc -l) >= 2 )); then
+    run timeout 300 python -m pytest -q -rf --maxfail=2 tests/test_multigpu.py \
+      -k "gathered and C=2" 2>&1 | tee "$out/gather_multigpu.log" | tail -6
+    gpus=$(nvidia-smi -L | wc -l)
+    for ranks in 2 $(( gpus >= 4 ? 4 : 2 )); do
+      for transport in nccl ipc; do
+        for switch in 0 1; do
+          echo "== C=$ranks $transport CUPARING_KV_GATHER=$switch"
+          CUPARING_KV_GATHER=$switch CUPARING_TRANSPORT=$transport timeout 150 \
+            python -m cuparing.launch --nproc-per-node "$ranks" tools/bench_varlen.py \
+            --layouts zigzag,packed --inputs torch --no-torch --backward 2>&1 | grep -v -i warn \
+            | tee -a "$out/gather_varlen.log" | tail -6
+        done
+      done
+    done
+  fi
 fi

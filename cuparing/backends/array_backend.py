@@ -67,6 +67,16 @@ class ArrayBackend:
         rows = [self.xp.asarray(r) for r in keys.rows]
         return array_ops.gather_rows(self.xp, parts, rows, len(keys.positions))
 
+    def rows_of_steps(self, dk, dv, keys):
+        """Per step t, (dk, dv) rows at ``keys.rows[t]`` as new contiguous arrays (the
+        protocol's contract)."""
+        rows = [self.xp.asarray(r) for r in keys.rows]
+        return [(dk[:, at], dv[:, at]) for at in rows]
+
+    def add_into(self, acc, x):
+        """``acc += x`` (accumulators of the same shape and dtype)."""
+        acc += x
+
     def forward_finish(self, state):
         """(out in the caller's dtype, lse in float32 or float64), in the caller-owned arrays
         where ``forward_state`` had them."""

@@ -47,7 +47,7 @@ from .array_backend import ArrayBackend
 from .direct_grads import DirectGrad
 from .dq_tiles import DqTiles
 from .dq_tiles import floats as dq_tile_floats
-from .planned_ring import PlannedBackward, PlannedForward, PlannedGather
+from .planned_ring import PlannedBackward, PlannedForward, PlannedGather, PlannedGatherBackward
 
 _KERNEL_DTYPES = ("float16", "bfloat16")
 _LOG2E = 1.4426950408889634
@@ -275,6 +275,37 @@ class CupyBackend:
             *(v.data.ptr for _, v in parts), sources.data.ptr,
         )  # fmt: skip
         return k_all, v_all
+
+    def rows_of_steps(self, dk, dv, keys):
+        """Per step t, the float32 (dk, dv) rows at ``keys.rows[t]`` (the protocol's
+        contract): one ``cuparing_gather_rows`` launch per step where the rows are whole
+        16-byte words, CuPy's index copies otherwise."""
+        if (dk.shape[-1] * dk.dtype.itemsize) % 16 or not (dk.flags.c_contiguous and
+                                                          dv.flags.c_contiguous):  # fmt: skip
+            return self._generic.rows_of_steps(dk, dv, keys)
+        pieces = []
+        for at in keys.step_sources:
+            sources = self._device_rows(at)
+            piece = [self.xp.empty((dk.shape[0], len(at), *dk.shape[2:]), dtype=dk.dtype)
+                     for _ in range(2)]  # fmt: skip
+            kv_gather.gather_launch(*piece, [(dk, dv)], sources).launch(
+                piece[0].data.ptr, piece[1].data.ptr, dk.data.ptr, dv.data.ptr, sources.data.ptr
+            )
+            pieces.append(tuple(piece))
+        return pieces
+
+    def add_into(self, acc, x):
+        """``acc += x`` on the current stream (the protocol's contract): float32 by
+        ``cuparing_add_f32``, other dtypes by CuPy."""
+        if acc.dtype == np.float32 and x.dtype == np.float32 and acc.flags.c_contiguous and (
+            x.flags.c_contiguous
+        ):  # fmt: skip
+            if acc.size:
+                _elementwise_launch(loader.get_add_f32_kernel(), acc.size).launch(
+                    x.data.ptr, acc.data.ptr
+                )
+            return
+        acc += x
 
     def _device_rows(self, host: np.ndarray):
         """The device copy of a read-only host array (a gather's sources), kept like
@@ -605,11 +636,13 @@ class CupyBackend:
 
     def plan_backward(
         self, plan, dout, q, k, v, out, lse, grads, scale, deterministic=False
-    ) -> PlannedBackward | None:  # fmt: skip
+    ) -> PlannedBackward | PlannedGatherBackward | None:  # fmt: skip
         """The launches of ``plan``'s ring backward on operands like these, decided once
-        (:class:`~cuparing.backends.planned_ring.PlannedBackward`), when the schedule's backward
-        comes to our kernels' launches and nothing else: kernel dtype and head dim, no empty
-        extent, dout, q, k, v, out the kernels read in place, lse contiguous float32, and
+        (:class:`~cuparing.backends.planned_ring.PlannedBackward`, or for a plan the schedule
+        gathers, ``schedule.gathers``, a
+        :class:`~cuparing.backends.planned_ring.PlannedGatherBackward`), when the schedule's
+        backward comes to our kernels' launches and nothing else: kernel dtype and head dim, no
+        empty extent, dout, q, k, v, out the kernels read in place, lse contiguous float32, and
         gradients ``grads`` = (dq, dk, dv) contiguous and 4-byte aligned (written straight by
         the last kernels). Otherwise None.
 
@@ -628,17 +661,33 @@ class CupyBackend:
             return None
         if not all(g.flags.c_contiguous and g.data.ptr % 4 == 0 for g in grads):
             return None
+        if gathers(plan):
+            return self._plan_gathered_backward(plan, dout, q, k, v, out, lse, grads, scale,
+                                                deterministic)  # fmt: skip
+        q_pos, blocks = self._planned_blocks(plan, k, v)
+        # one block makes dK / dV whole: the kernels write them straight (DirectGrad), the
+        # float32 pair is the redo pass's scratch, uninitialised
+        direct = kv_grads_whole(plan) and self._writes_kv_grads(q, k)
+        return self._planned_backward(
+            plan.last_step, home_shift_of(plan), q_pos, blocks, tuple(k.shape), dout, q, k, out,
+            lse, grads, plan.mask, scale, deterministic, direct,
+        )  # fmt: skip
+
+    def _planned_backward(
+        self, last_step, home_shift, q_pos, blocks, kv_shape, dout, q, k, out, lse, grads, mask,
+        scale, deterministic, direct,
+    ) -> PlannedBackward:  # fmt: skip
+        """:class:`PlannedBackward` of ``blocks`` (``_planned_blocks``' form, one per step),
+        whose dK / dV accumulators are float32 ``kv_shape`` (the K/V the blocks read) and whose
+        cast turns accumulators of k's shape into dK / dV."""
         cp = self.xp
         name = dtype_name(q.dtype)
         tiles = self._sm90_backward(q)
         batch, seqlen, nheads, _ = q.shape
         # (shapes only in the closure: the arrays would keep the first call's tensors alive)
-        delta_shape, kv_shape = (batch, nheads, seqlen), tuple(k.shape)
+        delta_shape = (batch, nheads, seqlen)
         dq_shape = (dq_tile_floats(q.shape),) if tiles else tuple(q.shape)
         flag_count = 0
-        # one block makes dK / dV whole: the kernels write them straight (DirectGrad), the
-        # float32 pair is the redo pass's scratch, uninitialised
-        direct = kv_grads_whole(plan) and self._writes_kv_grads(q, k)
 
         def scratch():
             delta = cp.empty(delta_shape, dtype=cp.float32)
@@ -648,7 +697,6 @@ class CupyBackend:
             flags = _zeroed(cp, (flag_count,), cp.int32) if flag_count else None
             return delta, dq_acc, dkv, flags
 
-        q_pos, blocks = self._planned_blocks(plan, k, v)
         steps, keep = [], [q_pos]
         for block in blocks:
             if block is None:
@@ -659,7 +707,7 @@ class CupyBackend:
             # array stands in for them in the template (the caller's dq, dk, dv, lse)
             launch = self._backward_launch(
                 grads[0], grads[1], grads[2], dout, q, *kv, lse, lse, q_pos, k_pos, kind,
-                plan.mask, scale, deterministic, tiles, direct,
+                mask, scale, deterministic, tiles, direct,
             )  # fmt: skip
             offsets = tuple(
                 None if at is None else at + 4 * flag_count for at in _flag_offsets(launch)
@@ -673,9 +721,51 @@ class CupyBackend:
         else:
             dq_out = _elementwise_launch(to_half, q.size)
         return PlannedBackward(
-            plan.last_step, home_shift_of(plan), self._delta_launch(dout, out),
-            steps, q_pos.data.ptr, dq_out, None if direct else _elementwise_launch(to_half, k.size),
-            scratch, tuple(keep), direct=direct,
+            last_step, home_shift, self._delta_launch(dout, out), steps, q_pos.data.ptr, dq_out,
+            None if direct else _elementwise_launch(to_half, k.size), scratch, tuple(keep),
+            direct=direct,
+        )  # fmt: skip
+
+    def _plan_gathered_backward(self, plan, dout, q, k, v, out, lse, grads, scale,
+                                deterministic) -> PlannedGatherBackward:  # fmt: skip
+        """:meth:`plan_backward` for a plan the schedule gathers (``schedule.gathers``): one
+        backward block over the gathered K/V into float32 dK / dV of every gathered key, each
+        step's rows of those copied out (to go back to their owner), the received ones added
+        in step order, then cast."""
+        cp = self.xp
+        keys = gathered_keys(plan)
+        q_pos = self._device_positions(self.positions(plan.q_positions))
+        k_pos = self._device_positions(self.positions(keys.positions))
+        shape = (k.shape[0], len(keys.positions), *k.shape[2:])
+        # real memory for the templates (tensor maps are encoded from them)
+        k_all, v_all = _empty(cp, shape, k.dtype), _empty(cp, shape, v.dtype)
+        sources = self._device_rows(keys.sources)
+        gather = kv_gather.gather_launch(
+            k_all, v_all, [(k, v)] + [self._received_layout(k, v)] * plan.last_step, sources
+        )  # fmt: skip
+        busy = None if keys.kind == BlockKind.EMPTY else (keys.kind, k_pos, (k_all, v_all))
+        block = self._planned_backward(0, 0, q_pos, [busy], shape, dout, q, k, out, lse, grads,
+                                       plan.mask, scale, deterministic, False)  # fmt: skip
+        dk_all, dv_all = (cp.empty(shape, dtype=cp.float32) for _ in range(2))
+        step_sources = [self._device_rows(at) for at in keys.step_sources]
+        piece_shapes = [(k.shape[0], len(at), *k.shape[2:]) for at in keys.rows]
+        returns = tuple(
+            kv_gather.gather_launch(*(cp.empty(piece, dtype=cp.float32) for _ in range(2)),
+                                    [(dk_all, dv_all)], at)  # fmt: skip
+            for piece, at in zip(piece_shapes, step_sources, strict=True)
+        )
+        add = _elementwise_launch(loader.get_add_f32_kernel(), k.size)
+        kv_dtype = k.dtype  # (no arrays in the closure: they would outlive the first call)
+
+        def scratch():
+            gathered = tuple(_empty(cp, shape, kv_dtype) for _ in range(2))
+            pieces = [tuple(cp.empty(piece, dtype=cp.float32) for _ in range(2))
+                      for piece in piece_shapes]  # fmt: skip
+            return block.scratch(), gathered, pieces
+
+        return PlannedGatherBackward(
+            plan.last_step, gather, block, returns, add, sources.data.ptr,
+            tuple(at.data.ptr for at in step_sources), scratch, (k_pos, sources, *step_sources),
         )  # fmt: skip
 
     def _dq_tiles_launch(self, shape: tuple, dtype: str):

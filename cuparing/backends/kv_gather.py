@@ -1,4 +1,4 @@
-"""The gathered ring forward's K/V rows put in position order by one kernel launch.
+"""A gathered ring call's rows moved by one kernel launch: K/V into position order, dK / dV back.
 
 A gathered forward (:func:`cuparing.schedule.gathered_forward`) holds every step's K/V shard at
 once (this rank's and those the ring delivered) and runs one forward block over all of them in
@@ -6,8 +6,10 @@ ascending order of global position (:class:`cuparing.schedule.GatheredKeys`). Th
 rows of every shard (zigzag and packed layouts cut each document into pieces on every rank), so
 the rows are moved by ``cuparing_gather_rows`` (``kernels/common/gather_rows.cuh``): one launch
 for K and V of every shard, reading each shard in place with its own strides, from a device
-map of (shard, row) per gathered row. The launch is a :class:`PackedLaunch`, so a planned
-repeat patches only the addresses.
+map of (shard, row) per gathered row. The gathered backward runs the same kernel the other way
+(one part: its float32 dK / dV partials; one launch per shard, whose rows go back to the rank
+that owns it). The launch is a :class:`PackedLaunch`, so a planned repeat patches only the
+addresses.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ def gather_launch(k_dst: Any, v_dst: Any, parts: Sequence[tuple[Any, Any]], sour
     """The launch putting ``parts``' rows into ``k_dst`` / ``v_dst`` by ``sources``.
 
     Args:
-        k_dst, v_dst: CuPy arrays [B, L, Hkv, D] of a 16-bit dtype, C-contiguous, 16-byte
-            aligned: the gathered K / V (their addresses are the plan's; a launch takes any).
+        k_dst, v_dst: CuPy arrays [B, L, Hkv, D] of a 16-bit or 32-bit dtype, C-contiguous,
+            16-byte aligned: the destination (their addresses are the plan's; a launch takes
+            any).
         parts: per ring step (at most ``loader.GATHER_MAX_PARTS``), the (k, v) CuPy arrays
             [B, n_t, Hkv, D] held at that step, each readable in place by the kernels (the
             caller's check: 16-byte aligned base and strides, contiguous last axis); a launch
@@ -44,8 +47,8 @@ def gather_launch(k_dst: Any, v_dst: Any, parts: Sequence[tuple[Any, Any]], sour
         sources.
 
     Raises:
-        ValueError: more parts than the kernel holds, shapes or dtypes that disagree, or a head
-            dim whose rows are not whole 16-byte words.
+        ValueError: more parts than the kernel holds, shapes or dtypes that disagree, a batch
+            past the grid's y extent, or a head dim whose rows are not whole 16-byte words.
     """
     parts = [tuple(pair) for pair in parts]
     n = len(parts)
@@ -59,9 +62,11 @@ def gather_launch(k_dst: Any, v_dst: Any, parts: Sequence[tuple[Any, Any]], sour
             f"gathered K / V and their sources must be [B, L, Hkv, D], [B, L, Hkv, D] and int32 "
             f"[L, 2]; got {k_dst.shape}, {v_dst.shape}, {sources.dtype} {sources.shape}"
         )
-    if (headdim * k_dst.dtype.itemsize) % 16 or k_dst.dtype.itemsize != 2:
-        raise ValueError(f"rows of whole 16-byte words of a 16-bit dtype, got D={headdim} of "
-                         f"{k_dst.dtype}")  # fmt: skip
+    if (headdim * k_dst.dtype.itemsize) % 16 or k_dst.dtype.itemsize not in (2, 4):
+        raise ValueError(f"heads of whole 16-byte words of a 16- or 32-bit dtype, got D={headdim}"
+                         f" of {k_dst.dtype}")  # fmt: skip
+    if not 1 <= batch <= 65535:  # (the grid's y extent)
+        raise ValueError(f"a gathered launch takes 1..65535 batch rows, got {batch}")
     for x in (k_dst, v_dst):
         if not x.flags.c_contiguous or x.data.ptr % 16:
             raise ValueError("the gathered K / V must be C-contiguous and 16-byte aligned")

@@ -148,7 +148,10 @@ class PlannedBackward:
         busy: per step, whether its block is not EMPTY (``schedule.backward_rotation`` takes
             it).
         direct: whether the steps write dK / dV straight (``dkv_out`` None).
+        gathers: False (:class:`PlannedGatherBackward` gathers K/V).
     """
+
+    gathers = False
 
     def __init__(
         self, last_step: int, home_shift: int, delta: Any,
@@ -209,3 +212,62 @@ class PlannedBackward:
         if not self.direct:
             self._dkv_out.launch(dk_acc, dk)
             self._dkv_out.launch(dv_acc, dv)
+
+
+class PlannedGatherBackward:
+    """The launches of one rank's gathered ring backward (``schedule.gathered_backward``):
+    every step's K/V held at once in position order, one backward block into float32 dK / dV
+    of every gathered key, each step's rows of those copied out for their owner, what comes
+    back added in step order, then cast.
+
+    Args:
+        last_step: the plan's last step.
+        gather: the launch putting K/V rows in order (as :class:`PlannedGather`'s).
+        block: a one-step :class:`PlannedBackward` over the gathered K/V (delta, the block with
+            float32 dK / dV accumulators of the gathered shape, the dq conversion, and the cast
+            of accumulators of this rank's shard shape into dK / dV).
+        returns: per step, the launch copying that step's rows out of the gathered dK / dV
+            (``kv_gather.gather_launch`` with one part: pointers dk_t, dv_t, dk_all, dv_all,
+            its sources).
+        add: the launch (x, acc) adding a float32 array of this rank's shard shape into another.
+        sources, step_sources: device addresses of the gather's map and of each step's map back.
+        scratch: a callable giving, on the current stream, ``(block scratch, (k_all, v_all),
+            pieces)``: ``block.scratch()``, the gathered K / V (k's dtype, uninitialised) and per
+            step a float32 (dk_t, dv_t) pair of that step's shard shape (uninitialised).
+        keep: objects the launches read (device arrays): kept alive with the plan.
+
+    Attributes:
+        gathers: True (``schedule.run_planned_gathered_backward`` runs it).
+    """
+
+    gathers = True
+
+    def __init__(self, last_step: int, gather: Any, block: PlannedBackward, returns: tuple,
+                 add: Any, sources: int, step_sources: tuple, scratch: Any,
+                 keep: tuple = ()):  # fmt: skip
+        if last_step < 1 or len(returns) != last_step + 1 or len(step_sources) != last_step + 1:
+            raise ValueError(
+                f"a gathered backward needs at least two steps and a way back for each, got "
+                f"{last_step=}, {len(returns)} launches back, {len(step_sources)} maps"
+            )
+        self.last_step = last_step
+        self._gather, self.block, self._returns, self._add = gather, block, returns, add
+        self._sources, self._step_sources = sources, tuple(step_sources)
+        self.scratch = scratch
+        self._keep = keep
+
+    def launch_gather(self, parts: Sequence[tuple[int, int]], k_all: int, v_all: int) -> None:
+        """The rows of ``parts`` (per step, the (k, v) addresses held at it) into ``k_all`` /
+        ``v_all`` in position order."""
+        if len(parts) != self.last_step + 1:
+            raise ValueError(f"expected {self.last_step + 1} shards, got {len(parts)}")
+        self._gather.launch(k_all, v_all, *(k for k, _ in parts), *(v for _, v in parts),
+                            self._sources)  # fmt: skip
+
+    def launch_return(self, step: int, dk_all: int, dv_all: int, dk: int, dv: int) -> None:
+        """Step ``step``'s rows of the gathered float32 dK / dV into ``dk`` / ``dv``."""
+        self._returns[step].launch(dk, dv, dk_all, dv_all, self._step_sources[step])
+
+    def add(self, x: int, acc: int) -> None:
+        """``acc += x`` over float32 arrays of this rank's shard shape."""
+        self._add.launch(x, acc)

@@ -46,6 +46,15 @@ class Backend(Protocol):
         ``keys.rows[t]`` (``keys``: the plan's ``schedule.GatheredKeys``; ``keys.sources`` is
         the inverse map)."""
 
+    def rows_of_steps(self, dk: Any, dv: Any, keys: Any) -> list[tuple[Any, Any]]:
+        """The inverse of :meth:`gathered` for gradients: per step t, (dk, dv) rows at
+        ``keys.rows[t]`` of the accumulators ``dk`` / ``dv`` [B, L, Hkv, D] (``kv_accum``'s),
+        as new C-contiguous arrays of their dtype (what ``ring.exchange`` sends)."""
+
+    def add_into(self, acc: Any, x: Any) -> None:
+        """``acc += x``, both accumulators (``kv_accum``'s dtype) of one shape; ``x`` may be a
+        ring receive buffer."""
+
     def forward_finish(self, state: Any) -> tuple[Any, Any]:
         """(out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] float32, float64 for float64): the
         caller-owned arrays given to ``forward_state``, where given."""

@@ -85,7 +85,8 @@ class Ring(abc.ABC):
         """Send ``arrays`` to rank ``rank + shift``, receive the same from ``rank - shift``.
 
         Args:
-            arrays: arrays of this ring's backend; receivers get the same shapes and dtypes.
+            arrays: arrays of this ring's backend; receivers get C-contiguous arrays of the
+                same shapes and dtypes (the planned ring calls launch on them as such).
             shift: ring distance, ``1`` for the ordinary ring step.
             tag: names the double-buffer channel the received arrays live in (see module doc).
         """

@@ -441,6 +441,7 @@ def dq_from_tiles_name(dtype: str) -> str:
 
 COPY_PAIR_NAME = "cuparing_copy_pair"
 GATHER_ROWS_NAME = "cuparing_gather_rows"
+ADD_F32_NAME = "cuparing_add_f32"
 # common/gather_rows.cuh's GatherRowsParams: (field, byte offset, count, struct code); its size
 GATHER_MAX_PARTS = 8
 GATHER_ROWS_THREADS = 128  # one warp per gathered row, four rows a CTA
@@ -819,10 +820,17 @@ def get_copy_pair_kernel():
 
 
 def get_gather_rows_kernel():
-    """The kernel putting a gathered ring forward's K/V rows in position order
+    """The kernel copying rows of (K, V) pairs into one pair by a (part, row) map: a gathered ring
+    call's K/V in position order, its dK / dV rows back in shard order
     (``cuparing_gather_rows``: one ``GATHER_ROWS_LAYOUT`` struct argument; grid (ceil(L /
     ``GATHER_ROWS_PER_CTA``), B), ``GATHER_ROWS_THREADS`` threads)."""
     return get_module((GATHER_ROWS_NAME,)).get_function(GATHER_ROWS_NAME)
+
+
+def get_add_f32_kernel():
+    """The kernel adding float32 arrays (``cuparing_add_f32``: arguments x, acc, n; acc += x
+    over n elements, any grid: a grid-stride loop)."""
+    return get_module((ADD_F32_NAME,)).get_function(ADD_F32_NAME)
 
 
 def get_bwd_delta_kernel(dtype: str):

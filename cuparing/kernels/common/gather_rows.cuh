@@ -1,8 +1,11 @@
 #pragma once
-// The gathered ring forward's K/V (schedule.gathered_forward): the rows of up to kGatherMaxParts
-// shards (this rank's and those received from the ring, each [B, n_t, Hkv, D] with its own byte
-// strides) put into one [B, L, Hkv, D] contiguous pair in ascending order of global position, so
-// that one forward launch sees every key a query may see as one sorted run.
+// Rows of up to kGatherMaxParts (K, V) pairs, each [B, n_t, Hkv, D] with its own byte strides,
+// copied into one [B, L, Hkv, D] contiguous pair in the order a (part, row) map gives. A gathered
+// ring call (schedule.gathered_forward / gathered_backward) puts every shard's K/V (this rank's
+// and those received from the ring) in ascending order of global position, so that one launch
+// sees every key a query may see as one sorted run; its backward takes the float32 dK / dV rows
+// of each shard back out of that order (one part, one launch per shard). Elements of any size:
+// a row's heads are whole 16-byte words.
 
 namespace cuparing {
 
@@ -11,7 +14,7 @@ constexpr int kGatherRowsPerCta = 4;  // one warp per gathered row
 constexpr int kGatherThreads = 32 * kGatherRowsPerCta;
 
 struct GatherRowsParams {
-  void* k_dst;  // [B, L, Hkv, D] contiguous (16-bit elements)
+  void* k_dst;  // [B, L, Hkv, D] contiguous
   void* v_dst;
   const void* k_src[kGatherMaxParts];  // part t's K / V (unused slots 0)
   const void* v_src[kGatherMaxParts];
@@ -21,7 +24,7 @@ struct GatherRowsParams {
   int batch;
   int length;      // L
   int heads;       // Hkv
-  int head_words;  // 16-byte words per head: D * 2 / 16
+  int head_words;  // 16-byte words per head: D * sizeof(element) / 16
 };
 // loader.py packs these fields at the offsets they take without padding (every field before the
 // ints is 8 bytes): k_dst 0, v_dst 8, k_src 16, v_src 80, sources 144, k_strides 152, v_strides

@@ -13,8 +13,10 @@
 //   cuparing_direct_rows<bf16>: after the sm90 backward's redo pass, with direct gradients, the
 //                          dK / dV rows of the CTAs it finished into the gradients (common/
 //                          direct_grads.cuh): grid (H, B, ceil(Sk / 128)), up to 256 threads.
-//   cuparing_gather_rows:  a gathered ring forward's K/V rows in position order (common/
-//                          gather_rows.cuh): grid (ceil(L / 4), B), 128 threads.
+//   cuparing_gather_rows:  a gathered ring call's K/V rows in position order, or its dK / dV
+//                          rows back in shard order (common/gather_rows.cuh): grid
+//                          (ceil(L / 4), B), 128 threads.
+//   cuparing_add_f32:      acc += x over n float32 elements (grid-stride).
 #include "../common/direct_grads.cuh"
 #include "../common/gather_rows.cuh"
 #include "bwd.cuh"
@@ -85,6 +87,17 @@ __global__ void __launch_bounds__(256)
   const long long tail = words * 16 + first;
   if (tail < bytes && first < 16) {
     reinterpret_cast<unsigned char*>(dst)[tail] = reinterpret_cast<const unsigned char*>(src)[tail];
+  }
+}
+
+// acc += x over n float32 elements (a gathered ring backward's dK / dV rows, received from the
+// ranks that computed them, added in step order).
+__global__ void cuparing_add_f32(const float* __restrict__ x, float* __restrict__ acc,
+                                 long long n) {
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    acc[i] += x[i];
   }
 }
 
