@@ -316,14 +316,18 @@ class RingForwardPlan(CheckedCall):
         addresses = (pointers[0], out.data_ptr(), lse.data_ptr())
 
         def run(kv):  # the call at pointer level, as a replay's graph captures it
-            if planned.gathers:  # every step's K/V at once, in position order
-                gathered = [torch.empty(planned.gathered_shape, dtype=self._dtype,
-                                        device=self._device) for _ in range(2)]  # fmt: skip
+            if planned.gathers:  # the other ranks' K/V at once, in position order
+                scratch = [torch.empty(planned.gathered_shape, dtype=self._dtype,
+                                       device=self._device) for _ in range(2)]  # fmt: skip
+                if planned.blocks.accumulates:
+                    scratch.append(torch.empty(self._out_shape, dtype=torch.float32,
+                                               device=self._device))  # fmt: skip
                 schedule.run_planned_gathered_forward(
                     ring, planned, addresses[0], kv, addresses[1], addresses[2],
-                    (gathered[0].data_ptr(), gathered[1].data_ptr()),
+                    (scratch[0].data_ptr(), scratch[1].data_ptr()),
+                    scratch[2].data_ptr() if len(scratch) > 2 else 0,
                 )
-                return gathered
+                return scratch
             scratch = None
             if planned.accumulates:
                 scratch = torch.empty(self._out_shape, dtype=torch.float32, device=self._device)

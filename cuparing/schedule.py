@@ -163,7 +163,7 @@ def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=None,
         (out, lse): out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] float32 (float64 for float64);
         the given ``out`` / ``lse`` where given.
 
-    With ``CUPARING_KV_GATHER=1`` a plan of 2..``GATHER_MAX_STEPS`` steps runs
+    A plan the schedule gathers (:func:`gathers`: ``CUPARING_KV_GATHER=1``) runs
     :func:`gathered_forward`.
     """
     if gathers(plan):
@@ -183,38 +183,39 @@ def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=None,
     return result
 
 
-# CUPARING_KV_GATHER=1: ring forwards gather every rank's K/V first and run one block over all
-# of them (experimental; gathered_forward says when that pays)
+# CUPARING_KV_GATHER=1: ring calls take every other rank's K/V at once and run two blocks, this
+# rank's shard and all the others in one order (experimental; gathered_forward says when)
 GATHER_ENV = "CUPARING_KV_GATHER"
-GATHER_MAX_STEPS = 8  # shards one gathered forward holds (the GPU kernel's GatherRowsParams)
+GATHER_MAX_SHARDS = 8  # other ranks' shards one gathered call holds (the GPU kernel's parts)
 
 
 def gather_requested() -> bool:
-    """Whether ``CUPARING_KV_GATHER=1`` asks ring forwards to gather K/V first
-    (:func:`gathered_forward`)."""
+    """Whether ``CUPARING_KV_GATHER=1`` asks ring calls to gather K/V (:func:`gathers`)."""
     return os.environ.get(GATHER_ENV, "").strip() == "1"
 
 
 def gathers(plan: RingPlan) -> bool:
-    """Whether this rank's forward of ``plan`` gathers K/V (:func:`gathered_forward`): asked
-    for, and 2..``GATHER_MAX_STEPS`` steps (one step has nothing to gather)."""
-    return 0 < plan.last_step < GATHER_MAX_STEPS and gather_requested()
+    """Whether this rank's ring calls of ``plan`` gather K/V (:func:`gathered_forward`,
+    :func:`gathered_backward`): asked for, and 1..``GATHER_MAX_SHARDS`` steps after the first
+    (one step has nothing to gather)."""
+    return 0 < plan.last_step <= GATHER_MAX_SHARDS and gather_requested()
 
 
 @dataclass(frozen=True)
 class GatheredKeys:
-    """Every rank's keys of one plan in one ascending order (:func:`gathered_keys`).
+    """The keys of a plan's steps 1 .. last_step (the other ranks' shards) in one ascending
+    order (:func:`gathered_keys`); index ``t - 1`` below is step ``t``'s.
 
     Attributes:
-        positions: the global positions of the key rows this rank's steps ``0 .. last_step``
-            hold (rank ``plan.source(t)``'s at step t), ascending (padding keys last).
-        rows: ``rows[t]``: where step ``t``'s key rows go in that order (int64, read-only).
-        sources: the inverse map, int32 [len(positions), 2] (read-only): (step, row of that
-            step's shard) of every gathered row.
-        step_sources: per step t, ``rows[t]`` as a map of the same form, int32 [n_t, 2]
+        positions: their global positions, ascending.
+        rows: ``rows[t - 1]``: where step ``t``'s key rows go in that order (int64, read-only).
+        sources: the inverse map, int32 [len(positions), 2] (read-only): (t - 1, row of step
+            ``t``'s shard) of every gathered row.
+        step_sources: per step, ``rows[t - 1]`` as a map of the same form, int32 [n_t, 2]
             (read-only): (0, its row in the gathered order) for each of step t's rows, which
             takes them back out of one gathered array (the backward's dK / dV).
-        kind: the block of this rank's queries against all of them: EMPTY where every step's
+        own_kind: the block of this rank's queries against its own shard (step 0).
+        kind: the block of its queries against the gathered keys: EMPTY where every step's
             block is, FULL where every one is FULL, else PARTIAL.
     """
 
@@ -222,7 +223,13 @@ class GatheredKeys:
     rows: tuple
     sources: np.ndarray
     step_sources: tuple
+    own_kind: BlockKind
     kind: BlockKind
+
+    @property
+    def blocks(self) -> int:
+        """How many of the two blocks (own, gathered) are not EMPTY."""
+        return (self.own_kind != BlockKind.EMPTY) + (self.kind != BlockKind.EMPTY)
 
 
 _GATHERED: dict = {}  # id(plan) -> (plan, GatheredKeys): plans are cached and live long
@@ -230,11 +237,11 @@ _GATHERED_LOCK = threading.Lock()
 
 
 def gathered_keys(plan: RingPlan) -> GatheredKeys:
-    """The (cached) :class:`GatheredKeys` of ``plan``."""
+    """The (cached) :class:`GatheredKeys` of ``plan`` (at least two steps)."""
     hit = _GATHERED.get(id(plan))
     if hit is not None and hit[0] is plan:
         return hit[1]
-    held = [plan.positions[plan.source(t)] for t in range(plan.last_step + 1)]
+    held = [plan.positions[plan.source(t)] for t in range(1, plan.last_step + 1)]
     joined = np.concatenate(held)
     order = np.argsort(joined, kind="stable")
     where = np.empty_like(order)
@@ -242,10 +249,10 @@ def gathered_keys(plan: RingPlan) -> GatheredKeys:
     bounds = np.cumsum([0] + [len(p) for p in held])
     rows = tuple(_frozen(where[a:b].copy()) for a, b in zip(bounds[:-1], bounds[1:], strict=True))
     sources = np.empty((len(order), 2), dtype=np.int32)
-    for t, at in enumerate(rows):
-        sources[at, 0] = t
+    for part, at in enumerate(rows):
+        sources[at, 0] = part
         sources[at, 1] = np.arange(len(at))
-    kinds = set(plan.kinds[: plan.last_step + 1])
+    kinds = set(plan.kinds[1 : plan.last_step + 1])
     if kinds == {BlockKind.EMPTY}:
         kind = BlockKind.EMPTY
     elif kinds == {BlockKind.FULL}:
@@ -256,7 +263,8 @@ def gathered_keys(plan: RingPlan) -> GatheredKeys:
         _frozen(np.stack([np.zeros(len(at), dtype=np.int32), at.astype(np.int32)], axis=1))
         for at in rows
     )
-    made = GatheredKeys(_frozen(joined[order]), rows, _frozen(sources), step_sources, kind)
+    made = GatheredKeys(_frozen(joined[order]), rows, _frozen(sources), step_sources,
+                        plan.kinds[0], kind)  # fmt: skip
     with _GATHERED_LOCK:
         if len(_GATHERED) >= 256:
             _GATHERED.clear()
@@ -265,22 +273,29 @@ def gathered_keys(plan: RingPlan) -> GatheredKeys:
 
 
 def gathered_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=None, lse=None):
-    """:func:`ring_forward`'s result another way: the K/V of every step's rank first
-    (``plan.last_step`` exchanges at once, shifts 1 .. last_step), put in one ascending order
-    of positions (:func:`gathered_keys`), then one block of this rank's queries against all of
-    them: no per-step launches and no float32 partials to merge, at the price of (last_step +
-    1) times the K/V memory and a transfer that no compute hides. It pays where ring steps are
-    mostly fixed costs: shards cut into many pieces (packed documents) on several GPUs (PERF.md,
-    "Packed documents on 4x H200"). Same arguments and returns; the caller has checked that
-    the plan has more than one step."""
-    keys = gathered_keys(plan)
-    parts = gathered_shards(ring, [k, v], plan.last_step)
-    state = backend.forward_state(q, 0 if keys.kind == BlockKind.EMPTY else 1, out=out, lse=lse)
+    """:func:`ring_forward`'s result another way: the other ranks' K/V at once (``last_step``
+    exchanges, shifts 1 .. last_step, issued first), this rank's own block computed while they
+    travel, then one block against all of theirs in one ascending order of positions
+    (:func:`gathered_keys`), which merges the first. Two launches and one float32 merge where
+    the ring makes one of each per step, the transfers behind the own block, at the price of
+    ``last_step + 1`` times the K/V memory. It pays where ring steps are mostly fixed costs:
+    shards cut into many pieces (packed documents) on several GPUs (PERF.md, "Packed
+    documents on 4x H200"). Same arguments and returns; the caller has checked
+    :func:`gathers`."""
+    keys, own = gathered_keys(plan), plan.positions[plan.source(0)]
+    pending = gather_exchanges(ring, [k, v], plan.last_step)
+    q_pos = backend.positions(plan.q_positions)
+    state = backend.forward_state(q, keys.blocks, out=out, lse=lse)
+    if keys.own_kind != BlockKind.EMPTY:
+        with ring.trace_compute("fwd own"):
+            backend.forward_block(state, q, k, v, q_pos, backend.positions(own), keys.own_kind,
+                                  plan.mask, scale)  # fmt: skip
+    parts = [tuple(exchange.wait()) for exchange in pending]
     if keys.kind != BlockKind.EMPTY:
         k_all, v_all = backend.gathered(parts, keys)
-        q_pos, k_pos = backend.positions(plan.q_positions), backend.positions(keys.positions)
         with ring.trace_compute("fwd gathered"):
-            backend.forward_block(state, q, k_all, v_all, q_pos, k_pos, keys.kind, plan.mask,
+            backend.forward_block(state, q, k_all, v_all, q_pos,
+                                  backend.positions(keys.positions), keys.kind, plan.mask,
                                   scale)  # fmt: skip
     result = backend.forward_finish(state)
     ring.check()
@@ -290,36 +305,40 @@ def gathered_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=N
 def gathered_backward(backend, ring, dout, q, k, v, out, lse, plan: RingPlan, scale: float,
                       grads_into=None, dlse=None, deterministic: bool = False):  # fmt: skip
     """:func:`ring_backward`'s result another way, as :func:`gathered_forward` computes the
-    forward: every step's K/V at once in position order, one backward block of this rank's
-    queries against all of them (dQ whole at once; float32 dK / dV partials of every gathered
-    key), then each step's rows of those partials sent back to the rank that owns them (shift
-    ``C - t`` for step ``t``'s shard, all issued at once) and the owner adds what it receives
-    to its own rows in step order (a fixed order: ``deterministic`` holds). It moves (last_step)
-    shards of float32 dK / dV where the ring moves them once per step, and no step waits for
-    another. Same arguments and returns; the caller has checked :func:`gathers`."""
-    keys = gathered_keys(plan)
-    parts = gathered_shards(ring, [k, v], plan.last_step)
+    forward: the other ranks' K/V at once, this rank's own block (into its float32 dK / dV)
+    while they travel, then one block against all of theirs in position order (into float32
+    dK / dV of every gathered key), each step's rows of those sent back to the rank that owns
+    them (shift ``C - t`` for step ``t``'s shard, all issued at once) and added by the owner
+    into its own in step order (a fixed order: ``deterministic`` holds). It moves
+    ``last_step`` shards of float32 dK / dV where the ring moves them once per step, and no
+    step waits for another. Same arguments and returns; the caller has checked
+    :func:`gathers`."""
+    keys, own = gathered_keys(plan), plan.positions[plan.source(0)]
+    pending = gather_exchanges(ring, [k, v], plan.last_step)
+    q_pos = backend.positions(plan.q_positions)
     delta = backend.backward_delta(dout, out)
     if dlse is not None:
         delta = delta - dlse.astype(delta.dtype)
     dq = backend.dq_accum(q)
     dq_into, dk_into, dv_into = grads_into or (None, None, None)
+    dk_own, dv_own = backend.kv_accum(q, k), backend.kv_accum(q, v)
+    if keys.own_kind != BlockKind.EMPTY:
+        with ring.trace_compute("bwd own"):
+            backend.backward_block(dq, dk_own, dv_own, dout, q, k, v, lse, delta, q_pos,
+                                   backend.positions(own), keys.own_kind, plan.mask, scale,
+                                   deterministic=deterministic)  # fmt: skip
+    parts = [tuple(exchange.wait()) for exchange in pending]
     k_all, v_all = backend.gathered(parts, keys)
     dk_all, dv_all = backend.kv_accum(q, k_all), backend.kv_accum(q, v_all)
     if keys.kind != BlockKind.EMPTY:
-        q_pos, k_pos = backend.positions(plan.q_positions), backend.positions(keys.positions)
         with ring.trace_compute("bwd gathered"):
             backend.backward_block(dq, dk_all, dv_all, dout, q, k_all, v_all, lse, delta, q_pos,
-                                   k_pos, keys.kind, plan.mask, scale,
-                                   deterministic=deterministic)  # fmt: skip
+                                   backend.positions(keys.positions), keys.kind, plan.mask,
+                                   scale, deterministic=deterministic)  # fmt: skip
     pieces = backend.rows_of_steps(dk_all, dv_all, keys)
-    pending = [
-        ring.exchange(list(pieces[t]), ring.size - t, f"dkv_gather_{t}")
-        for t in range(1, plan.last_step + 1)
-    ]
+    back = return_exchanges(ring, pieces)
     dq_result = backend.dq_from_accum(dq, q.dtype, out=dq_into)
-    dk_own, dv_own = pieces[0]
-    for exchange in pending:  # (in step order: the sum repeats bit for bit)
+    for exchange in back:  # (in step order: the sum repeats bit for bit)
         dk_part, dv_part = exchange.wait()
         backend.add_into(dk_own, dk_part)
         backend.add_into(dv_own, dv_part)
@@ -332,31 +351,49 @@ def gathered_backward(backend, ring, dout, q, k, v, out, lse, plan: RingPlan, sc
     return grads
 
 
-def gathered_shards(ring, kv: list, last_step: int) -> list:
-    """Every step's K/V shard at once: ``[kv] +`` what ``last_step`` exchanges of shifts 1 ..
-    ``last_step`` deliver (each on its own channel, all issued before the first wait), as (k, v)
-    per step. The GPU rings queue exchanges on one communication stream, so the transfers run
-    one after another (an all-gather in one NCCL group would run them at once)."""
-    pending = [ring.exchange(kv, shift, f"kv_gather_{shift}") for shift in range(1, last_step + 1)]
-    return [tuple(kv)] + [tuple(exchange.wait()) for exchange in pending]
+def gather_exchanges(ring, kv: list, last_step: int) -> list:
+    """The exchanges bringing the K/V shards of steps 1 .. ``last_step`` (shift t, channel
+    ``kv_gather_t``), issued at once; wait for them in step order. The GPU rings queue them on
+    one communication stream, so they run one after another (their bytes leave through the
+    same links either way)."""
+    return [ring.exchange(kv, shift, f"kv_gather_{shift}") for shift in range(1, last_step + 1)]
+
+
+def return_exchanges(ring, pieces: list) -> list:
+    """The exchanges taking ``pieces[t - 1]`` (step ``t``'s rows of the gathered dK / dV) back
+    to the rank that owns that shard (shift ``C - t``, channel ``dkv_gather_t``) and bringing
+    this rank's rows from the rank ``t`` on, issued at once; wait for them in step order."""
+    return [
+        ring.exchange(list(piece), ring.size - t, f"dkv_gather_{t}")
+        for t, piece in enumerate(pieces, start=1)
+    ]
 
 
 def run_planned_gathered_forward(ring, planned, q: int, kv: list, out: int, lse: int,
-                                 gathered: tuple[int, int]) -> None:  # fmt: skip
+                                 gathered: tuple[int, int], accumulator: int) -> None:  # fmt: skip
     """:func:`gathered_forward` at pointer level, for a repeat of a signature whose launches the
     backend decided once (``planned``: a
-    :class:`~cuparing.backends.planned_ring.PlannedGather`): the same exchanges, then the
-    rows put in order and the one forward block.
+    :class:`~cuparing.backends.planned_ring.PlannedGather`): the same exchanges, the own
+    block, the rows put in order and the gathered block.
 
     Args:
         ring: the communicator; kv: [k, v] this rank's shard as backend arrays.
         q, out, lse: addresses of the queries and of the results (written here).
         gathered: addresses of the gathered K and V, contiguous [B, L, Hkv, D] of k's dtype
             (``planned.gathered_shape``).
+        accumulator: address of a float32 [B, Sq, H, D] contiguous scratch array when
+            ``planned.blocks.accumulates`` (else ignored).
     """
-    parts = gathered_shards(ring, kv, planned.last_step)
-    with ring.trace_compute("fwd gathered"):
-        planned.launch([(k.data.ptr, v.data.ptr) for k, v in parts], *gathered, q, out, lse)
+    blocks = planned.blocks
+    pending = gather_exchanges(ring, kv, planned.last_step)
+    if blocks.busy[0]:
+        with ring.trace_compute("fwd own"):
+            blocks.launch_step(0, out, accumulator, lse, q, kv[0].data.ptr, kv[1].data.ptr)
+    parts = [tuple(exchange.wait()) for exchange in pending]
+    if blocks.busy[1]:
+        planned.launch_gather([(k.data.ptr, v.data.ptr) for k, v in parts], *gathered)
+        with ring.trace_compute("fwd gathered"):
+            blocks.launch_step(1, out, accumulator, lse, q, *gathered)
     ring.check()
 
 
@@ -376,32 +413,34 @@ def run_planned_gathered_backward(ring, planned, pointers: tuple, kv: list,
     """
     dout, q, out, lse = pointers
     scratch = planned.scratch()
-    (delta_array, dq_array, dkv_all, flag_array), gathered, pieces = scratch
+    (delta_array, dq_array, dkv_own, flag_array), gathered, dkv_all, pieces = scratch
     delta, dq_acc = delta_array.data.ptr, dq_array.data.ptr
+    dk_own, dv_own = (x.data.ptr for x in dkv_own)
     dk_all, dv_all = (x.data.ptr for x in dkv_all)
     k_all, v_all = (x.data.ptr for x in gathered)
     flags = 0 if flag_array is None else flag_array.data.ptr
-    block = planned.block
-    parts = gathered_shards(ring, kv, planned.last_step)
-    block.launch_delta(dout, out, delta)
+    blocks = planned.blocks
+    pending = gather_exchanges(ring, kv, planned.last_step)
+    blocks.launch_delta(dout, out, delta)
+    if blocks.busy[0]:
+        with ring.trace_compute("bwd own"):
+            blocks.launch_step(0, dout, lse, delta, dq_acc, dk_own, dv_own, q, kv[0].data.ptr,
+                               kv[1].data.ptr, flags)  # fmt: skip
+    parts = [tuple(exchange.wait()) for exchange in pending]
     planned.launch_gather([(k.data.ptr, v.data.ptr) for k, v in parts], k_all, v_all)
-    if block.busy[0]:  # (as the full path: no block where no query sees a gathered key)
+    if blocks.busy[1]:
         with ring.trace_compute("bwd gathered"):
-            block.launch_step(0, dout, lse, delta, dq_acc, dk_all, dv_all, q, k_all, v_all,
-                              flags)  # fmt: skip
-    for step, (dk, dv) in enumerate(pieces):
+            blocks.launch_step(1, dout, lse, delta, dq_acc, dk_all, dv_all, q, k_all, v_all,
+                               flags)  # fmt: skip
+    for step, (dk, dv) in enumerate(pieces, start=1):
         planned.launch_return(step, dk_all, dv_all, dk.data.ptr, dv.data.ptr)
-    pending = [
-        ring.exchange(list(pieces[t]), ring.size - t, f"dkv_gather_{t}")
-        for t in range(1, planned.last_step + 1)
-    ]
-    block.finish_queries(dq_acc, grads[0])
-    dk_own, dv_own = (x.data.ptr for x in pieces[0])
-    for exchange in pending:  # (in step order, as the full path adds)
+    back = return_exchanges(ring, pieces)
+    blocks.finish_queries(dq_acc, grads[0])
+    for exchange in back:  # (in step order, as the full path adds)
         dk_part, dv_part = exchange.wait()
         planned.add(dk_part.data.ptr, dk_own)
         planned.add(dv_part.data.ptr, dv_own)
-    block.finish_keys(dk_own, dv_own, grads[1], grads[2])
+    blocks.finish_keys(dk_own, dv_own, grads[1], grads[2])
     ring.check()
     return scratch
 
@@ -471,7 +510,7 @@ def ring_backward(
         (dq, dk, dv) in the dtypes of q, k, v; dk and dv are gradients of *this rank's* K/V
         shard, summed over every rank's queries; the given arrays where given.
 
-    With ``CUPARING_KV_GATHER=1`` a plan of 2..``GATHER_MAX_STEPS`` steps runs
+    A plan the schedule gathers (:func:`gathers`: ``CUPARING_KV_GATHER=1``) runs
     :func:`gathered_backward`.
     """
     if gathers(plan):

@@ -20,7 +20,7 @@ from test_launch_plans import Function, RecordingDriver
 from cuparing import schedule
 from cuparing.backends import kv_gather
 from cuparing.kernels import loader
-from cuparing.masks import MaskSpec
+from cuparing.masks import BlockKind, MaskSpec
 
 _addresses = itertools.count(1 << 24, 1 << 16)
 
@@ -42,24 +42,34 @@ class _DeviceArray:
 
 @settings(max_examples=40, deadline=None)
 @given(
-    world=st.integers(2, 8), layout=st.sampled_from(["contiguous", "zigzag", "striped"]),
-    local=st.integers(1, 40), causal=st.booleans(), rank=st.integers(0, 7),
+    world=st.integers(2, 9), layout=st.sampled_from(["contiguous", "zigzag", "striped"]),
+    local=st.integers(1, 40), causal=st.booleans(), rank=st.integers(0, 8),
 )  # fmt: skip
-def test_gathered_keys_sort_every_steps_keys_and_invert_their_rows(world, layout, local, causal,
-                                                                    rank):  # fmt: skip
-    """Every key row of steps 0 .. last_step lands once, in ascending position order, and
-    ``sources`` names for each gathered row the step and row it came from."""
+def test_gathered_keys_sort_the_other_shards_keys_and_invert_their_rows(world, layout, local,
+                                                                        causal, rank):  # fmt: skip
+    """Every key row of steps 1 .. last_step lands once, in ascending position order;
+    ``sources`` names for each gathered row the shard (step - 1) and row it came from,
+    ``step_sources`` each step's rows in that order; the blocks' kinds are step 0's and the
+    others' together."""
     local = local * 2 if layout == "zigzag" else local
     plan = schedule.plan_ring(layout, rank % world, world, local, MaskSpec(causal=causal))
+    if plan.last_step == 0:
+        return  # (nothing to gather)
     keys = schedule.gathered_keys(plan)
-    held = [plan.positions[plan.source(t)] for t in range(plan.last_step + 1)]
+    held = [plan.positions[plan.source(t)] for t in range(1, plan.last_step + 1)]
     assert len(keys.positions) == sum(len(p) for p in held)
     assert np.all(np.diff(keys.positions) >= 0)
-    for t, at in enumerate(keys.rows):
-        np.testing.assert_array_equal(keys.positions[at], held[t])
-        np.testing.assert_array_equal(keys.sources[at], np.stack([np.full(len(at), t),
+    for part, at in enumerate(keys.rows):
+        np.testing.assert_array_equal(keys.positions[at], held[part])
+        np.testing.assert_array_equal(keys.sources[at], np.stack([np.full(len(at), part),
                                                                   np.arange(len(at))], axis=1))
+        np.testing.assert_array_equal(keys.step_sources[part][:, 1], at)
+        assert not keys.step_sources[part][:, 0].any()
     assert keys.sources.dtype == np.int32 and not keys.sources.flags.writeable
+    assert keys.own_kind == plan.kinds[0]
+    others = set(plan.kinds[1 : plan.last_step + 1])
+    assert keys.kind == (others.pop() if len(others) == 1 else BlockKind.PARTIAL)
+    assert keys.blocks == (plan.kinds[0] != BlockKind.EMPTY) + (keys.kind != BlockKind.EMPTY)
 
 
 def _decode(raw: bytes) -> dict:
@@ -145,7 +155,8 @@ def test_the_limits_agree_across_python_and_cuda():
     each in the schedule, the loader and gather_rows.cuh."""
     header = (Path(loader.KERNEL_DIR) / "common" / "gather_rows.cuh").read_text()
     constants = dict(re.findall(r"constexpr int (kGather\w+) = ([^;]+);", header))
-    assert schedule.GATHER_MAX_STEPS == loader.GATHER_MAX_PARTS == int(constants["kGatherMaxParts"])
+    parts = int(constants["kGatherMaxParts"])
+    assert schedule.GATHER_MAX_SHARDS == loader.GATHER_MAX_PARTS == parts
     assert loader.GATHER_ROWS_PER_CTA == int(constants["kGatherRowsPerCta"])
     assert constants["kGatherThreads"] == "32 * kGatherRowsPerCta"
     assert loader.GATHER_ROWS_THREADS == 32 * loader.GATHER_ROWS_PER_CTA

@@ -314,41 +314,161 @@ def test_planned_calls_exchange_as_the_schedule_does(world, layout, causal, wind
         assert planned.events() == full.events()
 
 
-@settings(max_examples=30, deadline=None)
-@given(last=st.integers(1, 7))
-def test_a_gathered_forward_issues_every_exchange_then_gathers_then_runs_one_block(last):
-    """Exchanges of shifts 1 .. last_step on their own channels, all issued before the first
-    wait; then, with every shard held, the gather (the caller's K/V first, each step's received
-    pair after, the sources map last) and one forward block writing the output from the
-    gathered K/V, no accumulator."""
+def _gathered_forward_plan(last: int, log: _Recorder | None, busy=(True, True)):
+    """A PlannedGather of ``last`` + 1 steps whose launches record into ``log`` (or do nothing);
+    ``busy``: whether the own and the gathered block are not EMPTY."""
+    launch = _launcher(log)
+    count = sum(busy)
+    steps = []
+    for t, name in enumerate(("own", "gathered")):
+        writes = busy[t] and sum(busy[t + 1 :]) == 0  # (the last busy block writes the output)
+        steps.append((launch(name), 5000 + t, writes) if busy[t] else None)
+    blocks = PlannedForward(1, steps, q_pos=999, accumulates=count > 1)
+    return PlannedGather(last, launch("gather"), blocks, sources=777,
+                         gathered_shape=(1, 64, 2, 8))  # fmt: skip
+
+
+def _launcher(log: _Recorder | None):
+    """Named launches that record into ``log``, or do nothing where it is None."""
+    if log is not None:
+        return log.launch
+    return lambda name: SimpleNamespace(launch=lambda *pointers: None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(last=st.integers(1, 8), busy=st.sampled_from([(True, True), (True, False),
+                                                     (False, True)]))  # fmt: skip
+def test_a_gathered_forward_runs_its_own_block_while_the_others_shards_arrive(last, busy):
+    """Exchanges of shifts 1 .. last_step on their own channels, all issued first; this rank's
+    block on its own K/V before the first wait (the transfers run behind it); then, with every
+    shard held, the gather (each received pair in step order, the sources map last) and the
+    gathered block; the second of two blocks merges the float32 accumulator the first wrote
+    and writes the output, a lone block writes it straight."""
     log = _Recorder()
-    planned = PlannedGather(last, log.launch("gather"), log.launch("forward"), q_pos=999,
-                            k_pos=888, sources=777, gathered_shape=(1, 64, 2, 8))  # fmt: skip
+    planned = _gathered_forward_plan(last, log, busy)
     k, v = _array(), _array()
-    q, out, lse, k_all, v_all = 11, 22, 33, 44, 55
+    q, out, lse, acc, k_all, v_all = 11, 22, 33, 44, 55, 66
     run_planned_gathered_forward(_RecordingRing(log), planned, q, [k, v], out, lse,
-                                 (k_all, v_all))  # fmt: skip
+                                 (k_all, v_all), acc)  # fmt: skip
     sent = (k.data.ptr, v.data.ptr)
-    exchanges = [("exchange", sent, shift, f"kv_gather_{shift}") for shift in range(1, last + 1)]
-    assert log.events[:last] == exchanges
-    waits = log.events[last : 2 * last]
+    events = log.events
+    assert events[:last] == [("exchange", sent, s, f"kv_gather_{s}") for s in range(1, last + 1)]
+    rest = events[last:]
+    two = all(busy)
+    if busy[0]:
+        dest, reads = (acc, 0) if two else (out, acc)
+        assert rest[:2] == [("trace", "fwd own"), ("own", (dest, lse, q, *sent, 999, 5000,
+                                                            reads))]  # fmt: skip
+        rest = rest[2:]
+    waits, rest = rest[:last], rest[last:]
     assert [w[:2] for w in waits] == [("wait", f"kv_gather_{s}") for s in range(1, last + 1)]
-    held = [sent] + [w[2] for w in waits]
-    assert log.events[2 * last :] == [
-        ("trace", "fwd gathered"),
-        ("gather", (k_all, v_all, *(h[0] for h in held), *(h[1] for h in held), 777)),
-        ("forward", (out, lse, q, k_all, v_all, 999, 888, 0)),
-        ("check",),
-    ]
-    with pytest.raises(ValueError, match=f"expected {last + 1} shards, got {last}"):
-        planned.launch([(1, 2)] * last, k_all, v_all, q, out, lse)
+    if busy[1]:
+        held = [w[2] for w in waits]
+        assert rest[:3] == [
+            ("gather", (k_all, v_all, *(h[0] for h in held), *(h[1] for h in held), 777)),
+            ("trace", "fwd gathered"),
+            ("gathered", (out, lse, q, k_all, v_all, 999, 5001, acc)),
+        ]
+        rest = rest[3:]
+    assert rest == [("check",)]
+    with pytest.raises(ValueError, match=f"expected {last} shards, got {last + 1}"):
+        planned.launch_gather([(1, 2)] * (last + 1), k_all, v_all)
+    with pytest.raises(ValueError, match="at least two steps and two blocks"):
+        PlannedGather(0, None, planned.blocks, 0, (1, 1, 1, 8))
+
+
+def _gathered_backward_plan(last: int, log: _Recorder | None, busy=(True, True)):
+    """A PlannedGatherBackward of ``last`` + 1 steps whose launches record into ``log`` (or do
+    nothing) and whose scratch arrays are fresh stand-ins; ``busy`` as for the forward."""
+    launch = _launcher(log)
+    steps = [(launch(name), 5000 + t, (None,) * 3) if busy[t] else None
+             for t, name in enumerate(("own", "gathered"))]  # fmt: skip
+    blocks = PlannedBackward(
+        1, 0, launch("delta"), steps, q_pos=999, dq_out=launch("dq"), dkv_out=launch("dkv"),
+        scratch=lambda: (_array(), _array(), [_array(), _array()], None),
+    )  # fmt: skip
+    return PlannedGatherBackward(
+        last, launch("gather"), blocks, tuple(launch(f"back {t}") for t in range(1, last + 1)),
+        launch("add"), sources=777, step_sources=tuple(600 + t for t in range(1, last + 1)),
+        scratch=lambda: (blocks.scratch(), (_array(), _array()), (_array(), _array()),
+                         [(_array(), _array()) for _ in range(last)]),
+    )  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None)
+@given(last=st.integers(1, 8), busy=st.sampled_from([(True, True), (True, False),
+                                                     (False, True)]))  # fmt: skip
+def test_a_gathered_backward_sends_each_shards_rows_home_and_adds_them_in_step_order(last, busy):
+    """Exchanges of every other shard's K/V first (shifts 1 .. last_step); delta and this
+    rank's block into its own dK / dV before the first wait; the gather and the gathered block
+    into the gathered dK / dV; each step's rows copied out of those and sent to their owner
+    (shift C - t, channel ``dkv_gather_t``, all issued before any wait); dq converted; what
+    arrives added into this rank's own dK / dV in step order, and those cast into dk / dv."""
+    log = _Recorder()
+    planned = _gathered_backward_plan(last, log, busy)
+    recorded = []
+    scratch_of = planned.scratch
+    planned.scratch = lambda: recorded.append(scratch_of()) or recorded[-1]
+    ring = _RecordingRing(log)
+    ring.size = last + 3
+    k, v = _array(), _array()
+    dout, q, out, lse, dq, dk, dv = 1, 2, 3, 4, 5, 6, 7
+    returned = run_planned_gathered_backward(ring, planned, (dout, q, out, lse), [k, v],
+                                             (dq, dk, dv))  # fmt: skip
+    ((delta, dq_acc, dkv_own, _), gathered, dkv_all, pieces), = recorded
+    assert returned is recorded[0]
+    ptr = lambda x: x.data.ptr  # noqa: E731
+    sent = (k.data.ptr, v.data.ptr)
+    own = tuple(map(ptr, dkv_own))
+    k_all, v_all = map(ptr, gathered)
+    dk_all, dv_all = map(ptr, dkv_all)
+    events = log.events
+    assert events[:last] == [("exchange", sent, s, f"kv_gather_{s}") for s in range(1, last + 1)]
+    rest = events[last:]
+    assert rest[0] == ("delta", (dout, out, ptr(delta)))
+    rest = rest[1:]
+    if busy[0]:
+        assert rest[:2] == [("trace", "bwd own"), ("own", (dout, lse, ptr(delta), ptr(dq_acc),
+                                                            *own, q, *sent, 999, 5000, 0, 0, 0,
+                                                            0, 0))]  # fmt: skip
+        rest = rest[2:]
+    waits, rest = rest[:last], rest[last:]
+    assert [w[:2] for w in waits] == [("wait", f"kv_gather_{s}") for s in range(1, last + 1)]
+    held = [w[2] for w in waits]
+    assert rest[0] == ("gather", (k_all, v_all, *(h[0] for h in held), *(h[1] for h in held),
+                                  777))  # fmt: skip
+    rest = rest[1:]
+    if busy[1]:
+        assert rest[:2] == [("trace", "bwd gathered"), ("gathered", (
+            dout, lse, ptr(delta), ptr(dq_acc), dk_all, dv_all, q, k_all, v_all, 999, 5001, 0,
+            0, 0, 0, 0))]  # fmt: skip
+        rest = rest[2:]
+    want = [
+        *((f"back {t}", (*map(ptr, pieces[t - 1]), dk_all, dv_all, 600 + t))
+          for t in range(1, last + 1)),
+        *(("exchange", tuple(map(ptr, pieces[t - 1])), ring.size - t, f"dkv_gather_{t}")
+          for t in range(1, last + 1)),
+        ("dq", (ptr(dq_acc), dq)),
+    ]  # fmt: skip
+    assert rest[: len(want)] == want
+    rest = rest[len(want) :]
+    for t in range(1, last + 1):
+        wait, add_k, add_v, *rest = rest
+        assert wait[:2] == ("wait", f"dkv_gather_{t}")
+        assert add_k == ("add", (wait[2][0], own[0])) and add_v == ("add", (wait[2][1], own[1]))
+    assert rest == [("dkv", (own[0], dk)), ("dkv", (own[1], dv)), ("check",)]
+
+
+def test_a_gathered_backward_plan_needs_two_blocks_and_a_way_back_for_every_shard():
+    with pytest.raises(ValueError, match="two blocks and a way back for each received shard"):
+        PlannedGatherBackward(2, None, None, (None,) * 2, None, 0, (0,) * 3, None)
     with pytest.raises(ValueError, match="at least two steps"):
-        PlannedGather(0, None, None, 0, 0, 0, (1, 1, 1, 8))
+        PlannedGatherBackward(0, None, None, (), None, 0, (), None)
 
 
 @settings(max_examples=30, deadline=None)
 @given(
-    world=st.integers(2, 8),
+    world=st.integers(2, 9),
     layout=st.sampled_from(["contiguous", "zigzag", "striped"]),
     causal=st.booleans(),
 )
@@ -363,109 +483,27 @@ def test_planned_gathered_calls_exchange_as_the_schedule_does(world, layout, cau
     from cuparing.schedule import gathered_keys, gathers, plan_ring, ring_backward, ring_forward
 
     mask = validation.check_mask(causal, None)
-    noop = SimpleNamespace(launch=lambda *pointers: None)
     with kv_gather(True):
         for rank in range(world):
             plan = plan_ring(layout, rank, world, 16, mask)
+            if not gathers(plan):  # (one step: the ring's own calls, tested above)
+                continue
+            keys = gathered_keys(plan)
+            busy = (keys.own_kind != BlockKind.EMPTY, keys.kind != BlockKind.EMPTY)
             full, planned = _LoggingRing(world), _LoggingRing(world)
             ring_forward(_ScheduleBackend(), full, _array(), _array(), _array(), plan, 1.0)
-            if not gathers(plan):  # (one step: the ring's own forward, tested above)
-                continue
-            forward = PlannedGather(plan.last_step, noop, noop, 0, 0, 0, (1, 1, 1, 8))
-            run_planned_gathered_forward(planned, forward, 0, [_array(), _array()], 0, 0, (0, 0))
+            forward = _gathered_forward_plan(plan.last_step, None, busy)
+            run_planned_gathered_forward(planned, forward, 0, [_array(), _array()], 0, 0, (0, 0),
+                                         0)  # fmt: skip
             assert planned.events() == full.events()
 
             full, planned = _LoggingRing(world), _LoggingRing(world)
             ring_backward(_ScheduleBackend(), full, *(_array() for _ in range(6)), plan, 1.0,
                           grads_into=(_array(), _array(), _array()))  # fmt: skip
-            busy = gathered_keys(plan).kind != BlockKind.EMPTY
             backward = _gathered_backward_plan(plan.last_step, None, busy)
             run_planned_gathered_backward(planned, backward, (0, 0, 0, 0), [_array(), _array()],
                                           (0, 0, 0))  # fmt: skip
             assert planned.events() == full.events()
-
-
-def _gathered_backward_plan(last: int, log: _Recorder | None, busy: bool = True):
-    """A PlannedGatherBackward of ``last`` + 1 steps whose launches record into ``log`` (or do
-    nothing) and whose scratch arrays are fresh stand-ins."""
-    launch = log.launch if log is not None else lambda name: SimpleNamespace(
-        launch=lambda *pointers: None
-    )  # fmt: skip
-    block = PlannedBackward(
-        0, 0, launch("delta"), [(launch("block"), 5000, (None,) * 3) if busy else None],
-        q_pos=999, dq_out=launch("dq"), dkv_out=launch("dkv"),
-        scratch=lambda: (_array(), _array(), [_array(), _array()], None),
-    )  # fmt: skip
-    return PlannedGatherBackward(
-        last, launch("gather"), block, tuple(launch(f"back {t}") for t in range(last + 1)),
-        launch("add"), sources=777, step_sources=tuple(600 + t for t in range(last + 1)),
-        scratch=lambda: (block.scratch(), (_array(), _array()),
-                         [(_array(), _array()) for _ in range(last + 1)]),
-    )  # fmt: skip
-
-
-@settings(max_examples=30, deadline=None)
-@given(last=st.integers(1, 7))
-def test_a_gathered_backward_sends_each_shards_rows_home_and_adds_them_in_step_order(last):
-    """Exchanges of every shard's K/V first (shifts 1 .. last_step); delta, the gather, one
-    backward block into the gathered float32 dK / dV, each step's rows copied out of them, the
-    rows of step t sent to their owner (shift C - t, channel ``dkv_gather_t``, all issued
-    before any wait), dq converted, then what arrives added into this rank's own rows in step
-    order, and those cast into dk / dv."""
-    log = _Recorder()
-    planned = _gathered_backward_plan(last, log)
-    scratch_of = planned.scratch
-
-    def recorded_scratch():
-        made = scratch_of()
-        recorded.append(made)
-        return made
-
-    recorded = []
-    planned.scratch = recorded_scratch
-    ring = _RecordingRing(log)
-    ring.size = last + 3
-    k, v = _array(), _array()
-    dout, q, out, lse, dq, dk, dv = 1, 2, 3, 4, 5, 6, 7
-    returned = run_planned_gathered_backward(ring, planned, (dout, q, out, lse), [k, v],
-                                             (dq, dk, dv))  # fmt: skip
-    ((delta, dq_acc, dkv_all, _), gathered, pieces), = recorded
-    assert returned is recorded[0]
-    events = log.events
-    sent = (k.data.ptr, v.data.ptr)
-    assert events[:last] == [("exchange", sent, s, f"kv_gather_{s}") for s in range(1, last + 1)]
-    held = [sent] + [e[2] for e in events[last : 2 * last]]
-    ptr = lambda x: x.data.ptr  # noqa: E731
-    k_all, v_all = map(ptr, gathered)
-    dk_all, dv_all = map(ptr, dkv_all)
-    rest = events[2 * last :]
-    want = [
-        ("delta", (dout, out, ptr(delta))),
-        ("gather", (k_all, v_all, *(h[0] for h in held), *(h[1] for h in held), 777)),
-        ("trace", "bwd gathered"),
-        ("block", (dout, lse, ptr(delta), ptr(dq_acc), dk_all, dv_all, q, k_all, v_all, 999,
-                   5000, 0, 0, 0, 0, 0)),
-        *((f"back {t}", (*map(ptr, pieces[t]), dk_all, dv_all, 600 + t))
-          for t in range(last + 1)),
-        *(("exchange", tuple(map(ptr, pieces[t])), ring.size - t, f"dkv_gather_{t}")
-          for t in range(1, last + 1)),
-        ("dq", (ptr(dq_acc), dq)),
-    ]  # fmt: skip
-    assert rest[: len(want)] == want
-    rest = rest[len(want) :]
-    own = tuple(map(ptr, pieces[0]))
-    for t in range(1, last + 1):
-        wait, add_k, add_v, *rest = rest
-        assert wait[:2] == ("wait", f"dkv_gather_{t}")
-        assert add_k == ("add", (wait[2][0], own[0])) and add_v == ("add", (wait[2][1], own[1]))
-    assert rest == [("dkv", (own[0], dk)), ("dkv", (own[1], dv)), ("check",)]
-
-
-def test_a_gathered_backward_plan_needs_a_way_back_for_every_step():
-    with pytest.raises(ValueError, match="at least two steps and a way back for each"):
-        PlannedGatherBackward(2, None, None, (None,) * 2, None, 0, (0,) * 3, None)
-    with pytest.raises(ValueError, match="at least two steps"):
-        PlannedGatherBackward(0, None, None, (None,), None, 0, (0,), None)
 
 
 @pytest.mark.parametrize("world", [2, 3, 5])

@@ -24,9 +24,9 @@ ends of two documents) walks everything between them. ``walked / counted`` is wh
 
 Each layout's summary also counts query-tile launches (CTAs per head: a ring step launches
 every query tile of the rank, a busy one or not, and each pays a CTA's fixed costs) and the
-same for a *gathered* forward: K/V of every rank gathered into global order and one launch per
-rank over all of them (its queries' tiles against the one-GPU key tiles; no per-step launches,
-no float32 partials to merge), with that launch's tile-count efficiency.
+same for a *gathered* forward (``CUPARING_KV_GATHER=1``: two launches per rank, its own shard
+and the other ranks' K/V gathered into one ascending order; one float32 merge), with those
+launches' tile-count and walked efficiency.
 """
 
 from __future__ import annotations
@@ -90,20 +90,36 @@ def rank_tiles(layout, rank, world, seqlen, cu, block_m, block_n) -> tuple[np.nd
     return np.stack(per_step), walks
 
 
-def gathered_tiles(layout, rank, world, seqlen, cu, block_m, block_n) -> np.ndarray:
-    """[query tiles, 3] tile counts of one launch of ``rank``'s queries against every rank's
-    keys in global order (the one-GPU launch's key tiles)."""
+def gathered_tiles(layout, rank, world, seqlen, cu, block_m, block_n) -> tuple[np.ndarray, int]:
+    """([query tiles, 3] tile counts, key tiles walked) of a gathered call's two launches of
+    ``rank``'s queries (``schedule.gathered_forward``): against its own shard, and against the
+    other ranks' keys in one ascending order (``schedule.gathered_keys``), summed; real rows
+    and keys counted, padding walked as the kernel takes it (as :func:`rank_tiles`)."""
     mask = MaskSpec(True, None, None)
-    one = schedule.plan_documents("contiguous", 0, 1, tuple(int(x) for x in cu), mask) if (
-        cu is not None) else schedule.plan_ring("contiguous", 0, 1, seqlen, mask)  # fmt: skip
-    k_pos = one.positions[0]
     if cu is not None:
         plan = schedule.plan_documents(layout, rank, world, tuple(int(x) for x in cu), mask)
         q_pos = plan.q_positions[: len(documents.held_tokens(layout, rank, world, cu))]
-        k_pos = k_pos[: len(documents.held_tokens("contiguous", 0, 1, cu))]
     else:
-        q_pos = schedule.plan_ring(layout, rank, world, seqlen // world, mask).q_positions
-    return tiles(q_pos, k_pos, one.mask, block_m, block_n)
+        plan = schedule.plan_ring(layout, rank, world, seqlen // world, mask)
+        q_pos = plan.q_positions
+    def real_rows(step):  # rows of step's shard that are real tokens (padding comes last)
+        held = len(plan.positions[plan.source(step)])
+        if cu is None:
+            return held
+        return len(documents.held_tokens(layout, plan.source(step), world, cu))
+
+    own = plan.positions[plan.source(0)]
+    launches = [(own, own[: real_rows(0)])]
+    if plan.last_step > 0:
+        keys = schedule.gathered_keys(plan)
+        real = np.array([real_rows(1 + part) for part in range(plan.last_step)])
+        launches.append((keys.positions, keys.positions[keys.sources[:, 1] <
+                                                        real[keys.sources[:, 0]]]))  # fmt: skip
+    counts, walks = 0, 0
+    for k_pos, real_keys in launches:
+        counts = counts + tiles(q_pos, real_keys, plan.mask, block_m, block_n)
+        walks += walked(plan.q_positions, k_pos, plan.mask, block_m, block_n)
+    return counts, walks
 
 
 def main(argv=None) -> int:
@@ -153,14 +169,16 @@ def main(argv=None) -> int:
               f"lockstep {lockstep:.2f}, walked {one_walked / (world * busiest_walked):.2f}, "
               f"last ring step {last}")  # fmt: skip
         gathered = [gathered_tiles(layout, r, world, seqlen, cu, bm, bn) for r in range(world)]
-        ring_ctas = max(len(counts_q) * (last + 1) for counts_q in gathered)
-        busiest_gathered = max(int(g[:, 1:].sum()) for g in gathered)
-        partial = sum(int(g[:, 1].sum()) for g in gathered)
-        total = sum(int(g[:, 1:].sum()) for g in gathered)
-        print(f"{layout:<11} query-tile launches per rank: ring {ring_ctas}, gathered "
-              f"{max(len(g) for g in gathered)} (one GPU {len(one[0])}); gathered tile-count "
-              f"efficiency {one_total / (world * max(busiest_gathered, 1)):.2f}, "
-              f"{partial / max(total, 1):.0%} PARTIAL")  # fmt: skip
+        query_tiles = max(len(g) for g, _ in gathered)
+        busiest_gathered = max(int(g[:, 1:].sum()) for g, _ in gathered)
+        partial = sum(int(g[:, 1].sum()) for g, _ in gathered)
+        total = sum(int(g[:, 1:].sum()) for g, _ in gathered)
+        gathered_walked = max(w for _, w in gathered)
+        print(f"{layout:<11} query-tile launches per rank: ring {query_tiles * (last + 1)}, "
+              f"gathered {query_tiles * min(last + 1, 2)} (one GPU {len(one[0])}); gathered "
+              f"tile-count efficiency {one_total / (world * max(busiest_gathered, 1)):.2f}, "
+              f"walked {one_walked / (world * max(gathered_walked, 1)):.2f} (busiest "
+              f"{gathered_walked}), {partial / max(total, 1):.0%} PARTIAL")  # fmt: skip
     return 0
 
 

@@ -440,37 +440,62 @@ class CupyBackend:
         if gathers(plan):  # (the schedule's gathered forward runs)
             return self._plan_gathered(plan, q, k, v, out, lse, scale)
         q_pos, blocks = self._planned_blocks(plan, k, v)
+        return self._planned_forward(plan.last_step, plan.blocks, q_pos, blocks, q, out, lse,
+                                     plan.mask, scale)  # fmt: skip
+
+    def _planned_forward(self, last_step, block_count, q_pos, blocks, q, out, lse, mask,
+                         scale) -> PlannedForward:  # fmt: skip
+        """:class:`PlannedForward` of ``blocks`` (``_planned_blocks``' form, one per step;
+        ``block_count`` of them not None): the last writes the output, the others the float32
+        accumulator."""
         steps, keep, done = [], [q_pos], 0
         for block in blocks:
             if block is None:
                 steps.append(None)
                 continue
             kind, k_pos, kv = block
-            mode = _forward_mode(plan.blocks, done, True)
+            mode = _forward_mode(block_count, done, True)
             done += 1
-            launch = self._forward_launch(out, lse, q, *kv, q_pos, k_pos, kind, plan.mask, scale,
+            launch = self._forward_launch(out, lse, q, *kv, q_pos, k_pos, kind, mask, scale,
                                           mode)  # fmt: skip
             steps.append((launch, k_pos.data.ptr, _writes_output(mode)))
             keep.append(k_pos)
-        return PlannedForward(plan.last_step, steps, q_pos.data.ptr, plan.blocks > 1, tuple(keep))
+        return PlannedForward(last_step, steps, q_pos.data.ptr, block_count > 1, tuple(keep))
 
     def _plan_gathered(self, plan, q, k, v, out, lse, scale) -> PlannedGather:
         """:meth:`plan_forward` for a plan the schedule gathers (``schedule.gathers``)."""
         cp = self.xp
         keys = gathered_keys(plan)
-        q_pos = self._device_positions(self.positions(plan.q_positions))
-        received = self._received_layout(k, v)
-        k_pos = self._device_positions(self.positions(keys.positions))
-        sources = self._device_rows(keys.sources)
-        shape = (k.shape[0], len(keys.positions), *k.shape[2:])
+        q_pos, own_pos, k_pos, sources, shape = self._gathered_operands(plan, keys, k)
         # real memory for the templates (the forward's tensor maps are encoded from them)
         k_all, v_all = _empty(cp, shape, k.dtype), _empty(cp, shape, v.dtype)
-        gather = kv_gather.gather_launch(k_all, v_all, [(k, v)] + [received] * plan.last_step,
+        gather = kv_gather.gather_launch(k_all, v_all,
+                                         [self._received_layout(k, v)] * plan.last_step,
                                          sources)  # fmt: skip
-        forward = self._forward_launch(out, lse, q, k_all, v_all, q_pos, k_pos, keys.kind,
-                                       plan.mask, scale, loader.OUT_DIRECT)  # fmt: skip
-        return PlannedGather(plan.last_step, gather, forward, q_pos.data.ptr, k_pos.data.ptr,
-                             sources.data.ptr, shape, (q_pos, k_pos, sources))  # fmt: skip
+        blocks = self._gathered_blocks(keys, own_pos, k_pos, (k, v), (k_all, v_all))
+        forward = self._planned_forward(1, keys.blocks, q_pos, blocks, q, out, lse, plan.mask,
+                                        scale)  # fmt: skip
+        return PlannedGather(plan.last_step, gather, forward, sources.data.ptr, shape,
+                             (own_pos, k_pos, sources))  # fmt: skip
+
+    def _gathered_operands(self, plan, keys, k) -> tuple:
+        """(device positions of the queries, of this rank's keys and of the gathered keys, the
+        gather's device map, the gathered K/V shape) of a gathered plan."""
+        q_pos = self._device_positions(self.positions(plan.q_positions))
+        own_pos = self._device_positions(self.positions(plan.positions[plan.source(0)]))
+        k_pos = self._device_positions(self.positions(keys.positions))
+        shape = (k.shape[0], len(keys.positions), *k.shape[2:])
+        return q_pos, own_pos, k_pos, self._device_rows(keys.sources), shape
+
+    @staticmethod
+    def _gathered_blocks(keys, own_pos, k_pos, own_kv, gathered_kv) -> list:
+        """A gathered plan's two blocks in ``_planned_blocks``' form: (kind, device positions,
+        (k, v)) of this rank's shard and of the gathered K/V, None where EMPTY."""
+        return [
+            None if kind == BlockKind.EMPTY else (kind, positions, kv)
+            for kind, positions, kv in ((keys.own_kind, own_pos, own_kv),
+                                        (keys.kind, k_pos, gathered_kv))
+        ]  # fmt: skip
 
     def _received_layout(self, k, v) -> tuple:
         """Arrays laid out as the ring's receive buffers of K/V like ``k``, ``v`` (contiguous),
@@ -728,24 +753,22 @@ class CupyBackend:
 
     def _plan_gathered_backward(self, plan, dout, q, k, v, out, lse, grads, scale,
                                 deterministic) -> PlannedGatherBackward:  # fmt: skip
-        """:meth:`plan_backward` for a plan the schedule gathers (``schedule.gathers``): one
-        backward block over the gathered K/V into float32 dK / dV of every gathered key, each
-        step's rows of those copied out (to go back to their owner), the received ones added
-        in step order, then cast."""
+        """:meth:`plan_backward` for a plan the schedule gathers (``schedule.gathers``): this
+        rank's block into its float32 dK / dV, one block over the gathered K/V into float32
+        dK / dV of every gathered key, each step's rows of those copied out (to go back to
+        their owner), the received ones added in step order, then cast."""
         cp = self.xp
         keys = gathered_keys(plan)
-        q_pos = self._device_positions(self.positions(plan.q_positions))
-        k_pos = self._device_positions(self.positions(keys.positions))
-        shape = (k.shape[0], len(keys.positions), *k.shape[2:])
+        q_pos, own_pos, k_pos, sources, shape = self._gathered_operands(plan, keys, k)
         # real memory for the templates (tensor maps are encoded from them)
         k_all, v_all = _empty(cp, shape, k.dtype), _empty(cp, shape, v.dtype)
-        sources = self._device_rows(keys.sources)
-        gather = kv_gather.gather_launch(
-            k_all, v_all, [(k, v)] + [self._received_layout(k, v)] * plan.last_step, sources
+        gather = kv_gather.gather_launch(k_all, v_all,
+                                         [self._received_layout(k, v)] * plan.last_step,
+                                         sources)  # fmt: skip
+        blocks = self._planned_backward(
+            1, 0, q_pos, self._gathered_blocks(keys, own_pos, k_pos, (k, v), (k_all, v_all)),
+            tuple(k.shape), dout, q, k, out, lse, grads, plan.mask, scale, deterministic, False,
         )  # fmt: skip
-        busy = None if keys.kind == BlockKind.EMPTY else (keys.kind, k_pos, (k_all, v_all))
-        block = self._planned_backward(0, 0, q_pos, [busy], shape, dout, q, k, out, lse, grads,
-                                       plan.mask, scale, deterministic, False)  # fmt: skip
         dk_all, dv_all = (cp.empty(shape, dtype=cp.float32) for _ in range(2))
         step_sources = [self._device_rows(at) for at in keys.step_sources]
         piece_shapes = [(k.shape[0], len(at), *k.shape[2:]) for at in keys.rows]
@@ -759,13 +782,15 @@ class CupyBackend:
 
         def scratch():
             gathered = tuple(_empty(cp, shape, kv_dtype) for _ in range(2))
+            dkv_all = tuple(_zeroed(cp, shape, cp.float32) for _ in range(2))
             pieces = [tuple(cp.empty(piece, dtype=cp.float32) for _ in range(2))
                       for piece in piece_shapes]  # fmt: skip
-            return block.scratch(), gathered, pieces
+            return blocks.scratch(), gathered, dkv_all, pieces
 
         return PlannedGatherBackward(
-            plan.last_step, gather, block, returns, add, sources.data.ptr,
-            tuple(at.data.ptr for at in step_sources), scratch, (k_pos, sources, *step_sources),
+            plan.last_step, gather, blocks, returns, add, sources.data.ptr,
+            tuple(at.data.ptr for at in step_sources), scratch,
+            (own_pos, k_pos, sources, *step_sources),
         )  # fmt: skip
 
     def _dq_tiles_launch(self, shape: tuple, dtype: str):

@@ -77,17 +77,18 @@ class PlannedForward:
 
 
 class PlannedGather:
-    """The launches of one rank's gathered ring forward (``schedule.gathered_forward``): every
-    step's K/V shard held at once, their rows put in position order, one forward block.
+    """The launches of one rank's gathered ring forward (``schedule.gathered_forward``): its own
+    block while the other ranks' K/V arrive, their rows put in position order, one block over
+    all of them.
 
     Args:
         last_step: the plan's last step (``last_step`` exchanges deliver the other shards).
-        gather: the launch putting the rows in order (``backends.kv_gather.gather_launch``:
-            pointers k_all, v_all, every step's k, every step's v, sources).
-        forward: the forward block's launch over all of them (the forward's eight pointers, as
-            :class:`PlannedForward`'s; it writes the output, no accumulator).
-        q_pos, k_pos, sources: device addresses of the queries' positions, the gathered keys'
-            positions and the gather's (step, row) map.
+        gather: the launch putting their rows in order (``backends.kv_gather.gather_launch``:
+            pointers k_all, v_all, every received k, every received v, sources).
+        blocks: a two-step :class:`PlannedForward`: step 0 this rank's shard, step 1 the
+            gathered K/V (each None where EMPTY; the second, or the only one, writes the
+            output).
+        sources: device address of the gather's (shard, row) map.
         gathered_shape: [B, L, Hkv, D] of the gathered K and V (contiguous, k's dtype).
         keep: objects the launches read (device arrays): kept alive with the plan.
 
@@ -97,26 +98,26 @@ class PlannedGather:
 
     gathers = True
 
-    def __init__(self, last_step: int, gather: Any, forward: Any, q_pos: int, k_pos: int,
-                 sources: int, gathered_shape: tuple, keep: tuple = ()):  # fmt: skip
-        if last_step < 1:
-            raise ValueError(f"a gathered forward needs at least two steps, got {last_step=}")
+    def __init__(self, last_step: int, gather: Any, blocks: PlannedForward, sources: int,
+                 gathered_shape: tuple, keep: tuple = ()):  # fmt: skip
+        if last_step < 1 or blocks.last_step != 1:
+            raise ValueError(
+                f"a gathered forward needs at least two steps and two blocks (own, gathered), "
+                f"got {last_step=} and {blocks.last_step + 1} blocks"
+            )
         self.last_step = last_step
-        self._gather, self._forward = gather, forward
-        self._q_pos, self._k_pos, self._sources = q_pos, k_pos, sources
+        self._gather, self.blocks = gather, blocks
+        self._sources = sources
         self.gathered_shape = tuple(gathered_shape)
         self._keep = keep
 
-    def launch(self, parts: Sequence[tuple[int, int]], k_all: int, v_all: int, q: int, out: int,
-               lse: int) -> None:  # fmt: skip
-        """On CuPy's current stream: the rows of ``parts`` (per step, the (k, v) addresses held
-        at it: the caller's at step 0) into ``k_all`` / ``v_all``, then the forward block
-        writing ``out`` (q's dtype) and ``lse`` (float32 [B, H, Sq])."""
-        if len(parts) != self.last_step + 1:
-            raise ValueError(f"expected {self.last_step + 1} shards, got {len(parts)}")
+    def launch_gather(self, parts: Sequence[tuple[int, int]], k_all: int, v_all: int) -> None:
+        """On CuPy's current stream: the rows of ``parts`` (the (k, v) addresses received at
+        steps 1 .. last_step) into ``k_all`` / ``v_all`` in position order."""
+        if len(parts) != self.last_step:
+            raise ValueError(f"expected {self.last_step} shards, got {len(parts)}")
         self._gather.launch(k_all, v_all, *(k for k, _ in parts), *(v for _, v in parts),
                             self._sources)  # fmt: skip
-        self._forward.launch(out, lse, q, k_all, v_all, self._q_pos, self._k_pos, 0)
 
 
 class PlannedBackward:
@@ -215,25 +216,28 @@ class PlannedBackward:
 
 
 class PlannedGatherBackward:
-    """The launches of one rank's gathered ring backward (``schedule.gathered_backward``):
-    every step's K/V held at once in position order, one backward block into float32 dK / dV
-    of every gathered key, each step's rows of those copied out for their owner, what comes
-    back added in step order, then cast.
+    """The launches of one rank's gathered ring backward (``schedule.gathered_backward``): its
+    own block (into float32 dK / dV of its shard) while the other ranks' K/V arrive, their rows
+    put in position order, one block over all of them (into float32 dK / dV of every gathered
+    key), each step's rows of those copied out for their owner, what comes back added in step
+    order, then cast.
 
     Args:
         last_step: the plan's last step.
         gather: the launch putting K/V rows in order (as :class:`PlannedGather`'s).
-        block: a one-step :class:`PlannedBackward` over the gathered K/V (delta, the block with
-            float32 dK / dV accumulators of the gathered shape, the dq conversion, and the cast
-            of accumulators of this rank's shard shape into dK / dV).
-        returns: per step, the launch copying that step's rows out of the gathered dK / dV
-            (``kv_gather.gather_launch`` with one part: pointers dk_t, dv_t, dk_all, dv_all,
-            its sources).
+        blocks: a two-step :class:`PlannedBackward` (step 0 this rank's shard, step 1 the
+            gathered K/V; delta, the dq conversion, and the cast of accumulators of this rank's
+            shard shape into dK / dV).
+        returns: per step 1 .. last_step, the launch copying that step's rows out of the
+            gathered dK / dV (``kv_gather.gather_launch`` with one part: pointers dk_t, dv_t,
+            dk_all, dv_all, its sources).
         add: the launch (x, acc) adding a float32 array of this rank's shard shape into another.
         sources, step_sources: device addresses of the gather's map and of each step's map back.
-        scratch: a callable giving, on the current stream, ``(block scratch, (k_all, v_all),
-            pieces)``: ``block.scratch()``, the gathered K / V (k's dtype, uninitialised) and per
-            step a float32 (dk_t, dv_t) pair of that step's shard shape (uninitialised).
+        scratch: a callable giving, on the current stream, ``(blocks scratch, (k_all, v_all),
+            (dk_all, dv_all), pieces)``: ``blocks.scratch()`` (its float32 pair: this rank's
+            zeroed dK / dV), the gathered K / V (k's dtype, uninitialised), their zeroed float32
+            dK / dV, and per step 1 .. last_step a float32 (dk_t, dv_t) pair of that step's
+            shard shape (uninitialised).
         keep: objects the launches read (device arrays): kept alive with the plan.
 
     Attributes:
@@ -242,31 +246,35 @@ class PlannedGatherBackward:
 
     gathers = True
 
-    def __init__(self, last_step: int, gather: Any, block: PlannedBackward, returns: tuple,
+    def __init__(self, last_step: int, gather: Any, blocks: PlannedBackward, returns: tuple,
                  add: Any, sources: int, step_sources: tuple, scratch: Any,
                  keep: tuple = ()):  # fmt: skip
-        if last_step < 1 or len(returns) != last_step + 1 or len(step_sources) != last_step + 1:
+        if last_step < 1 or len(returns) != last_step or len(step_sources) != last_step or (
+            blocks is not None and blocks.last_step != 1
+        ):  # fmt: skip
             raise ValueError(
-                f"a gathered backward needs at least two steps and a way back for each, got "
-                f"{last_step=}, {len(returns)} launches back, {len(step_sources)} maps"
+                f"a gathered backward needs at least two steps, two blocks and a way back for "
+                f"each received shard, got {last_step=}, {len(returns)} launches back, "
+                f"{len(step_sources)} maps"
             )
         self.last_step = last_step
-        self._gather, self.block, self._returns, self._add = gather, block, returns, add
+        self._gather, self.blocks, self._returns, self._add = gather, blocks, returns, add
         self._sources, self._step_sources = sources, tuple(step_sources)
         self.scratch = scratch
         self._keep = keep
 
     def launch_gather(self, parts: Sequence[tuple[int, int]], k_all: int, v_all: int) -> None:
-        """The rows of ``parts`` (per step, the (k, v) addresses held at it) into ``k_all`` /
-        ``v_all`` in position order."""
-        if len(parts) != self.last_step + 1:
-            raise ValueError(f"expected {self.last_step + 1} shards, got {len(parts)}")
+        """The rows of ``parts`` (the (k, v) addresses received at steps 1 .. last_step) into
+        ``k_all`` / ``v_all`` in position order."""
+        if len(parts) != self.last_step:
+            raise ValueError(f"expected {self.last_step} shards, got {len(parts)}")
         self._gather.launch(k_all, v_all, *(k for k, _ in parts), *(v for _, v in parts),
                             self._sources)  # fmt: skip
 
     def launch_return(self, step: int, dk_all: int, dv_all: int, dk: int, dv: int) -> None:
-        """Step ``step``'s rows of the gathered float32 dK / dV into ``dk`` / ``dv``."""
-        self._returns[step].launch(dk, dv, dk_all, dv_all, self._step_sources[step])
+        """Step ``step``'s (1 .. last_step) rows of the gathered float32 dK / dV into ``dk`` /
+        ``dv``."""
+        self._returns[step - 1].launch(dk, dv, dk_all, dv_all, self._step_sources[step - 1])
 
     def add(self, x: int, acc: int) -> None:
         """``acc += x`` over float32 arrays of this rank's shard shape."""

@@ -1,15 +1,15 @@
 #pragma once
 // Rows of up to kGatherMaxParts (K, V) pairs, each [B, n_t, Hkv, D] with its own byte strides,
 // copied into one [B, L, Hkv, D] contiguous pair in the order a (part, row) map gives. A gathered
-// ring call (schedule.gathered_forward / gathered_backward) puts every shard's K/V (this rank's
-// and those received from the ring) in ascending order of global position, so that one launch
-// sees every key a query may see as one sorted run; its backward takes the float32 dK / dV rows
+// ring call (schedule.gathered_forward / gathered_backward) puts the K/V shards received from
+// the other ranks in ascending order of global position, so that one launch sees every key of
+// theirs a query may see as one sorted run; its backward takes the float32 dK / dV rows
 // of each shard back out of that order (one part, one launch per shard). Elements of any size:
 // a row's heads are whole 16-byte words.
 
 namespace cuparing {
 
-constexpr int kGatherMaxParts = 8;  // ring steps a gathered forward holds (ranks up to 8)
+constexpr int kGatherMaxParts = 8;  // other ranks' shards a gathered call holds (rings of 9)
 constexpr int kGatherRowsPerCta = 4;  // one warp per gathered row
 constexpr int kGatherThreads = 32 * kGatherRowsPerCta;
 
