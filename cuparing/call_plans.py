@@ -317,17 +317,18 @@ class RingForwardPlan(CheckedCall):
 
         def run(kv):  # the call at pointer level, as a replay's graph captures it
             if planned.gathers:  # the other ranks' K/V at once, in position order
-                scratch = [torch.empty(planned.gathered_shape, dtype=self._dtype,
-                                       device=self._device) for _ in range(2)]  # fmt: skip
-                if planned.blocks.accumulates:
-                    scratch.append(torch.empty(self._out_shape, dtype=torch.float32,
-                                               device=self._device))  # fmt: skip
+                gathered = [] if planned.identity else [
+                    torch.empty(planned.gathered_shape, dtype=self._dtype, device=self._device)
+                    for _ in range(2)
+                ]  # fmt: skip
+                acc = torch.empty(self._out_shape, dtype=torch.float32, device=self._device) if (
+                    planned.blocks.accumulates) else None  # fmt: skip
                 schedule.run_planned_gathered_forward(
                     ring, planned, addresses[0], kv, addresses[1], addresses[2],
-                    (scratch[0].data_ptr(), scratch[1].data_ptr()),
-                    scratch[2].data_ptr() if len(scratch) > 2 else 0,
+                    tuple(x.data_ptr() for x in gathered) or (0, 0),
+                    0 if acc is None else acc.data_ptr(),
                 )
-                return scratch
+                return gathered, acc
             scratch = None
             if planned.accumulates:
                 scratch = torch.empty(self._out_shape, dtype=torch.float32, device=self._device)

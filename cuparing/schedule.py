@@ -217,6 +217,8 @@ class GatheredKeys:
         own_kind: the block of this rank's queries against its own shard (step 0).
         kind: the block of its queries against the gathered keys: EMPTY where every step's
             block is, FULL where every one is FULL, else PARTIAL.
+        identity: whether the order is the one received shard's own (one step after the
+            first: a shard's positions ascend), so nothing needs moving.
     """
 
     positions: np.ndarray
@@ -225,6 +227,7 @@ class GatheredKeys:
     step_sources: tuple
     own_kind: BlockKind
     kind: BlockKind
+    identity: bool
 
     @property
     def blocks(self) -> int:
@@ -263,8 +266,9 @@ def gathered_keys(plan: RingPlan) -> GatheredKeys:
         _frozen(np.stack([np.zeros(len(at), dtype=np.int32), at.astype(np.int32)], axis=1))
         for at in rows
     )
+    identity = len(rows) == 1 and bool(np.array_equal(rows[0], np.arange(len(rows[0]))))
     made = GatheredKeys(_frozen(joined[order]), rows, _frozen(sources), step_sources,
-                        plan.kinds[0], kind)  # fmt: skip
+                        plan.kinds[0], kind, identity)  # fmt: skip
     with _GATHERED_LOCK:
         if len(_GATHERED) >= 256:
             _GATHERED.clear()
@@ -292,7 +296,7 @@ def gathered_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=N
                                   plan.mask, scale)  # fmt: skip
     parts = [tuple(exchange.wait()) for exchange in pending]
     if keys.kind != BlockKind.EMPTY:
-        k_all, v_all = backend.gathered(parts, keys)
+        k_all, v_all = parts[0] if keys.identity else backend.gathered(parts, keys)
         with ring.trace_compute("fwd gathered"):
             backend.forward_block(state, q, k_all, v_all, q_pos,
                                   backend.positions(keys.positions), keys.kind, plan.mask,
@@ -328,14 +332,17 @@ def gathered_backward(backend, ring, dout, q, k, v, out, lse, plan: RingPlan, sc
                                    backend.positions(own), keys.own_kind, plan.mask, scale,
                                    deterministic=deterministic)  # fmt: skip
     parts = [tuple(exchange.wait()) for exchange in pending]
-    k_all, v_all = backend.gathered(parts, keys)
-    dk_all, dv_all = backend.kv_accum(q, k_all), backend.kv_accum(q, v_all)
     if keys.kind != BlockKind.EMPTY:
+        k_all, v_all = parts[0] if keys.identity else backend.gathered(parts, keys)
+        dk_all, dv_all = backend.kv_accum(q, k_all), backend.kv_accum(q, v_all)
         with ring.trace_compute("bwd gathered"):
             backend.backward_block(dq, dk_all, dv_all, dout, q, k_all, v_all, lse, delta, q_pos,
                                    backend.positions(keys.positions), keys.kind, plan.mask,
                                    scale, deterministic=deterministic)  # fmt: skip
-    pieces = backend.rows_of_steps(dk_all, dv_all, keys)
+        pieces = [(dk_all, dv_all)] if keys.identity else backend.rows_of_steps(dk_all, dv_all,
+                                                                                keys)  # fmt: skip
+    else:  # (zeros: their owners still wait for them)
+        pieces = [(backend.kv_accum(q, k_t), backend.kv_accum(q, v_t)) for k_t, v_t in parts]
     back = return_exchanges(ring, pieces)
     dq_result = backend.dq_from_accum(dq, q.dtype, out=dq_into)
     for exchange in back:  # (in step order: the sum repeats bit for bit)
@@ -380,7 +387,7 @@ def run_planned_gathered_forward(ring, planned, q: int, kv: list, out: int, lse:
         ring: the communicator; kv: [k, v] this rank's shard as backend arrays.
         q, out, lse: addresses of the queries and of the results (written here).
         gathered: addresses of the gathered K and V, contiguous [B, L, Hkv, D] of k's dtype
-            (``planned.gathered_shape``).
+            (``planned.gathered_shape``; ignored where ``planned.identity``).
         accumulator: address of a float32 [B, Sq, H, D] contiguous scratch array when
             ``planned.blocks.accumulates`` (else ignored).
     """
@@ -389,9 +396,12 @@ def run_planned_gathered_forward(ring, planned, q: int, kv: list, out: int, lse:
     if blocks.busy[0]:
         with ring.trace_compute("fwd own"):
             blocks.launch_step(0, out, accumulator, lse, q, kv[0].data.ptr, kv[1].data.ptr)
-    parts = [tuple(exchange.wait()) for exchange in pending]
+    parts = [(k.data.ptr, v.data.ptr) for k, v in (exchange.wait() for exchange in pending)]
     if blocks.busy[1]:
-        planned.launch_gather([(k.data.ptr, v.data.ptr) for k, v in parts], *gathered)
+        if planned.identity:  # (the one received shard is in order already)
+            gathered = parts[0]
+        else:
+            planned.launch_gather(parts, *gathered)
         with ring.trace_compute("fwd gathered"):
             blocks.launch_step(1, out, accumulator, lse, q, *gathered)
     ring.check()
@@ -412,27 +422,33 @@ def run_planned_gathered_backward(ring, planned, pointers: tuple, kv: list,
         The call's scratch arrays (``planned.scratch()``), which its queued launches read.
     """
     dout, q, out, lse = pointers
+    pending = gather_exchanges(ring, kv, planned.last_step)
+    # (after the exchanges: the sends wait for what the caller's stream holds, its memsets too)
     scratch = planned.scratch()
     (delta_array, dq_array, dkv_own, flag_array), gathered, dkv_all, pieces = scratch
     delta, dq_acc = delta_array.data.ptr, dq_array.data.ptr
     dk_own, dv_own = (x.data.ptr for x in dkv_own)
     dk_all, dv_all = (x.data.ptr for x in dkv_all)
-    k_all, v_all = (x.data.ptr for x in gathered)
     flags = 0 if flag_array is None else flag_array.data.ptr
     blocks = planned.blocks
-    pending = gather_exchanges(ring, kv, planned.last_step)
     blocks.launch_delta(dout, out, delta)
     if blocks.busy[0]:
         with ring.trace_compute("bwd own"):
             blocks.launch_step(0, dout, lse, delta, dq_acc, dk_own, dv_own, q, kv[0].data.ptr,
                                kv[1].data.ptr, flags)  # fmt: skip
-    parts = [tuple(exchange.wait()) for exchange in pending]
-    planned.launch_gather([(k.data.ptr, v.data.ptr) for k, v in parts], k_all, v_all)
+    parts = [(k.data.ptr, v.data.ptr) for k, v in (exchange.wait() for exchange in pending)]
     if blocks.busy[1]:
+        if planned.identity:  # (the one received shard is in order already)
+            k_all, v_all = parts[0]
+        else:
+            k_all, v_all = (x.data.ptr for x in gathered)
+            planned.launch_gather(parts, k_all, v_all)
         with ring.trace_compute("bwd gathered"):
             blocks.launch_step(1, dout, lse, delta, dq_acc, dk_all, dv_all, q, k_all, v_all,
                                flags)  # fmt: skip
-    for step, (dk, dv) in enumerate(pieces, start=1):
+    if planned.identity:  # (the gathered dK / dV are the one received shard's rows in order)
+        pieces = [dkv_all]
+    for step, (dk, dv) in enumerate(() if planned.identity else pieces, start=1):
         planned.launch_return(step, dk_all, dv_all, dk.data.ptr, dv.data.ptr)
     back = return_exchanges(ring, pieces)
     blocks.finish_queries(dq_acc, grads[0])

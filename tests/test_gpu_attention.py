@@ -889,8 +889,9 @@ GATHERED_CASES = list(
 @pytest.mark.parametrize("layout,world,causal,documents", GATHERED_CASES)
 def test_gathered_forward_on_gpu(layout, world, causal, documents, kernel_family, monkeypatch,
                                  fresh_rng):  # fmt: skip
-    """``CUPARING_KV_GATHER=1``: the forward and the backward gather K/V into one ascending
-    order and run one launch per rank (the backward's dK / dV rows sent back to their owners),
+    """``CUPARING_KV_GATHER=1``: the forward and the backward run two blocks per rank, its own
+    shard and the other ranks' K/V gathered into one ascending order (the backward's dK / dV
+    rows of those sent back to their owners),
     on packed documents (fresh random lengths) and on plain sequences, against the float64
     reference; padding rows come out 0 / -inf; both gathered paths ran on every rank."""
     from switches import ranks_calling

@@ -135,7 +135,7 @@ def test_what_the_kernel_cannot_hold_is_refused_by_name():
     sources = _DeviceArray((9, 2), dtype="int32")
     part = tuple(_DeviceArray((1, 1, 2, 64)) for _ in range(2))
     common = {"kernel": Function(1), "driver": RecordingDriver([loader.GATHER_ROWS_SIZE])}
-    with pytest.raises(ValueError, match="1..8 shards, got 9"):
+    with pytest.raises(ValueError, match="takes 1..8 shards, got 9"):
         kv_gather.gather_launch(k_all, v_all, [part] * 9, sources, **common)
     with pytest.raises(ValueError, match="int32"):
         kv_gather.gather_launch(k_all, v_all, [part], _DeviceArray((9, 2)), **common)

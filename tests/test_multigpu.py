@@ -91,9 +91,9 @@ def test_ring_is_race_free_under_random_stream_delays(world, transport):
 @pytest.mark.parametrize("transport", ["nccl", "ipc"])
 @pytest.mark.parametrize("world", WORLDS)
 def test_gathered_ring_matches_and_is_race_free(world, transport):
-    """``CUPARING_KV_GATHER=1`` (every shard's K/V at once, one launch; the backward sends
-    dK / dV rows back to their owners): the reference checks, then the stress run's random
-    stream delays, whose planned forward repeats are the gathered plans."""
+    """``CUPARING_KV_GATHER=1`` (the other ranks' K/V at once, two launches a rank; the
+    backward sends dK / dV rows back to their owners): the reference checks, then the stress
+    run's random stream delays, whose planned forward repeats are the gathered plans."""
     _need(world)
     switches = {"CUPARING_KV_GATHER": "1"}
     proc = _launch(world, "check", 1200, transport=transport, switches=switches)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -314,9 +315,11 @@ def test_planned_calls_exchange_as_the_schedule_does(world, layout, causal, wind
         assert planned.events() == full.events()
 
 
-def _gathered_forward_plan(last: int, log: _Recorder | None, busy=(True, True)):
+def _gathered_forward_plan(last: int, log: _Recorder | None, busy=(True, True),
+                           identity: bool = False):  # fmt: skip
     """A PlannedGather of ``last`` + 1 steps whose launches record into ``log`` (or do nothing);
-    ``busy``: whether the own and the gathered block are not EMPTY."""
+    ``busy``: whether the own and the gathered block are not EMPTY; ``identity``: no gather
+    (one received shard in order)."""
     launch = _launcher(log)
     count = sum(busy)
     steps = []
@@ -324,6 +327,8 @@ def _gathered_forward_plan(last: int, log: _Recorder | None, busy=(True, True)):
         writes = busy[t] and sum(busy[t + 1 :]) == 0  # (the last busy block writes the output)
         steps.append((launch(name), 5000 + t, writes) if busy[t] else None)
     blocks = PlannedForward(1, steps, q_pos=999, accumulates=count > 1)
+    if identity:
+        return PlannedGather(last, None, blocks, sources=777, gathered_shape=None)
     return PlannedGather(last, launch("gather"), blocks, sources=777,
                          gathered_shape=(1, 64, 2, 8))  # fmt: skip
 
@@ -335,17 +340,21 @@ def _launcher(log: _Recorder | None):
     return lambda name: SimpleNamespace(launch=lambda *pointers: None)
 
 
-@settings(max_examples=40, deadline=None)
-@given(last=st.integers(1, 8), busy=st.sampled_from([(True, True), (True, False),
-                                                     (False, True)]))  # fmt: skip
-def test_a_gathered_forward_runs_its_own_block_while_the_others_shards_arrive(last, busy):
+_BUSY = st.sampled_from([(True, True), (True, False), (False, True)])
+
+
+@settings(max_examples=60, deadline=None)
+@given(last=st.integers(1, 8), busy=_BUSY, identity=st.booleans())
+def test_a_gathered_forward_runs_its_own_block_while_the_others_arrive(last, busy, identity):
     """Exchanges of shifts 1 .. last_step on their own channels, all issued first; this rank's
     block on its own K/V before the first wait (the transfers run behind it); then, with every
     shard held, the gather (each received pair in step order, the sources map last) and the
     gathered block; the second of two blocks merges the float32 accumulator the first wrote
-    and writes the output, a lone block writes it straight."""
+    and writes the output, a lone block writes it straight. Without a gather (one received
+    shard, in order) the gathered block reads the received shard."""
+    identity = identity and last == 1
     log = _Recorder()
-    planned = _gathered_forward_plan(last, log, busy)
+    planned = _gathered_forward_plan(last, log, busy, identity)
     k, v = _array(), _array()
     q, out, lse, acc, k_all, v_all = 11, 22, 33, 44, 55, 66
     run_planned_gathered_forward(_RecordingRing(log), planned, q, [k, v], out, lse,
@@ -364,22 +373,31 @@ def test_a_gathered_forward_runs_its_own_block_while_the_others_shards_arrive(la
     assert [w[:2] for w in waits] == [("wait", f"kv_gather_{s}") for s in range(1, last + 1)]
     if busy[1]:
         held = [w[2] for w in waits]
-        assert rest[:3] == [
-            ("gather", (k_all, v_all, *(h[0] for h in held), *(h[1] for h in held), 777)),
-            ("trace", "fwd gathered"),
-            ("gathered", (out, lse, q, k_all, v_all, 999, 5001, acc)),
-        ]
-        rest = rest[3:]
+        if identity:
+            reads = held[0]
+        else:
+            reads = (k_all, v_all)
+            assert rest[0] == ("gather", (k_all, v_all, *(h[0] for h in held),
+                                          *(h[1] for h in held), 777))  # fmt: skip
+            rest = rest[1:]
+        assert rest[:2] == [("trace", "fwd gathered"),
+                            ("gathered", (out, lse, q, *reads, 999, 5001, acc))]  # fmt: skip
+        rest = rest[2:]
     assert rest == [("check",)]
-    with pytest.raises(ValueError, match=f"expected {last} shards, got {last + 1}"):
-        planned.launch_gather([(1, 2)] * (last + 1), k_all, v_all)
+    if not identity:
+        with pytest.raises(ValueError, match=f"expected {last} shards, got {last + 1}"):
+            planned.launch_gather([(1, 2)] * (last + 1), k_all, v_all)
     with pytest.raises(ValueError, match="at least two steps and two blocks"):
-        PlannedGather(0, None, planned.blocks, 0, (1, 1, 1, 8))
+        PlannedGather(0, None, planned.blocks, 0, None)
+    with pytest.raises(ValueError, match="without a gather has one received shard"):
+        PlannedGather(2, None, planned.blocks, 0, None)
 
 
-def _gathered_backward_plan(last: int, log: _Recorder | None, busy=(True, True)):
+def _gathered_backward_plan(last: int, log: _Recorder | None, busy=(True, True),
+                            identity: bool = False):  # fmt: skip
     """A PlannedGatherBackward of ``last`` + 1 steps whose launches record into ``log`` (or do
-    nothing) and whose scratch arrays are fresh stand-ins; ``busy`` as for the forward."""
+    nothing) and whose scratch arrays are fresh stand-ins; ``busy``, ``identity`` as for the
+    forward."""
     launch = _launcher(log)
     steps = [(launch(name), 5000 + t, (None,) * 3) if busy[t] else None
              for t, name in enumerate(("own", "gathered"))]  # fmt: skip
@@ -387,25 +405,29 @@ def _gathered_backward_plan(last: int, log: _Recorder | None, busy=(True, True))
         1, 0, launch("delta"), steps, q_pos=999, dq_out=launch("dq"), dkv_out=launch("dkv"),
         scratch=lambda: (_array(), _array(), [_array(), _array()], None),
     )  # fmt: skip
+    backs = 0 if identity else last
     return PlannedGatherBackward(
-        last, launch("gather"), blocks, tuple(launch(f"back {t}") for t in range(1, last + 1)),
-        launch("add"), sources=777, step_sources=tuple(600 + t for t in range(1, last + 1)),
-        scratch=lambda: (blocks.scratch(), (_array(), _array()), (_array(), _array()),
-                         [(_array(), _array()) for _ in range(last)]),
+        last, None if identity else launch("gather"), blocks,
+        tuple(launch(f"back {t}") for t in range(1, backs + 1)), launch("add"), sources=777,
+        step_sources=tuple(600 + t for t in range(1, last + 1)),
+        scratch=lambda: (blocks.scratch(), () if identity else (_array(), _array()),
+                         (_array(), _array()), [(_array(), _array()) for _ in range(backs)]),
     )  # fmt: skip
 
 
-@settings(max_examples=40, deadline=None)
-@given(last=st.integers(1, 8), busy=st.sampled_from([(True, True), (True, False),
-                                                     (False, True)]))  # fmt: skip
-def test_a_gathered_backward_sends_each_shards_rows_home_and_adds_them_in_step_order(last, busy):
+@settings(max_examples=60, deadline=None)
+@given(last=st.integers(1, 8), busy=_BUSY, identity=st.booleans())
+def test_a_gathered_backward_sends_rows_home_and_adds_them_in_step_order(last, busy, identity):
     """Exchanges of every other shard's K/V first (shifts 1 .. last_step); delta and this
     rank's block into its own dK / dV before the first wait; the gather and the gathered block
     into the gathered dK / dV; each step's rows copied out of those and sent to their owner
     (shift C - t, channel ``dkv_gather_t``, all issued before any wait); dq converted; what
-    arrives added into this rank's own dK / dV in step order, and those cast into dk / dv."""
+    arrives added into this rank's own dK / dV in step order, and those cast into dk / dv.
+    Without a gather (one received shard, in order) the gathered block reads the received
+    shard and its dK / dV go home as they are."""
+    identity = identity and last == 1
     log = _Recorder()
-    planned = _gathered_backward_plan(last, log, busy)
+    planned = _gathered_backward_plan(last, log, busy, identity)
     recorded = []
     scratch_of = planned.scratch
     planned.scratch = lambda: recorded.append(scratch_of()) or recorded[-1]
@@ -420,7 +442,6 @@ def test_a_gathered_backward_sends_each_shards_rows_home_and_adds_them_in_step_o
     ptr = lambda x: x.data.ptr  # noqa: E731
     sent = (k.data.ptr, v.data.ptr)
     own = tuple(map(ptr, dkv_own))
-    k_all, v_all = map(ptr, gathered)
     dk_all, dv_all = map(ptr, dkv_all)
     events = log.events
     assert events[:last] == [("exchange", sent, s, f"kv_gather_{s}") for s in range(1, last + 1)]
@@ -435,18 +456,23 @@ def test_a_gathered_backward_sends_each_shards_rows_home_and_adds_them_in_step_o
     waits, rest = rest[:last], rest[last:]
     assert [w[:2] for w in waits] == [("wait", f"kv_gather_{s}") for s in range(1, last + 1)]
     held = [w[2] for w in waits]
-    assert rest[0] == ("gather", (k_all, v_all, *(h[0] for h in held), *(h[1] for h in held),
-                                  777))  # fmt: skip
-    rest = rest[1:]
     if busy[1]:
+        if identity:
+            k_all, v_all = held[0]
+        else:
+            k_all, v_all = map(ptr, gathered)
+            assert rest[0] == ("gather", (k_all, v_all, *(h[0] for h in held),
+                                          *(h[1] for h in held), 777))  # fmt: skip
+            rest = rest[1:]
         assert rest[:2] == [("trace", "bwd gathered"), ("gathered", (
             dout, lse, ptr(delta), ptr(dq_acc), dk_all, dv_all, q, k_all, v_all, 999, 5001, 0,
             0, 0, 0, 0))]  # fmt: skip
         rest = rest[2:]
+    sent_back = [dkv_all] if identity else pieces
     want = [
         *((f"back {t}", (*map(ptr, pieces[t - 1]), dk_all, dv_all, 600 + t))
-          for t in range(1, last + 1)),
-        *(("exchange", tuple(map(ptr, pieces[t - 1])), ring.size - t, f"dkv_gather_{t}")
+          for t in range(1, len(pieces) + 1)),
+        *(("exchange", tuple(map(ptr, sent_back[t - 1])), ring.size - t, f"dkv_gather_{t}")
           for t in range(1, last + 1)),
         ("dq", (ptr(dq_acc), dq)),
     ]  # fmt: skip
@@ -460,47 +486,67 @@ def test_a_gathered_backward_sends_each_shards_rows_home_and_adds_them_in_step_o
 
 
 def test_a_gathered_backward_plan_needs_two_blocks_and_a_way_back_for_every_shard():
-    with pytest.raises(ValueError, match="two blocks and a way back for each received shard"):
-        PlannedGatherBackward(2, None, None, (None,) * 2, None, 0, (0,) * 3, None)
+    with pytest.raises(ValueError, match="a way back for each received shard"):
+        PlannedGatherBackward(2, object(), None, (None,) * 2, None, 0, (0,) * 3, None)
+    with pytest.raises(ValueError, match="got last_step=2, no gather"):
+        PlannedGatherBackward(2, None, None, (), None, 0, (0,) * 2, None)
     with pytest.raises(ValueError, match="at least two steps"):
         PlannedGatherBackward(0, None, None, (), None, 0, (), None)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     world=st.integers(2, 9),
     layout=st.sampled_from(["contiguous", "zigzag", "striped"]),
     causal=st.booleans(),
+    window=st.one_of(st.none(), st.tuples(st.integers(0, 40), st.integers(0, 40))),
+    lengths=st.one_of(st.none(), st.lists(st.integers(1, 30), min_size=1, max_size=6)),
 )
-def test_planned_gathered_calls_exchange_as_the_schedule_does(world, layout, causal):
+def test_planned_gathered_calls_exchange_as_the_schedule_does(world, layout, causal, window,
+                                                              lengths):  # fmt: skip
     """With the gather switch on, each rank's pointer-level gathered forward and backward make
-    the full path's exchanges (tags, shifts, order) and compute spans, rank by rank: ranks of
-    one call may take either path."""
+    the full path's exchanges (tags, shifts, order) and compute spans, rank by rank, on plain
+    sequences and packed documents (``lengths``), under windows too, whichever blocks are
+    EMPTY: ranks of one call may take either path."""
     from switches import kv_gather
 
     from cuparing import validation
     from cuparing.masks import BlockKind
-    from cuparing.schedule import gathered_keys, gathers, plan_ring, ring_backward, ring_forward
+    from cuparing.schedule import (
+        gathered_keys,
+        gathers,
+        plan_documents,
+        plan_ring,
+        ring_backward,
+        ring_forward,
+    )
 
-    mask = validation.check_mask(causal, None)
+    mask = validation.check_mask(causal, window)
+    if lengths is not None and layout == "striped":
+        layout = "zigzag"  # (documents take contiguous, zigzag or packed)
     with kv_gather(True):
         for rank in range(world):
-            plan = plan_ring(layout, rank, world, 16, mask)
+            if lengths is None:
+                plan = plan_ring(layout, rank, world, 16, mask)
+            else:
+                cu = (0, *(int(x) for x in np.cumsum(lengths)))
+                plan = plan_documents(layout, rank, world, cu, mask)
             if not gathers(plan):  # (one step: the ring's own calls, tested above)
                 continue
             keys = gathered_keys(plan)
             busy = (keys.own_kind != BlockKind.EMPTY, keys.kind != BlockKind.EMPTY)
-            full, planned = _LoggingRing(world), _LoggingRing(world)
-            ring_forward(_ScheduleBackend(), full, _array(), _array(), _array(), plan, 1.0)
-            forward = _gathered_forward_plan(plan.last_step, None, busy)
-            run_planned_gathered_forward(planned, forward, 0, [_array(), _array()], 0, 0, (0, 0),
-                                         0)  # fmt: skip
-            assert planned.events() == full.events()
+            if any(busy):  # (a forward with no block keeps no plan)
+                full, planned = _LoggingRing(world), _LoggingRing(world)
+                ring_forward(_ScheduleBackend(), full, _array(), _array(), _array(), plan, 1.0)
+                forward = _gathered_forward_plan(plan.last_step, None, busy, keys.identity)
+                run_planned_gathered_forward(planned, forward, 0, [_array(), _array()], 0, 0,
+                                             (0, 0), 0)  # fmt: skip
+                assert planned.events() == full.events()
 
             full, planned = _LoggingRing(world), _LoggingRing(world)
             ring_backward(_ScheduleBackend(), full, *(_array() for _ in range(6)), plan, 1.0,
                           grads_into=(_array(), _array(), _array()))  # fmt: skip
-            backward = _gathered_backward_plan(plan.last_step, None, busy)
+            backward = _gathered_backward_plan(plan.last_step, None, busy, keys.identity)
             run_planned_gathered_backward(planned, backward, (0, 0, 0, 0), [_array(), _array()],
                                           (0, 0, 0))  # fmt: skip
             assert planned.events() == full.events()

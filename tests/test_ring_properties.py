@@ -57,8 +57,9 @@ def test_ring_matches_dense_low_precision(case):
 @settings(deadline=None)
 @given(ring_cases(dtypes=("float64", *LOW_PRECISION)))
 def test_gathered_ring_matches_dense(case):
-    """With ``CUPARING_KV_GATHER=1`` the forward and the backward gather K/V and run one block
-    per rank (the backward sends each shard's dK / dV rows back to its owner): the same results
+    """With ``CUPARING_KV_GATHER=1`` the forward and the backward run two blocks per rank, its
+    own shard and the other ranks' K/V gathered (the backward sends each shard's dK / dV rows
+    back to its owner): the same results
     within the same bounds, and both gathered paths ran on every rank wherever the plan has more
     than one step."""
     with ranks_calling() as ran, kv_gather(True):

@@ -18,8 +18,8 @@
 #   consumers: head dim 64's three-consumer default (PERF.md v8): its kernel tests in four
 #        shards and the NaN / inf forward tests, then its rows beside the two-consumer tile
 #        and the two-stage variant, one process each (~6 min)
-#   gather: the gathered ring (CUPARING_KV_GATHER=1: every shard's K/V at once, one launch a
-#        rank): its GPU tests, the kernels of each simulated rank against the ring's (one GPU:
+#   gather: the gathered ring (CUPARING_KV_GATHER=1: the other ranks' K/V at once, two
+#        launches a rank): its GPU tests, the kernels of each simulated rank against the ring's (one GPU:
 #        profile_ring_steps, packed documents, forward and backward, 4 ranks), and with 2+
 #        GPUs its multi-GPU tests and bench_varlen with and without it (torch inputs, so repeats
 #        run the kept plans; NCCL and the copy engines) (~8 min on 2 GPUs)

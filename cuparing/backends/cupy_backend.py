@@ -260,12 +260,14 @@ class CupyBackend:
 
     def gathered(self, parts, keys):
         """(K, V) with ``parts[t]``'s rows at ``keys.rows[t]`` (the protocol's contract): one
-        ``cuparing_gather_rows`` launch for kernel dtypes and head dims (parts the kernels
-        cannot read in place copied first), the generic row copies otherwise."""
+        ``cuparing_gather_rows`` launch where it moves such rows (parts it cannot read in place
+        copied first), else the generic row copies (16-bit floats through their bits)."""
         cp = self.xp
         k0, v0 = parts[0]
-        if not self._kernel_ok(k0):
-            return self._generic.gathered(parts, keys)
+        if not kv_gather.launchable(k0):
+            bits = [tuple(_as_bits(cp, x) for x in pair) for pair in parts]
+            k_all, v_all = self._generic.gathered(bits, keys)
+            return k_all.view(k0.dtype), v_all.view(v0.dtype)
         parts = [tuple(_kernel_operand(cp, x) for x in pair) for pair in parts]
         shape = (k0.shape[0], len(keys.positions), *k0.shape[2:])
         k_all, v_all = _empty(cp, shape, k0.dtype), _empty(cp, shape, v0.dtype)
@@ -278,10 +280,9 @@ class CupyBackend:
 
     def rows_of_steps(self, dk, dv, keys):
         """Per step t, the float32 (dk, dv) rows at ``keys.rows[t]`` (the protocol's
-        contract): one ``cuparing_gather_rows`` launch per step where the rows are whole
-        16-byte words, CuPy's index copies otherwise."""
-        if (dk.shape[-1] * dk.dtype.itemsize) % 16 or not (dk.flags.c_contiguous and
-                                                          dv.flags.c_contiguous):  # fmt: skip
+        contract): one ``cuparing_gather_rows`` launch per step where it moves such rows,
+        CuPy's index copies otherwise."""
+        if not (kv_gather.launchable(dk) and dk.flags.c_contiguous and dv.flags.c_contiguous):
             return self._generic.rows_of_steps(dk, dv, keys)
         pieces = []
         for at in keys.step_sources:
@@ -463,20 +464,31 @@ class CupyBackend:
         return PlannedForward(last_step, steps, q_pos.data.ptr, block_count > 1, tuple(keep))
 
     def _plan_gathered(self, plan, q, k, v, out, lse, scale) -> PlannedGather:
-        """:meth:`plan_forward` for a plan the schedule gathers (``schedule.gathers``)."""
-        cp = self.xp
+        """:meth:`plan_forward` for a plan the schedule gathers (``schedule.gathers``); None
+        where the gather kernel cannot move its rows (the full path's generic copies do)."""
+        if not kv_gather.launchable(k):
+            return None
         keys = gathered_keys(plan)
         q_pos, own_pos, k_pos, sources, shape = self._gathered_operands(plan, keys, k)
-        # real memory for the templates (the forward's tensor maps are encoded from them)
-        k_all, v_all = _empty(cp, shape, k.dtype), _empty(cp, shape, v.dtype)
-        gather = kv_gather.gather_launch(k_all, v_all,
-                                         [self._received_layout(k, v)] * plan.last_step,
-                                         sources)  # fmt: skip
-        blocks = self._gathered_blocks(keys, own_pos, k_pos, (k, v), (k_all, v_all))
+        gather, gathered_kv = self._gather_template(plan, keys, k, v, sources, shape)
+        blocks = self._gathered_blocks(keys, own_pos, k_pos, (k, v), gathered_kv)
         forward = self._planned_forward(1, keys.blocks, q_pos, blocks, q, out, lse, plan.mask,
                                         scale)  # fmt: skip
-        return PlannedGather(plan.last_step, gather, forward, sources.data.ptr, shape,
+        return PlannedGather(plan.last_step, gather, forward, sources.data.ptr,
+                             None if keys.identity else shape,
                              (own_pos, k_pos, sources))  # fmt: skip
+
+    def _gather_template(self, plan, keys, k, v, sources, shape) -> tuple:
+        """(the gather's launch, or None where the one received shard is already in order,
+        ``keys.identity``; the gathered (K, V) templates: real memory, which the tensor maps
+        are encoded from, or the receive buffers' layout)."""
+        received = self._received_layout(k, v)
+        if keys.identity:
+            return None, received
+        cp = self.xp
+        gathered_kv = (_empty(cp, shape, k.dtype), _empty(cp, shape, v.dtype))
+        return kv_gather.gather_launch(*gathered_kv, [received] * plan.last_step,
+                                       sources), gathered_kv  # fmt: skip
 
     def _gathered_operands(self, plan, keys, k) -> tuple:
         """(device positions of the queries, of this rank's keys and of the gathered keys, the
@@ -757,31 +769,31 @@ class CupyBackend:
         rank's block into its float32 dK / dV, one block over the gathered K/V into float32
         dK / dV of every gathered key, each step's rows of those copied out (to go back to
         their owner), the received ones added in step order, then cast."""
+        if not kv_gather.launchable(k):
+            return None
         cp = self.xp
         keys = gathered_keys(plan)
         q_pos, own_pos, k_pos, sources, shape = self._gathered_operands(plan, keys, k)
-        # real memory for the templates (tensor maps are encoded from them)
-        k_all, v_all = _empty(cp, shape, k.dtype), _empty(cp, shape, v.dtype)
-        gather = kv_gather.gather_launch(k_all, v_all,
-                                         [self._received_layout(k, v)] * plan.last_step,
-                                         sources)  # fmt: skip
+        gather, gathered_kv = self._gather_template(plan, keys, k, v, sources, shape)
         blocks = self._planned_backward(
-            1, 0, q_pos, self._gathered_blocks(keys, own_pos, k_pos, (k, v), (k_all, v_all)),
+            1, 0, q_pos, self._gathered_blocks(keys, own_pos, k_pos, (k, v), gathered_kv),
             tuple(k.shape), dout, q, k, out, lse, grads, plan.mask, scale, deterministic, False,
         )  # fmt: skip
         dk_all, dv_all = (cp.empty(shape, dtype=cp.float32) for _ in range(2))
         step_sources = [self._device_rows(at) for at in keys.step_sources]
-        piece_shapes = [(k.shape[0], len(at), *k.shape[2:]) for at in keys.rows]
+        piece_shapes = [] if keys.identity else [(k.shape[0], len(at), *k.shape[2:])
+                                                 for at in keys.rows]  # fmt: skip
         returns = tuple(
             kv_gather.gather_launch(*(cp.empty(piece, dtype=cp.float32) for _ in range(2)),
                                     [(dk_all, dv_all)], at)  # fmt: skip
-            for piece, at in zip(piece_shapes, step_sources, strict=True)
+            for piece, at in zip(piece_shapes, step_sources, strict=False)
         )
         add = _elementwise_launch(loader.get_add_f32_kernel(), k.size)
         kv_dtype = k.dtype  # (no arrays in the closure: they would outlive the first call)
 
         def scratch():
-            gathered = tuple(_empty(cp, shape, kv_dtype) for _ in range(2))
+            gathered = () if gather is None else tuple(_empty(cp, shape, kv_dtype)
+                                                       for _ in range(2))  # fmt: skip
             dkv_all = tuple(_zeroed(cp, shape, cp.float32) for _ in range(2))
             pieces = [tuple(cp.empty(piece, dtype=cp.float32) for _ in range(2))
                       for piece in piece_shapes]  # fmt: skip

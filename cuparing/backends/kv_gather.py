@@ -1,15 +1,14 @@
 """A gathered ring call's rows moved by one kernel launch: K/V into position order, dK / dV back.
 
-A gathered forward (:func:`cuparing.schedule.gathered_forward`) holds every step's K/V shard at
-once (this rank's and those the ring delivered) and runs one forward block over all of them in
-ascending order of global position (:class:`cuparing.schedule.GatheredKeys`). The order mixes
-rows of every shard (zigzag and packed layouts cut each document into pieces on every rank), so
-the rows are moved by ``cuparing_gather_rows`` (``kernels/common/gather_rows.cuh``): one launch
-for K and V of every shard, reading each shard in place with its own strides, from a device
-map of (shard, row) per gathered row. The gathered backward runs the same kernel the other way
-(one part: its float32 dK / dV partials; one launch per shard, whose rows go back to the rank
-that owns it). The launch is a :class:`PackedLaunch`, so a planned repeat patches only the
-addresses.
+A gathered ring call (:func:`cuparing.schedule.gathered_forward`) holds the K/V shards the ring
+delivered from every other rank at once and runs one block over all of them in ascending order
+of global position (:class:`cuparing.schedule.GatheredKeys`). The order mixes rows of every
+shard (zigzag and packed layouts cut each document into pieces on every rank), so the rows are
+moved by ``cuparing_gather_rows`` (``kernels/common/gather_rows.cuh``): one launch for K and V
+of every shard, reading each in place with its own strides, from a device map of (shard, row)
+per gathered row. The gathered backward runs the same kernel the other way (one part: its
+float32 dK / dV; one launch per shard, whose rows go back to the rank that owns it). The launch
+is a :class:`PackedLaunch`, so a planned repeat patches only the addresses.
 """
 
 from __future__ import annotations
@@ -25,6 +24,16 @@ from . import launch_plans
 _FIELDS = {name: (offset, count, code) for name, offset, count, code in loader.GATHER_ROWS_LAYOUT}
 
 
+def launchable(x: Any) -> bool:
+    """Whether ``cuparing_gather_rows`` moves arrays like ``x`` [B, n, Hkv, D]: elements of 2 or
+    4 bytes, heads of whole 16-byte words, a batch within the grid's y extent."""
+    return (
+        x.dtype.itemsize in (2, 4)
+        and (x.shape[-1] * x.dtype.itemsize) % 16 == 0
+        and 1 <= x.shape[0] <= 65535
+    )
+
+
 def gather_launch(k_dst: Any, v_dst: Any, parts: Sequence[tuple[Any, Any]], sources: Any,
                   kernel: Any = None, driver: Any = None) -> launch_plans.PackedLaunch:  # fmt: skip
     """The launch putting ``parts``' rows into ``k_dst`` / ``v_dst`` by ``sources``.
@@ -33,10 +42,11 @@ def gather_launch(k_dst: Any, v_dst: Any, parts: Sequence[tuple[Any, Any]], sour
         k_dst, v_dst: CuPy arrays [B, L, Hkv, D] of a 16-bit or 32-bit dtype, C-contiguous,
             16-byte aligned: the destination (their addresses are the plan's; a launch takes
             any).
-        parts: per ring step (at most ``loader.GATHER_MAX_PARTS``), the (k, v) CuPy arrays
-            [B, n_t, Hkv, D] held at that step, each readable in place by the kernels (the
-            caller's check: 16-byte aligned base and strides, contiguous last axis); a launch
-            may take other addresses of arrays with these strides.
+        parts: at most ``loader.GATHER_MAX_PARTS`` (k, v) pairs of CuPy arrays [B, n_t, Hkv,
+            D] of the destination's dtype (the shards received at steps 1 .. last_step, or the
+            gathered dK / dV), each readable in place by the kernel (the caller's check:
+            16-byte aligned base and strides, contiguous last axis); a launch may take other
+            addresses of arrays with these strides.
         sources: int32 CuPy array [L, 2] contiguous: (part, row within it) of every gathered row,
             every part row named once.
         kernel, driver: the kernel (default ``loader.get_gather_rows_kernel()``) and what
@@ -53,7 +63,7 @@ def gather_launch(k_dst: Any, v_dst: Any, parts: Sequence[tuple[Any, Any]], sour
     parts = [tuple(pair) for pair in parts]
     n = len(parts)
     if not 1 <= n <= loader.GATHER_MAX_PARTS:
-        raise ValueError(f"a gathered forward holds 1..{loader.GATHER_MAX_PARTS} shards, got {n}")
+        raise ValueError(f"a gathered launch takes 1..{loader.GATHER_MAX_PARTS} shards, got {n}")
     batch, length, heads, headdim = k_dst.shape
     if v_dst.shape != k_dst.shape or tuple(sources.shape) != (length, 2) or (
         sources.dtype.name != "int32"

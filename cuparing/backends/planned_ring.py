@@ -84,16 +84,19 @@ class PlannedGather:
     Args:
         last_step: the plan's last step (``last_step`` exchanges deliver the other shards).
         gather: the launch putting their rows in order (``backends.kv_gather.gather_launch``:
-            pointers k_all, v_all, every received k, every received v, sources).
+            pointers k_all, v_all, every received k, every received v, sources), or None where
+            the one received shard is in order already (``GatheredKeys.identity``).
         blocks: a two-step :class:`PlannedForward`: step 0 this rank's shard, step 1 the
             gathered K/V (each None where EMPTY; the second, or the only one, writes the
             output).
         sources: device address of the gather's (shard, row) map.
-        gathered_shape: [B, L, Hkv, D] of the gathered K and V (contiguous, k's dtype).
+        gathered_shape: [B, L, Hkv, D] of the gathered K and V (contiguous, k's dtype; None
+            without a gather).
         keep: objects the launches read (device arrays): kept alive with the plan.
 
     Attributes:
         gathers: True (``schedule.run_planned_gathered_forward`` runs it).
+        identity: whether the gathered block reads the received shard itself (no gather).
     """
 
     gathers = True
@@ -105,10 +108,14 @@ class PlannedGather:
                 f"a gathered forward needs at least two steps and two blocks (own, gathered), "
                 f"got {last_step=} and {blocks.last_step + 1} blocks"
             )
+        self.identity = gather is None
+        if self.identity != (gathered_shape is None) or (self.identity and last_step != 1):
+            raise ValueError("a gathered forward without a gather has one received shard and "
+                             "no gathered K/V")  # fmt: skip
         self.last_step = last_step
         self._gather, self.blocks = gather, blocks
         self._sources = sources
-        self.gathered_shape = tuple(gathered_shape)
+        self.gathered_shape = None if gathered_shape is None else tuple(gathered_shape)
         self._keep = keep
 
     def launch_gather(self, parts: Sequence[tuple[int, int]], k_all: int, v_all: int) -> None:
@@ -224,7 +231,9 @@ class PlannedGatherBackward:
 
     Args:
         last_step: the plan's last step.
-        gather: the launch putting K/V rows in order (as :class:`PlannedGather`'s).
+        gather: the launch putting K/V rows in order (as :class:`PlannedGather`'s), or None
+            where the one received shard is in order already (no returns then: the gathered
+            dK / dV are that shard's rows in order).
         blocks: a two-step :class:`PlannedBackward` (step 0 this rank's shard, step 1 the
             gathered K/V; delta, the dq conversion, and the cast of accumulators of this rank's
             shard shape into dK / dV).
@@ -235,13 +244,14 @@ class PlannedGatherBackward:
         sources, step_sources: device addresses of the gather's map and of each step's map back.
         scratch: a callable giving, on the current stream, ``(blocks scratch, (k_all, v_all),
             (dk_all, dv_all), pieces)``: ``blocks.scratch()`` (its float32 pair: this rank's
-            zeroed dK / dV), the gathered K / V (k's dtype, uninitialised), their zeroed float32
-            dK / dV, and per step 1 .. last_step a float32 (dk_t, dv_t) pair of that step's
-            shard shape (uninitialised).
+            zeroed dK / dV), the gathered K / V (k's dtype, uninitialised; () without a
+            gather), their zeroed float32 dK / dV, and per step 1 .. last_step a float32 (dk_t,
+            dv_t) pair of that step's shard shape (uninitialised; none without a gather).
         keep: objects the launches read (device arrays): kept alive with the plan.
 
     Attributes:
         gathers: True (``schedule.run_planned_gathered_backward`` runs it).
+        identity: whether the gathered block reads the received shard itself (no gather).
     """
 
     gathers = True
@@ -249,13 +259,16 @@ class PlannedGatherBackward:
     def __init__(self, last_step: int, gather: Any, blocks: PlannedBackward, returns: tuple,
                  add: Any, sources: int, step_sources: tuple, scratch: Any,
                  keep: tuple = ()):  # fmt: skip
-        if last_step < 1 or len(returns) != last_step or len(step_sources) != last_step or (
+        self.identity = gather is None
+        backs = 0 if self.identity else last_step
+        if last_step < 1 or len(returns) != backs or len(step_sources) != last_step or (
             blocks is not None and blocks.last_step != 1
-        ):  # fmt: skip
+        ) or (self.identity and last_step != 1):  # fmt: skip
             raise ValueError(
-                f"a gathered backward needs at least two steps, two blocks and a way back for "
-                f"each received shard, got {last_step=}, {len(returns)} launches back, "
-                f"{len(step_sources)} maps"
+                f"a gathered backward needs at least two steps, two blocks, and a way back for "
+                f"each received shard unless one is received in order (no gather), got "
+                f"{last_step=}, {'no gather' if self.identity else 'a gather'}, "
+                f"{len(returns)} launches back, {len(step_sources)} maps"
             )
         self.last_step = last_step
         self._gather, self.blocks, self._returns, self._add = gather, blocks, returns, add
