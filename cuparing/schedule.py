@@ -396,7 +396,11 @@ def run_planned_gathered_forward(ring, planned, q: int, kv: list, out: int, lse:
     if blocks.busy[0]:
         with ring.trace_compute("fwd own"):
             blocks.launch_step(0, out, accumulator, lse, q, kv[0].data.ptr, kv[1].data.ptr)
-    parts = [(k.data.ptr, v.data.ptr) for k, v in (exchange.wait() for exchange in pending)]
+    # (the arrays stay referenced until the launches reading them are queued: a ring may hand
+    # out arrays it does not keep, the in-process ring's copies, whose memory another thread
+    # could otherwise take and write first)
+    received = [exchange.wait() for exchange in pending]
+    parts = [(k.data.ptr, v.data.ptr) for k, v in received]
     if blocks.busy[1]:
         if planned.identity:  # (the one received shard is in order already)
             gathered = parts[0]
@@ -436,7 +440,8 @@ def run_planned_gathered_backward(ring, planned, pointers: tuple, kv: list,
         with ring.trace_compute("bwd own"):
             blocks.launch_step(0, dout, lse, delta, dq_acc, dk_own, dv_own, q, kv[0].data.ptr,
                                kv[1].data.ptr, flags)  # fmt: skip
-    parts = [(k.data.ptr, v.data.ptr) for k, v in (exchange.wait() for exchange in pending)]
+    received = [exchange.wait() for exchange in pending]  # (referenced: as the forward's)
+    parts = [(k.data.ptr, v.data.ptr) for k, v in received]
     if blocks.busy[1]:
         if planned.identity:  # (the one received shard is in order already)
             k_all, v_all = parts[0]
