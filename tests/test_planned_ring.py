@@ -113,10 +113,13 @@ def test_a_plan_needs_one_entry_per_step():
     flags=st.booleans(),
 )
 def test_backward_steps_follow_the_schedule(kinds, home, flags):
-    """Delta first; each step exchanges K/V (but the last), launches its block into the dK/dV
-    accumulators held at that step, then exchanges those and waits for both; the accumulators go
-    home if they must, and dq is converted after that trip starts and before it is waited for
-    (the GPU converts while they travel); dk, dv come from what this rank holds at the end."""
+    """Delta first; each step exchanges K/V (but the last) and launches its block: at step 0
+    into this rank's dK/dV accumulators, at later steps into fresh ones while the accumulators
+    of the shard it holds are on their way, which it then waits for and adds in (an EMPTY
+    step passes what arrived on as it is); the sum travels on (but the last step's) and the
+    K/V are waited for; the accumulators go home if they must, and dq is converted after that
+    trip starts and before it is waited for (the GPU converts while they travel); dk, dv come
+    from what this rank holds at the end."""
     log = _Recorder()
     last = len(kinds) - 1
     steps = [
@@ -125,23 +128,30 @@ def test_backward_steps_follow_the_schedule(kinds, home, flags):
         for t, busy in enumerate(kinds)
     ]  # fmt: skip
     scratch_arrays = (_array(), _array(), [_array(), _array()], _array() if flags else None)
+    made = []
     planned = PlannedBackward(
         last, home, log.launch("delta"), steps, q_pos=999, dq_out=log.launch("dq"),
         dkv_out=log.launch("dkv"), scratch=lambda: scratch_arrays,
+        fresh=lambda: made.append([_array(), _array()]) or made[-1], add=log.launch("add"),
     )  # fmt: skip
     k, v = _array(), _array()
     dout, q, out, lse, dq, dk, dv = 1, 2, 3, 4, 5, 6, 7
-    run_planned_backward(_RecordingRing(log), planned, (dout, q, out, lse), [k, v], (dq, dk, dv))
+    kept = run_planned_backward(_RecordingRing(log), planned, (dout, q, out, lse), [k, v],
+                                (dq, dk, dv))  # fmt: skip
+    assert kept == (scratch_arrays, made)  # (a captured call keeps every step's accumulators)
 
     delta, dq_acc, dkv, flag_array = scratch_arrays
     flag_base = flag_array.data.ptr if flags else 0
     waits = iter(e for e in log.events if e[0] == "wait")
+    fresh = iter(made)
     want = [("delta", (dout, out, delta.data.ptr))]
     held = (k.data.ptr, v.data.ptr)
     acc = (dkv[0].data.ptr, dkv[1].data.ptr)
     for t, busy in enumerate(kinds):
         if t < last:
             want.append(("exchange", held, 1, "kv"))
+        if t > 0 and busy:
+            acc = tuple(x.data.ptr for x in next(fresh))
         if busy:
             redo, dq_turns, dkv_turns = (
                 (flag_base + 16 * t, 0, flag_base + 16 * t + 4) if flags else (0, 0, 0)
@@ -149,12 +159,18 @@ def test_backward_steps_follow_the_schedule(kinds, home, flags):
             want.append(("trace", f"bwd step {t}"))
             want.append((f"block {t}", (dout, lse, delta.data.ptr, dq_acc.data.ptr, *acc, q,
                                         *held, 999, 7000 + t, redo, dq_turns, dkv_turns, 0, 0)))
+        if t > 0:
+            arrived = next(waits)[2]
+            want.append(("wait", "dkv", arrived))
+            if busy:
+                want += [("add", (arrived[0], acc[0])), ("add", (arrived[1], acc[1]))]
+            else:
+                acc = arrived
         if t < last:
             want.append(("exchange", acc, 1, "dkv"))
             held = next(waits)[2]
             want.append(("wait", "kv", held))
-            acc = next(waits)[2]
-            want.append(("wait", "dkv", acc))
+    assert next(fresh, None) is None
     if home:
         want.append(("exchange", acc, home, "dkv_home"))
     want.append(("dq", (dq_acc.data.ptr, dq)))
@@ -241,6 +257,9 @@ class _ScheduleBackend:
     def kv_from_accum(self, acc, dtype, out=None):
         return out
 
+    def add_into(self, acc, x):
+        pass
+
 
 class _LoggingRing(_RecordingRing):
     """Logs what a peer sees of a rank's ring call (exchanges by tag and shift, waits, compute
@@ -290,6 +309,7 @@ def test_planned_calls_exchange_as_the_schedule_does(world, layout, causal, wind
         backward = PlannedBackward(
             plan.last_step, (-plan.last_step) % world, noop, steps, 0, noop, noop,
             scratch=lambda: (_array(), _array(), [_array(), _array()], None),
+            fresh=lambda: [_array(), _array()], add=noop,
         )  # fmt: skip
         run_planned_backward(planned, backward, (0, 0, 0, 0), [_array(), _array()], (0, 0, 0))
         assert planned.events() == full.events()

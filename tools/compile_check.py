@@ -270,6 +270,7 @@ def check_all(archs=ARCHS, jobs: int | None = None, nvrtc=None) -> list[KernelRe
                          loader.dq_from_tiles_name(dtype), loader.direct_rows_name(dtype)):
                 work.append((source, name, arch, False, 0))
         work.append((source, loader.COPY_PAIR_NAME, arch, False, 0))
+        work.append((source, loader.ADD_F32_NAME, arch, False, 0))
         if arch.startswith("sm_9"):  # the wgmma family exists for the sm_90a target only
             sm90_source = loader.kernel_source(arch, "sm90")
             for d in loader.SM90_FWD_CONFIGS:

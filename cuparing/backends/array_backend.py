@@ -86,6 +86,10 @@ class ArrayBackend:
         """A zeroed dK / dV accumulator: k's shape, float32 (float64); the same when ``whole``."""
         return self.zeros_accum(k.shape, k.dtype)
 
+    def add_into(self, acc, x):
+        """``acc += x`` (accumulators of the same shape and dtype)."""
+        acc += x
+
     def kv_from_accum(self, acc, dtype, out=None):
         """dK / dV from its accumulator: ``acc`` as ``dtype`` (into ``out`` if given)."""
         return self.cast(acc, dtype, out=out)

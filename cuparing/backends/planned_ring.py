@@ -97,6 +97,10 @@ class PlannedBackward:
             where ``dkv_out`` is None) and the zeroed int32 flags of every step (or None when no
             step has any).
         keep: objects the launches read (device position arrays): kept alive with the plan.
+        fresh: a callable giving, on the current stream, a later step's zeroed float32
+            ``[dk_acc, dv_acc]`` (``schedule.backward_rotation``); add: the launch (x, acc) of
+            ``acc += x`` over one such accumulator. Needed where the plan has more than one
+            step.
 
     Attributes:
         busy: per step, whether its block is not EMPTY (``schedule.backward_rotation`` takes
@@ -107,7 +111,8 @@ class PlannedBackward:
     def __init__(
         self, last_step: int, home_shift: int, delta: Any,
         steps: Sequence[tuple[Any, int, tuple] | None], q_pos: int, dq_out: Any, dkv_out: Any,
-        scratch: Any, keep: tuple = (), direct: bool = False,
+        scratch: Any, keep: tuple = (), direct: bool = False, fresh: Any = None,
+        add: Any = None,
     ):  # fmt: skip
         if len(steps) != last_step + 1:
             raise ValueError(f"expected {last_step + 1} steps, got {len(steps)}")
@@ -118,6 +123,9 @@ class PlannedBackward:
             )
         if not direct and dkv_out is None:
             raise ValueError("a backward that adds into float32 dK / dV needs their cast")
+        if last_step > 0 and (fresh is None or add is None):
+            raise ValueError("a backward of several steps needs fresh dK / dV accumulators and "
+                             "their add")  # fmt: skip
         self.last_step, self.home_shift = last_step, home_shift
         self._delta = delta
         self._steps = tuple(steps)
@@ -126,6 +134,8 @@ class PlannedBackward:
         self._dq_out, self._dkv_out = dq_out, dkv_out
         self.direct = direct
         self.scratch = scratch
+        self.fresh = fresh
+        self._add = add
         self._keep = keep
 
     def launch_delta(self, dout: int, out: int, delta: int) -> None:
@@ -151,6 +161,10 @@ class PlannedBackward:
             raise ValueError("a direct backward step needs the dK / dV addresses")
         launch.launch(dout, lse, delta, dq_acc, dk_acc, dv_acc, q, k, v, self._q_pos, k_pos,
                       redo, dq_turns, dkv_turns, dk, dv)  # fmt: skip
+
+    def add(self, x: int, acc: int) -> None:
+        """``acc += x`` over float32 dK / dV accumulators (a later step's and what arrived)."""
+        self._add.launch(x, acc)
 
     def finish_queries(self, dq_acc: int, dq: int) -> None:
         """dq from the dq accumulator (complete after the last step: it may run while dK / dV

@@ -76,6 +76,10 @@ class Backend(Protocol):
         write straight in k's dtype (into ``into``, the caller's destination, where it can).
         Read back only through :meth:`kv_from_accum`."""
 
+    def add_into(self, acc: Any, x: Any) -> None:
+        """``acc += x``: ``acc`` an accumulator of :meth:`kv_accum` (not ``whole``), ``x`` one
+        of the same shape and dtype (a ring receive buffer)."""
+
     def kv_from_accum(self, acc: Any, dtype: Any, out: Any = None) -> Any:
         """The gradient in ``dtype`` from the accumulator of :meth:`kv_accum`; written into
         ``out`` (an array of this backend, k's shape, any strides) and returned, if given."""

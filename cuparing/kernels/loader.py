@@ -440,6 +440,7 @@ def dq_from_tiles_name(dtype: str) -> str:
 
 
 COPY_PAIR_NAME = "cuparing_copy_pair"
+ADD_F32_NAME = "cuparing_add_f32"
 
 
 def direct_rows_name(dtype: str) -> str:
@@ -805,6 +806,12 @@ def get_copy_pair_kernel():
     grid (x, 2), 256 threads; arguments a_src, a_dst, a_bytes, b_src, b_dst, b_bytes, every
     pointer 16-byte aligned)."""
     return get_module((COPY_PAIR_NAME,)).get_function(COPY_PAIR_NAME)
+
+
+def get_add_f32_kernel():
+    """The kernel adding float32 arrays (``cuparing_add_f32``: arguments x, acc, n; acc += x
+    over n elements, any grid: a grid-stride loop)."""
+    return get_module((ADD_F32_NAME,)).get_function(ADD_F32_NAME)
 
 
 def get_bwd_delta_kernel(dtype: str):

@@ -13,6 +13,7 @@
 //   cuparing_direct_rows<bf16>: after the sm90 backward's redo pass, with direct gradients, the
 //                          dK / dV rows of the CTAs it finished into the gradients (common/
 //                          direct_grads.cuh): grid (H, B, ceil(Sk / 128)), up to 256 threads.
+//   cuparing_add_f32:      acc += x over n float32 elements (grid-stride).
 #include "../common/direct_grads.cuh"
 #include "bwd.cuh"
 #include "fwd.cuh"
@@ -82,6 +83,17 @@ __global__ void __launch_bounds__(256)
   const long long tail = words * 16 + first;
   if (tail < bytes && first < 16) {
     reinterpret_cast<unsigned char*>(dst)[tail] = reinterpret_cast<const unsigned char*>(src)[tail];
+  }
+}
+
+// acc += x over n float32 elements (the ring backward's dK / dV that arrived from the rank before,
+// added to those a step computed meanwhile).
+__global__ void cuparing_add_f32(const float* __restrict__ x, float* __restrict__ acc,
+                                 long long n) {
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    acc[i] += x[i];
   }
 }
 
