@@ -507,16 +507,8 @@ class CupyBackend:
                 and dtype_name(k.dtype) == dtype_name(q.dtype))  # fmt: skip
 
     def add_into(self, acc, x):
-        """``acc += x`` on the current stream (the protocol's contract): float32 by
-        ``cuparing_add_f32``, other dtypes by CuPy."""
-        if acc.dtype == np.float32 and x.dtype == np.float32 and acc.flags.c_contiguous and (
-            x.flags.c_contiguous
-        ):  # fmt: skip
-            if acc.size:
-                _elementwise_launch(loader.get_add_f32_kernel(), acc.size).launch(
-                    x.data.ptr, acc.data.ptr
-                )
-            return
+        """``acc += x`` on the current stream (the protocol's contract; the planned calls add
+        with ``cuparing_add_f32``)."""
         acc += x
 
     def kv_from_accum(self, acc, dtype, out=None):
@@ -603,8 +595,13 @@ class CupyBackend:
             flags = _zeroed(cp, (flag_count,), cp.int32) if flag_count else None
             return delta, dq_acc, dkv, flags
 
-        def fresh():  # a later step's dK / dV accumulators (schedule.backward_rotation)
+        def fresh():  # the pair later steps compute into (schedule.backward_rotation)
             return [_zeroed(cp, kv_shape, cp.float32) for _ in range(2)]
+
+        def clear(pair):
+            stream = cp.cuda.get_current_stream().ptr
+            for x in pair:
+                cp.cuda.runtime.memsetAsync(x.data.ptr, 0, x.nbytes, stream)
 
         q_pos, blocks = self._planned_blocks(plan, k, v)
         steps, keep = [], [q_pos]
@@ -633,7 +630,7 @@ class CupyBackend:
         return PlannedBackward(
             plan.last_step, home_shift_of(plan), self._delta_launch(dout, out),
             steps, q_pos.data.ptr, dq_out, None if direct else _elementwise_launch(to_half, k.size),
-            scratch, tuple(keep), direct=direct, fresh=fresh,
+            scratch, tuple(keep), direct=direct, fresh=fresh, clear=clear,
             add=_elementwise_launch(loader.get_add_f32_kernel(), math.prod(kv_shape)),
         )  # fmt: skip
 

@@ -97,9 +97,10 @@ class PlannedBackward:
             where ``dkv_out`` is None) and the zeroed int32 flags of every step (or None when no
             step has any).
         keep: objects the launches read (device position arrays): kept alive with the plan.
-        fresh: a callable giving, on the current stream, a later step's zeroed float32
-            ``[dk_acc, dv_acc]`` (``schedule.backward_rotation``); add: the launch (x, acc) of
-            ``acc += x`` over one such accumulator. Needed where the plan has more than one
+        fresh: a callable giving, on the current stream, a zeroed float32 ``[dk_acc,
+            dv_acc]`` pair that later steps compute into (``schedule.backward_rotation``);
+            clear: a callable zeroing such a pair on the current stream; add: the launch (x,
+            acc) of ``acc += x`` over one accumulator. Needed where the plan has more than one
             step.
 
     Attributes:
@@ -112,7 +113,7 @@ class PlannedBackward:
         self, last_step: int, home_shift: int, delta: Any,
         steps: Sequence[tuple[Any, int, tuple] | None], q_pos: int, dq_out: Any, dkv_out: Any,
         scratch: Any, keep: tuple = (), direct: bool = False, fresh: Any = None,
-        add: Any = None,
+        clear: Any = None, add: Any = None,
     ):  # fmt: skip
         if len(steps) != last_step + 1:
             raise ValueError(f"expected {last_step + 1} steps, got {len(steps)}")
@@ -123,9 +124,9 @@ class PlannedBackward:
             )
         if not direct and dkv_out is None:
             raise ValueError("a backward that adds into float32 dK / dV needs their cast")
-        if last_step > 0 and (fresh is None or add is None):
-            raise ValueError("a backward of several steps needs fresh dK / dV accumulators and "
-                             "their add")  # fmt: skip
+        if last_step > 0 and (fresh is None or clear is None or add is None):
+            raise ValueError("a backward of several steps needs a dK / dV pair for its later "
+                             "steps, its clearing and its add")  # fmt: skip
         self.last_step, self.home_shift = last_step, home_shift
         self._delta = delta
         self._steps = tuple(steps)
@@ -134,7 +135,7 @@ class PlannedBackward:
         self._dq_out, self._dkv_out = dq_out, dkv_out
         self.direct = direct
         self.scratch = scratch
-        self.fresh = fresh
+        self.fresh, self.clear = fresh, clear
         self._add = add
         self._keep = keep
 
@@ -163,7 +164,7 @@ class PlannedBackward:
                       redo, dq_turns, dkv_turns, dk, dv)  # fmt: skip
 
     def add(self, x: int, acc: int) -> None:
-        """``acc += x`` over float32 dK / dV accumulators (a later step's and what arrived)."""
+        """``acc += x`` over float32 dK / dV accumulators (what arrived += a later step's)."""
         self._add.launch(x, acc)
 
     def finish_queries(self, dq_acc: int, dq: int) -> None:

@@ -77,8 +77,8 @@ class Backend(Protocol):
         Read back only through :meth:`kv_from_accum`."""
 
     def add_into(self, acc: Any, x: Any) -> None:
-        """``acc += x``: ``acc`` an accumulator of :meth:`kv_accum` (not ``whole``), ``x`` one
-        of the same shape and dtype (a ring receive buffer)."""
+        """``acc += x`` in place: float32 (float64) dK / dV accumulators of one shape, ``acc``
+        a ring receive buffer that arrived, ``x`` one of :meth:`kv_accum` (not ``whole``)."""
 
     def kv_from_accum(self, acc: Any, dtype: Any, out: Any = None) -> Any:
         """The gradient in ``dtype`` from the accumulator of :meth:`kv_accum`; written into
