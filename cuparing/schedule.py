@@ -562,7 +562,15 @@ def ring_backward(
         nonlocal dq_result
         dq_result = backend.dq_from_accum(dq, q.dtype, out=dq_into)
 
-    dkv = backward_rotation(ring, [k, v], dkv, busy_steps(plan), home_shift, block, queries_done)
+    def spare():  # (a new zeroed pair each time: freed once the step's add is queued)
+        return [backend.kv_accum(q, k), backend.kv_accum(q, v)]
+
+    def add(part, arrived):
+        backend.add_into(arrived[0], part[0])
+        backend.add_into(arrived[1], part[1])
+
+    dkv = backward_rotation(ring, [k, v], dkv, busy_steps(plan), home_shift, block, spare, add,
+                            queries_done)  # fmt: skip
     from_ring = plan.last_step > 0 or home_shift > 0
     grads = (
         dq_result,
@@ -589,8 +597,8 @@ def run_planned_backward(
         grads: addresses of (dq, dk, dv), written here in the dtypes of q, k, v.
 
     Returns:
-        The call's scratch arrays (``planned.scratch()``), which its queued launches read: a
-        captured call keeps them as long as its graph.
+        The call's scratch arrays (``planned.scratch()``, and the later steps' dK / dV pair),
+        which its queued launches read: a captured call keeps them as long as its graph.
     """
     dout, q, out, lse = pointers
     scratch = planned.scratch()
@@ -608,10 +616,24 @@ def run_planned_backward(
     def queries_done():
         planned.finish_queries(dq_acc, grads[0])
 
-    dkv = backward_rotation(ring, kv, dkv, planned.busy, planned.home_shift, block, queries_done)
+    made = []  # (one pair for every later step: a captured call keeps it with its graph)
+
+    def spare():
+        if made:
+            planned.clear(made[0])
+        else:
+            made.append(planned.fresh())
+        return made[0]
+
+    def add(part, arrived):
+        planned.add(part[0].data.ptr, arrived[0].data.ptr)
+        planned.add(part[1].data.ptr, arrived[1].data.ptr)
+
+    dkv = backward_rotation(ring, kv, dkv, planned.busy, planned.home_shift, block, spare, add,
+                            queries_done)  # fmt: skip
     planned.finish_keys(dkv[0].data.ptr, dkv[1].data.ptr, grads[1], grads[2])
     ring.check()
-    return scratch
+    return scratch, made
 
 
 def home_shift_of(plan: RingPlan) -> int:
@@ -627,27 +649,48 @@ def kv_grads_whole(plan: RingPlan) -> bool:
 
 
 def backward_rotation(
-    ring, kv: list, dkv: list, busy, home_shift: int, compute, queries_done=None
+    ring, kv: list, dkv: list, busy, home_shift: int, compute, spare, add, queries_done=None
 ) -> list:  # fmt: skip
-    """The backward's order of exchanges and compute, whatever computes: at each step ``t`` of
-    ``busy`` the exchange bringing step ``t + 1``'s K/V is started (none after the last),
-    ``compute(t, kv, dkv)`` adds into the dK/dV accumulators held at ``t`` where ``busy[t]``,
-    then those accumulators travel on, and both exchanges are waited for; after the last step
-    the accumulators go ``home_shift`` ranks on, and ``queries_done()`` (if given: work that
-    needs every step's dQ but no dK / dV, e.g. dQ's conversion) runs before that trip is waited
-    for, so a GPU does it while the accumulators are on their way. Returns the dK/dV
-    accumulators of this rank's own shard."""
+    """The backward's order of exchanges and compute, whatever computes.
+
+    At each step ``t`` of ``busy`` the exchange bringing step ``t + 1``'s K/V is started (none
+    after the last) and, where ``busy[t]``, ``compute(t, kv, dkv)`` adds into a pair of dK / dV
+    accumulators: ``dkv`` (this rank's, zeroed) at step 0, and at later steps the zeroed pair
+    ``spare()`` gives, while the accumulators of the shard held at ``t`` are still on their way
+    from the rank before; those are waited for after the compute, the step's pair is added into
+    them in place (``add(part, arrived)``: arrived += part, a ring receive buffer the rank may
+    update), and they travel on (an EMPTY step passes them on as they arrived). So one step's
+    dK / dV transfer runs during the next step's compute rather than between them. After the
+    last step the accumulators go ``home_shift`` ranks on, and ``queries_done()`` (if given:
+    work that needs every step's dQ but no dK / dV, e.g. dQ's conversion) runs before that trip
+    is waited for, so a GPU does it while they are on their way.
+
+    Returns:
+        The dK/dV accumulators of this rank's own shard.
+    """
     last = len(busy) - 1
+    arriving = None  # the exchange bringing the accumulators of the shard held at this step
     for step, computes in enumerate(busy):
         more = step < last
         pending_kv = ring.exchange(kv, 1, "kv") if more else None
-        if computes:
-            with ring.trace_compute(f"bwd step {step}"):
-                compute(step, kv, dkv)
+        if arriving is None:  # (step 0: this rank's own accumulators, nothing on the way)
+            mine = dkv
+            if computes:
+                with ring.trace_compute(f"bwd step {step}"):
+                    compute(step, kv, mine)
+        else:
+            part = None
+            if computes:
+                part = spare()
+                with ring.trace_compute(f"bwd step {step}"):
+                    compute(step, kv, part)
+            mine = arriving.wait()
+            if part is not None:
+                add(part, mine)
         if more:
-            pending_dkv = ring.exchange(dkv, 1, "dkv")
+            arriving = ring.exchange(mine, 1, "dkv")
             kv = pending_kv.wait()
-            dkv = pending_dkv.wait()
+        dkv = mine
     pending_home = ring.exchange(dkv, home_shift, "dkv_home") if home_shift else None
     if queries_done is not None:
         queries_done()

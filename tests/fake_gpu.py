@@ -680,3 +680,15 @@ def run_threads(fns, timeout: float = 30.0) -> list:
         t.join(timeout)
     assert not any(t.is_alive() for t in threads), "a rank hung"
     return out
+
+
+def peer_mesh(size: int, timeout: float = 10.0) -> list:
+    """Every rank's :class:`~cuparing.comm.peerlink.PeerLinks` of a ring of ``size`` on
+    loopback, connected (what an IpcRing of each rank takes)."""
+    from cuparing.comm.peerlink import PeerLinks
+
+    pairs = [PeerLinks.listen(r, size) for r in range(size)]
+    addresses = [address for _, address in pairs]
+    results = run_threads([lambda p=p: p[0].connect(addresses, timeout) for p in pairs])
+    assert all(r is None for r in results), results
+    return [links for links, _ in pairs]

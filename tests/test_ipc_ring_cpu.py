@@ -38,15 +38,6 @@ from cuparing.comm import nccl as nccl_mod
 from cuparing.comm.base import CaptureDeferred, RingError
 from cuparing.comm.peerlink import Address, LinkError, PeerLinks
 
-
-def _mesh(size, timeout=10.0):
-    pairs = [PeerLinks.listen(r, size) for r in range(size)]
-    addresses = [address for _, address in pairs]
-    results = _threads([lambda p=p: p[0].connect(addresses, timeout) for p in pairs])
-    assert all(r is None for r in results), results
-    return [links for links, _ in pairs]
-
-
 SYNCS = ["device", "host"]
 
 
@@ -62,7 +53,7 @@ def fake(request, monkeypatch):
 
     def make(size=2, timeout=20.0, trace=False, links=True, syncs=None):
         comms = stack.communicators(size)
-        meshes = _mesh(size) if links else [None] * size
+        meshes = fake_gpu.peer_mesh(size) if links else [None] * size
         rings = []
         for r, sync in enumerate(syncs or [request.param] * size):
             stack.driver = driver if sync == "device" else None
@@ -621,7 +612,7 @@ def test_transport_is_chosen_by_argument_or_environment(monkeypatch):
 
 
 def test_links_deliver_in_order_and_time_out():
-    links = _mesh(3)
+    links = fake_gpu.peer_mesh(3)
     try:
         for seq in range(5):
             links[0].send(2, 7, 1, seq, bytes([seq]) * 3)

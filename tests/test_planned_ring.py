@@ -124,10 +124,14 @@ def test_a_plan_needs_one_entry_per_step():
     flags=st.booleans(),
 )
 def test_backward_steps_follow_the_schedule(kinds, home, flags):
-    """Delta first; each step exchanges K/V (but the last), launches its block into the dK/dV
-    accumulators held at that step, then exchanges those and waits for both; the accumulators go
-    home if they must, and dq is converted after that trip starts and before it is waited for
-    (the GPU converts while they travel); dk, dv come from what this rank holds at the end."""
+    """Delta first; each step exchanges K/V (but the last) and launches its block: at step 0
+    into this rank's dK/dV accumulators, at later steps into one spare pair (made once a call,
+    cleared before each reuse) while the accumulators of the shard it holds are on their way;
+    those are then waited for and the step's pair added into them in place (an EMPTY step
+    passes them on as they arrived); they travel on (but the last step's) and the K/V are
+    waited for; the accumulators go home if they must, and dq is converted after that trip
+    starts and before it is waited for (the GPU converts while they travel); dk, dv come from
+    what this rank holds at the end."""
     log = _Recorder()
     last = len(kinds) - 1
     steps = [
@@ -136,36 +140,52 @@ def test_backward_steps_follow_the_schedule(kinds, home, flags):
         for t, busy in enumerate(kinds)
     ]  # fmt: skip
     scratch_arrays = (_array(), _array(), [_array(), _array()], _array() if flags else None)
+    pair = [_array(), _array()]
     planned = PlannedBackward(
         last, home, log.launch("delta"), steps, q_pos=999, dq_out=log.launch("dq"),
         dkv_out=log.launch("dkv"), scratch=lambda: scratch_arrays,
+        fresh=lambda: log.events.append(("fresh",)) or pair,
+        clear=lambda made: log.events.append(("clear", tuple(x.data.ptr for x in made))),
+        add=log.launch("add"),
     )  # fmt: skip
     k, v = _array(), _array()
     dout, q, out, lse, dq, dk, dv = 1, 2, 3, 4, 5, 6, 7
-    run_planned_backward(_RecordingRing(log), planned, (dout, q, out, lse), [k, v], (dq, dk, dv))
+    kept = run_planned_backward(_RecordingRing(log), planned, (dout, q, out, lse), [k, v],
+                                (dq, dk, dv))  # fmt: skip
+    later = any(kinds[1:])
+    assert kept == (scratch_arrays, [pair] if later else [])  # (a captured call keeps the pair)
 
     delta, dq_acc, dkv, flag_array = scratch_arrays
     flag_base = flag_array.data.ptr if flags else 0
     waits = iter(e for e in log.events if e[0] == "wait")
+    spare = tuple(x.data.ptr for x in pair)
     want = [("delta", (dout, out, delta.data.ptr))]
     held = (k.data.ptr, v.data.ptr)
     acc = (dkv[0].data.ptr, dkv[1].data.ptr)
+    made = False
     for t, busy in enumerate(kinds):
         if t < last:
             want.append(("exchange", held, 1, "kv"))
+        into = acc if t == 0 else spare
+        if t > 0 and busy:
+            want.append(("clear", spare) if made else ("fresh",))
+            made = True
         if busy:
             redo, dq_turns, dkv_turns = (
                 (flag_base + 16 * t, 0, flag_base + 16 * t + 4) if flags else (0, 0, 0)
             )
             want.append(("trace", f"bwd step {t}"))
-            want.append((f"block {t}", (dout, lse, delta.data.ptr, dq_acc.data.ptr, *acc, q,
+            want.append((f"block {t}", (dout, lse, delta.data.ptr, dq_acc.data.ptr, *into, q,
                                         *held, 999, 7000 + t, redo, dq_turns, dkv_turns, 0, 0)))
+        if t > 0:
+            acc = next(waits)[2]
+            want.append(("wait", "dkv", acc))
+            if busy:
+                want += [("add", (spare[0], acc[0])), ("add", (spare[1], acc[1]))]
         if t < last:
             want.append(("exchange", acc, 1, "dkv"))
             held = next(waits)[2]
             want.append(("wait", "kv", held))
-            acc = next(waits)[2]
-            want.append(("wait", "dkv", acc))
     if home:
         want.append(("exchange", acc, home, "dkv_home"))
     want.append(("dq", (dq_acc.data.ptr, dq)))
@@ -310,6 +330,7 @@ def test_planned_calls_exchange_as_the_schedule_does(world, layout, causal, wind
         backward = PlannedBackward(
             plan.last_step, (-plan.last_step) % world, noop, steps, 0, noop, noop,
             scratch=lambda: (_array(), _array(), [_array(), _array()], None),
+            fresh=lambda: [_array(), _array()], clear=lambda pair: None, add=noop,
         )  # fmt: skip
         run_planned_backward(planned, backward, (0, 0, 0, 0), [_array(), _array()], (0, 0, 0))
         assert planned.events() == full.events()
@@ -404,11 +425,12 @@ def _gathered_backward_plan(last: int, log: _Recorder | None, busy=(True, True),
     blocks = PlannedBackward(
         1, 0, launch("delta"), steps, q_pos=999, dq_out=launch("dq"), dkv_out=launch("dkv"),
         scratch=lambda: (_array(), _array(), [_array(), _array()], None),
+        fresh=lambda: [_array(), _array()], clear=lambda pair: None, add=launch("add"),
     )  # fmt: skip
     backs = 0 if identity else last
     return PlannedGatherBackward(
         last, None if identity else launch("gather"), blocks,
-        tuple(launch(f"back {t}") for t in range(1, backs + 1)), launch("add"), sources=777,
+        tuple(launch(f"back {t}") for t in range(1, backs + 1)), sources=777,
         step_sources=tuple(600 + t for t in range(1, last + 1)),
         scratch=lambda: (blocks.scratch(), () if identity else (_array(), _array()),
                          (_array(), _array()), [(_array(), _array()) for _ in range(backs)]),
@@ -487,11 +509,11 @@ def test_a_gathered_backward_sends_rows_home_and_adds_them_in_step_order(last, b
 
 def test_a_gathered_backward_plan_needs_two_blocks_and_a_way_back_for_every_shard():
     with pytest.raises(ValueError, match="a way back for each received shard"):
-        PlannedGatherBackward(2, object(), None, (None,) * 2, None, 0, (0,) * 3, None)
+        PlannedGatherBackward(2, object(), None, (None,) * 2, 0, (0,) * 3, None)
     with pytest.raises(ValueError, match="got last_step=2, no gather"):
-        PlannedGatherBackward(2, None, None, (), None, 0, (0,) * 2, None)
+        PlannedGatherBackward(2, None, None, (), 0, (0,) * 2, None)
     with pytest.raises(ValueError, match="at least two steps"):
-        PlannedGatherBackward(0, None, None, (), None, 0, (), None)
+        PlannedGatherBackward(0, None, None, (), 0, (), None)
 
 
 @settings(max_examples=60, deadline=None)

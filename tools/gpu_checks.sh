@@ -2,7 +2,7 @@
 # On a GPU machine: install, compile check, GPU tests, benchmarks. Logs go to the directory named
 # by CUPARING_LOG_DIR if set, else ./out.
 # Usage: bash tools/gpu_checks.sh
-#            [single|multi|bench|bwd|ring|profile|epilogue|candidate|consumers|gather|all]
+#            [single|multi|bench|bwd|ring|profile|epilogue|candidate|consumers|ringbwd|gather|all]
 #            [pytest -k expression]
 #   candidate: a kernel change (a branch checked out here) against the tree in .snap/main (made
 #        beside it: git archive main | tar -x -C .snap/main; carried): the compile check, the
@@ -18,6 +18,12 @@
 #   consumers: head dim 64's three-consumer default (PERF.md v8): its kernel tests in four
 #        shards and the NaN / inf forward tests, then its rows beside the two-consumer tile
 #        and the two-stage variant, one process each (~6 min)
+#   ringbwd: (2+ GPUs) a change of the ring backward's schedule (this tree) against the tree in
+#        .snap/main (git archive main | tar -x -C .snap/main; carried): the ring and repeat
+#        tests on one GPU, the multi-GPU reference and race tests, then bench_ring --backward
+#        (8k tokens/GPU, H/Hkv 32/8) and bench_varlen --backward of both trees in turn, both
+#        transports: compare bwd ms (the no-comm baseline pays the new clears and adds too)
+#        (~9 min)
 #   gather: the gathered ring (CUPARING_KV_GATHER=1: the other ranks' K/V at once, two
 #        launches a rank): its GPU tests, the kernels of each simulated rank against the ring's (one GPU:
 #        profile_ring_steps, packed documents, forward and backward, 4 ranks), and with 2+
@@ -149,6 +155,29 @@ if [[ $what == epilogue || $what == all ]]; then
   run timeout 240 python tools/ablate.py tools/variants/epilogue_cost.py --lines 6 --rounds 1 \
     --out "$out/ablate_epilogue_quick" -- tools/bench_attention.py --quick --families sm90 2>&1 \
     | tee "$out/ablate_epilogue_quick.log"
+fi
+if [[ $what == ringbwd ]]; then
+  run timeout 200 python -m pytest -q -rf --maxfail=4 tests/test_gpu_attention.py \
+    -k "(repeat or ring or caller or deterministic)${filter:+ and ($filter)}" 2>&1 \
+    | tee "$out/ringbwd_single.log" | tail -4
+  run timeout 200 python -m pytest -q -rf --maxfail=2 tests/test_multigpu.py \
+    -k "matches or race" 2>&1 | tee "$out/ringbwd_multi.log" | tail -4
+  for round in 1 2; do
+    for tree in . .snap/main; do
+      [[ -d $tree/cuparing ]] || continue
+      for transport in nccl ipc; do
+        echo "== round $round tree $tree $transport"
+        (cd "$tree" && PYTHONPATH="$PWD" CUPARING_TRANSPORT=$transport timeout 120 \
+          python -m cuparing.launch --nproc-per-node 2 tools/bench_ring.py --tokens 8192 \
+          --heads 32/8 --backward --no-torch --inputs torch 2>&1 | grep -v -i warn | tail -5) \
+          | tee -a "$out/ringbwd_bench.log"
+      done
+      echo "== round $round tree $tree varlen"
+      (cd "$tree" && PYTHONPATH="$PWD" timeout 120 python -m cuparing.launch \
+        --nproc-per-node 2 tools/bench_varlen.py --layouts zigzag --inputs torch --no-torch \
+        --backward 2>&1 | grep -v -i warn | tail -3) | tee -a "$out/ringbwd_varlen.log"
+    done
+  done
 fi
 if [[ $what == gather ]]; then
   run python tools/compile_check.py 2>&1 | grep -E "gather|add_f32|FAIL" | head -6

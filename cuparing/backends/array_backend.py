@@ -73,10 +73,6 @@ class ArrayBackend:
         rows = [self.xp.asarray(r) for r in keys.rows]
         return [(dk[:, at], dv[:, at]) for at in rows]
 
-    def add_into(self, acc, x):
-        """``acc += x`` (accumulators of the same shape and dtype)."""
-        acc += x
-
     def forward_finish(self, state):
         """(out in the caller's dtype, lse in float32 or float64), in the caller-owned arrays
         where ``forward_state`` had them."""
@@ -100,6 +96,10 @@ class ArrayBackend:
     def kv_accum(self, q, k, whole=False, into=None):
         """A zeroed dK / dV accumulator: k's shape, float32 (float64); the same when ``whole``."""
         return self.zeros_accum(k.shape, k.dtype)
+
+    def add_into(self, acc, x):
+        """``acc += x`` (accumulators of the same shape and dtype)."""
+        acc += x
 
     def kv_from_accum(self, acc, dtype, out=None):
         """dK / dV from its accumulator: ``acc`` as ``dtype`` (into ``out`` if given)."""

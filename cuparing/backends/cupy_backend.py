@@ -734,6 +734,14 @@ class CupyBackend:
             flags = _zeroed(cp, (flag_count,), cp.int32) if flag_count else None
             return delta, dq_acc, dkv, flags
 
+        def fresh():  # the pair later steps compute into (schedule.backward_rotation)
+            return [_zeroed(cp, kv_shape, cp.float32) for _ in range(2)]
+
+        def clear(pair):
+            stream = cp.cuda.get_current_stream().ptr
+            for x in pair:
+                cp.cuda.runtime.memsetAsync(x.data.ptr, 0, x.nbytes, stream)
+
         steps, keep = [], [q_pos]
         for block in blocks:
             if block is None:
@@ -760,7 +768,8 @@ class CupyBackend:
         return PlannedBackward(
             last_step, home_shift, self._delta_launch(dout, out), steps, q_pos.data.ptr, dq_out,
             None if direct else _elementwise_launch(to_half, k.size), scratch, tuple(keep),
-            direct=direct,
+            direct=direct, fresh=fresh, clear=clear,
+            add=_elementwise_launch(loader.get_add_f32_kernel(), math.prod(kv_shape)),
         )  # fmt: skip
 
     def _plan_gathered_backward(self, plan, dout, q, k, v, out, lse, grads, scale,
@@ -788,7 +797,6 @@ class CupyBackend:
                                     [(dk_all, dv_all)], at)  # fmt: skip
             for piece, at in zip(piece_shapes, step_sources, strict=False)
         )
-        add = _elementwise_launch(loader.get_add_f32_kernel(), k.size)
         kv_dtype = k.dtype  # (no arrays in the closure: they would outlive the first call)
 
         def scratch():
@@ -800,7 +808,7 @@ class CupyBackend:
             return blocks.scratch(), gathered, dkv_all, pieces
 
         return PlannedGatherBackward(
-            plan.last_step, gather, blocks, returns, add, sources.data.ptr,
+            plan.last_step, gather, blocks, returns, sources.data.ptr,
             tuple(at.data.ptr for at in step_sources), scratch,
             (own_pos, k_pos, sources, *step_sources),
         )  # fmt: skip

@@ -151,6 +151,11 @@ class PlannedBackward:
             where ``dkv_out`` is None) and the zeroed int32 flags of every step (or None when no
             step has any).
         keep: objects the launches read (device position arrays): kept alive with the plan.
+        fresh: a callable giving, on the current stream, a zeroed float32 ``[dk_acc,
+            dv_acc]`` pair that later steps compute into (``schedule.backward_rotation``);
+            clear: a callable zeroing such a pair on the current stream; add: the launch (x,
+            acc) of ``acc += x`` over one accumulator. Needed where the plan has more than one
+            step.
 
     Attributes:
         busy: per step, whether its block is not EMPTY (``schedule.backward_rotation`` takes
@@ -164,7 +169,8 @@ class PlannedBackward:
     def __init__(
         self, last_step: int, home_shift: int, delta: Any,
         steps: Sequence[tuple[Any, int, tuple] | None], q_pos: int, dq_out: Any, dkv_out: Any,
-        scratch: Any, keep: tuple = (), direct: bool = False,
+        scratch: Any, keep: tuple = (), direct: bool = False, fresh: Any = None,
+        clear: Any = None, add: Any = None,
     ):  # fmt: skip
         if len(steps) != last_step + 1:
             raise ValueError(f"expected {last_step + 1} steps, got {len(steps)}")
@@ -175,6 +181,9 @@ class PlannedBackward:
             )
         if not direct and dkv_out is None:
             raise ValueError("a backward that adds into float32 dK / dV needs their cast")
+        if last_step > 0 and (fresh is None or clear is None or add is None):
+            raise ValueError("a backward of several steps needs a dK / dV pair for its later "
+                             "steps, its clearing and its add")  # fmt: skip
         self.last_step, self.home_shift = last_step, home_shift
         self._delta = delta
         self._steps = tuple(steps)
@@ -183,6 +192,8 @@ class PlannedBackward:
         self._dq_out, self._dkv_out = dq_out, dkv_out
         self.direct = direct
         self.scratch = scratch
+        self.fresh, self.clear = fresh, clear
+        self._add = add
         self._keep = keep
 
     def launch_delta(self, dout: int, out: int, delta: int) -> None:
@@ -208,6 +219,10 @@ class PlannedBackward:
             raise ValueError("a direct backward step needs the dK / dV addresses")
         launch.launch(dout, lse, delta, dq_acc, dk_acc, dv_acc, q, k, v, self._q_pos, k_pos,
                       redo, dq_turns, dkv_turns, dk, dv)  # fmt: skip
+
+    def add(self, x: int, acc: int) -> None:
+        """``acc += x`` over float32 dK / dV accumulators (what arrived += a later step's)."""
+        self._add.launch(x, acc)
 
     def finish_queries(self, dq_acc: int, dq: int) -> None:
         """dq from the dq accumulator (complete after the last step: it may run while dK / dV
@@ -235,12 +250,11 @@ class PlannedGatherBackward:
             where the one received shard is in order already (no returns then: the gathered
             dK / dV are that shard's rows in order).
         blocks: a two-step :class:`PlannedBackward` (step 0 this rank's shard, step 1 the
-            gathered K/V; delta, the dq conversion, and the cast of accumulators of this rank's
-            shard shape into dK / dV).
+            gathered K/V; delta, the dq conversion, the cast of accumulators of this rank's
+            shard shape into dK / dV, and their float32 add, :meth:`add`).
         returns: per step 1 .. last_step, the launch copying that step's rows out of the
             gathered dK / dV (``kv_gather.gather_launch`` with one part: pointers dk_t, dv_t,
             dk_all, dv_all, its sources).
-        add: the launch (x, acc) adding a float32 array of this rank's shard shape into another.
         sources, step_sources: device addresses of the gather's map and of each step's map back.
         scratch: a callable giving, on the current stream, ``(blocks scratch, (k_all, v_all),
             (dk_all, dv_all), pieces)``: ``blocks.scratch()`` (its float32 pair: this rank's
@@ -257,8 +271,7 @@ class PlannedGatherBackward:
     gathers = True
 
     def __init__(self, last_step: int, gather: Any, blocks: PlannedBackward, returns: tuple,
-                 add: Any, sources: int, step_sources: tuple, scratch: Any,
-                 keep: tuple = ()):  # fmt: skip
+                 sources: int, step_sources: tuple, scratch: Any, keep: tuple = ()):  # fmt: skip
         self.identity = gather is None
         backs = 0 if self.identity else last_step
         if last_step < 1 or len(returns) != backs or len(step_sources) != last_step or (
@@ -271,7 +284,7 @@ class PlannedGatherBackward:
                 f"{len(returns)} launches back, {len(step_sources)} maps"
             )
         self.last_step = last_step
-        self._gather, self.blocks, self._returns, self._add = gather, blocks, returns, add
+        self._gather, self.blocks, self._returns = gather, blocks, returns
         self._sources, self._step_sources = sources, tuple(step_sources)
         self.scratch = scratch
         self._keep = keep
@@ -290,5 +303,5 @@ class PlannedGatherBackward:
         self._returns[step - 1].launch(dk, dv, dk_all, dv_all, self._step_sources[step - 1])
 
     def add(self, x: int, acc: int) -> None:
-        """``acc += x`` over float32 arrays of this rank's shard shape."""
-        self._add.launch(x, acc)
+        """``acc += x`` over float32 arrays of this rank's shard shape (the blocks' add)."""
+        self.blocks.add(x, acc)

@@ -51,10 +51,6 @@ class Backend(Protocol):
         ``keys.rows[t]`` of the accumulators ``dk`` / ``dv`` [B, L, Hkv, D] (``kv_accum``'s),
         as new C-contiguous arrays of their dtype (what ``ring.exchange`` sends)."""
 
-    def add_into(self, acc: Any, x: Any) -> None:
-        """``acc += x``, both accumulators (``kv_accum``'s dtype) of one shape; ``x`` may be a
-        ring receive buffer."""
-
     def forward_finish(self, state: Any) -> tuple[Any, Any]:
         """(out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] float32, float64 for float64): the
         caller-owned arrays given to ``forward_state``, where given."""
@@ -90,6 +86,12 @@ class Backend(Protocol):
         whole gradient (one block, nothing travels); a backend may then hand back one its kernels
         write straight in k's dtype (into ``into``, the caller's destination, where it can).
         Read back only through :meth:`kv_from_accum`."""
+
+    def add_into(self, acc: Any, x: Any) -> None:
+        """``acc += x`` in place: float32 (float64) dK / dV accumulators (:meth:`kv_accum`'s,
+        not ``whole``) of one shape, either of which may be a ring receive buffer that arrived
+        (the ring backward adds a step's into those; a gathered backward adds those into its
+        own)."""
 
     def kv_from_accum(self, acc: Any, dtype: Any, out: Any = None) -> Any:
         """The gradient in ``dtype`` from the accumulator of :meth:`kv_accum`; written into

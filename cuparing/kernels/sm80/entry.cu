@@ -90,9 +90,10 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// acc += x over n float32 elements (a gathered ring backward's dK / dV rows, received from the
-// ranks that computed them, added in step order).
-__global__ void cuparing_add_f32(const float* __restrict__ x, float* __restrict__ acc,
+// acc += x over n float32 elements (a ring backward step's dK / dV, added into those that arrived
+// from the rank before while it computed; a gathered ring backward's dK / dV rows, received from
+// the ranks that computed them, added in step order).
+__global__ void __launch_bounds__(256) cuparing_add_f32(const float* __restrict__ x, float* __restrict__ acc,
                                  long long n) {
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
