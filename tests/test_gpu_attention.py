@@ -941,7 +941,8 @@ def bf16_shards_in_poisoned_memory(torch, ring, host, layout, cu_seqlens):
 
 
 @requires_gpu(1)
-@pytest.mark.parametrize("world,layout", [(2, "zigzag"), (4, "zigzag"), (4, "packed")])
+@pytest.mark.parametrize("world,layout",
+                         [(2, "zigzag"), (3, "zigzag"), (4, "zigzag"), (4, "packed")])
 def test_gathered_repeats_run_the_kept_gathers(world, layout, monkeypatch, fresh_rng):
     """``CUPARING_KV_GATHER=1`` with torch tensors: a repeat of a packed-document ring forward
     and backward runs the kept gathered launches (``PlannedGather``,
