@@ -96,8 +96,11 @@ def _kind_table(layout: str, world_size: int, local_len: int, mask: MaskSpec):
     return positions, table, last_step
 
 
+@lru_cache(maxsize=256)
 def plan_ring(layout: str, rank: int, world_size: int, local_len: int, mask: MaskSpec) -> RingPlan:
-    """The (cached) plan for ``rank`` of a ``world_size`` ring holding ``local_len`` tokens each."""
+    """The (cached) plan for ``rank`` of a ``world_size`` ring holding ``local_len`` tokens each:
+    one object per arguments, which what is derived from a plan is kept by (``gathered_keys``,
+    a backend's device copies of its arrays)."""
     positions, table, last_step = _kind_table(layout, world_size, local_len, mask)
     kinds = tuple(BlockKind(int(x)) for x in table[rank])
     return RingPlan(rank, world_size, layout, mask, positions, kinds, last_step, positions[rank])

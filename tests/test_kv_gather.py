@@ -81,6 +81,24 @@ def _decode(raw: bytes) -> dict:
     }
 
 
+def test_a_repeated_call_reuses_its_plan_and_gathered_order():
+    """The order a gathered call computes once per plan (an argsort over every received key, and
+    on the GPU device copies of its maps) is found again by a call with the same arguments: the
+    plan is one object per arguments, documents or not."""
+    mask = MaskSpec(causal=True)
+    first = schedule.plan_ring("zigzag", 1, 4, 64, mask)
+    assert schedule.plan_ring("zigzag", 1, 4, 64, mask) is first
+    assert schedule.gathered_keys(first) is schedule.gathered_keys(
+        schedule.plan_ring("zigzag", 1, 4, 64, mask)
+    )
+    assert schedule.plan_ring("zigzag", 2, 4, 64, mask) is not first
+    cu = (0, 50, 61, 200)
+    docs = schedule.plan_documents("packed", 0, 3, cu, mask)
+    assert schedule.gathered_keys(docs) is schedule.gathered_keys(
+        schedule.plan_documents("packed", 0, 3, cu, mask)
+    )
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     parts=st.integers(1, loader.GATHER_MAX_PARTS), batch=st.integers(1, 3),

@@ -316,6 +316,8 @@ class CupyBackend:
         if hit is not None and hit[0]() is host:
             return hit[1]
         made = self.xp.asarray(host)
+        # (as positions': readers on any stream, or in a graph replayed later, come after it)
+        self.xp.cuda.get_current_stream().synchronize()
         with _DEVICE_POSITIONS_LOCK:
             if len(_ROWS_BY_ARRAY) >= _DEVICE_POSITIONS_MAX:
                 _ROWS_BY_ARRAY.clear()
