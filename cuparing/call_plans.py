@@ -93,9 +93,8 @@ def signature(
             return None
     if arrays[0] is None:
         return None
-    # (the gather switch decides a ring call's exchanges: a kept plan serves calls under it)
-    key = (entry, tuple(described), _typed(options), id(ring), loader.kernel_switches(),
-           schedule.gather_requested())  # fmt: skip
+    # (a ring call's options hold the gather switch, read once per call: see api)
+    key = (entry, tuple(described), _typed(options), id(ring), loader.kernel_switches())
     try:
         hash(key)
     except TypeError:

@@ -43,6 +43,9 @@ class RingPlan:
         last_step: the last step at which any rank has a non-empty block; the ring stops there.
         q_positions: global positions of this rank's queries; in a ring the same tokens as its
             K/V shard, ``positions[rank]``.
+        gather: whether its ring calls gather K/V (:func:`gathers`): asked for when the plan
+            was made (``CUPARING_KV_GATHER``, read once per call) and a ring of 1 ..
+            ``GATHER_MAX_SHARDS`` steps after the first.
     """
 
     rank: int
@@ -53,6 +56,7 @@ class RingPlan:
     kinds: tuple
     last_step: int
     q_positions: np.ndarray
+    gather: bool = False
 
     def source(self, step: int) -> int:
         """The rank whose K/V shard this rank holds at ``step``."""
@@ -70,7 +74,7 @@ class RingPlan:
         shapes and dtypes, and no K/V moves (the call's agreement check still runs).
         """
         kinds = (BlockKind.EMPTY,) * len(self.kinds)
-        return replace(self, kinds=kinds, last_step=0)
+        return replace(self, kinds=kinds, last_step=0, gather=False)
 
 
 def _frozen(positions: np.ndarray) -> np.ndarray:
@@ -97,24 +101,29 @@ def _kind_table(layout: str, world_size: int, local_len: int, mask: MaskSpec):
 
 
 @lru_cache(maxsize=256)
-def plan_ring(layout: str, rank: int, world_size: int, local_len: int, mask: MaskSpec) -> RingPlan:
+def plan_ring(layout: str, rank: int, world_size: int, local_len: int, mask: MaskSpec,
+              gather: bool = False) -> RingPlan:  # fmt: skip
     """The (cached) plan for ``rank`` of a ``world_size`` ring holding ``local_len`` tokens each:
     one object per arguments, which what is derived from a plan is kept by (``gathered_keys``,
-    a backend's device copies of its arrays)."""
+    a backend's device copies of its arrays). ``gather``: the call asks to gather K/V
+    (:func:`gather_requested`; the plan gathers where its steps allow, :func:`gathers`)."""
     positions, table, last_step = _kind_table(layout, world_size, local_len, mask)
     kinds = tuple(BlockKind(int(x)) for x in table[rank])
-    return RingPlan(rank, world_size, layout, mask, positions, kinds, last_step, positions[rank])
+    return RingPlan(rank, world_size, layout, mask, positions, kinds, last_step, positions[rank],
+                    _gathers_at(gather, last_step))  # fmt: skip
 
 
 @lru_cache(maxsize=64)
 def plan_documents(
-    layout: str, rank: int, world_size: int, cu_seqlens: tuple, mask: MaskSpec
-) -> RingPlan:
+    layout: str, rank: int, world_size: int, cu_seqlens: tuple, mask: MaskSpec,
+    gather: bool = False,
+) -> RingPlan:  # fmt: skip
     """The (cached) plan for ``rank`` of a ring over a packed sequence of documents
     ``cu_seqlens`` (``world_size == 1``: one device): spread positions, the clamped window and
     padded shards of ``cuparing.documents``, so every backend and kernel runs it unchanged. A
     block is classified on its real tokens only (padding sees nothing and is seen by nothing);
-    one holding padding is never FULL, so padding rows are always masked."""
+    one holding padding is never FULL, so padding rows are always masked. ``gather``: as
+    :func:`plan_ring`'s."""
     cu = np.asarray(cu_seqlens, dtype=np.int64)
     spec = documents.clamped_mask(mask, cu)
     queries, keys = documents.ring_positions(layout, world_size, cu)
@@ -137,7 +146,8 @@ def plan_documents(
     busy = np.nonzero((table != BlockKind.EMPTY).any(axis=0))[0]
     last_step = int(busy[-1]) if len(busy) else 0
     kinds = tuple(BlockKind(int(x)) for x in table[rank])
-    return RingPlan(rank, world_size, layout, spec, keys, kinds, last_step, queries[rank])
+    return RingPlan(rank, world_size, layout, spec, keys, kinds, last_step, queries[rank],
+                    _gathers_at(gather, last_step))  # fmt: skip
 
 
 @lru_cache(maxsize=256)
@@ -199,9 +209,15 @@ def gather_requested() -> bool:
 
 def gathers(plan: RingPlan) -> bool:
     """Whether this rank's ring calls of ``plan`` gather K/V (:func:`gathered_forward`,
-    :func:`gathered_backward`): asked for, and 1..``GATHER_MAX_SHARDS`` steps after the first
-    (one step has nothing to gather)."""
-    return 0 < plan.last_step <= GATHER_MAX_SHARDS and gather_requested()
+    :func:`gathered_backward`): decided when the plan was made (``RingPlan.gather``), so every
+    part of one call (its agreement, its schedule, a backend's launches) reads one answer."""
+    return plan.gather
+
+
+def _gathers_at(requested: bool, last_step: int) -> bool:
+    """A plan's ``gather``: asked for, and 1..``GATHER_MAX_SHARDS`` steps after the first (one
+    step has nothing to gather)."""
+    return bool(requested) and 0 < last_step <= GATHER_MAX_SHARDS
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,6 @@ from .interop import (
 )
 from .layouts import LAYOUTS, plain_geometry, split_factor
 from .masks import MaskSpec
-from .schedule import gather_requested
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 GPU_DTYPES = ("float16", "bfloat16", "float32")
@@ -562,7 +561,7 @@ def check_ring_call(
 
 def ring_call_fields(
     entry: str, q: Any, k: Any, ring: Any, mask: MaskSpec, scale: float, layout: str,
-    cu_seqlens: tuple | None = None,
+    cu_seqlens: tuple | None = None, gather: bool = False,
 ) -> Mapping[str, str]:  # fmt: skip
     """What every rank's ring call must have alike, for :meth:`cuparing.Ring.agree`.
 
@@ -570,8 +569,10 @@ def ring_call_fields(
     otherwise get a wrong answer silently (or a timeout): each of these is a field, so a mismatch
     is named on every rank before the first transfer. Arguments are the checked ones of
     :func:`check_ring_call`; ``entry`` names the public function (a forward on one rank against
-    a backward on another is a mismatch too). Returns names to ``str`` values, frozen (a kept plan
-    passes the same object on every repeat, which ``agree`` then need not read again).
+    a backward on another is a mismatch too); ``gather``: the call asks to gather K/V
+    (``CUPARING_KV_GATHER``, read once per call by the caller, which plans with the same answer).
+    Returns names to ``str`` values, frozen (a kept plan passes the same object on every repeat,
+    which ``agree`` then need not read again).
     """
     return CallFields({
         "call": entry,
@@ -587,8 +588,8 @@ def ring_call_fields(
         "global_seqlen": str(q.shape[1] * int(ring.size) if cu_seqlens is None else cu_seqlens[-1]),
         # the documents, as a digest: long boundary lists stay out of error messages
         "cu_seqlens": "none" if cu_seqlens is None else _boundaries_digest(cu_seqlens),
-        # CUPARING_KV_GATHER decides the call's exchanges (schedule.gathers)
-        "kv_gather": str(gather_requested()),
+        # CUPARING_KV_GATHER (read once per call) decides the call's exchanges
+        "kv_gather": str(bool(gather)),
     })
 
 

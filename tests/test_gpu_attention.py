@@ -920,8 +920,8 @@ def test_gathered_forward_on_gpu(layout, world, causal, documents, kernel_family
     check_backward(grads, dout, q, k, v, **mask)
     spec = validation.check_mask(causal, None)
     plan = (
-        schedule.plan_documents(layout, 0, world, tuple(int(x) for x in cu), spec) if documents
-        else schedule.plan_ring(layout, 0, world, seqlen // world, spec)
+        schedule.plan_documents(layout, 0, world, tuple(int(x) for x in cu), spec, True)
+        if documents else schedule.plan_ring(layout, 0, world, seqlen // world, spec, True)
     )  # fmt: skip
     expected = list(range(world)) if schedule.gathers(plan) else []
     assert sorted(ran["gathered_forward"]) == sorted(ran["gathered_backward"]) == expected

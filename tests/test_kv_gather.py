@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numerics import check_forward
 from test_launch_plans import Function, RecordingDriver
 
 from cuparing import schedule
@@ -178,3 +179,38 @@ def test_the_limits_agree_across_python_and_cuda():
     assert loader.GATHER_ROWS_PER_CTA == int(constants["kGatherRowsPerCta"])
     assert constants["kGatherThreads"] == "32 * kGatherRowsPerCta"
     assert loader.GATHER_ROWS_THREADS == 32 * loader.GATHER_ROWS_PER_CTA
+
+
+@pytest.mark.parametrize("flip_to", [True, False])
+def test_the_switch_is_read_once_per_call(monkeypatch, flip_to):
+    """``CUPARING_KV_GATHER`` changed while a ring call runs (here: on every rank right after the
+    ranks agreed on it) changes nothing of that call: its plan and exchanges follow the answer it
+    agreed on, whichever way the switch turns, and the result is the dense one."""
+    import os
+
+    from switches import kv_gather, ranks_calling
+
+    import cuparing as cr
+    from cuparing.comm.local import LocalRing
+
+    agree = LocalRing.agree
+
+    def agree_then_flip(ring, fields):
+        agree(ring, fields)
+        if flip_to:
+            os.environ[schedule.GATHER_ENV] = "1"
+        else:
+            os.environ.pop(schedule.GATHER_ENV, None)
+
+    monkeypatch.setattr(LocalRing, "agree", agree_then_flip)
+    q, k, v = np.random.default_rng().standard_normal((3, 1, 48, 2, 8))
+
+    def rank_fn(ring):
+        shards = [cr.shard(x, ring.rank, ring.size, layout="zigzag") for x in (q, k, v)]
+        return cr.ring_attention(*shards, ring, causal=True, layout="zigzag", return_lse=True)
+
+    with kv_gather(not flip_to), ranks_calling() as ran:
+        results = cr.simulate(4, rank_fn)
+    assert sorted(ran["gathered_forward"]) == ([] if flip_to else [0, 1, 2, 3])
+    out, lse = (cr.unshard([r[i] for r in results], layout="zigzag", axis=1 + i) for i in (0, 1))
+    check_forward(out, lse, q, k, v, causal=True)

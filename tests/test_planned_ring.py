@@ -530,7 +530,6 @@ def test_planned_gathered_calls_exchange_as_the_schedule_does(world, layout, cau
     the full path's exchanges (tags, shifts, order) and compute spans, rank by rank, on plain
     sequences and packed documents (``lengths``), under windows too, whichever blocks are
     EMPTY: ranks of one call may take either path."""
-    from switches import kv_gather
 
     from cuparing import validation
     from cuparing.masks import BlockKind
@@ -546,32 +545,31 @@ def test_planned_gathered_calls_exchange_as_the_schedule_does(world, layout, cau
     mask = validation.check_mask(causal, window)
     if lengths is not None and layout == "striped":
         layout = "zigzag"  # (documents take contiguous, zigzag or packed)
-    with kv_gather(True):
-        for rank in range(world):
-            if lengths is None:
-                plan = plan_ring(layout, rank, world, 16, mask)
-            else:
-                cu = (0, *(int(x) for x in np.cumsum(lengths)))
-                plan = plan_documents(layout, rank, world, cu, mask)
-            if not gathers(plan):  # (one step: the ring's own calls, tested above)
-                continue
-            keys = gathered_keys(plan)
-            busy = (keys.own_kind != BlockKind.EMPTY, keys.kind != BlockKind.EMPTY)
-            if any(busy):  # (a forward with no block keeps no plan)
-                full, planned = _LoggingRing(world), _LoggingRing(world)
-                ring_forward(_ScheduleBackend(), full, _array(), _array(), _array(), plan, 1.0)
-                forward = _gathered_forward_plan(plan.last_step, None, busy, keys.identity)
-                run_planned_gathered_forward(planned, forward, 0, [_array(), _array()], 0, 0,
-                                             (0, 0), 0)  # fmt: skip
-                assert planned.events() == full.events()
-
+    for rank in range(world):
+        if lengths is None:
+            plan = plan_ring(layout, rank, world, 16, mask, gather=True)
+        else:
+            cu = (0, *(int(x) for x in np.cumsum(lengths)))
+            plan = plan_documents(layout, rank, world, cu, mask, gather=True)
+        if not gathers(plan):  # (one step: the ring's own calls, tested above)
+            continue
+        keys = gathered_keys(plan)
+        busy = (keys.own_kind != BlockKind.EMPTY, keys.kind != BlockKind.EMPTY)
+        if any(busy):  # (a forward with no block keeps no plan)
             full, planned = _LoggingRing(world), _LoggingRing(world)
-            ring_backward(_ScheduleBackend(), full, *(_array() for _ in range(6)), plan, 1.0,
-                          grads_into=(_array(), _array(), _array()))  # fmt: skip
-            backward = _gathered_backward_plan(plan.last_step, None, busy, keys.identity)
-            run_planned_gathered_backward(planned, backward, (0, 0, 0, 0), [_array(), _array()],
-                                          (0, 0, 0))  # fmt: skip
+            ring_forward(_ScheduleBackend(), full, _array(), _array(), _array(), plan, 1.0)
+            forward = _gathered_forward_plan(plan.last_step, None, busy, keys.identity)
+            run_planned_gathered_forward(planned, forward, 0, [_array(), _array()], 0, 0,
+                                         (0, 0), 0)  # fmt: skip
             assert planned.events() == full.events()
+
+        full, planned = _LoggingRing(world), _LoggingRing(world)
+        ring_backward(_ScheduleBackend(), full, *(_array() for _ in range(6)), plan, 1.0,
+                      grads_into=(_array(), _array(), _array()))  # fmt: skip
+        backward = _gathered_backward_plan(plan.last_step, None, busy, keys.identity)
+        run_planned_gathered_backward(planned, backward, (0, 0, 0, 0), [_array(), _array()],
+                                      (0, 0, 0))  # fmt: skip
+        assert planned.events() == full.events()
 
 
 @pytest.mark.parametrize("world", [2, 3, 5])

@@ -66,8 +66,7 @@ def test_gathered_ring_matches_dense(case):
         check_case(case)
     spec = validation.check_mask(case.causal, case.window)
     local = case.seqlen // case.world_size
-    plan = schedule.plan_ring(case.layout, 0, case.world_size, local, spec)
-    with kv_gather(True):
-        expected = list(range(case.world_size)) if schedule.gathers(plan) else []
+    plan = schedule.plan_ring(case.layout, 0, case.world_size, local, spec, gather=True)
+    expected = list(range(case.world_size)) if schedule.gathers(plan) else []
     assert sorted(ran["gathered_forward"]) == expected
     assert sorted(ran["gathered_backward"]) == expected
