@@ -338,11 +338,7 @@ def gathered_backward(backend, ring, dout, q, k, v, out, lse, plan: RingPlan, sc
     :func:`gathers`."""
     keys, own = gathered_keys(plan), plan.positions[plan.source(0)]
     pending = gather_exchanges(ring, [k, v], plan.last_step)
-    q_pos = backend.positions(plan.q_positions)
-    delta = backend.backward_delta(dout, out)
-    if dlse is not None:
-        delta = delta - dlse.astype(delta.dtype)
-    dq = backend.dq_accum(q)
+    q_pos, delta, dq = _backward_start(backend, plan, dout, q, out, dlse)
     dq_into, dk_into, dv_into = grads_into or (None, None, None)
     dk_own, dv_own = backend.kv_accum(q, k), backend.kv_accum(q, v)
     if keys.own_kind != BlockKind.EMPTY:
@@ -557,11 +553,7 @@ def ring_backward(
         return gathered_backward(backend, ring, dout, q, k, v, out, lse, plan, scale,
                                  grads_into, dlse, deterministic)  # fmt: skip
     positions = [backend.positions(p) for p in plan.positions]
-    q_pos = backend.positions(plan.q_positions)
-    delta = backend.backward_delta(dout, out)
-    if dlse is not None:
-        delta = delta - dlse.astype(delta.dtype)
-    dq = backend.dq_accum(q)
+    q_pos, delta, dq = _backward_start(backend, plan, dout, q, out, dlse)
     dq_into, dk_into, dv_into = grads_into or (None, None, None)
     home_shift = home_shift_of(plan)
     # one block makes dK / dV whole (nothing travels): the backend may write them straight
@@ -653,6 +645,16 @@ def run_planned_backward(
     planned.finish_keys(dkv[0].data.ptr, dkv[1].data.ptr, grads[1], grads[2])
     ring.check()
     return scratch, made
+
+
+def _backward_start(backend, plan: RingPlan, dout, q, out, dlse):
+    """What every backward of a rank starts from (:func:`ring_backward`,
+    :func:`gathered_backward`): (the queries' positions, ``delta`` = rowsum(dout * out), less
+    ``dlse`` where given, and the zeroed dq accumulator)."""
+    delta = backend.backward_delta(dout, out)
+    if dlse is not None:
+        delta = delta - dlse.astype(delta.dtype)
+    return backend.positions(plan.q_positions), delta, backend.dq_accum(q)
 
 
 def home_shift_of(plan: RingPlan) -> int:

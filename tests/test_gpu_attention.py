@@ -927,6 +927,19 @@ def test_gathered_forward_on_gpu(layout, world, causal, documents, kernel_family
     assert sorted(ran["gathered_forward"]) == sorted(ran["gathered_backward"]) == expected
 
 
+def check_causal_ring_call(per_rank, host, layout, cu_seqlens):
+    """One causal ring call's results of every rank (``per_rank[r]``: out, lse, dq, dk, dv as
+    float32 host arrays of rank r's shard) unsharded and checked, bfloat16 ones as bfloat16,
+    against the float64 reference of ``host`` = (q, k, v, dout) over documents
+    ``cu_seqlens``."""
+    got = [cr.unshard([r[i] for r in per_rank], layout=layout, axis=2 if i == 1 else 1,
+                      cu_seqlens=cu_seqlens) for i in range(5)]  # fmt: skip
+    check_kernel_forward(got[0].astype(ml_dtypes.bfloat16), got[1], *host[:3], causal=True,
+                         cu_seqlens=cu_seqlens)  # fmt: skip
+    check_backward([g.astype(ml_dtypes.bfloat16) for g in got[2:]], host[3], *host[:3],
+                   causal=True, cu_seqlens=cu_seqlens)  # fmt: skip
+
+
 def bf16_shards_in_poisoned_memory(torch, ring, host, layout, cu_seqlens):
     """This rank's shards (``cr.shard`` with ``cu_seqlens``) of the bfloat16 host arrays
     ``host`` as torch CUDA tensors, then torch's pools poisoned (``poison_torch_pools``) for
@@ -983,12 +996,7 @@ def test_gathered_repeats_run_the_kept_gathers(world, layout, monkeypatch, fresh
     assert planned == [True] * 2 * world
     assert all(sorted(ranks) == list(range(world)) for ranks in ran.values())
     for n, host in enumerate(calls):
-        got = [cr.unshard([r[n][i] for r in per_rank], layout=layout, axis=2 if i == 1 else 1,
-                          cu_seqlens=cu) for i in range(5)]  # fmt: skip
-        check_kernel_forward(got[0].astype(ml_dtypes.bfloat16), got[1], *host[:3], causal=True,
-                             cu_seqlens=cu)  # fmt: skip
-        check_backward([g.astype(ml_dtypes.bfloat16) for g in got[2:]], host[3], *host[:3],
-                       causal=True, cu_seqlens=cu)  # fmt: skip
+        check_causal_ring_call([r[n] for r in per_rank], host, layout, cu)
 
 
 # ---- call plans: repeats of a checked call on torch CUDA tensors
@@ -1270,12 +1278,7 @@ def test_packed_document_repeats_run_kept_plans(world, monkeypatch, fresh_rng):
     # only the second call repeats: per rank its forward and its backward
     assert planned == [True] * 2 * world
     for n, (cu, host) in enumerate(calls):
-        got = [cr.unshard([r[n][i] for r in per_rank], layout=layout, axis=2 if i == 1 else 1,
-                          cu_seqlens=cu) for i in range(5)]  # fmt: skip
-        check_kernel_forward(got[0].astype(ml_dtypes.bfloat16), got[1], *host[:3], causal=True,
-                             cu_seqlens=cu)  # fmt: skip
-        check_backward([g.astype(ml_dtypes.bfloat16) for g in got[2:]], host[3], *host[:3],
-                       causal=True, cu_seqlens=cu)  # fmt: skip
+        check_causal_ring_call([r[n] for r in per_rank], host, layout, cu)
 
 
 @requires_gpu(1)

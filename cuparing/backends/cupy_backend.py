@@ -176,17 +176,23 @@ class CupyBackend:
         the cache fills (``_DEVICE_POSITIONS_MAX`` entries) and is cleared."""
         host = host_positions
         if isinstance(host, np.ndarray) and not host.flags.writeable:
-            key = (id(host), self.xp.cuda.runtime.getDevice())
-            hit = _POSITIONS_BY_ARRAY.get(key)
-            if hit is not None and hit[0]() is host:
-                return hit[1]
-            made = self._checked_positions(host)
-            with _DEVICE_POSITIONS_LOCK:
-                if len(_POSITIONS_BY_ARRAY) >= _DEVICE_POSITIONS_MAX:
-                    _POSITIONS_BY_ARRAY.clear()
-                _POSITIONS_BY_ARRAY[key] = (weakref.ref(host), made)
-            return made
+            return self._kept_per_array(_POSITIONS_BY_ARRAY, host, self._checked_positions)
         return self._checked_positions(np.asarray(host))
+
+    def _kept_per_array(self, cache: dict, host: np.ndarray, make):
+        """``make(host)`` for a read-only host array, made once per array and device: ``cache``
+        maps (id(host), device) to a weak reference that proves the id still names that array
+        and what was made; cleared when it holds ``_DEVICE_POSITIONS_MAX`` entries."""
+        key = (id(host), self.xp.cuda.runtime.getDevice())
+        hit = cache.get(key)
+        if hit is not None and hit[0]() is host:
+            return hit[1]
+        made = make(host)
+        with _DEVICE_POSITIONS_LOCK:
+            if len(cache) >= _DEVICE_POSITIONS_MAX:
+                cache.clear()
+            cache[key] = (weakref.ref(host), made)
+        return made
 
     @staticmethod
     def _checked_positions(host: np.ndarray) -> DevicePositions:
@@ -311,17 +317,12 @@ class CupyBackend:
     def _device_rows(self, host: np.ndarray):
         """The device copy of a read-only host array (a gather's sources), kept like
         positions' (one copy per array and device)."""
-        key = (id(host), self.xp.cuda.runtime.getDevice())
-        hit = _ROWS_BY_ARRAY.get(key)
-        if hit is not None and hit[0]() is host:
-            return hit[1]
+        return self._kept_per_array(_ROWS_BY_ARRAY, host, self._uploaded)
+
+    def _uploaded(self, host: np.ndarray):
         made = self.xp.asarray(host)
         # (as positions': readers on any stream, or in a graph replayed later, come after it)
         self.xp.cuda.get_current_stream().synchronize()
-        with _DEVICE_POSITIONS_LOCK:
-            if len(_ROWS_BY_ARRAY) >= _DEVICE_POSITIONS_MAX:
-                _ROWS_BY_ARRAY.clear()
-            _ROWS_BY_ARRAY[key] = (weakref.ref(host), made)
         return made
 
     def forward_finish(self, state: CupyForwardState):

@@ -76,7 +76,27 @@ class PlannedForward:
             launch.launch(accumulator, lse, q, k, v, self._q_pos, k_pos, 0)
 
 
-class PlannedGather:
+class _GatheredLaunches:
+    """What the gathered plans (:class:`PlannedGather`, :class:`PlannedGatherBackward`) share:
+    the launch putting the received shards' K/V rows in position order (``_gather``, None where
+    the one received shard is in order already), its device map (``_sources``) and
+    ``last_step``, which their constructors set."""
+
+    gathers = True
+    last_step: int
+    _gather: Any
+    _sources: int
+
+    def launch_gather(self, parts: Sequence[tuple[int, int]], k_all: int, v_all: int) -> None:
+        """On CuPy's current stream: the rows of ``parts`` (the (k, v) addresses received at
+        steps 1 .. last_step) into ``k_all`` / ``v_all`` in position order."""
+        if len(parts) != self.last_step:
+            raise ValueError(f"expected {self.last_step} shards, got {len(parts)}")
+        self._gather.launch(k_all, v_all, *(k for k, _ in parts), *(v for _, v in parts),
+                            self._sources)  # fmt: skip
+
+
+class PlannedGather(_GatheredLaunches):
     """The launches of one rank's gathered ring forward (``schedule.gathered_forward``): its own
     block while the other ranks' K/V arrive, their rows put in position order, one block over
     all of them.
@@ -99,8 +119,6 @@ class PlannedGather:
         identity: whether the gathered block reads the received shard itself (no gather).
     """
 
-    gathers = True
-
     def __init__(self, last_step: int, gather: Any, blocks: PlannedForward, sources: int,
                  gathered_shape: tuple, keep: tuple = ()):  # fmt: skip
         if last_step < 1 or blocks.last_step != 1:
@@ -118,13 +136,6 @@ class PlannedGather:
         self.gathered_shape = None if gathered_shape is None else tuple(gathered_shape)
         self._keep = keep
 
-    def launch_gather(self, parts: Sequence[tuple[int, int]], k_all: int, v_all: int) -> None:
-        """On CuPy's current stream: the rows of ``parts`` (the (k, v) addresses received at
-        steps 1 .. last_step) into ``k_all`` / ``v_all`` in position order."""
-        if len(parts) != self.last_step:
-            raise ValueError(f"expected {self.last_step} shards, got {len(parts)}")
-        self._gather.launch(k_all, v_all, *(k for k, _ in parts), *(v for _, v in parts),
-                            self._sources)  # fmt: skip
 
 
 class PlannedBackward:
@@ -237,7 +248,7 @@ class PlannedBackward:
             self._dkv_out.launch(dv_acc, dv)
 
 
-class PlannedGatherBackward:
+class PlannedGatherBackward(_GatheredLaunches):
     """The launches of one rank's gathered ring backward (``schedule.gathered_backward``): its
     own block (into float32 dK / dV of its shard) while the other ranks' K/V arrive, their rows
     put in position order, one block over all of them (into float32 dK / dV of every gathered
@@ -268,8 +279,6 @@ class PlannedGatherBackward:
         identity: whether the gathered block reads the received shard itself (no gather).
     """
 
-    gathers = True
-
     def __init__(self, last_step: int, gather: Any, blocks: PlannedBackward, returns: tuple,
                  sources: int, step_sources: tuple, scratch: Any, keep: tuple = ()):  # fmt: skip
         self.identity = gather is None
@@ -288,14 +297,6 @@ class PlannedGatherBackward:
         self._sources, self._step_sources = sources, tuple(step_sources)
         self.scratch = scratch
         self._keep = keep
-
-    def launch_gather(self, parts: Sequence[tuple[int, int]], k_all: int, v_all: int) -> None:
-        """The rows of ``parts`` (the (k, v) addresses received at steps 1 .. last_step) into
-        ``k_all`` / ``v_all`` in position order."""
-        if len(parts) != self.last_step:
-            raise ValueError(f"expected {self.last_step} shards, got {len(parts)}")
-        self._gather.launch(k_all, v_all, *(k for k, _ in parts), *(v for _, v in parts),
-                            self._sources)  # fmt: skip
 
     def launch_return(self, step: int, dk_all: int, dv_all: int, dk: int, dv: int) -> None:
         """Step ``step``'s (1 .. last_step) rows of the gathered float32 dK / dV into ``dk`` /
