@@ -24,6 +24,7 @@ from .comm.local import SoloRing
 from .interop import Origin, concatenate, dtype_name, take, to_backend, zeros_along
 from .schedule import (
     RingPlan,
+    gather_decided,
     gather_requested,
     plan_documents,
     plan_ring,
@@ -203,10 +204,10 @@ def ring_attention(
         True
     """
     key = None
-    gather = gather_requested()  # (read once: the key, the agreement and the plan)
+    requested = gather_requested()  # (read once: the key, the agreement and the plan)
     boundaries = call_plans.documents_key(cu_seqlens) if call_plans.plannable(q) else None
     if boundaries is not None:
-        options = (causal, scale, window, layout, boundaries, gather)
+        options = (causal, scale, window, layout, boundaries, requested)
         key = call_plans.signature("ring_attention", (q, k, v), options, (out, lse), ring)
         decided = call_plans.recall(key, ring, (q, k, v), (out, lse))
         if decided is not None:  # a repeat of a checked call
@@ -224,6 +225,7 @@ def ring_attention(
         )
         validation.check_untracked("ring_attention", ("q", "k", "v"), (q, k, v))
         validation.check_forward_destinations(origin, q, k, v, out, lse)
+    gather = _gather(requested, ring, cu, k)
     fields = validation.ring_call_fields("ring_attention", q, k, ring, mask, scale, layout, cu,
                                          gather)  # fmt: skip
     ring.agree(fields)
@@ -304,10 +306,10 @@ def ring_attention_backward(
     entry = "ring_attention_backward"
     arrays, dests = (dout, q, k, v, out, lse), (dq, dk, dv)
     key = None
-    gather = gather_requested()  # (read once, as the forward's)
+    requested = gather_requested()  # (read once, as the forward's)
     boundaries = call_plans.documents_key(cu_seqlens) if call_plans.plannable(q) else None
     if boundaries is not None:
-        options = (causal, scale, window, layout, deterministic, boundaries, gather)
+        options = (causal, scale, window, layout, deterministic, boundaries, requested)
         key = call_plans.signature(entry, (*arrays, dlse), options, dests, ring)
         decided = call_plans.recall(key, ring, arrays, dests)
         if decided is not None:  # a repeat of a checked call
@@ -328,6 +330,7 @@ def ring_attention_backward(
         validation.check_backward_extras(origin, arrays, dests, dlse)
         deterministic = validation.check_flag("deterministic", deterministic)
         _check_deterministic_runs(origin, q, deterministic)
+    gather = _gather(requested, ring, cu, k)
     fields = validation.ring_call_fields(entry, q, k, ring, mask, scale, layout, cu, gather)
     ring.agree(fields)
     plan = _unless_empty(_ring_plan(layout, ring, q, mask, cu, gather), q)
@@ -694,10 +697,18 @@ def _one_device_plan(q: Any, k: Any, mask: Any, cu_seqlens: Any) -> RingPlan:
     return plan_documents("contiguous", 0, 1, cu, mask)
 
 
+def _gather(requested: bool | None, ring: Ring, cu: tuple | None, k: Any) -> bool:
+    """Whether a checked ring call asks to gather K/V (``schedule.gather_decided``: the
+    switch's answer, else the default by ring size, documents (more than one) and the gathered
+    bytes)."""
+    several = cu is not None and len(cu) > 2
+    return gather_decided(requested, int(ring.size), several, tuple(k.shape), dtype_name(k))
+
+
 def _ring_plan(layout: str, ring: Ring, q: Any, mask: Any, cu: tuple | None,
                gather: bool) -> RingPlan:  # fmt: skip
     """This rank's plan: by layout, or over the (checked) documents ``cu``; ``gather``: the
-    call asks to gather K/V (``CUPARING_KV_GATHER``, read once by the caller)."""
+    call asks to gather K/V (:func:`_gather`, from ``CUPARING_KV_GATHER`` read once)."""
     if cu is None:
         return plan_ring(layout, ring.rank, ring.size, q.shape[1], mask, gather)
     return plan_documents(layout, ring.rank, ring.size, cu, mask, gather)

@@ -44,8 +44,8 @@ class RingPlan:
         q_positions: global positions of this rank's queries; in a ring the same tokens as its
             K/V shard, ``positions[rank]``.
         gather: whether its ring calls gather K/V (:func:`gathers`): asked for when the plan
-            was made (``CUPARING_KV_GATHER``, read once per call) and a ring of 1 ..
-            ``GATHER_MAX_SHARDS`` steps after the first.
+            was made (:func:`gather_decided`: ``CUPARING_KV_GATHER``, read once per call, or
+            the default) and a ring of 1 .. ``GATHER_MAX_SHARDS`` steps after the first.
     """
 
     rank: int
@@ -106,7 +106,7 @@ def plan_ring(layout: str, rank: int, world_size: int, local_len: int, mask: Mas
     """The (cached) plan for ``rank`` of a ``world_size`` ring holding ``local_len`` tokens each:
     one object per arguments, which what is derived from a plan is kept by (``gathered_keys``,
     a backend's device copies of its arrays). ``gather``: the call asks to gather K/V
-    (:func:`gather_requested`; the plan gathers where its steps allow, :func:`gathers`)."""
+    (:func:`gather_decided`; the plan gathers where its steps allow, :func:`gathers`)."""
     positions, table, last_step = _kind_table(layout, world_size, local_len, mask)
     kinds = tuple(BlockKind(int(x)) for x in table[rank])
     return RingPlan(rank, world_size, layout, mask, positions, kinds, last_step, positions[rank],
@@ -176,7 +176,7 @@ def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=None,
         (out, lse): out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] float32 (float64 for float64);
         the given ``out`` / ``lse`` where given.
 
-    A plan the schedule gathers (:func:`gathers`: ``CUPARING_KV_GATHER=1``) runs
+    A plan the schedule gathers (:func:`gathers`, :func:`gather_decided`) runs
     :func:`gathered_forward`.
     """
     if gathers(plan):
@@ -196,15 +196,50 @@ def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=None,
     return result
 
 
-# CUPARING_KV_GATHER=1: ring calls take every other rank's K/V at once and run two blocks, this
-# rank's shard and all the others in one order (experimental; gathered_forward says when)
+# CUPARING_KV_GATHER: ring calls take every other rank's K/V at once and run two blocks, this
+# rank's shard and all the others in one order ("1": always where the steps allow, "0": never,
+# unset: packed documents on rings of GATHER_DEFAULT_MIN_RANKS or more, gather_decided)
 GATHER_ENV = "CUPARING_KV_GATHER"
 GATHER_MAX_SHARDS = 8  # other ranks' shards one gathered call holds (the GPU kernel's parts)
+# the default's bounds: at C=2 gathering loses on packed documents (one received shard: the
+# ring's two blocks in another order), at C=4 it takes 10-15% off the forward and 6-8% off the
+# backward (PERF.md, "The gathered ring, planned"); the other shards' K/V it holds at once
+# (the backward adds their float32 dK / dV, twice that again) stay under a bound a training
+# step can pay beside its activations, else the ring's one shard at a time
+GATHER_DEFAULT_MIN_RANKS = 4
+GATHER_DEFAULT_MAX_BYTES = 1 << 30
+_ITEM_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
-def gather_requested() -> bool:
-    """Whether ``CUPARING_KV_GATHER=1`` asks ring calls to gather K/V (:func:`gathers`)."""
-    return os.environ.get(GATHER_ENV, "").strip() == "1"
+def gather_requested() -> bool | None:
+    """What ``CUPARING_KV_GATHER`` asks of ring calls: ``"1"`` True (gather), ``"0"`` False
+    (never), unset or empty None (:func:`gather_decided` chooses).
+
+    Raises:
+        ValueError: any other value (named with the variable).
+    """
+    value = os.environ.get(GATHER_ENV, "").strip()
+    if not value:
+        return None
+    if value in ("0", "1"):
+        return value == "1"
+    raise ValueError(f"{GATHER_ENV} must be '1', '0' or unset, got {GATHER_ENV}={value!r}")
+
+
+def gather_decided(requested: bool | None, world_size: int, documents: bool, kv_shape: tuple,
+                   dtype: str) -> bool:  # fmt: skip
+    """Whether a ring call asks its plan to gather K/V (:func:`gathers`; the plan still
+    declines where its steps do not allow it). ``requested``: :func:`gather_requested`'s
+    answer; where it is None, packed documents (``documents``) on a ring of at least
+    ``GATHER_DEFAULT_MIN_RANKS`` gather when the other ranks' K/V (``world_size - 1`` shards of
+    K and V, each ``kv_shape`` of ``dtype``) fit in ``GATHER_DEFAULT_MAX_BYTES``. Every input is
+    one the ranks agree on, so every rank decides alike."""
+    if requested is not None:
+        return requested
+    if not documents or world_size < GATHER_DEFAULT_MIN_RANKS:
+        return False
+    shard_bytes = 2 * int(np.prod(kv_shape)) * _ITEM_BYTES.get(dtype, 8)
+    return (world_size - 1) * shard_bytes <= GATHER_DEFAULT_MAX_BYTES
 
 
 def gathers(plan: RingPlan) -> bool:
@@ -546,7 +581,7 @@ def ring_backward(
         (dq, dk, dv) in the dtypes of q, k, v; dk and dv are gradients of *this rank's* K/V
         shard, summed over every rank's queries; the given arrays where given.
 
-    A plan the schedule gathers (:func:`gathers`: ``CUPARING_KV_GATHER=1``) runs
+    A plan the schedule gathers (:func:`gathers`, :func:`gather_decided`) runs
     :func:`gathered_backward`.
     """
     if gathers(plan):

@@ -570,7 +570,7 @@ def ring_call_fields(
     is named on every rank before the first transfer. Arguments are the checked ones of
     :func:`check_ring_call`; ``entry`` names the public function (a forward on one rank against
     a backward on another is a mismatch too); ``gather``: the call asks to gather K/V
-    (``CUPARING_KV_GATHER``, read once per call by the caller, which plans with the same answer).
+    (``schedule.gather_decided``, once per call by the caller, which plans with the same answer).
     Returns names to ``str`` values, frozen (a kept plan passes the same object on every repeat,
     which ``agree`` then need not read again).
     """
@@ -588,7 +588,7 @@ def ring_call_fields(
         "global_seqlen": str(q.shape[1] * int(ring.size) if cu_seqlens is None else cu_seqlens[-1]),
         # the documents, as a digest: long boundary lists stay out of error messages
         "cu_seqlens": "none" if cu_seqlens is None else _boundaries_digest(cu_seqlens),
-        # CUPARING_KV_GATHER (read once per call) decides the call's exchanges
+        # whether the call gathers K/V (decided once per call) decides its exchanges
         "kv_gather": str(bool(gather)),
     })
 

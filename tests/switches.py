@@ -12,12 +12,10 @@ from cuparing.schedule import GATHER_ENV
 
 @contextlib.contextmanager
 def kv_gather(on: bool):
-    """``CUPARING_KV_GATHER`` on (``"1"``) or unset inside the block, as it was after it."""
+    """``CUPARING_KV_GATHER`` on (``"1"``) or off (``"0"``) inside the block, as it was after
+    it."""
     before = os.environ.get(GATHER_ENV)
-    if on:
-        os.environ[GATHER_ENV] = "1"
-    else:
-        os.environ.pop(GATHER_ENV, None)
+    os.environ[GATHER_ENV] = "1" if on else "0"
     try:
         yield
     finally:

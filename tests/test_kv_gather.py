@@ -197,10 +197,7 @@ def test_the_switch_is_read_once_per_call(monkeypatch, flip_to):
 
     def agree_then_flip(ring, fields):
         agree(ring, fields)
-        if flip_to:
-            os.environ[schedule.GATHER_ENV] = "1"
-        else:
-            os.environ.pop(schedule.GATHER_ENV, None)
+        os.environ[schedule.GATHER_ENV] = "1" if flip_to else "0"
 
     monkeypatch.setattr(LocalRing, "agree", agree_then_flip)
     q, k, v = np.random.default_rng().standard_normal((3, 1, 48, 2, 8))
@@ -214,3 +211,90 @@ def test_the_switch_is_read_once_per_call(monkeypatch, flip_to):
     assert sorted(ran["gathered_forward"]) == ([] if flip_to else [0, 1, 2, 3])
     out, lse = (cr.unshard([r[i] for r in results], layout="zigzag", axis=1 + i) for i in (0, 1))
     check_forward(out, lse, q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("value, expected", [(None, None), ("", None), (" ", None), ("1", True),
+                                             ("0", False), (" 1 ", True)])  # fmt: skip
+def test_the_switch_reads_on_off_or_unset(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv(schedule.GATHER_ENV, raising=False)
+    else:
+        monkeypatch.setenv(schedule.GATHER_ENV, value)
+    assert schedule.gather_requested() is expected
+
+
+@pytest.mark.parametrize("value", ["yes", "true", "2", "on"])
+def test_any_other_switch_value_is_an_error_naming_it(monkeypatch, value):
+    monkeypatch.setenv(schedule.GATHER_ENV, value)
+    with pytest.raises(ValueError, match=rf"CUPARING_KV_GATHER.*{value!r}"):
+        schedule.gather_requested()
+
+
+@settings(max_examples=60, deadline=None)
+@given(world=st.integers(1, 12), documents=st.booleans(), tokens=st.integers(1, 1 << 20),
+       heads=st.sampled_from([1, 2, 8, 32]), dim=st.sampled_from([64, 128, 256]),
+       dtype=st.sampled_from(["bfloat16", "float16", "float32", "float64"]))  # fmt: skip
+def test_unset_gathers_packed_documents_on_rings_of_four_within_the_byte_bound(
+    world, documents, tokens, heads, dim, dtype
+):
+    """The switch's answer wins; unset, a call gathers exactly when it packs documents, its ring
+    has 4 or more ranks and the other ranks' K and V (world - 1 shards of [1, tokens, heads,
+    dim]) fit in GATHER_DEFAULT_MAX_BYTES."""
+    shape = (1, tokens, heads, dim)
+    for requested in (True, False):
+        assert schedule.gather_decided(requested, world, documents, shape, dtype) is requested
+    item = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}[dtype]
+    gathered = (world - 1) * 2 * tokens * heads * dim * item
+    expected = documents and world >= 4 and gathered <= schedule.GATHER_DEFAULT_MAX_BYTES
+    assert schedule.gather_decided(None, world, documents, shape, dtype) is expected
+
+
+def test_the_byte_bound_is_inclusive():
+    """At the bound exactly the call gathers; one token more and it does not (5 ranks, bf16)."""
+    per_token = 4 * 2 * 8 * 128 * 2  # four other shards, K and V, 8 heads of 128, bf16
+    tokens = schedule.GATHER_DEFAULT_MAX_BYTES // per_token
+    assert tokens * per_token == schedule.GATHER_DEFAULT_MAX_BYTES  # (the bound is a power of 2)
+    assert schedule.gather_decided(None, 5, True, (1, tokens, 8, 128), "bfloat16")
+    assert not schedule.gather_decided(None, 5, True, (1, tokens + 1, 8, 128), "bfloat16")
+
+
+@pytest.mark.parametrize("world, documents, expected", [
+    (4, "several", True), (5, "several", True), (3, "several", False), (2, "several", False),
+    (4, "one", False), (4, "none", False),
+])  # fmt: skip
+def test_the_default_gathers_packed_documents_on_four_ranks(monkeypatch, world, documents,
+                                                            expected):  # fmt: skip
+    """With the switch unset, a ring call over packed documents on 4 or more ranks runs the
+    gathered forward and backward on every rank; fewer ranks, or one sequence (``cu_seqlens``
+    of one document, or none), the ring.
+    Either way the results are the dense ones."""
+    from numerics import check_backward
+    from switches import ranks_calling
+
+    import cuparing as cr
+
+    monkeypatch.delenv(schedule.GATHER_ENV, raising=False)
+    rng = np.random.default_rng()
+    seqlen = 2 * world * int(rng.integers(3, 7))  # (a plain zigzag sequence splits in 2C)
+    cut = sorted(rng.choice(np.arange(1, seqlen), size=3, replace=False).tolist())
+    cu = {"several": [0, *cut, seqlen], "one": [0, seqlen], "none": None}[documents]
+    q, k, v, dout = rng.standard_normal((4, 1, seqlen, 2, 8))
+    opts = {"causal": True, "layout": "zigzag", "cu_seqlens": cu}
+
+    def rank_fn(ring):
+        local = [cr.shard(x, ring.rank, ring.size, layout="zigzag", cu_seqlens=cu)
+                 for x in (q, k, v, dout)]  # fmt: skip
+        out, lse = cr.ring_attention(*local[:3], ring, return_lse=True, **opts)
+        return out, lse, *cr.ring_attention_backward(local[3], *local[:3], out, lse, ring, **opts)
+
+    with ranks_calling() as ran:
+        results = cr.simulate(world, rank_fn)
+    ranks = list(range(world)) if expected else []
+    assert sorted(ran["gathered_forward"]) == ranks
+    assert sorted(ran["gathered_backward"]) == ranks
+
+    def whole(i, axis=1):
+        return cr.unshard([r[i] for r in results], layout="zigzag", axis=axis, cu_seqlens=cu)
+
+    check_forward(whole(0), whole(1, axis=2), q, k, v, causal=True, cu_seqlens=cu)
+    check_backward([whole(2), whole(3), whole(4)], dout, q, k, v, causal=True, cu_seqlens=cu)

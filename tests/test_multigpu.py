@@ -76,6 +76,19 @@ def test_ring_matches_dense_reference(world, transport):
 
 @requires_gpu(2)
 @pytest.mark.gpu
+@pytest.mark.parametrize("transport", ["nccl", "ipc"])
+@pytest.mark.parametrize("world", WORLDS)
+def test_packed_documents_match_reference(world, transport):
+    """Packed documents (a one-token document, one longer than a shard, S not a multiple of 2C)
+    through the zigzag and packed layouts, CuPy and torch (repeats through the kept plans and
+    graphs), with ``CUPARING_KV_GATHER`` unset (rings of 4+ gather by default), 0 and 1."""
+    _need(world)
+    proc = _launch(world, "documents", 1200, transport=transport)
+    _assert_workers_ok(proc, world, transport, "documents=12")
+
+
+@requires_gpu(2)
+@pytest.mark.gpu
 @pytest.mark.parametrize("transport", list(TRANSPORTS))
 @pytest.mark.parametrize("world", WORLDS)
 def test_ring_is_race_free_under_random_stream_delays(world, transport):

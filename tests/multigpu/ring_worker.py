@@ -21,6 +21,12 @@ undisturbed output and LSE bit for bit; a missing wait anywhere shows up as a mo
 sets in turn: every step right, and the copy-engine ring's replays give no flag node a value once
 its graphs have met each state of their channels' counts modulo 4.
 
+``documents``: packed documents (``cu_seqlens`` with a one-token document and one longer than a
+shard, S not a multiple of 2C) through the zigzag and packed layouts, forward and backward, CuPy
+and torch (whose repeats run the kept plans, replayed as graphs where the ring can be captured),
+each with ``CUPARING_KV_GATHER`` unset (the default: rings of 4 and more gather), ``0`` and ``1``:
+each rank's real rows against the float64 reference, padding rows 0 / -inf / zero gradients.
+
 ``killed``: rank 1 dies (``os._exit(1)``) in the middle of the ring; every other rank must print
 ``CAUGHT`` with a ``RingTimeoutError``/``RingError`` within the ring timeout (20 s) instead of
 hanging (the failure channel tells them within about a second). ``killed-graph``: the same while
@@ -347,6 +353,88 @@ def run_case(ring, index, case, report) -> None:
            f"{solo_lse_err:.2e} (limit {lse_limit:.2e})")  # fmt: skip
 
 
+def document_boundaries(world: int) -> list[int]:
+    """Fixed boundaries of a packed sequence of ``LOCAL_LEN * world - 3`` tokens (not a multiple
+    of 2C): a one-token document, one longer than a shard, and short ones between."""
+    seqlen = LOCAL_LEN * world - 3
+    rng = np.random.default_rng(7 + world)
+    long_end = 1 + LOCAL_LEN + 37  # the one-token document [0, 1), then one past a shard
+    cuts = sorted(rng.choice(np.arange(long_end + 1, seqlen), size=2 * world, replace=False))
+    return [0, 1, long_end, *(int(c) for c in cuts), seqlen]
+
+
+def run_documents_case(ring, name, layout, framework, cu, report) -> None:
+    """One packed-documents case: forward, backward (and on torch a repeat of each) on this
+    rank's shard, its real rows against the float64 reference."""
+    import cupy
+
+    world, rank = ring.size, ring.rank
+    seqlen = cu[-1]
+    rng = np.random.default_rng(seqlen + len(cu))
+    make = lambda *shape: rng.standard_normal(shape, dtype=np.float32).astype(  # noqa: E731
+        ml_dtypes.bfloat16)
+    q, dout = make(1, seqlen, 8, 128), make(1, seqlen, 8, 128)
+    k, v = make(1, seqlen, 2, 128), make(1, seqlen, 2, 128)
+    ref = Reference(q, k, v, dout, causal=True, cu_seqlens=cu)
+    rows = cr.token_positions(seqlen, rank, world, layout=layout, cu_seqlens=cu)
+    real = rows >= 0
+    picked = rows[real]
+
+    def device(x):
+        array = cupy.asarray(cr.shard(x, rank, world, layout=layout, cu_seqlens=cu))
+        if framework == "torch":
+            import torch
+
+            return torch.from_dlpack(array)
+        return array
+
+    opts = dict(causal=True, layout=layout, cu_seqlens=cu)
+    q_l, k_l, v_l, dout_l = (device(x) for x in (q, k, v, dout))
+    calls = 2 if framework == "torch" else 1
+    for call in range(calls):
+        if framework == "torch":
+            poison_torch_pools()
+        out_l, lse_l = cr.ring_attention(q_l, k_l, v_l, ring, return_lse=True, **opts)
+        grads = cr.ring_attention_backward(dout_l, q_l, k_l, v_l, out_l, lse_l, ring, **opts)
+        label = f"{name} call {call}"
+        out_h, lse_h = to_host(out_l), to_host(lse_l)
+        grads_h = [to_host(g) for g in grads]
+        pad_ok = (np.all(out_h[:, ~real] == 0) and np.all(np.isneginf(lse_h[:, :, ~real]))
+                  and all(np.all(g[:, ~real] == 0) for g in grads_h))  # fmt: skip
+        report(pad_ok, f"{label} padding rows: out 0, lse -inf, zero gradients: {pad_ok}")
+        rows_of = lambda x: x[:, picked]  # noqa: E731
+        err, bound = norm_error(out_h[:, real], rows_of(ref.out)), ref.kernel_out_bound(
+            select=rows_of)  # fmt: skip
+        report(err <= bound, f"{label} out: err {err:.2e} (bound {bound:.2e})")
+        lse_err, lse_bound = ref.lse_excess(lse_h[:, :, real], select=lambda x: x[:, :, picked])
+        report(lse_err <= lse_bound, f"{label} lse: worst err {lse_err:.2e} (bound "
+               f"{lse_bound:.2e})")  # fmt: skip
+        for i, (grad_name, got) in enumerate(zip(("dq", "dk", "dv"), grads_h, strict=True)):
+            err = norm_error(got[:, real], rows_of(ref.grads[i]))
+            bound = ref.bound(grad_name, i, select=rows_of)
+            report(err <= bound, f"{label} {grad_name}: err {err:.2e} (bound {bound:.2e})")
+
+
+def documents() -> int:
+    ring = cr.Ring.from_env(timeout=120)
+    report, failures = reporter()
+    cu = document_boundaries(ring.size)
+    count = 0
+    for switch in ("", "0", "1"):  # CUPARING_KV_GATHER, alike on every rank
+        os.environ["CUPARING_KV_GATHER"] = switch
+        for layout in ("zigzag", "packed"):
+            for framework in ("cupy", "torch"):
+                name = f"documents {layout} {framework} CUPARING_KV_GATHER={switch or 'unset'}"
+                try:
+                    run_documents_case(ring, name, layout, framework, cu, report)
+                    count += 1
+                except cr.RingError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - same on every rank
+                    report(False, f"{name}: {type(exc).__name__}: {exc}")
+    return finish(ring, len(failures), f"documents={count}")
+
+
 def reporter():
     """``report(ok, line)``, which prints a ``PASS``/``FAIL`` line, and the list of the failed
     lines it fills."""
@@ -671,5 +759,5 @@ def replay_cycle() -> int:
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else "check"
     modes = {"check": check, "stress": stress, "killed": killed, "killed-graph": killed_graph,
-             "replay-cycle": replay_cycle}
+             "replay-cycle": replay_cycle, "documents": documents}
     sys.exit(modes[mode]())
