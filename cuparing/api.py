@@ -225,7 +225,7 @@ def ring_attention(
         )
         validation.check_untracked("ring_attention", ("q", "k", "v"), (q, k, v))
         validation.check_forward_destinations(origin, q, k, v, out, lse)
-    gather = _gather(requested, ring, cu, k)
+    gather = _gather(requested, ring, cu, k, backward=False)
     fields = validation.ring_call_fields("ring_attention", q, k, ring, mask, scale, layout, cu,
                                          gather)  # fmt: skip
     ring.agree(fields)
@@ -330,7 +330,7 @@ def ring_attention_backward(
         validation.check_backward_extras(origin, arrays, dests, dlse)
         deterministic = validation.check_flag("deterministic", deterministic)
         _check_deterministic_runs(origin, q, deterministic)
-    gather = _gather(requested, ring, cu, k)
+    gather = _gather(requested, ring, cu, k, backward=True)
     fields = validation.ring_call_fields(entry, q, k, ring, mask, scale, layout, cu, gather)
     ring.agree(fields)
     plan = _unless_empty(_ring_plan(layout, ring, q, mask, cu, gather), q)
@@ -697,12 +697,13 @@ def _one_device_plan(q: Any, k: Any, mask: Any, cu_seqlens: Any) -> RingPlan:
     return plan_documents("contiguous", 0, 1, cu, mask)
 
 
-def _gather(requested: bool | None, ring: Ring, cu: tuple | None, k: Any) -> bool:
+def _gather(requested: bool | None, ring: Ring, cu: tuple | None, k: Any, backward: bool) -> bool:
     """Whether a checked ring call asks to gather K/V (``schedule.gather_decided``: the
-    switch's answer, else the default by ring size, documents (more than one) and the gathered
-    bytes)."""
+    switch's answer, else the default by direction, ring size, documents (more than one) and
+    the gathered bytes)."""
     several = cu is not None and len(cu) > 2
-    return gather_decided(requested, int(ring.size), several, tuple(k.shape), dtype_name(k))
+    return gather_decided(requested, int(ring.size), several, tuple(k.shape), dtype_name(k),
+                          backward)  # fmt: skip
 
 
 def _ring_plan(layout: str, ring: Ring, q: Any, mask: Any, cu: tuple | None,

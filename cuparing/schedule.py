@@ -198,14 +198,17 @@ def ring_forward(backend, ring, q, k, v, plan: RingPlan, scale: float, out=None,
 
 # CUPARING_KV_GATHER: ring calls take every other rank's K/V at once and run two blocks, this
 # rank's shard and all the others in one order ("1": always where the steps allow, "0": never,
-# unset: packed documents on rings of GATHER_DEFAULT_MIN_RANKS or more, gather_decided)
+# unset: forwards over packed documents on rings of GATHER_DEFAULT_MIN_RANKS or more,
+# gather_decided)
 GATHER_ENV = "CUPARING_KV_GATHER"
 GATHER_MAX_SHARDS = 8  # other ranks' shards one gathered call holds (the GPU kernel's parts)
 # the default's bounds: at C=2 gathering loses on packed documents (one received shard: the
-# ring's two blocks in another order), at C=4 it takes 10-15% off the forward and 6-8% off the
-# backward (PERF.md, "The gathered ring, planned"); the other shards' K/V it holds at once
-# (the backward adds their float32 dK / dV, twice that again) stay under a bound a training
-# step can pay beside its activations, else the ring's one shard at a time
+# ring's two blocks in another order); at C=4 it takes 6-15% off the forward on both transports,
+# while the ring backward, since its dK / dV travel behind the next step, beats the gathered one
+# (whose float32 dK / dV go home at the end) by 8% over NCCL and ties it over the copy engines,
+# so only forwards gather by default (PERF.md, "The gathered ring as the default"); the other
+# shards' K/V it holds at once stay under a bound a training step can pay beside its
+# activations, else one shard at a time
 GATHER_DEFAULT_MIN_RANKS = 4
 GATHER_DEFAULT_MAX_BYTES = 1 << 30
 _ITEM_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
@@ -227,16 +230,17 @@ def gather_requested() -> bool | None:
 
 
 def gather_decided(requested: bool | None, world_size: int, documents: bool, kv_shape: tuple,
-                   dtype: str) -> bool:  # fmt: skip
+                   dtype: str, backward: bool = False) -> bool:  # fmt: skip
     """Whether a ring call asks its plan to gather K/V (:func:`gathers`; the plan still
     declines where its steps do not allow it). ``requested``: :func:`gather_requested`'s
-    answer; where it is None, packed documents (``documents``) on a ring of at least
-    ``GATHER_DEFAULT_MIN_RANKS`` gather when the other ranks' K/V (``world_size - 1`` shards of
-    K and V, each ``kv_shape`` of ``dtype``) fit in ``GATHER_DEFAULT_MAX_BYTES``. Every input is
-    one the ranks agree on, so every rank decides alike."""
+    answer; where it is None, a forward (not ``backward``) over packed documents
+    (``documents``) on a ring of at least ``GATHER_DEFAULT_MIN_RANKS`` gathers when the other
+    ranks' K/V (``world_size - 1`` shards of K and V, each ``kv_shape`` of ``dtype``) fit in
+    ``GATHER_DEFAULT_MAX_BYTES``. Every input is one the ranks agree on, so every rank decides
+    alike."""
     if requested is not None:
         return requested
-    if not documents or world_size < GATHER_DEFAULT_MIN_RANKS:
+    if backward or not documents or world_size < GATHER_DEFAULT_MIN_RANKS:
         return False
     shard_bytes = 2 * int(np.prod(kv_shape)) * _ITEM_BYTES.get(dtype, 8)
     return (world_size - 1) * shard_bytes <= GATHER_DEFAULT_MAX_BYTES

@@ -233,20 +233,23 @@ def test_any_other_switch_value_is_an_error_naming_it(monkeypatch, value):
 @settings(max_examples=60, deadline=None)
 @given(world=st.integers(1, 12), documents=st.booleans(), tokens=st.integers(1, 1 << 20),
        heads=st.sampled_from([1, 2, 8, 32]), dim=st.sampled_from([64, 128, 256]),
-       dtype=st.sampled_from(["bfloat16", "float16", "float32", "float64"]))  # fmt: skip
-def test_unset_gathers_packed_documents_on_rings_of_four_within_the_byte_bound(
-    world, documents, tokens, heads, dim, dtype
+       dtype=st.sampled_from(["bfloat16", "float16", "float32", "float64"]),
+       backward=st.booleans())  # fmt: skip
+def test_unset_gathers_packed_document_forwards_on_rings_of_four_within_the_byte_bound(
+    world, documents, tokens, heads, dim, dtype, backward
 ):
-    """The switch's answer wins; unset, a call gathers exactly when it packs documents, its ring
-    has 4 or more ranks and the other ranks' K and V (world - 1 shards of [1, tokens, heads,
-    dim]) fit in GATHER_DEFAULT_MAX_BYTES."""
+    """The switch's answer wins, either direction; unset, a call gathers exactly when it is a
+    forward over packed documents, its ring has 4 or more ranks and the other ranks' K and V
+    (world - 1 shards of [1, tokens, heads, dim]) fit in GATHER_DEFAULT_MAX_BYTES."""
     shape = (1, tokens, heads, dim)
     for requested in (True, False):
-        assert schedule.gather_decided(requested, world, documents, shape, dtype) is requested
+        got = schedule.gather_decided(requested, world, documents, shape, dtype, backward)
+        assert got is requested
     item = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}[dtype]
     gathered = (world - 1) * 2 * tokens * heads * dim * item
-    expected = documents and world >= 4 and gathered <= schedule.GATHER_DEFAULT_MAX_BYTES
-    assert schedule.gather_decided(None, world, documents, shape, dtype) is expected
+    expected = (not backward and documents and world >= 4
+                and gathered <= schedule.GATHER_DEFAULT_MAX_BYTES)  # fmt: skip
+    assert schedule.gather_decided(None, world, documents, shape, dtype, backward) is expected
 
 
 def test_the_byte_bound_is_inclusive():
@@ -264,9 +267,9 @@ def test_the_byte_bound_is_inclusive():
 ])  # fmt: skip
 def test_the_default_gathers_packed_documents_on_four_ranks(monkeypatch, world, documents,
                                                             expected):  # fmt: skip
-    """With the switch unset, a ring call over packed documents on 4 or more ranks runs the
-    gathered forward and backward on every rank; fewer ranks, or one sequence (``cu_seqlens``
-    of one document, or none), the ring.
+    """With the switch unset, a ring forward over packed documents on 4 or more ranks runs the
+    gathered forward on every rank; fewer ranks, or one sequence (``cu_seqlens`` of one
+    document, or none), the ring; the backward always the ring.
     Either way the results are the dense ones."""
     from numerics import check_backward
     from switches import ranks_calling
@@ -291,7 +294,7 @@ def test_the_default_gathers_packed_documents_on_four_ranks(monkeypatch, world, 
         results = cr.simulate(world, rank_fn)
     ranks = list(range(world)) if expected else []
     assert sorted(ran["gathered_forward"]) == ranks
-    assert sorted(ran["gathered_backward"]) == ranks
+    assert ran["gathered_backward"] == []
 
     def whole(i, axis=1):
         return cr.unshard([r[i] for r in results], layout="zigzag", axis=axis, cu_seqlens=cu)

@@ -81,7 +81,8 @@ def test_ring_matches_dense_reference(world, transport):
 def test_packed_documents_match_reference(world, transport):
     """Packed documents (a one-token document, one longer than a shard, S not a multiple of 2C)
     through the zigzag and packed layouts, CuPy and torch (repeats through the kept plans and
-    graphs), with ``CUPARING_KV_GATHER`` unset (rings of 4+ gather by default), 0 and 1."""
+    graphs), with ``CUPARING_KV_GATHER`` unset (forwards on rings of 4+ gather by default), 0
+    and 1."""
     _need(world)
     proc = _launch(world, "documents", 1200, transport=transport)
     _assert_workers_ok(proc, world, transport, "documents=12")

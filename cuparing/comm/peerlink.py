@@ -41,6 +41,7 @@ _PURPOSE = "peerlink"
 _HEADER = struct.Struct("!BIQI")  # kind, channel, seq, payload length
 _MAX_PAYLOAD = 1 << 20
 BYE = 0  # kind of the message a rank sends when it leaves cleanly
+_GONE_GRACE = 1.0  # seconds a failed send waits for the reader to learn why the peer went
 
 
 class LinkError(RuntimeError):
@@ -207,6 +208,10 @@ class PeerLinks:
                 self._socks[peer].sendall(frame)
         except OSError as exc:
             with self._cond:
+                # a send into a connection the peer closed can fail before this side's reader
+                # has read the peer's last message (its BYE) and seen the end: give the reader a
+                # moment, so the error says why the peer went, not how the write failed
+                self._cond.wait_for(lambda: peer in self._gone, timeout=_GONE_GRACE)
                 why = self._gone.get(peer, f"is unreachable ({exc})")
             raise LinkError(f"rank {peer} {why}") from exc
 

@@ -24,8 +24,8 @@ its graphs have met each state of their channels' counts modulo 4.
 ``documents``: packed documents (``cu_seqlens`` with a one-token document and one longer than a
 shard, S not a multiple of 2C) through the zigzag and packed layouts, forward and backward, CuPy
 and torch (whose repeats run the kept plans, replayed as graphs where the ring can be captured),
-each with ``CUPARING_KV_GATHER`` unset (the default: rings of 4 and more gather), ``0`` and ``1``:
-each rank's real rows against the float64 reference, padding rows 0 / -inf / zero gradients.
+each with ``CUPARING_KV_GATHER`` unset (the default: forwards on rings of 4+ gather), ``0`` and
+``1``: each rank's real rows against the float64 reference, padding rows 0 / -inf / zero gradients.
 
 ``killed``: rank 1 dies (``os._exit(1)``) in the middle of the ring; every other rank must print
 ``CAUGHT`` with a ``RingTimeoutError``/``RingError`` within the ring timeout (20 s) instead of
