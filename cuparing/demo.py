@@ -2,7 +2,8 @@
 
 - No GPU: ``C`` simulated ranks on the CPU (NumPy backend).
 - One GPU: ``C`` simulated ranks sharing that GPU (our kernels, in-process ring).
-- Several GPUs: relaunches itself with one process per GPU and a real NCCL ring.
+- Several GPUs: relaunches itself with one process per GPU and a real ring (NCCL; the copy
+  engines on 4 or more GPUs of one host: ``Ring.from_env``'s default).
 - Started by a launcher (``WORLD_SIZE`` set): joins that ring with ``Ring.from_env()``.
 """
 
@@ -120,7 +121,8 @@ def _launched(args) -> int:
         gathered = _gather(ring, mine)
         if ring.rank != 0:
             return 0
-        where = f"{ring.size} GPUs (NCCL ring, bfloat16)"
+        transport = "copy-engine" if type(ring).__name__ == "IpcRing" else "NCCL"
+        where = f"{ring.size} GPUs ({transport} ring, bfloat16)"
         err = _report(args, q, k, v, gathered, where)
         return 0 if err < 5e-2 else 1
 

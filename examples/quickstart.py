@@ -1,7 +1,8 @@
 """Ring attention in a few lines: shard a sequence over 4 ranks, run the ring, compare with dense.
 
 Runs on the CPU with simulated ranks; with a GPU it runs our kernels, and with several GPUs one
-process per GPU over NCCL (the same as ``python -m cuparing demo``). ``--help`` lists options.
+process per GPU over a real ring (the same as ``python -m cuparing demo``). ``--help`` lists
+options.
 """
 
 import sys

@@ -589,7 +589,9 @@ def test_the_mode_follows_bindings_driver_and_environment(
         stack.close()
 
 
-def test_transport_is_chosen_by_argument_or_environment(monkeypatch):
+def _fake_ring_constructors(monkeypatch) -> list:
+    """Ring.from_env's two constructors replaced by stand-ins returning their transport's name;
+    the calls (name, keyword arguments) recorded in the returned list."""
     calls = []
 
     def fake_from_env(name):
@@ -597,15 +599,110 @@ def test_transport_is_chosen_by_argument_or_environment(monkeypatch):
 
     monkeypatch.setattr(ipc_mod.IpcRing, "from_env", fake_from_env("ipc"))
     monkeypatch.setattr(nccl_mod.NcclRing, "from_env", fake_from_env("nccl"))
-    monkeypatch.delenv("CUPARING_TRANSPORT", raising=False)
-    assert cr.Ring.from_env(timeout=5) == "nccl"
+    return calls
+
+
+def _launched(monkeypatch, env: dict) -> None:
+    """This process's launcher variables replaced by ``env`` (every family's cleared first)."""
+    import os
+
+    from cuparing.comm import rendezvous
+
+    prefixes = ("OMPI_", "PMI_", "MPI_LOCAL", "SLURM_", "PMIX_")
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "CUPARING_TRANSPORT")  # fmt: skip
+    for name in list(os.environ):
+        if name in names or name.startswith(prefixes):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert rendezvous.RankInfo.from_env().world_size == int(
+        env.get("WORLD_SIZE") or env.get("OMPI_COMM_WORLD_SIZE") or env.get("PMI_SIZE")
+        or env.get("SLURM_NTASKS") or 1
+    )  # fmt: skip
+
+
+def test_transport_is_chosen_by_argument_or_environment(monkeypatch):
+    calls = _fake_ring_constructors(monkeypatch)
+    _launched(monkeypatch, {})
+    assert cr.Ring.from_env(timeout=5) == "nccl"  # (auto: a world of one)
     assert cr.Ring.from_env(timeout=5, transport="ipc") == "ipc"
     monkeypatch.setenv("CUPARING_TRANSPORT", "IPC")
     assert cr.Ring.from_env(timeout=5, trace=True) == "ipc"
     assert calls[-1] == ("ipc", {"timeout": 5, "trace": True})
     assert cr.Ring.from_env(transport="nccl") == "nccl"  # the argument wins
-    with pytest.raises(ValueError, match="transport must be 'nccl' or 'ipc', got 'shm'"):
+    with pytest.raises(ValueError, match="transport must be 'nccl', 'ipc' or 'auto', got 'shm'"):
         cr.Ring.from_env(transport="shm")
+
+
+_TORCHRUN = {"RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize("env, one_host", [
+    ({**_TORCHRUN, "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, True),
+    ({**_TORCHRUN, "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}, False),
+    ({**_TORCHRUN, "WORLD_SIZE": "4"}, False),  # (the launcher does not say)
+    ({**_TORCHRUN, "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "four"}, False),
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, True),
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "MASTER_ADDR": "node0"}, False),
+    ({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "2", "MPI_LOCALNRANKS": "4"}, True),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_NNODES": "1",
+      "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}, True),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0", "SLURM_NNODES": "1",
+      "SLURM_STEP_NUM_NODES": "2", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}, False),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "MASTER_ADDR": "node0",
+      "MASTER_PORT": "29500"}, False),
+    ({}, True),  # a world of one
+])  # fmt: skip
+def test_the_launcher_says_whether_every_rank_is_on_this_host(monkeypatch, env, one_host):
+    from cuparing.comm.rendezvous import RankInfo, on_one_host
+
+    _launched(monkeypatch, env)
+    assert on_one_host(RankInfo.from_env()) is one_host
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("one_host", [True, False])
+@pytest.mark.parametrize("bindings", [True, False])
+def test_auto_takes_the_copy_engines_on_four_gpus_of_one_host(monkeypatch, world, one_host,
+                                                              bindings):  # fmt: skip
+    """Unset (or ``auto``), the transport is the copy-engine ring exactly where the ring has 4+
+    ranks the launcher puts on this host and cuda-bindings is installed; else NCCL."""
+    from cuparing.comm import base
+
+    calls = _fake_ring_constructors(monkeypatch)
+    local = world if one_host else max(1, world // 2)
+    _launched(monkeypatch, {**_TORCHRUN, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world),
+                            "LOCAL_WORLD_SIZE": str(local)})  # fmt: skip
+    monkeypatch.setattr(ipc_mod, "import_driver", lambda: object() if bindings else None)
+    expected = "ipc" if world >= 4 and one_host and bindings else "nccl"
+    assert cr.Ring.from_env(timeout=5) == expected
+    assert cr.Ring.from_env(timeout=5, transport="auto") == expected
+    monkeypatch.setenv("CUPARING_TRANSPORT", "nccl")
+    assert cr.Ring.from_env(timeout=5) == "nccl"
+    assert [name for name, _ in calls] == [expected, expected, "nccl"]
+    assert base.IPC_DEFAULT_MIN_RANKS == 4
+
+
+def test_a_copy_engine_ring_chosen_by_default_says_how_to_choose_nccl(monkeypatch):
+    """Where ``auto`` chose the copy engines and they could not be set up, the error says that
+    it was the default and how to choose NCCL; asked for by name, the error is the ring's own."""
+    _fake_ring_constructors(monkeypatch)
+    _launched(monkeypatch, {**_TORCHRUN, "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"})
+    monkeypatch.setattr(ipc_mod, "import_driver", lambda: object())
+
+    def refused(cls, **kw):
+        raise RuntimeError("rank 1: could not open peer memory")
+
+    monkeypatch.setattr(ipc_mod.IpcRing, "from_env", classmethod(refused))
+    with pytest.raises(RuntimeError, match=r"could not open peer memory \(the copy-engine "
+                       r"transport was chosen by default .* CUPARING_TRANSPORT=nccl"):  # fmt: skip
+        cr.Ring.from_env(timeout=5)
+    with pytest.raises(RuntimeError) as info:
+        cr.Ring.from_env(timeout=5, transport="ipc")
+    assert str(info.value) == "rank 1: could not open peer memory"
 
 
 # --- the links alone ---

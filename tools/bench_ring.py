@@ -22,7 +22,8 @@ Definitions (S = global sequence length, C = ranks, B = batch):
   (``hidden``) and, with ``--backward``, one traced backward (``hid bwd``: its dK / dV
   transfers too).
 - transport: ``nccl`` (NCCL send/recv, SM-driven) or ``ipc`` (copy-engine pushes between the GPUs
-  of one host, :class:`cuparing.comm.ipc.IpcRing`); default ``CUPARING_TRANSPORT``, else nccl.
+  of one host, :class:`cuparing.comm.ipc.IpcRing`); default ``CUPARING_TRANSPORT``, else
+  ``Ring.from_env``'s (``ipc`` on 4+ GPUs of one host with cuda-bindings, else nccl).
 - torch CP: ``torch.distributed.tensor.experimental.context_parallel`` with SDPA pinned to its
   cuDNN backend (PyTorch's fastest on Hopper) on the same global shapes and card, in the same
   process; skipped with the reason if absent or if cuDNN refuses the shape.
@@ -297,7 +298,7 @@ def main(argv=None) -> int:
     parser.add_argument("--inputs", choices=["cupy", "torch"], default="cupy",
                         help="what our ring is called with (torch: repeats run kept plans)")
     parser.add_argument("--transport", choices=["nccl", "ipc"], default=None,
-                        help="how K/V move (default: CUPARING_TRANSPORT, else nccl)")  # fmt: skip
+                        help="how K/V move (default: CUPARING_TRANSPORT, else auto)")  # fmt: skip
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 10)
     warmup = 1 if args.quick else 3

@@ -210,16 +210,22 @@ class Ring(abc.ABC):
 
         Args:
             timeout: seconds for the rendezvous, and for any exchange to make progress.
-            transport: ``"nccl"`` (default: NCCL send/recv, any topology) or ``"ipc"`` (GPUs of
-                one host: copy-engine pushes through CUDA IPC, :class:`cuparing.comm.ipc.IpcRing`,
-                which leaves the SMs to the kernels). Default: ``CUPARING_TRANSPORT``, else
-                ``"nccl"``.
+            transport: ``"nccl"`` (NCCL send/recv, any topology), ``"ipc"`` (GPUs of one host:
+                copy-engine pushes through CUDA IPC, :class:`cuparing.comm.ipc.IpcRing`, which
+                leaves the SMs to the kernels) or ``"auto"``: :func:`default_transport`.
+                Default: ``CUPARING_TRANSPORT``, else ``"auto"``.
 
         Raises:
-            RuntimeError: CuPy or NCCL unavailable, or the rendezvous failed or timed out.
+            RuntimeError: CuPy or NCCL unavailable, or the rendezvous failed or timed out (where
+                ``"auto"`` chose the copy engines, the message says so and how to choose NCCL).
             ValueError: an unknown transport.
         """
-        name = (transport or os.environ.get("CUPARING_TRANSPORT") or "nccl").strip().lower()
+        name = (transport or os.environ.get("CUPARING_TRANSPORT") or "auto").strip().lower()
+        chosen = name == "auto"
+        if chosen:
+            from .rendezvous import RankInfo
+
+            name = default_transport(RankInfo.from_env())
         if name == "nccl":
             from .nccl import NcclRing
 
@@ -227,9 +233,18 @@ class Ring(abc.ABC):
         if name == "ipc":
             from .ipc import IpcRing
 
-            return IpcRing.from_env(timeout=timeout, **kwargs)
+            try:
+                return IpcRing.from_env(timeout=timeout, **kwargs)
+            except RuntimeError as exc:
+                if not chosen:
+                    raise
+                raise RuntimeError(
+                    f"{exc} (the copy-engine transport was chosen by default for a ring of 4 or "
+                    "more GPUs of one host; CUPARING_TRANSPORT=nccl or transport='nccl' "
+                    "selects NCCL)"
+                ) from exc
         raise ValueError(
-            f"transport must be 'nccl' or 'ipc', got {name!r} (argument transport= or "
+            f"transport must be 'nccl', 'ipc' or 'auto', got {name!r} (argument transport= or "
             "CUPARING_TRANSPORT)"
         )
 
@@ -250,3 +265,25 @@ class Ring(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, size={self.size})"
+
+
+# the copy-engine ring beat NCCL's send/recv on rings of 4 GPUs of one host in every case
+# measured (plain rings at 2k and 8k tokens per GPU, forward and backward; packed documents),
+# while on 2 it won at 2k tokens per GPU and lost up to 3% of an 8k training step (BENCHMARKS.md,
+# "The transport's default")
+IPC_DEFAULT_MIN_RANKS = 4
+
+
+def default_transport(info: Any) -> str:
+    """The transport ``"auto"`` takes for the job of ``info`` (a
+    :class:`cuparing.comm.rendezvous.RankInfo`): ``"ipc"`` where it has at least
+    ``IPC_DEFAULT_MIN_RANKS`` ranks, the launcher says they all run on this host
+    (:func:`cuparing.comm.rendezvous.on_one_host`) and the copy engines can take their flags
+    from the GPUs themselves (NVIDIA's cuda-bindings installed); else ``"nccl"``. The same
+    answer on every rank of a job launched alike."""
+    from .ipc import import_driver
+    from .rendezvous import on_one_host
+
+    if info.world_size < IPC_DEFAULT_MIN_RANKS or not on_one_host(info):
+        return "nccl"
+    return "ipc" if import_driver() is not None else "nccl"

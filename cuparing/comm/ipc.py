@@ -1,6 +1,7 @@
 """The copy-engine ring: GPUs of one host push K/V into each other's memory through CUDA IPC.
 
-Opt in with ``Ring.from_env(transport="ipc")`` or ``CUPARING_TRANSPORT=ipc``. NCCL's send/recv
+Chosen with ``Ring.from_env(transport="ipc")`` or ``CUPARING_TRANSPORT=ipc``, and by default on
+rings of 4 or more GPUs of one host (``cuparing.comm.base.default_transport``). NCCL's send/recv
 runs on SMs and slows the attention kernels it overlaps; a ``cudaMemcpyAsync`` into a peer's
 buffer runs on a copy engine (BENCHMARKS.md, "Transport: NCCL vs the copy-engine push").
 Everything but the transfer is the ring core's (:mod:`cuparing.comm.gpu_ring`: watchdog, failure
@@ -338,7 +339,7 @@ class IpcRing(GpuRing):
             if len(hosts) != 1:
                 raise RuntimeError(
                     f"rank {self.rank}: transport='ipc' needs every rank on one host, but the "
-                    f"{self.size} ranks run on {len(hosts)} hosts; use the default NCCL transport"
+                    f"{self.size} ranks run on {len(hosts)} hosts; use transport='nccl'"
                 )
             links.connect([Address.unpack(r[_DIGEST:-1]) for r in records], timeout)
         except BaseException:

@@ -219,6 +219,34 @@ def _slurm(env):
     return _finish(env, "slurm", rank, world, local, names, addr, port)
 
 
+# each launcher family's count of the ranks on this host (Slurm: its count of nodes, below)
+_LOCAL_SIZE_VARIABLES = {"torchrun": "LOCAL_WORLD_SIZE", "openmpi": "OMPI_COMM_WORLD_LOCAL_SIZE",
+                         "mpich": "MPI_LOCALNRANKS"}  # fmt: skip
+_SLURM_NODE_COUNTS = ("SLURM_STEP_NUM_NODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES")
+
+
+def on_one_host(info: RankInfo, env: Mapping[str, str] | None = None) -> bool:
+    """Whether the launcher says that every rank of ``info``'s job runs on this host: its count
+    of this host's ranks (``LOCAL_WORLD_SIZE``, ``OMPI_COMM_WORLD_LOCAL_SIZE``,
+    ``MPI_LOCALNRANKS``) equals the world size, or Slurm's step spans one node (the first of
+    ``SLURM_STEP_NUM_NODES``, ``SLURM_NNODES``, ``SLURM_JOB_NUM_NODES`` that is set is 1). A
+    world of one is on one host; where the launcher does not say, or says it unreadably, False.
+    Every rank of a job reads the same answer from its launcher."""
+    env = os.environ if env is None else env
+    if info.world_size == 1:
+        return True
+    if info.launcher == "slurm":
+        names = [name for name in _SLURM_NODE_COUNTS if env.get(name)]
+        return bool(names) and env[names[0]].strip() == "1"
+    name = _LOCAL_SIZE_VARIABLES.get(info.launcher)
+    if name is None or not env.get(name):
+        return False
+    try:
+        return int(env[name].strip()) == info.world_size
+    except ValueError:
+        return False
+
+
 _HOSTLIST_ITEM = re.compile(r"^([^\[\],]*)\[([0-9,\-]+)\]([^\[\],]*)$")
 
 

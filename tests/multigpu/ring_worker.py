@@ -27,6 +27,9 @@ and torch (whose repeats run the kept plans, replayed as graphs where the ring c
 each with ``CUPARING_KV_GATHER`` unset (the default: forwards on rings of 4+ gather), ``0`` and
 ``1``: each rank's real rows against the float64 reference, padding rows 0 / -inf / zero gradients.
 
+``hello``: the ring ``Ring.from_env`` builds with the environment as it is (the transport test
+unsets ``CUPARING_TRANSPORT``) passes one array around once; its class is in the verdict line.
+
 ``killed``: rank 1 dies (``os._exit(1)``) in the middle of the ring; every other rank must print
 ``CAUGHT`` with a ``RingTimeoutError``/``RingError`` within the ring timeout (20 s) instead of
 hanging (the failure channel tells them within about a second). ``killed-graph``: the same while
@@ -415,6 +418,18 @@ def run_documents_case(ring, name, layout, framework, cu, report) -> None:
             report(err <= bound, f"{label} {grad_name}: err {err:.2e} (bound {bound:.2e})")
 
 
+def hello() -> int:
+    import cupy
+
+    ring = cr.Ring.from_env(timeout=60)
+    report, failures = reporter()
+    mine = cupy.full(1024, ring.rank, dtype=cupy.float32)
+    got = ring.exchange([mine], tag="hello").wait()[0]
+    want = (ring.rank - 1) % ring.size
+    report(bool((got == want).all()), f"hello from rank {want}: {float(got[0])}")
+    return finish(ring, len(failures), "hello")
+
+
 def documents() -> int:
     ring = cr.Ring.from_env(timeout=120)
     report, failures = reporter()
@@ -759,5 +774,5 @@ def replay_cycle() -> int:
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else "check"
     modes = {"check": check, "stress": stress, "killed": killed, "killed-graph": killed_graph,
-             "replay-cycle": replay_cycle, "documents": documents}
+             "replay-cycle": replay_cycle, "documents": documents, "hello": hello}
     sys.exit(modes[mode]())
