@@ -10,7 +10,7 @@ Public API (shapes ``[B, S, H, D]``, LSE ``[B, H, S]``)::
     q_l = cuparing.shard(q, rank, world_size, layout="zigzag")
     full = cuparing.unshard(shards, layout="zigzag")
     results = cuparing.simulate(4, fn)      # fn(ring) on 4 in-process CPU ranks
-    ring = cuparing.Ring.from_env()         # one process per GPU, NCCL (or transport="ipc")
+    ring = cuparing.Ring.from_env()         # one process per GPU: NCCL, or the copy engines
     out = cuparing.ring_attention_torch(q_l, k_l, v_l, ring, ...)   # differentiable (PyTorch)
     out, lse = cuparing.reference_attention(q, k, v, return_lse=True)  # dense float64 oracle
 """

@@ -26,6 +26,7 @@ from .schedule import (
     RingPlan,
     gather_decided,
     gather_requested,
+    gather_switch,
     plan_documents,
     plan_ring,
     plan_single,
@@ -204,10 +205,10 @@ def ring_attention(
         True
     """
     key = None
-    requested = gather_requested()  # (read once: the key, the agreement and the plan)
+    switch = gather_switch()  # (read once: the key, the agreement and the plan)
     boundaries = call_plans.documents_key(cu_seqlens) if call_plans.plannable(q) else None
     if boundaries is not None:
-        options = (causal, scale, window, layout, boundaries, requested)
+        options = (causal, scale, window, layout, boundaries, switch)
         key = call_plans.signature("ring_attention", (q, k, v), options, (out, lse), ring)
         decided = call_plans.recall(key, ring, (q, k, v), (out, lse))
         if decided is not None:  # a repeat of a checked call
@@ -225,6 +226,7 @@ def ring_attention(
         )
         validation.check_untracked("ring_attention", ("q", "k", "v"), (q, k, v))
         validation.check_forward_destinations(origin, q, k, v, out, lse)
+        requested = gather_requested(switch)
     gather = _gather(requested, ring, cu, k, backward=False)
     fields = validation.ring_call_fields("ring_attention", q, k, ring, mask, scale, layout, cu,
                                          gather)  # fmt: skip
@@ -306,10 +308,10 @@ def ring_attention_backward(
     entry = "ring_attention_backward"
     arrays, dests = (dout, q, k, v, out, lse), (dq, dk, dv)
     key = None
-    requested = gather_requested()  # (read once, as the forward's)
+    switch = gather_switch()  # (read once, as the forward's)
     boundaries = call_plans.documents_key(cu_seqlens) if call_plans.plannable(q) else None
     if boundaries is not None:
-        options = (causal, scale, window, layout, deterministic, boundaries, requested)
+        options = (causal, scale, window, layout, deterministic, boundaries, switch)
         key = call_plans.signature(entry, (*arrays, dlse), options, dests, ring)
         decided = call_plans.recall(key, ring, arrays, dests)
         if decided is not None:  # a repeat of a checked call
@@ -330,6 +332,7 @@ def ring_attention_backward(
         validation.check_backward_extras(origin, arrays, dests, dlse)
         deterministic = validation.check_flag("deterministic", deterministic)
         _check_deterministic_runs(origin, q, deterministic)
+        requested = gather_requested(switch)
     gather = _gather(requested, ring, cu, k, backward=True)
     fields = validation.ring_call_fields(entry, q, k, ring, mask, scale, layout, cu, gather)
     ring.agree(fields)

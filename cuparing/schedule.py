@@ -214,14 +214,20 @@ GATHER_DEFAULT_MAX_BYTES = 1 << 30
 _ITEM_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
-def gather_requested() -> bool | None:
-    """What ``CUPARING_KV_GATHER`` asks of ring calls: ``"1"`` True (gather), ``"0"`` False
-    (never), unset or empty None (:func:`gather_decided` chooses).
+def gather_switch() -> str:
+    """``CUPARING_KV_GATHER`` as set (stripped; ``""`` where unset), read once per ring call:
+    part of a kept plan's key, parsed by :func:`gather_requested`."""
+    return os.environ.get(GATHER_ENV, "").strip()
+
+
+def gather_requested(switch: str | None = None) -> bool | None:
+    """What ``switch`` (default: :func:`gather_switch`) asks of ring calls: ``"1"`` True
+    (gather), ``"0"`` False (never), ``""`` None (:func:`gather_decided` chooses).
 
     Raises:
         ValueError: any other value (named with the variable).
     """
-    value = os.environ.get(GATHER_ENV, "").strip()
+    value = gather_switch() if switch is None else switch.strip()
     if not value:
         return None
     if value in ("0", "1"):

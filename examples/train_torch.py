@@ -19,7 +19,7 @@ make no graph break).
 On the CPU everything is float32 and the curves agree within 1e-4 relative at every step (the
 runs differ only in the order of float32 sums, ~1e-7 relative per step, which Adam's normalised
 updates carry from step to step). Launched on GPUs (torchrun, mpirun, srun or
-``cuparing.launch``: one process per GPU over NCCL) the block is larger, its attention runs in
+``cuparing.launch``: one process per GPU) the block is larger, its attention runs in
 bfloat16 through cuparing's kernels, and every rank also trains the one-device block on its own
 GPU; the curves then agree within 2^-8 relative (bfloat16's unit roundoff): the two runs round
 the same float32 attention results to bfloat16, apart from the last bit of the few elements

@@ -669,20 +669,24 @@ def test_the_launcher_says_whether_every_rank_is_on_this_host(monkeypatch, env, 
 def test_auto_takes_the_copy_engines_on_four_gpus_of_one_host(monkeypatch, world, one_host,
                                                               bindings):  # fmt: skip
     """Unset (or ``auto``), the transport is the copy-engine ring exactly where the ring has 4+
-    ranks the launcher puts on this host and cuda-bindings is installed; else NCCL."""
+    ranks the launcher puts on this host and the driver says the copy engines can serve them
+    (``copy_engines_unavailable``, asked for that many GPUs); else NCCL."""
     from cuparing.comm import base
 
     calls = _fake_ring_constructors(monkeypatch)
     local = world if one_host else max(1, world // 2)
     _launched(monkeypatch, {**_TORCHRUN, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world),
                             "LOCAL_WORLD_SIZE": str(local)})  # fmt: skip
-    monkeypatch.setattr(ipc_mod, "import_driver", lambda: object() if bindings else None)
+    asked = []
+    monkeypatch.setattr(ipc_mod, "copy_engines_unavailable",
+                        lambda n: asked.append(n) or (None if bindings else "no peer access"))
     expected = "ipc" if world >= 4 and one_host and bindings else "nccl"
     assert cr.Ring.from_env(timeout=5) == expected
     assert cr.Ring.from_env(timeout=5, transport="auto") == expected
     monkeypatch.setenv("CUPARING_TRANSPORT", "nccl")
     assert cr.Ring.from_env(timeout=5) == "nccl"
     assert [name for name, _ in calls] == [expected, expected, "nccl"]
+    assert set(asked) <= {world}
     assert base.IPC_DEFAULT_MIN_RANKS == 4
 
 
@@ -691,10 +695,11 @@ def test_a_copy_engine_ring_chosen_by_default_says_how_to_choose_nccl(monkeypatc
     it was the default and how to choose NCCL; asked for by name, the error is the ring's own."""
     _fake_ring_constructors(monkeypatch)
     _launched(monkeypatch, {**_TORCHRUN, "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"})
-    monkeypatch.setattr(ipc_mod, "import_driver", lambda: object())
+    monkeypatch.setattr(ipc_mod, "copy_engines_unavailable", lambda n: None)
+    raised = [RuntimeError("rank 1: could not open peer memory")]
 
     def refused(cls, **kw):
-        raise RuntimeError("rank 1: could not open peer memory")
+        raise raised[0]
 
     monkeypatch.setattr(ipc_mod.IpcRing, "from_env", classmethod(refused))
     with pytest.raises(RuntimeError, match=r"could not open peer memory \(the copy-engine "
@@ -703,6 +708,56 @@ def test_a_copy_engine_ring_chosen_by_default_says_how_to_choose_nccl(monkeypatc
     with pytest.raises(RuntimeError) as info:
         cr.Ring.from_env(timeout=5, transport="ipc")
     assert str(info.value) == "rank 1: could not open peer memory"
+    # a ring's own failure (a peer died, the rendezvous timed out) keeps its type and words
+    raised[0] = cr.RingTimeoutError("rank 1: nothing from rank 0 within 5 s")
+    with pytest.raises(cr.RingTimeoutError) as info:
+        cr.Ring.from_env(timeout=5)
+    assert str(info.value) == "rank 1: nothing from rank 0 within 5 s"
+
+
+class _PeerDriver:
+    """What ``copy_engines_unavailable`` asks of cuda-bindings' driver: ``count`` GPUs, peer
+    access between every pair but ``blocked`` ones, stream memory operations (v2) present."""
+
+    CUdevice_attribute = SimpleNamespace(CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1=0)
+
+    def __init__(self, count, blocked=()):
+        self.count, self.blocked = count, set(blocked)
+
+    def cuInit(self, flags):
+        return (0,)
+
+    def cuDriverGetVersion(self):
+        return 0, 12040
+
+    def cuDeviceGetCount(self):
+        return 0, self.count
+
+    def cuDeviceGet(self, ordinal):
+        return 0, ordinal
+
+    def cuDeviceCanAccessPeer(self, device, peer):
+        return 0, int((device, peer) not in self.blocked)
+
+
+@pytest.mark.parametrize("count, blocked, world, why", [
+    (4, (), 4, None),
+    (8, (), 4, None),
+    (8, [(5, 6)], 4, None),  # (a pair outside the ring's GPUs)
+    (2, (), 4, "sees 2 GPUs, fewer than the 4 ranks"),
+    (4, [(2, 1)], 4, "GPU 2 cannot access GPU 1"),
+])  # fmt: skip
+def test_the_copy_engines_need_every_gpu_visible_and_peer_access(monkeypatch, count, blocked,
+                                                                 world, why):  # fmt: skip
+    monkeypatch.delenv(ipc_mod.FLAGS_ENV, raising=False)
+    monkeypatch.setattr(ipc_mod, "import_driver", lambda: _PeerDriver(count, blocked))
+    got = ipc_mod.copy_engines_unavailable(world)
+    assert got is None if why is None else why in got
+    monkeypatch.setenv(ipc_mod.FLAGS_ENV, "0")
+    assert "CUPARING_IPC_FLAGS=0" in ipc_mod.copy_engines_unavailable(world)
+    monkeypatch.delenv(ipc_mod.FLAGS_ENV)
+    monkeypatch.setattr(ipc_mod, "import_driver", lambda: None)
+    assert "cuda-bindings" in ipc_mod.copy_engines_unavailable(world)
 
 
 # --- the links alone ---

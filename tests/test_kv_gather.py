@@ -301,3 +301,45 @@ def test_the_default_gathers_packed_documents_on_four_ranks(monkeypatch, world, 
 
     check_forward(whole(0), whole(1, axis=2), q, k, v, causal=True, cu_seqlens=cu)
     check_backward([whole(2), whole(3), whole(4)], dout, q, k, v, causal=True, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("entry", ["forward", "backward"])
+def test_a_bad_switch_on_one_rank_refuses_the_call_on_every_rank(monkeypatch, entry):
+    """A rank whose ``CUPARING_KV_GATHER`` is unreadable refuses the call before any transfer,
+    and the other ranks' call fails at once naming it, instead of waiting for the ring's
+    timeout."""
+    import threading
+    import time
+
+    import cuparing as cr
+    from cuparing import api
+
+    local = threading.local()
+    monkeypatch.setattr(api, "gather_switch", lambda: getattr(local, "switch", ""))
+    rng = np.random.default_rng()
+    q, k, v, dout = rng.standard_normal((4, 1, 24, 2, 8))
+    cu = [0, 5, 24]
+
+    def rank_fn(ring):
+        shards = [cr.shard(x, ring.rank, ring.size, layout="zigzag", cu_seqlens=cu)
+                  for x in (q, k, v, dout)]  # fmt: skip
+        opts = {"causal": True, "layout": "zigzag", "cu_seqlens": cu}
+        if entry == "backward":
+            out, lse = cr.ring_attention(*shards[:3], ring, return_lse=True, **opts)
+        local.switch = "yes" if ring.rank == 1 else ""
+        try:
+            if entry == "forward":
+                cr.ring_attention(*shards[:3], ring, **opts)
+            else:
+                cr.ring_attention_backward(shards[3], *shards[:3], out, lse, ring, **opts)
+        except ValueError as error:
+            return error
+        return None
+
+    start = time.monotonic()
+    errors = cr.simulate(4, rank_fn, timeout=30)  # (a rank left waiting would time out there)
+    assert time.monotonic() - start < 10
+    assert all(isinstance(e, ValueError) for e in errors), errors
+    assert "CUPARING_KV_GATHER" in str(errors[1]) and "'yes'" in str(errors[1])
+    for rank in (0, 2, 3):
+        assert "rank 1" in str(errors[rank]) and "CUPARING_KV_GATHER" in str(errors[rank])

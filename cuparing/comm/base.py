@@ -68,7 +68,8 @@ class ReadyExchange(PendingExchange):
 class Ring(abc.ABC):
     """A group of ``size`` ranks joined in a ring; this object is one of them.
 
-    Build one with :meth:`Ring.from_env` (one process per GPU, NCCL), or let
+    Build one with :meth:`Ring.from_env` (one process per GPU: NCCL, or the copy engines on 4+
+    GPUs of one host), or let
     :func:`cuparing.simulate` hand simulated CPU ranks to your function.
     """
 
@@ -236,7 +237,7 @@ class Ring(abc.ABC):
             try:
                 return IpcRing.from_env(timeout=timeout, **kwargs)
             except RuntimeError as exc:
-                if not chosen:
+                if not chosen or isinstance(exc, RingError):  # (a ring's failure keeps its type)
                     raise
                 raise RuntimeError(
                     f"{exc} (the copy-engine transport was chosen by default for a ring of 4 or "
@@ -278,12 +279,13 @@ def default_transport(info: Any) -> str:
     """The transport ``"auto"`` takes for the job of ``info`` (a
     :class:`cuparing.comm.rendezvous.RankInfo`): ``"ipc"`` where it has at least
     ``IPC_DEFAULT_MIN_RANKS`` ranks, the launcher says they all run on this host
-    (:func:`cuparing.comm.rendezvous.on_one_host`) and the copy engines can take their flags
-    from the GPUs themselves (NVIDIA's cuda-bindings installed); else ``"nccl"``. The same
-    answer on every rank of a job launched alike."""
-    from .ipc import import_driver
+    (:func:`cuparing.comm.rendezvous.on_one_host`) and the driver says the copy engines can
+    serve them with device flags (:func:`cuparing.comm.ipc.copy_engines_unavailable`: NVIDIA's
+    cuda-bindings, every GPU visible, stream memory operations, peer access between every
+    pair); else ``"nccl"``. The same answer on every rank of a job launched alike."""
+    from .ipc import copy_engines_unavailable
     from .rendezvous import on_one_host
 
     if info.world_size < IPC_DEFAULT_MIN_RANKS or not on_one_host(info):
         return "nccl"
-    return "ipc" if import_driver() is not None else "nccl"
+    return "nccl" if copy_engines_unavailable(info.world_size) else "ipc"

@@ -764,6 +764,43 @@ def _choose_sync(ring: IpcRing) -> _HostHandshake | _DeviceFlags:
     return _HostHandshake(ring, missing) if missing else _DeviceFlags(ring, driver)
 
 
+def copy_engines_unavailable(world_size: int) -> str | None:
+    """Why a ring of ``world_size`` processes on this host, bound to GPUs ``0 .. world_size - 1``
+    (their local ranks), could not run on the copy engines with device flags, or None: device
+    flags switched off, no cuda-bindings, fewer GPUs visible to this process than ranks, a GPU
+    without stream memory operations, or a pair of those GPUs without peer access (MIG slices,
+    PCIe servers without peer-to-peer). Asks the driver only (no context is created); every
+    process of one host that sees the same GPUs gets the same answer."""
+    if os.environ.get(FLAGS_ENV, "1").strip() == "0":
+        return f"{FLAGS_ENV}=0"
+    driver = import_driver()
+    if driver is None:
+        return "cuda-bindings is not installed (the cuda12/cuda13 extras)"
+    (err,) = driver.cuInit(0)
+    if err:
+        return f"cuInit failed: {err!r}"
+    err, count = driver.cuDeviceGetCount()
+    if err or count < world_size:
+        return f"this process sees {0 if err else count} GPUs, fewer than the {world_size} ranks"
+    devices = []
+    for ordinal in range(world_size):
+        missing = _stream_mem_ops_missing(driver, ordinal)
+        if missing:
+            return missing
+        err, device = driver.cuDeviceGet(ordinal)
+        if err:
+            return f"cuDeviceGet({ordinal}) failed: {err!r}"
+        devices.append(device)
+    for a, device in enumerate(devices):
+        for b, peer in enumerate(devices):
+            if a == b:
+                continue
+            err, can = driver.cuDeviceCanAccessPeer(device, peer)
+            if err or not can:
+                return f"GPU {a} cannot access GPU {b}'s memory directly (no peer access)"
+    return None
+
+
 def _stream_mem_ops_missing(driver: Any, ordinal: int) -> str | None:
     """Why GPU ``ordinal`` cannot run ``cuStreamWaitValue32``/``cuStreamWriteValue32``, or None.
 

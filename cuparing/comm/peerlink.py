@@ -209,9 +209,14 @@ class PeerLinks:
         except OSError as exc:
             with self._cond:
                 # a send into a connection the peer closed can fail before this side's reader
-                # has read the peer's last message (its BYE) and seen the end: give the reader a
-                # moment, so the error says why the peer went, not how the write failed
-                self._cond.wait_for(lambda: peer in self._gone, timeout=_GONE_GRACE)
+                # has read the peer's last message (its BYE) and seen the end: give the reader
+                # (where one runs: not during the setup) a moment, so the error says why the
+                # peer went, not how the write failed
+                if self._threads and self._interrupted is None:
+                    self._cond.wait_for(
+                        lambda: peer in self._gone or self._interrupted is not None,
+                        timeout=_GONE_GRACE,
+                    )
                 why = self._gone.get(peer, f"is unreachable ({exc})")
             raise LinkError(f"rank {peer} {why}") from exc
 

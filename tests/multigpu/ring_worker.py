@@ -8,8 +8,9 @@
 forward and backward, and compares its shard of out/lse/dq/dk/dv with the float64 dense reference
 on the whole sequence. Prints ``PASS``/``FAIL`` per quantity and ``WORKER OK`` at the end.
 
-Both modes use the transport ``CUPARING_TRANSPORT`` names (``nccl``, the default, or ``ipc``); the
-ring's class (and the IPC ring's ``sync`` mode) is printed in the ``WORKER OK`` line.
+Every mode uses the transport ``CUPARING_TRANSPORT`` names (``nccl`` or ``ipc``; unset:
+``Ring.from_env``'s default); the ring's class (and the IPC ring's ``sync`` mode) is printed in the
+``WORKER OK`` line.
 
 ``stress``: the same ring, forward and backward, ten times with random GPU-side delays put in
 front of every exchange, on the caller's stream (compute late: a transfer must not overwrite a
