@@ -94,8 +94,9 @@ def attention(
     key = None
     boundaries = call_plans.documents_key(cu_seqlens) if call_plans.plannable(q) else None
     if boundaries is not None:
-        options = (causal, scale, window, boundaries)
-        key = call_plans.signature("attention", (q, k, v), options, (out, lse))
+        options = (causal, scale, window)
+        key = call_plans.signature("attention", (q, k, v), options, (out, lse),
+                                   documents=boundaries)  # fmt: skip
         results = _repeat_attention(key, q, k, v, out, lse)
         if results is not None:  # a repeat of a checked call (call_plans)
             return results if return_lse else results[0]
@@ -208,8 +209,9 @@ def ring_attention(
     switch = gather_switch()  # (read once: the key, the agreement and the plan)
     boundaries = call_plans.documents_key(cu_seqlens) if call_plans.plannable(q) else None
     if boundaries is not None:
-        options = (causal, scale, window, layout, boundaries, switch)
-        key = call_plans.signature("ring_attention", (q, k, v), options, (out, lse), ring)
+        options = (causal, scale, window, layout, switch)
+        key = call_plans.signature("ring_attention", (q, k, v), options, (out, lse), ring,
+                                   boundaries)  # fmt: skip
         decided = call_plans.recall(key, ring, (q, k, v), (out, lse))
         if decided is not None:  # a repeat of a checked call
             known = call_plans.find(key)
@@ -311,8 +313,8 @@ def ring_attention_backward(
     switch = gather_switch()  # (read once, as the forward's)
     boundaries = call_plans.documents_key(cu_seqlens) if call_plans.plannable(q) else None
     if boundaries is not None:
-        options = (causal, scale, window, layout, deterministic, boundaries, switch)
-        key = call_plans.signature(entry, (*arrays, dlse), options, dests, ring)
+        options = (causal, scale, window, layout, deterministic, switch)
+        key = call_plans.signature(entry, (*arrays, dlse), options, dests, ring, boundaries)
         decided = call_plans.recall(key, ring, arrays, dests)
         if decided is not None:  # a repeat of a checked call
             known = call_plans.find(key)
@@ -413,8 +415,9 @@ def attention_backward(
     key = None
     boundaries = call_plans.documents_key(cu_seqlens) if call_plans.plannable(q) else None
     if boundaries is not None:
-        options = (causal, scale, window, deterministic, boundaries)
-        key = call_plans.signature("attention_backward", (*arrays, dlse), options, dests)
+        options = (causal, scale, window, deterministic)
+        key = call_plans.signature("attention_backward", (*arrays, dlse), options, dests,
+                                   documents=boundaries)  # fmt: skip
         decided = call_plans.recall(key, _ONE_DEVICE, arrays, dests)
         if decided is not None:  # a repeat of a checked call
             known = call_plans.find(key)

@@ -64,8 +64,9 @@ def _is_cuda_tensor(x: Any) -> bool:
 
 
 def signature(
-    entry: str, arrays: Sequence[Any], options: tuple, dests: Sequence[Any] = (), ring: Any = None
-) -> tuple | None:
+    entry: str, arrays: Sequence[Any], options: tuple, dests: Sequence[Any] = (), ring: Any = None,
+    documents: tuple = (),
+) -> tuple | None:  # fmt: skip
     """The hashable signature of a call on plain torch CUDA tensors, or None for any other call.
 
     Args:
@@ -75,6 +76,8 @@ def signature(
             with their types (``causal=1`` is not ``causal=True``: the checks tell them apart).
         dests: caller-owned destinations (None where not given).
         ring: the ring of a ring call (by identity).
+        documents: :func:`documents_key` of the call's ``cu_seqlens``, held as it is (it is
+            typed already: walking its values again would cost O(documents) per call).
 
     Returns:
         The key, or None when an array is not a plain torch CUDA tensor or an option cannot be
@@ -94,7 +97,8 @@ def signature(
     if arrays[0] is None:
         return None
     # (a ring call's options hold the gather switch, read once per call: see api)
-    key = (entry, tuple(described), _typed(options), id(ring), loader.kernel_switches())
+    key = (entry, tuple(described), _typed(options), documents, id(ring),
+           loader.kernel_switches())  # fmt: skip
     try:
         hash(key)
     except TypeError:
@@ -105,16 +109,17 @@ def signature(
 def documents_key(cu_seqlens: Any) -> tuple | None:
     """What a signature holds of a call's ``cu_seqlens``: ``()`` when there is none; for
     boundaries on the host (a list or tuple, a NumPy array, a CPU torch tensor) their type,
-    dtype, shape and values, read in O(documents); None for boundaries on a GPU (reading them
-    waits for the device: such calls take the full path, which reads them once) or of any
-    other kind. Values are typed (``[0, 4.0]`` is not ``[0, 4]``: the checks tell them apart).
+    dtype, shape and values, read in O(documents) (arrays as their bytes, in one copy; a list's
+    elements' types in one pass); None for boundaries on a GPU (reading them waits for the
+    device: such calls take the full path, which reads them once) or of any other kind. Values
+    are typed (``[0, 4.0]`` is not ``[0, 4]``: the checks tell them apart).
     """
     if cu_seqlens is None:
         return ()
     kind = type(cu_seqlens)
     if kind is list or kind is tuple:
         values = tuple(cu_seqlens)
-        if all(type(x) is int for x in values):  # (the common case: no per-element types)
+        if set(map(type, values)) <= {int}:  # (the common case: no per-element types)
             return kind, values
         return kind, _typed(values)
     if kind is np.ndarray:  # (exactly: a subclass, e.g. a masked array, reads otherwise)
@@ -123,9 +128,9 @@ def documents_key(cu_seqlens: Any) -> tuple | None:
         return kind, cu_seqlens.dtype.str, cu_seqlens.shape, cu_seqlens.tobytes()
     if kind.__name__ == "Tensor" and kind.__module__ == "torch" and cu_seqlens.device.type == "cpu":
         try:
-            values = tuple(cu_seqlens.reshape(-1).tolist())
-        except (RuntimeError, TypeError):  # (sparse, nested, quantized: the full path says why)
-            return None
+            values = cu_seqlens.detach().reshape(-1).numpy().tobytes()
+        except (RuntimeError, TypeError):  # (sparse, nested, quantized, a dtype NumPy lacks:
+            return None  # the full path says why)
         return kind, str(cu_seqlens.dtype), tuple(cu_seqlens.shape), values
     return None
 

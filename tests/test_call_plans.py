@@ -268,3 +268,28 @@ def test_a_kept_launch_runs_on_torchs_stream_inside_its_device(monkeypatch):
     pointers = (out.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), 0x100,
                 0x200, 0)  # fmt: skip
     assert seen == [("enter", 3), (pointers, 0x5003), ("exit", 3)]
+
+
+def test_a_signature_walks_the_documents_once(monkeypatch):
+    """The boundaries enter a signature as :func:`documents_key` made them (typed already): the
+    signature's own typing of the options does not walk them again, so a call with thousands
+    of documents pays one pass over its boundaries per call, not several."""
+    monkeypatch.setattr(call_plans, "_is_cuda_tensor", lambda x: True)  # (CPU tensors here)
+    typed = []
+    real = call_plans._typed
+    monkeypatch.setattr(call_plans, "_typed", lambda option: typed.append(1) or real(option))
+    x = torch.zeros(1, 8, 2, 4)
+    counts = []
+    for docs in (3, 3000):
+        documents = call_plans.documents_key(list(range(docs)))
+        typed.clear()
+        key = call_plans.signature("attention", (x, x, x), (True, None, None), (None, None),
+                                   documents=documents)  # fmt: skip
+        assert documents in key
+        counts.append(len(typed))
+    assert counts[0] == counts[1]
+    # and different boundaries make different keys, the same ones the same key
+    keys = [call_plans.signature("attention", (x, x, x), (True, None, None),
+                                 documents=call_plans.documents_key(cu))
+            for cu in ([0, 4, 8], [0, 4, 8], [0, 5, 8], (0, 4, 8))]  # fmt: skip
+    assert keys[0] == keys[1] and len({keys[0], keys[2], keys[3]}) == 3
