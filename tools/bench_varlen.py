@@ -218,7 +218,8 @@ def main(argv=None) -> int:
             "one_gpu_bwd_tflops": 2.5 * work / one_bwd / 1e9,
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join(sys.argv), "repeats": args.repeats,
-            "inputs": args.inputs}  # fmt: skip
+            "inputs": args.inputs, "transport": transport_name(ring),
+            "gathers": gather_choice(ring.size, seqlen, cu)}  # fmt: skip
     if ring.rank == 0:  # our table first: PyTorch's attempt below may fail in any way
         print_table(meta, rows)
     meta["torch_cp"] = "skipped (--no-torch)"
@@ -233,10 +234,32 @@ def main(argv=None) -> int:
     return 0
 
 
+def transport_name(ring) -> str:
+    """The ring's transport as the table names it (``Ring.from_env`` may have chosen it)."""
+    name = {"NcclRing": "nccl", "IpcRing": "ipc"}.get(type(ring).__name__, type(ring).__name__)
+    return name + (f" sync={ring.sync}" if hasattr(ring, "sync") else "")
+
+
+def gather_choice(world: int, seqlen: int, cu) -> str:
+    """Whether this batch's ring forward and backward gather K/V (``CUPARING_KV_GATHER`` as
+    set, else the default), as a ring call decides it."""
+    from cuparing import schedule
+
+    switch = schedule.gather_switch()
+    requested = schedule.gather_requested(switch)
+    shape = (1, seqlen // world, HEADS_KV, HEADDIM)
+    fwd, bwd = (schedule.gather_decided(requested, world, len(cu) > 2, shape, "bfloat16", b)
+                for b in (False, True))  # fmt: skip
+    return (f"CUPARING_KV_GATHER={switch or 'unset'}: forward {'gathers' if fwd else 'rings'}, "
+            f"backward {'gathers' if bwd else 'rings'}")
+
+
 def print_table(meta, rows) -> None:
     print(f"{meta['card']} x {meta['C']}, bf16, causal packed documents, H/Hkv "
           f"{meta['H']}/{meta['Hkv']}, D={meta['D']}, S={meta['S']}, commit {meta['commit']}, "
           f"{meta['date']}, {meta.get('inputs', 'cupy')} inputs")  # fmt: skip
+    if "transport" in meta:
+        print(f"transport {meta['transport']}; {meta['gathers']}")
     print(f"documents: {meta['documents']}")
     print(f"one GPU, whole sequence: fwd {meta['one_gpu_fwd_ms']:.2f} ms "
           f"({meta['one_gpu_fwd_tflops']:.0f} TF/s), bwd {meta['one_gpu_bwd_ms']:.2f} ms "
