@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import record_deterministic_flags, requires_gpu
+from conftest import gpu_count, record_deterministic_flags, requires_gpu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numerics import check_backward, check_forward, check_kernel_forward
@@ -218,11 +218,15 @@ def test_ring_inside_shard_map_across_cpu_processes(world):
 
 @requires_gpu(2)
 @pytest.mark.gpu
-def test_ring_inside_shard_map_on_gpus():
-    """The same on two GPUs: an NCCL ring, XLA's buffers and streams, bfloat16 kernels."""
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_inside_shard_map_on_gpus(world):
+    """The same on GPUs: ``Ring.from_env``'s default ring (NCCL on two, the copy engines on
+    four of one host), XLA's buffers and streams, bfloat16 kernels."""
     if _gpu_platform() is None:
         pytest.skip("JAX has no GPU backend here")
-    _assert_every_rank_ok(_shard_map_worker("gpu", 2), 2, "gpu")
+    if gpu_count() < world:
+        pytest.skip(f"needs {world} GPUs, found {gpu_count()}")
+    _assert_every_rank_ok(_shard_map_worker("gpu", world), world, "gpu")
 
 
 _REPLICATED_KEYS_CHECK = """
