@@ -145,6 +145,7 @@ def test_documents_key_reads_host_boundaries_by_type_and_value():
     assert key([0, 3, 7]) == key([0, 3, 7]) != key((0, 3, 7))
     assert key([0, 3, 7]) != key([0, 3.0, 7])  # the checks refuse one, not the other
     assert key([0, 3, 7]) != key([0, 4, 7])
+    assert key([0, 3, 2**70]) == key([0, 3, 2**70]) != key([0, 3, 2**70 + 1])  # (beyond int64)
     as_array = np.array([0, 3, 7])
     assert key(as_array) == key(np.array([0, 3, 7])) != key(as_array.astype(np.int32))
     assert key(as_array) != key(np.array([0, 4, 7]))

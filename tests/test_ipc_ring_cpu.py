@@ -758,6 +758,11 @@ def test_the_copy_engines_need_every_gpu_visible_and_peer_access(monkeypatch, co
     monkeypatch.delenv(ipc_mod.FLAGS_ENV)
     monkeypatch.setattr(ipc_mod, "import_driver", lambda: None)
     assert "cuda-bindings" in ipc_mod.copy_engines_unavailable(world)
+    # a driver that cannot even be asked (no libcuda to load) means NCCL, not a crash
+    broken = _PeerDriver(count)
+    broken.cuInit = lambda flags: (_ for _ in ()).throw(RuntimeError("libcuda.so not found"))
+    monkeypatch.setattr(ipc_mod, "import_driver", lambda: broken)
+    assert "libcuda.so not found" in ipc_mod.copy_engines_unavailable(world)
 
 
 # --- the links alone ---

@@ -776,6 +776,14 @@ def copy_engines_unavailable(world_size: int) -> str | None:
     driver = import_driver()
     if driver is None:
         return "cuda-bindings is not installed (the cuda12/cuda13 extras)"
+    try:
+        return _peers_unavailable(driver, world_size)
+    except Exception as exc:  # noqa: BLE001 - e.g. no libcuda to load: then NCCL, not a crash
+        return f"the driver could not be asked ({type(exc).__name__}: {exc})"
+
+
+def _peers_unavailable(driver: Any, world_size: int) -> str | None:
+    """:func:`copy_engines_unavailable`'s driver queries (cuda-bindings' ``driver``)."""
     (err,) = driver.cuInit(0)
     if err:
         return f"cuInit failed: {err!r}"
