@@ -157,12 +157,14 @@ def check_global_length(seqlen: int, layout: str, world_size: int) -> None:
     if seqlen % factor:
         lower = seqlen - seqlen % factor
         nearest = f"{lower} or {lower + factor}" if lower else f"{factor}"
-        # no zero-padding advice: padded keys would enter every softmax (no padding mask yet)
+        # no zero-padding advice: padded keys would enter every softmax; cu_seqlens=[0, S]
+        # pads where no query or key sees it
         raise ValueError(
             f"sequence length {seqlen} must be a multiple of {factor} for layout={layout!r} with "
             f"world_size={world_size} ({_length_rule(layout, world_size)}); nearest valid "
             f"lengths: {nearest}. Zero-padding is not equivalent: padded keys would take part in "
-            "the attention"
+            f"the attention. Any length works with cu_seqlens=[0, {seqlen}] given to shard, the "
+            "ring calls and unshard"
         )
 
 
@@ -175,7 +177,8 @@ def check_ring_length(local_len: int, layout: str, world_size: int) -> None:
             f"this rank holds {local_len} tokens, so the global length is {global_len}, which "
             f"layout={layout!r} with world_size={world_size} cannot split: it must be a multiple "
             f"of {factor} (local length a multiple of {factor // world_size}; "
-            f"{_length_rule(layout, world_size)})"
+            f"{_length_rule(layout, world_size)}); any global length works with cu_seqlens=[0, "
+            "S] given to shard, the ring calls and unshard"
         )
 
 

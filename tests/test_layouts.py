@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from numerics import check_forward
 
 import cuparing as cr
 from cuparing.layouts import split_factor
@@ -115,10 +116,26 @@ def test_length_errors_say_what_is_needed_and_never_advise_zero_padding(seqlen, 
         cr.shard(np.zeros((1, seqlen, 1, 1)), 0, 4, layout=layout)
     assert not re.search(r"\bpad (the|your|it)\b", str(error.value)), error.value
     assert "Zero-padding is not equivalent" in str(error.value)
+    assert f"cu_seqlens=[0, {seqlen}]" in str(error.value)  # (the length-free route)
+
+
+def test_the_suggested_cu_seqlens_route_works_for_that_length():
+    """What the length error suggests does what it says: [0, S] shards, runs the ring and
+    unshards any length, equal to one device's attention."""
+    x = np.random.default_rng().standard_normal((1, 13, 2, 4))
+    cu = [0, 13]
+
+    def rank_fn(ring):
+        xl = cr.shard(x, ring.rank, ring.size, layout="zigzag", cu_seqlens=cu)
+        return cr.ring_attention(xl, xl, xl, ring, causal=True, layout="zigzag", cu_seqlens=cu)
+
+    out = cr.unshard(cr.simulate(4, rank_fn), layout="zigzag", cu_seqlens=cu)
+    check_forward(out, None, x, x, x, causal=True)
 
 
 def test_ring_length_error_names_the_local_rule_without_padding_advice():
     q = np.zeros((1, 3, 1, 2))  # 3 tokens per rank: 12 in all, zigzag on 4 ranks needs 8k
     with pytest.raises(ValueError, match=r"multiple of 8 \(local length a multiple of 2") as error:
         cr.simulate(4, lambda ring: cr.ring_attention(q, q, q, ring, layout="zigzag"))
-    assert "pad" not in str(error.value)
+    assert "pad" not in str(error.value)  # (no padding advice: cu_seqlens=[0, S] is the route)
+    assert "cu_seqlens=[0, S]" in str(error.value)
