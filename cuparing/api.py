@@ -12,6 +12,7 @@ as the last axis (D) is contiguous.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ from . import call_plans, documents, layouts, validation
 from .backends import backend_for
 from .comm.base import Ring
 from .comm.local import SoloRing
-from .interop import Origin, concatenate, dtype_name, take, to_backend, zeros_along
+from .interop import Origin, concatenate, dtype_name, itemsize, take, to_backend, zeros_along
 from .schedule import (
     RingPlan,
     gather_decided,
@@ -708,8 +709,8 @@ def _gather(requested: bool | None, ring: Ring, cu: tuple | None, k: Any, backwa
     switch's answer, else the default by direction, ring size, documents (more than one) and
     the gathered bytes)."""
     several = cu is not None and len(cu) > 2
-    return gather_decided(requested, int(ring.size), several, tuple(k.shape), dtype_name(k),
-                          backward)  # fmt: skip
+    shard_bytes = 2 * math.prod(k.shape) * itemsize(k)  # (this rank's K and V)
+    return gather_decided(requested, int(ring.size), several, shard_bytes, backward)
 
 
 def _ring_plan(layout: str, ring: Ring, q: Any, mask: Any, cu: tuple | None,

@@ -95,13 +95,13 @@ def may_overlap(a: Any, b: Any) -> bool:
     span_a, span_b = memory_span(a), memory_span(b)
     if not span_a or not span_b or span_a[0] >= span_b[1] or span_b[0] >= span_a[1]:
         return False
-    itemsize = _itemsize(a)
-    if _itemsize(b) != itemsize or tuple(a.shape) != tuple(b.shape):
+    size = itemsize(a)
+    if itemsize(b) != size or tuple(a.shape) != tuple(b.shape):
         return True
     strides, shape = element_strides(a), tuple(a.shape)
     if element_strides(b) != strides or any(s < 0 for s in strides):
         return True
-    delta, rest = divmod(span_b[0] - span_a[0], itemsize)
+    delta, rest = divmod(span_b[0] - span_a[0], size)
     if rest:
         return True  # not element-aligned to each other: let the range decide
     # With nested strides (each larger than the reach of the dimensions inside it) an element
@@ -126,7 +126,8 @@ def _reachable(delta: int, dims: list, reaches: list) -> bool:
     return False
 
 
-def _itemsize(x: Any) -> int:
+def itemsize(x: Any) -> int:
+    """Bytes of one element of an array of any supported framework."""
     return x.element_size() if framework_of(x) == "torch" else x.dtype.itemsize
 
 

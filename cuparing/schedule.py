@@ -211,7 +211,6 @@ GATHER_MAX_SHARDS = 8  # other ranks' shards one gathered call holds (the GPU ke
 # activations, else one shard at a time
 GATHER_DEFAULT_MIN_RANKS = 4
 GATHER_DEFAULT_MAX_BYTES = 1 << 30
-_ITEM_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
 def gather_switch() -> str:
@@ -235,20 +234,19 @@ def gather_requested(switch: str | None = None) -> bool | None:
     raise ValueError(f"{GATHER_ENV} must be '1', '0' or unset, got {GATHER_ENV}={value!r}")
 
 
-def gather_decided(requested: bool | None, world_size: int, documents: bool, kv_shape: tuple,
-                   dtype: str, backward: bool = False) -> bool:  # fmt: skip
+def gather_decided(requested: bool | None, world_size: int, documents: bool, shard_bytes: int,
+                   backward: bool = False) -> bool:  # fmt: skip
     """Whether a ring call asks its plan to gather K/V (:func:`gathers`; the plan still
     declines where its steps do not allow it). ``requested``: :func:`gather_requested`'s
     answer; where it is None, a forward (not ``backward``) over packed documents
     (``documents``) on a ring of at least ``GATHER_DEFAULT_MIN_RANKS`` gathers when the other
-    ranks' K/V (``world_size - 1`` shards of K and V, each ``kv_shape`` of ``dtype``) fit in
-    ``GATHER_DEFAULT_MAX_BYTES``. Every input is one the ranks agree on, so every rank decides
-    alike."""
+    ranks' K/V (``world_size - 1`` shards of ``shard_bytes``: one rank's K and V together) fit
+    in ``GATHER_DEFAULT_MAX_BYTES``. Every input is one the ranks agree on (shapes, dtype, C,
+    documents), so every rank decides alike."""
     if requested is not None:
         return requested
     if backward or not documents or world_size < GATHER_DEFAULT_MIN_RANKS:
         return False
-    shard_bytes = 2 * int(np.prod(kv_shape)) * _ITEM_BYTES.get(dtype, 8)
     return (world_size - 1) * shard_bytes <= GATHER_DEFAULT_MAX_BYTES
 
 

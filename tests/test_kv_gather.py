@@ -241,15 +241,15 @@ def test_unset_gathers_packed_document_forwards_on_rings_of_four_within_the_byte
     """The switch's answer wins, either direction; unset, a call gathers exactly when it is a
     forward over packed documents, its ring has 4 or more ranks and the other ranks' K and V
     (world - 1 shards of [1, tokens, heads, dim]) fit in GATHER_DEFAULT_MAX_BYTES."""
-    shape = (1, tokens, heads, dim)
-    for requested in (True, False):
-        got = schedule.gather_decided(requested, world, documents, shape, dtype, backward)
-        assert got is requested
     item = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}[dtype]
-    gathered = (world - 1) * 2 * tokens * heads * dim * item
+    shard = 2 * tokens * heads * dim * item  # (one rank's K and V)
+    for requested in (True, False):
+        got = schedule.gather_decided(requested, world, documents, shard, backward)
+        assert got is requested
+    gathered = (world - 1) * shard
     expected = (not backward and documents and world >= 4
                 and gathered <= schedule.GATHER_DEFAULT_MAX_BYTES)  # fmt: skip
-    assert schedule.gather_decided(None, world, documents, shape, dtype, backward) is expected
+    assert schedule.gather_decided(None, world, documents, shard, backward) is expected
 
 
 def test_the_byte_bound_is_inclusive():
@@ -257,8 +257,36 @@ def test_the_byte_bound_is_inclusive():
     per_token = 4 * 2 * 8 * 128 * 2  # four other shards, K and V, 8 heads of 128, bf16
     tokens = schedule.GATHER_DEFAULT_MAX_BYTES // per_token
     assert tokens * per_token == schedule.GATHER_DEFAULT_MAX_BYTES  # (the bound is a power of 2)
-    assert schedule.gather_decided(None, 5, True, (1, tokens, 8, 128), "bfloat16")
-    assert not schedule.gather_decided(None, 5, True, (1, tokens + 1, 8, 128), "bfloat16")
+    shard = 2 * 8 * 128 * 2  # bytes a token of one rank's K and V takes
+    assert schedule.gather_decided(None, 5, True, tokens * shard)
+    assert not schedule.gather_decided(None, 5, True, (tokens + 1) * shard)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_ring_call_weighs_its_own_k_and_v_against_the_bound(monkeypatch, dtype):
+    """The default weighs what the call's K and V take (shape and element size): with the
+    bound at exactly the other ranks' K and V a packed forward on 4 ranks gathers, a byte
+    under it does not."""
+    from switches import ranks_calling
+
+    import cuparing as cr
+
+    monkeypatch.delenv(schedule.GATHER_ENV, raising=False)
+    q, k, v = np.random.default_rng().standard_normal((3, 1, 40, 2, 8)).astype(dtype)
+    cu = [0, 9, 40]
+    shard = cr.shard(k, 0, 4, layout="zigzag", cu_seqlens=cu)
+    others = 3 * 2 * shard.nbytes  # three other ranks' K and V
+    for bound, gathers in ((others, True), (others - 1, False)):
+        monkeypatch.setattr(schedule, "GATHER_DEFAULT_MAX_BYTES", bound)
+
+        def rank_fn(ring):
+            local = [cr.shard(x, ring.rank, ring.size, layout="zigzag", cu_seqlens=cu)
+                     for x in (q, k, v)]  # fmt: skip
+            return cr.ring_attention(*local, ring, causal=True, layout="zigzag", cu_seqlens=cu)
+
+        with ranks_calling() as ran:
+            cr.simulate(4, rank_fn)
+        assert sorted(ran["gathered_forward"]) == ([0, 1, 2, 3] if gathers else [])
 
 
 @pytest.mark.parametrize("world, documents, expected", [

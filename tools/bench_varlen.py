@@ -247,8 +247,8 @@ def gather_choice(world: int, seqlen: int, cu) -> str:
 
     switch = schedule.gather_switch()
     requested = schedule.gather_requested(switch)
-    shape = (1, seqlen // world, HEADS_KV, HEADDIM)
-    fwd, bwd = (schedule.gather_decided(requested, world, len(cu) > 2, shape, "bfloat16", b)
+    shard_bytes = 2 * (seqlen // world) * HEADS_KV * HEADDIM * 2  # (K and V, bfloat16)
+    fwd, bwd = (schedule.gather_decided(requested, world, len(cu) > 2, shard_bytes, b)
                 for b in (False, True))  # fmt: skip
     return (f"CUPARING_KV_GATHER={switch or 'unset'}: forward {'gathers' if fwd else 'rings'}, "
             f"backward {'gathers' if bwd else 'rings'}")

@@ -755,13 +755,21 @@ class _DeviceFlags:
 
 def _choose_sync(ring: IpcRing) -> _HostHandshake | _DeviceFlags:
     """Device flags where cuda-bindings and the device allow them (the module doc)."""
+    driver, why = _flags_driver()
+    if why is None:
+        why = _stream_mem_ops_missing(driver, ring.device.id)
+    return _HostHandshake(ring, why) if why else _DeviceFlags(ring, driver)
+
+
+def _flags_driver() -> tuple[Any, str | None]:
+    """(cuda-bindings' driver, None) where device flags may be used, else (None, why not:
+    ``CUPARING_IPC_FLAGS=0`` or no cuda-bindings)."""
     if os.environ.get(FLAGS_ENV, "1").strip() == "0":
-        return _HostHandshake(ring, f"{FLAGS_ENV}=0")
+        return None, f"{FLAGS_ENV}=0"
     driver = import_driver()
     if driver is None:
-        return _HostHandshake(ring, "cuda-bindings is not installed (the cuda12/cuda13 extras)")
-    missing = _stream_mem_ops_missing(driver, ring.device.id)
-    return _HostHandshake(ring, missing) if missing else _DeviceFlags(ring, driver)
+        return None, "cuda-bindings is not installed (the cuda12/cuda13 extras)"
+    return driver, None
 
 
 def copy_engines_unavailable(world_size: int) -> str | None:
@@ -771,11 +779,9 @@ def copy_engines_unavailable(world_size: int) -> str | None:
     without stream memory operations, or a pair of those GPUs without peer access (MIG slices,
     PCIe servers without peer-to-peer). Asks the driver only (no context is created); every
     process of one host that sees the same GPUs gets the same answer."""
-    if os.environ.get(FLAGS_ENV, "1").strip() == "0":
-        return f"{FLAGS_ENV}=0"
-    driver = import_driver()
-    if driver is None:
-        return "cuda-bindings is not installed (the cuda12/cuda13 extras)"
+    driver, why = _flags_driver()
+    if why is not None:
+        return why
     try:
         return _peers_unavailable(driver, world_size)
     except Exception as exc:  # noqa: BLE001 - e.g. no libcuda to load: then NCCL, not a crash
