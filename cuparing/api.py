@@ -98,7 +98,7 @@ def attention(
         options = (causal, scale, window)
         key = call_plans.signature("attention", (q, k, v), options, (out, lse),
                                    documents=boundaries)  # fmt: skip
-        results = _repeat_attention(key, q, k, v, out, lse)
+        results = _repeat_attention(key, q, k, v, out, lse, return_lse)
         if results is not None:  # a repeat of a checked call (call_plans)
             return results if return_lse else results[0]
     origin = validation.check_arrays(("q", "k", "v"), (q, k, v))
@@ -114,12 +114,14 @@ def attention(
     return results if return_lse else results[0]
 
 
-def _repeat_attention(key: tuple | None, q: Any, k: Any, v: Any, out: Any, lse: Any):
+def _repeat_attention(key: tuple | None, q: Any, k: Any, v: Any, out: Any, lse: Any,
+                      want_lse: bool):  # fmt: skip
     """(out, lse) of a repeat of a checked one-device call by its kept plan, or None when there
-    is none or it does not apply to these tensors (the full path decides)."""
+    is none or it does not apply to these tensors (the full path decides). Without
+    ``want_lse`` the lse returned may be one the plan reuses (not the caller's to keep)."""
     known = call_plans.find(key)
     if isinstance(known, call_plans.CallPlan):
-        return known.run(q, k, v, out, lse)
+        return known.run(q, k, v, out, lse, want_lse=want_lse)
     decided = call_plans.recall(key, None, (q, k, v), (out, lse))
     if decided is None:
         return None

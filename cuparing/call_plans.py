@@ -34,6 +34,7 @@ every call takes the full path.
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -250,28 +251,52 @@ class CallPlan:
         self._q_pos, self._k_pos = q_pos.data.ptr, k_pos.data.ptr
         self._out_shape, self._lse_shape = tuple(out_shape), tuple(lse_shape)
         self._dtype, self._device = dtype, device
+        self._runtime = _cupy_runtime()
+        self._discarded_lse: tuple[int, Any] | None = None  # (stream, lse nobody reads)
 
-    def run(self, q: Any, k: Any, v: Any, out: Any = None, lse: Any = None) -> tuple | None:
+    def run(self, q: Any, k: Any, v: Any, out: Any = None, lse: Any = None,
+            want_lse: bool = True) -> tuple | None:  # fmt: skip
         """(out, lse), or None (nothing launched) when the :class:`Guard` or an address (q, k, v
-        16-byte aligned, ``out`` 4-byte aligned) says the full path must decide."""
+        16-byte aligned, ``out`` 4-byte aligned) says the full path must decide. With
+        ``want_lse`` False and no ``lse`` given, the lse returned is one the plan keeps for
+        calls that drop it (written again by every such call on the stream it was made on):
+        only ``out`` is the caller's to read."""
         torch = self._torch
         pointers = _kernel_addresses((q, k, v), (out,))
         if pointers is None or not self._guard.passes((q, k, v), (out, lse)):
             return None
+        device = self._device.index
+        stream = torch_current_stream(device)
         if out is None:
             out = torch.empty(self._out_shape, dtype=self._dtype, device=self._device)
         if lse is None:
-            lse = torch.empty(self._lse_shape, dtype=torch.float32, device=self._device)
+            lse = self._lse_for(stream) if not want_lse else torch.empty(
+                self._lse_shape, dtype=torch.float32, device=self._device)  # fmt: skip
         # one launch that allocates nothing: the device and torch's stream are all it needs
-        # (no CuPy stream object or allocator entered: ~6 us of a call, PERF.md)
-        device = self._device.index
-        stream = torch_current_stream(device)
-        with ring_graphs.on_device(device):
-            self._launch.launch(
-                out.data_ptr(), lse.data_ptr(), *pointers, self._q_pos, self._k_pos, 0,
-                stream=stream,
-            )  # (no accumulator: one block)
+        # (no CuPy stream object or allocator entered: ~6 us of a call, PERF.md); where the
+        # device is current already, nothing is entered (a thread without a bound context, such
+        # as torch's autograd thread, is bound by the launch's retry: launch_plans.CupyDriver)
+        addresses = (out.data_ptr(), lse.data_ptr(), *pointers, self._q_pos, self._k_pos, 0)
+        if self._runtime.getDevice() == device:
+            self._launch.launch(*addresses, stream=stream)  # (no accumulator: one block)
+        else:
+            with ring_graphs.on_device(device):
+                self._launch.launch(*addresses, stream=stream)
         return out, lse
+
+    def _lse_for(self, stream: int) -> Any:
+        """An lse for a call that drops it, on ``stream``: the plan's own where it was made on
+        that stream and no graph is being captured (a captured launch would keep writing it
+        after the plan let it go), else a fresh one. Calls on one stream write it in turn; the
+        allocator hands its memory on, once the plan lets it go, in that stream's order."""
+        kept = self._discarded_lse
+        if kept is not None and kept[0] == stream:
+            if not self._torch.cuda.is_current_stream_capturing():
+                return kept[1]
+        lse = self._torch.empty(self._lse_shape, dtype=self._torch.float32, device=self._device)
+        if kept is None and not self._torch.cuda.is_current_stream_capturing():
+            self._discarded_lse = (stream, lse)
+        return lse
 
 
 class RingForwardPlan(CheckedCall):
@@ -521,6 +546,14 @@ class GraphSlot:
 def _warn_eager(why: str) -> None:
     warnings.warn(f"cuparing: a ring call {why}; it runs without one", RuntimeWarning,
                   stacklevel=2)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def _cupy_runtime():
+    """CuPy's runtime module (imported on first use: plans exist only where CuPy does)."""
+    import cupy
+
+    return cupy.cuda.runtime
 
 
 def _current_stream() -> int:

@@ -109,8 +109,8 @@ def record_plan_runs(monkeypatch, kinds) -> list[bool]:
     answers: list[bool] = []
     for kind in kinds:
 
-        def counted_run(self, *args, real_run=kind.run):
-            result = real_run(self, *args)
+        def counted_run(self, *args, real_run=kind.run, **kwargs):
+            result = real_run(self, *args, **kwargs)
             answers.append(result is not None)
             return result
 

@@ -232,11 +232,9 @@ def test_packed_document_repeats_reuse_the_first_calls_decisions(monkeypatch, fr
     call_plans.clear()
 
 
-def test_a_kept_launch_runs_on_torchs_stream_inside_its_device(monkeypatch):
-    """``CallPlan.run`` (a one-device repeat) launches on the raw handle of torch's current
-    stream of the plan's device, with that device made current around the launch, into the
-    caller's destinations: the launch and its pointers, seen through recording stand-ins (CPU
-    tensors stand for the caller's)."""
+def _recording_plan(monkeypatch, current_device: int):
+    """A CallPlan for device 3 over recording stand-ins (CPU tensors stand for the caller's),
+    with ``current_device`` the device CUDA calls current; (plan, seen, tensors)."""
     from types import SimpleNamespace
 
     from cuparing.backends import ring_graphs
@@ -255,6 +253,8 @@ def test_a_kept_launch_runs_on_torchs_stream_inside_its_device(monkeypatch):
 
     monkeypatch.setattr(ring_graphs, "on_device", Entered)
     monkeypatch.setattr(call_plans, "torch_current_stream", lambda device: 0x5000 + device)
+    runtime = SimpleNamespace(getDevice=lambda: current_device)
+    monkeypatch.setattr(call_plans, "_cupy_runtime", lambda: runtime)
     launch = SimpleNamespace(launch=lambda *pointers, stream: seen.append((pointers, stream)))
     q = torch.zeros(1, 8, 2, 8)  # 16-byte aligned data, as the kernels need
     k = v = torch.zeros(1, 8, 1, 8)
@@ -265,10 +265,64 @@ def test_a_kept_launch_runs_on_torchs_stream_inside_its_device(monkeypatch):
         SimpleNamespace(index=3, type="cuda"),  # (a CUDA device: its index is all run reads)
         call_plans.Guard((q, k, v), (out, lse), untracked=True),
     )  # fmt: skip
+    return plan, seen, (q, k, v, out, lse)
+
+
+@pytest.mark.parametrize("current", [3, 0])
+def test_a_kept_launch_runs_on_torchs_stream_inside_its_device(monkeypatch, current):
+    """``CallPlan.run`` (a one-device repeat) launches on the raw handle of torch's current
+    stream of the plan's device, into the caller's destinations, with that device made current
+    around the launch where another device is current (and nothing entered where it is the
+    current one already): the launch and its pointers, seen through recording stand-ins."""
+    plan, seen, (q, k, v, out, lse) = _recording_plan(monkeypatch, current)
     assert plan.run(q, k, v, out, lse) == (out, lse)
     pointers = (out.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), 0x100,
                 0x200, 0)  # fmt: skip
-    assert seen == [("enter", 3), (pointers, 0x5003), ("exit", 3)]
+    launched = (pointers, 0x5003)
+    assert seen == ([launched] if current == 3 else [("enter", 3), launched, ("exit", 3)])
+
+
+def test_a_dropped_lse_is_kept_per_stream_and_never_under_capture(monkeypatch):
+    """A repeat whose caller drops the lse (``want_lse=False``, no ``lse=``) writes it into one
+    lse the plan keeps, on the stream it was made on; on another stream, or while a CUDA graph
+    is captured (a graph would write it after the plan let it go), into a fresh one. A caller
+    that wants the lse always gets a fresh one."""
+    plan, seen, (q, k, v, out, _) = _recording_plan(monkeypatch, 3)
+    empties = []
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        kwargs.pop("device")  # (CPU stand-ins for the plan's CUDA device)
+        made = real_empty(*args, **kwargs)
+        empties.append(made)
+        return made
+
+    capturing = [False]
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    stream = [0x5003]
+    monkeypatch.setattr(call_plans, "torch_current_stream", lambda device: stream[0])
+
+    def lse_of_call(want_lse=False):
+        before = len(seen)
+        result = plan.run(q, k, v, out, want_lse=want_lse)
+        assert result[0] is out and len(seen) == before + 1
+        assert seen[-1][0][1] == result[1].data_ptr()  # the launch writes the lse returned
+        return result[1]
+
+    kept = lse_of_call()
+    assert lse_of_call() is kept and lse_of_call() is kept
+    wanted = lse_of_call(want_lse=True)
+    assert wanted is not kept and lse_of_call(want_lse=True) is not wanted
+    stream[0] = 0x7000
+    other = lse_of_call()
+    assert other is not kept and lse_of_call() is not other  # (fresh every time there)
+    stream[0] = 0x5003
+    capturing[0] = True
+    assert lse_of_call() is not kept
+    capturing[0] = False
+    assert lse_of_call() is kept
+    assert all(x.shape == kept.shape and x.dtype == torch.float32 for x in empties)
 
 
 def test_a_signature_walks_the_documents_once(monkeypatch):

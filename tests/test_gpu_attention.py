@@ -705,6 +705,57 @@ def test_forward_replays_in_a_torch_cuda_graph(fresh_rng):
 
 @requires_gpu(1)
 @pytest.mark.usefixtures("kernel_family")
+def test_forward_that_drops_its_lse_repeats_and_replays(fresh_rng):
+    """Repeats that drop the lse (``out=`` only, or nothing) write it into one the kept plan
+    reuses on their stream: fresh inputs each call still give exactly the full path's output
+    (the same kernel), a call that asks for the lse gets its own, and a capture (whose graph
+    must not write into the plan's) replays correctly on new inputs."""
+    torch = torch_on_gpu()
+    from cuparing import call_plans
+
+    call_plans.clear()
+    gen = torch.Generator(device="cuda").manual_seed(int(fresh_rng.integers(2**62)))
+    shapes = [(1, 777, 8, 128), (1, 777, 2, 128), (1, 777, 2, 128)]
+
+    def fresh():
+        return [torch.randn(s, device="cuda", dtype=torch.bfloat16, generator=gen) for s in shapes]
+
+    def full_path(q, k, v):
+        call_plans.clear()
+        return cr.attention(q, k, v, causal=True, return_lse=True)
+
+    cr.attention(*fresh(), causal=True)  # the full path keeps the launch
+    inputs = [fresh() for _ in range(3)]
+    poison_torch_pools()
+    outs = [cr.attention(*x, causal=True) for x in inputs]  # (the plan's lse, written in turn)
+    lses = [cr.attention(*x, causal=True, return_lse=True)[1] for x in inputs]
+    assert len({x.data_ptr() for x in lses}) == len(lses)
+    for x, out, lse in zip(inputs, outs, lses, strict=True):
+        want_out, want_lse = full_path(*x)
+        assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+
+    q, k, v = fresh()
+    out = torch.empty_like(q)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cr.attention(q, k, v, causal=True, out=out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cr.attention(q, k, v, causal=True, out=out)
+    for _ in range(2):
+        for x in (q, k, v):
+            x.copy_(torch.randn(x.shape, device="cuda", dtype=torch.bfloat16, generator=gen))
+        out.fill_(float("nan"))
+        cr.attention(*fresh(), causal=True)  # the plan's own lse written between replays
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, full_path(q, k, v)[0])
+
+
+@requires_gpu(1)
+@pytest.mark.usefixtures("kernel_family")
 def test_training_step_replays_in_a_torch_cuda_graph(fresh_rng):
     """Forward and backward with caller-owned outputs and gradients, captured together by
     torch.cuda.graph after one warm-up (the backward's float32 workspaces come from torch's
@@ -1016,9 +1067,9 @@ def test_repeat_torch_calls_run_the_kept_launch(monkeypatch, fresh_rng):
     runs = []
     real_run = call_plans.CallPlan.run
 
-    def counted_run(self, *args):
+    def counted_run(self, *args, **kwargs):
         runs.append(1)
-        return real_run(self, *args)
+        return real_run(self, *args, **kwargs)
 
     monkeypatch.setattr(call_plans.CallPlan, "run", counted_run)
     gen = torch.Generator(device="cuda").manual_seed(int(fresh_rng.integers(2**62)))
@@ -1076,8 +1127,8 @@ def test_repeats_with_caller_owned_outputs_run_the_kept_launch(monkeypatch, fres
     launched = []
     real_run = call_plans.CallPlan.run
 
-    def counted_run(self, *args):
-        result = real_run(self, *args)
+    def counted_run(self, *args, **kwargs):
+        result = real_run(self, *args, **kwargs)
         launched.append(result is not None)
         return result
 
