@@ -112,6 +112,33 @@ def test_blocks_of_disjoint_documents_are_empty_and_the_ring_stops_early():
 
 @given(
     world_size=st.integers(1, 8),
+    layout=st.sampled_from(cr.LAYOUTS),
+    lengths=st.lists(st.integers(0, 300), min_size=1, max_size=20),
+)
+def test_key_positions_strictly_increase_padding_included(world_size, layout, lengths):
+    """Every rank's key positions strictly increase and no two ranks share one, padding rows
+    included (what lets the Hopper forward read a key tile whose end positions lie its length
+    apart as consecutive positions: common/mask.cuh ``apply_mask_run``); padding keys lie past
+    every real position and every query by more than the clamped window."""
+    from cuparing import documents
+
+    if sum(lengths) == 0:
+        lengths[0] = 1
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    queries, keys = documents.ring_positions(layout, world_size, cu)
+    reach = documents.longest(cu) - 1
+    for rank, k in enumerate(keys):
+        assert (np.diff(k) > 0).all(), f"rank {rank}: {k}"
+        padding = documents.token_positions(layout, rank, world_size, cu) == documents.PAD
+        if padding.any():
+            real_most = max(int(q.max()) for q in queries)
+            assert int(k[padding].min()) - real_most > reach
+    joined = np.concatenate(keys)
+    assert len(np.unique(joined)) == len(joined)
+
+
+@given(
+    world_size=st.integers(1, 8),
     lengths=st.lists(st.integers(0, 400), min_size=1, max_size=40),
 )
 def test_packed_keeps_short_documents_whole_in_balanced_runs(world_size, lengths):

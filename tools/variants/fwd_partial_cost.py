@@ -23,8 +23,8 @@ VARIANTS = {
     "no-mask": [
         (
             FWD,
-            '        if (kind != kTileFull) apply_mask<Tr>(acc_s, q_pos_row, p.k_pos, n0, sk, lo, hi, lane);\n',
-            '        (void)kind;\n',
+            '        if (kind != kTileFull) {\n          // (warp-uniform',
+            '        if (kind < 0) {  // (never)\n          // (warp-uniform',
         ),
     ],
 }

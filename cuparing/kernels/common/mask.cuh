@@ -139,4 +139,43 @@ __device__ __forceinline__ void apply_mask(float (&acc_s)[Tr::kMFrags][Tr::kNTil
   }
 }
 
+// apply_mask for a tile whose keys hold consecutive positions from k_min (k_pos[n0 + c] ==
+// k_min + c for every column c < keys, which sorted distinct positions show by their ends:
+// k_max - k_min == keys - 1; every key position array the kernels get is strictly increasing,
+// padding included). Key c is then visible to query q iff lo <= k_min + c - q <= hi, i.e.
+// c in [q - k_min + lo, q - k_min + hi], and c < keys: two bounds per row, no position loads
+// (one per column and lane in apply_mask, on the softmax's critical path).
+template <class Tr>
+__device__ __forceinline__ void apply_mask_run(float (&acc_s)[Tr::kMFrags][Tr::kNTiles][4],
+                                               const int (&q_pos_row)[Tr::kMFrags][2], int k_min,
+                                               int keys, int lo, int hi, int lane) {
+  const int t = lane & 3;
+  // one value per row (k_min - q: key c sits c + this from the query), so the consumers of
+  // head dim 64, three warpgroups at 128 registers, hold no more than apply_mask's loads do
+  int shift[Tr::kMFrags][2];
+#pragma unroll
+  for (int mf = 0; mf < Tr::kMFrags; ++mf) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) shift[mf][r] = k_min - q_pos_row[mf][r];
+  }
+#pragma unroll
+  for (int j = 0; j < Tr::kNTiles; ++j) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int col = 8 * j + 2 * t + e;
+      const bool in_range = col < keys;
+#pragma unroll
+      for (int mf = 0; mf < Tr::kMFrags; ++mf) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          // |positions| < 2^30: the difference fits in int32 (classify_tile)
+          const int delta = col + shift[mf][r];
+          const bool visible = in_range && delta >= lo && delta <= hi;
+          if (!visible) acc_s[mf][j][2 * r + e] = neg_inf();
+        }
+      }
+    }
+  }
+}
+
 }  // namespace cuparing

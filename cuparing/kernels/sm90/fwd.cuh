@@ -315,14 +315,23 @@ __device__ __forceinline__ void fwd_block_sm90(const FwdParams& p, const Sm90Map
         const int n0 = (n_first + it) * Tr::kBlockN;
         const int keys = min(Tr::kBlockN, sk - n0);
         int kind = kTileFull;
+        int k_min = 0, k_max = 0;
         if (!p.block_full || keys < Tr::kBlockN || !wg_has_rows) {
-          const int k_min = __ldg(p.k_pos + n0);
-          const int k_max = __ldg(p.k_pos + n0 + keys - 1);
+          k_min = __ldg(p.k_pos + n0);
+          k_max = __ldg(p.k_pos + n0 + keys - 1);
           kind = p.block_full ? kTilePartial
                               : classify_tile(wg_q_min, wg_q_max, k_min, k_max, lo, hi);
           if (keys < Tr::kBlockN || !wg_has_rows) kind = kTilePartial;
         }
-        if (kind != kTileFull) apply_mask<Tr>(acc_s, q_pos_row, p.k_pos, n0, sk, lo, hi, lane);
+        if (kind != kTileFull) {
+          // (warp-uniform: keys of consecutive positions, e.g. inside one document, take the
+          // bounds per row instead of a position load per column)
+          if (k_max - k_min == keys - 1) {
+            apply_mask_run<Tr>(acc_s, q_pos_row, k_min, keys, lo, hi, lane);
+          } else {
+            apply_mask<Tr>(acc_s, q_pos_row, p.k_pos, n0, sk, lo, hi, lane);
+          }
+        }
         softmax_tile<Tr>(acc_s, row_max, row_sum, p.scale_log2, corr);
       };
       auto pack_p = [&](float (&acc_s)[1][Tr::kNTiles][4]) {
