@@ -55,6 +55,9 @@ from .interop import (
 from .kernels import loader
 
 _PLANS = PlanCache()  # by signature, bounded
+# the most an lse a one-device plan keeps for calls that drop theirs may take (B * H * Sq * 4
+# bytes: 128k queries of 32 heads), so that plans kept for many signatures hold little memory
+KEPT_LSE_MAX_BYTES = 16 << 20
 
 
 def _is_cuda_tensor(x: Any) -> bool:
@@ -258,43 +261,52 @@ class CallPlan:
             want_lse: bool = True) -> tuple | None:  # fmt: skip
         """(out, lse), or None (nothing launched) when the :class:`Guard` or an address (q, k, v
         16-byte aligned, ``out`` 4-byte aligned) says the full path must decide. With
-        ``want_lse`` False and no ``lse`` given, the lse returned is one the plan keeps for
+        ``want_lse`` False and no ``lse`` given, the lse returned may be one the plan keeps for
         calls that drop it (written again by every such call on the stream it was made on):
         only ``out`` is the caller's to read."""
-        torch = self._torch
         pointers = _kernel_addresses((q, k, v), (out,))
         if pointers is None or not self._guard.passes((q, k, v), (out, lse)):
             return None
+        # one launch that allocates nothing through CuPy: the device and torch's stream are all
+        # it needs (no CuPy stream object or allocator entered: ~6 us of a call, PERF.md); where
+        # the device is current already, nothing is entered (a thread without a bound context,
+        # such as torch's autograd thread, is bound by the launch's retry: CupyDriver)
         device = self._device.index
-        stream = torch_current_stream(device)
+        if self._runtime.getDevice() == device:
+            return self._launch_into(pointers, out, lse, want_lse)
+        with ring_graphs.on_device(device):
+            return self._launch_into(pointers, out, lse, want_lse)
+
+    def _launch_into(self, pointers: tuple, out: Any, lse: Any, want_lse: bool) -> tuple:
+        """The launch on torch's current stream of the plan's device (the current device), into
+        ``out`` / ``lse`` or fresh ones; (out, lse)."""
+        torch = self._torch
+        stream = torch_current_stream(self._device.index)
         if out is None:
             out = torch.empty(self._out_shape, dtype=self._dtype, device=self._device)
         if lse is None:
-            lse = self._lse_for(stream) if not want_lse else torch.empty(
+            lse = self._dropped_lse(stream) if not want_lse else torch.empty(
                 self._lse_shape, dtype=torch.float32, device=self._device)  # fmt: skip
-        # one launch that allocates nothing: the device and torch's stream are all it needs
-        # (no CuPy stream object or allocator entered: ~6 us of a call, PERF.md); where the
-        # device is current already, nothing is entered (a thread without a bound context, such
-        # as torch's autograd thread, is bound by the launch's retry: launch_plans.CupyDriver)
-        addresses = (out.data_ptr(), lse.data_ptr(), *pointers, self._q_pos, self._k_pos, 0)
-        if self._runtime.getDevice() == device:
-            self._launch.launch(*addresses, stream=stream)  # (no accumulator: one block)
-        else:
-            with ring_graphs.on_device(device):
-                self._launch.launch(*addresses, stream=stream)
+        # (no accumulator: one block)
+        self._launch.launch(out.data_ptr(), lse.data_ptr(), *pointers, self._q_pos, self._k_pos,
+                            0, stream=stream)  # fmt: skip
         return out, lse
 
-    def _lse_for(self, stream: int) -> Any:
-        """An lse for a call that drops it, on ``stream``: the plan's own where it was made on
-        that stream and no graph is being captured (a captured launch would keep writing it
-        after the plan let it go), else a fresh one. Calls on one stream write it in turn; the
-        allocator hands its memory on, once the plan lets it go, in that stream's order."""
+    def _dropped_lse(self, stream: int) -> Any:
+        """An lse for a call that drops it, on ``stream`` (torch's current stream of the current
+        device, the plan's): the plan's own where it was made on that stream and no graph is
+        being captured there (a captured launch would keep writing it after the plan let it
+        go), else a fresh one; kept only up to ``KEPT_LSE_MAX_BYTES`` (it lives as long as the
+        plan, out of reach of ``torch.cuda.empty_cache``). Calls on one stream write it in turn;
+        once the plan lets it go, the allocator hands its memory on in that stream's order."""
+        torch = self._torch
         kept = self._discarded_lse
-        if kept is not None and kept[0] == stream:
-            if not self._torch.cuda.is_current_stream_capturing():
-                return kept[1]
-        lse = self._torch.empty(self._lse_shape, dtype=self._torch.float32, device=self._device)
-        if kept is None and not self._torch.cuda.is_current_stream_capturing():
+        if kept is not None and kept[0] == stream and not torch.cuda.is_current_stream_capturing():
+            return kept[1]
+        lse = torch.empty(self._lse_shape, dtype=torch.float32, device=self._device)
+        if kept is None and lse.numel() * 4 <= KEPT_LSE_MAX_BYTES and (
+            not torch.cuda.is_current_stream_capturing()
+        ):  # fmt: skip
             self._discarded_lse = (stream, lse)
         return lse
 

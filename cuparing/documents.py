@@ -14,9 +14,10 @@ global positions and the window ``lo <= k_pos - q_pos <= hi``; documents become 
 Shards of unequal length are padded at their end to one length. A padding query gets position
 ``Q*`` and the padding keys positions from ``K*`` on, all beyond every real position by more than
 the window, and far enough from each other: a padding token sees no key and no query sees it.
-Padding keys count up (``K*`` plus the row's index in the padded sequence), so every rank's key
-positions, and any union of them, strictly increase: the kernels read a key tile whose end
-positions lie its length apart as consecutive positions without loading them.
+Padding keys count up from ``K*`` (rank by rank, so the largest is ``K*`` plus the padding
+rows less one), so every rank's key positions, and any union of them, strictly increase: the
+kernels read a key tile whose end positions lie its length apart as consecutive positions
+without loading them.
 
 Layouts with documents: ``zigzag`` splits every document into ``2C`` pieces whose lengths differ by
 at most one, rank ``r`` holding pieces ``r`` and ``2C-1-r`` of each (causal work balances with no
@@ -151,9 +152,9 @@ def ring_positions(layout: str, world_size: int, cu_seqlens: np.ndarray):
 
     Only non-empty documents are spread apart (repeated boundaries, e.g. a fixed-size
     ``cu_seqlens`` padded with trailing repeats, add nothing), and the padding sentinels sit just
-    past the largest real position, keeping positions as small as the documents allow (the GPU
-    kernels take them as 32-bit integers below 2^30). Every rank's keys strictly increase, and
-    no two ranks share a key position.
+    past the largest real position (the padding keys counting up from there), keeping positions
+    as small as the documents allow (the GPU kernels take them as 32-bit integers below 2^30).
+    Every rank's keys strictly increase, and no two ranks share a key position.
 
     Returns:
         (q_positions, k_positions): tuples indexed by rank of int64 arrays (ascending, padded
@@ -169,15 +170,20 @@ def ring_positions(layout: str, world_size: int, cu_seqlens: np.ndarray):
     q_pad = last_real + 2 * (gap + 1)
     k_pad = q_pad + 2 * (gap + 1)
     queries, keys = [], []
+    padding_before = 0  # padding keys of the ranks before: theirs count up from K* first
     for rank in range(world_size):
         rows = token_positions(layout, rank, world_size, cu)
         real = rows != PAD
         docs = document_of(cu, np.where(real, rows, 0))
         spread = np.where(real, rows + nonempty_before[docs] * gap, 0)
-        # (padding keys distinct and increasing, across ranks too: see the module's docstring)
-        padding_keys = k_pad + rank * len(rows) + np.arange(len(rows), dtype=np.int64)
         queries.append(np.where(real, spread, q_pad).astype(np.int64))
-        keys.append(np.where(real, spread, padding_keys).astype(np.int64))
+        # (padding keys distinct and increasing, across ranks too: see the module's docstring;
+        # padding rows come last)
+        padding = len(rows) - int(np.count_nonzero(real))
+        key_positions = spread.astype(np.int64)
+        key_positions[len(rows) - padding :] = k_pad + padding_before + np.arange(padding)
+        keys.append(key_positions)
+        padding_before += padding
     return tuple(queries), tuple(keys)
 
 

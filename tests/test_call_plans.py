@@ -285,8 +285,9 @@ def test_a_kept_launch_runs_on_torchs_stream_inside_its_device(monkeypatch, curr
 def test_a_dropped_lse_is_kept_per_stream_and_never_under_capture(monkeypatch):
     """A repeat whose caller drops the lse (``want_lse=False``, no ``lse=``) writes it into one
     lse the plan keeps, on the stream it was made on; on another stream, or while a CUDA graph
-    is captured (a graph would write it after the plan let it go), into a fresh one. A caller
-    that wants the lse always gets a fresh one."""
+    is captured (a graph would write it after the plan let it go), or where it would take more
+    than ``KEPT_LSE_MAX_BYTES``, into a fresh one. A caller that wants the lse always gets a
+    fresh one."""
     plan, seen, (q, k, v, out, _) = _recording_plan(monkeypatch, 3)
     empties = []
     real_empty = torch.empty
@@ -323,6 +324,12 @@ def test_a_dropped_lse_is_kept_per_stream_and_never_under_capture(monkeypatch):
     capturing[0] = False
     assert lse_of_call() is kept
     assert all(x.shape == kept.shape and x.dtype == torch.float32 for x in empties)
+
+    # an lse over the bound is never kept (plans of many signatures hold little memory)
+    monkeypatch.setattr(call_plans, "KEPT_LSE_MAX_BYTES", kept.numel() * 4 - 1)
+    plan._discarded_lse = None
+    first = lse_of_call()
+    assert lse_of_call() is not first and plan._discarded_lse is None
 
 
 def test_a_signature_walks_the_documents_once(monkeypatch):

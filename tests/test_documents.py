@@ -135,6 +135,11 @@ def test_key_positions_strictly_increase_padding_included(world_size, layout, le
             assert int(k[padding].min()) - real_most > reach
     joined = np.concatenate(keys)
     assert len(np.unique(joined)) == len(joined)
+    # the padding keys are one run from K* (positions stay as small as they were)
+    padded = np.concatenate([k[documents.token_positions(layout, r, world_size, cu)
+                               == documents.PAD] for r, k in enumerate(keys)])  # fmt: skip
+    if len(padded):
+        np.testing.assert_array_equal(np.sort(padded), padded.min() + np.arange(len(padded)))
 
 
 @given(

@@ -289,14 +289,20 @@ def _switch_reader():
     """How :func:`kernel_switches` reads the environment. ``os.environ.get`` of an unset name
     raises and catches a KeyError inside (~0.7 us each, three per call); CPython's ``os.environ``
     keeps its values in a plain dict under encoded keys, which holds the same values (every
-    change through ``os.environ`` updates it) and reads in ~0.05 us. Elsewhere the public reads."""
-    environ = os.environ
-    data, encode = getattr(environ, "_data", None), getattr(environ, "encodekey", None)
-    if isinstance(data, dict) and callable(encode):
-        kernels, tma, bwd = (encode(name) for name in _SWITCHES)
-        get = data.get
-        return lambda: (get(kernels), get(tma), get(bwd))
-    return lambda: tuple(environ.get(name) for name in _SWITCHES)
+    change through ``os.environ`` updates it) and reads in ~0.05 us. ``os.environ`` is looked up
+    on every call (a test may replace it with a plain mapping, which is then read by ``get``)."""
+    encode = getattr(os.environ, "encodekey", None)
+    if not callable(encode):
+        return lambda: tuple(os.environ.get(name) for name in _SWITCHES)
+    kernels, tma, bwd = (encode(name) for name in _SWITCHES)
+
+    def read() -> tuple:
+        data = getattr(os.environ, "_data", None)
+        if type(data) is not dict:
+            return tuple(os.environ.get(name) for name in _SWITCHES)
+        return data.get(kernels), data.get(tma), data.get(bwd)
+
+    return read
 
 
 _read_switches = _switch_reader()
