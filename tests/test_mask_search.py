@@ -1,7 +1,8 @@
 """The warp-wide searches of kernels/common/mask.cuh, modelled lane by lane: lower_bound_warp
 (32 probes per round), the paired form of tools/variants/paired_bounds.py (two values per round,
 both chains at once) and the forward's checked guesses (guessed_lower_bound, the search where a
-check fails) give numpy's searchsorted answers for any sorted positions."""
+check fails) give numpy's searchsorted answers for any sorted positions; the Hopper forward's
+load-free mask (apply_mask_run) masks as the loaded one (apply_mask) wherever it is taken."""
 
 from __future__ import annotations
 
@@ -110,3 +111,56 @@ def test_guessed_bounds_equal_numpys(length, base, gaps, values, near):
     for value in probes:
         want = int(np.searchsorted(np.asarray(gapped, dtype=np.int64), value, side="left"))
         assert guessed_then_searched(gapped, value) == want
+
+
+def mask_by_loads(q_rows, k_pos, n0, seqlen_k, lo, hi, block_n):
+    """apply_mask's visibility of one tile, [rows, block_n]: key n0 + c loaded per column."""
+    cols = n0 + np.arange(block_n)
+    in_range = cols < seqlen_k
+    kp = np.where(in_range, np.asarray(k_pos)[np.minimum(cols, seqlen_k - 1)], 0)
+    delta = kp[None, :] - np.asarray(q_rows)[:, None]
+    return in_range[None, :] & (delta >= lo) & (delta <= hi)
+
+
+def mask_by_run(q_rows, k_min, keys, lo, hi, block_n):
+    """apply_mask_run's: one shift per row (k_min - q), column c visible iff c < keys and
+    lo <= c + shift <= hi."""
+    cols = np.arange(block_n)
+    shift = k_min - np.asarray(q_rows)
+    delta = cols[None, :] + shift[:, None]
+    return (cols < keys)[None, :] & (delta >= lo) & (delta <= hi)
+
+
+@given(
+    runs=st.lists(st.tuples(st.integers(1, 300), st.integers(1, 5000)), min_size=1, max_size=6),
+    base=st.integers(-(2**29), 2**29), window=st.tuples(st.integers(0, 400), st.integers(0, 400)),
+    causal=st.booleans(), block_n=st.sampled_from([64, 128]), seed=st.integers(0, 2**32 - 1),
+)  # fmt: skip
+def test_the_load_free_mask_is_the_loaded_one_where_it_applies(runs, base, window, causal,
+                                                                block_n, seed):  # fmt: skip
+    """The Hopper forward masks a tile without loading key positions where the tile's end
+    positions lie its length apart (``k_max - k_min == keys - 1``); over strictly increasing
+    key positions (runs of consecutive ones with gaps between: documents, padding, zigzag's two
+    pieces), every tile that test admits is masked exactly as by the loads, for any queries,
+    window and Sk tail; tiles of consecutive positions are always admitted."""
+    rng = np.random.default_rng(seed)
+    k_pos, at = [], base
+    for length, gap in runs:
+        k_pos.extend(range(at, at + length))
+        at += length + gap
+    seqlen_k = len(k_pos)
+    lo, hi = -window[0], 0 if causal else window[1]
+    for n0 in range(0, seqlen_k, block_n):
+        keys = min(block_n, seqlen_k - n0)
+        k_min, k_max = k_pos[n0], k_pos[n0 + keys - 1]
+        consecutive = k_pos[n0 : n0 + keys] == list(range(k_min, k_min + keys))
+        admitted = k_max - k_min == keys - 1
+        assert admitted == consecutive
+        if not admitted:
+            continue
+        # queries near the tile (and far from it), sorted as the kernels' rows are
+        q_rows = np.sort(rng.integers(k_min - 2 * block_n - 500, k_max + 2 * block_n + 500, 16))
+        np.testing.assert_array_equal(
+            mask_by_run(q_rows, k_min, keys, lo, hi, block_n),
+            mask_by_loads(q_rows, k_pos, n0, seqlen_k, lo, hi, block_n),
+        )
