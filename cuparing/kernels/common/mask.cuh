@@ -143,7 +143,7 @@ __device__ __forceinline__ void apply_mask(float (&acc_s)[Tr::kMFrags][Tr::kNTil
 // k_min + c for every column c < keys, which sorted distinct positions show by their ends:
 // k_max - k_min == keys - 1; every key position array the kernels get is strictly increasing,
 // padding included). Key c is then visible to query q iff lo <= k_min + c - q <= hi, i.e.
-// c in [q - k_min + lo, q - k_min + hi], and c < keys: two bounds per row, no position loads
+// c in [q - k_min + lo, q - k_min + hi], and c < keys: one shift per row, no position loads
 // (one per column and lane in apply_mask, on the softmax's critical path).
 template <class Tr>
 __device__ __forceinline__ void apply_mask_run(float (&acc_s)[Tr::kMFrags][Tr::kNTiles][4],
