@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import host_us  # noqa: E402
 
 
 def median_us(fn, calls: int) -> float:
-    fn()
-    loops = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        loops.append((time.perf_counter() - start) / calls * 1e6)
-    return sorted(loops)[2]
+    """The median of five :func:`timing.host_us` loops of ``calls`` calls."""
+    return statistics.median(host_us(fn, calls=calls, warmup=1) for _ in range(5))
 
 
 def main(argv=None) -> int:
@@ -92,7 +89,6 @@ def main(argv=None) -> int:
           f"per call, median of 5 loops of {args.calls}")  # fmt: skip
     for name, fn in pieces.items():
         print(f"{name:<28}{median_us(fn, args.calls):>8.2f}")
-        torch.cuda.synchronize()
     return 0
 
 
