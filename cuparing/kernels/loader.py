@@ -264,7 +264,7 @@ SM90_BWD_CONFIG = BwdConfig(block_m=64, block_n=128, warps=12, split=False, min_
 def sm90_bwd_smem_bytes(head_dim: int) -> int:
     """Dynamic shared memory of ``cuparing_bwd_sm90<head_dim, *>`` (as Sm90BwdTraits)."""
     box_row_bytes = 128 * -(-head_dim // 64)
-    cfg, stages, barriers = SM90_BWD_CONFIG, 2, 96
+    cfg, stages, barriers = SM90_BWD_CONFIG, 2, 112
     kv = 2 * cfg.block_n * box_row_bytes
     # Q, dO; lse, delta, positions, the first key tile (deterministic mode) and padding
     stage = 2 * cfg.block_m * box_row_bytes + 3 * cfg.block_m * 4 + 16

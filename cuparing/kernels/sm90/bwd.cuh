@@ -30,7 +30,10 @@
 // every wgmma of the kernel), keys past Sk always; there a hidden pair's P is -0 and its dS 0.
 // NaN / inf next to a mask edge: a CTA whose K, or a tile not FULL for it whose Q or dO, holds
 // one stops before that tile and marks itself for the sm80 kernel's redo pass (params.cuh
-// BwdParams::redo), launched after this kernel, which finishes it with its exact path.
+// BwdParams::redo), launched after this kernel, which finishes it with its exact path. The
+// producer scans K and each such tile as it lands, a tile ahead of the consumers, and leaves
+// its answer in the stage; the consumers only read it (their own scan and agreement cost a
+// packed-document ring step ~6%: PERF.md).
 // Deterministic mode (kOrdered, its own instantiation; common/turns.cuh): a query tile's dQ
 // partials are added in key-tile order and a GQA group's dK / dV in head order. The CTA then
 // walks every query tile whose endpoints classify non-EMPTY against its keys (the same set seen
@@ -92,7 +95,8 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
   // meets the other still reading this one's.
   static constexpr int kDqCols = kHeadDim / 2;
   static constexpr int kDsRegionBytes = 2 * 2 * kDsBytes;
-  // lse (log2), delta, q positions; then (deterministic mode) the tile's first key tile
+  // lse (log2), delta, q positions; then (deterministic mode) the tile's first key tile and the
+  // producer's NaN / inf answer for the tile
   static constexpr int kRowInfoBytes = 3 * kBlockM * 4 + 16;
   // dQ leaves through shared memory: each consumer warp stages its 16 query rows of kDqCols
   // columns in float32, in the dq tiles' piece order (common/dq_tiles.cuh: each 8-byte store of
@@ -113,14 +117,15 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
   static constexpr int kCountLag = 3;
   static constexpr int kAddedSlots = 4;
   static constexpr int kConsumerWarps = kConsumerThreads / 32;
-  static constexpr int kBarrierBytes = 96;
+  static constexpr int kBarrierBytes = 112;
   static constexpr int kSmemBytes = 2 * kKVBytes + kStages * kStageBytes + kDsRegionBytes +
                                     kDqStageBytes + kStages * kRowInfoBytes + kBarrierBytes + 1024;
   static_assert(kQBytes % 1024 == 0 && kKVBytes % 1024 == 0 && kDsBytes % 1024 == 0,
                 "tiles must keep the 1024-byte alignment of the swizzle atoms");
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128");
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
-  static_assert(8 * (2 * kStages + 2 + kAddedSlots) <= kBarrierBytes, "room for the mbarriers");
+  static_assert(8 * (3 * kStages + 2 + kAddedSlots) + 12 <= kBarrierBytes,
+                "room for the mbarriers and the CTA's key positions");
   static_assert(kAddedSlots > kCountLag, "the tiles counted after the loop share no slot");
   static_assert(kBlockM * 2 == Boxes::kBoxRowBytes, "a dS^T row is one swizzled 128-byte row");
   static_assert(Boxes::kProducerThreads == 2 * kBlockM,
@@ -231,21 +236,33 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   auto s_delta = [&](int s) { return s_lse(s) + 4 * Tr::kBlockM; };
   auto s_qpos = [&](int s) { return s_lse(s) + 8 * Tr::kBlockM; };
   auto s_first_key_tile = [&](int s) { return s_lse(s) + 12 * Tr::kBlockM; };
+  // nonzero: K, or the stage's Q / dO, holds a NaN / inf (written where the tile is not FULL for
+  // the CTA, before `checked` completes)
+  auto s_nonfinite = [&](int s) { return s_first_key_tile(s) + 4; };
   auto full = [&](int s) { return s_bar + 8u * s; };
   auto empty = [&](int s) { return s_bar + 8u * (Tr::kStages + s); };
+  auto checked = [&](int s) { return s_bar + 8u * (2 * Tr::kStages + 2 + Tr::kAddedSlots + s); };
   const u32 kv_full = s_bar + 8u * (2 * Tr::kStages);
   // nonzero: the consumers left query tiles (stop flag - 1) on to the redo pass
   const u32 stop_flag = kv_full + 8u;
   // deterministic mode: every consumer warp's dQ adds into query tile j are complete
   auto dq_added = [&](int j) { return stop_flag + 8u + 8u * (j % Tr::kAddedSlots); };
+  // the first and last position of the CTA's keys, and whether K holds a NaN / inf (the
+  // producer's check reads them here: its 24 registers have no room to keep them)
+  const u32 s_cta_keys = s_bar + 8u * (3 * Tr::kStages + 2 + Tr::kAddedSlots);
   if (tid == 0) {
     for (int s = 0; s < Tr::kStages; ++s) {
       // every producer thread: one cp.async arrival (noinc) and one after its row-info stores
       mbarrier_init(full(s), 2 * Tr::kProducerThreads);
       mbarrier_init(empty(s), Tr::kConsumerThreads / 32);  // one release per consumer warp
+      mbarrier_init(checked(s), 1);  // the producer's first thread, after the others' scans
     }
     mbarrier_init(kv_full, Tr::kProducerThreads);
     st_shared_u32(stop_flag, 0);
+    if (!p.block_full) {
+      st_shared_u32(s_cta_keys, __ldg(p.k_pos + n0));
+      st_shared_u32(s_cta_keys + 4, __ldg(p.k_pos + n0 + keys_valid - 1));
+    }
     for (int j = 0; j < Tr::kAddedSlots; ++j) mbarrier_init(dq_added(j), Tr::kConsumerWarps);
     mbarrier_init_fence();
   }
@@ -280,13 +297,52 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
     // deterministic mode: the CTA's turns on its query tiles (all eight consumer warps' at once:
     // the counters' targets count warps)
     int* const turns = kOrdered ? dq_turn<Tr>(p, m_first) : nullptr;
+    // NaN / inf next to a mask edge (the consumers stop there; see the top of the file): K once,
+    // then Q and dO of each tile not FULL for the CTA as it lands, by the 128 producer threads,
+    // which have nothing else to do until the consumers free the next stage. Every tile gets an
+    // answer (0 for FULL ones), so `checked` completes once per stage use, as `full` does.
+    constexpr int kCheckBarrier = 4;  // (1: the consumers' dS^T barrier)
+    const auto check_tile = [&](int j) {
+      const int s = j % Tr::kStages;
+      if (j == 0) {  // K's answer, kept by the answering thread in shared memory (no register)
+        mbarrier_wait(kv_full, 0);
+        const bool k_found = named_barrier_or(
+            kCheckBarrier, Tr::kProducerThreads,
+            magnitudes_nonfinite<kBf16>(
+                region_magnitudes<kBf16, Tr::kProducerThreads>(s_k, Tr::kKVBytes, tid)));
+        if (tid == 0) st_shared_u32(s_cta_keys + 8, k_found);
+      }
+      mbarrier_wait(full(s), (j / Tr::kStages) & 1);
+      // (the stage's rows past Sq repeat the last position: its last row is the tile's last)
+      const bool partial =
+          classify_tile(static_cast<int>(ld_shared_u32(s_qpos(s))),
+                        static_cast<int>(ld_shared_u32(s_qpos(s) + 4 * (Tr::kBlockM - 1))),
+                        static_cast<int>(ld_shared_u32(s_cta_keys)),
+                        static_cast<int>(ld_shared_u32(s_cta_keys + 4)), p.lo, p.hi) != kTileFull;
+      const u32 magnitudes =
+          partial ? region_magnitudes<kBf16, Tr::kProducerThreads>(s_q(s), Tr::kStageBytes, tid)
+                  : 0u;
+      const bool found = named_barrier_or(kCheckBarrier, Tr::kProducerThreads,
+                                          magnitudes_nonfinite<kBf16>(magnitudes));
+      if (tid == 0) {
+        st_shared_u32(s_nonfinite(s), partial && (found || ld_shared_u32(s_cta_keys + 8) != 0));
+        mbarrier_arrive(checked(s));
+      }
+    };
     int it = 0;  // after the loop: the tiles loaded
     for (; it < m_count; ++it) {
       const int s = it % Tr::kStages;
       const int m0 = (m_first + it) * Tr::kBlockM;
       const int rows = min(Tr::kBlockM, sq - m0);
       mbarrier_wait(empty(s), ((it / Tr::kStages) & 1) ^ 1);
-      if (ld_shared_u32(stop_flag)) break;  // set before the release that ended the wait
+      // The stop flag is set before the release that ended the wait, but a stop at the tile
+      // after that release may land while the producer threads read it: under masks (where the
+      // consumers can stop) they agree, so all of them take part in the check's barrier below
+      if (p.block_full ? ld_shared_u32(stop_flag) != 0
+                       : named_barrier_or(kCheckBarrier, Tr::kProducerThreads,
+                                          ld_shared_u32(stop_flag) != 0)) {
+        break;
+      }
       // Tile it - kCountLag: each consumer warp arrived on its "added" mbarrier (its adds
       // complete) before it released the stage of tile it - 2, which the wait above acquired;
       // so no wait here (one spilled the producer's 24 registers)
@@ -313,12 +369,17 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
         st_shared_u32(s_first_key_tile(s), first_key);
       }
       mbarrier_arrive(full(s));
+      // each tile checked as soon as it is loaded, a tile ahead of the consumers; the first
+      // after the second's loads are issued (its stage is free: no wait on the consumers)
+      if (!p.block_full && !(it == 0 && m_count > 1)) {
+        if (it == 1) check_tile(0);
+        check_tile(it);
+      }
     }
     // Every copy must land before the CTA ends: the consumers wait for all of them, except
     // after a stop, when the next tile's may still be in flight. The commit takes in every copy
-    // of this thread so far (those the mbarriers track too); the wait then covers them all. (Not
-    // a wait on that stage's full barrier: after a stop, producer threads may differ in whether
-    // they loaded it, so its phase may never complete.)
+    // of this thread so far (those the mbarriers track too); the wait then covers them all, and
+    // needs no agreement on which stage was loaded last.
     cp_async_commit();
     cp_async_wait<0>();
     if (kOrdered && tid == 0) {
@@ -408,19 +469,14 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
   // (P, dS) by its operands, and 0 * NaN is NaN. P and dS of hidden pairs are made exactly 0
   // below, so V (only in dP) may hold anything; K (dQ), Q (dK) and dO (dV) must be finite there.
   // When one is not, the CTA stops before that tile and leaves it and the rest to the sm80
-  // kernel (params.cuh BwdParams::redo), whose exact path handles them. K is checked once, Q and
-  // dO as each tile not FULL for the CTA lands; both consumers agree through one barrier.
+  // kernel (params.cuh BwdParams::redo), whose exact path handles them. The producer's answer
+  // for each tile not FULL for the CTA is in the stage (the same word for every consumer
+  // thread, so they stop together without a barrier).
   const int ctid = tid - Tr::kProducerThreads;  // 0..255 over the consumers
-  constexpr int kAgree = 3;  // named barrier of both consumers (1, 2: the dS^T barriers)
-  bool k_nonfinite = false;
   int cta_kmin = 0, cta_kmax = 0;
   if (!p.block_full) {
     cta_kmin = __ldg(p.k_pos + n0);
     cta_kmax = __ldg(p.k_pos + n0 + keys_valid - 1);
-    k_nonfinite = named_barrier_or(
-        kAgree, Tr::kConsumerThreads,
-        magnitudes_nonfinite<kBf16>(
-            region_magnitudes<kBf16, Tr::kConsumerThreads>(s_k, Tr::kKVBytes, ctid)));
   }
 
   int it = 0;  // after the loop: the tiles done (fewer than m_count after a stop)
@@ -445,11 +501,8 @@ __device__ __forceinline__ void bwd_block_sm90(const BwdParams& p) {
       const int q_min = static_cast<int>(ld_shared_u32(qpos_s));
       const int q_max = static_cast<int>(ld_shared_u32(qpos_s + 4 * (rows - 1)));
       if (classify_tile(q_min, q_max, cta_kmin, cta_kmax, lo, hi) != kTileFull) {
-        const bool bad =
-            k_nonfinite ||
-            magnitudes_nonfinite<kBf16>(  // the stage: Q, then dO right after it
-                region_magnitudes<kBf16, Tr::kConsumerThreads>(s_q(s), Tr::kStageBytes, ctid));
-        if (named_barrier_or(kAgree, Tr::kConsumerThreads, bad)) {
+        mbarrier_wait(checked(s), (it / Tr::kStages) & 1);
+        if (ld_shared_u32(s_nonfinite(s)) != 0) {
           if (ctid == 0) {  // lane 0 of its warp: written before that warp's release below
             p.redo[(static_cast<i64>(n0 / Tr::kBlockN) * p.batch + b) * p.nheads + h] = m0 + 1;
             st_shared_u32(stop_flag, it + 1);
