@@ -95,8 +95,8 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
   // meets the other still reading this one's.
   static constexpr int kDqCols = kHeadDim / 2;
   static constexpr int kDsRegionBytes = 2 * 2 * kDsBytes;
-  // lse (log2), delta, q positions; then (deterministic mode) the tile's first key tile and the
-  // producer's NaN / inf answer for the tile
+  // lse (log2), delta, q positions; then the tile's first key tile (deterministic mode) and,
+  // under masks, the producer's NaN / inf answer for the tile
   static constexpr int kRowInfoBytes = 3 * kBlockM * 4 + 16;
   // dQ leaves through shared memory: each consumer warp stages its 16 query rows of kDqCols
   // columns in float32, in the dq tiles' piece order (common/dq_tiles.cuh: each 8-byte store of
@@ -106,7 +106,8 @@ struct Sm90BwdTraits : Sm90Boxes<kHeadDim_> {
   static constexpr int kDqStageBytes = (kConsumerThreads / 32) * kDqWarpBytes;
   // K, V; per stage Q and dO; dS^T (every tile a whole number of 1024-byte swizzle atoms, so all
   // stay aligned); the dQ staging rows; per stage the row info; the mbarriers (full, empty per
-  // stage, K/V)
+  // stage, K/V, the stop flag, the deterministic mode's "added" slots, checked per stage) and
+  // the CTA's key positions with K's NaN / inf answer
   static constexpr int kStageBytes = 2 * kQBytes;
   // deterministic mode: the producer counts the CTA's turn on query tile j when it starts loading
   // tile j + kCountLag (the consumer warps arrive on tile j's "added" mbarrier a tile after their
