@@ -2,7 +2,7 @@
 # On a GPU machine: install, compile check, GPU tests, benchmarks. Logs go to the directory named
 # by CUPARING_LOG_DIR if set, else ./out.
 # Usage: bash tools/gpu_checks.sh
-#            [single|multi|bench|bwd|ring|profile|epilogue|candidate|consumers|ringbwd|gather|all]
+#            [single|multi|bench|bwd|ring|profile|epilogue|candidate|consumers|ringbwd|gather|dkdv|all]
 #            [pytest -k expression]
 #   candidate: a kernel change (a branch checked out here) against the tree in .snap/main (made
 #        beside it: git archive main | tar -x -C .snap/main; carried): the compile check, the
@@ -36,6 +36,10 @@
 #        on one GPU, the multi-GPU suite (NCCL, IPC with device flags and with the host
 #        handshake: killed rank included), the host cost per ring call on both transports with
 #        and without graphs (a cProfile of the IPC ring's), and keff at 2k tokens/GPU on both
+#   dkdv: what the Hopper backward's float32 dK / dV adds cost (variants/bwd_dkdv_cost.py, both
+#        variants timed against this tree on packed ring steps of four and two ranks and on
+#        bench_backward's quick table), then the `dkdv-v4` candidate applied to this copy of the
+#        tree and its backward tests (GQA and ring steps take the adds; NaN / inf included) (~7 min)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 out="${CUPARING_LOG_DIR:-out}"
@@ -207,4 +211,22 @@ if [[ $what == gather ]]; then
       done
     done
   fi
+fi
+if [[ $what == dkdv ]]; then
+  for ranks in 4 2; do
+    run timeout 200 python tools/ablate.py tools/variants/bwd_dkdv_cost.py --rounds 2 --lines 8 \
+      --out "$out/dkdv_ring_$ranks" -- tools/profile_ring_steps.py --documents --ranks "$ranks" \
+      --layouts zigzag --backward 2>&1 | grep -v -i warn | tee "$out/dkdv_ring_$ranks.log"
+  done
+  run timeout 200 python tools/ablate.py tools/variants/bwd_dkdv_cost.py --rounds 2 --lines 5 \
+    --out "$out/dkdv_quick" -- tools/bench_backward.py --quick --families sm90 2>&1 \
+    | tee "$out/dkdv_quick.log"
+  # (this copy of the tree only: the candidate's text replacements written into it)
+  run python tools/ablate.py tools/variants/bwd_dkdv_cost.py --apply dkdv-v4
+  run python tools/sharded_pytest.py --shards 4 --timeout 240 --log-dir "$out/dkdv_tests" -- \
+    --maxfail=4 tests/test_gpu_attention.py \
+    -k "gqa or ring_on_one_gpu or packed_document or deterministic or backward_kernel" 2>&1 \
+    | tee "$out/dkdv_tests.log"
+  run timeout 200 python -m pytest -q -rf --maxfail=4 tests/test_gpu_nonfinite.py -k backward \
+    2>&1 | tee "$out/dkdv_nonfinite.log" | tail -4
 fi
