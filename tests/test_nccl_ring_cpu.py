@@ -199,10 +199,12 @@ def test_synchronize_times_out_instead_of_hanging(rings):
 
 
 def test_slow_queue_is_not_a_hang(rings):
-    ring0, ring1 = rings(2, timeout=0.5)
+    ring0, ring1 = rings(2, timeout=1.0)
     p = [ring0.exchange([_dev(np.ones(2, np.float32))]) for _ in range(4)]
-    for _ in range(4):  # each step takes 0.2 s < timeout; the whole queue 0.8 s > timeout
-        time.sleep(0.2)
+    # each step takes 0.3 s < timeout; the whole queue 1.2 s > timeout (0.7 s of slack per step
+    # for a loaded host's scheduling)
+    for _ in range(4):
+        time.sleep(0.3)
         ring1.exchange([_dev(np.ones(2, np.float32))])
     for pending in p:
         pending.wait()
