@@ -301,12 +301,11 @@ class CallPlan:
         once the plan lets it go, the allocator hands its memory on in that stream's order."""
         torch = self._torch
         kept = self._discarded_lse
-        if kept is not None and kept[0] == stream and not torch.cuda.is_current_stream_capturing():
+        capturing = torch.cuda.is_current_stream_capturing()
+        if kept is not None and kept[0] == stream and not capturing:
             return kept[1]
         lse = torch.empty(self._lse_shape, dtype=torch.float32, device=self._device)
-        if kept is None and lse.numel() * 4 <= KEPT_LSE_MAX_BYTES and (
-            not torch.cuda.is_current_stream_capturing()
-        ):  # fmt: skip
+        if kept is None and not capturing and lse.numel() * 4 <= KEPT_LSE_MAX_BYTES:
             self._discarded_lse = (stream, lse)
         return lse
 
