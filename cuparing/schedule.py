@@ -623,13 +623,18 @@ def ring_backward(
         backend.add_into(arrived[0], part[0])
         backend.add_into(arrived[1], part[1])
 
+    def homeward(part, held):
+        return [backend.kv_homeward(acc, None if part is None else part[i], like.dtype)
+                for i, (acc, like) in enumerate(zip(held, (k, v), strict=True))]  # fmt: skip
+
     dkv = backward_rotation(ring, [k, v], dkv, busy_steps(plan), home_shift, block, spare, add,
-                            queries_done)  # fmt: skip
+                            homeward, queries_done)  # fmt: skip
     from_ring = plan.last_step > 0 or home_shift > 0
+    came_home = home_shift > 0
     grads = (
         dq_result,
-        _owned(backend, dkv[0], k.dtype, from_ring, dk_into),
-        _owned(backend, dkv[1], v.dtype, from_ring, dv_into),
+        _owned(backend, dkv[0], k.dtype, from_ring, dk_into, came_home),
+        _owned(backend, dkv[1], v.dtype, from_ring, dv_into, came_home),
     )
     ring.check()
     return grads
@@ -651,8 +656,9 @@ def run_planned_backward(
         grads: addresses of (dq, dk, dv), written here in the dtypes of q, k, v.
 
     Returns:
-        The call's scratch arrays (``planned.scratch()``, and the later steps' dK / dV pair),
-        which its queued launches read: a captured call keeps them as long as its graph.
+        The call's scratch arrays (``planned.scratch()``, the later steps' dK / dV pair and the
+        pair they travel home in), which its queued launches and exchanges read: a captured
+        call keeps them as long as its graph.
     """
     dout, q, out, lse = pointers
     scratch = planned.scratch()
@@ -670,7 +676,9 @@ def run_planned_backward(
     def queries_done():
         planned.finish_queries(dq_acc, grads[0])
 
-    made = []  # (one pair for every later step: a captured call keeps it with its graph)
+    # (one pair for every later step, then the pair dK / dV travel home in: a captured call
+    # keeps them with its graph)
+    made = []
 
     def spare():
         if made:
@@ -683,8 +691,14 @@ def run_planned_backward(
         planned.add(part[0].data.ptr, arrived[0].data.ptr)
         planned.add(part[1].data.ptr, arrived[1].data.ptr)
 
+    def homeward(part, held):
+        pair = planned.travel()
+        made.append(pair)
+        planned.leave(part, held, pair)
+        return pair
+
     dkv = backward_rotation(ring, kv, dkv, planned.busy, planned.home_shift, block, spare, add,
-                            queries_done)  # fmt: skip
+                            homeward, queries_done)  # fmt: skip
     planned.finish_keys(dkv[0].data.ptr, dkv[1].data.ptr, grads[1], grads[2])
     ring.check()
     return scratch, made
@@ -713,7 +727,8 @@ def kv_grads_whole(plan: RingPlan) -> bool:
 
 
 def backward_rotation(
-    ring, kv: list, dkv: list, busy, home_shift: int, compute, spare, add, queries_done=None
+    ring, kv: list, dkv: list, busy, home_shift: int, compute, spare, add, homeward,
+    queries_done=None,
 ) -> list:  # fmt: skip
     """The backward's order of exchanges and compute, whatever computes.
 
@@ -724,33 +739,43 @@ def backward_rotation(
     from the rank before; those are waited for after the compute, the step's pair is added into
     them in place (``add(part, arrived)``: arrived += part, a ring receive buffer the rank may
     update), and they travel on (an EMPTY step passes them on as they arrived). So one step's
-    dK / dV transfer runs during the next step's compute rather than between them. After the
-    last step the accumulators go ``home_shift`` ranks on, and ``queries_done()`` (if given:
-    work that needs every step's dQ but no dK / dV, e.g. dQ's conversion) runs before that trip
-    is waited for, so a GPU does it while they are on their way.
+    dK / dV transfer runs during the next step's compute rather than between them.
+
+    Where the accumulators must go ``home_shift`` ranks on after the last step, that step hands
+    them to ``homeward(part, held)`` instead of ``add`` (``part``: its pair, None where it
+    computed into ``held`` or nothing), which returns the whole gradients as they travel: in
+    their own dtype, so the one transfer no compute hides moves half the bytes of float32.
+    ``queries_done()`` (if given: work that needs every step's dQ but no dK / dV, e.g. dQ's
+    conversion) runs before that trip is waited for, so a GPU does it while they are on their
+    way.
 
     Returns:
-        The dK/dV accumulators of this rank's own shard.
+        This rank's own shard's dK / dV: the accumulators themselves where nothing travels
+        home (``home_shift`` 0), else what ``homeward`` made of them on the rank that held them
+        last.
     """
     last = len(busy) - 1
     arriving = None  # the exchange bringing the accumulators of the shard held at this step
     for step, computes in enumerate(busy):
         more = step < last
+        leaves = not more and home_shift != 0
         pending_kv = ring.exchange(kv, 1, "kv") if more else None
+        part = None
         if arriving is None:  # (step 0: this rank's own accumulators, nothing on the way)
             mine = dkv
             if computes:
                 with ring.trace_compute(f"bwd step {step}"):
                     compute(step, kv, mine)
         else:
-            part = None
             if computes:
                 part = spare()
                 with ring.trace_compute(f"bwd step {step}"):
                     compute(step, kv, part)
             mine = arriving.wait()
-            if part is not None:
+            if part is not None and not leaves:
                 add(part, mine)
+        if leaves:
+            mine = homeward(part, mine)
         if more:
             arriving = ring.exchange(mine, 1, "dkv")
             kv = pending_kv.wait()
@@ -761,10 +786,12 @@ def backward_rotation(
     return dkv if pending_home is None else pending_home.wait()
 
 
-def _owned(backend, x, dtype, from_ring: bool, into=None):
+def _owned(backend, x, dtype, from_ring: bool, into=None, came_home: bool = False):
     """The dK / dV accumulator ``x`` (``backend.kv_accum``) as ``dtype`` in an array the caller
-    owns (``into`` if given): ring receive buffers get reused."""
+    owns (``into`` if given): ring receive buffers get reused. ``came_home``: ``x`` is the
+    gradient itself, in ``dtype`` (``backend.kv_homeward``'s, as it travelled home)."""
+    convert = backend.cast if came_home else backend.kv_from_accum
     if into is not None:
-        return backend.kv_from_accum(x, dtype, out=into)
-    y = backend.kv_from_accum(x, dtype)
+        return convert(x, dtype, out=into)
+    y = convert(x, dtype)
     return y.copy() if from_ring and y is x else y

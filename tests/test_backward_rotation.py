@@ -1,9 +1,10 @@
 """The ring backward's rotation (cuparing.schedule.backward_rotation) on the fake GPU rings of
 tests/fake_gpu.py, NCCL and the copy-engine ring in both of its sync modes, with a stream
 starved: each step computes into a spare dK / dV pair while the travelling one arrives, adds it
-in and sends the sum on, so every rank's contribution to a shard must reach the shard's owner
-exactly once, whichever steps are EMPTY, over several calls back to back. A control without the
-caller's wait for what arrived shows the check can see a missing order."""
+in and sends the sum on (the last step's sum made into a new pair, which travels home), so every
+rank's contribution to a shard must reach the shard's owner exactly once, whichever steps are
+EMPTY, over several calls back to back. A control without the caller's wait for what arrived
+shows the check can see a missing order."""
 
 from __future__ import annotations
 
@@ -118,8 +119,19 @@ def _run(fake, pattern, starve, calls=3):
             def spare():
                 return [_zeroed_on_stream(cupy), _zeroed_on_stream(cupy)]
 
+            def homeward(part, held):  # (a new pair, as a cast to the gradients' dtype makes)
+                whole = [_zeroed_on_stream(cupy), _zeroed_on_stream(cupy)]
+
+                def kernel():
+                    for i in range(2):
+                        whole[i] += held[i] if part is None else held[i] + part[i]
+
+                caller.launch(kernel)
+                return whole
+
             own = [_zeroed_on_stream(cupy), _zeroed_on_stream(cupy)]
-            out = backward_rotation(ring, kv, own, busy[rank], home, compute, spare, add)
+            out = backward_rotation(ring, kv, own, busy[rank], home, compute, spare, add,
+                                    homeward)  # fmt: skip
             caller.launch(lambda out=out, call=call, rank=rank: results[rank].append(
                 (call, np.array(out[0]), np.array(out[1]))))  # fmt: skip
         start.wait(20)

@@ -515,6 +515,34 @@ def test_backward_delta_kernel(dtype, fresh_rng):
 
 
 @requires_gpu(1)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("with_part", [True, False])
+def test_gradients_leave_for_home_rounded_once(dtype, with_part, fresh_rng):
+    """The ring backward's last step hands dK / dV home as one rounding of the float32 sum
+    (``kv_homeward``): bit for bit what the owner's cast of that sum gave before they travelled
+    in float32, and the array it adds into holds what it held (the add does not go through
+    it). An odd element count covers the grid-stride loop's tail."""
+    import cupy
+
+    from cuparing.backends.cupy_backend import get_cupy_backend
+
+    rng = fresh_rng
+    half = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+    shape = (1, 1023, 3, 65)
+    acc = rng.standard_normal(shape).astype(np.float32) * 3
+    part = rng.standard_normal(shape).astype(np.float32) if with_part else None
+    acc_gpu = to_gpu(acc)
+    poison_pool()  # (the result is a new array: none of it may be left unwritten)
+    got = get_cupy_backend().kv_homeward(acc_gpu, None if part is None else to_gpu(part), half)
+    total = acc if part is None else acc + part  # (float32 + float32: one rounding, as on GPU)
+    want = total.astype(half)
+    assert got.shape == shape
+    assert np.array_equal(to_host(got).view(np.uint16), want.view(np.uint16))
+    if with_part:
+        assert np.array_equal(cupy.asnumpy(acc_gpu), acc)
+
+
+@requires_gpu(1)
 def test_backward_kernel_resources_on_device(backward_family):
     from cuparing.kernels import loader
 

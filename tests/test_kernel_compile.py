@@ -205,10 +205,13 @@ def test_every_kernel_compiles_without_spills():
     expected = sum(
         len(loader.HEAD_DIMS) * len(loader.DTYPES)  # forward
         + len(loader.all_bwd_names(arch))  # backward (split head dims: two modes)
-        + 5 * len(loader.DTYPES)  # casts both ways, delta, dq tiles -> dq, direct rows
+        # casts both ways, delta, dq tiles -> dq, direct rows, the ring backward's last add
+        # and cast (dK / dV as they travel home)
+        + 6 * len(loader.DTYPES)
         + 1  # the pair copy (a replayed ring call's K/V into its graph)
-        + 2  # a gathered ring call's row copies; the float32 add (dK / dV into those that
-        # arrived: the ring backward's steps, a gathered call's returned rows)
+        + 3  # a gathered ring call's row copies; the float32 add (dK / dV into those that
+        # arrived: the ring backward's steps, a gathered call's returned rows); the 2-byte
+        # copy (dK / dV that came home, into the caller's gradients)
         # wgmma forward (TMA and cp.async producers) and backward (plain and ordered)
         + (2 * len(loader.SM90_FWD_CONFIGS) * len(loader.DTYPES) if arch == "sm_90a" else 0)
         + (2 * len(loader.SM90_BWD_HEAD_DIMS) * len(loader.DTYPES) if arch == "sm_90a" else 0)

@@ -129,9 +129,11 @@ def test_backward_steps_follow_the_schedule(kinds, home, flags):
     cleared before each reuse) while the accumulators of the shard it holds are on their way;
     those are then waited for and the step's pair added into them in place (an EMPTY step
     passes them on as they arrived); they travel on (but the last step's) and the K/V are
-    waited for; the accumulators go home if they must, and dq is converted after that trip
-    starts and before it is waited for (the GPU converts while they travel); dk, dv come from
-    what this rank holds at the end."""
+    waited for. Where they must go home, the last step adds its pair into them and casts the
+    sum in one launch (casts only, without a pair of its own) into a pair of the gradients'
+    dtype, which travels home; dq is converted after that trip starts and before it is waited
+    for (the GPU converts while they travel); dk, dv are copied out of what arrived, or cast
+    from the accumulators where nothing travelled."""
     log = _Recorder()
     last = len(kinds) - 1
     steps = [
@@ -140,20 +142,23 @@ def test_backward_steps_follow_the_schedule(kinds, home, flags):
         for t, busy in enumerate(kinds)
     ]  # fmt: skip
     scratch_arrays = (_array(), _array(), [_array(), _array()], _array() if flags else None)
-    pair = [_array(), _array()]
+    pair, home_pair = [_array(), _array()], [_array(), _array()]
+    homeward = (log.launch("add_cast"), lambda: log.events.append(("travel",)) or home_pair,
+                log.launch("copy"))  # fmt: skip
     planned = PlannedBackward(
         last, home, log.launch("delta"), steps, q_pos=999, dq_out=log.launch("dq"),
         dkv_out=log.launch("dkv"), scratch=lambda: scratch_arrays,
         fresh=lambda: log.events.append(("fresh",)) or pair,
         clear=lambda made: log.events.append(("clear", tuple(x.data.ptr for x in made))),
-        add=log.launch("add"),
+        add=log.launch("add"), homeward=homeward if home else None,
     )  # fmt: skip
     k, v = _array(), _array()
     dout, q, out, lse, dq, dk, dv = 1, 2, 3, 4, 5, 6, 7
     kept = run_planned_backward(_RecordingRing(log), planned, (dout, q, out, lse), [k, v],
                                 (dq, dk, dv))  # fmt: skip
     later = any(kinds[1:])
-    assert kept == (scratch_arrays, [pair] if later else [])  # (a captured call keeps the pair)
+    # (a captured call keeps the pairs)
+    assert kept == (scratch_arrays, [pair] * later + [home_pair] * bool(home))
 
     delta, dq_acc, dkv, flag_array = scratch_arrays
     flag_base = flag_array.data.ptr if flags else 0
@@ -177,11 +182,18 @@ def test_backward_steps_follow_the_schedule(kinds, home, flags):
             want.append(("trace", f"bwd step {t}"))
             want.append((f"block {t}", (dout, lse, delta.data.ptr, dq_acc.data.ptr, *into, q,
                                         *held, 999, 7000 + t, redo, dq_turns, dkv_turns, 0, 0)))
+        part = t > 0 and busy
         if t > 0:
             acc = next(waits)[2]
             want.append(("wait", "dkv", acc))
-            if busy:
+            if part and not (home and t == last):
                 want += [("add", (spare[0], acc[0])), ("add", (spare[1], acc[1]))]
+        if home and t == last:
+            whole = tuple(x.data.ptr for x in home_pair)
+            want.append(("travel",))
+            want += [("add_cast", (spare[i], acc[i], whole[i])) if part
+                     else ("dkv", (acc[i], whole[i])) for i in range(2)]  # fmt: skip
+            acc = whole
         if t < last:
             want.append(("exchange", acc, 1, "dkv"))
             held = next(waits)[2]
@@ -191,10 +203,16 @@ def test_backward_steps_follow_the_schedule(kinds, home, flags):
     want.append(("dq", (dq_acc.data.ptr, dq)))
     if home:
         acc = next(waits)[2]
-        want.append(("wait", "dkv_home", acc))
-    want += [("dkv", (acc[0], dk)), ("dkv", (acc[1], dv))]
+        want += [("wait", "dkv_home", acc), ("copy", (acc[0], dk)), ("copy", (acc[1], dv))]
+    else:
+        want += [("dkv", (acc[0], dk)), ("dkv", (acc[1], dv))]
     want.append(("check",))
     assert log.events == want
+
+
+def test_a_backward_whose_gradients_travel_home_needs_their_launches():
+    with pytest.raises(ValueError, match="travel home needs their add and cast"):
+        PlannedBackward(0, 1, None, [None], 0, None, object(), None)
 
 
 @pytest.mark.parametrize("flags", [False, True])
@@ -281,6 +299,12 @@ class _ScheduleBackend:
     def kv_from_accum(self, acc, dtype, out=None):
         return out
 
+    def kv_homeward(self, acc, part, dtype):
+        return _array()
+
+    def cast(self, x, dtype, out=None):
+        return out
+
 
 class _LoggingRing(_RecordingRing):
     """Logs what a peer sees of a rank's ring call (exchanges by tag and shift, waits, compute
@@ -331,6 +355,7 @@ def test_planned_calls_exchange_as_the_schedule_does(world, layout, causal, wind
             plan.last_step, (-plan.last_step) % world, noop, steps, 0, noop, noop,
             scratch=lambda: (_array(), _array(), [_array(), _array()], None),
             fresh=lambda: [_array(), _array()], clear=lambda pair: None, add=noop,
+            homeward=(noop, lambda: [_array(), _array()], noop),
         )  # fmt: skip
         run_planned_backward(planned, backward, (0, 0, 0, 0), [_array(), _array()], (0, 0, 0))
         assert planned.events() == full.events()

@@ -267,11 +267,13 @@ def check_all(archs=ARCHS, jobs: int | None = None, nvrtc=None) -> list[KernelRe
             work.append((source, name, arch, True, loader.bwd_smem_bytes(d, arch)))
         for dtype in loader.DTYPES:
             for name in (*loader.cast_names(dtype), loader.bwd_delta_name(dtype),
-                         loader.dq_from_tiles_name(dtype), loader.direct_rows_name(dtype)):
+                         loader.dq_from_tiles_name(dtype), loader.direct_rows_name(dtype),
+                         loader.add_cast_name(dtype)):
                 work.append((source, name, arch, False, 0))
         work.append((source, loader.COPY_PAIR_NAME, arch, False, 0))
         work.append((source, loader.GATHER_ROWS_NAME, arch, False, 0))
         work.append((source, loader.ADD_F32_NAME, arch, False, 0))
+        work.append((source, loader.COPY_U16_NAME, arch, False, 0))
         if arch.startswith("sm_9"):  # the wgmma family exists for the sm_90a target only
             sm90_source = loader.kernel_source(arch, "sm90")
             for d in loader.SM90_FWD_CONFIGS:

@@ -101,6 +101,12 @@ class ArrayBackend:
         """``acc += x`` (accumulators of the same shape and dtype)."""
         acc += x
 
+    def kv_homeward(self, acc, part, dtype):
+        """``acc`` (+= ``part`` where given) as ``dtype``."""
+        if part is not None:
+            acc += part
+        return self.cast(acc, dtype)
+
     def kv_from_accum(self, acc, dtype, out=None):
         """dK / dV from its accumulator: ``acc`` as ``dtype`` (into ``out`` if given)."""
         return self.cast(acc, dtype, out=out)

@@ -73,6 +73,7 @@ _BWD_POINTERS = (
 )  # fmt: skip
 # separate-argument kernels, packed as PackedLaunch passes them: each argument at its offset
 _ELEMENTWISE_ARGS = struct.Struct("<QQq")  # (src, dst, n): the casts
+_ADD_CAST_ARGS = struct.Struct("<QQQq")  # (x, acc, y, n)
 _DELTA_ARGS = struct.Struct("<QQQ6q4i")  # (dout, out, delta, strides, batch, seqlen, H, D)
 _DELTA_OFFSETS = (0, 8, 16, *range(24, 72, 8), *range(72, 88, 4))
 _DQ_TILES_ARGS = struct.Struct("<QQ4i")  # (tiles, dq, batch, seqlen, H, D)
@@ -635,6 +636,24 @@ class CupyBackend:
         return (self._sm90_backward(q) and k.shape[2] == q.shape[2]
                 and dtype_name(k.dtype) == dtype_name(q.dtype))  # fmt: skip
 
+    def kv_homeward(self, acc, part, dtype):
+        """``acc`` + ``part`` (float32, C-contiguous; ``part`` may be None) as ``dtype``: one
+        pass of ``cuparing_add_cast_f32`` for fp16 / bf16 (into a new array), else ``acc``
+        updated in place and cast."""
+        cp = self.xp
+        name = dtype_name(dtype)
+        fused = part is not None and name in _KERNEL_DTYPES and all(
+            x.dtype == np.float32 and x.flags.c_contiguous for x in (acc, part)
+        )  # fmt: skip
+        if not fused:
+            if part is not None:
+                self.add_into(acc, part)
+            return self.cast(acc, dtype)
+        y = _empty(cp, acc.shape, dtype)
+        if y.size:
+            _add_cast_launch(name, acc.size).launch(part.data.ptr, acc.data.ptr, y.data.ptr)
+        return y
+
     def kv_from_accum(self, acc, dtype, out=None):
         """dK / dV in ``dtype`` (k's) from :meth:`kv_accum`'s accumulator (into ``out`` if
         given: k's shape, any strides): a :class:`DirectGrad` already holds it."""
@@ -768,11 +787,21 @@ class CupyBackend:
             dq_out = self._dq_tiles_launch(q.shape, name)
         else:
             dq_out = _elementwise_launch(to_half, q.size)
+        homeward = None
+        if home_shift:  # (the whole dK / dV travel home in their dtype, k's shape)
+            grad_shape, grad_dtype = tuple(k.shape), k.dtype
+
+            def travel():
+                return [_empty(cp, grad_shape, grad_dtype) for _ in range(2)]
+
+            homeward = (_add_cast_launch(name, k.size), travel,
+                        _elementwise_launch(loader.get_copy_u16_kernel(), k.size))  # fmt: skip
         return PlannedBackward(
             last_step, home_shift, self._delta_launch(dout, out), steps, q_pos.data.ptr, dq_out,
             None if direct else _elementwise_launch(to_half, k.size), scratch, tuple(keep),
             direct=direct, fresh=fresh, clear=clear,
             add=_elementwise_launch(loader.get_add_f32_kernel(), math.prod(kv_shape)),
+            homeward=homeward,
         )  # fmt: skip
 
     def _plan_gathered_backward(self, plan, dout, q, k, v, out, lse, grads, scale,
@@ -1096,6 +1125,17 @@ def _elementwise(kernel, src, dst) -> None:
     and size)."""
     if src.size:
         _elementwise_launch(kernel, src.size).launch(src.data.ptr, dst.data.ptr)
+
+
+def _add_cast_launch(dtype: str, n: int):
+    """The launch (x, acc, y pointers) of ``cuparing_add_cast_f32`` for ``dtype`` over ``n`` >= 1
+    contiguous elements, kept per dtype, device and size."""
+    kernel = loader.get_add_cast_kernel(dtype)
+    key = ("add_cast", kernel.kernel.ptr, n)
+    return _PLANS.get(key) or _PLANS.put(key, launch_plans.PackedLaunch(
+        (kernel,), (min(math.ceil(n / 256), 65536),), (256,), 0, _ADD_CAST_ARGS.pack(0, 0, 0, n),
+        (0, 8, 16), arg_offsets=(0, 8, 16, 24),
+    ))  # fmt: skip
 
 
 def _elementwise_launch(kernel, n: int):

@@ -167,6 +167,12 @@ class PlannedBackward:
             clear: a callable zeroing such a pair on the current stream; add: the launch (x,
             acc) of ``acc += x`` over one accumulator. Needed where the plan has more than one
             step.
+        homeward: where the accumulators travel home (``home_shift``), ``(add_cast, travel,
+            copy)``: the launch (x, acc, y) of y = (acc + x) in dK / dV's dtype, a callable
+            giving on the current stream an uninitialised ``[dk, dv]`` pair in that dtype (what
+            travels), and the launch (src, dst) copying one such gradient; the last step makes
+            the whole gradients with ``add_cast`` (``dkv_out`` where it added nothing) and the
+            owner copies them out of what arrived (:meth:`leave`, :meth:`finish_keys`).
 
     Attributes:
         busy: per step, whether its block is not EMPTY (``schedule.backward_rotation`` takes
@@ -181,7 +187,7 @@ class PlannedBackward:
         self, last_step: int, home_shift: int, delta: Any,
         steps: Sequence[tuple[Any, int, tuple] | None], q_pos: int, dq_out: Any, dkv_out: Any,
         scratch: Any, keep: tuple = (), direct: bool = False, fresh: Any = None,
-        clear: Any = None, add: Any = None,
+        clear: Any = None, add: Any = None, homeward: tuple | None = None,
     ):  # fmt: skip
         if len(steps) != last_step + 1:
             raise ValueError(f"expected {last_step + 1} steps, got {len(steps)}")
@@ -195,6 +201,9 @@ class PlannedBackward:
         if last_step > 0 and (fresh is None or clear is None or add is None):
             raise ValueError("a backward of several steps needs a dK / dV pair for its later "
                              "steps, its clearing and its add")  # fmt: skip
+        if home_shift and homeward is None:
+            raise ValueError("a backward whose dK / dV travel home needs their add and cast, "
+                             "the pair they travel in and the copy out")  # fmt: skip
         self.last_step, self.home_shift = last_step, home_shift
         self._delta = delta
         self._steps = tuple(steps)
@@ -205,6 +214,7 @@ class PlannedBackward:
         self.scratch = scratch
         self.fresh, self.clear = fresh, clear
         self._add = add
+        self._add_cast, self.travel, self._copy = homeward or (None, None, None)
         self._keep = keep
 
     def launch_delta(self, dout: int, out: int, delta: int) -> None:
@@ -240,12 +250,28 @@ class PlannedBackward:
         travel home)."""
         self._dq_out.launch(dq_acc, dq)
 
-    def finish_keys(self, dk_acc: int, dv_acc: int, dk: int, dv: int) -> None:
-        """dk / dv cast from the accumulators held (after the trip home) by this rank (where
-        :attr:`direct`, the step wrote them)."""
-        if not self.direct:
-            self._dkv_out.launch(dk_acc, dk)
-            self._dkv_out.launch(dv_acc, dv)
+    def leave(self, part: list | None, held: list, pair: list) -> None:
+        """The whole dK / dV into ``pair`` (:attr:`travel`'s, their dtype) after the last
+        step: the accumulators ``held`` plus the step's ``part`` (None where it added nothing
+        apart), cast; all CuPy arrays."""
+        for i in range(2):
+            if part is None:
+                self._dkv_out.launch(held[i].data.ptr, pair[i].data.ptr)
+            else:
+                self._add_cast.launch(part[i].data.ptr, held[i].data.ptr, pair[i].data.ptr)
+
+    def finish_keys(self, dk_got: int, dv_got: int, dk: int, dv: int) -> None:
+        """dk / dv from what this rank holds after the last step: where they travelled home
+        (``home_shift``), copied out of the pair that arrived in their dtype; else cast from
+        its float32 accumulators (where :attr:`direct`, the step wrote them)."""
+        if self.direct:
+            return
+        if self.home_shift:
+            self._copy.launch(dk_got, dk)
+            self._copy.launch(dv_got, dv)
+        else:
+            self._dkv_out.launch(dk_got, dk)
+            self._dkv_out.launch(dv_got, dv)
 
 
 class PlannedGatherBackward(_GatheredLaunches):

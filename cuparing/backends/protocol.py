@@ -93,6 +93,12 @@ class Backend(Protocol):
         (the ring backward adds a step's into those; a gathered backward adds those into its
         own)."""
 
+    def kv_homeward(self, acc: Any, part: Any, dtype: Any) -> Any:
+        """A shard's whole dK or dV as it travels home after the ring backward's last step:
+        ``acc`` (:meth:`kv_accum`'s, not ``whole``; may be a ring receive buffer, which this
+        may update) plus ``part`` (one of the same, or None) in ``dtype`` (k's), rounded once
+        as :meth:`kv_from_accum` would round their sum; ``acc`` itself where nothing changes."""
+
     def kv_from_accum(self, acc: Any, dtype: Any, out: Any = None) -> Any:
         """The gradient in ``dtype`` from the accumulator of :meth:`kv_accum`; written into
         ``out`` (an array of this backend, k's shape, any strides) and returned, if given."""

@@ -469,6 +469,7 @@ def dq_from_tiles_name(dtype: str) -> str:
 COPY_PAIR_NAME = "cuparing_copy_pair"
 GATHER_ROWS_NAME = "cuparing_gather_rows"
 ADD_F32_NAME = "cuparing_add_f32"
+COPY_U16_NAME = "cuparing_copy_u16"
 # common/gather_rows.cuh's GatherRowsParams: (field, byte offset, count, struct code); its size
 GATHER_MAX_PARTS = 8
 GATHER_ROWS_THREADS = 128  # one warp per gathered row, four rows a CTA
@@ -493,6 +494,13 @@ def cast_names(dtype: str) -> tuple[str, str]:
     """Name expressions of (fp32 -> dtype, dtype -> fp32) for 'float16'/'bfloat16'."""
     flag = "true" if dtype == "bfloat16" else "false"
     return f"cuparing_cast_from_f32<{flag}>", f"cuparing_cast_to_f32<{flag}>"
+
+
+def add_cast_name(dtype: str) -> str:
+    """Name expression of the kernel writing ``acc + x`` (float32) as 'float16'/'bfloat16'."""
+    if dtype not in DTYPES:
+        raise ValueError(f"no add-and-cast kernel for {dtype=}")
+    return f"cuparing_add_cast_f32<{'true' if dtype == 'bfloat16' else 'false'}>"
 
 
 def configs_macro(arch: str = "sm_80") -> str:
@@ -858,6 +866,19 @@ def get_add_f32_kernel():
     """The kernel adding float32 arrays (``cuparing_add_f32``: arguments x, acc, n; acc += x
     over n elements, any grid: a grid-stride loop)."""
     return get_module((ADD_F32_NAME,)).get_function(ADD_F32_NAME)
+
+
+def get_copy_u16_kernel():
+    """The kernel copying 2-byte elements (``cuparing_copy_u16``: arguments x, y, n; y = x over
+    n elements, any grid: a grid-stride loop)."""
+    return get_module((COPY_U16_NAME,)).get_function(COPY_U16_NAME)
+
+
+def get_add_cast_kernel(dtype: str):
+    """The kernel writing float32 ``acc + x`` as 'float16'/'bfloat16' (``cuparing_add_cast_f32``:
+    arguments x, acc, y, n over n elements, any grid: a grid-stride loop)."""
+    name = add_cast_name(dtype)
+    return get_module((name,)).get_function(name)
 
 
 def get_bwd_delta_kernel(dtype: str):

@@ -17,6 +17,8 @@
 //                          rows back in shard order (common/gather_rows.cuh): grid
 //                          (ceil(L / 4), B), 128 threads.
 //   cuparing_add_f32:      acc += x over n float32 elements (grid-stride).
+//   cuparing_add_cast_f32<bf16>: y = fp16/bf16(acc + x) over n float32 elements (grid-stride).
+//   cuparing_copy_u16:     y = x over n 2-byte elements (grid-stride).
 #include "../common/direct_grads.cuh"
 #include "../common/gather_rows.cuh"
 #include "bwd.cuh"
@@ -99,6 +101,33 @@ __global__ void __launch_bounds__(256) cuparing_add_f32(const float* __restrict_
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
     acc[i] += x[i];
+  }
+}
+
+// y = fp16/bf16 bits of (acc + x), round to nearest even, over n float32 elements: a ring
+// backward's last step adds its dK / dV into those that arrived and casts the whole gradient in
+// one pass, so it travels home in its own dtype (half the bytes of float32 on the one transfer
+// no compute hides) and the owner only copies it out.
+template <bool kBf16>
+__global__ void __launch_bounds__(256)
+    cuparing_add_cast_f32(const float* __restrict__ x, const float* __restrict__ acc,
+                          cuparing::u16* __restrict__ y, long long n) {
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    y[i] = cuparing::to_half_bits<kBf16>(acc[i] + x[i]);
+  }
+}
+
+// y = x over n 2-byte elements: dK / dV that came home in their dtype, copied into the caller's
+// gradients (a kernel, not a memcpy, so that a replayed graph can point it at new ones).
+__global__ void __launch_bounds__(256)
+    cuparing_copy_u16(const cuparing::u16* __restrict__ x, cuparing::u16* __restrict__ y,
+                      long long n) {
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    y[i] = x[i];
   }
 }
 
