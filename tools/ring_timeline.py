@@ -42,10 +42,33 @@ def kernel_gaps(prof, gap_us: float) -> tuple[float, float, list]:
     )  # fmt: skip
     if not kernels:
         return 0.0, 0.0, []
-    gaps = [(b[0] - a[1], a[2][:32], b[2][:32]) for a, b in zip(kernels, kernels[1:])
+    gaps = [(b[0] - a[1], a[2][:32], b[2][:32]) for a, b in zip(kernels[:-1], kernels[1:],
+                                                                  strict=True)
             if b[0] - a[1] > gap_us]  # fmt: skip
     busy = sum(end - start for start, end, _ in kernels)
     return (kernels[-1][1] - kernels[0][0]) / 1e3, busy / 1e3, sorted(gaps, reverse=True)
+
+
+def layout_calls(ring, layout: str, tokens: int, heads: int, heads_kv: int) -> dict:
+    """``{"fwd", "bwd"}``: the ring forward and backward of one layout (``contiguous``
+    without a mask, the others causal) on fresh bf16 torch inputs, D = 128."""
+    import cupy
+    import ml_dtypes
+
+    import cuparing as cr
+
+    def rand(h):
+        x = cupy.random.standard_normal((1, tokens, h, 128), dtype=cupy.float32)
+        return as_inputs([x.astype(ml_dtypes.bfloat16)], "torch")[0]
+
+    causal = layout != "contiguous"
+    q, k, v, dout = rand(heads), rand(heads_kv), rand(heads_kv), rand(heads)
+    out, lse = cr.ring_attention(q, k, v, ring, causal=causal, layout=layout, return_lse=True)
+    return {
+        "fwd": lambda: cr.ring_attention(q, k, v, ring, causal=causal, layout=layout),
+        "bwd": lambda: cr.ring_attention_backward(dout, q, k, v, out, lse, ring, causal=causal,
+                                                  layout=layout),
+    }  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -58,8 +81,6 @@ def main(argv=None) -> int:
     parser.add_argument("--gap-us", type=float, default=15.0)
     args = parser.parse_args(argv)
 
-    import cupy
-    import ml_dtypes
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -67,22 +88,8 @@ def main(argv=None) -> int:
 
     ring = cr.Ring.from_env(timeout=600, transport=args.transport)
     heads, heads_kv = (int(x) for x in args.heads.split("/"))
-    headdim = 128
-
-    def rand(h):
-        x = cupy.random.standard_normal((1, args.tokens, h, headdim), dtype=cupy.float32)
-        return as_inputs([x.astype(ml_dtypes.bfloat16)], "torch")[0]
-
     for layout in args.layouts.split(","):
-        causal = layout != "contiguous"
-        q, k, v, dout = rand(heads), rand(heads_kv), rand(heads_kv), rand(heads)
-        out, lse = cr.ring_attention(q, k, v, ring, causal=causal, layout=layout,
-                                     return_lse=True)  # fmt: skip
-        calls = {
-            "fwd": lambda: cr.ring_attention(q, k, v, ring, causal=causal, layout=layout),
-            "bwd": lambda: cr.ring_attention_backward(dout, q, k, v, out, lse, ring,
-                                                      causal=causal, layout=layout),
-        }  # fmt: skip
+        calls = layout_calls(ring, layout, args.tokens, heads, heads_kv)
         for name in args.calls.split(","):
             call = calls[name]
             alone = time_ms(call, ring, repeats=9, warmup=5)
