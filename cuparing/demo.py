@@ -2,8 +2,8 @@
 
 - No GPU: ``C`` simulated ranks on the CPU (NumPy backend).
 - One GPU: ``C`` simulated ranks sharing that GPU (our kernels, in-process ring).
-- Several GPUs: relaunches itself with one process per GPU and a real ring (NCCL; the copy
-  engines on 4 or more GPUs of one host: ``Ring.from_env``'s default).
+- Several GPUs: relaunches itself with one process per GPU and a real ring (the copy engines
+  between GPUs of one host, else NCCL: ``Ring.from_env``'s default).
 - Started by a launcher (``WORLD_SIZE`` set): joins that ring with ``Ring.from_env()``.
 """
 

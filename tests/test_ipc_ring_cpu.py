@@ -680,14 +680,14 @@ def test_auto_takes_the_copy_engines_on_four_gpus_of_one_host(monkeypatch, world
     asked = []
     monkeypatch.setattr(ipc_mod, "copy_engines_unavailable",
                         lambda n: asked.append(n) or (None if bindings else "no peer access"))
-    expected = "ipc" if world >= 4 and one_host and bindings else "nccl"
+    expected = "ipc" if world >= 2 and one_host and bindings else "nccl"
     assert cr.Ring.from_env(timeout=5) == expected
     assert cr.Ring.from_env(timeout=5, transport="auto") == expected
     monkeypatch.setenv("CUPARING_TRANSPORT", "nccl")
     assert cr.Ring.from_env(timeout=5) == "nccl"
     assert [name for name, _ in calls] == [expected, expected, "nccl"]
     assert set(asked) <= {world}
-    assert base.IPC_DEFAULT_MIN_RANKS == 4
+    assert base.IPC_DEFAULT_MIN_RANKS == 2
 
 
 def test_a_copy_engine_ring_chosen_by_default_says_how_to_choose_nccl(monkeypatch):

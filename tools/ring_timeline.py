@@ -2,11 +2,13 @@
 
     python -m cuparing.launch --nproc-per-node 2 tools/ring_timeline.py [--tokens 8192]
         [--heads 32/8] [--layouts contiguous,zigzag,striped] [--calls fwd,bwd]
-        [--transport nccl|ipc] [--gap-us 15]
+        [--transport nccl|ipc] [--gap-us 15] [--documents] [--nocomm]
 
-For each layout (``contiguous`` runs without a mask, the others causal) and call (the ring
+For each layout (``contiguous`` runs without a mask, the others causal; ``--documents``:
+bench_varlen.py's packed causal batch, every layout by its documents) and call (the ring
 forward, or its backward after one forward), on bf16 torch CUDA tensors (repeats run the kept
-plans, and CUDA graphs where the ring captures), every rank prints one line:
+plans, and CUDA graphs where the ring captures), every rank prints one line (and with
+``--nocomm`` one more for the same call on bench_ring.py's ring that moves nothing):
 
 - alone: median ms of one call timed with CUDA events after the ranks met at a barrier (as
   ``bench_ring.py`` times it); five: the same per call with five calls queued back to back;
@@ -24,12 +26,15 @@ ranks is their skew (a rank that entered the call later).
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ring import as_inputs, time_ms  # noqa: E402
+from bench_ring import NoCommRing, as_inputs, time_ms  # noqa: E402
+from bench_varlen import global_inputs, packed_batch  # noqa: E402
 
 
 def kernel_gaps(prof, gap_us: float) -> tuple[float, float, list]:
@@ -49,26 +54,37 @@ def kernel_gaps(prof, gap_us: float) -> tuple[float, float, list]:
     return (kernels[-1][1] - kernels[0][0]) / 1e3, busy / 1e3, sorted(gaps, reverse=True)
 
 
-def layout_calls(ring, layout: str, tokens: int, heads: int, heads_kv: int) -> dict:
-    """``{"fwd", "bwd"}``: the ring forward and backward of one layout (``contiguous``
-    without a mask, the others causal) on fresh bf16 torch inputs, D = 128."""
+def layout_calls(ring, layout: str, tokens: int, heads: int, heads_kv: int,
+                 documents: bool = False) -> dict:
+    """``{"fwd", "bwd"}``: the ring forward and backward of one layout on ``ring`` (any ring
+    of its rank and size) on fresh bf16 torch inputs, D = 128: one sequence (``contiguous``
+    without a mask, the others causal), or (``documents``) this rank's shard of bench_varlen's
+    packed causal batch of ``size * tokens`` tokens."""
     import cupy
     import ml_dtypes
 
     import cuparing as cr
 
-    def rand(h):
-        x = cupy.random.standard_normal((1, tokens, h, 128), dtype=cupy.float32)
-        return as_inputs([x.astype(ml_dtypes.bfloat16)], "torch")[0]
+    if documents:
+        seqlen = ring.size * tokens
+        cu = packed_batch(seqlen, seed=0)
+        whole = global_inputs(seqlen, seed=0, heads=heads, heads_kv=heads_kv)
+        shards = [cr.shard(x, ring.rank, ring.size, layout=layout, cu_seqlens=cu)
+                  for x in whole]  # fmt: skip
+        q, k, v, dout = as_inputs(shards, "torch")
+        opts = {"causal": True, "layout": layout, "cu_seqlens": cu}
+    else:
+        def rand(h):
+            x = cupy.random.standard_normal((1, tokens, h, 128), dtype=cupy.float32)
+            return as_inputs([x.astype(ml_dtypes.bfloat16)], "torch")[0]
 
-    causal = layout != "contiguous"
-    q, k, v, dout = rand(heads), rand(heads_kv), rand(heads_kv), rand(heads)
-    out, lse = cr.ring_attention(q, k, v, ring, causal=causal, layout=layout, return_lse=True)
+        q, k, v, dout = rand(heads), rand(heads_kv), rand(heads_kv), rand(heads)
+        opts = {"causal": layout != "contiguous", "layout": layout}
+    out, lse = cr.ring_attention(q, k, v, ring, return_lse=True, **opts)
     return {
-        "fwd": lambda: cr.ring_attention(q, k, v, ring, causal=causal, layout=layout),
-        "bwd": lambda: cr.ring_attention_backward(dout, q, k, v, out, lse, ring, causal=causal,
-                                                  layout=layout),
-    }  # fmt: skip
+        "fwd": lambda r: cr.ring_attention(q, k, v, r, **opts),
+        "bwd": lambda r: cr.ring_attention_backward(dout, q, k, v, out, lse, r, **opts),
+    }
 
 
 def main(argv=None) -> int:
@@ -79,6 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", default="fwd,bwd")
     parser.add_argument("--transport", choices=["nccl", "ipc"], default=None)
     parser.add_argument("--gap-us", type=float, default=15.0)
+    parser.add_argument("--documents", action="store_true", help="bench_varlen's packed batch")
+    parser.add_argument("--nocomm", action="store_true", help="also on a ring moving nothing")
     args = parser.parse_args(argv)
 
     import torch
@@ -88,10 +106,11 @@ def main(argv=None) -> int:
 
     ring = cr.Ring.from_env(timeout=600, transport=args.transport)
     heads, heads_kv = (int(x) for x in args.heads.split("/"))
+    rings = [ring, NoCommRing(ring.rank, ring.size)] if args.nocomm else [ring]
     for layout in args.layouts.split(","):
-        calls = layout_calls(ring, layout, args.tokens, heads, heads_kv)
-        for name in args.calls.split(","):
-            call = calls[name]
+        calls = layout_calls(ring, layout, args.tokens, heads, heads_kv, args.documents)
+        for name, on in itertools.product(args.calls.split(","), rings):
+            call = functools.partial(calls[name], on)
             alone = time_ms(call, ring, repeats=9, warmup=5)
             five = time_ms(lambda call=call: [call() for _ in range(5)], ring, 5, 1) / 5
             torch.cuda.synchronize()
@@ -103,7 +122,7 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
             span, busy, gaps = kernel_gaps(prof, args.gap_us)
             top = "; ".join(f"{us:.0f} us {a} -> {b}" for us, a, b in gaps[:3])
-            print(f"[{type(ring).__name__} rank {ring.rank}] {layout:<10} {name} alone "
+            print(f"[{type(on).__name__} rank {ring.rank}] {layout:<10} {name} alone "
                   f"{alone:6.2f} five {five:6.2f} ms | host {host:5.2f} ms | span {span:6.2f} "
                   f"busy {busy:6.2f} ms | {len(gaps)} gaps, {sum(g[0] for g in gaps) / 1e3:.2f} "
                   f"ms: {top}", flush=True)  # fmt: skip

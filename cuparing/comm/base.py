@@ -240,9 +240,8 @@ class Ring(abc.ABC):
                 if not chosen or isinstance(exc, RingError):  # (a ring's failure keeps its type)
                     raise
                 raise RuntimeError(
-                    f"{exc} (the copy-engine transport was chosen by default for a ring of 4 or "
-                    "more GPUs of one host; CUPARING_TRANSPORT=nccl or transport='nccl' "
-                    "selects NCCL)"
+                    f"{exc} (the copy-engine transport was chosen by default for a ring of GPUs "
+                    "of one host; CUPARING_TRANSPORT=nccl or transport='nccl' selects NCCL)"
                 ) from exc
         raise ValueError(
             f"transport must be 'nccl', 'ipc' or 'auto', got {name!r} (argument transport= or "
@@ -270,9 +269,10 @@ class Ring(abc.ABC):
 
 # the copy-engine ring beat NCCL's send/recv on rings of 4 GPUs of one host in every case
 # measured (plain rings at 2k and 8k tokens per GPU, forward and backward; packed documents),
-# while on 2 it won at 2k tokens per GPU and lost up to 3% of an 8k training step (BENCHMARKS.md,
-# "The transport's default")
-IPC_DEFAULT_MIN_RANKS = 4
+# and on 2 since the backward's dK / dV travel behind the next step: an 8k training step 1-5%
+# faster, packed documents' forward 15% (BENCHMARKS.md, "The transport's default on two GPUs");
+# NCCL keeps only the smallest backwards' host time (2 GPUs, 512 tokens: ~80 against ~150 us)
+IPC_DEFAULT_MIN_RANKS = 2
 
 
 def default_transport(info: Any) -> str:

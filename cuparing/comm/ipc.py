@@ -1,7 +1,7 @@
 """The copy-engine ring: GPUs of one host push K/V into each other's memory through CUDA IPC.
 
 Chosen with ``Ring.from_env(transport="ipc")`` or ``CUPARING_TRANSPORT=ipc``, and by default on
-rings of 4 or more GPUs of one host (``cuparing.comm.base.default_transport``). NCCL's send/recv
+rings of GPUs of one host (``cuparing.comm.base.default_transport``). NCCL's send/recv
 runs on SMs and slows the attention kernels it overlaps; a ``cudaMemcpyAsync`` into a peer's
 buffer runs on a copy engine (BENCHMARKS.md, "Transport: NCCL vs the copy-engine push").
 Everything but the transfer is the ring core's (:mod:`cuparing.comm.gpu_ring`: watchdog, failure
