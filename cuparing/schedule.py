@@ -794,4 +794,4 @@ def _owned(backend, x, dtype, from_ring: bool, into=None, came_home: bool = Fals
     if into is not None:
         return convert(x, dtype, out=into)
     y = convert(x, dtype)
-    return y.copy() if from_ring and y is x else y
+    return backend.copy(y) if from_ring and y is x else y

@@ -521,7 +521,8 @@ def test_gradients_leave_for_home_rounded_once(dtype, with_part, fresh_rng):
     """The ring backward's last step hands dK / dV home as one rounding of the float32 sum
     (``kv_homeward``): bit for bit what the owner's cast of that sum gave before they travelled
     in float32, and the array it adds into holds what it held (the add does not go through
-    it). An odd element count covers the grid-stride loop's tail."""
+    it); the owner's copy out of the receive buffer (``copy``, through the bits) keeps every
+    bit. An odd element count covers the grid-stride loop's tail."""
     import cupy
 
     from cuparing.backends.cupy_backend import get_cupy_backend
@@ -532,12 +533,16 @@ def test_gradients_leave_for_home_rounded_once(dtype, with_part, fresh_rng):
     acc = rng.standard_normal(shape).astype(np.float32) * 3
     part = rng.standard_normal(shape).astype(np.float32) if with_part else None
     acc_gpu = to_gpu(acc)
+    backend = get_cupy_backend()
     poison_pool()  # (the result is a new array: none of it may be left unwritten)
-    got = get_cupy_backend().kv_homeward(acc_gpu, None if part is None else to_gpu(part), half)
+    got = backend.kv_homeward(acc_gpu, None if part is None else to_gpu(part), half)
     total = acc if part is None else acc + part  # (float32 + float32: one rounding, as on GPU)
     want = total.astype(half)
     assert got.shape == shape
     assert np.array_equal(to_host(got).view(np.uint16), want.view(np.uint16))
+    kept = backend.copy(got)
+    assert kept.data.ptr != got.data.ptr and kept.dtype == got.dtype
+    assert np.array_equal(to_host(kept).view(np.uint16), want.view(np.uint16))
     if with_part:
         assert np.array_equal(cupy.asnumpy(acc_gpu), acc)
 

@@ -666,9 +666,9 @@ def test_the_launcher_says_whether_every_rank_is_on_this_host(monkeypatch, env, 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("one_host", [True, False])
 @pytest.mark.parametrize("bindings", [True, False])
-def test_auto_takes_the_copy_engines_on_four_gpus_of_one_host(monkeypatch, world, one_host,
-                                                              bindings):  # fmt: skip
-    """Unset (or ``auto``), the transport is the copy-engine ring exactly where the ring has 4+
+def test_auto_takes_the_copy_engines_on_gpus_of_one_host(monkeypatch, world, one_host,
+                                                         bindings):  # fmt: skip
+    """Unset (or ``auto``), the transport is the copy-engine ring exactly where the ring has 2+
     ranks the launcher puts on this host and the driver says the copy engines can serve them
     (``copy_engines_unavailable``, asked for that many GPUs); else NCCL."""
     from cuparing.comm import base

@@ -79,14 +79,17 @@ def test_ring_matches_dense_reference(world, transport):
 @pytest.mark.parametrize("world", WORLDS)
 def test_the_default_transport_is_the_copy_engines_on_one_host(world):
     """``CUPARING_TRANSPORT`` unset: the copy-engine ring (device flags) on GPUs that the
-    launcher puts on one host (``cuparing.launch`` sets ``LOCAL_WORLD_SIZE``), NCCL without
-    cuda-bindings; either passes K/V around."""
+    launcher puts on one host (``cuparing.launch`` sets ``LOCAL_WORLD_SIZE``), NCCL where the
+    driver says they cannot serve the ring (no cuda-bindings, no peer access: the same check
+    ``default_transport`` makes); either passes K/V around."""
     _need(world)
     command = [sys.executable, "-m", "cuparing.launch", "--nproc-per-node", str(world),
                "--timeout", "120", str(WORKER), "hello"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "CUPARING_TRANSPORT"}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
-    want = "ipc" if _IPC_SYNC == "device" else "nccl"
+    from cuparing.comm.ipc import copy_engines_unavailable
+
+    want = "ipc" if copy_engines_unavailable(world) is None else "nccl"
     _assert_workers_ok(proc, world, want, "hello")
 
 

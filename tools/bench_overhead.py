@@ -14,9 +14,9 @@ Usage:
     python tools/bench_overhead.py [--calls N] [--json PATH]
     python -m cuparing.launch --nproc-per-node 2 tools/bench_overhead.py   # adds the ring rows
 
-The ring rows run on the transport ``CUPARING_TRANSPORT`` names (``nccl``, ``ipc``; unset: NCCL
-on 2 GPUs; ``CUPARING_IPC_FLAGS=0`` puts the IPC ring on its host handshake instead of device
-flags).
+The ring rows run on the transport ``CUPARING_TRANSPORT`` names (``nccl``, ``ipc``; unset:
+``Ring.from_env``'s default, the copy engines on GPUs of one host with cuda-bindings;
+``CUPARING_IPC_FLAGS=0`` puts the IPC ring on its host handshake instead of device flags).
 ``--profile DIR`` also writes a cProfile of each ring call, per rank, under DIR.
 """
 

@@ -23,7 +23,7 @@ Definitions (S = global sequence length, C = ranks, B = batch):
   transfers too).
 - transport: ``nccl`` (NCCL send/recv, SM-driven) or ``ipc`` (copy-engine pushes between the GPUs
   of one host, :class:`cuparing.comm.ipc.IpcRing`); default ``CUPARING_TRANSPORT``, else
-  ``Ring.from_env``'s (``ipc`` on 4+ GPUs of one host with cuda-bindings, else nccl).
+  ``Ring.from_env``'s (``ipc`` on GPUs of one host with cuda-bindings, else nccl).
 - torch CP: ``torch.distributed.tensor.experimental.context_parallel`` with SDPA pinned to its
   cuDNN backend (PyTorch's fastest on Hopper) on the same global shapes and card, in the same
   process; skipped with the reason if absent or if cuDNN refuses the shape.

@@ -1023,6 +1023,11 @@ class CupyBackend:
         return _BackwardPlan(launch_plans.LaunchSequence(launches), slots, *turns)
 
     # ---- dtype conversion
+    def copy(self, x):
+        """``x`` in a new array: 16-bit floats through their bits (CuPy's own copy has no
+        ``ml_dtypes.bfloat16`` loop before CuPy 14)."""
+        return _as_bits(self.xp, x).copy().view(x.dtype)
+
     def cast(self, x, dtype, out=None):
         """``x`` (float32) as ``dtype``; fp16/bf16 through our cast kernel (contiguous result).
         With ``out`` (x's shape, ``dtype``, any strides): written there (straight from the cast
@@ -1110,13 +1115,15 @@ def _flag_count(plan: _BackwardPlan) -> int:
     return plan.redo_slots + plan.dq_turns + plan.dkv_turns
 
 
-def _grid_stride_launch(kernel, items: int, args: bytes, arg_offsets: tuple):
+def _grid_stride_launch(kernel, items: int, args: bytes, arg_offsets: tuple,
+                        pointer_offsets: tuple = (0, 8)):  # fmt: skip
     """The launch of a grid-stride kernel over ``items`` work items (256 threads a block, at
-    most 65536 blocks) whose first two arguments are the (source, destination) pointers."""
+    most 65536 blocks) whose pointer arguments sit at ``pointer_offsets`` (default: the first
+    two, (source, destination))."""
     threads = 256
     blocks = min(math.ceil(items / threads), 65536)
     return launch_plans.PackedLaunch(
-        (kernel,), (blocks,), (threads,), 0, args, (0, 8), arg_offsets=arg_offsets
+        (kernel,), (blocks,), (threads,), 0, args, pointer_offsets, arg_offsets=arg_offsets
     )
 
 
@@ -1132,9 +1139,8 @@ def _add_cast_launch(dtype: str, n: int):
     contiguous elements, kept per dtype, device and size."""
     kernel = loader.get_add_cast_kernel(dtype)
     key = ("add_cast", kernel.kernel.ptr, n)
-    return _PLANS.get(key) or _PLANS.put(key, launch_plans.PackedLaunch(
-        (kernel,), (min(math.ceil(n / 256), 65536),), (256,), 0, _ADD_CAST_ARGS.pack(0, 0, 0, n),
-        (0, 8, 16), arg_offsets=(0, 8, 16, 24),
+    return _PLANS.get(key) or _PLANS.put(key, _grid_stride_launch(
+        kernel, n, _ADD_CAST_ARGS.pack(0, 0, 0, n), (0, 8, 16, 24), pointer_offsets=(0, 8, 16)
     ))  # fmt: skip
 
 

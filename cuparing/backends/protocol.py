@@ -130,3 +130,7 @@ class Backend(Protocol):
         """``x`` as ``dtype`` (the accumulators' way back to the caller's dtype); written into
         ``out`` (an array of this backend with ``x``'s shape, any strides) and returned, if
         given."""
+
+    def copy(self, x: Any) -> Any:
+        """A new array of this backend holding ``x`` (any dtype its arrays take, 16-bit floats
+        included): what a caller keeps of a ring receive buffer, which the ring reuses."""

@@ -68,8 +68,8 @@ class ReadyExchange(PendingExchange):
 class Ring(abc.ABC):
     """A group of ``size`` ranks joined in a ring; this object is one of them.
 
-    Build one with :meth:`Ring.from_env` (one process per GPU: NCCL, or the copy engines on 4+
-    GPUs of one host), or let
+    Build one with :meth:`Ring.from_env` (one process per GPU: the copy engines between GPUs of
+    one host, else NCCL), or let
     :func:`cuparing.simulate` hand simulated CPU ranks to your function.
     """
 
