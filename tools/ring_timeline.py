@@ -12,7 +12,8 @@ plans, and CUDA graphs where the ring captures), every rank prints one line (and
 
 - alone: median ms of one call timed with CUDA events after the ranks met at a barrier (as
   ``bench_ring.py`` times it); five: the same per call with five calls queued back to back;
-- host: wall ms the call took to return on the host;
+- host: wall ms one call took to return on the host (after a synchronisation, outside the
+  profiler, which slows the host);
 - span / busy: from one call under ``torch.profiler``, ms from the first to the last kernel of
   the calling stream, and the sum of those kernels (transfers and NCCL's kernels left out);
 - gaps: the gaps between consecutive kernels longer than ``--gap-us``, their sum, and the
@@ -115,10 +116,13 @@ def main(argv=None) -> int:
             five = time_ms(lambda call=call: [call() for _ in range(5)], ring, 5, 1) / 5
             torch.cuda.synchronize()
             ring.barrier()
+            start = time.perf_counter()
+            call()
+            host = (time.perf_counter() - start) * 1e3
+            torch.cuda.synchronize()
+            ring.barrier()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                start = time.perf_counter()
                 call()
-                host = (time.perf_counter() - start) * 1e3
                 torch.cuda.synchronize()
             span, busy, gaps = kernel_gaps(prof, args.gap_us)
             top = "; ".join(f"{us:.0f} us {a} -> {b}" for us, a, b in gaps[:3])
