@@ -2,7 +2,8 @@
 # On a GPU machine: install, compile check, GPU tests, benchmarks. Logs go to the directory named
 # by CUPARING_LOG_DIR if set, else ./out.
 # Usage: bash tools/gpu_checks.sh
-#            [single|multi|bench|bwd|ring|profile|epilogue|candidate|consumers|ringbwd|gather|dkdv|all]
+#            [single|multi|bench|bwd|ring|profile|epilogue|candidate|consumers|ringbwd|gather|dkdv|
+#             convert|all]
 #            [pytest -k expression]
 #   candidate: a kernel change (a branch checked out here) against the tree in .snap/main (made
 #        beside it: git archive main | tar -x -C .snap/main; carried): the compile check, the
@@ -40,6 +41,10 @@
 #        variants timed against this tree on packed ring steps of four and two ranks and on
 #        bench_backward's quick table), then the `dkdv-v4` candidate applied to this copy of the
 #        tree and its backward tests (GQA and ring steps take the adds; NaN / inf included) (~7 min)
+#   convert: the backward's small kernels (variants/dq_convert.py: the dq conversion a CTA per
+#        chunk; variants/delta_rows.py: delta with several rows per warp), each timed against
+#        this tree on one GPU's backward launches (profile_ring_steps, full and causal), then
+#        both applied to this copy of the tree and the backward tests run (~5 min)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 out="${CUPARING_LOG_DIR:-out}"
@@ -229,4 +234,21 @@ if [[ $what == dkdv ]]; then
     | tee "$out/dkdv_tests.log"
   run timeout 200 python -m pytest -q -rf --maxfail=4 tests/test_gpu_nonfinite.py -k backward \
     2>&1 | tee "$out/dkdv_nonfinite.log" | tail -4
+fi
+if [[ $what == convert ]]; then
+  for variant in dq_convert delta_rows; do
+    for mask in --full ""; do
+      run timeout 150 python tools/ablate.py "tools/variants/$variant.py" --rounds 2 --lines 4 \
+        --out "$out/convert_$variant" -- tools/profile_ring_steps.py --ranks 1 \
+        --layouts contiguous --backward $mask 2>&1 | grep -v -i warn \
+        | tee -a "$out/convert_$variant.log"
+    done
+  done
+  # (this copy of the tree only: both candidates written into it, then their tests)
+  run python tools/ablate.py tools/variants/dq_convert.py --apply dq-chunk-ctas
+  run python tools/ablate.py tools/variants/delta_rows.py --apply delta-rows-per-warp
+  run python tools/sharded_pytest.py --shards 4 --timeout 240 --log-dir "$out/convert_tests" -- \
+    --maxfail=4 tests/test_gpu_attention.py \
+    -k "delta or backward_kernel or ring_backward or deterministic or leave_for_home or repeat" \
+    2>&1 | tee "$out/convert_tests.log"
 fi
