@@ -42,9 +42,11 @@
 #        bench_backward's quick table), then the `dkdv-v4` candidate applied to this copy of the
 #        tree and its backward tests (GQA and ring steps take the adds; NaN / inf included) (~7 min)
 #   convert: the backward's small kernels (variants/dq_convert.py: the dq conversion a CTA per
-#        chunk; variants/delta_rows.py: delta with several rows per warp), each timed against
-#        this tree on one GPU's backward launches (profile_ring_steps, full and causal), then
-#        both applied to this copy of the tree and the backward tests run (~5 min)
+#        chunk; variants/delta_rows.py: delta with several rows per warp; variants/
+#        elementwise_v4.py: the ring's adds, add-and-cast and copy on 16-byte accesses), each
+#        timed against this tree on the backward launches of one GPU (full and causal) and of
+#        a 2-rank ring (profile_ring_steps), then all three applied to this copy of the tree
+#        and the backward tests run (~7 min)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 out="${CUPARING_LOG_DIR:-out}"
@@ -236,17 +238,18 @@ if [[ $what == dkdv ]]; then
     2>&1 | tee "$out/dkdv_nonfinite.log" | tail -4
 fi
 if [[ $what == convert ]]; then
-  for variant in dq_convert delta_rows; do
-    for mask in --full ""; do
-      run timeout 150 python tools/ablate.py "tools/variants/$variant.py" --rounds 2 --lines 4 \
-        --out "$out/convert_$variant" -- tools/profile_ring_steps.py --ranks 1 \
-        --layouts contiguous --backward $mask 2>&1 | grep -v -i warn \
-        | tee -a "$out/convert_$variant.log"
+  for variant in dq_convert delta_rows elementwise_v4; do
+    for shape in "--ranks 1 --layouts contiguous --full" "--ranks 1 --layouts contiguous" \
+                 "--ranks 2 --layouts zigzag"; do
+      run timeout 150 python tools/ablate.py "tools/variants/$variant.py" --rounds 2 --lines 5 \
+        --out "$out/convert_$variant" -- tools/profile_ring_steps.py --backward $shape 2>&1 \
+        | grep -v -i warn | tee -a "$out/convert_$variant.log"
     done
   done
-  # (this copy of the tree only: both candidates written into it, then their tests)
+  # (this copy of the tree only: the candidates written into it, then their tests)
   run python tools/ablate.py tools/variants/dq_convert.py --apply dq-chunk-ctas
   run python tools/ablate.py tools/variants/delta_rows.py --apply delta-rows-per-warp
+  run python tools/ablate.py tools/variants/elementwise_v4.py --apply elementwise-v4
   run python tools/sharded_pytest.py --shards 4 --timeout 240 --log-dir "$out/convert_tests" -- \
     --maxfail=4 tests/test_gpu_attention.py \
     -k "delta or backward_kernel or ring_backward or deterministic or leave_for_home or repeat" \
