@@ -220,8 +220,8 @@ def test_ring_inside_shard_map_across_cpu_processes(world):
 @pytest.mark.gpu
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_inside_shard_map_on_gpus(world):
-    """The same on GPUs: ``Ring.from_env``'s default ring (NCCL on two, the copy engines on
-    four of one host), XLA's buffers and streams, bfloat16 kernels."""
+    """The same on GPUs: ``Ring.from_env``'s default ring (the copy engines between GPUs of
+    one host), XLA's buffers and streams, bfloat16 kernels."""
     if _gpu_platform() is None:
         pytest.skip("JAX has no GPU backend here")
     if gpu_count() < world:
