@@ -440,11 +440,17 @@ def sm90_bwd_name(head_dim: int, dtype: str, ordered: bool = False) -> str:
     return f"cuparing_bwd_sm90<{head_dim}, {bf16}, {'true' if ordered else 'false'}>"
 
 
+def _per_dtype(kernel: str, dtype: str, what: str) -> str:
+    """Name expression of ``kernel``'s instantiation for 'float16' / 'bfloat16' (its one
+    template argument: whether bf16); other dtypes raise a ValueError naming ``what``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"no {what} kernel for {dtype=}")
+    return f"{kernel}<{'true' if dtype == 'bfloat16' else 'false'}>"
+
+
 def bwd_delta_name(dtype: str) -> str:
     """Name expression of the delta = rowsum(dO * O) kernel for 'float16'/'bfloat16'."""
-    if dtype not in DTYPES:
-        raise ValueError(f"no delta kernel for {dtype=}")
-    return f"cuparing_bwd_delta<{'true' if dtype == 'bfloat16' else 'false'}>"
+    return _per_dtype("cuparing_bwd_delta", dtype, "delta")
 
 
 def all_bwd_names(arch: str = "sm_80") -> list[str]:
@@ -461,9 +467,7 @@ def all_bwd_names(arch: str = "sm_80") -> list[str]:
 def dq_from_tiles_name(dtype: str) -> str:
     """Name expression of the kernel that turns the sm90 backward's dq accumulator (dq tiles,
     common/dq_tiles.cuh) into dq of 'float16'/'bfloat16'."""
-    if dtype not in DTYPES:
-        raise ValueError(f"no dq tiles kernel for {dtype=}")
-    return f"cuparing_dq_from_tiles<{'true' if dtype == 'bfloat16' else 'false'}>"
+    return _per_dtype("cuparing_dq_from_tiles", dtype, "dq tiles")
 
 
 COPY_PAIR_NAME = "cuparing_copy_pair"
@@ -485,9 +489,7 @@ GATHER_ROWS_SIZE = 552
 def direct_rows_name(dtype: str) -> str:
     """Name expression of the kernel that, after the sm90 backward's redo pass, converts the
     dK / dV rows of the CTAs it finished into direct gradients (common/direct_grads.cuh)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"no direct rows kernel for {dtype=}")
-    return f"cuparing_direct_rows<{'true' if dtype == 'bfloat16' else 'false'}>"
+    return _per_dtype("cuparing_direct_rows", dtype, "direct rows")
 
 
 def cast_names(dtype: str) -> tuple[str, str]:
@@ -498,9 +500,7 @@ def cast_names(dtype: str) -> tuple[str, str]:
 
 def add_cast_name(dtype: str) -> str:
     """Name expression of the kernel writing ``acc + x`` (float32) as 'float16'/'bfloat16'."""
-    if dtype not in DTYPES:
-        raise ValueError(f"no add-and-cast kernel for {dtype=}")
-    return f"cuparing_add_cast_f32<{'true' if dtype == 'bfloat16' else 'false'}>"
+    return _per_dtype("cuparing_add_cast_f32", dtype, "add-and-cast")
 
 
 def configs_macro(arch: str = "sm_80") -> str:
